@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: sets itself up on a fresh machine, then lint + format check + the test suite.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k generator -x).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/bootstrap.sh"
+cd "$ROOT"
+echo "[test] ruff check"; ruff check src tests benchmarks scripts
+echo "[test] ruff format --check"; ruff format --check src tests benchmarks scripts
+echo "[test] pytest"
+exec python -m pytest -q "$@"

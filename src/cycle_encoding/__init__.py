@@ -1,0 +1,29 @@
+"""cycle-encoding: Cycle Encoding of a StyleGAN encoder (Mao et al., ACM MM 2022), in plain PyTorch.
+
+Public API (more arrives with each stage of the method):
+
+>>> import cycle_encoding as ce
+>>> G = ce.load_generator("stylegan2-ffhq-config-f.pt", device="cpu")   # rosinality, NVIDIA .pkl, e4e, own
+>>> ws = G.mapping(torch.randn(4, G.z_dim), truncation=0.7)             # [4, G.num_ws, 512]
+>>> images = G.synthesis(ws, noise_mode="const")                         # [4, 3, H, W] in [-1, 1]
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoints import convert_generator, export_rosinality, load_generator, save_generator
+from .errors import CheckpointError, CycleEncodingError
+from .networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+
+__all__ = [
+    "CheckpointError",
+    "CycleEncodingError",
+    "Discriminator",
+    "DiscriminatorConfig",
+    "Generator",
+    "GeneratorConfig",
+    "__version__",
+    "convert_generator",
+    "export_rosinality",
+    "load_generator",
+    "save_generator",
+]

@@ -1,0 +1,148 @@
+"""Shared pieces of the checkpoint readers: sniffing a file's container, loading torch files without
+executing code, checking a state dict against a model with messages that name the key, atomic writes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+# The pickle stream of a legacy (pre-1.6) torch.save file starts with this magic number.
+_TORCH_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def sniff(path: str | Path) -> str:
+    """The container of a file: 'torch-zip', 'torch-legacy', 'pickle' or 'safetensors'.
+
+    Raises a CheckpointError (one line) for a missing, empty, truncated or non-checkpoint file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(p, "no such file")
+    if p.is_dir():
+        raise CheckpointError(p, "is a folder, not a checkpoint file")
+    size = p.stat().st_size
+    if size == 0:
+        raise CheckpointError(p, "empty file (0 bytes): not a checkpoint")
+    with open(p, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(p):
+            raise CheckpointError(
+                p, "truncated: a torch zip archive whose end record is missing (incomplete download?)"
+            )
+        return "torch-zip"
+    if head[:1] == b"\x80" and len(head) >= 2 and head[1] in range(2, 6):
+        if head[2:3] == b"\x8a" and head[4:14] == _TORCH_LEGACY_MAGIC:
+            return "torch-legacy"
+        return "pickle"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 8 + n <= size:
+            return "safetensors"
+        if head[8:9] == b"{":
+            raise CheckpointError(
+                p, f"truncated: safetensors header says {n} bytes but the file has {size - 8}"
+            )
+    raise CheckpointError(
+        p, "not a checkpoint: not a torch, pickle or safetensors file (first bytes " + head[:8].hex() + ")"
+    )
+
+
+def _numpy_safe_globals() -> list[Any]:
+    out: list[Any] = []
+    try:
+        import numpy as np
+
+        out += [np.dtype, np.ndarray]
+        for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            try:
+                m = __import__(mod, fromlist=["scalar", "_reconstruct"])
+                out += [m.scalar, m._reconstruct]
+                break
+            except (ImportError, AttributeError):
+                continue
+        out += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+# Classes that pretrained files commonly hold besides tensors and that only carry data:
+# rosinality training checkpoints store their argparse options; e4e/pSp may store numpy scalars.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_safe_globals()]
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` (no code from the file runs), with clear one-line errors."""
+    p = Path(path)
+    kind = sniff(p)
+    if kind not in ("torch-zip", "torch-legacy"):
+        raise CheckpointError(p, f"expected a torch file (torch.save), found a {kind} file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types here; turn each into one line
+        msg = str(e)
+        m = _UNSUPPORTED_GLOBAL.search(msg)
+        if m:
+            raise CheckpointError(
+                p,
+                f"refused: the file asks for {m.group(1)}, which is not an allowed class (loading it could run code)",
+            ) from None
+        if "central directory" in msg or "unexpected EOF" in msg or "Ran out of input" in msg:
+            raise CheckpointError(p, "truncated: the archive ends early (incomplete download?)") from None
+        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        raise CheckpointError(p, f"cannot read torch file: {first}") from None
+
+
+def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str | Path, what: str) -> None:
+    """Compare ``sd`` with ``model``'s keys and shapes; raise one CheckpointError naming the first problem."""
+    want = model.state_dict()
+    for k, v in want.items():
+        if k not in sd:
+            raise CheckpointError(
+                source, f"{what}: missing key {k} (expected shape {list(v.shape)}); the layout does not fit"
+            )
+        got = sd[k]
+        if tuple(got.shape) != tuple(v.shape):
+            raise CheckpointError(
+                source,
+                f"{what}: key {k} has shape {list(got.shape)}, expected {list(v.shape)} for the inferred "
+                "architecture: the shapes fit no StyleGAN2 configuration this reader knows",
+            )
+    extra = [k for k in sd if k not in want]
+    if extra:
+        raise CheckpointError(source, f"{what}: unexpected key {extra[0]} ({len(extra)} unexpected in all)")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it into place."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))

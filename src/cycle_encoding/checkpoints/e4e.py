@@ -1,0 +1,42 @@
+"""e4e / pSp / ReStyle / Cycle Encoding checkpoints: ``{'state_dict', 'opts', 'latent_avg', ...}``.
+
+The state dict mixes networks by prefix (``encoder.*``, ``decoder.*``); this module splits them.
+The encoder part is read by the encoder reader; the ``decoder.*`` part is a rosinality generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def is_e4e_checkpoint(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and isinstance(obj.get("state_dict"), Mapping)
+        and any(k.startswith(("encoder.", "decoder.")) for k in obj["state_dict"])
+    )
+
+
+def split_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``sd`` under ``prefix.`` with the prefix removed."""
+    p = prefix.rstrip(".") + "."
+    return {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)}
+
+
+def prefixes(sd: Mapping[str, Any]) -> dict[str, int]:
+    """How many entries each top-level prefix holds (e.g. {'encoder': 483, 'decoder': 370})."""
+    out: dict[str, int] = {}
+    for k in sd:
+        head = k.split(".", 1)[0]
+        out[head] = out.get(head, 0) + 1
+    return out
+
+
+def latent_avg_vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    """e4e stores latent_avg as [N, 512] (rows repeated) or [512]: give the 512-d vector."""
+    if t is None or not isinstance(t, torch.Tensor):
+        return None
+    return t.reshape(-1, t.shape[-1]).float().mean(0)

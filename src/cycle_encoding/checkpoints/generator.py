@@ -1,0 +1,195 @@
+"""Loading a StyleGAN2 generator from any file users bring, and writing it in the project's formats.
+
+Recognised (by content, not by file name):
+- the project's own ``.safetensors`` (kind ``generator``);
+- rosinality ``.pt``: ``{'g_ema', 'latent_avg'}`` from its converter, a training checkpoint
+  (``g``, ``d``, ``g_ema``, ... and no ``latent_avg``: w_avg is then the mean of 10,000 mapped samples),
+  or a bare ``g_ema`` state dict;
+- NVIDIA stylegan2-ada-pytorch ``.pkl`` (``G_ema``, else ``G``), read without NVIDIA's code;
+- e4e / pSp / ReStyle / Cycle Encoding ``.pt`` (the ``decoder.*`` part).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..networks.stylegan2 import Generator, GeneratorConfig
+from . import e4e, nvidia, rosinality
+from .common import check_state_dict, sniff, torch_load
+from .native import NativeFile, default_provenance, file_sha256, read_native, save_native
+
+W_AVG_SAMPLES = 10_000
+
+
+@dataclass
+class GeneratorWeights:
+    """A generator as read from a file, before it is built: architecture, weights, w_avg."""
+
+    config: GeneratorConfig
+    state_dict: dict[str, torch.Tensor]
+    w_avg: torch.Tensor | None
+    format: str
+    holds: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_rosinality_sd(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and "style.1.weight" in obj and "conv1.conv.weight" in obj
+
+
+def _tensor_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def describe_torch_object(obj: Any) -> list[str]:
+    """A short list of what a torch checkpoint dict holds (for messages and ``info``)."""
+    if not isinstance(obj, Mapping):
+        return [type(obj).__name__]
+    out = []
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            out.append(f"{k} {list(v.shape)}")
+        elif isinstance(v, Mapping):
+            out.append(f"{k} ({len(v)} entries)")
+        else:
+            out.append(f"{k} ({type(v).__name__})")
+    return out
+
+
+def _from_torch_object(obj: Any, path: Path) -> GeneratorWeights:
+    if isinstance(obj, Mapping) and "g_ema" in obj and _is_rosinality_sd(obj["g_ema"]):
+        sd = _tensor_dict(obj["g_ema"])
+        fmt = "rosinality" if "latent_avg" in obj else "rosinality-training"
+        w_avg = obj.get("latent_avg")
+        holds = describe_torch_object(obj)
+    elif e4e.is_e4e_checkpoint(obj):
+        sd = e4e.split_prefix(obj["state_dict"], "decoder")
+        if not sd:
+            raise CheckpointError(path, "an e4e/pSp checkpoint without decoder.* keys: it holds no generator")
+        fmt = "e4e"
+        w_avg = e4e.latent_avg_vector(obj.get("latent_avg"))
+        counts = e4e.prefixes(obj["state_dict"])
+        holds = [f"state_dict: {', '.join(f'{k}.* ({n})' for k, n in counts.items())}"]
+        holds += [h for h in describe_torch_object(obj) if not h.startswith("state_dict")]
+    elif _is_rosinality_sd(obj):
+        sd = _tensor_dict(obj)
+        fmt = "rosinality-state-dict"
+        w_avg = None
+        holds = [f"a bare generator state dict ({len(sd)} tensors)"]
+    else:
+        keys = list(obj.keys())[:8] if isinstance(obj, Mapping) else []
+        raise CheckpointError(
+            path,
+            "unknown layout: not a rosinality, e4e/pSp or cycle-encoding generator"
+            + (
+                f" (top-level keys: {', '.join(map(str, keys))})"
+                if keys
+                else f" (holds a {type(obj).__name__})"
+            ),
+        )
+    config = rosinality.infer_generator_config(sd, path)
+    if w_avg is not None:
+        w_avg = torch.as_tensor(w_avg).float().reshape(-1)
+    return GeneratorWeights(config, sd, w_avg, fmt, holds)
+
+
+def read_generator_weights(path: str | Path) -> GeneratorWeights:
+    """Read a generator's architecture and weights from any supported file (nothing is built yet)."""
+    p = Path(path)
+    kind = sniff(p)
+    if kind == "safetensors":
+        nf: NativeFile = read_native(p)
+        if nf.kind != "generator":
+            raise CheckpointError(p, f"a cycle-encoding {nf.kind} file, not a generator")
+        try:
+            config = GeneratorConfig.from_dict(nf.config)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(p, f"bad generator configuration in the file: {e}") from None
+        t = dict(nf.tensors)
+        w_avg = t.pop("latent_avg", None)
+        return GeneratorWeights(
+            config, t, w_avg, "cycle-encoding", ["generator", "latent_avg"], nf.provenance
+        )
+    if kind == "pickle":
+        pk = nvidia.read_nvidia_pickle(p)
+        name = "G_ema" if "G_ema" in pk.networks else ("G" if "G" in pk.networks else None)
+        if name is None:
+            raise CheckpointError(p, f"an NVIDIA pickle without G_ema or G (holds {', '.join(pk.networks)})")
+        config, sd, w_avg = nvidia.nvidia_generator_to_rosinality(pk.networks[name], p)
+        holds = [f"{k} ({v.class_name})" for k, v in pk.networks.items()] + list(pk.other)
+        return GeneratorWeights(config, sd, w_avg, f"nvidia-pkl ({name})", holds)
+    return _from_torch_object(torch_load(p), p)
+
+
+def build_generator(
+    weights: GeneratorWeights, source: str | Path, device: str | torch.device = "cpu"
+) -> Generator:
+    G = Generator(weights.config)
+    sd = dict(weights.state_dict)
+    # resampling kernels are fixed buffers derived from the architecture; some layouts do not store them
+    for k, v in G.state_dict().items():
+        if k.endswith(".kernel") and k not in sd:
+            sd[k] = v
+    check_state_dict(G, sd, source, "generator")
+    G.load_state_dict(sd, strict=True)
+    G = G.to(device)
+    if weights.w_avg is not None:
+        if weights.w_avg.numel() != G.w_dim:
+            raise CheckpointError(
+                source,
+                f"latent_avg has {weights.w_avg.numel()} values, expected {G.w_dim} (the style dimension)",
+            )
+        G.w_avg.copy_(weights.w_avg.to(G.w_avg))
+    else:
+        G.compute_w_avg(W_AVG_SAMPLES)
+    G.eval().requires_grad_(False)
+    return G
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
+    """Load a StyleGAN2 generator from any supported file; architecture inferred from the tensors.
+
+    The result is in eval mode with gradients off; ``G.provenance`` says where it came from.
+    """
+    from ..utils import resolve_device
+
+    device = resolve_device(device)
+    p = Path(path)
+    w = read_generator_weights(p)
+    G = build_generator(w, p, device)
+    prov = dict(w.provenance) if w.format == "cycle-encoding" else {}
+    prov.setdefault("source_file", str(p))
+    prov.setdefault("source_format", w.format)
+    G.provenance = prov  # type: ignore[assignment]
+    return G
+
+
+def save_generator(G: Generator, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write ``G`` in the project's own format (safetensors + architecture and provenance JSON)."""
+    tensors = {k: v for k, v in G.state_dict().items()}
+    tensors["latent_avg"] = G.w_avg
+    prov = provenance
+    if prov is None:
+        prov = default_provenance(**getattr(G, "provenance", {}))
+    return save_native(path, "generator", G.config.to_dict(), tensors, prov)
+
+
+def convert_generator(src: str | Path, dst: str | Path, to: str = "native") -> Path:
+    """Convert a generator file to the project's format (``native``) or rosinality's ``.pt`` (``rosinality``)."""
+    G = load_generator(src)
+    if to == "native":
+        prov = default_provenance(
+            source_file=Path(src).name,
+            source_format=G.provenance["source_format"],
+            source_sha256=file_sha256(src),
+        )
+        return save_generator(G, dst, prov)
+    if to == "rosinality":
+        return rosinality.export_rosinality(G, dst)
+    raise ValueError(f"unknown target format {to!r} (native or rosinality)")

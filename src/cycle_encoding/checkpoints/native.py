@@ -1,0 +1,125 @@
+"""The project's own model format: one ``.safetensors`` file.
+
+The tensors are stored as safetensors (no pickle, nothing executes on load); the header's metadata
+holds one JSON document under the key ``cycle_encoding``::
+
+    {"format": "cycle-encoding", "format_version": 1, "kind": "generator",
+     "config": {...architecture...}, "provenance": {...where it came from...}, "extra": {...}}
+
+``kind`` says what the tensors are (``generator``, ``discriminator``, ``encoder``, ...); ``config`` is
+what is needed to build the network; ``provenance`` records the source file, its format and hash,
+the command or tool version that wrote it. Readers of other formats convert into this one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+from .common import atomic_write, sniff
+
+FORMAT_NAME = "cycle-encoding"
+FORMAT_VERSION = 1
+META_KEY = "cycle_encoding"
+
+
+@dataclass
+class NativeFile:
+    kind: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def file_sha256(path: str | Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        read = 0
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            read += len(chunk)
+            if limit is not None and read >= limit:
+                break
+    return h.hexdigest()
+
+
+def default_provenance(**kw: Any) -> dict[str, Any]:
+    from .. import __version__
+
+    out = {"tool": f"cycle-encoding {__version__}", "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    out.update({k: v for k, v in kw.items() if v is not None})
+    return out
+
+
+def save_native(
+    path: str | Path,
+    kind: str,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    provenance: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write tensors + architecture + provenance atomically to one safetensors file."""
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "config": config,
+        "provenance": provenance or default_provenance(),
+        "extra": extra or {},
+    }
+    # safetensors refuses shared or non-contiguous storage: give it plain contiguous CPU copies
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {META_KEY: json.dumps(header, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=meta))
+
+
+def read_native_header(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if sniff(p) != "safetensors":
+        raise CheckpointError(p, "not a safetensors file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(p, f"cannot read safetensors file: {e}") from None
+    if META_KEY not in meta:
+        raise CheckpointError(p, "a safetensors file without cycle-encoding metadata (unknown layout)")
+    try:
+        header = json.loads(meta[META_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(p, f"corrupt cycle-encoding metadata: {e}") from None
+    if header.get("format") != FORMAT_NAME:
+        raise CheckpointError(p, f"unknown metadata format {header.get('format')!r}")
+    if int(header.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            p, f"written by a newer cycle-encoding (format {header['format_version']}); please upgrade"
+        )
+    return header
+
+
+def read_native(path: str | Path, device: str | torch.device = "cpu") -> NativeFile:
+    p = Path(path)
+    header = read_native_header(p)
+    try:
+        with safe_open(str(p), framework="pt", device=str(device)) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(p, f"cannot read tensors (truncated or corrupt?): {e}") from None
+    return NativeFile(
+        kind=header["kind"],
+        config=header.get("config", {}),
+        tensors=tensors,
+        provenance=header.get("provenance", {}),
+        extra=header.get("extra", {}),
+    )

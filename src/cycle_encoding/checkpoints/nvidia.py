@@ -1,0 +1,290 @@
+"""NVIDIA stylegan2-ada-pytorch ``.pkl`` files, read without NVIDIA's code and without running any.
+
+NVIDIA's loader imports ``torch_utils``/``dnnlib`` and ``exec``s the source code stored in the pickle.
+Here a restricted unpickler admits only what the data needs:
+
+- ``torch_utils.persistence._reconstruct_persistent_obj`` -> a function that keeps ``meta['state']``
+  (the module's ``__dict__``: ``_parameters``, ``_buffers``, ``_modules``, ``_init_kwargs``) and the class
+  name, and never looks at ``meta['module_src']``;
+- ``dnnlib.util.EasyDict`` -> ``dict``;
+- torch's tensor/parameter rebuild functions, dtypes and ``torch.Size``; ``torch.storage._load_from_bytes``
+  is replaced by a loader with ``weights_only=True``;
+- ``collections.OrderedDict`` and a few builtin containers.
+
+Anything else (``os.system``, ``builtins.eval``, an unknown class) is refused by name before it is
+called. TensorFlow-era pickles (``dnnlib.tflib.network.Network``) are recognised and refused with a
+message saying what they are. The networks are flattened into NVIDIA's state-dict names and converted
+to rosinality's layout (table in ``../shared/FORMATS.md``).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, UnsafePickleError
+from ..networks.stylegan2 import GeneratorConfig
+from .common import sniff
+
+
+@dataclass
+class PersistentObject:
+    """What a persistent NVIDIA object is reduced to: its class name and its ``__dict__``."""
+
+    class_name: str
+    module_name: str
+    state: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None
+
+    def __repr__(self) -> str:
+        return f"PersistentObject({self.module_name}.{self.class_name})"
+
+
+def _reconstruct_persistent_obj(meta: Any) -> PersistentObject:
+    if not isinstance(meta, Mapping) or "state" not in meta:
+        raise pickle.UnpicklingError("persistent object without a state")
+    state = meta.get("state") or {}
+    return PersistentObject(
+        class_name=str(meta.get("class_name", "?")),
+        module_name=str(meta.get("module_name", meta.get("type", ""))),
+        state=dict(state) if isinstance(state, Mapping) else {},
+        version=meta.get("version"),
+    )
+
+
+def _load_storage_from_bytes(b: bytes) -> Any:
+    # torch.storage._load_from_bytes would use weights_only=False; the bytes come from the untrusted file
+    return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
+
+
+class _EasyDict(dict):
+    """Stand-in for dnnlib.util.EasyDict (a dict with attribute access; only the dict part is kept)."""
+
+
+class TFPickleError(CheckpointError):
+    pass
+
+
+_TORCH_FUNCS = {
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch", "Size"),
+    ("torch", "Tensor"),
+    ("torch.nn.parameter", "Parameter"),
+}
+_BUILTINS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "dict"): dict,
+    ("builtins", "list"): list,
+    ("builtins", "tuple"): tuple,
+    ("__builtin__", "set"): set,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, f: Any, source: str | Path) -> None:
+        super().__init__(f)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch_utils.persistence" and name == "_reconstruct_persistent_obj":
+            return _reconstruct_persistent_obj
+        if module == "dnnlib.util" and name == "EasyDict":
+            return _EasyDict
+        if module.startswith("dnnlib.tflib"):
+            raise TFPickleError(
+                self.source,
+                f"a TensorFlow-era StyleGAN pickle ({module}.{name}), not a PyTorch one: convert it first "
+                "(NVIDIA's stylegan2-ada-pytorch legacy.py, or rosinality's convert_weight.py), then load the result",
+            )
+        if module == "torch.storage" and name == "_load_from_bytes":
+            return _load_storage_from_bytes
+        if (module, name) in _TORCH_FUNCS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _BUILTINS:
+            return _BUILTINS[(module, name)]
+        raise UnsafePickleError(
+            self.source,
+            f"refused: the pickle asks for {module}.{name}, which is not among the allowed classes "
+            "(nothing from the file was run)",
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(self.source, f"refused: unexpected persistent id {str(pid)[:60]!r}")
+
+
+def read_pickle(path: str | Path) -> Any:
+    p = Path(path)
+    if sniff(p) != "pickle":
+        raise CheckpointError(p, "not a pickle file")
+    try:
+        with open(p, "rb") as f:
+            return RestrictedUnpickler(f, p).load()
+    except CheckpointError:
+        raise
+    except (EOFError, pickle.UnpicklingError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, EOFError) or "truncated" in msg or "Ran out of input" in msg:
+            raise CheckpointError(p, "truncated: the pickle ends early (incomplete download?)") from None
+        raise CheckpointError(p, f"cannot read pickle: {msg}") from None
+
+
+def flatten_module(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """NVIDIA-style state dict of a reduced module (``_parameters`` and ``_buffers``, recursively)."""
+    state = obj.state if isinstance(obj, PersistentObject) else obj
+    out: dict[str, torch.Tensor] = {}
+    if not isinstance(state, Mapping):
+        return out
+    for group in ("_parameters", "_buffers"):
+        for k, v in (state.get(group) or {}).items():
+            if isinstance(v, torch.Tensor):
+                out[prefix + k] = v.detach()
+    for k, m in (state.get("_modules") or {}).items():
+        if m is not None:
+            out.update(flatten_module(m, prefix + k + "."))
+    return out
+
+
+@dataclass
+class NvidiaPickle:
+    networks: dict[str, PersistentObject]
+    other: dict[str, Any]
+
+
+def read_nvidia_pickle(path: str | Path) -> NvidiaPickle:
+    obj = read_pickle(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            path, f"unknown layout: the pickle holds a {type(obj).__name__}, not NVIDIA's dict"
+        )
+    nets = {k: v for k, v in obj.items() if isinstance(v, PersistentObject)}
+    if not nets:
+        raise CheckpointError(
+            path, "unknown layout: a pickle without NVIDIA persistent networks (G, D, G_ema)"
+        )
+    return NvidiaPickle(networks=nets, other={k: v for k, v in obj.items() if k not in nets})
+
+
+def _kw(state: Mapping[str, Any], key: str) -> dict[str, Any]:
+    v = state.get(key) or {}
+    return dict(v) if isinstance(v, Mapping) else {}
+
+
+_BLOCK = re.compile(r"^synthesis\.b(\d+)\.")
+
+
+def nvidia_generator_to_rosinality(
+    net: PersistentObject, source: str | Path
+) -> tuple[GeneratorConfig, dict[str, torch.Tensor], torch.Tensor]:
+    """Convert an NVIDIA StyleGAN2 (ADA) generator to (config, rosinality g_ema state dict, w_avg)."""
+    if "stylegan3" in net.module_name or "networks_stylegan3" in net.module_name:
+        raise CheckpointError(source, "a StyleGAN3 generator: only StyleGAN2 generators are supported")
+    init = _kw(net.state, "_init_kwargs")
+    sd = flatten_module(net)
+    if "mapping.fc0.weight" not in sd or "synthesis.b4.const" not in sd:
+        raise CheckpointError(
+            source,
+            f"unknown layout: {net.class_name} has no mapping.fc0 / synthesis.b4.const (not a StyleGAN2 G)",
+        )
+    if any(k.startswith("synthesis.b") and ".skip." in k for k in sd):
+        raise CheckpointError(
+            source, "a 'resnet' synthesis network: only the 'skip' architecture is supported"
+        )
+    if int(init.get("c_dim", 0) or 0) > 0 or "mapping.embed.weight" in sd:
+        raise CheckpointError(source, "a conditional generator (c_dim > 0): not supported")
+    syn_kw = _kw(init, "synthesis_kwargs")
+    map_kw = _kw(init, "mapping_kwargs")
+    if syn_kw.get("architecture", "skip") != "skip":
+        raise CheckpointError(
+            source, f"synthesis architecture {syn_kw['architecture']!r}: only 'skip' is supported"
+        )
+
+    n_mlp = len({k.split(".")[1] for k in sd if re.match(r"^mapping\.fc\d+\.weight$", k)})
+    z_dim = sd["mapping.fc0.weight"].shape[1]
+    w_dim = sd[f"mapping.fc{n_mlp - 1}.weight"].shape[0]
+    if z_dim != w_dim:
+        raise CheckpointError(
+            source, f"z_dim {z_dim} != w_dim {w_dim}: the rosinality layout needs them equal"
+        )
+    resolutions = sorted({int(m.group(1)) for k in sd if (m := _BLOCK.match(k))})
+    res = resolutions[-1]
+    img_channels = sd[f"synthesis.b{res}.torgb.weight"].shape[0]
+    chans = {r: int(sd[f"synthesis.b{r}.conv1.weight"].shape[0]) for r in resolutions}
+    from .rosinality import _infer_channel_rule
+
+    base, cmax = _infer_channel_rule(chans)
+    base = int(syn_kw.get("channel_base", base))
+    cmax = int(syn_kw.get("channel_max", cmax))
+    rf = sd.get(f"synthesis.b{resolutions[1]}.resample_filter") if len(resolutions) > 1 else None
+    blur = (1.0, 3.0, 3.0, 1.0)
+    if rf is not None and rf.ndim == 1:
+        blur = tuple(round(float(v / rf[0]), 6) for v in rf)
+    try:
+        config = GeneratorConfig(
+            resolution=res,
+            style_dim=int(w_dim),
+            n_mlp=n_mlp,
+            channel_base=base,
+            channel_max=cmax,
+            img_channels=int(img_channels),
+            lr_mlp=float(map_kw.get("lr_multiplier", 0.01)),
+            blur_kernel=blur,
+        )
+    except ValueError as e:
+        raise CheckpointError(source, f"shapes fit no StyleGAN2 architecture: {e}") from None
+
+    out: dict[str, torch.Tensor] = {}
+
+    def get(k: str) -> torch.Tensor:
+        if k not in sd:
+            raise CheckpointError(source, f"missing key {k} in the NVIDIA generator")
+        return sd[k]
+
+    for i in range(n_mlp):
+        out[f"style.{i + 1}.weight"] = get(f"mapping.fc{i}.weight")
+        out[f"style.{i + 1}.bias"] = get(f"mapping.fc{i}.bias")
+    out["input.input"] = get("synthesis.b4.const").unsqueeze(0)
+    noise_idx = 0
+
+    def layer(src: str, dst: str) -> None:
+        nonlocal noise_idx
+        out[f"{dst}.conv.weight"] = get(f"{src}.weight").unsqueeze(0)
+        out[f"{dst}.conv.modulation.weight"] = get(f"{src}.affine.weight")
+        out[f"{dst}.conv.modulation.bias"] = get(f"{src}.affine.bias")
+        out[f"{dst}.activate.bias"] = get(f"{src}.bias")
+        out[f"{dst}.noise.weight"] = get(f"{src}.noise_strength").reshape(1)
+        nc = get(f"{src}.noise_const")
+        out[f"noises.noise_{noise_idx}"] = nc.reshape(1, 1, *nc.shape[-2:])
+        noise_idx += 1
+
+    def torgb(src: str, dst: str) -> None:
+        out[f"{dst}.conv.weight"] = get(f"{src}.weight").unsqueeze(0)
+        out[f"{dst}.conv.modulation.weight"] = get(f"{src}.affine.weight")
+        out[f"{dst}.conv.modulation.bias"] = get(f"{src}.affine.bias")
+        out[f"{dst}.bias"] = get(f"{src}.bias").reshape(1, -1, 1, 1)
+
+    layer("synthesis.b4.conv1", "conv1")
+    torgb("synthesis.b4.torgb", "to_rgb1")
+    for k, r in enumerate(resolutions[1:]):
+        layer(f"synthesis.b{r}.conv0", f"convs.{2 * k}")
+        layer(f"synthesis.b{r}.conv1", f"convs.{2 * k + 1}")
+        torgb(f"synthesis.b{r}.torgb", f"to_rgbs.{k}")
+    w_avg = sd.get("mapping.w_avg")
+    if w_avg is None:
+        raise CheckpointError(source, "missing key mapping.w_avg in the NVIDIA generator")
+    return config, out, w_avg.float()

@@ -1,0 +1,630 @@
+"""StyleGAN2 generator and discriminator in plain PyTorch.
+
+Module and parameter names follow rosinality/stylegan2-pytorch, the layout most community checkpoints
+use, so a rosinality ``g_ema`` state dict loads with ``strict=True`` and no renaming (see
+``../shared/FORMATS.md``). Widths follow NVIDIA's rule ``min(channel_base // res, channel_max)``, which
+reproduces rosinality's table for ``channel_base = 16384 * channel_multiplier`` and
+``channel_max = 512``, and also describes the tiny generators used in tests and small domains.
+
+Public API of :class:`Generator`: ``mapping(z, truncation)`` -> ws ``[B, num_ws, w_dim]``;
+``synthesis(ws, noise_mode)`` -> images ``[B, C, H, W]`` in about [-1, 1]; ``w_avg``; ``num_ws``;
+``resolution``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import Blur, FusedLeakyReLU, Upsample, fused_leaky_relu
+
+NoiseMode = Literal["const", "random", "none"]
+NOISE_MODES = ("const", "random", "none")
+
+
+def _check_resolution(resolution: int, low: int = 8, high: int = 1024) -> int:
+    if not (low <= resolution <= high) or resolution & (resolution - 1):
+        raise ValueError(f"resolution must be a power of two from {low} to {high}, got {resolution}")
+    return int(math.log2(resolution))
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Architecture of a StyleGAN2 generator (everything needed to build it)."""
+
+    resolution: int = 1024
+    style_dim: int = 512
+    n_mlp: int = 8
+    channel_base: int = 32768
+    channel_max: int = 512
+    img_channels: int = 3
+    lr_mlp: float = 0.01
+    blur_kernel: tuple[float, ...] = (1, 3, 3, 1)
+
+    def __post_init__(self) -> None:
+        _check_resolution(self.resolution)
+        if self.img_channels not in (1, 3):
+            raise ValueError(f"img_channels must be 1 or 3, got {self.img_channels}")
+        if self.n_mlp < 1:
+            raise ValueError(f"n_mlp must be at least 1, got {self.n_mlp}")
+        if min(self.channels().values()) < 1:
+            raise ValueError("channel_base is too small: some resolution would get 0 channels")
+        object.__setattr__(self, "blur_kernel", tuple(float(v) for v in self.blur_kernel))
+
+    @classmethod
+    def rosinality(
+        cls, size: int, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2, **kw: Any
+    ):
+        """The architecture of rosinality's ``Generator(size, style_dim, n_mlp, channel_multiplier)``."""
+        return cls(
+            resolution=size,
+            style_dim=style_dim,
+            n_mlp=n_mlp,
+            channel_base=16384 * channel_multiplier,
+            channel_max=512,
+            **kw,
+        )
+
+    @property
+    def log_size(self) -> int:
+        return int(math.log2(self.resolution))
+
+    @property
+    def num_ws(self) -> int:
+        return 2 * self.log_size - 2
+
+    @property
+    def num_noises(self) -> int:
+        return 2 * (self.log_size - 2) + 1
+
+    @property
+    def channel_multiplier(self) -> float | None:
+        """rosinality's channel multiplier, when this width is one of its configurations."""
+        if self.channel_max != 512:
+            return None
+        return self.channel_base / 16384
+
+    def channels(self) -> dict[int, int]:
+        return {2**i: min(self.channel_base // 2**i, self.channel_max) for i in range(2, self.log_size + 1)}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["blur_kernel"] = list(self.blur_kernel)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown generator configuration fields: {sorted(unknown)}")
+        d = dict(d)
+        if "blur_kernel" in d:
+            d["blur_kernel"] = tuple(d["blur_kernel"])
+        return cls(**d)
+
+
+class PixelNorm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(torch.mean(x**2, dim=1, keepdim=True) + 1e-8)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalized learning rate (weights stored as randn / lr_mul)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        bias: bool = True,
+        bias_init: float = 0.0,
+        lr_mul: float = 1.0,
+        activation: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
+        self.bias = nn.Parameter(torch.zeros(out_dim).fill_(bias_init)) if bias else None
+        self.activation = activation
+        self.scale = (1 / math.sqrt(in_dim)) * lr_mul
+        self.lr_mul = lr_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias * self.lr_mul if self.bias is not None else None
+        if self.activation:
+            return fused_leaky_relu(F.linear(x, self.weight * self.scale), bias)
+        return F.linear(x, self.weight * self.scale, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, lr_mul={self.lr_mul}"
+
+
+class EqualConv2d(nn.Module):
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias=True,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channel, in_channel, kernel_size, kernel_size))
+        self.scale = 1 / math.sqrt(in_channel * kernel_size**2)
+        self.stride = stride
+        self.padding = padding
+        self.bias = nn.Parameter(torch.zeros(out_channel)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.scale, bias=self.bias, stride=self.stride, padding=self.padding)
+
+
+class ModulatedConv2d(nn.Module):
+    """Style-modulated convolution with optional weight demodulation and x2 upsampling.
+
+    Two equivalent computations are available: ``fused=True`` builds one weight per sample and runs a
+    grouped convolution (StyleGAN2's formulation); ``fused=False`` (the default) scales the input
+    activations by the style, runs one shared convolution and scales the output by the demodulation
+    coefficients. They agree to float rounding; the second is several times faster for batches on CPUs.
+    """
+
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        style_dim: int,
+        demodulate: bool = True,
+        upsample: bool = False,
+        blur_kernel: Sequence[float] = (1, 3, 3, 1),
+    ) -> None:
+        super().__init__()
+        self.eps = 1e-8
+        self.kernel_size = kernel_size
+        self.in_channel = in_channel
+        self.out_channel = out_channel
+        self.upsample = upsample
+        if upsample:
+            factor = 2
+            p = (len(blur_kernel) - factor) - (kernel_size - 1)
+            self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor)
+        self.scale = 1 / math.sqrt(in_channel * kernel_size**2)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
+        self.demodulate = demodulate
+        self.fused = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channel}, {self.out_channel}, {self.kernel_size}, "
+            f"upsample={self.upsample}, demodulate={self.demodulate}"
+        )
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        s = self.modulation(style)  # [B, in]
+        if self.fused:
+            return self._forward_fused(x, s)
+        weight = self.weight[0] * self.scale  # [out, in, k, k]
+        x = x * s[:, :, None, None].to(x.dtype)
+        if self.upsample:
+            out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
+        else:
+            out = F.conv2d(x, weight, padding=self.padding)
+        if self.demodulate:
+            # sum_{i,k} (w_oik * s_i)^2 = sum_i s_i^2 * sum_k w_oik^2
+            demod = torch.rsqrt(s.pow(2) @ weight.pow(2).sum([2, 3]).t() + self.eps)  # [B, out]
+            out = out * demod[:, :, None, None].to(out.dtype)
+        if self.upsample:
+            out = self.blur(out)
+        return out
+
+    def _forward_fused(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        batch, in_channel, height, width = x.shape
+        k = self.kernel_size
+        weight = self.scale * self.weight * s.view(batch, 1, in_channel, 1, 1)
+        if self.demodulate:
+            demod = torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + self.eps)
+            weight = weight * demod.view(batch, self.out_channel, 1, 1, 1)
+        x = x.reshape(1, batch * in_channel, height, width)
+        if self.upsample:
+            weight = weight.transpose(1, 2).reshape(batch * in_channel, self.out_channel, k, k)
+            out = F.conv_transpose2d(x, weight, padding=0, stride=2, groups=batch)
+            out = self.blur(out.view(batch, self.out_channel, out.shape[-2], out.shape[-1]))
+            return out
+        weight = weight.view(batch * self.out_channel, in_channel, k, k)
+        out = F.conv2d(x, weight, padding=self.padding, groups=batch)
+        return out.view(batch, self.out_channel, height, width)
+
+
+class NoiseInjection(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        if noise is None:
+            return x
+        return x + self.weight * noise
+
+
+class ConstantInput(nn.Module):
+    def __init__(self, channel: int, size: int = 4) -> None:
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.input.repeat(batch, 1, 1, 1)
+
+
+class StyledConv(nn.Module):
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        style_dim: int,
+        upsample: bool = False,
+        blur_kernel: Sequence[float] = (1, 3, 3, 1),
+        demodulate: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv = ModulatedConv2d(
+            in_channel, out_channel, kernel_size, style_dim, demodulate=demodulate, upsample=upsample,
+            blur_kernel=blur_kernel,
+        )  # fmt: skip
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_channel)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        return self.activate(self.noise(self.conv(x, style), noise))
+
+
+class ToRGB(nn.Module):
+    def __init__(
+        self,
+        in_channel: int,
+        style_dim: int,
+        upsample: bool = True,
+        blur_kernel: Sequence[float] = (1, 3, 3, 1),
+        img_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample(blur_kernel)
+        self.conv = ModulatedConv2d(in_channel, img_channels, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, img_channels, 1, 1))
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x, style) + self.bias
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
+class Generator(nn.Module):
+    """StyleGAN2 generator (config-e/f "skip" architecture), rosinality's module layout."""
+
+    def __init__(self, config: GeneratorConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        config = config or GeneratorConfig(**kwargs)
+        self.config = config
+        c = config
+        ch = c.channels()
+        bk = c.blur_kernel
+
+        self.style = nn.Sequential(
+            PixelNorm(),
+            *[
+                EqualLinear(c.style_dim, c.style_dim, lr_mul=c.lr_mlp, activation="fused_lrelu")
+                for _ in range(c.n_mlp)
+            ],
+        )
+        self.input = ConstantInput(ch[4])
+        self.conv1 = StyledConv(ch[4], ch[4], 3, c.style_dim, blur_kernel=bk)
+        self.to_rgb1 = ToRGB(ch[4], c.style_dim, upsample=False, img_channels=c.img_channels)
+
+        self.convs = nn.ModuleList()
+        self.upsamples = nn.ModuleList()  # kept empty: rosinality has it too
+        self.to_rgbs = nn.ModuleList()
+        self.noises = nn.Module()
+        for layer_idx in range(c.num_noises):
+            res = (layer_idx + 5) // 2
+            self.noises.register_buffer(f"noise_{layer_idx}", torch.randn(1, 1, 2**res, 2**res))
+        in_channel = ch[4]
+        for i in range(3, c.log_size + 1):
+            out_channel = ch[2**i]
+            self.convs.append(
+                StyledConv(in_channel, out_channel, 3, c.style_dim, upsample=True, blur_kernel=bk)
+            )
+            self.convs.append(StyledConv(out_channel, out_channel, 3, c.style_dim, blur_kernel=bk))
+            self.to_rgbs.append(ToRGB(out_channel, c.style_dim, blur_kernel=bk, img_channels=c.img_channels))
+            in_channel = out_channel
+        # Not part of the rosinality state dict (its checkpoints keep it as `latent_avg` beside g_ema).
+        self.register_buffer("w_avg", torch.zeros(c.style_dim), persistent=False)
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    @property
+    def num_ws(self) -> int:
+        return self.config.num_ws
+
+    @property
+    def w_dim(self) -> int:
+        return self.config.style_dim
+
+    @property
+    def z_dim(self) -> int:
+        return self.config.style_dim
+
+    @property
+    def img_channels(self) -> int:
+        return self.config.img_channels
+
+    def set_fused_modconv(self, fused: bool) -> None:
+        """Choose the grouped-convolution (True) or activation-scaling (False) modulated convolution."""
+        for m in self.modules():
+            if isinstance(m, ModulatedConv2d):
+                m.fused = fused
+
+    # -- mapping ----------------------------------------------------------------------------------
+    def mapping(
+        self,
+        z: torch.Tensor,
+        truncation: float = 1.0,
+        truncation_cutoff: int | None = None,
+        truncation_latent: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """z [B, z_dim] -> ws [B, num_ws, w_dim], truncated toward ``w_avg`` on the first
+        ``truncation_cutoff`` layers (all layers by default)."""
+        if z.ndim != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"z must have shape [B, {self.z_dim}], got {list(z.shape)}")
+        w = self.style(z)
+        ws = w[:, None, :].repeat(1, self.num_ws, 1)
+        return self.truncate(ws, truncation, truncation_cutoff, truncation_latent)
+
+    def truncate(
+        self,
+        ws: torch.Tensor,
+        truncation: float = 1.0,
+        truncation_cutoff: int | None = None,
+        truncation_latent: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if truncation == 1.0:
+            return ws
+        center = self.w_avg if truncation_latent is None else truncation_latent
+        center = center.to(ws.dtype)
+        n = self.num_ws if truncation_cutoff is None else truncation_cutoff
+        out = ws.clone()
+        out[:, :n] = center + truncation * (ws[:, :n] - center)
+        return out
+
+    def style_mix(self, ws: torch.Tensor, ws2: torch.Tensor, crossover: int | torch.Tensor) -> torch.Tensor:
+        """Layers >= ``crossover`` take their codes from ``ws2`` (an int, or one per sample)."""
+        idx = torch.arange(self.num_ws, device=ws.device)
+        cut = torch.as_tensor(crossover, device=ws.device).reshape(-1, 1)
+        take2 = (idx[None, :] >= cut)[:, :, None]
+        return torch.where(take2, ws2, ws)
+
+    def sample_ws(
+        self,
+        batch: int,
+        mixing_prob: float = 0.0,
+        truncation: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Random codes with style mixing at probability ``mixing_prob`` (a random crossover per sample)."""
+        dev = self.w_avg.device
+        z = torch.randn(batch, self.z_dim, device=dev, generator=generator)
+        ws = self.mapping(z, truncation=truncation)
+        if mixing_prob > 0:
+            z2 = torch.randn(batch, self.z_dim, device=dev, generator=generator)
+            ws2 = self.mapping(z2, truncation=truncation)
+            u = torch.rand(batch, device=dev, generator=generator)
+            cut = torch.randint(1, self.num_ws, (batch,), device=dev, generator=generator)
+            cut = torch.where(u < mixing_prob, cut, torch.full_like(cut, self.num_ws))
+            ws = self.style_mix(ws, ws2, cut)
+        return ws
+
+    @torch.no_grad()
+    def compute_w_avg(self, n: int = 10_000, seed: int = 0, batch: int = 1000) -> torch.Tensor:
+        """Mean of mapping(z) over ``n`` samples (for checkpoints that do not store it); sets ``w_avg``."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        total = torch.zeros(self.w_dim, dtype=torch.float64, device=self.w_avg.device)
+        done = 0
+        while done < n:
+            b = min(batch, n - done)
+            z = torch.randn(b, self.z_dim, generator=g).to(self.w_avg.device)
+            total += self.style(z).double().sum(0)
+            done += b
+        self.w_avg.copy_((total / n).to(self.w_avg.dtype))
+        return self.w_avg
+
+    # -- synthesis --------------------------------------------------------------------------------
+    def noise_buffers(self) -> list[torch.Tensor]:
+        return [getattr(self.noises, f"noise_{i}") for i in range(self.config.num_noises)]
+
+    def make_noise(
+        self,
+        batch: int = 1,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> list[torch.Tensor]:
+        device = self.w_avg.device if device is None else device
+        return [
+            torch.randn(batch, 1, n.shape[-2], n.shape[-1], device=device, generator=generator)
+            for n in self.noise_buffers()
+        ]
+
+    def synthesis(
+        self,
+        ws: torch.Tensor,
+        noise_mode: NoiseMode = "const",
+        noise: Sequence[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """ws [B, num_ws, w_dim] (or [B, w_dim], broadcast) -> images [B, C, H, W].
+
+        noise_mode: "const" uses the stored noise buffers (deterministic), "random" draws new noise,
+        "none" injects none. An explicit ``noise`` list overrides the mode.
+        """
+        if ws.ndim == 2:
+            ws = ws[:, None, :].expand(-1, self.num_ws, -1)
+        if ws.ndim != 3 or ws.shape[1] != self.num_ws or ws.shape[2] != self.w_dim:
+            raise ValueError(f"ws must have shape [B, {self.num_ws}, {self.w_dim}], got {list(ws.shape)}")
+        batch = ws.shape[0]
+        if noise is None:
+            if noise_mode == "const":
+                noise = self.noise_buffers()
+            elif noise_mode == "random":
+                noise = self.make_noise(batch, device=ws.device)
+            elif noise_mode == "none":
+                noise = [None] * self.config.num_noises
+            else:
+                raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        out = self.input(batch)
+        out = self.conv1(out, ws[:, 0], noise[0])
+        skip = self.to_rgb1(out, ws[:, 1])
+        i = 1
+        for conv_up, conv, n1, n2, to_rgb in zip(
+            self.convs[::2], self.convs[1::2], noise[1::2], noise[2::2], self.to_rgbs
+        ):
+            out = conv_up(out, ws[:, i], n1)
+            out = conv(out, ws[:, i + 1], n2)
+            skip = to_rgb(out, ws[:, i + 2], skip)
+            i += 2
+        return skip
+
+    def forward(
+        self, z: torch.Tensor, truncation: float = 1.0, noise_mode: NoiseMode = "const"
+    ) -> torch.Tensor:
+        return self.synthesis(self.mapping(z, truncation=truncation), noise_mode=noise_mode)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Discriminator
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    resolution: int = 1024
+    channel_base: int = 32768
+    channel_max: int = 512
+    img_channels: int = 3
+    blur_kernel: tuple[float, ...] = (1, 3, 3, 1)
+    stddev_group: int = 4
+    stddev_feat: int = 1
+
+    def __post_init__(self) -> None:
+        _check_resolution(self.resolution)
+        if self.img_channels not in (1, 3):
+            raise ValueError(f"img_channels must be 1 or 3, got {self.img_channels}")
+
+    @property
+    def log_size(self) -> int:
+        return int(math.log2(self.resolution))
+
+    def channels(self) -> dict[int, int]:
+        return {2**i: min(self.channel_base // 2**i, self.channel_max) for i in range(2, self.log_size + 1)}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["blur_kernel"] = list(self.blur_kernel)
+        return d
+
+
+class ConvLayer(nn.Sequential):
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        downsample: bool = False,
+        blur_kernel: Sequence[float] = (1, 3, 3, 1),
+        bias: bool = True,
+        activate: bool = True,
+    ) -> None:
+        layers: list[nn.Module] = []
+        if downsample:
+            factor = 2
+            p = (len(blur_kernel) - factor) + (kernel_size - 1)
+            layers.append(Blur(blur_kernel, pad=((p + 1) // 2, p // 2)))
+            stride, padding = 2, 0
+        else:
+            stride, padding = 1, kernel_size // 2
+        layers.append(
+            EqualConv2d(
+                in_channel,
+                out_channel,
+                kernel_size,
+                padding=padding,
+                stride=stride,
+                bias=bias and not activate,
+            )
+        )
+        if activate:
+            layers.append(FusedLeakyReLU(out_channel, bias=bias))
+        super().__init__(*layers)
+
+
+class ResBlock(nn.Module):
+    def __init__(
+        self, in_channel: int, out_channel: int, blur_kernel: Sequence[float] = (1, 3, 3, 1)
+    ) -> None:
+        super().__init__()
+        self.conv1 = ConvLayer(in_channel, in_channel, 3)
+        self.conv2 = ConvLayer(in_channel, out_channel, 3, downsample=True, blur_kernel=blur_kernel)
+        self.skip = ConvLayer(
+            in_channel, out_channel, 1, downsample=True, activate=False, bias=False, blur_kernel=blur_kernel
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
+
+
+class Discriminator(nn.Module):
+    """StyleGAN2 residual discriminator with minibatch standard deviation (rosinality's layout)."""
+
+    def __init__(self, config: DiscriminatorConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        config = config or DiscriminatorConfig(**kwargs)
+        self.config = config
+        ch = config.channels()
+        size = config.resolution
+        convs: list[nn.Module] = [ConvLayer(config.img_channels, ch[size], 1)]
+        in_channel = ch[size]
+        for i in range(config.log_size, 2, -1):
+            out_channel = ch[2 ** (i - 1)]
+            convs.append(ResBlock(in_channel, out_channel, config.blur_kernel))
+            in_channel = out_channel
+        self.convs = nn.Sequential(*convs)
+        self.stddev_group = config.stddev_group
+        self.stddev_feat = config.stddev_feat
+        self.final_conv = ConvLayer(in_channel + 1, ch[4], 3)
+        self.final_linear = nn.Sequential(
+            EqualLinear(ch[4] * 4 * 4, ch[4], activation="fused_lrelu"),
+            EqualLinear(ch[4], 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.convs(x)
+        batch, channel, height, width = out.shape
+        group = min(batch, self.stddev_group)
+        while batch % group:  # the group must divide the batch
+            group -= 1
+        feat = self.stddev_feat
+        stddev = out.view(group, -1, feat, channel // feat, height, width)
+        stddev = torch.sqrt(stddev.var(0, unbiased=False) + 1e-8)
+        stddev = stddev.mean([2, 3, 4], keepdim=True).squeeze(2)
+        stddev = stddev.repeat(group, 1, height, width)
+        out = torch.cat([out, stddev], 1)
+        out = self.final_conv(out)
+        return self.final_linear(out.view(batch, -1))

@@ -1,0 +1,122 @@
+"""Resampling and activation ops of StyleGAN2 in plain PyTorch.
+
+Every op here is made of ordinary differentiable PyTorch functions, so it runs on any device and
+supports double backward (the R1 penalty differentiates through the discriminator's gradient).
+No custom kernels are compiled; the module names and buffers follow rosinality's layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LRELU_SLOPE = 0.2
+LRELU_GAIN = math.sqrt(2.0)
+
+
+def make_kernel(k: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """A normalized 2-D FIR kernel; a 1-D kernel is made separable (outer product)."""
+    k = torch.as_tensor(k, dtype=torch.float32)
+    if k.ndim == 1:
+        k = k[None, :] * k[:, None]
+    return k / k.sum()
+
+
+def upfirdn2d(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    up: int = 1,
+    down: int = 1,
+    pad: tuple[int, int] = (0, 0),
+) -> torch.Tensor:
+    """Upsample by zero insertion, pad, filter with ``kernel`` (true convolution), downsample.
+
+    ``x`` is [B, C, H, W]; ``kernel`` is [kh, kw]; ``pad`` is (before, after), applied to both axes
+    (negative values crop). The same semantics as the reference ``upfirdn2d`` of StyleGAN2.
+    """
+    pad0, pad1 = pad
+    b, c, h, w = x.shape
+    kh, kw = kernel.shape
+    out = x.reshape(b * c, 1, h, w)
+    if up > 1:
+        out = out.reshape(b * c, 1, h, 1, w, 1)
+        out = F.pad(out, (0, up - 1, 0, 0, 0, up - 1))
+        out = out.reshape(b * c, 1, h * up, w * up)
+    out = F.pad(out, (max(pad0, 0), max(pad1, 0), max(pad0, 0), max(pad1, 0)))
+    if pad0 < 0 or pad1 < 0:
+        hh, ww = out.shape[-2:]
+        out = out[:, :, max(-pad0, 0) : hh - max(-pad1, 0), max(-pad0, 0) : ww - max(-pad1, 0)]
+    weight = torch.flip(kernel, [0, 1]).view(1, 1, kh, kw).to(out)
+    out = F.conv2d(out, weight)
+    if down > 1:
+        out = out[:, :, ::down, ::down]
+    return out.reshape(b, c, out.shape[-2], out.shape[-1])
+
+
+class Upsample(nn.Module):
+    """x2 (or ``factor``) upsampling with the blur kernel, as used on the RGB skip path."""
+
+    def __init__(self, kernel: Sequence[float], factor: int = 2) -> None:
+        super().__init__()
+        self.factor = factor
+        k = make_kernel(kernel) * (factor**2)
+        self.register_buffer("kernel", k)
+        p = k.shape[0] - factor
+        self.pad = ((p + 1) // 2 + factor - 1, p // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, up=self.factor, down=1, pad=self.pad)
+
+
+class Downsample(nn.Module):
+    def __init__(self, kernel: Sequence[float], factor: int = 2) -> None:
+        super().__init__()
+        self.factor = factor
+        k = make_kernel(kernel)
+        self.register_buffer("kernel", k)
+        p = k.shape[0] - factor
+        self.pad = ((p + 1) // 2, p // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, up=1, down=self.factor, pad=self.pad)
+
+
+class Blur(nn.Module):
+    def __init__(self, kernel: Sequence[float], pad: tuple[int, int], upsample_factor: int = 1) -> None:
+        super().__init__()
+        k = make_kernel(kernel)
+        if upsample_factor > 1:
+            k = k * (upsample_factor**2)
+        self.register_buffer("kernel", k)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, pad=self.pad)
+
+
+def fused_leaky_relu(
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    negative_slope: float = LRELU_SLOPE,
+    scale: float = LRELU_GAIN,
+) -> torch.Tensor:
+    """Bias add, leaky ReLU and gain sqrt(2): StyleGAN2's biased activation, differentiable twice."""
+    if bias is not None:
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        x = x + bias.view(shape).to(x.dtype)
+    return F.leaky_relu(x, negative_slope) * scale
+
+
+class FusedLeakyReLU(nn.Module):
+    """Learned per-channel bias followed by the scaled leaky ReLU (parameter name ``bias``)."""
+
+    def __init__(self, channels: int, bias: bool = True) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_leaky_relu(x, self.bias)

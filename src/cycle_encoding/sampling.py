@@ -1,0 +1,41 @@
+"""Rendering a generator's samples by seed (NVIDIA's seed convention, so seeds match their tools)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .networks.stylegan2 import Generator, NoiseMode
+
+
+def z_from_seed(seed: int, z_dim: int) -> torch.Tensor:
+    """z for a seed exactly as NVIDIA's generate.py draws it: RandomState(seed).randn(1, z_dim)."""
+    return torch.from_numpy(np.random.RandomState(seed).randn(1, z_dim)).float()
+
+
+@torch.no_grad()
+def render_seeds(
+    G: Generator,
+    seeds: Sequence[int],
+    truncation: float = 1.0,
+    noise_mode: NoiseMode = "const",
+    batch_size: int = 8,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (seeds, images [b, C, H, W] on the CPU) batch by batch."""
+    device = G.w_avg.device
+    for i in range(0, len(seeds), batch_size):
+        chunk = list(seeds[i : i + batch_size])
+        z = torch.cat([z_from_seed(s, G.z_dim) for s in chunk]).to(device)
+        ws = G.mapping(z, truncation=truncation)
+        if noise_mode == "random":
+            gens = [torch.Generator(device="cpu").manual_seed(s) for s in chunk]
+            noise = [
+                torch.cat([torch.randn(1, 1, *n.shape[-2:], generator=g) for g in gens]).to(device)
+                for n in G.noise_buffers()
+            ]
+            images = G.synthesis(ws, noise=noise)
+        else:
+            images = G.synthesis(ws, noise_mode=noise_mode)
+        yield chunk, images.cpu()

@@ -1,0 +1,95 @@
+"""Small helpers shared across the package: devices, seed ranges, images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import CycleEncodingError
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a clear error."""
+    if isinstance(device, torch.device):
+        return device
+    device = device or "auto"
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CycleEncodingError(
+            f"device {device!r} asked for, but PyTorch sees no CUDA GPU (use --device cpu)"
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise CycleEncodingError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
+
+
+def parse_int_list(spec: str) -> list[int]:
+    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]."""
+    out: list[int] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = (
+                    part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0], "")
+                )
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise CycleEncodingError(f"bad number list {spec!r}: use forms like 0-7 or 1,5,9") from None
+    if not out:
+        raise CycleEncodingError(f"empty number list {spec!r}")
+    return out
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C] (C = 1 or 3)."""
+    x = (images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """One image [C, H, W] in [-1, 1] -> PIL (L for 1 channel, RGB for 3)."""
+    a = to_uint8(image[None])[0]
+    return Image.fromarray(a[:, :, 0], "L") if a.shape[2] == 1 else Image.fromarray(a, "RGB")
+
+
+def make_grid(
+    images: torch.Tensor, ncols: int | None = None, pad: int = 2, value: float = 1.0
+) -> torch.Tensor:
+    """[B, C, H, W] -> one [C, H', W'] image tiling the batch row by row."""
+    b, c, h, w = images.shape
+    ncols = ncols or math.ceil(math.sqrt(b))
+    nrows = math.ceil(b / ncols)
+    grid = images.new_full((c, nrows * (h + pad) + pad, ncols * (w + pad) + pad), value)
+    for i in range(b):
+        r, q = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[:, y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """Save [C, H, W] in [-1, 1] as PNG, atomically."""
+    from .checkpoints.common import atomic_write
+
+    pil = to_pil(image)
+    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+
+
+def save_images(images: Sequence[torch.Tensor] | torch.Tensor, paths: Sequence[str | Path]) -> None:
+    for im, p in zip(images, paths, strict=True):
+        save_image(im, p)
