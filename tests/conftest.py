@@ -30,11 +30,7 @@ def make_tiny_generator(seed: int = 0, **kw) -> Generator:
     # random non-zero noise strengths and biases so every parameter matters in comparisons
     with torch.no_grad():
         for name, p in G.named_parameters():
-            if (
-                name.endswith("noise.weight")
-                or name.endswith("activate.bias")
-                or name.endswith("to_rgb1.bias")
-            ):
+            if name.endswith("noise.weight") or name.endswith("activate.bias") or name.endswith("to_rgb1.bias"):
                 p.normal_(0, 0.1)
     G.compute_w_avg(2000)
     return G.eval()

@@ -21,9 +21,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CycleEncodingError(
-            f"device {device!r} asked for, but PyTorch sees no CUDA GPU (use --device cpu)"
-        )
+        raise CycleEncodingError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
     try:
         return torch.device(device)
     except RuntimeError:
@@ -39,9 +37,7 @@ def parse_int_list(spec: str) -> list[int]:
             continue
         try:
             if "-" in part[1:]:
-                a, b = (
-                    part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0], "")
-                )
+                a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0], "")
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError
@@ -67,9 +63,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(a[:, :, 0], "L") if a.shape[2] == 1 else Image.fromarray(a, "RGB")
 
 
-def make_grid(
-    images: torch.Tensor, ncols: int | None = None, pad: int = 2, value: float = 1.0
-) -> torch.Tensor:
+def make_grid(images: torch.Tensor, ncols: int | None = None, pad: int = 2, value: float = 1.0) -> torch.Tensor:
     """[B, C, H, W] -> one [C, H', W'] image tiling the batch row by row."""
     b, c, h, w = images.shape
     ncols = ncols or math.ceil(math.sqrt(b))

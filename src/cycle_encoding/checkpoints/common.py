@@ -52,9 +52,7 @@ def sniff(path: str | Path) -> str:
         if head[8:9] == b"{" and 8 + n <= size:
             return "safetensors"
         if head[8:9] == b"{":
-            raise CheckpointError(
-                p, f"truncated: safetensors header says {n} bytes but the file has {size - 8}"
-            )
+            raise CheckpointError(p, f"truncated: safetensors header says {n} bytes but the file has {size - 8}")
     raise CheckpointError(
         p, "not a checkpoint: not a torch, pickle or safetensors file (first bytes " + head[:8].hex() + ")"
     )

@@ -87,11 +87,7 @@ def _from_torch_object(obj: Any, path: Path) -> GeneratorWeights:
         raise CheckpointError(
             path,
             "unknown layout: not a rosinality, e4e/pSp or cycle-encoding generator"
-            + (
-                f" (top-level keys: {', '.join(map(str, keys))})"
-                if keys
-                else f" (holds a {type(obj).__name__})"
-            ),
+            + (f" (top-level keys: {', '.join(map(str, keys))})" if keys else f" (holds a {type(obj).__name__})"),
         )
     config = rosinality.infer_generator_config(sd, path)
     if w_avg is not None:
@@ -113,9 +109,7 @@ def read_generator_weights(path: str | Path) -> GeneratorWeights:
             raise CheckpointError(p, f"bad generator configuration in the file: {e}") from None
         t = dict(nf.tensors)
         w_avg = t.pop("latent_avg", None)
-        return GeneratorWeights(
-            config, t, w_avg, "cycle-encoding", ["generator", "latent_avg"], nf.provenance
-        )
+        return GeneratorWeights(config, t, w_avg, "cycle-encoding", ["generator", "latent_avg"], nf.provenance)
     if kind == "pickle":
         pk = nvidia.read_nvidia_pickle(p)
         name = "G_ema" if "G_ema" in pk.networks else ("G" if "G" in pk.networks else None)
@@ -127,9 +121,7 @@ def read_generator_weights(path: str | Path) -> GeneratorWeights:
     return _from_torch_object(torch_load(p), p)
 
 
-def build_generator(
-    weights: GeneratorWeights, source: str | Path, device: str | torch.device = "cpu"
-) -> Generator:
+def build_generator(weights: GeneratorWeights, source: str | Path, device: str | torch.device = "cpu") -> Generator:
     G = Generator(weights.config)
     sd = dict(weights.state_dict)
     # resampling kernels are fixed buffers derived from the architecture; some layouts do not store them

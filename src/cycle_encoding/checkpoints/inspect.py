@@ -46,9 +46,7 @@ def inspect_generator(path: Path, container: str) -> dict[str, Any] | None:
         "network": "StyleGAN2 generator",
         "architecture": arch,
         "parameters": count_parameters(w.state_dict, _generator_buffer),
-        "w_avg": "stored in the file"
-        if w.w_avg is not None
-        else "not stored: computed from 10,000 mapped samples",
+        "w_avg": "stored in the file" if w.w_avg is not None else "not stored: computed from 10,000 mapped samples",
         "holds": w.holds,
         **({"provenance": w.provenance} if w.provenance else {}),
     }

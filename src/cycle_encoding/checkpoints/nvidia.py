@@ -169,14 +169,10 @@ class NvidiaPickle:
 def read_nvidia_pickle(path: str | Path) -> NvidiaPickle:
     obj = read_pickle(path)
     if not isinstance(obj, Mapping):
-        raise CheckpointError(
-            path, f"unknown layout: the pickle holds a {type(obj).__name__}, not NVIDIA's dict"
-        )
+        raise CheckpointError(path, f"unknown layout: the pickle holds a {type(obj).__name__}, not NVIDIA's dict")
     nets = {k: v for k, v in obj.items() if isinstance(v, PersistentObject)}
     if not nets:
-        raise CheckpointError(
-            path, "unknown layout: a pickle without NVIDIA persistent networks (G, D, G_ema)"
-        )
+        raise CheckpointError(path, "unknown layout: a pickle without NVIDIA persistent networks (G, D, G_ema)")
     return NvidiaPickle(networks=nets, other={k: v for k, v in obj.items() if k not in nets})
 
 
@@ -202,25 +198,19 @@ def nvidia_generator_to_rosinality(
             f"unknown layout: {net.class_name} has no mapping.fc0 / synthesis.b4.const (not a StyleGAN2 G)",
         )
     if any(k.startswith("synthesis.b") and ".skip." in k for k in sd):
-        raise CheckpointError(
-            source, "a 'resnet' synthesis network: only the 'skip' architecture is supported"
-        )
+        raise CheckpointError(source, "a 'resnet' synthesis network: only the 'skip' architecture is supported")
     if int(init.get("c_dim", 0) or 0) > 0 or "mapping.embed.weight" in sd:
         raise CheckpointError(source, "a conditional generator (c_dim > 0): not supported")
     syn_kw = _kw(init, "synthesis_kwargs")
     map_kw = _kw(init, "mapping_kwargs")
     if syn_kw.get("architecture", "skip") != "skip":
-        raise CheckpointError(
-            source, f"synthesis architecture {syn_kw['architecture']!r}: only 'skip' is supported"
-        )
+        raise CheckpointError(source, f"synthesis architecture {syn_kw['architecture']!r}: only 'skip' is supported")
 
     n_mlp = len({k.split(".")[1] for k in sd if re.match(r"^mapping\.fc\d+\.weight$", k)})
     z_dim = sd["mapping.fc0.weight"].shape[1]
     w_dim = sd[f"mapping.fc{n_mlp - 1}.weight"].shape[0]
     if z_dim != w_dim:
-        raise CheckpointError(
-            source, f"z_dim {z_dim} != w_dim {w_dim}: the rosinality layout needs them equal"
-        )
+        raise CheckpointError(source, f"z_dim {z_dim} != w_dim {w_dim}: the rosinality layout needs them equal")
     resolutions = sorted({int(m.group(1)) for k in sd if (m := _BLOCK.match(k))})
     res = resolutions[-1]
     img_channels = sd[f"synthesis.b{res}.torgb.weight"].shape[0]

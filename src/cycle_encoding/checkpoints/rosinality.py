@@ -41,15 +41,11 @@ def _infer_channel_rule(chans: dict[int, int]) -> tuple[int, int]:
     return (32768 if 32768 // rmax >= cmax else cmax * rmax), cmax
 
 
-def infer_generator_config(
-    sd: Mapping[str, torch.Tensor], source: str | Path, lr_mlp: float = 0.01
-) -> GeneratorConfig:
+def infer_generator_config(sd: Mapping[str, torch.Tensor], source: str | Path, lr_mlp: float = 0.01) -> GeneratorConfig:
     """Read the architecture of a rosinality ``g_ema`` state dict from its tensors."""
     styles = sorted(int(m.group(1)) for k in sd if (m := _STYLE_KEY.match(k)))
     if not styles:
-        raise CheckpointError(
-            source, "no mapping layers (style.1.weight ...): not a rosinality generator state dict"
-        )
+        raise CheckpointError(source, "no mapping layers (style.1.weight ...): not a rosinality generator state dict")
     if styles != list(range(1, len(styles) + 1)):
         raise CheckpointError(source, f"mapping layers are not numbered 1..n (found style.{styles})")
     style_dim = _need(sd, "style.1.weight", 2, source).shape[1]

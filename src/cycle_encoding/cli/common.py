@@ -9,9 +9,7 @@ from typing import Any
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)"
-    )
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
 
 
 def print_json(obj: Any) -> None:

@@ -18,22 +18,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", parents=[common], help="render a generator's samples by seed")
-    p.add_argument(
-        "--generator", "-g", required=True, type=Path, help="generator file (any supported format)"
-    )
+    p.add_argument("--generator", "-g", required=True, type=Path, help="generator file (any supported format)")
     p.add_argument("--seeds", default="0-7", help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
     p.add_argument("--truncation", type=float, default=1.0, help="truncation psi toward w_avg (default 1.0)")
-    p.add_argument(
-        "--noise", choices=["const", "random", "none"], default="const", help="noise mode (default const)"
-    )
+    p.add_argument("--noise", choices=["const", "random", "none"], default="const", help="noise mode (default const)")
     p.add_argument("--out", "-o", required=True, type=Path, help="output folder")
     p.add_argument("--batch-size", type=int, default=8)
     add_device_arg(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser(
-        "convert", parents=[common], help="convert a generator to the own format or rosinality .pt"
-    )
+    p = sub.add_parser("convert", parents=[common], help="convert a generator to the own format or rosinality .pt")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("--to", choices=["native", "rosinality"], default=None,

@@ -58,9 +58,7 @@ class GeneratorConfig:
         object.__setattr__(self, "blur_kernel", tuple(float(v) for v in self.blur_kernel))
 
     @classmethod
-    def rosinality(
-        cls, size: int, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2, **kw: Any
-    ):
+    def rosinality(cls, size: int, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2, **kw: Any):
         """The architecture of rosinality's ``Generator(size, style_dim, n_mlp, channel_multiplier)``."""
         return cls(
             resolution=size,
@@ -321,10 +319,7 @@ class Generator(nn.Module):
 
         self.style = nn.Sequential(
             PixelNorm(),
-            *[
-                EqualLinear(c.style_dim, c.style_dim, lr_mul=c.lr_mlp, activation="fused_lrelu")
-                for _ in range(c.n_mlp)
-            ],
+            *[EqualLinear(c.style_dim, c.style_dim, lr_mul=c.lr_mlp, activation="fused_lrelu") for _ in range(c.n_mlp)],
         )
         self.input = ConstantInput(ch[4])
         self.conv1 = StyledConv(ch[4], ch[4], 3, c.style_dim, blur_kernel=bk)
@@ -340,9 +335,7 @@ class Generator(nn.Module):
         in_channel = ch[4]
         for i in range(3, c.log_size + 1):
             out_channel = ch[2**i]
-            self.convs.append(
-                StyledConv(in_channel, out_channel, 3, c.style_dim, upsample=True, blur_kernel=bk)
-            )
+            self.convs.append(StyledConv(in_channel, out_channel, 3, c.style_dim, upsample=True, blur_kernel=bk))
             self.convs.append(StyledConv(out_channel, out_channel, 3, c.style_dim, blur_kernel=bk))
             self.to_rgbs.append(ToRGB(out_channel, c.style_dim, blur_kernel=bk, img_channels=c.img_channels))
             in_channel = out_channel
@@ -503,9 +496,7 @@ class Generator(nn.Module):
             i += 2
         return skip
 
-    def forward(
-        self, z: torch.Tensor, truncation: float = 1.0, noise_mode: NoiseMode = "const"
-    ) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, truncation: float = 1.0, noise_mode: NoiseMode = "const") -> torch.Tensor:
         return self.synthesis(self.mapping(z, truncation=truncation), noise_mode=noise_mode)
 
 
@@ -576,9 +567,7 @@ class ConvLayer(nn.Sequential):
 
 
 class ResBlock(nn.Module):
-    def __init__(
-        self, in_channel: int, out_channel: int, blur_kernel: Sequence[float] = (1, 3, 3, 1)
-    ) -> None:
+    def __init__(self, in_channel: int, out_channel: int, blur_kernel: Sequence[float] = (1, 3, 3, 1)) -> None:
         super().__init__()
         self.conv1 = ConvLayer(in_channel, in_channel, 3)
         self.conv2 = ConvLayer(in_channel, out_channel, 3, downsample=True, blur_kernel=blur_kernel)
