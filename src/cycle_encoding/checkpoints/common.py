@@ -4,6 +4,7 @@ executing code, checking a state dict against a model with messages that name th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import struct
@@ -50,6 +51,18 @@ def sniff(path: str | Path) -> str:
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 8 + n <= size:
+            with open(p, "rb") as f:
+                f.seek(8)
+                raw = f.read(n)
+            try:
+                header = json.loads(raw)
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise CheckpointError(p, "not a checkpoint: a safetensors-like file with a corrupt header") from None
+            if 8 + n + end > size:
+                raise CheckpointError(
+                    p, f"truncated: the safetensors data needs {8 + n + end} bytes, the file has {size}"
+                )
             return "safetensors"
         if head[8:9] == b"{":
             raise CheckpointError(p, f"truncated: safetensors header says {n} bytes but the file has {size - 8}")

@@ -39,4 +39,5 @@ def latent_avg_vector(t: torch.Tensor | None) -> torch.Tensor | None:
     """e4e stores latent_avg as [N, 512] (rows repeated) or [512]: give the 512-d vector."""
     if t is None or not isinstance(t, torch.Tensor):
         return None
-    return t.reshape(-1, t.shape[-1]).float().mean(0)
+    rows = t.reshape(-1, t.shape[-1]).float()
+    return rows[0].clone() if bool((rows == rows[0]).all()) else rows.mean(0)
