@@ -214,3 +214,74 @@ def nvidia_from_rosinality(G, stand_in: StandInModules, c_dim: int = 0):
         ),
     }
     return P("training.networks.Generator", modules={"synthesis": synthesis, "mapping": mapping}, init_kwargs=init)
+
+
+# --- e4e / pSp encoder (FORMATS.md: "e4e / pSp / ReStyle / Cycle Encoding encoder checkpoints") -----------
+
+
+def _bn(sd: dict, prefix: str, c: int, g: torch.Generator) -> None:
+    sd[f"{prefix}.weight"] = 1 + 0.1 * torch.randn(c, generator=g)
+    sd[f"{prefix}.bias"] = 0.1 * torch.randn(c, generator=g)
+    sd[f"{prefix}.running_mean"] = 0.1 * torch.randn(c, generator=g)
+    sd[f"{prefix}.running_var"] = 1 + 0.1 * torch.rand(c, generator=g)
+    sd[f"{prefix}.num_batches_tracked"] = torch.tensor(100)
+
+
+def irse_body_sd(widths=(64, 128, 256, 512), units=(3, 4, 14, 3), in_channels=3, seed=0, se=True) -> dict:
+    """input_layer.* and body.* of an IR-SE backbone with the published key names."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    sd["input_layer.0.weight"] = 0.1 * torch.randn(widths[0], in_channels, 3, 3, generator=g)
+    _bn(sd, "input_layer.1", widths[0], g)
+    sd["input_layer.2.weight"] = torch.full((widths[0],), 0.25)
+    i = 0
+    cin = widths[0]
+    for n, d in zip(units, widths):
+        for _ in range(n):
+            p = f"body.{i}"
+            _bn(sd, f"{p}.res_layer.0", cin, g)
+            sd[f"{p}.res_layer.1.weight"] = 0.05 * torch.randn(d, cin, 3, 3, generator=g)
+            sd[f"{p}.res_layer.2.weight"] = torch.full((d,), 0.25)
+            sd[f"{p}.res_layer.3.weight"] = 0.05 * torch.randn(d, d, 3, 3, generator=g)
+            _bn(sd, f"{p}.res_layer.4", d, g)
+            if se:
+                sd[f"{p}.res_layer.5.fc1.weight"] = 0.1 * torch.randn(max(1, d // 16), d, 1, 1, generator=g)
+                sd[f"{p}.res_layer.5.fc2.weight"] = 0.1 * torch.randn(d, max(1, d // 16), 1, 1, generator=g)
+            if cin != d:
+                sd[f"{p}.shortcut_layer.0.weight"] = 0.1 * torch.randn(d, cin, 1, 1, generator=g)
+                _bn(sd, f"{p}.shortcut_layer.1", d, g)
+            cin = d
+            i += 1
+    return sd
+
+
+def e4e_encoder_sd(
+    num_ws: int = 18,
+    w_dim: int = 512,
+    widths=(64, 128, 256, 512),
+    units=(3, 4, 14, 3),
+    input_size: int = 256,
+    in_channels: int = 3,
+    seed: int = 0,
+) -> dict:
+    """The encoder.* keys of an e4e checkpoint (without the prefix): body, map2style heads, lateral layers.
+
+    Heads 0-2 have log2(input/16) convs, 3-6 log2(input/8), 7+ log2(input/4) (FORMATS.md: 4, 5, 6 at 256)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    sd = irse_body_sd(widths, units, in_channels, seed)
+    c3 = widths[3]
+    for i in range(num_ws):
+        spatial = input_size // (16 if i < 3 else 8 if i < 7 else 4)
+        n = int(math.log2(spatial))
+        cin = c3
+        for j in range(n):
+            sd[f"styles.{i}.convs.{2 * j}.weight"] = 0.05 * torch.randn(w_dim, cin, 3, 3, generator=g)
+            sd[f"styles.{i}.convs.{2 * j}.bias"] = 0.01 * torch.randn(w_dim, generator=g)
+            cin = w_dim
+        sd[f"styles.{i}.linear.weight"] = torch.randn(w_dim, w_dim, generator=g)
+        sd[f"styles.{i}.linear.bias"] = torch.zeros(w_dim)
+    sd["latlayer1.weight"] = 0.1 * torch.randn(c3, widths[2], 1, 1, generator=g)
+    sd["latlayer1.bias"] = torch.zeros(c3)
+    sd["latlayer2.weight"] = 0.1 * torch.randn(c3, widths[1], 1, 1, generator=g)
+    sd["latlayer2.bias"] = torch.zeros(c3)
+    return sd

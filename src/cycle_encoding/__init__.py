@@ -11,7 +11,9 @@ Public API (more arrives with each stage of the method):
 __version__ = "0.1.0"
 
 from .checkpoints import convert_generator, export_rosinality, load_generator, save_generator
+from .checkpoints.encoder import load_encoder, save_encoder
 from .errors import CheckpointError, CycleEncodingError
+from .networks.encoder import Encoder4Editing, EncoderConfig
 from .networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 
 __all__ = [
@@ -19,11 +21,15 @@ __all__ = [
     "CycleEncodingError",
     "Discriminator",
     "DiscriminatorConfig",
+    "Encoder4Editing",
+    "EncoderConfig",
     "Generator",
     "GeneratorConfig",
     "__version__",
     "convert_generator",
     "export_rosinality",
+    "load_encoder",
     "load_generator",
+    "save_encoder",
     "save_generator",
 ]

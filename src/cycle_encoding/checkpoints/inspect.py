@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..networks.dlib_resnet import inspect_face_embedder
 from .common import sniff
 from .native import read_native_header
+from .perception import inspect_perception
 
 Inspector = Callable[[Path, str], "dict[str, Any] | None"]
 
@@ -71,7 +73,15 @@ def inspect_native(path: Path, container: str) -> dict[str, Any] | None:
     }
 
 
-INSPECTORS: list[Inspector] = [inspect_generator, inspect_native]
+def _inspect_encoder(path: Path, container: str) -> dict[str, Any] | None:
+    from .encoder import inspect_encoder_file
+
+    return inspect_encoder_file(path, container)
+
+
+INSPECTORS: list[Inspector] = [_inspect_encoder, inspect_generator, inspect_native]
+INSPECTORS.append(inspect_perception)
+INSPECTORS.insert(1, inspect_face_embedder)  # before inspect_native, which takes any own-format file
 
 
 def inspect_file(path: str | Path) -> dict[str, Any]:

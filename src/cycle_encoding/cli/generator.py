@@ -45,6 +45,8 @@ def _text(info: dict, indent: int = 0) -> list[str]:
             else:
                 lines.append(f"{pad}{k}:")
                 lines += _text(v, indent + 1)
+        elif isinstance(v, list) and len(v) <= 8 and all(isinstance(x, (int, float)) for x in v):
+            lines.append(f"{pad}{k}: {v}")
         elif isinstance(v, list):
             lines.append(f"{pad}{k}:")
             lines += [f"{pad}  - {x}" for x in v]

@@ -1,0 +1,217 @@
+"""Loading and saving encoders: e4e / pSp / Cycle Encoding ``.pt`` checkpoints and the own format.
+
+An e4e-family checkpoint holds ``{'state_dict': {encoder.*, decoder.*}, 'opts': {...}, 'latent_avg': [N, 512]}``
+(FORMATS.md). The encoder's architecture is read off the tensors: input channels and body widths from the
+input layer and the units, IR or IR-SE from the SE weights, the code width from the heads, the input size
+from the number of convolutions of head 0 (c3 is input/16), the number of heads from ``styles.*``.
+The training stage is not stored in those files (the authors' inference turns all offsets on).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..networks.encoder import Encoder4Editing, EncoderConfig
+from . import e4e
+from .common import check_state_dict, sniff, torch_load
+from .native import default_provenance, read_native, save_native
+
+_UNIT = re.compile(r"^body\.(\d+)\.res_layer\.1\.weight$")
+_STYLE = re.compile(r"^styles\.(\d+)\.linear\.weight$")
+_HEAD_CONV = re.compile(r"^styles\.0\.convs\.(\d+)\.weight$")
+
+ENCODER_TYPES = {"Encoder4Editing": "delta", "GradualStyleEncoder": "independent"}
+
+
+def infer_encoder_config(
+    sd: Mapping[str, torch.Tensor], source: str | Path, opts: Mapping[str, Any] | None = None
+) -> EncoderConfig:
+    """The architecture of an encoder state dict (keys without the ``encoder.`` prefix)."""
+    opts = opts or {}
+    if "input_layer.0.weight" not in sd or "styles.0.linear.weight" not in sd:
+        raise CheckpointError(source, "not an e4e/pSp encoder: missing input_layer.0.weight or styles.0.linear.weight")
+    enc_type = str(opts.get("encoder_type", "Encoder4Editing"))
+    if enc_type not in ENCODER_TYPES:
+        raise CheckpointError(
+            source, f"encoder_type {enc_type!r} is not supported (supported: {', '.join(ENCODER_TYPES)})"
+        )
+    units = sorted(int(m.group(1)) for k in sd if (m := _UNIT.match(k)))
+    if not units or units != list(range(len(units))):
+        raise CheckpointError(source, "the encoder body's units are missing or not numbered 0..n")
+    depths = [int(sd[f"body.{i}.res_layer.1.weight"].shape[0]) for i in units]
+    widths: list[int] = []
+    counts: list[int] = []
+    for d in depths:
+        if widths and widths[-1] == d:
+            counts[-1] += 1
+        else:
+            widths.append(d)
+            counts.append(1)
+    if len(widths) != 4:
+        raise CheckpointError(source, f"the encoder body has {len(widths)} blocks of widths {widths}, expected 4")
+    in_channels = int(sd["input_layer.0.weight"].shape[1])
+    mode = "ir_se" if "body.0.res_layer.5.fc1.weight" in sd else "ir"
+    w_dim = int(sd["styles.0.linear.weight"].shape[0])
+    heads = sorted({int(m.group(1)) for k in sd if (m := _STYLE.match(k))})
+    n_convs0 = len({int(m.group(1)) for k in sd if (m := _HEAD_CONV.match(k))})
+    input_size = 16 * 2**n_convs0
+    num_ws = len(heads)
+    style_mode = ENCODER_TYPES[enc_type]
+    size = opts.get("stylegan_size") or opts.get("output_size")
+    if size:
+        num_ws = 2 * round(math.log2(float(size))) - 2
+    try:
+        return EncoderConfig(
+            num_ws=num_ws,
+            w_dim=w_dim,
+            input_size=input_size,
+            in_channels=in_channels,
+            widths=tuple(widths),
+            units=tuple(counts),
+            mode=mode,  # type: ignore[arg-type]
+            max_stage=len(heads) - 1 if style_mode == "delta" else None,
+            style_mode=style_mode,  # type: ignore[arg-type]
+        )
+    except ValueError as e:
+        raise CheckpointError(source, f"the encoder's shapes fit no architecture: {e}") from None
+
+
+def build_encoder(
+    config: EncoderConfig,
+    sd: Mapping[str, torch.Tensor],
+    source: str | Path,
+    latent_avg: torch.Tensor | None,
+) -> Encoder4Editing:
+    E = Encoder4Editing(config)
+    sd = dict(sd)
+    if "latent_avg" not in sd:
+        sd["latent_avg"] = E.latent_avg if latent_avg is None else torch.zeros_like(E.latent_avg)
+    check_state_dict(E, sd, source, "encoder")
+    E.load_state_dict(sd, strict=True)
+    if latent_avg is not None:
+        la = latent_avg.float()
+        if la.shape[-1] != config.w_dim:
+            raise CheckpointError(source, f"latent_avg has width {la.shape[-1]}, the encoder's codes {config.w_dim}")
+        E.set_w_avg(la.reshape(-1, config.w_dim)[: config.num_ws] if la.ndim == 2 else la)
+    return E
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encoder4Editing:
+    """Load an encoder: e4e / pSp / Cycle Encoding ``.pt`` or the project's ``.safetensors``.
+
+    The encoder is returned in eval mode with its stage set to the stage its training ended in when the file
+    records it, else all offsets (as the authors' inference does). ``E.provenance`` says where it came from.
+    """
+    from ..utils import resolve_device
+
+    p = Path(path)
+    kind = sniff(p)
+    prov: dict[str, Any]
+    if kind == "safetensors":
+        nf = read_native(p)
+        if nf.kind != "encoder":
+            raise CheckpointError(p, f"a cycle-encoding {nf.kind} file, not an encoder")
+        try:
+            config = EncoderConfig.from_dict(nf.config)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(p, f"bad encoder configuration in the file: {e}") from None
+        E = build_encoder(config, nf.tensors, p, None)
+        E.trained_stage = nf.extra.get("trained_stage")
+        prov = {**nf.provenance, "source_format": "cycle-encoding"}
+    elif kind in ("torch-zip", "torch-legacy"):
+        obj = torch_load(p)
+        if isinstance(obj, Mapping) and obj.get("format") == "cycle-encoding-train":
+            from ..training.encoder_checkpoint import encoder_from_training_checkpoint  # type: ignore[import-not-found]
+
+            return encoder_from_training_checkpoint(obj, p, resolve_device(device))
+        if not e4e.is_e4e_checkpoint(obj):
+            raise CheckpointError(
+                p, "unknown layout: not an e4e/pSp/Cycle Encoding checkpoint (no state_dict with encoder.*)"
+            )
+        sd = e4e.split_prefix(obj["state_dict"], "encoder")
+        if not sd:
+            raise CheckpointError(p, "an e4e/pSp checkpoint without encoder.* keys: it holds no encoder")
+        opts = obj.get("opts") or {}
+        opts = dict(opts) if isinstance(opts, Mapping) else vars(opts)
+        config = infer_encoder_config(sd, p, opts)
+        la = obj.get("latent_avg")
+        E = build_encoder(config, sd, p, la if isinstance(la, torch.Tensor) else None)
+        prov = {"source_file": str(p), "source_format": "e4e", "encoder_type": opts.get("encoder_type", "?")}
+        if not isinstance(la, torch.Tensor):
+            prov["warning"] = "no latent_avg in the file: codes are not offset until set_w_avg() is called"
+    else:
+        raise CheckpointError(p, f"a {kind} file is not an encoder checkpoint")
+    if E.trained_stage is not None:
+        E.stage = E.trained_stage
+    E.provenance = prov  # type: ignore[assignment]
+    return E.to(resolve_device(device)).eval()
+
+
+def save_encoder(
+    E: Encoder4Editing, path: str | Path, provenance: dict[str, Any] | None = None, trained_stage: int | None = None
+) -> Path:
+    """Write ``E`` in the project's format; ``trained_stage`` (default ``E.trained_stage``) is recorded."""
+    stage = E.trained_stage if trained_stage is None else trained_stage
+    prov = provenance or default_provenance(**getattr(E, "provenance", {}))
+    return save_native(path, "encoder", E.config.to_dict(), dict(E.state_dict()), prov, extra={"trained_stage": stage})
+
+
+def inspect_encoder_file(path: Path, container: str) -> dict[str, Any] | None:
+    """``info`` for e4e-family checkpoints (encoder and decoder) and own-format encoders."""
+    from .inspect import count_parameters
+
+    if container == "safetensors":
+        from .native import read_native_header
+
+        h = read_native_header(path)
+        if h.get("kind") != "encoder":
+            return None
+        E = load_encoder(path)
+        return {
+            "format": "cycle-encoding",
+            "network": "e4e encoder (Encoder4Editing)",
+            "architecture": E.config.to_dict(),
+            "parameters": sum(p.numel() for p in E.parameters()),
+            "trained_stage": E.trained_stage,
+            "provenance": h.get("provenance", {}),
+        }
+    if container not in ("torch-zip", "torch-legacy"):
+        return None
+    obj = torch_load(path)
+    if not e4e.is_e4e_checkpoint(obj):
+        return None
+    out: dict[str, Any] = {"format": "e4e / pSp / Cycle Encoding checkpoint"}
+    sd = obj["state_dict"]
+    opts = obj.get("opts") or {}
+    opts = dict(opts) if isinstance(opts, Mapping) else vars(opts)
+    enc = e4e.split_prefix(sd, "encoder")
+    if enc:
+        cfg = infer_encoder_config(enc, path, opts)
+        out["encoder"] = {
+            "type": opts.get("encoder_type", "Encoder4Editing"),
+            "architecture": cfg.to_dict(),
+            "parameters": count_parameters(enc, lambda k: "running_" in k or "num_batches" in k),
+        }
+    dec = e4e.split_prefix(sd, "decoder")
+    if dec:
+        from .rosinality import infer_generator_config
+
+        gcfg = infer_generator_config(dec, path)
+        out["generator"] = {
+            "architecture": {**gcfg.to_dict(), "num_ws": gcfg.num_ws},
+            "parameters": count_parameters(dec, lambda k: k.startswith("noises.") or k.endswith(".kernel")),
+        }
+    out["training_stage"] = "not stored in e4e-family files (inference turns all offsets on)"
+    out["holds"] = [f"state_dict: {', '.join(f'{k}.* ({n})' for k, n in e4e.prefixes(sd).items())}"] + [
+        k for k in obj if k != "state_dict"
+    ]
+    if opts:
+        out["opts"] = {k: opts[k] for k in sorted(opts) if isinstance(opts[k], (int, float, str, bool))}
+    return out

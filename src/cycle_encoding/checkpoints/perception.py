@@ -1,0 +1,365 @@
+"""Readers for the files of the perception networks: torchvision AlexNet / VGG16 ImageNet backbones (for LPIPS),
+the ``lpips`` package's v0.1 linear heads, ArcFace IR-SE-50 (``model_ir_se50.pth``) and MoCo v2 ResNet-50.
+
+Every reader loads with ``weights_only=True`` (nothing in the file runs), checks keys and shapes strictly against the
+network defined in this project and raises a one-line ``CheckpointError`` naming the first key that does not fit.
+Layouts: FORMATS.md. ``inspect_perception`` lets ``cycle-encoding info`` describe these files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, CycleEncodingError
+from ..networks.irse import UNITS_PER_BLOCK, ArcFaceBackbone
+from ..networks.lpips import BACKBONES, LPIPS, LPIPS_NETS
+from ..networks.resnet import ResNet50
+from .common import torch_load
+
+# Where the torchvision ImageNet weights come from, for error messages (file names as torchvision publishes them).
+TORCHVISION_FILES = {
+    "alexnet": "alexnet-owt-7be5be79.pth",
+    "vgg16": "vgg16-397923af.pth",
+}
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+
+# torchvision's classifier keys: name -> shape, with None where any size is fine (the number of classes).
+_CLASSIFIERS: dict[str, dict[str, tuple[int | None, ...]]] = {
+    "alexnet": {
+        "classifier.1.weight": (4096, 9216),
+        "classifier.1.bias": (4096,),
+        "classifier.4.weight": (4096, 4096),
+        "classifier.4.bias": (4096,),
+        "classifier.6.weight": (None, 4096),
+        "classifier.6.bias": (None,),
+    },
+    "vgg16": {
+        "classifier.0.weight": (4096, 25088),
+        "classifier.0.bias": (4096,),
+        "classifier.3.weight": (4096, 4096),
+        "classifier.3.bias": (4096,),
+        "classifier.6.weight": (None, 4096),
+        "classifier.6.bias": (None,),
+    },
+}
+
+
+def _optional_bn_counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def check_strict(
+    model: nn.Module,
+    sd: Mapping[str, Any],
+    source: str | Path,
+    what: str,
+    optional: Callable[[str], bool] = _optional_bn_counter,
+) -> dict[str, torch.Tensor]:
+    """Check ``sd`` against ``model``'s state dict: same keys, same shapes, tensors only.
+
+    Keys for which ``optional(key)`` holds may be missing (BatchNorm's ``num_batches_tracked`` in old files); they
+    are filled from the model. Floating tensors become float32. Returns the checked dict; raises a CheckpointError
+    naming the first missing, unexpected or mis-shaped key.
+    """
+    want = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in want.items():
+        if k not in sd:
+            if optional(k):
+                out[k] = v.clone()
+                continue
+            raise CheckpointError(source, f"{what}: missing key {k} (expected shape {list(v.shape)})")
+        got = sd[k]
+        if not isinstance(got, torch.Tensor):
+            raise CheckpointError(source, f"{what}: key {k} holds a {type(got).__name__}, not a tensor")
+        if tuple(got.shape) != tuple(v.shape):
+            raise CheckpointError(source, f"{what}: key {k} has shape {list(got.shape)}, expected {list(v.shape)}")
+        out[k] = got.float() if got.is_floating_point() else got
+    extra = [k for k in sd if k not in want]
+    if extra:
+        raise CheckpointError(source, f"{what}: unexpected key {extra[0]} ({len(extra)} unexpected in all)")
+    return out
+
+
+def _as_state_dict(obj: Any, source: str | Path, what: str) -> dict[str, Any]:
+    """A plain state dict from a loaded object: unwraps ``{'state_dict': ...}`` and a DataParallel ``module.`` prefix."""
+    if isinstance(obj, Mapping) and set(obj.keys()) == {"state_dict"} and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(source, f"{what}: expected a state dict, found a {type(obj).__name__}")
+    sd = {str(k): v for k, v in obj.items()}
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchvision AlexNet / VGG16 backbones and LPIPS
+
+
+def lpips_backbone_missing_message(net: str) -> str:
+    """The error for LPIPS asked for without a backbone file: which file, and where such a file comes from."""
+    arch = LPIPS_NETS.get(net, net)
+    fname = TORCHVISION_FILES.get(arch, f"{arch}.pth")
+    return (
+        f"lpips-{net} needs the ImageNet {arch} backbone, a file these machines do not have: pass "
+        f"--lpips-backbone FILE (library: lpips_backbone=FILE), a torchvision {arch} ImageNet state dict such as "
+        f"{fname} (torchvision's IMAGENET1K_V1 weights, {TORCHVISION_URL}{fname}); "
+        "offline, name another distance instead (e.g. --perceptual dlib-face for faces)"
+    )
+
+
+def infer_backbone_arch(sd: Mapping[str, Any]) -> str | None:
+    """'alexnet' or 'vgg16' from a torchvision state dict's keys, or None."""
+    if "features.28.weight" in sd:
+        return "vgg16"
+    if "features.10.weight" in sd and "features.12.weight" not in sd:
+        return "alexnet"
+    return None
+
+
+def read_torchvision_backbone(path: str | Path, arch: str | None = None) -> tuple[str, dict[str, torch.Tensor]]:
+    """Read a torchvision AlexNet or VGG16 state dict; returns (arch, the ``features.*`` part checked strictly).
+
+    Accepts the full model (``features.*`` and ``classifier.*`` keys; the classifier is checked, then dropped) or the
+    features alone (``features.*`` keys, or the ``0.weight``... keys of ``model.features.state_dict()``).
+    ``arch`` ('alexnet' or 'vgg16'), when given, must match the file.
+    """
+    p = Path(path)
+    what = "torchvision backbone"
+    sd = _as_state_dict(torch_load(p), p, what)
+    if all(re.match(r"^\d+\.", k) for k in sd):
+        sd = {f"features.{k}": v for k, v in sd.items()}
+    if any(k.endswith(("running_mean", "running_var")) for k in sd):
+        raise CheckpointError(p, f"{what}: has BatchNorm statistics (a *_bn model?); LPIPS uses plain AlexNet / VGG16")
+    found = infer_backbone_arch(sd)
+    if found is None:
+        first = next(iter(sd))
+        raise CheckpointError(
+            p,
+            f"{what}: not a torchvision AlexNet or VGG16 state dict (no features.10.weight / features.28.weight; "
+            f"first key {first})",
+        )
+    if arch is not None and arch != found:
+        raise CheckpointError(p, f"{what}: this is a {found} state dict, but {arch} was asked for")
+    classifier = {k: v for k, v in sd.items() if k.startswith("classifier.")}
+    if classifier:
+        want = _CLASSIFIERS[found]
+        for k, shape in want.items():
+            if k not in classifier:
+                raise CheckpointError(p, f"{what}: missing key {k} (the classifier is partly there)")
+            got = tuple(classifier[k].shape)
+            if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+                raise CheckpointError(p, f"{what}: key {k} has shape {list(got)}, expected {list(shape)}")
+        extra = [k for k in classifier if k not in want]
+        if extra:
+            raise CheckpointError(p, f"{what}: unexpected key {extra[0]}")
+    features = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+    return found, check_strict(BACKBONES[found](), features, p, f"{what} ({found})")
+
+
+def lpips_heads_path(net: str) -> Path:
+    """The ``lpips`` package's v0.1 head file for ``net`` ('alex' or 'vgg'), located without importing the package
+    (its ``__init__`` imports torchvision)."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        raise CycleEncodingError(
+            "the LPIPS linear heads come from the lpips package, which is not installed: "
+            "pip install --no-deps lpips==0.1.4 (see requirements-nodeps.txt)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1" / f"{net}.pth"
+
+
+def read_lpips_heads(net: str, path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The v0.1 linear heads ``lin{k}.model.1.weight [1, C_k, 1, 1]`` for ``net``, checked strictly.
+
+    ``path`` defaults to the installed ``lpips`` package's ``weights/v0.1/{net}.pth``.
+    """
+    if net not in LPIPS_NETS:
+        raise CycleEncodingError(f"unknown LPIPS net {net!r} (alex or vgg)")
+    p = Path(path) if path is not None else lpips_heads_path(net)
+    sd = _as_state_dict(torch_load(p), p, f"LPIPS {net} heads")
+    channels = BACKBONES[LPIPS_NETS[net]].channels
+    expected = {f"lin{k}.model.1.weight": (1, c, 1, 1) for k, c in enumerate(channels)}
+    for k, shape in expected.items():
+        if k not in sd:
+            raise CheckpointError(p, f"LPIPS {net} heads: missing key {k} (expected shape {list(shape)})")
+        if tuple(sd[k].shape) != shape:
+            raise CheckpointError(
+                p, f"LPIPS {net} heads: key {k} has shape {list(sd[k].shape)}, expected {list(shape)}"
+            )
+    extra = [k for k in sd if k not in expected]
+    if extra:
+        raise CheckpointError(p, f"LPIPS {net} heads: unexpected key {extra[0]}")
+    return {k: sd[k].float() for k in expected}
+
+
+def load_lpips(
+    net: str,
+    backbone: str | Path | None,
+    heads: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> LPIPS:
+    """An LPIPS module: torchvision backbone from ``backbone`` (required), heads from ``heads`` or the lpips package.
+
+    Without a backbone file this raises a CycleEncodingError that names the file needed and where it comes from.
+    """
+    if net not in LPIPS_NETS:
+        raise CycleEncodingError(f"unknown LPIPS net {net!r} (alex or vgg)")
+    if backbone is None:
+        raise CycleEncodingError(lpips_backbone_missing_message(net))
+    _, features = read_torchvision_backbone(backbone, LPIPS_NETS[net])
+    return LPIPS(net, features, read_lpips_heads(net, heads)).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ArcFace IR-SE-50
+
+
+def infer_arcface_config(sd: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
+    """``input_size``, ``num_layers``, ``mode``, ``affine`` of a TreB1eN ArcFace ``Backbone`` from its keys/shapes."""
+    if "input_layer.0.weight" not in sd or "output_layer.3.weight" not in sd:
+        missing = "input_layer.0.weight" if "input_layer.0.weight" not in sd else "output_layer.3.weight"
+        raise CheckpointError(source, f"ArcFace: missing key {missing}: not an ArcFace IR / IR-SE backbone")
+    units = {int(m.group(1)) for k in sd if (m := re.match(r"^body\.(\d+)\.", k))}
+    n_units = max(units) + 1 if units else 0
+    by_units = {sum(v): n for n, v in UNITS_PER_BLOCK.items()}
+    if n_units not in by_units:
+        raise CheckpointError(source, f"ArcFace: {n_units} body units fit no IR depth (50: 24, 100: 49, 152: 50 units)")
+    flat = sd["output_layer.3.weight"].shape[-1]
+    sizes = {512 * 7 * 7: 112, 512 * 14 * 14: 224}
+    if flat not in sizes:
+        raise CheckpointError(
+            source, f"ArcFace: key output_layer.3.weight has {flat} inputs, expected 25088 (112 px) or 100352 (224 px)"
+        )
+    return {
+        "input_size": sizes[flat],
+        "num_layers": by_units[n_units],
+        "mode": "ir_se" if "body.0.res_layer.5.fc1.weight" in sd else "ir",
+        "affine": "output_layer.4.weight" in sd,
+    }
+
+
+def read_arcface(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read ``model_ir_se50.pth`` (or another TreB1eN ArcFace backbone): (config, state dict checked strictly)."""
+    p = Path(path)
+    sd = _as_state_dict(torch_load(p), p, "ArcFace")
+    cfg = infer_arcface_config(sd, p)
+    model = ArcFaceBackbone(**cfg)
+    return cfg, check_strict(model, sd, p, f"ArcFace {cfg['mode'].upper().replace('_', '-')}-{cfg['num_layers']}")
+
+
+def load_arcface(path: str | Path, device: str | torch.device = "cpu") -> ArcFaceBackbone:
+    """An ArcFace backbone in eval mode with frozen weights, read from ``path``."""
+    cfg, sd = read_arcface(path)
+    model = ArcFaceBackbone(**cfg)
+    model.load_state_dict(sd, strict=True)
+    return model.requires_grad_(False).eval().to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoCo v2 ResNet-50
+
+MOCO_PREFIXES = ("module.encoder_q.", "encoder_q.")
+_MOCO_OTHER = ("module.encoder_k.", "encoder_k.", "module.queue", "queue")
+
+
+def read_moco(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ResNet-50 of a MoCo (v1/v2) checkpoint: ``{'state_dict': {'module.encoder_q.*': ...}, ...}``.
+
+    The query encoder's keys are taken with the prefix removed and its ``fc.*`` head (MoCo v2's MLP or v1's linear
+    layer) dropped; the key encoder and the queue are ignored. A plain torchvision-layout ResNet-50 state dict is
+    accepted too (its ``fc.*`` dropped). Checked strictly against ResNet-50 without ``fc``.
+    """
+    p = Path(path)
+    obj = torch_load(p)
+    sd = obj["state_dict"] if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) else obj
+    if not isinstance(sd, Mapping) or not sd:
+        raise CheckpointError(p, f"MoCo: expected a checkpoint with a state_dict, found a {type(sd).__name__}")
+    sd = {str(k): v for k, v in sd.items()}
+    prefix = next((pre for pre in MOCO_PREFIXES if any(k.startswith(pre) for k in sd)), None)
+    if prefix is not None:
+        others = [k for k in sd if not k.startswith(prefix) and not k.startswith(_MOCO_OTHER)]
+        if others:
+            raise CheckpointError(p, f"MoCo: unexpected key {others[0]} beside the {prefix}* keys")
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    elif "conv1.weight" not in sd:
+        raise CheckpointError(
+            p, f"MoCo: no module.encoder_q.* keys and not a ResNet-50 state dict (first key {next(iter(sd))})"
+        )
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    return check_strict(ResNet50(num_classes=None), sd, p, "MoCo ResNet-50")
+
+
+def load_moco(path: str | Path, device: str | torch.device = "cpu") -> ResNet50:
+    """The MoCo ResNet-50 feature extractor (no ``fc``), eval mode, frozen."""
+    model = ResNet50(num_classes=None)
+    model.load_state_dict(read_moco(path), strict=True)
+    return model.requires_grad_(False).eval().to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cycle-encoding info
+
+
+def _count(sd: Mapping[str, Any]) -> int:
+    return int(sum(v.numel() for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.endswith("_tracked")))
+
+
+def inspect_perception(path: Path, container: str) -> dict[str, Any] | None:
+    """Describe a torchvision AlexNet/VGG16, LPIPS heads, ArcFace or MoCo file; None for other files."""
+    if container not in ("torch-zip", "torch-legacy"):
+        return None
+    obj = torch_load(path)
+    if not isinstance(obj, Mapping):
+        return None
+    inner = obj.get("state_dict") if isinstance(obj.get("state_dict"), Mapping) else obj
+    keys = [str(k) for k in inner]
+    if any(k.startswith(MOCO_PREFIXES) for k in keys):
+        sd = read_moco(path)
+        extra = [k for k in obj if k != "state_dict"]
+        return {
+            "format": "moco",
+            "network": "MoCo ResNet-50 (query encoder; fc head dropped)",
+            "architecture": {"arch": "resnet50", "features": 2048},
+            "parameters": _count(sd),
+            "holds": ["state_dict: module.encoder_q.*", *[f"{k}" for k in extra]],
+        }
+    if keys and all(re.match(r"^lin\d+\.model\.1\.weight$", k) for k in keys):
+        net = "alex" if len(keys) == 5 and inner["lin1.model.1.weight"].shape[1] == 192 else "vgg"
+        heads = read_lpips_heads(net, path)
+        return {
+            "format": "lpips-heads",
+            "network": f"LPIPS v0.1 linear heads ({net})",
+            "architecture": {"net": net, "channels": [int(v.shape[1]) for v in heads.values()]},
+            "parameters": _count(heads),
+            "holds": [f"{len(heads)} heads lin0..lin{len(heads) - 1}"],
+        }
+    if "input_layer.0.weight" in keys and any(k.startswith("body.") for k in keys) and "output_layer.3.weight" in keys:
+        cfg, sd = read_arcface(path)
+        return {
+            "format": "arcface",
+            "network": f"ArcFace {cfg['mode'].upper().replace('_', '-')}-{cfg['num_layers']} (TreB1eN layout)",
+            "architecture": cfg,
+            "parameters": _count(sd),
+            "holds": [f"a state dict ({len(sd)} tensors)"],
+        }
+    sd0 = {k.removeprefix("module."): v for k, v in inner.items()}
+    if infer_backbone_arch(sd0) is not None:
+        arch, _ = read_torchvision_backbone(path)
+        full = any(k.startswith("classifier.") for k in sd0)
+        return {
+            "format": "torchvision",
+            "network": f"torchvision {arch}" + (" (features and classifier)" if full else " (features only)"),
+            "architecture": {"arch": arch, "lpips_net": {v: k for k, v in LPIPS_NETS.items()}[arch]},
+            "parameters": _count(sd0),
+            "holds": ["features.*", *(["classifier.*"] if full else [])],
+        }
+    return None

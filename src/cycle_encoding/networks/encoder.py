@@ -1,0 +1,227 @@
+"""The e4e encoder (``Encoder4Editing``) with its progressive stages, and its scaled-down variants.
+
+E(x) = (w0, w0 + D_1, ..., w0 + D_{N-1}) + w_avg, where w0 comes from the coarsest features and offset D_i
+from a per-layer "map2style" head; D_i takes part only while ``stage >= i`` (METHOD.md, step 1).
+
+Shape (e4e, FORMATS.md): an IR-SE body (``networks/irse.py``, shared with ArcFace) whose last three blocks
+give c1 (after the second block), c2 (third) and c3 (fourth); a feature pyramid p2 = up(c3) + 1x1(c2),
+p1 = up(p2) + 1x1(c1); head i reads c3 for i < 3, p2 for 3 <= i < 7 and p1 otherwise; each head is
+log2(spatial) x [3x3 stride-2 conv + LeakyReLU(0.01)] and an equalized linear layer.
+
+Scaled down (ours, for small generators and small images): input size, input channels, body widths and
+units per block, and the code width are configuration. What is kept: the four-block IR-SE body, the
+taps after the last three blocks, the pyramid, the split of heads by generator layer (layers 0-2, which
+drive 4-8 px, read the coarsest map; 3-6, 16-32 px, the middle; 7+, the finest), w0 + offsets, and the
+stage logic; the number of heads follows the generator (``num_ws``). Module names equal e4e's, so an
+e4e checkpoint's ``encoder.*`` part loads with strict key matching.
+
+``max_stage=0`` gives the W-only encoder (one code for all layers, only head 0 exists): the baseline
+the paper compares against. ``style_mode="independent"`` gives pSp's GradualStyleEncoder (each head
+predicts its layer's code on its own), so pSp checkpoints load too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .irse import UNITS_PER_BLOCK, IRSEBody, irse_unit_specs, make_input_layer
+from .stylegan2 import EqualLinear
+
+COARSE_END = 3  # heads 0..2 read c3
+MIDDLE_END = 7  # heads 3..6 read p2, 7.. read p1
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    num_ws: int = 18
+    w_dim: int = 512
+    input_size: int = 256
+    in_channels: int = 3
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    units: tuple[int, ...] = UNITS_PER_BLOCK[50]
+    mode: Literal["ir", "ir_se"] = "ir_se"
+    max_stage: int | None = None  # None: num_ws - 1 (all offsets); 0: W-only encoder
+    style_mode: Literal["delta", "independent"] = "delta"
+
+    def __post_init__(self) -> None:
+        if self.num_ws < 1:
+            raise ValueError(f"num_ws must be >= 1, got {self.num_ws}")
+        if len(self.widths) != 4 or len(self.units) != 4:
+            raise ValueError("the encoder body has 4 blocks: give 4 widths and 4 unit counts")
+        if self.input_size < 16 or self.input_size & (self.input_size - 1):
+            raise ValueError(f"input_size must be a power of two >= 16, got {self.input_size}")
+        if self.style_mode not in ("delta", "independent"):
+            raise ValueError(f"style_mode must be 'delta' or 'independent', got {self.style_mode!r}")
+        ms = self.num_ws - 1 if self.max_stage is None else self.max_stage
+        if not 0 <= ms <= self.num_ws - 1:
+            raise ValueError(f"max_stage must be in 0..{self.num_ws - 1}, got {self.max_stage}")
+        object.__setattr__(self, "max_stage", ms)
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "units", tuple(int(u) for u in self.units))
+
+    @classmethod
+    def for_generator(cls, num_ws: int, w_dim: int, **kw: Any) -> EncoderConfig:
+        return cls(num_ws=num_ws, w_dim=w_dim, **kw)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.max_stage) + 1 if self.style_mode == "delta" else self.num_ws
+
+    def head_spatial(self, i: int) -> int:
+        """Spatial size of the feature map head ``i`` reads (c3: input/16, p2: /8, p1: /4)."""
+        s = self.input_size
+        return s // 16 if i < COARSE_END else (s // 8 if i < MIDDLE_END else s // 4)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        d["units"] = list(self.units)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown encoder configuration fields: {sorted(unknown)}")
+        d = dict(d)
+        for k in ("widths", "units"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+class GradualStyleBlock(nn.Module):
+    """map2style: log2(spatial) stride-2 3x3 convs with LeakyReLU(0.01) to 1x1, then an equalized linear."""
+
+    def __init__(self, in_c: int, out_c: int, spatial: int) -> None:
+        super().__init__()
+        self.out_c = out_c
+        num_pools = max(1, int(math.log2(spatial)))
+        mods: list[nn.Module] = [nn.Conv2d(in_c, out_c, 3, stride=2, padding=1), nn.LeakyReLU()]
+        for _ in range(num_pools - 1):
+            mods += [nn.Conv2d(out_c, out_c, 3, stride=2, padding=1), nn.LeakyReLU()]
+        self.convs = nn.Sequential(*mods)
+        self.linear = EqualLinear(out_c, out_c, lr_mul=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.convs(x)
+        if x.shape[-1] != 1 or x.shape[-2] != 1:  # inputs larger than the head was built for
+            x = F.adaptive_avg_pool2d(x, 1)
+        return self.linear(x.flatten(1))
+
+
+def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=True) + y
+
+
+class Encoder4Editing(nn.Module):
+    """e4e's encoder. ``forward(images) -> ws [B, num_ws, w_dim]`` (absolute codes, ``latent_avg`` added).
+
+    ``stage``: offsets 1..stage are active (0 = W; ``max_stage`` = all). ``trained_stage``: the stage the
+    training run ended in, when known (a checkpoint's record); None otherwise.
+    """
+
+    def __init__(self, config: EncoderConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        config = config or EncoderConfig(**kwargs)
+        self.config = config
+        c = config
+        self.input_layer = make_input_layer(c.in_channels, c.widths[0])
+        specs = irse_unit_specs(widths=c.widths, units=c.units)
+        self.body = IRSEBody(specs, c.mode)
+        self.taps = self.body.block_last_units[1:]  # after blocks 2, 3, 4 (IR-SE-50: units 6, 20, 23)
+        ch1, ch2, ch3 = (self.body.channels_after(i) for i in self.taps)
+        self.styles = nn.ModuleList([GradualStyleBlock(ch3, c.w_dim, c.head_spatial(i)) for i in range(c.num_heads)])
+        if c.num_heads > COARSE_END:
+            self.latlayer1 = nn.Conv2d(ch2, ch3, kernel_size=1)
+        if c.num_heads > MIDDLE_END:
+            self.latlayer2 = nn.Conv2d(ch1, ch3, kernel_size=1)
+        self.register_buffer("latent_avg", torch.zeros(c.num_ws, c.w_dim))
+        self._stage = int(c.max_stage)
+        self.trained_stage: int | None = None
+
+    @property
+    def input_size(self) -> int:
+        return self.config.input_size
+
+    @property
+    def num_ws(self) -> int:
+        return self.config.num_ws
+
+    @property
+    def max_stage(self) -> int:
+        return int(self.config.max_stage)
+
+    @property
+    def stage(self) -> int:
+        return self._stage
+
+    @stage.setter
+    def stage(self, value: int | str) -> None:
+        if value in ("all", "inference"):
+            value = self.max_stage
+        elif value == "trained":
+            if self.trained_stage is None:
+                raise ValueError("this encoder does not know the stage its training ended in")
+            value = self.trained_stage
+        value = int(value)
+        if not 0 <= value <= self.max_stage:
+            raise ValueError(f"stage must be in 0..{self.max_stage} (or 'all'), got {value}")
+        self._stage = value
+
+    def set_w_avg(self, w_avg: torch.Tensor) -> None:
+        """Offset the codes by the generator's average latent ([w_dim] or [num_ws, w_dim])."""
+        w = w_avg.detach().to(self.latent_avg)
+        self.latent_avg.copy_(w.expand_as(self.latent_avg))
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize images to ``input_size`` (antialiased bilinear) when they differ; check channels."""
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(f"the encoder takes images [B, {self.config.in_channels}, H, W], got {list(images.shape)}")
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = F.interpolate(
+                images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True
+            )
+        return images
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.input_layer(self.prepare(images))
+        c1, c2, c3 = self.body.forward_taps(x, self.taps)
+        return c1, c2, c3
+
+    def offsets(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w0 [B, w_dim], deltas [B, num_ws, w_dim]) relative to ``latent_avg``; inactive deltas are 0."""
+        c1, c2, c3 = self.features(images)
+        c = self.config
+        w0 = self.styles[0](c3)
+        deltas = [torch.zeros_like(w0)]
+        feats = c3
+        p2 = None
+        n_active = min(self._stage, self.max_stage) if c.style_mode == "delta" else c.num_ws - 1
+        for i in range(1, c.num_ws):
+            if i > n_active:
+                deltas.append(torch.zeros_like(w0))
+                continue
+            if i == COARSE_END:
+                p2 = _upsample_add(c3, self.latlayer1(c2))
+                feats = p2
+            elif i == MIDDLE_END:
+                assert p2 is not None
+                feats = _upsample_add(p2, self.latlayer2(c1))
+            deltas.append(self.styles[i](feats))
+        return w0, torch.stack(deltas, dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        w0, deltas = self.offsets(images)
+        if self.config.style_mode == "independent":
+            codes = deltas.clone()
+            codes[:, 0] = w0
+        else:
+            codes = w0[:, None, :] + deltas
+        return codes + self.latent_avg[None].to(codes.dtype)
