@@ -1,0 +1,141 @@
+"""The latent adversarial losses of e4e / Cycle Encoding and the lazy R1 penalty.
+
+A latent discriminator D (:class:`~cycle_encoding.networks.latent_discriminator.LatentDiscriminator`) learns to tell
+real codes ``w = mapping(z)``, ``z ~ N(0, I)`` (no truncation) from the encoder's codes; the encoder is pushed to make
+each of its active codes look real:
+
+- encoder: ``L_adv = mean softplus(-D(w_i))`` over the batch and the active codes i = 0 .. stage
+  (the codes ``w_0`` and ``w_0 + D_i`` for the active offsets), non-saturating;
+- discriminator: ``L_D = mean softplus(-D(real)) + mean softplus(D(fake))``;
+- R1 on real codes: ``R1 = mean_b ||grad_w D(w_b)||^2``; lazy: every ``every`` steps (16) the discriminator takes an
+  extra step on ``gamma / 2 * R1 * every`` (gamma = 10), as StyleGAN2 and e4e do.
+
+Absolute codes on both sides. Here both the encoder's adversarial term and the fake codes given to D are the
+encoder's absolute codes (``w_avg`` included), the same space as ``mapping(z)``. The authors' code (inherited from an
+old e4e) gives D the encoder's raw output WITHOUT ``w_avg`` as fake codes, while the encoder's adversarial term uses
+the absolute codes; D then learns to separate real codes from codes shifted by ``-w_avg``, a task unrelated to what
+the encoder is asked to fool. We do not reproduce that.
+
+Fake codes for D (:func:`fake_codes_for_discriminator`): with a :class:`~cycle_encoding.training.latent_pool.LatentPool`
+(pool size 50, p = 0.5), one active code picked at random per sample, then swapped for a past one with probability p
+(e4e's pool logic); without a pool, all active codes. Real codes are not pooled: mapping is frozen, so fresh samples
+have the same distribution as past ones (e4e also pools them, to no effect on the distribution).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CycleEncodingError
+
+if TYPE_CHECKING:
+    from ..training.latent_pool import LatentPool
+
+
+def active_codes(ws: torch.Tensor, stage: int) -> torch.Tensor:
+    """The codes the stage uses: ``ws[:, :stage + 1]`` (``w_0`` and the codes of the active offsets)."""
+    if ws.ndim != 3:
+        raise CycleEncodingError(f"codes must be [B, N, w_dim], got {list(ws.shape)}")
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= ws.shape[1] - 1:
+        raise CycleEncodingError(f"stage must be an integer in [0, {ws.shape[1] - 1}], got {stage!r}")
+    return ws[:, : stage + 1]
+
+
+def encoder_adversarial_loss(
+    D: nn.Module | Callable[[torch.Tensor], torch.Tensor], ws: torch.Tensor, stage: int
+) -> torch.Tensor:
+    """Non-saturating encoder loss: mean of ``softplus(-D(w_i))`` over the batch and the active codes i = 0..stage
+    of the absolute codes ``ws`` ``[B, N, w_dim]``. Gradients flow into ``ws`` (and into D's parameters if they
+    require grad: freeze D during the encoder step)."""
+    return F.softplus(-D(active_codes(ws, stage))).mean()
+
+
+@torch.no_grad()
+def sample_real_codes(G: nn.Module, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` real codes ``mapping(z)``, ``z ~ N(0, I)``, no truncation: ``[n, w_dim]`` on G's device.
+
+    ``generator`` (a CPU torch.Generator) makes the draw reproducible whatever the device."""
+    dev = G.w_avg.device
+    z = torch.randn(n, G.z_dim, generator=generator).to(dev)
+    return G.mapping(z)[:, 0]
+
+
+@torch.no_grad()
+def fake_codes_for_discriminator(ws: torch.Tensor, stage: int, pool: LatentPool | None = None) -> torch.Tensor:
+    """Fake codes for D from the encoder's absolute codes ``[B, N, w_dim]``: through ``pool`` one random active code
+    per sample (maybe swapped for a past one), ``[B, w_dim]``; without a pool all active codes,
+    ``[B * (stage + 1), w_dim]``. Detached."""
+    act = active_codes(ws, stage).detach()
+    if pool is not None:
+        return pool.query(act)
+    return act.reshape(-1, act.shape[-1])
+
+
+def discriminator_loss(
+    D: nn.Module | Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``mean softplus(-D(real)) + mean softplus(D(fake))`` and its two parts (as floats, for logging)."""
+    real_loss = F.softplus(-D(real)).mean()
+    fake_loss = F.softplus(D(fake)).mean()
+    return real_loss + fake_loss, {"d_real": float(real_loss.detach()), "d_fake": float(fake_loss.detach())}
+
+
+def r1_penalty(D: nn.Module | Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+    """``mean_b ||d D(real_b) / d real_b||^2`` (squared L2 norm over all of a sample's input entries), with the graph
+    kept so that it can be back-propagated into D's parameters (double backward)."""
+    real = real.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = D(real)
+        (grad,) = torch.autograd.grad(out.sum(), real, create_graph=True)
+    return grad.pow(2).reshape(grad.shape[0], -1).sum(1).mean()
+
+
+def lazy_r1_loss(
+    D: nn.Module | Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, gamma: float = 10.0, every: int = 16
+) -> torch.Tensor:
+    """The lazy R1 term taken every ``every`` steps: ``gamma / 2 * r1_penalty * every``."""
+    return gamma / 2 * r1_penalty(D, real) * every
+
+
+def r1_due(step: int, every: int = 16) -> bool:
+    """Whether the lazy R1 step is taken at global step ``step`` (``step % every == 0``, as e4e; never if every <= 0)."""
+    return every > 0 and step % every == 0
+
+
+def discriminator_step(
+    D: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    step: int,
+    r1_gamma: float = 10.0,
+    r1_every: int = 16,
+) -> dict[str, float]:
+    """One discriminator update on ``discriminator_loss(D, real, fake)``; when :func:`r1_due`, a second update on
+    :func:`lazy_r1_loss` of the same real codes (e4e's order). D's parameters require grad during the step and get
+    their previous flags back afterwards. Returns the losses as floats."""
+    flags = [p.requires_grad for p in D.parameters()]
+    for p in D.parameters():
+        p.requires_grad_(True)
+    try:
+        loss, logs = discriminator_loss(D, real.detach(), fake.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        logs["d_loss"] = float(loss.detach())
+        if r1_gamma > 0 and r1_due(step, r1_every):
+            r1 = lazy_r1_loss(D, real, r1_gamma, r1_every)
+            optimizer.zero_grad(set_to_none=True)
+            r1.backward()
+            optimizer.step()
+            logs["d_r1"] = float(r1.detach())
+        optimizer.zero_grad(set_to_none=True)
+    finally:
+        for p, f in zip(D.parameters(), flags):
+            p.requires_grad_(f)
+    return logs

@@ -1,0 +1,74 @@
+"""The latent discriminator of e4e / Cycle Encoding: an MLP that tells mapping-network codes from encoder codes.
+
+``LatentDiscriminator(w_dim=512)`` is e4e's ``LatentCodesDiscriminator(512, 4)``: four linear layers
+512 -> 512 -> 512 -> 512 -> 1 with LeakyReLU(0.2) between them, PyTorch's default ``nn.Linear`` initialization, and
+the same parameter names (``mlp.0``, ``mlp.2``, ``mlp.4``, ``mlp.6``), so the ``discriminator_state_dict`` of an
+e4e / Cycle Encoding training checkpoint loads as it is. For small generators the input width follows their
+``w_dim`` and the hidden width defaults to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CycleEncodingError
+
+
+@dataclass(frozen=True)
+class LatentDiscriminatorConfig:
+    """Input width ``w_dim``, hidden width (None: ``w_dim``), number of linear layers, LeakyReLU slope."""
+
+    w_dim: int = 512
+    hidden_dim: int | None = None
+    num_layers: int = 4
+    negative_slope: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.w_dim < 1 or (self.hidden_dim is not None and self.hidden_dim < 1):
+            raise CycleEncodingError(f"latent discriminator: widths must be positive, got {self}")
+        if self.num_layers < 1:
+            raise CycleEncodingError(f"latent discriminator: needs at least one layer, got {self.num_layers}")
+
+    @property
+    def width(self) -> int:
+        return self.w_dim if self.hidden_dim is None else self.hidden_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatentDiscriminatorConfig:
+        known = {"w_dim", "hidden_dim", "num_layers", "negative_slope"}
+        unknown = set(d) - known
+        if unknown:
+            raise CycleEncodingError(f"latent discriminator config: unknown key(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+class LatentDiscriminator(nn.Module):
+    """``D(w)``: one logit per code. Input ``[..., w_dim]`` -> ``[..., 1]`` (any leading dimensions)."""
+
+    def __init__(self, config: LatentDiscriminatorConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.config = config if config is not None else LatentDiscriminatorConfig(**kwargs)
+        c = self.config
+        layers: list[nn.Module] = []
+        dim = c.w_dim
+        for _ in range(c.num_layers - 1):
+            layers += [nn.Linear(dim, c.width), nn.LeakyReLU(c.negative_slope)]
+            dim = c.width
+        layers.append(nn.Linear(dim, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    @property
+    def w_dim(self) -> int:
+        return self.config.w_dim
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if w.shape[-1] != self.config.w_dim:
+            raise ValueError(f"latent discriminator expects codes [..., {self.config.w_dim}], got {list(w.shape)}")
+        return self.mlp(w)

@@ -1,0 +1,18 @@
+"""Training: the cycle schedule as data (``schedule``), the Ranger optimizer (``optim``), the pool of past latent
+codes for the latent discriminator (``latent_pool``)."""
+
+from .latent_pool import LatentPool
+from .optim import Ranger
+from .schedule import PRESETS, Schedule, ScheduleState, get_schedule, load_schedule, preset_schedule, save_schedule
+
+__all__ = [
+    "PRESETS",
+    "LatentPool",
+    "Ranger",
+    "Schedule",
+    "ScheduleState",
+    "get_schedule",
+    "load_schedule",
+    "preset_schedule",
+    "save_schedule",
+]
