@@ -133,7 +133,7 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: s
             raise CheckpointError(
                 source,
                 f"{what}: key {k} has shape {list(got.shape)}, expected {list(v.shape)} for the inferred "
-                "architecture: the shapes fit no StyleGAN2 configuration this reader knows",
+                f"architecture: the shapes fit no {what} configuration this reader knows",
             )
     extra = [k for k in sd if k not in want]
     if extra:

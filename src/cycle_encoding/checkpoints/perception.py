@@ -109,7 +109,7 @@ def lpips_backbone_missing_message(net: str) -> str:
     arch = LPIPS_NETS.get(net, net)
     fname = TORCHVISION_FILES.get(arch, f"{arch}.pth")
     return (
-        f"lpips-{net} needs the ImageNet {arch} backbone, a file these machines do not have: pass "
+        f"lpips-{net} needs the ImageNet {arch} backbone, which no package ships (it is not downloaded): pass "
         f"--lpips-backbone FILE (library: lpips_backbone=FILE), a torchvision {arch} ImageNet state dict such as "
         f"{fname} (torchvision's IMAGENET1K_V1 weights, {TORCHVISION_URL}{fname}); "
         "offline, name another distance instead (e.g. --perceptual dlib-face for faces)"
@@ -333,14 +333,19 @@ def inspect_perception(path: Path, container: str) -> dict[str, Any] | None:
             "holds": ["state_dict: module.encoder_q.*", *[f"{k}" for k in extra]],
         }
     if keys and all(re.match(r"^lin\d+\.model\.1\.weight$", k) for k in keys):
-        net = "alex" if len(keys) == 5 and inner["lin1.model.1.weight"].shape[1] == 192 else "vgg"
-        heads = read_lpips_heads(net, path)
+        channels = [
+            int(inner[f"lin{k}.model.1.weight"].shape[1]) for k in range(len(keys)) if f"lin{k}.model.1.weight" in inner
+        ]
+        known = {tuple(BACKBONES[a].channels): n for n, a in LPIPS_NETS.items()}
+        net = known.get(tuple(channels))
+        if net is not None:
+            read_lpips_heads(net, path)  # strict check
         return {
             "format": "lpips-heads",
-            "network": f"LPIPS v0.1 linear heads ({net})",
-            "architecture": {"net": net, "channels": [int(v.shape[1]) for v in heads.values()]},
-            "parameters": _count(heads),
-            "holds": [f"{len(heads)} heads lin0..lin{len(heads) - 1}"],
+            "network": f"LPIPS v0.1 linear heads ({net or 'a net this project does not implement'})",
+            "architecture": {"net": net, "channels": channels},
+            "parameters": sum(channels),
+            "holds": [f"{len(keys)} heads lin0..lin{len(keys) - 1}"],
         }
     if "input_layer.0.weight" in keys and any(k.startswith("body.") for k in keys) and "output_layer.3.weight" in keys:
         cfg, sd = read_arcface(path)

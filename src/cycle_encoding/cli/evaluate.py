@@ -1,0 +1,122 @@
+"""``cycle-encoding evaluate``: reconstruction metrics between two folders of images paired by name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .common import add_device_arg
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="MSE, PSNR, SSIM, MS-SSIM, perceptual distance and identity similarity between two image folders",
+        description="Pairs the images of --pred and --target by file name (without extension) and reports each "
+        "metric per image and as mean +- std. Unmatched and unreadable files are listed, not fatal. "
+        "The perceptual distance is LPIPS only with an ImageNet backbone file (--lpips-backbone); "
+        "otherwise name another one with --perceptual (e.g. dlib-face for faces).",
+    )
+    p.add_argument("--pred", required=True, type=Path, help="folder of reconstructed / predicted images")
+    p.add_argument("--target", required=True, type=Path, help="folder of the original images")
+    p.add_argument("--lpips-backbone", type=Path, default=None,
+                   help="torchvision AlexNet/VGG16 ImageNet state dict (e.g. alexnet-owt-7be5be79.pth); "
+                        "implies --perceptual lpips-alex unless another is named")  # fmt: skip
+    p.add_argument("--perceptual", default=None,
+                   help="perceptual distance by name: lpips-alex, lpips-vgg (need --lpips-backbone), dlib-face, "
+                        "or any registered one (default: lpips-alex with --lpips-backbone, else none)")  # fmt: skip
+    p.add_argument("--identity", default=None,
+                   help="identity network by name: arcface, moco (need --identity-weights), dlib-face (default: none)")  # fmt: skip
+    p.add_argument("--identity-weights", type=Path, default=None,
+                   help="weights file of the identity network (arcface: model_ir_se50.pth; moco: the MoCo v2 file)")  # fmt: skip
+    p.add_argument("--size", type=int, default=None,
+                   help="resize both images to SIZE x SIZE (antialiased bilinear) before measuring, e.g. 256")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full report as JSON")
+    p.add_argument("--quiet", action="store_true", help="print the summary only, not the per-image table")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+    return str(v)
+
+
+def report_text(rep: dict[str, Any], per_image: bool = True) -> list[str]:
+    """The human-readable lines of an evaluation report (``metrics.evaluate_folders``)."""
+    metrics = rep["metrics"]
+    lines = [f"paired {rep['pairs']} image(s): pred {rep['pred_dir']} vs target {rep['target_dir']}"
+             + (f", resized to {rep['size']}x{rep['size']}" if rep.get("size") else "")]  # fmt: skip
+    nets = rep["networks"]
+    lines.append(f"perceptual: {nets['perceptual'] or 'not computed (no --perceptual / --lpips-backbone)'}")
+    lines.append(f"identity: {nets['identity'] or 'not computed (no --identity)'}")
+    if per_image and rep["images"]:
+        w = max(8, *(len(r["name"]) for r in rep["images"]))
+        lines.append("")
+        lines.append(f"{'image':<{w}}  " + "  ".join(f"{m:>10}" for m in metrics))
+        for r in rep["images"]:
+            lines.append(f"{r['name']:<{w}}  " + "  ".join(f"{_fmt(r[m]):>10}" for m in metrics))
+            lines += [f"{'':<{w}}  note: {n}" for n in r.get("notes", [])]
+    lines.append("")
+    lines.append(f"{'metric':<11} {'mean':>10} {'std':>10} {'n':>5}")
+    for m in metrics:
+        s = rep["summary"][m]
+        lines.append(f"{m:<11} {_fmt(s['mean']):>10} {_fmt(s['std']):>10} {s['n']:>5}")
+        if s.get("note"):
+            lines.append(f"{'':<11} {s['note']}")
+    for key, label in (("pred_only", "unmatched, only in pred"), ("target_only", "unmatched, only in target")):
+        if rep[key]:
+            lines.append(f"{label}: {', '.join(rep[key])}")
+    for u in rep["unreadable"]:
+        lines.append(f"unreadable: {u['file']}: {u['reason']}")
+    for s in rep["skipped"]:
+        if s["reason"] != "unreadable file":
+            lines.append(f"skipped {s['name']}: {s['reason']}")
+    for a in rep["ambiguous"]:
+        lines.append(f"ambiguous: {a}")
+    for i in rep["ignored"]:
+        lines.append(f"ignored: {i}")
+    return lines
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..checkpoints.common import atomic_write
+    from ..errors import CycleEncodingError
+    from ..losses import build_identity, build_perceptual
+    from ..metrics import evaluate_folders, jsonable
+    from ..utils import resolve_device
+
+    device = resolve_device(args.device)
+    name = args.perceptual or ("lpips-alex" if args.lpips_backbone is not None else None)
+    perceptual = build_perceptual(name, device, args.lpips_backbone) if name else None
+    if args.identity_weights is not None and args.identity is None:
+        raise CycleEncodingError("--identity-weights given without --identity (arcface, moco, ...)")
+    identity = build_identity(args.identity, device, args.identity_weights) if args.identity else None
+    if args.size is not None and args.size < 1:
+        raise CycleEncodingError(f"--size must be positive, got {args.size}")
+
+    with tqdm(desc="evaluate", unit="pair", leave=False) as bar:
+        rep = evaluate_folders(
+            args.pred, args.target, perceptual, identity, size=args.size, batch_size=max(1, args.batch_size),
+            device=device, progress=bar.update,
+        )  # fmt: skip
+    print("\n".join(report_text(rep, per_image=not args.quiet)))
+    if args.json is not None:
+        text = json.dumps(jsonable(rep), indent=2)
+        atomic_write(args.json, lambda tmp: tmp.write_text(text + "\n"))
+        print(f"wrote {args.json}")
+    if rep["pairs"] == 0:
+        raise CycleEncodingError(f"no image pairs could be measured between {args.pred} and {args.target}")
+    return 0

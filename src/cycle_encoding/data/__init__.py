@@ -1,0 +1,1 @@
+"""Data: image files and folders (``data.images``); more modules are added beside it."""

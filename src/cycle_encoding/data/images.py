@@ -1,0 +1,65 @@
+"""Image files: read one to a [-1, 1] tensor, list the image files of a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import CycleEncodingError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+_GREY_MODES = ("1", "L", "LA")
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Whether the name has one of IMAGE_EXTENSIONS (case-insensitive) and is not hidden."""
+    p = Path(path)
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """The image files (by extension) in ``folder``, sorted by name; ``recursive`` descends into sub-folders."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise CycleEncodingError(f"{d}: not a folder" if d.exists() else f"{d}: no such folder")
+    it = d.rglob("*") if recursive else d.iterdir()
+    return sorted((p for p in it if p.is_file() and is_image_file(p)), key=lambda p: str(p.relative_to(d)))
+
+
+def read_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
+    """Read an image file to a float32 tensor [C, H, W] in [-1, 1].
+
+    Grey images (modes 1, L, LA, 16-bit I) give C = 1, everything else C = 3 (RGB; an alpha channel is dropped,
+    palettes are expanded). 16-bit grey is scaled by 1/65535. ``channels`` (1 or 3) converts: grey -> RGB repeats the
+    channel, RGB -> grey uses ITU-R 601-2 luma (PIL's 'L'). An unreadable file raises a one-line CycleEncodingError.
+    """
+    p = Path(path)
+    try:
+        with Image.open(p) as img:
+            img.load()
+            mode = img.mode
+            if mode in _SIXTEEN_BIT_MODES:
+                arr = np.asarray(img, dtype=np.float64) / 65535.0
+                arr = arr[None]
+            else:
+                arr = np.asarray(img.convert("L" if mode in _GREY_MODES else "RGB"), dtype=np.float64) / 255.0
+                arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    except FileNotFoundError:
+        raise CycleEncodingError(f"{p}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CycleEncodingError(f"{p}: cannot read image: {first}") from None
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)) * 2 - 1
+    if channels is not None and channels != x.shape[0]:
+        if channels == 3 and x.shape[0] == 1:
+            x = x.expand(3, -1, -1).clone()
+        elif channels == 1 and x.shape[0] == 3:
+            w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+            x = (x * w).sum(0, keepdim=True)
+        else:
+            raise CycleEncodingError(f"cannot convert {x.shape[0]} channels to {channels}")
+    return x

@@ -1,0 +1,197 @@
+"""Identity similarity chosen by name: ArcFace IR-SE-50 (the paper's ID loss, needs ``model_ir_se50.pth``), MoCo v2
+ResNet-50 (e4e's similarity for non-face domains, needs the MoCo file), the dlib face embedder (available offline);
+more can be registered.
+
+An ``IdentitySimilarity`` gives ``forward(x, y) -> Tensor[B]``, the cosine similarity of the two images'
+embeddings (the loss is ``1 - cos``), differentiable w.r.t. x, weights frozen, with a ``name`` for logs and reports.
+Embedders implement ``embed(x in [-1, 1]) -> Tensor[B, D]`` and have a ``name``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CycleEncodingError
+from ..networks.irse import ArcFaceBackbone
+from ..networks.resnet import ResNet50
+from ..utils import resolve_device
+from .perceptual import load_dlib_embedder
+
+# The e4e/pSp face crop of a 256x256 aligned face: rows 35:223, columns 32:220 (188 x 188), then pooled to 112.
+ARCFACE_RESIZE = 256
+ARCFACE_CROP = (35, 223, 32, 220)
+MOCO_SIZE = 224
+
+
+class Embedder(Protocol):
+    """A network mapping images in [-1, 1] to embeddings."""
+
+    name: str
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _rgb(x: torch.Tensor, who: str) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise CycleEncodingError(f"{who} takes 1- or 3-channel images, got {x.shape[1]} channels")
+    return x
+
+
+class ArcFaceEmbedder(nn.Module):
+    """ArcFace on the e4e/pSp face crop: images not 256x256 are first average-pooled to 256 (as pSp's ID loss does),
+    then ``x[:, :, 35:223, 32:220]`` is adaptive-average-pooled to the backbone's input (112) and embedded
+    (L2-normalized, 512-d). One-channel images are repeated to three channels."""
+
+    def __init__(self, backbone: ArcFaceBackbone, name: str = "arcface-ir-se50") -> None:
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.name = name
+
+    def train(self, mode: bool = True) -> ArcFaceEmbedder:
+        return super().train(False)
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """The face crop fed to the backbone: [B, 3, H, W] -> [B, 3, input_size, input_size]."""
+        x = _rgb(x, self.name)
+        if tuple(x.shape[-2:]) != (ARCFACE_RESIZE, ARCFACE_RESIZE):
+            x = F.adaptive_avg_pool2d(x, (ARCFACE_RESIZE, ARCFACE_RESIZE))
+        t, b, l, r = ARCFACE_CROP
+        x = x[:, :, t:b, l:r]
+        s = self.backbone.input_size
+        return F.adaptive_avg_pool2d(x, (s, s))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] in [-1, 1] -> [B, 512], unit norm."""
+        return self.backbone(self.crop(x))
+
+
+class MocoEmbedder(nn.Module):
+    """e4e's MoCo feature: ``F.interpolate(x, size=224)`` (nearest, e4e's call without a mode; no ImageNet
+    mean/std: e4e feeds the [-1, 1] image as it is), ResNet-50 to the 2048-d pooled features, L2-normalized."""
+
+    def __init__(self, resnet: ResNet50, name: str = "moco-v2-resnet50") -> None:
+        super().__init__()
+        self.resnet = resnet.requires_grad_(False).eval()
+        self.name = name
+
+    def train(self, mode: bool = True) -> MocoEmbedder:
+        return super().train(False)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(_rgb(x, self.name), size=(MOCO_SIZE, MOCO_SIZE))
+        return F.normalize(self.resnet.pooled(x), dim=1)
+
+
+class IdentitySimilarity(nn.Module):
+    """Cosine similarity of two images' embeddings, one value per sample; frozen, stays in eval mode."""
+
+    def __init__(self, embedder: nn.Module, name: str | None = None) -> None:
+        super().__init__()
+        if not hasattr(embedder, "embed"):
+            raise TypeError(f"{type(embedder).__name__} has no embed(x) method")
+        self.embedder = embedder
+        self.embedder.requires_grad_(False)
+        self.name: str = name or getattr(embedder, "name", type(embedder).__name__)
+        self.eval()
+
+    def train(self, mode: bool = True) -> IdentitySimilarity:
+        return super().train(False)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedder.embed(x)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] x 2 in [-1, 1] -> [B] cosine similarities (1 = same embedding direction)."""
+        if x.shape == y.shape:
+            e = self.embed(torch.cat([x, y.to(x.dtype)]))
+            ex, ey = e[: x.shape[0]], e[x.shape[0] :]
+        else:
+            ex, ey = self.embed(x), self.embed(y)
+        return F.cosine_similarity(ex, ey, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry
+
+IdentityFactory = Callable[[torch.device, "Path | None"], IdentitySimilarity]
+"""``factory(device, weights_file_or_None) -> IdentitySimilarity``."""
+
+_IDENTITY: dict[str, tuple[IdentityFactory, str]] = {}
+
+
+def register_identity(name: str, factory: IdentityFactory, description: str = "", replace: bool = False) -> None:
+    """Make ``build_identity(name, ...)`` call ``factory(device, weights)``. ``replace`` allows re-registering."""
+    if name in _IDENTITY and not replace:
+        raise ValueError(f"an identity network named {name!r} is already registered")
+    _IDENTITY[name] = (factory, description)
+
+
+def unregister_identity(name: str) -> None:
+    _IDENTITY.pop(name, None)
+
+
+def identity_names() -> dict[str, str]:
+    """Registered names -> one-line descriptions."""
+    return {k: d for k, (_, d) in _IDENTITY.items()}
+
+
+def build_identity(
+    name: str, device: str | torch.device = "cpu", weights: str | Path | None = None
+) -> IdentitySimilarity:
+    """The identity similarity registered as ``name`` on ``device``; ``weights`` is the file it needs
+    (``arcface``: ``model_ir_se50.pth``; ``moco``: the MoCo v2 checkpoint; ``dlib-face``: none)."""
+    if name not in _IDENTITY:
+        known = ", ".join(sorted(_IDENTITY))
+        raise CycleEncodingError(f"unknown identity network {name!r} (known: {known})")
+    factory, _ = _IDENTITY[name]
+    dev = resolve_device(device)
+    return factory(dev, Path(weights) if weights is not None else None).to(dev)
+
+
+def _arcface(device: torch.device, weights: Path | None) -> IdentitySimilarity:
+    from ..checkpoints.perception import load_arcface
+
+    if weights is None:
+        raise CycleEncodingError(
+            "arcface needs model_ir_se50.pth (the ArcFace IR-SE-50 of TreB1eN's InsightFace_Pytorch, the file pSp and "
+            "e4e use for their ID loss): pass --identity-weights FILE (library: weights=FILE); it is not available on "
+            "offline machines, where --identity dlib-face is the face network that exists"
+        )
+    bb = load_arcface(weights, device)
+    tag = f"{bb.mode.replace('_', '-')}{bb.num_layers}"
+    return IdentitySimilarity(ArcFaceEmbedder(bb, name=f"arcface-{tag} ({weights.name})"))
+
+
+def _moco(device: torch.device, weights: Path | None) -> IdentitySimilarity:
+    from ..checkpoints.perception import load_moco
+
+    if weights is None:
+        raise CycleEncodingError(
+            "moco needs a MoCo v2 ResNet-50 checkpoint (e.g. moco_v2_800ep_pretrain.pth.tar from facebookresearch/moco, "
+            "the file e4e uses): pass --identity-weights FILE (library: weights=FILE)"
+        )
+    return IdentitySimilarity(MocoEmbedder(load_moco(weights, device), name=f"moco-v2-resnet50 ({weights.name})"))
+
+
+def _dlib_face(device: torch.device, weights: Path | None) -> IdentitySimilarity:
+    if weights is not None:
+        raise CycleEncodingError(
+            f"dlib-face takes no weights file (it reads the dlib embedder from the cache); got {weights}"
+        )
+    return IdentitySimilarity(load_dlib_embedder(device, "dlib-face"))
+
+
+register_identity("arcface", _arcface, "ArcFace IR-SE-50 on the e4e face crop (needs model_ir_se50.pth)")
+register_identity("moco", _moco, "MoCo v2 ResNet-50 features, e4e's non-face similarity (needs the MoCo file)")
+register_identity("dlib-face", _dlib_face, "dlib's ResNet face embedder, 128-d (faces; available offline)")

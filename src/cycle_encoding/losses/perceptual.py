@@ -1,0 +1,173 @@
+"""Perceptual distances chosen by name: LPIPS (AlexNet / VGG16) when an ImageNet backbone file is given, otherwise a
+feature network that exists on the machine (the dlib face embedder for faces; others register themselves).
+
+Every distance is a ``PerceptualDistance``: ``forward(x, y) -> Tensor[B]`` (per-sample, differentiable w.r.t. x,
+weights frozen) with a ``name`` that logs and reports print, e.g. "lpips-alex (backbone alexnet-owt-7be5be79.pth)".
+Asking for LPIPS without a backbone is an error naming the file needed; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..errors import CycleEncodingError
+from ..networks.lpips import LPIPS, normalize_channels
+from ..utils import resolve_device
+
+
+class FeatureNetwork(Protocol):
+    """A network usable as a perceptual feature extractor (images in [-1, 1] -> feature maps)."""
+
+    name: str
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+class PerceptualDistance(nn.Module):
+    """Base class: a frozen distance between images in [-1, 1], one value per sample; stays in eval mode."""
+
+    name: str = "perceptual"
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> PerceptualDistance:
+        """Stays in eval mode whatever the caller asks: a loss network is a fixed measure."""
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+class LPIPSDistance(PerceptualDistance):
+    """LPIPS v0.1 (see ``networks/lpips.py``) under the name ``lpips-{net} (backbone FILE)``."""
+
+    def __init__(self, lpips: LPIPS, backbone_name: str) -> None:
+        super().__init__()
+        self.lpips = lpips
+        self.name = f"lpips-{lpips.net_name} (backbone {backbone_name})"
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_files(
+        cls,
+        net: str,
+        backbone: str | Path | None,
+        heads: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> LPIPSDistance:
+        """Read the torchvision backbone and the lpips package's heads (see ``checkpoints.perception.load_lpips``)."""
+        from ..checkpoints.perception import load_lpips
+
+        model = load_lpips(net, backbone, heads, device=device)
+        return cls(model, Path(backbone).name if backbone is not None else "?")
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lpips(x, y)
+
+
+class FeatureMapDistance(PerceptualDistance):
+    """An LPIPS-style distance on any network's feature maps, with equal weights:
+
+    d(x, y) = sum_k mean_{h,w} sum_c (n(f_k(x)) - n(f_k(y)))^2,   n(f) = f / (||f||_2 over channels + 1e-10).
+    """
+
+    def __init__(self, net: nn.Module, name: str | None = None) -> None:
+        super().__init__()
+        if not hasattr(net, "features"):
+            raise TypeError(f"{type(net).__name__} has no features(x) method")
+        self.net = net
+        self.name = name or f"feature-maps of {getattr(net, 'name', type(net).__name__)}"
+        self.net.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape != y.shape:
+            raise CycleEncodingError(f"{self.name}: images of different shapes {list(x.shape)} and {list(y.shape)}")
+        b = x.shape[0]
+        total = x.new_zeros(b)
+        for f in self.net.features(torch.cat([x, y.to(x.dtype)])):
+            f = normalize_channels(f)
+            d = (f[:b] - f[b:]) ** 2
+            d = d.sum(dim=1)  # over channels; what is left is spatial (nothing for [B, C] vectors)
+            total = total + (d.flatten(1).mean(dim=1) if d.dim() > 1 else d)
+        return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry
+
+PerceptualFactory = Callable[[torch.device, "Path | None"], PerceptualDistance]
+"""``factory(device, weights_file_or_None) -> PerceptualDistance``."""
+
+_PERCEPTUAL: dict[str, tuple[PerceptualFactory, str]] = {}
+
+
+def register_perceptual(name: str, factory: PerceptualFactory, description: str = "", replace: bool = False) -> None:
+    """Make ``build_perceptual(name, ...)`` call ``factory(device, weights)``. ``replace`` allows re-registering."""
+    if name in _PERCEPTUAL and not replace:
+        raise ValueError(f"a perceptual distance named {name!r} is already registered")
+    _PERCEPTUAL[name] = (factory, description)
+
+
+def unregister_perceptual(name: str) -> None:
+    """Remove a registered name (tests and plugins that register temporarily)."""
+    _PERCEPTUAL.pop(name, None)
+
+
+def perceptual_names() -> dict[str, str]:
+    """Registered names -> one-line descriptions."""
+    return {k: d for k, (_, d) in _PERCEPTUAL.items()}
+
+
+def build_perceptual(
+    name: str, device: str | torch.device = "cpu", lpips_backbone: str | Path | None = None
+) -> PerceptualDistance:
+    """The perceptual distance registered as ``name``, on ``device``.
+
+    ``lpips_backbone`` is the weights file the distance needs: a torchvision AlexNet / VGG16 ImageNet state dict for
+    ``lpips-alex`` / ``lpips-vgg`` (required: without it the error names the file); a registered distance that needs a
+    file of its own receives it the same way. ``dlib-face`` takes none (its weights come from the cache).
+    """
+    if name not in _PERCEPTUAL:
+        known = ", ".join(sorted(_PERCEPTUAL))
+        raise CycleEncodingError(f"unknown perceptual distance {name!r} (known: {known})")
+    factory, _ = _PERCEPTUAL[name]
+    dist = factory(resolve_device(device), Path(lpips_backbone) if lpips_backbone is not None else None)
+    return dist.to(resolve_device(device))
+
+
+def _lpips_factory(net: str) -> PerceptualFactory:
+    def make(device: torch.device, weights: Path | None) -> PerceptualDistance:
+        return LPIPSDistance.from_files(net, weights, device=device)
+
+    return make
+
+
+def load_dlib_embedder(device: torch.device, what: str) -> nn.Module:
+    """The dlib face embedder (``networks.dlib_resnet``), imported only when asked for."""
+    try:
+        from ..networks.dlib_resnet import load_dlib_face_embedder
+    except ImportError as e:
+        raise CycleEncodingError(f"{what}: the dlib face embedder is not available in this install ({e})") from None
+    return load_dlib_face_embedder(device=device)
+
+
+def _dlib_face(device: torch.device, weights: Path | None) -> PerceptualDistance:
+    if weights is not None:
+        raise CycleEncodingError(
+            f"dlib-face takes no weights file (it reads the dlib embedder from the cache); got {weights}"
+        )
+    net = load_dlib_embedder(device, "dlib-face")
+    return FeatureMapDistance(net, name=f"dlib-face (feature maps of {getattr(net, 'name', 'dlib-resnet-face')})")
+
+
+register_perceptual("lpips-alex", _lpips_factory("alex"), "LPIPS v0.1, AlexNet backbone (needs the ImageNet file)")
+register_perceptual("lpips-vgg", _lpips_factory("vgg"), "LPIPS v0.1, VGG16 backbone (needs the ImageNet file)")
+register_perceptual("dlib-face", _dlib_face, "LPIPS-style distance on the dlib face embedder's feature maps (faces)")

@@ -1,0 +1,383 @@
+"""Reconstruction metrics, per image, on images in [-1, 1]: MSE, PSNR, SSIM, MS-SSIM, a named perceptual distance
+(LPIPS or another, see ``losses.perceptual``), a named identity similarity (see ``losses.identity``); and
+``evaluate_folders``, which pairs two folders' images by name and reports per image and mean +- std per metric.
+
+Definitions (all per image, then averaged over the images):
+- MSE: mean over channels and pixels of (pred - target)^2 on the [-1, 1] scale (divide by 4 for [0, 1] units).
+- PSNR: 10 log10(2^2 / MSE) dB, the peak-to-peak range of [-1, 1] being 2 (the same number as on [0, 1] with peak 1);
+  infinite for identical images (such values are counted in the summary, not averaged).
+- SSIM: Wang et al. 2004 with an 11-px Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, on images mapped to [0, 1]
+  (data range 1), mean of the SSIM map over the valid (unpadded) window positions, then over channels;
+  computed by ``pytorch_msssim.ssim``. Needs both sides >= 11 px.
+- MS-SSIM: Wang et al. 2003, 5 scales with weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), same window, computed by
+  ``pytorch_msssim.ms_ssim``. Four 2x downsamplings leave an 11-px window room only when both sides are > 160 px:
+  for smaller images MS-SSIM is reported as n/a with that reason (no variant with fewer scales is substituted, so an
+  MS-SSIM figure from this project is always the standard one). Use SSIM for small images.
+- perceptual: the named distance's value (e.g. LPIPS); identity: cosine similarity of the named network's embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import CycleEncodingError
+
+if TYPE_CHECKING:
+    from .losses.identity import IdentitySimilarity
+    from .losses.perceptual import PerceptualDistance
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K = (0.01, 0.03)
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+MS_SSIM_MIN_SIDE = (SSIM_WINDOW - 1) * 2 ** (len(MS_SSIM_WEIGHTS) - 1) + 1  # 161
+
+DEFINITIONS = {
+    "mse": "mean squared error on the [-1, 1] scale (divide by 4 for [0, 1] units)",
+    "psnr": "10 log10(4 / MSE) dB on [-1, 1] (peak-to-peak 2)",
+    "ssim": "SSIM, 11-px Gaussian window sigma 1.5, K 0.01/0.03, on [0, 1] (pytorch_msssim.ssim)",
+    "ms_ssim": "MS-SSIM, 5 scales, standard weights, 11-px window (pytorch_msssim.ms_ssim); n/a below 161 px",
+}
+
+
+def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.dim() != 4 or pred.shape != target.shape:
+        raise CycleEncodingError(
+            f"metrics compare two [B, C, H, W] batches of one shape, got {list(pred.shape)} and {list(target.shape)}"
+        )
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B] mean squared error over channels and pixels (images in [-1, 1])."""
+    _check_pair(pred, target)
+    return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """[B] peak signal-to-noise ratio in dB, 10 log10(data_range^2 / MSE); +inf where the images are equal."""
+    m = mse(pred, target)
+    return 10 * torch.log10(data_range**2 / m)
+
+
+def ssim_unavailable_reason(height: int, width: int) -> str | None:
+    """Why SSIM cannot be computed for this size, or None."""
+    if min(height, width) < SSIM_WINDOW:
+        return f"SSIM needs both sides >= {SSIM_WINDOW} px (its window), got {height}x{width}"
+    return None
+
+
+def ms_ssim_unavailable_reason(height: int, width: int) -> str | None:
+    """Why the standard 5-scale MS-SSIM cannot be computed for this size, or None."""
+    if min(height, width) < MS_SSIM_MIN_SIDE:
+        return (
+            f"MS-SSIM with {len(MS_SSIM_WEIGHTS)} scales and an {SSIM_WINDOW}-px window needs both sides > "
+            f"{MS_SSIM_MIN_SIDE - 1} px, got {height}x{width} (see SSIM instead)"
+        )
+    return None
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B] SSIM of images in [-1, 1] (mapped to [0, 1], data range 1); see the module docstring."""
+    from pytorch_msssim import ssim as _ssim
+
+    _check_pair(pred, target)
+    reason = ssim_unavailable_reason(*pred.shape[-2:])
+    if reason:
+        raise CycleEncodingError(reason)
+    return _ssim(
+        _unit(pred),
+        _unit(target),
+        data_range=1.0,
+        size_average=False,
+        win_size=SSIM_WINDOW,
+        win_sigma=SSIM_SIGMA,
+        K=SSIM_K,
+    )
+
+
+def ms_ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B] standard 5-scale MS-SSIM of images in [-1, 1]; a CycleEncodingError for images of 160 px or less."""
+    from pytorch_msssim import ms_ssim as _ms_ssim
+
+    _check_pair(pred, target)
+    reason = ms_ssim_unavailable_reason(*pred.shape[-2:])
+    if reason:
+        raise CycleEncodingError(reason)
+    return _ms_ssim(
+        _unit(pred),
+        _unit(target),
+        data_range=1.0,
+        size_average=False,
+        win_size=SSIM_WINDOW,
+        win_sigma=SSIM_SIGMA,
+        weights=list(MS_SSIM_WEIGHTS),
+        K=SSIM_K,
+    )
+
+
+def summarize(values: list[float | None]) -> dict[str, Any]:
+    """{'mean', 'std', 'n'} over the finite values; std is the sample standard deviation (n - 1), 0 for a single
+    value; mean and std are None when no value exists. Values that are None (n/a) are left out; infinite values
+    (the PSNR of identical images) are left out too and counted in 'infinite'."""
+    finite = [x for x in values if x is not None and math.isfinite(x)]
+    n_inf = sum(1 for x in values if x is not None and not math.isfinite(x))
+    v = np.array(finite, dtype=np.float64)
+    out: dict[str, Any] = {"mean": None, "std": None, "n": int(v.size)}
+    if v.size:
+        out["mean"] = float(v.mean())
+        out["std"] = float(v.std(ddof=1)) if v.size > 1 else 0.0
+    if n_inf:
+        out["infinite"] = n_inf
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches of pairs
+
+
+def compute_metrics(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    perceptual: PerceptualDistance | None = None,
+    identity: IdentitySimilarity | None = None,
+) -> tuple[dict[str, list[float | None]], list[str]]:
+    """All metrics of a batch of pairs: ({metric: [value or None per image]}, notes on values left out)."""
+    _check_pair(pred, target)
+    b, _, h, w = pred.shape
+    out: dict[str, list[float | None]] = {}
+    notes: list[str] = []
+    with torch.no_grad():
+        out["mse"] = mse(pred, target).tolist()
+        out["psnr"] = psnr(pred, target).tolist()
+        for key, fn, why in (
+            ("ssim", ssim, ssim_unavailable_reason(h, w)),
+            ("ms_ssim", ms_ssim, ms_ssim_unavailable_reason(h, w)),
+        ):
+            if why:
+                out[key] = [None] * b
+                notes.append(f"{key}: n/a: {why}")
+            else:
+                out[key] = fn(pred, target).tolist()
+        for key, net in (("perceptual", perceptual), ("identity", identity)):
+            if net is None:
+                continue
+            try:
+                out[key] = net(pred, target).float().cpu().tolist()
+            except CycleEncodingError as e:
+                out[key] = [None] * b
+                notes.append(f"{key}: n/a: {e}")
+    return out, notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folders
+
+
+@dataclass
+class FolderPairing:
+    """How two folders' image files pair up by name (the file name without its extension)."""
+
+    pairs: list[tuple[str, Path, Path]] = field(default_factory=list)
+    pred_only: list[str] = field(default_factory=list)
+    target_only: list[str] = field(default_factory=list)
+    ambiguous: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def _by_stem(folder: Path, side: str, pairing: FolderPairing) -> dict[str, Path]:
+    from .data.images import is_image_file
+
+    if not folder.is_dir():
+        raise CycleEncodingError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: not a folder")
+    groups: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        if not is_image_file(p):
+            pairing.ignored.append(f"{side}/{p.name} (not an image file name)")
+            continue
+        groups.setdefault(p.stem, []).append(p)
+    out = {}
+    for stem, files in groups.items():
+        if len(files) > 1:
+            pairing.ambiguous.append(f"{side}: {', '.join(f.name for f in files)} (one name, several files)")
+        else:
+            out[stem] = files[0]
+    return out
+
+
+def pair_folders(pred_dir: str | Path, target_dir: str | Path) -> FolderPairing:
+    """Pair the image files of two folders by file name without extension (``a.png`` with ``a.jpg``)."""
+    pairing = FolderPairing()
+    pred = _by_stem(Path(pred_dir), "pred", pairing)
+    target = _by_stem(Path(target_dir), "target", pairing)
+    pairing.pairs = [(s, pred[s], target[s]) for s in sorted(pred) if s in target]
+    pairing.pred_only = [pred[s].name for s in sorted(pred) if s not in target]
+    pairing.target_only = [target[s].name for s in sorted(target) if s not in pred]
+    return pairing
+
+
+def _prepare(
+    pred: torch.Tensor, target: torch.Tensor, size: int | None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    notes = []
+    if pred.shape[0] != target.shape[0]:
+        notes.append(
+            f"channels differ: pred has {pred.shape[0]}, target {target.shape[0]}; the grey one was repeated to 3"
+        )
+        pred, target = pred.expand(3, -1, -1), target.expand(3, -1, -1)
+    if size is not None:
+        pred, target = (
+            F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+            if tuple(t.shape[-2:]) != (size, size)
+            else t
+            for t in (pred, target)
+        )
+    if pred.shape[-2:] != target.shape[-2:]:
+        raise CycleEncodingError(
+            f"sizes differ: pred {pred.shape[-2]}x{pred.shape[-1]}, target {target.shape[-2]}x{target.shape[-1]} "
+            "(pass a size to resize both)"
+        )
+    return pred, target, notes
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    target_dir: str | Path,
+    perceptual: PerceptualDistance | None = None,
+    identity: IdentitySimilarity | None = None,
+    size: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Pair ``pred_dir`` and ``target_dir`` by file name and measure every pair.
+
+    Returns a JSON-ready dict: ``images`` (one record per pair: name, files, size, each metric, notes), ``summary``
+    (mean, sample std and count per metric), ``networks`` (the perceptual and identity networks' names),
+    ``definitions``, and what was left out: ``pred_only``/``target_only`` (unmatched), ``unreadable`` (file and
+    reason), ``skipped`` (pairs that cannot be compared, e.g. sizes differ), ``ambiguous``, ``ignored``.
+    Unreadable or unmatched files never stop the run. ``size`` resizes both images to size x size (antialiased
+    bilinear) before measuring. ``progress(n)`` is called after each batch with the number of pairs done in it.
+    """
+    from .data.images import read_image
+
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    pairing = pair_folders(pred_dir, target_dir)
+    metrics = ["mse", "psnr", "ssim", "ms_ssim"]
+    if perceptual is not None:
+        metrics.append("perceptual")
+    if identity is not None:
+        metrics.append("identity")
+    records: list[dict[str, Any]] = []
+    unreadable: list[dict[str, str]] = []
+    skipped: list[dict[str, str]] = []
+    notes: dict[str, int] = {}
+
+    def loaded() -> Iterator[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
+        for name, pp, tp in pairing.pairs:
+            images = []
+            for side, path in (("pred", pp), ("target", tp)):
+                try:
+                    images.append(read_image(path))
+                except CycleEncodingError as e:
+                    unreadable.append({"file": f"{side}/{path.name}", "reason": str(e)})
+            if len(images) < 2:
+                skipped.append({"name": name, "reason": "unreadable file"})
+                if progress:
+                    progress(1)
+                continue
+            try:
+                p, t, pair_notes = _prepare(images[0], images[1], size)
+            except CycleEncodingError as e:
+                skipped.append({"name": name, "reason": str(e)})
+                if progress:
+                    progress(1)
+                continue
+            rec = {"name": name, "pred": pp.name, "target": tp.name, "size": [int(p.shape[-2]), int(p.shape[-1])],
+                   "channels": int(p.shape[0]), "notes": pair_notes}  # fmt: skip
+            yield rec, p, t
+
+    def flush(batch: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
+        if not batch:
+            return
+        pred = torch.stack([b[1] for b in batch]).to(dev)
+        target = torch.stack([b[2] for b in batch]).to(dev)
+        values, batch_notes = compute_metrics(pred, target, perceptual, identity)
+        for n in batch_notes:
+            notes[n] = notes.get(n, 0) + len(batch)
+        for i, (rec, _, _) in enumerate(batch):
+            for m in metrics:
+                rec[m] = values[m][i]
+            records.append(rec)
+        if progress:
+            progress(len(batch))
+
+    batch: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]] = []
+    for item in loaded():
+        if batch and (len(batch) >= batch_size or batch[0][1].shape != item[1].shape):
+            flush(batch)
+            batch = []
+        batch.append(item)
+    flush(batch)
+
+    summary = {m: summarize([r[m] for r in records]) for m in metrics}
+    for m in metrics:
+        missing = sum(1 for r in records if r[m] is None)
+        said = []
+        if missing:
+            reasons = sorted({n.split(": n/a: ", 1)[1] for n in notes if n.startswith(f"{m}: n/a: ")})
+            said.append(f"n/a for {missing} image(s): " + "; ".join(reasons))
+        if summary[m].get("infinite"):
+            said.append(f"{summary[m]['infinite']} infinite value(s) (identical images) left out of mean and std")
+        if said:
+            summary[m]["note"] = "; ".join(said)
+    definitions = dict(DEFINITIONS)
+    if perceptual is not None:
+        definitions["perceptual"] = f"{perceptual.name}: per-image distance (lower is closer)"
+    if identity is not None:
+        definitions["identity"] = f"{identity.name}: cosine similarity of embeddings (1 = same)"
+    return {
+        "pred_dir": str(pred_dir),
+        "target_dir": str(target_dir),
+        "size": size,
+        "networks": {
+            "perceptual": perceptual.name if perceptual is not None else None,
+            "identity": identity.name if identity is not None else None,
+        },
+        "metrics": metrics,
+        "definitions": definitions,
+        "summary": summary,
+        "images": records,
+        "pairs": len(records),
+        "pred_only": pairing.pred_only,
+        "target_only": pairing.target_only,
+        "unreadable": unreadable,
+        "skipped": skipped,
+        "ambiguous": pairing.ambiguous,
+        "ignored": pairing.ignored,
+        "notes": [f"{n} ({k} image(s))" for n, k in notes.items()],
+    }
+
+
+def jsonable(obj: Any) -> Any:
+    """A copy of ``obj`` with non-finite floats (an infinite PSNR of identical images) written as strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else "-inf" if obj < 0 else "nan"
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,173 @@
+"""LPIPS (Zhang et al. 2018, v0.1) with AlexNet or VGG16 features, in plain PyTorch (no torchvision).
+
+The feature stacks carry torchvision's parameter names (``features.0.weight``, ...), so torchvision's ImageNet state
+dicts (``alexnet-owt-7be5be79.pth``, ``vgg16-397923af.pth``) load as they are. The linear heads are the
+``lpips`` package's ``weights/v0.1/{alex,vgg}.pth`` (``lin{k}.model.1.weight [1, C_k, 1, 1]``).
+
+The distance between images x and y in [-1, 1]:
+    x' = (x - shift) / scale,   shift = (-.030, -.088, -.188), scale = (.458, .448, .450)
+    f_k = k-th tapped feature map (after the ReLU ending each stage), unit-normalized over channels:
+          f / (sqrt(sum_c f^2) + 1e-10)
+    d(x, y) = sum_k mean_{h,w} sum_c w_{k,c} (f_k(x) - f_k(y))^2
+One-channel images are repeated to three channels first. Readers that fill these modules from files are in
+``checkpoints/perception.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import CycleEncodingError
+
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+NORMALIZE_EPS = 1e-10
+MIN_SIZE = 32
+
+VGG16_CFG: tuple[int | str, ...] = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
+
+
+class AlexNetFeatures(nn.Module):
+    """torchvision AlexNet's ``features`` (keys ``features.{0,3,6,8,10}.{weight,bias}``); taps after ReLUs 1,4,7,9,11."""
+
+    arch = "alexnet"
+    taps = (1, 4, 7, 9, 11)
+    channels = (64, 192, 384, 256, 256)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(64, 192, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(192, 384, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The feature maps at the taps (the final max-pool is not run)."""
+        out = []
+        for i, layer in enumerate(self.features):
+            if i > self.taps[-1]:
+                break
+            x = layer(x)
+            if i in self.taps:
+                out.append(x)
+        return out
+
+
+class VGG16Features(AlexNetFeatures):
+    """torchvision VGG16's ``features`` (13 convs at indices 0,2,5,...,28); taps after ReLUs 3, 8, 15, 22, 29."""
+
+    arch = "vgg16"
+    taps = (3, 8, 15, 22, 29)
+    channels = (64, 128, 256, 512, 512)
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        layers: list[nn.Module] = []
+        in_c = 3
+        for v in VGG16_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(in_c, int(v), kernel_size=3, padding=1), nn.ReLU()]
+                in_c = int(v)
+        self.features = nn.Sequential(*layers)
+
+
+BACKBONES: dict[str, type[AlexNetFeatures]] = {"alexnet": AlexNetFeatures, "vgg16": VGG16Features}
+LPIPS_NETS = {"alex": "alexnet", "vgg": "vgg16"}
+"""LPIPS's net names (as in the lpips package and its head files) -> backbone architectures."""
+
+
+def normalize_channels(f: torch.Tensor, eps: float = NORMALIZE_EPS) -> torch.Tensor:
+    """f / (||f||_2 over channels + eps), as LPIPS's ``normalize_tensor``."""
+    return f / (torch.sqrt(torch.sum(f * f, dim=1, keepdim=True)) + eps)
+
+
+class LPIPS(nn.Module):
+    """The LPIPS v0.1 distance; ``forward(x, y)`` gives one value per sample, differentiable, weights frozen.
+
+    ``net`` is 'alex' or 'vgg'; ``backbone`` a state dict of the feature stack (``features.*`` keys);
+    ``heads`` the linear heads (``lin{k}.model.1.weight``). Both are loaded strictly.
+    """
+
+    def __init__(
+        self,
+        net: str = "alex",
+        backbone: Mapping[str, torch.Tensor] | None = None,
+        heads: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if net not in LPIPS_NETS:
+            raise ValueError(f"unknown LPIPS net {net!r} (alex or vgg)")
+        self.net_name = net
+        self.net = BACKBONES[LPIPS_NETS[net]]()
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1))
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.net.channels)
+        if backbone is not None:
+            self.net.load_state_dict(dict(backbone), strict=True)
+        if heads is not None:
+            self.lins.load_state_dict(
+                {f"{k}.weight": heads[f"lin{k}.model.1.weight"] for k in range(len(self.lins))}, strict=True
+            )
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> LPIPS:
+        """Stays in eval mode: LPIPS is a fixed measure."""
+        return super().train(False)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's tapped feature maps of x in [-1, 1] (after LPIPS's shift and scale)."""
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[1] != 3:
+            raise CycleEncodingError(f"LPIPS takes 1- or 3-channel images, got {x.shape[1]} channels")
+        if min(x.shape[-2:]) < MIN_SIZE:
+            raise CycleEncodingError(f"LPIPS needs images of at least {MIN_SIZE} px, got {x.shape[-2]}x{x.shape[-1]}")
+        return self.net((x - self.shift) / self.scale)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] x 2 in [-1, 1] -> [B] distances."""
+        if x.shape != y.shape:
+            raise CycleEncodingError(f"LPIPS compares images of one shape, got {list(x.shape)} and {list(y.shape)}")
+        b = x.shape[0]
+        total = x.new_zeros(b)
+        for lin, f in zip(self.lins, self.features(torch.cat([x, y.to(x.dtype)]))):
+            f = normalize_channels(f)
+            d = (f[:b] - f[b:]) ** 2
+            total = total + lin(d).mean(dim=(2, 3)).sum(1)
+        return total
