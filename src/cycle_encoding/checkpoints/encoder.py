@@ -128,7 +128,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     elif kind in ("torch-zip", "torch-legacy"):
         obj = torch_load(p)
         if isinstance(obj, Mapping) and obj.get("format") == "cycle-encoding-train":
-            from ..training.encoder_checkpoint import encoder_from_training_checkpoint  # type: ignore[import-not-found]
+            from ..training.encoder_trainer import encoder_from_training_checkpoint
 
             return encoder_from_training_checkpoint(obj, p, resolve_device(device))
         if not e4e.is_e4e_checkpoint(obj):

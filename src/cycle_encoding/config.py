@@ -1,0 +1,118 @@
+"""Configuration as typed data: dataclasses built from YAML/JSON or dicts, with checked keys and types.
+
+``from_mapping(cls, data)`` refuses unknown keys (naming them and the known ones), converts lists to tuples
+and ints to floats where the field says so, and checks the rest; ``to_dict`` gives plain JSON-able data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import CycleEncodingError
+
+T = TypeVar("T")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except CycleEncodingError as e:
+                errors.append(str(e))
+        raise CycleEncodingError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise CycleEncodingError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise CycleEncodingError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        seq = [_convert(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(seq) if origin is tuple else seq
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise CycleEncodingError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CycleEncodingError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CycleEncodingError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise CycleEncodingError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, Path)):
+            raise CycleEncodingError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types give one clear line."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise CycleEncodingError(
+            f"{where}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CycleEncodingError(f"{where}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (dicts, lists, numbers, strings) of a dataclass tree."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping (safe parsing: data only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CycleEncodingError(f"{p}: no such configuration file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise CycleEncodingError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, Mapping):
+        raise CycleEncodingError(f"{p}: the file must hold a mapping of options")
+    return dict(data)

@@ -1,0 +1,564 @@
+"""Training the e4e encoder by a schedule (the cycle W -> W+ -> W of Cycle Encoding, or e4e's, or W only).
+
+One training step at global step s (METHOD.md, step 1):
+
+1. the schedule gives the stage (active offsets) and the delta and adversarial weights at s;
+2. the encoder maps the batch to absolute codes ``ws`` (one forward, in train mode);
+3. the latent discriminator takes its step on real codes ``mapping(z)`` and the encoder's codes (detached,
+   through the pool of past codes), with the lazy R1 penalty every ``r1_every`` steps;
+4. the generator (frozen, constant noise) renders ``ws``; its output is average-pooled to the training image
+   size; the encoder's loss is ``l2 * MSE + perceptual * P + identity * (1 - cos) + w_delta(s) * L_delta
+   + w_adv(s) * softplus(-D(w_i))`` and Ranger takes a step.
+
+The discriminator step of e4e comes before the encoder step and sees codes of the encoder before its update;
+here the encoder's forward is shared by both (same values, one forward less).
+
+A run lives in a numbered folder ``OUT/NNNNN-encoder-PRESET``: ``config.json`` (the resolved options),
+``schedule.json``, ``log.jsonl`` (losses, stage, weights, timings; validation records), ``tb/`` (TensorBoard),
+``images/`` (reconstruction grids of held-out images), ``checkpoint.pt`` (everything needed to continue
+exactly: networks, both optimizers, the pool, the sampler position, all random states), and at the end
+``encoder.safetensors`` (the project's format, with the stage the run ended in).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints.common import atomic_torch_save, atomic_write
+from ..checkpoints.native import default_provenance, file_sha256
+from ..config import from_mapping, to_dict
+from ..errors import CheckpointError, CycleEncodingError
+from ..networks.encoder import Encoder4Editing, EncoderConfig
+from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscriminatorConfig
+from ..networks.stylegan2 import Generator
+from ..utils import make_grid, resolve_device, save_image
+from . import distributed as dd
+from .latent_pool import LatentPool
+from .optim import Ranger
+from .runs import next_run_dir, rng_state, set_rng_state
+from .schedule import Schedule, ScheduleState, get_schedule
+
+CHECKPOINT_FORMAT = "cycle-encoding-train"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EncoderArch:
+    """The encoder's shape (EncoderConfig without the parts that follow the generator)."""
+
+    input_size: int | None = None  # default: the training image size
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    units: tuple[int, ...] = (3, 4, 14, 3)
+    mode: Literal["ir", "ir_se"] = "ir_se"
+    w_only: bool = False  # one head, stage 0 forever: the W-encoder baseline
+
+
+@dataclass(frozen=True)
+class EncoderTrainConfig:
+    generator: str
+    data: str
+    out: str = "runs"
+    name: str | None = None
+    preset: str = "paper"
+    schedule_file: str | None = None
+    total_steps: int | None = None  # rescale the schedule to this many steps (same proportions)
+    max_steps: int | None = None  # stop here (the schedule's step count otherwise)
+    batch_size: int = 8
+    lr: float = 1e-4
+    betas: tuple[float, ...] = (0.95, 0.999)
+    eps: float = 1e-5
+    d_lr: float = 2e-5
+    l2_lambda: float = 1.0
+    perceptual: str = "lpips-alex"
+    perceptual_lambda: float = 0.8
+    lpips_backbone: str | None = None
+    identity: str = "none"
+    identity_lambda: float = 0.1
+    identity_weights: str | None = None
+    adversarial: bool = True
+    pool_size: int = 50
+    r1_gamma: float = 10.0
+    r1_every: int = 16
+    image_size: int | None = None  # training images and G's pooled output; default min(G.resolution, 256)
+    flip: bool = True
+    val_data: str | None = None
+    val_count: int = 16
+    encoder: EncoderArch = field(default_factory=EncoderArch)
+    encoder_init: str | None = None  # ArcFace IR-SE-50 (body) or an encoder checkpoint (all weights)
+    log_every: int = 50
+    image_every: int = 1000
+    val_every: int = 1000
+    checkpoint_every: int = 1000
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for k in ("log_every", "image_every", "val_every", "checkpoint_every"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1")
+
+
+def load_train_config(data: dict[str, Any]) -> EncoderTrainConfig:
+    return from_mapping(EncoderTrainConfig, data, "train-encoder options")
+
+
+def pool_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """G's output average-pooled to ``size`` (e4e's face_pool), unchanged when already that size."""
+    if images.shape[-1] == size:
+        return images
+    return F.adaptive_avg_pool2d(images, (size, size))
+
+
+def init_encoder_weights(E: Encoder4Editing, path: str | Path) -> str:
+    """Initialize from an ArcFace IR-SE file (input layer and body where shapes fit) or a whole encoder file."""
+    from ..checkpoints.common import sniff, torch_load
+    from ..checkpoints.encoder import load_encoder
+
+    p = Path(path)
+    kind = sniff(p)
+    obj = torch_load(p) if kind in ("torch-zip", "torch-legacy") else None
+    if isinstance(obj, dict) and "input_layer.0.weight" in obj and "output_layer.3.weight" in obj:
+        own = E.state_dict()
+        taken = {k: v for k, v in obj.items() if k.startswith(("input_layer.", "body.")) and k in own}
+        bad = [k for k, v in taken.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if bad:
+            raise CheckpointError(
+                p,
+                f"ArcFace key {bad[0]} has shape {list(taken[bad[0]].shape)}, the encoder's body "
+                f"{list(own[bad[0]].shape)}: initialise an IR-SE-50 body (widths 64-512, units 3,4,14,3) only",
+            )
+        E.load_state_dict(taken, strict=False)
+        return f"body from ArcFace {p.name} ({len(taken)} tensors)"
+    other = load_encoder(p)
+    if other.config.num_ws != E.config.num_ws:
+        raise CheckpointError(
+            p, f"the encoder has {other.config.num_ws} heads but the generator has {E.config.num_ws} style layers"
+        )
+    sd = other.state_dict()
+    sd["latent_avg"] = E.latent_avg
+    from ..checkpoints.common import check_state_dict
+
+    check_state_dict(E, sd, p, "encoder (init)")
+    E.load_state_dict(sd)
+    return f"all weights from encoder {p.name}"
+
+
+class EncoderTrainer:
+    """Builds everything from a config (or a run folder to resume) and runs the loop."""
+
+    def __init__(self, cfg: EncoderTrainConfig, resume: str | Path | None = None, quiet: bool = False) -> None:
+        from ..checkpoints import load_generator
+
+        self.cfg = cfg
+        self.quiet = quiet
+        base_device = resolve_device(cfg.device)
+        self.dist = dd.init_distributed(base_device)
+        self.device = dd.rank_device(base_device, self.dist)
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        self.G: Generator = load_generator(cfg.generator, device=self.device)
+        G = self.G
+        self.image_size = cfg.image_size or min(G.resolution, 256)
+        self.schedule: Schedule = get_schedule(cfg.preset, cfg.schedule_file, cfg.total_steps)
+        self.max_steps = min(cfg.max_steps or self.schedule.total_steps, self.schedule.total_steps)
+
+        # data
+        from ..data.datasets import SubsetDataset, open_dataset, split_holdout
+
+        data = open_dataset(cfg.data, self.image_size, G.img_channels, "train")
+        if cfg.val_data:
+            self.val = open_dataset(cfg.val_data, self.image_size, G.img_channels, "test")
+            self.train_data = data
+        else:
+            tr, va = split_holdout(len(data), min(cfg.val_count, max(0, len(data) - cfg.batch_size)), cfg.seed)
+            self.train_data = SubsetDataset(data, tr, f"{data.name} (training part)")
+            self.val = SubsetDataset(data, va, f"{data.name} (held out)")
+        from ..data.datasets import EpochSampler
+
+        self.sampler = EpochSampler(
+            self.train_data, cfg.batch_size, cfg.seed, cfg.flip, self.dist.rank, self.dist.world_size
+        )
+
+        # networks
+        arch = cfg.encoder
+        self.E = Encoder4Editing(
+            EncoderConfig(
+                num_ws=G.num_ws,
+                w_dim=G.w_dim,
+                input_size=arch.input_size or self.image_size,
+                in_channels=G.img_channels,
+                widths=arch.widths,
+                units=arch.units,
+                mode=arch.mode,
+                max_stage=0 if arch.w_only else None,
+            )
+        ).to(self.device)
+        self.init_note = init_encoder_weights(self.E, cfg.encoder_init) if cfg.encoder_init else "random"
+        self.E.set_w_avg(G.w_avg)
+        self.D = LatentDiscriminator(LatentDiscriminatorConfig(w_dim=G.w_dim)).to(self.device)
+        self.D.requires_grad_(False)
+        dd.broadcast_parameters(self.E, self.dist)
+        dd.broadcast_parameters(self.D, self.dist)
+        self.opt_e = Ranger(self.E.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)  # type: ignore[arg-type]
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.d_lr)
+        self.pool = LatentPool(cfg.pool_size, 0.5, seed=cfg.seed * 7919 + self.dist.rank)
+        self.gen = torch.Generator().manual_seed(cfg.seed * 104_729 + self.dist.rank)
+
+        # losses
+        self.perceptual, self.identity = self._build_losses()
+        self.step = 0
+        self.run_dir = self._setup_run_dir(resume)
+        if resume is not None:
+            self._load_checkpoint(self.run_dir / "checkpoint.pt")
+        self.writer = None
+        if self.dist.is_main and not quiet:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:  # pragma: no cover - tensorboard is a pinned dependency
+                self.writer = None
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def _build_losses(self) -> tuple[nn.Module | None, nn.Module | None]:
+        cfg = self.cfg
+        perceptual = identity = None
+        if cfg.perceptual_lambda > 0 and cfg.perceptual != "none":
+            from ..losses.perceptual import build_perceptual
+
+            perceptual = build_perceptual(cfg.perceptual, self.device, cfg.lpips_backbone)
+            perceptual.requires_grad_(False)
+        if cfg.identity_lambda > 0 and cfg.identity != "none":
+            from ..losses.identity import build_identity
+
+            identity = build_identity(cfg.identity, self.device, cfg.identity_weights)
+            identity.requires_grad_(False)
+        return perceptual, identity
+
+    def network_names(self) -> dict[str, str]:
+        return {
+            "perceptual": getattr(self.perceptual, "name", "none") if self.perceptual is not None else "none",
+            "identity": getattr(self.identity, "name", "none") if self.identity is not None else "none",
+        }
+
+    def _setup_run_dir(self, resume: str | Path | None) -> Path:
+        if resume is not None:
+            run = Path(resume)
+            if not (run / "checkpoint.pt").is_file():
+                raise CycleEncodingError(f"{run}: no checkpoint.pt to resume from")
+            return run
+        run = None
+        if self.dist.is_main:
+            label = self.cfg.name or f"encoder-{self.schedule.name}"
+            run = next_run_dir(self.cfg.out, label)
+            run.mkdir(parents=True)
+            (run / "images").mkdir()
+            cfg = to_dict(self.cfg)
+            cfg["_resolved"] = {
+                "image_size": self.image_size,
+                "max_steps": self.max_steps,
+                "encoder": self.E.config.to_dict(),
+                "encoder_init": self.init_note,
+                "networks": self.network_names(),
+                "world_size": self.dist.world_size,
+                "command": " ".join(sys.argv),
+                "train_images": len(self.train_data),
+                "val_images": len(self.val),
+            }
+            atomic_write(run / "config.json", lambda t: t.write_text(json.dumps(cfg, indent=2) + "\n"))
+            atomic_write(
+                run / "schedule.json", lambda t: t.write_text(json.dumps(self.schedule.to_dict(), indent=2) + "\n")
+            )
+        run = dd.broadcast_object(run, self.dist)
+        assert run is not None
+        return Path(run)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def _rank_state(self) -> dict[str, Any]:
+        return {"rng": rng_state(self.gen), "pool": self.pool.state_dict()}
+
+    def save_checkpoint(self) -> Path | None:
+        ranks = dd.gather_objects(self._rank_state(), self.dist)
+        if not self.dist.is_main:
+            return None
+        st = self.schedule.at(min(self.step, self.schedule.total_steps - 1), self.G.num_ws)
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "encoder": self.E.state_dict(),
+            "encoder_config": self.E.config.to_dict(),
+            "trained_stage": self.E.stage,
+            "discriminator": self.D.state_dict(),
+            "discriminator_config": self.D.config.to_dict(),
+            "opt_e": self.opt_e.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "ranks": ranks,
+            "schedule": self.schedule.to_dict(),
+            "schedule_state": st.to_dict(),
+            "config": to_dict(self.cfg),
+            "generator": {"path": str(self.cfg.generator), "w_avg": self.G.w_avg.cpu()},
+        }
+        return atomic_torch_save(ckpt, self.run_dir / "checkpoint.pt")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from ..checkpoints.common import torch_load
+
+        ck = torch_load(path)
+        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(path, "not a cycle-encoding training checkpoint")
+        if ck["encoder_config"] != self.E.config.to_dict():
+            raise CheckpointError(path, "the checkpoint's encoder does not match the run's configuration")
+        ranks = ck["ranks"]
+        if len(ranks) != self.dist.world_size:
+            raise CheckpointError(
+                path, f"saved by {len(ranks)} process(es); resume with the same number (now {self.dist.world_size})"
+            )
+        self.E.load_state_dict(ck["encoder"])
+        self.D.load_state_dict(ck["discriminator"])
+        self.opt_e.load_state_dict(ck["opt_e"])
+        self.opt_d.load_state_dict(ck["opt_d"])
+        self.sampler.load_state_dict(ck["sampler"])
+        mine = ranks[self.dist.rank]
+        self.pool.load_state_dict(mine["pool"], device=self.device)
+        set_rng_state(mine["rng"], self.gen)
+        self.step = int(ck["step"])
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def reconstruction_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-term losses (batch means) between targets ``x`` and reconstructions ``y``."""
+        out = {"l2": F.mse_loss(y, x)}
+        if self.perceptual is not None:
+            out["perceptual"] = self.perceptual(y, x).mean()
+        if self.identity is not None:
+            out["identity"] = (1 - self.identity(y, x)).mean()
+        return out
+
+    def weighted(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = self.cfg
+        w = {"l2": c.l2_lambda, "perceptual": c.perceptual_lambda, "identity": c.identity_lambda}
+        return sum(w[k] * v for k, v in losses.items() if k in w)  # type: ignore[return-value]
+
+    def _d_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+        from ..losses.adversarial import discriminator_loss, lazy_r1_loss, r1_due
+
+        D, opt = self.D, self.opt_d
+        D.requires_grad_(True)
+        loss, logs = discriminator_loss(D, real, fake)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dd.average_gradients(D.parameters(), self.dist)
+        opt.step()
+        logs["d_loss"] = float(loss.detach())
+        if self.cfg.r1_gamma > 0 and r1_due(self.step, self.cfg.r1_every):
+            r1 = lazy_r1_loss(D, real, self.cfg.r1_gamma, self.cfg.r1_every)
+            opt.zero_grad(set_to_none=True)
+            r1.backward()
+            dd.average_gradients(D.parameters(), self.dist)
+            opt.step()
+            logs["d_r1"] = float(r1.detach())
+        opt.zero_grad(set_to_none=True)
+        D.requires_grad_(False)
+        return logs
+
+    def train_step(self) -> dict[str, float]:
+        from ..losses.adversarial import encoder_adversarial_loss, fake_codes_for_discriminator, sample_real_codes
+        from ..losses.delta import delta_loss
+
+        st: ScheduleState = self.schedule.at(self.step, self.G.num_ws)
+        E = self.E
+        E.stage = min(st.stage, E.max_stage)
+        E.train()
+        x = self.sampler.next_batch().to(self.device)
+        ws = E(x)
+        logs: dict[str, float] = {}
+        if self.cfg.adversarial:
+            real = sample_real_codes(self.G, x.shape[0], generator=self.gen)
+            fake = fake_codes_for_discriminator(ws, E.stage, self.pool)
+            logs.update(self._d_step(real, fake))
+        y = pool_to(self.G.synthesis(ws, noise_mode="const"), self.image_size)
+        rec = self.reconstruction_losses(x, y)
+        total = self.weighted(rec)
+        d_loss = delta_loss(ws, E.stage)
+        total = total + st.delta_weight * d_loss
+        if self.cfg.adversarial and st.adversarial_weight > 0:
+            adv = encoder_adversarial_loss(self.D, ws, E.stage)
+            total = total + st.adversarial_weight * adv
+            logs["adv"] = float(adv.detach())
+        self.opt_e.zero_grad(set_to_none=True)
+        total.backward()
+        dd.average_gradients(E.parameters(), self.dist)
+        self.opt_e.step()
+        dd.broadcast_buffers(E, self.dist)
+        logs.update({k: float(v.detach()) for k, v in rec.items()})
+        logs["delta"] = float(d_loss.detach())
+        logs["loss"] = float(total.detach())
+        logs = dd.all_reduce_mean(logs, self.dist)
+        logs.update(stage=E.stage, delta_weight=st.delta_weight, adversarial_weight=st.adversarial_weight)
+        self.step += 1
+        return logs
+
+    # -- validation and pictures ------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, max_images: int | None = None) -> dict[str, float]:
+        """Mean reconstruction losses on the held-out images (eval mode, the current stage)."""
+        E = self.E
+        was = E.training
+        E.eval()
+        n = len(self.val) if max_images is None else min(max_images, len(self.val))
+        sums: dict[str, float] = {}
+        for i in range(0, n, self.cfg.batch_size):
+            x = torch.stack([self.val.load(j) for j in range(i, min(n, i + self.cfg.batch_size))]).to(self.device)
+            y = pool_to(self.G.synthesis(E(x), noise_mode="const"), self.image_size)
+            rec = self.reconstruction_losses(x, y)
+            rec["weighted"] = self.weighted(rec)
+            for k, v in rec.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * x.shape[0]
+        E.train(was)
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def save_grid(self, count: int = 8) -> Path | None:
+        if not len(self.val):
+            return None
+        E = self.E
+        was = E.training
+        E.eval()
+        x = torch.stack([self.val.load(j) for j in range(min(count, len(self.val)))]).to(self.device)
+        y = pool_to(self.G.synthesis(E(x), noise_mode="const"), self.image_size)
+        E.train(was)
+        grid = make_grid(torch.cat([x, y.clamp(-1, 1)]).cpu(), ncols=x.shape[0])
+        path = save_image(grid, self.run_dir / "images" / f"step{self.step:07d}.png")
+        if self.writer is not None:
+            self.writer.add_image("reconstructions", (grid + 1) / 2, self.step)
+        return path
+
+    # -- loop ----------------------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            prefix = "val/" if record.get("kind") == "val" else "train/"
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.writer.add_scalar(prefix + k, v, record["step"])
+
+    def export(self) -> Path | None:
+        """Write the encoder in the project's format (with the stage the run ended in)."""
+        if not self.dist.is_main:
+            return None
+        from ..checkpoints.encoder import save_encoder
+
+        prov = default_provenance(
+            made_by="cycle-encoding train-encoder",
+            run=self.run_dir.name,
+            step=self.step,
+            schedule=self.schedule.name,
+            generator=Path(self.cfg.generator).name,
+            generator_sha256=file_sha256(self.cfg.generator),
+            data=str(self.cfg.data),
+            networks=self.network_names(),
+        )
+        return save_encoder(self.E, self.run_dir / "encoder.safetensors", prov, trained_stage=self.E.stage)
+
+    def weights_digest(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for m in (self.E, self.D):
+            for k, v in m.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def run(self, until: int | None = None) -> dict[str, Any]:
+        """Train from the current step to ``until`` (default: the configured end); checkpoints on the way."""
+        from tqdm import tqdm
+
+        end = min(until or self.max_steps, self.max_steps)
+        cfg = self.cfg
+        if self.step == 0 and self.dist.is_main:
+            self._log({"kind": "start", "step": 0, "time": time.time(), "networks": self.network_names(),
+                       "encoder_init": self.init_note, "train_images": len(self.train_data),
+                       "val_images": len(self.val), "world_size": self.dist.world_size})  # fmt: skip
+        bar = tqdm(total=end, initial=self.step, desc="train-encoder", disable=not self.dist.is_main or self.quiet)
+        t_last = time.perf_counter()
+        steps_since = 0
+        while self.step < end:
+            logs = self.train_step()
+            steps_since += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == end:
+                now = time.perf_counter()
+                rec = {"kind": "train", "step": self.step, "time": time.time(),
+                       "sec_per_step": (now - t_last) / steps_since, **logs}  # fmt: skip
+                t_last, steps_since = now, 0
+                self._log(rec)
+                bar.set_postfix(stage=logs["stage"], loss=f"{logs['loss']:.4f}")
+            if self.step % cfg.val_every == 0 or self.step == end:
+                v = self.validate() if len(self.val) else {}
+                v = dd.all_reduce_mean(v, self.dist)
+                self._log({"kind": "val", "step": self.step, "time": time.time(), "stage": self.E.stage, **v})
+            if self.dist.is_main and (self.step % cfg.image_every == 0 or self.step == end):
+                self.save_grid()
+            if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                self.save_checkpoint()
+        bar.close()
+        digests = dd.gather_objects(self.weights_digest(), self.dist)
+        summary = {"kind": "end", "step": self.step, "time": time.time(), "trained_stage": self.E.stage,
+                   "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests}  # fmt: skip
+        self._log(summary)
+        if self.step >= self.max_steps:
+            self.export()
+        if self.writer is not None:
+            self.writer.flush()
+        dd.barrier(self.dist)
+        return summary
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        dd.shutdown(self.dist)
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EncoderTrainConfig:
+    """The configuration a run was started with (``config.json``), with ``max_steps`` etc. overridable."""
+    p = Path(run_dir) / "config.json"
+    if not p.is_file():
+        raise CycleEncodingError(f"{run_dir}: not a train-encoder run folder (no config.json)")
+    data = json.loads(p.read_text())
+    data.pop("_resolved", None)
+    allowed = {"max_steps", "log_every", "image_every", "val_every", "checkpoint_every", "device"}
+    for k, v in (overrides or {}).items():
+        if k not in allowed:
+            raise CycleEncodingError(f"--{k.replace('_', '-')} cannot change when resuming (only {sorted(allowed)})")
+        data[k] = v
+    return load_train_config(data)
+
+
+def encoder_from_training_checkpoint(obj: dict[str, Any], path: Path, device: torch.device) -> Encoder4Editing:
+    """The encoder of a training checkpoint (``checkpoint.pt``), at the stage the run was in."""
+    E = Encoder4Editing(EncoderConfig.from_dict(obj["encoder_config"]))
+    E.load_state_dict(obj["encoder"])
+    E.trained_stage = int(obj.get("trained_stage", E.max_stage))
+    E.stage = E.trained_stage
+    E.provenance = {"source_file": str(path), "source_format": CHECKPOINT_FORMAT, "step": obj.get("step")}  # type: ignore[assignment]
+    return E.to(device).eval()
+
+
+def describe_steps(total: int) -> str:
+    return f"{total:,} steps" + (f" (~{math.ceil(total / 1000)}k)" if total >= 1000 else "")
