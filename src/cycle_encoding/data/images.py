@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import CycleEncodingError
 
@@ -39,8 +39,9 @@ def read_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
     """
     p = Path(path)
     try:
-        with Image.open(p) as img:
-            img.load()
+        with Image.open(p) as opened:
+            opened.load()
+            img = ImageOps.exif_transpose(opened)  # photos from cameras and phones: apply their orientation
             mode = img.mode
             if mode in _SIXTEEN_BIT_MODES:
                 arr = np.asarray(img, dtype=np.float64) / 65535.0

@@ -1,0 +1,94 @@
+"""Commands about face photos: ``align`` (FFHQ-style alignment with dlib's 68 landmarks)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import CycleEncodingError
+
+
+def _upsample(value: str) -> str | int:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("use auto or a number of times (0, 1, 2)") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return n
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "align",
+        parents=[common],
+        help="FFHQ-align the faces of photos (dlib 68 landmarks), one PNG per face",
+        description="Align faces as the FFHQ dataset was made: dlib's HOG detector and 68-point landmarks, an "
+        "eye/mouth-based square, crop, reflect-padding with blur, quad transform, resize. Writes OUT/<name>.png "
+        "(the largest face) or OUT/<name>_00.png, _01.png, ... (--all-faces, largest first). Images without a "
+        "face are reported by name and skipped; existing outputs are kept (a re-run resumes) unless --overwrite.",
+    )
+    p.add_argument("input", type=Path, help="an image file or a folder of images")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--size", type=int, default=256, help="output size in pixels (default 256)")
+    p.add_argument("--all-faces", action="store_true", help="align every face found, not only the largest")
+    p.add_argument("--overwrite", action="store_true", help="redo images whose output already exists")
+    p.add_argument("--predictor", type=Path, default=None,
+                   help="dlib 68-point predictor file (default: /usr/share/dlib/shape_predictor_68_face_landmarks.dat "
+                        "from Debian libdlib-data, or $CYCLE_ENCODING_DLIB_PREDICTOR)")  # fmt: skip
+    p.add_argument("--upsample", type=_upsample, default="auto",
+                   help="times the face detector doubles the image first to find small faces: auto (1 for images up "
+                        "to 1200 px, else 0), 0, 1, 2 (default auto)")  # fmt: skip
+    p.add_argument("--supersample", type=int, default=4, help="render the quad at this many times --size (FFHQ: 4)")
+    p.set_defaults(func=cmd_align)
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from ..data.align import LandmarkDetector, align_files, list_images
+
+    if args.size < 8:
+        raise CycleEncodingError(f"--size {args.size} is too small (use 8 or more, e.g. 256)")
+    if args.supersample < 1:
+        raise CycleEncodingError("--supersample must be 1 or more")
+    files = list_images(args.input)
+    if not files:
+        raise CycleEncodingError(f"{args.input}: no image files (.jpg, .png, ...) in this folder")
+    detector = LandmarkDetector(args.predictor, upsample=args.upsample)
+
+    bar = tqdm(total=len(files), desc="align", unit="img", disable=len(files) < 2)
+
+    def event(kind: str, path: Path, detail: object) -> None:
+        if kind == "no_face":
+            tqdm.write(f"no face found: {path}", file=sys.stderr)
+        elif kind == "failed":
+            tqdm.write(f"skipped: {detail}", file=sys.stderr)
+        bar.update(1)
+
+    rep = align_files(
+        files,
+        args.out,
+        detector,
+        size=args.size,
+        all_faces=args.all_faces,
+        overwrite=args.overwrite,
+        supersample=args.supersample,
+        on_event=event,
+    )
+    bar.close()
+    done = len(files) - len(rep.no_face) - len(rep.failed) - len(rep.skipped)
+    parts = [f"aligned {len(rep.written)} face(s) from {done} image(s) into {args.out}"]
+    if rep.skipped:
+        parts.append(f"{len(rep.skipped)} already done")
+    if rep.no_face:
+        parts.append(f"{len(rep.no_face)} without a face")
+    if rep.failed:
+        parts.append(f"{len(rep.failed)} unreadable")
+    print("; ".join(parts))
+    from . import EXIT_USER_ERROR
+
+    return EXIT_USER_ERROR if (rep.no_face or rep.failed) else 0
