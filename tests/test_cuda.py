@@ -43,3 +43,25 @@ def test_discriminator_r1_on_cuda():
     (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
     g.pow(2).sum().backward()
     assert all(p.grad is not None for n, p in D.named_parameters() if n.endswith("weight"))
+
+
+def test_encoder_training_steps_on_cuda(tmp_path):
+    from cycle_encoding.training.encoder_trainer import EncoderTrainer, load_train_config
+    from cycle_encoding.utils import save_image
+
+    G = make_tiny_generator(resolution=16)
+    ce.save_generator(G, tmp_path / "g.safetensors")
+    (tmp_path / "data").mkdir()
+    with torch.no_grad():
+        for i, im in enumerate(G(torch.randn(8, G.z_dim)).clamp(-1, 1)):
+            save_image(im, tmp_path / "data" / f"{i}.png")
+    cfg = load_train_config(dict(
+        generator=str(tmp_path / "g.safetensors"), data=str(tmp_path / "data"), out=str(tmp_path / "runs"),
+        preset="e4e", total_steps=40, max_steps=4, batch_size=4, perceptual="none", val_count=2, r1_every=2,
+        encoder={"widths": [8, 16, 16, 32], "units": [1, 1, 1, 1]}, device="cuda",
+    ))  # fmt: skip
+    t = EncoderTrainer(cfg, quiet=True)
+    assert t.E.latent_avg.is_cuda and t.D.mlp[0].weight.is_cuda
+    summary = t.run()
+    t.close()
+    assert summary["step"] == 4 and (t.run_dir / "encoder.safetensors").is_file()

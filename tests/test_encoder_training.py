@@ -165,3 +165,26 @@ def test_two_processes_under_torchrun_stay_in_sync(setup, tmp_path):
     assert end["kind"] == "end" and len(end["weights_sha256"]) == 2
     assert end["ranks_in_sync"] and end["weights_sha256"][0] == end["weights_sha256"][1]
     assert recs[0]["world_size"] == 2
+
+
+def test_encoder_body_initialised_from_arcface_layout(setup, tmp_path):
+    """An ArcFace IR-SE-50 file (FORMATS.md layout, written here) initialises the encoder's input layer and body."""
+    from tests.layouts import irse_body_sd
+
+    sd = irse_body_sd()  # IR-SE-50: widths 64..512, units 3, 4, 14, 3
+    g = torch.Generator().manual_seed(5)
+    for name, c in (("output_layer.0", 512), ("output_layer.4", 512)):
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = torch.ones(c), torch.zeros(c)
+        sd[f"{name}.running_mean"], sd[f"{name}.running_var"] = torch.zeros(c), torch.ones(c)
+    sd["output_layer.3.weight"] = torch.randn(512, 512 * 7 * 7, generator=g) * 0.01
+    sd["output_layer.3.bias"] = torch.zeros(512)
+    torch.save(sd, tmp_path / "model_ir_se50.pth")
+    t = EncoderTrainer(config(setup, encoder={}, encoder_init=str(tmp_path / "model_ir_se50.pth")), quiet=True)
+    own = t.E.state_dict()
+    for k in ("input_layer.0.weight", "body.3.shortcut_layer.0.weight", "body.23.res_layer.5.fc2.weight"):
+        assert torch.equal(own[k], sd[k]), k
+    assert "ArcFace" in t.init_note
+    t.close()
+    # a scaled-down body cannot take IR-SE-50 weights: the key is named
+    with pytest.raises(CycleEncodingError, match=r"ArcFace key input_layer\.0\.weight has shape"):
+        EncoderTrainer(config(setup, encoder_init=str(tmp_path / "model_ir_se50.pth")), quiet=True)
