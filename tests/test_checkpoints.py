@@ -255,3 +255,18 @@ def test_bad_files_give_one_clear_line(tmp_path):
         msg = str(info.value)
         assert expected in msg, (name, msg)
         assert "\n" not in msg and name in msg
+
+
+def test_safetensors_whose_header_length_looks_like_a_pickle(tmp_path):
+    """A header of 640 bytes makes the file start with 80 02, a pickle's first bytes: still safetensors."""
+    import json
+    import struct
+
+    from safetensors.torch import load_file
+
+    header = json.dumps({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header = header + b" " * (640 - len(header))
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", 640) + header + struct.pack("<2f", 1.0, 2.0))
+    assert (tmp_path / "x.safetensors").read_bytes()[:2] == b"\x80\x02"
+    assert sniff(tmp_path / "x.safetensors") == "safetensors"
+    assert load_file(str(tmp_path / "x.safetensors"))["t"].tolist() == [1.0, 2.0]

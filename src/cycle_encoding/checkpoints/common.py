@@ -44,10 +44,6 @@ def sniff(path: str | Path) -> str:
                 p, "truncated: a torch zip archive whose end record is missing (incomplete download?)"
             )
         return "torch-zip"
-    if head[:1] == b"\x80" and len(head) >= 2 and head[1] in range(2, 6):
-        if head[2:3] == b"\x8a" and head[4:14] == _TORCH_LEGACY_MAGIC:
-            return "torch-legacy"
-        return "pickle"
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 8 + n <= size:
@@ -66,6 +62,10 @@ def sniff(path: str | Path) -> str:
             return "safetensors"
         if head[8:9] == b"{":
             raise CheckpointError(p, f"truncated: safetensors header says {n} bytes but the file has {size - 8}")
+    if head[:1] == b"\x80" and len(head) >= 2 and head[1] in range(2, 6):
+        if head[2:3] == b"\x8a" and head[4:14] == _TORCH_LEGACY_MAGIC:
+            return "torch-legacy"
+        return "pickle"
     raise CheckpointError(
         p, "not a checkpoint: not a torch, pickle or safetensors file (first bytes " + head[:8].hex() + ")"
     )
