@@ -1,0 +1,616 @@
+"""Training a StyleGAN2 generator for a small domain (Fashion-MNIST at 32x32 first), on CPU or GPU.
+
+One iteration at global step s (StyleGAN2, rosinality's order):
+
+1. discriminator: a real batch x (the next of the resumable :class:`~cycle_encoding.data.datasets.EpochSampler`) and
+   a fake batch G(w) (style mixing, random noise, no gradient into G); loss
+   ``mean softplus(D(G(w))) + mean softplus(-D(x))`` (non-saturating logistic); Adam step;
+2. lazy R1, when ``s % r1_every == 0``: an extra D step on ``gamma / 2 * mean ||grad_x D(x)||^2 * r1_every``;
+3. generator: a new fake batch, loss ``mean softplus(-D(G(w)))``; Adam step;
+4. path-length regularization (optional, off by default), when ``s % pl_every == 0``: on a batch of
+   ``batch / pl_batch_shrink`` fakes, ``J_w^T y`` with ``y ~ N(0, I) / sqrt(H W)`` is differentiated with respect to
+   the codes (double backward through G), ``a = |J_w^T y|`` averaged over the code layers; an extra G step on
+   ``pl_weight * pl_every * mean (a - a_mean)^2``, where ``a_mean`` is a running mean (decay 0.01);
+5. ``g_ema``: every parameter ``p_ema <- beta p_ema + (1 - beta) p`` with ``beta = 0.5 ** (B / (ema_kimg * 1000))``
+   (B: the global batch), i.e. a half-life of ``ema_kimg`` thousand images (10k images: rosinality's
+   ``0.5 ** (32 / (10 * 1000))`` at batch 32); ``ema_rampup`` (NVIDIA's option) shortens it early in training.
+
+Adam: lr 0.002, betas (0, 0.99); with lazy regularization every c steps the optimizer of that network uses
+``lr * r`` and ``beta ** r``, ``r = c / (c + 1)`` (StyleGAN2's correction; r = 1 when the regularizer is off).
+
+Random draws (latents, mixing crossovers, noise) come from one CPU ``torch.Generator`` per process and are moved
+to the device, so CPU and GPU runs draw the same values. With several processes (``torchrun``; gloo on CPU, NCCL on
+GPU) each takes ``batch / world_size`` images of every global batch and its own latents; gradients are averaged by
+hand (no DDP: R1 and path length need double backward), so all processes hold identical G, D and g_ema.
+
+A run lives in ``OUT/NNNNN-generator-DATA-RES``: ``config.json`` (resolved options), ``log.jsonl``, ``tb/``
+(TensorBoard scalars and sample grids), ``images/`` (``reals.png``; ``fakes{step}.png``: g_ema on fixed latents,
+constant noise), ``checkpoint.pt`` (G, D, g_ema, both optimizers, the step, the sampler position, all random states:
+a resumed run repeats an uninterrupted one exactly), and ``generator.safetensors`` (g_ema in the project's format,
+rewritten at every checkpoint and at the end, with its provenance).
+
+Default architecture for Fashion-MNIST 32x32 (see :class:`GeneratorArch`): 128-d styles, 4 mapping layers, channels
+``min(2048 / res, 128)``: 128 at 4, 8 and 16 px, 64 at 32 px (1.1 M parameters in G, 1.2 M in D), batch 32. Why:
+Fashion-MNIST is grey, small and simple (10 classes of centred products), and this CPU sets the budget: 512 channels
+cost ~12x the time per step of 128 (DATA.md) without a need for that capacity. The coarse layers, where the shape is
+decided, are cheap (4-16 px), so they get 128 channels; the 32 px layers, where most of the arithmetic is, get 64
+(about 1.25x the time of 64 channels everywhere, measured). A short mapping network suffices for one simple domain
+(NVIDIA's small-data configuration uses 2 layers). R1: NVIDIA's heuristic ``0.0002 * res^2 / batch`` (0.0064 here);
+g_ema half-life 10k images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoints.common import atomic_torch_save, atomic_write
+from ..checkpoints.native import default_provenance
+from ..config import from_mapping, to_dict
+from ..errors import CheckpointError, CycleEncodingError
+from ..networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from ..utils import make_grid, resolve_device, save_image
+from . import distributed as dd
+from .runs import next_run_dir, rng_state, set_rng_state
+
+CHECKPOINT_FORMAT = "cycle-encoding-train-generator"
+CHECKPOINT_VERSION = 1
+GREY_DATASETS = ("fashion-mnist",)
+
+
+@dataclass(frozen=True)
+class GeneratorArch:
+    """The generator's width and mapping network (the resolution and channels come from the run)."""
+
+    style_dim: int = 128
+    n_mlp: int = 4
+    channel_base: int = 2048  # channels at resolution r: min(channel_base // r, channel_max)
+    channel_max: int = 128
+    lr_mlp: float = 0.01
+
+
+@dataclass(frozen=True)
+class DiscriminatorArch:
+    channel_base: int | None = None  # default: the generator's
+    channel_max: int | None = None  # default: the generator's
+    stddev_group: int = 4
+
+
+@dataclass(frozen=True)
+class GeneratorTrainConfig:
+    data: str
+    resolution: int = 32
+    img_channels: int | None = None  # default: 1 for fashion-mnist, else 3
+    out: str = "runs"
+    name: str | None = None
+    max_steps: int = 20_000
+    batch_size: int = 32  # global, split over processes
+    lr: float = 0.002
+    betas: tuple[float, ...] = (0.0, 0.99)
+    r1_gamma: float | None = None  # default: NVIDIA's heuristic 0.0002 * resolution^2 / batch_size
+    r1_every: int = 16
+    pl_weight: float = 0.0  # path-length regularization (rosinality's default when on: 2)
+    pl_every: int = 4
+    pl_batch_shrink: int = 2
+    pl_decay: float = 0.01
+    mixing_prob: float = 0.9
+    ema_kimg: float = 10.0
+    ema_rampup: float | None = None
+    flip: bool = False
+    generator: GeneratorArch = field(default_factory=GeneratorArch)
+    discriminator: DiscriminatorArch = field(default_factory=DiscriminatorArch)
+    sample_count: int = 64
+    log_every: int = 50
+    image_every: int = 1000
+    checkpoint_every: int = 1000
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {list(self.betas)}")
+        if not 0 <= self.mixing_prob <= 1:
+            raise ValueError(f"mixing_prob must be in [0, 1], got {self.mixing_prob}")
+        if self.ema_kimg < 0:
+            raise ValueError(f"ema_kimg must be >= 0, got {self.ema_kimg}")
+        for k in ("log_every", "image_every", "checkpoint_every", "r1_every", "pl_every", "pl_batch_shrink"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1")
+
+    @property
+    def channels(self) -> int:
+        if self.img_channels is not None:
+            return self.img_channels
+        return 1 if str(self.data).partition(":")[0] in GREY_DATASETS else 3
+
+    @property
+    def gamma(self) -> float:
+        """The R1 weight: as given, or NVIDIA's small-data heuristic ``0.0002 * res^2 / batch``."""
+        if self.r1_gamma is not None:
+            return self.r1_gamma
+        return 0.0002 * self.resolution**2 / self.batch_size
+
+    def generator_config(self) -> GeneratorConfig:
+        a = self.generator
+        return GeneratorConfig(
+            resolution=self.resolution, style_dim=a.style_dim, n_mlp=a.n_mlp, channel_base=a.channel_base,
+            channel_max=a.channel_max, img_channels=self.channels, lr_mlp=a.lr_mlp,
+        )  # fmt: skip
+
+    def discriminator_config(self) -> DiscriminatorConfig:
+        g, d = self.generator, self.discriminator
+        return DiscriminatorConfig(
+            resolution=self.resolution,
+            channel_base=d.channel_base if d.channel_base is not None else g.channel_base,
+            channel_max=d.channel_max if d.channel_max is not None else g.channel_max,
+            img_channels=self.channels,
+            stddev_group=d.stddev_group,
+        )
+
+
+def load_generator_train_config(data: dict[str, Any]) -> GeneratorTrainConfig:
+    """A checked configuration from plain data (YAML/JSON options); unknown keys and bad types are one clear line."""
+    cfg = from_mapping(GeneratorTrainConfig, data, "train-generator options")
+    try:  # build the architectures once so that a bad width is reported before anything runs
+        cfg.generator_config()
+        cfg.discriminator_config()
+    except ValueError as e:
+        raise CycleEncodingError(f"train-generator options: {e}") from None
+    return cfg
+
+
+def lazy_ratio(every: int, active: bool = True) -> float:
+    """StyleGAN2's correction for a regularizer applied every ``every`` steps: ``every / (every + 1)`` (1 if off)."""
+    return every / (every + 1) if active else 1.0
+
+
+def ema_beta(batch: int, ema_kimg: float, cur_nimg: int = 0, rampup: float | None = None) -> float:
+    """``0.5 ** (batch / ema_nimg)``: the decay of g_ema for a half-life of ``ema_nimg = ema_kimg * 1000`` images,
+    shortened to ``cur_nimg * rampup`` early in training when ``rampup`` is set (NVIDIA's ema_rampup)."""
+    nimg = ema_kimg * 1000
+    if rampup is not None:
+        nimg = min(nimg, cur_nimg * rampup)
+    if nimg <= 0:
+        return 0.0
+    return 0.5 ** (batch / nimg)
+
+
+@torch.no_grad()
+def accumulate(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
+    """``p_ema <- beta * p_ema + (1 - beta) * p`` for every parameter (the buffers are constant during training)."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.mul_(beta).add_(p.detach(), alpha=1 - beta)
+
+
+def sample_codes(
+    G: Generator, batch: int, mixing_prob: float, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Codes ``[batch, num_ws, w_dim]`` of ``z ~ N(0, I)`` with style mixing at probability ``mixing_prob`` (a random
+    crossover layer per sample, as :meth:`Generator.sample_ws`); all draws from the CPU generator ``gen``."""
+    z = torch.randn(batch, G.z_dim, generator=gen)
+    z2 = torch.randn(batch, G.z_dim, generator=gen)
+    u = torch.rand(batch, generator=gen)
+    cut = torch.randint(1, G.num_ws, (batch,), generator=gen)
+    cut = torch.where(u < mixing_prob, cut, torch.full_like(cut, G.num_ws))
+    ws = G.mapping(z.to(device))
+    if mixing_prob > 0:
+        ws = G.style_mix(ws, G.mapping(z2.to(device)), cut.to(device))
+    return ws
+
+
+def random_noise(G: Generator, batch: int, gen: torch.Generator, device: torch.device) -> list[torch.Tensor]:
+    """Per-layer noise drawn from the CPU generator ``gen``, on ``device``."""
+    return [n.to(device) for n in G.make_noise(batch, generator=gen, device="cpu")]
+
+
+def machine_description(device: torch.device) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+class GeneratorTrainer:
+    """Builds G, D, g_ema, the optimizers and the data from a config (or a run folder to resume) and runs the loop."""
+
+    def __init__(
+        self,
+        cfg: GeneratorTrainConfig,
+        resume: str | Path | None = None,
+        quiet: bool = False,
+        command: str | None = None,
+    ) -> None:
+        from ..data.datasets import EpochSampler, open_dataset
+
+        self.cfg = cfg
+        self.quiet = quiet
+        self.command = command if command is not None else " ".join(sys.argv)
+        base_device = resolve_device(cfg.device)
+        self.dist = dd.init_distributed(base_device)
+        self.device = dd.rank_device(base_device, self.dist)
+        self.world = self.dist.world_size
+        if cfg.batch_size % self.world:
+            raise CycleEncodingError(f"batch size {cfg.batch_size} is not divisible by the {self.world} processes")
+        self.local_batch = cfg.batch_size // self.world
+        self.gamma = cfg.gamma
+
+        # data
+        self.data = open_dataset(cfg.data, cfg.resolution, cfg.channels, "train")
+        self.sampler = EpochSampler(self.data, cfg.batch_size, cfg.seed, cfg.flip, self.dist.rank, self.world)
+
+        # networks: same initial weights on every rank (seeded, then broadcast from rank 0)
+        torch.manual_seed(cfg.seed)
+        self.G = Generator(cfg.generator_config()).to(self.device)
+        self.D = Discriminator(cfg.discriminator_config()).to(self.device)
+        dd.broadcast_parameters(self.G, self.dist)
+        dd.broadcast_parameters(self.D, self.dist)
+        self.g_ema = Generator(cfg.generator_config()).to(self.device)
+        self.g_ema.load_state_dict(self.G.state_dict())
+        self.g_ema.eval().requires_grad_(False)
+        torch.manual_seed(cfg.seed + self.dist.rank)
+
+        b1, b2 = cfg.betas
+        self.pl_on = cfg.pl_weight > 0
+        self.r1_on = self.gamma > 0
+        g_ratio = lazy_ratio(cfg.pl_every, self.pl_on)
+        d_ratio = lazy_ratio(cfg.r1_every, self.r1_on)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr * g_ratio, betas=(b1**g_ratio, b2**g_ratio))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr * d_ratio, betas=(b1**d_ratio, b2**d_ratio))
+        self.gen = torch.Generator().manual_seed(cfg.seed * 104_729 + 1 + self.dist.rank)
+        self.mean_path_length = 0.0
+        self.step = 0
+        self.train_seconds = 0.0  # wall time spent in training steps, over all resumed parts
+        self.run_dir = self._setup_run_dir(resume)
+        if resume is not None:
+            self._load_checkpoint(self.run_dir / "checkpoint.pt")
+        self.writer = None
+        if self.dist.is_main and not quiet:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:  # pragma: no cover - tensorboard is a pinned dependency
+                self.writer = None
+
+    # -- set-up -----------------------------------------------------------------------------------------
+    def resolved(self) -> dict[str, Any]:
+        """What the options resolve to (architectures, R1 weight, optimizer settings, data), for config.json."""
+        cfg = self.cfg
+        return {
+            "img_channels": cfg.channels,
+            "r1_gamma": self.gamma,
+            "generator": self.G.config.to_dict(),
+            "generator_channels": self.G.config.channels(),
+            "discriminator": self.D.config.to_dict(),
+            "generator_parameters": sum(p.numel() for p in self.G.parameters()),
+            "discriminator_parameters": sum(p.numel() for p in self.D.parameters()),
+            "opt_g": {"lr": self.opt_g.defaults["lr"], "betas": list(self.opt_g.defaults["betas"])},
+            "opt_d": {"lr": self.opt_d.defaults["lr"], "betas": list(self.opt_d.defaults["betas"])},
+            "ema_beta": ema_beta(cfg.batch_size, cfg.ema_kimg),
+            "world_size": self.world,
+            "data": self.data.describe(),
+            "train_images": len(self.data),
+            "command": self.command,
+            "machine": machine_description(self.device),
+        }
+
+    def _setup_run_dir(self, resume: str | Path | None) -> Path:
+        if resume is not None:
+            run = Path(resume)
+            if not (run / "checkpoint.pt").is_file():
+                raise CycleEncodingError(f"{run}: no checkpoint.pt to resume from")
+            return run
+        run = None
+        if self.dist.is_main:
+            data_label = str(self.cfg.data).partition(":")[0]
+            data_label = Path(data_label).name if not data_label.startswith("fashion-mnist") else data_label
+            label = self.cfg.name or f"generator-{data_label}-{self.cfg.resolution}"
+            run = next_run_dir(self.cfg.out, label)
+            run.mkdir(parents=True)
+            (run / "images").mkdir()
+            cfg = to_dict(self.cfg)
+            cfg["_resolved"] = self.resolved()
+            atomic_write(run / "config.json", lambda t: t.write_text(json.dumps(cfg, indent=2) + "\n"))
+        run = dd.broadcast_object(run, self.dist)
+        assert run is not None
+        return Path(run)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoint.pt`` atomically (rank 0; every rank's random state gathered into it)."""
+        ranks = dd.gather_objects({"rng": rng_state(self.gen)}, self.dist)
+        if not self.dist.is_main:
+            return None
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "mean_path_length": self.mean_path_length,
+            "generator": self.G.state_dict(),
+            "generator_config": self.G.config.to_dict(),
+            "g_ema": self.g_ema.state_dict(),
+            "discriminator": self.D.state_dict(),
+            "discriminator_config": self.D.config.to_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "ranks": ranks,
+            "config": to_dict(self.cfg),
+        }
+        return atomic_torch_save(ckpt, self.run_dir / "checkpoint.pt")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from ..checkpoints.common import torch_load
+
+        ck = torch_load(path)  # on the CPU: random states must stay there; modules copy to their device
+        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(path, "not a cycle-encoding train-generator checkpoint")
+        if ck["generator_config"] != self.G.config.to_dict() or ck["discriminator_config"] != self.D.config.to_dict():
+            raise CheckpointError(path, "the checkpoint's networks do not match the run's configuration")
+        ranks = ck["ranks"]
+        if len(ranks) != self.world:
+            raise CheckpointError(
+                path, f"saved by {len(ranks)} process(es); resume with the same number (now {self.world})"
+            )
+        self.G.load_state_dict(ck["generator"])
+        self.g_ema.load_state_dict(ck["g_ema"])
+        self.D.load_state_dict(ck["discriminator"])
+        self.opt_g.load_state_dict(ck["opt_g"])
+        self.opt_d.load_state_dict(ck["opt_d"])
+        self.sampler.load_state_dict(ck["sampler"])
+        set_rng_state(ranks[self.dist.rank]["rng"], self.gen)
+        self.step = int(ck["step"])
+        self.train_seconds = float(ck.get("train_seconds", 0.0))
+        self.mean_path_length = float(ck.get("mean_path_length", 0.0))
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def _fake(self, batch: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ws = sample_codes(self.G, batch, self.cfg.mixing_prob, self.gen, self.device)
+        noise = random_noise(self.G, batch, self.gen, self.device)
+        with torch.set_grad_enabled(grad):
+            return self.G.synthesis(ws, noise=noise), ws
+
+    def _d_step(self, real: torch.Tensor) -> dict[str, float]:
+        G, D, opt = self.G, self.D, self.opt_d
+        G.requires_grad_(False)
+        D.requires_grad_(True)
+        fake, _ = self._fake(real.shape[0], grad=False)
+        fake_pred = D(fake)
+        real_pred = D(real)
+        fake_loss = F.softplus(fake_pred).mean()
+        real_loss = F.softplus(-real_pred).mean()
+        loss = fake_loss + real_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dd.average_gradients(D.parameters(), self.dist)
+        opt.step()
+        logs = {
+            "d_loss": float(loss.detach()),
+            "d_real": float(real_loss.detach()),
+            "d_fake": float(fake_loss.detach()),
+            "real_score": float(real_pred.detach().mean()),
+            "fake_score": float(fake_pred.detach().mean()),
+        }
+        if self.r1_on and self.step % self.cfg.r1_every == 0:
+            from ..losses.adversarial import r1_penalty
+
+            r1 = r1_penalty(D, real)
+            opt.zero_grad(set_to_none=True)
+            (self.gamma / 2 * r1 * self.cfg.r1_every).backward()
+            dd.average_gradients(D.parameters(), self.dist)
+            opt.step()
+            logs["r1"] = float(r1.detach())
+        opt.zero_grad(set_to_none=True)
+        return logs
+
+    def _g_step(self) -> dict[str, float]:
+        G, D, opt = self.G, self.D, self.opt_g
+        G.requires_grad_(True)
+        D.requires_grad_(False)
+        fake, _ = self._fake(self.local_batch, grad=True)
+        loss = F.softplus(-D(fake)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dd.average_gradients(G.parameters(), self.dist)
+        opt.step()
+        logs = {"g_loss": float(loss.detach())}
+        if self.pl_on and self.step % self.cfg.pl_every == 0:
+            logs.update(self._path_length_step())
+        opt.zero_grad(set_to_none=True)
+        return logs
+
+    def _path_length_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        batch = max(1, self.local_batch // cfg.pl_batch_shrink)
+        fake, ws = self._fake(batch, grad=True)
+        y = torch.randn(fake.shape, generator=self.gen).to(self.device) / math.sqrt(fake.shape[2] * fake.shape[3])
+        (grad,) = torch.autograd.grad((fake * y).sum(), ws, create_graph=True)
+        lengths = grad.pow(2).sum(2).mean(1).sqrt()
+        target = self.mean_path_length + cfg.pl_decay * (lengths.mean() - self.mean_path_length)
+        penalty = (lengths - target).pow(2).mean()
+        self.opt_g.zero_grad(set_to_none=True)
+        (cfg.pl_weight * cfg.pl_every * penalty).backward()
+        dd.average_gradients(self.G.parameters(), self.dist)
+        self.opt_g.step()
+        # one running mean for all ranks (the mean of the ranks' updated means)
+        self.mean_path_length = dd.all_reduce_mean({"m": float(target.detach())}, self.dist)["m"]
+        return {"path_penalty": float(penalty.detach()), "path_length": float(lengths.detach().mean())}
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration (D step, lazy R1, G step, lazy path length, EMA); returns the losses (means over ranks)."""
+        t0 = time.perf_counter()
+        real = self.sampler.next_batch().to(self.device)
+        logs = self._d_step(real)
+        logs.update(self._g_step())
+        cur_nimg = (self.step + 1) * self.cfg.batch_size
+        beta = ema_beta(self.cfg.batch_size, self.cfg.ema_kimg, cur_nimg, self.cfg.ema_rampup)
+        accumulate(self.g_ema, self.G, beta)
+        logs = dd.all_reduce_mean(logs, self.dist)
+        if self.pl_on:
+            logs["mean_path_length"] = self.mean_path_length
+        self.step += 1
+        self.train_seconds += time.perf_counter() - t0
+        return logs
+
+    # -- pictures and export ------------------------------------------------------------------------------
+    def sample_latents(self) -> torch.Tensor:
+        """The fixed latents of the sample grids (seeded by the run's seed)."""
+        g = torch.Generator().manual_seed(self.cfg.seed + 12_345)
+        return torch.randn(self.cfg.sample_count, self.G.z_dim, generator=g)
+
+    @torch.no_grad()
+    def samples(self) -> torch.Tensor:
+        """g_ema's images of the fixed latents (constant noise), ``[sample_count, C, H, W]`` on the CPU."""
+        z = self.sample_latents().to(self.device)
+        out = [self.g_ema(z[i : i + 64], noise_mode="const") for i in range(0, z.shape[0], 64)]
+        return torch.cat(out).clamp(-1, 1).cpu()
+
+    def save_grid(self) -> Path:
+        grid = make_grid(self.samples(), value=1.0)
+        path = save_image(grid, self.run_dir / "images" / f"fakes{self.step:07d}.png")
+        if self.writer is not None:
+            self.writer.add_image("fakes", (grid + 1) / 2, self.step)
+        return path
+
+    def save_reals(self, count: int = 64) -> Path:
+        n = min(count, len(self.data))
+        grid = make_grid(torch.stack([self.data.load(i) for i in range(n)]), value=1.0)
+        return save_image(grid, self.run_dir / "images" / "reals.png")
+
+    def provenance(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return default_provenance(
+            made_by="cycle-encoding train-generator",
+            command=self.command,
+            run=self.run_dir.name,
+            data=self.data.describe(),
+            step=self.step,
+            kimg=self.step * cfg.batch_size / 1000,
+            batch_size=cfg.batch_size,
+            train_seconds=round(self.train_seconds, 1),
+            world_size=self.world,
+            machine=machine_description(self.device),
+            network="g_ema",
+            ema_kimg=cfg.ema_kimg,
+            r1_gamma=self.gamma,
+            pl_weight=cfg.pl_weight,
+            mixing_prob=cfg.mixing_prob,
+            seed=cfg.seed,
+        )
+
+    def export(self) -> Path | None:
+        """Write g_ema (with ``w_avg`` = mean of mapping(z) over 10,000 samples) as ``generator.safetensors``."""
+        if not self.dist.is_main:
+            return None
+        from ..checkpoints.generator import W_AVG_SAMPLES, save_generator
+
+        self.g_ema.compute_w_avg(W_AVG_SAMPLES)
+        return save_generator(self.g_ema, self.run_dir / "generator.safetensors", self.provenance())
+
+    def weights_digest(self) -> str:
+        """sha256 over G, D and g_ema's state dicts (to check that processes hold identical networks)."""
+        h = hashlib.sha256()
+        for m in (self.G, self.D, self.g_ema):
+            for k, v in m.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    # -- loop ----------------------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None and record.get("kind") == "train":
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.writer.add_scalar("train/" + k, v, record["step"])
+
+    def run(self, until: int | None = None) -> dict[str, Any]:
+        """Train from the current step to ``until`` (default ``max_steps``); checkpoints and exports on the way."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        end = min(until if until is not None else cfg.max_steps, cfg.max_steps)
+        if self.step == 0 and self.dist.is_main:
+            self._log({"kind": "start", "step": 0, "time": time.time(), "world_size": self.world,
+                       "train_images": len(self.data), "data": self.data.describe(),
+                       "generator": self.G.config.to_dict(), "r1_gamma": self.gamma})  # fmt: skip
+            self.save_reals()
+            self.save_grid()
+        bar = tqdm(total=end, initial=self.step, desc="train-generator", disable=not self.dist.is_main or self.quiet)
+        t_last = time.perf_counter()
+        steps_since = 0
+        while self.step < end:
+            logs = self.train_step()
+            steps_since += 1
+            bar.update(1)
+            last = self.step == end
+            if self.step % cfg.log_every == 0 or last:
+                now = time.perf_counter()
+                rec = {"kind": "train", "step": self.step, "kimg": self.step * cfg.batch_size / 1000,
+                       "time": time.time(), "sec_per_step": (now - t_last) / steps_since, **logs}  # fmt: skip
+                t_last, steps_since = now, 0
+                self._log(rec)
+                bar.set_postfix(d=f"{logs['d_loss']:.3f}", g=f"{logs['g_loss']:.3f}")
+            if self.dist.is_main and (self.step % cfg.image_every == 0 or last):
+                self.save_grid()
+            if self.step % cfg.checkpoint_every == 0 or last:
+                self.save_checkpoint()
+                self.export()
+        bar.close()
+        digests = dd.gather_objects(self.weights_digest(), self.dist)
+        summary = {"kind": "end", "step": self.step, "time": time.time(), "train_seconds": self.train_seconds,
+                   "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests}  # fmt: skip
+        self._log(summary)
+        if self.writer is not None:
+            self.writer.flush()
+        dd.barrier(self.dist)
+        return summary
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        dd.shutdown(self.dist)
+
+
+RESUME_OVERRIDES = ("max_steps", "log_every", "image_every", "checkpoint_every", "device")
+
+
+def resume_generator_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> GeneratorTrainConfig:
+    """The configuration a run was started with (``config.json``); only ``RESUME_OVERRIDES`` may change."""
+    p = Path(run_dir) / "config.json"
+    if not p.is_file():
+        raise CycleEncodingError(f"{run_dir}: not a train-generator run folder (no config.json)")
+    data = json.loads(p.read_text())
+    data.pop("_resolved", None)
+    for k, v in (overrides or {}).items():
+        if k not in RESUME_OVERRIDES:
+            raise CycleEncodingError(
+                f"--{k.replace('_', '-')} cannot change when resuming (only {', '.join(RESUME_OVERRIDES)})"
+            )
+        data[k] = v
+    return load_generator_train_config(data)
