@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from .checkpoints import convert_generator, export_rosinality, load_generator, save_generator
 from .checkpoints.encoder import load_encoder, save_encoder
 from .errors import CheckpointError, CycleEncodingError
+from .inversion import Inverter
 from .networks.encoder import Encoder4Editing, EncoderConfig
 from .networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 
@@ -25,6 +26,7 @@ __all__ = [
     "EncoderConfig",
     "Generator",
     "GeneratorConfig",
+    "Inverter",
     "__version__",
     "convert_generator",
     "export_rosinality",

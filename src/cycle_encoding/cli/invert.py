@@ -1,0 +1,152 @@
+"""``cycle-encoding invert``: pivots, refinement, projection and pivotal tuning over images (parsing only; the work is
+in ``inversion/``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import add_device_arg, print_json
+
+EXIT_SOME_FAILED = 3
+
+# option -> (dest in the InversionConfig, dotted for nested; type; help)
+OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--offsets", "offsets", str, "encoder offsets: all (default, the authors' inference) or trained"),
+    ("--perceptual", "perceptual", str,
+     "perceptual distance: lpips-alex (default; needs --lpips-backbone), lpips-vgg, dlib-face, ... or none"),
+    ("--lpips-backbone", "lpips_backbone", str, "torchvision ImageNet AlexNet/VGG16 state dict for LPIPS"),
+    ("--identity", "identity", str, "identity network of the refinement's ID term: arcface, dlib-face, ... or none"),
+    ("--identity-weights", "identity_weights", str, "weights file of the identity network"),
+    ("--seed", "seed", int, "random seed (default 0); each image's draws derive from it and the image's index"),
+    ("--refine-steps", "refine.steps", int, "refinement forward passes K (default 16: pivot after 15 updates)"),
+    ("--refine-random", "refine.num_random", int, "random training images M per step (default 7)"),
+    ("--refine-lambda", "refine.lambda_reg", float, "weight lambda_reg of the regularizer (default M)"),
+    ("--refine-lr", "refine.lr", float, "refinement learning rate (default: the encoder's optimizer state's, 1e-4)"),
+    ("--refine-size", "refine.image_size", int, "loss image size of the refinement (default: the training size)"),
+    ("--project-steps", "project.steps", int, "W projector steps (default 450)"),
+    ("--project-lr", "project.lr", float, "W projector initial learning rate (default 0.01)"),
+    ("--project-l2", "project.l2_lambda", float, "weight of a pixel MSE in the projector (default 0, as PTI)"),
+    ("--tune-steps", "tune.steps", int, "pivotal tuning: at most this many steps (default 350)"),
+    ("--tune-lr", "tune.lr", float, "pivotal tuning Adam learning rate (default 3e-4)"),
+    ("--stop-threshold", "tune.stop_threshold", float, "stop tuning once the perceptual distance is <= this (0.07)"),
+    ("--locality-alpha", "tune.locality_alpha", float, "locality regularizer: distance from the pivot (default 30)"),
+    ("--locality-weights", "_locality_weights", str, "locality regularizer: MSE,perceptual weights (default 0.1,0.1)"),
+    ("--delta-level", "delta_level", int, "zlib level of the stored generator change, 0-9 (default 1)"),
+]  # fmt: skip
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "invert",
+        parents=[common],
+        help="invert images: encoder pivot, regularized refinement, W projection, pivotal tuning",
+        description="Inverts one image or a folder's images into a generator, by stages chosen with --stages "
+        "(encoder, refine, project, tune; default encoder,refine,tune = the paper's Method 2 with PTI's tuning). "
+        "RUN_DIR receives config.json, summary.json and images/NAME/ with the pivots, the reconstruction after "
+        "each stage, losses.jsonl, timings.json and the tuned generator as its change from the base "
+        "(generator_delta.safetensors). Re-running into the same RUN_DIR skips finished images. Under torchrun the "
+        "images are split between the processes. Exit status: 0 all done, 3 some images failed (listed), 2 bad input.",
+    )
+    p.add_argument("images", type=Path, help="an image file or a folder of images (faces aligned beforehand)")
+    p.add_argument("--generator", required=True, help="generator file (any supported format)")
+    p.add_argument("--encoder", default=None,
+                   help="encoder: a train-encoder checkpoint.pt (gives the optimizer state and the training images for "
+                        "refine), an encoder.safetensors, or an e4e/pSp/Cycle Encoding .pt")  # fmt: skip
+    p.add_argument(
+        "--stages", default=None, help="comma-separated: encoder,refine,project,tune (default encoder,refine,tune)"
+    )
+    p.add_argument("--train-data", default=None,
+                   help="the encoder's training images (folder or dataset name) for refine; default: what the encoder "
+                        "file records")  # fmt: skip
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="the run folder")
+    p.add_argument("--config", default=None, help="YAML/JSON file of inversion options (command-line options win)")
+    for flag, dest, tp, hlp in OPTIONS:
+        metavar = {int: "N", float: "X"}.get(tp, "VALUE")
+        p.add_argument(flag, dest="opt:" + dest, type=tp, default=None, metavar=metavar, help=hlp)
+    p.add_argument("--no-locality", action="store_true", help="pivotal tuning without the locality regularizer")
+    p.add_argument("--no-early-stop", action="store_true", help="pivotal tuning always takes --tune-steps steps")
+    p.add_argument("--no-delta", action="store_true", help="do not store the tuned generators")
+    p.add_argument("--recursive", action="store_true", help="also take images in sub-folders")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved options and the images, run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only the summary")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_invert)
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The inversion options as a nested mapping: the --config file, then the command-line options over it."""
+    from ..config import load_config_file
+    from ..errors import CycleEncodingError
+
+    data: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    if args.stages:
+        data["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if args.train_data:
+        data["train_data"] = args.train_data
+    for _, dest, _, _ in OPTIONS:
+        v = getattr(args, "opt:" + dest)
+        if v is None:
+            continue
+        if dest == "_locality_weights":
+            try:
+                l2, perc = (float(s) for s in v.split(","))
+            except ValueError:
+                raise CycleEncodingError(f"--locality-weights takes two numbers, MSE,perceptual; got {v!r}") from None
+            _set(data, "tune.locality_l2_lambda", l2)
+            _set(data, "tune.locality_perceptual_lambda", perc)
+        else:
+            _set(data, dest, v)
+    if args.no_locality:
+        _set(data, "tune.locality", False)
+    if args.no_early_stop:
+        _set(data, "tune.stop_threshold", None)
+    if args.no_delta:
+        data["save_delta"] = False
+    return data
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    from ..inversion.pipeline import Inverter, list_targets, make_config
+
+    config = make_config(options_from_args(args))
+    if args.dry_run:
+        from ..config import to_dict
+
+        files, names = list_targets(args.images, args.recursive)
+        print_json({"options": to_dict(config), "run_dir": str(args.out), "images": len(files),
+                    "names": names[:20] + (["..."] if len(names) > 20 else [])})  # fmt: skip
+        return 0
+    inv = Inverter(args.generator, args.encoder, config, device=args.device, progress=not args.quiet)
+    try:
+        if inv.dist.is_main:
+            nets = inv.network_names()
+            print(f"networks: perceptual {nets['perceptual']}; identity {nets['identity']}", file=sys.stderr)
+        summary = inv.run(args.images, args.out, recursive=args.recursive, verbose=not args.quiet, debug=args.debug)
+    finally:
+        inv.close()
+    if not inv.dist.is_main:
+        return EXIT_SOME_FAILED if summary.get("failed") else 0
+    lines = [f"{args.out}: {summary['finished']} of {summary['images']} image(s) finished "
+             f"({len(summary['done'])} now, {len(summary['skipped'])} before), {len(summary['failed'])} failed"]  # fmt: skip
+    for s, e in summary["per_stage"].items():
+        lines.append(f"  {s:<8} {e['seconds_per_image']:8.2f} s/image  mse {e.get('mse', float('nan')):.4f}"
+                     + (f"  perceptual {e['perceptual']:.4f}" if "perceptual" in e else ""))  # fmt: skip
+    if "generator_delta" in summary:
+        d = summary["generator_delta"]
+        lines.append(f"  tuned generator stored as its change: {d['mean_bytes_per_image'] / 1e6:.2f} MB per image vs "
+                     f"{d['full_copy_bytes'] / 1e6:.2f} MB for a full copy ({d['ratio']:.1%})")  # fmt: skip
+    for f in summary["failed"]:
+        lines.append(f"  failed: {f['name']}: {f['reason']}")
+    lines.append(f"summary: {Path(args.out) / 'summary.json'}")
+    print("\n".join(lines))
+    return EXIT_SOME_FAILED if summary["failed"] else 0

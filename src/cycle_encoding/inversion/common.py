@@ -1,0 +1,148 @@
+"""Pieces the inversion stages share: the loss networks by name, per-sample reconstruction terms, seeds, rendering.
+
+Seeds: every random draw of a stage comes from a ``torch.Generator`` seeded by (run seed, image index, stage), never
+from the global generator, so an image gives the same result whichever process handles it, in whatever order, and
+whether or not the run was interrupted before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CycleEncodingError
+from ..networks.stylegan2 import Generator
+
+STAGE_NUMBERS = {"encoder": 1, "refine": 2, "project": 3, "tune": 4}
+
+
+@dataclass
+class LossNetworks:
+    """The frozen networks the losses use; None where a term is off. ``names()`` is what logs record."""
+
+    perceptual: nn.Module | None = None
+    identity: nn.Module | None = None
+
+    def names(self) -> dict[str, str]:
+        return {
+            "perceptual": getattr(self.perceptual, "name", type(self.perceptual).__name__)
+            if self.perceptual
+            else "none",
+            "identity": getattr(self.identity, "name", type(self.identity).__name__) if self.identity else "none",
+        }
+
+
+def build_loss_networks(
+    perceptual: str | None,
+    lpips_backbone: str | Path | None,
+    identity: str | None,
+    identity_weights: str | Path | None,
+    device: torch.device,
+    need_perceptual: bool = True,
+    need_identity: bool = True,
+) -> LossNetworks:
+    """Build the networks named (``"none"`` or None: no network). Unneeded ones are not built (no file is read)."""
+    from ..losses.identity import build_identity
+    from ..losses.perceptual import build_perceptual
+
+    p = None
+    if need_perceptual and perceptual and perceptual != "none":
+        p = build_perceptual(perceptual, device, lpips_backbone).requires_grad_(False).eval()
+    i = None
+    if need_identity and identity and identity != "none":
+        i = build_identity(identity, device, identity_weights).requires_grad_(False).eval()
+    return LossNetworks(p, i)
+
+
+def per_sample_mse(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each pair, ``[B]``."""
+    return (y - x.to(y.dtype)).square().flatten(1).mean(dim=1)
+
+
+def reconstruction_terms(
+    y: torch.Tensor, x: torch.Tensor, nets: LossNetworks, with_identity: bool = True
+) -> dict[str, torch.Tensor]:
+    """Per-sample terms between reconstructions ``y`` and targets ``x``: ``l2`` (MSE), ``perceptual`` (distance),
+    ``identity`` (1 - cosine), each ``[B]``; a term whose network is None is absent."""
+    out = {"l2": per_sample_mse(y, x)}
+    if nets.perceptual is not None:
+        out["perceptual"] = nets.perceptual(y, x).reshape(-1)
+    if with_identity and nets.identity is not None:
+        out["identity"] = 1 - nets.identity(y, x).reshape(-1)
+    return out
+
+
+def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """``sum_k weights[k] * terms[k]`` over the terms present (same shape as each term)."""
+    total: torch.Tensor | None = None
+    for k, v in terms.items():
+        w = weights.get(k, 0.0)
+        if w:
+            total = w * v if total is None else total + w * v
+    if total is None:
+        first = next(iter(terms.values()))
+        return torch.zeros_like(first)
+    return total
+
+
+def stage_seed(seed: int, index: int, stage: str) -> int:
+    """The seed of one stage of one image: a fixed mix of the run seed, the image's index and the stage."""
+    return ((int(seed) * 1_000_003 + int(index)) * 16 + STAGE_NUMBERS[stage]) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Gradients off for ``module``'s parameters inside the block (restored after): a network used, not trained."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+@torch.no_grad()
+def render(G: Generator, ws: torch.Tensor) -> torch.Tensor:
+    """G's image of codes ``ws`` with its constant noise (what every stage's reconstruction is)."""
+    return G.synthesis(ws.to(G.w_avg.device), noise_mode="const")
+
+
+def check_target(G: Generator, x: torch.Tensor) -> torch.Tensor:
+    """A target image as ``[1, C, R, R]`` on G's device; R = G's resolution (resized, centre-cropped if not square)."""
+    from ..data.datasets import resize_square
+
+    if x.ndim == 4:
+        if x.shape[0] != 1:
+            raise CycleEncodingError(f"one target image at a time, got a batch of {x.shape[0]}")
+        x = x[0]
+    if x.ndim != 3:
+        raise CycleEncodingError(f"a target image is [C, H, W] in [-1, 1], got shape {list(x.shape)}")
+    if x.shape[0] != G.img_channels:
+        if x.shape[0] == 1 and G.img_channels == 3:
+            x = x.expand(3, -1, -1)
+        elif x.shape[0] == 3 and G.img_channels == 1:
+            x = (x * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(3, 1, 1)).sum(0, True)
+        else:
+            raise CycleEncodingError(
+                f"the generator makes {G.img_channels}-channel images, the target has {x.shape[0]}"
+            )
+    x = resize_square(x.float().cpu(), G.resolution)
+    return x[None].to(G.w_avg.device)
+
+
+def resize_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` resized to ``size`` (antialiased bilinear), unchanged when already that size."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)

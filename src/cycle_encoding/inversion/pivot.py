@@ -1,0 +1,51 @@
+"""Stage ``encoder``: the pivot straight from the encoder, E(x) in eval mode (the authors' "Method 1").
+
+Which offsets take part (``offsets``):
+- ``"all"`` (default): every offset D_1..D_{N-1}, as the authors' inference builds the encoder (stage "Inference"),
+  although a cycle-trained encoder ended its training in stage 0;
+- ``"trained"``: the stage the encoder's training ended in (recorded in the project's encoder files and training
+  checkpoints; e4e-family files do not record it, so asking for it there is an error).
+The default follows the authors' code; METHOD.md asks for both to be measured, which the benchmark can do.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..errors import CycleEncodingError
+from ..networks.encoder import Encoder4Editing
+
+Offsets = Literal["all", "trained"]
+OFFSETS = ("all", "trained")
+
+
+def resolve_stage(E: Encoder4Editing, offsets: str) -> int:
+    """The encoder stage that ``offsets`` ("all" or "trained") means for ``E``."""
+    if offsets == "all":
+        return E.max_stage
+    if offsets == "trained":
+        if E.trained_stage is None:
+            raise CycleEncodingError(
+                "offsets 'trained' asked for, but the encoder file does not record the stage its training ended in "
+                "(e4e-family files never do): use offsets 'all'"
+            )
+        return int(E.trained_stage)
+    raise CycleEncodingError(f"offsets must be one of {', '.join(OFFSETS)}, got {offsets!r}")
+
+
+@torch.no_grad()
+def encoder_pivot(E: Encoder4Editing, images: torch.Tensor, offsets: str = "all") -> torch.Tensor:
+    """E(x) in eval mode with the offsets asked for: images ``[B, C, H, W]`` in [-1, 1] -> codes ``[B, N, w_dim]``.
+
+    The encoder resizes the images to its input size itself; its mode and stage are restored afterwards.
+    """
+    stage, was_training = E.stage, E.training
+    try:
+        E.stage = resolve_stage(E, offsets)
+        E.eval()
+        return E(images.to(E.latent_avg.device)).detach()
+    finally:
+        E.stage = stage
+        E.train(was_training)

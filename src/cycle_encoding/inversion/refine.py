@@ -1,0 +1,306 @@
+"""Stage ``refine``: the regularized pivot refinement of the paper (Eq. 5-6), as the authors run it ("Method 2").
+
+For each target x the ENCODER's weights are optimized (the code is a function of them):
+
+    L_S(x)      = l2 * MSE(x, G(E(x))) + perceptual * P(x, G(E(x))) + identity * (1 - cos ID(x, G(E(x))))
+    L_ref       = (L_S(x) + lambda_reg * mean_i L_S(x*_i)) / (1 + lambda_reg)
+
+with x*_1..x*_M real images of the encoder's training set. With the defaults (M = 7, lambda_reg = M) L_ref is the
+mean of L_S over the batch [x*_1..x*_7, x], which is what the authors' code minimizes (Eq. 6 times 1/8).
+
+How it runs (read off the authors' refinement script and coach):
+- start from the trained encoder and, when the file has it (a ``train-encoder`` ``checkpoint.pt``), its optimizer
+  state (the authors resume their Ranger with ``--keep_optimizer``); otherwise a fresh Ranger with the paper's
+  settings (lr 1e-4, betas (0.95, 0.999), eps 1e-5);
+- all offsets active, BatchNorm in train mode, no delta or adversarial term;
+- ``steps`` = K forward passes (default 16) on [M random training images + x], the target last; the encoder takes
+  an optimizer step after each of the first K - 1; the pivot is the target's code from the K-th forward, i.e. after
+  K - 1 = 15 updates, in train mode (batch statistics), as the authors save it. (Their loop also steps after the
+  K-th forward; that update cannot change the pivot, so it is skipped here.)
+- the M random images are drawn afresh for every step, as the authors' shuffled data loader does, by a generator
+  seeded from (run seed, image index): a run is reproducible and an image's result does not depend on which
+  process handles it (``resample_each_step=False`` keeps one draw for all K steps instead);
+- G's output is average-pooled to the training image size (256 for faces, ``min(G.resolution, 256)`` in general,
+  or the size the encoder was trained at when the checkpoint says), and the targets are resized to it;
+- after each target, encoder weights, BatchNorm statistics and optimizer state are reset to the saved copies
+  (deep copies made once, not reloaded from disk).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.datasets import ImageDataset, open_dataset
+from ..errors import CheckpointError, CycleEncodingError
+from ..networks.encoder import Encoder4Editing
+from ..networks.stylegan2 import Generator
+from ..training.optim import Ranger
+from .common import LossNetworks, cpu_generator, frozen, reconstruction_terms, resize_to, weighted_sum
+
+PAPER_RANGER = {"lr": 1e-4, "betas": (0.95, 0.999), "eps": 1e-5}
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Options of the regularized refinement (defaults: the authors' run)."""
+
+    steps: int = 16  # forward passes; the pivot comes from the last, after steps - 1 updates
+    num_random: int = 7  # M: random training images per step
+    lambda_reg: float | None = None  # None: M
+    l2_lambda: float = 1.0
+    perceptual_lambda: float = 0.8
+    identity_lambda: float = 0.1
+    lr: float | None = None  # None: the optimizer state's learning rate (1e-4 without one)
+    image_size: int | None = None  # None: the encoder's training size (checkpoint) or min(G.resolution, 256)
+    resample_each_step: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"refine.steps must be >= 1, got {self.steps}")
+        if self.num_random < 0:
+            raise ValueError(f"refine.num_random must be >= 0, got {self.num_random}")
+        if self.lambda_reg is not None and self.lambda_reg < 0:
+            raise ValueError(f"refine.lambda_reg must be >= 0, got {self.lambda_reg}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"refine.lr must be positive, got {self.lr}")
+
+    @property
+    def reg_weight(self) -> float:
+        return float(self.num_random if self.lambda_reg is None else self.lambda_reg)
+
+    def weights(self) -> dict[str, float]:
+        return {"l2": self.l2_lambda, "perceptual": self.perceptual_lambda, "identity": self.identity_lambda}
+
+
+@dataclass
+class EncoderSource:
+    """An encoder as read from its file, with what the refinement needs besides the weights."""
+
+    encoder: Encoder4Editing
+    optimizer_state: dict[str, Any] | None = None
+    optimizer_settings: dict[str, Any] = field(default_factory=lambda: dict(PAPER_RANGER))
+    train_data: str | None = None  # the training images' folder or dataset name, when the file records it
+    image_size: int | None = None  # the size the encoder was trained at, when the file records it
+    path: str | None = None
+
+
+def load_encoder_source(path: str | Path, device: str | torch.device = "cpu") -> EncoderSource:
+    """Read an encoder file for inversion: a ``train-encoder`` ``checkpoint.pt`` gives the encoder, its Ranger state,
+    its training data and image size; the project's ``encoder.safetensors`` gives the encoder and the training data
+    recorded in its provenance; e4e-family files give the encoder only."""
+    from ..checkpoints.common import sniff, torch_load
+    from ..checkpoints.encoder import load_encoder
+    from ..utils import resolve_device
+
+    p = Path(path)
+    dev = resolve_device(device)
+    if sniff(p) in ("torch-zip", "torch-legacy"):
+        obj = torch_load(p)
+        if isinstance(obj, dict) and obj.get("format") == "cycle-encoding-train":
+            from ..training.encoder_trainer import encoder_from_training_checkpoint
+
+            try:
+                E = encoder_from_training_checkpoint(obj, p, dev)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise CheckpointError(p, f"a train-encoder checkpoint whose encoder cannot be built: {e}") from None
+            cfg = obj.get("config") or {}
+            settings = dict(PAPER_RANGER)
+            for k in ("lr", "betas", "eps"):
+                if k in cfg:
+                    settings[k] = tuple(cfg[k]) if k == "betas" else float(cfg[k])
+            return EncoderSource(
+                encoder=E,
+                optimizer_state=obj.get("opt_e"),
+                optimizer_settings=settings,
+                train_data=cfg.get("data"),
+                image_size=cfg.get("image_size"),
+                path=str(p),
+            )
+    E = load_encoder(p, device=dev)
+    prov = getattr(E, "provenance", {}) or {}
+    data = prov.get("data") if isinstance(prov, dict) else None
+    return EncoderSource(encoder=E, train_data=str(data) if data else None, path=str(p))
+
+
+def open_training_images(spec: str | None, size: int, channels: int, encoder_path: str | None) -> ImageDataset:
+    """The encoder's training images at ``size``; a clear error when none are named or the folder is gone."""
+    where = f" ({encoder_path})" if encoder_path else ""
+    if not spec:
+        raise CycleEncodingError(
+            f"stage 'refine' needs the encoder's training images, and the encoder file{where} records none: "
+            "pass --train-data FOLDER (or a dataset name such as fashion-mnist)"
+        )
+    try:
+        return open_dataset(spec, size, channels, "train")
+    except CycleEncodingError as e:
+        raise CycleEncodingError(
+            f"stage 'refine' needs the encoder's training images: {e}; pass --train-data to name where they are now"
+        ) from None
+
+
+@dataclass
+class RefineResult:
+    pivot: torch.Tensor  # [1, N, w_dim]
+    losses: list[dict[str, Any]]
+    first_target_loss: float  # L_S of the target at the first forward (the trained encoder)
+    target_loss: float  # L_S of the target at the pivot
+
+
+class RegularizedRefiner:
+    """Runs the refinement per target, resetting the encoder and its optimizer in between.
+
+    ``E`` is copied: the caller's encoder is never changed. ``train_images`` are the encoder's training images at the
+    loss image size.
+    """
+
+    def __init__(
+        self,
+        G: Generator,
+        E: Encoder4Editing,
+        train_images: ImageDataset,
+        config: RefineConfig | None = None,
+        nets: LossNetworks | None = None,
+        optimizer_state: dict[str, Any] | None = None,
+        optimizer_settings: dict[str, Any] | None = None,
+        image_size: int | None = None,
+    ) -> None:
+        self.config = config or RefineConfig()
+        c = self.config
+        self.G = G
+        self.nets = nets or LossNetworks()
+        self.image_size = int(c.image_size or image_size or min(G.resolution, 256))
+        if train_images.size != self.image_size or train_images.channels != G.img_channels:
+            raise CycleEncodingError(
+                f"training images are {train_images.channels}x{train_images.size}px, the refinement needs "
+                f"{G.img_channels}x{self.image_size}px"
+            )
+        if len(train_images) < c.num_random:
+            raise CycleEncodingError(
+                f"{train_images.name}: {len(train_images)} training image(s), the refinement draws {c.num_random} "
+                "per step"
+            )
+        self.data = train_images
+        self.E = copy.deepcopy(E)
+        self.E.stage = "all"
+        self.E.requires_grad_(True)
+        settings = dict(PAPER_RANGER)
+        settings.update(optimizer_settings or {})
+        self._settings = {"lr": float(settings["lr"]), "betas": tuple(settings["betas"]), "eps": float(settings["eps"])}
+        self._e_state = copy.deepcopy(self.E.state_dict())
+        self.optimizer = self._new_optimizer()
+        if optimizer_state is not None:
+            n_state = sum(len(g["params"]) for g in optimizer_state.get("param_groups", []))
+            n_params = len(list(self.E.parameters()))
+            if n_state != n_params:
+                raise CycleEncodingError(
+                    f"the encoder's optimizer state covers {n_state} tensors, the encoder has {n_params}: "
+                    "they do not belong together"
+                )
+            self.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        if c.lr is not None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = c.lr
+        self._opt_state = copy.deepcopy(self.optimizer.state_dict())
+        self.has_optimizer_state = optimizer_state is not None
+        self._bad: set[int] = set()
+
+    def _new_optimizer(self) -> Ranger:
+        s = self._settings
+        return Ranger(self.E.parameters(), lr=s["lr"], betas=s["betas"], eps=s["eps"])  # type: ignore[arg-type]
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def reset(self) -> None:
+        """Back to the trained encoder (weights and BatchNorm statistics) and its optimizer state."""
+        self.E.load_state_dict(self._e_state)
+        self.optimizer = self._new_optimizer()
+        self.optimizer.load_state_dict(copy.deepcopy(self._opt_state))
+
+    def _draw(self, gen: torch.Generator) -> torch.Tensor:
+        """M readable training images chosen at random (without repetition)."""
+        m = self.config.num_random
+        device = self.G.w_avg.device
+        if m == 0:
+            return torch.empty(0, self.G.img_channels, self.image_size, self.image_size, device=device)
+        out: list[torch.Tensor] = []
+        for i in torch.randperm(len(self.data), generator=gen).tolist():
+            if i in self._bad:
+                continue
+            try:
+                out.append(self.data.load(i))
+            except CycleEncodingError as e:
+                self._bad.add(i)
+                print(f"warning: skipping unreadable training image: {e}", file=sys.stderr)
+                continue
+            if len(out) == m:
+                return torch.stack(out).to(device)
+        raise CycleEncodingError(f"{self.data.name}: fewer than {m} readable training images")
+
+    def refine(
+        self,
+        target: torch.Tensor,
+        seed: int,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+    ) -> RefineResult:
+        """Refine the pivot of one target ``[1, C, H, W]`` (any size: resized to the loss size); resets afterwards."""
+        c = self.config
+        gen = cpu_generator(seed)
+        x = resize_to(target.to(self.G.w_avg.device), self.image_size)
+        lam = c.reg_weight
+        weights = c.weights()
+        from ..training.encoder_trainer import pool_to
+
+        losses: list[dict[str, Any]] = []
+        pivot = None
+        first = last = float("nan")
+        E = self.E
+        E.train()
+        randoms = None
+        try:
+            with frozen(self.G):
+                for k in range(c.steps):
+                    if randoms is None or c.resample_each_step:
+                        randoms = self._draw(gen)
+                    batch = torch.cat([randoms, x])
+                    ws = E(batch)
+                    final = k == c.steps - 1
+                    if final:
+                        pivot = ws[-1:].detach().clone()
+                    y = pool_to(self.G.synthesis(ws, noise_mode="const"), self.image_size)
+                    terms = reconstruction_terms(y, batch, self.nets)
+                    per = weighted_sum(terms, weights)  # L_S per image
+                    reg = per[:-1].mean() if per.shape[0] > 1 else per.new_zeros(())
+                    loss = (per[-1] + lam * reg) / (1.0 + lam)
+                    rec = {
+                        "stage": "refine",
+                        "step": k,
+                        "loss": float(loss.detach()),
+                        "target_l_s": float(per[-1].detach()),
+                        "reg_l_s": float(reg.detach()),
+                        **{f"target_{name}": float(v[-1].detach()) for name, v in terms.items()},
+                        "updated": not final,
+                    }
+                    if k == 0:
+                        first = rec["target_l_s"]
+                    last = rec["target_l_s"]
+                    if not final:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        self.optimizer.step()
+                    losses.append(rec)
+                    if on_step is not None:
+                        on_step(rec)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.reset()
+        assert pivot is not None
+        return RefineResult(pivot=pivot, losses=losses, first_target_loss=first, target_loss=last)
