@@ -1,0 +1,220 @@
+"""``cycle-encoding directions``: write editing directions (InterFaceGAN training, GANSpace, SeFa) and describe
+direction files (parsing only; the work is in ``editing/``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import add_device_arg, print_json
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "directions",
+        parents=[common],
+        help="write editing directions: train (InterFaceGAN), ganspace, sefa; show a direction file",
+        description="Writes direction files: .pt in the published layouts (InterFaceGAN: a [1, w_dim] or "
+        "[1, N, w_dim] tensor; GANSpace: {'mean', 'comp', 'std'}), .npy (an InterFaceGAN boundary), or .safetensors "
+        "(the project's format, any method, with layers and values).",
+    )
+    dsub = p.add_subparsers(dest="directions_command", metavar="ACTION")
+    dsub.required = True
+
+    t = dsub.add_parser(
+        "train",
+        parents=[common],
+        help="InterFaceGAN: the normal of a linear classifier separating labelled codes",
+        description="Trains an InterFaceGAN direction from one source: --codes with --labels (a codes file, or an "
+        "inversion RUN_DIR whose pivots are the codes and whose labels are a CSV by image name); --images DIR with "
+        "--encoder (labels: --labels CSV of file,label or sub-folders per label); or --generator with --classifier "
+        "(samples of the mapping network scored by the classifier; the top and bottom --select-ratio are kept).",
+    )
+    t.add_argument("--out", required=True, type=Path, help="the direction file (.pt, .npy or .safetensors)")
+    t.add_argument(
+        "--codes", default=None, help="codes [n, w_dim] / [n, N, w_dim] (.npy, .pt, .safetensors) or a RUN_DIR"
+    )
+    t.add_argument("--labels", default=None,
+                   help="labels: .npy/.pt/.txt (one per code, in order) or a CSV of name,label (image folders, runs)")  # fmt: skip
+    t.add_argument("--label-column", default=None, help="the CSV's label column (name or number) when it has several")
+    t.add_argument("--images", type=Path, default=None, help="a folder of labelled images, encoded by --encoder")
+    t.add_argument("--positive", default=None, help="the sub-folder holding the positive images")
+    t.add_argument("--encoder", default=None, help="encoder file for --images")
+    t.add_argument("--offsets", default="all", choices=("all", "trained"), help="encoder offsets (default all)")
+    t.add_argument("--generator", default=None, help="generator file for --classifier sampling")
+    t.add_argument("--classifier", default=None, help="attribute classifier (own .safetensors, kind classifier)")
+    t.add_argument("--attribute", default=None, help="the classifier's output to use (name or number; default 0)")
+    t.add_argument("--samples", type=int, default=10_000, help="generated samples to score (default 10000)")
+    t.add_argument("--truncation", type=float, default=1.0, help="truncation of the generated samples (default 1)")
+    t.add_argument("--method", default="svm", choices=("svm", "svc", "logistic"),
+                   help="svm: LinearSVC (default); svc: SVC(kernel='linear') as InterFaceGAN; logistic")  # fmt: skip
+    t.add_argument(
+        "--space", default="w", choices=("w", "w+"), help="w: one [w_dim] direction (default); w+: per layer"
+    )
+    t.add_argument("--C", type=float, default=1.0, help="the classifier's inverse regularization (default 1)")
+    t.add_argument("--select-ratio", type=float, default=None,
+                   help="with continuous scores: the fraction kept at each end (default 0.02, InterFaceGAN's)")  # fmt: skip
+    t.add_argument("--val-fraction", type=float, default=0.3, help="held out to report accuracy (default 0.3)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--name", default=None, help="a name stored with the direction")
+    add_device_arg(t)
+    t.set_defaults(func=cmd_train)
+
+    g = dsub.add_parser("ganspace", parents=[common], help="GANSpace: principal components of the mapping outputs")
+    g.add_argument("--generator", required=True, help="generator file")
+    g.add_argument("--out", required=True, type=Path, help=".pt (GANSpace's layout) or .safetensors")
+    g.add_argument("--samples", type=int, default=100_000, help="mapping samples (default 100000)")
+    g.add_argument("--components", type=int, default=None, help="components kept (default all w_dim)")
+    g.add_argument("--truncation", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    add_device_arg(g)
+    g.set_defaults(func=cmd_ganspace)
+
+    s = dsub.add_parser("sefa", parents=[common], help="SeFa: closed-form directions from the modulation weights")
+    s.add_argument("--generator", required=True, help="generator file")
+    s.add_argument("--out", required=True, type=Path, help=".safetensors (or .pt for a single component)")
+    s.add_argument("--layers", default=None, metavar="A-B", help="style layers (default: all with a convolution)")
+    s.add_argument("--components", type=int, default=None, help="directions kept (default all w_dim)")
+    s.add_argument("--include-torgb", action="store_true", help="also use the ToRGB layers' modulations")
+    s.add_argument("--no-normalize", action="store_true", help="do not scale the weight rows to unit norm (rosinality)")
+    s.set_defaults(func=cmd_sefa)
+
+    w = dsub.add_parser("show", parents=[common], help="describe a direction file")
+    w.add_argument("file", type=Path)
+    w.set_defaults(func=cmd_show)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _read_array(path: Path, what: str) -> np.ndarray:
+    from ..checkpoints.common import sniff, torch_load
+    from ..checkpoints.native import read_native
+    from ..errors import CycleEncodingError
+
+    if path.suffix.lower() == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise CycleEncodingError(f"{path}: cannot read {what} ({e})") from None
+    if path.suffix.lower() == ".txt":
+        from ..editing.interfacegan import parse_label
+
+        return np.asarray([parse_label(s) for s in path.read_text().split() if s.strip()])
+    if sniff(path) == "safetensors":
+        t = read_native(path).tensors
+        key = next((k for k in ("codes", "latents", "labels", "scores") if k in t), None) or next(iter(t))
+        return t[key].numpy()
+    obj: Any = torch_load(path)
+    if isinstance(obj, dict):
+        key = next((k for k in ("codes", "latents", "labels", "scores") if k in obj), None)
+        if key is None:
+            raise CycleEncodingError(f"{path}: a dict without codes/latents/labels/scores")
+        obj = obj[key]
+    if not isinstance(obj, torch.Tensor):
+        raise CycleEncodingError(f"{path}: {what} must be a tensor, found {type(obj).__name__}")
+    return obj.detach().float().cpu().numpy()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..editing.directions import save_any
+    from ..editing.interfacegan import read_labels_csv, train_boundary
+    from ..errors import CycleEncodingError
+    from ..utils import resolve_device
+
+    sources = [args.codes is not None, args.images is not None, args.classifier is not None]
+    if sum(sources) != 1:
+        raise CycleEncodingError("give one source: --codes (with --labels), --images (with --encoder) or --classifier")
+    dev = resolve_device(args.device)
+    notes: dict[str, Any] = {}
+    if args.codes is not None:
+        if args.labels is None:
+            raise CycleEncodingError("--codes needs --labels")
+        cpath = Path(args.codes)
+        lpath = Path(args.labels)
+        if cpath.is_dir():
+            from ..editing.render import InversionRun
+
+            run = InversionRun(cpath)
+            if lpath.suffix.lower() not in (".csv", ".tsv"):
+                raise CycleEncodingError("codes from a run are labelled by a CSV of image name,label")
+            table = read_labels_csv(lpath, args.label_column)
+            names = [n for n in run.image_names() if n in table]
+            if not names:
+                raise CycleEncodingError(f"no image of {cpath} is named in {lpath}")
+            codes = torch.cat([run.image(n).pivot for n in names]).numpy()
+            labels = np.asarray([table[n] for n in names])
+            notes = {"codes": f"pivots of {len(names)} image(s) of {cpath}"}
+        else:
+            codes = _read_array(cpath, "codes")
+            if lpath.suffix.lower() in (".csv", ".tsv"):
+                labels = np.asarray(list(read_labels_csv(lpath, args.label_column).values()))
+            else:
+                labels = _read_array(lpath, "labels")
+    elif args.images is not None:
+        if not args.encoder:
+            raise CycleEncodingError("--images needs --encoder")
+        from ..checkpoints.encoder import load_encoder
+        from ..editing.interfacegan import encode_labelled_folder
+        from ..inversion.pivot import resolve_stage
+
+        E = load_encoder(args.encoder, dev)
+        E.stage = resolve_stage(E, args.offsets)
+        codes_t, labels, notes = encode_labelled_folder(E, args.images, args.labels, args.positive)
+        codes = codes_t.numpy()
+    else:
+        if not args.generator:
+            raise CycleEncodingError("--classifier needs --generator (the samples come from it)")
+        from ..checkpoints.generator import load_generator
+        from ..editing.classifier import as_scorer
+        from ..editing.interfacegan import sample_and_score
+
+        G = load_generator(args.generator, dev)
+        scorer = as_scorer(args.classifier, args.attribute, dev)
+        codes_t, scores = sample_and_score(G, scorer, args.samples, truncation=args.truncation, seed=args.seed)
+        codes, labels = codes_t.numpy(), scores.numpy()
+        notes = {"samples": args.samples, "classifier": str(args.classifier), "attribute": args.attribute}
+    res = train_boundary(codes, labels, args.method, args.space, args.C, args.select_ratio, args.val_fraction,
+                         args.seed, args.name)  # fmt: skip
+    res.direction.meta.update({k: v for k, v in notes.items() if isinstance(v, (str, int, float)) or v is None})
+    save_any(res.direction, args.out)
+    print_json({"out": str(args.out), **res.summary()})
+    return 0
+
+
+def cmd_ganspace(args: argparse.Namespace) -> int:
+    from ..checkpoints.generator import load_generator
+    from ..editing.directions import save_any
+    from ..editing.ganspace import ganspace_pca
+    from ..utils import resolve_device
+
+    G = load_generator(args.generator, resolve_device(args.device))
+    ds = ganspace_pca(G, args.samples, args.components, args.seed, truncation=args.truncation)
+    ds.meta["generator"] = str(args.generator)
+    save_any(ds, args.out)
+    print_json({"out": str(args.out), **ds.describe()})
+    return 0
+
+
+def cmd_sefa(args: argparse.Namespace) -> int:
+    from ..checkpoints.generator import load_generator
+    from ..editing.directions import parse_layers, save_any
+    from ..editing.sefa import sefa_directions
+
+    G = load_generator(args.generator, "cpu")
+    ds = sefa_directions(G, parse_layers(args.layers), args.components, args.include_torgb, not args.no_normalize)
+    ds.meta["generator"] = str(args.generator)
+    save_any(ds, args.out)
+    print_json({"out": str(args.out), **{k: v for k, v in ds.describe().items() if k != "meta"}})
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from ..editing.directions import load_directions
+
+    print_json({"file": str(args.file), **load_directions(args.file).describe()})
+    return 0

@@ -1,0 +1,111 @@
+"""``cycle-encoding edit``: render edits of every image of an inversion run with its own (tuned) generator, and measure
+them (parsing and printing only; the work is in ``editing/render.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from .common import add_device_arg
+
+NUMBER_LIST = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(?:[eE][-+]?\d+)?(?:,[-+]?[\d.]+(?:[eE][-+]?\d+)?)*$")
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "edit",
+        parents=[common],
+        help="render edits (InterFaceGAN, GANSpace, SeFa) of an inversion run's images with their tuned generators",
+        description="For each finished image of RUN_DIR (made by `cycle-encoding invert`), moves its pivot along a "
+        "direction by each strength and renders it with the image's tuned generator (rebuilt from the base and the "
+        "stored change; the base generator when the run did not tune). Strength 0 gives the reconstruction bit for "
+        "bit (checked against the run's hash). Writes RUN_DIR/edits/TAG/NAME/*.png, a labelled strip per image and "
+        "edit.json; optional measures: LEC (--lec), the change of a classifier's score (--classifier) and the "
+        "distance to the reconstruction (--preservation).",
+    )
+    # "--strengths -3,-1.5,0" must read "-3,-1.5,0" as the value: argparse takes only plain negative numbers for
+    # values, so widen its test to comma-separated lists of numbers ("--strengths=-3,..." works in any case)
+    if hasattr(p, "_negative_number_matcher"):
+        p._negative_number_matcher = NUMBER_LIST
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder")
+    p.add_argument("--direction", required=True, metavar="FILE_OR_NAME",
+                   help="a direction file (InterFaceGAN .pt/.npy, GANSpace .pt, SeFa factor .pt, own .safetensors) "
+                        "or a name computed from the run's generator: sefa, ganspace")  # fmt: skip
+    p.add_argument("--component", default="0", help="which direction of a set: a number or a name (default 0)")
+    p.add_argument("--strengths", default="-3,-1.5,0,1.5,3",
+                   help="comma-separated strengths (default -3,-1.5,0,1.5,3); GANSpace: in standard deviations")  # fmt: skip
+    p.add_argument("--layers", default=None, metavar="A-B",
+                   help="style layers to edit, inclusive (e.g. 0-5 or 0,2,4; default: the set's own (SeFa), else all)")  # fmt: skip
+    p.add_argument("--mode", choices=("add", "set"), default="add",
+                   help="add (default): w += strength * direction; set: e4e's GANSpace edits, the component's "
+                        "coordinate set to the strength")  # fmt: skip
+    p.add_argument(
+        "--name", default=None, help="the edit's folder name under RUN_DIR/edits (default: from the direction)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="write the edits here instead of RUN_DIR/edits/TAG")
+    p.add_argument("--generator", default=None, help="the base generator file, when the run's is not where it was")
+    p.add_argument("--images", default=None, help="comma-separated image names to edit (default: all finished)")
+    p.add_argument("--lec", action="store_true", help="measure Latent Editing Consistency with the run's encoder")
+    p.add_argument("--encoder", default=None, help="encoder file for LEC (default: the run's; implies --lec)")
+    p.add_argument("--classifier", default=None,
+                   help="attribute classifier (own .safetensors, kind classifier) to measure edit success")  # fmt: skip
+    p.add_argument("--attribute", default=None, help="the classifier's output to read: a name or a number (default 0)")
+    p.add_argument("--preservation", default=None,
+                   help="distance to the reconstruction: mse, lpips-alex / lpips-vgg (need --preservation-weights), "
+                        "dlib-face, or identity:NAME (identity:arcface, identity:dlib-face)")  # fmt: skip
+    p.add_argument("--preservation-weights", default=None, help="weights file of the preservation network")
+    p.add_argument("--allow-base-generator", action="store_true",
+                   help="when the run tuned but did not store its generators, edit with the base generator")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no line per image")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_edit)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from ..editing.classifier import as_scorer, scorer_name
+    from ..editing.directions import parse_layers, parse_strengths
+    from ..editing.measures import build_preservation
+    from ..editing.render import EditRequest, InversionRun, named_directions, render_run_edits
+    from ..utils import resolve_device
+
+    dev = resolve_device(args.device)
+    run = InversionRun(args.run_dir)
+    strengths = parse_strengths(args.strengths)
+    layers = parse_layers(args.layers)
+    base = run.load_generator(args.generator, dev)
+    ds = named_directions(args.direction, base)
+    request = EditRequest(ds, args.component, strengths, layers, args.mode, args.name)
+    encoder = args.encoder if args.encoder else ("run" if args.lec else None)
+    scorer = as_scorer(args.classifier, args.attribute, dev) if args.classifier else None
+    pres = build_preservation(args.preservation, dev, args.preservation_weights) if args.preservation else None
+    images = [s.strip() for s in args.images.split(",") if s.strip()] if args.images else None
+    doc = render_run_edits(
+        run, request, generator=base, device=dev, encoder=encoder, scorer=scorer,
+        scorer_name=scorer_name(scorer, args.attribute) if scorer else None, preservation=pres,
+        allow_base=args.allow_base_generator, out_dir=args.out, log=(lambda s: None) if args.quiet else None,
+        images=images,
+    )  # fmt: skip
+    out = args.out or run.dir / "edits" / doc["tag"]
+    tuned = sum(1 for r in doc["images"] if r["generator"] == "tuned")
+    lines = [f"{out}: {len(doc['images'])} image(s) x {len(strengths)} strengths "
+             f"({tuned} with their tuned generator), layers {doc['layers']}"]  # fmt: skip
+    bad = [r["name"] for r in doc["images"] if r.get("strength0_is_reconstruction") is False]
+    if bad:
+        lines.append(f"  WARNING: strength 0 differs from the stored reconstruction for {', '.join(bad[:5])}")
+    ms = doc["measures"]
+    if "lec" in ms:
+        vals = ", ".join(f"{a:+g}: {r['lec']['mean']:.4f}" for a, r in zip(strengths, ms["lec"]["per_strength"]))
+        lines.append(f"  LEC (mean over images) {vals}")
+    if "edit_success" in ms:
+        vals = ", ".join(
+            f"{a:+g}: {r['score_change']['mean']:+.4f}" for a, r in zip(strengths, ms["edit_success"]["per_strength"])
+        )
+        lines.append(f"  score change ({ms['edit_success']['classifier']}) {vals}")
+    if "preservation" in ms:
+        p = ms["preservation"]
+        vals = ", ".join(f"{a:+g}: {r['value']['mean']:.4f}" for a, r in zip(strengths, p["per_strength"]))
+        lines.append(f"  preservation ({p['measure']}, {p['kind']}) {vals}")
+    lines.append(f"details: {Path(out) / 'edit.json'}")
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,42 @@
+"""``cycle-encoding report``: an HTML page and a PNG grid of an inversion run (the work is in ``report/``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "report",
+        parents=[common],
+        help="write an HTML report and a PNG grid of an inversion run (images, edits, metrics, timings, losses)",
+        description="Writes RUN_DIR/report.html (one self-contained page: images inlined, no network, no script), "
+        "RUN_DIR/report.png (a row per image: input, reconstruction after each stage, edits) and RUN_DIR/report.json "
+        "(the numbers shown). The page holds the metrics table (mean +- std per stage), the network behind each "
+        "metric, the edits and their measures (from `cycle-encoding edit`), timings, loss plots and the command "
+        "that made the run.",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder")
+    p.add_argument("--out", type=Path, default=None, help="the HTML file to write (default RUN_DIR/report.html)")
+    p.add_argument("--link-images", action="store_true",
+                   help="link the run's image files by relative path instead of inlining them (smaller page; it "
+                        "must stay beside the run)")  # fmt: skip
+    p.add_argument("--max-images", type=int, default=None, help="show at most N images (the tables use all)")
+    p.add_argument("--no-png", action="store_true", help="do not write the PNG grid")
+    p.add_argument("--no-plots", action="store_true", help="leave out the loss plots")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..report.html import write_report
+
+    files = write_report(
+        args.run_dir, args.out, inline=not args.link_images, max_images=args.max_images, png=not args.no_png,
+        plots=not args.no_plots,
+    )  # fmt: skip
+    print(f"report: {files.html}")
+    if files.png is not None:
+        print(f"grid:   {files.png}")
+    print(f"data:   {files.json}")
+    return 0

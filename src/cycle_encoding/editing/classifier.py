@@ -1,0 +1,231 @@
+"""Attribute classifiers the user gives: to label generated samples (InterFaceGAN training) and to measure whether an
+edit changed what it should (edit success).
+
+Two forms are accepted wherever a classifier is asked for:
+- a Python callable ``f(images [B, C, H, W] in [-1, 1]) -> scores [B]`` or ``[B, K]`` (any ``nn.Module`` too);
+- a file in the project's format (``.safetensors``, kind ``classifier``): the architecture is data (config below),
+  built by this module, and the weights are loaded with strict key and shape checks; nothing in the file runs.
+
+Architectures (``ClassifierConfig.arch``):
+- ``convnet``: per entry of ``widths``, a 3x3 stride-2 convolution + LeakyReLU(0.2); global average pooling; a linear
+  layer to the K outputs. Small and fast: attribute scorers for small domains and tests.
+- ``resnet50``: torchvision's ResNet-50 layout (``networks/resnet.py``) with a K-output ``fc``; its keys are
+  torchvision's, so an attribute classifier trained with torchvision converts by ``save_classifier``.
+Images are resized to ``input_size`` (antialiased bilinear), converted to ``in_channels`` and, for
+``normalize="imagenet"``, mapped to [0, 1] and standardized with ImageNet's mean and std. Outputs are logits; the
+score of attribute k is output k (higher = more of the attribute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints.common import check_state_dict
+from ..checkpoints.native import default_provenance, read_native, read_native_header, save_native
+from ..errors import CheckpointError, CycleEncodingError
+
+CLASSIFIER_KIND = "classifier"
+ARCHS = ("convnet", "resnet50")
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """What is needed to build an attribute classifier (see the module doc)."""
+
+    arch: str = "convnet"
+    outputs: tuple[str, ...] = ("attribute",)
+    input_size: int = 64
+    in_channels: int = 3
+    widths: tuple[int, ...] = (32, 64, 128)
+    normalize: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if not self.outputs:
+            raise ValueError("a classifier needs at least one output")
+        if self.normalize not in ("none", "imagenet"):
+            raise ValueError(f"normalize must be 'none' or 'imagenet', got {self.normalize!r}")
+        if self.in_channels not in (1, 3) or (self.arch == "resnet50" and self.in_channels != 3):
+            raise ValueError(f"in_channels must be 1 or 3 (3 for resnet50), got {self.in_channels}")
+        if self.input_size < 8:
+            raise ValueError(f"input_size must be >= 8, got {self.input_size}")
+        object.__setattr__(self, "outputs", tuple(str(o) for o in self.outputs))
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["outputs"], d["widths"] = list(self.outputs), list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown classifier configuration fields: {sorted(unknown)}")
+        d = dict(d)
+        for k in ("outputs", "widths"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+class AttributeClassifier(nn.Module):
+    """``forward(images in [-1, 1]) -> logits [B, K]``; ``score(images, attribute) -> [B]``."""
+
+    def __init__(self, config: ClassifierConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.config = c = config or ClassifierConfig(**kwargs)
+        k = len(c.outputs)
+        if c.arch == "convnet":
+            layers: list[nn.Module] = []
+            cin = c.in_channels
+            for w in c.widths:
+                layers += [nn.Conv2d(cin, w, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+                cin = w
+            self.body = nn.Sequential(*layers)
+            self.head = nn.Linear(cin, k)
+        else:
+            from ..networks.resnet import ResNet50
+
+            self.net = ResNet50(num_classes=k)
+        self.name = f"{c.arch} classifier ({', '.join(c.outputs)})"
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.config.outputs
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if images.ndim != 4:
+            raise CycleEncodingError(f"the classifier takes images [B, C, H, W], got {list(images.shape)}")
+        x = images.float()
+        if x.shape[1] != c.in_channels:
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            elif x.shape[1] == 3 and c.in_channels == 1:
+                w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+                x = (x * w).sum(1, keepdim=True)
+            else:
+                raise CycleEncodingError(f"the classifier takes {c.in_channels}-channel images, got {x.shape[1]}")
+        if x.shape[-1] != c.input_size or x.shape[-2] != c.input_size:
+            x = F.interpolate(
+                x, size=(c.input_size, c.input_size), mode="bilinear", align_corners=False, antialias=True
+            )
+        if c.normalize == "imagenet":
+            mean = torch.tensor(_IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(_IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+            x = ((x + 1) / 2 - mean) / std
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(images)
+        if self.config.arch == "convnet":
+            return self.head(self.body(x).mean(dim=(2, 3)))
+        return self.net(x)
+
+    def score(self, images: torch.Tensor, attribute: int | str = 0) -> torch.Tensor:
+        return self(images)[:, attribute_index(self.outputs, attribute)]
+
+
+def attribute_index(outputs: Sequence[str] | None, attribute: int | str | None, width: int | None = None) -> int:
+    """The column of ``attribute`` (a name or a number) among a classifier's outputs."""
+    if attribute is None:
+        attribute = 0
+    if isinstance(attribute, str) and not attribute.lstrip("-").isdigit():
+        if not outputs or attribute not in outputs:
+            raise CycleEncodingError(
+                f"the classifier has no output {attribute!r} (outputs: {', '.join(outputs or [])})"
+            )
+        return list(outputs).index(attribute)
+    k = int(attribute)
+    n = len(outputs) if outputs else width
+    if n is not None and not 0 <= k < n:
+        raise CycleEncodingError(f"the classifier has {n} output(s); output {k} does not exist")
+    return k
+
+
+def save_classifier(model: AttributeClassifier, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write a classifier in the project's format."""
+    return save_native(
+        path, CLASSIFIER_KIND, model.config.to_dict(), dict(model.state_dict()), provenance or default_provenance()
+    )
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> AttributeClassifier:
+    """Read a classifier file (own format, kind ``classifier``), eval mode, frozen."""
+    p = Path(path)
+    nf = read_native(p)
+    if nf.kind != CLASSIFIER_KIND:
+        raise CheckpointError(p, f"a cycle-encoding {nf.kind} file, not a classifier")
+    try:
+        config = ClassifierConfig.from_dict(nf.config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(p, f"bad classifier configuration in the file: {e}") from None
+    model = AttributeClassifier(config)
+    check_state_dict(model, nf.tensors, p, "classifier")
+    model.load_state_dict(nf.tensors, strict=True)
+    model.name = f"{model.name} from {p.name}"
+    return model.to(device).eval().requires_grad_(False)
+
+
+def as_scorer(classifier: Any, attribute: int | str | None = None, device: str | torch.device = "cpu") -> Scorer:
+    """A function ``images -> scores [B]`` from a classifier file, an AttributeClassifier or any callable returning
+    ``[B]`` or ``[B, K]`` (column ``attribute`` of the latter, by number or, for AttributeClassifiers, by name)."""
+    if isinstance(classifier, (str, Path)):
+        classifier = load_classifier(classifier, device)
+    if not callable(classifier):
+        raise CycleEncodingError(f"a classifier must be a file or a callable, got {type(classifier).__name__}")
+    outputs = getattr(classifier, "outputs", None)
+
+    @torch.no_grad()
+    def score(images: torch.Tensor) -> torch.Tensor:
+        out = classifier(images)
+        out = torch.as_tensor(out)
+        if out.ndim == 2 and out.shape[1] == 1 and attribute in (None, 0, "0"):
+            return out[:, 0].float()
+        if out.ndim == 1:
+            if attribute not in (None, 0, "0"):
+                raise CycleEncodingError("the classifier gives one score per image; no attribute can be chosen")
+            return out.float()
+        if out.ndim != 2:
+            raise CycleEncodingError(f"a classifier must return [B] or [B, K] scores, got {list(out.shape)}")
+        return out[:, attribute_index(outputs, attribute, out.shape[1])].float()
+
+    score.name = getattr(classifier, "name", type(classifier).__name__)  # type: ignore[attr-defined]
+    return score
+
+
+def scorer_name(scorer: Any, attribute: int | str | None = None) -> str:
+    base = getattr(scorer, "name", None) or getattr(scorer, "__name__", None) or type(scorer).__name__
+    return base if attribute is None else f"{base}, output {attribute}"
+
+
+def inspect_classifier(path: Path, container: str) -> dict[str, Any] | None:
+    """``cycle-encoding info`` for classifier files."""
+    if container != "safetensors":
+        return None
+    try:
+        h = read_native_header(path)
+    except CheckpointError:
+        return None
+    if h.get("kind") != CLASSIFIER_KIND:
+        return None
+    return {
+        "format": "cycle-encoding",
+        "network": "attribute classifier",
+        "architecture": h.get("config", {}),
+        "provenance": h.get("provenance", {}),
+        "holds": [CLASSIFIER_KIND],
+    }

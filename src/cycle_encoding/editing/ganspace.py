@@ -1,0 +1,106 @@
+"""GANSpace (Härkönen et al. 2020): principal components of the mapping network's outputs.
+
+``ganspace_pca(G)`` draws z ~ N(0, I), takes w = G.style(z) (the mapping MLP's output, one code per sample), and
+computes the mean and the sample covariance (float64 sums, denominator n - 1); the components are the covariance's
+eigenvectors ordered by decreasing eigenvalue, ``std`` the square roots of the eigenvalues (the standard deviation of
+the samples' coordinate along each component). Each component's sign is fixed so that its largest-magnitude entry is
+positive (PCA leaves it free; fixing it makes runs with the same seed agree). The result is a :class:`DirectionSet`
+that ``save_ganspace`` writes in the published layout ``{'mean': [1, w_dim], 'comp': [K, 1, w_dim], 'std': [K]}``.
+An edit is (component k, layers first-last, strength a): ``w_i += a * std_k * comp_k`` for the chosen layers i.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..networks.stylegan2 import Generator
+from .directions import DirectionSet
+
+
+def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each row so that its entry of largest magnitude is positive."""
+    idx = vectors.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(torch.gather(vectors, 1, idx))
+    sign[sign == 0] = 1
+    return vectors * sign
+
+
+@torch.no_grad()
+def sample_mapping(G: Generator, n: int, seed: int = 0, batch: int = 4096, truncation: float = 1.0) -> torch.Tensor:
+    """``n`` codes w = G.style(z) ``[n, w_dim]`` (truncated toward ``w_avg`` when ``truncation`` < 1), on the CPU."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    dev = G.w_avg.device
+    out = []
+    done = 0
+    while done < n:
+        b = min(batch, n - done)
+        z = torch.randn(b, G.z_dim, generator=g).to(dev)
+        w = G.style(z)
+        if truncation != 1.0:
+            w = G.w_avg + truncation * (w - G.w_avg)
+        out.append(w.float().cpu())
+        done += b
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def ganspace_pca(
+    G: Generator,
+    n_samples: int = 100_000,
+    components: int | None = None,
+    seed: int = 0,
+    batch: int = 4096,
+    truncation: float = 1.0,
+) -> DirectionSet:
+    """The principal components of ``n_samples`` mapping outputs (see the module doc); ``components`` keeps the first
+    K (default: all w_dim)."""
+    if n_samples < 2:
+        raise ValueError("GANSpace needs at least 2 samples")
+    d = G.w_dim
+    k = d if components is None else int(components)
+    if not 1 <= k <= d:
+        raise ValueError(f"components must be in 1..{d}, got {components}")
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    dev = G.w_avg.device
+    s1 = torch.zeros(d, dtype=torch.float64)
+    s2 = torch.zeros(d, d, dtype=torch.float64)
+    shift = None  # sums are taken around the first batch's mean, for accuracy
+    done = 0
+    while done < n_samples:
+        b = min(batch, n_samples - done)
+        z = torch.randn(b, G.z_dim, generator=g).to(dev)
+        w = G.style(z)
+        if truncation != 1.0:
+            w = G.w_avg + truncation * (w - G.w_avg)
+        w = w.double().cpu()
+        if shift is None:
+            shift = w.mean(0)
+        w = w - shift
+        s1 += w.sum(0)
+        s2 += w.t() @ w
+        done += b
+    assert shift is not None
+    mean_c = s1 / n_samples
+    cov = (s2 - n_samples * torch.outer(mean_c, mean_c)) / (n_samples - 1)
+    evals, evecs = torch.linalg.eigh((cov + cov.t()) / 2)
+    order = torch.argsort(evals, descending=True)[:k]
+    comp = fix_signs(evecs[:, order].t().contiguous())
+    var = evals[order].clamp_min(0)
+    meta: dict[str, Any] = {
+        "samples": int(n_samples),
+        "seed": int(seed),
+        "truncation": float(truncation),
+        "explained_variance_ratio": [round(float(v), 6) for v in (var / evals.clamp_min(0).sum())[:10]],
+        "of": "mapping outputs w = G.style(z)",
+    }
+    return DirectionSet(
+        "ganspace",
+        comp.float(),
+        scales=var.sqrt().float(),
+        mean=(shift + mean_c).float(),
+        values=var.float(),
+        names=[f"pc{i}" for i in range(k)],
+        meta=meta,
+    )

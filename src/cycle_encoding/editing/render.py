@@ -1,0 +1,505 @@
+"""Edits of an inversion run: read a run folder, render each edit of each inverted image with that image's generator.
+
+``InversionRun(run_dir)`` reads what ``cycle-encoding invert`` wrote (``inversion/pipeline.py``): ``config.json``
+(options, generator and encoder files, networks, the command) and, for each finished image (``done``),
+``images/NAME/``: ``pivots.safetensors`` (one ``[N, w_dim]`` code per pivot stage), ``result.json`` (metrics, the
+sha256 of each reconstruction's float32 tensor, which pivot tuning started from), ``target.png``,
+``recon_STAGE.png``, ``losses.jsonl``, ``timings.json`` and, when the run tuned and stored it,
+``generator_delta.safetensors`` (the tuned generator as its change from the base).
+
+``render_run_edits`` renders, for every image, the pivot edited at every strength with the image's tuned generator
+(rebuilt from the base and its delta; the base generator when the run did not tune), one code at a time with the
+generator's constant noise, exactly as the run rendered its reconstructions: an edit of strength 0 therefore gives
+the reconstruction bit for bit, which is checked against the hash the run stored and recorded. It writes::
+
+    RUN_DIR/edits/TAG/
+        NAME/NN_sSTRENGTH.png     each edit (NN: the strength's position)
+        NAME_strip.png           the input, then the edits in the order of the strengths, labelled
+        edit.json                the direction, strengths, layers, the generator used per image, the measures asked
+                                 for (LEC, edit success, preservation) per image and per strength, timings
+
+The classifier (edit success) and the preservation measure see the images as saved, clamped to [-1, 1], the
+reference being the reconstruction; LEC re-encodes the raw rendering (as e4e does). A re-run into the same folder
+first removes the images the previous ``edit.json`` listed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoints.common import atomic_write
+from ..checkpoints.native import read_native
+from ..errors import CheckpointError, CycleEncodingError
+from ..networks.stylegan2 import Generator
+from ..utils import save_image
+from .directions import DirectionSet, GanspaceMode, load_directions
+from .measures import Preservation, direction_lec, lec_summary, preservation_summary, success_summary
+
+RUN_FORMAT = "cycle-encoding-inversion-run"
+PIVOT_STAGES = ("encoder", "refine", "project")
+EDITS_DIR = "edits"
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's float32 bytes (the run's ``recon_sha256``)."""
+    v = t.detach().to("cpu").float().contiguous()
+    return hashlib.sha256(v.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise CycleEncodingError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise CycleEncodingError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+@dataclass
+class RunImage:
+    """One finished image of a run."""
+
+    name: str
+    folder: Path
+    result: dict[str, Any]
+    pivots: dict[str, torch.Tensor]  # stage -> [N, w_dim]
+
+    @property
+    def stages(self) -> list[str]:
+        return list(self.result.get("stages") or [*self.pivots, *(["tune"] if self.tuned else [])])
+
+    @property
+    def tuned(self) -> bool:
+        return "tune" in (self.result.get("stages") or []) or "tune" in self.result.get("metrics", {})
+
+    @property
+    def pivot_stage(self) -> str:
+        """The stage whose pivot the edits move: the one pivotal tuning started from, else the last pivot stage."""
+        t = self.result.get("tune") or {}
+        if t.get("pivot_stage") in self.pivots:
+            return str(t["pivot_stage"])
+        order = [s for s in self.stages if s in self.pivots] or list(self.pivots)
+        return order[-1]
+
+    @property
+    def pivot(self) -> torch.Tensor:
+        """``[1, N, w_dim]``."""
+        return self.pivots[self.pivot_stage][None]
+
+    @property
+    def recon_stage(self) -> str:
+        """The stage whose reconstruction an edit of strength 0 reproduces."""
+        return "tune" if self.tuned else self.pivot_stage
+
+    @property
+    def recon_sha256(self) -> str | None:
+        return (self.result.get("recon_sha256") or {}).get(self.recon_stage)
+
+    @property
+    def delta_path(self) -> Path | None:
+        p = self.folder / "generator_delta.safetensors"
+        return p if p.is_file() else None
+
+    @property
+    def target_path(self) -> Path:
+        return self.folder / "target.png"
+
+    def recon_path(self, stage: str) -> Path:
+        return self.folder / f"recon_{stage}.png"
+
+    def losses(self) -> list[dict[str, Any]]:
+        p = self.folder / "losses.jsonl"
+        if not p.is_file():
+            return []
+        out = []
+        for line in p.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+
+class InversionRun:
+    """A run folder of ``cycle-encoding invert`` (see the module doc). Only images with ``done`` are listed."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        cfg_path = self.dir / "config.json"
+        if not cfg_path.is_file():
+            raise CycleEncodingError(f"{self.dir}: not an inversion run folder (no config.json)")
+        self.config: dict[str, Any] = _read_json(cfg_path)
+        if self.config.get("format") != RUN_FORMAT:
+            raise CycleEncodingError(f"{self.dir}: config.json is not an inversion run's ({self.config.get('format')})")
+        summary = self.dir / "summary.json"
+        self.summary: dict[str, Any] = _read_json(summary) if summary.is_file() else {}
+        self._images: list[RunImage] | None = None
+
+    @property
+    def stages(self) -> list[str]:
+        return list((self.config.get("options") or {}).get("stages") or [])
+
+    @property
+    def command(self) -> str:
+        return str(self.config.get("command", ""))
+
+    @property
+    def networks(self) -> dict[str, str]:
+        return dict(self.config.get("networks") or {})
+
+    def image_names(self) -> list[str]:
+        root = self.dir / "images"
+        if not root.is_dir():
+            return []
+        return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / "done").is_file())
+
+    def image(self, name: str) -> RunImage:
+        folder = self.dir / "images" / name
+        if not (folder / "done").is_file():
+            raise CycleEncodingError(f"{folder}: not finished (no 'done')")
+        result = _read_json(folder / "result.json")
+        nf = read_native(folder / "pivots.safetensors")
+        if nf.kind != "pivots":
+            raise CheckpointError(folder / "pivots.safetensors", f"a {nf.kind} file, not the run's pivots")
+        pivots = {k: v.float() for k, v in nf.tensors.items()}
+        order = list(nf.config.get("stages") or pivots)
+        pivots = {k: pivots[k] for k in order if k in pivots}
+        if not pivots:
+            raise CycleEncodingError(f"{folder}: no pivots stored")
+        return RunImage(name, folder, result, pivots)
+
+    @property
+    def images(self) -> list[RunImage]:
+        if self._images is None:
+            self._images = [self.image(n) for n in self.image_names()]
+        return self._images
+
+    def generator_file(self) -> Path | None:
+        """The base generator's file as the run recorded it (as given, else relative to the run folder)."""
+        f = (self.config.get("generator") or {}).get("file")
+        if not f:
+            return None
+        for cand in (Path(f), self.dir / f, self.dir.parent / f):
+            if cand.is_file():
+                return cand
+        return Path(f)
+
+    def encoder_file(self) -> Path | None:
+        enc = self.config.get("encoder") or {}
+        f = enc.get("file")
+        if not f:
+            return None
+        for cand in (Path(f), self.dir / f, self.dir.parent / f):
+            if cand.is_file():
+                return cand
+        return Path(f)
+
+    def load_generator(
+        self, generator: Generator | str | Path | None = None, device: str | torch.device = "cpu"
+    ) -> Generator:
+        """The base generator: the one given, else the file the run recorded; its weights must be the run's."""
+        from ..checkpoints.generator import load_generator
+        from ..inversion.delta import weights_sha256
+
+        if isinstance(generator, Generator):
+            G = generator
+        else:
+            path = Path(generator) if generator is not None else self.generator_file()
+            if path is None:
+                raise CycleEncodingError(
+                    f"{self.dir}: the run does not record its generator file (it was given as a network): pass "
+                    "--generator FILE"
+                )
+            if not path.is_file():
+                raise CycleEncodingError(f"the run's generator {path} is not there: pass --generator FILE")
+            G = load_generator(path, device=device)
+        want = (self.config.get("generator") or {}).get("weights_sha256")
+        if want and weights_sha256(G) != want:
+            raise CycleEncodingError(
+                f"the generator given is not the one {self.dir} was inverted with (weights sha256 differs)"
+            )
+        return G.to(device).eval().requires_grad_(False)
+
+    def generator_for(self, image: RunImage, base: Generator, allow_base: bool = False) -> tuple[Generator, str]:
+        """(the generator that renders ``image``'s pivot, 'tuned' or 'base')."""
+        from ..inversion.delta import load_generator_delta
+
+        if not image.tuned:
+            return base, "base"
+        if image.delta_path is None:
+            if allow_base:
+                return base, "base (the run tuned the generator but did not store it)"
+            raise CycleEncodingError(
+                f"{image.folder}: the run tuned the generator but did not store it (run invert without --no-delta), "
+                "so the edits cannot use it; allow the base generator explicitly to go on"
+            )
+        G = load_generator_delta(image.delta_path, base)
+        return G.to(base.w_avg.device).eval(), "tuned"
+
+    def edit_folders(self) -> list[Path]:
+        root = self.dir / EDITS_DIR
+        if not root.is_dir():
+            return []
+        return sorted(d for d in root.iterdir() if d.is_dir() and (d / "edit.json").is_file())
+
+
+@dataclass
+class EditRequest:
+    """What to render: a direction (set and component), strengths, layers (None: the set's default), mode."""
+
+    directions: DirectionSet
+    component: int | str = 0
+    strengths: Sequence[float] = (-3.0, -1.5, 0.0, 1.5, 3.0)
+    layers: Sequence[int] | None = None
+    mode: GanspaceMode = "add"
+    tag: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def name(self) -> str:
+        if self.tag:
+            return _safe(self.tag)
+        base = Path(self.directions.source).stem if self.directions.source else self.directions.method
+        if len(self.directions) > 1 or self.directions.method in ("ganspace", "sefa"):
+            base += f"_c{self.directions.index(self.component)}"
+        if self.layers is not None:
+            lay = sorted(set(self.layers))
+            contiguous = lay == list(range(lay[0], lay[-1] + 1))
+            base += f"_l{lay[0]}-{lay[-1]}" if contiguous else "_l" + "-".join(map(str, lay))
+        if self.mode == "set":
+            base += "_set"
+        return _safe(base)
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", s).strip("._") or "edit"
+
+
+def strength_file(j: int, a: float) -> str:
+    return f"{j:02d}_s{a:+.3g}.png"
+
+
+def named_directions(spec: str, G: Generator) -> DirectionSet:
+    """A direction file, or a name computed from the generator: ``sefa`` (SeFa over all conv layers) or
+    ``ganspace`` (PCA of 50k mapping outputs, seed 0; the first 16 directions of each)."""
+    if spec in ("sefa", "ganspace"):
+        if spec == "sefa":
+            from .sefa import sefa_directions
+
+            ds = sefa_directions(G, components=min(16, G.w_dim))
+        else:
+            from .ganspace import ganspace_pca
+
+            ds = ganspace_pca(G, n_samples=50_000, components=min(16, G.w_dim))
+        ds.source = spec
+        return ds
+    p = Path(spec)
+    if not p.exists():
+        raise CycleEncodingError(f"{spec}: no such direction file (or a name: sefa, ganspace)")
+    return load_directions(p)
+
+
+def remove_previous_edit(folder: Path) -> None:
+    """Remove the files an earlier edit listed in ``folder/edit.json`` (only those), so a re-run leaves no stale
+    images (e.g. of strengths no longer asked for)."""
+    doc_path = folder / "edit.json"
+    if not doc_path.is_file():
+        return
+    try:
+        doc = json.loads(doc_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    root = folder.resolve()
+    for rec in doc.get("images", []):
+        for rel in [*rec.get("files", []), rec.get("strip")]:
+            if not rel:
+                continue
+            p = (folder / rel).resolve()
+            if root in p.parents and p.suffix == ".png":
+                p.unlink(missing_ok=True)
+    doc_path.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def render_one(G: Generator, ws: torch.Tensor) -> torch.Tensor:
+    """G's image of codes ``ws [1, N, w_dim]`` with its constant noise (as the run's reconstructions)."""
+    return G.synthesis(ws.to(G.w_avg.device), noise_mode="const").cpu()
+
+
+def render_run_edits(
+    run: InversionRun | str | Path,
+    request: EditRequest,
+    generator: Generator | str | Path | None = None,
+    device: str | torch.device = "cpu",
+    encoder: Any = None,
+    scorer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scorer_name: str | None = None,
+    preservation: Preservation | None = None,
+    allow_base: bool = False,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    images: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Render ``request`` for every finished image of ``run`` (see the module doc) and return what ``edit.json``
+    holds. ``encoder`` (an Encoder4Editing or a file; ``"run"`` for the run's own) turns on LEC; ``scorer`` (a
+    function images -> [B]) edit success; ``preservation`` the distance to the reconstruction."""
+    from ..report.grid import save_png, strip_image
+    from ..utils import resolve_device
+
+    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    run = run if isinstance(run, InversionRun) else InversionRun(run)
+    dev = resolve_device(device)
+    base = run.load_generator(generator, dev)
+    ds = request.directions
+    strengths = [float(a) for a in request.strengths]
+    if not strengths:
+        raise CycleEncodingError("no strengths given")
+    if ds.w_dim != base.w_dim:
+        raise CycleEncodingError(
+            f"the {ds.label()} have width {ds.w_dim}; the run's generator has codes of width {base.w_dim}"
+        )
+    layers = ds.resolve_layers(request.layers, base.num_ws)
+    comp = ds.index(request.component)
+    names = run.image_names() if images is None else list(images)
+    if not names:
+        raise CycleEncodingError(f"{run.dir}: no finished images to edit")
+    tag = request.name()
+    out = Path(out_dir) if out_dir is not None else run.dir / EDITS_DIR / tag
+    out.mkdir(parents=True, exist_ok=True)
+    remove_previous_edit(out)
+
+    E = None
+    encoder_name: str | None = None
+    offsets = (run.config.get("options") or {}).get("offsets", "all")
+    if encoder is not None:
+        from ..checkpoints.encoder import load_encoder
+
+        if isinstance(encoder, str) and encoder == "run":
+            f = run.encoder_file()
+            if f is None or not f.is_file():
+                raise CycleEncodingError(f"{run.dir}: the run's encoder file is not there: give the encoder file")
+            encoder = f
+        if isinstance(encoder, (str, Path)):
+            encoder_name = str(encoder)
+            E = load_encoder(encoder, dev)
+        else:
+            encoder_name = getattr(encoder, "name", None) or type(encoder).__name__
+            E = encoder.to(dev).eval()
+        if (E.config.num_ws, E.config.w_dim) != (base.num_ws, base.w_dim):
+            raise CycleEncodingError("the encoder's codes do not fit the run's generator")
+
+    per_image: list[dict[str, Any]] = []
+    lec_rows: list[list[float]] = []
+    change_rows: list[torch.Tensor] = []
+    pres_rows: list[list[float]] = []
+    t_all = time.perf_counter()
+    for i, name in enumerate(names):
+        im = run.image(name)
+        t0 = time.perf_counter()
+        G, which = run.generator_for(im, base, allow_base)
+        t_gen = time.perf_counter() - t0
+        pivot = im.pivot.to(dev)
+        folder = out / name
+        rendered: list[torch.Tensor] = []
+        files: list[str] = []
+        t0 = time.perf_counter()
+        for j, a in enumerate(strengths):
+            ws = ds.apply(pivot, comp, a, layers, request.mode)
+            y = render_one(G, ws)
+            rendered.append(y)
+            f = folder / strength_file(j, a)
+            save_image(y[0], f)
+            files.append(str(f.relative_to(out)))
+        t_render = time.perf_counter() - t0
+        rec: dict[str, Any] = {"name": name, "generator": which, "pivot_stage": im.pivot_stage,
+                               "files": files, "seconds": {"generator": t_gen, "render": t_render}}  # fmt: skip
+        recon = render_one(G, pivot)
+        if im.recon_sha256 is not None:
+            rec["reconstruction_hash_matches"] = tensor_sha256(recon) == im.recon_sha256
+            zero = [j for j, a in enumerate(strengths) if a == 0 and request.mode == "add"]
+            if zero:
+                rec["strength0_is_reconstruction"] = tensor_sha256(rendered[zero[0]]) == im.recon_sha256
+        strip = strip_image(im.target_path if im.target_path.is_file() else None, rendered, strengths)
+        strip_path = out / f"{name}_strip.png"
+        save_png(strip, strip_path)
+        rec["strip"] = str(strip_path.relative_to(out))
+        # classifier and preservation see the images as saved (clamped to [-1, 1]); LEC re-encodes the raw rendering
+        edited = torch.stack([r[0] for r in rendered])[None].clamp(-1, 1)  # [1, S, C, H, W]
+        recon_shown = recon.clamp(-1, 1)
+        t0 = time.perf_counter()
+        if E is not None:
+            from ..inversion.pivot import encoder_pivot
+
+            def encode(x: torch.Tensor) -> torch.Tensor:
+                return encoder_pivot(E, x, offsets)
+
+            def render(ws: torch.Tensor, G: Generator = G) -> torch.Tensor:
+                return G.synthesis(ws.to(G.w_avg.device), noise_mode="const")
+
+            vals = [float(direction_lec(ds, comp, a, pivot, encode, render, layers)[0]) if request.mode == "add"
+                    else float("nan") for a in strengths]  # fmt: skip
+            rec["lec"] = vals
+            lec_rows.append(vals)
+        if scorer is not None:
+            from .measures import attribute_changes
+
+            ch = attribute_changes(scorer, recon_shown.to(dev), edited.to(dev))[0].cpu()
+            rec["score_change"] = ch.tolist()
+            change_rows.append(ch)
+        if preservation is not None:
+            vals = preservation(edited[0].to(dev), recon_shown.expand(len(strengths), -1, -1, -1).to(dev)).tolist()
+            rec["preservation"] = vals
+            pres_rows.append(vals)
+        rec["seconds"]["measures"] = time.perf_counter() - t0
+        per_image.append(rec)
+        say(f"[{i + 1}/{len(names)}] {name}: {len(strengths)} edits with the {which} generator"
+            + (f", LEC {' '.join(f'{v:.3f}' for v in rec['lec'])}" if "lec" in rec else ""))  # fmt: skip
+        if G is not base:
+            del G
+
+    direction_info = {
+        "source": ds.source,
+        "method": ds.method,
+        "component": comp,
+        "name": ds.names[comp] if ds.names else None,
+        "space": "W+" if ds.per_layer else "W",
+        "scale": float(ds.scales[comp]) if ds.scales is not None else 1.0,
+        **request.extra,
+    }
+    doc: dict[str, Any] = {
+        "format": "cycle-encoding-edits",
+        "version": 1,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "command": " ".join(sys.argv),
+        "run_dir": str(run.dir),
+        "tag": tag,
+        "direction": direction_info,
+        "strengths": strengths,
+        "layers": layers,
+        "mode": request.mode,
+        "images": per_image,
+        "seconds": time.perf_counter() - t_all,
+        "measures": {},
+    }
+    if lec_rows:
+        doc["measures"]["lec"] = {"encoder": encoder_name,
+                                  "offsets": offsets, **lec_summary(torch.tensor(lec_rows), strengths)}  # fmt: skip
+    if change_rows:
+        doc["measures"]["edit_success"] = {"classifier": scorer_name or getattr(scorer, "name", "classifier"),
+                                           **success_summary(torch.stack(change_rows), strengths)}  # fmt: skip
+    if pres_rows and preservation is not None:
+        doc["measures"]["preservation"] = preservation_summary(torch.tensor(pres_rows), strengths, preservation)
+    atomic_write(out / "edit.json", lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
+    return doc

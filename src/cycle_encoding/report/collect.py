@@ -1,0 +1,148 @@
+"""What a report shows, gathered from a run folder into one JSON-able dict (written beside the page as ``report.json``).
+
+Numbers come from the files the run wrote, never recomputed: per image ``result.json`` (metrics and seconds per
+stage), ``losses.jsonl`` (the losses of each optimization step), ``config.json`` (the command, options, networks),
+and each ``edits/TAG/edit.json`` (edits and their measures). Summaries are mean +- sample standard deviation (n - 1)
+over the finished images (``metrics.summarize``: 0 for a single image; infinite values, e.g. the PSNR of a perfect
+reconstruction, are counted and left out).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..editing.render import InversionRun
+from ..metrics import DEFINITIONS, summarize
+
+METRIC_ORDER = ("mse", "psnr", "ssim", "ms_ssim", "perceptual", "identity")
+METRIC_LABELS = {
+    "mse": "MSE",
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "ms_ssim": "MS-SSIM",
+    "perceptual": "perceptual",
+    "identity": "identity",
+}
+LOWER_IS_BETTER = {"mse": True, "psnr": False, "ssim": False, "ms_ssim": False, "perceptual": True, "identity": False}
+
+
+def _metric_keys(records: list[dict[str, Any]], stages: list[str]) -> list[str]:
+    seen: set[str] = set()
+    for r in records:
+        for s in stages:
+            seen.update((r.get("metrics") or {}).get(s, {}).keys())
+    return [k for k in METRIC_ORDER if k in seen] + sorted(seen - set(METRIC_ORDER))
+
+
+def _stage_order(run: InversionRun, records: list[dict[str, Any]]) -> list[str]:
+    order = list(run.stages)
+    for r in records:
+        for s in r.get("stages") or (r.get("metrics") or {}):
+            if s not in order:
+                order.append(s)
+    return order
+
+
+def metric_networks(run: InversionRun, keys: list[str]) -> dict[str, str]:
+    """Which network (or definition) gives each metric."""
+    nets = run.networks
+    out = {}
+    for k in keys:
+        if k == "perceptual":
+            out[k] = nets.get("perceptual", "?")
+        elif k == "identity":
+            out[k] = nets.get("identity", "?")
+        else:
+            out[k] = DEFINITIONS.get(k, "computed by the run")
+    return out
+
+
+def loss_curves(images: list[Any]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """{stage: {loss name: {image name: values per step}}} from each image's ``losses.jsonl`` (numeric fields)."""
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for im in images:
+        for rec in im.losses():
+            stage = str(rec.get("stage", "?"))
+            for k, v in rec.items():
+                if k in ("stage", "step") or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                out.setdefault(stage, {}).setdefault(k, {}).setdefault(im.name, []).append(float(v))
+    return out
+
+
+def read_edits(run: InversionRun) -> list[dict[str, Any]]:
+    """Each ``edits/TAG/edit.json`` (with its folder), in name order."""
+    out = []
+    for d in run.edit_folders():
+        try:
+            doc = json.loads((d / "edit.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        doc["_folder"] = str(d)
+        out.append(doc)
+    return out
+
+
+def collect(run: InversionRun | str | Path, max_images: int | None = None) -> dict[str, Any]:
+    """The report's content (see the module doc)."""
+    run = run if isinstance(run, InversionRun) else InversionRun(run)
+    images = run.images
+    shown = images if max_images is None else images[:max_images]
+    records = [im.result for im in images]
+    stages = _stage_order(run, records)
+    keys = _metric_keys(records, stages)
+    table = []
+    for s in stages:
+        rows = [r for r in records if s in (r.get("metrics") or {})]
+        if not rows:
+            continue
+        entry: dict[str, Any] = {"stage": s, "images": len(rows)}
+        for k in keys:
+            entry[k] = summarize([r["metrics"][s].get(k) for r in rows])
+        entry["seconds"] = summarize([(r.get("timings") or {}).get(s) for r in rows])
+        table.append(entry)
+    timing_keys: list[str] = []
+    for r in records:
+        for k in r.get("timings") or {}:
+            if k not in timing_keys:
+                timing_keys.append(k)
+    timings = {k: summarize([(r.get("timings") or {}).get(k) for r in records]) for k in timing_keys}
+    edits = read_edits(run)
+    per_image = []
+    for im in shown:
+        recon = {s: str(im.recon_path(s)) for s in stages if im.recon_path(s).is_file()}
+        per_image.append({
+            "name": im.name,
+            "target": str(im.target_path) if im.target_path.is_file() else None,
+            "recons": recon,
+            "metrics": im.result.get("metrics", {}),
+            "timings": im.result.get("timings", {}),
+            "tune": im.result.get("tune"),
+            "delta": im.result.get("delta"),
+        })  # fmt: skip
+    cfg = run.config
+    return {
+        "run_dir": str(run.dir),
+        "created": cfg.get("created"),
+        "command": run.command,
+        "options": cfg.get("options", {}),
+        "generator": {k: (cfg.get("generator") or {}).get(k) for k in ("file", "weights_sha256", "config")},
+        "encoder": {k: (cfg.get("encoder") or {}).get(k) for k in ("file", "weights_sha256", "trained_stage")}
+        if cfg.get("encoder")
+        else None,
+        "networks": run.networks,
+        "metric_networks": metric_networks(run, keys),
+        "stages": stages,
+        "metric_keys": keys,
+        "images_finished": len(images),
+        "images_shown": len(shown),
+        "images_failed": (run.summary or {}).get("failed", []),
+        "table": table,
+        "timings": timings,
+        "generator_delta": (run.summary or {}).get("generator_delta"),
+        "per_image": per_image,
+        "edits": edits,
+        "losses": loss_curves(shown),
+    }

@@ -1,0 +1,134 @@
+"""Labelled image grids as PNG: the edit strips and the report's overview grid.
+
+``compose_grid(rows, col_labels, row_labels)`` lays images out in a table with a header row and a label column, on
+white, with every cell scaled to one size: small images are enlarged by a whole factor (nearest neighbour, so pixels
+stay visible) up to ``min_cell``, large ones reduced (antialiased) to at most ``max_cell``. A missing image (None)
+leaves its cell grey. Text uses PIL's built-in font, so nothing is read from the system.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..checkpoints.common import atomic_write
+from ..utils import to_uint8
+
+CellImage = "Image.Image | np.ndarray | torch.Tensor | str | Path | None"
+
+
+def as_pil(image: object) -> Image.Image | None:
+    """A PIL RGB image from a PIL image, a uint8 array [H, W, C], a tensor [C, H, W] in [-1, 1] or a file."""
+    if image is None:
+        return None
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        t = image[0] if image.ndim == 4 else image
+        image = to_uint8(t[None])[0]
+    if isinstance(image, np.ndarray):
+        a = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        return Image.fromarray(a.astype(np.uint8)).convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    raise TypeError(f"not an image: {type(image).__name__}")
+
+
+def cell_size(side: int, min_cell: int = 96, max_cell: int = 256) -> int:
+    """The displayed side of an image of ``side`` pixels (see the module doc)."""
+    if side >= min_cell:
+        return min(side, max_cell)
+    return side * max(1, -(-min_cell // side))
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: object) -> tuple[int, int]:
+    l, t, r, b = draw.textbbox((0, 0), text, font=font)  # type: ignore[arg-type]
+    return r - l, b - t
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> str:
+    if _text_size(draw, text, font)[0] <= width:
+        return text
+    while len(text) > 1 and _text_size(draw, text + "…", font)[0] > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def compose_grid(
+    rows: Sequence[Sequence[object]],
+    col_labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    min_cell: int = 96,
+    max_cell: int = 256,
+    pad: int = 4,
+) -> Image.Image:
+    """One RGB image laying out ``rows`` of images (see the module doc)."""
+    pils = [[as_pil(x) for x in row] for row in rows]
+    sides = [max(p.size) for row in pils for p in row if p is not None]
+    if not sides:
+        raise ValueError("no images to lay out")
+    cell = cell_size(max(sides), min_cell, max_cell)
+    ncols = max(len(r) for r in pils)
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = _text_size(probe, "Ag-0.5", font)[1] + 4
+    head_h = line_h + pad if col_labels else 0
+    label_w = 0
+    if row_labels:
+        label_w = min(200, max(_text_size(probe, s, font)[0] for s in row_labels) + 2 * pad)
+    width = label_w + pad + ncols * (cell + pad)
+    height = head_h + pad + len(pils) * (cell + pad)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if col_labels:
+        for j, s in enumerate(col_labels[:ncols]):
+            s = _fit(draw, str(s), font, cell)
+            w = _text_size(draw, s, font)[0]
+            x = label_w + pad + j * (cell + pad) + (cell - w) // 2
+            draw.text((x, pad // 2), s, fill=(0, 0, 0), font=font)
+    for i, row in enumerate(pils):
+        y = head_h + pad + i * (cell + pad)
+        if row_labels and i < len(row_labels):
+            s = _fit(draw, str(row_labels[i]), font, label_w - pad)
+            draw.text((pad, y + cell // 2 - line_h // 2), s, fill=(0, 0, 0), font=font)
+        for j, im in enumerate(row):
+            x = label_w + pad + j * (cell + pad)
+            if im is None:
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(220, 220, 220))
+                continue
+            w, h = im.size
+            scale = cell / max(w, h)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+            canvas.paste(im.resize(size, resample), (x + (cell - size[0]) // 2, y + (cell - size[1]) // 2))
+    return canvas
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Save a PIL image as PNG, atomically."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def strength_label(a: float) -> str:
+    """``-3``, ``+1.5``, ``0``: a strength as a column label."""
+    if a == 0:
+        return "0"
+    return f"{a:+g}"
+
+
+def strip_image(target: object, edits: Sequence[object], strengths: Sequence[float]) -> Image.Image:
+    """One row: the input (when given), then the edits labelled by strength (0 marked as the reconstruction)."""
+    cells: list[object] = [target] if target is not None else []
+    labels = ["input"] if target is not None else []
+    cells += list(edits)
+    labels += [("0 (recon)" if a == 0 else strength_label(a)) for a in strengths]
+    return compose_grid([cells], col_labels=labels)
