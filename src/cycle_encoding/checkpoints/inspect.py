@@ -6,6 +6,7 @@ readers for other kinds of files (encoders, identity networks, ...) append to IN
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,7 @@ def inspect_native(path: Path, container: str) -> dict[str, Any] | None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        n = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel") else 0
-                for k in f.keys())  # fmt: skip
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return {
         "format": "cycle-encoding",
         "network": h["kind"],
@@ -79,9 +79,28 @@ def _inspect_encoder(path: Path, container: str) -> dict[str, Any] | None:
     return inspect_encoder_file(path, container)
 
 
-INSPECTORS: list[Inspector] = [_inspect_encoder, inspect_generator, inspect_native]
-INSPECTORS.append(inspect_perception)
-INSPECTORS.insert(1, inspect_face_embedder)  # before inspect_native, which takes any own-format file
+def _inspect_delta(path: Path, container: str) -> dict[str, Any] | None:
+    from ..inversion.delta import inspect_generator_delta
+
+    return inspect_generator_delta(path, container)
+
+
+def _inspect_editing(path: Path, container: str) -> dict[str, Any] | None:
+    from ..editing.directions import inspect_editing_file
+
+    return inspect_editing_file(path, container)
+
+
+# Tried in order: the specific readers first, inspect_native last among own-format files (it takes any of them).
+INSPECTORS: list[Inspector] = [
+    _inspect_encoder,  # e4e-family .pt and own-format encoders
+    _inspect_editing,  # direction files and attribute classifiers
+    inspect_face_embedder,  # the converted dlib face embedder
+    _inspect_delta,  # stored changes of tuned generators
+    inspect_generator,  # rosinality / NVIDIA / e4e decoder / own-format generators
+    inspect_native,  # any other own-format file
+    inspect_perception,  # torchvision backbones, LPIPS heads, ArcFace, MoCo
+]
 
 
 def inspect_file(path: str | Path) -> dict[str, Any]:

@@ -14,7 +14,18 @@ from collections.abc import Sequence
 
 from ..errors import CycleEncodingError
 
-COMMAND_MODULES = ["generator"]
+COMMAND_MODULES = [
+    "generator",  # info, generate, convert
+    "faces",  # align
+    "evaluate",
+    "schedule",
+    "train_generator",
+    "train_encoder",
+    "invert",
+    "directions",
+    "edit",
+    "report",
+]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
