@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg
+from .common import add_device_arg, option_overrides, options_from
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -75,37 +75,15 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_train_encoder, device=None)
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if value is None or key in ("func", "debug", "config", "resume", "dry_run", "command"):
-            continue
-        if "__" in key:
-            head, tail = key.split("__", 1)
-            out.setdefault(head, {})[tail] = value
-        else:
-            out[key] = value
-    return out
-
-
 def cmd_train_encoder(args: argparse.Namespace) -> int:
-    from ..config import load_config_file, to_dict
-    from ..errors import CycleEncodingError
+    from ..config import to_dict
     from ..training.encoder_trainer import EncoderTrainer, load_train_config, resume_config
 
-    over = _overrides(args)
+    over = option_overrides(args)
     if args.resume is not None:
         cfg = resume_config(args.resume, over)
     else:
-        data = load_config_file(args.config) if args.config else {}
-        for k, v in over.items():
-            if isinstance(v, dict):
-                data.setdefault(k, {}).update(v)
-            else:
-                data[k] = v
-        for needed in ("generator", "data"):
-            if needed not in data:
-                raise CycleEncodingError(f"--{needed} is required (or give it in --config)")
+        data = options_from(args, required=("generator", "data"))
         cfg = load_train_config(data)
     if args.dry_run:
         from ..training.schedule import get_schedule

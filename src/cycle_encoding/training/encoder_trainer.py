@@ -45,7 +45,7 @@ from ..utils import make_grid, resolve_device, save_image
 from . import distributed as dd
 from .latent_pool import LatentPool
 from .optim import Ranger
-from .runs import next_run_dir, rng_state, set_rng_state
+from .runs import RunLog, next_run_dir, rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
 
 CHECKPOINT_FORMAT = "cycle-encoding-train"
@@ -221,14 +221,7 @@ class EncoderTrainer:
         self.run_dir = self._setup_run_dir(resume)
         if resume is not None:
             self._load_checkpoint(self.run_dir / "checkpoint.pt")
-        self.writer = None
-        if self.dist.is_main and not quiet:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.run_dir / "tb"))
-            except ImportError:  # pragma: no cover - tensorboard is a pinned dependency
-                self.writer = None
+        self.log = RunLog(self.run_dir, self.dist.is_main, tensorboard=not quiet, scalar_kinds=("train", "val"))
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _build_losses(self) -> tuple[nn.Module | None, nn.Module | None]:
@@ -441,21 +434,12 @@ class EncoderTrainer:
         E.train(was)
         grid = make_grid(torch.cat([x, y.clamp(-1, 1)]).cpu(), ncols=x.shape[0])
         path = save_image(grid, self.run_dir / "images" / f"step{self.step:07d}.png")
-        if self.writer is not None:
-            self.writer.add_image("reconstructions", (grid + 1) / 2, self.step)
+        self.log.add_image("reconstructions", (grid + 1) / 2, self.step)
         return path
 
     # -- loop ----------------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
-        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            prefix = "val/" if record.get("kind") == "val" else "train/"
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self.writer.add_scalar(prefix + k, v, record["step"])
+        self.log.write(record)
 
     def export(self) -> Path | None:
         """Write the encoder in the project's format (with the stage the run ended in)."""
@@ -524,14 +508,12 @@ class EncoderTrainer:
         self._log(summary)
         if self.step >= self.max_steps:
             self.export()
-        if self.writer is not None:
-            self.writer.flush()
+        self.log.flush()
         dd.barrier(self.dist)
         return summary
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.log.close()
         dd.shutdown(self.dist)
 
 

@@ -61,7 +61,7 @@ from ..errors import CheckpointError, CycleEncodingError
 from ..networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 from ..utils import make_grid, resolve_device, save_image
 from . import distributed as dd
-from .runs import next_run_dir, rng_state, set_rng_state
+from .runs import RunLog, next_run_dir, rng_state, set_rng_state
 
 CHECKPOINT_FORMAT = "cycle-encoding-train-generator"
 CHECKPOINT_VERSION = 1
@@ -284,14 +284,7 @@ class GeneratorTrainer:
         self.run_dir = self._setup_run_dir(resume)
         if resume is not None:
             self._load_checkpoint(self.run_dir / "checkpoint.pt")
-        self.writer = None
-        if self.dist.is_main and not quiet:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.run_dir / "tb"))
-            except ImportError:  # pragma: no cover - tensorboard is a pinned dependency
-                self.writer = None
+        self.log = RunLog(self.run_dir, self.dist.is_main, tensorboard=not quiet, scalar_kinds=("train",))
 
     # -- set-up -----------------------------------------------------------------------------------------
     def resolved(self) -> dict[str, Any]:
@@ -490,8 +483,7 @@ class GeneratorTrainer:
     def save_grid(self) -> Path:
         grid = make_grid(self.samples(), value=1.0)
         path = save_image(grid, self.run_dir / "images" / f"fakes{self.step:07d}.png")
-        if self.writer is not None:
-            self.writer.add_image("fakes", (grid + 1) / 2, self.step)
+        self.log.add_image("fakes", (grid + 1) / 2, self.step)
         return path
 
     def save_reals(self, count: int = 64) -> Path:
@@ -540,14 +532,7 @@ class GeneratorTrainer:
 
     # -- loop ----------------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
-        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None and record.get("kind") == "train":
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self.writer.add_scalar("train/" + k, v, record["step"])
+        self.log.write(record)
 
     def run(self, until: int | None = None) -> dict[str, Any]:
         """Train from the current step to ``until`` (default ``max_steps``); checkpoints and exports on the way."""
@@ -586,14 +571,12 @@ class GeneratorTrainer:
         summary = {"kind": "end", "step": self.step, "time": time.time(), "train_seconds": self.train_seconds,
                    "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests}  # fmt: skip
         self._log(summary)
-        if self.writer is not None:
-            self.writer.flush()
+        self.log.flush()
         dd.barrier(self.dist)
         return summary
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.log.close()
         dd.shutdown(self.dist)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -43,3 +44,47 @@ def set_rng_state(st: dict[str, Any], gen: torch.Generator | None = None) -> Non
         gen.set_state(st["gen"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class RunLog:
+    """A run's ``log.jsonl`` (one JSON record a line) and, when enabled, its TensorBoard scalars under ``tb/``.
+
+    Records carry ``kind`` ("start", "train", "val", "end", ...) and ``step``; numeric fields of the kinds in
+    ``scalar_kinds`` go to TensorBoard as ``<kind>/<field>``. Only the main process writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, scalar_kinds: tuple[str, ...] = ("train",)):
+        self.path = Path(run_dir) / "log.jsonl"
+        self.enabled = enabled
+        self.scalar_kinds = scalar_kinds
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+            except ImportError:  # pragma: no cover - tensorboard is a pinned dependency
+                self.writer = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        kind = record.get("kind")
+        if self.writer is not None and kind in self.scalar_kinds:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
+                    self.writer.add_scalar(f"{kind}/{k}", v, record["step"])
+
+    def add_image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
