@@ -381,3 +381,89 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
     return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frechet distance of classifier features (the "classifier FD"; NOT the Inception FID)
+
+
+def frechet_distance_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2):
+    ``||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2})``, the matrix square root by
+    ``scipy.linalg.sqrtm`` (in float64; its tiny imaginary part from rounding is dropped, as the FID code does)."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise CycleEncodingError(
+            f"Frechet distance of Gaussians of different sizes: means {mu1.shape}, {mu2.shape}, "
+            f"covariances {s1.shape}, {s2.shape}"
+        )
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():  # singular product: regularize both covariances a little
+        eps = 1e-6 * np.eye(s1.shape[0])
+        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    covmean = np.real(covmean)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def feature_stats(feats: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], unbiased covariance [D, D]) of ``feats`` [N, D] (N >= 2), in float64."""
+    f = feats.detach().cpu().double().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise CycleEncodingError(f"feature statistics need [N, D] features with N >= 2, got shape {list(f.shape)}")
+    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted (mean, unbiased covariance) to two feature sets [N, D] and [M, D]."""
+    mu1, s1 = feature_stats(feats_a)
+    mu2, s2 = feature_stats(feats_b)
+    return frechet_distance_from_stats(mu1, s1, mu2, s2)
+
+
+def classifier_fd_name(classifier_name: str = "fmnist-eval") -> str:
+    """How the classifier FD is named in logs and reports (it is not the Inception FID)."""
+    return f"FD ({classifier_name} classifier features; not the Inception FID)"
+
+
+@torch.no_grad()
+def classifier_features(classifier: Any, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """[N, D] penultimate embeddings (``classifier.embed``, e.g. an ``AttributeClassifier`` of arch convnet/vggbn)
+    of images [N, C, H, W] in [-1, 1], computed in batches, in eval mode."""
+    if not hasattr(classifier, "embed"):
+        raise CycleEncodingError(f"{type(classifier).__name__} has no embed(x) method (penultimate features)")
+    classifier.eval()
+    dev = next((p.device for p in classifier.parameters()), torch.device("cpu"))
+    out = [
+        classifier.embed(images[i : i + batch_size].to(dev)).float().cpu() for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out)
+
+
+def classifier_frechet_distance(
+    images_a: torch.Tensor,
+    images_b: torch.Tensor,
+    classifier: Any,
+    batch_size: int = 500,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """The "classifier FD" of two image sets: :func:`frechet_distance` of the classifier's penultimate features
+    (for Fashion-MNIST the shipped ``fmnist-eval`` network, which no training loss uses). Returns
+    ``{"name", "fd", "images_a", "images_b", "dims"}``; ``name`` says plainly that this is not the Inception FID.
+    Values are comparable only between runs using the same classifier file and similar image counts. ``name``: the
+    classifier's name in that label (default: the stem of the file it was loaded from, else its ``name``)."""
+    fa = classifier_features(classifier, images_a, batch_size)
+    fb = classifier_features(classifier, images_b, batch_size)
+    label = name or str(getattr(classifier, "name", type(classifier).__name__))
+    if name is None and " from " in label and label.endswith(".safetensors"):
+        label = Path(label.rsplit(" from ", 1)[1]).stem
+    return {
+        "name": classifier_fd_name(label),
+        "fd": frechet_distance(fa, fb),
+        "images_a": len(fa),
+        "images_b": len(fb),
+        "dims": int(fa.shape[1]),
+    }

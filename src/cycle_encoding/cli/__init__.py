@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "schedule",
     "train_generator",
     "train_encoder",
+    "train_classifier",
     "invert",
     "directions",
     "edit",

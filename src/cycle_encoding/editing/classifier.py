@@ -9,11 +9,20 @@ Two forms are accepted wherever a classifier is asked for:
 Architectures (``ClassifierConfig.arch``):
 - ``convnet``: per entry of ``widths``, a 3x3 stride-2 convolution + LeakyReLU(0.2); global average pooling; a linear
   layer to the K outputs. Small and fast: attribute scorers for small domains and tests.
+- ``vggbn``: VGG-style with BatchNorm: per entry of ``widths``, two 3x3 convolutions (stride 1) each followed by
+  BatchNorm and ReLU, then a 2x2 max-pool; global average pooling; a linear layer to the K outputs. A second small
+  architecture, different from ``convnet`` (e.g. the Fashion-MNIST evaluation network, independent of the feature
+  network used in training losses).
 - ``resnet50``: torchvision's ResNet-50 layout (``networks/resnet.py``) with a K-output ``fc``; its keys are
   torchvision's, so an attribute classifier trained with torchvision converts by ``save_classifier``.
 Images are resized to ``input_size`` (antialiased bilinear), converted to ``in_channels`` and, for
 ``normalize="imagenet"``, mapped to [0, 1] and standardized with ImageNet's mean and std. Outputs are logits; the
 score of attribute k is output k (higher = more of the attribute).
+
+``features(images)`` (``convnet`` and ``vggbn``) returns the maps after each block and, last, the penultimate
+embedding (the globally average-pooled last map, ``[B, widths[-1]]``): what perceptual / identity-like terms and the
+classifier Frechet distance use (see :func:`classifier_perceptual`, :func:`classifier_identity`,
+``metrics.classifier_frechet_distance``).
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ from ..checkpoints.native import default_provenance, read_native, read_native_he
 from ..errors import CheckpointError, CycleEncodingError
 
 CLASSIFIER_KIND = "classifier"
-ARCHS = ("convnet", "resnet50")
+ARCHS = ("convnet", "vggbn", "resnet50")
+SMALL_ARCHS = ("convnet", "vggbn")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -96,6 +106,20 @@ class AttributeClassifier(nn.Module):
                 cin = w
             self.body = nn.Sequential(*layers)
             self.head = nn.Linear(cin, k)
+        elif c.arch == "vggbn":
+            blocks: list[nn.Module] = []
+            cin = c.in_channels
+            for w in c.widths:
+                blocks.append(
+                    nn.Sequential(
+                        nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                        nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                        nn.MaxPool2d(2),
+                    )
+                )  # fmt: skip
+                cin = w
+            self.body = nn.Sequential(*blocks)
+            self.head = nn.Linear(cin, k)
         else:
             from ..networks.resnet import ResNet50
 
@@ -131,12 +155,104 @@ class AttributeClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.prepare(images)
-        if self.config.arch == "convnet":
+        if self.config.arch in SMALL_ARCHS:
             return self.head(self.body(x).mean(dim=(2, 3)))
         return self.net(x)
 
+    def _blocks(self) -> list[nn.Module]:
+        if self.config.arch == "convnet":
+            mods = list(self.body)
+            return [nn.Sequential(mods[i], mods[i + 1]) for i in range(0, len(mods), 2)]
+        if self.config.arch == "vggbn":
+            return list(self.body)
+        raise CycleEncodingError(f"features() is defined for the {' and '.join(SMALL_ARCHS)} classifiers only")
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The map after each block (``[B, widths[i], H_i, W_i]``), then the penultimate embedding
+        (``[B, widths[-1]]``, the global average of the last map, the input of the final linear layer)."""
+        x = self.prepare(images)
+        out: list[torch.Tensor] = []
+        for block in self._blocks():
+            x = block(x)
+            out.append(x)
+        out.append(x.mean(dim=(2, 3)))
+        return out
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The penultimate embedding ``[B, widths[-1]]`` (not normalized)."""
+        return self.features(images)[-1]
+
     def score(self, images: torch.Tensor, attribute: int | str = 0) -> torch.Tensor:
         return self(images)[:, attribute_index(self.outputs, attribute)]
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of learned parameters (BatchNorm running statistics are buffers, not counted)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+class ClassifierEmbedder(nn.Module):
+    """``embed(x) -> [B, D]``: a small classifier's penultimate embedding, L2-normalized; frozen, stays in eval."""
+
+    def __init__(self, classifier: AttributeClassifier, name: str | None = None) -> None:
+        super().__init__()
+        self.classifier = classifier.requires_grad_(False).eval()
+        self.name = name or classifier.name
+
+    def train(self, mode: bool = True) -> ClassifierEmbedder:
+        return super().train(False)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.classifier.features(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.classifier.embed(x), dim=1)
+
+
+def _small_classifier(path: str | Path, device: str | torch.device, what: str) -> AttributeClassifier:
+    model = load_classifier(path, device)
+    if model.config.arch not in SMALL_ARCHS:
+        raise CheckpointError(
+            Path(path), f"{what} needs a {' or '.join(SMALL_ARCHS)} classifier, this one is {model.config.arch}"
+        )
+    return model
+
+
+def classifier_perceptual(path: str | Path, device: str | torch.device = "cpu", name: str = "classifier") -> Any:
+    """A ``FeatureMapDistance`` (LPIPS-style, equal weights) on a small classifier's ``features`` (every block's
+    map and the penultimate embedding), named ``NAME (feature maps of FILE)``."""
+    from ..losses.perceptual import FeatureMapDistance
+
+    model = _small_classifier(path, device, name)
+    return FeatureMapDistance(ClassifierEmbedder(model), name=f"{name} (feature maps of {Path(path).name})")
+
+
+def classifier_identity(path: str | Path, device: str | torch.device = "cpu", name: str = "classifier") -> Any:
+    """An ``IdentitySimilarity``: cosine of a small classifier's penultimate embeddings, named ``NAME (FILE)``."""
+    from ..losses.identity import IdentitySimilarity
+
+    model = _small_classifier(path, device, name)
+    return IdentitySimilarity(ClassifierEmbedder(model, name=f"{name} ({Path(path).name})"))
+
+
+FMNIST_FEATURES = "fmnist-features"
+FMNIST_EVAL = "fmnist-eval"
+
+
+def fmnist_features_perceptual(device: str | torch.device = "cpu", weights: str | Path | None = None) -> Any:
+    """The registered perceptual distance ``fmnist-features``: the shipped Fashion-MNIST feature network (or
+    ``weights``, another classifier file), see :func:`classifier_perceptual`."""
+    from ..assets import shipped_model_path
+
+    return classifier_perceptual(weights or shipped_model_path(FMNIST_FEATURES), device, FMNIST_FEATURES)
+
+
+def fmnist_features_identity(device: str | torch.device = "cpu", weights: str | Path | None = None) -> Any:
+    """The registered identity-like similarity ``fmnist-features``: cosine of the shipped Fashion-MNIST feature
+    network's penultimate embeddings (or those of ``weights``), see :func:`classifier_identity`."""
+    from ..assets import shipped_model_path
+
+    return classifier_identity(weights or shipped_model_path(FMNIST_FEATURES), device, FMNIST_FEATURES)
 
 
 def attribute_index(outputs: Sequence[str] | None, attribute: int | str | None, width: int | None = None) -> int:

@@ -195,3 +195,16 @@ def _dlib_face(device: torch.device, weights: Path | None) -> IdentitySimilarity
 register_identity("arcface", _arcface, "ArcFace IR-SE-50 on the e4e face crop (needs model_ir_se50.pth)")
 register_identity("moco", _moco, "MoCo v2 ResNet-50 features, e4e's non-face similarity (needs the MoCo file)")
 register_identity("dlib-face", _dlib_face, "dlib's ResNet face embedder, 128-d (faces; available offline)")
+
+
+def _fmnist_features(device: torch.device, weights: Path | None) -> IdentitySimilarity:
+    from ..editing.classifier import fmnist_features_identity
+
+    return fmnist_features_identity(device, weights)
+
+
+register_identity(
+    "fmnist-features",
+    _fmnist_features,
+    "cosine of the shipped Fashion-MNIST feature network's penultimate embedding (Fashion-MNIST; offline)",
+)

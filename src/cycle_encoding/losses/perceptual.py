@@ -171,3 +171,16 @@ def _dlib_face(device: torch.device, weights: Path | None) -> PerceptualDistance
 register_perceptual("lpips-alex", _lpips_factory("alex"), "LPIPS v0.1, AlexNet backbone (needs the ImageNet file)")
 register_perceptual("lpips-vgg", _lpips_factory("vgg"), "LPIPS v0.1, VGG16 backbone (needs the ImageNet file)")
 register_perceptual("dlib-face", _dlib_face, "LPIPS-style distance on the dlib face embedder's feature maps (faces)")
+
+
+def _fmnist_features(device: torch.device, weights: Path | None) -> PerceptualDistance:
+    from ..editing.classifier import fmnist_features_perceptual
+
+    return fmnist_features_perceptual(device, weights)
+
+
+register_perceptual(
+    "fmnist-features",
+    _fmnist_features,
+    "LPIPS-style distance on the shipped Fashion-MNIST feature network's maps (or --lpips-backbone FILE)",
+)

@@ -1,0 +1,40 @@
+"""Files shipped with the package (package data): trained models under ``assets/models/``, each with a model card
+``NAME-card.md`` (the command that reproduces it, data, steps, wall time and machine, metrics, sha256)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import CycleEncodingError
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+SHIPPED_MODELS: dict[str, str] = {
+    "fmnist-features": "Fashion-MNIST feature network (convnet): perceptual / identity-like terms of the domain",
+    "fmnist-eval": "Fashion-MNIST evaluation network (vggbn): edit success and the classifier Frechet distance only",
+}
+_SHA_LINE = re.compile(r"^- sha256: `([0-9a-f]{64})`", re.MULTILINE)
+
+
+def shipped_model_path(name: str) -> Path:
+    """The file of the shipped model ``name`` (see ``SHIPPED_MODELS``); an error naming the known ones otherwise."""
+    if name not in SHIPPED_MODELS:
+        raise CycleEncodingError(f"no shipped model {name!r} (shipped: {', '.join(SHIPPED_MODELS)})")
+    path = MODELS_DIR / f"{name}.safetensors"
+    if not path.is_file():
+        raise CycleEncodingError(f"{path}: the shipped model {name!r} is missing from this install")
+    return path
+
+
+def shipped_model_card(name: str) -> Path:
+    """The model card (Markdown) of the shipped model ``name``."""
+    return shipped_model_path(name).with_name(f"{name}-card.md")
+
+
+def card_sha256(card: str | Path) -> str:
+    """The sha256 a model card gives for its file (the line ``- sha256: `HEX```)."""
+    text = Path(card).read_text(encoding="utf-8")
+    m = _SHA_LINE.search(text)
+    if not m:
+        raise CycleEncodingError(f"{card}: no '- sha256: `...`' line in the model card")
+    return m.group(1)
