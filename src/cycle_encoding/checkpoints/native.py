@@ -123,3 +123,14 @@ def read_native(path: str | Path, device: str | torch.device = "cpu") -> NativeF
         provenance=header.get("provenance", {}),
         extra=header.get("extra", {}),
     )
+
+
+def native_header_of_kind(path: str | Path, container: str, kind: str) -> dict[str, Any] | None:
+    """The header of an own-format file whose kind is ``kind``; None for any other file (for ``info`` inspectors)."""
+    if container != "safetensors":
+        return None
+    try:
+        h = read_native_header(path)
+    except CheckpointError:
+        return None
+    return h if h.get("kind") == kind else None

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.common import check_state_dict
-from ..checkpoints.native import default_provenance, read_native, read_native_header, save_native
+from ..checkpoints.native import default_provenance, native_header_of_kind, read_native, save_native
 from ..errors import CheckpointError, CycleEncodingError
 
 CLASSIFIER_KIND = "classifier"
@@ -330,13 +330,8 @@ def scorer_name(scorer: Any, attribute: int | str | None = None) -> str:
 
 def inspect_classifier(path: Path, container: str) -> dict[str, Any] | None:
     """``cycle-encoding info`` for classifier files."""
-    if container != "safetensors":
-        return None
-    try:
-        h = read_native_header(path)
-    except CheckpointError:
-        return None
-    if h.get("kind") != CLASSIFIER_KIND:
+    h = native_header_of_kind(path, container, CLASSIFIER_KIND)
+    if h is None:
         return None
     return {
         "format": "cycle-encoding",

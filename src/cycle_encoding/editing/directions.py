@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..checkpoints.common import atomic_write, sniff, torch_load
-from ..checkpoints.native import default_provenance, read_native, read_native_header, save_native
+from ..checkpoints.native import default_provenance, native_header_of_kind, read_native, save_native
 from ..errors import CheckpointError, CycleEncodingError
 
 DIRECTIONS_KIND = "directions"
@@ -468,13 +468,8 @@ def save_any(ds: DirectionSet, path: str | Path, provenance: dict[str, Any] | No
 
 def inspect_directions(path: Path, container: str) -> dict[str, Any] | None:
     """``cycle-encoding info`` for own-format direction files."""
-    if container != "safetensors":
-        return None
-    try:
-        h = read_native_header(path)
-    except CheckpointError:
-        return None
-    if h.get("kind") != DIRECTIONS_KIND:
+    h = native_header_of_kind(path, container, DIRECTIONS_KIND)
+    if h is None:
         return None
     ds = _from_native(path)
     return {
