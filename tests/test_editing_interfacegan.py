@@ -220,3 +220,54 @@ def test_a_direction_from_a_w_plus_normal_edits_all_layers(G):
     ws = torch.zeros(1, G.num_ws, G.w_dim)
     torch.testing.assert_close(ds.apply(ws, 0, 1.0), v)
     assert np.isclose(float(ds.vectors.norm()), float(v.norm()))
+
+
+def test_pair_attribute_scores_the_logit_difference_and_labels_two_classes(G):
+    torch.manual_seed(1)
+    clf = AttributeClassifier(ClassifierConfig(outputs=("shirt", "coat", "bag"), input_size=16, widths=(8, 16)))
+    x = torch.rand(64, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        logits = clf(x)
+    diff = as_scorer(clf, "coat vs shirt")(x)
+    torch.testing.assert_close(diff, logits[:, 1] - logits[:, 0])
+    labels = as_scorer(clf, "coat vs shirt", labels=True)(x)
+    top = logits.argmax(1)
+    assert torch.equal(labels[top == 1], torch.ones(int((top == 1).sum())))
+    assert torch.equal(labels[top == 0], torch.zeros(int((top == 0).sum())))
+    assert bool(torch.isnan(labels[top == 2]).all())
+    with pytest.raises(CycleEncodingError, match="pair attribute"):
+        as_scorer(clf, "coat", labels=True)
+    with pytest.raises(CycleEncodingError, match="no output 'hat'"):
+        as_scorer(clf, "hat vs coat")(x)
+
+
+def test_samples_without_a_label_are_left_out(G):
+    def half(images: torch.Tensor) -> torch.Tensor:
+        b = brightness(images)
+        return torch.where(b > b.median(), torch.ones_like(b), torch.full_like(b, float("nan")))
+
+    codes, scores = sample_and_score(G, half, 40, batch=40, seed=0)
+    assert codes.shape[0] == scores.shape[0] and 0 < codes.shape[0] < 40
+    assert bool((scores == 1).all())
+
+
+def test_brightness_is_a_builtin_measure():
+    x = torch.tensor([-1.0, 1.0, 0.0, 0.0]).reshape(1, 1, 2, 2).expand(2, 1, 2, 2)
+    score = as_scorer("brightness")
+    torch.testing.assert_close(score(x), torch.full((2,), 0.5))
+    assert "no network" in score.name
+    with pytest.raises(CycleEncodingError, match="measure"):
+        as_scorer("brightness", "Coat")
+
+
+def test_shipped_names_resolve_to_their_files(tmp_path, monkeypatch):
+    from cycle_encoding.assets import resolve_model, shipped_model_path
+
+    assert resolve_model("fmnist-eval") == shipped_model_path("fmnist-eval")
+    clf = load_classifier("fmnist-eval")
+    assert "fmnist-eval.safetensors" in clf.name
+    # an existing file of that name wins; an unknown name stays a path (the loader then says it is missing)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fmnist-eval").write_bytes(b"x")
+    assert resolve_model("fmnist-eval") == tmp_path.joinpath("fmnist-eval").relative_to(tmp_path)
+    assert str(resolve_model("no-such-model")) == "no-such-model"

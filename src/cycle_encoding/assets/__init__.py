@@ -12,6 +12,8 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 SHIPPED_MODELS: dict[str, str] = {
     "fmnist-features": "Fashion-MNIST feature network (convnet): perceptual / identity-like terms of the domain",
     "fmnist-eval": "Fashion-MNIST evaluation network (vggbn): edit success and the classifier Frechet distance only",
+    "fmnist-generator": "Fashion-MNIST StyleGAN2 generator, 32x32, 1 channel (the demo's and the results' generator)",
+    "fmnist-encoder": "Fashion-MNIST Cycle Encoding encoder, trained by the rescaled paper schedule on fmnist-generator",
 }
 _SHA_LINE = re.compile(r"^- sha256: `([0-9a-f]{64})`", re.MULTILINE)
 
@@ -38,3 +40,12 @@ def card_sha256(card: str | Path) -> str:
     if not m:
         raise CycleEncodingError(f"{card}: no '- sha256: `...`' line in the model card")
     return m.group(1)
+
+
+def resolve_model(path: str | Path) -> Path:
+    """``path`` itself when it exists; else, when it is the name of a shipped model (``fmnist-generator``, ...),
+    that model's file. Every loader that takes a file calls this, so a shipped name works wherever a file does."""
+    p = Path(path)
+    if p.exists() or str(path) not in SHIPPED_MODELS:
+        return p
+    return shipped_model_path(str(path))

@@ -109,9 +109,10 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     The encoder is returned in eval mode with its stage set to the stage its training ended in when the file
     records it, else all offsets (as the authors' inference does). ``E.provenance`` says where it came from.
     """
+    from ..assets import resolve_model
     from ..utils import resolve_device
 
-    p = Path(path)
+    p = resolve_model(path)
     kind = sniff(p)
     prov: dict[str, Any]
     if kind == "safetensors":

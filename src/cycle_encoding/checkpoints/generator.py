@@ -151,8 +151,10 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     """
     from ..utils import resolve_device
 
+    from ..assets import resolve_model
+
     device = resolve_device(device)
-    p = Path(path)
+    p = resolve_model(path)
     w = read_generator_weights(p)
     G = build_generator(w, p, device)
     prov = dict(w.provenance) if w.format == "cycle-encoding" else {}

@@ -104,7 +104,9 @@ INSPECTORS: list[Inspector] = [
 
 
 def inspect_file(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
+    from ..assets import resolve_model
+
+    p = resolve_model(path)
     container = sniff(p)
     base = {"file": str(p), "size_bytes": p.stat().st_size, "container": container}
     for inspector in INSPECTORS:

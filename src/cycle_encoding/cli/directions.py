@@ -46,8 +46,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     t.add_argument("--encoder", default=None, help="encoder file for --images")
     t.add_argument("--offsets", default="all", choices=("all", "trained"), help="encoder offsets (default all)")
     t.add_argument("--generator", default=None, help="generator file for --classifier sampling")
-    t.add_argument("--classifier", default=None, help="attribute classifier (own .safetensors, kind classifier)")
-    t.add_argument("--attribute", default=None, help="the classifier's output to use (name or number; default 0)")
+    t.add_argument("--classifier", default=None,
+                   help="attribute classifier (own .safetensors, kind classifier, or a shipped name such as "
+                   "fmnist-features), or a measure: brightness")  # fmt: skip
+    t.add_argument("--attribute", default=None,
+                   help="the classifier's output to use (name or number; default 0), or 'A vs B': the samples of "
+                   "top class A against those of top class B")  # fmt: skip
     t.add_argument("--samples", type=int, default=10_000, help="generated samples to score (default 10000)")
     t.add_argument("--truncation", type=float, default=1.0, help="truncation of the generated samples (default 1)")
     t.add_argument("--method", default="svm", choices=("svm", "svc", "logistic"),
@@ -170,14 +174,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.generator:
             raise CycleEncodingError("--classifier needs --generator (the samples come from it)")
         from ..checkpoints.generator import load_generator
-        from ..editing.classifier import as_scorer
+        from ..editing.classifier import as_scorer, parse_pair
         from ..editing.interfacegan import sample_and_score
 
         G = load_generator(args.generator, dev)
-        scorer = as_scorer(args.classifier, args.attribute, dev)
+        pair = parse_pair(args.attribute)
+        # "A vs B": the samples the classifier puts in class A (label 1) or B (label 0), as InterFaceGAN from labels
+        scorer = as_scorer(args.classifier, args.attribute, dev, labels=pair is not None)
         codes_t, scores = sample_and_score(G, scorer, args.samples, truncation=args.truncation, seed=args.seed)
         codes, labels = codes_t.numpy(), scores.numpy()
         notes = {"samples": args.samples, "classifier": str(args.classifier), "attribute": args.attribute}
+        if pair is not None:
+            notes["labelled_samples"] = f"{len(labels)} of {args.samples} (top class {pair[0]} or {pair[1]})"
     res = train_boundary(codes, labels, args.method, args.space, args.C, args.select_ratio, args.val_fraction,
                          args.seed, args.name)  # fmt: skip
     res.direction.meta.update({k: v for k, v in notes.items() if isinstance(v, (str, int, float)) or v is None})

@@ -49,8 +49,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--lec", action="store_true", help="measure Latent Editing Consistency with the run's encoder")
     p.add_argument("--encoder", default=None, help="encoder file for LEC (default: the run's; implies --lec)")
     p.add_argument("--classifier", default=None,
-                   help="attribute classifier (own .safetensors, kind classifier) to measure edit success")  # fmt: skip
-    p.add_argument("--attribute", default=None, help="the classifier's output to read: a name or a number (default 0)")
+                   help="attribute classifier (own .safetensors, kind classifier, or a shipped name such as "
+                   "fmnist-eval) or a measure (brightness) to measure edit success")  # fmt: skip
+    p.add_argument("--attribute", default=None,
+                   help="the classifier's output to read: a name or a number (default 0), or 'A vs B' (logit A - "
+                   "logit B)")  # fmt: skip
     p.add_argument("--preservation", default=None,
                    help="distance to the reconstruction: mse, lpips-alex / lpips-vgg (need --preservation-weights), "
                         "dlib-face, or identity:NAME (identity:arcface, identity:dlib-face)")  # fmt: skip

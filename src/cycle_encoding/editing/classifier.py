@@ -280,8 +280,10 @@ def save_classifier(model: AttributeClassifier, path: str | Path, provenance: di
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> AttributeClassifier:
-    """Read a classifier file (own format, kind ``classifier``), eval mode, frozen."""
-    p = Path(path)
+    """Read a classifier file (own format, kind ``classifier``; or a shipped model's name), eval mode, frozen."""
+    from ..assets import resolve_model
+
+    p = resolve_model(path)
     nf = read_native(p)
     if nf.kind != CLASSIFIER_KIND:
         raise CheckpointError(p, f"a cycle-encoding {nf.kind} file, not a classifier")
@@ -296,19 +298,75 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Att
     return model.to(device).eval().requires_grad_(False)
 
 
-def as_scorer(classifier: Any, attribute: int | str | None = None, device: str | torch.device = "cpu") -> Scorer:
-    """A function ``images -> scores [B]`` from a classifier file, an AttributeClassifier or any callable returning
-    ``[B]`` or ``[B, K]`` (column ``attribute`` of the latter, by number or, for AttributeClassifiers, by name)."""
+PAIR_SEPARATOR = " vs "
+
+
+def brightness(images: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the mean pixel value of images in [-1, 1], mapped to [0, 1] (a measure, no network)."""
+    return ((images.float().clamp(-1, 1) + 1) / 2).flatten(1).mean(1)
+
+
+# scores computed from the pixels alone, usable wherever a classifier is asked for (``--classifier brightness``)
+MEASURES: dict[str, tuple[Scorer, str]] = {
+    "brightness": (brightness, "brightness (mean pixel value in [0, 1]; no network)"),
+}
+
+
+def parse_pair(attribute: int | str | None) -> tuple[str, str] | None:
+    """``("A", "B")`` for an attribute written ``"A vs B"`` (two of a classifier's outputs), else None."""
+    if not isinstance(attribute, str) or PAIR_SEPARATOR not in attribute:
+        return None
+    a, b = (part.strip() for part in attribute.split(PAIR_SEPARATOR, 1))
+    if not a or not b or a == b:
+        raise CycleEncodingError(f"a pair attribute is 'A vs B' with two different outputs, got {attribute!r}")
+    return a, b
+
+
+def as_scorer(
+    classifier: Any, attribute: int | str | None = None, device: str | torch.device = "cpu", labels: bool = False
+) -> Scorer:
+    """A function ``images -> scores [B]`` from a classifier file (or a shipped classifier's name), an
+    AttributeClassifier, any callable returning ``[B]`` or ``[B, K]`` (column ``attribute`` of the latter, by number
+    or, for AttributeClassifiers, by name), or the name of a measure in ``MEASURES`` (``"brightness"``).
+
+    ``attribute="A vs B"`` (two outputs): the score is ``logit_A - logit_B``; with ``labels=True`` it is the class
+    label instead: 1 where the classifier's top class is A, 0 where it is B, NaN for images of any other class (the
+    InterFaceGAN boundary between two classes is trained on the images of those two classes only)."""
+    if isinstance(classifier, str) and classifier in MEASURES and not Path(classifier).exists():
+        fn, name = MEASURES[classifier]
+        if attribute not in (None, 0, "0") or labels:
+            raise CycleEncodingError(f"{classifier} is a measure with one score per image; no attribute can be chosen")
+
+        def measure(images: torch.Tensor) -> torch.Tensor:
+            return fn(images)
+
+        measure.name = name  # type: ignore[attr-defined]
+        return measure
     if isinstance(classifier, (str, Path)):
         classifier = load_classifier(classifier, device)
     if not callable(classifier):
         raise CycleEncodingError(f"a classifier must be a file or a callable, got {type(classifier).__name__}")
     outputs = getattr(classifier, "outputs", None)
+    pair = parse_pair(attribute)
+    if labels and pair is None:
+        raise CycleEncodingError("class labels need a pair attribute 'A vs B'")
+
+    def columns(out: torch.Tensor) -> torch.Tensor:
+        if out.ndim != 2:
+            raise CycleEncodingError(f"a pair attribute needs [B, K] scores, got {list(out.shape)}")
+        ia, ib = (attribute_index(outputs, c, out.shape[1]) for c in pair)  # type: ignore[union-attr]
+        if not labels:
+            return (out[:, ia] - out[:, ib]).float()
+        top = out.argmax(1)
+        nan = torch.full((out.shape[0],), float("nan"), device=out.device)
+        return torch.where(top == ia, torch.ones_like(nan), torch.where(top == ib, torch.zeros_like(nan), nan))
 
     @torch.no_grad()
     def score(images: torch.Tensor) -> torch.Tensor:
         out = classifier(images)
         out = torch.as_tensor(out)
+        if pair is not None:
+            return columns(out)
         if out.ndim == 2 and out.shape[1] == 1 and attribute in (None, 0, "0"):
             return out[:, 0].float()
         if out.ndim == 1:
@@ -325,7 +383,10 @@ def as_scorer(classifier: Any, attribute: int | str | None = None, device: str |
 
 def scorer_name(scorer: Any, attribute: int | str | None = None) -> str:
     base = getattr(scorer, "name", None) or getattr(scorer, "__name__", None) or type(scorer).__name__
-    return base if attribute is None else f"{base}, output {attribute}"
+    if attribute is None:
+        return base
+    pair = parse_pair(attribute)
+    return f"{base}, logit {pair[0]} - logit {pair[1]}" if pair else f"{base}, output {attribute}"
 
 
 def inspect_classifier(path: Path, container: str) -> dict[str, Any] | None:

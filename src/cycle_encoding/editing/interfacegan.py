@@ -351,7 +351,9 @@ def sample_and_score(
     seed: int = 0,
     noise_mode: str = "const",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes ``[n, w_dim]`` = G.style(z) (truncated toward w_avg), scores ``[n]`` of G's images of them)."""
+    """(codes ``[k, w_dim]`` = G.style(z) (truncated toward w_avg), scores ``[k]`` of G's images of them) for the
+    ``k <= n`` of ``n`` samples the scorer scores: a NaN score leaves a sample out (e.g. class labels of a pair
+    attribute, where images of other classes have none)."""
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     dev = G.w_avg.device
     codes, scores = [], []
@@ -369,4 +371,6 @@ def sample_and_score(
         codes.append(w.float().cpu())
         scores.append(s)
         done += b
-    return torch.cat(codes), torch.cat(scores)
+    all_codes, all_scores = torch.cat(codes), torch.cat(scores)
+    keep = ~torch.isnan(all_scores)
+    return all_codes[keep], all_scores[keep]

@@ -97,9 +97,10 @@ def load_encoder_source(path: str | Path, device: str | torch.device = "cpu") ->
     recorded in its provenance; e4e-family files give the encoder only."""
     from ..checkpoints.common import sniff, torch_load
     from ..checkpoints.encoder import load_encoder
+    from ..assets import resolve_model
     from ..utils import resolve_device
 
-    p = Path(path)
+    p = resolve_model(path)
     dev = resolve_device(device)
     if sniff(p) in ("torch-zip", "torch-legacy"):
         obj = torch_load(p)
