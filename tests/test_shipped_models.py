@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cycle_encoding.assets import MODELS_DIR, SHIPPED_MODELS, card_sha256, shipped_model_card, shipped_model_path
+from cycle_encoding.assets import MODELS_DIR, card_sha256, shipped_model_card, shipped_model_path
 from cycle_encoding.checkpoints.native import file_sha256, read_native_header
 from cycle_encoding.editing.classifier import AttributeClassifier, ClassifierConfig, load_classifier, save_classifier
 from cycle_encoding.errors import CycleEncodingError

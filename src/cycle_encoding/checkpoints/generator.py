@@ -149,9 +149,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
 
     The result is in eval mode with gradients off; ``G.provenance`` says where it came from.
     """
-    from ..utils import resolve_device
-
     from ..assets import resolve_model
+    from ..utils import resolve_device
 
     device = resolve_device(device)
     p = resolve_model(path)

@@ -95,9 +95,9 @@ def load_encoder_source(path: str | Path, device: str | torch.device = "cpu") ->
     """Read an encoder file for inversion: a ``train-encoder`` ``checkpoint.pt`` gives the encoder, its Ranger state,
     its training data and image size; the project's ``encoder.safetensors`` gives the encoder and the training data
     recorded in its provenance; e4e-family files give the encoder only."""
+    from ..assets import resolve_model
     from ..checkpoints.common import sniff, torch_load
     from ..checkpoints.encoder import load_encoder
-    from ..assets import resolve_model
     from ..utils import resolve_device
 
     p = resolve_model(path)
