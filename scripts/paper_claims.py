@@ -1,0 +1,517 @@
+"""Measure the paper's claims on Fashion-MNIST and write ``docs/RESULTS.md``.
+
+    python scripts/paper_claims.py --out out/claims --workers 2 --markdown docs/RESULTS.md
+
+What it does (all from the shipped models unless told otherwise, nothing downloaded):
+1. takes N test images of Fashion-MNIST (never seen by the generator or the encoders, which trained on the training
+   split): ``--per-class`` images of each of Pullover, Coat, Sneaker and Ankle boot (the classes of the two class
+   edits) and the rest from the other six classes, the first ones of each class in the test file's order;
+2. trains three edit directions on the generator (InterFaceGAN): Coat vs Pullover and Ankle boot vs Sneaker from the
+   class labels that the FEATURE network (``fmnist-features``) gives generated samples, and brightness (the mean
+   pixel value, no network) from the top and bottom 2% of samples;
+3. inverts every image with every row's method, sharing work where the method is the same (the refined pivot of
+   "Cycle + refine" is the pivot that "Cycle + refine + tune" tunes around);
+4. measures, per row: MSE, SSIM, the domain perceptual distance (the fmnist-features distance, the training loss's),
+   the identity-like similarity (cosine of the EVALUATION network's embeddings of input and reconstruction), edit
+   success (the evaluation network, ``fmnist-eval``, which no training saw: the fraction of pullovers that become
+   coats and coats that become pullovers, likewise sneaker <-> ankle boot, at the edit strength), the brightness
+   change of the brightness edit (no network), LEC (e4e's Latent Editing Consistency, with the row's encoder), and
+   seconds per image (CPU, one thread per worker);
+5. writes a JSON of everything, the Markdown table, and a picture of examples.
+
+Per-image results are appended to ``OUT/shard-K.jsonl`` as they finish; a re-run skips finished images (resume
+after an interruption). Workers are separate processes (``--workers``), each one torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+EDIT_CLASSES = ("Pullover", "Coat", "Sneaker", "Ankle boot")
+PAIRS = {"pullover-coat": ("Coat", "Pullover"), "sneaker-boot": ("Ankle boot", "Sneaker")}
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    title: str
+    pivot: str  # which pivot: enc:<encoder>:<offsets>, refine, project
+    tune: str | None  # None, "reg" (locality regularizer), "noreg"
+    lec_encoder: str  # encoder:offsets used for LEC
+
+
+ROWS = (
+    Row("w", "W encoder (`w`)", "enc:w:all", None, "w:all"),
+    Row("e4e", "e4e (`e4e`)", "enc:e4e:all", None, "e4e:all"),
+    Row("cycle-final", "Cycle encoder, final stage", "enc:cycle:trained", None, "cycle:trained"),
+    Row("cycle-all", "Cycle encoder, all offsets", "enc:cycle:all", None, "cycle:all"),
+    Row("cycle-refine", "Cycle + refine", "refine", None, "cycle:all"),
+    Row("cycle-tune-noreg", "Cycle + tune, no regularizer", "enc:cycle:all", "noreg", "cycle:all"),
+    Row("full", "Cycle + refine + tune (full method)", "refine", "reg", "cycle:all"),
+    Row("pti", "PTI (W projection + tune)", "project", "noreg", "cycle:all"),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--generator", default="fmnist-generator")
+    p.add_argument("--cycle", default="fmnist-encoder", help="the Cycle encoder (paper schedule)")
+    p.add_argument("--e4e", default="fmnist-encoder-e4e", help="the e4e-schedule encoder")
+    p.add_argument("--w", default="fmnist-encoder-w", help="the W encoder")
+    p.add_argument("--out", default="out/claims")
+    p.add_argument("--per-class", type=int, default=40, help="test images of each edit class (default 40)")
+    p.add_argument("--others", type=int, default=40, help="test images of the other six classes (default 40)")
+    p.add_argument("--strength", type=float, default=3.0,
+                   help="edit strength in standard deviations of the samples' codes along the direction (default 3)")  # fmt: skip
+    p.add_argument("--samples", type=int, default=10_000, help="generated samples per direction (default 10000)")
+    p.add_argument("--tune-steps", type=int, default=350)
+    p.add_argument("--project-steps", type=int, default=450)
+    p.add_argument("--refine-steps", type=int, default=16)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--markdown", default=None, help="also write the Markdown here (e.g. docs/RESULTS.md)")
+    p.add_argument("--figure", default=None, help="the examples picture (default: beside --markdown, images/)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# set-up shared by the workers
+
+
+def select_images(per_class: int, others: int) -> list[tuple[int, int]]:
+    """(test index, label) of the chosen test images, in a fixed order."""
+    from cycle_encoding.data.fashion_mnist import CLASSES, load_split
+
+    _, labels = load_split("test")
+    chosen: list[tuple[int, int]] = []
+    for name in EDIT_CLASSES:
+        k = CLASSES.index(name)
+        chosen += [(int(i), k) for i in (labels == k).nonzero()[0][:per_class]]
+    rest = [k for k, n in enumerate(CLASSES) if n not in EDIT_CLASSES]
+    take = {k: others // len(rest) + (1 if j < others % len(rest) else 0) for j, k in enumerate(rest)}
+    for k in rest:
+        chosen += [(int(i), k) for i in (labels == k).nonzero()[0][: take[k]]]
+    return chosen
+
+
+def test_image(index: int) -> Any:
+    from cycle_encoding.data.fashion_mnist import load_split, pad_to_32, to_unit_range
+
+    images, _ = load_split("test")
+    return pad_to_32(to_unit_range(images[index]))[None, None]
+
+
+def make_directions(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Train (or read back) the three directions; their strengths in code units."""
+    import torch
+
+    from cycle_encoding.checkpoints.generator import load_generator
+    from cycle_encoding.editing import as_scorer, load_directions, sample_and_score, save_directions, train_boundary
+
+    info_file = out / "directions.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        for k in info:
+            info[k]["direction"] = load_directions(out / f"{k}.safetensors")
+        return info
+    G = load_generator(args.generator)
+    info: dict[str, Any] = {}
+    specs = {
+        **{k: ("fmnist-features", f"{a} vs {b}") for k, (a, b) in PAIRS.items()},
+        "brightness": ("brightness", None),
+    }
+    with torch.no_grad():
+        ws = G.mapping(torch.randn(args.samples, G.z_dim, generator=torch.Generator().manual_seed(args.seed + 1)))[:, 0]
+    for key, (clf, attribute) in specs.items():
+        print(f"direction {key}: {args.samples} samples scored by {clf} {attribute or ''}", flush=True)
+        scorer = as_scorer(clf, attribute, labels=attribute is not None)
+        codes, scores = sample_and_score(G, scorer, args.samples, seed=args.seed)
+        res = train_boundary(codes, scores, seed=args.seed, name=key)
+        d = res.direction.vectors.reshape(-1)
+        sigma = float((ws @ d).std())
+        save_directions(res.direction, out / f"{key}.safetensors")
+        info[key] = {"classifier": clf, "attribute": attribute, "sigma": sigma, "strength": args.strength * sigma,
+                     **{k: v for k, v in res.summary().items() if k != "direction"}}  # fmt: skip
+    info_file.write_text(json.dumps(info, indent=1))
+    for k in info:
+        info[k]["direction"] = load_directions(out / f"{k}.safetensors")
+    return info
+
+
+class Context:
+    """The networks one worker needs, loaded once."""
+
+    def __init__(self, args: argparse.Namespace, out: Path) -> None:
+        import torch
+
+        from cycle_encoding.checkpoints.generator import load_generator
+        from cycle_encoding.editing import load_classifier
+        from cycle_encoding.inversion import RefineConfig, RegularizedRefiner, build_loss_networks, load_encoder_source
+        from cycle_encoding.inversion.refine import open_training_images
+        from cycle_encoding.losses.perceptual import build_perceptual
+
+        self.args = args
+        self.G = load_generator(args.generator)
+        self.sources = {k: load_encoder_source(getattr(args, k)) for k in ("w", "e4e", "cycle")}
+        self.E = {k: s.encoder for k, s in self.sources.items()}
+        self.nets = build_loss_networks("fmnist-features", None, "fmnist-features", None, torch.device("cpu"))
+        self.perceptual = build_perceptual("fmnist-features")
+        self.eval_net = load_classifier("fmnist-eval")
+        cyc = self.sources["cycle"]
+        size = int(cyc.image_size or self.G.resolution)
+        train = open_training_images(cyc.train_data or "fashion-mnist", size, self.G.img_channels, args.cycle)
+        self.refiner = RegularizedRefiner(
+            self.G, self.E["cycle"], train, RefineConfig(steps=args.refine_steps), self.nets,
+            optimizer_state=cyc.optimizer_state, optimizer_settings=cyc.optimizer_settings, image_size=size,
+        )  # fmt: skip
+        self.directions = make_directions(args, out)
+        self.classes = list(self.eval_net.outputs)
+
+
+def timed(fn: Any, *a: Any, **k: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    r = fn(*a, **k)
+    return r, time.perf_counter() - t0
+
+
+def measure_image(ctx: Context, position: int, index: int, label: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every row's measures for one test image, and every row's reconstruction."""
+    import torch
+    import torch.nn.functional as F
+
+    from cycle_encoding.editing.classifier import brightness
+    from cycle_encoding.inversion import ProjectConfig, TuneConfig, encoder_pivot, pivotal_tune, project_w
+    from cycle_encoding.inversion.common import render, stage_seed
+    from cycle_encoding.inversion.pivot import resolve_stage
+    from cycle_encoding.metrics import mse, ssim
+
+    a, G = ctx.args, ctx.G
+    x = test_image(index)
+    pivots: dict[str, torch.Tensor] = {}
+    seconds: dict[str, float] = {}
+    for key in ("w", "e4e", "cycle"):
+        for offsets in ("all", "trained"):
+            if key != "cycle" and offsets == "trained":
+                continue
+            pivots[f"enc:{key}:{offsets}"], seconds[f"enc:{key}:{offsets}"] = timed(
+                encoder_pivot, ctx.E[key], x, offsets
+            )
+    r, seconds["refine"] = timed(ctx.refiner.refine, x, stage_seed(a.seed, position, "refine"))
+    pivots["refine"] = r.pivot.detach()
+    pc = ProjectConfig(steps=a.project_steps)
+    p, seconds["project"] = timed(project_w, G, x, ctx.nets, pc, stage_seed(a.seed, position, "project"))
+    pivots["project"] = p.pivot.detach()
+
+    tuned: dict[tuple[str, str], Any] = {}
+    recons: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {"position": position, "index": index, "label": label, "rows": {}}
+    for row in ROWS:
+        pivot = pivots[row.pivot]
+        secs = seconds[row.pivot] + (seconds["enc:cycle:all"] if row.pivot == "refine" else 0.0)
+        G_row = G
+        extra: dict[str, Any] = {}
+        if row.tune is not None:
+            cache = (row.pivot, row.tune)
+            if cache not in tuned:
+                tc = TuneConfig(steps=a.tune_steps, locality=row.tune == "reg")
+                tuned[cache] = timed(pivotal_tune, G, pivot, x, ctx.nets, tc, stage_seed(a.seed, position, "tune"))
+            t, s = tuned[cache]
+            G_row, secs = t.generator, secs + s
+            extra = {"tune_updates": t.updates, "stopped_early": t.stopped_early}
+        with torch.no_grad():
+            y = render(G_row, pivot).clamp(-1, 1)
+            m: dict[str, Any] = {
+                "mse": float(mse(y, x)[0]),
+                "ssim": float(ssim(y, x)[0]),
+                "perceptual": float(ctx.perceptual(y, x).reshape(-1)[0]),
+                "identity": float(F.cosine_similarity(ctx.eval_net.embed(y), ctx.eval_net.embed(x), dim=1)[0]),
+                "seconds": secs,
+                **extra,
+            }
+            enc_key, enc_offsets = row.lec_encoder.split(":")
+            E = ctx.E[enc_key]
+            stage = resolve_stage(E, enc_offsets)
+            lec: list[float] = []
+            classes = ctx.classes
+            for ekey, info in ctx.directions.items():
+                d = info["direction"].vectors.reshape(1, 1, -1).to(pivot)
+                s = float(info["strength"])
+                if ekey in PAIRS:
+                    pos_name, neg_name = PAIRS[ekey]
+                    true = classes[label]
+                    if true not in (pos_name, neg_name):
+                        continue
+                    sign = 1.0 if true == neg_name else -1.0  # toward the other class
+                    target = classes.index(pos_name if sign > 0 else neg_name)
+                    v = sign * s * d
+                    edited = render(G_row, pivot + v).clamp(-1, 1)
+                    m[f"edit_{ekey}"] = float(ctx.eval_net(edited).argmax(1)[0] == target)
+                    m[f"recon_class_{ekey}"] = float(ctx.eval_net(y).argmax(1)[0] == label)
+                    vs = [v]
+                else:
+                    up = render(G_row, pivot + s * d).clamp(-1, 1)
+                    down = render(G_row, pivot - s * d).clamp(-1, 1)
+                    b0, b1, b2 = (float(brightness(t)[0]) for t in (y, up, down))
+                    m["edit_brightness"] = ((b1 - b0) + (b0 - b2)) / 2
+                    vs = [s * d, -s * d]
+                prev = E.stage
+                try:
+                    E.stage = stage
+                    for v in vs:
+                        back = E(render(G_row, pivot + v)) - v
+                        lec.append(float((pivot - back).flatten(1).norm(dim=1)[0]))
+                finally:
+                    E.stage = prev
+            m["lec"] = sum(lec) / len(lec)
+        out["rows"][row.key] = m
+        recons[row.key] = y[0]
+    return out, recons
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# workers and collection
+
+
+def run_shard(args: argparse.Namespace, out: Path, k: int, n: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    chosen = select_images(args.per_class, args.others)
+    shard = out / f"shard-{k}.jsonl"
+    done = set()
+    if shard.is_file():
+        done = {json.loads(line)["position"] for line in shard.read_text().splitlines() if line.strip()}
+    todo = [(pos, i, lab) for pos, (i, lab) in enumerate(chosen) if pos % n == k and pos not in done]
+    if not todo:
+        return
+    ctx = Context(args, out)
+    (out / "examples").mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    for j, (pos, i, lab) in enumerate(todo):
+        rec, recons = measure_image(ctx, pos, i, lab)
+        if pos in example_positions(chosen):
+            torch.save({"target": test_image(i)[0], **recons}, out / "examples" / f"{pos}.pt")
+        with shard.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        el = time.perf_counter() - t0
+        print(f"[worker {k}] {j + 1}/{len(todo)} images ({el / (j + 1):.1f} s/image, test index {i})", flush=True)
+
+
+def collect(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    import statistics
+
+    recs = []
+    for f in sorted(out.glob("shard-*.jsonl")):
+        recs += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    recs.sort(key=lambda r: r["position"])
+    table: dict[str, Any] = {}
+    for row in ROWS:
+        per = [r["rows"][row.key] for r in recs]
+        cols: dict[str, Any] = {}
+        for col in ("mse", "ssim", "perceptual", "identity", "lec", "seconds", "edit_pullover-coat",
+                    "edit_sneaker-boot", "edit_brightness"):  # fmt: skip
+            vals = [p[col] for p in per if col in p]
+            if vals:
+                cols[col] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
+        table[row.key] = {"title": row.title, **cols}
+    return {"images": len(recs), "rows": table}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.shard:
+        k, n = (int(v) for v in args.shard.split("/"))
+        run_shard(args, out, k, n)
+        return 0
+    t0 = time.perf_counter()
+    # directions first, once (the workers read them back)
+    import torch
+
+    torch.set_num_threads(max(1, args.workers))
+    make_directions(args, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
+    procs = [subprocess.Popen([*base, "--shard", f"{k}/{args.workers}"], env=env) for k in range(args.workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        print(f"a worker failed (exit codes {codes}); re-run to resume", file=sys.stderr)
+        return 1
+    result = collect(args, out)
+    directions = json.loads((out / "directions.json").read_text())
+    result.update(directions=directions, options={k: v for k, v in vars(args).items() if k != "shard"},
+                  wall_seconds=time.perf_counter() - t0)  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    figure = Path(args.figure) if args.figure else None
+    if args.markdown and figure is None:
+        figure = Path(args.markdown).parent / "images" / "results-examples.png"
+    if figure is not None:
+        write_figure(args, out, figure)
+    md = markdown(result, figure, Path(args.markdown).parent if args.markdown else out)
+    (out / "RESULTS.md").write_text(md)
+    if args.markdown:
+        target = Path(args.markdown)
+        kept = target.read_text().split(MARKER, 1)[1] if target.is_file() and MARKER in target.read_text() else "\n"
+        target.write_text(md + kept.lstrip("\n"))
+    print(md)
+    return 0
+
+
+def fmt(cell: dict[str, Any] | None, digits: int = 4, pct: bool = False) -> str:
+    if cell is None:
+        return "n/a"
+    if pct:
+        return f"{100 * cell['mean']:.1f}%"
+    return f"{cell['mean']:.{digits}f}"
+
+
+MARKER = "<!-- everything above is written by scripts/paper_claims.py; what follows is kept on re-runs -->"
+
+
+def verdicts(rows: dict[str, Any]) -> list[str]:
+    """The paper's claims, each as measured here (mean values; lower MSE / perceptual / LEC is better, higher SSIM /
+    identity-like / success is better)."""
+
+    def v(key: str, col: str) -> float:
+        cell = rows[key].get(col)
+        return float("nan") if cell is None else float(cell["mean"])
+
+    def succ(key: str) -> float:
+        return (v(key, "edit_pullover-coat") + v(key, "edit_sneaker-boot")) / 2
+
+    out = []
+    for enc in ("cycle-final", "cycle-all"):
+        better = v(enc, "mse") < v("w", "mse") and v(enc, "perceptual") < v("w", "perceptual")
+        out.append(
+            f"- (a) {rows[enc]['title']} reconstructs better than the W encoder: **{'holds' if better else 'does not hold'}** "
+            f"(MSE {v(enc, 'mse'):.4f} vs {v('w', 'mse'):.4f}; perceptual {v(enc, 'perceptual'):.4f} vs "
+            f"{v('w', 'perceptual'):.4f})."
+        )
+        edits = succ(enc) > succ("e4e")
+        out.append(
+            f"- (a) {rows[enc]['title']} edits better than e4e: **{'holds' if edits else 'does not hold'}** by the class "
+            f"edits' success ({100 * succ(enc):.1f}% vs {100 * succ('e4e'):.1f}%); LEC {v(enc, 'lec'):.2f} vs "
+            f"{v('e4e', 'lec'):.2f} (lower is more consistent)."
+        )
+    ratio = v("full", "mse") / v("pti", "mse")
+    out.append(
+        f"- (b) the full method reconstructs close to PTI: MSE {v('full', 'mse'):.4f} vs {v('pti', 'mse'):.4f} (ratio "
+        f"{ratio:.2f}), perceptual {v('full', 'perceptual'):.4f} vs {v('pti', 'perceptual'):.4f}, SSIM "
+        f"{v('full', 'ssim'):.3f} vs {v('pti', 'ssim'):.3f}: **{'holds' if ratio <= 1.25 else 'does not hold'}** "
+        "(taking 'close' as at most 25% more MSE)."
+    )
+    edits = succ("full") > succ("pti")
+    out.append(
+        f"- (b) the full method edits better than PTI: **{'holds' if edits else 'does not hold'}** by the class edits' "
+        f"success ({100 * succ('full'):.1f}% vs {100 * succ('pti'):.1f}%); LEC {v('full', 'lec'):.2f} vs "
+        f"{v('pti', 'lec'):.2f}; brightness change {v('full', 'edit_brightness'):.3f} vs {v('pti', 'edit_brightness'):.3f}."
+    )
+    return out
+
+
+def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
+    rows = result["rows"]
+    o = result["options"]
+    d = result["directions"]
+    lines = [
+        "# Results: the paper's claims measured on Fashion-MNIST",
+        "",
+        f"Made by `python scripts/paper_claims.py --workers {o['workers']} --per-class {o['per_class']} --others "
+        f"{o['others']} --tune-steps {o['tune_steps']} --project-steps {o['project_steps']} --markdown "
+        f"docs/RESULTS.md` ({result['wall_seconds'] / 60:.0f} min of wall time on this machine's CPUs, "
+        f"{o['workers']} worker process(es) with one torch thread each).",
+        "",
+        "## Set-up",
+        "",
+        f"- **Images**: {result['images']} Fashion-MNIST test images, none seen by any training: the first "
+        f"{o['per_class']} test images of each of Pullover, Coat, Sneaker and Ankle boot, and {o['others']} of the other "
+        "six classes.",
+        f"- **Models**: generator `{o['generator']}`; encoders `{o['cycle']}` (the paper's cycle schedule), "
+        f"`{o['e4e']}` (e4e's schedule) and `{o['w']}` (W only), trained on that generator for the same number of "
+        "steps with the same losses (see the model cards in `src/cycle_encoding/assets/models/`).",
+        f"- **Inversion**: refine = the regularized encoder refinement ({o['refine_steps']} forward passes, M = 7 "
+        f"random training images); tune = pivotal tuning, at most {o['tune_steps']} steps (early stop at "
+        f"perceptual <= 0.07), with or without the locality regularizer; PTI = W projection ({o['project_steps']} "
+        "steps) + tuning without the regularizer (PTI's default). Losses: MSE + the fmnist-features perceptual "
+        "distance (+ the fmnist-features identity-like term in refine).",
+        "- **Edits** (InterFaceGAN in W, trained on 10,000 generator samples; the same direction for every row): "
+        + "; ".join(
+            f"{k} ({v['attribute'] or 'mean pixel value'}: {v['positives']} / {v['negatives']} samples, validation "
+            f"accuracy {v['val_accuracy']}, strength {o['strength']} sd = {v['strength']:.2f})"
+            for k, v in d.items()
+        )
+        + ".",
+        "- **Columns**: MSE and SSIM of the reconstruction ([-1, 1] images; SSIM on [0, 1]); perceptual = the "
+        "fmnist-features distance (the domain's LPIPS-like distance, which the losses use); identity-like = cosine "
+        "similarity of the evaluation network's (fmnist-eval) embeddings of input and reconstruction; class edit "
+        "success = the fraction of pullovers (coats) that fmnist-eval calls coats (pullovers) after the edit, and the "
+        "same for sneakers and ankle boots (fmnist-eval is used by no training or direction); brightness change = "
+        "the mean pixel change of the +/- brightness edit, in [0, 1] units (no network); LEC = e4e's latent editing "
+        "consistency over all edits, with the row's encoder (Cycle's with all offsets for refine, tune and PTI "
+        "rows); s/image = CPU seconds of the inversion.",
+        "",
+        "## Table",
+        "",
+        "| method | MSE | SSIM | perceptual | identity-like | pullover <-> coat success | sneaker <-> boot success | "
+        "brightness change | LEC | s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in ROWS:
+        r = rows[row.key]
+        lines.append(
+            f"| {row.title} | {fmt(r.get('mse'))} | {fmt(r.get('ssim'), 3)} | {fmt(r.get('perceptual'))} | "
+            f"{fmt(r.get('identity'), 3)} | {fmt(r.get('edit_pullover-coat'), pct=True)} | "
+            f"{fmt(r.get('edit_sneaker-boot'), pct=True)} | {fmt(r.get('edit_brightness'), 3)} | "
+            f"{fmt(r.get('lec'), 2)} | {fmt(r.get('seconds'), 2)} |"
+        )
+    if figure is not None:
+        lines += [
+            "",
+            f"![examples]({os.path.relpath(figure, base)})",
+            "",
+            "Columns: the first test image of each class. Rows: the input, then the rows of the table in order ("
+            + ", ".join(r.title for r in ROWS)
+            + ").",
+        ]
+    lines += ["", "## The claims, as measured", "", *verdicts(rows), "", MARKER, ""]
+    return "\n".join(lines)
+
+
+def example_positions(chosen: list[tuple[int, int]]) -> list[int]:
+    """The first chosen image of each class (at most 8): the examples picture's columns."""
+    firsts: dict[int, int] = {}
+    for pos, (_, lab) in enumerate(chosen):
+        firsts.setdefault(lab, pos)
+    return sorted(firsts.values())[:8]
+
+
+def write_figure(args: argparse.Namespace, out: Path, figure: Path) -> None:
+    """Examples: one column per example image; rows: the input, then every method's reconstruction (3x upscaled)."""
+    import torch
+
+    from cycle_encoding.utils import save_image
+
+    cols = []
+    for pos in example_positions(select_images(args.per_class, args.others)):
+        ex = torch.load(out / "examples" / f"{pos}.pt", weights_only=True)
+        cols.append(torch.cat([ex["target"], *(ex[row.key] for row in ROWS)], dim=1))
+    grid = torch.cat(cols, dim=2)
+    grid = torch.nn.functional.interpolate(grid[None], scale_factor=3, mode="nearest")[0]
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, figure)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "src"))
+    raise SystemExit(main())

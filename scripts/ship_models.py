@@ -1,0 +1,280 @@
+"""Copy a trained Fashion-MNIST generator and Cycle encoder into the package (``assets/models``) with model cards.
+
+    python scripts/ship_models.py --generator-run RUNS/00000-fmnist32 --encoder-run RUNS/encoders/00000-cycle
+
+The generator card gives the evaluation-classifier Frechet distance (``fmnist-eval`` features; not the Inception FID)
+of 10,000 samples to the 10,000 test images, beside the same distance from 10,000 TRAINING images to the test images
+(the floor a perfect generator would reach at this sample size). The encoder card gives reconstruction measures of
+the first 1,000 test images (never seen in training), with the offsets of the stage training ended in and with all.
+The sample grid goes to ``docs/images/fmnist-generator-samples.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from cycle_encoding.assets import MODELS_DIR, SHIPPED_MODELS  # noqa: E402
+from cycle_encoding.checkpoints.native import file_sha256, read_native_header  # noqa: E402
+
+FD_SAMPLES = 10_000
+RECON_IMAGES = 1_000
+
+
+def run_log(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    import os
+
+    threads = m.get("cpu_threads", m.get("torch_threads"))
+    return (f"{m.get('platform')}, {os.cpu_count()} CPUs, {threads} torch thread(s), {m.get('device', 'cpu')}, "
+            f"torch {m.get('torch')}, Python {m.get('python')}")  # fmt: skip
+
+
+def this_machine() -> str:
+    """The machine this script runs on (the encoder runs do not record theirs; they ran here)."""
+    import os
+    import platform
+
+    return (f"{platform.platform()}, {os.cpu_count()} CPUs, 1 torch thread per process, cpu, torch "
+            f"{torch.__version__}, Python {platform.python_version()}")  # fmt: skip
+
+
+def test_images(n: int | None = None) -> torch.Tensor:
+    from cycle_encoding.data.fashion_mnist import load_split, pad_to_32, to_unit_range
+
+    images, _ = load_split("test")
+    x = pad_to_32(to_unit_range(images if n is None else images[:n]))
+    return x[:, None]
+
+
+@torch.no_grad()
+def generator_metrics(G: Any) -> dict[str, Any]:
+    from cycle_encoding.data.fashion_mnist import load_split, pad_to_32, to_unit_range
+    from cycle_encoding.editing import load_classifier
+    from cycle_encoding.metrics import classifier_frechet_distance
+
+    clf = load_classifier("fmnist-eval")
+    g = torch.Generator().manual_seed(0)
+    fakes = []
+    for _ in range(0, FD_SAMPLES, 500):
+        z = torch.randn(500, G.z_dim, generator=g)
+        fakes.append(G(z, noise_mode="const").clamp(-1, 1))
+    fake = torch.cat(fakes)
+    test = test_images()
+    train_images, _ = load_split("train")
+    idx = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(1))[:FD_SAMPLES].numpy()
+    train = pad_to_32(to_unit_range(train_images[idx]))[:, None]
+    fd = classifier_frechet_distance(fake, test, clf)
+    floor = classifier_frechet_distance(train, test, clf)
+    counts = torch.bincount(clf(fake).argmax(1), minlength=10).tolist()
+    return {"fd": fd, "floor": floor, "class_counts": dict(zip(clf.outputs, counts, strict=True))}
+
+
+def ship_generator(run: Path, grid: Path) -> Path:
+    from cycle_encoding.checkpoints.generator import load_generator
+    from cycle_encoding.utils import save_image
+
+    src = run / "generator.safetensors"
+    dst = MODELS_DIR / "fmnist-generator.safetensors"
+    shutil.copyfile(src, dst)
+    G = load_generator(dst)
+    pv = read_native_header(dst)["provenance"]
+    cfg = json.loads((run / "config.json").read_text())
+    m = generator_metrics(G)
+    with torch.no_grad():
+        z = torch.randn(64, G.z_dim, generator=torch.Generator().manual_seed(0))
+        imgs = G(z, noise_mode="const").clamp(-1, 1)
+    rows = torch.cat([torch.cat(list(imgs[r * 8 : (r + 1) * 8]), dim=2) for r in range(8)], dim=1)
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.nn.functional.interpolate(rows[None], scale_factor=2, mode="nearest")[0], grid)
+    n_params = sum(p.numel() for p in G.parameters())
+    step = int(pv["step"])
+    counts = ", ".join(f"{k} {v}" for k, v in m["class_counts"].items())
+    lines = [
+        "# fmnist-generator",
+        "",
+        f"A StyleGAN2 generator of Fashion-MNIST at 32x32, 1 channel ({SHIPPED_MODELS['fmnist-generator']}), in the "
+        "project's format (safetensors, kind `generator`; nothing in the file runs). It is g_ema, the moving average "
+        "of the trained generator, with its average code w_avg. Load it with "
+        '`cycle_encoding.checkpoints.generator.load_generator("fmnist-generator")` or give `--generator '
+        "fmnist-generator` to any command.",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        f"cycle-encoding train-generator --data fashion-mnist --resolution 32 --max-steps {step} --out runs --name "
+        "fmnist32 --checkpoint-every 250 --image-every 1000 --device cpu",
+        "```",
+        "",
+        f"This file was trained in pieces over two sessions: started with `--max-steps 30000` (the schedule of the "
+        f"learning rate and the EMA does not depend on it), resumed with `--resume` twice, and stopped at the "
+        f"checkpoint of step {step} because CPU time ran out. Resuming is exact (tested), so the one command above "
+        "makes the same training; the weights also depend on the torch thread count (the run used 1-2).",
+        "",
+        "## Facts",
+        "",
+        f"- file: `{dst.name}`, {dst.stat().st_size:,} bytes",
+        f"- sha256: `{file_sha256(dst)}`",
+        f"- parameters: {n_params:,} (mapping {pv.get('n_mlp', cfg['generator']['n_mlp'])} layers of "
+        f"{G.w_dim}; synthesis channels {cfg['_resolved']['generator_channels']})",
+        f"- data: {pv.get('data')}",
+        f"- training: {step} steps of batch {pv.get('batch_size')} ({pv.get('kimg')} kimg), Adam lr "
+        f"{cfg['lr']} betas {cfg['betas']}, lazy R1 gamma {pv.get('r1_gamma')} every {cfg['r1_every']}, style mixing "
+        f"{pv.get('mixing_prob')}, EMA half-life {pv.get('ema_kimg')} kimg, no path-length regularization, seed "
+        f"{pv.get('seed')}",
+        f"- wall time: {float(pv.get('train_seconds', 0)):.0f} s of training on {machine_line(pv.get('machine', {}))}",
+        f"- written by: {pv.get('tool')} at {pv.get('created')}",
+        "",
+        "## Metrics",
+        "",
+        f"- {m['fd']['name']}: **{m['fd']['fd']:.2f}** between {m['fd']['images_a']:,} samples (z ~ N(0, I) seed 0, "
+        f"no truncation) and the {m['fd']['images_b']:,} test images",
+        f"- the same distance between {m['floor']['images_a']:,} training images and the test images (the floor at "
+        f"this sample size): {m['floor']['fd']:.2f}",
+        f"- the samples' classes by fmnist-eval: {counts} (the test set has 1,000 of each)",
+        "- 64 samples (seed 0): `docs/images/fmnist-generator-samples.png`",
+        "",
+        "Made by `python scripts/ship_models.py`, which also wrote these figures.",
+        "",
+    ]
+    (MODELS_DIR / "fmnist-generator-card.md").write_text("\n".join(lines), encoding="utf-8")
+    return dst
+
+
+@torch.no_grad()
+def encoder_metrics(E: Any, G: Any) -> dict[str, Any]:
+    from cycle_encoding.inversion import encoder_pivot
+    from cycle_encoding.inversion.common import render
+    from cycle_encoding.losses.perceptual import build_perceptual
+    from cycle_encoding.metrics import mse, ssim
+
+    x = test_images(RECON_IMAGES)
+    dist = build_perceptual("fmnist-features")
+    out = {}
+    for offsets in ("trained", "all"):
+        vals: dict[str, list[float]] = {"mse": [], "ssim": [], "perceptual": []}
+        for i in range(0, len(x), 100):
+            xb = x[i : i + 100]
+            y = render(G, encoder_pivot(E, xb, offsets)).clamp(-1, 1)
+            vals["mse"] += mse(y, xb).tolist()
+            vals["ssim"] += ssim(y, xb).tolist()
+            vals["perceptual"] += dist(y, xb).reshape(-1).tolist()
+        out[offsets] = {k: sum(v) / len(v) for k, v in vals.items()}
+    return out
+
+
+def ship_encoder(run: Path, generator: Path, name: str = "fmnist-encoder") -> Path:
+    from cycle_encoding.checkpoints.encoder import load_encoder
+    from cycle_encoding.checkpoints.generator import load_generator
+
+    src = run / "encoder.safetensors"
+    dst = MODELS_DIR / f"{name}.safetensors"
+    G = load_generator(generator)
+    pv = read_native_header(src)["provenance"]
+    if pv.get("generator_sha256") and pv["generator_sha256"] != file_sha256(generator):
+        raise SystemExit(f"{src} was trained on another generator ({pv.get('generator')}), not {generator}")
+    shutil.copyfile(src, dst)
+    E = load_encoder(dst)
+    cfg = json.loads((run / "config.json").read_text())
+    log = run_log(run)
+    start = next(r for r in log if r["kind"] == "start")
+    end = [r for r in log if r["kind"] == "end"][-1]
+    trains = [r for r in log if r["kind"] == "train"]
+    vals = [r for r in log if r["kind"] == "val"]
+    wall = float(end["time"]) - float(start["time"])  # one uninterrupted run (a resumed run would count the gap)
+    m = encoder_metrics(E, G)
+    command = cfg["_resolved"]["command"].replace(str(Path.home() / ".cache/cycle-encoding/runs"), "runs")
+    command = command.replace(str(generator), "fmnist-generator").replace(str(ROOT) + "/", "")
+    command = command.replace(".venv/bin/cycle-encoding", "cycle-encoding")
+    n_params = sum(p.numel() for p in E.parameters())
+    lines = [
+        f"# {name}",
+        "",
+        f"An e4e-style encoder ({SHIPPED_MODELS.get(name, name)}) in the project's format (safetensors, kind "
+        "`encoder`; nothing in the file runs): a scaled-down IR-SE body (widths "
+        f"{list(E.config.widths)}, units {list(E.config.units)}) with {E.config.num_ws - 1} offset heads, input "
+        f"{E.config.input_size}x{E.config.input_size}, 1 channel. Trained by the cycle schedule W -> W+ -> W "
+        f"(`{pv.get('schedule')}`: the paper's phases rescaled to {end['step']} steps), it ends in stage "
+        f'{E.trained_stage}. Load it with `cycle_encoding.checkpoints.encoder.load_encoder("{name}")` or give '
+        f"`--encoder {name}` to any command.",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "(`runs/00000-fmnist32/generator.safetensors` is `fmnist-generator`; train it first, or pass "
+        "`--generator fmnist-generator`.)",
+        "",
+        "## Facts",
+        "",
+        f"- file: `{dst.name}`, {dst.stat().st_size:,} bytes",
+        f"- sha256: `{file_sha256(dst)}`",
+        f"- parameters: {n_params:,}",
+        f"- generator: `fmnist-generator` (sha256 `{pv.get('generator_sha256')}`)",
+        f"- data: {pv.get('data')} training split ({start.get('train_images'):,} images; {start.get('val_images')} "
+        "held out for validation)",
+        f"- training: {end['step']} steps of batch {cfg['batch_size']}, Ranger lr {cfg['lr']}, losses L2 "
+        f"{cfg['l2_lambda']}, perceptual {cfg['perceptual_lambda']} ({start['networks']['perceptual']}), identity-like "
+        f"{cfg['identity_lambda']} ({start['networks']['identity']}), offset and latent-adversarial terms by the "
+        "schedule; seed " + str(cfg["seed"]),
+        f"- wall time: {wall:.0f} s ({trains[-1]['sec_per_step']:.2f} s/step at the end; three encoders trained at "
+        "once on 2 cores) on "
+        f"{this_machine()}",
+        f"- written by: {pv.get('tool')} at {pv.get('created')}",
+        "",
+        "## Metrics",
+        "",
+        f"Reconstruction of the first {RECON_IMAGES:,} Fashion-MNIST test images (encoder only, fmnist-generator):",
+        "",
+        "| offsets | MSE | SSIM | perceptual (fmnist-features) |",
+        "|---|---|---|---|",
+        *[
+            f"| {k} ({'stage ' + str(E.trained_stage) if k == 'trained' else 'stage ' + str(E.max_stage)}) | "
+            f"{v['mse']:.4f} | {v['ssim']:.3f} | {v['perceptual']:.4f} |"
+            for k, v in m.items()
+        ],
+        "",
+        f"Last validation during training (step {vals[-1]['step'] if vals else 'n/a'}): "
+        + (
+            ", ".join(f"{k} {vals[-1][k]:.4f}" for k in ("l2", "perceptual", "identity") if k in vals[-1])
+            if vals
+            else "n/a"
+        ),
+        "",
+        "Made by `python scripts/ship_models.py`.",
+        "",
+    ]
+    (MODELS_DIR / f"{name}-card.md").write_text("\n".join(lines), encoding="utf-8")
+    return dst
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--generator-run", type=Path, default=None)
+    p.add_argument("--encoder-run", type=Path, default=None)
+    p.add_argument("--grid", type=Path, default=ROOT / "docs" / "images" / "fmnist-generator-samples.png")
+    a = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if a.generator_run:
+        print(ship_generator(a.generator_run, a.grid))
+    if a.encoder_run:
+        print(ship_encoder(a.encoder_run, MODELS_DIR / "fmnist-generator.safetensors"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""The shipped Fashion-MNIST generator and Cycle encoder: the files load by name, match their cards' sha256 and the
+figures the cards give (recomputed here on fewer images), and belong together."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from cycle_encoding.assets import card_sha256, shipped_model_card, shipped_model_path
+from cycle_encoding.checkpoints.native import file_sha256, read_native_header
+
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+needs_debian = pytest.mark.skipif(
+    not (DEBIAN / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)",
+)
+NAMES = ["fmnist-generator", "fmnist-encoder"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_file_matches_its_card(name: str) -> None:
+    path = shipped_model_path(name)
+    card = shipped_model_card(name)
+    assert file_sha256(path) == card_sha256(card)
+    text = card.read_text()
+    assert "## Reproduce" in text and "cycle-encoding train-" in text
+    assert f"- file: `{path.name}`, {path.stat().st_size:,} bytes" in text
+
+
+def test_all_shipped_models_stay_under_25_mb() -> None:
+    from cycle_encoding.assets import MODELS_DIR
+
+    total = sum(p.stat().st_size for p in MODELS_DIR.glob("*.safetensors"))
+    assert total < 25_000_000
+
+
+def test_generator_and_encoder_load_by_name_and_belong_together() -> None:
+    from cycle_encoding.checkpoints.encoder import load_encoder
+    from cycle_encoding.checkpoints.generator import load_generator
+
+    G = load_generator("fmnist-generator")
+    E = load_encoder("fmnist-encoder")
+    assert (G.resolution, G.img_channels, G.num_ws) == (32, 1, 8)
+    assert (E.config.num_ws, E.config.w_dim, E.config.in_channels) == (G.num_ws, G.w_dim, 1)
+    assert E.trained_stage == 0  # the cycle ends in W
+    prov = read_native_header(shipped_model_path("fmnist-encoder"))["provenance"]
+    assert prov["generator_sha256"] == file_sha256(shipped_model_path("fmnist-generator"))
+    assert prov["schedule"].startswith("paper@")
+    n = sum(p.numel() for p in G.parameters())
+    assert f"- parameters: {n:,}" in shipped_model_card("fmnist-generator").read_text()
+
+
+@needs_debian
+def test_generator_samples_look_like_fashion_mnist() -> None:
+    """The classifier FD of 2,000 samples to 2,000 test images is near the card's (10,000 each), far below that of
+    noise-like images, and the evaluation network finds most of the ten classes among the samples."""
+    from cycle_encoding.checkpoints.generator import load_generator
+    from cycle_encoding.data.fashion_mnist import load_split, pad_to_32, to_unit_range
+    from cycle_encoding.editing import load_classifier
+    from cycle_encoding.metrics import classifier_frechet_distance
+
+    card = shipped_model_card("fmnist-generator").read_text()
+    m = re.search(r"not the Inception FID\): \*\*([0-9.]+)\*\*", card)
+    assert m, "the card gives the classifier FD"
+    card_fd = float(m.group(1))
+    G = load_generator("fmnist-generator")
+    clf = load_classifier("fmnist-eval")
+    with torch.no_grad():
+        z = torch.randn(2000, G.z_dim, generator=torch.Generator().manual_seed(0))
+        fake = torch.cat([G(z[i : i + 500], noise_mode="const").clamp(-1, 1) for i in range(0, 2000, 500)])
+    images, _ = load_split("test")
+    test = pad_to_32(to_unit_range(images[:2000]))[:, None]
+    fd = classifier_frechet_distance(fake, test, clf)["fd"]
+    blur = torch.nn.functional.avg_pool2d(torch.rand(2000, 1, 32, 32, generator=torch.Generator().manual_seed(1)), 5,
+                                          1, 2) * 2 - 1  # fmt: skip
+    fd_noise = classifier_frechet_distance(blur, test, clf)["fd"]
+    assert 0.5 * card_fd < fd < 1.5 * card_fd + 1.0
+    assert fd < fd_noise / 3
+    with torch.no_grad():
+        classes = clf(fake).argmax(1).unique().numel()
+    assert classes >= 8
+
+
+@needs_debian
+def test_encoder_reconstructs_unseen_test_images_as_its_card_says() -> None:
+    from cycle_encoding.checkpoints.encoder import load_encoder
+    from cycle_encoding.checkpoints.generator import load_generator
+    from cycle_encoding.data.fashion_mnist import load_split, pad_to_32, to_unit_range
+    from cycle_encoding.inversion import encoder_pivot
+    from cycle_encoding.inversion.common import render
+    from cycle_encoding.metrics import mse
+
+    card = shipped_model_card("fmnist-encoder").read_text()
+    m = re.search(r"^\| all \(stage \d+\) \| ([0-9.]+) \|", card, re.MULTILINE)
+    assert m, "the card gives the MSE with all offsets"
+    G, E = load_generator("fmnist-generator"), load_encoder("fmnist-encoder")
+    images, _ = load_split("test")
+    x = pad_to_32(to_unit_range(images[:200]))[:, None]
+    with torch.no_grad():
+        y = render(G, encoder_pivot(E, x, "all")).clamp(-1, 1)
+        mean_image = x.mean(0, keepdim=True).expand_as(x)
+    got = float(mse(y, x).mean())
+    assert got < 1.3 * float(m.group(1))
+    assert got < 0.6 * float(mse(mean_image, x).mean())  # far better than predicting the average image
