@@ -66,6 +66,22 @@ def _read_json(path: Path) -> Any:
         raise CycleEncodingError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
+def _recorded_file(f: str, run_dir: Path) -> Path:
+    """A file a run recorded: as given, else relative to the run folder or its parent, else the shipped model of
+    that name (``fmnist-generator``, ...: runs record the name they were given); else ``Path(f)`` as it is."""
+    for cand in (Path(f), run_dir / f, run_dir.parent / f):
+        if cand.is_file():
+            return cand
+    from ..assets import SHIPPED_MODELS, shipped_model_path
+
+    if f in SHIPPED_MODELS:
+        try:
+            return shipped_model_path(f)
+        except CycleEncodingError:
+            pass
+    return Path(f)
+
+
 @dataclass
 class RunImage:
     """One finished image of a run."""
@@ -190,22 +206,12 @@ class InversionRun:
     def generator_file(self) -> Path | None:
         """The base generator's file as the run recorded it (as given, else relative to the run folder)."""
         f = (self.config.get("generator") or {}).get("file")
-        if not f:
-            return None
-        for cand in (Path(f), self.dir / f, self.dir.parent / f):
-            if cand.is_file():
-                return cand
-        return Path(f)
+        return _recorded_file(f, self.dir) if f else None
 
     def encoder_file(self) -> Path | None:
         enc = self.config.get("encoder") or {}
         f = enc.get("file")
-        if not f:
-            return None
-        for cand in (Path(f), self.dir / f, self.dir.parent / f):
-            if cand.is_file():
-                return cand
-        return Path(f)
+        return _recorded_file(f, self.dir) if f else None
 
     def load_generator(
         self, generator: Generator | str | Path | None = None, device: str | torch.device = "cpu"
