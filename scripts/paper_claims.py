@@ -70,14 +70,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="out/claims")
     p.add_argument("--per-class", type=int, default=40, help="test images of each edit class (default 40)")
     p.add_argument("--others", type=int, default=40, help="test images of the other six classes (default 40)")
-    p.add_argument("--strength", type=float, default=3.0,
-                   help="edit strength in standard deviations of the samples' codes along the direction (default 3)")  # fmt: skip
+    p.add_argument("--strengths", default="3,6",
+                   help="edit strengths in standard deviations of the samples' codes along the direction (default "
+                   "3,6; LEC at the first)")  # fmt: skip
     p.add_argument("--samples", type=int, default=10_000, help="generated samples per direction (default 10000)")
     p.add_argument("--tune-steps", type=int, default=350)
     p.add_argument("--project-steps", type=int, default=450)
     p.add_argument("--refine-steps", type=int, default=16)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--shard", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--collect-only", action="store_true", help="write the results of the images finished so far")
     p.add_argument("--markdown", default=None, help="also write the Markdown here (e.g. docs/RESULTS.md)")
     p.add_argument("--figure", default=None, help="the examples picture (default: beside --markdown, images/)")
     p.add_argument("--seed", type=int, default=0)
@@ -140,7 +142,7 @@ def make_directions(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         d = res.direction.vectors.reshape(-1)
         sigma = float((ws @ d).std())
         save_directions(res.direction, out / f"{key}.safetensors")
-        info[key] = {"classifier": clf, "attribute": attribute, "sigma": sigma, "strength": args.strength * sigma,
+        info[key] = {"classifier": clf, "attribute": attribute, "sigma": sigma,
                      **{k: v for k, v in res.summary().items() if k != "direction"}}  # fmt: skip
     info_file.write_text(json.dumps(info, indent=1))
     for k in info:
@@ -176,6 +178,10 @@ class Context:
         )  # fmt: skip
         self.directions = make_directions(args, out)
         self.classes = list(self.eval_net.outputs)
+
+
+def strengths(args: argparse.Namespace) -> list[float]:
+    return [float(v) for v in str(args.strengths).split(",")]
 
 
 def timed(fn: Any, *a: Any, **k: Any) -> tuple[Any, float]:
@@ -245,25 +251,28 @@ def measure_image(ctx: Context, position: int, index: int, label: int) -> tuple[
             classes = ctx.classes
             for ekey, info in ctx.directions.items():
                 d = info["direction"].vectors.reshape(1, 1, -1).to(pivot)
-                s = float(info["strength"])
-                if ekey in PAIRS:
-                    pos_name, neg_name = PAIRS[ekey]
-                    true = classes[label]
-                    if true not in (pos_name, neg_name):
-                        continue
-                    sign = 1.0 if true == neg_name else -1.0  # toward the other class
-                    target = classes.index(pos_name if sign > 0 else neg_name)
-                    v = sign * s * d
-                    edited = render(G_row, pivot + v).clamp(-1, 1)
-                    m[f"edit_{ekey}"] = float(ctx.eval_net(edited).argmax(1)[0] == target)
-                    m[f"recon_class_{ekey}"] = float(ctx.eval_net(y).argmax(1)[0] == label)
-                    vs = [v]
-                else:
-                    up = render(G_row, pivot + s * d).clamp(-1, 1)
-                    down = render(G_row, pivot - s * d).clamp(-1, 1)
-                    b0, b1, b2 = (float(brightness(t)[0]) for t in (y, up, down))
-                    m["edit_brightness"] = ((b1 - b0) + (b0 - b2)) / 2
-                    vs = [s * d, -s * d]
+                vs = []
+                for j, k in enumerate(strengths(a)):
+                    s = k * float(info["sigma"])
+                    tag = f"edit_{ekey}" + ("" if j == 0 else f"@{k:g}")
+                    if ekey in PAIRS:
+                        pos_name, neg_name = PAIRS[ekey]
+                        true = classes[label]
+                        if true not in (pos_name, neg_name):
+                            continue
+                        sign = 1.0 if true == neg_name else -1.0  # toward the other class
+                        target = classes.index(pos_name if sign > 0 else neg_name)
+                        v = sign * s * d
+                        edited = render(G_row, pivot + v).clamp(-1, 1)
+                        m[tag] = float(ctx.eval_net(edited).argmax(1)[0] == target)
+                        m[f"recon_class_{ekey}"] = float(ctx.eval_net(y).argmax(1)[0] == label)
+                        vs += [v] if j == 0 else []
+                    else:
+                        up = render(G_row, pivot + s * d).clamp(-1, 1)
+                        down = render(G_row, pivot - s * d).clamp(-1, 1)
+                        b0, b1, b2 = (float(brightness(t)[0]) for t in (y, up, down))
+                        m[tag] = ((b1 - b0) + (b0 - b2)) / 2
+                        vs += [s * d, -s * d] if j == 0 else []
                 prev = E.stage
                 try:
                     E.stage = stage
@@ -318,8 +327,8 @@ def collect(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     for row in ROWS:
         per = [r["rows"][row.key] for r in recs]
         cols: dict[str, Any] = {}
-        for col in ("mse", "ssim", "perceptual", "identity", "lec", "seconds", "edit_pullover-coat",
-                    "edit_sneaker-boot", "edit_brightness"):  # fmt: skip
+        edit_cols = sorted({c for p in per for c in p if c.startswith("edit_")})
+        for col in ("mse", "ssim", "perceptual", "identity", "lec", "seconds", *edit_cols):
             vals = [p[col] for p in per if col in p]
             if vals:
                 cols[col] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
@@ -343,15 +352,20 @@ def main(argv: list[str] | None = None) -> int:
     make_directions(args, out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
-    procs = [subprocess.Popen([*base, "--shard", f"{k}/{args.workers}"], env=env) for k in range(args.workers)]
+    procs = [] if args.collect_only else [
+        subprocess.Popen([*base, "--shard", f"{k}/{args.workers}"], env=env) for k in range(args.workers)
+    ]  # fmt: skip
     codes = [p.wait() for p in procs]
     if any(codes):
         print(f"a worker failed (exit codes {codes}); re-run to resume", file=sys.stderr)
         return 1
     result = collect(args, out)
     directions = json.loads((out / "directions.json").read_text())
+    wall = time.perf_counter() - t0
+    if args.collect_only and (out / "results.json").is_file():  # the run that measured, not this rewrite
+        wall = json.loads((out / "results.json").read_text()).get("wall_seconds", wall)
     result.update(directions=directions, options={k: v for k, v in vars(args).items() if k != "shard"},
-                  wall_seconds=time.perf_counter() - t0)  # fmt: skip
+                  wall_seconds=wall)  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=1))
     figure = Path(args.figure) if args.figure else None
     if args.markdown and figure is None:
@@ -379,6 +393,22 @@ def fmt(cell: dict[str, Any] | None, digits: int = 4, pct: bool = False) -> str:
 MARKER = "<!-- everything above is written by scripts/paper_claims.py; what follows is kept on re-runs -->"
 
 
+def short(path: Any) -> str:
+    """A path as the page shows it: the run cache as ``runs``, the home folder as ``~``."""
+    return str(path).replace(str(Path.home() / ".cache/cycle-encoding/runs"), "runs").replace(str(Path.home()), "~")
+
+
+def command_line(options: dict[str, Any]) -> str:
+    """The command that makes these results: the options that differ from the defaults (home paths shortened)."""
+    defaults = vars(parse_args([]))
+    parts = ["python scripts/paper_claims.py"]
+    for k, v in options.items():
+        if k in ("shard", "collect_only", "figure") or v == defaults.get(k):
+            continue
+        parts.append(f"--{k.replace('_', '-')} {short(v)}")
+    return " ".join(parts)
+
+
 def verdicts(rows: dict[str, Any]) -> list[str]:
     """The paper's claims, each as measured here (mean values; lower MSE / perceptual / LEC is better, higher SSIM /
     identity-like / success is better)."""
@@ -388,7 +418,9 @@ def verdicts(rows: dict[str, Any]) -> list[str]:
         return float("nan") if cell is None else float(cell["mean"])
 
     def succ(key: str) -> float:
-        return (v(key, "edit_pullover-coat") + v(key, "edit_sneaker-boot")) / 2
+        """The class edits' success, averaged over both edits and every strength."""
+        cols = [c for c in rows[key] if c.startswith(("edit_pullover-coat", "edit_sneaker-boot"))]
+        return sum(v(key, c) for c in cols) / max(1, len(cols))
 
     out = []
     for enc in ("cycle-final", "cycle-all"):
@@ -401,7 +433,7 @@ def verdicts(rows: dict[str, Any]) -> list[str]:
         edits = succ(enc) > succ("e4e")
         out.append(
             f"- (a) {rows[enc]['title']} edits better than e4e: **{'holds' if edits else 'does not hold'}** by the class "
-            f"edits' success ({100 * succ(enc):.1f}% vs {100 * succ('e4e'):.1f}%); LEC {v(enc, 'lec'):.2f} vs "
+            f"edits' success (both edits, all strengths) ({100 * succ(enc):.1f}% vs {100 * succ('e4e'):.1f}%); LEC {v(enc, 'lec'):.2f} vs "
             f"{v('e4e', 'lec'):.2f} (lower is more consistent)."
         )
     ratio = v("full", "mse") / v("pti", "mse")
@@ -420,35 +452,44 @@ def verdicts(rows: dict[str, Any]) -> list[str]:
     return out
 
 
+def edit_cell(r: dict[str, Any], key: str, ks: list[float], pct: bool) -> str:
+    """An edit's measure at every strength, ``a / b``."""
+    cells = [r.get(f"edit_{key}" + ("" if j == 0 else f"@{k:g}")) for j, k in enumerate(ks)]
+    return " / ".join(fmt(c, 3, pct=pct) for c in cells)
+
+
 def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
     rows = result["rows"]
     o = result["options"]
+    ks = [float(v) for v in str(o["strengths"]).split(",")]
     d = result["directions"]
     lines = [
         "# Results: the paper's claims measured on Fashion-MNIST",
         "",
-        f"Made by `python scripts/paper_claims.py --workers {o['workers']} --per-class {o['per_class']} --others "
-        f"{o['others']} --tune-steps {o['tune_steps']} --project-steps {o['project_steps']} --markdown "
-        f"docs/RESULTS.md` ({result['wall_seconds'] / 60:.0f} min of wall time on this machine's CPUs, "
-        f"{o['workers']} worker process(es) with one torch thread each).",
+        f"Made by `{command_line(o)}` ({result['wall_seconds'] / 60:.0f} min of wall time on a 2-core CPU machine, "
+        f"{o['workers']} worker process(es) with one torch thread each; a re-run resumes, and `--collect-only` "
+        "rewrites this page from the images finished so far).",
         "",
         "## Set-up",
         "",
         f"- **Images**: {result['images']} Fashion-MNIST test images, none seen by any training: the first "
         f"{o['per_class']} test images of each of Pullover, Coat, Sneaker and Ankle boot, and {o['others']} of the other "
         "six classes.",
-        f"- **Models**: generator `{o['generator']}`; encoders `{o['cycle']}` (the paper's cycle schedule), "
-        f"`{o['e4e']}` (e4e's schedule) and `{o['w']}` (W only), trained on that generator for the same number of "
-        "steps with the same losses (see the model cards in `src/cycle_encoding/assets/models/`).",
+        f"- **Models**: generator `{short(o['generator'])}`; encoders `{short(o['cycle'])}` (the paper's cycle "
+        f"schedule), `{short(o['e4e'])}` (e4e's schedule) and `{short(o['w'])}` (W only), trained on that generator "
+        "for the same number of steps with the same losses (the commands are below and on the model cards in "
+        "`src/cycle_encoding/assets/models/`).",
         f"- **Inversion**: refine = the regularized encoder refinement ({o['refine_steps']} forward passes, M = 7 "
         f"random training images); tune = pivotal tuning, at most {o['tune_steps']} steps (early stop at "
         f"perceptual <= 0.07), with or without the locality regularizer; PTI = W projection ({o['project_steps']} "
         "steps) + tuning without the regularizer (PTI's default). Losses: MSE + the fmnist-features perceptual "
         "distance (+ the fmnist-features identity-like term in refine).",
-        "- **Edits** (InterFaceGAN in W, trained on 10,000 generator samples; the same direction for every row): "
+        f"- **Edits** (InterFaceGAN in W, trained on {o['samples']:,} generator samples; the same direction for every "
+        f"row; strengths {' and '.join(f'{k:g}' for k in ks)} standard deviations of the samples' codes along the "
+        "direction, each edit's cells below give both): "
         + "; ".join(
             f"{k} ({v['attribute'] or 'mean pixel value'}: {v['positives']} / {v['negatives']} samples, validation "
-            f"accuracy {v['val_accuracy']}, strength {o['strength']} sd = {v['strength']:.2f})"
+            f"accuracy {v['val_accuracy']}, 1 sd = {v['sigma']:.2f})"
             for k, v in d.items()
         )
         + ".",
@@ -471,8 +512,8 @@ def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
         r = rows[row.key]
         lines.append(
             f"| {row.title} | {fmt(r.get('mse'))} | {fmt(r.get('ssim'), 3)} | {fmt(r.get('perceptual'))} | "
-            f"{fmt(r.get('identity'), 3)} | {fmt(r.get('edit_pullover-coat'), pct=True)} | "
-            f"{fmt(r.get('edit_sneaker-boot'), pct=True)} | {fmt(r.get('edit_brightness'), 3)} | "
+            f"{fmt(r.get('identity'), 3)} | {edit_cell(r, 'pullover-coat', ks, True)} | "
+            f"{edit_cell(r, 'sneaker-boot', ks, True)} | {edit_cell(r, 'brightness', ks, False)} | "
             f"{fmt(r.get('lec'), 2)} | {fmt(r.get('seconds'), 2)} |"
         )
     if figure is not None:
@@ -504,6 +545,8 @@ def write_figure(args: argparse.Namespace, out: Path, figure: Path) -> None:
 
     cols = []
     for pos in example_positions(select_images(args.per_class, args.others)):
+        if not (out / "examples" / f"{pos}.pt").is_file():
+            continue
         ex = torch.load(out / "examples" / f"{pos}.pt", weights_only=True)
         cols.append(torch.cat([ex["target"], *(ex[row.key] for row in ROWS)], dim=1))
     grid = torch.cat(cols, dim=2)
