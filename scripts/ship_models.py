@@ -52,11 +52,9 @@ def this_machine() -> str:
 
 
 def test_images(n: int | None = None) -> torch.Tensor:
-    from cycle_encoding.data.fashion_mnist import load_split, pad_to_32, to_unit_range
+    from cycle_encoding.training.classifier_trainer import load_tensors
 
-    images, _ = load_split("test")
-    x = pad_to_32(to_unit_range(images if n is None else images[:n]))
-    return x[:, None]
+    return load_tensors("fashion-mnist", "test", limit=n)[0]
 
 
 @torch.no_grad()

@@ -66,9 +66,9 @@ def test_generator_samples_look_like_fashion_mnist() -> None:
     """The classifier FD of 2,000 samples to 2,000 test images is near the card's (10,000 each), far below that of
     noise-like images, and the evaluation network finds most of the ten classes among the samples."""
     from cycle_encoding.checkpoints.generator import load_generator
-    from cycle_encoding.data.fashion_mnist import load_split, pad_to_32, to_unit_range
     from cycle_encoding.editing import load_classifier
     from cycle_encoding.metrics import classifier_frechet_distance
+    from cycle_encoding.training.classifier_trainer import load_tensors
 
     card = shipped_model_card("fmnist-generator").read_text()
     m = re.search(r"not the Inception FID\): \*\*([0-9.]+)\*\*", card)
@@ -79,8 +79,7 @@ def test_generator_samples_look_like_fashion_mnist() -> None:
     with torch.no_grad():
         z = torch.randn(2000, G.z_dim, generator=torch.Generator().manual_seed(0))
         fake = torch.cat([G(z[i : i + 500], noise_mode="const").clamp(-1, 1) for i in range(0, 2000, 500)])
-    images, _ = load_split("test")
-    test = pad_to_32(to_unit_range(images[:2000]))[:, None]
+    test = load_tensors("fashion-mnist", "test", limit=2000)[0]
     fd = classifier_frechet_distance(fake, test, clf)["fd"]
     blur = torch.nn.functional.avg_pool2d(torch.rand(2000, 1, 32, 32, generator=torch.Generator().manual_seed(1)), 5,
                                           1, 2) * 2 - 1  # fmt: skip
@@ -96,17 +95,16 @@ def test_generator_samples_look_like_fashion_mnist() -> None:
 def test_encoder_reconstructs_unseen_test_images_as_its_card_says() -> None:
     from cycle_encoding.checkpoints.encoder import load_encoder
     from cycle_encoding.checkpoints.generator import load_generator
-    from cycle_encoding.data.fashion_mnist import load_split, pad_to_32, to_unit_range
     from cycle_encoding.inversion import encoder_pivot
     from cycle_encoding.inversion.common import render
     from cycle_encoding.metrics import mse
+    from cycle_encoding.training.classifier_trainer import load_tensors
 
     card = shipped_model_card("fmnist-encoder").read_text()
     m = re.search(r"^\| all \(stage \d+\) \| ([0-9.]+) \|", card, re.MULTILINE)
     assert m, "the card gives the MSE with all offsets"
     G, E = load_generator("fmnist-generator"), load_encoder("fmnist-encoder")
-    images, _ = load_split("test")
-    x = pad_to_32(to_unit_range(images[:200]))[:, None]
+    x = load_tensors("fashion-mnist", "test", limit=200)[0]
     with torch.no_grad():
         y = render(G, encoder_pivot(E, x, "all")).clamp(-1, 1)
         mean_image = x.mean(0, keepdim=True).expand_as(x)

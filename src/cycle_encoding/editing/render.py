@@ -72,14 +72,12 @@ def _recorded_file(f: str, run_dir: Path) -> Path:
     for cand in (Path(f), run_dir / f, run_dir.parent / f):
         if cand.is_file():
             return cand
-    from ..assets import SHIPPED_MODELS, shipped_model_path
+    from ..assets import resolve_model
 
-    if f in SHIPPED_MODELS:
-        try:
-            return shipped_model_path(f)
-        except CycleEncodingError:
-            pass
-    return Path(f)
+    try:
+        return resolve_model(f)
+    except CycleEncodingError:  # a shipped name whose file this install lacks: the caller reports it as missing
+        return Path(f)
 
 
 @dataclass
