@@ -8,14 +8,13 @@ Public API (more arrives with each stage of the method):
 >>> images = G.synthesis(ws, noise_mode="const")                         # [4, 3, H, W] in [-1, 1]
 """
 
-__version__ = "0.1.0"
-
 from .checkpoints import convert_generator, export_rosinality, load_generator, save_generator
 from .checkpoints.encoder import load_encoder, save_encoder
 from .errors import CheckpointError, CycleEncodingError
 from .inversion import Inverter
 from .networks.encoder import Encoder4Editing, EncoderConfig
 from .networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from .version import __version__
 
 __all__ = [
     "CheckpointError",

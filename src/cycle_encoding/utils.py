@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,10 +78,27 @@ def make_grid(images: torch.Tensor, ncols: int | None = None, pad: int = 2, valu
     return grid
 
 
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it into place."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        # mkstemp creates the file 0600; give it the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
 def save_image(image: torch.Tensor, path: str | Path) -> Path:
     """Save [C, H, W] in [-1, 1] as PNG, atomically."""
-    from .checkpoints.common import atomic_write
-
     pil = to_pil(image)
     return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 

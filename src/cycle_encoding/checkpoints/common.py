@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import struct
-import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..utils import atomic_write
 
 # The pickle stream of a legacy (pre-1.6) torch.save file starts with this magic number.
 _TORCH_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -138,25 +137,6 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: s
     extra = [k for k in sd if k not in want]
     if extra:
         raise CheckpointError(source, f"{what}: unexpected key {extra[0]} ({len(extra)} unexpected in all)")
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        # mkstemp creates the file 0600; give it the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

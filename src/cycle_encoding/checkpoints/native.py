@@ -54,7 +54,7 @@ def file_sha256(path: str | Path, limit: int | None = None) -> str:
 
 
 def default_provenance(**kw: Any) -> dict[str, Any]:
-    from .. import __version__
+    from ..version import __version__
 
     out = {"tool": f"cycle-encoding {__version__}", "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
     out.update({k: v for k, v in kw.items() if v is not None})

@@ -359,7 +359,7 @@ def render_run_edits(
     """Render ``request`` for every finished image of ``run`` (see the module doc) and return what ``edit.json``
     holds. ``encoder`` (an Encoder4Editing or a file; ``"run"`` for the run's own) turns on LEC; ``scorer`` (a
     function images -> [B]) edit success; ``preservation`` the distance to the reconstruction."""
-    from ..report.grid import save_png, strip_image
+    from ..grid import save_png, strip_image
     from ..utils import resolve_device
 
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..checkpoints.common import atomic_write
-from ..utils import to_uint8
+from .utils import atomic_write, to_uint8
 
 CellImage = "Image.Image | np.ndarray | torch.Tensor | str | Path | None"
 
