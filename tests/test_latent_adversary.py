@@ -21,8 +21,8 @@ from cycle_encoding.losses.adversarial import (
     sample_real_codes,
 )
 from cycle_encoding.losses.delta import delta_loss
+from cycle_encoding.losses.latent_pool import LatentPool
 from cycle_encoding.networks.latent_discriminator import LatentDiscriminator, LatentDiscriminatorConfig
-from cycle_encoding.training.latent_pool import LatentPool
 
 # -- the network ---------------------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import json
 import re
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +141,7 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: s
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def count_parameters(sd: dict[str, Any], skip: Callable[[str], bool] = lambda k: False) -> int:
+    return int(sum(v.numel() for k, v in sd.items() if hasattr(v, "numel") and not skip(k)))

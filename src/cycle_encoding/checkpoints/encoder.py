@@ -20,12 +20,15 @@ import torch
 from ..errors import CheckpointError
 from ..networks.encoder import Encoder4Editing, EncoderConfig
 from . import e4e
-from .common import check_state_dict, sniff, torch_load
+from .common import check_state_dict, count_parameters, sniff, torch_load
 from .native import default_provenance, read_native, save_native
 
 _UNIT = re.compile(r"^body\.(\d+)\.res_layer\.1\.weight$")
 _STYLE = re.compile(r"^styles\.(\d+)\.linear\.weight$")
 _HEAD_CONV = re.compile(r"^styles\.0\.convs\.(\d+)\.weight$")
+
+# the ``format`` of a ``train-encoder`` run's checkpoint.pt (written by training/encoder_trainer.py)
+TRAINING_CHECKPOINT_FORMAT = "cycle-encoding-train"
 
 ENCODER_TYPES = {"Encoder4Editing": "delta", "GradualStyleEncoder": "independent"}
 
@@ -103,6 +106,16 @@ def build_encoder(
     return E
 
 
+def encoder_from_training_checkpoint(obj: dict[str, Any], path: Path, device: torch.device) -> Encoder4Editing:
+    """The encoder of a training checkpoint (``checkpoint.pt``), at the stage the run was in."""
+    E = Encoder4Editing(EncoderConfig.from_dict(obj["encoder_config"]))
+    E.load_state_dict(obj["encoder"])
+    E.trained_stage = int(obj.get("trained_stage", E.max_stage))
+    E.stage = E.trained_stage
+    E.provenance = {"source_file": str(path), "source_format": TRAINING_CHECKPOINT_FORMAT, "step": obj.get("step")}  # type: ignore[assignment]
+    return E.to(device).eval()
+
+
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encoder4Editing:
     """Load an encoder: e4e / pSp / Cycle Encoding ``.pt`` or the project's ``.safetensors``.
 
@@ -128,9 +141,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
         prov = {**nf.provenance, "source_format": "cycle-encoding"}
     elif kind in ("torch-zip", "torch-legacy"):
         obj = torch_load(p)
-        if isinstance(obj, Mapping) and obj.get("format") == "cycle-encoding-train":
-            from ..training.encoder_trainer import encoder_from_training_checkpoint
-
+        if isinstance(obj, Mapping) and obj.get("format") == TRAINING_CHECKPOINT_FORMAT:
             return encoder_from_training_checkpoint(obj, p, resolve_device(device))
         if not e4e.is_e4e_checkpoint(obj):
             raise CheckpointError(
@@ -166,8 +177,6 @@ def save_encoder(
 
 def inspect_encoder_file(path: Path, container: str) -> dict[str, Any] | None:
     """``info`` for e4e-family checkpoints (encoder and decoder) and own-format encoders."""
-    from .inspect import count_parameters
-
     if container == "safetensors":
         from .native import read_native_header
 

@@ -13,15 +13,11 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..networks.dlib_resnet import inspect_face_embedder
-from .common import sniff
+from .common import count_parameters, sniff
 from .native import read_native_header
 from .perception import inspect_perception
 
 Inspector = Callable[[Path, str], "dict[str, Any] | None"]
-
-
-def count_parameters(sd: dict[str, Any], skip: Callable[[str], bool] = lambda k: False) -> int:
-    return int(sum(v.numel() for k, v in sd.items() if hasattr(v, "numel") and not skip(k)))
 
 
 def _generator_buffer(key: str) -> bool:

@@ -97,16 +97,14 @@ def load_encoder_source(path: str | Path, device: str | torch.device = "cpu") ->
     recorded in its provenance; e4e-family files give the encoder only."""
     from ..assets import resolve_model
     from ..checkpoints.common import sniff, torch_load
-    from ..checkpoints.encoder import load_encoder
+    from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT, encoder_from_training_checkpoint, load_encoder
     from ..utils import resolve_device
 
     p = resolve_model(path)
     dev = resolve_device(device)
     if sniff(p) in ("torch-zip", "torch-legacy"):
         obj = torch_load(p)
-        if isinstance(obj, dict) and obj.get("format") == "cycle-encoding-train":
-            from ..training.encoder_trainer import encoder_from_training_checkpoint
-
+        if isinstance(obj, dict) and obj.get("format") == TRAINING_CHECKPOINT_FORMAT:
             try:
                 E = encoder_from_training_checkpoint(obj, p, dev)
             except (KeyError, TypeError, ValueError, RuntimeError) as e:

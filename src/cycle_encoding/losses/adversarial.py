@@ -16,7 +16,7 @@ old e4e) gives D the encoder's raw output WITHOUT ``w_avg`` as fake codes, while
 the absolute codes; D then learns to separate real codes from codes shifted by ``-w_avg``, a task unrelated to what
 the encoder is asked to fool. We do not reproduce that.
 
-Fake codes for D (:func:`fake_codes_for_discriminator`): with a :class:`~cycle_encoding.training.latent_pool.LatentPool`
+Fake codes for D (:func:`fake_codes_for_discriminator`): with a :class:`~cycle_encoding.losses.latent_pool.LatentPool`
 (pool size 50, p = 0.5), one active code picked at random per sample, then swapped for a past one with probability p
 (e4e's pool logic); without a pool, all active codes. Real codes are not pooled: mapping is frozen, so fresh samples
 have the same distribution as past ones (e4e also pools them, to no effect on the distribution).
@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import CycleEncodingError
 
 if TYPE_CHECKING:
-    from ..training.latent_pool import LatentPool
+    from .latent_pool import LatentPool
 
 
 def active_codes(ws: torch.Tensor, stage: int) -> torch.Tensor:

@@ -24,8 +24,8 @@ from typing import Any
 
 from ..checkpoints.common import atomic_write
 from ..editing.render import InversionRun
-from .collect import LOWER_IS_BETTER, METRIC_LABELS, collect
 from ..grid import compose_grid, save_png, strength_label
+from .collect import LOWER_IS_BETTER, METRIC_LABELS, collect
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#222;max-width:1400px}

@@ -1,7 +1,7 @@
 """Training: the cycle schedule as data (``schedule``), the Ranger optimizer (``optim``), the pool of past latent
-codes for the latent discriminator (``latent_pool``)."""
+codes for the latent discriminator (``losses.latent_pool``, re-exported here)."""
 
-from .latent_pool import LatentPool
+from ..losses.latent_pool import LatentPool
 from .optim import Ranger
 from .schedule import PRESETS, Schedule, ScheduleState, get_schedule, load_schedule, preset_schedule, save_schedule
 

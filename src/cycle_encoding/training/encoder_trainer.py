@@ -35,20 +35,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.common import atomic_torch_save, atomic_write
+from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT
 from ..checkpoints.native import default_provenance, file_sha256
 from ..config import from_mapping, to_dict
 from ..errors import CheckpointError, CycleEncodingError
+from ..losses.latent_pool import LatentPool
 from ..networks.encoder import Encoder4Editing, EncoderConfig
 from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscriminatorConfig
 from ..networks.stylegan2 import Generator
 from ..utils import make_grid, resolve_device, save_image
 from . import distributed as dd
-from .latent_pool import LatentPool
 from .optim import Ranger
 from .runs import RunLog, next_run_dir, rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
 
-CHECKPOINT_FORMAT = "cycle-encoding-train"
+CHECKPOINT_FORMAT = TRAINING_CHECKPOINT_FORMAT
 CHECKPOINT_VERSION = 1
 
 
@@ -530,16 +531,6 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
             raise CycleEncodingError(f"--{k.replace('_', '-')} cannot change when resuming (only {sorted(allowed)})")
         data[k] = v
     return load_train_config(data)
-
-
-def encoder_from_training_checkpoint(obj: dict[str, Any], path: Path, device: torch.device) -> Encoder4Editing:
-    """The encoder of a training checkpoint (``checkpoint.pt``), at the stage the run was in."""
-    E = Encoder4Editing(EncoderConfig.from_dict(obj["encoder_config"]))
-    E.load_state_dict(obj["encoder"])
-    E.trained_stage = int(obj.get("trained_stage", E.max_stage))
-    E.stage = E.trained_stage
-    E.provenance = {"source_file": str(path), "source_format": CHECKPOINT_FORMAT, "step": obj.get("step")}  # type: ignore[assignment]
-    return E.to(device).eval()
 
 
 def describe_steps(total: int) -> str:
