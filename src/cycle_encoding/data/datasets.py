@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from ..errors import CycleEncodingError
 from .images import list_images, read_image
 
-# Named datasets (e.g. "fashion-mnist") register a factory: (split, size, channels) -> dataset.
+# Named datasets (e.g. "fashion-mnist") register a factory: (split, size, channels) -> dataset. Each module of a
+# named dataset fills this registry itself when imported; data/__init__.py imports them all, so the registry is
+# full whenever any module of cycle_encoding.data is in use.
 DatasetFactory = Callable[[str, int, int], "ImageDataset"]
 DATASETS: dict[str, DatasetFactory] = {}
 
@@ -246,6 +248,3 @@ class EpochSampler:
         self.bad = {int(k): str(v) for k, v in dict(state.get("bad", {})).items()}
         self._perm = None
 
-
-# Named datasets register themselves on import (kept last: they import the classes above).
-from . import fashion_mnist as _fashion_mnist  # noqa: E402, F401
