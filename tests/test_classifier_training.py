@@ -14,15 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from cycle_encoding.assets import card_sha256
+from cycle_encoding.checkpoints.classifier import load_classifier, save_classifier
 from cycle_encoding.checkpoints.native import file_sha256, read_native_header
 from cycle_encoding.cli import main
 from cycle_encoding.data.fashion_mnist import CLASSES, pad_to_32, to_unit_range
-from cycle_encoding.editing.classifier import (
-    AttributeClassifier,
-    ClassifierConfig,
-    load_classifier,
-    save_classifier,
-)
+from cycle_encoding.networks.classifier import AttributeClassifier, ClassifierConfig
 from cycle_encoding.training.classifier_trainer import ClassifierTrainConfig, augment, train_classifier
 
 

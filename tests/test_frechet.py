@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from cycle_encoding.editing.classifier import AttributeClassifier, ClassifierConfig
 from cycle_encoding.errors import CycleEncodingError
 from cycle_encoding.metrics import (
     classifier_frechet_distance,
@@ -17,6 +16,7 @@ from cycle_encoding.metrics import (
     frechet_distance,
     frechet_distance_from_stats,
 )
+from cycle_encoding.networks.classifier import AttributeClassifier, ClassifierConfig
 
 
 def random_spd(rng: np.random.Generator, d: int) -> np.ndarray:

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from cycle_encoding.assets import MODELS_DIR, card_sha256, shipped_model_card, shipped_model_path
+from cycle_encoding.checkpoints.classifier import load_classifier, save_classifier
 from cycle_encoding.checkpoints.native import file_sha256, read_native_header
-from cycle_encoding.editing.classifier import AttributeClassifier, ClassifierConfig, load_classifier, save_classifier
 from cycle_encoding.errors import CycleEncodingError
 from cycle_encoding.losses.identity import build_identity, identity_names
 from cycle_encoding.losses.perceptual import build_perceptual, perceptual_names
+from cycle_encoding.networks.classifier import AttributeClassifier, ClassifierConfig
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 needs_debian = pytest.mark.skipif(

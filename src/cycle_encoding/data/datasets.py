@@ -247,4 +247,3 @@ class EpochSampler:
         self.tried = int(state.get("tried", 0))
         self.bad = {int(k): str(v) for k, v in dict(state.get("bad", {})).items()}
         self._perm = None
-

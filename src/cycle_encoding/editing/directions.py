@@ -483,6 +483,6 @@ def inspect_directions(path: Path, container: str) -> dict[str, Any] | None:
 
 def inspect_editing_file(path: Path, container: str) -> dict[str, Any] | None:
     """``cycle-encoding info`` for the editing files of the own format: directions and attribute classifiers."""
-    from .classifier import inspect_classifier
+    from ..checkpoints.classifier import inspect_classifier
 
     return inspect_directions(path, container) or inspect_classifier(path, container)

@@ -17,11 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..assets import shipped_model_path
+from ..checkpoints.classifier import load_small_classifier
 from ..errors import CycleEncodingError
+from ..networks.classifier import ClassifierEmbedder
 from ..networks.irse import ArcFaceBackbone
 from ..networks.resnet import ResNet50
 from ..utils import resolve_device
-from .perceptual import load_dlib_embedder
+from .perceptual import FMNIST_FEATURES, load_dlib_embedder
 
 # The e4e/pSp face crop of a 256x256 aligned face: rows 35:223, columns 32:220 (188 x 188), then pooled to 112.
 ARCFACE_RESIZE = 256
@@ -197,9 +200,23 @@ register_identity("moco", _moco, "MoCo v2 ResNet-50 features, e4e's non-face sim
 register_identity("dlib-face", _dlib_face, "dlib's ResNet face embedder, 128-d (faces; available offline)")
 
 
-def _fmnist_features(device: torch.device, weights: Path | None) -> IdentitySimilarity:
-    from ..editing.classifier import fmnist_features_identity
+def classifier_identity(
+    path: str | Path, device: str | torch.device = "cpu", name: str = "classifier"
+) -> IdentitySimilarity:
+    """An ``IdentitySimilarity``: cosine of a small classifier's penultimate embeddings, named ``NAME (FILE)``."""
+    model = load_small_classifier(path, device, name)
+    return IdentitySimilarity(ClassifierEmbedder(model, name=f"{name} ({Path(path).name})"))
 
+
+def fmnist_features_identity(
+    device: str | torch.device = "cpu", weights: str | Path | None = None
+) -> IdentitySimilarity:
+    """The registered identity-like similarity ``fmnist-features``: cosine of the shipped Fashion-MNIST feature
+    network's penultimate embeddings (or those of ``weights``), see :func:`classifier_identity`."""
+    return classifier_identity(weights or shipped_model_path(FMNIST_FEATURES), device, FMNIST_FEATURES)
+
+
+def _fmnist_features(device: torch.device, weights: Path | None) -> IdentitySimilarity:
     return fmnist_features_identity(device, weights)
 
 

@@ -15,7 +15,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..assets import shipped_model_path
+from ..checkpoints.classifier import load_small_classifier
 from ..errors import CycleEncodingError
+from ..networks.classifier import ClassifierEmbedder
 from ..networks.lpips import LPIPS, normalize_channels
 from ..utils import resolve_device
 
@@ -173,9 +176,28 @@ register_perceptual("lpips-vgg", _lpips_factory("vgg"), "LPIPS v0.1, VGG16 backb
 register_perceptual("dlib-face", _dlib_face, "LPIPS-style distance on the dlib face embedder's feature maps (faces)")
 
 
-def _fmnist_features(device: torch.device, weights: Path | None) -> PerceptualDistance:
-    from ..editing.classifier import fmnist_features_perceptual
+FMNIST_FEATURES = "fmnist-features"
+FMNIST_EVAL = "fmnist-eval"
 
+
+def classifier_perceptual(
+    path: str | Path, device: str | torch.device = "cpu", name: str = "classifier"
+) -> FeatureMapDistance:
+    """A ``FeatureMapDistance`` (LPIPS-style, equal weights) on a small classifier's ``features`` (every block's
+    map and the penultimate embedding), named ``NAME (feature maps of FILE)``."""
+    model = load_small_classifier(path, device, name)
+    return FeatureMapDistance(ClassifierEmbedder(model), name=f"{name} (feature maps of {Path(path).name})")
+
+
+def fmnist_features_perceptual(
+    device: str | torch.device = "cpu", weights: str | Path | None = None
+) -> FeatureMapDistance:
+    """The registered perceptual distance ``fmnist-features``: the shipped Fashion-MNIST feature network (or
+    ``weights``, another classifier file), see :func:`classifier_perceptual`."""
+    return classifier_perceptual(weights or shipped_model_path(FMNIST_FEATURES), device, FMNIST_FEATURES)
+
+
+def _fmnist_features(device: torch.device, weights: Path | None) -> PerceptualDistance:
     return fmnist_features_perceptual(device, weights)
 
 

@@ -29,17 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from ..assets import SHIPPED_MODELS
+from ..checkpoints.classifier import save_classifier
 from ..checkpoints.native import default_provenance, file_sha256, read_native_header
 from ..config import to_dict
 from ..data.fashion_mnist import CLASSES, PAD_VALUE, load_split, pad_to_32, to_unit_range
-from ..editing.classifier import (
-    SMALL_ARCHS,
-    AttributeClassifier,
-    ClassifierConfig,
-    parameter_count,
-    save_classifier,
-)
 from ..errors import CycleEncodingError
+from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig, parameter_count
 from .runs import RunLog, next_run_dir
 
 DEFAULT_WIDTHS = {"convnet": (32, 64, 128), "vggbn": (16, 32, 64)}
