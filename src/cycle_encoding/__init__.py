@@ -34,3 +34,8 @@ __all__ = [
     "save_encoder",
     "save_generator",
 ]
+
+# Modules above the checkpoints layer that register readers for `cycle-encoding info`
+# (checkpoints.inspect.register_inspector): imported here, so the list is full for every user of the package.
+from .editing import directions as _directions  # noqa: F401
+from .inversion import delta as _delta  # noqa: F401

@@ -1,7 +1,9 @@
 """What a checkpoint file is and holds, for ``cycle-encoding info``.
 
-Inspectors are tried in order; each returns a dict for files it recognises, or None. Modules that add
-readers for other kinds of files (encoders, identity networks, ...) append to INSPECTORS.
+Inspectors are tried in order; each returns a dict for files it recognises, or None. The readers of this layer are
+listed below; modules above it that write files of their own (editing directions, tuned generators' changes) add
+theirs with :func:`register_inspector` when imported (the package's ``__init__`` imports them, so the list is full
+for every user of the package).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..networks.dlib_resnet import inspect_face_embedder
+from .classifier import inspect_classifier
 from .common import count_parameters, sniff
+from .encoder import inspect_encoder_file
 from .native import read_native_header
 from .perception import inspect_perception
 
@@ -69,34 +73,25 @@ def inspect_native(path: Path, container: str) -> dict[str, Any] | None:
     }
 
 
-def _inspect_encoder(path: Path, container: str) -> dict[str, Any] | None:
-    from .encoder import inspect_encoder_file
-
-    return inspect_encoder_file(path, container)
-
-
-def _inspect_delta(path: Path, container: str) -> dict[str, Any] | None:
-    from ..inversion.delta import inspect_generator_delta
-
-    return inspect_generator_delta(path, container)
-
-
-def _inspect_editing(path: Path, container: str) -> dict[str, Any] | None:
-    from ..editing.directions import inspect_editing_file
-
-    return inspect_editing_file(path, container)
-
-
 # Tried in order: the specific readers first, inspect_native last among own-format files (it takes any of them).
 INSPECTORS: list[Inspector] = [
-    _inspect_encoder,  # e4e-family .pt and own-format encoders
-    _inspect_editing,  # direction files and attribute classifiers
+    inspect_encoder_file,  # e4e-family .pt and own-format encoders
+    inspect_classifier,  # attribute classifiers
     inspect_face_embedder,  # the converted dlib face embedder
-    _inspect_delta,  # stored changes of tuned generators
+    # here: the readers registered from above (direction files, stored changes of tuned generators)
     inspect_generator,  # rosinality / NVIDIA / e4e decoder / own-format generators
     inspect_native,  # any other own-format file
     inspect_perception,  # torchvision backbones, LPIPS heads, ArcFace, MoCo
 ]
+_GENERAL = (inspect_generator, inspect_native, inspect_perception)
+
+
+def register_inspector(inspector: Inspector) -> Inspector:
+    """Add a reader of a specific kind of file, tried before the general ones (generators, any own-format file,
+    perception networks); registering the same function again does nothing."""
+    if inspector not in INSPECTORS:
+        INSPECTORS.insert(INSPECTORS.index(_GENERAL[0]), inspector)
+    return inspector
 
 
 def inspect_file(path: str | Path) -> dict[str, Any]:

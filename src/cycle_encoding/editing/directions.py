@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..checkpoints.common import atomic_write, sniff, torch_load
+from ..checkpoints.inspect import register_inspector
 from ..checkpoints.native import default_provenance, native_header_of_kind, read_native, save_native
 from ..errors import CheckpointError, CycleEncodingError
 
@@ -481,8 +482,4 @@ def inspect_directions(path: Path, container: str) -> dict[str, Any] | None:
     }
 
 
-def inspect_editing_file(path: Path, container: str) -> dict[str, Any] | None:
-    """``cycle-encoding info`` for the editing files of the own format: directions and attribute classifiers."""
-    from ..checkpoints.classifier import inspect_classifier
-
-    return inspect_directions(path, container) or inspect_classifier(path, container)
+register_inspector(inspect_directions)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoints.inspect import register_inspector
 from ..checkpoints.native import default_provenance, read_native, read_native_header, save_native
 from ..errors import CheckpointError
 from ..networks.stylegan2 import Generator, GeneratorConfig
@@ -244,3 +245,6 @@ def inspect_generator_delta(path: Path, container: str) -> dict[str, Any] | None
         "provenance": h.get("provenance", {}),
         "holds": [DELTA_KIND],
     }
+
+
+register_inspector(inspect_generator_delta)
