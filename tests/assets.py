@@ -131,7 +131,7 @@ def load_embedder():
 
 @functools.lru_cache(maxsize=1)
 def _embedder_cached():
-    from cycle_encoding.networks.dlib_resnet import load_dlib_face_embedder
+    from cycle_encoding.checkpoints.face_api import load_dlib_face_embedder
 
     return load_dlib_face_embedder("cpu")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from cycle_encoding.checkpoints import face_api as fa
 from cycle_encoding.checkpoints.native import read_native, save_native
 from cycle_encoding.cli import main
 from cycle_encoding.errors import CheckpointError, CycleEncodingError
@@ -84,7 +85,7 @@ def write_face_api_model(folder, seed: int = 0, shards: int = 2) -> tuple:
         p = folder / f"face_recognition_model-shard{i + 1}"
         p.write_bytes(data[cut[i] : cut[i + 1]])
         paths.append(p.name)
-    manifest = folder / dr.MANIFEST_NAME
+    manifest = folder / fa.MANIFEST_NAME
     manifest.write_text(json.dumps([{"weights": specs, "paths": paths}]))
     return manifest, values
 
@@ -130,7 +131,7 @@ def synthetic(tmp_path_factory):
 
 def test_tfjs_reader_applies_the_quantization_formula(synthetic):
     manifest, values = synthetic
-    got = dr.read_tfjs_weights(manifest)
+    got = fa.read_tfjs_weights(manifest)
     assert set(got) == set(values)
     for name, v in values.items():
         assert got[name].dtype == np.float32 and got[name].shape == v.shape
@@ -145,19 +146,19 @@ def test_tfjs_reader_refuses_truncated_and_oversized_shards(synthetic, tmp_path)
     spec[0]["paths"] = ["w.bin"]
     (tmp_path / "m.json").write_text(json.dumps(spec))
     with pytest.raises(CheckpointError, match="end early"):
-        dr.read_tfjs_weights(tmp_path / "m.json")
+        fa.read_tfjs_weights(tmp_path / "m.json")
     (tmp_path / "w.bin").write_bytes(data + b"\0" * 4)
     with pytest.raises(CheckpointError, match="left over"):
-        dr.read_tfjs_weights(tmp_path / "m.json")
+        fa.read_tfjs_weights(tmp_path / "m.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="manifest"):
-        dr.read_tfjs_weights(tmp_path / "bad.json")
+        fa.read_tfjs_weights(tmp_path / "bad.json")
 
 
 def test_layers_match_face_api_semantics(synthetic):
     """Stem, a plain residual unit, the shape-adjusting down units and fc against NumPy versions of face-api."""
     manifest, w = synthetic
-    emb = dr.load_dlib_face_embedder("cpu", path=manifest)
+    emb = fa.load_dlib_face_embedder("cpu", path=manifest)
     net = emb.net.double()
     rng = np.random.default_rng(1)
     with torch.no_grad():
@@ -183,7 +184,7 @@ def test_layers_match_face_api_semantics(synthetic):
 
 def test_feature_shapes_and_embedding_from_last_map(synthetic):
     manifest, _ = synthetic
-    emb = dr.load_dlib_face_embedder("cpu", path=manifest, layout="chip")
+    emb = fa.load_dlib_face_embedder("cpu", path=manifest, layout="chip")
     x = torch.rand(2, 3, 150, 150) * 2 - 1
     with torch.no_grad():
         feats = emb.features(x)
@@ -226,11 +227,11 @@ def test_ffhq_layout_crops_the_chip_box():
 
 def test_conversion_round_trip_is_bit_exact(synthetic, tmp_path):
     manifest, values = synthetic
-    out = dr.convert_face_api_weights(manifest, tmp_path / "emb.safetensors")
+    out = fa.convert_face_api_weights(manifest, tmp_path / "emb.safetensors")
     nf = read_native(out)
     assert nf.kind == "face_embedder" and nf.config["architecture"] == "dlib-resnet-face"
-    assert nf.provenance["source_sha256"][dr.MANIFEST_NAME]
-    sd = dr.tfjs_to_state_dict(dr.read_tfjs_weights(manifest))
+    assert nf.provenance["source_sha256"][fa.MANIFEST_NAME]
+    sd = fa.tfjs_to_state_dict(fa.read_tfjs_weights(manifest))
     assert set(nf.tensors) == set(sd)
     for k, v in sd.items():
         assert nf.tensors[k].dtype == torch.float32 and torch.equal(nf.tensors[k], v), k
@@ -239,8 +240,8 @@ def test_conversion_round_trip_is_bit_exact(synthetic, tmp_path):
         nf.tensors["stem.conv.weight"], torch.from_numpy(values["conv32_down/conv/filters"]).permute(3, 2, 0, 1)
     )
     assert torch.equal(nf.tensors["fc.weight"], torch.from_numpy(values["fc"]).T)
-    a = dr.load_dlib_face_embedder("cpu", path=out)
-    b = dr.load_dlib_face_embedder("cpu", path=manifest)
+    a = fa.load_dlib_face_embedder("cpu", path=out)
+    b = fa.load_dlib_face_embedder("cpu", path=manifest)
     x = torch.rand(1, 3, 150, 150) * 2 - 1
     with torch.no_grad():
         assert torch.equal(a.embed_chips(x), b.embed_chips(x))
@@ -252,26 +253,26 @@ def test_conversion_round_trip_is_bit_exact(synthetic, tmp_path):
 
 def test_wrong_files_get_clear_errors(synthetic, tmp_path):
     manifest, _ = synthetic
-    sd = dr.tfjs_to_state_dict(dr.read_tfjs_weights(manifest))
+    sd = fa.tfjs_to_state_dict(fa.read_tfjs_weights(manifest))
     save_native(tmp_path / "g.safetensors", "generator", {}, {"x": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="not a face embedder"):
-        dr.load_dlib_face_embedder(path=tmp_path / "g.safetensors")
+        fa.load_dlib_face_embedder(path=tmp_path / "g.safetensors")
     bad = dict(sd)
     bad["stages.2.1.conv2.conv.weight"] = torch.zeros(128, 128, 1, 1)
     save_native(tmp_path / "b.safetensors", "face_embedder", {"architecture": "dlib-resnet-face"}, bad)
     with pytest.raises(CheckpointError, match=r"stages\.2\.1\.conv2\.conv\.weight"):
-        dr.load_dlib_face_embedder(path=tmp_path / "b.safetensors")
+        fa.load_dlib_face_embedder(path=tmp_path / "b.safetensors")
     spec = json.loads(manifest.read_text())
     spec[0]["weights"] = [w for w in spec[0]["weights"] if w["name"] != "fc"]
     (manifest.parent / "nofc.json").write_text(json.dumps(spec))
     with pytest.raises(CheckpointError):
-        dr.load_dlib_face_embedder(path=manifest.parent / "nofc.json")
+        fa.load_dlib_face_embedder(path=manifest.parent / "nofc.json")
 
 
 def test_missing_weights_say_how_to_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("CYCLE_ENCODING_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(CycleEncodingError, match=r"fetch_assets\.sh"):
-        dr.load_dlib_face_embedder("cpu")
+        fa.load_dlib_face_embedder("cpu")
 
 
 def test_converts_from_cached_npm_files_once(synthetic, tmp_path, monkeypatch):
@@ -282,14 +283,14 @@ def test_converts_from_cached_npm_files_once(synthetic, tmp_path, monkeypatch):
     spec = json.loads(manifest.read_text())
     for p in spec[0]["paths"]:
         (model / p).write_bytes((manifest.parent / p).read_bytes())
-    (model / dr.MANIFEST_NAME).write_text(manifest.read_text())
-    emb = dr.load_dlib_face_embedder("cpu")
-    converted = tmp_path / "models" / dr.NATIVE_NAME
+    (model / fa.MANIFEST_NAME).write_text(manifest.read_text())
+    emb = fa.load_dlib_face_embedder("cpu")
+    converted = tmp_path / "models" / fa.NATIVE_NAME
     assert converted.is_file() and read_native(converted).kind == "face_embedder"
     assert all(not p.requires_grad for p in emb.parameters()) and not emb.training
     for p in spec[0]["paths"]:
         (model / p).unlink()  # from now on the converted file alone suffices
-    emb2 = dr.load_dlib_face_embedder("cpu")
+    emb2 = fa.load_dlib_face_embedder("cpu")
     x = torch.rand(1, 3, 150, 150) * 2 - 1
     with torch.no_grad():
         assert torch.equal(emb.embed_chips(x), emb2.embed_chips(x))
@@ -298,7 +299,7 @@ def test_converts_from_cached_npm_files_once(synthetic, tmp_path, monkeypatch):
 def test_gradients_flow_to_the_input(synthetic):
     """Differentiable: the analytic directional derivative equals a central finite difference (float64)."""
     manifest, _ = synthetic
-    emb = dr.load_dlib_face_embedder("cpu", path=manifest).double()
+    emb = fa.load_dlib_face_embedder("cpu", path=manifest).double()
     torch.manual_seed(0)
     x = (torch.rand(1, 3, 96, 96, dtype=torch.float64) * 2 - 1).requires_grad_(True)
     target = torch.randn(1, 128, dtype=torch.float64)
@@ -323,7 +324,7 @@ def test_gradients_flow_to_the_input(synthetic):
 
 def test_info_describes_the_converted_file(synthetic, tmp_path, capsys):
     manifest, _ = synthetic
-    out = dr.convert_face_api_weights(manifest, tmp_path / "emb.safetensors")
+    out = fa.convert_face_api_weights(manifest, tmp_path / "emb.safetensors")
     assert main(["info", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "dlib-resnet-face" in printed and "5,614,592" in printed
@@ -334,10 +335,10 @@ def test_info_describes_the_converted_file(synthetic, tmp_path, capsys):
 
 def test_real_weights_read_and_round_trip(tmp_path):
     manifest, _ = assets.assets(assets.FACE_API_MODEL)
-    w = dr.read_tfjs_weights(manifest)
+    w = fa.read_tfjs_weights(manifest)
     assert sum(v.size for v in w.values()) == 5_614_592  # dlib_face_recognition_resnet_model_v1's weights
-    out = dr.convert_face_api_weights(manifest, tmp_path / "emb.safetensors")
-    sd = dr.tfjs_to_state_dict(w)
+    out = fa.convert_face_api_weights(manifest, tmp_path / "emb.safetensors")
+    sd = fa.tfjs_to_state_dict(w)
     nf = read_native(out)
     assert all(torch.equal(nf.tensors[k], v) for k, v in sd.items())
 
@@ -429,8 +430,8 @@ def test_embedder_and_chips_on_cuda_match_cpu(synthetic):
     from cycle_encoding.data.align import extract_face_chip, face_chip_details
 
     manifest, _ = synthetic
-    cpu = dr.load_dlib_face_embedder("cpu", path=manifest)
-    gpu = dr.load_dlib_face_embedder("cuda", path=manifest)
+    cpu = fa.load_dlib_face_embedder("cpu", path=manifest)
+    gpu = fa.load_dlib_face_embedder("cuda", path=manifest)
     x = torch.rand(2, 3, 256, 256) * 2 - 1
     with torch.no_grad():
         a, b = gpu.embed(x.cuda()).cpu(), cpu.embed(x)  # cuDNN may use TF32: compare directions and norms

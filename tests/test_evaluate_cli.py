@@ -70,9 +70,9 @@ def folders(tmp_path):
 
 @pytest.fixture
 def stand_in_dlib(monkeypatch):
-    module = types.ModuleType("cycle_encoding.networks.dlib_resnet")
+    module = types.ModuleType("cycle_encoding.checkpoints.face_api")
     module.load_dlib_face_embedder = lambda device="cpu": StandInFaceEmbedder().to(device)
-    monkeypatch.setitem(sys.modules, "cycle_encoding.networks.dlib_resnet", module)
+    monkeypatch.setitem(sys.modules, "cycle_encoding.checkpoints.face_api", module)
 
 
 def test_evaluate_folders_to_json(folders, tmp_path, stand_in_dlib, capsys):

@@ -361,9 +361,9 @@ class StandInFaceEmbedder(nn.Module):
 
 @pytest.fixture
 def stand_in_dlib(monkeypatch):
-    module = types.ModuleType("cycle_encoding.networks.dlib_resnet")
+    module = types.ModuleType("cycle_encoding.checkpoints.face_api")
     module.load_dlib_face_embedder = lambda device="cpu": StandInFaceEmbedder().to(device)
-    monkeypatch.setitem(sys.modules, "cycle_encoding.networks.dlib_resnet", module)
+    monkeypatch.setitem(sys.modules, "cycle_encoding.checkpoints.face_api", module)
     return module
 
 

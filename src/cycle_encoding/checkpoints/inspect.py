@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..networks.dlib_resnet import inspect_face_embedder
 from .classifier import inspect_classifier
 from .common import count_parameters, sniff
 from .encoder import inspect_encoder_file
+from .face_api import inspect_face_embedder
 from .native import read_native_header
 from .perception import inspect_perception
 

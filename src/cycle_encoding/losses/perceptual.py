@@ -154,9 +154,9 @@ def _lpips_factory(net: str) -> PerceptualFactory:
 
 
 def load_dlib_embedder(device: torch.device, what: str) -> nn.Module:
-    """The dlib face embedder (``networks.dlib_resnet``), imported only when asked for."""
+    """The dlib face embedder (``networks.dlib_resnet``, read by ``checkpoints.face_api``), imported only when asked for."""
     try:
-        from ..networks.dlib_resnet import load_dlib_face_embedder
+        from ..checkpoints.face_api import load_dlib_face_embedder
     except ImportError as e:
         raise CycleEncodingError(f"{what}: the dlib face embedder is not available in this install ({e})") from None
     return load_dlib_face_embedder(device=device)

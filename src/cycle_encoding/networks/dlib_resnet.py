@@ -26,43 +26,32 @@ same-person threshold is a Euclidean distance of 0.6; cosines work as well).
 Weights: the npm package ``@vladmandic/face-api@1.7.15`` ships them as TF.js "layers" weights
 (``model/face_recognition_model-weights_manifest.json`` + ``face_recognition_model.bin``), most tensors
 uint8-quantized (value = q * scale + min, computed in float64 and rounded to float32 as TF.js does). They are
-converted once into the project's own format (kind ``face_embedder``) in the cache (``paths.cache_dir('models')``);
-``scripts/fetch_assets.sh`` fetches the npm package. Nothing is downloaded at run time.
+converted once into the project's own format (kind ``face_embedder``) in the cache (``paths.cache_dir('models')``) by
+``checkpoints.face_api``; ``scripts/fetch_assets.sh`` fetches the npm package. Nothing is downloaded at run time.
 
 Inputs of any size: :meth:`DlibFaceEmbedder.embed` takes images in [-1, 1]. With ``layout="ffhq"`` (the default:
 this project's faces are FFHQ-aligned) it cuts out the fixed square :data:`FFHQ_CHIP_BOX` -- where dlib's own chip
 lies, on average, in an FFHQ-aligned image -- and resizes it to 150 (antialiased bilinear); with ``layout="chip"``
 the whole image is taken as a chip and resized to 150. :meth:`embed_chips` takes chips that are already 150x150
 (e.g. from :func:`cycle_encoding.data.align.extract_face_chips`). All of it is differentiable with respect to the
-input; the network's own parameters are frozen by :func:`load_dlib_face_embedder`.
+input; the network's own parameters are frozen by ``checkpoints.face_api.load_dlib_face_embedder``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, CycleEncodingError
+from ..errors import CycleEncodingError
 
 NAME = "dlib-resnet-face"
-KIND = "face_embedder"
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
 MEAN_RGB = (122.782, 117.001, 104.298)
 INPUT_SCALE = 256.0
 DESCRIPTOR_DIM = 128
 
-NPM_PACKAGE = "@vladmandic/face-api@1.7.15"
-MANIFEST_NAME = "face_recognition_model-weights_manifest.json"
-WEIGHTS_NAME = "face_recognition_model.bin"
-NATIVE_NAME = "dlib_resnet_face_v1.safetensors"
 
 FFHQ_CHIP_BOX = (0.1502, 0.2569, 0.8498, 0.9565)
 """Where dlib's 150x150 chip (padding 0.25) lies in an FFHQ-aligned image, as fractions of its width/height:
@@ -78,22 +67,6 @@ LAYOUTS = ("ffhq", "chip")
 
 _STAGES: tuple[tuple[int, int, int], ...] = ((32, 3, 0), (64, 3, 1), (128, 2, 1), (256, 2, 1), (256, 0, 1))
 """Per stage: (channels, number of plain units, 1 if a down-sampling unit comes first)."""
-
-
-def _tfjs_layer_names() -> list[tuple[str, str]]:
-    """[(TF.js prefix, torch prefix)] for every conv+affine pair-holding layer of the network."""
-    names = [("conv32_down", "stem")]
-    tf_stage = [
-        ["conv32_1", "conv32_2", "conv32_3"],
-        ["conv64_down", "conv64_1", "conv64_2", "conv64_3"],
-        ["conv128_down", "conv128_1", "conv128_2"],
-        ["conv256_down", "conv256_1", "conv256_2"],
-        ["conv256_down_out"],
-    ]
-    for s, units in enumerate(tf_stage):
-        for u, tf_name in enumerate(units):
-            names.append((tf_name, f"stages.{s}.{u}"))
-    return names
 
 
 class ConvAffine(nn.Module):
@@ -256,220 +229,3 @@ def crop_resize(x: torch.Tensor, box: tuple[float, float, float, float], size: i
     x0 = min(max(round(l * nw), 0), nw - size)
     y0 = min(max(round(t * nh), 0), nh - size)
     return y[:, :, y0 : y0 + size, x0 : x0 + size]
-
-
-# -- TF.js weights -----------------------------------------------------------------------------------------------
-
-_QUANT_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float16": np.float16}
-_PLAIN_DTYPES = {"float32": np.float32, "int32": np.int32}
-
-
-def read_tfjs_weights(manifest: str | Path) -> dict[str, np.ndarray]:
-    """Read a TF.js weights manifest and its binary shards into float32 arrays by weight name.
-
-    Each manifest group names its shard files (concatenated in order) and its weights in the order they are
-    stored. A weight with ``quantization {dtype: uint8|uint16, scale, min}`` is stored as integers ``q`` and means
-    ``q * scale + min`` (in float64, rounded to float32, as TF.js computes it); ``float16`` quantization stores
-    half floats. Plain ``float32`` weights are stored as little-endian float32.
-    """
-    mpath = Path(manifest)
-    try:
-        groups = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(mpath, "no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(mpath, f"not a TF.js weights manifest (JSON): {e}") from None
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and "paths" in g and "weights" in g for g in groups):
-        raise CheckpointError(mpath, "not a TF.js weights manifest: expected a list of {paths, weights} groups")
-    out: dict[str, np.ndarray] = {}
-    for group in groups:
-        data = b""
-        for shard in group["paths"]:
-            spath = mpath.parent / shard
-            if not spath.is_file():
-                raise CheckpointError(spath, f"missing weights shard named by {mpath.name}")
-            data += spath.read_bytes()
-        offset = 0
-        for wspec in group["weights"]:
-            name, shape = wspec["name"], [int(s) for s in wspec["shape"]]
-            count = int(np.prod(shape)) if shape else 1
-            quant = wspec.get("quantization")
-            if quant:
-                qdtype = _QUANT_DTYPES.get(quant.get("dtype"))
-                if qdtype is None:
-                    raise CheckpointError(mpath, f"weight {name}: unsupported quantization {quant.get('dtype')!r}")
-                stored = np.dtype(qdtype).newbyteorder("<")
-            else:
-                pdtype = _PLAIN_DTYPES.get(wspec.get("dtype", "float32"))
-                if pdtype is None:
-                    raise CheckpointError(mpath, f"weight {name}: unsupported dtype {wspec.get('dtype')!r}")
-                stored = np.dtype(pdtype).newbyteorder("<")
-            nbytes = count * stored.itemsize
-            if offset + nbytes > len(data):
-                raise CheckpointError(
-                    mpath, f"weight {name}: the shards end early ({len(data)} bytes; truncated download?)"
-                )
-            raw = np.frombuffer(data, dtype=stored, count=count, offset=offset)
-            offset += nbytes
-            if quant and quant["dtype"] in ("uint8", "uint16"):
-                values = (raw.astype(np.float64) * float(quant["scale"]) + float(quant["min"])).astype(np.float32)
-            else:
-                values = raw.astype(np.float32)
-            out[name] = values.reshape(shape)
-        if offset != len(data):
-            raise CheckpointError(mpath, f"{len(data) - offset} bytes left over after the last weight")
-    return out
-
-
-def tfjs_to_state_dict(weights: Mapping[str, np.ndarray], source: str | Path = "face-api weights") -> dict:
-    """Map face-api's TF.js names (``conv64_1/conv2/conv/filters`` ...) to :class:`DlibResNet` keys.
-
-    Filters ``[kh, kw, in, out]`` become ``[out, in, kh, kw]``; ``fc [256, 128]`` becomes ``fc.weight [128, 256]``.
-    """
-    sd: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> np.ndarray:
-        if name not in weights:
-            raise CheckpointError(source, f"missing weight {name}: not face-api's face recognition model")
-        return weights[name]
-
-    def conv_affine(tf_prefix: str, pt_prefix: str) -> None:
-        sd[f"{pt_prefix}.conv.weight"] = torch.from_numpy(take(f"{tf_prefix}/conv/filters").transpose(3, 2, 0, 1))
-        sd[f"{pt_prefix}.conv.bias"] = torch.from_numpy(take(f"{tf_prefix}/conv/bias"))
-        sd[f"{pt_prefix}.affine_weight"] = torch.from_numpy(take(f"{tf_prefix}/scale/weights"))
-        sd[f"{pt_prefix}.affine_bias"] = torch.from_numpy(take(f"{tf_prefix}/scale/biases"))
-
-    for tf_name, pt_name in _tfjs_layer_names():
-        if pt_name == "stem":
-            conv_affine(tf_name, pt_name)
-        else:
-            conv_affine(f"{tf_name}/conv1", f"{pt_name}.conv1")
-            conv_affine(f"{tf_name}/conv2", f"{pt_name}.conv2")
-    sd["fc.weight"] = torch.from_numpy(take("fc").T)
-    used = {k for k in weights if k == "fc" or any(k.startswith(t + "/") for t, _ in _tfjs_layer_names())}
-    extra = sorted(set(weights) - used)
-    if extra:
-        raise CheckpointError(source, f"unexpected weight {extra[0]} ({len(extra)} unexpected in all)")
-    return {k: v.contiguous().clone() for k, v in sd.items()}
-
-
-def build_from_state_dict(sd: Mapping[str, torch.Tensor], source: str | Path, layout: str = "ffhq") -> DlibFaceEmbedder:
-    """A :class:`DlibFaceEmbedder` holding ``sd`` (strict: every key and shape must fit)."""
-    from ..checkpoints.common import check_state_dict
-
-    net = DlibResNet()
-    check_state_dict(net, sd, source, "dlib face embedder")
-    net.load_state_dict(dict(sd))
-    return DlibFaceEmbedder(net, layout=layout)
-
-
-def _config() -> dict[str, Any]:
-    return {
-        "architecture": NAME,
-        "input_size": CHIP_SIZE,
-        "chip_padding": CHIP_PADDING,
-        "mean_rgb": list(MEAN_RGB),
-        "input_scale": INPUT_SCALE,
-        "descriptor_dim": DESCRIPTOR_DIM,
-    }
-
-
-def convert_face_api_weights(manifest: str | Path, out: str | Path) -> Path:
-    """Convert face-api's TF.js face recognition weights (the manifest next to its ``.bin``) into the project's
-    own format (kind ``face_embedder``) at ``out``; returns ``out``."""
-    from ..checkpoints.native import default_provenance, file_sha256, save_native
-
-    mpath = Path(manifest)
-    sd = tfjs_to_state_dict(read_tfjs_weights(mpath), mpath)
-    build_from_state_dict(sd, mpath)  # checks keys and shapes
-    bins = [mpath.parent / p for g in json.loads(mpath.read_text()) for p in g["paths"]]
-    prov = default_provenance(
-        source=f"npm {NPM_PACKAGE}: model/{mpath.name}",
-        source_format="tfjs-layers-weights (uint8-quantized: value = q*scale + min)",
-        source_sha256={p.name: file_sha256(p) for p in [mpath, *bins]},
-        original="dlib_face_recognition_resnet_model_v1 (Davis King, dlib; public domain / CC0 model)",
-    )
-    return save_native(out, KIND, _config(), sd, provenance=prov)
-
-
-def face_api_dir() -> Path:
-    """Where ``scripts/fetch_assets.sh`` puts the face-api npm package's files in the cache."""
-    from ..paths import cache_dir
-
-    return cache_dir("face-api", create=False)
-
-
-def default_embedder_path() -> Path:
-    """The converted embedder in the cache (``<cache>/models/dlib_resnet_face_v1.safetensors``)."""
-    from ..paths import cache_dir
-
-    return cache_dir("models", create=False) / NATIVE_NAME
-
-
-def load_dlib_face_embedder(
-    device: str | torch.device = "cpu", path: str | Path | None = None, layout: str = "ffhq"
-) -> DlibFaceEmbedder:
-    """The dlib face embedder, frozen, in eval mode, on ``device``.
-
-    ``path``: a converted file (kind ``face_embedder``) or face-api's weights manifest. Without it: the converted
-    file in the cache, else converted now (once) from the face-api files in the cache; if neither is there, a
-    :class:`CycleEncodingError` says to run ``scripts/fetch_assets.sh``.
-    """
-    from ..checkpoints.native import read_native
-    from ..utils import resolve_device
-
-    dev = resolve_device(device)
-    if path is None:
-        native = default_embedder_path()
-        if not native.is_file():
-            manifest = face_api_dir() / "model" / MANIFEST_NAME
-            if not manifest.is_file():
-                raise CycleEncodingError(
-                    f"the dlib face embedder's weights are not in the cache ({native} or {manifest}): run "
-                    f"scripts/fetch_assets.sh (it runs `npm pack {NPM_PACKAGE}` and keeps model/{WEIGHTS_NAME} "
-                    f"and model/{MANIFEST_NAME} there), or pass the path of a converted file"
-                )
-            try:
-                convert_face_api_weights(manifest, native)
-            except OSError:  # a read-only cache: convert in memory
-                path = manifest
-        path = native if path is None else path
-    p = Path(path)
-    if p.suffix == ".json":
-        model = build_from_state_dict(tfjs_to_state_dict(read_tfjs_weights(p), p), p, layout)
-    else:
-        nf = read_native(p)
-        if nf.kind != KIND:
-            raise CheckpointError(p, f"holds a {nf.kind!r}, not a face embedder ({KIND!r})")
-        arch = nf.config.get("architecture")
-        if arch != NAME:
-            raise CheckpointError(p, f"face embedder architecture {arch!r} is not {NAME!r}")
-        model = build_from_state_dict(nf.tensors, p, layout)
-    model.requires_grad_(False)
-    return model.eval().to(dev)
-
-
-def inspect_face_embedder(path: Path, container: str) -> dict[str, Any] | None:
-    """``cycle-encoding info`` for a converted face embedder (kind ``face_embedder``); None for other files."""
-    if container != "safetensors":
-        return None
-    from ..checkpoints.native import read_native_header
-
-    try:
-        h = read_native_header(path)
-    except CheckpointError:
-        return None
-    if h.get("kind") != KIND:
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
-    return {
-        "format": "cycle-encoding",
-        "network": f"{NAME}: dlib ResNet face embedder, 150x150 chips -> 128-d descriptors",
-        "architecture": h.get("config", {}),
-        "parameters": n,
-        "provenance": h.get("provenance", {}),
-        "holds": [KIND],
-    }
