@@ -17,9 +17,9 @@ import cycle_encoding as ce
 from cycle_encoding.checkpoints.native import default_provenance, read_native
 from cycle_encoding.cli import main
 from cycle_encoding.inversion import Inverter, load_generator_delta
-from cycle_encoding.inversion import pipeline as pl
+from cycle_encoding.inversion import inverter as inverter_module
 from cycle_encoding.inversion.common import render
-from cycle_encoding.inversion.pipeline import tensor_sha256
+from cycle_encoding.inversion.run_folder import tensor_sha256
 from cycle_encoding.losses.perceptual import register_perceptual, unregister_perceptual
 from cycle_encoding.utils import save_image
 from tests.conftest import make_tiny_generator
@@ -108,7 +108,7 @@ def test_interrupted_run_resumes_with_identical_results(files, tmp_path, monkeyp
     ref = tmp_path / "uninterrupted"
     inverter(files).run(files / "targets", ref, log=lambda s: None)
 
-    real = pl.pivotal_tune
+    real = inverter_module.pivotal_tune
     calls: list[int] = []
 
     def killed_on_third(*a, **kw):
@@ -117,7 +117,7 @@ def test_interrupted_run_resumes_with_identical_results(files, tmp_path, monkeyp
             raise KeyboardInterrupt  # stopped in the middle of the third image
         return real(*a, **kw)
 
-    monkeypatch.setattr(pl, "pivotal_tune", killed_on_third)
+    monkeypatch.setattr(inverter_module, "pivotal_tune", killed_on_third)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         inverter(files).run(files / "targets", run, log=lambda s: None)
@@ -128,7 +128,7 @@ def test_interrupted_run_resumes_with_identical_results(files, tmp_path, monkeyp
     mtimes = {i: (run / "images" / f"img{i}" / "done").stat().st_mtime_ns for i in (0, 1)}
 
     calls.clear()
-    monkeypatch.setattr(pl, "pivotal_tune", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    monkeypatch.setattr(inverter_module, "pivotal_tune", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     summary = inverter(files).run(files / "targets", run, log=lambda s: None)
     assert len(calls) == 3  # images 2, 3, 4 only
     assert summary["skipped"] == ["img0", "img1"] and summary["done"] == ["img2", "img3", "img4"]

@@ -116,7 +116,9 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_invert(args: argparse.Namespace) -> int:
-    from ..inversion.pipeline import Inverter, list_targets, make_config
+    from ..inversion.config import make_config
+    from ..inversion.inverter import Inverter
+    from ..inversion.targets import list_targets
 
     config = make_config(options_from_args(args))
     if args.dry_run:

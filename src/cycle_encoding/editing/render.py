@@ -1,6 +1,6 @@
 """Edits of an inversion run: read a run folder, render each edit of each inverted image with that image's generator.
 
-``InversionRun(run_dir)`` reads what ``cycle-encoding invert`` wrote (``inversion/pipeline.py``): ``config.json``
+``InversionRun(run_dir)`` reads what ``cycle-encoding invert`` wrote (``inversion/run_folder.py``): ``config.json``
 (options, generator and encoder files, networks, the command) and, for each finished image (``done``),
 ``images/NAME/``: ``pivots.safetensors`` (one ``[N, w_dim]`` code per pivot stage), ``result.json`` (metrics, the
 sha256 of each reconstruction's float32 tensor, which pivot tuning started from), ``target.png``,

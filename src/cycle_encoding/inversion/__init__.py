@@ -8,11 +8,14 @@ generator stored as a compact change, and the pipeline that runs them over many 
 """
 
 from .common import LossNetworks, build_loss_networks
+from .config import STAGES, InversionConfig, make_config
 from .delta import DeltaInfo, load_generator_delta, save_generator_delta, weights_sha256
-from .pipeline import STAGES, InversionConfig, InversionResult, Inverter, list_targets, make_config
+from .inverter import Inverter
 from .pivot import encoder_pivot
 from .project import ProjectConfig, ProjectResult, project_w
 from .refine import EncoderSource, RefineConfig, RefineResult, RegularizedRefiner, load_encoder_source
+from .result import InversionResult
+from .targets import list_targets
 from .tune import TuneConfig, TuneResult, pivotal_tune
 
 __all__ = [

@@ -1,0 +1,362 @@
+"""The ``Inverter``: its networks and loss networks set up once, then the inversion of one image by the configured
+stages, each optional, run in this order (the paper's steps):
+
+1. ``encoder``: the pivot w = E(x), eval mode (``pivot.py``);
+2. ``refine``: the regularized refinement of the encoder on this target, and the pivot it gives (``refine.py``);
+   ``project``: PTI's W projector instead, the baseline pivot (``project.py``); needs no encoder;
+3. ``tune``: pivotal tuning of G around the pivot of the last pivot stage before it (``tune.py``).
+
+After each stage: G(pivot) rendered, its metrics against the target, its time. Over a folder: ``run_folder.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import to_dict
+from ..errors import CycleEncodingError
+from ..networks.encoder import Encoder4Editing
+from ..networks.stylegan2 import Generator
+from ..training import distributed as dd
+from ..utils import resolve_device
+from .common import build_loss_networks, check_target, render, stage_seed
+from .config import PIVOT_STAGES, InversionConfig, make_config
+from .delta import full_copy_bytes, weights_sha256
+from .pivot import encoder_pivot, resolve_stage
+from .project import project_w
+from .refine import EncoderSource, RegularizedRefiner, load_encoder_source, open_training_images
+from .result import InversionResult
+from .run_folder import invert_into_folder, prepare_run_dir, write_summary
+from .targets import list_targets
+from .tune import pivotal_tune
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Inverter:
+    """Inverts images into a generator: ``Inverter(G, E, stages=("encoder", "refine", "tune")).invert(image)``.
+
+    ``generator`` / ``encoder``: networks or files (any format the project reads; for ``refine`` a ``train-encoder``
+    ``checkpoint.pt`` also gives the optimizer state and the training images). ``config`` (an InversionConfig or a
+    mapping) and keyword ``options`` set the method's options (e.g. ``stages=("encoder", "tune")``,
+    ``tune={"steps": 100}``). ``perceptual_net`` / ``identity_net``: networks to use instead of those named in the
+    options; ``train_images``: the encoder's training images as a dataset (instead of a folder
+    or dataset name). Under ``torchrun`` the constructor joins the process group.
+    """
+
+    def __init__(
+        self,
+        generator: Generator | str | Path,
+        encoder: Encoder4Editing | str | Path | None = None,
+        config: InversionConfig | Mapping[str, Any] | None = None,
+        *,
+        device: str | torch.device | None = None,
+        perceptual_net: torch.nn.Module | None = None,
+        identity_net: torch.nn.Module | None = None,
+        train_images: Any = None,
+        progress: bool = False,
+        **options: Any,
+    ) -> None:
+        from ..checkpoints.generator import load_generator
+
+        self.config = make_config(config, **options)
+        cfg = self.config
+        if device is None:
+            device = generator.w_avg.device if isinstance(generator, Generator) else "auto"
+        base = resolve_device(device)
+        self.dist = dd.init_distributed(base)
+        self.device = dd.rank_device(base, self.dist)
+        self.progress = progress
+
+        if isinstance(generator, Generator):
+            self.G = generator.to(self.device).eval().requires_grad_(False)
+            self.generator_file: str | None = None
+        else:
+            self.G = load_generator(generator, device=self.device)
+            self.generator_file = str(generator)
+        self.g_sha256 = weights_sha256(self.G)
+
+        self.source: EncoderSource | None = None
+        self.E: Encoder4Editing | None = None
+        if encoder is not None:
+            if isinstance(encoder, Encoder4Editing):
+                prov = getattr(encoder, "provenance", {}) or {}
+                self.source = EncoderSource(encoder.to(self.device).eval(), train_data=prov.get("data"))
+            else:
+                self.source = load_encoder_source(encoder, self.device)
+                self.source.path = str(encoder)
+            self.E = self.source.encoder
+            self._check_encoder(self.E)
+        elif cfg.needs_encoder:
+            raise CycleEncodingError(
+                f"stage(s) {', '.join(s for s in cfg.stages if s in ('encoder', 'refine'))} need an encoder (--encoder)"
+            )
+        if self.E is not None and "encoder" in cfg.stages:
+            resolve_stage(self.E, cfg.offsets)  # "trained" without a recorded stage fails here, before any image
+
+        self.nets = build_loss_networks(
+            cfg.perceptual, cfg.lpips_backbone, cfg.identity, cfg.identity_weights, self.device,
+            need_perceptual=cfg.needs_perceptual and perceptual_net is None,
+            need_identity=cfg.needs_identity and identity_net is None,
+        )  # fmt: skip
+        if perceptual_net is not None:
+            self.nets.perceptual = perceptual_net.to(self.device).eval().requires_grad_(False)
+        if identity_net is not None:
+            self.nets.identity = identity_net.to(self.device).eval().requires_grad_(False)
+        if "project" in cfg.stages and self.nets.perceptual is None and cfg.project.l2_lambda <= 0:
+            raise CycleEncodingError(
+                "stage 'project' needs a perceptual distance (--perceptual) or a pixel loss (project.l2_lambda > 0)"
+            )
+
+        self.refiner: RegularizedRefiner | None = None
+        self.train_data_name: str | None = None
+        if "refine" in cfg.stages:
+            assert self.source is not None and self.E is not None
+            size = int(cfg.refine.image_size or self.source.image_size or min(self.G.resolution, 256))
+            if train_images is None:
+                spec = cfg.train_data or self.source.train_data
+                train_images = _open_training_images(spec, size, self.G.img_channels, self.source.path)
+            self.train_data_name = getattr(train_images, "name", "training images")
+            self.refiner = RegularizedRefiner(
+                self.G, self.E, train_images, cfg.refine, self.nets,
+                optimizer_state=self.source.optimizer_state,
+                optimizer_settings=self.source.optimizer_settings,
+                image_size=size,
+            )  # fmt: skip
+
+    # -- set-up --------------------------------------------------------------------------------------------------
+    def _check_encoder(self, E: Encoder4Editing) -> None:
+        G, c = self.G, E.config
+        if (c.num_ws, c.w_dim, c.in_channels) != (G.num_ws, G.w_dim, G.img_channels):
+            raise CycleEncodingError(
+                f"the encoder makes {c.num_ws} codes of {c.w_dim} from {c.in_channels}-channel images; the generator "
+                f"takes {G.num_ws} codes of {G.w_dim} and makes {G.img_channels}-channel images: they do not belong "
+                "together"
+            )
+        prov = getattr(E, "provenance", {}) or {}
+        if isinstance(prov, dict) and "no latent_avg" in str(prov.get("warning", "")):
+            E.set_w_avg(self.G.w_avg)  # e4e files without latent_avg: offset by this generator's average code
+
+    def network_names(self) -> dict[str, str]:
+        return self.nets.names()
+
+    def describe(self) -> dict[str, Any]:
+        """What this inverter is: resolved options, files, weight hashes, loss networks (``config.json``)."""
+        enc = None
+        if self.E is not None:
+            assert self.source is not None
+            enc = {
+                "file": self.source.path,
+                "weights_sha256": weights_sha256(dict(self.E.state_dict())),
+                "trained_stage": self.E.trained_stage,
+                "optimizer_state": self.source.optimizer_state is not None,
+                "config": self.E.config.to_dict(),
+            }
+        out: dict[str, Any] = {
+            "options": to_dict(self.config),
+            "generator": {
+                "file": self.generator_file,
+                "weights_sha256": self.g_sha256,
+                "config": self.G.config.to_dict(),
+                "full_copy_bytes": full_copy_bytes(self.G),
+            },
+            "encoder": enc,
+            "networks": self.network_names(),
+        }
+        if "tune" in self.config.stages:
+            thr = self.config.tune.stop_threshold
+            out["tune"] = {
+                "early_stop": "off" if thr is None else (
+                    f"perceptual <= {thr}" if self.nets.perceptual is not None else "off (no perceptual distance)"
+                ),
+                "locality": self.config.tune.locality,
+            }  # fmt: skip
+        if self.refiner is not None:
+            out["refine"] = {
+                "train_images": self.train_data_name,
+                "image_size": self.refiner.image_size,
+                "lr": self.refiner.lr,
+                "optimizer_state": "from the encoder file" if self.refiner.has_optimizer_state else "fresh Ranger",
+            }
+        return out
+
+    # -- one image -------------------------------------------------------------------------------------------------
+    def load_image(self, image: torch.Tensor | str | Path) -> torch.Tensor:
+        """A target as ``[1, C, R, R]`` on the device, from a tensor in [-1, 1] or an image file."""
+        if isinstance(image, (str, Path)):
+            from ..data.images import read_image
+
+            image = read_image(image)
+        return check_target(self.G, image)
+
+    def _stage_metrics(self, y: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+        from ..metrics import mse, psnr
+
+        with torch.no_grad():
+            m = {"mse": float(mse(y, x)[0]), "psnr": float(psnr(y, x)[0])}
+            if self.nets.perceptual is not None:
+                m["perceptual"] = float(self.nets.perceptual(y, x).reshape(-1)[0])
+        return m
+
+    def invert(
+        self,
+        image: torch.Tensor | str | Path,
+        index: int = 0,
+        name: str | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+        on_stage: Callable[[str, InversionResult], None] | None = None,
+    ) -> InversionResult:
+        """Run the configured stages on one image. ``index`` seeds the image's random draws (its position in a run).
+
+        ``on_step(record)`` sees each optimization step's losses; ``on_stage(stage, result)`` each finished stage.
+        """
+        cfg = self.config
+        if name is None:
+            name = Path(image).stem if isinstance(image, (str, Path)) else f"image{index}"
+        x = self.load_image(image)
+        res = InversionResult(name=name, target=x.cpu())
+        pivot: torch.Tensor | None = None
+
+        def step_hook(rec: dict[str, Any]) -> None:
+            res.losses.append(rec)
+            if on_step is not None:
+                on_step(rec)
+
+        # 1. The encoder's pivot: w = E(x).
+        if "encoder" in cfg.stages:
+            t0, _ = self._start_stage("encoder", index)
+            assert self.E is not None
+            pivot = encoder_pivot(self.E, x, cfg.offsets)
+            self._finish_stage("encoder", t0, pivot, self.G, x, res, on_stage)
+        # 2. Regularized refinement: the encoder tuned on this target, kept near its training images; its pivot.
+        if "refine" in cfg.stages:
+            t0, seed = self._start_stage("refine", index)
+            assert self.refiner is not None
+            r = self.refiner.refine(x, seed, step_hook)
+            pivot = r.pivot
+            res.refine = {"target_l_s_first": r.first_target_loss, "target_l_s": r.target_loss,
+                          "steps": cfg.refine.steps, "updates": max(0, cfg.refine.steps - 1)}  # fmt: skip
+            self._finish_stage("refine", t0, pivot, self.G, x, res, on_stage)
+        # (The baseline's pivot instead: PTI's projection into W, no encoder.)
+        if "project" in cfg.stages:
+            t0, seed = self._start_stage("project", index)
+            pivot = project_w(self.G, x, self.nets, cfg.project, seed, step_hook).pivot
+            self._finish_stage("project", t0, pivot, self.G, x, res, on_stage)
+        # 3. Pivotal tuning: G tuned so that G(pivot) becomes the target, the pivot of the last stage before kept.
+        if "tune" in cfg.stages:
+            t0, seed = self._start_stage("tune", index)
+            assert pivot is not None
+            t = pivotal_tune(self.G, pivot, x, self.nets, cfg.tune, seed, step_hook)
+            res.generator = t.generator
+            res.tune = {"updates": t.updates, "stopped_early": t.stopped_early,
+                        "pivot_stage": [s for s in res.pivots][-1]}  # fmt: skip
+            self._finish_stage("tune", t0, pivot, t.generator, x, res, on_stage)
+        return res
+
+    def _start_stage(self, stage: str, index: int) -> tuple[float, int]:
+        """The stage's start time (after the device's queued work) and the seed of its random draws."""
+        _sync(self.device)
+        return time.perf_counter(), stage_seed(self.config.seed, index, stage)
+
+    def _finish_stage(
+        self,
+        stage: str,
+        t0: float,
+        pivot: torch.Tensor,
+        G: Generator,
+        x: torch.Tensor,
+        res: InversionResult,
+        on_stage: Callable[[str, InversionResult], None] | None,
+    ) -> None:
+        """After each stage: render G(pivot), time the stage, record its pivot, reconstruction and metrics."""
+        y = render(G, pivot)
+        _sync(self.device)
+        res.timings[stage] = time.perf_counter() - t0
+        if stage in PIVOT_STAGES:
+            res.pivots[stage] = pivot.detach().cpu()
+        res.recons[stage] = y.cpu()
+        res.metrics[stage] = self._stage_metrics(y, x)
+        if on_stage is not None:
+            on_stage(stage, res)
+
+    # -- a folder ----------------------------------------------------------------------------------------------------
+    def run(
+        self,
+        images: str | Path | Sequence[str | Path],
+        out_dir: str | Path,
+        recursive: bool = False,
+        log: Callable[[str], None] | None = None,
+        verbose: bool = True,
+        debug: bool = False,
+    ) -> dict[str, Any]:
+        """Invert an image file, a folder's images or a list of files into ``out_dir`` (see ``run_folder.py``).
+
+        ``log`` receives the progress lines (default: stderr): one per image and stage when ``verbose``, and one
+        for each image that fails whatever ``verbose`` says. Returns the summary (also written to
+        ``out_dir/summary.json`` by rank 0): ``done`` (this run), ``skipped`` (finished before), ``failed`` (name,
+        file, reason), per-stage means.
+        """
+        warn = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        say = warn if verbose else (lambda s: None)
+        out = Path(out_dir)
+        files, names = list_targets(images, recursive)
+        info = self.dist
+        prefix = f"[rank {info.rank}] " if info.enabled else ""
+        plan: dict[str, Any] = {}
+        if info.is_main:
+            try:
+                prepare_run_dir(self, out, images)
+                pending = [i for i, n in enumerate(names) if not (out / "images" / n / "done").is_file()]
+                plan = {"pending": pending}
+            except CycleEncodingError as e:
+                plan = {"error": str(e)}
+        plan = dd.broadcast_object(plan, info)
+        if "error" in plan:
+            raise CycleEncodingError(plan["error"])
+        pending = plan["pending"]
+        skipped = [names[i] for i in range(len(names)) if i not in set(pending)]
+        mine = pending[info.rank :: info.world_size]
+        if info.is_main and skipped:
+            say(f"{len(skipped)} of {len(names)} image(s) already done in {out}: skipped")
+        done: list[str] = []
+        failed: list[dict[str, str]] = []
+        for k, i in enumerate(mine):
+            head = f"{prefix}[{k + 1}/{len(mine)}] {names[i]}"
+            try:
+                invert_into_folder(self, files[i], names[i], i, out / "images" / names[i], head, say)
+                done.append(names[i])
+            except Exception as e:  # one bad image must not stop the batch
+                if debug:
+                    traceback.print_exc()
+                reason = str(e) if isinstance(e, CycleEncodingError) else f"{type(e).__name__}: {e}"
+                failed.append({"name": names[i], "file": str(files[i]), "reason": reason})
+                warn(f"{head}: FAILED: {reason}")
+        ranks = dd.gather_objects({"rank": info.rank, "done": done, "failed": failed}, info)
+        summary: dict[str, Any] = {}
+        if info.is_main:
+            summary = write_summary(self, out, names, skipped, ranks)
+        summary = dd.broadcast_object(summary, info)
+        return summary
+
+    def close(self) -> None:
+        """Leave the process group (under torchrun)."""
+        dd.shutdown(self.dist)
+
+
+def _open_training_images(spec: str | None, size: int, channels: int, encoder_path: str | None) -> Any:
+    """A folder without an in-memory cache (random draws over a large set must not fill the memory), or a name."""
+    from ..data.datasets import ImageFolderDataset
+
+    if spec and Path(spec).is_dir():
+        return ImageFolderDataset(spec, size, channels, cache=False)
+    return open_training_images(spec, size, channels, encoder_path)

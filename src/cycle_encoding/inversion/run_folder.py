@@ -1,0 +1,255 @@
+"""The run folder of an inversion over many images: resumable, splittable by ``torchrun``.
+
+A run folder ``RUN_DIR``::
+
+    config.json                 resolved options, generator / encoder files and weight hashes, loss networks' names
+    summary.json                what was done, skipped and failed; per stage: seconds per image, MSE, PSNR, perceptual
+    images/<name>/
+        target.png              the target as inverted (centre-cropped, resized to G's resolution)
+        pivots.safetensors      the [N, w_dim] code after each stage (own format, kind "pivots"; ``tune`` keeps
+                                the pivot of the stage before it)
+        recon_<stage>.png       G(pivot) after each stage (the tuned G after ``tune``)
+        losses.jsonl            one line per optimization step of every stage
+        timings.json            seconds per stage
+        generator_delta.safetensors   the tuned G as its change from the base (``delta.py``)
+        result.json             metrics per stage, tuning steps, delta size, sha256 of each reconstruction's float32
+                                tensor (rebuild base + delta, render the pivot: the same hash, bit for bit)
+        done                    written last: the image is finished
+
+Every file is written atomically (temporary file, then rename), so a killed run leaves no half-written file; a re-run
+with the same options skips images that have ``done``, removes stray temporary files and redoes the rest. Each
+image's random draws are seeded by (seed, the image's index in the sorted list, stage), so results do not depend on
+interruptions, order, or which process ran the image. A re-run with other options into the same folder is refused.
+
+Under ``torchrun`` (WORLD_SIZE > 1) rank 0 lists the images still to do, rank r takes every world_size-th of them from
+position r, and rank 0 gathers what each rank did into one ``summary.json``. Ranks share nothing else, so they may be
+on different machines with a shared ``RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..checkpoints.native import default_provenance, save_native
+from ..errors import CycleEncodingError
+from ..networks.stylegan2 import Generator
+from ..training.distributed import DistInfo
+from ..utils import atomic_write, save_image
+from .config import PIVOT_STAGES, InversionConfig
+from .delta import save_generator_delta
+from .progress import StepBar
+from .result import InversionResult
+
+RUN_FORMAT = "cycle-encoding-inversion-run"
+RUN_VERSION = 1
+# options that may differ between the runs that fill one folder (they do not change any result)
+VOLATILE_OPTIONS = ("device",)
+
+
+class Inverter(Protocol):
+    """What a run folder needs of an inverter (``inverter.Inverter`` is one)."""
+
+    config: InversionConfig
+    dist: DistInfo
+    device: torch.device
+    progress: bool
+    G: Generator
+    generator_file: str | None
+    g_sha256: str
+
+    describe: Callable[[], dict[str, Any]]  # config.json's contents
+    network_names: Callable[[], dict[str, str]]
+    load_image: Callable[[Path], torch.Tensor]
+    invert: Callable[..., InversionResult]  # (image, index, name, on_step, on_stage), as Inverter.invert
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    v = t.detach().to("cpu").float().contiguous()
+    return hashlib.sha256(v.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def fingerprint(desc: dict[str, Any]) -> dict[str, Any]:
+    """What must be the same for two runs to fill one folder: options (but the volatile ones), weights, networks."""
+    opts = {k: v for k, v in desc["options"].items() if k not in VOLATILE_OPTIONS}
+    enc = desc["encoder"]["weights_sha256"] if desc.get("encoder") else None
+    return {"options": opts, "generator": desc["generator"]["weights_sha256"], "encoder": enc,
+            "networks": desc["networks"]}  # fmt: skip
+
+
+def differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if a == b else [path or "(all)"]
+
+
+def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
+    """Write ``config.json`` for a new run, or check that the run already in ``out`` had the same fingerprint; remove
+    stray temporary files."""
+    desc = inverter.describe()
+    cfg_path = out / "config.json"
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CycleEncodingError(f"{cfg_path}: unreadable ({e}); use another --out") from None
+        if old.get("format") != RUN_FORMAT:
+            raise CycleEncodingError(f"{out}: not an inversion run folder (config.json of another kind)")
+        a, b = fingerprint(old), fingerprint(desc)
+        if a != b:
+            diff = differences(a, b)
+            raise CycleEncodingError(
+                f"{out} holds a run with other options or networks (differs in: {', '.join(diff[:6])}): "
+                "re-run with the same ones, or use another --out"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "format": RUN_FORMAT,
+            "version": RUN_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "command": " ".join(sys.argv),
+            "images": [str(p) for p in images] if isinstance(images, (list, tuple)) else str(images),
+            "world_size": inverter.dist.world_size,
+            **desc,
+        }
+        atomic_write(cfg_path, lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
+    for stray in out.glob(".*.tmp"):
+        stray.unlink(missing_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+
+
+def invert_into_folder(
+    inverter: Inverter, file: Path, name: str, index: int, folder: Path, head: str, say: Callable[[str], None]
+) -> None:
+    """Invert one image into its folder ``images/<name>/`` (see the module doc), ``done`` written last."""
+    cfg = inverter.config
+    x = inverter.load_image(file)  # an unreadable image fails here, before its folder exists
+    folder.mkdir(parents=True, exist_ok=True)
+    for stray in folder.glob(".*.tmp"):  # left by a run killed while writing
+        stray.unlink(missing_ok=True)
+    t_start = time.perf_counter()
+    bar = StepBar(inverter.progress, head)
+    lines: list[str] = []
+    target_written = False
+
+    def on_stage(stage: str, res: InversionResult) -> None:
+        nonlocal target_written
+        bar.close()
+        if not target_written:
+            save_image(res.target[0], folder / "target.png")
+            target_written = True
+        if stage in PIVOT_STAGES or stage == "tune":
+            piv = {s: p[0] for s, p in res.pivots.items()}
+            if stage == "tune" and res.tune is not None:  # tuning keeps its pivot: recorded for completeness
+                piv["tune"] = piv[res.tune["pivot_stage"]]
+            save_native(folder / "pivots.safetensors", "pivots",
+                        {"num_ws": inverter.G.num_ws, "w_dim": inverter.G.w_dim, "stages": list(piv)}, piv,
+                        default_provenance(made_by="cycle-encoding invert", image=name))  # fmt: skip
+        save_image(res.recons[stage][0], folder / f"recon_{stage}.png")
+        text = "".join(json.dumps(r) + "\n" for r in res.losses)
+        atomic_write(folder / "losses.jsonl", lambda t: t.write_text(text))
+        m = res.metrics[stage]
+        extra = ""
+        if stage == "tune" and res.tune is not None:
+            extra = f", {res.tune['updates']} steps" + (" (early stop)" if res.tune["stopped_early"] else "")
+        if stage == "refine" and res.refine is not None:
+            extra = f", target L_S {res.refine['target_l_s_first']:.4f} -> {res.refine['target_l_s']:.4f}"
+        lines.append(f"{stage} mse {m['mse']:.4f}" + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
+                     + f"{extra} ({res.timings[stage]:.1f} s)")  # fmt: skip
+        say(f"{head}: {lines[-1]}")
+
+    res = inverter.invert(x, index=index, name=name, on_step=bar.step, on_stage=on_stage)
+    bar.close()
+    record: dict[str, Any] = {
+        "name": name,
+        "file": str(file),
+        "index": index,
+        "rank": inverter.dist.rank,
+        "stages": list(cfg.stages),
+        "metrics": res.metrics,
+        "recon_sha256": {s: tensor_sha256(y) for s, y in res.recons.items()},
+        "networks": inverter.network_names(),
+        "device": str(inverter.device),
+    }
+    if res.refine is not None:
+        record["refine"] = res.refine
+    if res.tune is not None:
+        record["tune"] = res.tune
+    if res.generator is not None and cfg.save_delta:
+        t0 = time.perf_counter()
+        d = save_generator_delta(
+            inverter.G, res.generator, folder / "generator_delta.safetensors",
+            base_file=Path(inverter.generator_file).name if inverter.generator_file else None,
+            provenance=default_provenance(made_by="cycle-encoding invert", image=name),
+            extra={"image": name, "pivot_stage": res.tune["pivot_stage"] if res.tune else None},
+            level=cfg.delta_level, base_sha256=inverter.g_sha256,
+        )  # fmt: skip
+        res.timings["save_delta"] = time.perf_counter() - t0
+        record["delta"] = {"file_bytes": d.file_bytes, "full_copy_bytes": d.full_copy_bytes,
+                           "ratio": round(d.ratio, 4), "changed_tensors": d.changed,
+                           "tuned_weights_sha256": d.tuned_sha256}  # fmt: skip
+    res.timings["total"] = time.perf_counter() - t_start
+    record["timings"] = res.timings
+    atomic_write(folder / "timings.json", lambda t: t.write_text(json.dumps(res.timings, indent=2) + "\n"))
+    atomic_write(folder / "result.json", lambda t: t.write_text(json.dumps(record, indent=2) + "\n"))
+    stamp = json.dumps({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(), "rank": inverter.dist.rank})
+    atomic_write(folder / "done", lambda t: t.write_text(stamp + "\n"))
+
+
+def write_summary(
+    inverter: Inverter, out: Path, names: list[str], skipped: list[str], ranks: list[dict]
+) -> dict[str, Any]:
+    """Gather the finished images' ``result.json`` into ``summary.json`` (rank 0 only)."""
+    done = [n for r in ranks for n in r["done"]]
+    failed = [f for r in ranks for f in r["failed"]]
+    records = []
+    for n in names:
+        p = out / "images" / n / "result.json"
+        if (out / "images" / n / "done").is_file() and p.is_file():
+            records.append(json.loads(p.read_text()))
+    per_stage: dict[str, dict[str, Any]] = {}
+    for s in inverter.config.stages:
+        rows = [r for r in records if s in r.get("metrics", {})]
+        if not rows:
+            continue
+        entry: dict[str, Any] = {"images": len(rows)}
+        entry["seconds_per_image"] = sum(r["timings"][s] for r in rows) / len(rows)
+        for m in ("mse", "psnr", "perceptual"):
+            vals = [r["metrics"][s][m] for r in rows if m in r["metrics"][s]]
+            if vals:
+                entry[m] = sum(vals) / len(vals)
+        per_stage[s] = entry
+    deltas = [r["delta"] for r in records if "delta" in r]
+    summary: dict[str, Any] = {
+        "run_dir": str(out),
+        "images": len(names),
+        "finished": len(records),
+        "complete": len(records) == len(names),
+        "done": done,
+        "skipped": skipped,
+        "failed": failed,
+        "stages": list(inverter.config.stages),
+        "networks": inverter.network_names(),
+        "world_size": inverter.dist.world_size,
+        "ranks": ranks,
+        "per_stage": per_stage,
+    }
+    if deltas:
+        mean = sum(d["file_bytes"] for d in deltas) / len(deltas)
+        full = deltas[0]["full_copy_bytes"]
+        summary["generator_delta"] = {"mean_bytes_per_image": mean, "full_copy_bytes": full,
+                                      "ratio": mean / max(1, full)}  # fmt: skip
+    atomic_write(out / "summary.json", lambda t: t.write_text(json.dumps(summary, indent=2) + "\n"))
+    return summary
