@@ -34,20 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints.common import atomic_torch_save, atomic_write
+from ..checkpoints.common import atomic_write
 from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT
 from ..checkpoints.native import default_provenance, file_sha256
-from ..config import from_mapping, to_dict
+from ..config import from_mapping
 from ..errors import CheckpointError, CycleEncodingError
 from ..losses.latent_pool import LatentPool
 from ..networks.encoder import Encoder4Editing, EncoderConfig
 from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscriminatorConfig
 from ..networks.stylegan2 import Generator
-from ..utils import make_grid, resolve_device, save_image
+from ..utils import make_grid, save_image
 from . import distributed as dd
 from .optim import Ranger
-from .runs import RunLog, next_run_dir, rng_state, set_rng_state
+from .runs import rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
+from .trainer import Trainer, check_loop_options, read_run_config
 
 CHECKPOINT_FORMAT = TRAINING_CHECKPOINT_FORMAT
 CHECKPOINT_VERSION = 1
@@ -104,11 +105,7 @@ class EncoderTrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        for k in ("log_every", "image_every", "val_every", "checkpoint_every"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1")
+        check_loop_options(self, ("log_every", "image_every", "val_every", "checkpoint_every"))
 
 
 def load_train_config(data: dict[str, Any]) -> EncoderTrainConfig:
@@ -156,17 +153,19 @@ def init_encoder_weights(E: Encoder4Editing, path: str | Path) -> str:
     return f"all weights from encoder {p.name}"
 
 
-class EncoderTrainer:
-    """Builds everything from a config (or a run folder to resume) and runs the loop."""
+class EncoderTrainer(Trainer):
+    """Builds everything from a config (or a run folder to resume) and runs the loop (``trainer.Trainer``)."""
+
+    desc = "train-encoder"
+    checkpoint_format = CHECKPOINT_FORMAT
+    checkpoint_version = CHECKPOINT_VERSION
+    checkpoint_kind = "cycle-encoding training"
+    scalar_kinds = ("train", "val")
 
     def __init__(self, cfg: EncoderTrainConfig, resume: str | Path | None = None, quiet: bool = False) -> None:
         from ..checkpoints import load_generator
 
-        self.cfg = cfg
-        self.quiet = quiet
-        base_device = resolve_device(cfg.device)
-        self.dist = dd.init_distributed(base_device)
-        self.device = dd.rank_device(base_device, self.dist)
+        self._start(cfg, quiet)
         torch.manual_seed(cfg.seed + self.dist.rank)
         self.G: Generator = load_generator(cfg.generator, device=self.device)
         G = self.G
@@ -219,10 +218,7 @@ class EncoderTrainer:
         # losses
         self.perceptual, self.identity = self._build_losses()
         self.step = 0
-        self.run_dir = self._setup_run_dir(resume)
-        if resume is not None:
-            self._load_checkpoint(self.run_dir / "checkpoint.pt")
-        self.log = RunLog(self.run_dir, self.dist.is_main, tensorboard=not quiet, scalar_kinds=("train", "val"))
+        self._open_run(resume)
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _build_losses(self) -> tuple[nn.Module | None, nn.Module | None]:
@@ -246,51 +242,34 @@ class EncoderTrainer:
             "identity": getattr(self.identity, "name", "none") if self.identity is not None else "none",
         }
 
-    def _setup_run_dir(self, resume: str | Path | None) -> Path:
-        if resume is not None:
-            run = Path(resume)
-            if not (run / "checkpoint.pt").is_file():
-                raise CycleEncodingError(f"{run}: no checkpoint.pt to resume from")
-            return run
-        run = None
-        if self.dist.is_main:
-            label = self.cfg.name or f"encoder-{self.schedule.name}"
-            run = next_run_dir(self.cfg.out, label)
-            run.mkdir(parents=True)
-            (run / "images").mkdir()
-            cfg = to_dict(self.cfg)
-            cfg["_resolved"] = {
-                "image_size": self.image_size,
-                "max_steps": self.max_steps,
-                "encoder": self.E.config.to_dict(),
-                "encoder_init": self.init_note,
-                "networks": self.network_names(),
-                "world_size": self.dist.world_size,
-                "command": " ".join(sys.argv),
-                "train_images": len(self.train_data),
-                "val_images": len(self.val),
-            }
-            atomic_write(run / "config.json", lambda t: t.write_text(json.dumps(cfg, indent=2) + "\n"))
-            atomic_write(
-                run / "schedule.json", lambda t: t.write_text(json.dumps(self.schedule.to_dict(), indent=2) + "\n")
-            )
-        run = dd.broadcast_object(run, self.dist)
-        assert run is not None
-        return Path(run)
+    def run_label(self) -> str:
+        return self.cfg.name or f"encoder-{self.schedule.name}"
+
+    def resolved(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "max_steps": self.max_steps,
+            "encoder": self.E.config.to_dict(),
+            "encoder_init": self.init_note,
+            "networks": self.network_names(),
+            "world_size": self.dist.world_size,
+            "command": " ".join(sys.argv),
+            "train_images": len(self.train_data),
+            "val_images": len(self.val),
+        }
+
+    def write_run_files(self, run: Path) -> None:
+        atomic_write(
+            run / "schedule.json", lambda t: t.write_text(json.dumps(self.schedule.to_dict(), indent=2) + "\n")
+        )
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def _rank_state(self) -> dict[str, Any]:
+    def rank_state(self) -> dict[str, Any]:
         return {"rng": rng_state(self.gen), "pool": self.pool.state_dict()}
 
-    def save_checkpoint(self) -> Path | None:
-        ranks = dd.gather_objects(self._rank_state(), self.dist)
-        if not self.dist.is_main:
-            return None
+    def checkpoint_state(self) -> dict[str, Any]:
         st = self.schedule.at(min(self.step, self.schedule.total_steps - 1), self.G.num_ws)
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "step": self.step,
+        return {
             "encoder": self.E.state_dict(),
             "encoder_config": self.E.config.to_dict(),
             "trained_stage": self.E.stage,
@@ -299,36 +278,23 @@ class EncoderTrainer:
             "opt_e": self.opt_e.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "ranks": ranks,
             "schedule": self.schedule.to_dict(),
             "schedule_state": st.to_dict(),
-            "config": to_dict(self.cfg),
             "generator": {"path": str(self.cfg.generator), "w_avg": self.G.w_avg.cpu()},
         }
-        return atomic_torch_save(ckpt, self.run_dir / "checkpoint.pt")
 
-    def _load_checkpoint(self, path: Path) -> None:
-        from ..checkpoints.common import torch_load
-
-        ck = torch_load(path)
-        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(path, "not a cycle-encoding training checkpoint")
+    def check_checkpoint(self, ck: dict[str, Any], path: Path) -> None:
         if ck["encoder_config"] != self.E.config.to_dict():
             raise CheckpointError(path, "the checkpoint's encoder does not match the run's configuration")
-        ranks = ck["ranks"]
-        if len(ranks) != self.dist.world_size:
-            raise CheckpointError(
-                path, f"saved by {len(ranks)} process(es); resume with the same number (now {self.dist.world_size})"
-            )
+
+    def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.E.load_state_dict(ck["encoder"])
         self.D.load_state_dict(ck["discriminator"])
         self.opt_e.load_state_dict(ck["opt_e"])
         self.opt_d.load_state_dict(ck["opt_d"])
         self.sampler.load_state_dict(ck["sampler"])
-        mine = ranks[self.dist.rank]
-        self.pool.load_state_dict(mine["pool"], device=self.device)
-        set_rng_state(mine["rng"], self.gen)
-        self.step = int(ck["step"])
+        self.pool.load_state_dict(rank_state["pool"], device=self.device)
+        set_rng_state(rank_state["rng"], self.gen)
 
     # -- one step -----------------------------------------------------------------------------------------
     def reconstruction_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -438,10 +404,7 @@ class EncoderTrainer:
         self.log.add_image("reconstructions", (grid + 1) / 2, self.step)
         return path
 
-    # -- loop ----------------------------------------------------------------------------------------------
-    def _log(self, record: dict[str, Any]) -> None:
-        self.log.write(record)
-
+    # -- export and the loop's hooks -----------------------------------------------------------------------
     def export(self) -> Path | None:
         """Write the encoder in the project's format (with the stage the run ended in)."""
         if not self.dist.is_main:
@@ -460,71 +423,37 @@ class EncoderTrainer:
         )
         return save_encoder(self.E, self.run_dir / "encoder.safetensors", prov, trained_stage=self.E.stage)
 
-    def weights_digest(self) -> str:
-        import hashlib
+    def digest_modules(self) -> tuple[nn.Module, ...]:
+        return (self.E, self.D)
 
-        h = hashlib.sha256()
-        for m in (self.E, self.D):
-            for k, v in m.state_dict().items():
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+    def end_step(self, until: int | None) -> int:
+        return min(until or self.max_steps, self.max_steps)
 
-    def run(self, until: int | None = None) -> dict[str, Any]:
-        """Train from the current step to ``until`` (default: the configured end); checkpoints on the way."""
-        from tqdm import tqdm
+    def on_start(self) -> None:
+        self._log({"kind": "start", "step": 0, "time": time.time(), "networks": self.network_names(),
+                   "encoder_init": self.init_note, "train_images": len(self.train_data),
+                   "val_images": len(self.val), "world_size": self.dist.world_size})  # fmt: skip
 
-        end = min(until or self.max_steps, self.max_steps)
-        cfg = self.cfg
-        if self.step == 0 and self.dist.is_main:
-            self._log({"kind": "start", "step": 0, "time": time.time(), "networks": self.network_names(),
-                       "encoder_init": self.init_note, "train_images": len(self.train_data),
-                       "val_images": len(self.val), "world_size": self.dist.world_size})  # fmt: skip
-        bar = tqdm(total=end, initial=self.step, desc="train-encoder", disable=not self.dist.is_main or self.quiet)
-        t_last = time.perf_counter()
-        steps_since = 0
-        while self.step < end:
-            logs = self.train_step()
-            steps_since += 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == end:
-                now = time.perf_counter()
-                rec = {"kind": "train", "step": self.step, "time": time.time(),
-                       "sec_per_step": (now - t_last) / steps_since, **logs}  # fmt: skip
-                t_last, steps_since = now, 0
-                self._log(rec)
-                bar.set_postfix(stage=logs["stage"], loss=f"{logs['loss']:.4f}")
-            if self.step % cfg.val_every == 0 or self.step == end:
-                v = self.validate() if len(self.val) else {}
-                v = dd.all_reduce_mean(v, self.dist)
-                self._log({"kind": "val", "step": self.step, "time": time.time(), "stage": self.E.stage, **v})
-            if self.dist.is_main and (self.step % cfg.image_every == 0 or self.step == end):
-                self.save_grid()
-            if self.step % cfg.checkpoint_every == 0 or self.step == end:
-                self.save_checkpoint()
-        bar.close()
-        digests = dd.gather_objects(self.weights_digest(), self.dist)
-        summary = {"kind": "end", "step": self.step, "time": time.time(), "trained_stage": self.E.stage,
-                   "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests}  # fmt: skip
-        self._log(summary)
+    def postfix(self, logs: dict[str, Any]) -> dict[str, Any]:
+        return {"stage": logs["stage"], "loss": f"{logs['loss']:.4f}"}
+
+    def after_log(self, last: bool) -> None:
+        if self.step % self.cfg.val_every == 0 or last:
+            v = self.validate() if len(self.val) else {}
+            v = dd.all_reduce_mean(v, self.dist)
+            self._log({"kind": "val", "step": self.step, "time": time.time(), "stage": self.E.stage, **v})
+
+    def end_fields(self) -> dict[str, Any]:
+        return {"trained_stage": self.E.stage}
+
+    def on_end(self) -> None:
         if self.step >= self.max_steps:
             self.export()
-        self.log.flush()
-        dd.barrier(self.dist)
-        return summary
-
-    def close(self) -> None:
-        self.log.close()
-        dd.shutdown(self.dist)
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EncoderTrainConfig:
     """The configuration a run was started with (``config.json``), with ``max_steps`` etc. overridable."""
-    p = Path(run_dir) / "config.json"
-    if not p.is_file():
-        raise CycleEncodingError(f"{run_dir}: not a train-encoder run folder (no config.json)")
-    data = json.loads(p.read_text())
-    data.pop("_resolved", None)
+    data = read_run_config(run_dir, "train-encoder")
     allowed = {"max_steps", "log_every", "image_every", "val_every", "checkpoint_every", "device"}
     for k, v in (overrides or {}).items():
         if k not in allowed:

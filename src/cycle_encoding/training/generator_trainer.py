@@ -41,8 +41,6 @@ g_ema half-life 10k images.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import platform
 import sys
@@ -54,14 +52,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints.common import atomic_torch_save, atomic_write
 from ..checkpoints.native import default_provenance
-from ..config import from_mapping, to_dict
+from ..config import from_mapping
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
-from ..utils import make_grid, resolve_device, save_image
+from ..utils import make_grid, save_image
 from . import distributed as dd
-from .runs import RunLog, next_run_dir, rng_state, set_rng_state
+from .runs import rng_state, set_rng_state
+from .trainer import Trainer, check_loop_options, read_run_config
 
 CHECKPOINT_FORMAT = "cycle-encoding-train-generator"
 CHECKPOINT_VERSION = 1
@@ -117,8 +115,9 @@ class GeneratorTrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_loop_options(
+            self, ("log_every", "image_every", "checkpoint_every", "r1_every", "pl_every", "pl_batch_shrink")
+        )
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         if len(self.betas) != 2:
@@ -127,9 +126,6 @@ class GeneratorTrainConfig:
             raise ValueError(f"mixing_prob must be in [0, 1], got {self.mixing_prob}")
         if self.ema_kimg < 0:
             raise ValueError(f"ema_kimg must be >= 0, got {self.ema_kimg}")
-        for k in ("log_every", "image_every", "checkpoint_every", "r1_every", "pl_every", "pl_batch_shrink"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1")
 
     @property
     def channels(self) -> int:
@@ -231,8 +227,14 @@ def machine_description(device: torch.device) -> dict[str, Any]:
     return out
 
 
-class GeneratorTrainer:
-    """Builds G, D, g_ema, the optimizers and the data from a config (or a run folder to resume) and runs the loop."""
+class GeneratorTrainer(Trainer):
+    """Builds G, D, g_ema, the optimizers and the data from a config (or a run folder to resume) and runs the loop
+    (``trainer.Trainer``)."""
+
+    desc = "train-generator"
+    checkpoint_format = CHECKPOINT_FORMAT
+    checkpoint_version = CHECKPOINT_VERSION
+    checkpoint_kind = "cycle-encoding train-generator"
 
     def __init__(
         self,
@@ -243,12 +245,8 @@ class GeneratorTrainer:
     ) -> None:
         from ..data.datasets import EpochSampler, open_dataset
 
-        self.cfg = cfg
-        self.quiet = quiet
+        self._start(cfg, quiet)
         self.command = command if command is not None else " ".join(sys.argv)
-        base_device = resolve_device(cfg.device)
-        self.dist = dd.init_distributed(base_device)
-        self.device = dd.rank_device(base_device, self.dist)
         self.world = self.dist.world_size
         if cfg.batch_size % self.world:
             raise CycleEncodingError(f"batch size {cfg.batch_size} is not divisible by the {self.world} processes")
@@ -281,10 +279,7 @@ class GeneratorTrainer:
         self.mean_path_length = 0.0
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in training steps, over all resumed parts
-        self.run_dir = self._setup_run_dir(resume)
-        if resume is not None:
-            self._load_checkpoint(self.run_dir / "checkpoint.pt")
-        self.log = RunLog(self.run_dir, self.dist.is_main, tensorboard=not quiet, scalar_kinds=("train",))
+        self._open_run(resume)
 
     # -- set-up -----------------------------------------------------------------------------------------
     def resolved(self) -> dict[str, Any]:
@@ -308,37 +303,17 @@ class GeneratorTrainer:
             "machine": machine_description(self.device),
         }
 
-    def _setup_run_dir(self, resume: str | Path | None) -> Path:
-        if resume is not None:
-            run = Path(resume)
-            if not (run / "checkpoint.pt").is_file():
-                raise CycleEncodingError(f"{run}: no checkpoint.pt to resume from")
-            return run
-        run = None
-        if self.dist.is_main:
-            data_label = str(self.cfg.data).partition(":")[0]
-            data_label = Path(data_label).name if not data_label.startswith("fashion-mnist") else data_label
-            label = self.cfg.name or f"generator-{data_label}-{self.cfg.resolution}"
-            run = next_run_dir(self.cfg.out, label)
-            run.mkdir(parents=True)
-            (run / "images").mkdir()
-            cfg = to_dict(self.cfg)
-            cfg["_resolved"] = self.resolved()
-            atomic_write(run / "config.json", lambda t: t.write_text(json.dumps(cfg, indent=2) + "\n"))
-        run = dd.broadcast_object(run, self.dist)
-        assert run is not None
-        return Path(run)
+    def run_label(self) -> str:
+        data_label = str(self.cfg.data).partition(":")[0]
+        data_label = Path(data_label).name if not data_label.startswith("fashion-mnist") else data_label
+        return self.cfg.name or f"generator-{data_label}-{self.cfg.resolution}"
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoint.pt`` atomically (rank 0; every rank's random state gathered into it)."""
-        ranks = dd.gather_objects({"rng": rng_state(self.gen)}, self.dist)
-        if not self.dist.is_main:
-            return None
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "step": self.step,
+    def rank_state(self) -> dict[str, Any]:
+        return {"rng": rng_state(self.gen)}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
             "train_seconds": self.train_seconds,
             "mean_path_length": self.mean_path_length,
             "generator": self.G.state_dict(),
@@ -349,32 +324,20 @@ class GeneratorTrainer:
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "ranks": ranks,
-            "config": to_dict(self.cfg),
         }
-        return atomic_torch_save(ckpt, self.run_dir / "checkpoint.pt")
 
-    def _load_checkpoint(self, path: Path) -> None:
-        from ..checkpoints.common import torch_load
-
-        ck = torch_load(path)  # on the CPU: random states must stay there; modules copy to their device
-        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(path, "not a cycle-encoding train-generator checkpoint")
+    def check_checkpoint(self, ck: dict[str, Any], path: Path) -> None:
         if ck["generator_config"] != self.G.config.to_dict() or ck["discriminator_config"] != self.D.config.to_dict():
             raise CheckpointError(path, "the checkpoint's networks do not match the run's configuration")
-        ranks = ck["ranks"]
-        if len(ranks) != self.world:
-            raise CheckpointError(
-                path, f"saved by {len(ranks)} process(es); resume with the same number (now {self.world})"
-            )
+
+    def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.G.load_state_dict(ck["generator"])
         self.g_ema.load_state_dict(ck["g_ema"])
         self.D.load_state_dict(ck["discriminator"])
         self.opt_g.load_state_dict(ck["opt_g"])
         self.opt_d.load_state_dict(ck["opt_d"])
         self.sampler.load_state_dict(ck["sampler"])
-        set_rng_state(ranks[self.dist.rank]["rng"], self.gen)
-        self.step = int(ck["step"])
+        set_rng_state(rank_state["rng"], self.gen)
         self.train_seconds = float(ck.get("train_seconds", 0.0))
         self.mean_path_length = float(ck.get("mean_path_length", 0.0))
 
@@ -521,63 +484,31 @@ class GeneratorTrainer:
         self.g_ema.compute_w_avg(W_AVG_SAMPLES)
         return save_generator(self.g_ema, self.run_dir / "generator.safetensors", self.provenance())
 
-    def weights_digest(self) -> str:
-        """sha256 over G, D and g_ema's state dicts (to check that processes hold identical networks)."""
-        h = hashlib.sha256()
-        for m in (self.G, self.D, self.g_ema):
-            for k, v in m.state_dict().items():
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+    # -- the loop's hooks ---------------------------------------------------------------------------------
+    def digest_modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.G, self.D, self.g_ema)
 
-    # -- loop ----------------------------------------------------------------------------------------------
-    def _log(self, record: dict[str, Any]) -> None:
-        self.log.write(record)
+    def end_step(self, until: int | None) -> int:
+        return min(until if until is not None else self.cfg.max_steps, self.cfg.max_steps)
 
-    def run(self, until: int | None = None) -> dict[str, Any]:
-        """Train from the current step to ``until`` (default ``max_steps``); checkpoints and exports on the way."""
-        from tqdm import tqdm
+    def on_start(self) -> None:
+        self._log({"kind": "start", "step": 0, "time": time.time(), "world_size": self.world,
+                   "train_images": len(self.data), "data": self.data.describe(),
+                   "generator": self.G.config.to_dict(), "r1_gamma": self.gamma})  # fmt: skip
+        self.save_reals()
+        self.save_grid()
 
-        cfg = self.cfg
-        end = min(until if until is not None else cfg.max_steps, cfg.max_steps)
-        if self.step == 0 and self.dist.is_main:
-            self._log({"kind": "start", "step": 0, "time": time.time(), "world_size": self.world,
-                       "train_images": len(self.data), "data": self.data.describe(),
-                       "generator": self.G.config.to_dict(), "r1_gamma": self.gamma})  # fmt: skip
-            self.save_reals()
-            self.save_grid()
-        bar = tqdm(total=end, initial=self.step, desc="train-generator", disable=not self.dist.is_main or self.quiet)
-        t_last = time.perf_counter()
-        steps_since = 0
-        while self.step < end:
-            logs = self.train_step()
-            steps_since += 1
-            bar.update(1)
-            last = self.step == end
-            if self.step % cfg.log_every == 0 or last:
-                now = time.perf_counter()
-                rec = {"kind": "train", "step": self.step, "kimg": self.step * cfg.batch_size / 1000,
-                       "time": time.time(), "sec_per_step": (now - t_last) / steps_since, **logs}  # fmt: skip
-                t_last, steps_since = now, 0
-                self._log(rec)
-                bar.set_postfix(d=f"{logs['d_loss']:.3f}", g=f"{logs['g_loss']:.3f}")
-            if self.dist.is_main and (self.step % cfg.image_every == 0 or last):
-                self.save_grid()
-            if self.step % cfg.checkpoint_every == 0 or last:
-                self.save_checkpoint()
-                self.export()
-        bar.close()
-        digests = dd.gather_objects(self.weights_digest(), self.dist)
-        summary = {"kind": "end", "step": self.step, "time": time.time(), "train_seconds": self.train_seconds,
-                   "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests}  # fmt: skip
-        self._log(summary)
-        self.log.flush()
-        dd.barrier(self.dist)
-        return summary
+    def log_fields(self) -> dict[str, Any]:
+        return {"kimg": self.step * self.cfg.batch_size / 1000}
 
-    def close(self) -> None:
-        self.log.close()
-        dd.shutdown(self.dist)
+    def postfix(self, logs: dict[str, Any]) -> dict[str, Any]:
+        return {"d": f"{logs['d_loss']:.3f}", "g": f"{logs['g_loss']:.3f}"}
+
+    def on_checkpoint(self) -> None:
+        self.export()
+
+    def end_fields(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds}
 
 
 RESUME_OVERRIDES = ("max_steps", "log_every", "image_every", "checkpoint_every", "device")
@@ -585,11 +516,7 @@ RESUME_OVERRIDES = ("max_steps", "log_every", "image_every", "checkpoint_every",
 
 def resume_generator_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> GeneratorTrainConfig:
     """The configuration a run was started with (``config.json``); only ``RESUME_OVERRIDES`` may change."""
-    p = Path(run_dir) / "config.json"
-    if not p.is_file():
-        raise CycleEncodingError(f"{run_dir}: not a train-generator run folder (no config.json)")
-    data = json.loads(p.read_text())
-    data.pop("_resolved", None)
+    data = read_run_config(run_dir, "train-generator")
     for k, v in (overrides or {}).items():
         if k not in RESUME_OVERRIDES:
             raise CycleEncodingError(

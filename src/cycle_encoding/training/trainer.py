@@ -1,0 +1,249 @@
+"""The skeleton every resumable training loop fills: rank handling, the run folder, the checkpoint and its exact resume,
+the JSONL log and the progress bar. A trainer (``EncoderTrainer``, ``GeneratorTrainer``) builds its networks, data and
+optimizers between :meth:`Trainer._start` and :meth:`Trainer._open_run`, and fills in:
+
+- ``train_step()``: one iteration, returning the losses to log (``self.step`` advanced);
+- ``run_label()``, ``resolved()``: the run folder's name and what the options resolved to (``config.json``);
+- ``checkpoint_state()`` / ``restore_checkpoint(ck, rank_state)``: what the checkpoint holds beyond the step, the
+  ranks' states and the configuration, and how to put it back; ``rank_state()`` / ``check_checkpoint(ck, path)``;
+- ``save_grid()``, ``digest_modules()``, ``end_step(until)`` and the optional hooks ``on_start``, ``after_log``,
+  ``on_checkpoint``, ``on_end``, ``log_fields``, ``end_fields``, ``postfix``.
+
+A run folder ``out/NNNNN-label/`` holds ``config.json`` (options + ``_resolved``), ``images/``, ``log.jsonl`` and
+``checkpoint.pt`` (rank 0 writes it atomically; every rank's random state is gathered into it, so a resumed run with
+the same number of processes continues bit for bit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..checkpoints.common import atomic_torch_save, atomic_write
+from ..config import to_dict
+from ..errors import CheckpointError, CycleEncodingError
+from ..utils import resolve_device
+from . import distributed as dd
+from .runs import RunLog, next_run_dir
+
+
+class Trainer:
+    """A resumable training loop over ``cfg.max_steps`` (see the module doc for what a subclass fills in)."""
+
+    desc: ClassVar[str] = "train"  # the progress bar's label
+    checkpoint_format: ClassVar[str]
+    checkpoint_version: ClassVar[int] = 1
+    checkpoint_kind: ClassVar[str] = "cycle-encoding training"  # in "not a ... checkpoint"
+    scalar_kinds: ClassVar[tuple[str, ...]] = ("train",)
+
+    cfg: Any
+    step: int
+    log: RunLog
+    run_dir: Path
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def _start(self, cfg: Any, quiet: bool) -> None:
+        """Rank handling: join the process group (under torchrun) and pick this rank's device."""
+        self.cfg = cfg
+        self.quiet = quiet
+        base_device = resolve_device(cfg.device)
+        self.dist = dd.init_distributed(base_device)
+        self.device = dd.rank_device(base_device, self.dist)
+
+    def _open_run(self, resume: str | Path | None) -> None:
+        """A new run folder (rank 0 writes it), or the one to resume with its checkpoint loaded; then the log."""
+        self.run_dir = self._setup_run_dir(resume)
+        if resume is not None:
+            self._load_checkpoint(self.run_dir / "checkpoint.pt")
+        self.log = RunLog(self.run_dir, self.dist.is_main, tensorboard=not self.quiet, scalar_kinds=self.scalar_kinds)
+
+    def run_label(self) -> str:
+        raise NotImplementedError
+
+    def resolved(self) -> dict[str, Any]:
+        """What the options resolve to, written into ``config.json`` as ``_resolved``."""
+        raise NotImplementedError
+
+    def write_run_files(self, run: Path) -> None:
+        """Files a new run folder holds beside ``config.json`` (none by default)."""
+
+    def _setup_run_dir(self, resume: str | Path | None) -> Path:
+        if resume is not None:
+            run = Path(resume)
+            if not (run / "checkpoint.pt").is_file():
+                raise CycleEncodingError(f"{run}: no checkpoint.pt to resume from")
+            return run
+        run = None
+        if self.dist.is_main:
+            run = next_run_dir(self.cfg.out, self.run_label())
+            run.mkdir(parents=True)
+            (run / "images").mkdir()
+            cfg = to_dict(self.cfg)
+            cfg["_resolved"] = self.resolved()
+            atomic_write(run / "config.json", lambda t: t.write_text(json.dumps(cfg, indent=2) + "\n"))
+            self.write_run_files(run)
+        run = dd.broadcast_object(run, self.dist)
+        assert run is not None
+        return Path(run)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between ranks (random states, pools): gathered from every rank into the checkpoint."""
+        raise NotImplementedError
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The networks, optimizers, sampler, ... (everything but the step, the ranks' states, the configuration)."""
+        raise NotImplementedError
+
+    def check_checkpoint(self, ck: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint whose networks do not match this run's configuration."""
+
+    def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoint.pt`` atomically (rank 0; every rank's state gathered into it)."""
+        ranks = dd.gather_objects(self.rank_state(), self.dist)
+        if not self.dist.is_main:
+            return None
+        ckpt = {
+            "format": self.checkpoint_format,
+            "version": self.checkpoint_version,
+            "step": self.step,
+            **self.checkpoint_state(),
+            "ranks": ranks,
+            "config": to_dict(self.cfg),
+        }
+        return atomic_torch_save(ckpt, self.run_dir / "checkpoint.pt")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from ..checkpoints.common import torch_load
+
+        ck = torch_load(path)  # on the CPU: random states must stay there; modules copy to their device
+        if not isinstance(ck, dict) or ck.get("format") != self.checkpoint_format:
+            raise CheckpointError(path, f"not a {self.checkpoint_kind} checkpoint")
+        self.check_checkpoint(ck, path)
+        ranks = ck["ranks"]
+        if len(ranks) != self.dist.world_size:
+            raise CheckpointError(
+                path, f"saved by {len(ranks)} process(es); resume with the same number (now {self.dist.world_size})"
+            )
+        self.restore_checkpoint(ck, ranks[self.dist.rank])
+        self.step = int(ck["step"])
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def save_grid(self) -> Path | None:
+        raise NotImplementedError
+
+    def end_step(self, until: int | None) -> int:
+        """The step the loop stops at, ``until`` or the configured end."""
+        raise NotImplementedError
+
+    def digest_modules(self) -> tuple[nn.Module, ...]:
+        raise NotImplementedError
+
+    def on_start(self) -> None:
+        """Rank 0, at step 0: the start record and anything else written before the first step."""
+
+    def log_fields(self) -> dict[str, Any]:
+        """Fields of a ``train`` record between ``step`` and ``time``."""
+        return {}
+
+    def postfix(self, logs: dict[str, Any]) -> dict[str, Any]:
+        """What the progress bar shows of a step's losses."""
+        return {}
+
+    def after_log(self, last: bool) -> None:
+        """After each step's logging, before its pictures and checkpoint (e.g. validation)."""
+
+    def on_checkpoint(self) -> None:
+        """After each checkpoint (e.g. an export)."""
+
+    def end_fields(self) -> dict[str, Any]:
+        """Fields of the ``end`` record between ``time`` and ``ranks_in_sync``."""
+        return {}
+
+    def on_end(self) -> None:
+        """After the ``end`` record (e.g. the final export)."""
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.log.write(record)
+
+    def weights_digest(self) -> str:
+        """sha256 over the networks' state dicts (to check that processes hold identical networks)."""
+        h = hashlib.sha256()
+        for m in self.digest_modules():
+            for k, v in m.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def run(self, until: int | None = None) -> dict[str, Any]:
+        """Train from the current step to ``until`` (default: the configured end); checkpoints on the way."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        end = self.end_step(until)
+        if self.step == 0 and self.dist.is_main:
+            self.on_start()
+        bar = tqdm(total=end, initial=self.step, desc=self.desc, disable=not self.dist.is_main or self.quiet)
+        t_last = time.perf_counter()
+        steps_since = 0
+        while self.step < end:
+            logs = self.train_step()
+            steps_since += 1
+            bar.update(1)
+            last = self.step == end
+            if self.step % cfg.log_every == 0 or last:
+                now = time.perf_counter()
+                rec = {"kind": "train", "step": self.step, **self.log_fields(), "time": time.time(),
+                       "sec_per_step": (now - t_last) / steps_since, **logs}  # fmt: skip
+                t_last, steps_since = now, 0
+                self._log(rec)
+                bar.set_postfix(**self.postfix(logs))
+            self.after_log(last)
+            if self.dist.is_main and (self.step % cfg.image_every == 0 or last):
+                self.save_grid()
+            if self.step % cfg.checkpoint_every == 0 or last:
+                self.save_checkpoint()
+                self.on_checkpoint()
+        bar.close()
+        digests = dd.gather_objects(self.weights_digest(), self.dist)
+        summary = {"kind": "end", "step": self.step, "time": time.time(), **self.end_fields(),
+                   "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests}  # fmt: skip
+        self._log(summary)
+        self.on_end()
+        self.log.flush()
+        dd.barrier(self.dist)
+        return summary
+
+    def close(self) -> None:
+        self.log.close()
+        dd.shutdown(self.dist)
+
+
+def check_loop_options(cfg: Any, every: tuple[str, ...]) -> None:
+    """The options every training loop validates: a batch of at least one, and each ``*_every`` at least 1."""
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    for k in every:
+        if getattr(cfg, k) < 1:
+            raise ValueError(f"{k} must be >= 1")
+
+
+def read_run_config(run_dir: str | Path, command: str) -> dict[str, Any]:
+    """The options a run was started with (its ``config.json`` without ``_resolved``)."""
+    p = Path(run_dir) / "config.json"
+    if not p.is_file():
+        raise CycleEncodingError(f"{run_dir}: not a {command} run folder (no config.json)")
+    data = json.loads(p.read_text())
+    data.pop("_resolved", None)
+    return data
