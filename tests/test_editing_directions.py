@@ -28,14 +28,7 @@ from cycle_encoding.editing import (
 from cycle_encoding.errors import CheckpointError, CycleEncodingError
 from tests.conftest import make_tiny_generator
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest (and steadiest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,10 @@ from cycle_encoding.editing import (
     train_boundary,
 )
 from cycle_encoding.errors import CheckpointError, CycleEncodingError
-from cycle_encoding.networks.encoder import Encoder4Editing, EncoderConfig
 from cycle_encoding.utils import save_image
-from tests.conftest import make_tiny_generator
+from tests.conftest import make_tiny_generator, tiny_encoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest (and steadiest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -118,17 +110,8 @@ def test_label_files(tmp_path):
         read_labels_csv(tmp_path / "d.csv")
 
 
-def tiny_encoder(G, seed: int = 0) -> Encoder4Editing:
-    torch.manual_seed(seed)
-    E = Encoder4Editing(
-        EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim, input_size=16, widths=(8, 8, 16, 16), units=(1, 1, 1, 1))
-    )
-    E.set_w_avg(G.w_avg)
-    return E.eval()
-
-
 def test_labelled_folder_by_subfolders_and_by_csv_agree(tmp_path, G):
-    E = tiny_encoder(G)
+    E = tiny_encoder(G, widths=(8, 8, 16, 16))
     with torch.no_grad():
         imgs = G(torch.randn(6, G.z_dim, generator=torch.Generator().manual_seed(0)))
     brightness = imgs.mean(dim=(1, 2, 3))

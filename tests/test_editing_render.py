@@ -26,35 +26,10 @@ from cycle_encoding.editing import (
 from cycle_encoding.editing.render import EditRequest, InversionRun, render_run_edits, tensor_sha256
 from cycle_encoding.errors import CycleEncodingError
 from cycle_encoding.inversion import Inverter, load_generator_delta
-from cycle_encoding.losses.perceptual import FeatureMapDistance
-from cycle_encoding.networks.encoder import Encoder4Editing, EncoderConfig
 from cycle_encoding.utils import save_image, to_uint8
-from tests.conftest import make_tiny_generator
+from tests.conftest import make_tiny_generator, stand_in_perceptual, tiny_encoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class StandInFeatures(torch.nn.Module):
-    """A fixed random conv net with ``features(x)``: a stand-in for LPIPS's backbone."""
-
-    name = "stand-in features"
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(1)
-        self.c = torch.nn.Conv2d(3, 6, 3, padding=1)
-        with torch.no_grad():
-            self.c.weight.copy_(torch.randn(self.c.weight.shape, generator=g) * 0.3)
-            self.c.bias.zero_()
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.relu(self.c(x))]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(root: Path, stages=("encoder", "tune"), n_images: int = 3, save_delta: bool = True) -> dict:
@@ -62,19 +37,14 @@ def make_run(root: Path, stages=("encoder", "tune"), n_images: int = 3, save_del
     root.mkdir(parents=True, exist_ok=True)
     G = make_tiny_generator(seed=1)
     save_generator(G, root / "G.safetensors")
-    torch.manual_seed(0)
-    E = Encoder4Editing(
-        EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim, input_size=16, widths=(8, 8, 16, 16), units=(1, 1, 1, 1))
-    )
-    E.set_w_avg(G.w_avg)
-    save_encoder(E, root / "E.safetensors")
+    save_encoder(tiny_encoder(G, widths=(8, 8, 16, 16)), root / "E.safetensors")
     with torch.no_grad():
         imgs = G(torch.randn(n_images, G.z_dim, generator=torch.Generator().manual_seed(5)))
     for i in range(n_images):
         save_image(imgs[i], root / "images" / f"im{i}.png")
     inv = Inverter(
         str(root / "G.safetensors"), str(root / "E.safetensors"), stages=stages, perceptual="none",
-        perceptual_net=FeatureMapDistance(StandInFeatures(), name="stand-in perceptual"), device="cpu",
+        perceptual_net=stand_in_perceptual(), device="cpu",
         tune={"steps": 4, "lr": 0.01, "locality": False}, project={"steps": 5}, save_delta=save_delta,
     )  # fmt: skip
     inv.run(root / "images", root / "run", log=lambda s: None)

@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from cycle_encoding.cli import main
 
@@ -26,24 +23,6 @@ def alexnet_features_state_dict() -> dict[str, torch.Tensor]:
         sd[f"features.{i}.weight"] = torch.randn(o, c, k, k, generator=g) * (2.0 / (c * k * k)) ** 0.5
         sd[f"features.{i}.bias"] = torch.randn(o, generator=g) * 0.1
     return sd
-
-
-class StandInFaceEmbedder(nn.Module):
-    """The dlib embedder's interface: name, embed(x) -> [B, 128], features(x) -> feature maps."""
-
-    name = "dlib-resnet-face"
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.fc = nn.Linear(8, 128, bias=False)
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.relu(self.c1(x))]
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x)[0].mean((2, 3)))
 
 
 @pytest.fixture
@@ -66,13 +45,6 @@ def folders(tmp_path):
     (pred / "log.txt").write_text("not an image")
     Image.fromarray(images["a"][1], "RGB").save(target / "lonely.png")  # no prediction
     return pred, target, images
-
-
-@pytest.fixture
-def stand_in_dlib(monkeypatch):
-    module = types.ModuleType("cycle_encoding.checkpoints.face_api")
-    module.load_dlib_face_embedder = lambda device="cpu": StandInFaceEmbedder().to(device)
-    monkeypatch.setitem(sys.modules, "cycle_encoding.checkpoints.face_api", module)
 
 
 def test_evaluate_folders_to_json(folders, tmp_path, stand_in_dlib, capsys):

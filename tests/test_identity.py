@@ -4,9 +4,6 @@ the e4e crop/pool/normalize behaviour holds; the registry builds the dlib face n
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +23,7 @@ from cycle_encoding.losses import (
     unregister_identity,
 )
 from cycle_encoding.networks.irse import IRSEBody, irse_unit_specs
+from tests.conftest import StandInFaceEmbedder
 
 # ---------------------------------------------------------------------------------------------------------------
 # Published layouts, written out from FORMATS.md / torchvision (not from the project's modules)
@@ -337,34 +335,6 @@ def test_identity_needs_its_file():
 
 # ---------------------------------------------------------------------------------------------------------------
 # dlib-face through the registries, with a stand-in of the embedder's interface
-
-
-class StandInFaceEmbedder(nn.Module):
-    """Same interface as networks.dlib_resnet's embedder: name, embed(x) -> [B, 128], features(x) -> maps."""
-
-    name = "dlib-resnet-face"
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16, 128, bias=False)
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        a = torch.relu(self.c1(x))
-        return [a, torch.relu(self.c2(a))]
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x)[-1].mean((2, 3)))
-
-
-@pytest.fixture
-def stand_in_dlib(monkeypatch):
-    module = types.ModuleType("cycle_encoding.checkpoints.face_api")
-    module.load_dlib_face_embedder = lambda device="cpu": StandInFaceEmbedder().to(device)
-    monkeypatch.setitem(sys.modules, "cycle_encoding.checkpoints.face_api", module)
-    return module
 
 
 def test_dlib_face_names_use_the_embedder(stand_in_dlib):

@@ -15,8 +15,9 @@ from cycle_encoding.errors import CheckpointError
 from cycle_encoding.inversion import TuneConfig, load_generator_delta, pivotal_tune, save_generator_delta
 from cycle_encoding.inversion.common import LossNetworks, render
 from cycle_encoding.inversion.delta import decode_change, encode_change, weights_sha256
-from tests.conftest import make_tiny_generator
-from tests.test_inversion_stages import one_thread, own_images, stand_in_perceptual  # noqa: F401 (fixture)
+from tests.conftest import make_tiny_generator, own_images, stand_in_perceptual
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

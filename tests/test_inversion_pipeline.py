@@ -22,8 +22,9 @@ from cycle_encoding.inversion.common import render
 from cycle_encoding.inversion.run_folder import tensor_sha256
 from cycle_encoding.losses.perceptual import register_perceptual, unregister_perceptual
 from cycle_encoding.utils import save_image
-from tests.conftest import make_tiny_generator
-from tests.test_inversion_stages import one_thread, own_images, stand_in_perceptual, tiny_encoder  # noqa: F401
+from tests.conftest import make_tiny_generator, own_images, stand_in_perceptual, tiny_encoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STANDIN = "test-inversion-stand-in"
 FAST = {"refine": {"steps": 4, "num_random": 3, "lr": 1e-3}, "tune": {"steps": 6, "lr": 3e-3, "locality_alpha": 3.0}}

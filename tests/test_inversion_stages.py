@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from cycle_encoding.data.datasets import TensorDataset
 from cycle_encoding.errors import CycleEncodingError
@@ -26,59 +25,11 @@ from cycle_encoding.inversion import (
 from cycle_encoding.inversion.common import LossNetworks, cpu_generator, render
 from cycle_encoding.inversion.project import learning_rate, noise_regularization
 from cycle_encoding.inversion.tune import locality_codes
-from cycle_encoding.losses.perceptual import FeatureMapDistance
-from cycle_encoding.networks.encoder import Encoder4Editing, EncoderConfig
 from cycle_encoding.training.encoder_trainer import pool_to
 from cycle_encoding.training.optim import Ranger
-from tests.conftest import make_tiny_generator
+from tests.conftest import make_tiny_generator, own_images, stand_in_perceptual, tiny_encoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest (and steadiest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class StandInFeatures(nn.Module):
-    """A small fixed random conv net with ``features(x)``: a stand-in for LPIPS's backbone in tests."""
-
-    name = "stand-in features"
-
-    def __init__(self, channels: int = 3) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(1)
-        self.c1 = nn.Conv2d(channels, 8, 3, padding=1)
-        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
-        with torch.no_grad():
-            for m in (self.c1, self.c2):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
-                m.bias.zero_()
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        a = torch.relu(self.c1(x))
-        return [a, torch.relu(self.c2(a))]
-
-
-def stand_in_perceptual() -> FeatureMapDistance:
-    return FeatureMapDistance(StandInFeatures(), name="stand-in perceptual")
-
-
-def tiny_encoder(G, seed: int = 0) -> Encoder4Editing:
-    torch.manual_seed(seed)
-    E = Encoder4Editing(
-        EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim, input_size=16, widths=(8, 16, 16, 32), units=(1, 1, 1, 1))
-    )
-    E.set_w_avg(G.w_avg)
-    return E.eval()
-
-
-def own_images(G, n: int, seed: int) -> torch.Tensor:
-    with torch.no_grad():
-        z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
-        return G(z, truncation=0.8).clamp(-1, 1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from cycle_encoding.editing import interfacegan_direction, save_interfacegan
 from cycle_encoding.report.html import fmt
 from tests.test_editing_render import make_run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

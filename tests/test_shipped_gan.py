@@ -20,12 +20,7 @@ needs_debian = pytest.mark.skipif(
 NAMES = ["fmnist-generator", "fmnist-encoder"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", NAMES)
