@@ -25,7 +25,7 @@ from ..networks.dlib_resnet import (
     DlibResNet,
 )
 from .common import check_state_dict
-from .native import default_provenance, file_sha256, read_native, read_native_header, save_native
+from .native import default_provenance, file_sha256, native_header_of_kind, read_native, save_native
 
 KIND = "face_embedder"
 NPM_PACKAGE = "@vladmandic/face-api@1.7.15"
@@ -238,13 +238,8 @@ def load_dlib_face_embedder(
 
 def inspect_face_embedder(path: Path, container: str) -> dict[str, Any] | None:
     """``cycle-encoding info`` for a converted face embedder (kind ``face_embedder``); None for other files."""
-    if container != "safetensors":
-        return None
-    try:
-        h = read_native_header(path)
-    except CheckpointError:
-        return None
-    if h.get("kind") != KIND:
+    h = native_header_of_kind(path, container, KIND)
+    if h is None:
         return None
     from safetensors import safe_open
 
