@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsafePickleError
 from ..utils import atomic_write
 
 # The pickle stream of a legacy (pre-1.6) torch.save file starts with this magic number.
@@ -93,7 +93,10 @@ def _numpy_safe_globals() -> list[Any]:
 # rosinality training checkpoints store their argparse options; e4e/pSp may store numpy scalars.
 SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_safe_globals()]
 
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch words its refusal in several ways ("Unsupported global: GLOBAL eval", "unsupported GLOBAL posix.system whose
+# module posix is blocked", ...); only the name is taken from it, never its advice (to turn the guard off)
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
 
 
 def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -107,14 +110,15 @@ def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> An
             return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types here; turn each into one line
         msg = str(e)
-        m = _UNSUPPORTED_GLOBAL.search(msg)
-        if m:
-            raise CheckpointError(
-                p,
-                f"refused: the file asks for {m.group(1)}, which is not an allowed class (loading it could run code)",
-            ) from None
         if "central directory" in msg or "unexpected EOF" in msg or "Ran out of input" in msg:
             raise CheckpointError(p, "truncated: the archive ends early (incomplete download?)") from None
+        m = _UNSUPPORTED_GLOBAL.search(msg)
+        if m or _WEIGHTS_ONLY_REFUSAL in msg:
+            what = f" ({m.group(1)}, not a tensor or a plain container)" if m else ""
+            raise UnsafePickleError(
+                p,
+                f"refused: the file asks to run code{what}; cycle-encoding will not load it (nothing from it was run)",
+            ) from None
         first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
         raise CheckpointError(p, f"cannot read torch file: {first}") from None
 

@@ -175,12 +175,14 @@ def save_generator(G: Generator, path: str | Path, provenance: dict[str, Any] | 
 
 def convert_generator(src: str | Path, dst: str | Path, to: str = "native") -> Path:
     """Convert a generator file to the project's format (``native``) or rosinality's ``.pt`` (``rosinality``)."""
+    from ..assets import resolve_model
+
     G = load_generator(src)
     if to == "native":
         prov = default_provenance(
             source_file=Path(src).name,
             source_format=G.provenance["source_format"],
-            source_sha256=file_sha256(src),
+            source_sha256=file_sha256(resolve_model(src)),
         )
         return save_generator(G, dst, prov)
     if to == "rosinality":

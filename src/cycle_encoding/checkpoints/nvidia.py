@@ -9,7 +9,9 @@ Here a restricted unpickler admits only what the data needs:
 - ``dnnlib.util.EasyDict`` -> ``dict``;
 - torch's tensor/parameter rebuild functions, dtypes and ``torch.Size``; ``torch.storage._load_from_bytes``
   is replaced by a loader with ``weights_only=True``;
-- ``collections.OrderedDict`` and a few builtin containers.
+- ``collections.OrderedDict`` and a few builtin containers;
+- numpy scalars (NVIDIA's layers keep ``np.sqrt(...)`` floats as attributes), under numpy 1's and numpy 2's module
+  names: stand-ins that build a plain numeric scalar from its type code and raw bytes, and nothing else of numpy.
 
 Anything else (``os.system``, ``builtins.eval``, an unknown class) is refused by name before it is
 called. TensorFlow-era pickles (``dnnlib.tflib.network.Network``) are recognised and refused with a
@@ -94,6 +96,56 @@ _BUILTINS = {
 }
 
 
+# numpy scalars in NVIDIA's layers (``weight_gain = lr_multiplier / np.sqrt(in_features)``, ``act_gain``): pickled as
+# ``numpy.core.multiarray.scalar(numpy.dtype('f8', False, True) + BUILD state, raw bytes)`` (numpy 2 writes
+# ``numpy._core``). Neither numpy function is handed to the unpickler: stand-ins accept only a plain numeric type
+# code and its byte order, and build the value with ``numpy.frombuffer`` from exactly ``itemsize`` raw bytes.
+_NUMPY_SCALAR = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+_NUMPY_DTYPE = {("numpy", "dtype")}  # numpy 1 and 2 both pickle a dtype as numpy.dtype
+_PLAIN_DTYPE = re.compile(r"^(b1|[iu][1248]|f[248]|c(8|16))$")
+
+
+class _NumpyDtypeSpec:
+    """What ``numpy.dtype(code, align, copy)`` plus its pickled state says: a plain numeric type and a byte order."""
+
+    def __init__(self, code: Any, align: Any = False, copy: Any = True) -> None:
+        if not isinstance(code, str) or not _PLAIN_DTYPE.match(code):
+            raise pickle.UnpicklingError(f"numpy dtype {str(code)[:20]!r} is not a plain numeric type")
+        self.code = code
+        self.order = "<"
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byte order, subarray, names, fields, elsize, alignment, flags): plain types have no sub-parts
+        if not isinstance(state, tuple) or len(state) < 5 or any(x is not None for x in state[2:5]):
+            raise pickle.UnpicklingError("numpy dtype with fields or sub-arrays: not a plain numeric type")
+        if state[1] not in ("<", ">", "|", "="):
+            raise pickle.UnpicklingError(f"numpy dtype byte order {str(state[1])[:8]!r}")
+        self.order = "<" if state[1] in ("|", "=") else state[1]
+
+    def dtype(self) -> Any:
+        import numpy as np
+
+        return np.dtype(self.order + self.code)
+
+
+def _numpy_scalar(spec: Any, data: Any = None) -> Any:
+    import numpy as np
+
+    if not isinstance(spec, _NumpyDtypeSpec):
+        raise pickle.UnpicklingError("numpy scalar without a plain numeric dtype")
+    dt = spec.dtype()
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dt.itemsize:
+        raise pickle.UnpicklingError(f"numpy scalar of type {dt} without its {dt.itemsize} raw bytes")
+    return np.frombuffer(bytes(data), dtype=dt)[0]
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    # pickle protocols 0-2 write bytes as _codecs.encode(str, 'latin1'); nothing else is admitted
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError("_codecs.encode is admitted only for bytes written as latin1 text")
+    return text.encode("latin1")
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, f: Any, source: str | Path) -> None:
         super().__init__(f)
@@ -118,6 +170,12 @@ class RestrictedUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if (module, name) in _BUILTINS:
             return _BUILTINS[(module, name)]
+        if (module, name) in _NUMPY_SCALAR:
+            return _numpy_scalar
+        if (module, name) in _NUMPY_DTYPE:
+            return _NumpyDtypeSpec
+        if (module, name) == ("_codecs", "encode"):
+            return _codecs_encode
         raise UnsafePickleError(
             self.source,
             f"refused: the pickle asks for {module}.{name}, which is not among the allowed classes "
@@ -141,6 +199,12 @@ def read_pickle(path: str | Path) -> Any:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, EOFError) or "truncated" in msg or "Ran out of input" in msg:
             raise CheckpointError(p, "truncated: the pickle ends early (incomplete download?)") from None
+        if "Weights only load failed" in str(e):  # a tensor's storage bytes that ask for a class (torch's refusal)
+            m = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f" ({m.group(1)}, inside a tensor's storage)" if m else " (inside a tensor's storage)"
+            raise UnsafePickleError(
+                p, f"refused: the file asks to run code{what}; cycle-encoding will not load it (nothing from it was run)"
+            ) from None
         raise CheckpointError(p, f"cannot read pickle: {msg}") from None
 
 

@@ -221,7 +221,9 @@ class InversionRun:
         if isinstance(generator, Generator):
             G = generator
         else:
-            path = Path(generator) if generator is not None else self.generator_file()
+            from ..assets import resolve_model
+
+            path = resolve_model(generator) if generator is not None else self.generator_file()
             if path is None:
                 raise CycleEncodingError(
                     f"{self.dir}: the run does not record its generator file (it was given as a network): pass "

@@ -409,6 +409,7 @@ class EncoderTrainer(Trainer):
         """Write the encoder in the project's format (with the stage the run ended in)."""
         if not self.dist.is_main:
             return None
+        from ..assets import resolve_model
         from ..checkpoints.encoder import save_encoder
 
         prov = default_provenance(
@@ -417,7 +418,7 @@ class EncoderTrainer(Trainer):
             step=self.step,
             schedule=self.schedule.name,
             generator=Path(self.cfg.generator).name,
-            generator_sha256=file_sha256(self.cfg.generator),
+            generator_sha256=file_sha256(resolve_model(self.cfg.generator)),
             data=str(self.cfg.data),
             networks=self.network_names(),
         )
