@@ -10,6 +10,9 @@ import torch
 from .networks.stylegan2 import Generator, NoiseMode
 
 
+MAX_SEED = 2**32 - 1  # numpy's RandomState takes seeds 0 .. 2**32 - 1
+
+
 def z_from_seed(seed: int, z_dim: int) -> torch.Tensor:
     """z for a seed exactly as NVIDIA's generate.py draws it: RandomState(seed).randn(1, z_dim)."""
     return torch.from_numpy(np.random.RandomState(seed).randn(1, z_dim)).float()

@@ -30,8 +30,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise CycleEncodingError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
 
 
-def parse_int_list(spec: str) -> list[int]:
-    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]."""
+def parse_int_list(
+    spec: str,
+    low: int | None = None,
+    high: int | None = None,
+    max_count: int | None = None,
+    what: str = "number list",
+) -> list[int]:
+    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]. With ``low``/``high`` every number must lie in [low, high], and with
+    ``max_count`` the list may hold at most that many (checked before a range is expanded)."""
     out: list[int] = []
     for part in str(spec).split(","):
         part = part.strip()
@@ -43,14 +50,25 @@ def parse_int_list(spec: str) -> list[int]:
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError
-                out.extend(range(lo, hi + 1))
             else:
-                out.append(int(part))
+                lo = hi = int(part)
         except ValueError:
-            raise CycleEncodingError(f"bad number list {spec!r}: use forms like 0-7 or 1,5,9") from None
+            raise CycleEncodingError(f"bad {what} {spec!r}: use forms like 0-7 or 1,5,9") from None
+        for v in (lo, hi):
+            if (low is not None and v < low) or (high is not None and v > high):
+                raise CycleEncodingError(f"bad {what} {spec!r}: {v} is outside {low}..{high}")
+        if max_count is not None and len(out) + hi - lo + 1 > max_count:
+            raise CycleEncodingError(f"bad {what} {spec!r}: more than {max_count:,} numbers")
+        out.extend(range(lo, hi + 1))
     if not out:
-        raise CycleEncodingError(f"empty number list {spec!r}")
+        raise CycleEncodingError(f"empty {what} {spec!r}")
     return out
+
+
+def check_finite(value: float | None, option: str) -> None:
+    """A clear error for NaN or infinite option values (``float('nan')`` parses)."""
+    if value is not None and not math.isfinite(value):
+        raise CycleEncodingError(f"{option} must be a finite number, got {value}")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -35,13 +35,14 @@ EXIT_INTERNAL_ERROR = 1
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
+    # --debug before or after the command: the command's copy has no default, so it cannot reset the one given first
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
     parser = argparse.ArgumentParser(
         prog="cycle-encoding",
         description="Cycle Encoding of a StyleGAN encoder: train, invert, tune, edit and evaluate (CPU or GPU).",
-        parents=[common],
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     parser.add_argument("--version", action="version", version=f"cycle-encoding {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

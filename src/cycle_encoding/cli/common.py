@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -49,3 +51,38 @@ def options_from(args: argparse.Namespace, required: tuple[str, ...] = ()) -> di
         if needed not in data:
             raise CycleEncodingError(f"--{needed} is required (or give it in --config)")
     return data
+
+
+def _nearest_existing(p: Path) -> Path:
+    q = p.absolute()
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    return q
+
+
+def check_output_folder(path: str | Path, option: str, shown: str | Path | None = None) -> None:
+    """Before any work: ``path`` can be made or written as a folder; else one clear error naming ``option`` (and
+    ``shown``, the path the user gave, when that is a file inside ``path``)."""
+    from ..errors import CycleEncodingError
+
+    p = Path(path)
+    label = f"{option} {shown if shown is not None else p}"
+    if p.exists() and not p.is_dir():
+        raise CycleEncodingError(f"{label}: {p} exists and is not a folder")
+    q = _nearest_existing(p)
+    if not q.is_dir():
+        raise CycleEncodingError(f"{label}: {q} is a file, so no folder can be made under it")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise CycleEncodingError(f"{label}: cannot write in {q} (permission denied)")
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Before any work: the file ``path`` can be written (its folder made); else one clear error naming ``option``."""
+    from ..errors import CycleEncodingError
+
+    p = Path(path)
+    if p.is_dir():
+        raise CycleEncodingError(f"{option} {p}: is a folder, not a file")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise CycleEncodingError(f"{option} {p}: cannot write this file (permission denied)")
+    check_output_folder(p.parent, option, shown=p)

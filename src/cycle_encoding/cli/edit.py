@@ -7,7 +7,7 @@ import argparse
 import re
 from pathlib import Path
 
-from .common import add_device_arg
+from .common import add_device_arg, check_output_folder
 
 NUMBER_LIST = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(?:[eE][-+]?\d+)?(?:,[-+]?[\d.]+(?:[eE][-+]?\d+)?)*$")
 
@@ -72,10 +72,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from ..editing.render import EditRequest, InversionRun, named_directions, render_run_edits
     from ..utils import resolve_device
 
-    dev = resolve_device(args.device)
     run = InversionRun(args.run_dir)
     strengths = parse_strengths(args.strengths)
     layers = parse_layers(args.layers)
+    check_output_folder(args.out if args.out is not None else run.dir / "edits", "--out")
+    dev = resolve_device(args.device)
     base = run.load_generator(args.generator, dev)
     ds = named_directions(args.direction, base)
     request = EditRequest(ds, args.component, strengths, layers, args.mode, args.name)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg
+from .common import add_device_arg, check_output_file
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -98,6 +98,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..metrics import evaluate_folders, jsonable
     from ..utils import resolve_device
 
+    if args.json is not None:
+        check_output_file(args.json, "--json")
     device = resolve_device(args.device)
     name = args.perceptual or ("lpips-alex" if args.lpips_backbone is not None else None)
     perceptual = build_perceptual(name, device, args.lpips_backbone) if name else None

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import CycleEncodingError
+from .common import check_output_folder
 
 
 def _upsample(value: str) -> str | int:
@@ -55,6 +56,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         raise CycleEncodingError(f"--size {args.size} is too small (use 8 or more, e.g. 256)")
     if args.supersample < 1:
         raise CycleEncodingError("--supersample must be 1 or more")
+    check_output_folder(args.out, "OUT")
     files = list_images(args.input)
     if not files:
         raise CycleEncodingError(f"{args.input}: no image files (.jpg, .png, ...) in this folder")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .common import add_device_arg, print_json
+from .common import add_device_arg, check_output_file, check_output_folder, print_json
+
+MAX_SEEDS = 1_000_000  # images one `generate` writes at most
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -70,10 +72,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .. import load_generator
-    from ..sampling import render_seeds
-    from ..utils import make_grid, parse_int_list, save_image
+    from ..errors import CycleEncodingError
+    from ..sampling import MAX_SEED, render_seeds
+    from ..utils import check_finite, make_grid, parse_int_list, save_image
 
-    seeds = parse_int_list(args.seeds)
+    # every value checked before the generator is read: one clear line, exit 2
+    seeds = parse_int_list(args.seeds, low=0, high=MAX_SEED, max_count=MAX_SEEDS, what="--seeds")
+    check_finite(args.truncation, "--truncation")
+    if args.batch_size < 1:
+        raise CycleEncodingError(f"--batch-size must be 1 or more, got {args.batch_size}")
+    check_output_folder(args.out, "--out")
     G = load_generator(args.generator, device=args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     all_images = []
@@ -95,6 +103,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoints import convert_generator
 
     to = args.to or ("rosinality" if args.dst.suffix in (".pt", ".pth") else "native")
+    check_output_file(args.dst, "DST")
     out = convert_generator(args.src, args.dst, to=to)
     print(f"wrote {out} ({to})")
     return 0

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, print_json
+from .common import add_device_arg, check_output_folder, print_json
 
 EXIT_SOME_FAILED = 3
 
@@ -87,21 +87,26 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The inversion options as a nested mapping: the --config file, then the command-line options over it."""
     from ..config import load_config_file
     from ..errors import CycleEncodingError
+    from ..utils import check_finite
 
     data: dict[str, Any] = load_config_file(args.config) if args.config else {}
     if args.stages:
         data["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
     if args.train_data:
         data["train_data"] = args.train_data
-    for _, dest, _, _ in OPTIONS:
+    for flag, dest, tp, _ in OPTIONS:
         v = getattr(args, "opt:" + dest)
         if v is None:
             continue
+        if tp is float:
+            check_finite(v, flag)
         if dest == "_locality_weights":
             try:
                 l2, perc = (float(s) for s in v.split(","))
             except ValueError:
                 raise CycleEncodingError(f"--locality-weights takes two numbers, MSE,perceptual; got {v!r}") from None
+            check_finite(l2, flag)
+            check_finite(perc, flag)
             _set(data, "tune.locality_l2_lambda", l2)
             _set(data, "tune.locality_perceptual_lambda", perc)
         else:
@@ -121,6 +126,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
     from ..inversion.targets import list_targets
 
     config = make_config(options_from_args(args))
+    check_output_folder(args.out, "--out")
     if args.dry_run:
         from ..config import to_dict
 

@@ -30,6 +30,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..report.html import write_report
+    from .common import check_output_file
+
+    if args.out is not None:
+        html = args.out.suffix.lower() in (".html", ".htm")
+        check_output_file(args.out if html else args.out / "report.html", "--out")
+    else:
+        check_output_file(args.run_dir / "report.html", "RUN_DIR")
 
     files = write_report(
         args.run_dir, args.out, inline=not args.link_images, max_images=args.max_images, png=not args.no_png,

@@ -24,6 +24,8 @@ Writers: ``save_interfacegan`` and ``save_ganspace`` write the published layouts
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,16 +259,17 @@ def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
 
 def parse_strengths(spec: str | Sequence[float]) -> list[float]:
     """``"-3,-1.5,0,1.5,3"`` -> floats (in the order given)."""
-    if not isinstance(spec, str):
-        return [float(s) for s in spec]
     try:
-        out = [float(s) for s in spec.split(",") if s.strip()]
+        out = [float(s) for s in (spec.split(",") if isinstance(spec, str) else spec) if str(s).strip()]
     except ValueError:
         raise CycleEncodingError(
             f"bad strengths {spec!r}: give numbers separated by commas, e.g. -3,-1.5,0,1.5,3"
         ) from None
     if not out:
         raise CycleEncodingError("no strengths given")
+    bad = [s for s in out if not math.isfinite(s)]
+    if bad:
+        raise CycleEncodingError(f"bad strengths {spec!r}: {bad[0]} is not a finite number")
     return out
 
 
