@@ -143,6 +143,39 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: s
         raise CheckpointError(source, f"{what}: unexpected key {extra[0]} ({len(extra)} unexpected in all)")
 
 
+def check_declared_architecture(
+    build: Callable[[], nn.Module],
+    sd: Mapping[str, torch.Tensor],
+    source: str | Path,
+    what: str,
+    counts: Mapping[str, int] | None = None,
+    derived: Callable[[str], bool] = lambda key: False,
+) -> None:
+    """Check an architecture a file declares against the tensors it holds, before anything is allocated.
+
+    ``counts`` (name -> value) are the configuration's repeat counts (layers, units, heads): each repeated part holds
+    at least one tensor, so none may exceed the number of tensors. The network is then built on the ``meta`` device
+    (shapes only, no memory) and its keys and shapes compared with ``sd``; ``derived(key)`` names the buffers the
+    loader fills in itself (e.g. fixed resampling kernels) that a file need not hold.
+    """
+    n = len(sd)
+    for name, value in (counts or {}).items():
+        if value > n:
+            raise CheckpointError(
+                source, f"{what}: the declared {name} ({value}) cannot fit the {n} tensors the file holds"
+            )
+    try:
+        with torch.device("meta"):
+            model = build()
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(source, f"{what}: the declared architecture cannot be built: {e}") from None
+    full = dict(sd)
+    for k, v in model.state_dict().items():
+        if k not in full and derived(k):
+            full[k] = v
+    check_state_dict(model, full, source, what)
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 

@@ -20,7 +20,7 @@ import torch
 from ..errors import CheckpointError
 from ..networks.encoder import Encoder4Editing, EncoderConfig
 from . import e4e
-from .common import check_state_dict, count_parameters, sniff, torch_load
+from .common import check_declared_architecture, check_state_dict, count_parameters, sniff, torch_load
 from .native import default_provenance, read_native, save_native
 
 _UNIT = re.compile(r"^body\.(\d+)\.res_layer\.1\.weight$")
@@ -92,6 +92,11 @@ def build_encoder(
     source: str | Path,
     latent_avg: torch.Tensor | None,
 ) -> Encoder4Editing:
+    # the declared architecture must fit the tensors' shapes before the encoder is allocated
+    check_declared_architecture(
+        lambda: Encoder4Editing(config), sd, source, "encoder",
+        counts={"num_ws": config.num_ws, "units": sum(config.units)}, derived=lambda k: k == "latent_avg",
+    )  # fmt: skip
     E = Encoder4Editing(config)
     sd = dict(sd)
     if "latent_avg" not in sd:

@@ -21,7 +21,7 @@ import torch
 from ..errors import CheckpointError
 from ..networks.stylegan2 import Generator, GeneratorConfig
 from . import e4e, nvidia, rosinality
-from .common import check_state_dict, sniff, torch_load
+from .common import check_declared_architecture, check_state_dict, sniff, torch_load
 from .native import NativeFile, default_provenance, file_sha256, read_native, save_native
 
 W_AVG_SAMPLES = 10_000
@@ -122,6 +122,12 @@ def read_generator_weights(path: str | Path) -> GeneratorWeights:
 
 
 def build_generator(weights: GeneratorWeights, source: str | Path, device: str | torch.device = "cpu") -> Generator:
+    # the architecture (declared by own-format files, inferred from shapes otherwise) must fit the tensors' shapes
+    # before the network is allocated: a small file must not make the loader build a huge network
+    check_declared_architecture(
+        lambda: Generator(weights.config), weights.state_dict, source, "generator",
+        counts={"n_mlp": weights.config.n_mlp}, derived=lambda k: k.endswith(".kernel"),
+    )  # fmt: skip
     G = Generator(weights.config)
     sd = dict(weights.state_dict)
     # resampling kernels are fixed buffers derived from the architecture; some layouts do not store them
