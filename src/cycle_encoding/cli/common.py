@@ -19,7 +19,7 @@ def print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-_NOT_OPTIONS = ("func", "debug", "config", "resume", "dry_run", "command")
+_NOT_OPTIONS = ("func", "debug", "max_pixels", "config", "resume", "dry_run", "command")
 
 
 def option_overrides(args: argparse.Namespace) -> dict[str, Any]:

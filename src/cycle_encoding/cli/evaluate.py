@@ -10,6 +10,8 @@ from typing import Any
 
 from .common import add_device_arg, check_output_file
 
+EXIT_SOME_UNREADABLE = 3  # as `invert` when some images failed: all the others were measured
+
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
@@ -17,7 +19,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         parents=[common],
         help="MSE, PSNR, SSIM, MS-SSIM, perceptual distance and identity similarity between two image folders",
         description="Pairs the images of --pred and --target by file name (without extension) and reports each "
-        "metric per image and as mean +- std. Unmatched and unreadable files are listed, not fatal. "
+        "metric per image and as mean +- std. Unmatched and unreadable files are listed, not fatal (unreadable ones make "
+        "the exit status 3). "
         "The perceptual distance is LPIPS only with an ImageNet backbone file (--lpips-backbone); "
         "otherwise name another one with --perceptual (e.g. dlib-face for faces).",
     )
@@ -121,4 +124,4 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if rep["pairs"] == 0:
         raise CycleEncodingError(f"no image pairs could be measured between {args.pred} and {args.target}")
-    return 0
+    return EXIT_SOME_UNREADABLE if rep["unreadable"] else 0

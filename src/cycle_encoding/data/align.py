@@ -162,14 +162,14 @@ class LandmarkDetector:
 
 def read_rgb(path: str | Path) -> np.ndarray:
     """An image file as RGB uint8 [H, W, 3] (EXIF orientation applied); one clear error if it cannot be read."""
+    from .images import open_image
+
     p = Path(path)
     try:
-        with Image.open(p) as im:
+        with open_image(p) as im:
             im = ImageOps.exif_transpose(im)
             return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise CycleEncodingError(f"{p}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise CycleEncodingError(f"{p}: cannot read as an image ({e})") from None
 
 

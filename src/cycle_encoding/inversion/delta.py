@@ -83,9 +83,14 @@ def decode_change(base: torch.Tensor, blob: bytes) -> torch.Tensor:
     """The tuned tensor from the base and ``encode_change``'s bytes (bit-exact)."""
     b = _bits(base)
     width = b.dtype.itemsize
-    raw = zlib.decompress(blob)
-    if len(raw) != b.size * width:
-        raise ValueError(f"the stored change has {len(raw)} bytes, the tensor needs {b.size * width}")
+    need = b.size * width
+    # never expand more than the tensor needs (a small crafted stream can claim gigabytes)
+    d = zlib.decompressobj()
+    raw = d.decompress(blob, need)
+    if len(raw) < need:
+        raise ValueError(f"the stored change has {len(raw)} bytes, the tensor needs {need}")
+    if not d.eof or d.unconsumed_tail or d.decompress(b"", 1):
+        raise ValueError(f"the stored change does not end at the {need} bytes the tensor needs (longer or cut)")
     x = np.frombuffer(raw, dtype=np.uint8).reshape(width, -1).T.copy().view(b.dtype).reshape(-1)
     out_bits = np.bitwise_xor(b, x)
     t = torch.from_numpy(out_bits.copy()).view(base.dtype).view(base.shape)
@@ -203,9 +208,16 @@ def load_generator_delta(path: str | Path, base: Generator | str | Path, verify:
         )
     out = copy.deepcopy(base)
     new: dict[str, torch.Tensor] = {}
+    declared = ex.get("tensors") or {}
     for k, blob in nf.tensors.items():
         if k not in bt:
             raise CheckpointError(p, f"the delta changes tensor {k}, which the generator does not have")
+        spec = declared.get(k) if isinstance(declared, dict) else None
+        bdt = str(bt[k].dtype).replace("torch.", "")
+        if not isinstance(spec, dict) or spec.get("shape") != list(bt[k].shape) or spec.get("dtype") != bdt:
+            raise CheckpointError(
+                p, f"tensor {k}: the header declares {spec!r:.80}, the generator's is {bdt}{list(bt[k].shape)}"
+            )
         try:
             new[k] = decode_change(bt[k].detach().cpu(), blob.numpy().tobytes())
         except (zlib.error, ValueError) as e:
