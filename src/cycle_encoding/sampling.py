@@ -9,7 +9,6 @@ import torch
 
 from .networks.stylegan2 import Generator, NoiseMode
 
-
 MAX_SEED = 2**32 - 1  # numpy's RandomState takes seeds 0 .. 2**32 - 1
 
 

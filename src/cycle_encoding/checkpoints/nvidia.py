@@ -203,7 +203,8 @@ def read_pickle(path: str | Path) -> Any:
             m = re.search(r"GLOBAL ([\w.]+)", str(e))
             what = f" ({m.group(1)}, inside a tensor's storage)" if m else " (inside a tensor's storage)"
             raise UnsafePickleError(
-                p, f"refused: the file asks to run code{what}; cycle-encoding will not load it (nothing from it was run)"
+                p,
+                f"refused: the file asks to run code{what}; cycle-encoding will not load it (nothing from it was run)",
             ) from None
         raise CheckpointError(p, f"cannot read pickle: {msg}") from None
 

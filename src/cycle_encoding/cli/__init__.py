@@ -34,14 +34,15 @@ EXIT_INTERNAL_ERROR = 1
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-
     from ..data.images import DEFAULT_MAX_PIXELS
 
     # options of every command, before or after the command's name: the command's copies have no default, so they
     # cannot reset a value given before it
     pixels_help = f"refuse images of more pixels than N before decoding them (default {DEFAULT_MAX_PIXELS:,})"
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors"
+    )
     common.add_argument("--max-pixels", type=int, metavar="N", default=argparse.SUPPRESS, help=pixels_help)
     parser = argparse.ArgumentParser(
         prog="cycle-encoding",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .common import add_device_arg, check_output_folder
 
+EXIT_SOME_FAILED = 3  # as `invert`: the other images were edited
+
 NUMBER_LIST = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(?:[eE][-+]?\d+)?(?:,[-+]?[\d.]+(?:[eE][-+]?\d+)?)*$")
 
 
@@ -22,7 +24,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "stored change; the base generator when the run did not tune). Strength 0 gives the reconstruction bit for "
         "bit (checked against the run's hash). Writes RUN_DIR/edits/TAG/NAME/*.png, a labelled strip per image and "
         "edit.json; optional measures: LEC (--lec), the change of a classifier's score (--classifier) and the "
-        "distance to the reconstruction (--preservation).",
+        "distance to the reconstruction (--preservation). Exit status: 0 all edited, 3 some image folders could not be "
+        "read (listed; the others are edited), 2 bad input (nothing written; an earlier edit of the name is kept).",
     )
     # "--strengths -3,-1.5,0" must read "-3,-1.5,0" as the value: argparse takes only plain negative numbers for
     # values, so widen its test to comma-separated lists of numbers ("--strengths=-3,..." works in any case)
@@ -110,6 +113,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         p = ms["preservation"]
         vals = ", ".join(f"{a:+g}: {r['value']['mean']:.4f}" for a, r in zip(strengths, p["per_strength"]))
         lines.append(f"  preservation ({p['measure']}, {p['kind']}) {vals}")
+    for f in doc.get("failed", []):
+        lines.append(f"  failed: {f['name']}: {f['reason']}")
     lines.append(f"details: {Path(out) / 'edit.json'}")
     print("\n".join(lines))
-    return 0
+    return EXIT_SOME_FAILED if doc.get("failed") else 0

@@ -63,6 +63,7 @@ def open_image(path: str | Path) -> Iterator[Image.Image]:
             )
         yield im
 
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _GREY_MODES = ("1", "L", "LA")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")

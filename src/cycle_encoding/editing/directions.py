@@ -25,7 +25,6 @@ Writers: ``save_interfacegan`` and ``save_ganspace`` write the published layouts
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

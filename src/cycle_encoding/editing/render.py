@@ -19,8 +19,15 @@ the reconstruction bit for bit, which is checked against the hash the run stored
                                  for (LEC, edit success, preservation) per image and per strength, timings
 
 The classifier (edit success) and the preservation measure see the images as saved, clamped to [-1, 1], the
-reference being the reconstruction; LEC re-encodes the raw rendering (as e4e does). A re-run into the same folder
-first removes the images the previous ``edit.json`` listed.
+reference being the reconstruction; LEC re-encodes the raw rendering (as e4e does). An edit is rendered into a
+temporary folder and swapped in when done: the files the previous ``edit.json`` listed are removed then, so a re-run
+leaves no stale images and a failed one leaves the earlier edit as it was.
+
+Strength 0 is compared with the run's reconstruction bit for bit when rendered on the run's device with its CPU thread
+count (recorded per image as ``threads``); with another thread count (the order of a CPU's sums changes with it, and
+with it the last bits of the floats), within RECON_TOLERANCE_LEVELS of 255 of the saved ``recon_STAGE.png``.
+``edit.json`` says which check was made (``reconstruction_check``). Every file read from the run folder must lie
+inside it (no symbolic link out of it).
 """
 
 from __future__ import annotations
@@ -28,14 +35,18 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..checkpoints.common import atomic_write
@@ -49,6 +60,7 @@ from .measures import Preservation, direction_lec, lec_summary, preservation_sum
 RUN_FORMAT = "cycle-encoding-inversion-run"
 PIVOT_STAGES = ("encoder", "refine", "project")
 EDITS_DIR = "edits"
+RECON_TOLERANCE_LEVELS = 1  # of 255: how far a rendering with another CPU thread count may be from the saved one
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -64,6 +76,16 @@ def _read_json(path: Path) -> Any:
         raise CycleEncodingError(f"{path}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise CycleEncodingError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def inside(path: str | Path, root: str | Path) -> bool:
+    """Whether ``path`` (symbolic links followed) lies inside the folder ``root``: every path read from a run's own
+    files must, so that a crafted run folder cannot make ``edit`` or ``report`` read or embed other files."""
+    try:
+        p, r = Path(path).resolve(), Path(root).resolve()
+    except (OSError, RuntimeError):
+        return False
+    return p == r or r in p.parents
 
 
 def _recorded_file(f: str, run_dir: Path) -> Path:
@@ -120,10 +142,18 @@ class RunImage:
     def recon_sha256(self) -> str | None:
         return (self.result.get("recon_sha256") or {}).get(self.recon_stage)
 
+    def checked(self, p: Path) -> Path | None:
+        """``p`` when it is a file inside the image's folder, None when there is none; a file that leads outside the
+        folder (a symbolic link) is refused by name."""
+        if not p.is_file():
+            return None
+        if not inside(p, self.folder):
+            raise CycleEncodingError(f"{p}: refused: it leads outside the run folder")
+        return p
+
     @property
     def delta_path(self) -> Path | None:
-        p = self.folder / "generator_delta.safetensors"
-        return p if p.is_file() else None
+        return self.checked(self.folder / "generator_delta.safetensors")
 
     @property
     def target_path(self) -> Path:
@@ -134,7 +164,7 @@ class RunImage:
 
     def losses(self) -> list[dict[str, Any]]:
         p = self.folder / "losses.jsonl"
-        if not p.is_file():
+        if not p.is_file() or not inside(p, self.folder):
             return []
         out = []
         for line in p.read_text().splitlines():
@@ -161,6 +191,7 @@ class InversionRun:
         summary = self.dir / "summary.json"
         self.summary: dict[str, Any] = _read_json(summary) if summary.is_file() else {}
         self._images: list[RunImage] | None = None
+        self.unreadable: list[dict[str, str]] = []
 
     @property
     def stages(self) -> list[str]:
@@ -182,9 +213,16 @@ class InversionRun:
 
     def image(self, name: str) -> RunImage:
         folder = self.dir / "images" / name
+        if Path(name).name != name or name in ("", ".", "..") or not inside(folder, self.dir / "images"):
+            raise CycleEncodingError(f"{name!r}: refused: not an image folder inside {self.dir / 'images'}")
         if not (folder / "done").is_file():
             raise CycleEncodingError(f"{folder}: not finished (no 'done')")
+        for f in ("result.json", "pivots.safetensors"):
+            if (folder / f).exists() and not inside(folder / f, folder):
+                raise CycleEncodingError(f"{folder / f}: refused: it leads outside the run folder")
         result = _read_json(folder / "result.json")
+        if not isinstance(result, dict):
+            raise CycleEncodingError(f"{folder / 'result.json'}: not a JSON object")
         nf = read_native(folder / "pivots.safetensors")
         if nf.kind != "pivots":
             raise CheckpointError(folder / "pivots.safetensors", f"a {nf.kind} file, not the run's pivots")
@@ -195,10 +233,23 @@ class InversionRun:
             raise CycleEncodingError(f"{folder}: no pivots stored")
         return RunImage(name, folder, result, pivots)
 
+    def load_images(self) -> tuple[list[RunImage], list[dict[str, str]]]:
+        """Every finished image that can be read, and the others as ``{"name", "reason"}`` (a corrupt
+        ``result.json`` or pivots file, a folder that leads outside the run): one bad folder does not stop the rest."""
+        good: list[RunImage] = []
+        bad: list[dict[str, str]] = []
+        for n in self.image_names():
+            try:
+                good.append(self.image(n))
+            except CycleEncodingError as e:
+                bad.append({"name": n, "reason": str(e)})
+        return good, bad
+
     @property
     def images(self) -> list[RunImage]:
+        """The readable finished images (``unreadable`` lists the others)."""
         if self._images is None:
-            self._images = [self.image(n) for n in self.image_names()]
+            self._images, self.unreadable = self.load_images()
         return self._images
 
     def generator_file(self) -> Path | None:
@@ -344,6 +395,45 @@ def render_one(G: Generator, ws: torch.Tensor) -> torch.Tensor:
     return G.synthesis(ws.to(G.w_avg.device), noise_mode="const").cpu()
 
 
+def _run_threads(im: RunImage) -> int | None:
+    t = im.result.get("threads")
+    return int(t) if isinstance(t, int) else None
+
+
+def matches_reconstruction(im: RunImage, y: torch.Tensor, device: torch.device) -> tuple[bool | None, str]:
+    """Whether the rendering ``y [1, C, H, W]`` of the image's pivot is the run's reconstruction, and how that was
+    decided. Bit for bit (the sha256 of the float32 tensor the run stored) when this process renders with the run's
+    device and CPU thread count; otherwise (the thread count changes how the CPU sums, so the last bits of a float
+    may differ; also runs that did not record it) within a stated tolerance of the reconstruction the run saved as
+    ``recon_STAGE.png``: every 8-bit pixel value equal up to RECON_TOLERANCE_LEVELS. None when there is nothing to
+    compare with."""
+    want = im.recon_sha256
+    if want is not None and tensor_sha256(y) == want:
+        return True, "bit for bit"
+    same_setup = im.result.get("device") == str(device) and (
+        device.type != "cpu" or _run_threads(im) == torch.get_num_threads()
+    )
+    if want is not None and same_setup:
+        return False, "bit for bit"
+    ref = im.checked(im.recon_path(im.recon_stage))
+    how = (
+        f"within {RECON_TOLERANCE_LEVELS} of 255 levels of {im.recon_path(im.recon_stage).name} (inverted with "
+        f"{_run_threads(im) or 'an unrecorded number of'} CPU thread(s) on {im.result.get('device', '?')}, rendered "
+        f"now with {torch.get_num_threads()} on {device})"
+    )
+    if ref is None:
+        return (False if want is not None else None), "bit for bit"
+    from ..data.images import read_image
+    from ..utils import to_uint8
+
+    saved = to_uint8(read_image(ref, channels=y.shape[1])[None])
+    got = to_uint8(y.clamp(-1, 1))
+    if saved.shape != got.shape:
+        return False, how
+    diff = int(np.abs(saved.astype(np.int16) - got.astype(np.int16)).max())
+    return diff <= RECON_TOLERANCE_LEVELS, how
+
+
 def render_run_edits(
     run: InversionRun | str | Path,
     request: EditRequest,
@@ -360,31 +450,42 @@ def render_run_edits(
 ) -> dict[str, Any]:
     """Render ``request`` for every finished image of ``run`` (see the module doc) and return what ``edit.json``
     holds. ``encoder`` (an Encoder4Editing or a file; ``"run"`` for the run's own) turns on LEC; ``scorer`` (a
-    function images -> [B]) edit success; ``preservation`` the distance to the reconstruction."""
-    from ..grid import save_png, strip_image
+    function images -> [B]) edit success; ``preservation`` the distance to the reconstruction.
+
+    Everything is checked before anything is written; the edit is rendered into a temporary folder and swapped in
+    at the end, so a failed edit leaves an earlier one of the same name as it was. An image whose folder cannot be
+    read is listed in ``failed`` (name and reason) and the others go on; when none can be edited, nothing is
+    swapped in and the error names the first reason."""
     from ..utils import resolve_device
+    from .directions import parse_strengths
 
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     run = run if isinstance(run, InversionRun) else InversionRun(run)
+    strengths = parse_strengths(list(request.strengths))
+    finished = run.image_names()
+    if images is None:
+        names = finished
+    else:
+        names = list(dict.fromkeys(images))
+        unknown = [n for n in names if n not in finished]
+        if unknown:
+            raise CycleEncodingError(
+                f"{run.dir}: no finished image named {unknown[0]!r}"
+                + (f" (finished: {', '.join(finished[:8])}{', ...' if len(finished) > 8 else ''})" if finished else "")
+            )
+    if not names:
+        raise CycleEncodingError(f"{run.dir}: no finished images to edit")
     dev = resolve_device(device)
     base = run.load_generator(generator, dev)
     ds = request.directions
-    strengths = [float(a) for a in request.strengths]
-    if not strengths:
-        raise CycleEncodingError("no strengths given")
     if ds.w_dim != base.w_dim:
         raise CycleEncodingError(
             f"the {ds.label()} have width {ds.w_dim}; the run's generator has codes of width {base.w_dim}"
         )
     layers = ds.resolve_layers(request.layers, base.num_ws)
     comp = ds.index(request.component)
-    names = run.image_names() if images is None else list(images)
-    if not names:
-        raise CycleEncodingError(f"{run.dir}: no finished images to edit")
     tag = request.name()
     out = Path(out_dir) if out_dir is not None else run.dir / EDITS_DIR / tag
-    out.mkdir(parents=True, exist_ok=True)
-    remove_previous_edit(out)
 
     E = None
     encoder_name: str | None = None
@@ -406,15 +507,76 @@ def render_run_edits(
         if (E.config.num_ws, E.config.w_dim) != (base.num_ws, base.w_dim):
             raise CycleEncodingError("the encoder's codes do not fit the run's generator")
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        doc = _render_into(
+            stage, run, names, request, ds, comp, strengths, layers, base, dev, E, encoder_name, offsets, scorer,
+            scorer_name, preservation, allow_base, say,
+        )  # fmt: skip
+        if not doc["images"]:
+            first = doc["failed"][0]
+            raise CycleEncodingError(
+                f"no image could be edited ({first['name']}: {first['reason']})"
+                + (f"; the earlier edit in {out} is kept" if (out / "edit.json").is_file() else "")
+            )
+        _swap_in(stage, out, doc)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return doc
+
+
+def _swap_in(stage: Path, out: Path, doc: dict[str, Any]) -> None:
+    """Replace the edit in ``out`` by the one rendered into ``stage``: the files the earlier ``edit.json`` listed go,
+    the new files move in, ``edit.json`` last."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_previous_edit(out)
+    for rec in doc["images"]:
+        for rel in [*rec["files"], rec["strip"]]:
+            dst = out / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, dst)
+    atomic_write(out / "edit.json", lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
+
+
+def _render_into(
+    out: Path,
+    run: InversionRun,
+    names: list[str],
+    request: EditRequest,
+    ds: DirectionSet,
+    comp: int,
+    strengths: list[float],
+    layers: list[int],
+    base: Generator,
+    dev: torch.device,
+    E: Any,
+    encoder_name: str | None,
+    offsets: str,
+    scorer: Callable[[torch.Tensor], torch.Tensor] | None,
+    scorer_name: str | None,
+    preservation: Preservation | None,
+    allow_base: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    from ..grid import save_png, strip_image
+
     per_image: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
     lec_rows: list[list[float]] = []
     change_rows: list[torch.Tensor] = []
     pres_rows: list[list[float]] = []
     t_all = time.perf_counter()
     for i, name in enumerate(names):
-        im = run.image(name)
-        t0 = time.perf_counter()
-        G, which = run.generator_for(im, base, allow_base)
+        try:
+            im = run.image(name)
+            t0 = time.perf_counter()
+            G, which = run.generator_for(im, base, allow_base)
+            target = im.checked(im.target_path)
+        except CycleEncodingError as e:  # one unreadable image folder does not stop the others
+            failed.append({"name": name, "reason": str(e)})
+            say(f"[{i + 1}/{len(names)}] {name}: FAILED: {e}")
+            continue
         t_gen = time.perf_counter() - t0
         pivot = im.pivot.to(dev)
         folder = out / name
@@ -432,12 +594,14 @@ def render_run_edits(
         rec: dict[str, Any] = {"name": name, "generator": which, "pivot_stage": im.pivot_stage,
                                "files": files, "seconds": {"generator": t_gen, "render": t_render}}  # fmt: skip
         recon = render_one(G, pivot)
-        if im.recon_sha256 is not None:
-            rec["reconstruction_hash_matches"] = tensor_sha256(recon) == im.recon_sha256
+        ok, how = matches_reconstruction(im, recon, dev)
+        if ok is not None:
+            rec["reconstruction_hash_matches"] = im.recon_sha256 is not None and tensor_sha256(recon) == im.recon_sha256
+            rec["reconstruction_check"] = how
             zero = [j for j, a in enumerate(strengths) if a == 0 and request.mode == "add"]
             if zero:
-                rec["strength0_is_reconstruction"] = tensor_sha256(rendered[zero[0]]) == im.recon_sha256
-        strip = strip_image(im.target_path if im.target_path.is_file() else None, rendered, strengths)
+                rec["strength0_is_reconstruction"] = matches_reconstruction(im, rendered[zero[0]], dev)[0]
+        strip = strip_image(target, rendered, strengths)
         strip_path = out / f"{name}_strip.png"
         save_png(strip, strip_path)
         rec["strip"] = str(strip_path.relative_to(out))
@@ -490,12 +654,14 @@ def render_run_edits(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "command": " ".join(sys.argv),
         "run_dir": str(run.dir),
-        "tag": tag,
+        "tag": request.name(),
         "direction": direction_info,
         "strengths": strengths,
         "layers": layers,
         "mode": request.mode,
         "images": per_image,
+        "failed": failed,
+        "threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - t_all,
         "measures": {},
     }
@@ -507,5 +673,4 @@ def render_run_edits(
                                            **success_summary(torch.stack(change_rows), strengths)}  # fmt: skip
     if pres_rows and preservation is not None:
         doc["measures"]["preservation"] = preservation_summary(torch.tensor(pres_rows), strengths, preservation)
-    atomic_write(out / "edit.json", lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
     return doc

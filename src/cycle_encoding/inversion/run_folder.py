@@ -182,6 +182,7 @@ def invert_into_folder(
         "recon_sha256": {s: tensor_sha256(y) for s, y in res.recons.items()},
         "networks": inverter.network_names(),
         "device": str(inverter.device),
+        "threads": torch.get_num_threads(),  # CPU renders depend on it in their last bits (edit's check)
     }
     if res.refine is not None:
         record["refine"] = res.refine
