@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+EXIT_SOME_LEFT_OUT = 3  # as `invert` when some images failed: the report shows the others
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -15,7 +18,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "RUN_DIR/report.png (a row per image: input, reconstruction after each stage, edits) and RUN_DIR/report.json "
         "(the numbers shown). The page holds the metrics table (mean +- std per stage), the network behind each "
         "metric, the edits and their measures (from `cycle-encoding edit`), timings, loss plots and the command "
-        "that made the run.",
+        "that made the run. Image folders or edits that cannot be read, or that name files outside the run folder, are "
+        "left out and listed (exit status 3).",
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder")
     p.add_argument("--out", type=Path, default=None, help="the HTML file to write (default RUN_DIR/report.html)")
@@ -46,4 +50,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     if files.png is not None:
         print(f"grid:   {files.png}")
     print(f"data:   {files.json}")
-    return 0
+    for u in files.unreadable:
+        print(f"left out: {u['name']}: {u['reason']}", file=sys.stderr)
+    return EXIT_SOME_LEFT_OUT if files.unreadable else 0

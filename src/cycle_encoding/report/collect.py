@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..editing.render import InversionRun
+from ..editing.render import InversionRun, inside
+from ..errors import CycleEncodingError
 from ..metrics import DEFINITIONS, summarize
 
 METRIC_ORDER = ("mse", "psnr", "ssim", "ms_ssim", "perceptual", "identity")
@@ -72,14 +73,38 @@ def loss_curves(images: list[Any]) -> dict[str, dict[str, dict[str, list[float]]
     return out
 
 
-def read_edits(run: InversionRun) -> list[dict[str, Any]]:
-    """Each ``edits/TAG/edit.json`` (with its folder), in name order."""
+def _edit_entry(rec: Any, d: Path, tag: str, problems: list[dict[str, str]]) -> dict[str, Any] | None:
+    """An image's record of an ``edit.json`` whose files all lie inside the edit's folder ``d``; else None, and the
+    refusal named in ``problems``."""
+    name = rec.get("name") if isinstance(rec, dict) else None
+    files = rec.get("files") if isinstance(rec, dict) else None
+    if not isinstance(name, str) or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        problems.append({"name": f"edits/{tag}", "reason": f"{d / 'edit.json'}: an image entry of unknown layout"})
+        return None
+    for f in [*files, rec.get("strip")]:
+        if isinstance(f, str) and not inside(d / f, d):
+            problems.append({"name": f"edits/{tag}/{name}",
+                             "reason": f"{d / 'edit.json'}: refused: {f!r} leads outside the edit's folder"})  # fmt: skip
+            return None
+    return rec
+
+
+def read_edits(run: InversionRun, problems: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Each ``edits/TAG/edit.json`` (with its folder), in name order. Unreadable ones, and image entries that name
+    files outside their folder, are left out and named in ``problems``."""
+    problems = [] if problems is None else problems
     out = []
     for d in run.edit_folders():
         try:
             doc = json.loads((d / "edit.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            if not isinstance(doc, dict) or not isinstance(doc.get("strengths"), list):
+                raise ValueError("not an edit.json of cycle-encoding edit")
+        except (OSError, ValueError) as e:
+            problems.append({"name": f"edits/{d.name}", "reason": f"{d / 'edit.json'}: unreadable ({e})"})
             continue
+        doc["tag"] = str(doc.get("tag", d.name))
+        recs = [_edit_entry(r, d, doc["tag"], problems) for r in doc.get("images") or []]
+        doc["images"] = [r for r in recs if r is not None]
         doc["_folder"] = str(d)
         out.append(doc)
     return out
@@ -88,7 +113,18 @@ def read_edits(run: InversionRun) -> list[dict[str, Any]]:
 def collect(run: InversionRun | str | Path, max_images: int | None = None) -> dict[str, Any]:
     """The report's content (see the module doc)."""
     run = run if isinstance(run, InversionRun) else InversionRun(run)
-    images = run.images
+    images, problems = run.load_images()
+    files: dict[str, tuple[str | None, dict[str, str]]] = {}
+    for im in list(images):
+        try:  # every file shown must lie inside the run folder; an image with one that does not is refused
+            target = im.checked(im.target_path)
+            candidates = dict.fromkeys([*run.stages, *im.stages, *(im.result.get("metrics") or {})])
+            recons = {s: str(p) for s in candidates if (p := im.checked(im.recon_path(s))) is not None}
+        except CycleEncodingError as e:
+            problems.append({"name": im.name, "reason": str(e)})
+            images.remove(im)
+            continue
+        files[im.name] = (str(target) if target is not None else None, recons)
     shown = images if max_images is None else images[:max_images]
     records = [im.result for im in images]
     stages = _stage_order(run, records)
@@ -109,14 +145,14 @@ def collect(run: InversionRun | str | Path, max_images: int | None = None) -> di
             if k not in timing_keys:
                 timing_keys.append(k)
     timings = {k: summarize([(r.get("timings") or {}).get(k) for r in records]) for k in timing_keys}
-    edits = read_edits(run)
+    edits = read_edits(run, problems)
     per_image = []
     for im in shown:
-        recon = {s: str(im.recon_path(s)) for s in stages if im.recon_path(s).is_file()}
+        target, recons = files[im.name]
         per_image.append({
             "name": im.name,
-            "target": str(im.target_path) if im.target_path.is_file() else None,
-            "recons": recon,
+            "target": target,
+            "recons": {s: recons[s] for s in stages if s in recons},
             "metrics": im.result.get("metrics", {}),
             "timings": im.result.get("timings", {}),
             "tune": im.result.get("tune"),
@@ -139,6 +175,7 @@ def collect(run: InversionRun | str | Path, max_images: int | None = None) -> di
         "images_finished": len(images),
         "images_shown": len(shown),
         "images_failed": (run.summary or {}).get("failed", []),
+        "unreadable": problems,
         "table": table,
         "timings": timings,
         "generator_delta": (run.summary or {}).get("generator_delta"),

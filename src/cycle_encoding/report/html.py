@@ -18,12 +18,12 @@ import base64
 import html
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..checkpoints.common import atomic_write
-from ..editing.render import InversionRun
+from ..editing.render import InversionRun, inside
 from ..grid import compose_grid, save_png, strength_label
 from .collect import LOWER_IS_BETTER, METRIC_LABELS, collect
 
@@ -45,6 +45,7 @@ class ReportFiles:
     html: Path
     png: Path | None
     json: Path
+    unreadable: list[dict[str, str]] = field(default_factory=list)  # images and edits left out: name, reason
 
 
 def fmt(x: float | None) -> str:
@@ -76,15 +77,16 @@ def esc(x: Any) -> str:
 class _Images:
     """Image sources: data URIs (inline) or paths relative to the page."""
 
-    def __init__(self, page: Path, inline: bool) -> None:
+    def __init__(self, page: Path, inline: bool, root: Path) -> None:
         self.page_dir = page.parent
         self.inline = inline
+        self.root = root
 
     def src(self, path: str | Path | None) -> str | None:
         if path is None:
             return None
         p = Path(path)
-        if not p.is_file():
+        if not p.is_file() or not inside(p, self.root):  # only the run's own files are ever shown
             return None
         if self.inline:
             mime = "image/png" if p.suffix.lower() == ".png" else "image/jpeg"
@@ -260,8 +262,12 @@ def write_report(
         page = page / "report.html"
     data = collect(run, max_images)
     if not data["per_image"]:
-        raise CycleEncodingError(f"{run.dir}: no finished images to report on")
-    imgs = _Images(page, inline)
+        bad = data["unreadable"]
+        raise CycleEncodingError(
+            f"{run.dir}: no finished images to report on"
+            + (f" ({len(bad)} left out; first: {bad[0]['name']}: {bad[0]['reason']})" if bad else "")
+        )
+    imgs = _Images(page, inline, run.dir)
     title = f"Inversion report: {run.dir.name}"
     body: list[str] = [f"<h1>{esc(title)}</h1>"]
     body.append(
@@ -270,6 +276,10 @@ def write_report(
         + (f", {len(data['images_failed'])} failed" if data["images_failed"] else "")
         + f"; stages {esc(', '.join(data['stages']))}; run created {esc(data.get('created'))}.</p>"
     )
+    if data["unreadable"]:
+        body.append('<p class="small">Left out (unreadable or refused):</p><ul class="small">')
+        body += [f"<li>{esc(u['name'])}: {esc(u['reason'])}</li>" for u in data["unreadable"]]
+        body.append("</ul>")
     body.append("<h2>Images</h2>")
     body += [_image_section(it, data, imgs) for it in data["per_image"]]
     body.append("<h2>Reconstruction metrics</h2>")
@@ -332,4 +342,4 @@ def write_report(
     data_out["edits"] = [{k: v for k, v in d.items() if k != "_folder"} for d in data["edits"]]
     data_out["loss_plots"] = plot_files
     atomic_write(json_path, lambda t: t.write_text(json.dumps(data_out, indent=2, default=str) + "\n"))
-    return ReportFiles(page, png_path, json_path)
+    return ReportFiles(page, png_path, json_path, list(data["unreadable"]))
