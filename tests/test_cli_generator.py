@@ -84,4 +84,4 @@ def test_bad_seed_list_is_a_user_error(tmp_path, capsys):
     ce.export_rosinality(G, tmp_path / "g.pt")
     rc = main(["generate", "-g", str(tmp_path / "g.pt"), "--seeds", "5-2", "--out", str(tmp_path / "o")])
     assert rc == 2
-    assert "bad number list" in capsys.readouterr().err
+    assert "bad --seeds '5-2': use forms like 0-7 or 1,5,9" in capsys.readouterr().err

@@ -122,14 +122,16 @@ def test_shipped_generator_name_converts_and_trains_an_encoder_to_its_end(tmp_pa
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), "L").save(data / f"{i}.png")
-    rc = main(["train-encoder", "--generator", "fmnist-generator", "--data", str(data), "--out", str(tmp_path / "runs"),
-               "--preset", "w", "--total-steps", "100", "--max-steps", "2", "--perceptual", "none", "--w-only",
-               "--encoder-widths", "8,8,16,16", "--encoder-units", "1,1,1,1", "--batch-size", "2", "--val-count", "2",
-               "--device", "cpu"])  # fmt: skip
+    rc = main(["train-encoder", "--generator", "fmnist-generator", "--encoder-init", "fmnist-encoder", "--data",
+               str(data), "--out", str(tmp_path / "runs"), "--preset", "w", "--total-steps", "100", "--max-steps", "2",
+               "--perceptual", "none", "--encoder-widths", "32,48,64,128", "--encoder-units", "1,2,2,1",
+               "--batch-size", "2", "--val-count", "2", "--device", "cpu"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     run = next((tmp_path / "runs").iterdir())
     prov = read_native(run / "encoder.safetensors").provenance
     assert prov["generator_sha256"] == sha == file_sha256(shipped_model_path("fmnist-generator"))
+    log = (run / "log.jsonl").read_text()
+    assert "all weights from encoder fmnist-encoder.safetensors" in log
 
 
 def test_edit_takes_a_shipped_generator_name(run64, tmp_path, capsys):

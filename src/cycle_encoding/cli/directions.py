@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import add_device_arg, print_json
+from .common import add_device_arg, check_output_file, print_json
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -128,11 +128,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..editing.directions import save_any
     from ..editing.interfacegan import read_labels_csv, train_boundary
     from ..errors import CycleEncodingError
-    from ..utils import resolve_device
+    from ..utils import check_finite, resolve_device
 
     sources = [args.codes is not None, args.images is not None, args.classifier is not None]
     if sum(sources) != 1:
         raise CycleEncodingError("give one source: --codes (with --labels), --images (with --encoder) or --classifier")
+    check_finite(args.truncation, "--truncation")
+    check_output_file(args.out, "--out")
     dev = resolve_device(args.device)
     notes: dict[str, Any] = {}
     if args.codes is not None:
@@ -198,8 +200,10 @@ def cmd_ganspace(args: argparse.Namespace) -> int:
     from ..checkpoints.generator import load_generator
     from ..editing.directions import save_any
     from ..editing.ganspace import ganspace_pca
-    from ..utils import resolve_device
+    from ..utils import check_finite, resolve_device
 
+    check_finite(args.truncation, "--truncation")
+    check_output_file(args.out, "--out")
     G = load_generator(args.generator, resolve_device(args.device))
     ds = ganspace_pca(G, args.samples, args.components, args.seed, truncation=args.truncation)
     ds.meta["generator"] = str(args.generator)
@@ -213,6 +217,7 @@ def cmd_sefa(args: argparse.Namespace) -> int:
     from ..editing.directions import parse_layers, save_any
     from ..editing.sefa import sefa_directions
 
+    check_output_file(args.out, "--out")
     G = load_generator(args.generator, "cpu")
     ds = sefa_directions(G, parse_layers(args.layers), args.components, args.include_torgb, not args.no_normalize)
     ds.meta["generator"] = str(args.generator)

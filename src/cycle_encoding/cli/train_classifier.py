@@ -53,8 +53,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from ..config import from_mapping
     from ..training.classifier_trainer import ClassifierTrainConfig, train_classifier
+    from .common import check_output_folder
 
     cfg = from_mapping(ClassifierTrainConfig, options_from(args), "train-classifier")
+    check_output_folder(cfg.out, "--out")
     command = _command(args)
     result = train_classifier(cfg, command=command)
     print(f"wrote {result['file']} (test accuracy {result['metrics']['accuracy']:.4f})")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, option_overrides, options_from
+from .common import add_device_arg, check_output_folder, option_overrides, options_from
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -91,6 +91,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         print(get_schedule(cfg.preset, cfg.schedule_file, cfg.total_steps).format_table())
         return 0
+    check_output_folder(args.resume if args.resume is not None else cfg.out, "--resume" if args.resume else "--out")
     trainer = EncoderTrainer(cfg, resume=args.resume)
     try:
         summary = trainer.run()

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, option_overrides, options_from
+from .common import add_device_arg, check_output_folder, option_overrides, options_from
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -90,6 +90,7 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
+    check_output_folder(args.resume if args.resume is not None else cfg.out, "--resume" if args.resume else "--out")
     trainer = GeneratorTrainer(cfg, resume=args.resume)
     try:
         summary = trainer.run()

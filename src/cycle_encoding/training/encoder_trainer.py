@@ -121,10 +121,11 @@ def pool_to(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def init_encoder_weights(E: Encoder4Editing, path: str | Path) -> str:
     """Initialize from an ArcFace IR-SE file (input layer and body where shapes fit) or a whole encoder file."""
+    from ..assets import resolve_model
     from ..checkpoints.common import sniff, torch_load
     from ..checkpoints.encoder import load_encoder
 
-    p = Path(path)
+    p = resolve_model(path)  # a shipped encoder's name (fmnist-encoder) works as a file does
     kind = sniff(p)
     obj = torch_load(p) if kind in ("torch-zip", "torch-legacy") else None
     if isinstance(obj, dict) and "input_layer.0.weight" in obj and "output_layer.3.weight" in obj:
