@@ -25,7 +25,9 @@ def as_pil(image: object) -> Image.Image | None:
     if image is None:
         return None
     if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
+        from ..data.images import open_image
+
+        with open_image(image) as im:  # bounded in pixels, one-line errors
             return im.convert("RGB")
     if isinstance(image, torch.Tensor):
         t = image[0] if image.ndim == 4 else image
