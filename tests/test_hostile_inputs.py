@@ -228,6 +228,15 @@ def hostile_pickles(marker: Path) -> dict[str, tuple[bytes, str]]:
             pickle.dumps(Call(scalar, np.dtype("f8"), b"abc"), protocol=4),
             "cannot read pickle: numpy scalar of type float64 without its 8 raw bytes",
         ),
+        "scalar with more arguments": (
+            pickle.dumps(Call(scalar, np.dtype("f8"), b"12345678", 1), protocol=4),
+            "cannot read pickle: _numpy_scalar() takes from 1 to 2 positional arguments",
+        ),
+        # numpy.dtype.__new__(numpy.dtype) (NEWOBJ): a dtype that never received its type code
+        "dtype made without its type code": (
+            b"\x80\x03cnumpy._core.multiarray\nscalar\ncnumpy\ndtype\n)\x81C\x0812345678\x86R.",
+            "cannot read pickle: numpy dtype without its type code",
+        ),
         "codecs with another encoding": (
             pickle.dumps(Call(codecs.encode, "eA==", "base64"), protocol=2),
             "cannot read pickle: _codecs.encode is admitted only for bytes written as latin1 text",
@@ -575,3 +584,64 @@ def test_debug_shows_the_traceback_wherever_it_is_given(tmp_path, argv):
 def test_without_debug_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nofile")]) == 2
     assert one_error_line(capsys.readouterr().err) == f"error: {tmp_path / 'nofile'}: no such file"
+
+
+# --- 9 and 12. re-runs and concurrent runs into one folder -------------------------------------------------------
+
+
+def quick_inverter(G):
+    return Inverter(
+        G, None, stages=("project",), perceptual="none", device="cpu",
+        project={"steps": 1, "l2_lambda": 1.0, "perceptual_lambda": 0.0},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def two_images(tmp_path):
+    G = make_tiny_generator(resolution=16)
+    with torch.no_grad():
+        imgs = G(torch.randn(3, G.z_dim, generator=torch.Generator().manual_seed(7)))
+    for i in range(2):
+        save_image(imgs[i], tmp_path / "images" / f"im{i}.png")
+    return G, imgs[2], tmp_path
+
+
+def test_rerun_redoes_an_image_whose_input_changed(two_images):
+    G, other, root = two_images
+    lines: list[str] = []
+    s = quick_inverter(G).run(root / "images", root / "run", log=lines.append)
+    assert s["done"] == ["im0", "im1"]
+    first = tree(root / "run" / "images" / "im1")
+    save_image(other, root / "images" / "im0.png")  # same name, other content
+    lines.clear()
+    s = quick_inverter(G).run(root / "images", root / "run", log=lines.append)
+    assert s["done"] == ["im0"] and s["skipped"] == ["im1"]
+    assert any("im0: the input file changed since it was inverted: inverting it again" in ln for ln in lines), lines
+    result = json.loads((root / "run" / "images" / "im0" / "result.json").read_text())
+    assert result["input_sha256"] == file_sha256(root / "images" / "im0.png")
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(root / "run" / "images" / "im0" / "target.png")),
+        np.asarray(Image.open(root / "images" / "im0.png")),
+    )
+    assert tree(root / "run" / "images" / "im1") == first  # untouched
+
+
+def test_an_image_another_process_is_inverting_is_left_to_it(two_images):
+    import fcntl
+
+    from cycle_encoding.inversion.run_folder import image_lock_path
+
+    G, _, root = two_images
+    (root / "run" / "images").mkdir(parents=True)
+    lock = image_lock_path(root / "run", "im0")
+    with open(lock, "a+b") as held:  # another process holds im0
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lines: list[str] = []
+        s = quick_inverter(G).run(root / "images", root / "run", log=lines.append)
+        assert s["done"] == ["im1"] and s["failed"] == []
+        assert [b["name"] for b in s["busy"]] == ["im0"]
+        assert any("im0: being inverted by another process: left to it" in ln for ln in lines), lines
+        assert not (root / "run" / "images" / "im0" / "done").exists()
+    # released (the other process ended or was killed): the next run does it
+    s = quick_inverter(G).run(root / "images", root / "run", log=lambda s: None)
+    assert s["done"] == ["im0"] and s["skipped"] == ["im1"] and s["busy"] == []
