@@ -34,9 +34,15 @@ from cycle_encoding.editing import interfacegan_direction, save_interfacegan
 from cycle_encoding.errors import CheckpointError, CycleEncodingError, UnsafePickleError
 from cycle_encoding.inversion import Inverter, load_generator_delta, save_generator_delta
 from cycle_encoding.losses.perceptual import FeatureMapDistance
-from cycle_encoding.utils import save_image
+from cycle_encoding.utils import DEFAULT_MAX_PIXELS, save_image, set_max_pixels
 from tests.conftest import make_tiny_generator
 from tests.layouts import StandInModules, nvidia_from_rosinality
+
+
+@pytest.fixture(autouse=True)
+def default_pixel_limit():
+    yield
+    set_max_pixels(DEFAULT_MAX_PIXELS)  # a test that lowered it leaves the default behind
 
 
 def one_error_line(err: str) -> str:
@@ -366,9 +372,6 @@ def test_huge_image_is_refused_from_its_header_and_evaluate_goes_on(tmp_path, ca
     rc = main(["--max-pixels", "100", "evaluate", "--pred", str(pred), "--target", str(target)])
     out = capsys.readouterr().out
     assert (rc == 2 and "over the limit of 100" in out) or "larger than the limit of 100 pixels" in out
-    from cycle_encoding.data import images as images_mod
-
-    images_mod.set_max_pixels(images_mod.DEFAULT_MAX_PIXELS)
 
 
 def test_align_lists_a_bomb_and_goes_on(tmp_path):

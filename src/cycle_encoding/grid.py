@@ -25,7 +25,7 @@ def as_pil(image: object) -> Image.Image | None:
     if image is None:
         return None
     if isinstance(image, (str, Path)):
-        from ..data.images import open_image
+        from .utils import open_image
 
         with open_image(image) as im:  # bounded in pixels, one-line errors
             return im.convert("RGB")

@@ -34,7 +34,7 @@ EXIT_INTERNAL_ERROR = 1
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    from ..data.images import DEFAULT_MAX_PIXELS
+    from ..utils import DEFAULT_MAX_PIXELS
 
     # options of every command, before or after the command's name: the command's copies have no default, so they
     # cannot reset a value given before it
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from ..data.images import set_max_pixels
+        from ..utils import set_max_pixels
 
         set_max_pixels(args.max_pixels)
         rc = args.func(args)

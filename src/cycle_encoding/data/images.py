@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,57 +9,17 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import CycleEncodingError
+from ..utils import DEFAULT_MAX_PIXELS, max_pixels, open_image, set_max_pixels
 
-# Images are refused above this many pixels before they are decoded: a small compressed file can declare a huge
-# canvas (a 236 KB PNG of 9000 x 9000 pixels needs 4.7 GB as floats). The command-line option --max-pixels raises it.
-DEFAULT_MAX_PIXELS = 50_000_000
-_max_pixels = DEFAULT_MAX_PIXELS
-
-
-def set_max_pixels(n: int) -> None:
-    """The largest image (width x height) any reader of the package decodes (``--max-pixels``)."""
-    global _max_pixels
-    if n < 1:
-        raise CycleEncodingError(f"--max-pixels must be 1 or more, got {n}")
-    _max_pixels = int(n)
-
-
-def max_pixels() -> int:
-    return _max_pixels
-
-
-@contextmanager
-def open_image(path: str | Path) -> Iterator[Image.Image]:
-    """``PIL.Image.open`` whose image is at most ``max_pixels()`` pixels, checked from the header before any pixel
-    is decoded; every failure is one CycleEncodingError naming the file."""
-    p = Path(path)
-    limit = _max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies, below
-            old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = max(limit, 1)
-            try:
-                im = Image.open(p)
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
-    except FileNotFoundError:
-        raise CycleEncodingError(f"{p}: no such file") from None
-    except Image.DecompressionBombError:
-        raise CycleEncodingError(
-            f"{p}: image larger than the limit of {limit:,} pixels (raise it with --max-pixels)"
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CycleEncodingError(f"{p}: cannot read image: {first}") from None
-    with im:
-        w, h = im.size
-        if w * h > limit:
-            raise CycleEncodingError(
-                f"{p}: image of {w} x {h} = {w * h:,} pixels, over the limit of {limit:,} (raise it with --max-pixels)"
-            )
-        yield im
-
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "is_image_file",
+    "list_images",
+    "max_pixels",
+    "open_image",
+    "read_image",
+    "set_max_pixels",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _GREY_MODES = ("1", "L", "LA")
