@@ -103,14 +103,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.json is not None:
         check_output_file(args.json, "--json")
+    if args.size is not None and args.size < 1:
+        raise CycleEncodingError(f"--size must be positive, got {args.size}")
     device = resolve_device(args.device)
     name = args.perceptual or ("lpips-alex" if args.lpips_backbone is not None else None)
     perceptual = build_perceptual(name, device, args.lpips_backbone) if name else None
     if args.identity_weights is not None and args.identity is None:
         raise CycleEncodingError("--identity-weights given without --identity (arcface, moco, ...)")
     identity = build_identity(args.identity, device, args.identity_weights) if args.identity else None
-    if args.size is not None and args.size < 1:
-        raise CycleEncodingError(f"--size must be positive, got {args.size}")
 
     with tqdm(desc="evaluate", unit="pair", leave=False) as bar:
         rep = evaluate_folders(

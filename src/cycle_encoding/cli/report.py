@@ -33,9 +33,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from ..errors import CycleEncodingError
     from ..report.html import write_report
     from .common import check_output_file
 
+    if args.max_images is not None and args.max_images < 1:
+        raise CycleEncodingError(f"--max-images must be 1 or more, got {args.max_images}")
     if args.out is not None:
         html = args.out.suffix.lower() in (".html", ".htm")
         check_output_file(args.out if html else args.out / "report.html", "--out")
