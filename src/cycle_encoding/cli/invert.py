@@ -47,8 +47,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "(encoder, refine, project, tune; default encoder,refine,tune = the paper's Method 2 with PTI's tuning). "
         "RUN_DIR receives config.json, summary.json and images/NAME/ with the pivots, the reconstruction after "
         "each stage, losses.jsonl, timings.json and the tuned generator as its change from the base "
-        "(generator_delta.safetensors). Re-running into the same RUN_DIR skips finished images. Under torchrun the "
-        "images are split between the processes. Exit status: 0 all done, 3 some images failed (listed), 2 bad input.",
+        "(generator_delta.safetensors). Re-running into the same RUN_DIR skips finished images (and redoes those whose "
+        "input file changed); a second invert into the same RUN_DIR leaves the images the first is working on to it. "
+        "Under torchrun the images are split between the processes. Exit status: 0 all done, 3 some images failed (listed), 2 bad input.",
     )
     p.add_argument("images", type=Path, help="an image file or a folder of images (faces aligned beforehand)")
     p.add_argument("--generator", required=True, help="generator file (any supported format)")
@@ -155,6 +156,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
                      f"{d['full_copy_bytes'] / 1e6:.2f} MB for a full copy ({d['ratio']:.1%})")  # fmt: skip
     for f in summary["failed"]:
         lines.append(f"  failed: {f['name']}: {f['reason']}")
+    for b in summary.get("busy", []):
+        lines.append(f"  left to another process inverting it into {args.out}: {b['name']}")
     lines.append(f"summary: {Path(args.out) / 'summary.json'}")
     print("\n".join(lines))
     return EXIT_SOME_FAILED if summary["failed"] else 0

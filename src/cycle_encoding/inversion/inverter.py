@@ -33,7 +33,7 @@ from .pivot import encoder_pivot, resolve_stage
 from .project import project_w
 from .refine import EncoderSource, RegularizedRefiner, load_encoder_source, open_training_images
 from .result import InversionResult
-from .run_folder import invert_into_folder, prepare_run_dir, write_summary
+from .run_folder import image_lock, image_state, invert_into_folder, prepare_run_dir, write_summary
 from .targets import list_targets
 from .tune import pivotal_tune
 
@@ -304,7 +304,7 @@ class Inverter:
         ``log`` receives the progress lines (default: stderr): one per image and stage when ``verbose``, and one
         for each image that fails whatever ``verbose`` says. Returns the summary (also written to
         ``out_dir/summary.json`` by rank 0): ``done`` (this run), ``skipped`` (finished before), ``failed`` (name,
-        file, reason), per-stage means.
+        file, reason), ``busy`` (left to another process inverting them into the same folder), per-stage means.
         """
         warn = log or (lambda s: print(s, file=sys.stderr, flush=True))
         say = warn if verbose else (lambda s: None)
@@ -316,8 +316,9 @@ class Inverter:
         if info.is_main:
             try:
                 prepare_run_dir(self, out, images)
-                pending = [i for i, n in enumerate(names) if not (out / "images" / n / "done").is_file()]
-                plan = {"pending": pending}
+                states = [image_state(out, n, f) for n, f in zip(names, files)]
+                pending = [i for i, s in enumerate(states) if s != "done"]
+                plan = {"pending": pending, "changed": [names[i] for i, s in enumerate(states) if s == "changed"]}
             except CycleEncodingError as e:
                 plan = {"error": str(e)}
         plan = dd.broadcast_object(plan, info)
@@ -328,12 +329,26 @@ class Inverter:
         mine = pending[info.rank :: info.world_size]
         if info.is_main and skipped:
             say(f"{len(skipped)} of {len(names)} image(s) already done in {out}: skipped")
+        if info.is_main:
+            for n in plan["changed"]:
+                warn(f"{n}: the input file changed since it was inverted: inverting it again")
         done: list[str] = []
         failed: list[dict[str, str]] = []
+        busy: list[dict[str, str]] = []
+        late: list[str] = []  # finished by another process between the plan and this image's turn
         for k, i in enumerate(mine):
             head = f"{prefix}[{k + 1}/{len(mine)}] {names[i]}"
             try:
-                invert_into_folder(self, files[i], names[i], i, out / "images" / names[i], head, say)
+                with image_lock(out, names[i]) as mine_now:
+                    if not mine_now:
+                        busy.append({"name": names[i], "file": str(files[i])})
+                        warn(f"{head}: being inverted by another process: left to it")
+                        continue
+                    if image_state(out, names[i], files[i]) == "done":
+                        late.append(names[i])
+                        say(f"{head}: finished by another process meanwhile: skipped")
+                        continue
+                    invert_into_folder(self, files[i], names[i], i, out / "images" / names[i], head, say)
                 done.append(names[i])
             except Exception as e:  # one bad image must not stop the batch
                 if debug:
@@ -341,7 +356,9 @@ class Inverter:
                 reason = str(e) if isinstance(e, CycleEncodingError) else f"{type(e).__name__}: {e}"
                 failed.append({"name": names[i], "file": str(files[i]), "reason": reason})
                 warn(f"{head}: FAILED: {reason}")
-        ranks = dd.gather_objects({"rank": info.rank, "done": done, "failed": failed}, info)
+        ranks = dd.gather_objects(
+            {"rank": info.rank, "done": done, "failed": failed, "busy": busy, "skipped": late}, info
+        )
         summary: dict[str, Any] = {}
         if info.is_main:
             summary = write_summary(self, out, names, skipped, ranks)

@@ -17,7 +17,13 @@ A run folder ``RUN_DIR``::
         done                    written last: the image is finished
 
 Every file is written atomically (temporary file, then rename), so a killed run leaves no half-written file; a re-run
-with the same options skips images that have ``done``, removes stray temporary files and redoes the rest. Each
+with the same options skips images that have ``done``, removes stray temporary files and redoes the rest. Finished
+images are known by content, not only by name: ``result.json`` records the sha256 of the input file
+(``input_sha256``), and an image whose input file changed since is inverted again (and said so).
+
+Two processes may fill one folder (two ``invert`` commands, or ``torchrun`` ranks): each image is inverted under a lock
+(``images/.<name>.lock``, an advisory ``flock`` that the system releases when its process ends, killed or not), and an
+image whose lock another process holds is left to it and listed as ``busy``. Each
 image's random draws are seeded by (seed, the image's index in the sorted list, stage), so results do not depend on
 interruptions, order, or which process ran the image. A re-run with other options into the same folder is refused.
 
@@ -33,13 +39,14 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from ..checkpoints.native import default_provenance, save_native
+from ..checkpoints.native import default_provenance, file_sha256, save_native
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
 from ..training.distributed import DistInfo
@@ -94,6 +101,49 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [path or "(all)"]
 
 
+def image_state(out: Path, name: str, file: Path) -> str:
+    """``"done"`` (finished from this very input file), ``"changed"`` (finished from a file of other content: to do
+    again) or ``"todo"``. Images finished before input hashes were recorded count as done."""
+    folder = out / "images" / name
+    if not (folder / "done").is_file():
+        return "todo"
+    try:
+        want = json.loads((folder / "result.json").read_text()).get("input_sha256")
+    except (OSError, ValueError, AttributeError):
+        return "done"  # a finished image with an unreadable record is reported by `edit` / `report`, not redone
+    if not want:
+        return "done"
+    try:
+        return "done" if file_sha256(file) == want else "changed"
+    except OSError:
+        return "done"
+
+
+def image_lock_path(out: Path, name: str) -> Path:
+    return out / "images" / f".{name}.lock"
+
+
+@contextmanager
+def image_lock(out: Path, name: str) -> Iterator[bool]:
+    """Hold the image's lock for the ``with`` block: True when taken, False when another process holds it. Where
+    the system has no ``flock`` (Windows), every image counts as free."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield True
+        return
+    with open(image_lock_path(out, name), "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
     """Write ``config.json`` for a new run, or check that the run already in ``out`` had the same fingerprint; remove
     stray temporary files."""
@@ -135,8 +185,10 @@ def invert_into_folder(
 ) -> None:
     """Invert one image into its folder ``images/<name>/`` (see the module doc), ``done`` written last."""
     cfg = inverter.config
+    input_sha256 = file_sha256(file) if Path(file).is_file() else None
     x = inverter.load_image(file)  # an unreadable image fails here, before its folder exists
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "done").unlink(missing_ok=True)  # redone (its input changed): unfinished until written again
     for stray in folder.glob(".*.tmp"):  # left by a run killed while writing
         stray.unlink(missing_ok=True)
     t_start = time.perf_counter()
@@ -175,6 +227,7 @@ def invert_into_folder(
     record: dict[str, Any] = {
         "name": name,
         "file": str(file),
+        "input_sha256": input_sha256,
         "index": index,
         "rank": inverter.dist.rank,
         "stages": list(cfg.stages),
@@ -215,6 +268,8 @@ def write_summary(
     """Gather the finished images' ``result.json`` into ``summary.json`` (rank 0 only)."""
     done = [n for r in ranks for n in r["done"]]
     failed = [f for r in ranks for f in r["failed"]]
+    busy = [b for r in ranks for b in r.get("busy", [])]
+    skipped = [*skipped, *(n for r in ranks for n in r.get("skipped", []))]
     records = []
     for n in names:
         p = out / "images" / n / "result.json"
@@ -241,6 +296,7 @@ def write_summary(
         "done": done,
         "skipped": skipped,
         "failed": failed,
+        "busy": busy,
         "stages": list(inverter.config.stages),
         "networks": inverter.network_names(),
         "world_size": inverter.dist.world_size,
