@@ -13,6 +13,7 @@ from ..utils import DEFAULT_MAX_PIXELS, max_pixels, open_image, set_max_pixels
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "image_to_tensor",
     "is_image_file",
     "list_images",
     "max_pixels",
@@ -41,6 +42,46 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     return sorted((p for p in it if p.is_file() and is_image_file(p)), key=lambda p: str(p.relative_to(d)))
 
 
+def image_to_tensor(image: Image.Image | np.ndarray, channels: int | None = None) -> torch.Tensor:
+    """An image in memory (PIL, or a uint8 / float array ``[H, W]`` / ``[H, W, C]``; floats in [0, 1]) to a float32
+    tensor [C, H, W] in [-1, 1], by the rules of :func:`read_image` (grey -> 1 channel, else RGB; ``channels``
+    converts)."""
+    if isinstance(image, np.ndarray):
+        a = np.asarray(image)
+        if a.ndim == 3 and a.shape[2] == 1:
+            a = a[:, :, 0]
+        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+            raise CycleEncodingError(f"an image array is [H, W] or [H, W, 3|4], got shape {list(a.shape)}")
+        if a.dtype != np.uint8:
+            if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
+                raise CycleEncodingError(f"an image array holds numbers, not {a.dtype}")
+            if np.issubdtype(a.dtype, np.floating):
+                if not np.isfinite(a).all():
+                    raise CycleEncodingError("the image array holds NaN or infinite values")
+                a = np.rint(np.clip(a, 0.0, 1.0) * 255.0)
+            a = np.clip(a, 0, 255).astype(np.uint8)
+        image = Image.fromarray(a[:, :, :3] if a.ndim == 3 else a)
+    if not isinstance(image, Image.Image):
+        raise CycleEncodingError(f"not an image: a {type(image).__name__}")
+    img = ImageOps.exif_transpose(image)  # photos from cameras and phones: apply their orientation
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        arr = (np.asarray(img, dtype=np.float64) / 65535.0)[None]
+    else:
+        arr = np.asarray(img.convert("L" if mode in _GREY_MODES else "RGB"), dtype=np.float64) / 255.0
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)) * 2 - 1
+    if channels is not None and channels != x.shape[0]:
+        if channels == 3 and x.shape[0] == 1:
+            x = x.expand(3, -1, -1).clone()
+        elif channels == 1 and x.shape[0] == 3:
+            w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+            x = (x * w).sum(0, keepdim=True)
+        else:
+            raise CycleEncodingError(f"cannot convert {x.shape[0]} channels to {channels}")
+    return x
+
+
 def read_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
     """Read an image file to a float32 tensor [C, H, W] in [-1, 1].
 
@@ -52,24 +93,7 @@ def read_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
     try:
         with open_image(p) as opened:
             opened.load()
-            img = ImageOps.exif_transpose(opened)  # photos from cameras and phones: apply their orientation
-            mode = img.mode
-            if mode in _SIXTEEN_BIT_MODES:
-                arr = np.asarray(img, dtype=np.float64) / 65535.0
-                arr = arr[None]
-            else:
-                arr = np.asarray(img.convert("L" if mode in _GREY_MODES else "RGB"), dtype=np.float64) / 255.0
-                arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            return image_to_tensor(opened, channels)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CycleEncodingError(f"{p}: cannot read image: {first}") from None
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)) * 2 - 1
-    if channels is not None and channels != x.shape[0]:
-        if channels == 3 and x.shape[0] == 1:
-            x = x.expand(3, -1, -1).clone()
-        elif channels == 1 and x.shape[0] == 3:
-            w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-            x = (x * w).sum(0, keepdim=True)
-        else:
-            raise CycleEncodingError(f"cannot convert {x.shape[0]} channels to {channels}")
-    return x

@@ -1,0 +1,579 @@
+"""An interactive editor's engine: one image's pivot and tuned generator, directions as named sliders, renders, export.
+
+The browser editor (``cycle-encoding ui``) and scripts share it::
+
+    ed = Editor("fmnist-generator", "fmnist-encoder", directions=["coat-pullover.safetensors"])
+    ed.invert("shirt.png", stages=("encoder", "tune"), progress=print)      # or Editor.open_run("out/demo/run")
+    [d.key for d in ed.directions()]     # ['coat-pullover', 'sefa:0', ..., 'ganspace:0', ...]
+    ed.render({"coat-pullover": 3.0, "sefa:1": -2.0})                     # a PIL image
+    ed.export("edit1/")     # edited.png, codes.npz (NVIDIA's projected_w layout), generator.safetensors, edit.json
+
+Directions: the files given (every direction of each), then the top ``components`` SeFa directions and GANSpace
+components of the *base* generator (computed once per generator: kept in memory and in the project's cache folder,
+keyed by the generator's weights hash). An edit of several directions applies them one after the other to the pivot,
+each with :meth:`DirectionSet.apply` on its own default layers, and renders with the image's tuned generator and its
+constant noise: for one direction this is exactly what ``cycle-encoding edit`` renders (``editing/render.py``).
+
+Each direction carries a suggested slider range ``limit``: GANSpace strengths are in standard deviations of the
+component (3); the other directions are vectors in W, and their range is 3 standard deviations of the mapping
+network's codes along the vector (2,000 codes, seed 0), so that a full slider is a large but in-distribution move.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import CycleEncodingError
+from ..networks.stylegan2 import Generator
+from .directions import DirectionSet, load_directions
+
+METHODS = ("sefa", "ganspace")
+GANSPACE_SAMPLES = 50_000
+RANGE_SAMPLES = 2_000
+RANGE_SIGMAS = 3.0
+DEFAULT_STAGES = ("encoder", "tune")
+# the feature network the shipped Fashion-MNIST models were trained and evaluated with (see README)
+SHIPPED_LOSS_NETWORKS = {"fmnist-generator": {"perceptual": "fmnist-features", "identity": "fmnist-features",
+                                              "train_data": "fashion-mnist"}}  # fmt: skip
+
+_DIRECTION_CACHE: dict[tuple[str, str, int], DirectionSet] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+@dataclass
+class Direction:
+    """One slider: ``set``'s direction ``component``, applied on the set's default layers."""
+
+    key: str  # what render() takes
+    label: str  # what a person reads
+    kind: str  # "file", "sefa" or "ganspace"
+    set: DirectionSet
+    component: int
+    limit: float  # suggested slider range: -limit .. +limit
+
+    def describe(self) -> dict[str, Any]:
+        return {"key": self.key, "label": self.label, "kind": self.kind, "component": self.component,
+                "method": self.set.method, "source": self.set.source, "limit": self.limit,
+                "layers": list(self.set.layers) if self.set.layers is not None else "all"}  # fmt: skip
+
+
+@dataclass
+class Progress:
+    """What a progress callback sees: a step of a stage (``done`` False) or a finished stage (``done`` True, with
+    its reconstruction as ``image`` and its ``metrics``). ``total`` is the stage's step budget (tuning may stop
+    earlier)."""
+
+    stage: str
+    step: int
+    total: int
+    done: bool = False
+    record: dict[str, Any] = field(default_factory=dict)
+    image: Image.Image | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def tensor_to_pil(y: torch.Tensor) -> Image.Image:
+    """``[1, C, H, W]`` or ``[C, H, W]`` in [-1, 1] -> PIL, exactly as the project saves its PNGs."""
+    from ..utils import to_pil
+
+    return to_pil(y[0] if y.ndim == 4 else y)
+
+
+def _cached_directions(G: Generator, method: str, k: int) -> DirectionSet:
+    """SeFa / GANSpace directions of G (top k), computed once: in memory, then in the cache folder."""
+    from ..inversion.delta import weights_sha256
+
+    sha = weights_sha256(G)
+    key = (sha, method, k)
+    with _CACHE_LOCK:
+        if key in _DIRECTION_CACHE:
+            return _DIRECTION_CACHE[key]
+        from ..paths import cache_dir
+        from .directions import save_directions
+
+        tag = f"{method}-{GANSPACE_SAMPLES}" if method == "ganspace" else method
+        f = cache_dir("directions") / f"{sha[:20]}-{tag}-{k}.safetensors"
+        ds: DirectionSet | None = None
+        if f.is_file():
+            try:
+                ds = load_directions(f)
+            except CycleEncodingError:
+                ds = None  # a damaged cache file: computed again below
+        if ds is None:
+            if method == "sefa":
+                from .sefa import sefa_directions
+
+                ds = sefa_directions(G, components=k)
+            else:
+                from .ganspace import ganspace_pca
+
+                ds = ganspace_pca(G, n_samples=GANSPACE_SAMPLES, components=k)
+            try:
+                save_directions(ds, f)
+            except OSError:
+                pass  # a read-only cache: keep it in memory only
+        ds.source = method
+        _DIRECTION_CACHE[key] = ds
+        return ds
+
+
+def _suggested_limit(ds: DirectionSet, k: int, codes: torch.Tensor) -> float:
+    if ds.method == "ganspace" and ds.scales is not None:
+        return RANGE_SIGMAS
+    v = ds.vectors[k]
+    if v.ndim == 2:  # W+: the mean vector over its layers
+        v = v.mean(0)
+    n = float(v.norm())
+    if n == 0:
+        return RANGE_SIGMAS
+    scale = float(ds.scales[k]) if ds.scales is not None else 1.0
+    sigma = float((codes @ (v / n)).std()) / max(n * scale, 1e-12)
+    return float(max(0.1, round(RANGE_SIGMAS * sigma, 1)))
+
+
+class _Shared:
+    """What every editor of one base generator shares: networks, directions, inverters (built once each)."""
+
+    def __init__(
+        self,
+        generator: Generator | str | Path,
+        encoder: Any,
+        directions: Sequence[str | Path | DirectionSet],
+        components: int,
+        methods: Sequence[str],
+        device: str | torch.device,
+        loss_options: dict[str, Any],
+    ) -> None:
+        from ..checkpoints.generator import load_generator
+        from ..inversion.delta import weights_sha256
+        from ..utils import resolve_device
+
+        self.device = resolve_device(device)
+        if isinstance(generator, Generator):
+            self.G = generator.to(self.device).eval().requires_grad_(False)
+            self.generator_file: str | None = None
+        else:
+            self.G = load_generator(generator, device=self.device)
+            self.generator_file = str(generator)
+        self.G_sha256 = weights_sha256(self.G)
+        self.encoder = encoder
+        self.loss_options = dict(loss_options)
+        self.lock = threading.Lock()  # one inversion at a time per base generator
+        self._inverters: dict[str, Any] = {}
+        self._aligner: Any = None
+        self._directions = self._build_directions(directions, components, methods)
+
+    def _build_directions(
+        self, specs: Sequence[str | Path | DirectionSet], components: int, methods: Sequence[str]
+    ) -> list[Direction]:
+        from .ganspace import sample_mapping
+
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise CycleEncodingError(f"unknown direction method {unknown[0]!r} (known: {', '.join(METHODS)})")
+        if components < 0:
+            raise CycleEncodingError(f"components must be >= 0, got {components}")
+        out: list[Direction] = []
+        codes = sample_mapping(self.G, RANGE_SAMPLES, seed=0).double()
+        codes = codes - codes.mean(0)
+
+        def add(ds: DirectionSet, k: int, key: str, label: str, kind: str) -> None:
+            if ds.w_dim != self.G.w_dim:
+                raise CycleEncodingError(
+                    f"the {ds.label()} have width {ds.w_dim}; the generator's codes have width {self.G.w_dim}"
+                )
+            if ds.per_layer and ds.num_ws != self.G.num_ws:
+                raise CycleEncodingError(f"the {ds.label()} are for {ds.num_ws} layers; the generator has "
+                                         f"{self.G.num_ws}")  # fmt: skip
+            ds.resolve_layers(None, self.G.num_ws)  # layers the generator lacks fail here
+            base, n = key, 2
+            while any(d.key == key for d in out):
+                key, n = f"{base}~{n}", n + 1
+            out.append(Direction(key, label, kind, ds, k, _suggested_limit(ds, k, codes.float())))
+
+        for spec in specs:
+            ds = spec if isinstance(spec, DirectionSet) else load_directions(spec)
+            stem = Path(ds.source).stem if ds.source else ds.method
+            for k in range(len(ds)):
+                name = ds.names[k] if ds.names else str(k)
+                key = stem if len(ds) == 1 else f"{stem}:{name}"
+                add(ds, k, key, key, "file")
+        k = min(int(components), self.G.w_dim)
+        for method in methods if k > 0 else ():
+            ds = _cached_directions(self.G, method, k)
+            for i in range(len(ds)):
+                label = f"SeFa {i}" if method == "sefa" else f"GANSpace {i} (std)"
+                add(ds, i, f"{method}:{i}", label, method)
+        return out
+
+    def inverter(self, stages: Sequence[str], options: Mapping[str, Any]) -> Any:
+        from ..inversion.pipeline import Inverter
+
+        spec = json.dumps({"stages": list(stages), **options}, sort_keys=True, default=str)
+        inv = self._inverters.get(spec)
+        if inv is None:
+            if self.encoder is None and any(s in ("encoder", "refine") for s in stages):
+                raise CycleEncodingError("stages encoder and refine need an encoder; this editor has none")
+            opts = {**self.loss_options, **options}
+            inv = Inverter(self.G, self.encoder, stages=tuple(stages), device=self.device, **opts)
+            self._inverters[spec] = inv
+        return inv
+
+    def aligner(self) -> Any:
+        if self._aligner is None:
+            from ..data.align import LandmarkDetector
+
+            self._aligner = LandmarkDetector()
+        return self._aligner
+
+
+class Editor:
+    """Edit one image at a time with a generator's directions (see the module doc).
+
+    ``generator``: a Generator or any generator file (or shipped name); ``encoder``: a file (a ``train-encoder``
+    checkpoint gives ``refine`` its training images) or None (then only ``project`` inverts, or a run is opened);
+    ``directions``: direction files or sets; ``components``: how many SeFa / GANSpace directions of the generator
+    (``methods``) to offer; ``perceptual`` / ``identity`` / ``train_data``: the inversion's loss networks and the
+    encoder's training images (defaults: those of the shipped Fashion-MNIST models when the generator is
+    ``fmnist-generator``, else the inversion's own defaults).
+    """
+
+    def __init__(
+        self,
+        generator: Generator | str | Path = "fmnist-generator",
+        encoder: Any = None,
+        *,
+        directions: Sequence[str | Path | DirectionSet] = (),
+        components: int = 5,
+        methods: Sequence[str] = METHODS,
+        device: str | torch.device = "cpu",
+        perceptual: str | None = None,
+        identity: str | None = None,
+        train_data: str | None = None,
+        lpips_backbone: str | None = None,
+        _shared: _Shared | None = None,
+    ) -> None:
+        if _shared is None:
+            loss = dict(SHIPPED_LOSS_NETWORKS.get(str(generator), {})) if isinstance(generator, (str, Path)) else {}
+            for k, v in (("perceptual", perceptual), ("identity", identity), ("train_data", train_data),
+                         ("lpips_backbone", lpips_backbone)):  # fmt: skip
+                if v is not None:
+                    loss[k] = v
+            _shared = _Shared(generator, encoder, directions, components, methods, device, loss)
+        self._s = _shared
+        self.name: str | None = None
+        self.target: torch.Tensor | None = None  # [1, C, R, R] in [-1, 1], CPU
+        self.pivot: torch.Tensor | None = None  # [1, N, w_dim], CPU
+        self.tuned: Generator | None = None  # the image's tuned generator (None: the base renders)
+        self.result: Any = None  # the InversionResult of the last invert()
+        self.stages: list[str] = []
+        self.source: str | None = None  # where the codes came from: "inverted", a run image, "codes"
+        self.run: Any = None  # the InversionRun opened, if any
+        self._strengths: dict[str, float] = {}
+        self._edited: torch.Tensor | None = None
+
+    # -- construction --------------------------------------------------------------------------------------------
+    def fork(self) -> Editor:
+        """A new editor sharing this one's generator, encoder, directions and inverters, with no image yet (one per
+        browser session)."""
+        ed = Editor(_shared=self._s)
+        ed.run = self.run
+        return ed
+
+    @classmethod
+    def open_run(
+        cls,
+        run_dir: str | Path,
+        image: str | None = None,
+        *,
+        generator: Generator | str | Path | None = None,
+        encoder: Any = "run",
+        device: str | torch.device = "cpu",
+        **kwargs: Any,
+    ) -> Editor:
+        """An editor on a finished ``cycle-encoding invert`` run: its base generator (the file it recorded, or the one
+        given), its encoder (``"run"``: the one it recorded, when the file is there) and image ``image`` (default:
+        the first finished one), whose tuned generator is rebuilt from the base and its stored change."""
+        from .render import InversionRun
+
+        run = InversionRun(run_dir)
+        names = run.image_names()
+        if not names:
+            raise CycleEncodingError(f"{run.dir}: no finished images in this run")
+        base = run.load_generator(generator, device)
+        if isinstance(encoder, str) and encoder == "run":
+            f = run.encoder_file()
+            encoder = str(f) if f is not None and f.is_file() else None
+        opts = run.config.get("options") or {}
+        for k in ("perceptual", "identity", "train_data", "lpips_backbone"):
+            if opts.get(k) is not None:
+                kwargs.setdefault(k, opts[k])
+        ed = cls(base, encoder, device=device, **kwargs)
+        ed.run = run
+        ed.open_image(image or names[0])
+        return ed
+
+    # -- what there is -------------------------------------------------------------------------------------------
+    @property
+    def generator(self) -> Generator:
+        """The generator that renders the current image: the tuned one, else the base."""
+        return self.tuned if self.tuned is not None else self._s.G
+
+    @property
+    def base(self) -> Generator:
+        return self._s.G
+
+    @property
+    def base_sha256(self) -> str:
+        return self._s.G_sha256
+
+    @property
+    def has_encoder(self) -> bool:
+        return self._s.encoder is not None
+
+    def directions(self) -> list[Direction]:
+        """The directions render() takes, in slider order."""
+        return list(self._s._directions)
+
+    def direction(self, key: str) -> Direction:
+        for d in self._s._directions:
+            if d.key == key:
+                return d
+        known = ", ".join(d.key for d in self._s._directions) or "none"
+        raise CycleEncodingError(f"no direction {key!r} (directions: {known})")
+
+    def run_images(self) -> list[str]:
+        """The finished images of the run opened (empty without one)."""
+        return self.run.image_names() if self.run is not None else []
+
+    # -- getting an image ------------------------------------------------------------------------------------------
+    def load_image(
+        self, image: Image.Image | np.ndarray | torch.Tensor | str | Path, align: bool = False
+    ) -> torch.Tensor:
+        """The target as the inversion sees it: ``[1, C, R, R]`` in [-1, 1] at the generator's resolution (centre
+        crop); ``align``: FFHQ-align the largest face first (dlib; an error when there is none)."""
+        from ..data.images import image_to_tensor, read_image
+        from ..inversion.common import check_target
+
+        G = self._s.G
+        if align:
+            if isinstance(image, (str, Path)):
+                from ..data.align import read_rgb
+
+                rgb = read_rgb(image)
+            elif isinstance(image, torch.Tensor):
+                x = image[0] if image.ndim == 4 else image
+                rgb = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+                rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb
+            else:
+                rgb = np.asarray(image_to_tensor(image, 3).add(1).mul(127.5).round().byte().permute(1, 2, 0))
+            from ..data.align import align_image
+
+            faces = align_image(rgb, self._s.aligner(), size=G.resolution)
+            if not faces:
+                raise CycleEncodingError("no face found in the image (turn face alignment off for other images)")
+            x = image_to_tensor(faces[0].image)
+        elif isinstance(image, (str, Path)):
+            x = read_image(image)
+        elif isinstance(image, torch.Tensor):
+            x = image.detach().float().cpu()
+        else:
+            x = image_to_tensor(image)
+        return check_target(G, x).cpu()
+
+    def invert(
+        self,
+        image: Image.Image | np.ndarray | torch.Tensor | str | Path,
+        stages: Sequence[str] = DEFAULT_STAGES,
+        *,
+        progress: Callable[[Progress], None] | None = None,
+        align: bool = False,
+        name: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Invert ``image`` with ``stages`` (the inversion pipeline's ``Inverter``; ``options`` as its keyword
+        options, e.g. ``tune={"steps": 50}``) and make it the current image; returns the ``InversionResult``.
+        ``progress`` sees every optimization step and each finished stage (with its reconstruction)."""
+        from ..inversion.pipeline import PIVOT_STAGES, make_config
+
+        stages = tuple(stages)
+        cfg = make_config(None, stages=stages, **{**self._s.loss_options, **options})
+        totals = {"encoder": 1, "refine": cfg.refine.steps, "project": cfg.project.steps, "tune": cfg.tune.steps}
+        x = self.load_image(image, align=align)
+        if name is None:
+            name = Path(image).stem if isinstance(image, (str, Path)) else "image"
+        t_stage = [time.perf_counter()]
+
+        def on_step(rec: dict[str, Any]) -> None:
+            if progress is not None:
+                s = str(rec.get("stage", ""))
+                progress(Progress(s, int(rec.get("step", 0)) + 1, int(totals.get(s, 0)), record=rec))
+
+        def on_stage(stage: str, res: Any) -> None:
+            if progress is not None:
+                img = tensor_to_pil(res.recons[stage])
+                dt = time.perf_counter() - t_stage[0]
+                progress(Progress(stage, totals[stage], totals[stage], True, image=img,
+                                  metrics=dict(res.metrics.get(stage, {})), seconds=dt))  # fmt: skip
+            t_stage[0] = time.perf_counter()
+
+        with self._s.lock:
+            inv = self._s.inverter(stages, options)
+            res = inv.invert(x, name=name, on_step=on_step, on_stage=on_stage)
+        pivot_stage = res.tune["pivot_stage"] if res.tune else [s for s in res.pivots if s in PIVOT_STAGES][-1]
+        self._set(res.pivots[pivot_stage], res.generator, x.cpu(), name, "inverted")
+        self.result = res
+        self.stages = list(stages)
+        return res
+
+    def open_image(self, name: str) -> None:
+        """Make image ``name`` of the opened run the current one (pivot, tuned generator rebuilt from its change)."""
+        if self.run is None:
+            raise CycleEncodingError("no run folder is open")
+        from ..data.images import read_image
+        from ..inversion.common import check_target
+
+        im = self.run.image(name)
+        G, which = self.run.generator_for(im, self._s.G)
+        target = check_target(self._s.G, read_image(im.target_path)).cpu() if im.target_path.is_file() else None
+        self._set(im.pivot, G if which == "tuned" else None, target, name, f"run image {name}")
+        self.result = None
+        self.stages = im.stages
+
+    def set_codes(
+        self,
+        pivot: torch.Tensor | np.ndarray,
+        generator: Generator | str | Path | None = None,
+        target: Any = None,
+        name: str = "codes",
+    ) -> None:
+        """Edit given codes ``[1, N, w_dim]`` (or ``[N, w_dim]``; e.g. the ``pivot`` of an exported ``codes.npz``),
+        rendered by ``generator`` (e.g. an exported tuned generator; default: the base)."""
+        from ..checkpoints.generator import load_generator
+
+        p = torch.as_tensor(np.asarray(pivot) if isinstance(pivot, np.ndarray) else pivot).detach().float().cpu()
+        p = p[None] if p.ndim == 2 else p
+        G0 = self._s.G
+        if p.ndim != 3 or p.shape[0] != 1 or tuple(p.shape[1:]) != (G0.num_ws, G0.w_dim):
+            raise CycleEncodingError(
+                f"codes must be [1, {G0.num_ws}, {G0.w_dim}] for this generator, got {list(p.shape)}"
+            )
+        G = None
+        if generator is not None:
+            G = generator if isinstance(generator, Generator) else load_generator(generator, self._s.device)
+            if G.config != G0.config:
+                raise CycleEncodingError(
+                    "the generator given has another architecture than the editor's base generator"
+                )
+            G = G.to(self._s.device).eval().requires_grad_(False)
+        x = self.load_image(target) if target is not None else None
+        self._set(p, G, x, name, "codes")
+        self.result = None
+
+    def _set(
+        self, pivot: torch.Tensor, tuned: Generator | None, target: torch.Tensor | None, name: str, source: str
+    ) -> None:
+        self.pivot = pivot.detach().float().cpu().reshape(1, *pivot.shape[-2:])
+        self.tuned = tuned
+        self.target = target
+        self.name = name
+        self.source = source
+        self._strengths = {}
+        self._edited = None
+
+    # -- editing ---------------------------------------------------------------------------------------------------
+    def _need_image(self) -> torch.Tensor:
+        if self.pivot is None:
+            raise CycleEncodingError("no image yet: invert one, open a run or set codes first")
+        return self.pivot
+
+    def edited_codes(self, strengths: Mapping[str, float] | None = None) -> torch.Tensor:
+        """The pivot with every direction of ``strengths`` applied in turn ``[1, N, w_dim]`` (on the device)."""
+        ws = self._need_image().to(self._s.device)
+        for key, a in (strengths or {}).items():
+            d = self.direction(key)
+            a = float(a)
+            if not np.isfinite(a):
+                raise CycleEncodingError(f"strength of {key!r} must be a finite number, got {a}")
+            if a != 0.0:
+                ws = d.set.apply(ws, d.component, a)
+        return ws
+
+    @torch.no_grad()
+    def render_tensor(self, strengths: Mapping[str, float] | None = None) -> torch.Tensor:
+        """The edited image ``[1, C, R, R]`` (raw, CPU), rendered as ``cycle-encoding edit`` renders."""
+        from .render import render_one
+
+        ws = self.edited_codes(strengths)
+        y = render_one(self.generator, ws)
+        self._strengths = {k: float(v) for k, v in (strengths or {}).items() if float(v) != 0.0}
+        self._edited = ws.detach().cpu()
+        return y
+
+    def render(self, strengths: Mapping[str, float] | None = None) -> Image.Image:
+        """The edited image as PIL (several directions combine; ``{}`` gives the reconstruction)."""
+        return tensor_to_pil(self.render_tensor(strengths))
+
+    def reconstruction(self) -> Image.Image:
+        from .render import render_one
+
+        return tensor_to_pil(render_one(self.generator, self._need_image()))
+
+    def target_image(self) -> Image.Image | None:
+        return tensor_to_pil(self.target) if self.target is not None else None
+
+    # -- export ------------------------------------------------------------------------------------------------------
+    def export(
+        self, folder: str | Path, strengths: Mapping[str, float] | None = None, *, generator: bool = True
+    ) -> dict[str, Path]:
+        """Write the edit (``strengths``; default: the last render's) into ``folder``: ``edited.png``, ``codes.npz``
+        (``w``: the edited codes ``[1, num_ws, w_dim]`` float32, the layout of NVIDIA's ``projected_w.npz``; also
+        ``pivot``, the unedited codes), ``generator.safetensors`` (the generator that renders them, in the project's
+        format; skipped with ``generator=False``) and ``edit.json`` (the strengths and directions). Returns the paths."""
+        from ..checkpoints.common import atomic_write
+        from ..checkpoints.generator import save_generator
+        from ..checkpoints.native import default_provenance
+        from ..utils import save_image
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        chosen = dict(self._strengths) if strengths is None else {k: float(v) for k, v in strengths.items()}
+        y = self.render_tensor(chosen)
+        assert self._edited is not None and self.pivot is not None
+        paths = {"png": save_image(y[0], out / "edited.png")}
+        w = self._edited.float().numpy()
+        piv = self.pivot.float().numpy()
+
+        def write_npz(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, w=w, pivot=piv)
+
+        paths["npz"] = atomic_write(out / "codes.npz", write_npz)
+        if generator:
+            prov = default_provenance(made_by="cycle-encoding editor", image=self.name,
+                                      tuned=self.tuned is not None, base_weights_sha256=self.base_sha256)  # fmt: skip
+            paths["generator"] = save_generator(self.generator, out / "generator.safetensors", provenance=prov)
+        doc = {
+            "format": "cycle-encoding-editor-export",
+            "version": 1,
+            "image": self.name,
+            "source": self.source,
+            "strengths": chosen,
+            "directions": [self.direction(k).describe() for k in chosen],
+            "generator": "tuned" if self.tuned is not None else "base",
+            "base_weights_sha256": self.base_sha256,
+            "files": {k: p.name for k, p in paths.items()},
+        }
+        paths["json"] = atomic_write(out / "edit.json", lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
+        return paths
