@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "directions",
     "edit",
     "report",
+    "ui",  # the browser editor (optional extra: gradio)
 ]
 
 EXIT_USER_ERROR = 2

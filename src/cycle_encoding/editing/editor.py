@@ -308,9 +308,6 @@ class Editor:
         from .render import InversionRun
 
         run = InversionRun(run_dir)
-        names = run.image_names()
-        if not names:
-            raise CycleEncodingError(f"{run.dir}: no finished images in this run")
         base = run.load_generator(generator, device)
         if isinstance(encoder, str) and encoder == "run":
             f = run.encoder_file()
@@ -320,8 +317,7 @@ class Editor:
             if opts.get(k) is not None:
                 kwargs.setdefault(k, opts[k])
         ed = cls(base, encoder, device=device, **kwargs)
-        ed.run = run
-        ed.open_image(image or names[0])
+        ed.attach_run(run.dir, image)
         return ed
 
     # -- what there is -------------------------------------------------------------------------------------------
@@ -436,6 +432,26 @@ class Editor:
         self.result = res
         self.stages = list(stages)
         return res
+
+    def attach_run(self, run_dir: str | Path, image: str | None = None) -> list[str]:
+        """Open a finished run of this editor's base generator (refused, naming the difference, for a run of another
+        generator) at image ``image`` (default: its first); returns the run's finished images."""
+        from .render import InversionRun
+
+        run = InversionRun(run_dir)
+        want = (run.config.get("generator") or {}).get("weights_sha256")
+        if want is not None and want != self.base_sha256:
+            f = (run.config.get("generator") or {}).get("file") or "another generator"
+            raise CycleEncodingError(
+                f"{run.dir} was inverted with {f}, not this editor's generator: open it with "
+                f"`cycle-encoding ui {run.dir}` (which uses the run's generator)"
+            )
+        names = run.image_names()
+        if not names:
+            raise CycleEncodingError(f"{run.dir}: no finished images in this run")
+        self.run = run
+        self.open_image(image or names[0])
+        return names
 
     def open_image(self, name: str) -> None:
         """Make image ``name`` of the opened run the current one (pivot, tuned generator rebuilt from its change)."""
