@@ -10,6 +10,7 @@ Public API (more arrives with each stage of the method):
 
 from .checkpoints import convert_generator, export_rosinality, load_generator, save_generator
 from .checkpoints.encoder import load_encoder, save_encoder
+from .editing.editor import Editor
 from .errors import CheckpointError, CycleEncodingError
 from .inversion import Inverter
 from .networks.encoder import Encoder4Editing, EncoderConfig
@@ -21,6 +22,7 @@ __all__ = [
     "CycleEncodingError",
     "Discriminator",
     "DiscriminatorConfig",
+    "Editor",
     "Encoder4Editing",
     "EncoderConfig",
     "Generator",

@@ -4,6 +4,8 @@
 >>> ds = load_directions("age.pt")                      # InterFaceGAN [1, 512], GANSpace dict, own .safetensors
 >>> edited = ds.apply(pivot, component=0, strength=3.0, layers=range(0, 8))
 >>> sefa = sefa_directions(G, layers=range(0, 6), components=5)
+>>> ed = Editor.open_run("out/demo/run", directions=["coat-pullover.safetensors"])   # the browser editor's engine
+>>> ed.render({"coat-pullover": 3.0, "sefa:0": -2.0}).save("edit.png")
 """
 
 from .classifier import AttributeClassifier, ClassifierConfig, as_scorer, load_classifier, save_classifier
@@ -18,6 +20,7 @@ from .directions import (
     save_ganspace,
     save_interfacegan,
 )
+from .editor import Direction, Editor, Progress
 from .ganspace import ganspace_pca, sample_mapping
 from .interfacegan import (
     BoundaryResult,
@@ -41,8 +44,11 @@ __all__ = [
     "AttributeClassifier",
     "BoundaryResult",
     "ClassifierConfig",
+    "Direction",
     "DirectionSet",
+    "Editor",
     "Preservation",
+    "Progress",
     "as_scorer",
     "attribute_changes",
     "build_preservation",

@@ -128,7 +128,9 @@ class EditorApp:
         return s.files, dt
 
     def _strengths(self, values: tuple[Any, ...]) -> dict[str, float]:
-        return {d.key: float(v or 0.0) for d, v in zip(self.directions, values)}
+        """Slider values by direction, rounded to 6 decimals (the page's arithmetic leaves float noise such as
+        2.6000000000000005; the strength used is the one shown)."""
+        return {d.key: round(float(v or 0.0), 6) for d, v in zip(self.directions, values)}
 
     def _copy(self, s: Session, src: Path, stem: str) -> str:
         s.count += 1
