@@ -8,7 +8,8 @@ them. Each browser session edits its own image; the networks and directions are 
 Nothing here reaches the network: Gradio's analytics and version check are off (``GRADIO_ANALYTICS_ENABLED=False``
 is set before Gradio is imported), no share link is made, the page's fonts and scripts come from the local server.
 Uploads are checked before anything reads them: a file over the size limit, one that is not an image, or an image
-with too many pixels gets a message in the page and changes nothing else.
+with too many pixels gets a message in the page and changes nothing else (Gradio itself refuses files over four times
+the limit plus 10 MB before they are sent).
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ class EditorApp:
     ) -> None:
         self.template = template
         self.max_upload_bytes = int(max_upload_mb * 1e6)
+        # Gradio's own cap, a backstop against filling the disk: it refuses in the browser with a short-lived notice,
+        # so files between the two limits reach the handler, which says in the page what the limit is
+        self.hard_upload_limit = 4 * self.max_upload_bytes + 10_000_000
         self.max_pixels = int(max_pixels)
         self.stages = tuple(stages)
         self.tune_steps = int(tune_steps)
@@ -376,7 +380,7 @@ class EditorApp:
         self.blocks.queue(default_concurrency_limit=4)
         return self.blocks.launch(
             server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
-            max_file_size=self.max_upload_bytes, allowed_paths=allowed, quiet=quiet, show_error=True,
+            max_file_size=self.hard_upload_limit, allowed_paths=allowed, quiet=quiet, show_error=True,
             ssr_mode=False, enable_monitoring=False, mcp_server=False, pwa=False, css=CSS,
         )  # fmt: skip
 

@@ -1,0 +1,263 @@
+"""``cycle-encoding ui`` in a real browser: Debian's headless chromium driven by Selenium through chromium-driver (no
+browser download). The editor starts on a free local port with the shipped Fashion-MNIST models; the test uploads a
+test image, waits for the tuned reconstruction, drags a slider, checks the picture shown changed and is
+``Editor.render`` of that strength (with the downloaded generator and codes), downloads the three files and loads them
+back, sees the page refuse a text file and a too-large file, and keeps editing afterwards. Every request the page made
+went to the local server.
+
+``CYCLE_ENCODING_SCREENSHOT=docs/images/editor.png`` saves a screenshot of the page (the README's picture)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "fashion-mnist"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+selenium = pytest.importorskip("selenium", reason="selenium is not installed (requirements.txt)")
+pytest.importorskip("gradio", reason="gradio is not installed (requirements.txt; the 'ui' extra)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (Path(CHROMIUM).is_file() and Path(DRIVER).is_file()),
+        reason="chromium / chromium-driver are not installed (Debian packages, scripts/apt-packages.txt)",
+    ),
+]
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+LIMIT_MB = 0.2
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what, timeout: float, message: str, every: float = 0.2):
+    end = time.monotonic() + timeout
+    while True:
+        value = what()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``cycle-encoding ui`` in its own process on a free port: 5 tuning steps, one direction file, 2 SeFa and 2
+    GANSpace directions, an upload limit of 0.2 MB."""
+    import torch
+
+    from cycle_encoding.checkpoints.generator import load_generator
+    from cycle_encoding.editing import interfacegan_direction, save_directions
+
+    tmp = tmp_path_factory.mktemp("ui")
+    G = load_generator("fmnist-generator")
+    v = torch.nn.functional.normalize(torch.randn(G.w_dim, generator=torch.Generator().manual_seed(11)), dim=0)
+    direction = tmp / "wider.safetensors"
+    save_directions(interfacegan_direction(v, name="wider"), direction)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "CYCLE_ENCODING_CACHE": str(tmp / "cache"), "GRADIO_TEMP_DIR": str(tmp / "gradio"),
+           "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    log = open(tmp / "server.log", "w")
+    cmd = [sys.executable, "-m", "cycle_encoding.cli", "ui", "--port", str(port), "--device", "cpu",
+           "--directions", str(direction), "--components", "2", "--tune-steps", "5",
+           "--max-upload-mb", str(LIMIT_MB)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+    url = f"http://127.0.0.1:{port}/"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the editor exited ({proc.returncode}): {(tmp / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 180, "the editor did not start")
+        yield {"url": url, "tmp": tmp, "direction": direction, "log": tmp / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    downloads = server["tmp"] / "downloads"
+    downloads.mkdir()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--disable-dev-shm-usage", f"--user-data-dir={server['tmp'] / 'profile'}",
+              "--window-size=1400,1100"):  # fmt: skip
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    d = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    d.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    d.downloads = downloads  # type: ignore[attr-defined]
+    try:
+        yield d
+    finally:
+        d.quit()
+
+
+def text_of(d, elem_id: str) -> str:
+    return d.find_element(By.ID, elem_id).text
+
+
+def image_src(d, elem_id: str) -> str | None:
+    imgs = d.find_elements(By.CSS_SELECTOR, f"#{elem_id} img")
+    return imgs[0].get_attribute("src") if imgs else None
+
+
+def fetch_image(src: str) -> np.ndarray:
+    assert src.startswith("http://127.0.0.1:"), src
+    with urllib.request.urlopen(src, timeout=10) as r:
+        return np.asarray(Image.open(BytesIO(r.read())).convert("L"))
+
+
+def upload(d, path: Path) -> None:
+    d.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(path))
+
+
+def clear_upload(d) -> None:
+    """Remove the file shown in the upload box (its clear button), so that the next upload is a new one."""
+    for b in d.find_elements(By.CSS_SELECTOR, "#upload button"):
+        if (b.get_attribute("aria-label") or "").lower() in ("clear", "remove"):
+            b.click()
+            time.sleep(0.5)
+            return
+
+
+def download(d, elem_id: str, name: str) -> Path:
+    target = d.downloads / name
+    target.unlink(missing_ok=True)
+    d.find_element(By.ID, elem_id).click()
+    return wait_for(lambda: target if target.is_file() and target.stat().st_size > 0 else None, 60,
+                    f"{name} was not downloaded")  # fmt: skip
+
+
+def test_upload_invert_edit_download_and_bad_uploads(server, browser):
+    import torch
+
+    from cycle_encoding.checkpoints.generator import load_generator
+    from cycle_encoding.editing.editor import Editor
+
+    d = browser
+    d.get(server["url"])
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 60, "the page did not load")
+    assert d.title == "cycle-encoding editor"
+    # one slider per direction: the file's, then 2 SeFa and 2 GANSpace ones
+    wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, "[id^=dir-] input[type=range]")) == 5, 30, "no sliders")
+    labels = [e.text for e in d.find_elements(By.CSS_SELECTOR, "[id^=dir-] [data-testid=block-info]")]
+    assert labels == ["wider", "SeFa 0", "SeFa 1", "GANSpace 0 (std)", "GANSpace 1 (std)"]
+
+    # upload: the pivot appears, then the tuned reconstruction, the edit (strength 0) and the downloads
+    upload(d, EXAMPLES / "test-00016-pullover.png")
+    wait_for(lambda: "inverted with encoder, tune" in text_of(d, "status"), 240,
+             f"no reconstruction; status: {text_of(d, 'status')!r}")  # fmt: skip
+    for elem in ("im-input", "im-pivot", "im-recon", "im-edit"):
+        assert image_src(d, elem), f"{elem} shows no image"
+    recon = fetch_image(image_src(d, "im-recon"))
+    before = fetch_image(image_src(d, "im-edit"))
+    np.testing.assert_array_equal(before, recon)  # all sliders at 0: the edit is the reconstruction
+    assert not np.array_equal(fetch_image(image_src(d, "im-pivot")), recon)  # tuning changed the picture
+
+    # drag the first slider (the direction file) to the right; the edit renders on release
+    src0 = image_src(d, "im-edit")
+    rng = d.find_element(By.CSS_SELECTOR, "#dir-0 input[type=range]")
+    ActionChains(d).click_and_hold(rng).move_by_offset(rng.size["width"] // 4, 0).release().perform()
+    num = d.find_element(By.CSS_SELECTOR, "#dir-0 input[type=number]")
+    strength = round(float(num.get_attribute("value")), 6)
+    assert strength > 0
+    wait_for(lambda: f"wider {strength:+g}" in text_of(d, "render-info") and image_src(d, "im-edit") != src0, 60,
+             f"no render for strength {strength}; shown: {text_of(d, 'render-info')!r}")  # fmt: skip
+    assert "rendered in" in text_of(d, "render-info")
+    shown = fetch_image(image_src(d, "im-edit"))
+    assert not np.array_equal(shown, before)
+
+    # the downloads load back, and Editor.render of that strength is the picture shown
+    png = download(d, "dl-png", "edited.png")
+    npz = download(d, "dl-npz", "codes.npz")
+    gen = download(d, "dl-gen", "generator.safetensors")
+    with Image.open(png) as im:
+        np.testing.assert_array_equal(np.asarray(im.convert("L")), shown)
+    with np.load(npz, allow_pickle=False) as z:
+        w, pivot = z["w"], z["pivot"]
+    G = load_generator(gen)
+    assert w.shape == (1, G.num_ws, G.w_dim) and w.dtype == np.float32
+    ed = Editor("fmnist-generator", None, directions=[server["direction"]], components=2)
+    ed.set_codes(pivot, G)
+    np.testing.assert_array_equal(np.asarray(ed.render({"wider": strength}).convert("L")), shown)
+    with torch.no_grad():  # and the codes of the .npz are that edit
+        y = G.synthesis(torch.from_numpy(w), noise_mode="const")
+    np.testing.assert_array_equal(((y.clamp(-1, 1) + 1) * 127.5).round().byte()[0, 0].numpy(), shown)
+
+    if os.environ.get("CYCLE_ENCODING_SCREENSHOT"):
+        d.save_screenshot(os.environ["CYCLE_ENCODING_SCREENSHOT"])
+
+    # a text file: refused with a message in the page; the image being edited stays
+    notes = server["tmp"] / "notes.txt"
+    notes.write_text("this is not an image\n" * 20)
+    clear_upload(d)
+    upload(d, notes)
+    wait_for(lambda: "not an image" in text_of(d, "status"), 60, f"no error shown: {text_of(d, 'status')!r}")
+    assert "Error" in text_of(d, "status")
+    # a file over the size limit: refused too
+    big = server["tmp"] / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > LIMIT_MB * 1e6
+    clear_upload(d)
+    upload(d, big)
+    wait_for(lambda: "over the upload limit of 0.2 MB" in text_of(d, "status"), 60,
+             f"no size error shown: {text_of(d, 'status')!r}")  # fmt: skip
+
+    # still working: the next slider move renders with the same image
+    src1 = image_src(d, "im-edit")
+    rng = d.find_element(By.CSS_SELECTOR, "#dir-1 input[type=range]")
+    ActionChains(d).click_and_hold(rng).move_by_offset(-rng.size["width"] // 5, 0).release().perform()
+    s1 = round(float(d.find_element(By.CSS_SELECTOR, "#dir-1 input[type=number]").get_attribute("value")), 6)
+    wait_for(lambda: image_src(d, "im-edit") != src1, 60, "no render after the bad uploads")
+    np.testing.assert_array_equal(
+        fetch_image(image_src(d, "im-edit")),
+        np.asarray(ed.render({"wider": strength, "sefa:0": s1}).convert("L")),
+    )
+
+    # no request left this machine
+    urls = []
+    for entry in d.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        if msg["method"] == "Network.requestWillBeSent":
+            urls.append(msg["params"]["request"]["url"])
+    outside = [u for u in urls if not u.startswith((server["url"], "data:", "blob:", "chrome:", "chrome-"))]
+    assert urls and not outside, outside[:5]
