@@ -78,6 +78,15 @@ def server(tmp_path_factory):
     v = torch.nn.functional.normalize(torch.randn(G.w_dim, generator=torch.Generator().manual_seed(11)), dim=0)
     direction = tmp / "wider.safetensors"
     save_directions(interfacegan_direction(v, name="wider"), direction)
+    # a finished run of two test images (encoder -> 3 tuning steps), for the page to open
+    from cycle_encoding.inversion import Inverter
+
+    (tmp / "pair").mkdir()
+    for name in ("test-00000-ankle-boot.png", "test-00010-coat.png"):
+        shutil.copy(EXAMPLES / name, tmp / "pair" / name)
+    inv = Inverter("fmnist-generator", "fmnist-encoder", stages=("encoder", "tune"), perceptual="fmnist-features",
+                   device="cpu", tune={"steps": 3})  # fmt: skip
+    inv.run(tmp / "pair", tmp / "run", log=lambda s: None)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "CYCLE_ENCODING_CACHE": str(tmp / "cache"), "GRADIO_TEMP_DIR": str(tmp / "gradio"),
@@ -100,7 +109,7 @@ def server(tmp_path_factory):
 
     try:
         wait_for(up, 180, "the editor did not start")
-        yield {"url": url, "tmp": tmp, "direction": direction, "log": tmp / "server.log"}
+        yield {"url": url, "tmp": tmp, "direction": direction, "log": tmp / "server.log", "run": tmp / "run"}
     finally:
         proc.terminate()
         try:
@@ -261,3 +270,43 @@ def test_upload_invert_edit_download_and_bad_uploads(server, browser):
             urls.append(msg["params"]["request"]["url"])
     outside = [u for u in urls if not u.startswith((server["url"], "data:", "blob:", "chrome:", "chrome-"))]
     assert urls and not outside, outside[:5]
+
+
+def test_open_a_run_folder_and_browse_its_images(server, browser):
+    from cycle_encoding.editing.editor import Editor
+
+    d = browser
+    d.get(server["url"])
+    header = wait_for(lambda: d.find_elements(By.XPATH, "//*[text()='Open a run folder']"), 60, "no page")
+    header[0].click()  # the accordion holding the run folder box
+    wait_for(lambda: d.find_elements(By.ID, "open-run"), 10, "the accordion did not open")
+    run = server["run"]
+    box = wait_for(lambda: [e for e in d.find_elements(By.CSS_SELECTOR, "#run-path textarea, #run-path input")
+                            if e.is_displayed()], 10, "no run folder box")[0]  # fmt: skip
+    box.send_keys(str(run))
+    d.find_element(By.ID, "open-run").click()
+    names = ["test-00000-ankle-boot", "test-00010-coat"]
+    wait_for(lambda: f"run/{names[0]}" in text_of(d, "status"), 60, f"run not opened: {text_of(d, 'status')!r}")
+
+    def recon_of(name: str) -> np.ndarray:
+        with Image.open(run / "images" / name / "recon_tune.png") as im:
+            return np.asarray(im.convert("L"))
+
+    # the first image: its tuned generator, rebuilt from the stored change, renders the run's reconstruction
+    np.testing.assert_array_equal(fetch_image(image_src(d, "im-recon")), recon_of(names[0]))
+    np.testing.assert_array_equal(fetch_image(image_src(d, "im-edit")), recon_of(names[0]))
+    # the gallery shows the run's images; choosing the second opens it
+    thumbs = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#run-gallery button img"), 30, "no gallery")
+    assert len(thumbs) == 2
+    thumbs[1].click()
+    wait_for(lambda: f"run/{names[1]}" in text_of(d, "status"), 60, f"not opened: {text_of(d, 'status')!r}")
+    np.testing.assert_array_equal(fetch_image(image_src(d, "im-recon")), recon_of(names[1]))
+    # and it edits like Editor.open_run on that image
+    src0 = image_src(d, "im-edit")
+    rng = d.find_element(By.CSS_SELECTOR, "#dir-3 input[type=range]")
+    ActionChains(d).click_and_hold(rng).move_by_offset(rng.size["width"] // 3, 0).release().perform()
+    a = round(float(d.find_element(By.CSS_SELECTOR, "#dir-3 input[type=number]").get_attribute("value")), 6)
+    wait_for(lambda: image_src(d, "im-edit") != src0, 60, "no render")
+    ed = Editor.open_run(run, names[1], directions=[server["direction"]], components=2)
+    want = np.asarray(ed.render({"ganspace:0": a}).convert("L"))
+    np.testing.assert_array_equal(fetch_image(image_src(d, "im-edit")), want)
