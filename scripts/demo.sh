@@ -78,6 +78,7 @@ step "4/4 writing the report"
 cycle-encoding report "$RUN"
 
 elapsed=$SECONDS
+dir_files="$(printf ' %q' "$DIRS"/*.safetensors)"
 cat <<EOF
 
 demo finished in $((elapsed / 60)) min $((elapsed % 60)) s (after set-up). Where everything is:
@@ -87,4 +88,8 @@ demo finished in $((elapsed / 60)) min $((elapsed % 60)) s (after set-up). Where
   edited images                    $RUN/edits/{coat-pullover,ankle-boot-sneaker,brightness}/NAME/*.png (+ NAME_strip.png)
   directions                       $DIRS/{coat-pullover,ankle-boot-sneaker,brightness}.safetensors
   per-image inversion              $RUN/images/NAME/ (target, reconstruction after each stage, pivots, tuned generator)
+
+Edit these images in the browser (a slider per direction above, and the generator's SeFa / GANSpace ones):
+  $(printf '%q' "$VENV/bin/cycle-encoding") ui $(printf '%q' "$RUN") --directions$dir_files
+  then open http://127.0.0.1:7860/ (this machine only; Ctrl-C stops it)
 EOF

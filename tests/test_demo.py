@@ -120,6 +120,25 @@ def check_demo_output(out: Path, log: str = "") -> None:
     if log:
         assert "demo finished in" in log
         assert str(run / "report.html") in log
+        check_editor_hint(log, run, out / "directions")
+
+
+def check_editor_hint(log: str, run: Path, directions: Path) -> None:
+    """The demo's last lines say how to open the browser editor on its run: a command that parses, naming the run and
+    the three direction files, which an editor opens."""
+    import shlex
+
+    from cycle_encoding.cli import build_parser
+    from cycle_encoding.editing.editor import Editor
+
+    line = next(x for x in log.splitlines() if " ui " in x and "--directions" in x)
+    argv = shlex.split(line.strip())
+    assert Path(argv[0]).name == "cycle-encoding" and argv[1] == "ui"
+    args = build_parser().parse_args(argv[1:])
+    assert args.run_dir == run
+    assert sorted(Path(f) for f in args.directions) == sorted(directions / f"{e}.safetensors" for e in EDITS)
+    ed = Editor.open_run(args.run_dir, directions=args.directions, components=0)
+    assert sorted(d.key for d in ed.directions()) == sorted(EDITS)
 
 
 SHIPPED = ("fmnist-generator", "fmnist-encoder", "fmnist-features", "fmnist-eval")
