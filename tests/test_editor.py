@@ -210,3 +210,44 @@ def test_uploads_are_checked_before_they_are_read(tmp_path):
     Image.new("L", (300, 200)).save(big)
     with pytest.raises(CycleEncodingError, match="over the limit of 50,000 pixels"):
         check_upload(big, 10_000_000, max_pixels=50_000)
+
+
+def test_face_alignment_is_the_align_commands(tmp_path):
+    """``align=True`` crops a photo as ``cycle-encoding align`` does (at the generator's resolution); an image with
+    no face is refused."""
+    from tests import assets
+
+    assets.require_predictor()
+    photo = assets.asset(assets.DEMO_PHOTOS[1])
+    from cycle_encoding.cli import main
+
+    assert main(["align", str(photo), str(tmp_path / "aligned"), "--size", "16"]) == 0
+    from cycle_encoding.data.images import read_image
+
+    want = read_image(tmp_path / "aligned" / f"{photo.stem}.png")
+    ed = Editor(make_tiny_generator(seed=3), components=0)  # 16 x 16, 3 channels
+    got = ed.load_image(photo, align=True)[0]
+    assert got.shape == want.shape == (3, 16, 16)
+    torch.testing.assert_close(got, want, rtol=0, atol=1 / 127.5 + 1e-6)  # the PNG rounds to 8 bits
+    with pytest.raises(CycleEncodingError, match="no face found"):
+        ed.load_image(EXAMPLES / "test-00006-coat.png", align=True)
+
+
+def test_ui_command_binds_the_loopback_address_and_warns_otherwise(monkeypatch, capsys):
+    pytest.importorskip("gradio")
+    from cycle_encoding.cli import main
+    from cycle_encoding.ui import app
+
+    calls = []
+    monkeypatch.setattr(app.EditorApp, "launch", lambda self, host, port, **kw: calls.append((host, port, self)))
+    assert main(["ui", "--components", "0", "--device", "cpu", "--port", "7999"]) == 0
+    err = capsys.readouterr().err
+    assert calls[-1][:2] == ("127.0.0.1", 7999) and "warning" not in err
+    ed = calls[-1][2].template
+    assert ed.base.resolution == 32 and ed.has_encoder  # the shipped Fashion-MNIST models by default
+    assert main(["ui", "--components", "0", "--device", "cpu", "--host", "0.0.0.0"]) == 0
+    err = capsys.readouterr().err
+    assert calls[-1][:2] == ("0.0.0.0", 7860) and "warning: binding 0.0.0.0" in err
+    import os
+
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"

@@ -235,6 +235,17 @@ def test_upload_invert_edit_download_and_bad_uploads(server, browser):
     if os.environ.get("CYCLE_ENCODING_SCREENSHOT"):
         d.save_screenshot(os.environ["CYCLE_ENCODING_SCREENSHOT"])
 
+    # a failure during the inversion (tuning without a pivot stage): said in the page; the pictures of the image
+    # being edited come back
+    input_before = fetch_image(image_src(d, "im-input"))
+    d.find_element(By.XPATH, "//*[@id='stages']//label[.//*[text()='encoder']]").click()
+    d.find_element(By.ID, "invert").click()
+    wait_for(lambda: "needs a pivot" in text_of(d, "status"), 60, f"no error shown: {text_of(d, 'status')!r}")
+    wait_for(lambda: image_src(d, "im-recon"), 10, "the reconstruction did not come back")
+    np.testing.assert_array_equal(fetch_image(image_src(d, "im-input")), input_before)
+    np.testing.assert_array_equal(fetch_image(image_src(d, "im-recon")), recon)
+    d.find_element(By.XPATH, "//*[@id='stages']//label[.//*[text()='encoder']]").click()  # ticked again
+
     # a text file: refused with a message in the page; the image being edited stays
     notes = server["tmp"] / "notes.txt"
     notes.write_text("this is not an image\n" * 20)

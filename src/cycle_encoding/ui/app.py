@@ -80,6 +80,7 @@ class Session:
     editor: Editor
     folder: Path
     files: dict[str, Path] = field(default_factory=dict)
+    shown: dict[str, str | None] = field(default_factory=dict)  # the pictures of the image being edited
     count: int = 0
 
     def close(self) -> None:
@@ -187,7 +188,7 @@ class EditorApp:
                         kw = dict(type="filepath", format="png", interactive=False, height=220,
                                   elem_classes="pixelated")  # fmt: skip
                         im_input = gr.Image(label="input (as inverted)", elem_id="im-input", **kw)
-                        im_pivot = gr.Image(label="pivot (encoder)", elem_id="im-pivot", **kw)
+                        im_pivot = gr.Image(label="pivot (before tuning)", elem_id="im-pivot", **kw)
                         im_recon = gr.Image(label="reconstruction (tuned)", elem_id="im-recon", **kw)
                         im_edit = gr.Image(label="edit", elem_id="im-edit", **kw)
                     render_info = gr.Markdown("", elem_id="render-info")
@@ -211,9 +212,9 @@ class EditorApp:
             def updates(s: Session, info: str, gen: bool, **imgs: Any) -> dict[Any, Any]:
                 files, dt = self._export(s, {}, gen)
                 out: dict[Any, Any] = {state: s, status: info}
-                for comp, key in zip(images, ("input", "pivot", "recon", "edit")):
-                    if key in imgs:
-                        out[comp] = imgs[key]
+                s.shown = {k: imgs.get(k) for k in ("input", "pivot", "recon")}
+                for comp, key in zip(images, ("input", "pivot", "recon")):
+                    out[comp] = s.shown[key]
                 out[im_edit] = str(files["png"])
                 out[render_info] = f"rendered in {dt * 1000:.1f} ms ({'tuned' if s.editor.tuned else 'base'} generator)"
                 for comp, key in zip(downloads, ("png", "npz", "generator")):
@@ -277,8 +278,9 @@ class EditorApp:
                             yield {status: msg, images[("input", "pivot", "recon").index(key)]: f}
                         else:
                             progress((p.step, max(p.total, p.step)), desc=f"{p.stage} step", unit="steps")
-                    elif kind == "error":
-                        yield {status: _error(val)}
+                    elif kind == "error":  # the image being edited stays, with its pictures
+                        back = {comp: s.shown.get(key) for comp, key in zip(images, ("input", "pivot", "recon"))}
+                        yield {status: _error(val), **back}
                         return
                     else:
                         break
