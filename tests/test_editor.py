@@ -212,6 +212,7 @@ def test_uploads_are_checked_before_they_are_read(tmp_path):
         check_upload(big, 10_000_000, max_pixels=50_000)
 
 
+@pytest.mark.slow
 def test_face_alignment_is_the_align_commands(tmp_path):
     """``align=True`` crops a photo as ``cycle-encoding align`` does (at the generator's resolution); an image with
     no face is refused."""

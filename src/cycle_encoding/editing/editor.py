@@ -83,6 +83,10 @@ class Progress:
     seconds: float = 0.0
 
 
+def _nonzero(strengths: Mapping[str, float] | None) -> dict[str, float]:
+    return {k: float(v) for k, v in (strengths or {}).items() if float(v) != 0.0}
+
+
 def tensor_to_pil(y: torch.Tensor) -> Image.Image:
     """``[1, C, H, W]`` or ``[C, H, W]`` in [-1, 1] -> PIL, exactly as the project saves its PNGs."""
     from ..utils import to_pil
@@ -282,6 +286,7 @@ class Editor:
         self.run: Any = None  # the InversionRun opened, if any
         self._strengths: dict[str, float] = {}
         self._edited: torch.Tensor | None = None
+        self._rendered: torch.Tensor | None = None
 
     # -- construction --------------------------------------------------------------------------------------------
     def fork(self) -> Editor:
@@ -507,6 +512,7 @@ class Editor:
         self.source = source
         self._strengths = {}
         self._edited = None
+        self._rendered = None
 
     # -- editing ---------------------------------------------------------------------------------------------------
     def _need_image(self) -> torch.Tensor:
@@ -533,8 +539,9 @@ class Editor:
 
         ws = self.edited_codes(strengths)
         y = render_one(self.generator, ws)
-        self._strengths = {k: float(v) for k, v in (strengths or {}).items() if float(v) != 0.0}
+        self._strengths = _nonzero(strengths)
         self._edited = ws.detach().cpu()
+        self._rendered = y
         return y
 
     def render(self, strengths: Mapping[str, float] | None = None) -> Image.Image:
@@ -565,8 +572,10 @@ class Editor:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         chosen = dict(self._strengths) if strengths is None else {k: float(v) for k, v in strengths.items()}
-        y = self.render_tensor(chosen)
-        assert self._edited is not None and self.pivot is not None
+        if self._rendered is None or list(_nonzero(chosen).items()) != list(self._strengths.items()):
+            self.render_tensor(chosen)
+        y = self._rendered
+        assert y is not None and self._edited is not None and self.pivot is not None
         paths = {"png": save_image(y[0], out / "edited.png")}
         w = self._edited.float().numpy()
         piv = self.pivot.float().numpy()

@@ -207,7 +207,6 @@ class EditorApp:
             images = [im_input, im_pivot, im_recon, im_edit]
             downloads = [dl_png, dl_npz, dl_gen]
             everything = [status, *images, render_info, *downloads, *sliders, state, run_image]
-            self.components = dict(status=status, upload=upload, sliders=sliders, state=state)
 
             def updates(s: Session, info: str, gen: bool, **imgs: Any) -> dict[Any, Any]:
                 files, dt = self._export(s, {}, gen)
