@@ -42,6 +42,7 @@ GANSPACE_SAMPLES = 50_000
 RANGE_SAMPLES = 2_000
 RANGE_SIGMAS = 3.0
 DEFAULT_STAGES = ("encoder", "tune")
+MAX_INVERTERS = 4  # inverters kept (each holds its loss networks and, for refine, the encoder's training images)
 # the feature network the shipped Fashion-MNIST models were trained and evaluated with (see README)
 SHIPPED_LOSS_NETWORKS = {"fmnist-generator": {"perceptual": "fmnist-features", "identity": "fmnist-features",
                                               "train_data": "fashion-mnist"}}  # fmt: skip
@@ -225,13 +226,15 @@ class _Shared:
         from ..inversion.pipeline import Inverter
 
         spec = json.dumps({"stages": list(stages), **options}, sort_keys=True, default=str)
-        inv = self._inverters.get(spec)
+        inv = self._inverters.pop(spec, None)
         if inv is None:
             if self.encoder is None and any(s in ("encoder", "refine") for s in stages):
                 raise CycleEncodingError("stages encoder and refine need an encoder; this editor has none")
             opts = {**self.loss_options, **options}
             inv = Inverter(self.G, self.encoder, stages=tuple(stages), device=self.device, **opts)
-            self._inverters[spec] = inv
+        self._inverters[spec] = inv  # most recently used last; the oldest goes beyond MAX_INVERTERS
+        while len(self._inverters) > MAX_INVERTERS:
+            self._inverters.pop(next(iter(self._inverters)))
         return inv
 
     def aligner(self) -> Any:

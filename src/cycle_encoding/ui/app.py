@@ -157,7 +157,8 @@ class EditorApp:
         ed = self.template
         G = ed.base
         title = "cycle-encoding editor"
-        with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        # Gradio's copies of the files shown and offered: those older than a day are removed every hour
+        with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
             state = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)
             gr.Markdown(
                 f"## {title}\nGenerator: {G.resolution}x{G.resolution}, {G.img_channels} channel(s), "
