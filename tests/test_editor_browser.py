@@ -172,7 +172,7 @@ def download(d, elem_id: str, name: str) -> Path:
     target = d.downloads / name
     target.unlink(missing_ok=True)
     d.find_element(By.ID, elem_id).click()
-    return wait_for(lambda: target if target.is_file() and target.stat().st_size > 0 else None, 60,
+    return wait_for(lambda: target if target.is_file() and target.stat().st_size > 0 else None, 120,
                     f"{name} was not downloaded")  # fmt: skip
 
 
@@ -184,7 +184,7 @@ def test_upload_invert_edit_download_and_bad_uploads(server, browser):
 
     d = browser
     d.get(server["url"])
-    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 60, "the page did not load")
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 120, "the page did not load")
     assert d.title == "cycle-encoding editor"
     # one slider per direction: the file's, then 2 SeFa and 2 GANSpace ones
     wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, "[id^=dir-] input[type=range]")) == 5, 30, "no sliders")
@@ -209,7 +209,7 @@ def test_upload_invert_edit_download_and_bad_uploads(server, browser):
     num = d.find_element(By.CSS_SELECTOR, "#dir-0 input[type=number]")
     strength = round(float(num.get_attribute("value")), 6)
     assert strength > 0
-    wait_for(lambda: f"wider {strength:+g}" in text_of(d, "render-info") and image_src(d, "im-edit") != src0, 60,
+    wait_for(lambda: f"wider {strength:+g}" in text_of(d, "render-info") and image_src(d, "im-edit") != src0, 120,
              f"no render for strength {strength}; shown: {text_of(d, 'render-info')!r}")  # fmt: skip
     assert "rendered in" in text_of(d, "render-info")
     shown = fetch_image(image_src(d, "im-edit"))
@@ -240,7 +240,7 @@ def test_upload_invert_edit_download_and_bad_uploads(server, browser):
     input_before = fetch_image(image_src(d, "im-input"))
     d.find_element(By.XPATH, "//*[@id='stages']//label[.//*[text()='encoder']]").click()
     d.find_element(By.ID, "invert").click()
-    wait_for(lambda: "needs a pivot" in text_of(d, "status"), 60, f"no error shown: {text_of(d, 'status')!r}")
+    wait_for(lambda: "needs a pivot" in text_of(d, "status"), 120, f"no error shown: {text_of(d, 'status')!r}")
     wait_for(lambda: image_src(d, "im-recon"), 10, "the reconstruction did not come back")
     np.testing.assert_array_equal(fetch_image(image_src(d, "im-input")), input_before)
     np.testing.assert_array_equal(fetch_image(image_src(d, "im-recon")), recon)
@@ -251,7 +251,7 @@ def test_upload_invert_edit_download_and_bad_uploads(server, browser):
     notes.write_text("this is not an image\n" * 20)
     clear_upload(d)
     upload(d, notes)
-    wait_for(lambda: "not an image" in text_of(d, "status"), 60, f"no error shown: {text_of(d, 'status')!r}")
+    wait_for(lambda: "not an image" in text_of(d, "status"), 120, f"no error shown: {text_of(d, 'status')!r}")
     assert "Error" in text_of(d, "status")
     # a file over the size limit: refused too
     big = server["tmp"] / "big.png"
@@ -259,7 +259,7 @@ def test_upload_invert_edit_download_and_bad_uploads(server, browser):
     assert big.stat().st_size > LIMIT_MB * 1e6
     clear_upload(d)
     upload(d, big)
-    wait_for(lambda: "over the upload limit of 0.2 MB" in text_of(d, "status"), 60,
+    wait_for(lambda: "over the upload limit of 0.2 MB" in text_of(d, "status"), 120,
              f"no size error shown: {text_of(d, 'status')!r}")  # fmt: skip
 
     # still working: the next slider move renders with the same image
@@ -267,7 +267,7 @@ def test_upload_invert_edit_download_and_bad_uploads(server, browser):
     rng = d.find_element(By.CSS_SELECTOR, "#dir-1 input[type=range]")
     ActionChains(d).click_and_hold(rng).move_by_offset(-rng.size["width"] // 5, 0).release().perform()
     s1 = round(float(d.find_element(By.CSS_SELECTOR, "#dir-1 input[type=number]").get_attribute("value")), 6)
-    wait_for(lambda: image_src(d, "im-edit") != src1, 60, "no render after the bad uploads")
+    wait_for(lambda: image_src(d, "im-edit") != src1, 120, "no render after the bad uploads")
     np.testing.assert_array_equal(
         fetch_image(image_src(d, "im-edit")),
         np.asarray(ed.render({"wider": strength, "sefa:0": s1}).convert("L")),
@@ -288,7 +288,7 @@ def test_open_a_run_folder_and_browse_its_images(server, browser):
 
     d = browser
     d.get(server["url"])
-    header = wait_for(lambda: d.find_elements(By.XPATH, "//*[text()='Open a run folder']"), 60, "no page")
+    header = wait_for(lambda: d.find_elements(By.XPATH, "//*[text()='Open a run folder']"), 120, "no page")
     header[0].click()  # the accordion holding the run folder box
     wait_for(lambda: d.find_elements(By.ID, "open-run"), 10, "the accordion did not open")
     run = server["run"]
@@ -297,7 +297,7 @@ def test_open_a_run_folder_and_browse_its_images(server, browser):
     box.send_keys(str(run))
     d.find_element(By.ID, "open-run").click()
     names = ["test-00000-ankle-boot", "test-00010-coat"]
-    wait_for(lambda: f"run/{names[0]}" in text_of(d, "status"), 60, f"run not opened: {text_of(d, 'status')!r}")
+    wait_for(lambda: f"run/{names[0]}" in text_of(d, "status"), 120, f"run not opened: {text_of(d, 'status')!r}")
 
     def recon_of(name: str) -> np.ndarray:
         with Image.open(run / "images" / name / "recon_tune.png") as im:
@@ -310,14 +310,14 @@ def test_open_a_run_folder_and_browse_its_images(server, browser):
     thumbs = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#run-gallery button img"), 30, "no gallery")
     assert len(thumbs) == 2
     thumbs[1].click()
-    wait_for(lambda: f"run/{names[1]}" in text_of(d, "status"), 60, f"not opened: {text_of(d, 'status')!r}")
+    wait_for(lambda: f"run/{names[1]}" in text_of(d, "status"), 120, f"not opened: {text_of(d, 'status')!r}")
     np.testing.assert_array_equal(fetch_image(image_src(d, "im-recon")), recon_of(names[1]))
     # and it edits like Editor.open_run on that image
     src0 = image_src(d, "im-edit")
     rng = d.find_element(By.CSS_SELECTOR, "#dir-3 input[type=range]")
     ActionChains(d).click_and_hold(rng).move_by_offset(rng.size["width"] // 3, 0).release().perform()
     a = round(float(d.find_element(By.CSS_SELECTOR, "#dir-3 input[type=number]").get_attribute("value")), 6)
-    wait_for(lambda: image_src(d, "im-edit") != src0, 60, "no render")
+    wait_for(lambda: image_src(d, "im-edit") != src0, 120, "no render")
     ed = Editor.open_run(run, names[1], directions=[server["direction"]], components=2)
     want = np.asarray(ed.render({"ganspace:0": a}).convert("L"))
     np.testing.assert_array_equal(fetch_image(image_src(d, "im-edit")), want)
