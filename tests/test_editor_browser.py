@@ -140,6 +140,21 @@ def browser(server):
         d.quit()
 
 
+@pytest.fixture
+def page(server, browser):
+    """The browser; when the test fails, the page's text, a screenshot and the server's log are kept for the report."""
+    yield browser
+    # (runs after the test; pytest shows what is printed here for a failing test)
+    shot = server["tmp"] / f"page-{int(time.time())}.png"
+    try:
+        browser.save_screenshot(str(shot))
+        body = browser.find_element(By.TAG_NAME, "body").text
+    except Exception as e:  # the browser itself may be the failure
+        body = f"(no page: {e})"
+    print(f"--- page text ---\n{body[:3000]}\n--- screenshot: {shot}\n--- server log (end) ---")
+    print(server["log"].read_text()[-3000:])
+
+
 def text_of(d, elem_id: str) -> str:
     return d.find_element(By.ID, elem_id).text
 
@@ -176,13 +191,13 @@ def download(d, elem_id: str, name: str) -> Path:
                     f"{name} was not downloaded")  # fmt: skip
 
 
-def test_upload_invert_edit_download_and_bad_uploads(server, browser):
+def test_upload_invert_edit_download_and_bad_uploads(server, page):
     import torch
 
     from cycle_encoding.checkpoints.generator import load_generator
     from cycle_encoding.editing.editor import Editor
 
-    d = browser
+    d = page
     d.get(server["url"])
     wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 120, "the page did not load")
     assert d.title == "cycle-encoding editor"
@@ -283,10 +298,10 @@ def test_upload_invert_edit_download_and_bad_uploads(server, browser):
     assert urls and not outside, outside[:5]
 
 
-def test_open_a_run_folder_and_browse_its_images(server, browser):
+def test_open_a_run_folder_and_browse_its_images(server, page):
     from cycle_encoding.editing.editor import Editor
 
-    d = browser
+    d = page
     d.get(server["url"])
     header = wait_for(lambda: d.find_elements(By.XPATH, "//*[text()='Open a run folder']"), 120, "no page")
     header[0].click()  # the accordion holding the run folder box
