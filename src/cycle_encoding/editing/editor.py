@@ -223,7 +223,7 @@ class _Shared:
         return out
 
     def inverter(self, stages: Sequence[str], options: Mapping[str, Any]) -> Any:
-        from ..inversion.pipeline import Inverter
+        from ..inversion import Inverter
 
         spec = json.dumps({"stages": list(stages), **options}, sort_keys=True, default=str)
         inv = self._inverters.pop(spec, None)
@@ -409,7 +409,8 @@ class Editor:
         """Invert ``image`` with ``stages`` (the inversion pipeline's ``Inverter``; ``options`` as its keyword
         options, e.g. ``tune={"steps": 50}``) and make it the current image; returns the ``InversionResult``.
         ``progress`` sees every optimization step and each finished stage (with its reconstruction)."""
-        from ..inversion.pipeline import PIVOT_STAGES, make_config
+        from ..inversion import make_config
+        from .render import PIVOT_STAGES
 
         stages = tuple(stages)
         cfg = make_config(None, stages=stages, **{**self._s.loss_options, **options})
