@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("checkpoints", "data", "losses", "metrics", "sampling"),
     ("training", "inversion", "editing"),
     ("report",),
-    ("cli", ""),
+    ("cli", "ui", ""),  # ui: the browser editor (DESIGN.md: "cli, the web editor, scripts")
 ]
 
 
