@@ -20,9 +20,8 @@ from cycle_encoding.editing.editor import Editor
 from cycle_encoding.editing.render import EditRequest, InversionRun, named_directions, render_run_edits
 from cycle_encoding.errors import CycleEncodingError
 from cycle_encoding.inversion import Inverter, load_generator_delta
-from cycle_encoding.networks.encoder import Encoder4Editing, EncoderConfig
 from cycle_encoding.utils import save_image, to_uint8
-from tests.conftest import make_tiny_generator
+from tests.conftest import make_tiny_generator, own_images, tiny_encoder
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist"
 
@@ -40,14 +39,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("editor-run")
     G = make_tiny_generator(seed=2)
     save_generator(G, root / "G.safetensors")
-    torch.manual_seed(0)
-    E = Encoder4Editing(
-        EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim, input_size=16, widths=(8, 8, 16, 16), units=(1, 1, 1, 1))
-    )
-    E.set_w_avg(G.w_avg)
-    save_encoder(E, root / "E.safetensors")
-    with torch.no_grad():
-        imgs = G(torch.randn(2, G.z_dim, generator=torch.Generator().manual_seed(4)))
+    save_encoder(tiny_encoder(G), root / "E.safetensors")
+    imgs = own_images(G, 2, seed=4)
     for i in range(2):
         save_image(imgs[i], root / "images" / f"im{i}.png")
     inv = Inverter(str(root / "G.safetensors"), str(root / "E.safetensors"), stages=("encoder", "tune"),
