@@ -26,6 +26,12 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--refine-lambda", "refine.lambda_reg", float, "weight lambda_reg of the regularizer (default M)"),
     ("--refine-lr", "refine.lr", float, "refinement learning rate (default: the encoder's optimizer state's, 1e-4)"),
     ("--refine-size", "refine.image_size", int, "loss image size of the refinement (default: the training size)"),
+    ("--refine-optimizer", "refine.optimizer_state", str,
+     "the refinement's Ranger state: auto (default: restored from the encoder file, else the substitute), restore, "
+     "substitute (moments estimated from training images) or fresh"),
+    ("--refine-substitute-batches", "refine.substitute_batches", int,
+     "batches of training images the substitute state is estimated from (default 20)"),
+    ("--refine-noise", "refine.noise_mode", str, "generator noise in the refinement: random (default) or const"),
     ("--project-steps", "project.steps", int, "W projector steps (default 450)"),
     ("--project-lr", "project.lr", float, "W projector initial learning rate (default 0.01)"),
     ("--project-l2", "project.l2_lambda", float, "weight of a pixel MSE in the projector (default 0, as PTI)"),
@@ -140,6 +146,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
         if inv.dist.is_main:
             nets = inv.network_names()
             print(f"networks: perceptual {nets['perceptual']}; identity {nets['identity']}", file=sys.stderr)
+            if inv.refiner is not None:
+                print(f"refine: optimizer state {inv.refiner.optimizer_note}", file=sys.stderr)
         summary = inv.run(args.images, args.out, recursive=args.recursive, verbose=not args.quiet, debug=args.debug)
     finally:
         inv.close()

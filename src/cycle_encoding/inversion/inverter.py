@@ -131,7 +131,7 @@ class Inverter:
                 self.G, self.E, train_images, cfg.refine, self.nets,
                 optimizer_state=self.source.optimizer_state,
                 optimizer_settings=self.source.optimizer_settings,
-                image_size=size,
+                image_size=size, seed=cfg.seed, source=self.source.path,
             )  # fmt: skip
 
     # -- set-up --------------------------------------------------------------------------------------------------
@@ -186,7 +186,9 @@ class Inverter:
                 "train_images": self.train_data_name,
                 "image_size": self.refiner.image_size,
                 "lr": self.refiner.lr,
-                "optimizer_state": "from the encoder file" if self.refiner.has_optimizer_state else "fresh Ranger",
+                "optimizer_state": self.refiner.optimizer_source,
+                "optimizer_state_note": self.refiner.optimizer_note,
+                "noise": self.config.refine.noise_mode,
             }
         return out
 
