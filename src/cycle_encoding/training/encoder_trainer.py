@@ -25,7 +25,8 @@ A run lives in a numbered folder ``OUT/NNNNN-encoder-PRESET``: ``config.json`` (
 ``schedule.json``, ``log.jsonl`` (losses, stage, weights, timings; validation records), ``tb/`` (TensorBoard),
 ``images/`` (reconstruction grids of held-out images), ``checkpoint.pt`` (everything needed to continue
 exactly: networks, both optimizers, the pool, the sampler position, all random states), and at the end
-``encoder.safetensors`` (the project's format, with the stage the run ended in).
+``encoder.safetensors`` (the project's format, with the stage the run ended in) with its Ranger state beside it,
+``encoder-optimizer.safetensors`` (which the refinement restores for every target).
 """
 
 from __future__ import annotations
@@ -463,7 +464,13 @@ class EncoderTrainer(Trainer):
             data=str(self.cfg.data),
             networks=self.network_names(),
         )
-        return save_encoder(self.E, self.run_dir / "encoder.safetensors", prov, trained_stage=self.E.stage)
+        from ..checkpoints.optimizer import companion_path, from_optimizer, save_optimizer_state
+
+        path = save_encoder(self.E, self.run_dir / "encoder.safetensors", prov, trained_stage=self.E.stage)
+        # the Ranger state beside it: the refinement restores it for every target, as the authors do
+        st = from_optimizer(self.opt_e, self.E, f"{self.run_dir.name}: train-encoder step {self.step}")
+        save_optimizer_state(companion_path(path), st, self.E, provenance=prov)
+        return path
 
     def digest_modules(self) -> tuple[nn.Module, ...]:
         return (self.E, self.D)
