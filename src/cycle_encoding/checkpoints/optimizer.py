@@ -13,8 +13,8 @@ The regularized refinement (Method 2) restores the encoder's optimizer state for
 - the companion file ``NAME-optimizer.safetensors`` next to an encoder ``NAME.safetensors`` (kind
   ``encoder-optimizer``; written by :func:`save_optimizer_state`, e.g. the shipped ``fmnist-encoder``'s): per parameter
   ``NAME.exp_avg``, ``NAME.exp_avg_sq`` and ``NAME.slow_minus_weight`` (Lookahead's slow weights stored as their
-  difference from the encoder's weights, so that storing it in bf16 loses nothing that matters), the step counts and
-  the hyper-parameters in the header.
+  difference from the encoder's weights, so that storing it in bf16 loses nothing that matters; absent where it is
+  zero, right after a Lookahead sync), the step counts and the hyper-parameters in the header.
 
 Strict: a state whose parameter count, names or tensor shapes do not fit the encoder is an error naming the file and
 the first mismatch, never a partial load.
@@ -200,7 +200,9 @@ def save_optimizer_state(
         tensors[f"{name}.exp_avg"] = s["exp_avg"].float().cpu().to(dtype)
         tensors[f"{name}.exp_avg_sq"] = s["exp_avg_sq"].float().cpu().to(dtype)
         if "slow_buffer" in s:
-            tensors[f"{name}.slow_minus_weight"] = (s["slow_buffer"].float().cpu() - w).to(dtype)
+            diff = s["slow_buffer"].float().cpu() - w
+            if bool(diff.any()):  # equal right after a Lookahead sync: nothing to store
+                tensors[f"{name}.slow_minus_weight"] = diff.to(dtype)
         steps[name] = int(s["step"])
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in st.settings.items()}
     return save_native(
@@ -230,7 +232,8 @@ def load_optimizer_state(path: str | Path, module: nn.Module) -> OptimizerState:
         for k in ("exp_avg", "exp_avg_sq", "slow_minus_weight"):
             t = nf.tensors.get(f"{name}.{k}")
             if t is None:
-                if k == "slow_minus_weight":
+                if k == "slow_minus_weight":  # not stored: the slow weights equal the weights
+                    entry["slow_buffer"] = w.clone()
                     continue
                 raise CheckpointError(path, f"no {k} for {name!r}")
             if tuple(t.shape) != tuple(w.shape):

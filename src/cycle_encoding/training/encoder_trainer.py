@@ -322,6 +322,7 @@ class EncoderTrainer(Trainer):
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.E.load_state_dict(ck["encoder"])
+        self.E.stage = int(ck.get("trained_stage", self.E.max_stage))  # a run resumed at its end exports this stage
         self.D.load_state_dict(ck["discriminator"])
         self.opt_e.load_state_dict(ck["opt_e"])
         self.opt_d.load_state_dict(ck["opt_d"])
