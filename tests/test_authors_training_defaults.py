@@ -112,3 +112,19 @@ def test_random_noise_changes_the_reconstruction_and_const_does_not(setup):  # n
     with torch.no_grad():
         assert torch.equal(c.render(ws), c.render(ws))
     c.close()
+
+
+def test_cli_options_reach_the_config(setup, capsys):  # noqa: F811
+    from cycle_encoding.cli import main
+
+    rc = main(["train-encoder", "--generator", str(setup / "g.safetensors"), "--data", str(setup / "data"),
+               "--dry-run", "--zero-grad", "none", "--noise", "const", "--d-fake-codes", "raw-offset"])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    cfg = json.loads(text[: text.index("\n}\n") + 2])
+    assert (cfg["zero_grad"], cfg["noise_mode"], cfg["d_fake_codes"], cfg["identity"]) == (
+        "none", "const", "raw-offset", "auto",
+    )  # fmt: skip
+    assert main(["train-encoder", "--generator", str(setup / "g.safetensors"), "--data", str(setup / "data"),
+                 "--dry-run", "--zero-grad", "off"]) == 2  # fmt: skip
+    assert "zero_grad: 'off' is not one of 'zero', 'none'" in capsys.readouterr().err
