@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--others", type=int, default=40)
     p.add_argument("--out", default="out/refine-state")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-refine", action="store_true", help="only the encoders' pivots (the zero_grad comparison)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     train = open_dataset(src.train_data or "fashion-mnist", 32, 1, "train")
     refiners = {}
     t0 = time.perf_counter()
-    for v in VARIANTS:
+    variants = () if a.no_refine else VARIANTS
+    for v in variants:
         refiners[v] = RegularizedRefiner(
             G, src.encoder, train, RefineConfig(optimizer_state="auto" if v == "restored" else v), nets,
             optimizer_state=src.optimizer_state if v == "restored" else None,
@@ -89,29 +91,38 @@ def main(argv: list[str] | None = None) -> int:
             r["perceptual"].append(float(dist(y, x).reshape(-1)[0]))
             r["moved"].append(float((pivot - ref).norm()) if ref is not None else 0.0)
 
-    secs = {v: 0.0 for v in VARIANTS}
+    secs = {v: 0.0 for v in variants}
+    done = 0
     for pos, (index, _label) in enumerate(chosen):
         x = test_image(index)
         base = encoder_pivot(src.encoder, x, "all").detach()
         add("encoder only (Method 1)", x, base, None)
-        for v in VARIANTS:
+        for v in variants:
             t = time.perf_counter()
             res = refiners[v].refine(x, stage_seed(a.seed, pos, "refine"))
             secs[v] += time.perf_counter() - t
             add(f"refine, {v}", x, res.pivot.detach(), base)
         for name, E in encoders.items():
             add(f"all-offsets encoder, zero_grad {name}", x, encoder_pivot(E, x, "all").detach(), None)
-        if (pos + 1) % 8 == 0:
-            print(f"{pos + 1}/{len(chosen)} images", file=sys.stderr)
+        done = pos + 1
+        if done % 8 == 0 or done == len(chosen):
+            print(f"{done}/{len(chosen)} images", file=sys.stderr)
+            write(out, a, rows, refiners, secs, done, setup_s)
+    return 0
+
+
+def write(out: Path, a: argparse.Namespace, rows: dict, refiners: dict, secs: dict, done: int, setup_s: float) -> None:
+    """results.json and table.md of the images done so far (the run can be stopped at any time)."""
     summary = {
         k: {m: dict(zip(("mean", "std"), mean_std(vals), strict=True)) for m, vals in r.items()}
         for k, r in rows.items()
     }
     result = {
-        "images": len(chosen),
+        "images": done,
         "encoder": str(a.encoder),
-        "optimizer_notes": {v: refiners[v].optimizer_note for v in VARIANTS},
-        "seconds_per_image": {v: secs[v] / max(1, len(chosen)) for v in VARIANTS},
+        "command": " ".join(sys.argv),
+        "optimizer_notes": {v: r.optimizer_note for v, r in refiners.items()},
+        "seconds_per_image": {v: t / max(1, done) for v, t in secs.items()},
         "setup_seconds": setup_s,
         "summary": summary,
         "per_image": rows,
@@ -128,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['perceptual']['mean']:.4f} ± {s['perceptual']['std']:.4f} | {moved} |"
         )
     table = "\n".join(lines)
-    (out / "table.md").write_text(table + "\n")
+    (out / "table.md").write_text(f"{done} images\n\n" + table + "\n")
     print(table)
-    return 0
 
 
 if __name__ == "__main__":
