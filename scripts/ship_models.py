@@ -206,7 +206,9 @@ def refine_state_comparison(E: Any, G: Any, states: dict[str, Any], n: int = REF
     return out
 
 
-def ship_optimizer_state(run: Path, E: Any, G: Any, name: str) -> tuple[Path, dict[str, Any]]:
+def ship_optimizer_state(
+    run: Path, E: Any, G: Any, name: str, compare: int = REFINE_COMPARE_IMAGES
+) -> tuple[Path, dict[str, Any]]:
     """The run's Ranger state (its ``checkpoint.pt``) beside the shipped encoder, in bf16; and the comparison."""
     from cycle_encoding.checkpoints.optimizer import companion_path, load_optimizer_state, save_optimizer_state
     from cycle_encoding.inversion import load_encoder_source
@@ -220,11 +222,14 @@ def ship_optimizer_state(run: Path, E: Any, G: Any, name: str) -> tuple[Path, di
     dst = companion_path(MODELS_DIR / f"{name}.safetensors")
     save_optimizer_state(dst, src.optimizer_state, E, torch.bfloat16)
     shipped = load_optimizer_state(dst, E)
-    cmp = refine_state_comparison(E, G, {"fp32": src.optimizer_state, "bf16": shipped})
+    cmp = refine_state_comparison(E, G, {"fp32": src.optimizer_state, "bf16": shipped}, compare)
+    cmp["images"] = compare
     return dst, cmp
 
 
-def ship_encoder(run: Path, generator: Path, name: str = "fmnist-encoder") -> Path:
+def ship_encoder(
+    run: Path, generator: Path, name: str = "fmnist-encoder", compare: int = REFINE_COMPARE_IMAGES
+) -> Path:
     from cycle_encoding.checkpoints.encoder import load_encoder
     from cycle_encoding.checkpoints.generator import load_generator
 
@@ -244,7 +249,7 @@ def ship_encoder(run: Path, generator: Path, name: str = "fmnist-encoder") -> Pa
     vals = [r for r in log if r["kind"] == "val"]
     wall = float(end["time"]) - float(start["time"])  # one uninterrupted run (a resumed run would count the gap)
     m = encoder_metrics(E, G)
-    opt_file, cmp = ship_optimizer_state(run, E, G, name)
+    opt_file, cmp = ship_optimizer_state(run, E, G, name, compare)
     command = cfg["_resolved"]["command"].replace(str(Path.home() / ".cache/cycle-encoding/runs"), "runs")
     command = command.replace(str(generator), "fmnist-generator").replace(str(ROOT) + "/", "")
     command = command.replace(".venv/bin/cycle-encoding", "cycle-encoding")
@@ -314,7 +319,7 @@ def ship_encoder(run: Path, generator: Path, name: str = "fmnist-encoder") -> Pa
         "run's Ranger state at its last step (moments, step counts, Lookahead's slow weights as their offset from the "
         "weights), stored in bf16. `invert --stages encoder,refine,...` restores it for every target, as the authors' "
         "refinement restores theirs (`--refine-optimizer fresh|substitute` to do otherwise). Stored in bf16 rather "
-        f"than fp32 it changes the refinement's result on the first {REFINE_COMPARE_IMAGES} test images by at most "
+        f"than fp32 it changes the refinement's result on the first {cmp['images']} test images by at most "
         f"{cmp['max_pivot_diff']:.2e} in any pivot entry (mean {cmp['mean_pivot_diff']:.2e}); reconstruction MSE "
         f"after refinement {cmp['fp32']:.5f} (fp32 state) vs {cmp['bf16']:.5f} (bf16 state).",
         "",
@@ -329,13 +334,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--generator-run", type=Path, default=None)
     p.add_argument("--encoder-run", type=Path, default=None)
+    p.add_argument(
+        "--compare-images",
+        type=int,
+        default=REFINE_COMPARE_IMAGES,
+        help="test images refined with the fp32 and the bf16 optimizer state for the card (default 16)",
+    )
     p.add_argument("--grid", type=Path, default=ROOT / "docs" / "images" / "fmnist-generator-samples.png")
     a = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.generator_run:
         print(ship_generator(a.generator_run, a.grid))
     if a.encoder_run:
-        print(ship_encoder(a.encoder_run, MODELS_DIR / "fmnist-generator.safetensors"))
+        print(ship_encoder(a.encoder_run, MODELS_DIR / "fmnist-generator.safetensors", compare=a.compare_images))
     return 0
 
 
