@@ -285,3 +285,22 @@ def e4e_encoder_sd(
     sd["latlayer2.weight"] = 0.1 * torch.randn(c3, widths[1], 1, 1, generator=g)
     sd["latlayer2.bias"] = torch.zeros(c3)
     return sd
+
+
+def e4e_module_order(sd: dict) -> dict:
+    """``sd`` (encoder keys without prefix) reordered as e4e's ``Encoder4Editing.state_dict()`` lists them: its
+    module definition order, input_layer, body (per unit: shortcut_layer, then res_layer, as ``bottleneck_IR_SE``
+    defines them), styles, latlayer1, latlayer2; within a module the order of ``sd``."""
+
+    def rank(item: tuple[int, str]) -> tuple:
+        pos, k = item
+        parts = k.split(".")
+        if parts[0] == "input_layer":
+            return (0, pos)
+        if parts[0] == "body":
+            return (1, int(parts[1]), 0 if parts[2] == "shortcut_layer" else 1, pos)
+        if parts[0] == "styles":
+            return (2, int(parts[1]), pos)
+        return (3 if parts[0] == "latlayer1" else 4, pos)
+
+    return {k: sd[k] for _, k in sorted(enumerate(sd), key=rank)}

@@ -76,6 +76,15 @@ def test_training_lowers_reconstruction_loss(setup):
     run = t.run_dir
     assert (run / "config.json").is_file() and (run / "schedule.json").is_file()
     assert (run / "checkpoint.pt").is_file() and (run / "encoder.safetensors").is_file()
+    # the Ranger state beside the encoder, the one of the training checkpoint
+    from cycle_encoding.inversion import load_encoder_source
+
+    side = load_encoder_source(run / "encoder.safetensors").optimizer_state
+    ck = load_encoder_source(run / "checkpoint.pt").optimizer_state
+    assert side is not None and ck is not None and set(side.state) == set(ck.state)
+    for name, st in ck.state.items():
+        assert side.state[name]["step"] == st["step"] and torch.equal(side.state[name]["exp_avg"], st["exp_avg"])
+        torch.testing.assert_close(side.state[name]["slow_buffer"], st["slow_buffer"])
     assert list((run / "images").glob("step*.png"))
     E = ce.load_encoder(run / "encoder.safetensors")
     assert E.trained_stage == E.max_stage == 5  # e4e preset: W+ at the end

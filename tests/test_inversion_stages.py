@@ -76,12 +76,15 @@ def test_refine_lowers_target_loss_and_resets(tiny):
     # Eq. 6 with lambda_reg = M = 7: the loss is the mean of L_S over the 8 images
     for rec in out.losses:
         assert rec["loss"] == pytest.approx((rec["target_l_s"] + 7 * rec["reg_l_s"]) / 8, rel=1e-5)
-    # the first step's L_S of the target, computed here from the same draws: train mode, batch [7 random + x]
-    idx = torch.randperm(len(data), generator=cpu_generator(11))[:7]
+    # the first step's L_S of the target, computed here from the same draws: train mode, batch [7 random + x],
+    # G's random noise drawn from the image's generator after the images (the authors' randomize_noise=True)
+    gen = cpu_generator(11)
+    idx = torch.randperm(len(data), generator=gen)[:7]
     batch = torch.cat([data.images[idx], x])
+    noise = G.make_noise(8, generator=gen, device="cpu")
     Ec = tiny_encoder(G).train()
     with torch.no_grad():
-        y = pool_to(G.synthesis(Ec(batch), noise_mode="const"), 16)
+        y = pool_to(G.synthesis(Ec(batch), noise=noise), 16)
         ls = (y[-1:] - x).square().mean() + 0.8 * P(y[-1:], x)[0]
     assert out.losses[0]["target_l_s"] == pytest.approx(float(ls), rel=1e-5)
     # the pivot is the target's code of the last forward, in train mode, after 15 updates
@@ -128,7 +131,7 @@ def test_refine_takes_optimizer_state_and_data_from_training_checkpoint(tiny, tm
                    refine={"num_random": 3, "steps": 3})  # fmt: skip
     ref = inv.refiner
     assert ref is not None and ref.has_optimizer_state and ref.lr == 5e-4
-    assert len(ref.data) == 10 and inv.describe()["refine"]["optimizer_state"] == "from the encoder file"
+    assert len(ref.data) == 10 and inv.describe()["refine"]["optimizer_state"] == "restored"
     steps = {int(s["step"]) for s in ref.optimizer.state.values()}
     assert steps == {3}
     first = next(iter(ref.optimizer.state.values()))["exp_avg"].clone()

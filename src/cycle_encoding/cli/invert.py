@@ -18,7 +18,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--perceptual", "perceptual", str,
      "perceptual distance: lpips-alex (default; needs --lpips-backbone), lpips-vgg, dlib-face, ... or none"),
     ("--lpips-backbone", "lpips_backbone", str, "torchvision ImageNet AlexNet/VGG16 state dict for LPIPS"),
-    ("--identity", "identity", str, "identity network of the refinement's ID term: arcface, dlib-face, ... or none"),
+    ("--identity", "identity", str,
+     "identity network of the refinement's ID term (weight 0.1): auto (default: the domain's, fmnist-features for "
+     "Fashion-MNIST, arcface with --identity-weights, else none), arcface, dlib-face, moco, fmnist-features or none"),
     ("--identity-weights", "identity_weights", str, "weights file of the identity network"),
     ("--seed", "seed", int, "random seed (default 0); each image's draws derive from it and the image's index"),
     ("--refine-steps", "refine.steps", int, "refinement forward passes K (default 16: pivot after 15 updates)"),
@@ -26,9 +28,20 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--refine-lambda", "refine.lambda_reg", float, "weight lambda_reg of the regularizer (default M)"),
     ("--refine-lr", "refine.lr", float, "refinement learning rate (default: the encoder's optimizer state's, 1e-4)"),
     ("--refine-size", "refine.image_size", int, "loss image size of the refinement (default: the training size)"),
+    ("--refine-optimizer", "refine.optimizer_state", str,
+     "the refinement's Ranger state: auto (default: restored from the encoder file, else the substitute), restore, "
+     "substitute (moments estimated from training images) or fresh"),
+    ("--refine-substitute-batches", "refine.substitute_batches", int,
+     "batches of training images the substitute state is estimated from (default 20)"),
+    ("--refine-noise", "refine.noise_mode", str, "generator noise in the refinement: random (default) or const"),
     ("--project-steps", "project.steps", int, "W projector steps (default 450)"),
     ("--project-lr", "project.lr", float, "W projector initial learning rate (default 0.01)"),
     ("--project-l2", "project.l2_lambda", float, "weight of a pixel MSE in the projector (default 0, as PTI)"),
+    ("--project-perceptual", "project.perceptual", str,
+     "the projector's own perceptual network (PTI: lpips-vgg); default: the run's --perceptual"),
+    ("--project-lpips-backbone", "project.lpips_backbone", str,
+     "LPIPS backbone file for --project-perceptual (default: --lpips-backbone)"),
+    ("--project-samples", "project.w_avg_samples", int, "mapped samples for the w mean/std (default 600, as PTI)"),
     ("--tune-steps", "tune.steps", int, "pivotal tuning: at most this many steps (default 350)"),
     ("--tune-lr", "tune.lr", float, "pivotal tuning Adam learning rate (default 3e-4)"),
     ("--stop-threshold", "tune.stop_threshold", float, "stop tuning once the perceptual distance is <= this (0.07)"),
@@ -140,6 +153,10 @@ def cmd_invert(args: argparse.Namespace) -> int:
         if inv.dist.is_main:
             nets = inv.network_names()
             print(f"networks: perceptual {nets['perceptual']}; identity {nets['identity']}", file=sys.stderr)
+            if inv.identity_note.startswith("auto"):
+                print(f"identity: {inv.identity_note}", file=sys.stderr)
+            if inv.refiner is not None:
+                print(f"refine: optimizer state {inv.refiner.optimizer_note}", file=sys.stderr)
         summary = inv.run(args.images, args.out, recursive=args.recursive, verbose=not args.quiet, debug=args.debug)
     finally:
         inv.close()

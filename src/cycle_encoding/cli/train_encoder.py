@@ -31,7 +31,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--perceptual", "perceptual", str, "perceptual distance: lpips-alex (default), lpips-vgg, dlib-face, ... or none"),
     ("--perceptual-lambda", "perceptual_lambda", float, "weight of the perceptual term (default 0.8)"),
     ("--lpips-backbone", "lpips_backbone", str, "torchvision ImageNet AlexNet/VGG16 state dict for LPIPS"),
-    ("--identity", "identity", str, "identity network: arcface, dlib-face, moco, ... or none (default none)"),
+    ("--identity", "identity", str,
+     "identity network: auto (default: fmnist-features for Fashion-MNIST, arcface with --identity-weights, else "
+     "none), arcface, dlib-face, moco, fmnist-features or none"),
     ("--identity-lambda", "identity_lambda", float, "weight of the identity term (default 0.1)"),
     ("--identity-weights", "identity_weights", str, "weights file of the identity network"),
     ("--image-size", "image_size", int, "training image size; G's output is pooled to it (default min(G, 256))"),
@@ -50,7 +52,13 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--r1-gamma", "r1_gamma", float, "R1 weight on real codes (default 10)"),
     ("--r1-every", "r1_every", int, "lazy R1 interval in steps (default 16)"),
     ("--seed", "seed", int, "random seed (default 0)"),
-]
+    ("--noise", "noise_mode", str, "generator noise while training: random (default, the authors') or const"),
+    ("--zero-grad", "zero_grad", str,
+     "zero (default: PyTorch 1.6's zero_grad as the authors ran it; switched-off offset heads keep moving under "
+     "Ranger's momentum) or none (gradients set to None; switched-off heads freeze)"),
+    ("--d-fake-codes", "d_fake_codes", str,
+     "latent discriminator's fake codes: absolute (default, with w_avg) or raw-offset (the authors' input, without)"),
+]  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -11,6 +11,13 @@ As SeFa's official code does, each row of A is first scaled to unit norm (``norm
 too). Eigenvectors are ordered by decreasing eigenvalue (computed with a symmetric solver: SeFa's ``np.linalg.eig``
 does not promise an order) and signed so that the largest-magnitude entry is positive. The layers used are stored
 with the set and are where its edits apply unless other layers are asked for.
+
+Difference from e4e's SeFa editor (``editings/sefa.py``, which the Cycle Encoding authors' editing inherits): its
+``factorize_weight(G, layers)`` reads the right modulation layers (``conv1`` for style 0, ``convs[l - 1]`` for style
+l) but returns ``[l - 1 for l in layers if l != 0]`` as the layers, and its ``edit()`` adds the direction to those,
+i.e. to the styles one BELOW the ones it factorized (asked for styles 0-5 it factorizes 0-5 and edits 0-4). Here an
+edit moves exactly the styles the directions were factorized from (the correct pairing), so a SeFa edit of the same
+"layers" differs from e4e's by that shift; to replay e4e's, edit with ``--layers`` shifted down by one.
 """
 
 from __future__ import annotations

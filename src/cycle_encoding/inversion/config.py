@@ -25,7 +25,7 @@ class InversionConfig:
     offsets: str = "all"  # encoder offsets: "all" (the authors' inference) or "trained" (the stage training ended in)
     perceptual: str = "lpips-alex"
     lpips_backbone: str | None = None
-    identity: str = "none"
+    identity: str = "auto"  # auto: the domain's identity network (losses.identity.identity_default), else none
     identity_weights: str | None = None
     train_data: str | None = None  # the encoder's training images (default: what the encoder file records)
     seed: int = 0
@@ -63,7 +63,7 @@ class InversionConfig:
         s = self.stages
         return (
             ("refine" in s and self.refine.perceptual_lambda > 0)
-            or ("project" in s and self.project.perceptual_lambda > 0)
+            or ("project" in s and self.project.perceptual_lambda > 0 and not self.project.perceptual)
             or "tune" in s
         )
 

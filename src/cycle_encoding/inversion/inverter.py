@@ -26,7 +26,7 @@ from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
 from ..training import distributed as dd
 from ..utils import resolve_device
-from .common import build_loss_networks, check_target, render, stage_seed
+from .common import LossNetworks, build_loss_networks, check_target, render, stage_seed
 from .config import PIVOT_STAGES, InversionConfig, make_config
 from .delta import full_copy_bytes, weights_sha256
 from .pivot import encoder_pivot, resolve_stage
@@ -104,8 +104,14 @@ class Inverter:
         if self.E is not None and "encoder" in cfg.stages:
             resolve_stage(self.E, cfg.offsets)  # "trained" without a recorded stage fails here, before any image
 
+        identity, self.identity_note = cfg.identity, "as given"
+        if identity == "auto":
+            from ..losses.identity import identity_default
+
+            spec = cfg.train_data or (self.source.train_data if self.source is not None else None)
+            identity, self.identity_note = identity_default(spec, cfg.identity_weights)
         self.nets = build_loss_networks(
-            cfg.perceptual, cfg.lpips_backbone, cfg.identity, cfg.identity_weights, self.device,
+            cfg.perceptual, cfg.lpips_backbone, identity, cfg.identity_weights, self.device,
             need_perceptual=cfg.needs_perceptual and perceptual_net is None,
             need_identity=cfg.needs_identity and identity_net is None,
         )  # fmt: skip
@@ -113,7 +119,13 @@ class Inverter:
             self.nets.perceptual = perceptual_net.to(self.device).eval().requires_grad_(False)
         if identity_net is not None:
             self.nets.identity = identity_net.to(self.device).eval().requires_grad_(False)
-        if "project" in cfg.stages and self.nets.perceptual is None and cfg.project.l2_lambda <= 0:
+        self.project_nets = self.nets
+        if "project" in cfg.stages and cfg.project.perceptual:
+            own = build_loss_networks(
+                cfg.project.perceptual, cfg.project.lpips_backbone or cfg.lpips_backbone, None, None, self.device
+            )
+            self.project_nets = LossNetworks(own.perceptual, None)
+        if "project" in cfg.stages and self.project_nets.perceptual is None and cfg.project.l2_lambda <= 0:
             raise CycleEncodingError(
                 "stage 'project' needs a perceptual distance (--perceptual) or a pixel loss (project.l2_lambda > 0)"
             )
@@ -131,7 +143,7 @@ class Inverter:
                 self.G, self.E, train_images, cfg.refine, self.nets,
                 optimizer_state=self.source.optimizer_state,
                 optimizer_settings=self.source.optimizer_settings,
-                image_size=size,
+                image_size=size, seed=cfg.seed, source=self.source.path,
             )  # fmt: skip
 
     # -- set-up --------------------------------------------------------------------------------------------------
@@ -172,7 +184,10 @@ class Inverter:
             },
             "encoder": enc,
             "networks": self.network_names(),
+            "identity_choice": self.identity_note,
         }
+        if self.project_nets is not self.nets:
+            out["project"] = {"perceptual": self.project_nets.names()["perceptual"]}
         if "tune" in self.config.stages:
             thr = self.config.tune.stop_threshold
             out["tune"] = {
@@ -186,7 +201,9 @@ class Inverter:
                 "train_images": self.train_data_name,
                 "image_size": self.refiner.image_size,
                 "lr": self.refiner.lr,
-                "optimizer_state": "from the encoder file" if self.refiner.has_optimizer_state else "fresh Ranger",
+                "optimizer_state": self.refiner.optimizer_source,
+                "optimizer_state_note": self.refiner.optimizer_note,
+                "noise": self.config.refine.noise_mode,
             }
         return out
 
@@ -250,7 +267,7 @@ class Inverter:
         # (The baseline's pivot instead: PTI's projection into W, no encoder.)
         if "project" in cfg.stages:
             t0, seed = self._start_stage("project", index)
-            pivot = project_w(self.G, x, self.nets, cfg.project, seed, step_hook).pivot
+            pivot = project_w(self.G, x, self.project_nets, cfg.project, seed, step_hook).pivot
             self._finish_stage("project", t0, pivot, self.G, x, res, on_stage)
         # 3. Pivotal tuning: G tuned so that G(pivot) becomes the target, the pivot of the last stage before kept.
         if "tune" in cfg.stages:

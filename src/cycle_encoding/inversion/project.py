@@ -7,9 +7,10 @@ One 512-d code w (repeated over all N layers) and the generator's noise maps are
   (lr 0.01, rampdown 0.25, rampup 0.05);
 - the code is perturbed by Gaussian noise of scale ``w_std * noise_factor * max(0, 1 - t / noise_ramp)^2``
   (0.05, 0.75), where w_avg / w_std are the mean and the root mean squared distance to it of ``w_avg_samples``
-  mapped codes; the code starts at that mean;
-- loss = perceptual distance (by name) between the synthesized and the target image, both area-downsampled to 256
-  when larger, + ``l2_lambda`` MSE (0 as in PTI) + ``noise_reg_weight`` (1e5) * the noise regularization:
+  (PTI's 600) mapped codes; the code starts at that mean;
+- loss = perceptual distance between the synthesized and the target image, both area-downsampled to 256
+  when larger (PTI: VGG16 LPIPS; ``perceptual`` names this stage's network, e.g. ``lpips-vgg``, when it should differ
+  from the run's, which the other stages use), + ``l2_lambda`` MSE (0 as in PTI) + ``noise_reg_weight`` (1e5) * the noise regularization:
   for each noise map, at each scale down to 8x8 (halving by 2x2 average pooling), the squared mean of its product
   with itself shifted by one pixel, horizontally and vertically;
 - after each step each noise map is normalized to zero mean and unit mean square.
@@ -43,8 +44,10 @@ class ProjectConfig:
     noise_factor: float = 0.05
     noise_ramp: float = 0.75
     noise_reg_weight: float = 1e5
-    w_avg_samples: int = 10_000
+    w_avg_samples: int = 600  # PTI's
     perceptual_lambda: float = 1.0
+    perceptual: str | None = None  # this stage's perceptual network (PTI: lpips-vgg); None: the run's
+    lpips_backbone: str | None = None  # its LPIPS backbone file when it is an LPIPS other than the run's
     l2_lambda: float = 0.0
     loss_size: int = 256  # images larger than this are area-downsampled to it before the loss
 

@@ -9,9 +9,23 @@ with x*_1..x*_M real images of the encoder's training set. With the defaults (M 
 mean of L_S over the batch [x*_1..x*_7, x], which is what the authors' code minimizes (Eq. 6 times 1/8).
 
 How it runs (read off the authors' refinement script and coach):
-- start from the trained encoder and, when the file has it (a ``train-encoder`` ``checkpoint.pt``), its optimizer
-  state (the authors resume their Ranger with ``--keep_optimizer``); otherwise a fresh Ranger with the paper's
-  settings (lr 1e-4, betas (0.95, 0.999), eps 1e-5);
+- start from the trained encoder and its Ranger state, restored for every target as the authors do (their
+  ``restart_training()`` reloads the state saved with ``--keep_optimizer``). The state comes from the encoder's file
+  (:mod:`cycle_encoding.checkpoints.optimizer`: the ``optimizer`` key of e4e / pSp / Cycle Encoding ``.pt`` files,
+  ``opt_e`` of a ``train-encoder`` ``checkpoint.pt``, or the companion ``NAME-optimizer.safetensors`` of an encoder
+  ``NAME.safetensors``, e.g. the shipped ``fmnist-encoder``'s). ``optimizer_state`` chooses:
+  ``auto`` (default): restored when the file has a state, else the substitute; ``restore`` (an error without one);
+  ``substitute``; ``fresh``. Which one happened is in ``describe()``, the run's ``config.json`` and on the console.
+- the substitute, for files without a state: Ranger's moments estimated, before the first target, from
+  ``substitute_batches`` (K, default 20) batches of M + 1 random training images: each batch's gradient of the
+  refinement loss (mean L_S, all offsets, train mode, the run's noise), centralized as Ranger does, gives
+  ``exp_avg = mean_k g_k`` and ``exp_avg_sq = mean_k g_k^2``; the step count is set to 6000 (a multiple of
+  Lookahead's k = 6, where RAdam's bias corrections are ~1: the moments are already unbiased estimates), the slow
+  weights to the weights, and the BatchNorm statistics are put back. Without it a fresh Ranger's first five steps
+  are unadapted momentum-SGD steps of size lr * grad and steps 6-15 are 3-7% of a full step: 15 fresh updates move
+  the encoder 10-30x less than restored ones (METHOD.md), which nearly switches the refinement off.
+- G renders with random noise (the authors' ``randomize_noise=True``), drawn from the image's seeded generator;
+  ``noise_mode="const"`` uses G's stored noise;
 - all offsets active, BatchNorm in train mode, no delta or adversarial term;
 - ``steps`` = K forward passes (default 16) on [M random training images + x], the target last; the encoder takes
   an optimizer step after each of the first K - 1; the pivot is the target's code from the K-th forward, i.e. after
@@ -37,6 +51,14 @@ from typing import Any
 
 import torch
 
+from ..checkpoints.e4e import is_e4e_checkpoint
+from ..checkpoints.optimizer import (
+    OptimizerState,
+    companion_path,
+    from_e4e_checkpoint,
+    from_training_checkpoint,
+    load_optimizer_state,
+)
 from ..data.datasets import ImageDataset, open_dataset
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.encoder import Encoder4Editing
@@ -45,6 +67,8 @@ from ..training.optim import Ranger
 from .common import LossNetworks, cpu_generator, frozen, reconstruction_terms, resize_to, weighted_sum
 
 PAPER_RANGER = {"lr": 1e-4, "betas": (0.95, 0.999), "eps": 1e-5}
+OPTIMIZER_CHOICES = ("auto", "restore", "substitute", "fresh")
+SUBSTITUTE_STEP = 6000  # the substitute's step count: RAdam fully adaptive, a multiple of Lookahead's k
 
 
 @dataclass(frozen=True)
@@ -60,8 +84,17 @@ class RefineConfig:
     lr: float | None = None  # None: the optimizer state's learning rate (1e-4 without one)
     image_size: int | None = None  # None: the encoder's training size (checkpoint) or min(G.resolution, 256)
     resample_each_step: bool = True
+    optimizer_state: str = "auto"  # auto | restore | substitute | fresh
+    substitute_batches: int = 20  # K batches estimating Ranger's moments when the file has no state
+    noise_mode: str = "random"  # G's noise: random (the authors') or const
 
     def __post_init__(self) -> None:
+        if self.optimizer_state not in OPTIMIZER_CHOICES:
+            raise ValueError(f"refine.optimizer_state must be one of {OPTIMIZER_CHOICES}, got {self.optimizer_state!r}")
+        if self.substitute_batches < 1:
+            raise ValueError(f"refine.substitute_batches must be >= 1, got {self.substitute_batches}")
+        if self.noise_mode not in ("random", "const"):
+            raise ValueError(f"refine.noise_mode must be random or const, got {self.noise_mode!r}")
         if self.steps < 1:
             raise ValueError(f"refine.steps must be >= 1, got {self.steps}")
         if self.num_random < 0:
@@ -84,7 +117,7 @@ class EncoderSource:
     """An encoder as read from its file, with what the refinement needs besides the weights."""
 
     encoder: Encoder4Editing
-    optimizer_state: dict[str, Any] | None = None
+    optimizer_state: OptimizerState | dict[str, Any] | None = None
     optimizer_settings: dict[str, Any] = field(default_factory=lambda: dict(PAPER_RANGER))
     train_data: str | None = None  # the training images' folder or dataset name, when the file records it
     image_size: int | None = None  # the size the encoder was trained at, when the file records it
@@ -116,16 +149,35 @@ def load_encoder_source(path: str | Path, device: str | torch.device = "cpu") ->
                     settings[k] = tuple(cfg[k]) if k == "betas" else float(cfg[k])
             return EncoderSource(
                 encoder=E,
-                optimizer_state=obj.get("opt_e"),
+                optimizer_state=from_training_checkpoint(obj, E, p),
                 optimizer_settings=settings,
                 train_data=cfg.get("data"),
                 image_size=cfg.get("image_size"),
                 path=str(p),
             )
+        if is_e4e_checkpoint(obj):
+            E = load_encoder(p, device=dev)
+            st = from_e4e_checkpoint(obj, p)
+            settings = dict(PAPER_RANGER)
+            if st is not None:
+                settings.update({k: st.settings[k] for k in ("lr", "betas", "eps") if k in st.settings})
+            return EncoderSource(encoder=E, optimizer_state=st, optimizer_settings=settings, path=str(p))
     E = load_encoder(p, device=dev)
     prov = getattr(E, "provenance", {}) or {}
     data = prov.get("data") if isinstance(prov, dict) else None
-    return EncoderSource(encoder=E, train_data=str(data) if data else None, path=str(p))
+    st = None
+    settings = dict(PAPER_RANGER)
+    side = companion_path(p)
+    if sniff(p) == "safetensors" and side.is_file():
+        st = load_optimizer_state(side, E)
+        settings.update({k: st.settings[k] for k in ("lr", "betas", "eps") if k in st.settings})
+    return EncoderSource(
+        encoder=E,
+        optimizer_state=st,
+        optimizer_settings=settings,
+        train_data=str(data) if data else None,
+        path=str(p),
+    )
 
 
 def open_training_images(spec: str | None, size: int, channels: int, encoder_path: str | None) -> ImageDataset:
@@ -166,9 +218,11 @@ class RegularizedRefiner:
         train_images: ImageDataset,
         config: RefineConfig | None = None,
         nets: LossNetworks | None = None,
-        optimizer_state: dict[str, Any] | None = None,
+        optimizer_state: OptimizerState | dict[str, Any] | None = None,
         optimizer_settings: dict[str, Any] | None = None,
         image_size: int | None = None,
+        seed: int = 0,
+        source: str | None = None,
     ) -> None:
         self.config = config or RefineConfig()
         c = self.config
@@ -193,22 +247,101 @@ class RegularizedRefiner:
         settings.update(optimizer_settings or {})
         self._settings = {"lr": float(settings["lr"]), "betas": tuple(settings["betas"]), "eps": float(settings["eps"])}
         self._e_state = copy.deepcopy(self.E.state_dict())
+        self._bad: set[int] = set()
         self.optimizer = self._new_optimizer()
-        if optimizer_state is not None:
-            n_state = sum(len(g["params"]) for g in optimizer_state.get("param_groups", []))
-            n_params = len(list(self.E.parameters()))
-            if n_state != n_params:
-                raise CycleEncodingError(
-                    f"the encoder's optimizer state covers {n_state} tensors, the encoder has {n_params}: "
-                    "they do not belong together"
-                )
-            self.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        where = source or "the encoder file"
+        choice = c.optimizer_state
+        if choice == "restore" and optimizer_state is None:
+            raise CycleEncodingError(
+                f"refine.optimizer_state is 'restore' but {where} holds no optimizer state "
+                "(choose auto, substitute or fresh)"
+            )
+        if optimizer_state is not None and choice in ("auto", "restore"):
+            self.optimizer.load_state_dict(self._as_state_dict(optimizer_state, where))
+            label = optimizer_state.source if isinstance(optimizer_state, OptimizerState) else where
+            self.optimizer_source, self.optimizer_note = "restored", f"restored from {label or where}"
+        elif choice == "fresh":
+            self.optimizer_source, self.optimizer_note = "fresh", "fresh Ranger (no state)"
+        else:
+            self._estimate_substitute(seed)
+            why = "requested" if choice == "substitute" else f"{where} holds no optimizer state"
+            self.optimizer_source = "substitute"
+            self.optimizer_note = (
+                f"substitute ({why}): Ranger's moments estimated from {c.substitute_batches} batches of "
+                f"{c.num_random + 1} training images, step {SUBSTITUTE_STEP}"
+            )
         if c.lr is not None:
             for g in self.optimizer.param_groups:
                 g["lr"] = c.lr
         self._opt_state = copy.deepcopy(self.optimizer.state_dict())
-        self.has_optimizer_state = optimizer_state is not None
-        self._bad: set[int] = set()
+        self.has_optimizer_state = self.optimizer_source != "fresh"
+
+    def _as_state_dict(self, st: OptimizerState | dict[str, Any], where: str) -> dict[str, Any]:
+        """A state for ``self.optimizer``: an OptimizerState mapped by name, or a Ranger state_dict over the
+        encoder's parameters; the Ranger settings the state does not give are the run's."""
+        defaults = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+        if isinstance(st, OptimizerState):
+            sd = st.to_state_dict(self.E, where)
+        else:
+            sd = copy.deepcopy(st)
+            n_state = sum(len(g["params"]) for g in sd.get("param_groups", []))
+            n_params = len(list(self.E.parameters()))
+            if n_state != n_params:
+                raise CycleEncodingError(
+                    f"{where}: the encoder's optimizer state covers {n_state} tensors, the encoder has {n_params}: "
+                    "they do not belong together"
+                )
+        for g in sd["param_groups"]:
+            for k, v in defaults.items():
+                g.setdefault(k, v)
+        return sd
+
+    def _estimate_substitute(self, seed: int) -> None:
+        """Ranger's moments from K batches of training images (see the module doc); BatchNorm statistics restored."""
+        from ..training.encoder_trainer import pool_to
+
+        c = self.config
+        gen = cpu_generator(seed * 7_919 + 12_345)
+        E = self.E
+        E.train()
+        group = self.optimizer.param_groups[0]
+        params = [p for p in E.parameters() if p.requires_grad]
+        m = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        v = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        k_batches = c.substitute_batches
+        weights = c.weights()
+        with frozen(self.G):
+            for _ in range(k_batches):
+                batch = self._draw_n(gen, c.num_random + 1)
+                ws = E(batch)
+                y = pool_to(self._render(ws, gen), self.image_size)
+                loss = weighted_sum(reconstruction_terms(y, batch, self.nets), weights).mean()
+                E.zero_grad(set_to_none=True)
+                loss.backward()
+                with torch.no_grad():
+                    for i, p in enumerate(params):
+                        if p.grad is None:
+                            continue
+                        g = p.grad.float()
+                        if group["use_gc"] and g.dim() > (3 if group["gc_conv_only"] else 1):
+                            g = g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
+                        m[i] += g / k_batches
+                        v[i] += g * g / k_batches
+        E.zero_grad(set_to_none=True)
+        E.load_state_dict(self._e_state)
+        for i, p in enumerate(params):
+            self.optimizer.state[p] = {
+                "step": SUBSTITUTE_STEP,
+                "exp_avg": m[i],
+                "exp_avg_sq": v[i],
+                "slow_buffer": p.detach().clone(),
+            }
+
+    def _render(self, ws: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.config.noise_mode == "random":
+            noise = [n.to(ws.device) for n in self.G.make_noise(ws.shape[0], generator=gen, device="cpu")]
+            return self.G.synthesis(ws, noise=noise)
+        return self.G.synthesis(ws, noise_mode="const")
 
     def _new_optimizer(self) -> Ranger:
         s = self._settings
@@ -226,7 +359,9 @@ class RegularizedRefiner:
 
     def _draw(self, gen: torch.Generator) -> torch.Tensor:
         """M readable training images chosen at random (without repetition)."""
-        m = self.config.num_random
+        return self._draw_n(gen, self.config.num_random)
+
+    def _draw_n(self, gen: torch.Generator, m: int) -> torch.Tensor:
         device = self.G.w_avg.device
         if m == 0:
             return torch.empty(0, self.G.img_channels, self.image_size, self.image_size, device=device)
@@ -274,7 +409,7 @@ class RegularizedRefiner:
                     final = k == c.steps - 1
                     if final:
                         pivot = ws[-1:].detach().clone()
-                    y = pool_to(self.G.synthesis(ws, noise_mode="const"), self.image_size)
+                    y = pool_to(self._render(ws, gen), self.image_size)
                     terms = reconstruction_terms(y, batch, self.nets)
                     per = weighted_sum(terms, weights)  # L_S per image
                     reg = per[:-1].mean() if per.shape[0] > 1 else per.new_zeros(())

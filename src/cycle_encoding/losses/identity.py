@@ -225,3 +225,24 @@ register_identity(
     _fmnist_features,
     "cosine of the shipped Fashion-MNIST feature network's penultimate embedding (Fashion-MNIST; offline)",
 )
+
+
+def identity_default(data: str | None, weights: str | Path | None = None) -> tuple[str, str]:
+    """The identity network ``identity="auto"`` stands for, and why: the paper uses an identity term of weight 0.1
+    whenever the domain has a network for it.
+
+    - images of Fashion-MNIST (the dataset name ``fashion-mnist...``): ``fmnist-features`` (shipped);
+    - an identity weights file given: ``arcface`` (the face network of the paper, ``model_ir_se50.pth``);
+    - anything else: ``none``, with the reason (no identity network is known for the domain without its file).
+    """
+    spec = str(data or "")
+    if Path(spec).name.lower().startswith("fashion-mnist") or spec.lower().startswith("fashion-mnist"):
+        return "fmnist-features", "auto: fmnist-features, the shipped network of the Fashion-MNIST domain"
+    if weights is not None:
+        return "arcface", "auto: arcface, since an identity weights file was given"
+    what = f"the images {spec!r}" if spec else "these images"
+    return "none", (
+        f"auto: no identity network is known for {what}; the paper's identity term (0.1) is off. For faces pass "
+        "--identity arcface --identity-weights model_ir_se50.pth (or --identity dlib-face offline), for other domains "
+        "--identity moco --identity-weights FILE"
+    )

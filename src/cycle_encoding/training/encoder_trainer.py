@@ -6,9 +6,17 @@ One training step at global step s (METHOD.md, step 1):
 2. the encoder maps the batch to absolute codes ``ws`` (one forward, in train mode);
 3. the latent discriminator takes its step on real codes ``mapping(z)`` and the encoder's codes (detached,
    through the pool of past codes), with the lazy R1 penalty every ``r1_every`` steps;
-4. the generator (frozen, constant noise) renders ``ws``; its output is average-pooled to the training image
-   size; the encoder's loss is ``l2 * MSE + perceptual * P + identity * (1 - cos) + w_delta(s) * L_delta
-   + w_adv(s) * softplus(-D(w_i))`` and Ranger takes a step.
+4. the generator (frozen) renders ``ws`` with random noise (the authors' ``randomize_noise=True``; ``noise_mode
+   ="const"`` uses G's stored noise instead); its output is average-pooled to the training image size; the encoder's
+   loss is ``l2 * MSE + perceptual * P + identity * (1 - cos) + w_delta(s) * L_delta + w_adv(s) * softplus(-D(w_i))``
+   and Ranger takes a step.
+
+As the authors run it, by default: gradients are zeroed as PyTorch 1.6's ``zero_grad()`` does (``zero_grad="zero"``:
+an offset head switched off in W+ -> W keeps moving under Ranger's momentum while its moments decay; ``"none"`` sets
+gradients to None and freezes it, see :func:`~cycle_encoding.training.optim.zero_grad`); the identity network is
+the domain's (``identity="auto"``: ``fmnist-features`` for Fashion-MNIST, ArcFace when ``identity_weights`` is given,
+none otherwise, said on the console and in ``config.json``) with weight 0.1. ``d_fake_codes="raw-offset"`` replays
+the authors' latent discriminator input (fake codes without ``w_avg``); the default gives it absolute codes.
 
 The discriminator step of e4e comes before the encoder step and sees codes of the encoder before its update;
 here the encoder's forward is shared by both (same values, one forward less).
@@ -17,7 +25,8 @@ A run lives in a numbered folder ``OUT/NNNNN-encoder-PRESET``: ``config.json`` (
 ``schedule.json``, ``log.jsonl`` (losses, stage, weights, timings; validation records), ``tb/`` (TensorBoard),
 ``images/`` (reconstruction grids of held-out images), ``checkpoint.pt`` (everything needed to continue
 exactly: networks, both optimizers, the pool, the sampler position, all random states), and at the end
-``encoder.safetensors`` (the project's format, with the stage the run ended in).
+``encoder.safetensors`` (the project's format, with the stage the run ended in) with its Ranger state beside it,
+``encoder-optimizer.safetensors`` (which the refinement restores for every target).
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscrimin
 from ..networks.stylegan2 import Generator
 from ..utils import make_grid, save_image
 from . import distributed as dd
-from .optim import Ranger
+from .optim import Ranger, zero_grad
 from .runs import rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
 from .trainer import Trainer, check_loop_options, read_run_config
@@ -84,10 +93,13 @@ class EncoderTrainConfig:
     perceptual: str = "lpips-alex"
     perceptual_lambda: float = 0.8
     lpips_backbone: str | None = None
-    identity: str = "none"
+    identity: str = "auto"  # auto: the domain's identity network (identity_default), none when there is none
     identity_lambda: float = 0.1
     identity_weights: str | None = None
     adversarial: bool = True
+    d_fake_codes: Literal["absolute", "raw-offset"] = "absolute"  # raw-offset: the authors' D input (no w_avg)
+    noise_mode: Literal["random", "const"] = "random"  # G's noise while training (authors: random)
+    zero_grad: Literal["zero", "none"] = "zero"  # zero: PyTorch 1.6's zero_grad (authors'); none: set to None
     pool_size: int = 50
     r1_gamma: float = 10.0
     r1_every: int = 16
@@ -106,6 +118,13 @@ class EncoderTrainConfig:
 
     def __post_init__(self) -> None:
         check_loop_options(self, ("log_every", "image_every", "val_every", "checkpoint_every"))
+        for k, allowed in (
+            ("d_fake_codes", ("absolute", "raw-offset")),
+            ("noise_mode", ("random", "const")),
+            ("zero_grad", ("zero", "none")),
+        ):
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"{k} must be one of {allowed}, got {getattr(self, k)!r}")
 
 
 def load_train_config(data: dict[str, Any]) -> EncoderTrainConfig:
@@ -230,11 +249,18 @@ class EncoderTrainer(Trainer):
 
             perceptual = build_perceptual(cfg.perceptual, self.device, cfg.lpips_backbone)
             perceptual.requires_grad_(False)
-        if cfg.identity_lambda > 0 and cfg.identity != "none":
-            from ..losses.identity import build_identity
+        from ..losses.identity import build_identity, identity_default
 
-            identity = build_identity(cfg.identity, self.device, cfg.identity_weights)
+        name = cfg.identity
+        self.identity_note = ""
+        if cfg.identity == "auto":
+            name, self.identity_note = identity_default(cfg.data, cfg.identity_weights)
+        if cfg.identity_lambda > 0 and name != "none":
+            identity = build_identity(name, self.device, cfg.identity_weights)
             identity.requires_grad_(False)
+        if self.dist.is_main and not self.quiet:
+            line = f"identity term: {getattr(identity, 'name', 'none')} x {cfg.identity_lambda:g}"
+            print(line + (f" ({self.identity_note})" if self.identity_note else ""), file=sys.stderr)
         return perceptual, identity
 
     def network_names(self) -> dict[str, str]:
@@ -253,6 +279,12 @@ class EncoderTrainer(Trainer):
             "encoder": self.E.config.to_dict(),
             "encoder_init": self.init_note,
             "networks": self.network_names(),
+            "identity_choice": self.identity_note or "as given",
+            "noise_mode": self.cfg.noise_mode,
+            "zero_grad": "PyTorch 1.6 (zero gradients: switched-off heads keep moving)"
+            if self.cfg.zero_grad == "zero"
+            else "set to None (switched-off heads freeze)",
+            "d_fake_codes": self.cfg.d_fake_codes,
             "world_size": self.dist.world_size,
             "command": " ".join(sys.argv),
             "train_images": len(self.train_data),
@@ -290,6 +322,7 @@ class EncoderTrainer(Trainer):
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.E.load_state_dict(ck["encoder"])
+        self.E.stage = int(ck.get("trained_stage", self.E.max_stage))  # a run resumed at its end exports this stage
         self.D.load_state_dict(ck["discriminator"])
         self.opt_e.load_state_dict(ck["opt_e"])
         self.opt_d.load_state_dict(ck["opt_d"])
@@ -298,6 +331,14 @@ class EncoderTrainer(Trainer):
         set_rng_state(rank_state["rng"], self.gen)
 
     # -- one step -----------------------------------------------------------------------------------------
+    def render(self, ws: torch.Tensor) -> torch.Tensor:
+        """G's images of ``ws`` with the run's noise (random noise drawn from the run's generator, so that a resumed
+        run draws the same)."""
+        if self.cfg.noise_mode == "random":
+            noise = [n.to(ws.device) for n in self.G.make_noise(ws.shape[0], generator=self.gen, device="cpu")]
+            return self.G.synthesis(ws, noise=noise)
+        return self.G.synthesis(ws, noise_mode="const")
+
     def reconstruction_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-term losses (batch means) between targets ``x`` and reconstructions ``y``."""
         out = {"l2": F.mse_loss(y, x)}
@@ -347,9 +388,10 @@ class EncoderTrainer(Trainer):
         logs: dict[str, float] = {}
         if self.cfg.adversarial:
             real = sample_real_codes(self.G, x.shape[0], generator=self.gen)
-            fake = fake_codes_for_discriminator(ws, E.stage, self.pool)
+            codes = ws - E.latent_avg[None] if self.cfg.d_fake_codes == "raw-offset" else ws
+            fake = fake_codes_for_discriminator(codes, E.stage, self.pool)
             logs.update(self._d_step(real, fake))
-        y = pool_to(self.G.synthesis(ws, noise_mode="const"), self.image_size)
+        y = pool_to(self.render(ws), self.image_size)
         rec = self.reconstruction_losses(x, y)
         total = self.weighted(rec)
         d_loss = delta_loss(ws, E.stage)
@@ -358,7 +400,7 @@ class EncoderTrainer(Trainer):
             adv = encoder_adversarial_loss(self.D, ws, E.stage)
             total = total + st.adversarial_weight * adv
             logs["adv"] = float(adv.detach())
-        self.opt_e.zero_grad(set_to_none=True)
+        zero_grad(self.opt_e, self.cfg.zero_grad)
         total.backward()
         dd.average_gradients(E.parameters(), self.dist)
         self.opt_e.step()
@@ -423,7 +465,13 @@ class EncoderTrainer(Trainer):
             data=str(self.cfg.data),
             networks=self.network_names(),
         )
-        return save_encoder(self.E, self.run_dir / "encoder.safetensors", prov, trained_stage=self.E.stage)
+        from ..checkpoints.optimizer import companion_path, from_optimizer, save_optimizer_state
+
+        path = save_encoder(self.E, self.run_dir / "encoder.safetensors", prov, trained_stage=self.E.stage)
+        # the Ranger state beside it: the refinement restores it for every target, as the authors do
+        st = from_optimizer(self.opt_e, self.E, f"{self.run_dir.name}: train-encoder step {self.step}")
+        save_optimizer_state(companion_path(path), st, self.E, provenance=prov)
+        return path
 
     def digest_modules(self) -> tuple[nn.Module, ...]:
         return (self.E, self.D)

@@ -141,3 +141,29 @@ class Ranger(Optimizer):
         for st in self.state.values():
             if "step" in st and isinstance(st["step"], torch.Tensor):
                 st["step"] = int(st["step"].item())
+
+
+def zero_grad(optimizer: Optimizer, mode: str = "zero") -> None:
+    """Clear the gradients of ``optimizer``'s parameters before a backward pass.
+
+    ``mode="none"``: gradients set to None (PyTorch >= 2.0's default): a parameter the next backward does not reach
+    has no gradient, and Ranger skips it (it freezes, its moments stay as they were).
+
+    ``mode="zero"``: PyTorch 1.6's ``zero_grad()`` (the authors' version): every gradient that exists is zeroed in
+    place, and a parameter keeps a (zero) gradient once it has received one. A parameter the next backward does not
+    reach (an offset head switched off in W+ -> W) still takes a Ranger step on a zero gradient: its moments decay
+    (``m *= b1``, ``v *= b2``) and it keeps moving by ``m / (sqrt(v) + eps)``, as in the authors' run. "Has received
+    one" is read off the optimizer state (Ranger creates it on a parameter's first gradient), so this also holds
+    after resuming from a checkpoint or restoring a saved state, where no gradient tensors exist yet.
+    """
+    if mode not in ("zero", "none"):
+        raise ValueError(f"zero_grad mode must be 'zero' (PyTorch 1.6) or 'none', got {mode!r}")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if mode == "none":
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.detach_()
+                p.grad.zero_()
+            elif optimizer.state.get(p):
+                p.grad = torch.zeros_like(p)

@@ -1,0 +1,249 @@
+"""The encoder's Ranger state, read from the files that carry it, keyed by parameter NAME.
+
+The regularized refinement (Method 2) restores the encoder's optimizer state for every target, as the authors do
+(their ``restart_training()`` reloads the ``optimizer`` key saved with ``--keep_optimizer``). Three sources:
+
+- e4e / pSp / Cycle Encoding ``.pt``: ``obj['optimizer']`` is ``Ranger.state_dict()`` of the optimizer built over
+  ``list(net.encoder.parameters())``: ``state`` is keyed 0..P-1 in that order, the module definition order, which is
+  the order of the ``encoder.*`` PARAMETER keys of ``obj['state_dict']`` (its BatchNorm buffers ``running_mean``,
+  ``running_var``, ``num_batches_tracked`` left out). Index i is mapped to the name of the i-th such key, then by
+  name onto this project's encoder (its module names are e4e's). With ``opts.train_decoder`` the decoder's
+  parameters follow the encoder's in the same optimizer; only the encoder's part is taken.
+- a ``train-encoder`` ``checkpoint.pt``: ``opt_e`` over this project's ``E.parameters()``;
+- the companion file ``NAME-optimizer.safetensors`` next to an encoder ``NAME.safetensors`` (kind
+  ``encoder-optimizer``; written by :func:`save_optimizer_state`, e.g. the shipped ``fmnist-encoder``'s): per parameter
+  ``NAME.exp_avg``, ``NAME.exp_avg_sq`` and ``NAME.slow_minus_weight`` (Lookahead's slow weights stored as their
+  difference from the encoder's weights, so that storing it in bf16 loses nothing that matters; absent where it is
+  zero, right after a Lookahead sync), the step counts and the hyper-parameters in the header.
+
+Strict: a state whose parameter count, names or tensor shapes do not fit the encoder is an error naming the file and
+the first mismatch, never a partial load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .native import default_provenance, read_native, save_native
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "slow_buffer")
+BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+KIND = "encoder-optimizer"
+# Ranger's hyper-parameters (this project's names) and the names e4e's Ranger uses for them in its param groups
+SETTINGS = ("lr", "betas", "eps", "weight_decay", "alpha", "k", "n_sma_threshold", "use_gc", "gc_conv_only")
+E4E_NAMES = {"N_sma_threshhold": "n_sma_threshold"}
+
+
+@dataclass
+class OptimizerState:
+    """Ranger's per-parameter state by parameter name, its hyper-parameters, and where it came from."""
+
+    state: dict[str, dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def to_state_dict(self, module: nn.Module, where: str | Path = "optimizer state") -> dict[str, Any]:
+        """A ``Ranger.state_dict()`` for an optimizer built over ``module.parameters()`` (one group). Strict: every
+        name must be a parameter of ``module`` with the same shape."""
+        params = dict(module.named_parameters())
+        order = {n: i for i, n in enumerate(params)}
+        out: dict[int, dict[str, Any]] = {}
+        for name, st in self.state.items():
+            if name not in params:
+                raise CheckpointError(where, f"optimizer state for {name!r}, which the encoder does not have")
+            shape = tuple(params[name].shape)
+            for k in STATE_KEYS:
+                if k in st and tuple(st[k].shape) != shape:
+                    raise CheckpointError(
+                        where,
+                        f"optimizer state {k} of {name!r} has shape {list(st[k].shape)}, the parameter {list(shape)}",
+                    )
+            out[order[name]] = {
+                "step": int(st["step"]),
+                **{k: st[k].detach().float().clone() for k in STATE_KEYS if k in st},
+            }
+        group = {**{k: v for k, v in self.settings.items() if k in SETTINGS}, "params": list(range(len(params)))}
+        if "betas" in group:
+            group["betas"] = tuple(float(b) for b in group["betas"])
+        return {"state": out, "param_groups": [group]}
+
+
+def parameter_names_e4e(sd: Mapping[str, Any], prefix: str = "encoder") -> list[str]:
+    """The ``prefix.*`` parameter names of an e4e-family state dict in its stored order (their module definition
+    order), buffers left out, prefix removed."""
+    p = prefix + "."
+    return [k[len(p) :] for k in sd if k.startswith(p) and not k.endswith(BUFFER_SUFFIXES) and k != p + "latent_avg"]
+
+
+def _settings_from_group(group: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in group.items():
+        k = E4E_NAMES.get(k, k)
+        if k in SETTINGS:
+            out[k] = tuple(v) if k == "betas" else v
+    return out
+
+
+def _check_entry(path: str | Path, idx: int, name: str, st: Any, shape: tuple[int, ...]) -> None:
+    if not isinstance(st, Mapping) or "step" not in st or "exp_avg" not in st or "exp_avg_sq" not in st:
+        keys = sorted(st) if isinstance(st, Mapping) else type(st).__name__
+        raise CheckpointError(path, f"optimizer state entry {idx} ({name}) is not a Ranger/Adam state (holds {keys})")
+    for k in STATE_KEYS:
+        t = st.get(k)
+        if t is not None and tuple(t.shape) != shape:
+            raise CheckpointError(
+                path,
+                f"optimizer state entry {idx} maps to parameter {name!r} of shape {list(shape)}, but its {k} has shape "
+                f"{list(t.shape)}: the state does not follow this encoder's parameter order",
+            )
+
+
+def from_e4e_checkpoint(obj: Mapping[str, Any], path: str | Path) -> OptimizerState | None:
+    """The encoder's Ranger state of an e4e / pSp / Cycle Encoding checkpoint; None when it has no ``optimizer``."""
+    opt = obj.get("optimizer")
+    if opt is None:
+        return None
+    if not isinstance(opt, Mapping) or "state" not in opt or "param_groups" not in opt:
+        raise CheckpointError(path, "its 'optimizer' entry is not an optimizer state_dict (no state / param_groups)")
+    sd = obj["state_dict"]
+    names = parameter_names_e4e(sd)
+    groups = opt["param_groups"]
+    n_state = sum(len(g.get("params", [])) for g in groups)
+    opts = obj.get("opts") or {}
+    opts = dict(opts) if isinstance(opts, Mapping) else vars(opts)
+    if n_state != len(names):
+        extra = "" if n_state < len(names) else " (trained with train_decoder?)"
+        if not (n_state > len(names) and opts.get("train_decoder")):
+            raise CheckpointError(
+                path,
+                f"the optimizer state covers {n_state} parameters, the encoder.* state dict has {len(names)}{extra}",
+            )
+    ids = [i for g in groups for i in g.get("params", [])]
+    index_of = {pid: pos for pos, pid in enumerate(ids)}
+    state: dict[str, dict[str, Any]] = {}
+    for pid, st in opt["state"].items():
+        pos = index_of.get(pid)
+        if pos is None:
+            raise CheckpointError(path, f"optimizer state entry {pid!r} belongs to no parameter group")
+        if pos >= len(names):
+            continue  # a decoder parameter (train_decoder)
+        name = names[pos]
+        _check_entry(path, pos, name, st, tuple(sd["encoder." + name].shape))
+        step = st["step"]
+        state[name] = {
+            "step": int(step.item() if isinstance(step, torch.Tensor) else step),
+            **{k: st[k] for k in STATE_KEYS if k in st},
+        }
+    settings = _settings_from_group(groups[0]) if groups else {}
+    return OptimizerState(state, settings, f"{Path(path).name}: optimizer (e4e layout, {len(state)} entries)")
+
+
+def from_training_checkpoint(obj: Mapping[str, Any], module: nn.Module, path: str | Path) -> OptimizerState | None:
+    """``opt_e`` of a ``train-encoder`` ``checkpoint.pt`` (over ``module.parameters()``), by name."""
+    opt = obj.get("opt_e")
+    if opt is None:
+        return None
+    names = [n for n, _ in module.named_parameters()]
+    groups = opt["param_groups"]
+    ids = [i for g in groups for i in g["params"]]
+    if len(ids) != len(names):
+        raise CheckpointError(path, f"the optimizer state covers {len(ids)} parameters, the encoder has {len(names)}")
+    index_of = {pid: pos for pos, pid in enumerate(ids)}
+    shapes = [tuple(p.shape) for _, p in module.named_parameters()]
+    state: dict[str, dict[str, Any]] = {}
+    for pid, st in opt["state"].items():
+        pos = index_of[pid]
+        _check_entry(path, pos, names[pos], st, shapes[pos])
+        state[names[pos]] = {"step": int(st["step"]), **{k: st[k] for k in STATE_KEYS if k in st}}
+    return OptimizerState(state, _settings_from_group(groups[0]), f"{Path(path).name}: opt_e")
+
+
+def from_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, source: str = "") -> OptimizerState:
+    """The state of a live optimizer built over ``module.parameters()``, by name."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    state: dict[str, dict[str, Any]] = {}
+    for p, st in optimizer.state.items():
+        if st:
+            state[names[id(p)]] = {"step": int(st["step"]), **{k: st[k] for k in STATE_KEYS if k in st}}
+    return OptimizerState(state, _settings_from_group(optimizer.param_groups[0]), source)
+
+
+def companion_path(encoder_file: str | Path) -> Path:
+    """Where the optimizer state of ``NAME.safetensors`` lives: ``NAME-optimizer.safetensors`` beside it."""
+    p = Path(encoder_file)
+    return p.with_name(f"{p.stem}-optimizer.safetensors")
+
+
+def save_optimizer_state(
+    path: str | Path,
+    st: OptimizerState,
+    module: nn.Module,
+    dtype: torch.dtype = torch.float32,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``st`` (for ``module``'s current weights) as a companion file; moments and the slow weights' offset from
+    the weights in ``dtype`` (bf16 halves the file)."""
+    params = dict(module.named_parameters())
+    tensors: dict[str, torch.Tensor] = {}
+    steps: dict[str, int] = {}
+    for name, s in st.state.items():
+        if name not in params:
+            raise CheckpointError(path, f"optimizer state for {name!r}, which the encoder does not have")
+        w = params[name].detach().float().cpu()
+        tensors[f"{name}.exp_avg"] = s["exp_avg"].float().cpu().to(dtype)
+        tensors[f"{name}.exp_avg_sq"] = s["exp_avg_sq"].float().cpu().to(dtype)
+        if "slow_buffer" in s:
+            diff = s["slow_buffer"].float().cpu() - w
+            if bool(diff.any()):  # equal right after a Lookahead sync: nothing to store
+                tensors[f"{name}.slow_minus_weight"] = diff.to(dtype)
+        steps[name] = int(s["step"])
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in st.settings.items()}
+    return save_native(
+        path,
+        KIND,
+        {"settings": settings, "dtype": str(dtype).replace("torch.", "")},
+        tensors,
+        provenance or default_provenance(source=st.source),
+        extra={"steps": steps},
+    )
+
+
+def load_optimizer_state(path: str | Path, module: nn.Module) -> OptimizerState:
+    """Read a companion file written by :func:`save_optimizer_state` for ``module`` (its weights give the slow
+    weights back). Strict about names and shapes."""
+    nf = read_native(path)
+    if nf.kind != KIND:
+        raise CheckpointError(path, f"a cycle-encoding {nf.kind} file, not an encoder optimizer state")
+    params = dict(module.named_parameters())
+    steps = nf.extra.get("steps") or {}
+    state: dict[str, dict[str, Any]] = {}
+    for name, step in steps.items():
+        if name not in params:
+            raise CheckpointError(path, f"optimizer state for {name!r}, which the encoder does not have")
+        w = params[name].detach().float().cpu()
+        entry: dict[str, Any] = {"step": int(step)}
+        for k in ("exp_avg", "exp_avg_sq", "slow_minus_weight"):
+            t = nf.tensors.get(f"{name}.{k}")
+            if t is None:
+                if k == "slow_minus_weight":  # not stored: the slow weights equal the weights
+                    entry["slow_buffer"] = w.clone()
+                    continue
+                raise CheckpointError(path, f"no {k} for {name!r}")
+            if tuple(t.shape) != tuple(w.shape):
+                raise CheckpointError(path, f"{k} of {name!r} has shape {list(t.shape)}, the parameter {list(w.shape)}")
+            if k == "slow_minus_weight":
+                entry["slow_buffer"] = w + t.float()
+            else:
+                entry[k] = t.float()
+        state[name] = entry
+    settings = dict(nf.config.get("settings") or {})
+    if "betas" in settings:
+        settings["betas"] = tuple(settings["betas"])
+    return OptimizerState(state, settings, f"{Path(path).name} ({nf.config.get('dtype', '?')})")
