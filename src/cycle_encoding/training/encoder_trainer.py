@@ -47,7 +47,7 @@ from ..checkpoints.common import atomic_write
 from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT
 from ..checkpoints.native import default_provenance, file_sha256
 from ..config import from_mapping
-from ..errors import CheckpointError, CycleEncodingError
+from ..errors import CheckpointError
 from ..losses.latent_pool import LatentPool
 from ..networks.encoder import Encoder4Editing, EncoderConfig
 from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscriminatorConfig
@@ -503,13 +503,8 @@ class EncoderTrainer(Trainer):
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EncoderTrainConfig:
     """The configuration a run was started with (``config.json``), with ``max_steps`` etc. overridable."""
-    data = read_run_config(run_dir, "train-encoder")
-    allowed = {"max_steps", "log_every", "image_every", "val_every", "checkpoint_every", "device"}
-    for k, v in (overrides or {}).items():
-        if k not in allowed:
-            raise CycleEncodingError(f"--{k.replace('_', '-')} cannot change when resuming (only {sorted(allowed)})")
-        data[k] = v
-    return load_train_config(data)
+    allowed = ("max_steps", "log_every", "image_every", "val_every", "checkpoint_every", "device")
+    return load_train_config(read_run_config(run_dir, "train-encoder", overrides, allowed))
 
 
 def describe_steps(total: int) -> str:

@@ -516,11 +516,4 @@ RESUME_OVERRIDES = ("max_steps", "log_every", "image_every", "checkpoint_every",
 
 def resume_generator_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> GeneratorTrainConfig:
     """The configuration a run was started with (``config.json``); only ``RESUME_OVERRIDES`` may change."""
-    data = read_run_config(run_dir, "train-generator")
-    for k, v in (overrides or {}).items():
-        if k not in RESUME_OVERRIDES:
-            raise CycleEncodingError(
-                f"--{k.replace('_', '-')} cannot change when resuming (only {', '.join(RESUME_OVERRIDES)})"
-            )
-        data[k] = v
-    return load_generator_train_config(data)
+    return load_generator_train_config(read_run_config(run_dir, "train-generator", overrides, RESUME_OVERRIDES))

@@ -1,15 +1,18 @@
 """The skeleton every resumable training loop fills: rank handling, the run folder, the checkpoint and its exact resume,
-the JSONL log and the progress bar. A trainer (``EncoderTrainer``, ``GeneratorTrainer``) builds its networks, data and
-optimizers between :meth:`Trainer._start` and :meth:`Trainer._open_run`, and fills in:
+the JSONL log and the progress bar. A trainer (``EncoderTrainer``, ``GeneratorTrainer``, ``ClassifierTrainer``) builds
+its networks, data and optimizers between :meth:`Trainer._start` and :meth:`Trainer._open_run`, and fills in:
 
 - ``train_step()``: one iteration, returning the losses to log (``self.step`` advanced);
 - ``run_label()``, ``resolved()``: the run folder's name and what the options resolved to (``config.json``);
 - ``checkpoint_state()`` / ``restore_checkpoint(ck, rank_state)``: what the checkpoint holds beyond the step, the
   ranks' states and the configuration, and how to put it back; ``rank_state()`` / ``check_checkpoint(ck, path)``;
-- ``save_grid()``, ``digest_modules()``, ``end_step(until)`` and the optional hooks ``on_start``, ``after_log``,
-  ``on_checkpoint``, ``on_end``, ``log_fields``, ``end_fields``, ``postfix``.
+- ``save_grid()`` (unless ``saves_images`` is off), ``digest_modules()``, ``end_step(until)`` and the optional hooks
+  ``on_start``, ``after_log``, ``on_checkpoint``, ``on_end``, ``log_fields``, ``train_record``, ``end_fields``,
+  ``postfix``.
 
-A run folder ``out/NNNNN-label/`` holds ``config.json`` (options + ``_resolved``), ``images/``, ``log.jsonl`` and
+The configuration holds ``log_every``, ``checkpoint_every``, ``image_every`` (when the trainer saves images) and
+``device`` (unless the trainer names its device to :meth:`Trainer._start`). A run folder ``out/NNNNN-label/`` holds
+``config.json`` (options + ``_resolved``), ``images/`` (when the trainer saves images), ``log.jsonl`` and
 ``checkpoint.pt`` (rank 0 writes it atomically; every rank's random state is gathered into it, so a resumed run with
 the same number of processes continues bit for bit).
 """
@@ -40,6 +43,7 @@ class Trainer:
     checkpoint_version: ClassVar[int] = 1
     checkpoint_kind: ClassVar[str] = "cycle-encoding training"  # in "not a ... checkpoint"
     scalar_kinds: ClassVar[tuple[str, ...]] = ("train",)
+    saves_images: ClassVar[bool] = True  # an images/ folder, and save_grid() every image_every steps
 
     cfg: Any
     step: int
@@ -47,11 +51,12 @@ class Trainer:
     run_dir: Path
 
     # -- set-up ---------------------------------------------------------------------------------------------
-    def _start(self, cfg: Any, quiet: bool) -> None:
-        """Rank handling: join the process group (under torchrun) and pick this rank's device."""
+    def _start(self, cfg: Any, quiet: bool, device: str | None = None) -> None:
+        """Rank handling: join the process group (under torchrun) and pick this rank's device (``device``, else
+        ``cfg.device``). ``quiet``: no progress bar and no TensorBoard."""
         self.cfg = cfg
         self.quiet = quiet
-        base_device = resolve_device(cfg.device)
+        base_device = resolve_device(device if device is not None else cfg.device)
         self.dist = dd.init_distributed(base_device)
         self.device = dd.rank_device(base_device, self.dist)
 
@@ -82,7 +87,8 @@ class Trainer:
         if self.dist.is_main:
             run = next_run_dir(self.cfg.out, self.run_label())
             run.mkdir(parents=True)
-            (run / "images").mkdir()
+            if self.saves_images:
+                (run / "images").mkdir()
             cfg = to_dict(self.cfg)
             cfg["_resolved"] = self.resolved()
             atomic_write(run / "config.json", lambda t: t.write_text(json.dumps(cfg, indent=2) + "\n"))
@@ -157,6 +163,11 @@ class Trainer:
         """Fields of a ``train`` record between ``step`` and ``time``."""
         return {}
 
+    def train_record(self, logs: dict[str, Any], sec_per_step: float) -> dict[str, Any]:
+        """The ``train`` record of this step (every ``log_every`` steps and at the end), from the step's losses."""
+        return {"kind": "train", "step": self.step, **self.log_fields(), "time": time.time(),
+                "sec_per_step": sec_per_step, **logs}  # fmt: skip
+
     def postfix(self, logs: dict[str, Any]) -> dict[str, Any]:
         """What the progress bar shows of a step's losses."""
         return {}
@@ -204,13 +215,12 @@ class Trainer:
             last = self.step == end
             if self.step % cfg.log_every == 0 or last:
                 now = time.perf_counter()
-                rec = {"kind": "train", "step": self.step, **self.log_fields(), "time": time.time(),
-                       "sec_per_step": (now - t_last) / steps_since, **logs}  # fmt: skip
+                rec = self.train_record(logs, (now - t_last) / steps_since)
                 t_last, steps_since = now, 0
                 self._log(rec)
                 bar.set_postfix(**self.postfix(logs))
             self.after_log(last)
-            if self.dist.is_main and (self.step % cfg.image_every == 0 or last):
+            if self.saves_images and self.dist.is_main and (self.step % cfg.image_every == 0 or last):
                 self.save_grid()
             if self.step % cfg.checkpoint_every == 0 or last:
                 self.save_checkpoint()
@@ -239,11 +249,18 @@ def check_loop_options(cfg: Any, every: tuple[str, ...]) -> None:
             raise ValueError(f"{k} must be >= 1")
 
 
-def read_run_config(run_dir: str | Path, command: str) -> dict[str, Any]:
-    """The options a run was started with (its ``config.json`` without ``_resolved``)."""
+def read_run_config(
+    run_dir: str | Path, command: str, overrides: dict[str, Any] | None = None, allowed: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The options a run was started with (its ``config.json`` without ``_resolved``), with ``overrides`` of the
+    ``allowed`` options (what may change when resuming) put in; any other override is a one-line error."""
     p = Path(run_dir) / "config.json"
     if not p.is_file():
         raise CycleEncodingError(f"{run_dir}: not a {command} run folder (no config.json)")
     data = json.loads(p.read_text())
     data.pop("_resolved", None)
+    for k, v in (overrides or {}).items():
+        if k not in allowed:
+            raise CycleEncodingError(f"--{k.replace('_', '-')} cannot change when resuming (only {', '.join(allowed)})")
+        data[k] = v
     return data
