@@ -6,10 +6,14 @@ background value -1, and flipped left-right with probability 1/2 when ``flip``),
 resolution: 28x28 padded with 2 pixels of background), one channel. Shuffling, augmentation and the initialization
 all come from ``seed``; with the same thread count on the same machine the weights come out bit-identical.
 
-A run folder ``OUT/NNNNN-NAME`` receives ``log.jsonl`` (one record per logged step, then the test metrics),
-``classifier.safetensors`` (the project's format, kind ``classifier``; its provenance holds the command, data,
-epochs and steps, wall time, machine, and the test accuracy) and ``metrics.json``. ``export`` also copies the file
-to a given path and writes its model card ``NAME-card.md`` beside it (see :func:`write_model_card`).
+The loop is the training skeleton's (:class:`~cycle_encoding.training.trainer.Trainer`) filled with this step. A run
+folder ``OUT/NNNNN-NAME`` receives ``config.json`` (the options), ``log.jsonl`` (the start record, one record per
+logged step, the end record, then the test metrics), ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the
+end: the model, Adam, the learning-rate schedule, the epoch's order and position, the random state; a run resumed
+from it ends with the weights of an uninterrupted one, bit for bit), ``classifier.safetensors`` (the project's
+format, kind ``classifier``; its provenance holds the command, data, epochs and steps, training time, machine, and
+the test accuracy) and ``metrics.json``. ``export`` also copies the file to a given path and writes its model card
+``NAME-card.md`` beside it (see :func:`write_model_card`).
 """
 
 from __future__ import annotations
@@ -31,12 +35,15 @@ import torch.nn.functional as F
 from ..assets import SHIPPED_MODELS
 from ..checkpoints.classifier import save_classifier
 from ..checkpoints.native import default_provenance, file_sha256, read_native_header
-from ..config import to_dict
+from ..config import from_mapping, to_dict
 from ..data.fashion_mnist import CLASSES, PAD_VALUE, load_split, pad_to_32, to_unit_range
-from ..errors import CycleEncodingError
+from ..errors import CheckpointError, CycleEncodingError
 from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig, parameter_count
-from .runs import RunLog, next_run_dir
+from .runs import rng_state, set_rng_state
+from .trainer import Trainer, check_loop_options, read_run_config
 
+CHECKPOINT_FORMAT = "cycle-encoding-train-classifier"
+CHECKPOINT_VERSION = 1
 DEFAULT_WIDTHS = {"convnet": (32, 64, 128), "vggbn": (16, 32, 64)}
 SLICE = 2000  # the test slice whose accuracy the card also gives (the shipped-model test checks it)
 
@@ -59,6 +66,7 @@ class ClassifierTrainConfig:
     test_limit: int | None = None
     max_steps: int | None = None
     log_every: int = 50
+    checkpoint_every: int = 500
     out: str = "runs"
     name: str | None = None
     export: str | None = None
@@ -70,6 +78,9 @@ class ClassifierTrainConfig:
             self.widths = DEFAULT_WIDTHS[self.arch]
         if self.epochs < 1 or self.batch_size < 1 or self.threads < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and threads must be >= 1 and lr > 0")
+        check_loop_options(self, ("log_every", "checkpoint_every"))
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0 <= self.shift <= 8:
             raise ValueError(f"shift must be between 0 and 8 pixels, got {self.shift}")
         name, _, _ = self.data.partition("@")
@@ -142,97 +153,231 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+class ClassifierTrainer(Trainer):
+    """Builds the classifier, its optimizer and the data from a config (or a run folder to resume) and runs the loop
+    (``trainer.Trainer``); :meth:`finish` tests and exports once all steps are done."""
+
+    desc = "train-classifier"
+    checkpoint_format = CHECKPOINT_FORMAT
+    checkpoint_version = CHECKPOINT_VERSION
+    checkpoint_kind = "cycle-encoding train-classifier"
+    saves_images = False
+
+    def __init__(
+        self,
+        cfg: ClassifierTrainConfig,
+        resume: str | Path | None = None,
+        command: str | None = None,
+        progress: Callable[[str], None] | None = print,
+    ) -> None:
+        self.say = progress or (lambda _m: None)
+        self.command = command
+        # the order of the seeding, the draws and the model's construction is the one the shipped models were made in
+        torch.set_num_threads(cfg.threads)
+        self._start(cfg, quiet=True, device="cpu")  # lines of text instead of a bar; no TensorBoard
+        if self.dist.world_size > 1:
+            raise CycleEncodingError("train-classifier runs in one process: start it without torchrun")
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.x, self.y = load_tensors(cfg.data, "train", cfg.limit)
+        self.xt, self.yt = load_tensors(cfg.data, "test", cfg.test_limit)
+        self.model = AttributeClassifier(
+            ClassifierConfig(
+                arch=cfg.arch, outputs=CLASSES, input_size=32, in_channels=1, widths=tuple(cfg.widths or ())
+            )
+        )
+        self.n_params = parameter_count(self.model)
+        self.steps_per_epoch = (len(self.x) + cfg.batch_size - 1) // cfg.batch_size
+        total = self.steps_per_epoch * cfg.epochs
+        self.total = total if cfg.max_steps is None else min(total, cfg.max_steps)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.total))
+        )
+        # where the sampler stands: the epoch, its shuffled order (drawn at its first step), the next batch's offset
+        self.epoch, self.perm, self.offset = 0, None, 0
+        self.epoch_at = 0.0  # the epoch (fraction) of the last step's batch
+        self.sums = [0.0, 0.0, 0]  # loss and correct predictions summed over the images since the last record, count
+        self.train_seconds = 0.0  # time spent in training steps, over all resumed parts
+        self.step = 0
+        self.model.train()
+        self._open_run(resume)
+        cfg = self.cfg
+        again = f"resumed at step {self.step}; " if self.step else ""
+        self.say(f"{self.run_dir}: {again}{cfg.arch} {list(cfg.widths or ())}, {self.n_params:,} parameters; "
+                 f"{len(self.x):,} training images, {self.total} steps ({cfg.epochs} epoch(s) of "
+                 f"{self.steps_per_epoch}), {cfg.threads} thread(s)")  # fmt: skip
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def run_label(self) -> str:
+        return self.cfg.name or f"classifier-{self.cfg.arch}-seed{self.cfg.seed}"
+
+    def resolved(self) -> dict[str, Any]:
+        return {"parameters": self.n_params, "train_images": len(self.x), "test_images": len(self.xt),
+                "steps": self.total, "steps_per_epoch": self.steps_per_epoch, "command": self.command}  # fmt: skip
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def rank_state(self) -> dict[str, Any]:
+        return {"rng": rng_state(self.gen)}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "classifier": self.model.state_dict(),
+            "classifier_config": self.model.config.to_dict(),
+            "optimizer": self.opt.state_dict(),
+            "lr_schedule": self.sched.state_dict(),
+            "sampler": {"epoch": self.epoch, "perm": self.perm, "offset": self.offset},
+            "since_record": list(self.sums),
+            "train_seconds": self.train_seconds,
+            "command": self.command,
+        }
+
+    def check_checkpoint(self, ck: dict[str, Any], path: Path) -> None:
+        if ck["classifier_config"] != self.model.config.to_dict():
+            raise CheckpointError(path, "the checkpoint's classifier does not match the run's configuration")
+
+    def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        self.model.load_state_dict(ck["classifier"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["lr_schedule"])
+        sampler = ck["sampler"]
+        self.epoch, self.perm, self.offset = int(sampler["epoch"]), sampler["perm"], int(sampler["offset"])
+        loss, correct, n = ck["since_record"]
+        self.sums = [float(loss), float(correct), int(n)]
+        self.train_seconds = float(ck["train_seconds"])
+        self.command = ck["command"]  # the command that started the run (the card's reproduction)
+        set_rng_state(rank_state["rng"], self.gen)
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def next_batch(self) -> torch.Tensor:
+        """The indices of the next batch: a new shuffled order (from ``gen``) at the start of each epoch."""
+        n = len(self.x)
+        if self.perm is not None and self.offset >= n:
+            self.epoch, self.perm, self.offset = self.epoch + 1, None, 0
+        if self.perm is None:
+            self.perm = torch.randperm(n, generator=self.gen)
+        idx = self.perm[self.offset : self.offset + self.cfg.batch_size]
+        self.epoch_at = self.epoch + self.offset / n
+        self.offset += self.cfg.batch_size
+        return idx
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        idx = self.next_batch()
+        xb = augment(self.x[idx], self.gen, cfg.shift, cfg.flip)
+        logits = self.model(xb)
+        loss = F.cross_entropy(logits, self.y[idx])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        self.sums[0] += float(loss.detach()) * len(idx)
+        self.sums[1] += float((logits.argmax(1) == self.y[idx]).sum())
+        self.sums[2] += len(idx)
+        self.train_seconds += time.perf_counter() - t0
+        return {}
+
+    # -- the loop's hooks ---------------------------------------------------------------------------------------
+    def train_record(self, logs: dict[str, Any], sec_per_step: float) -> dict[str, Any]:
+        """Loss and training accuracy: means over the images since the last ``log_every`` record; ``time``: seconds
+        of training so far."""
+        loss, correct, n = self.sums
+        rec = {"kind": "train", "step": self.step, "epoch": self.epoch_at, "loss": loss / n, "accuracy": correct / n,
+               "lr": self.sched.get_last_lr()[0], "time": round(self.train_seconds, 2)}  # fmt: skip
+        if self.step % self.cfg.log_every == 0:  # a stop in between (run(until=...)) leaves the next record whole
+            self.sums = [0.0, 0.0, 0]
+        return rec
+
+    def _log(self, record: dict[str, Any]) -> None:
+        super()._log(record)
+        if record["kind"] == "train":
+            self.say(f"step {record['step']}/{self.total}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
+                     f"train acc {record['accuracy']:.4f}  {record['time']:.0f}s")  # fmt: skip
+
+    def on_start(self) -> None:
+        self._log({"kind": "start", "step": 0, "config": to_dict(self.cfg), "command": self.command,
+                   "parameters": self.n_params, "train_images": len(self.x), "test_images": len(self.xt),
+                   "machine": machine_info()})  # fmt: skip
+
+    def end_step(self, until: int | None) -> int:
+        return min(until if until is not None else self.total, self.total)
+
+    def digest_modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.model,)
+
+    def end_fields(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds}
+
+    # -- test and export ----------------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Test, write ``classifier.safetensors`` and ``metrics.json`` (and the export with its card). Returns
+        ``{"run_dir", "file", "metrics", "provenance", "model"}`` (plus ``"exported"`` and ``"card"`` with ``export``).
+        """
+        cfg = self.cfg
+        if self.step < self.total:
+            raise CycleEncodingError(f"{self.run_dir}: trained {self.step} of {self.total} steps; resume it to finish")
+        metrics = evaluate_classifier(self.model, self.xt, self.yt)
+        self._log({"kind": "test", "step": self.step, **metrics})
+        self.say(f"test accuracy {metrics['accuracy']:.4f} on {metrics['images']:,} test images; "
+                 f"trained in {self.train_seconds:.0f}s")  # fmt: skip
+        provenance = default_provenance(
+            command=self.command,
+            data=f"{cfg.data}:train ({len(self.x):,} images, 32x32 padded, 1 channel, [-1, 1])",
+            test_data=f"{cfg.data}:test ({len(self.xt):,} images)",
+            epochs=cfg.epochs,
+            steps=self.step,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            optimizer=f"Adam lr {cfg.lr} cosine to 0; shift {cfg.shift}px, flip {cfg.flip}",
+            wall_time_s=round(self.train_seconds, 1),
+            machine=machine_info(),
+            parameters=self.n_params,
+            test_accuracy=metrics["accuracy"],
+            **{f"test_accuracy_first_{SLICE}": metrics[f"accuracy_first_{SLICE}"]},
+        )
+        file = save_classifier(self.model, self.run_dir / "classifier.safetensors", provenance)
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        result = {"run_dir": self.run_dir, "file": file, "metrics": metrics, "provenance": provenance,
+                  "model": self.model.eval()}  # fmt: skip
+        if cfg.export:
+            dest = Path(cfg.export)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, dest)
+            result["exported"] = dest
+            result["card"] = write_model_card(dest, metrics)
+            self.say(f"exported {dest} and {result['card']}")
+        return result
+
+
 def train_classifier(
-    cfg: ClassifierTrainConfig, command: str | None = None, progress: Callable[[str], None] | None = print
+    cfg: ClassifierTrainConfig,
+    command: str | None = None,
+    progress: Callable[[str], None] | None = print,
+    resume: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train, test, export (see the module doc). Returns ``{"run_dir", "file", "metrics", "provenance", "model"}``
-    (plus ``"exported"`` and ``"card"`` with ``export``)."""
-    say = progress or (lambda _m: None)
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    x, y = load_tensors(cfg.data, "train", cfg.limit)
-    xt, yt = load_tensors(cfg.data, "test", cfg.test_limit)
-    model = AttributeClassifier(
-        ClassifierConfig(arch=cfg.arch, outputs=CLASSES, input_size=32, in_channels=1, widths=tuple(cfg.widths or ()))
+    """Train (or go on with the run in ``resume``), test, export (see the module doc); what
+    :meth:`ClassifierTrainer.finish` returns."""
+    trainer = ClassifierTrainer(cfg, resume=resume, command=command, progress=progress)
+    try:
+        trainer.run()
+        return trainer.finish()
+    finally:
+        trainer.close()
+
+
+RESUME_OVERRIDES = ("log_every", "checkpoint_every", "threads", "export")
+
+
+def resume_classifier_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> ClassifierTrainConfig:
+    """The configuration a run was started with (``config.json``); only ``RESUME_OVERRIDES`` may change (the
+    learning-rate schedule spans all steps, so the step count may not)."""
+    return from_mapping(
+        ClassifierTrainConfig,
+        read_run_config(run_dir, "train-classifier", overrides, RESUME_OVERRIDES),
+        "train-classifier",
     )
-    n_params = parameter_count(model)
-    steps_per_epoch = (len(x) + cfg.batch_size - 1) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-
-    run_dir = next_run_dir(cfg.out, cfg.name or f"classifier-{cfg.arch}-seed{cfg.seed}")
-    run_dir.mkdir(parents=True)
-    log = RunLog(run_dir, enabled=True, tensorboard=False)
-    log.write({"kind": "start", "step": 0, "config": to_dict(cfg), "command": command, "parameters": n_params,
-               "train_images": len(x), "test_images": len(xt), "machine": machine_info()})  # fmt: skip
-    say(f"{run_dir}: {cfg.arch} {list(cfg.widths or ())}, {n_params:,} parameters; {len(x):,} training images, "
-        f"{total} steps ({cfg.epochs} epoch(s) of {steps_per_epoch}), {cfg.threads} thread(s)")  # fmt: skip
-
-    t0 = time.perf_counter()
-    step, epoch, run_loss, run_acc, run_n = 0, 0, 0.0, 0.0, 0
-    model.train()
-    while step < total:
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), cfg.batch_size):
-            if step >= total:
-                break
-            idx = perm[i : i + cfg.batch_size]
-            xb = augment(x[idx], gen, cfg.shift, cfg.flip)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            run_loss += float(loss.detach()) * len(idx)
-            run_acc += float((logits.argmax(1) == y[idx]).sum())
-            run_n += len(idx)
-            if step % cfg.log_every == 0 or step == total:
-                rec = {"kind": "train", "step": step, "epoch": epoch + i / len(x), "loss": run_loss / run_n,
-                       "accuracy": run_acc / run_n, "lr": sched.get_last_lr()[0],
-                       "time": round(time.perf_counter() - t0, 2)}  # fmt: skip
-                log.write(rec)
-                say(f"step {step}/{total}  epoch {rec['epoch']:.2f}  loss {rec['loss']:.4f}  "
-                    f"train acc {rec['accuracy']:.4f}  {rec['time']:.0f}s")  # fmt: skip
-                run_loss, run_acc, run_n = 0.0, 0.0, 0
-        epoch += 1
-    wall = time.perf_counter() - t0
-
-    metrics = evaluate_classifier(model, xt, yt)
-    log.write({"kind": "test", "step": step, **metrics})
-    log.close()
-    say(f"test accuracy {metrics['accuracy']:.4f} on {metrics['images']:,} test images; trained in {wall:.0f}s")
-    provenance = default_provenance(
-        command=command,
-        data=f"{cfg.data}:train ({len(x):,} images, 32x32 padded, 1 channel, [-1, 1])",
-        test_data=f"{cfg.data}:test ({len(xt):,} images)",
-        epochs=cfg.epochs,
-        steps=step,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        optimizer=f"Adam lr {cfg.lr} cosine to 0; shift {cfg.shift}px, flip {cfg.flip}",
-        wall_time_s=round(wall, 1),
-        machine=machine_info(),
-        parameters=n_params,
-        test_accuracy=metrics["accuracy"],
-        **{f"test_accuracy_first_{SLICE}": metrics[f"accuracy_first_{SLICE}"]},
-    )
-    file = save_classifier(model, run_dir / "classifier.safetensors", provenance)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    result = {"run_dir": run_dir, "file": file, "metrics": metrics, "provenance": provenance, "model": model.eval()}
-    if cfg.export:
-        dest = Path(cfg.export)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, dest)
-        result["exported"] = dest
-        result["card"] = write_model_card(dest, metrics)
-        say(f"exported {dest} and {result['card']}")
-    return result
 
 
 def card_path(model_file: str | Path) -> Path:
