@@ -1,5 +1,6 @@
 """The classifier trainer on a small synthetic Fashion-MNIST-layout folder (idx files written here): augmentation
-geometry, features(), a few steps lower the loss, the export loads back bit-exactly, the card's hash, the CLI."""
+geometry, features(), a few steps lower the loss, the export loads back bit-exactly, the card's hash, a resumed run
+repeats an uninterrupted one exactly, the CLI."""
 
 from __future__ import annotations
 
@@ -12,14 +13,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from cycle_encoding.assets import card_sha256
 from cycle_encoding.checkpoints.classifier import load_classifier, save_classifier
 from cycle_encoding.checkpoints.native import file_sha256, read_native_header
 from cycle_encoding.cli import main
 from cycle_encoding.data.fashion_mnist import CLASSES, pad_to_32, to_unit_range
+from cycle_encoding.errors import CycleEncodingError
 from cycle_encoding.networks.classifier import AttributeClassifier, ClassifierConfig
-from cycle_encoding.training.classifier_trainer import ClassifierTrainConfig, augment, train_classifier
+from cycle_encoding.training.classifier_trainer import (
+    ClassifierTrainConfig,
+    ClassifierTrainer,
+    augment,
+    train_classifier,
+)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -177,3 +185,62 @@ def test_bad_options_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> 
     assert "arch must be one of convnet, vggbn" in capsys.readouterr().err
     assert main(["train-classifier", "--data", "mnist"]) == 2
     assert "data must be fashion-mnist" in capsys.readouterr().err
+
+
+def train_records(run_dir: Path) -> dict[int, dict]:
+    """The last train record of each step, without its time (a killed part's records are superseded on resume)."""
+    out: dict[int, dict] = {}
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            out[r["step"]] = {k: v for k, v in r.items() if k != "time"}
+    return out
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(fake_fmnist: Path, tmp_path: Path) -> None:
+    """Stopped at step 17 (mid-epoch, between two records), three more steps lost, resumed: the same weights, train
+    records and test metrics as one uninterrupted run of 2 epochs (19 steps each, the last batch short)."""
+    kw = dict(data=f"fashion-mnist@{fake_fmnist}", arch="vggbn", widths=(4, 8), seed=7, epochs=2, batch_size=32,
+              log_every=5, checkpoint_every=100, out=str(tmp_path))  # fmt: skip
+    full = train_classifier(ClassifierTrainConfig(**kw, name="full"), command="full", progress=None)
+
+    part = ClassifierTrainer(ClassifierTrainConfig(**kw, name="part"), command="part", progress=None)
+    part.run(until=17)  # checkpoint at step 17 (the end of this call)
+    for _ in range(3):  # steps 18-20 (across the epoch's end) happen but are never saved: the process is "killed"
+        part.train_step()
+    part.close()
+    assert torch.load(part.run_dir / "checkpoint.pt", weights_only=True)["step"] == 17
+    with pytest.raises(CycleEncodingError, match="trained 20 of 38 steps"):
+        part.finish()
+    resumed = train_classifier(ClassifierTrainConfig(**kw, name="part"), progress=None, resume=part.run_dir)
+
+    ref, got = train_records(full["run_dir"]), train_records(part.run_dir)
+    assert sorted(ref) == [5, 10, 15, 20, 25, 30, 35, 38] and 17 in got  # 17: the record of the stop
+    assert all(got[s] == ref[s] for s in ref)  # identical, not close (the means span the stop at step 17)
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["metrics"] == full["metrics"]
+    assert load_file(resumed["file"]).keys() == load_file(full["file"]).keys()
+    assert all(torch.equal(v, load_file(full["file"])[k]) for k, v in load_file(resumed["file"]).items())
+    pv = read_native_header(resumed["file"])["provenance"]
+    assert pv["command"] == "part" and pv["steps"] == 38  # the command that started the run, not the resume
+    records = [json.loads(line) for line in (part.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records if r["kind"] != "train"] == ["start", "end", "end", "test"]
+
+
+def test_cli_resume_finishes_a_stopped_run(fake_fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = ClassifierTrainConfig(data=f"fashion-mnist@{fake_fmnist}", arch="convnet", widths=(4, 8), max_steps=6,
+                                out=str(tmp_path))  # fmt: skip
+    part = ClassifierTrainer(cfg, command="cycle-encoding train-classifier --max-steps 6", progress=None)
+    part.run(until=4)
+    part.close()
+    assert not (part.run_dir / "classifier.safetensors").exists()
+    assert main(["train-classifier", "--resume", str(part.run_dir), "--max-steps", "9"]) == 2
+    assert "--max-steps cannot change when resuming" in capsys.readouterr().err
+    assert main(["train-classifier", "--resume", str(tmp_path / "none")]) == 2
+    assert "not a train-classifier run folder" in capsys.readouterr().err
+    assert main(["train-classifier", "--resume", str(part.run_dir), "--log-every", "1"]) == 0
+    assert "resumed at step 4" in capsys.readouterr().out
+    assert sorted(train_records(part.run_dir)) == [4, 5, 6]
+    pv = read_native_header(part.run_dir / "classifier.safetensors")["provenance"]
+    assert pv["steps"] == 6 and pv["command"] == "cycle-encoding train-classifier --max-steps 6"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import options_from
+from .common import option_overrides, options_from
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -29,6 +29,7 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--test-limit", "test_limit", int, "test on the first N test images only"),
     ("--max-steps", "max_steps", int, "stop after N steps"),
     ("--log-every", "log_every", int, "log every N steps (default 50)"),
+    ("--checkpoint-every", "checkpoint_every", int, "write checkpoint.pt every N steps (default 500)"),
     ("--out", "out", str, "folder that receives the numbered run folder (default runs)"),
     ("--name", "name", str, "run folder label (default classifier-ARCH-seedN)"),
     ("--export", "export", str, "also copy the model to this .safetensors path and write NAME-card.md beside it"),
@@ -41,24 +42,30 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         parents=[common],
         help="train a small Fashion-MNIST classifier (feature network or evaluation network)",
         description="Train a small classifier of the 10 Fashion-MNIST classes on the CPU; writes a run folder with "
-        "log.jsonl, classifier.safetensors and metrics.json (test accuracy, per class, confusion matrix).",
+        "config.json, log.jsonl, checkpoint.pt, classifier.safetensors and metrics.json (test accuracy, per class, "
+        "confusion matrix).",
     )
     for flag, dest, typ, hlp in OPTIONS:
         p.add_argument(flag, dest=dest, type=typ, default=None, help=hlp)
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no random horizontal flips")
     p.add_argument("--config", type=Path, help="options from a YAML/JSON file (command-line options override it)")
+    p.add_argument("--resume", type=Path, help="continue the run in this folder exactly where its checkpoint is")
     p.set_defaults(func=cmd_train_classifier)
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from ..config import from_mapping
-    from ..training.classifier_trainer import ClassifierTrainConfig, train_classifier
+    from ..training.classifier_trainer import ClassifierTrainConfig, resume_classifier_config, train_classifier
     from .common import check_output_folder
 
-    cfg = from_mapping(ClassifierTrainConfig, options_from(args), "train-classifier")
-    check_output_folder(cfg.out, "--out")
-    command = _command(args)
-    result = train_classifier(cfg, command=command)
+    if args.resume is not None:  # the command that started the run stays the one recorded
+        cfg = resume_classifier_config(args.resume, option_overrides(args))
+        check_output_folder(args.resume, "--resume")
+        result = train_classifier(cfg, resume=args.resume)
+    else:
+        cfg = from_mapping(ClassifierTrainConfig, options_from(args), "train-classifier")
+        check_output_folder(cfg.out, "--out")
+        result = train_classifier(cfg, command=_command(args))
     print(f"wrote {result['file']} (test accuracy {result['metrics']['accuracy']:.4f})")
     return 0
 
