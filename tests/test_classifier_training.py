@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from cycle_encoding.checkpoints.classifier import load_classifier, save_classifi
 from cycle_encoding.checkpoints.native import file_sha256, read_native_header
 from cycle_encoding.cli import main
 from cycle_encoding.data.fashion_mnist import CLASSES, pad_to_32, to_unit_range
-from cycle_encoding.errors import CycleEncodingError
+from cycle_encoding.errors import CheckpointError, CycleEncodingError
 from cycle_encoding.networks.classifier import AttributeClassifier, ClassifierConfig
 from cycle_encoding.training.classifier_trainer import (
     ClassifierTrainConfig,
@@ -239,6 +240,8 @@ def test_cli_resume_finishes_a_stopped_run(fake_fmnist: Path, tmp_path: Path, ca
     assert "--max-steps cannot change when resuming" in capsys.readouterr().err
     assert main(["train-classifier", "--resume", str(tmp_path / "none")]) == 2
     assert "not a train-classifier run folder" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="the checkpoint's classifier does not match"):
+        ClassifierTrainer(replace(cfg, widths=(4, 16)), resume=part.run_dir, progress=None)
     assert main(["train-classifier", "--resume", str(part.run_dir), "--log-every", "1"]) == 0
     assert "resumed at step 4" in capsys.readouterr().out
     assert sorted(train_records(part.run_dir)) == [4, 5, 6]

@@ -37,7 +37,7 @@ from ..checkpoints.classifier import save_classifier
 from ..checkpoints.native import default_provenance, file_sha256, read_native_header
 from ..config import from_mapping, to_dict
 from ..data.fashion_mnist import CLASSES, PAD_VALUE, load_split, pad_to_32, to_unit_range
-from ..errors import CheckpointError, CycleEncodingError
+from ..errors import CycleEncodingError
 from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig, parameter_count
 from .runs import rng_state, set_rng_state
 from .trainer import Trainer, check_loop_options, read_run_config
@@ -223,7 +223,6 @@ class ClassifierTrainer(Trainer):
     def checkpoint_state(self) -> dict[str, Any]:
         return {
             "classifier": self.model.state_dict(),
-            "classifier_config": self.model.config.to_dict(),
             "optimizer": self.opt.state_dict(),
             "lr_schedule": self.sched.state_dict(),
             "sampler": {"epoch": self.epoch, "perm": self.perm, "offset": self.offset},
@@ -232,9 +231,8 @@ class ClassifierTrainer(Trainer):
             "command": self.command,
         }
 
-    def check_checkpoint(self, ck: dict[str, Any], path: Path) -> None:
-        if ck["classifier_config"] != self.model.config.to_dict():
-            raise CheckpointError(path, "the checkpoint's classifier does not match the run's configuration")
+    def network_configs(self) -> dict[str, dict[str, Any]]:
+        return {"classifier_config": self.model.config.to_dict()}
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.model.load_state_dict(ck["classifier"])

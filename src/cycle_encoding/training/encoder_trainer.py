@@ -304,10 +304,8 @@ class EncoderTrainer(Trainer):
         st = self.schedule.at(min(self.step, self.schedule.total_steps - 1), self.G.num_ws)
         return {
             "encoder": self.E.state_dict(),
-            "encoder_config": self.E.config.to_dict(),
             "trained_stage": self.E.stage,
             "discriminator": self.D.state_dict(),
-            "discriminator_config": self.D.config.to_dict(),
             "opt_e": self.opt_e.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "sampler": self.sampler.state_dict(),
@@ -316,9 +314,8 @@ class EncoderTrainer(Trainer):
             "generator": {"path": str(self.cfg.generator), "w_avg": self.G.w_avg.cpu()},
         }
 
-    def check_checkpoint(self, ck: dict[str, Any], path: Path) -> None:
-        if ck["encoder_config"] != self.E.config.to_dict():
-            raise CheckpointError(path, "the checkpoint's encoder does not match the run's configuration")
+    def network_configs(self) -> dict[str, dict[str, Any]]:
+        return {"encoder_config": self.E.config.to_dict(), "discriminator_config": self.D.config.to_dict()}
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.E.load_state_dict(ck["encoder"])

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from ..checkpoints.native import default_provenance
 from ..config import from_mapping
-from ..errors import CheckpointError, CycleEncodingError
+from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 from ..utils import make_grid, save_image
 from . import distributed as dd
@@ -317,18 +317,15 @@ class GeneratorTrainer(Trainer):
             "train_seconds": self.train_seconds,
             "mean_path_length": self.mean_path_length,
             "generator": self.G.state_dict(),
-            "generator_config": self.G.config.to_dict(),
             "g_ema": self.g_ema.state_dict(),
             "discriminator": self.D.state_dict(),
-            "discriminator_config": self.D.config.to_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "sampler": self.sampler.state_dict(),
         }
 
-    def check_checkpoint(self, ck: dict[str, Any], path: Path) -> None:
-        if ck["generator_config"] != self.G.config.to_dict() or ck["discriminator_config"] != self.D.config.to_dict():
-            raise CheckpointError(path, "the checkpoint's networks do not match the run's configuration")
+    def network_configs(self) -> dict[str, dict[str, Any]]:
+        return {"generator_config": self.G.config.to_dict(), "discriminator_config": self.D.config.to_dict()}
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.G.load_state_dict(ck["generator"])

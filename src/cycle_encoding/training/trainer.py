@@ -5,7 +5,8 @@ its networks, data and optimizers between :meth:`Trainer._start` and :meth:`Trai
 - ``train_step()``: one iteration, returning the losses to log (``self.step`` advanced);
 - ``run_label()``, ``resolved()``: the run folder's name and what the options resolved to (``config.json``);
 - ``checkpoint_state()`` / ``restore_checkpoint(ck, rank_state)``: what the checkpoint holds beyond the step, the
-  ranks' states and the configuration, and how to put it back; ``rank_state()`` / ``check_checkpoint(ck, path)``;
+  networks' configurations, the ranks' states and the configuration, and how to put it back; ``rank_state()``;
+  ``network_configs()`` (written into the checkpoint; a checkpoint whose differ is refused on resume);
 - ``save_grid()`` (unless ``saves_images`` is off), ``digest_modules()``, ``end_step(until)`` and the optional hooks
   ``on_start``, ``after_log``, ``on_checkpoint``, ``on_end``, ``log_fields``, ``train_record``, ``end_fields``,
   ``postfix``.
@@ -106,8 +107,10 @@ class Trainer:
         """The networks, optimizers, sampler, ... (everything but the step, the ranks' states, the configuration)."""
         raise NotImplementedError
 
-    def check_checkpoint(self, ck: dict[str, Any], path: Path) -> None:
-        """Refuse a checkpoint whose networks do not match this run's configuration."""
+    def network_configs(self) -> dict[str, dict[str, Any]]:
+        """The networks' configurations (``{"encoder_config": {...}}``): the checkpoint holds them, and resuming
+        refuses a checkpoint whose differ from this run's."""
+        return {}
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -121,6 +124,7 @@ class Trainer:
             "format": self.checkpoint_format,
             "version": self.checkpoint_version,
             "step": self.step,
+            **self.network_configs(),
             **self.checkpoint_state(),
             "ranks": ranks,
             "config": to_dict(self.cfg),
@@ -133,7 +137,10 @@ class Trainer:
         ck = torch_load(path)  # on the CPU: random states must stay there; modules copy to their device
         if not isinstance(ck, dict) or ck.get("format") != self.checkpoint_format:
             raise CheckpointError(path, f"not a {self.checkpoint_kind} checkpoint")
-        self.check_checkpoint(ck, path)
+        for key, want in self.network_configs().items():
+            if ck.get(key) != want:
+                name = key.removesuffix("_config")
+                raise CheckpointError(path, f"the checkpoint's {name} does not match the run's configuration")
         ranks = ck["ranks"]
         if len(ranks) != self.dist.world_size:
             raise CheckpointError(
