@@ -222,22 +222,19 @@ class ClassifierTrainer(Trainer):
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
-            "classifier": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "lr_schedule": self.sched.state_dict(),
             "sampler": {"epoch": self.epoch, "perm": self.perm, "offset": self.offset},
             "since_record": list(self.sums),
             "train_seconds": self.train_seconds,
             "command": self.command,
         }
 
+    def stateful(self) -> dict[str, Any]:
+        return {"classifier": self.model, "optimizer": self.opt, "lr_schedule": self.sched}
+
     def network_configs(self) -> dict[str, dict[str, Any]]:
         return {"classifier_config": self.model.config.to_dict()}
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
-        self.model.load_state_dict(ck["classifier"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["lr_schedule"])
         sampler = ck["sampler"]
         self.epoch, self.perm, self.offset = int(sampler["epoch"]), sampler["perm"], int(sampler["offset"])
         loss, correct, n = ck["since_record"]

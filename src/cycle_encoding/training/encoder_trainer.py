@@ -303,27 +303,21 @@ class EncoderTrainer(Trainer):
     def checkpoint_state(self) -> dict[str, Any]:
         st = self.schedule.at(min(self.step, self.schedule.total_steps - 1), self.G.num_ws)
         return {
-            "encoder": self.E.state_dict(),
             "trained_stage": self.E.stage,
-            "discriminator": self.D.state_dict(),
-            "opt_e": self.opt_e.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-            "sampler": self.sampler.state_dict(),
             "schedule": self.schedule.to_dict(),
             "schedule_state": st.to_dict(),
             "generator": {"path": str(self.cfg.generator), "w_avg": self.G.w_avg.cpu()},
         }
 
+    def stateful(self) -> dict[str, Any]:
+        return {"encoder": self.E, "discriminator": self.D, "opt_e": self.opt_e, "opt_d": self.opt_d,
+                "sampler": self.sampler}  # fmt: skip
+
     def network_configs(self) -> dict[str, dict[str, Any]]:
         return {"encoder_config": self.E.config.to_dict(), "discriminator_config": self.D.config.to_dict()}
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
-        self.E.load_state_dict(ck["encoder"])
         self.E.stage = int(ck.get("trained_stage", self.E.max_stage))  # a run resumed at its end exports this stage
-        self.D.load_state_dict(ck["discriminator"])
-        self.opt_e.load_state_dict(ck["opt_e"])
-        self.opt_d.load_state_dict(ck["opt_d"])
-        self.sampler.load_state_dict(ck["sampler"])
         self.pool.load_state_dict(rank_state["pool"], device=self.device)
         set_rng_state(rank_state["rng"], self.gen)
 

@@ -316,24 +316,16 @@ class GeneratorTrainer(Trainer):
         return {
             "train_seconds": self.train_seconds,
             "mean_path_length": self.mean_path_length,
-            "generator": self.G.state_dict(),
-            "g_ema": self.g_ema.state_dict(),
-            "discriminator": self.D.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-            "sampler": self.sampler.state_dict(),
         }
+
+    def stateful(self) -> dict[str, Any]:
+        return {"generator": self.G, "g_ema": self.g_ema, "discriminator": self.D, "opt_g": self.opt_g,
+                "opt_d": self.opt_d, "sampler": self.sampler}  # fmt: skip
 
     def network_configs(self) -> dict[str, dict[str, Any]]:
         return {"generator_config": self.G.config.to_dict(), "discriminator_config": self.D.config.to_dict()}
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
-        self.G.load_state_dict(ck["generator"])
-        self.g_ema.load_state_dict(ck["g_ema"])
-        self.D.load_state_dict(ck["discriminator"])
-        self.opt_g.load_state_dict(ck["opt_g"])
-        self.opt_d.load_state_dict(ck["opt_d"])
-        self.sampler.load_state_dict(ck["sampler"])
         set_rng_state(rank_state["rng"], self.gen)
         self.train_seconds = float(ck.get("train_seconds", 0.0))
         self.mean_path_length = float(ck.get("mean_path_length", 0.0))

@@ -4,9 +4,10 @@ its networks, data and optimizers between :meth:`Trainer._start` and :meth:`Trai
 
 - ``train_step()``: one iteration, returning the losses to log (``self.step`` advanced);
 - ``run_label()``, ``resolved()``: the run folder's name and what the options resolved to (``config.json``);
-- ``checkpoint_state()`` / ``restore_checkpoint(ck, rank_state)``: what the checkpoint holds beyond the step, the
-  networks' configurations, the ranks' states and the configuration, and how to put it back; ``rank_state()``;
-  ``network_configs()`` (written into the checkpoint; a checkpoint whose differ is refused on resume);
+- what the checkpoint holds: ``stateful()`` (networks, optimizers, the sampler, ...: saved by ``state_dict()``,
+  put back by ``load_state_dict()``), ``network_configs()`` (a checkpoint whose differ is refused on resume),
+  ``rank_state()`` (gathered from every rank), and ``checkpoint_state()`` / ``restore_checkpoint(ck, rank_state)``
+  for anything else and how to put it back (the rank's state included);
 - ``save_grid()`` (unless ``saves_images`` is off), ``digest_modules()``, ``end_step(until)`` and the optional hooks
   ``on_start``, ``after_log``, ``on_checkpoint``, ``on_end``, ``log_fields``, ``train_record``, ``end_fields``,
   ``postfix``.
@@ -103,9 +104,14 @@ class Trainer:
         """What differs between ranks (random states, pools): gathered from every rank into the checkpoint."""
         raise NotImplementedError
 
+    def stateful(self) -> dict[str, Any]:
+        """The networks, optimizers, schedules, sampler ... by checkpoint key: objects with ``state_dict()`` and
+        ``load_state_dict()``, saved and put back as they are."""
+        return {}
+
     def checkpoint_state(self) -> dict[str, Any]:
-        """The networks, optimizers, sampler, ... (everything but the step, the ranks' states, the configuration)."""
-        raise NotImplementedError
+        """Anything else the checkpoint holds (beyond the step, ``stateful()``, the ranks' states, the configuration)."""
+        return {}
 
     def network_configs(self) -> dict[str, dict[str, Any]]:
         """The networks' configurations (``{"encoder_config": {...}}``): the checkpoint holds them, and resuming
@@ -125,6 +131,7 @@ class Trainer:
             "version": self.checkpoint_version,
             "step": self.step,
             **self.network_configs(),
+            **{key: obj.state_dict() for key, obj in self.stateful().items()},
             **self.checkpoint_state(),
             "ranks": ranks,
             "config": to_dict(self.cfg),
@@ -146,6 +153,8 @@ class Trainer:
             raise CheckpointError(
                 path, f"saved by {len(ranks)} process(es); resume with the same number (now {self.dist.world_size})"
             )
+        for key, obj in self.stateful().items():
+            obj.load_state_dict(ck[key])
         self.restore_checkpoint(ck, ranks[self.dist.rank])
         self.step = int(ck["step"])
 
