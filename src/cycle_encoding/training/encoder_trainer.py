@@ -264,6 +264,7 @@ class EncoderTrainer(Trainer):
         return perceptual, identity
 
     def network_names(self) -> dict[str, str]:
+        """The loss networks' names (what logs and reports print)."""
         return {
             "perceptual": getattr(self.perceptual, "name", "none") if self.perceptual is not None else "none",
             "identity": getattr(self.identity, "name", "none") if self.identity is not None else "none",
@@ -464,6 +465,7 @@ class EncoderTrainer(Trainer):
             generator_sha256=file_sha256(resolve_model(self.cfg.generator)),
             data=str(self.cfg.data),
             networks=self.network_names(),
+            network_files=network_files(self.perceptual, self.identity),
         )
         from ..checkpoints.optimizer import companion_path, from_optimizer, save_optimizer_state
 
@@ -510,6 +512,17 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
             raise CycleEncodingError(f"--{k.replace('_', '-')} cannot change when resuming (only {sorted(allowed)})")
         data[k] = v
     return load_train_config(data)
+
+
+def network_files(perceptual: Any, identity: Any) -> dict[str, dict[str, str]]:
+    """The weight files the loss networks were read from (``located`` by ``build_perceptual`` / ``build_identity``),
+    recorded with the encoder so that ``invert`` finds the same ones."""
+    out = {}
+    for kind, net in (("perceptual", perceptual), ("identity", identity)):
+        loc = getattr(net, "located", None) if net is not None else None
+        if loc is not None:
+            out[kind] = {"name": str(getattr(net, "registry_name", "")), **loc.record()}
+    return out
 
 
 def describe_steps(total: int) -> str:
