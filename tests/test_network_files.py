@@ -168,3 +168,28 @@ def test_invert_prints_and_records_the_chosen_backbone(places, tmp_path, capsys)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["network_files"]["perceptual"] == {"name": "lpips-alex", "file": str(hub), "found": "torch hub cache"}
     assert cfg["networks_from"]["perceptual"] == "default"
+
+
+def test_an_encoder_records_its_networks_files_and_invert_reuses_them(places, tmp_path):
+    """What train-encoder records (``network_files`` in the encoder's provenance) is what invert uses by default,
+    even when the file is no longer where the lookup would find it."""
+    from cycle_encoding.checkpoints.native import default_provenance
+    from cycle_encoding.inversion import Inverter
+    from cycle_encoding.training.encoder_trainer import network_files
+    from tests.conftest import make_tiny_generator, tiny_encoder
+
+    kept = write_alexnet(tmp_path / "kept" / ALEX, seed=5)
+    hub = write_alexnet(places["hub"] / ALEX, seed=6)
+    dist = build_perceptual("lpips-alex", "cpu", kept)
+    rec = network_files(dist, None)
+    assert rec == {"perceptual": {"name": "lpips-alex", "file": str(kept), "found": "option"}}
+    G = make_tiny_generator(resolution=32)
+    prov = default_provenance(networks={"perceptual": dist.name, "identity": "none"}, network_files=rec)
+    ce.save_encoder(tiny_encoder(G), tmp_path / "e.safetensors", provenance=prov)
+    inv = Inverter(G, str(tmp_path / "e.safetensors"), stages=("encoder", "tune"), device="cpu")
+    assert inv.perceptual_name == "lpips-alex" and inv.networks_from["perceptual"] == "the encoder file"
+    assert inv.nets.perceptual.located.path == kept and inv.nets.perceptual.located.how == "recorded"
+    hub.unlink()
+    kept.rename(tmp_path / "moved.pth")  # the recorded file is gone and nothing else holds one: a clear error
+    with pytest.raises(CycleEncodingError, match=r"--lpips-backbone.*recorded, gone.*--perceptual dlib-face"):
+        Inverter(G, str(tmp_path / "e.safetensors"), stages=("encoder", "tune"), device="cpu")

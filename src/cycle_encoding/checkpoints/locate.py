@@ -110,7 +110,8 @@ def offline_alternative(kind: str, domain: str | None) -> str:
     opt = "--perceptual" if kind == "perceptual" else "--identity"
     if domain in OFFLINE:
         name = OFFLINE[domain][kind]
-        return f"offline, {opt} {name} is the {domain} network that exists here"
+        label = {"faces": "face", "fashion-mnist": "Fashion-MNIST"}[domain]
+        return f"offline, {opt} {name} is the {label} network that exists here"
     names = " (faces) or ".join(OFFLINE[d][kind] for d in ("faces", "fashion-mnist"))
     return f"offline, use {opt} {names} (Fashion-MNIST)"
 

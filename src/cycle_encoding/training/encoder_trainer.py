@@ -286,6 +286,7 @@ class EncoderTrainer(Trainer):
             if self.cfg.zero_grad == "zero"
             else "set to None (switched-off heads freeze)",
             "d_fake_codes": self.cfg.d_fake_codes,
+            "network_files": network_files(self.perceptual, self.identity),
             "world_size": self.dist.world_size,
             "command": " ".join(sys.argv),
             "train_images": len(self.train_data),
@@ -314,6 +315,7 @@ class EncoderTrainer(Trainer):
             "sampler": self.sampler.state_dict(),
             "schedule": self.schedule.to_dict(),
             "schedule_state": st.to_dict(),
+            "network_files": network_files(self.perceptual, self.identity),
             "generator": {"path": str(self.cfg.generator), "w_avg": self.G.w_avg.cpu()},
         }
 
