@@ -90,7 +90,7 @@ def test_face_recipe_end_to_end(face_files, tmp_path, capsys):
     code = main([*base, "--stages", "encoder,tune", "--perceptual", "dlib-face", "--tune-steps", "2"])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "perceptual dlib-face" in err and "(option)" in err
+    assert "perceptual dlib-face" in err and "[option]" in err
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["options"]["align"] is True and cfg["encoder"]["config"]["num_ws"] == NUM_WS
     summary = json.loads((run / "summary.json").read_text())

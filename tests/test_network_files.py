@@ -139,7 +139,7 @@ def test_readme_invert_with_the_shipped_models_runs_as_written(places, tmp_path,
                  "--stages", "encoder,tune", "--tune-steps", "2", "--out", str(run), "--device", "cpu", "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "perceptual fmnist-features" in err and "(the encoder file)" in err
+    assert "perceptual fmnist-features" in err and "[the encoder file]" in err
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["networks"]["perceptual"].startswith("fmnist-features")
     assert cfg["networks_from"] == {"perceptual": "the encoder file", "identity": "the encoder file"}
