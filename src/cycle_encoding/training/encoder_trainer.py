@@ -236,18 +236,33 @@ class EncoderTrainer(Trainer):
         self.gen = torch.Generator().manual_seed(cfg.seed * 104_729 + self.dist.rank)
 
         # losses
-        self.perceptual, self.identity = self._build_losses()
+        self.perceptual, self.identity = self._build_losses(resume)
         self.step = 0
         self._open_run(resume)
 
     # -- set-up ---------------------------------------------------------------------------------------
-    def _build_losses(self) -> tuple[nn.Module | None, nn.Module | None]:
+    def _build_losses(self, resume: str | Path | None = None) -> tuple[nn.Module | None, nn.Module | None]:
+        """The loss networks; weight files not given are looked up (``checkpoints.locate``), a resumed run first
+        taking the files it recorded in its config.json."""
         cfg = self.cfg
         perceptual = identity = None
+        recorded: dict[str, Any] = {}
+        if resume is not None and (Path(resume) / "config.json").is_file():
+            try:
+                resolved = json.loads((Path(resume) / "config.json").read_text()).get("_resolved") or {}
+                recorded = resolved.get("network_files") or {}
+            except (OSError, json.JSONDecodeError):
+                recorded = {}
+
+        def rec(kind: str, name: str) -> str | None:
+            r = recorded.get(kind) or {}
+            return r.get("file") if r.get("name") == name else None
+
         if cfg.perceptual_lambda > 0 and cfg.perceptual != "none":
             from ..losses.perceptual import build_perceptual
 
-            perceptual = build_perceptual(cfg.perceptual, self.device, cfg.lpips_backbone)
+            perceptual = build_perceptual(cfg.perceptual, self.device, cfg.lpips_backbone,
+                                          rec("perceptual", cfg.perceptual), self._domain())  # fmt: skip
             perceptual.requires_grad_(False)
         from ..losses.identity import build_identity, identity_default
 
@@ -256,12 +271,20 @@ class EncoderTrainer(Trainer):
         if cfg.identity == "auto":
             name, self.identity_note = identity_default(cfg.data, cfg.identity_weights)
         if cfg.identity_lambda > 0 and name != "none":
-            identity = build_identity(name, self.device, cfg.identity_weights)
+            identity = build_identity(name, self.device, cfg.identity_weights, rec("identity", name),
+                                      self._domain())  # fmt: skip
             identity.requires_grad_(False)
         if self.dist.is_main and not self.quiet:
             line = f"identity term: {getattr(identity, 'name', 'none')} x {cfg.identity_lambda:g}"
             print(line + (f" ({self.identity_note})" if self.identity_note else ""), file=sys.stderr)
         return perceptual, identity
+
+    def _domain(self) -> str:
+        """Which offline network a missing-file error suggests: Fashion-MNIST for its data or grey images, faces
+        otherwise."""
+        if str(self.cfg.data) == "fashion-mnist" or self.G.img_channels == 1:
+            return "fashion-mnist"
+        return "faces"
 
     def network_names(self) -> dict[str, str]:
         """The loss networks' names (what logs and reports print)."""
