@@ -51,7 +51,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--project-samples", "project.w_avg_samples", int, "mapped samples for the w mean/std (default 600, as PTI)"),
     ("--tune-steps", "tune.steps", int, "pivotal tuning: at most this many steps (default 350)"),
     ("--tune-lr", "tune.lr", float, "pivotal tuning Adam learning rate (default 3e-4)"),
-    ("--stop-threshold", "tune.stop_threshold", float, "stop tuning once the perceptual distance is <= this (0.07)"),
+    ("--stop-threshold", "tune.stop_threshold", float,
+     "stop tuning once the perceptual distance is <= this (default 0.07, the authors' value for lpips-alex; for "
+     "dlib-face 0.05 stops at a similar closeness, see the README)"),
     ("--locality-alpha", "tune.locality_alpha", float, "locality regularizer: distance from the pivot (default 30)"),
     ("--locality-weights", "_locality_weights", str, "locality regularizer: MSE,perceptual weights (default 0.1,0.1)"),
     ("--delta-level", "delta_level", int, "zlib level of the stored generator change, 0-9 (default 1)"),
