@@ -158,3 +158,30 @@ def test_a_target_smaller_than_the_generator_is_warned_about(face_files, tmp_pat
     assert "128x128 px, smaller than the generator's 256x256" in err and "--size 256" in err
     result = json.loads((run / "images" / "obama" / "result.json").read_text())
     assert "smaller than the generator's 256x256" in result["warning"]
+
+
+def test_align_prints_the_size_a_generator_wants(tmp_path, capsys):
+    """No dlib needed: `align --generator G` alone only reads the generator."""
+    import cycle_encoding as ce
+    from cycle_encoding.cli import main
+    from tests.conftest import make_tiny_generator
+
+    ce.save_generator(make_tiny_generator(resolution=32), tmp_path / "g.safetensors")
+    assert main(["align", "--generator", str(tmp_path / "g.safetensors")]) == 0
+    assert "makes 32x32 images: align its targets with --size 32" in capsys.readouterr().out
+    assert main(["align"]) == 2
+    assert "give INPUT and OUT" in capsys.readouterr().err
+
+
+def test_library_inversion_warns_about_a_small_target():
+    from cycle_encoding.inversion import Inverter
+    from tests.conftest import make_tiny_generator
+
+    G = make_tiny_generator(resolution=32)
+    inv = Inverter(G, None, stages=("project",), perceptual="none", project={"steps": 1, "l2_lambda": 1.0})
+    with pytest.warns(UserWarning, match=r"16x16 px, smaller than the generator's 32x32"):
+        x = inv.load_image(torch.zeros(3, 16, 16))
+    assert x.shape == (1, 3, 32, 32)
+    notes: dict = {}
+    inv.load_image(torch.zeros(3, 32, 32), notes)
+    assert "warning" not in notes
