@@ -131,3 +131,14 @@ def stand_in_dlib(monkeypatch):
     module.load_dlib_face_embedder = lambda device="cpu": StandInFaceEmbedder().to(device)
     monkeypatch.setitem(sys.modules, "cycle_encoding.checkpoints.face_api", module)
     return module
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_network_files_of_this_machine(tmp_path_factory):
+    """Tests never see the weight files this machine happens to hold: an empty torch hub cache (TORCH_HOME) and the
+    shipped network-files config (no $CYCLE_ENCODING_NETWORKS), so "not found" paths behave the same everywhere."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    mp.delenv("CYCLE_ENCODING_NETWORKS", raising=False)
+    yield
+    mp.undo()

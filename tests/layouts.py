@@ -19,8 +19,11 @@ def rosinality_channels(size: int, cm: int) -> dict[int, int]:
     return {r: c for r, c in ch.items() if r <= size}
 
 
-def rosinality_g_ema(size: int, n_mlp: int = 8, cm: int = 2, style_dim: int = 512, seed: int = 0) -> dict:
-    """A g_ema state dict with exactly the keys and shapes of FORMATS.md, random values."""
+def rosinality_g_ema(
+    size: int, n_mlp: int = 8, cm: int = 2, style_dim: int = 512, seed: int = 0, channel_div: int = 1
+) -> dict:
+    """A g_ema state dict with exactly the keys and shapes of FORMATS.md, random values. ``channel_div`` > 1 divides
+    every resolution's channel count (a narrower network of the same shape, for fast tests)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
@@ -29,7 +32,7 @@ def rosinality_g_ema(size: int, n_mlp: int = 8, cm: int = 2, style_dim: int = 51
     k1 = torch.tensor([1.0, 3.0, 3.0, 1.0])
     kernel = torch.outer(k1, k1) / torch.outer(k1, k1).sum() * 4  # rosinality: make_kernel * factor**2
     L = int(math.log2(size))
-    ch = rosinality_channels(size, cm)
+    ch = {r: max(1, c // channel_div) for r, c in rosinality_channels(size, cm).items()}
     sd: dict[str, torch.Tensor] = {}
     for i in range(1, n_mlp + 1):
         sd[f"style.{i}.weight"] = rnd(style_dim, style_dim, scale=100.0)  # randn / lr_mul

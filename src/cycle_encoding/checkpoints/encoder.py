@@ -117,8 +117,32 @@ def encoder_from_training_checkpoint(obj: dict[str, Any], path: Path, device: to
     E.load_state_dict(obj["encoder"])
     E.trained_stage = int(obj.get("trained_stage", E.max_stage))
     E.stage = E.trained_stage
-    E.provenance = {"source_file": str(path), "source_format": TRAINING_CHECKPOINT_FORMAT, "step": obj.get("step")}  # type: ignore[assignment]
+    cfg = obj.get("config") or {}
+    E.provenance = {  # type: ignore[assignment]
+        "source_file": str(path), "source_format": TRAINING_CHECKPOINT_FORMAT, "step": obj.get("step"),
+        "networks": {"perceptual": cfg.get("perceptual", "none") if cfg.get("perceptual_lambda", 1) else "none",
+                     "identity": cfg.get("identity", "none") if cfg.get("identity_lambda", 1) else "none"},
+        "network_files": obj.get("network_files") or {
+            k: {"file": cfg[w]} for k, w in (("perceptual", "lpips_backbone"), ("identity", "identity_weights"))
+            if cfg.get(w)},
+    }  # fmt: skip
     return E.to(device).eval()
+
+
+def e4e_loss_networks(opts: Mapping[str, Any]) -> dict[str, str]:
+    """The loss networks an e4e / pSp / Cycle Encoding run was trained with, read from its ``opts``: LPIPS with
+    AlexNet when ``lpips_lambda`` > 0 (e4e's and pSp's LPIPS is ``net_type='alex'``); for ``id_lambda`` > 0 ArcFace
+    on face datasets (``dataset_type`` naming ffhq or celeba), else MoCo (e4e's rule). {} when ``opts`` does not say."""
+    out: dict[str, str] = {}
+    try:
+        if "lpips_lambda" in opts:
+            out["perceptual"] = "lpips-alex" if float(opts["lpips_lambda"]) > 0 else "none"
+        if "id_lambda" in opts:
+            faces = any(k in str(opts.get("dataset_type", "ffhq")).lower() for k in ("ffhq", "celeb"))
+            out["identity"] = ("arcface" if faces else "moco") if float(opts["id_lambda"]) > 0 else "none"
+    except (TypeError, ValueError):
+        return {}
+    return out
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encoder4Editing:
@@ -161,6 +185,9 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
         la = obj.get("latent_avg")
         E = build_encoder(config, sd, p, la if isinstance(la, torch.Tensor) else None)
         prov = {"source_file": str(p), "source_format": "e4e", "encoder_type": opts.get("encoder_type", "?")}
+        nets = e4e_loss_networks(opts)
+        if nets:
+            prov["networks"] = nets
         if not isinstance(la, torch.Tensor):
             prov["warning"] = "no latent_avg in the file: codes are not offset until set_w_avg() is called"
     else:

@@ -104,16 +104,12 @@ def _as_state_dict(obj: Any, source: str | Path, what: str) -> dict[str, Any]:
 # torchvision AlexNet / VGG16 backbones and LPIPS
 
 
-def lpips_backbone_missing_message(net: str) -> str:
-    """The error for LPIPS asked for without a backbone file: which file, and where such a file comes from."""
-    arch = LPIPS_NETS.get(net, net)
-    fname = TORCHVISION_FILES.get(arch, f"{arch}.pth")
-    return (
-        f"lpips-{net} needs the ImageNet {arch} backbone, which no package ships (it is not downloaded): pass "
-        f"--lpips-backbone FILE (library: lpips_backbone=FILE), a torchvision {arch} ImageNet state dict such as "
-        f"{fname} (torchvision's IMAGENET1K_V1 weights, {TORCHVISION_URL}{fname}); "
-        "offline, name another distance instead (e.g. --perceptual dlib-face for faces)"
-    )
+def lpips_backbone_missing_message(net: str, domain: str | None = None) -> str:
+    """The error for LPIPS asked for without a backbone file: which file, where it usually lives, the option, and
+    an offline distance that fits ``domain`` (``checkpoints.locate``)."""
+    from .locate import missing_file_message
+
+    return missing_file_message(f"lpips-{net}", domain)
 
 
 def infer_backbone_arch(sd: Mapping[str, Any]) -> str | None:

@@ -227,7 +227,13 @@ def cmd_sefa(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from ..editing.directions import load_directions
+    from ..editing.directions import ganspace_named_edits, load_directions
 
-    print_json({"file": str(args.file), **load_directions(args.file).describe()})
+    ds = load_directions(args.file)
+    doc = {"file": str(args.file), **ds.describe()}
+    if ds.method == "ganspace" and ds.mean is not None:
+        usable = {n: list(e.as_tuple()) for n, e in ganspace_named_edits().items() if e.component < len(ds)}
+        if usable:
+            doc["named_edits"] = {"(component, first layer, end layer exclusive, strength)": usable}
+    print_json(doc)
     return 0

@@ -35,14 +35,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--direction", required=True, metavar="FILE_OR_NAME",
                    help="a direction file (InterFaceGAN .pt/.npy, GANSpace .pt, SeFa factor .pt, own .safetensors) "
                         "or a name computed from the run's generator: sefa, ganspace")  # fmt: skip
-    p.add_argument("--component", default="0", help="which direction of a set: a number or a name (default 0)")
-    p.add_argument("--strengths", default="-3,-1.5,0,1.5,3",
-                   help="comma-separated strengths (default -3,-1.5,0,1.5,3); GANSpace: in standard deviations")  # fmt: skip
+    p.add_argument("--component", default="0",
+                   help="which direction of a set: a number or a name (default 0); with a GANSpace PCA file (e4e's "
+                        "ffhq_pca.pt) also a named edit: eye_openness, smile, trimmed_beard, white_hair, lipstick "
+                        "(its component, layers, set mode and strength, from e4e)")  # fmt: skip
+    p.add_argument("--strengths", default=None,
+                   help="comma-separated strengths (default -3,-1.5,0,1.5,3; a named GANSpace edit: its own); "
+                        "GANSpace: in standard deviations")  # fmt: skip
     p.add_argument("--layers", default=None, metavar="A-B",
                    help="style layers to edit, inclusive (e.g. 0-5 or 0,2,4; default: the set's own (SeFa), else all)")  # fmt: skip
-    p.add_argument("--mode", choices=("add", "set"), default="add",
-                   help="add (default): w += strength * direction; set: e4e's GANSpace edits, the component's "
-                        "coordinate set to the strength")  # fmt: skip
+    p.add_argument("--mode", choices=("add", "set"), default=None,
+                   help="add (default): w += strength * direction; set (default of named GANSpace edits): e4e's "
+                        "GANSpace edits, the component's coordinate set to the strength")  # fmt: skip
     p.add_argument(
         "--name", default=None, help="the edit's folder name under RUN_DIR/edits (default: from the direction)"
     )
@@ -72,17 +76,18 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from ..editing.classifier import as_scorer, scorer_name
     from ..editing.directions import parse_layers, parse_strengths
     from ..editing.measures import build_preservation
-    from ..editing.render import EditRequest, InversionRun, named_directions, render_run_edits
+    from ..editing.render import InversionRun, named_directions, plan_edit, render_run_edits
     from ..utils import resolve_device
 
     run = InversionRun(args.run_dir)
-    strengths = parse_strengths(args.strengths)
     layers = parse_layers(args.layers)
     check_output_folder(args.out if args.out is not None else run.dir / "edits", "--out")
     dev = resolve_device(args.device)
     base = run.load_generator(args.generator, dev)
     ds = named_directions(args.direction, base)
-    request = EditRequest(ds, args.component, strengths, layers, args.mode, args.name)
+    request = plan_edit(ds, args.component, parse_strengths(args.strengths) if args.strengths else None, layers,
+                        args.mode, args.name)  # fmt: skip
+    strengths = list(request.strengths)
     encoder = args.encoder if args.encoder else ("run" if args.lec else None)
     scorer = as_scorer(args.classifier, args.attribute, dev) if args.classifier else None
     pres = build_preservation(args.preservation, dev, args.preservation_weights) if args.preservation else None

@@ -34,9 +34,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "(the largest face) or OUT/<name>_00.png, _01.png, ... (--all-faces, largest first). Images without a "
         "face are reported by name and skipped; existing outputs are kept (a re-run resumes) unless --overwrite.",
     )
-    p.add_argument("input", type=Path, help="an image file or a folder of images")
-    p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--size", type=int, default=256, help="output size in pixels (default 256)")
+    p.add_argument("input", type=Path, nargs="?", help="an image file or a folder of images")
+    p.add_argument("out", type=Path, nargs="?", help="output folder")
+    p.add_argument("--size", type=int, default=None,
+                   help="output size in pixels (default: the --generator's resolution, else 256)")  # fmt: skip
+    p.add_argument("--generator", default=None,
+                   help="align at the size this generator makes (printed); alone, without INPUT and OUT, only print "
+                        "that size")  # fmt: skip
     p.add_argument("--all-faces", action="store_true", help="align every face found, not only the largest")
     p.add_argument("--overwrite", action="store_true", help="redo images whose output already exists")
     p.add_argument("--predictor", type=Path, default=None,
@@ -52,6 +56,21 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def cmd_align(args: argparse.Namespace) -> int:
     from ..data.align import LandmarkDetector, align_files, list_images
 
+    if args.generator is not None:
+        from ..checkpoints.generator import load_generator
+
+        res = load_generator(args.generator, "cpu").resolution
+        print(f"{args.generator} makes {res}x{res} images: align its targets with --size {res}")
+        if args.size is not None and args.size != res:
+            print(f"warning: --size {args.size} is not the generator's {res}: the aligned faces will be resized "
+                  f"({'upsampled: blurry targets' if args.size < res else 'downsampled'}) when inverted",
+                  file=sys.stderr)  # fmt: skip
+        args.size = args.size or res
+        if args.input is None and args.out is None:
+            return 0
+    if args.input is None or args.out is None:
+        raise CycleEncodingError("give INPUT and OUT (or only --generator, to print the size it wants)")
+    args.size = args.size or 256
     if args.size < 8:
         raise CycleEncodingError(f"--size {args.size} is too small (use 8 or more, e.g. 256)")
     if args.supersample < 1:

@@ -16,12 +16,19 @@ EXIT_SOME_FAILED = 3
 OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--offsets", "offsets", str, "encoder offsets: all (default, the authors' inference) or trained"),
     ("--perceptual", "perceptual", str,
-     "perceptual distance: lpips-alex (default; needs --lpips-backbone), lpips-vgg, dlib-face, ... or none"),
-    ("--lpips-backbone", "lpips_backbone", str, "torchvision ImageNet AlexNet/VGG16 state dict for LPIPS"),
+     "perceptual distance: lpips-alex, lpips-vgg, dlib-face, fmnist-features, ... or none (default: the one the "
+     "encoder was trained with, as its file records; else lpips-alex)"),
+    ("--lpips-backbone", "lpips_backbone", str,
+     "torchvision ImageNet AlexNet/VGG16 state dict for LPIPS (default: the file the encoder recorded, else "
+     "$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth or vgg16-397923af.pth, else the folders of "
+     "assets/network_files.json)"),
     ("--identity", "identity", str,
-     "identity network of the refinement's ID term (weight 0.1): auto (default: the domain's, fmnist-features for "
-     "Fashion-MNIST, arcface with --identity-weights, else none), arcface, dlib-face, moco, fmnist-features or none"),
-    ("--identity-weights", "identity_weights", str, "weights file of the identity network"),
+     "identity network of the refinement's ID term (weight 0.1): auto (default: the one the encoder file records, "
+     "else the domain's, fmnist-features for Fashion-MNIST, arcface with --identity-weights, else none), arcface, "
+     "dlib-face, moco, fmnist-features or none"),
+    ("--identity-weights", "identity_weights", str,
+     "weights file of the identity network (default: looked up as --lpips-backbone; arcface: model_ir_se50.pth, "
+     "e.g. in pretrained_models/)"),
     ("--seed", "seed", int, "random seed (default 0); each image's draws derive from it and the image's index"),
     ("--refine-steps", "refine.steps", int, "refinement forward passes K (default 16: pivot after 15 updates)"),
     ("--refine-random", "refine.num_random", int, "random training images M per step (default 7)"),
@@ -44,7 +51,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--project-samples", "project.w_avg_samples", int, "mapped samples for the w mean/std (default 600, as PTI)"),
     ("--tune-steps", "tune.steps", int, "pivotal tuning: at most this many steps (default 350)"),
     ("--tune-lr", "tune.lr", float, "pivotal tuning Adam learning rate (default 3e-4)"),
-    ("--stop-threshold", "tune.stop_threshold", float, "stop tuning once the perceptual distance is <= this (0.07)"),
+    ("--stop-threshold", "tune.stop_threshold", float,
+     "stop tuning once the perceptual distance is <= this (default 0.07, the authors' value for lpips-alex; for "
+     "dlib-face 0.05 stops at a similar closeness, see the README)"),
     ("--locality-alpha", "tune.locality_alpha", float, "locality regularizer: distance from the pivot (default 30)"),
     ("--locality-weights", "_locality_weights", str, "locality regularizer: MSE,perceptual weights (default 0.1,0.1)"),
     ("--delta-level", "delta_level", int, "zlib level of the stored generator change, 0-9 (default 1)"),
@@ -64,7 +73,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "input file changed); a second invert into the same RUN_DIR leaves the images the first is working on to it. "
         "Under torchrun the images are split between the processes. Exit status: 0 all done, 3 some images failed (listed), 2 bad input.",
     )
-    p.add_argument("images", type=Path, help="an image file or a folder of images (faces aligned beforehand)")
+    p.add_argument("images", type=Path,
+                   help="an image file or a folder of images (faces aligned beforehand at the generator's size, or "
+                        "use --align)")  # fmt: skip
     p.add_argument("--generator", required=True, help="generator file (any supported format)")
     p.add_argument("--encoder", default=None,
                    help="encoder: a train-encoder checkpoint.pt (gives the optimizer state and the training images for "
@@ -80,6 +91,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     for flag, dest, tp, hlp in OPTIONS:
         metavar = {int: "N", float: "X"}.get(tp, "VALUE")
         p.add_argument(flag, dest="opt:" + dest, type=tp, default=None, metavar=metavar, help=hlp)
+    p.add_argument("--align", action="store_true",
+                   help="FFHQ-align each photo's largest face first, at the generator's resolution (dlib 68 "
+                        "landmarks, as cycle-encoding align); a photo without a face fails and is listed")  # fmt: skip
     p.add_argument("--no-locality", action="store_true", help="pivotal tuning without the locality regularizer")
     p.add_argument("--no-early-stop", action="store_true", help="pivotal tuning always takes --tune-steps steps")
     p.add_argument("--no-delta", action="store_true", help="do not store the tuned generators")
@@ -125,6 +139,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
             _set(data, "tune.locality_perceptual_lambda", perc)
         else:
             _set(data, dest, v)
+    if args.align:
+        data["align"] = True
     if args.no_locality:
         _set(data, "tune.locality", False)
     if args.no_early_stop:
@@ -152,7 +168,11 @@ def cmd_invert(args: argparse.Namespace) -> int:
     try:
         if inv.dist.is_main:
             nets = inv.network_names()
-            print(f"networks: perceptual {nets['perceptual']}; identity {nets['identity']}", file=sys.stderr)
+            src = inv.networks_from
+            print(f"networks: perceptual {nets['perceptual']} [{src['perceptual']}]; identity {nets['identity']} "
+                  f"[{src['identity']}]", file=sys.stderr)  # fmt: skip
+            for line in inv.nets.file_lines():
+                print(f"  {line}", file=sys.stderr)
             if inv.identity_note.startswith("auto"):
                 print(f"identity: {inv.identity_note}", file=sys.stderr)
             if inv.refiner is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,11 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
         return 0
     check_output_folder(args.resume if args.resume is not None else cfg.out, "--resume" if args.resume else "--out")
     trainer = EncoderTrainer(cfg, resume=args.resume)
+    if trainer.dist.is_main:
+        from ..training.encoder_trainer import network_files
+
+        for kind, rec in network_files(trainer.perceptual, trainer.identity).items():
+            print(f"{kind} {rec['name']}: {rec['file']} ({rec['found']})", file=sys.stderr)
     try:
         summary = trainer.run()
     finally:

@@ -348,6 +348,34 @@ def align_image(
     return out
 
 
+def align_file(path: str | Path, detector: LandmarkDetector, size: int, supersample: int = 4) -> AlignedFace:
+    """The largest face of an image file, FFHQ-aligned at ``size`` px (what ``invert --align`` inverts); a one-line
+    error naming the file when it has no face."""
+    faces = align_image(read_rgb(path), detector, size=size, supersample=supersample)
+    if not faces:
+        raise CycleEncodingError(f"{path}: no face found (dlib HOG detector); align it by hand or leave it out")
+    faces[0].source = str(path)
+    return faces[0]
+
+
+def aligned_tensor(face: AlignedFace) -> torch.Tensor:
+    """An aligned face as a float32 tensor [3, H, W] in [-1, 1]."""
+    arr = np.asarray(face.image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))) / 127.5 - 1
+
+
+def small_target_warning(name: str, height: int, width: int, resolution: int) -> str | None:
+    """The warning for a target smaller than the generator's images (it would be upsampled, and tuning would aim
+    at a blurry image), naming both sizes; None when the target is large enough."""
+    if min(height, width) >= resolution:
+        return None
+    return (
+        f"{name} is {width}x{height} px, smaller than the generator's {resolution}x{resolution}: it is upsampled, so "
+        f"tuning aims at a blurry image; align the photo at {resolution} (cycle-encoding align --size {resolution}, "
+        "or invert --align)"
+    )
+
+
 def list_images(path: str | Path) -> list[Path]:
     """``path`` itself if it is a file, else the image files directly in the folder, sorted by name."""
     p = Path(path)

@@ -20,6 +20,11 @@ Files read (``load_directions``), by what they hold, not by their name:
 - the project's own format: a ``.safetensors`` of kind ``directions`` (any method, with its layers and values).
 Writers: ``save_interfacegan`` and ``save_ganspace`` write the published layouts (so other tools read them);
 ``save_directions`` writes any set in the own format. Nothing here executes code from a file.
+
+Named GANSpace edits (``ganspace_named_edits``): e4e's FFHQ edits (``eye_openness``, ``smile``, ``trimmed_beard``,
+``white_hair``, ``lipstick``) as (component, first layer, end layer, strength), shipped as a small table
+(``assets/ganspace_ffhq_edits.csv``); they apply to a GANSpace set of at least component + 1 components (e4e's
+``ffhq_pca.pt``) in ``set`` mode on layers first..end-1.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +117,8 @@ class DirectionSet:
         if isinstance(component, str) and not component.lstrip("-").isdigit():
             if not self.names or component not in self.names:
                 known = ", ".join(self.names or []) or "none"
+                if self.method == "ganspace":
+                    known += "; named GANSpace edits: " + ", ".join(ganspace_named_edits())
                 raise CycleEncodingError(f"no direction named {component!r} in {self.label()} (names: {known})")
             return self.names.index(component)
         k = int(component)
@@ -241,6 +249,73 @@ def interfacegan_direction(vector: torch.Tensor, name: str | None = None, **meta
     return DirectionSet("interfacegan", v, names=[name] if name else None, meta=dict(meta))
 
 
+@dataclass(frozen=True)
+class NamedEdit:
+    """One of e4e's named GANSpace edits: set component ``component``'s coordinate (from layer 0's code) to
+    ``strength`` standard deviations on layers ``start..end-1`` (``end`` exclusive, as e4e slices ``ws[start:end]``)."""
+
+    name: str
+    component: int
+    start: int
+    end: int
+    strength: float
+    pti_strength: float | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return list(range(self.start, self.end))
+
+    def as_tuple(self) -> tuple[int, int, int, float]:
+        """e4e's tuple (component, first layer, end layer, strength)."""
+        return (self.component, self.start, self.end, self.strength)
+
+
+GANSPACE_EDITS_TABLE = "ganspace_ffhq_edits.csv"
+
+
+@lru_cache(maxsize=1)
+def ganspace_named_edits() -> dict[str, NamedEdit]:
+    """The shipped table of named GANSpace edits for FFHQ (``assets/ganspace_ffhq_edits.csv``), by name."""
+    import csv
+
+    from ..assets import MODELS_DIR
+
+    path = MODELS_DIR.parent / GANSPACE_EDITS_TABLE
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
+    out: dict[str, NamedEdit] = {}
+    for r in csv.DictReader(rows):
+        pti = (r.get("pti_strength") or "").strip()
+        out[r["name"]] = NamedEdit(
+            r["name"], int(r["component"]), int(r["first_layer"]), int(r["end_layer"]), float(r["strength"]),
+            float(pti) if pti else None,
+        )  # fmt: skip
+    return out
+
+
+def named_edit_for(ds: DirectionSet, component: int | str) -> NamedEdit | None:
+    """The named GANSpace edit ``component`` names, for a GANSpace set that has no direction of that name; None when
+    ``component`` is a number or one of the set's own names. A GANSpace set too small for the edit is an error."""
+    if not isinstance(component, str) or component.lstrip("-").isdigit():
+        return None
+    if ds.names and component in ds.names:
+        return None
+    table = ganspace_named_edits()
+    if component not in table:
+        return None
+    edit = table[component]
+    if ds.method != "ganspace" or ds.mean is None:
+        raise CycleEncodingError(
+            f"{component!r} is a named GANSpace edit: it needs a GANSpace PCA file (e4e's ffhq_pca.pt), not the "
+            f"{ds.label()}"
+        )
+    if edit.component >= len(ds):
+        raise CycleEncodingError(
+            f"the named edit {component!r} uses component {edit.component}; the {ds.label()} have {len(ds)} "
+            "(it is made for e4e's FFHQ ffhq_pca.pt, 80 components)"
+        )
+    return edit
+
+
 def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
     """``"a-b"`` (inclusive), ``"0,2,4"``, ``"all"`` or None -> a list of layer indices (None = the default)."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all", "default")):
@@ -362,6 +437,8 @@ def _from_native(path: Path) -> DirectionSet:
 def load_directions(path: str | Path) -> DirectionSet:
     """Read a direction file of any layout in the module doc (see there); a one-line error for anything else."""
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(p, "no such direction file")
     if p.is_file():
         with open(p, "rb") as f:
             head = f.read(6)
@@ -380,6 +457,9 @@ def load_directions(path: str | Path) -> DirectionSet:
     if isinstance(obj, dict):
         if {"mean", "comp", "std"} <= set(obj):
             return _from_ganspace(obj, p)
+        if {"comp", "std"} & set(obj):
+            lacking = ", ".join(repr(k) for k in ("mean", "comp", "std") if k not in obj)
+            raise CheckpointError(p, f"a GANSpace PCA dict needs 'mean', 'comp' and 'std'; this one lacks {lacking}")
         if "eigvec" in obj:
             return _from_eigvec(obj, p)
         for key in ("direction", "boundary", "latent_direction"):

@@ -54,13 +54,14 @@ from ..checkpoints.native import read_native
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.stylegan2 import Generator
 from ..utils import save_image
-from .directions import DirectionSet, GanspaceMode, load_directions
+from .directions import DirectionSet, GanspaceMode, load_directions, named_edit_for
 from .measures import Preservation, direction_lec, lec_summary, preservation_summary, success_summary
 
 RUN_FORMAT = "cycle-encoding-inversion-run"
 PIVOT_STAGES = ("encoder", "refine", "project")
 EDITS_DIR = "edits"
 RECON_TOLERANCE_LEVELS = 1  # of 255: how far a rendering with another CPU thread count may be from the saved one
+DEFAULT_STRENGTHS = (-3.0, -1.5, 0.0, 1.5, 3.0)
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -319,7 +320,7 @@ class EditRequest:
 
     directions: DirectionSet
     component: int | str = 0
-    strengths: Sequence[float] = (-3.0, -1.5, 0.0, 1.5, 3.0)
+    strengths: Sequence[float] = DEFAULT_STRENGTHS
     layers: Sequence[int] | None = None
     mode: GanspaceMode = "add"
     tag: str | None = None
@@ -338,6 +339,29 @@ class EditRequest:
         if self.mode == "set":
             base += "_set"
         return _safe(base)
+
+
+def plan_edit(
+    ds: DirectionSet,
+    component: int | str = 0,
+    strengths: Sequence[float] | None = None,
+    layers: Sequence[int] | None = None,
+    mode: GanspaceMode | None = None,
+    tag: str | None = None,
+) -> EditRequest:
+    """The request for an edit as a user names it. A named GANSpace edit (``eye_openness``, ... with e4e's
+    ``ffhq_pca.pt``) gives its component, its layers, ``set`` mode and its published strength, each unless given;
+    otherwise the defaults are: all layers (the set's own for SeFa), ``add`` mode, strengths -3,-1.5,0,1.5,3."""
+    named = named_edit_for(ds, component)
+    if named is None:
+        return EditRequest(ds, component, tuple(strengths) if strengths else DEFAULT_STRENGTHS, layers,
+                           mode or "add", tag)  # fmt: skip
+    return EditRequest(
+        ds, named.component, tuple(strengths) if strengths else (named.strength,),
+        layers if layers is not None else named.layers, mode or "set", tag or named.name,
+        extra={"named_edit": {"name": named.name, "e4e_tuple": list(named.as_tuple()),
+                              "table": "cycle_encoding/assets/ganspace_ffhq_edits.csv"}},
+    )  # fmt: skip
 
 
 def _safe(s: str) -> str:

@@ -7,8 +7,8 @@ Every style input i of the synthesis network is read by affine "modulation" laye
 stack their modulation weights A (rows = output channels, at their run-time scale) and take the eigenvectors of
 A^T A with the largest eigenvalues: the unit directions n maximizing ||A n||, the largest change of the styles.
 As SeFa's official code does, each row of A is first scaled to unit norm (``normalize=True``; rosinality's
-``closed_form_factorization.py`` does not, and also leaves out ToRGB: ``include_torgb=False`` is the default here
-too). Eigenvectors are ordered by decreasing eigenvalue (computed with a symmetric solver: SeFa's ``np.linalg.eig``
+``closed_form_factorization.py`` does not, and leaves out the ToRGB layers ``to_rgbs.*`` by key name, though not
+``to_rgb1``; ``include_torgb=False`` here leaves out all of them). Eigenvectors are ordered by decreasing eigenvalue (computed with a symmetric solver: SeFa's ``np.linalg.eig``
 does not promise an order) and signed so that the largest-magnitude entry is positive. The layers used are stored
 with the set and are where its edits apply unless other layers are asked for.
 

@@ -23,11 +23,15 @@ class InversionConfig:
 
     stages: tuple[str, ...] = ("encoder", "refine", "tune")
     offsets: str = "all"  # encoder offsets: "all" (the authors' inference) or "trained" (the stage training ended in)
-    perceptual: str = "lpips-alex"
-    lpips_backbone: str | None = None
-    identity: str = "auto"  # auto: the domain's identity network (losses.identity.identity_default), else none
+    # None: the network the encoder was trained with (its file records it), else lpips-alex
+    perceptual: str | None = None
+    lpips_backbone: str | None = None  # None: looked up (checkpoints.locate), first the file the encoder recorded
+    # auto: the network the encoder was trained with (its file records it), else the domain's
+    # (losses.identity.identity_default), else none
+    identity: str = "auto"
     identity_weights: str | None = None
     train_data: str | None = None  # the encoder's training images (default: what the encoder file records)
+    align: bool = False  # FFHQ-align each photo's largest face at G's resolution first (dlib 68 landmarks)
     seed: int = 0
     save_delta: bool = True
     delta_level: int = 1  # zlib level of the stored generator change (1: fast; 9 gains ~2%)

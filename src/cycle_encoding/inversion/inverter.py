@@ -26,7 +26,7 @@ from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
 from ..training import distributed as dd
 from ..utils import resolve_device
-from .common import LossNetworks, build_loss_networks, check_target, render, stage_seed
+from .common import LossNetworks, build_loss_networks, check_target, recorded_networks, render, stage_seed
 from .config import PIVOT_STAGES, InversionConfig, make_config
 from .delta import full_copy_bytes, weights_sha256
 from .pivot import encoder_pivot, resolve_stage
@@ -104,16 +104,27 @@ class Inverter:
         if self.E is not None and "encoder" in cfg.stages:
             resolve_stage(self.E, cfg.offsets)  # "trained" without a recorded stage fails here, before any image
 
+        recorded = recorded_networks(getattr(self.E, "provenance", None)) if self.E is not None else {}
+        self.perceptual_name = cfg.perceptual or recorded.get("perceptual", {}).get("name") or "lpips-alex"
         identity, self.identity_note = cfg.identity, "as given"
-        if identity == "auto":
+        if identity == "auto" and "identity" in recorded:
+            identity, self.identity_note = recorded["identity"]["name"], "auto: the one the encoder file records"
+        elif identity == "auto":
             from ..losses.identity import identity_default
 
             spec = cfg.train_data or (self.source.train_data if self.source is not None else None)
             identity, self.identity_note = identity_default(spec, cfg.identity_weights)
+        self.identity_name = identity
+        self.networks_from = {
+            "perceptual": "option" if cfg.perceptual else ("the encoder file" if "perceptual" in recorded else "default"),
+            "identity": "option" if cfg.identity != "auto" else ("the encoder file" if "identity" in recorded
+                                                                 else "default"),
+        }  # fmt: skip
         self.nets = build_loss_networks(
-            cfg.perceptual, cfg.lpips_backbone, identity, cfg.identity_weights, self.device,
+            self.perceptual_name, cfg.lpips_backbone, identity, cfg.identity_weights, self.device,
             need_perceptual=cfg.needs_perceptual and perceptual_net is None,
             need_identity=cfg.needs_identity and identity_net is None,
+            recorded=recorded, domain=self._domain(recorded),
         )  # fmt: skip
         if perceptual_net is not None:
             self.nets.perceptual = perceptual_net.to(self.device).eval().requires_grad_(False)
@@ -159,6 +170,15 @@ class Inverter:
         if isinstance(prov, dict) and "no latent_avg" in str(prov.get("warning", "")):
             E.set_w_avg(self.G.w_avg)  # e4e files without latent_avg: offset by this generator's average code
 
+    def _domain(self, recorded: Mapping[str, Mapping[str, str]]) -> str:
+        """'fashion-mnist' or 'faces': which offline network a missing-file error suggests (from the encoder's
+        recorded networks or training data, else the generator's channels: grey -> Fashion-MNIST, colour -> faces)."""
+        names = {r.get("name") for r in recorded.values()}
+        prov = getattr(self.E, "provenance", None) or {}
+        if "fmnist-features" in names or str(prov.get("data", "")) == "fashion-mnist":
+            return "fashion-mnist"
+        return "faces" if self.G.img_channels == 3 else "fashion-mnist"
+
     def network_names(self) -> dict[str, str]:
         return self.nets.names()
 
@@ -185,6 +205,8 @@ class Inverter:
             "encoder": enc,
             "networks": self.network_names(),
             "identity_choice": self.identity_note,
+            "network_files": self.nets.files(),
+            "networks_from": self.networks_from,
         }
         if self.project_nets is not self.nets:
             out["project"] = {"perceptual": self.project_nets.names()["perceptual"]}
@@ -208,13 +230,43 @@ class Inverter:
         return out
 
     # -- one image -------------------------------------------------------------------------------------------------
-    def load_image(self, image: torch.Tensor | str | Path) -> torch.Tensor:
-        """A target as ``[1, C, R, R]`` on the device, from a tensor in [-1, 1] or an image file."""
-        if isinstance(image, (str, Path)):
+    def load_image(self, image: torch.Tensor | str | Path, notes: dict[str, Any] | None = None) -> torch.Tensor:
+        """A target as ``[1, C, R, R]`` on the device, from a tensor in [-1, 1] or an image file; with ``align``, an
+        image file's largest face FFHQ-aligned at G's resolution. A target smaller than G's images is upsampled
+        with a warning (``warnings``; and in ``notes["warning"]`` when a dict is given); ``notes`` also receives
+        what the alignment found."""
+        from ..data.align import small_target_warning
+
+        name = str(image) if isinstance(image, (str, Path)) else "the target"
+        if isinstance(image, (str, Path)) and self.config.align:
+            from ..data.align import align_file, aligned_tensor
+
+            face = align_file(image, self._face_detector(), self.G.resolution)
+            if notes is not None:
+                notes["aligned"] = {"size": self.G.resolution, "box": list(face.box or ()),
+                                    "quad": [[round(float(v), 2) for v in q] for q in face.quad]}  # fmt: skip
+            image = aligned_tensor(face)
+        elif isinstance(image, (str, Path)):
             from ..data.images import read_image
 
             image = read_image(image)
+        msg = small_target_warning(name, int(image.shape[-2]), int(image.shape[-1]), self.G.resolution)
+        if msg is not None:
+            if notes is not None:
+                notes["warning"] = msg
+            else:
+                import warnings
+
+                warnings.warn(msg, stacklevel=2)
         return check_target(self.G, image)
+
+    def _face_detector(self) -> Any:
+        """dlib's face detector and 68-point predictor, loaded once (for ``align``)."""
+        if getattr(self, "_detector", None) is None:
+            from ..data.align import LandmarkDetector
+
+            self._detector = LandmarkDetector()
+        return self._detector
 
     def _stage_metrics(self, y: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
         from ..metrics import mse, psnr
@@ -365,7 +417,7 @@ class Inverter:
                         late.append(names[i])
                         say(f"{head}: finished by another process meanwhile: skipped")
                         continue
-                    invert_into_folder(self, files[i], names[i], i, out / "images" / names[i], head, say)
+                    invert_into_folder(self, files[i], names[i], i, out / "images" / names[i], head, say, warn)
                 done.append(names[i])
             except Exception as e:  # one bad image must not stop the batch
                 if debug:

@@ -75,7 +75,7 @@ class Inverter(Protocol):
 
     describe: Callable[[], dict[str, Any]]  # config.json's contents
     network_names: Callable[[], dict[str, str]]
-    load_image: Callable[[Path], torch.Tensor]
+    load_image: Callable[..., torch.Tensor]  # (image, notes=None), as Inverter.load_image
     invert: Callable[..., InversionResult]  # (image, index, name, on_step, on_stage), as Inverter.invert
 
 
@@ -181,18 +181,30 @@ def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
 
 
 def invert_into_folder(
-    inverter: Inverter, file: Path, name: str, index: int, folder: Path, head: str, say: Callable[[str], None]
+    inverter: Inverter,
+    file: Path,
+    name: str,
+    index: int,
+    folder: Path,
+    head: str,
+    say: Callable[[str], None],
+    warn: Callable[[str], None] | None = None,
 ) -> None:
-    """Invert one image into its folder ``images/<name>/`` (see the module doc), ``done`` written last."""
+    """Invert one image into its folder ``images/<name>/`` (see the module doc), ``done`` written last. A warning
+    about the target (smaller than G's images) goes to ``warn`` (else ``say``) and into ``result.json``."""
     cfg = inverter.config
     input_sha256 = file_sha256(file) if Path(file).is_file() else None
-    x = inverter.load_image(file)  # an unreadable image fails here, before its folder exists
+    notes: dict[str, Any] = {}
+    x = inverter.load_image(file, notes)  # an unreadable image (or one without a face) fails here, before its folder
+    if "warning" in notes:  # exists; the warning shows even without verbose
+        (warn or say)(f"{head}: WARNING: {notes['warning']}")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "done").unlink(missing_ok=True)  # redone (its input changed): unfinished until written again
     for stray in folder.glob(".*.tmp"):  # left by a run killed while writing
         stray.unlink(missing_ok=True)
     t_start = time.perf_counter()
-    bar = StepBar(inverter.progress, head)
+    totals = {"refine": cfg.refine.steps, "project": cfg.project.steps, "tune": cfg.tune.steps}
+    bar = StepBar(inverter.progress, head, totals)
     lines: list[str] = []
     target_written = False
 
@@ -221,6 +233,7 @@ def invert_into_folder(
         lines.append(f"{stage} mse {m['mse']:.4f}" + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
                      + f"{extra} ({res.timings[stage]:.1f} s)")  # fmt: skip
         say(f"{head}: {lines[-1]}")
+        bar.mark()
 
     res = inverter.invert(x, index=index, name=name, on_step=bar.step, on_stage=on_stage)
     bar.close()
@@ -236,6 +249,7 @@ def invert_into_folder(
         "networks": inverter.network_names(),
         "device": str(inverter.device),
         "threads": torch.get_num_threads(),  # CPU renders depend on it in their last bits (edit's check)
+        **notes,
     }
     if res.refine is not None:
         record["refine"] = res.refine

@@ -150,16 +150,32 @@ def identity_names() -> dict[str, str]:
 
 
 def build_identity(
-    name: str, device: str | torch.device = "cpu", weights: str | Path | None = None
+    name: str,
+    device: str | torch.device = "cpu",
+    weights: str | Path | None = None,
+    recorded: str | Path | None = None,
+    domain: str | None = None,
 ) -> IdentitySimilarity:
     """The identity similarity registered as ``name`` on ``device``; ``weights`` is the file it needs
-    (``arcface``: ``model_ir_se50.pth``; ``moco``: the MoCo v2 checkpoint; ``dlib-face``: none)."""
+    (``arcface``: ``model_ir_se50.pth``; ``moco``: the MoCo v2 checkpoint; ``dlib-face``: none), looked up when not
+    given as for the perceptual distances (``checkpoints.locate``: ``recorded``, the torch hub cache, the shipped
+    config's folders such as ``pretrained_models/``). ``located`` on the result says which file and how."""
+    from ..checkpoints.locate import locate_network_file, network_entry
+
     if name not in _IDENTITY:
         known = ", ".join(sorted(_IDENTITY))
         raise CycleEncodingError(f"unknown identity network {name!r} (known: {known})")
     factory, _ = _IDENTITY[name]
     dev = resolve_device(device)
-    return factory(dev, Path(weights) if weights is not None else None).to(dev)
+    located = None
+    path = Path(weights) if weights is not None else None
+    if network_entry(name):
+        located = locate_network_file(name, weights, recorded, domain)
+        path = located.path
+    net = factory(dev, path).to(dev)
+    net.registry_name = name  # type: ignore[assignment]
+    net.located = located  # type: ignore[assignment]
+    return net
 
 
 def _arcface(device: torch.device, weights: Path | None) -> IdentitySimilarity:

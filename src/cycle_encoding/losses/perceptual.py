@@ -130,19 +130,35 @@ def perceptual_names() -> dict[str, str]:
 
 
 def build_perceptual(
-    name: str, device: str | torch.device = "cpu", lpips_backbone: str | Path | None = None
+    name: str,
+    device: str | torch.device = "cpu",
+    lpips_backbone: str | Path | None = None,
+    recorded: str | Path | None = None,
+    domain: str | None = None,
 ) -> PerceptualDistance:
     """The perceptual distance registered as ``name``, on ``device``.
 
-    ``lpips_backbone`` is the weights file the distance needs: a torchvision AlexNet / VGG16 ImageNet state dict for
-    ``lpips-alex`` / ``lpips-vgg`` (required: without it the error names the file); a registered distance that needs a
-    file of its own receives it the same way. ``dlib-face`` takes none (its weights come from the cache).
+    ``lpips_backbone`` is the weights file the distance needs: for ``lpips-alex`` / ``lpips-vgg`` a torchvision
+    AlexNet / VGG16 ImageNet state dict, looked up when not given (``checkpoints.locate``: the file ``recorded`` by a
+    run or encoder, the torch hub cache, the shipped config's folders; not found: an error naming the file, where it
+    usually lives, the option, and an offline distance for ``domain``); a registered distance that needs a file of
+    its own receives it the same way. ``dlib-face`` takes none (its weights come from the cache). The distance's
+    ``located`` attribute says which file was used and how it was found (None for distances without a file).
     """
+    from ..checkpoints.locate import locate_network_file, network_entry
+
     if name not in _PERCEPTUAL:
         known = ", ".join(sorted(_PERCEPTUAL))
         raise CycleEncodingError(f"unknown perceptual distance {name!r} (known: {known})")
     factory, _ = _PERCEPTUAL[name]
-    dist = factory(resolve_device(device), Path(lpips_backbone) if lpips_backbone is not None else None)
+    located = None
+    weights = Path(lpips_backbone) if lpips_backbone is not None else None
+    if network_entry(name):
+        located = locate_network_file(name, lpips_backbone, recorded, domain)
+        weights = located.path
+    dist = factory(resolve_device(device), weights)
+    dist.registry_name = name  # type: ignore[assignment]
+    dist.located = located  # type: ignore[assignment]
     return dist.to(resolve_device(device))
 
 

@@ -236,18 +236,33 @@ class EncoderTrainer(Trainer):
         self.gen = torch.Generator().manual_seed(cfg.seed * 104_729 + self.dist.rank)
 
         # losses
-        self.perceptual, self.identity = self._build_losses()
+        self.perceptual, self.identity = self._build_losses(resume)
         self.step = 0
         self._open_run(resume)
 
     # -- set-up ---------------------------------------------------------------------------------------
-    def _build_losses(self) -> tuple[nn.Module | None, nn.Module | None]:
+    def _build_losses(self, resume: str | Path | None = None) -> tuple[nn.Module | None, nn.Module | None]:
+        """The loss networks; weight files not given are looked up (``checkpoints.locate``), a resumed run first
+        taking the files it recorded in its config.json."""
         cfg = self.cfg
         perceptual = identity = None
+        recorded: dict[str, Any] = {}
+        if resume is not None and (Path(resume) / "config.json").is_file():
+            try:
+                resolved = json.loads((Path(resume) / "config.json").read_text()).get("_resolved") or {}
+                recorded = resolved.get("network_files") or {}
+            except (OSError, json.JSONDecodeError):
+                recorded = {}
+
+        def rec(kind: str, name: str) -> str | None:
+            r = recorded.get(kind) or {}
+            return r.get("file") if r.get("name") == name else None
+
         if cfg.perceptual_lambda > 0 and cfg.perceptual != "none":
             from ..losses.perceptual import build_perceptual
 
-            perceptual = build_perceptual(cfg.perceptual, self.device, cfg.lpips_backbone)
+            perceptual = build_perceptual(cfg.perceptual, self.device, cfg.lpips_backbone,
+                                          rec("perceptual", cfg.perceptual), self._domain())  # fmt: skip
             perceptual.requires_grad_(False)
         from ..losses.identity import build_identity, identity_default
 
@@ -256,14 +271,23 @@ class EncoderTrainer(Trainer):
         if cfg.identity == "auto":
             name, self.identity_note = identity_default(cfg.data, cfg.identity_weights)
         if cfg.identity_lambda > 0 and name != "none":
-            identity = build_identity(name, self.device, cfg.identity_weights)
+            identity = build_identity(name, self.device, cfg.identity_weights, rec("identity", name),
+                                      self._domain())  # fmt: skip
             identity.requires_grad_(False)
         if self.dist.is_main and not self.quiet:
             line = f"identity term: {getattr(identity, 'name', 'none')} x {cfg.identity_lambda:g}"
             print(line + (f" ({self.identity_note})" if self.identity_note else ""), file=sys.stderr)
         return perceptual, identity
 
+    def _domain(self) -> str:
+        """Which offline network a missing-file error suggests: Fashion-MNIST for its data or grey images, faces
+        otherwise."""
+        if str(self.cfg.data) == "fashion-mnist" or self.G.img_channels == 1:
+            return "fashion-mnist"
+        return "faces"
+
     def network_names(self) -> dict[str, str]:
+        """The loss networks' names (what logs and reports print)."""
         return {
             "perceptual": getattr(self.perceptual, "name", "none") if self.perceptual is not None else "none",
             "identity": getattr(self.identity, "name", "none") if self.identity is not None else "none",
@@ -285,6 +309,7 @@ class EncoderTrainer(Trainer):
             if self.cfg.zero_grad == "zero"
             else "set to None (switched-off heads freeze)",
             "d_fake_codes": self.cfg.d_fake_codes,
+            "network_files": network_files(self.perceptual, self.identity),
             "world_size": self.dist.world_size,
             "command": " ".join(sys.argv),
             "train_images": len(self.train_data),
@@ -306,6 +331,7 @@ class EncoderTrainer(Trainer):
             "trained_stage": self.E.stage,
             "schedule": self.schedule.to_dict(),
             "schedule_state": st.to_dict(),
+            "network_files": network_files(self.perceptual, self.identity),
             "generator": {"path": str(self.cfg.generator), "w_avg": self.G.w_avg.cpu()},
         }
 
@@ -455,6 +481,7 @@ class EncoderTrainer(Trainer):
             generator_sha256=file_sha256(resolve_model(self.cfg.generator)),
             data=str(self.cfg.data),
             networks=self.network_names(),
+            network_files=network_files(self.perceptual, self.identity),
         )
         from ..checkpoints.optimizer import companion_path, from_optimizer, save_optimizer_state
 
@@ -496,6 +523,17 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
     """The configuration a run was started with (``config.json``), with ``max_steps`` etc. overridable."""
     allowed = ("max_steps", "log_every", "image_every", "val_every", "checkpoint_every", "device")
     return load_train_config(read_run_config(run_dir, "train-encoder", overrides, allowed))
+
+
+def network_files(perceptual: Any, identity: Any) -> dict[str, dict[str, str]]:
+    """The weight files the loss networks were read from (``located`` by ``build_perceptual`` / ``build_identity``),
+    recorded with the encoder so that ``invert`` finds the same ones."""
+    out = {}
+    for kind, net in (("perceptual", perceptual), ("identity", identity)):
+        loc = getattr(net, "located", None) if net is not None else None
+        if loc is not None:
+            out[kind] = {"name": str(getattr(net, "registry_name", "")), **loc.record()}
+    return out
 
 
 def describe_steps(total: int) -> str:

@@ -1,0 +1,165 @@
+"""Finding the perception networks' weight files where users keep them.
+
+A network that needs a file (LPIPS' ImageNet backbones, ArcFace, MoCo) gets it from the first of:
+
+1. the option (``--lpips-backbone FILE`` / ``--identity-weights FILE``; library: the ``weights`` argument);
+2. the file the run or the encoder recorded (a ``train-encoder`` run records the files its losses used);
+3. the torch hub cache, where torchvision's downloads land: ``$TORCH_HOME/hub/checkpoints/FILE`` (``TORCH_HOME``
+   defaults to ``$XDG_CACHE_HOME/torch``, else ``~/.cache/torch``);
+4. the folders of the config shipped with the project (``assets/network_files.json``: the project's cache
+   ``networks/`` folder, ``pretrained_models/`` as pSp / e4e / PTI checkouts have it, the working folder), or of the
+   file ``$CYCLE_ENCODING_NETWORKS`` names instead (same layout).
+
+The file found and how it was found are given back (``Located``) so that the command prints them and the run
+records them. When nothing is found, the error names the file, where it usually lives, the option, and an offline
+alternative that fits the domain (``offline_alternative``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import CycleEncodingError
+from ..paths import cache_dir
+
+CONFIG_ENV = "CYCLE_ENCODING_NETWORKS"
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "assets" / "network_files.json"
+
+# the distances / identity networks that need no download, by domain (for the suggestion of a missing file)
+OFFLINE = {
+    "faces": {"perceptual": "dlib-face", "identity": "dlib-face"},
+    "fashion-mnist": {"perceptual": "fmnist-features", "identity": "fmnist-features"},
+}
+
+
+def torch_hub_checkpoints() -> Path:
+    """torch's download cache for model weights: ``$TORCH_HOME/hub/checkpoints`` (as ``torch.hub.get_dir()``)."""
+    home = os.environ.get("TORCH_HOME")
+    if not home:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        home = str(Path(xdg) / "torch") if xdg else str(Path.home() / ".cache" / "torch")
+    return Path(home).expanduser() / "hub" / "checkpoints"
+
+
+@lru_cache(maxsize=4)
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CycleEncodingError(f"{path}: cannot read the network files config ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise CycleEncodingError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise CycleEncodingError(f"{path}: the network files config must be a JSON object")
+    return data
+
+
+def network_files_config() -> tuple[Path, dict[str, Any]]:
+    """(the config file in use, its contents): ``$CYCLE_ENCODING_NETWORKS`` when set, else the shipped one."""
+    path = Path(os.environ.get(CONFIG_ENV) or SHIPPED_CONFIG)
+    return path, _read_config(str(path))
+
+
+def network_entry(network: str) -> dict[str, Any]:
+    """The config's entry for ``network`` (``lpips-alex``, ``lpips-vgg``, ``arcface``, ``moco``); {} if none."""
+    _, cfg = network_files_config()
+    entry = cfg.get(network)
+    return dict(entry) if isinstance(entry, dict) else {}
+
+
+def _folders(entry: dict[str, Any]) -> list[Path]:
+    out = []
+    for f in entry.get("folders") or []:
+        f = str(f).replace("{torch_hub}", str(torch_hub_checkpoints())).replace("{cache}", str(cache_dir(create=False)))
+        out.append(Path(f).expanduser())
+    return out
+
+
+@dataclass
+class Located:
+    """A network's weight file and how it was found: ``how`` is 'option', 'recorded', 'torch hub cache' or
+    'config' (the file named by ``config``)."""
+
+    network: str
+    path: Path
+    how: str
+    config: str | None = None
+    tried: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        where = {
+            "option": "given",
+            "recorded": "recorded by the run / encoder",
+            "torch hub cache": "found in the torch hub cache",
+            "config": f"found by {Path(self.config).name if self.config else 'the config'}",
+        }.get(self.how, self.how)
+        return f"{self.path} ({where})"
+
+    def record(self) -> dict[str, str]:
+        return {"file": str(self.path), "found": self.how}
+
+
+def offline_alternative(kind: str, domain: str | None) -> str:
+    """The offline choice for ``kind`` ('perceptual' or 'identity') that fits ``domain`` ('faces',
+    'fashion-mnist' or None: both named)."""
+    opt = "--perceptual" if kind == "perceptual" else "--identity"
+    if domain in OFFLINE:
+        name = OFFLINE[domain][kind]
+        label = {"faces": "face", "fashion-mnist": "Fashion-MNIST"}[domain]
+        return f"offline, {opt} {name} is the {label} network that exists here"
+    names = " (faces) or ".join(OFFLINE[d][kind] for d in ("faces", "fashion-mnist"))
+    return f"offline, use {opt} {names} (Fashion-MNIST)"
+
+
+def missing_file_message(network: str, domain: str | None = None, tried: list[str] | None = None) -> str:
+    """The one-line error for a network whose file was not found: the file, where it usually lives, the option,
+    and an offline alternative for the domain."""
+    e = network_entry(network)
+    fname = e.get("file", f"{network}.pth")
+    kind = "perceptual" if network.startswith("lpips") else "identity"
+    looked = f"; looked in {', '.join(tried)}" if tried else ""
+    return (
+        f"{network} needs {fname} ({e.get('what', 'its weights')}), which no package ships and nothing downloads: it "
+        f"usually lives in {e.get('usually', 'a folder of your choice')}; pass {e.get('option', '--weights')} FILE or "
+        f"put it there{looked}; {offline_alternative(kind, domain)}"
+    )
+
+
+def locate_network_file(
+    network: str,
+    given: str | Path | None = None,
+    recorded: str | Path | None = None,
+    domain: str | None = None,
+) -> Located:
+    """The weight file of ``network`` by the order of the module doc; a one-line error when none is found (a file
+    given or recorded that does not exist is an error naming it: it is never passed over silently)."""
+    if given is not None:
+        p = Path(given).expanduser()
+        if not p.is_file():
+            raise CycleEncodingError(f"{p}: no such file (the weights given for {network})")
+        return Located(network, p, "option")
+    entry = network_entry(network)
+    tried: list[str] = []
+    if recorded is not None:
+        p = Path(recorded).expanduser()
+        if p.is_file():
+            return Located(network, p, "recorded")
+        tried.append(f"{p} (recorded, gone)")
+    fname = entry.get("file")
+    if fname:
+        hub = torch_hub_checkpoints() / fname
+        if hub.is_file():
+            return Located(network, hub, "torch hub cache")
+        tried.append(str(hub.parent))
+        cfg_path, _ = network_files_config()
+        for folder in _folders(entry):
+            cand = folder / fname
+            if cand.is_file():
+                return Located(network, cand.resolve(), "config", config=str(cfg_path))
+            tried.append(str(folder))
+    raise CycleEncodingError(missing_file_message(network, domain, tried))
