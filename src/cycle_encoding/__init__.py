@@ -6,15 +6,21 @@ Public API (more arrives with each stage of the method):
 >>> G = ce.load_generator("stylegan2-ffhq-config-f.pt", device="cpu")   # rosinality, NVIDIA .pkl, e4e, own
 >>> ws = G.mapping(torch.randn(4, G.z_dim), truncation=0.7)             # [4, G.num_ws, 512]
 >>> images = G.synthesis(ws, noise_mode="const")                         # [4, 3, H, W] in [-1, 1]
+>>> ce.to_pil(images[0]).save("sample.png")                             # and ce.from_pil(PIL image) back
+>>> res = ce.Inverter(G, "fmnist-encoder", stages=("encoder", "tune")).invert("photo.png")  # path, PIL, array
+>>> res.to_pil("tune")                                                   # the tuned reconstruction, a PIL image
 """
 
 from .checkpoints import convert_generator, export_rosinality, load_generator, save_generator
 from .checkpoints.encoder import load_encoder, save_encoder
+from .checkpoints.latents import load_latents, save_latents, save_projected_w
+from .data.images import from_pil, image_tensor
 from .editing.editor import Editor
 from .errors import CheckpointError, CycleEncodingError
 from .inversion import Inverter
 from .networks.encoder import Encoder4Editing, EncoderConfig
 from .networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from .utils import to_pil
 from .version import __version__
 
 __all__ = [
@@ -31,10 +37,16 @@ __all__ = [
     "__version__",
     "convert_generator",
     "export_rosinality",
+    "from_pil",
+    "image_tensor",
     "load_encoder",
     "load_generator",
+    "load_latents",
     "save_encoder",
     "save_generator",
+    "save_latents",
+    "save_projected_w",
+    "to_pil",
 ]
 
 # Modules above the checkpoints layer that register readers for `cycle-encoding info`

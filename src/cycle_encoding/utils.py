@@ -80,7 +80,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """One image [C, H, W] in [-1, 1] -> PIL (L for 1 channel, RGB for 3)."""
+    """One image ``[C, H, W]`` or ``[1, C, H, W]`` in [-1, 1] (clamped) -> PIL (L for 1 channel, RGB for 3)."""
+    if not isinstance(image, torch.Tensor):
+        raise CycleEncodingError(f"to_pil takes an image tensor, got {type(image).__name__}")
+    if image.ndim == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise CycleEncodingError(
+            f"to_pil takes one image [C, H, W] or [1, C, H, W] with C = 1 or 3, got {list(image.shape)}"
+            + (" (index the batch: to_pil(images[i]))" if image.ndim == 4 else "")
+        )
     a = to_uint8(image[None])[0]
     return Image.fromarray(a[:, :, 0], "L") if a.shape[2] == 1 else Image.fromarray(a, "RGB")
 

@@ -179,13 +179,16 @@ def save_generator(G: Generator, path: str | Path, provenance: dict[str, Any] | 
     return save_native(path, "generator", G.config.to_dict(), tensors, prov)
 
 
-def convert_generator(src: str | Path, dst: str | Path, to: str = "native") -> Path:
-    """Convert a generator file to the project's format (``native``) or rosinality's ``.pt`` (``rosinality``)."""
+def convert_generator(src: str | Path, dst: str | Path, to: str = "native", generator: Generator | None = None) -> Path:
+    """Convert a generator file to the project's format (``native``) or rosinality's ``.pt`` (``rosinality``).
+
+    ``generator``: ``src`` already read (e.g. a stored change rebuilt on its base); its provenance is kept."""
     from ..assets import resolve_model
 
-    G = load_generator(src)
+    G = load_generator(src) if generator is None else generator
     if to == "native":
         prov = default_provenance(
+            **{k: v for k, v in (getattr(G, "provenance", None) or {}).items() if k == "base"},
             source_file=Path(src).name,
             source_format=G.provenance["source_format"],
             source_sha256=file_sha256(resolve_model(src)),

@@ -16,6 +16,7 @@ from ..errors import CycleEncodingError
 
 COMMAND_MODULES = [
     "generator",  # info, generate, convert
+    "export",
     "faces",  # align
     "evaluate",
     "schedule",

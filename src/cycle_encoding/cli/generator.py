@@ -14,26 +14,62 @@ MAX_SEEDS = 1_000_000  # images one `generate` writes at most
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("info", parents=[common], help="what a checkpoint file is and holds")
-    p.add_argument("file", type=Path)
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p = sub.add_parser(
+        "info",
+        parents=[common],
+        help="what a checkpoint file is and holds",
+        description="Reads FILE without running any code from it and prints its format (rosinality .pt, NVIDIA "
+        "stylegan2-ada .pkl, e4e/pSp .pt, the project's .safetensors: generator, encoder, classifier, a tuned "
+        "generator's stored change, directions), the architecture read from its tensors (resolution, number of codes "
+        "num_ws, style size, widths, image channels), the parameter count, whether w_avg is stored, what else the "
+        "file holds and, for the project's files, how each was made (provenance).",
+    )
+    p.add_argument("file", type=Path, metavar="FILE",
+                   help="a checkpoint file of any supported format, or a shipped model's name (e.g. fmnist-generator)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print everything as JSON instead of text")
+    p.add_argument("--brief", action="store_true",
+                   help="one line: format, network, resolution, codes and parameter count (no provenance)")  # fmt: skip
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("generate", parents=[common], help="render a generator's samples by seed")
-    p.add_argument("--generator", "-g", required=True, type=Path, help="generator file (any supported format)")
-    p.add_argument("--seeds", default="0-7", help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
-    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi toward w_avg (default 1.0)")
+    p = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="render a generator's samples by seed, or codes from a file (--projected-w)",
+        description="Renders images with a generator: by seed (z drawn as NVIDIA's generate.py does, so seed 42 here "
+        "is seed 42 there), or the codes of --projected-w (NVIDIA's projector .npz, key w [n, num_ws, w_dim]; e4e's "
+        "latents.pt; .npy), written as seedNNNN.png or projNN.png plus grid.png. A tuned generator stored as its "
+        "change (generator_delta.safetensors) is rebuilt on its base (--base, else the base it records).",
+    )
+    p.add_argument("--generator", "-g", required=True, type=Path,
+                   help="generator file (any supported format, a stored change, or a shipped name)")  # fmt: skip
+    p.add_argument("--base", type=Path, default=None,
+                   help="the base generator of a stored change (default: the base file the change records)")  # fmt: skip
+    p.add_argument("--seeds", default=None, help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
+    p.add_argument("--projected-w", type=Path, default=None, metavar="FILE",
+                   help="render these codes instead of seeds: .npz (key w, NVIDIA's projector), .pt or .npy, "
+                   "[n, num_ws, w_dim] (or [n, w_dim]: one W code per image)")  # fmt: skip
+    p.add_argument("--truncation", type=float, default=None, help="truncation psi toward w_avg (default 1.0; seeds)")
     p.add_argument("--noise", choices=["const", "random", "none"], default="const", help="noise mode (default const)")
     p.add_argument("--out", "-o", required=True, type=Path, help="output folder")
     p.add_argument("--batch-size", type=int, default=8)
     add_device_arg(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("convert", parents=[common], help="convert a generator to the own format or rosinality .pt")
-    p.add_argument("src", type=Path)
-    p.add_argument("dst", type=Path)
+    p = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="convert a generator to the own format or rosinality .pt",
+        description="Reads SRC (rosinality .pt, NVIDIA stylegan2-ada .pkl, e4e/pSp .pt, the project's .safetensors, "
+        "or a tuned generator's stored change rebuilt on its base) and writes DST: the project's .safetensors "
+        "(weights + a JSON of the architecture and where it came from) or rosinality's {'g_ema', 'latent_avg'} "
+        ".pt, which rosinality/stylegan2-pytorch, e4e and PTI load.",
+    )
+    p.add_argument("src", type=Path, metavar="SRC", help="the generator file to read (any supported format)")
+    p.add_argument("dst", type=Path, metavar="DST", help="the file to write (.safetensors or .pt)")
     p.add_argument("--to", choices=["native", "rosinality"], default=None,
-                   help="target format (default: from the extension: .safetensors -> native, .pt -> rosinality)")  # fmt: skip
+                   help="target format (default: from DST's extension: .safetensors -> native, .pt -> rosinality)")  # fmt: skip
+    p.add_argument("--base", type=Path, default=None,
+                   help="the base generator when SRC is a stored change (default: the base file the change records)")  # fmt: skip
     p.set_defaults(func=cmd_convert)
 
 
@@ -61,7 +97,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..checkpoints.inspect import inspect_file
 
     info = inspect_file(args.file)
-    if args.json:
+    if args.brief:
+        print(brief_line(info))
+    elif args.json:
         print_json(info)
     else:
         if "parameters" in info:
@@ -70,19 +108,39 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def brief_line(info: dict) -> str:
+    """``info --brief``: the file, its format and network, and the architecture's headline numbers, on one line."""
+    arch = info.get("architecture") or {}
+    parts = [str(info.get("format", "?")), str(info.get("network", "?"))]
+    if "resolution" in arch:
+        parts.append(f"{arch['resolution']}x{arch['resolution']}x{arch.get('img_channels', '?')}")
+    if "num_ws" in arch:
+        parts.append(f"{arch['num_ws']} codes of {arch.get('style_dim', '?')}")
+    if isinstance(info.get("parameters"), int):
+        parts.append(f"{info['parameters']:,} parameters")
+    return f"{info['file']}: " + ", ".join(parts)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .. import load_generator
     from ..errors import CycleEncodingError
+    from ..inversion.delta import open_generator
     from ..sampling import MAX_SEED, render_seeds
     from ..utils import check_finite, make_grid, parse_int_list, save_image
 
     # every value checked before the generator is read: one clear line, exit 2
-    seeds = parse_int_list(args.seeds, low=0, high=MAX_SEED, max_count=MAX_SEEDS, what="--seeds")
-    check_finite(args.truncation, "--truncation")
+    if args.projected_w is not None and (args.seeds is not None or args.truncation is not None):
+        raise CycleEncodingError("--projected-w renders the file's codes: --seeds and --truncation do not apply")
     if args.batch_size < 1:
         raise CycleEncodingError(f"--batch-size must be 1 or more, got {args.batch_size}")
     check_output_folder(args.out, "--out")
-    G = load_generator(args.generator, device=args.device)
+    seeds: list[int] = []
+    if args.projected_w is None:
+        seeds = parse_int_list(args.seeds or "0-7", low=0, high=MAX_SEED, max_count=MAX_SEEDS, what="--seeds")
+        args.truncation = 1.0 if args.truncation is None else args.truncation
+        check_finite(args.truncation, "--truncation")
+    G = open_generator(args.generator, args.base, device=args.device)
+    if args.projected_w is not None:
+        return _generate_projected(G, args)
     args.out.mkdir(parents=True, exist_ok=True)
     all_images = []
     with tqdm(total=len(seeds), desc="generate", unit="img") as bar:
@@ -99,11 +157,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_projected(G, args: argparse.Namespace) -> int:
+    """``generate --projected-w``: one image per code, projNN.png as NVIDIA's generate.py names them."""
+    import torch
+
+    from ..checkpoints.latents import load_latents
+    from ..utils import make_grid, save_image
+
+    ws = load_latents(args.projected_w, G.num_ws, G.w_dim)
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = []
+    with torch.no_grad(), tqdm(total=len(ws), desc="generate", unit="img") as bar:
+        for i in range(0, len(ws), max(1, args.batch_size)):
+            chunk = ws[i : i + max(1, args.batch_size)].to(G.w_avg.device)
+            out = G.synthesis(chunk, noise_mode=args.noise).cpu()
+            for j, im in enumerate(out):
+                save_image(im, args.out / f"proj{i + j:02d}.png")
+            images.append(out)
+            bar.update(len(chunk))
+    save_image(make_grid(torch.cat(images).clamp(-1, 1)), args.out / "grid.png")
+    print(f"wrote {len(ws)} images (proj00.png ...) and grid.png to {args.out}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoints import convert_generator
+    from ..inversion.delta import is_generator_delta, open_generator
 
     to = args.to or ("rosinality" if args.dst.suffix in (".pt", ".pth") else "native")
     check_output_file(args.dst, "DST")
-    out = convert_generator(args.src, args.dst, to=to)
+    G = open_generator(args.src, args.base) if is_generator_delta(args.src) or args.base is not None else None
+    out = convert_generator(args.src, args.dst, to=to, generator=G)
     print(f"wrote {out} ({to})")
     return 0

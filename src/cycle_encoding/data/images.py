@@ -1,4 +1,4 @@
-"""Image files: read one to a [-1, 1] tensor, list the image files of a folder."""
+"""Images in: read a file, a PIL image or an array to a [-1, 1] tensor; list the image files of a folder."""
 
 from __future__ import annotations
 
@@ -97,3 +97,45 @@ def read_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CycleEncodingError(f"{p}: cannot read image: {first}") from None
+
+
+def from_pil(image: Image.Image, channels: int | None = None) -> torch.Tensor:
+    """A PIL image -> float32 ``[1, C, H, W]`` in [-1, 1] (the layout a generator's output has), as ``read_image``
+    reads files: grey modes give C = 1, the rest RGB (alpha dropped); ``channels`` (1 or 3) converts."""
+    if not isinstance(image, Image.Image):
+        raise CycleEncodingError(f"from_pil takes a PIL image, got {type(image).__name__}")
+    return image_to_tensor(image, channels)[None]
+
+
+def image_tensor(image: object, channels: int | None = None) -> torch.Tensor:
+    """Any image a user has -> float32 ``[C, H, W]`` in [-1, 1].
+
+    - a path (str or Path): read as ``read_image`` does;
+    - a PIL image or a numpy array of pixels (``[H, W]`` / ``[H, W, C]``, uint8 or floats in [0, 1]): as
+      ``image_to_tensor``;
+    - a float tensor in [-1, 1]: ``[C, H, W]`` or ``[1, C, H, W]``, as the project's images (and G's outputs) are.
+    """
+    if isinstance(image, (str, Path)):
+        return read_image(image, channels)
+    if isinstance(image, (Image.Image, np.ndarray)):
+        return image_to_tensor(image, channels)
+    if isinstance(image, torch.Tensor):
+        x = image.detach()
+        if not x.is_floating_point():
+            raise CycleEncodingError(
+                f"an image tensor of dtype {x.dtype}: give floats in [-1, 1] ([C, H, W]), or a uint8 numpy array"
+            )
+        if x.ndim == 4 and x.shape[0] == 1:
+            x = x[0]
+        if x.ndim != 3 or x.shape[0] not in (1, 3):
+            raise CycleEncodingError(
+                f"an image tensor is [C, H, W] or [1, C, H, W] with C = 1 or 3, got {list(x.shape)}"
+            )
+        x = x.float()
+        if channels is not None and channels != x.shape[0]:  # grey <-> RGB as image_to_tensor converts
+            luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(3, 1, 1)
+            x = x.expand(3, -1, -1).clone() if channels == 3 else (x * luma).sum(0, keepdim=True)
+        return x
+    raise CycleEncodingError(
+        f"cannot read an image from a {type(image).__name__}: give a path, a PIL image, a numpy array or a tensor"
+    )

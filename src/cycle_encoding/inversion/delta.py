@@ -260,3 +260,80 @@ def inspect_generator_delta(path: Path, container: str) -> dict[str, Any] | None
 
 
 register_inspector(inspect_generator_delta)
+
+
+def is_generator_delta(path: str | Path) -> bool:
+    """Whether ``path`` is a stored change (the own format's kind ``generator_delta``)."""
+    from ..checkpoints.common import sniff
+
+    p = Path(path)
+    try:
+        return p.is_file() and sniff(p) == "safetensors" and read_native_header(p).get("kind") == DELTA_KIND
+    except (CheckpointError, OSError, ValueError):
+        return False
+
+
+def recorded_base(path: str | Path) -> Path | None:
+    """The base generator file a stored change records, where it can be found: beside the change or in the folders
+    above it (an inversion run keeps its changes in ``RUN/images/NAME/``, and its ``config.json`` records the base
+    as it was given), else a shipped model of that name; None when none is there."""
+    import json
+
+    from ..assets import resolve_model
+    from ..errors import CycleEncodingError
+
+    p = Path(path).resolve()
+    base = (read_native_header(p).get("extra") or {}).get("base") or {}
+    names = [n for n in (base.get("file"), base.get("source")) if n]
+    folders = [p.parent, *list(p.parents)[1:4]]
+    for folder in folders:  # the run's own record first: it holds the path as given, not only the name
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            try:
+                f = (json.loads(cfg.read_text()).get("generator") or {}).get("file")
+            except (OSError, ValueError, AttributeError):
+                f = None
+            if f:
+                names.insert(0, f)
+                folders.append(folder.parent)
+            break
+    for n in names:
+        for cand in [Path(n), *(d / n for d in folders)]:
+            if cand.is_file():
+                return cand
+    for n in names:
+        try:
+            found = resolve_model(n)
+        except CycleEncodingError:
+            continue
+        if found.is_file():
+            return found
+    return None
+
+
+def open_generator(
+    path: str | Path, base: Generator | str | Path | None = None, device: str | torch.device = "cpu"
+) -> Generator:
+    """Any generator file ``load_generator`` reads, or a stored change rebuilt on its base: ``base`` when given,
+    else the base file the change records (``recorded_base``). A change whose base cannot be found is refused with
+    a message naming the base and ``--base``."""
+    from ..checkpoints.generator import load_generator
+    from ..utils import resolve_device
+
+    if not is_generator_delta(path):
+        if base is not None:
+            raise CheckpointError(path, "a full generator, not a stored change: --base is only for changes")
+        return load_generator(path, device=device)
+    if base is None:
+        base = recorded_base(path)
+        if base is None:
+            want = (read_native_header(path).get("extra") or {}).get("base") or {}
+            raise CheckpointError(
+                path,
+                f"a tuned generator stored as its change from {want.get('file') or 'a base generator'}, which is not "
+                "beside it: give the base generator with --base FILE",
+            )
+    if isinstance(base, (str, Path)):
+        base = load_generator(base, device="cpu")
+    G = load_generator_delta(path, base)
+    return G.to(resolve_device(device)).eval().requires_grad_(False)

@@ -230,8 +230,10 @@ class Inverter:
         return out
 
     # -- one image -------------------------------------------------------------------------------------------------
-    def load_image(self, image: torch.Tensor | str | Path, notes: dict[str, Any] | None = None) -> torch.Tensor:
-        """A target as ``[1, C, R, R]`` on the device, from a tensor in [-1, 1] or an image file; with ``align``, an
+    def load_image(self, image: Any, notes: dict[str, Any] | None = None) -> torch.Tensor:
+        """A target as ``[1, C, R, R]`` on the device, from an image file, a PIL image, a numpy array of pixels
+        (``[H, W(, C)]``, uint8 or floats in [0, 1]) or a tensor in [-1, 1] (``[C, H, W]`` / ``[1, C, H, W]``); with
+        ``align``, an
         image file's largest face FFHQ-aligned at G's resolution. A target smaller than G's images is upsampled
         with a warning (``warnings``; and in ``notes["warning"]`` when a dict is given); ``notes`` also receives
         what the alignment found."""
@@ -246,10 +248,10 @@ class Inverter:
                 notes["aligned"] = {"size": self.G.resolution, "box": list(face.box or ()),
                                     "quad": [[round(float(v), 2) for v in q] for q in face.quad]}  # fmt: skip
             image = aligned_tensor(face)
-        elif isinstance(image, (str, Path)):
-            from ..data.images import read_image
+        else:
+            from ..data.images import image_tensor
 
-            image = read_image(image)
+            image = image_tensor(image)
         msg = small_target_warning(name, int(image.shape[-2]), int(image.shape[-1]), self.G.resolution)
         if msg is not None:
             if notes is not None:
@@ -279,21 +281,24 @@ class Inverter:
 
     def invert(
         self,
-        image: torch.Tensor | str | Path,
+        image: Any,
         index: int = 0,
         name: str | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None,
         on_stage: Callable[[str, InversionResult], None] | None = None,
     ) -> InversionResult:
-        """Run the configured stages on one image. ``index`` seeds the image's random draws (its position in a run).
+        """Run the configured stages on one image: a path, a PIL image, a numpy array or a tensor (see
+        ``load_image``). ``index`` seeds the image's random draws (its position in a run). The result's ``to_pil(stage)``
+        gives each reconstruction as a PIL image, ``edit(direction, strength)`` an edit of it.
 
         ``on_step(record)`` sees each optimization step's losses; ``on_stage(stage, result)`` each finished stage.
         """
         cfg = self.config
         if name is None:
-            name = Path(image).stem if isinstance(image, (str, Path)) else f"image{index}"
+            source = image if isinstance(image, (str, Path)) else getattr(image, "filename", None)
+            name = Path(source).stem if source else f"image{index}"
         x = self.load_image(image)
-        res = InversionResult(name=name, target=x.cpu())
+        res = InversionResult(name=name, target=x.cpu(), base_generator=self.G)
         pivot: torch.Tensor | None = None
 
         def step_hook(rec: dict[str, Any]) -> None:

@@ -8,7 +8,9 @@ reproduces rosinality's table for ``channel_base = 16384 * channel_multiplier`` 
 
 Public API of :class:`Generator`: ``mapping(z, truncation)`` -> ws ``[B, num_ws, w_dim]``;
 ``synthesis(ws, noise_mode)`` -> images ``[B, C, H, W]`` in about [-1, 1]; ``w_avg``; ``num_ws``;
-``resolution``.
+``resolution``. NVIDIA stylegan2-ada-pytorch's calls work too: ``G(z, c, truncation_psi=0.7, noise_mode="const")``,
+``G.mapping(z, c, truncation_psi=...)``, ``G.synthesis(ws, noise_mode=...)``, ``G.c_dim`` (0: unconditional, so ``c``
+must be None or an empty tensor), ``G.img_resolution``.
 """
 
 from __future__ import annotations
@@ -365,6 +367,31 @@ class Generator(nn.Module):
     def img_channels(self) -> int:
         return self.config.img_channels
 
+    @property
+    def img_resolution(self) -> int:
+        """NVIDIA's name for ``resolution``."""
+        return self.config.resolution
+
+    @property
+    def c_dim(self) -> int:
+        """Class-label size in NVIDIA's API: 0, these generators are unconditional."""
+        return 0
+
+    @staticmethod
+    def _check_label(c: Any) -> None:
+        """NVIDIA's label argument: None or an empty ``[B, 0]`` tensor; anything else is refused with what to call."""
+        if c is None or (isinstance(c, torch.Tensor) and c.numel() == 0):
+            return
+        if isinstance(c, torch.Tensor):
+            raise ValueError(
+                f"this generator is unconditional (c_dim = 0) but a class label of shape {list(c.shape)} was given: "
+                "call G(z, None) or G(z)"
+            )
+        raise TypeError(
+            f"the second argument of G(z, c, ...) is the class label (NVIDIA's order), got {type(c).__name__}: "
+            "call G(z, None, truncation_psi=0.7) or G(z, truncation=0.7)"
+        )
+
     def set_fused_modconv(self, fused: bool | None) -> None:
         """Choose the grouped-convolution (True) or activation-scaling (False) modulated convolution, or
         None: grouped for a batch of one, activation scaling for larger batches."""
@@ -376,12 +403,24 @@ class Generator(nn.Module):
     def mapping(
         self,
         z: torch.Tensor,
-        truncation: float = 1.0,
+        truncation: float | torch.Tensor | None = 1.0,
         truncation_cutoff: int | None = None,
         truncation_latent: torch.Tensor | None = None,
+        *,
+        truncation_psi: float | None = None,
+        c: torch.Tensor | None = None,
+        update_emas: bool = False,
     ) -> torch.Tensor:
         """z [B, z_dim] -> ws [B, num_ws, w_dim], truncated toward ``w_avg`` on the first
-        ``truncation_cutoff`` layers (all layers by default)."""
+        ``truncation_cutoff`` layers (all layers by default).
+
+        NVIDIA's ``mapping(z, c, truncation_psi=..., truncation_cutoff=...)`` works as well: a second positional
+        argument that is None or a tensor is taken as the (empty) class label."""
+        if truncation is None or isinstance(truncation, torch.Tensor):  # NVIDIA's order: mapping(z, c, ...)
+            c, truncation = truncation, 1.0
+        self._check_label(c)
+        truncation = _pick_truncation(truncation, truncation_psi)
+        del update_emas  # NVIDIA's training flag: w_avg here is fixed (read from the file or computed once)
         if z.ndim != 2 or z.shape[1] != self.z_dim:
             raise ValueError(f"z must have shape [B, {self.z_dim}], got {list(z.shape)}")
         w = self.style(z)
@@ -499,8 +538,35 @@ class Generator(nn.Module):
             i += 2
         return skip
 
-    def forward(self, z: torch.Tensor, truncation: float = 1.0, noise_mode: NoiseMode = "const") -> torch.Tensor:
-        return self.synthesis(self.mapping(z, truncation=truncation), noise_mode=noise_mode)
+    def forward(
+        self,
+        z: torch.Tensor,
+        c: torch.Tensor | None = None,
+        truncation_psi: float | None = None,
+        truncation_cutoff: int | None = None,
+        noise_mode: NoiseMode = "const",
+        *,
+        truncation: float | None = None,
+        force_fp32: bool = True,
+        update_emas: bool = False,
+    ) -> torch.Tensor:
+        """z [B, z_dim] -> images [B, C, H, W]: ``G(z)``, ``G(z, truncation=0.7)`` or NVIDIA's
+        ``G(z, c, truncation_psi=0.7, noise_mode="const")`` (``c``: None or an empty tensor; ``force_fp32`` and
+        ``update_emas`` are accepted and have nothing to do: the networks run in float32)."""
+        del force_fp32, update_emas
+        self._check_label(c)
+        if truncation is not None and truncation_psi is not None and truncation != truncation_psi:
+            raise ValueError("give truncation or truncation_psi (the same thing, NVIDIA's name), not both")
+        psi = _pick_truncation(1.0 if truncation is None else truncation, truncation_psi)
+        ws = self.mapping(z, psi, truncation_cutoff)
+        return self.synthesis(ws, noise_mode=noise_mode)
+
+
+def _pick_truncation(truncation: float, truncation_psi: float | None) -> float:
+    psi = truncation if truncation_psi is None else truncation_psi
+    if isinstance(psi, bool) or not isinstance(psi, (int, float)):
+        raise TypeError(f"truncation must be a number, got {type(psi).__name__}")
+    return float(psi)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""Latent codes in the files other StyleGAN tools read and write: the one writer and reader of them in the project.
+
+- ``projected_w.npz``: NVIDIA stylegan2-ada-pytorch's projector output, ``np.savez(path, w=...)`` with one float32
+  array ``w`` of shape ``[n, num_ws, w_dim]`` (``n = 1`` for one image); its ``generate.py --projected-w`` renders
+  every row of it.
+- ``latents.pt``: e4e's inference output, one tensor ``[n, num_ws, w_dim]`` saved with ``torch.save``, in the order
+  of the image files; ``latents.npy``: the same array for numpy users. Beside them ``latents.txt`` names the images,
+  one per line, in that order (e4e's file has no names).
+
+``load_latents`` reads any of these (and a ``.pt`` dict holding one tensor under ``w``, ``ws``, ``latents`` or
+``codes``, as notebooks save them) to a float32 tensor ``[n, num_ws, w_dim]``; W codes ``[n, w_dim]`` are repeated
+over ``num_ws`` when that is given.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CycleEncodingError
+from .common import atomic_torch_save, atomic_write
+
+NPZ_KEY = "w"
+DICT_KEYS = ("w", "ws", "latents", "codes", "latent", "projected_w")
+LATENT_SUFFIXES = (".npz", ".npy", ".pt", ".pth")
+
+
+def _as_array(ws: torch.Tensor | np.ndarray) -> np.ndarray:
+    a = ws.detach().to("cpu").float().numpy() if isinstance(ws, torch.Tensor) else np.asarray(ws, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise ValueError(f"codes must be [num_ws, w_dim] or [n, num_ws, w_dim], got shape {list(a.shape)}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def save_projected_w(path: str | Path, ws: torch.Tensor | np.ndarray) -> Path:
+    """Write codes as NVIDIA's projector does: ``.npz`` with ``w`` float32 ``[n, num_ws, w_dim]`` (``[num_ws, w_dim]``
+    becomes ``[1, num_ws, w_dim]``)."""
+    a = _as_array(ws)
+    buf = io.BytesIO()
+    np.savez(buf, **{NPZ_KEY: a})
+    data = buf.getvalue()
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def save_latents(
+    folder: str | Path, ws: torch.Tensor | np.ndarray, names: Sequence[str], stem: str = "latents"
+) -> list[Path]:
+    """Write stacked codes ``[n, num_ws, w_dim]`` as e4e does (``STEM.pt``, a tensor), as ``STEM.npy`` and the image
+    names in the same order (``STEM.txt``, one per line); returns the paths written."""
+    a = _as_array(ws)
+    if len(names) != a.shape[0]:
+        raise ValueError(f"{len(names)} names for {a.shape[0]} codes")
+    bad = [n for n in names if "\n" in n or "\r" in n]
+    if bad:
+        raise ValueError(f"an image name holds a line break: {bad[0]!r}")
+    d = Path(folder)
+    pt = atomic_torch_save(torch.from_numpy(a.copy()), d / f"{stem}.pt")
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    data = buf.getvalue()
+    npy = atomic_write(d / f"{stem}.npy", lambda tmp: tmp.write_bytes(data))
+    text = "".join(f"{n}\n" for n in names)
+    txt = atomic_write(d / f"{stem}.txt", lambda tmp: tmp.write_text(text))
+    return [Path(pt), Path(npy), Path(txt)]
+
+
+def _from_object(obj: object, path: Path) -> np.ndarray:
+    if isinstance(obj, dict):
+        key = next((k for k in DICT_KEYS if k in obj), None)
+        if key is None:
+            keys = ", ".join(map(str, list(obj)[:8]))
+            raise CycleEncodingError(f"{path}: a dict without codes (looked for {', '.join(DICT_KEYS)}; has {keys})")
+        obj = obj[key]
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu").float().numpy()
+    if isinstance(obj, np.ndarray):
+        return obj.astype(np.float32)
+    raise CycleEncodingError(f"{path}: holds a {type(obj).__name__}, not a tensor of codes")
+
+
+def load_latents(path: str | Path, num_ws: int | None = None, w_dim: int | None = None) -> torch.Tensor:
+    """Codes ``[n, num_ws, w_dim]`` (float32) from ``.npz`` (key ``w``, NVIDIA's projector), ``.npy`` or ``.pt``
+    (a tensor, as e4e's ``latents.pt``, or a dict of one under ``w``/``ws``/``latents``/``codes``).
+
+    ``num_ws`` / ``w_dim`` (a generator's) are checked when given, and W codes ``[n, w_dim]`` are repeated over the
+    ``num_ws`` layers. Any problem is a one-line CycleEncodingError naming the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CycleEncodingError(f"{p}: no such file" if not p.exists() else f"{p}: not a file")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                if NPZ_KEY not in z.files:
+                    raise CycleEncodingError(
+                        f"{p}: no array 'w' (NVIDIA's projector layout); the file has {', '.join(z.files) or 'none'}"
+                    )
+                a = np.asarray(z[NPZ_KEY], dtype=np.float32)
+        elif suffix == ".npy":
+            a = np.asarray(np.load(p, allow_pickle=False), dtype=np.float32)
+        elif suffix in (".pt", ".pth"):
+            from .common import torch_load
+
+            a = _from_object(torch_load(p), p)
+        else:
+            raise CycleEncodingError(f"{p}: codes are read from {', '.join(LATENT_SUFFIXES)} files")
+    except (OSError, ValueError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CycleEncodingError(f"{p}: cannot read codes ({first})") from None
+    if a.ndim == 2 and num_ws is not None:
+        a = np.repeat(a[:, None, :], num_ws, axis=1)
+    if a.ndim != 3:
+        raise CycleEncodingError(f"{p}: codes have shape {list(a.shape)}; expected [n, num_ws, w_dim]")
+    if (num_ws is not None and a.shape[1] != num_ws) or (w_dim is not None and a.shape[2] != w_dim):
+        raise CycleEncodingError(
+            f"{p}: codes of shape {list(a.shape)} do not fit a generator taking [n, {num_ws}, {w_dim}]"
+        )
+    if not np.isfinite(a).all():
+        raise CycleEncodingError(f"{p}: the codes hold NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(a))

@@ -1,0 +1,73 @@
+"""``cycle-encoding export``: an image's tuned generator from an inversion run as a standalone file (parsing and
+printing only; the run is read by ``editing/render.py``, the change rebuilt by ``inversion/delta.py``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+FORMATS = {"rosinality": ".pt", "safetensors": ".safetensors"}
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write an image's tuned generator (base + stored change) as a standalone file",
+        description="Rebuilds the generator that pivotal tuning made for IMAGE of RUN_DIR (the run's base generator "
+        "plus the image's stored change, checked bit for bit against the hash the run recorded) and writes it as a "
+        "standalone file: rosinality's layout ({'g_ema', 'latent_avg'} .pt, which rosinality/stylegan2-pytorch, e4e, "
+        "PTI and this project load) or the project's own .safetensors. The file is checked by rendering the image's "
+        "pivot with it: the result must be the run's tuned reconstruction, bit for bit.",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder (cycle-encoding invert)")
+    p.add_argument("image", metavar="IMAGE", help="the image's name in the run (a folder name under RUN_DIR/images)")
+    p.add_argument("--format", choices=tuple(FORMATS), default="rosinality",
+                   help="rosinality: {'g_ema', 'latent_avg'} .pt (default); safetensors: the project's own format")  # fmt: skip
+    p.add_argument("--out", "-o", type=Path, default=None,
+                   help="the file to write (default RUN_DIR/images/IMAGE/tuned_generator.pt or .safetensors)")  # fmt: skip
+    p.add_argument("--generator", default=None,
+                   help="the run's base generator, when its file is no longer where the run recorded it")  # fmt: skip
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..checkpoints.generator import load_generator, save_generator
+    from ..checkpoints.native import default_provenance
+    from ..checkpoints.rosinality import export_rosinality
+    from ..editing.render import InversionRun, render_one, tensor_sha256
+    from ..errors import CycleEncodingError
+    from ..inversion.delta import weights_sha256
+
+    run = InversionRun(args.run_dir)
+    names = run.image_names()
+    if args.image not in names:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise CycleEncodingError(f"{args.run_dir}: no finished image {args.image!r} (finished: {shown or 'none'})")
+    image = run.image(args.image)
+    if not image.tuned:
+        raise CycleEncodingError(
+            f"{args.image} was not tuned (stages {', '.join(image.stages)}): its generator is the run's base "
+            f"generator, {run.generator_file()}"
+        )
+    base = run.load_generator(args.generator, "cpu")
+    G, _ = run.generator_for(image, base)
+    out = args.out or image.folder / f"tuned_generator{FORMATS[args.format]}"
+    tuned_sha = weights_sha256(G)
+    if args.format == "rosinality":
+        export_rosinality(G, out)
+    else:
+        prov = default_provenance(
+            made_by="cycle-encoding export", run=str(run.dir), image=args.image,
+            base_weights_sha256=(run.config.get("generator") or {}).get("weights_sha256"), weights_sha256=tuned_sha,
+        )  # fmt: skip
+        save_generator(G, out, prov)
+    # the file as another program would read it: it must render the run's tuned reconstruction bit for bit
+    back = load_generator(out, "cpu")
+    same = tensor_sha256(render_one(back, image.pivot)) == image.recon_sha256
+    check = "renders the run's tuned reconstruction bit for bit"
+    if not same:
+        made_on = image.result.get("device", "another device")
+        check = f"WARNING: its rendering differs from the run's tuned reconstruction (the run rendered on {made_on})"
+    print(f"wrote {out} ({args.format}; {args.image}'s tuned generator, weights sha256 {tuned_sha[:12]}...; {check})")
+    return 0
