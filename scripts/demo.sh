@@ -34,7 +34,8 @@ step() { printf '\n[demo %d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"
 
 mkdir -p "$OUT" "$DIRS"
 step "models: generator $GENERATOR, encoder $ENCODER; images: $IMAGES; output: $OUT"
-cycle-encoding info "$GENERATOR"
+cycle-encoding info --brief "$GENERATOR"   # everything about a file: cycle-encoding info FILE
+cycle-encoding info --brief "$ENCODER"
 
 step "1/4 inverting the sample images: encoder -> refine -> tune (at most $TUNE_STEPS tuning steps each)"
 cycle-encoding invert "$IMAGES" --generator "$GENERATOR" --encoder "$ENCODER" --stages encoder,refine,tune \

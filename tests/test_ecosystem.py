@@ -237,3 +237,40 @@ def test_invert_takes_path_pil_array_tensor_and_gives_pil(run):
     assert not np.array_equal(np.asarray(results[0].edit(d, 3.0)), np.asarray(im))
     with pytest.raises(CycleEncodingError, match="cannot read an image from a dict"):
         inv.invert({"not": "an image"})
+
+
+# -- the console -------------------------------------------------------------------------------------------------------
+
+
+def test_train_encoder_dry_run_opens_what_the_run_needs(run, capsys):
+    base = ["train-encoder", "--generator", str(run / "g.safetensors"), "--data", str(run / "targets"),
+            "--batch-size", "1", "--val-count", "1", "--total-steps", "100", "--dry-run"]  # fmt: skip
+    # the default perceptual distance needs an LPIPS backbone file: refused now, not at step one
+    assert main(base) == 2
+    assert "--lpips-backbone" in capsys.readouterr().err
+    assert main([*base, "--perceptual", STANDIN, "--identity", "arcface"]) == 2
+    assert "arcface" in capsys.readouterr().err.lower()
+    assert main([*base, "--lpips-backbone", str(run / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert main([*base, "--perceptual", STANDIN]) == 0
+    out = capsys.readouterr().out
+    G = ce.load_generator(run / "g.safetensors")
+    assert f"offsets (num_ws {G.num_ws})" in out  # the schedule for this generator, not a 1024-px one's 18 codes
+    assert f"{G.num_ws} codes of {G.w_dim}" in out and "data " in out and "2 images" in out
+
+
+def test_directions_print_text_or_json(tmp_path, capsys):
+    from cycle_encoding.editing import interfacegan_direction, save_directions
+
+    save_directions(interfacegan_direction(torch.randn(32), name="smile"), tmp_path / "d.safetensors")
+    assert main(["directions", "show", str(tmp_path / "d.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "method: interfacegan" in text and "{" not in text
+    assert main(["directions", "show", str(tmp_path / "d.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["names"] == ["smile"]
+
+
+def test_info_brief_is_one_line(run, capsys):
+    assert main(["info", "--brief", str(run / "g.safetensors")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "16x16x3" in out[0] and "6 codes of 32" in out[0]

@@ -19,6 +19,39 @@ def print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
+
+
+def print_result(obj: dict[str, Any], as_json: bool) -> None:
+    """A command's result: ``key: value`` text lines, or JSON with ``--json``."""
+    if as_json:
+        print_json(obj)
+    else:
+        print("\n".join(text_lines(obj)))
+
+
+def text_lines(info: dict, indent: int = 0) -> list[str]:
+    """A nested mapping as indented ``key: value`` lines (what commands print unless asked for --json)."""
+    lines = []
+    pad = "  " * indent
+    for k, v in info.items():
+        if isinstance(v, dict):
+            if all(not isinstance(x, (dict, list)) for x in v.values()) and len(v) > 6:
+                lines.append(f"{pad}{k}: " + json.dumps(v))
+            else:
+                lines.append(f"{pad}{k}:")
+                lines += text_lines(v, indent + 1)
+        elif isinstance(v, list) and len(v) <= 8 and all(isinstance(x, (int, float)) for x in v):
+            lines.append(f"{pad}{k}: {v}")
+        elif isinstance(v, list):
+            lines.append(f"{pad}{k}:")
+            lines += [f"{pad}  - {x}" for x in v]
+        else:
+            lines.append(f"{pad}{k}: {v}")
+    return lines
+
+
 _NOT_OPTIONS = ("func", "debug", "max_pixels", "config", "resume", "dry_run", "command")
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import add_device_arg, check_output_file, print_json
+from .common import add_device_arg, add_json_arg, check_output_file, print_result
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--name", default=None, help="a name stored with the direction")
     add_device_arg(t)
+    add_json_arg(t)
     t.set_defaults(func=cmd_train)
 
     g = dsub.add_parser("ganspace", parents=[common], help="GANSpace: principal components of the mapping outputs")
@@ -76,6 +77,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     g.add_argument("--truncation", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     add_device_arg(g)
+    add_json_arg(g)
     g.set_defaults(func=cmd_ganspace)
 
     s = dsub.add_parser("sefa", parents=[common], help="SeFa: closed-form directions from the modulation weights")
@@ -85,10 +87,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.add_argument("--components", type=int, default=None, help="directions kept (default all w_dim)")
     s.add_argument("--include-torgb", action="store_true", help="also use the ToRGB layers' modulations")
     s.add_argument("--no-normalize", action="store_true", help="do not scale the weight rows to unit norm (rosinality)")
+    add_json_arg(s)
     s.set_defaults(func=cmd_sefa)
 
     w = dsub.add_parser("show", parents=[common], help="describe a direction file")
     w.add_argument("file", type=Path)
+    add_json_arg(w)
     w.set_defaults(func=cmd_show)
 
 
@@ -192,7 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          args.seed, args.name)  # fmt: skip
     res.direction.meta.update({k: v for k, v in notes.items() if isinstance(v, (str, int, float)) or v is None})
     save_any(res.direction, args.out)
-    print_json({"out": str(args.out), **res.summary()})
+    print_result({"out": str(args.out), **res.summary()}, args.json)
     return 0
 
 
@@ -208,7 +212,7 @@ def cmd_ganspace(args: argparse.Namespace) -> int:
     ds = ganspace_pca(G, args.samples, args.components, args.seed, truncation=args.truncation)
     ds.meta["generator"] = str(args.generator)
     save_any(ds, args.out)
-    print_json({"out": str(args.out), **ds.describe()})
+    print_result({"out": str(args.out), **ds.describe()}, args.json)
     return 0
 
 
@@ -222,7 +226,7 @@ def cmd_sefa(args: argparse.Namespace) -> int:
     ds = sefa_directions(G, parse_layers(args.layers), args.components, args.include_torgb, not args.no_normalize)
     ds.meta["generator"] = str(args.generator)
     save_any(ds, args.out)
-    print_json({"out": str(args.out), **{k: v for k, v in ds.describe().items() if k != "meta"}})
+    print_result({"out": str(args.out), **{k: v for k, v in ds.describe().items() if k != "meta"}}, args.json)
     return 0
 
 
@@ -235,5 +239,5 @@ def cmd_show(args: argparse.Namespace) -> int:
         usable = {n: list(e.as_tuple()) for n, e in ganspace_named_edits().items() if e.component < len(ds)}
         if usable:
             doc["named_edits"] = {"(component, first layer, end layer exclusive, strength)": usable}
-    print_json(doc)
+    print_result(doc, args.json)
     return 0

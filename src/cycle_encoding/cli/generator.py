@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .common import add_device_arg, check_output_file, check_output_folder, print_json
+from .common import add_device_arg, check_output_file, check_output_folder, print_json, text_lines
 
 MAX_SEEDS = 1_000_000  # images one `generate` writes at most
 
@@ -73,26 +72,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_convert)
 
 
-def _text(info: dict, indent: int = 0) -> list[str]:
-    lines = []
-    pad = "  " * indent
-    for k, v in info.items():
-        if isinstance(v, dict):
-            if all(not isinstance(x, (dict, list)) for x in v.values()) and len(v) > 6:
-                lines.append(f"{pad}{k}: " + json.dumps(v))
-            else:
-                lines.append(f"{pad}{k}:")
-                lines += _text(v, indent + 1)
-        elif isinstance(v, list) and len(v) <= 8 and all(isinstance(x, (int, float)) for x in v):
-            lines.append(f"{pad}{k}: {v}")
-        elif isinstance(v, list):
-            lines.append(f"{pad}{k}:")
-            lines += [f"{pad}  - {x}" for x in v]
-        else:
-            lines.append(f"{pad}{k}: {v}")
-    return lines
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from ..checkpoints.inspect import inspect_file
 
@@ -104,7 +83,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         if "parameters" in info:
             info = {**info, "parameters": f"{info['parameters']:,}"}
-        print("\n".join(_text(info)))
+        print("\n".join(text_lines(info)))
     return 0
 
 
@@ -114,8 +93,10 @@ def brief_line(info: dict) -> str:
     parts = [str(info.get("format", "?")), str(info.get("network", "?"))]
     if "resolution" in arch:
         parts.append(f"{arch['resolution']}x{arch['resolution']}x{arch.get('img_channels', '?')}")
+    elif "input_size" in arch:
+        parts.append(f"input {arch['input_size']}x{arch['input_size']}x{arch.get('in_channels', '?')}")
     if "num_ws" in arch:
-        parts.append(f"{arch['num_ws']} codes of {arch.get('style_dim', '?')}")
+        parts.append(f"{arch['num_ws']} codes of {arch.get('style_dim', arch.get('w_dim', '?'))}")
     if isinstance(info.get("parameters"), int):
         parts.append(f"{info['parameters']:,} parameters")
     return f"{info['file']}: " + ", ".join(parts)

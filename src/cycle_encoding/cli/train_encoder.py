@@ -79,7 +79,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no random horizontal flips")
     p.add_argument("--config", type=Path, help="options from a YAML/JSON file (command-line options override it)")
     p.add_argument("--resume", type=Path, help="continue the run in this folder exactly where its checkpoint is")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and schedule, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="open everything the run needs (generator, data, LPIPS backbone, identity weights, encoder "
+                   "initialisation), print the resolved configuration and the schedule for the generator's number of "
+                   "codes, then exit")  # fmt: skip
     add_device_arg(p)
     p.set_defaults(func=cmd_train_encoder, device=None)
 
@@ -95,10 +98,12 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
         data = options_from(args, required=("generator", "data"))
         cfg = load_train_config(data)
     if args.dry_run:
-        from ..training.schedule import get_schedule
+        from ..training.preflight import check_encoder_run
 
+        pre = check_encoder_run(cfg)  # opens what the run needs: a missing file fails here, not at step one
         print(json.dumps(to_dict(cfg), indent=2))
-        print(get_schedule(cfg.preset, cfg.schedule_file, cfg.total_steps).format_table())
+        print(pre.schedule.format_table(pre.num_ws))
+        print(pre.format())
         return 0
     check_output_folder(args.resume if args.resume is not None else cfg.out, "--resume" if args.resume else "--out")
     trainer = EncoderTrainer(cfg, resume=args.resume)

@@ -1,0 +1,82 @@
+"""``train-encoder --dry-run``: open everything a training run will need, before any step, and say what was found.
+
+A configuration that names a missing LPIPS backbone, identity weights, an unreadable generator or data set, or a
+schedule that does not fit the generator would otherwise fail at the first step (or at the first validation); here
+each is opened as the run would open it (on the CPU), and the schedule is laid out for the generator's own number of
+codes. Any problem is the one-line error the run itself would give.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CycleEncodingError
+from .encoder_trainer import EncoderTrainConfig
+from .schedule import Schedule, get_schedule
+
+
+@dataclass
+class Preflight:
+    """What ``check_encoder_run`` opened: the schedule (laid out for ``num_ws``) and one line per thing checked."""
+
+    schedule: Schedule
+    num_ws: int
+    checked: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        return "\n".join(
+            ["checked (everything the run opens before its first step):", *[f"  {c}" for c in self.checked]]
+        )
+
+
+def check_encoder_run(cfg: EncoderTrainConfig) -> Preflight:
+    """Open the generator, the data, the loss networks, the encoder initialisation and the schedule as
+    ``EncoderTrainer`` will; raises the run's own one-line error for the first that fails."""
+    from ..checkpoints import load_generator
+    from ..data.datasets import open_dataset
+
+    G = load_generator(cfg.generator, device="cpu")
+    checked = [
+        f"generator {cfg.generator}: {G.resolution}x{G.resolution}x{G.img_channels}, {G.num_ws} codes of {G.w_dim}"
+    ]
+    schedule = get_schedule(cfg.preset, cfg.schedule_file, cfg.total_steps)
+    schedule.table(G.num_ws)  # a schedule naming stages the generator does not have fails here
+    checked.append(f"schedule {schedule.name!r}: {schedule.total_steps} steps, stages laid out for {G.num_ws} codes")
+    size = cfg.image_size or min(G.resolution, 256)
+    data = open_dataset(cfg.data, size, G.img_channels, "train")
+    if len(data) < cfg.batch_size:
+        raise CycleEncodingError(f"{cfg.data}: {len(data)} image(s), fewer than the batch size {cfg.batch_size}")
+    checked.append(f"data {cfg.data}: {len(data)} images at {size}x{size}")
+    if cfg.val_data:
+        val: Any = open_dataset(cfg.val_data, size, G.img_channels, "test")
+        checked.append(f"validation data {cfg.val_data}: {len(val)} images")
+    elif cfg.val_count >= len(data):
+        raise CycleEncodingError(f"cannot hold out {cfg.val_count} of {len(data)} images for validation: too few")
+    if cfg.perceptual_lambda > 0 and cfg.perceptual != "none":
+        from ..losses.perceptual import build_perceptual
+
+        net = build_perceptual(cfg.perceptual, "cpu", cfg.lpips_backbone)
+        checked.append(f"perceptual {getattr(net, 'name', cfg.perceptual)}"
+                       + (f" (backbone {cfg.lpips_backbone})" if cfg.lpips_backbone else ""))  # fmt: skip
+    else:
+        checked.append("perceptual: none")
+    if cfg.identity_lambda > 0 and cfg.identity != "none":
+        from ..losses.identity import build_identity
+
+        net = build_identity(cfg.identity, "cpu", cfg.identity_weights)
+        checked.append(f"identity {getattr(net, 'name', cfg.identity)}"
+                       + (f" (weights {cfg.identity_weights})" if cfg.identity_weights else ""))  # fmt: skip
+    else:
+        checked.append("identity: none")
+    if cfg.encoder_init:
+        from ..networks.encoder import Encoder4Editing, EncoderConfig
+        from .encoder_trainer import init_encoder_weights
+
+        arch = cfg.encoder
+        ec = EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim, input_size=arch.input_size or size,
+                           in_channels=G.img_channels, widths=arch.widths, units=arch.units, mode=arch.mode,
+                           max_stage=0 if arch.w_only else None)  # fmt: skip
+        E = Encoder4Editing(ec)
+        checked.append(f"encoder initialisation: {init_encoder_weights(E, cfg.encoder_init)}")
+    return Preflight(schedule, G.num_ws, checked)
