@@ -274,3 +274,24 @@ def test_info_brief_is_one_line(run, capsys):
     assert main(["info", "--brief", str(run / "g.safetensors")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "16x16x3" in out[0] and "6 codes of 32" in out[0]
+
+
+def test_evaluate_a_run_folder_against_its_inputs(run, tmp_path, capsys):
+    assert main(["evaluate", "--pred", str(run / "run"), "--stage", "tune", "--json", str(tmp_path / "m.json")]) == 0
+    rep = json.loads((tmp_path / "m.json").read_text())
+    assert rep["pairs"] == 2 and "stage tune" in rep["pred_dir"]
+    for rec in rep["images"]:
+        d = run / "run" / "images" / rec["name"]
+        # MSE of the two PNGs as [-1, 1] images, computed here with numpy
+        a, b = (np.asarray(Image.open(d / f), dtype=np.float64) / 127.5 - 1 for f in ("recon_tune.png", "target.png"))
+        assert rec["mse"] == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-5)
+    # the encoder stage is worse than the tuned one on these images; a stage the run lacks is refused
+    assert main(["evaluate", "--pred", str(run / "run"), "--stage", "encoder", "--json", str(tmp_path / "e.json")]) == 0
+    enc = json.loads((tmp_path / "e.json").read_text())["summary"]["mse"]["mean"]
+    assert enc > rep["summary"]["mse"]["mean"]
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(run / "run"), "--stage", "refine"]) == 2
+    assert "no stage 'refine' (its stages: encoder, tune)" in capsys.readouterr().err
+    # the original images as --target: paired by name
+    assert main(["evaluate", "--pred", str(run / "run"), "--target", str(run / "targets"), "--quiet"]) == 0
+    assert "paired 2 image(s)" in capsys.readouterr().out

@@ -19,7 +19,7 @@ Definitions (all per image, then averaged over the images):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -229,6 +229,17 @@ def pair_folders(pred_dir: str | Path, target_dir: str | Path) -> FolderPairing:
     return pairing
 
 
+def pair_files(pred: Mapping[str, Path], target: Mapping[str, Path] | str | Path) -> FolderPairing:
+    """Pair named prediction files (e.g. an inversion run's reconstructions, by image name) with named target files
+    or with a folder's image files by file name without extension."""
+    pairing = FolderPairing()
+    tgt = dict(target) if isinstance(target, Mapping) else _by_stem(Path(target), "target", pairing)
+    pairing.pairs = [(s, pred[s], tgt[s]) for s in sorted(pred) if s in tgt]
+    pairing.pred_only = [s for s in sorted(pred) if s not in tgt]
+    pairing.target_only = [tgt[s].name for s in sorted(tgt) if s not in pred]
+    return pairing
+
+
 def _prepare(
     pred: torch.Tensor, target: torch.Tensor, size: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -262,8 +273,10 @@ def evaluate_folders(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
+    pairing: FolderPairing | None = None,
 ) -> dict[str, Any]:
-    """Pair ``pred_dir`` and ``target_dir`` by file name and measure every pair.
+    """Pair ``pred_dir`` and ``target_dir`` by file name and measure every pair (``pairing``: pairs made by the
+    caller, e.g. ``pair_files`` over a run's reconstructions; the two names then only label the report).
 
     Returns a JSON-ready dict: ``images`` (one record per pair: name, files, size, each metric, notes), ``summary``
     (mean, sample std and count per metric), ``networks`` (the perceptual and identity networks' names),
@@ -275,7 +288,8 @@ def evaluate_folders(
     from .data.images import read_image
 
     dev = torch.device(device) if not isinstance(device, torch.device) else device
-    pairing = pair_folders(pred_dir, target_dir)
+    if pairing is None:
+        pairing = pair_folders(pred_dir, target_dir)
     metrics = ["mse", "psnr", "ssim", "ms_ssim"]
     if perceptual is not None:
         metrics.append("perceptual")

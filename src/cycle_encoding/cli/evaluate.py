@@ -19,13 +19,20 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         parents=[common],
         help="MSE, PSNR, SSIM, MS-SSIM, perceptual distance and identity similarity between two image folders",
         description="Pairs the images of --pred and --target by file name (without extension) and reports each "
-        "metric per image and as mean +- std. Unmatched and unreadable files are listed, not fatal (unreadable ones make "
-        "the exit status 3). "
+        "metric per image and as mean +- std. --pred may be an inversion run folder (cycle-encoding invert): its "
+        "reconstructions after --stage are measured against the targets it inverted (or against --target's files of "
+        "the same names). Unmatched and unreadable files are listed, not fatal (unreadable ones make the exit "
+        "status 3). "
         "The perceptual distance is LPIPS only with an ImageNet backbone file (--lpips-backbone); "
         "otherwise name another one with --perceptual (e.g. dlib-face for faces).",
     )
-    p.add_argument("--pred", required=True, type=Path, help="folder of reconstructed / predicted images")
-    p.add_argument("--target", required=True, type=Path, help="folder of the original images")
+    p.add_argument("--pred", required=True, type=Path,
+                   help="folder of reconstructed / predicted images, or an inversion run folder (RUN_DIR)")  # fmt: skip
+    p.add_argument("--target", type=Path, default=None,
+                   help="folder of the original images (default with a run: the targets the run inverted)")  # fmt: skip
+    p.add_argument("--stage", default=None,
+                   help="with a run folder: whose reconstructions to measure, e.g. encoder, refine, tune (default: "
+                   "tune when the run tuned, else its last stage)")  # fmt: skip
     p.add_argument("--lpips-backbone", type=Path, default=None,
                    help="torchvision AlexNet/VGG16 ImageNet state dict (e.g. alexnet-owt-7be5be79.pth); "
                         "implies --perceptual lpips-alex unless another is named")  # fmt: skip
@@ -112,10 +119,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CycleEncodingError("--identity-weights given without --identity (arcface, moco, ...)")
     identity = build_identity(args.identity, device, args.identity_weights) if args.identity else None
 
+    pairing = None
+    pred_label, target_label = args.pred, args.target
+    if (args.pred / "config.json").is_file():  # an inversion run folder
+        from ..editing.render import InversionRun
+        from ..metrics import pair_files
+
+        run = InversionRun(args.pred)
+        stage, recons, targets = run.stage_files(args.stage)
+        if not recons:
+            raise CycleEncodingError(f"{args.pred}: no finished image has a reconstruction after stage {stage!r}")
+        pairing = pair_files(recons, targets if args.target is None else args.target)
+        pred_label = f"{args.pred} (stage {stage})"
+        target_label = args.target or f"{args.pred} (the targets inverted)"
+    elif args.stage is not None:
+        raise CycleEncodingError(f"--stage is for an inversion run folder; {args.pred} is not one (no config.json)")
+    elif args.target is None:
+        raise CycleEncodingError("--target is required (a folder of the original images) unless --pred is a run folder")
     with tqdm(desc="evaluate", unit="pair", leave=False) as bar:
         rep = evaluate_folders(
-            args.pred, args.target, perceptual, identity, size=args.size, batch_size=max(1, args.batch_size),
-            device=device, progress=bar.update,
+            pred_label, target_label, perceptual, identity, size=args.size, batch_size=max(1, args.batch_size),
+            device=device, progress=bar.update, pairing=pairing,
         )  # fmt: skip
     print("\n".join(report_text(rep, per_image=not args.quiet)))
     if args.json is not None:

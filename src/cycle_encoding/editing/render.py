@@ -307,6 +307,24 @@ class InversionRun:
         G = load_generator_delta(image.delta_path, base)
         return G.to(base.w_avg.device).eval(), "tuned"
 
+    def stage_files(self, stage: str | None = None) -> tuple[str, dict[str, Path], dict[str, Path]]:
+        """(the stage, each finished image's reconstruction after it, each one's target as inverted), by image name.
+        ``stage`` None: ``tune`` when the run tuned, else its last stage."""
+        stages = self.stages
+        if stage is None:
+            stage = "tune" if "tune" in stages else (stages[-1] if stages else "tune")
+        if stages and stage not in stages:
+            raise CycleEncodingError(f"{self.dir}: the run has no stage {stage!r} (its stages: {', '.join(stages)})")
+        recons: dict[str, Path] = {}
+        targets: dict[str, Path] = {}
+        for name in self.image_names():
+            folder = self.dir / "images" / name
+            if (folder / f"recon_{stage}.png").is_file():
+                recons[name] = folder / f"recon_{stage}.png"
+            if (folder / "target.png").is_file():
+                targets[name] = folder / "target.png"
+        return stage, recons, targets
+
     def edit_folders(self) -> list[Path]:
         root = self.dir / EDITS_DIR
         if not root.is_dir():
