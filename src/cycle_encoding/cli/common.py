@@ -10,6 +10,14 @@ from pathlib import Path
 from typing import Any
 
 
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    from ..progress import PROGRESS_MODES
+
+    p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                   help="auto (default): bars with totals and time left on a terminal, one line per finished unit of "
+                   "work otherwise (a log stays free of redrawn bars); bar; lines; none")  # fmt: skip
+
+
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
 

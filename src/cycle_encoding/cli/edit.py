@@ -7,7 +7,7 @@ import argparse
 import re
 from pathlib import Path
 
-from .common import add_device_arg, check_output_folder
+from .common import add_device_arg, add_progress_arg, check_output_folder
 
 EXIT_SOME_FAILED = 3  # as `invert`: the other images were edited
 
@@ -67,8 +67,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--preservation-weights", default=None, help="weights file of the preservation network")
     p.add_argument("--allow-base-generator", action="store_true",
                    help="when the run tuned but did not store its generators, edit with the base generator")  # fmt: skip
-    p.add_argument("--quiet", action="store_true", help="no line per image")
+    p.add_argument("--quiet", action="store_true", help="no line per image (the summary only)")
     add_device_arg(p)
+    add_progress_arg(p)
     p.set_defaults(func=cmd_edit)
 
 
@@ -96,7 +97,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         run, request, generator=base, device=dev, encoder=encoder, scorer=scorer,
         scorer_name=scorer_name(scorer, args.attribute) if scorer else None, preservation=pres,
         allow_base=args.allow_base_generator, out_dir=args.out, log=(lambda s: None) if args.quiet else None,
-        images=images,
+        images=images, progress="none" if args.quiet else args.progress,
     )  # fmt: skip
     out = args.out or run.dir / "edits" / doc["tag"]
     tuned = sum(1 for r in doc["images"] if r["generator"] == "tuned")

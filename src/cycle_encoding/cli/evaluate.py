@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, check_output_file
+from .common import add_device_arg, add_progress_arg, check_output_file
 
 EXIT_SOME_UNREADABLE = 3  # as `invert` when some images failed: all the others were measured
 
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full report as JSON")
     p.add_argument("--quiet", action="store_true", help="print the summary only, not the per-image table")
     add_device_arg(p)
+    add_progress_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -100,12 +101,11 @@ def report_text(rep: dict[str, Any], per_image: bool = True) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..checkpoints.common import atomic_write
     from ..errors import CycleEncodingError
     from ..losses import build_identity, build_perceptual
-    from ..metrics import evaluate_folders, jsonable
+    from ..metrics import evaluate_folders, jsonable, pair_folders
+    from ..progress import Progress
     from ..utils import resolve_device
 
     if args.json is not None:
@@ -136,7 +136,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CycleEncodingError(f"--stage is for an inversion run folder; {args.pred} is not one (no config.json)")
     elif args.target is None:
         raise CycleEncodingError("--target is required (a folder of the original images) unless --pred is a run folder")
-    with tqdm(desc="evaluate", unit="pair", leave=False) as bar:
+    else:
+        pairing = pair_folders(args.pred, args.target)
+    with Progress(len(pairing.pairs), "evaluate", "pair", args.progress) as bar:
         rep = evaluate_folders(
             pred_label, target_label, perceptual, identity, size=args.size, batch_size=max(1, args.batch_size),
             device=device, progress=bar.update, pairing=pairing,

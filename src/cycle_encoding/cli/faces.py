@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..errors import CycleEncodingError
-from .common import check_output_folder
+from .common import add_progress_arg, check_output_folder
 
 
 def _upsample(value: str) -> str | int:
@@ -50,11 +47,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="times the face detector doubles the image first to find small faces: auto (1 for images up "
                         "to 1200 px, else 0), 0, 1, 2 (default auto)")  # fmt: skip
     p.add_argument("--supersample", type=int, default=4, help="render the quad at this many times --size (FFHQ: 4)")
+    add_progress_arg(p)
     p.set_defaults(func=cmd_align)
 
 
 def cmd_align(args: argparse.Namespace) -> int:
     from ..data.align import LandmarkDetector, align_files, list_images
+    from ..progress import Progress
 
     if args.generator is not None:
         from ..checkpoints.generator import load_generator
@@ -81,13 +80,13 @@ def cmd_align(args: argparse.Namespace) -> int:
         raise CycleEncodingError(f"{args.input}: no image files (.jpg, .png, ...) in this folder")
     detector = LandmarkDetector(args.predictor, upsample=args.upsample)
 
-    bar = tqdm(total=len(files), desc="align", unit="img", disable=len(files) < 2)
+    bar = Progress(len(files), "align", "img", args.progress if len(files) > 1 else "none")
 
     def event(kind: str, path: Path, detail: object) -> None:
         if kind == "no_face":
-            tqdm.write(f"no face found: {path}", file=sys.stderr)
+            bar.say(f"no face found: {path}")
         elif kind == "failed":
-            tqdm.write(f"skipped: {detail}", file=sys.stderr)
+            bar.say(f"skipped: {detail}")
         bar.update(1)
 
     rep = align_files(

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tqdm import tqdm
-
-from .common import add_device_arg, check_output_file, check_output_folder, print_json, text_lines
+from .common import add_device_arg, add_progress_arg, check_output_file, check_output_folder, print_json, text_lines
 
 MAX_SEEDS = 1_000_000  # images one `generate` writes at most
 
@@ -52,6 +50,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--out", "-o", required=True, type=Path, help="output folder")
     p.add_argument("--batch-size", type=int, default=8)
     add_device_arg(p)
+    add_progress_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -105,6 +104,7 @@ def brief_line(info: dict) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..errors import CycleEncodingError
     from ..inversion.delta import open_generator
+    from ..progress import Progress
     from ..sampling import MAX_SEED, render_seeds
     from ..utils import check_finite, make_grid, parse_int_list, save_image
 
@@ -124,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_projected(G, args)
     args.out.mkdir(parents=True, exist_ok=True)
     all_images = []
-    with tqdm(total=len(seeds), desc="generate", unit="img") as bar:
+    with Progress(len(seeds), "generate", "img", args.progress) as bar:
         for chunk, images in render_seeds(G, seeds, args.truncation, args.noise, args.batch_size):
             for s, im in zip(chunk, images):
                 save_image(im, args.out / f"seed{s:04d}.png")
@@ -143,12 +143,13 @@ def _generate_projected(G, args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoints.latents import load_latents
+    from ..progress import Progress
     from ..utils import make_grid, save_image
 
     ws = load_latents(args.projected_w, G.num_ws, G.w_dim)
     args.out.mkdir(parents=True, exist_ok=True)
     images = []
-    with torch.no_grad(), tqdm(total=len(ws), desc="generate", unit="img") as bar:
+    with torch.no_grad(), Progress(len(ws), "generate", "img", args.progress) as bar:
         for i in range(0, len(ws), max(1, args.batch_size)):
             chunk = ws[i : i + max(1, args.batch_size)].to(G.w_avg.device)
             out = G.synthesis(chunk, noise_mode=args.noise).cpu()

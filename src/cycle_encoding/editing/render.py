@@ -53,6 +53,7 @@ from ..checkpoints.common import atomic_write
 from ..checkpoints.native import read_native
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.stylegan2 import Generator
+from ..progress import Progress
 from ..utils import save_image
 from .directions import DirectionSet, GanspaceMode, load_directions, named_edit_for
 from .measures import Preservation, direction_lec, lec_summary, preservation_summary, success_summary
@@ -489,10 +490,12 @@ def render_run_edits(
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     images: Sequence[str] | None = None,
+    progress: str | bool | None = None,
 ) -> dict[str, Any]:
     """Render ``request`` for every finished image of ``run`` (see the module doc) and return what ``edit.json``
     holds. ``encoder`` (an Encoder4Editing or a file; ``"run"`` for the run's own) turns on LEC; ``scorer`` (a
-    function images -> [B]) edit success; ``preservation`` the distance to the reconstruction.
+    function images -> [B]) edit success; ``preservation`` the distance to the reconstruction. ``log`` receives one
+    line per image (default: stderr); ``progress`` (auto, bar, lines, none; default none) a bar over the images.
 
     Everything is checked before anything is written; the edit is rendered into a temporary folder and swapped in
     at the end, so a failed edit leaves an earlier one of the same name as it was. An image whose folder cannot be
@@ -551,10 +554,13 @@ def render_run_edits(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    bar = Progress(len(names), f"edit {out.name}", "img", progress if progress is not None else "none")
+    if log is None:
+        say = bar.say  # lines above the bar, when one is drawn
     try:
         doc = _render_into(
             stage, run, names, request, ds, comp, strengths, layers, base, dev, E, encoder_name, offsets, scorer,
-            scorer_name, preservation, allow_base, say,
+            scorer_name, preservation, allow_base, say, bar,
         )  # fmt: skip
         if not doc["images"]:
             first = doc["failed"][0]
@@ -564,6 +570,7 @@ def render_run_edits(
             )
         _swap_in(stage, out, doc)
     finally:
+        bar.close()
         shutil.rmtree(stage, ignore_errors=True)
     return doc
 
@@ -600,6 +607,7 @@ def _render_into(
     preservation: Preservation | None,
     allow_base: bool,
     say: Callable[[str], None],
+    bar: Progress,
 ) -> dict[str, Any]:
     from ..grid import save_png, strip_image
 
@@ -678,6 +686,7 @@ def _render_into(
         per_image.append(rec)
         say(f"[{i + 1}/{len(names)}] {name}: {len(strengths)} edits with the {which} generator"
             + (f", LEC {' '.join(f'{v:.3f}' for v in rec['lec'])}" if "lec" in rec else ""))  # fmt: skip
+        bar.update(1)
         if G is not base:
             del G
 

@@ -1,0 +1,115 @@
+"""How long work shows its progress: ``--progress auto|bar|lines|none`` of every long command.
+
+- ``bar``: a tqdm bar per task with its total, rate and time left, redrawn in place (for a terminal);
+- ``lines``: no redrawn bars; the commands print one line per finished unit of work (per stage per image for
+  ``invert``, per image for ``edit``), and a task given ``heartbeat`` seconds prints how far it is at most that
+  often, so a log file holds lines, not carriage-return redraws;
+- ``none``: nothing but the results;
+- ``auto`` (the default): ``bar`` when the stream is a terminal, else ``lines``.
+
+``Progress`` is the one progress object the library's long loops take; it draws (or not) by its mode.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Literal, TextIO
+
+ProgressMode = Literal["auto", "bar", "lines", "none"]
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
+
+
+def resolve_progress(mode: str | bool | None, stream: TextIO | None = None) -> str:
+    """``bar``, ``lines`` or ``none`` for a mode (``True``/``False``/None: ``auto``/``none``/``auto``)."""
+    if mode is True or mode is None:
+        mode = "auto"
+    elif mode is False:
+        mode = "none"
+    if mode not in PROGRESS_MODES:
+        raise ValueError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {mode!r}")
+    if mode == "auto":
+        s = stream if stream is not None else sys.stderr
+        try:
+            return "bar" if s.isatty() else "lines"
+        except (AttributeError, ValueError):
+            return "lines"
+    return str(mode)
+
+
+class Progress:
+    """One task's progress over ``total`` units: a bar (mode ``bar``) or nothing drawn (``lines``, ``none``: the
+    caller prints its own result lines). ``say`` prints a line without breaking a bar that is drawn."""
+
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        unit: str = "it",
+        mode: str | bool | None = "auto",
+        stream: TextIO | None = None,
+        leave: bool = True,
+        heartbeat: float | None = None,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.mode = resolve_progress(mode, self.stream)
+        self.total, self.desc, self.unit = total, desc, unit
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self.bar: Any = None
+        self.heartbeat = heartbeat if self.mode == "lines" else None
+        self._last_line = self.t0
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, file=self.stream, dynamic_ncols=True)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        self.done += n
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in postfix.items()},
+                                     refresh=False)  # fmt: skip
+            self.bar.update(n)
+        elif self.heartbeat is not None and time.perf_counter() - self._last_line >= self.heartbeat:
+            self._last_line = time.perf_counter()
+            self.say(self.status())
+
+    def status(self) -> str:
+        """``desc: done/total unit, M:SS elapsed, about M:SS left``."""
+        el = self.seconds
+        text = (
+            f"{self.desc}: {self.done}"
+            + (f"/{self.total}" if self.total else "")
+            + f" {self.unit}, {_mmss(el)} elapsed"
+        )
+        if self.total and 0 < self.done < self.total:
+            text += f", about {_mmss(el * (self.total - self.done) / self.done)} left"
+        return text
+
+    def say(self, line: str) -> None:
+        """A line of output on the progress stream (above the bar when one is drawn)."""
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _mmss(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
