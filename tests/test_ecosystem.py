@@ -295,3 +295,38 @@ def test_evaluate_a_run_folder_against_its_inputs(run, tmp_path, capsys):
     # the original images as --target: paired by name
     assert main(["evaluate", "--pred", str(run / "run"), "--target", str(run / "targets"), "--quiet"]) == 0
     assert "paired 2 image(s)" in capsys.readouterr().out
+
+
+# -- class edits measured on their classes -----------------------------------------------------------------------------
+
+
+def test_class_edit_measures_only_images_of_its_classes(run, tmp_path):
+    from cycle_encoding.editing import interfacegan_direction
+    from cycle_encoding.editing.measures import build_preservation
+    from cycle_encoding.editing.render import EditRequest, render_run_edits
+
+    names = sorted(p.name for p in (run / "run" / "images").iterdir())
+    # a stand-in "classifier": images brighter than the darker of the two reconstructions are "of the classes"
+    means = {n: float(ce.from_pil(Image.open(run / "run" / "images" / n / "recon_tune.png")).clamp(-1, 1).mean())
+             for n in names}  # fmt: skip
+    thr = min(means.values()) + 1e-3
+    member = [n for n in names if means[n] > thr]
+    assert len(member) == 1
+
+    def members(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x.mean((1, 2, 3)) > thr, torch.ones(len(x)), torch.full((len(x),), float("nan")))
+
+    d = interfacegan_direction(torch.randn(32, generator=torch.Generator().manual_seed(3)))
+    doc = render_run_edits(run / "run", EditRequest(d, 0, (-1.0, 0.0, 1.0), tag="cls"), device="cpu",
+                           preservation=build_preservation("mse", "cpu"), out_dir=tmp_path / "cls",
+                           log=lambda s: None, members=members, members_info={"classes": ["A", "B"]})  # fmt: skip
+    assert doc["measured_on"] == {
+        "classes": ["A", "B"],
+        "images": member,
+        "left_out": [n for n in names if n not in member],
+    }
+    per = {r["name"]: r["preservation"] for r in doc["images"]}
+    assert set(per) == set(names)  # every image keeps its own values
+    summary = [r["value"]["mean"] for r in doc["measures"]["preservation"]["per_strength"]]
+    assert summary == pytest.approx(per[member[0]])  # the summary is over the member image only
+    assert (tmp_path / "cls" / f"{names[0]}_sweep.gif").is_file()

@@ -129,7 +129,7 @@ def test_the_metrics_table_matches_the_runs_json(reported):
     assert nets["perceptual"] == "stand-in perceptual"
     assert "tune" in {r[0][2] for r in page.tables["timings"]}
     text = (run / "report.html").read_text()
-    assert "<h2>How the run was made</h2>" in text and "Losses per step" in text
+    assert '<h2 id="how">How the run was made</h2>' in text and "Losses per step" in text
 
 
 def test_edit_sections_and_measures(reported):
@@ -140,10 +140,10 @@ def test_edit_sections_and_measures(reported):
     lec = re.search(r'<tr data-measure="lec">(.*?)</tr>', text).group(1)
     means = [float(m) for m in re.findall(r'data-mean="([^"]+)"', lec)]
     assert means == [r["lec"]["mean"] for r in doc["measures"]["lec"]["per_strength"]]
-    # images per image section: input + 3 reconstructions + 3 + 3 edits
+    # images per image section: the before/after compare (2), input + 3 reconstructions + 3 + 3 edits
     page = parse(run / "report.html")
     per_image = [i for i in page.imgs if "im0:" in i.get("alt", "")]
-    assert len(per_image) == 1 + 3 + 3 + 3
+    assert len(per_image) == 2 + 1 + 3 + 3 + 3
 
 
 def test_the_page_is_self_contained(reported):
@@ -219,3 +219,76 @@ def test_every_image_loads_in_a_headless_browser(reported, tmp_path):
     bad = run / "broken.html"
     bad.write_text('<!DOCTYPE html><html><body><img src="nothere.png" alt="x"></body></html>')
     assert chromium_image_check(bad, tmp_path) == ["broken:x"]
+
+
+def test_summaries_and_contents_come_first_and_the_per_image_table_sorts(reported):
+    run = reported["run"]
+    text = (run / "report.html").read_text()
+    toc, metrics, per_image, images = (text.index(s) for s in ('<nav class="toc">', 'id="metrics"', 'id="per-image"',
+                                                               'class="image"'))  # fmt: skip
+    assert toc < metrics < per_image < images
+    for anchor in re.findall(r'<nav class="toc"><ol>(.*?)</ol></nav>', text)[0].split("</li>"):
+        m = re.search(r'href="#([^"]+)"', anchor)
+        assert m is None or f'id="{m.group(1)}"' in text  # every contents entry leads somewhere
+    # sorting without a script: a radio button per column and direction, a CSS rule ordering rows by a variable
+    assert parse(run / "report.html").scripts == 0
+    rows = re.findall(r'<tr style="([^"]+)" data-image="([^"]+)">(.*?)</tr>', text)
+    results = {p.parent.name: json.loads(p.read_text()) for p in (run / "images").glob("*/result.json")}
+    assert sorted(r[1] for r in rows) == sorted(results)
+    header = re.search(r'id="per-image".*?<thead><tr>(.*?)</tr></thead>', text).group(1)
+    titles = [re.sub(r"<.*?>|[▲▼]", "", h).strip() for h in header.split("</th>") if h]
+    j = titles.index("tune MSE ↓")
+    assert f"#sort-{j}a:checked~table.per-image tbody tr{{order:var(--{j}a)}}" in text
+    for d, reverse in (("a", False), ("d", True)):
+        pos = {name: int(re.search(rf"--{j}{d}:(\d+)", style).group(1)) for style, name, _ in rows}
+        by_order = sorted(pos, key=pos.get)
+        assert by_order == sorted(results, key=lambda n: results[n]["metrics"]["tune"]["mse"], reverse=reverse)
+
+
+def test_thumbnails_link_the_full_images_and_commands_paste_back(reported, tmp_path):
+    from cycle_encoding.report.html import _command, write_report
+
+    run = reported["run"]
+    small = write_report(run, run / "thumbs.html", png=False, plots=False, thumb=8)  # 16-px images, reduced to 8
+    page = parse(small.html)
+    text = small.html.read_text()
+    linked = re.findall(r'<a href="([^"]+)" title="the full image"><img src="data:image/(?:png|jpeg);base64,', text)
+    assert linked and all((run / f).is_file() for f in linked)
+    assert page.scripts == 0
+    assert _command({"argv": ["cycle-encoding", "edit", "my run", "--attribute", "Coat vs Pullover"]}) == (
+        "cycle-encoding edit 'my run' --attribute 'Coat vs Pullover'"
+    )
+
+
+def test_a_large_image_is_inlined_as_a_small_thumbnail(tmp_path):
+    from cycle_encoding.report.html import _Images
+
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    rgb = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2).astype(np.float64)
+    rgb += np.random.default_rng(0).normal(0, 12, rgb.shape)  # a photo's grain
+    Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB").save(tmp_path / "big.png")
+    tag = _Images(tmp_path / "page.html", inline=True).tag(tmp_path / "big.png", "big")
+    m = re.match(r'<a href="big.png" title="the full image"><img src="data:image/jpeg;base64,([^"]+)"', tag)
+    assert m, tag[:120]
+    import base64
+    import io
+
+    thumb = base64.b64decode(m.group(1))
+    with Image.open(io.BytesIO(thumb)) as t:
+        assert t.size == (256, 256)
+    assert len(thumb) < (tmp_path / "big.png").stat().st_size / 20
+
+
+def test_each_edit_has_a_gif_sweep(reported):
+    run = reported["run"]
+    doc = json.loads((run / "edits" / "smile" / "edit.json").read_text())
+    rec = doc["images"][0]
+    with Image.open(run / "edits" / "smile" / rec["gif"]) as g:
+        assert g.format == "GIF" and g.n_frames == 4  # -2, 0, +2, 0 (and around again)
+        g.seek(0)
+        first = np.asarray(g.convert("L"))
+        assert min(g.size) >= 128
+    with Image.open(run / "edits" / "smile" / rec["files"][0]) as e:
+        low = np.asarray(e.convert("L").resize(first.shape[::-1], Image.Resampling.NEAREST))
+    assert np.abs(first.astype(int) - low.astype(int)).mean() < 8  # the first frame is the lowest strength
+    assert "sweep (GIF)" in (run / "report.html").read_text()

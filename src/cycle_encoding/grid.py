@@ -1,7 +1,7 @@
 """Labelled image grids as PNG: the edit strips and the report's overview grid.
 
 ``compose_grid(rows, col_labels, row_labels)`` lays images out in a table with a header row and a label column, on
-white, with every cell scaled to one size: small images are enlarged by a whole factor (nearest neighbour, so pixels
+white (column labels wrap onto more lines rather than being cut), with every cell scaled to one size: small images are enlarged by a whole factor (nearest neighbour, so pixels
 stay visible) up to ``min_cell``, large ones reduced (antialiased) to at most ``max_cell``. A missing image (None)
 leaves its cell grey. Text uses PIL's built-in font, so nothing is read from the system.
 """
@@ -64,6 +64,41 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> str:
     return text + "…"
 
 
+def _pieces(draw: ImageDraw.ImageDraw, word: str, font: object, width: int) -> list[str]:
+    """A word too wide for ``width`` split after its hyphens, else between characters."""
+    if _text_size(draw, word, font)[0] <= width:
+        return [word]
+    parts = [p + "-" for p in word.split("-")[:-1]] + [word.split("-")[-1]]
+    parts = [p for p in parts if p]
+    out: list[str] = []
+    for part in parts:
+        while part:
+            n = len(part)
+            while n > 1 and _text_size(draw, part[:n], font)[0] > width:
+                n -= 1
+            out.append(part[:n])
+            part = part[n:]
+    merged: list[str] = []  # join pieces back while they fit ("ankle-boot-" on one line)
+    for piece in out:
+        if merged and _text_size(draw, merged[-1] + piece, font)[0] <= width:
+            merged[-1] += piece
+        else:
+            merged.append(piece)
+    return merged
+
+
+def wrap_label(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> list[str]:
+    """``text`` on as many lines of at most ``width`` pixels as it needs: nothing is cut off."""
+    lines: list[str] = []
+    for word in str(text).split():
+        for piece in _pieces(draw, word, font, width):
+            if lines and _text_size(draw, f"{lines[-1]} {piece}", font)[0] <= width and not lines[-1].endswith("-"):
+                lines[-1] = f"{lines[-1]} {piece}"
+            else:
+                lines.append(piece)
+    return lines or [""]
+
+
 def compose_grid(
     rows: Sequence[Sequence[object]],
     col_labels: Sequence[str] | None = None,
@@ -82,7 +117,8 @@ def compose_grid(
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = _text_size(probe, "Ag-0.5", font)[1] + 4
-    head_h = line_h + pad if col_labels else 0
+    wrapped = [wrap_label(probe, str(t), font, cell) for t in (col_labels or [])[:ncols]]
+    head_h = max((len(w) for w in wrapped), default=1) * line_h + pad if col_labels else 0
     label_w = 0
     if row_labels:
         label_w = min(200, max(_text_size(probe, s, font)[0] for s in row_labels) + 2 * pad)
@@ -90,12 +126,11 @@ def compose_grid(
     height = head_h + pad + len(pils) * (cell + pad)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    if col_labels:
-        for j, s in enumerate(col_labels[:ncols]):
-            s = _fit(draw, str(s), font, cell)
+    for j, lines in enumerate(wrapped):  # column labels wrap instead of being cut ("ankle-boot-sneaker +6")
+        for k, s in enumerate(lines):
             w = _text_size(draw, s, font)[0]
             x = label_w + pad + j * (cell + pad) + (cell - w) // 2
-            draw.text((x, pad // 2), s, fill=(0, 0, 0), font=font)
+            draw.text((x, pad // 2 + k * line_h), s, fill=(0, 0, 0), font=font)
     for i, row in enumerate(pils):
         y = head_h + pad + i * (cell + pad)
         if row_labels and i < len(row_labels):

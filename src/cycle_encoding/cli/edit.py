@@ -65,6 +65,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="distance to the reconstruction: mse, lpips-alex / lpips-vgg (need --preservation-weights), "
                         "dlib-face, or identity:NAME (identity:arcface, identity:dlib-face)")  # fmt: skip
     p.add_argument("--preservation-weights", default=None, help="weights file of the preservation network")
+    p.add_argument("--all-images", action="store_true",
+                   help="with a class edit ('A vs B'): measure on every image, not only on the images the "
+                   "classifier puts in class A or B")  # fmt: skip
+    p.add_argument("--no-gif", action="store_true", help="do not write each image's sweep as a GIF")
     p.add_argument("--allow-base-generator", action="store_true",
                    help="when the run tuned but did not store its generators, edit with the base generator")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no line per image (the summary only)")
@@ -74,7 +78,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from ..editing.classifier import as_scorer, scorer_name
+    from ..editing.classifier import as_scorer, parse_pair, scorer_name
     from ..editing.directions import parse_layers, parse_strengths
     from ..editing.measures import build_preservation
     from ..editing.render import InversionRun, named_directions, plan_edit, render_run_edits
@@ -93,11 +97,17 @@ def cmd_edit(args: argparse.Namespace) -> int:
     scorer = as_scorer(args.classifier, args.attribute, dev) if args.classifier else None
     pres = build_preservation(args.preservation, dev, args.preservation_weights) if args.preservation else None
     images = [s.strip() for s in args.images.split(",") if s.strip()] if args.images else None
+    members = members_info = None
+    pair = parse_pair(args.attribute) if args.classifier else None
+    if pair is not None and not args.all_images:  # a class edit is measured on images of its two classes
+        members = as_scorer(args.classifier, args.attribute, dev, labels=True)
+        members_info = {"classes": list(pair), "classifier": str(args.classifier)}
     doc = render_run_edits(
         run, request, generator=base, device=dev, encoder=encoder, scorer=scorer,
         scorer_name=scorer_name(scorer, args.attribute) if scorer else None, preservation=pres,
         allow_base=args.allow_base_generator, out_dir=args.out, log=(lambda s: None) if args.quiet else None,
-        images=images, progress="none" if args.quiet else args.progress,
+        images=images, progress="none" if args.quiet else args.progress, members=members,
+        members_info=members_info, gif=not args.no_gif,
     )  # fmt: skip
     out = args.out or run.dir / "edits" / doc["tag"]
     tuned = sum(1 for r in doc["images"] if r["generator"] == "tuned")
@@ -119,6 +129,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
         p = ms["preservation"]
         vals = ", ".join(f"{a:+g}: {r['value']['mean']:.4f}" for a, r in zip(strengths, p["per_strength"]))
         lines.append(f"  preservation ({p['measure']}, {p['kind']}) {vals}")
+    if "measured_on" in doc:
+        m = doc["measured_on"]
+        lines.append(f"  measured on {len(m['images'])} image(s) of classes {' / '.join(m['classes'])}; "
+                     f"{len(m['left_out'])} of other classes left out")  # fmt: skip
     for f in doc.get("failed", []):
         lines.append(f"  failed: {f['name']}: {f['reason']}")
     lines.append(f"details: {Path(out) / 'edit.json'}")

@@ -15,6 +15,7 @@ the reconstruction bit for bit, which is checked against the hash the run stored
     RUN_DIR/edits/TAG/
         NAME/NN_sSTRENGTH.png     each edit (NN: the strength's position)
         NAME_strip.png           the input, then the edits in the order of the strengths, labelled
+        NAME_sweep.gif           the edits as an animation, from the lowest strength to the highest and back
         edit.json                the direction, strengths, layers, the generator used per image, the measures asked
                                  for (LEC, edit success, preservation) per image and per strength, timings
 
@@ -27,7 +28,9 @@ Strength 0 is compared with the run's reconstruction bit for bit when rendered o
 count (recorded per image as ``threads``); with another thread count (the order of a CPU's sums changes with it, and
 with it the last bits of the floats), within RECON_TOLERANCE_LEVELS of 255 of the saved ``recon_STAGE.png``.
 ``edit.json`` says which check was made (``reconstruction_check``). Every file read from the run folder must lie
-inside it (no symbolic link out of it).
+inside it (no symbolic link out of it). With ``members`` (for a class edit "A vs B": the images whose
+reconstruction the classifier puts in class A or B) the summaries are over those images only; every image's own
+values are kept.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -423,11 +427,11 @@ def remove_previous_edit(folder: Path) -> None:
         return
     root = folder.resolve()
     for rec in doc.get("images", []):
-        for rel in [*rec.get("files", []), rec.get("strip")]:
+        for rel in [*rec.get("files", []), rec.get("strip"), rec.get("gif")]:
             if not rel:
                 continue
             p = (folder / rel).resolve()
-            if root in p.parents and p.suffix == ".png":
+            if root in p.parents and p.suffix in (".png", ".gif"):
                 p.unlink(missing_ok=True)
     doc_path.unlink(missing_ok=True)
 
@@ -477,6 +481,26 @@ def matches_reconstruction(im: RunImage, y: torch.Tensor, device: torch.device) 
     return diff <= RECON_TOLERANCE_LEVELS, how
 
 
+def save_sweep_gif(
+    rendered: Sequence[torch.Tensor], strengths: Sequence[float], path: Path, min_side: int = 128, ms: int = 250
+) -> Path:
+    """The edits of one image as a looping GIF (Pillow): lowest strength to highest and back, each frame enlarged by a
+    whole factor (nearest neighbour) to at least ``min_side`` pixels."""
+    from PIL import Image
+
+    from ..utils import to_pil
+
+    order = sorted(range(len(strengths)), key=lambda j: strengths[j])
+    order = order + order[-2:0:-1]  # ping-pong without repeating the ends
+    frames = []
+    for j in order:
+        im = to_pil(rendered[j][0].clamp(-1, 1)).convert("RGB")
+        k = max(1, -(-min_side // max(im.size)))
+        frames.append(im.resize((im.width * k, im.height * k), Image.Resampling.NEAREST) if k > 1 else im)
+    return atomic_write(path, lambda t: frames[0].save(t, format="GIF", save_all=True, append_images=frames[1:],
+                                                        duration=ms, loop=0))  # fmt: skip
+
+
 def render_run_edits(
     run: InversionRun | str | Path,
     request: EditRequest,
@@ -491,12 +515,17 @@ def render_run_edits(
     log: Callable[[str], None] | None = None,
     images: Sequence[str] | None = None,
     progress: str | bool | None = None,
+    members: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    members_info: dict[str, Any] | None = None,
+    gif: bool = True,
 ) -> dict[str, Any]:
     """Render ``request`` for every finished image of ``run`` (see the module doc) and return what ``edit.json``
     holds. ``encoder`` (an Encoder4Editing or a file; ``"run"`` for the run's own) turns on LEC; ``scorer`` (a
     function images -> [B]) edit success; ``preservation`` the distance to the reconstruction. ``log`` receives one
     line per image (default: stderr); ``progress`` (auto, bar, lines, none; default none) a bar over the images.
 
+    ``members`` (images -> [B], NaN for an image to leave out) picks the images the summaries are over, described
+    by ``members_info`` (e.g. the classes); ``gif`` writes each image's sweep as a GIF.
     Everything is checked before anything is written; the edit is rendered into a temporary folder and swapped in
     at the end, so a failed edit leaves an earlier one of the same name as it was. An image whose folder cannot be
     read is listed in ``failed`` (name and reason) and the others go on; when none can be edited, nothing is
@@ -560,7 +589,7 @@ def render_run_edits(
     try:
         doc = _render_into(
             stage, run, names, request, ds, comp, strengths, layers, base, dev, E, encoder_name, offsets, scorer,
-            scorer_name, preservation, allow_base, say, bar,
+            scorer_name, preservation, allow_base, say, bar, members, members_info, gif,
         )  # fmt: skip
         if not doc["images"]:
             first = doc["failed"][0]
@@ -581,7 +610,7 @@ def _swap_in(stage: Path, out: Path, doc: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     remove_previous_edit(out)
     for rec in doc["images"]:
-        for rel in [*rec["files"], rec["strip"]]:
+        for rel in [*rec["files"], rec["strip"], *([rec["gif"]] if rec.get("gif") else [])]:
             dst = out / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / rel, dst)
@@ -608,6 +637,9 @@ def _render_into(
     allow_base: bool,
     say: Callable[[str], None],
     bar: Progress,
+    members: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    members_info: dict[str, Any] | None = None,
+    gif: bool = True,
 ) -> dict[str, Any]:
     from ..grid import save_png, strip_image
 
@@ -616,6 +648,8 @@ def _render_into(
     lec_rows: list[list[float]] = []
     change_rows: list[torch.Tensor] = []
     pres_rows: list[list[float]] = []
+    measured: list[str] = []
+    left_out: list[str] = []
     t_all = time.perf_counter()
     for i, name in enumerate(names):
         try:
@@ -655,9 +689,16 @@ def _render_into(
         strip_path = out / f"{name}_strip.png"
         save_png(strip, strip_path)
         rec["strip"] = str(strip_path.relative_to(out))
+        if gif:
+            rec["gif"] = str(save_sweep_gif(rendered, strengths, out / f"{name}_sweep.gif").relative_to(out))
         # classifier and preservation see the images as saved (clamped to [-1, 1]); LEC re-encodes the raw rendering
         edited = torch.stack([r[0] for r in rendered])[None].clamp(-1, 1)  # [1, S, C, H, W]
         recon_shown = recon.clamp(-1, 1)
+        member = True
+        if members is not None:
+            member = not bool(torch.isnan(members(recon_shown.to(dev))).any())
+            rec["measured"] = member
+            (measured if member else left_out).append(name)
         t0 = time.perf_counter()
         if E is not None:
             from ..inversion.pivot import encoder_pivot
@@ -671,17 +712,20 @@ def _render_into(
             vals = [float(direction_lec(ds, comp, a, pivot, encode, render, layers)[0]) if request.mode == "add"
                     else float("nan") for a in strengths]  # fmt: skip
             rec["lec"] = vals
-            lec_rows.append(vals)
+            if member:
+                lec_rows.append(vals)
         if scorer is not None:
             from .measures import attribute_changes
 
             ch = attribute_changes(scorer, recon_shown.to(dev), edited.to(dev))[0].cpu()
             rec["score_change"] = ch.tolist()
-            change_rows.append(ch)
+            if member:
+                change_rows.append(ch)
         if preservation is not None:
             vals = preservation(edited[0].to(dev), recon_shown.expand(len(strengths), -1, -1, -1).to(dev)).tolist()
             rec["preservation"] = vals
-            pres_rows.append(vals)
+            if member:
+                pres_rows.append(vals)
         rec["seconds"]["measures"] = time.perf_counter() - t0
         per_image.append(rec)
         say(f"[{i + 1}/{len(names)}] {name}: {len(strengths)} edits with the {which} generator"
@@ -703,7 +747,8 @@ def _render_into(
         "format": "cycle-encoding-edits",
         "version": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),
+        "argv": list(sys.argv),
         "run_dir": str(run.dir),
         "tag": request.name(),
         "direction": direction_info,
@@ -716,6 +761,8 @@ def _render_into(
         "seconds": time.perf_counter() - t_all,
         "measures": {},
     }
+    if members is not None:
+        doc["measured_on"] = {**(members_info or {}), "images": measured, "left_out": left_out}
     if lec_rows:
         doc["measures"]["lec"] = {"encoder": encoder_name,
                                   "offsets": offsets, **lec_summary(torch.tensor(lec_rows), strengths)}  # fmt: skip

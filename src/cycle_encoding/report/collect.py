@@ -163,6 +163,7 @@ def collect(run: InversionRun | str | Path, max_images: int | None = None) -> di
         "run_dir": str(run.dir),
         "created": cfg.get("created"),
         "command": run.command,
+        "argv": cfg.get("argv"),
         "options": cfg.get("options", {}),
         "generator": {k: (cfg.get("generator") or {}).get(k) for k in ("file", "weights_sha256", "config")},
         "encoder": {k: (cfg.get("encoder") or {}).get(k) for k in ("file", "weights_sha256", "trained_stage")}

@@ -1,11 +1,14 @@
 """The report of an inversion run: one HTML page that needs no network and no script, a PNG grid, and the numbers.
 
 ``write_report(run_dir)`` writes, by default into the run folder:
-- ``report.html``: per image the input, the reconstruction after each stage and the edits (``cycle-encoding edit``);
-  under them the metrics table (mean +- std per stage over the images, with the network behind each metric), the
-  editability measures of each edit, the timings, loss plots per stage, the command and options that made the run.
-  Images are inlined as ``data:`` URIs (the page is one self-contained file) or, with ``inline=False``, linked by
-  relative paths to the run's own files (plots then go to ``report_files/``);
+- ``report.html``: first a table of contents and the summary tables (mean +- std per stage over the images, with the
+  network behind each metric; the editability measures of each edit; the timings), then a per-image metrics table
+  that sorts by any column (radio buttons and CSS: no script), then per image a before/after compare (a CSS slider:
+  drag its corner), the input, the reconstruction after each stage and the edits (``cycle-encoding edit``, with a link
+  to each edit's GIF sweep), loss plots per stage, and the command (shell-quoted, to paste back) and options that
+  made the run. Images are inlined as ``data:`` URIs of thumbnails (at most ``thumb`` pixels a side; a larger image is
+  reduced and its thumbnail links the full file by relative path, so a 1024-px run's page stays small) or, with
+  ``inline=False``, linked by relative paths to the run's own files (plots then go to ``report_files/``);
 - ``report.png``: a grid with one row per image (input, reconstructions, edits);
 - ``report.json``: the numbers the page shows (``collect.collect``), so the table can be checked against them.
 Every number in a table cell also sits in ``data-`` attributes at full precision (``data-mean``, ``data-std``,
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,20 @@ table.images td,table.images th{border:none;padding:2px 4px;text-align:center;ve
 table.images img{image-rendering:pixelated;width:128px;height:128px;object-fit:contain;background:#eee}
 .small{color:#666;font-size:.9em}code,pre{background:#f6f6f6;padding:2px 4px;border-radius:3px}
 pre{padding:8px;overflow-x:auto;white-space:pre-wrap}img.plot{max-width:100%;border:1px solid #eee}
+nav.toc ol{columns:2;max-width:700px}nav.toc li{margin:2px 0}
+.sortable input.sortkey{position:absolute;opacity:0;pointer-events:none}
+table.per-image tbody{display:flex;flex-direction:column}table.per-image thead{display:block}
+table.per-image tr{display:grid;grid-template-columns:minmax(12em,2fr) repeat(var(--cols),minmax(7em,1fr))}
+table.per-image th{white-space:normal}label.sort{cursor:pointer;color:#999;padding:0 2px;user-select:none}
+label.sort:hover{color:#000}
+.cmp{position:relative;display:inline-block;width:192px;height:192px;background:#eee;vertical-align:top}
+.cmp img{width:192px;height:192px;max-width:none;display:block;image-rendering:pixelated;object-fit:contain}
+.cmp .cmp-b{position:absolute;top:0;left:0;width:50%;height:100%;overflow:hidden;resize:horizontal;min-width:6px;
+max-width:100%;border-right:2px solid #e33}
+.cmp-wrap{display:inline-block;margin:0 12px 8px 0;vertical-align:top}.cmp-wrap p{margin:2px 0;max-width:192px}
 """
+
+THUMB = 256  # the largest side of an inlined thumbnail; larger images are reduced and link the full file
 
 
 @dataclass
@@ -77,10 +95,37 @@ def esc(x: Any) -> str:
 class _Images:
     """Image sources: data URIs (inline) or paths relative to the page."""
 
-    def __init__(self, page: Path, inline: bool, root: Path) -> None:
+    def __init__(self, page: Path, inline: bool, root: Path, thumb: int = THUMB) -> None:
         self.page_dir = page.parent
         self.inline = inline
         self.root = root
+        self.thumb = thumb
+
+    def relative(self, path: str | Path) -> str:
+        return Path(os.path.relpath(Path(path).resolve(), self.page_dir.resolve())).as_posix()
+
+    def thumbnail(self, path: str | Path | None) -> tuple[str | None, bool]:
+        """(a data URI of the image, reduced to at most ``thumb`` pixels a side; whether it was reduced)."""
+        if not self.inline or path is None or not Path(path).is_file() or not inside(Path(path), self.root):
+            return self.src(path), False  # only the run's own files are ever shown (src refuses the others)
+        from PIL import Image
+
+        from ..utils import open_image
+
+        p = Path(path)
+        with open_image(p) as im:
+            if max(im.size) <= self.thumb:
+                return self.src(p), False
+            small = im.convert("RGB" if im.mode not in ("L", "LA", "1") else "L")
+            small.thumbnail((self.thumb, self.thumb), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        if small.mode == "RGB":  # photos: JPEG keeps a thumbnail a few tens of kB
+            small.save(buf, format="JPEG", quality=85)
+            mime = "image/jpeg"
+        else:
+            small.save(buf, format="PNG", optimize=True)
+            mime = "image/png"
+        return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii"), True
 
     def src(self, path: str | Path | None) -> str | None:
         if path is None:
@@ -94,10 +139,13 @@ class _Images:
         return Path(os.path.relpath(p.resolve(), self.page_dir.resolve())).as_posix()
 
     def tag(self, path: str | Path | None, alt: str) -> str:
-        s = self.src(path)
+        s, reduced = self.thumbnail(path)
         if s is None:
             return f'<span class="small">({esc(alt)}: missing)</span>'
-        return f'<img src="{s}" alt="{esc(alt)}" title="{esc(alt)}">'
+        img = f'<img src="{s}" alt="{esc(alt)}" title="{esc(alt)}">'
+        if reduced and path is not None:
+            return f'<a href="{esc(self.relative(path))}" title="the full image">{img}</a>'
+        return img
 
 
 def _metrics_table(data: dict[str, Any]) -> str:
@@ -116,6 +164,91 @@ def _metrics_table(data: dict[str, Any]) -> str:
     return (
         '<table id="metrics"><thead><tr><th>stage</th><th>images</th>'
         f"{head}<th>seconds / image</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _per_image_columns(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(header, function of a per-image item -> value) for the per-image table."""
+    cols: list[tuple[str, Any]] = [("image", lambda it: it["name"])]
+    for s in data["stages"]:
+        for k in data["metric_keys"]:
+            if any(k in (it.get("metrics") or {}).get(s, {}) for it in data["per_image"]):
+                arrow = "↓" if LOWER_IS_BETTER.get(k) else "↑" if k in LOWER_IS_BETTER else ""
+                cols.append((f"{s} {METRIC_LABELS.get(k, k)} {arrow}".strip(),
+                             lambda it, s=s, k=k: (it.get("metrics") or {}).get(s, {}).get(k)))  # fmt: skip
+    if any(it.get("tune") for it in data["per_image"]):
+        cols.append(("tuning steps", lambda it: (it.get("tune") or {}).get("updates")))
+    if any("total" in (it.get("timings") or {}) for it in data["per_image"]):
+        cols.append(("seconds", lambda it: (it.get("timings") or {}).get("total")))
+    return cols
+
+
+def _ranks(values: list[Any], descending: bool) -> list[int]:
+    """Each row's position when sorted by ``values`` (missing values last, ties in name order)."""
+    present = [i for i, v in enumerate(values) if v is not None]
+    present.sort(key=lambda i: values[i], reverse=descending)
+    order = present + [i for i, v in enumerate(values) if v is None]
+    ranks = [0] * len(values)
+    for pos, i in enumerate(order):
+        ranks[i] = pos
+    return ranks
+
+
+def _per_image_table(data: dict[str, Any]) -> str:
+    """Every shown image's metrics per stage, sortable by any column without a script: each header holds two labels
+    for hidden radio buttons, each row its position per column and direction (CSS variables), and a CSS rule per
+    radio button orders the rows by its variable."""
+    cols = _per_image_columns(data)
+    items = data["per_image"]
+    radios, rules, head = [], [], []
+    positions: list[dict[str, int]] = [{} for _ in items]
+    for j, (title, get) in enumerate(cols):
+        values = [get(it) for it in items]
+        for d, desc in (("a", False), ("d", True)):
+            rid = f"sort-{j}{d}"
+            radios.append(f'<input type="radio" name="per-image-sort" class="sortkey" id="{rid}"'
+                          + (" checked" if j == 0 and d == "a" else "") + ">")  # fmt: skip
+            rules.append(f"#{rid}:checked~table.per-image tbody tr{{order:var(--{j}{d})}}"
+                         f"#{rid}:checked~table.per-image label[for={rid}]{{color:#000;font-weight:bold}}")  # fmt: skip
+            for i, r in enumerate(_ranks(values, desc)):
+                positions[i][f"--{j}{d}"] = r
+        head.append(f'<th>{esc(title)} <label class="sort" for="sort-{j}a" title="sort ascending">▲</label>'
+                    f'<label class="sort" for="sort-{j}d" title="sort descending">▼</label></th>')  # fmt: skip
+    body = []
+    for it, pos in zip(items, positions):
+        style = ";".join(f"{k}:{v}" for k, v in pos.items())
+        cells = [f'<th><a href="#img-{esc(it["name"])}">{esc(it["name"])}</a></th>']
+        for _, get in cols[1:]:
+            v = get(it)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                cells.append(f'<td class="num" data-value="{v!r}">{fmt(float(v)) if isinstance(v, float) else v}</td>')
+            else:
+                cells.append('<td class="num" data-value="">n/a</td>')
+        body.append(f'<tr style="{style}" data-image="{esc(it["name"])}">{"".join(cells)}</tr>')
+    return (
+        f"<style>{''.join(rules)}</style>"
+        f'<div class="sortable">{"".join(radios)}'
+        f'<table id="per-image" class="per-image" style="--cols:{len(cols) - 1}">'
+        f"<thead><tr>{''.join(head)}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def _compare(item: dict[str, Any], imgs: _Images) -> str:
+    """Input against the final reconstruction: the reconstruction on top, cut at a width the reader drags (CSS
+    ``resize``), no script."""
+    if not item["recons"] or item.get("target") is None:
+        return ""
+    stage, recon = list(item["recons"].items())[-1]
+    a, _ = imgs.thumbnail(item["target"])
+    b, _ = imgs.thumbnail(recon)
+    if a is None or b is None:
+        return ""
+    name = item["name"]
+    return (
+        f'<div class="cmp-wrap"><div class="cmp" title="drag the red edge\'s corner (bottom right) to compare">'
+        f'<img src="{a}" alt="{esc(name)}: compare, input">'
+        f'<div class="cmp-b"><img src="{b}" alt="{esc(name)}: compare, {esc(stage)}"></div></div>'
+        f'<p class="small">left of the red edge: after {esc(stage)}; right: the input. Drag the corner ◢.</p></div>'
     )
 
 
@@ -179,6 +312,14 @@ def _describe_edit(doc: dict[str, Any]) -> str:
     return ", ".join(esc(b) for b in bits)
 
 
+def _command(doc: dict[str, Any]) -> str:
+    """The recorded command, shell-quoted so it can be pasted back (from its ``argv`` where recorded)."""
+    argv = doc.get("argv")
+    if isinstance(argv, list) and argv:
+        return shlex.join(str(a) for a in argv)
+    return str(doc.get("command") or "")
+
+
 def _ranges(xs: list[int]) -> str:
     if not xs:
         return "none"
@@ -203,7 +344,8 @@ def _image_section(item: dict[str, Any], data: dict[str, Any], imgs: _Images) ->
         "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>",
     ]
     parts = [f'<section class="image" id="img-{esc(name)}"><h3>{esc(name)}</h3>']
-    parts.append(f'<table class="images"><tbody>{"".join(rows)}</tbody></table>')
+    parts.append(_compare(item, imgs))
+    parts.append(f'<table class="images" style="display:inline-table"><tbody>{"".join(rows)}</tbody></table>')
     m = item.get("metrics") or {}
     if m:
         line = "; ".join(
@@ -218,9 +360,13 @@ def _image_section(item: dict[str, Any], data: dict[str, Any], imgs: _Images) ->
         folder = Path(doc["_folder"])
         heads = [strength_label(a) for a in doc["strengths"]]
         cells = [imgs.tag(folder / f, f"{name}: {doc['tag']} {h}") for f, h in zip(rec["files"], heads)]
+        gif = ""
+        if rec.get("gif") and (folder / rec["gif"]).is_file():
+            gif = f' <a href="{esc(imgs.relative(folder / rec["gif"]))}">sweep (GIF)</a>'
         parts.append(
             f'<table class="images edit" data-edit="{esc(doc["tag"])}"><tbody>'
-            f'<tr><th colspan="{len(cells)}">edit {esc(doc["tag"])} ({esc(rec.get("generator"))} generator)</th></tr>'
+            f'<tr><th colspan="{len(cells)}">edit {esc(doc["tag"])} ({esc(rec.get("generator"))} generator){gif}'
+            "</th></tr>"
             "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in heads) + "</tr>"
             "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr></tbody></table>"
         )
@@ -252,6 +398,7 @@ def write_report(
     max_images: int | None = None,
     png: bool = True,
     plots: bool = True,
+    thumb: int = THUMB,
 ) -> ReportFiles:
     """Write the report of a run (see the module doc); ``out`` is the HTML file (default ``RUN_DIR/report.html``)."""
     from ..errors import CycleEncodingError
@@ -267,7 +414,7 @@ def write_report(
             f"{run.dir}: no finished images to report on"
             + (f" ({len(bad)} left out; first: {bad[0]['name']}: {bad[0]['reason']})" if bad else "")
         )
-    imgs = _Images(page, inline, run.dir)
+    imgs = _Images(page, inline, run.dir, thumb)
     title = f"Inversion report: {run.dir.name}"
     body: list[str] = [f"<h1>{esc(title)}</h1>"]
     body.append(
@@ -280,26 +427,39 @@ def write_report(
         body.append('<p class="small">Left out (unreadable or refused):</p><ul class="small">')
         body += [f"<li>{esc(u['name'])}: {esc(u['reason'])}</li>" for u in data["unreadable"]]
         body.append("</ul>")
-    body.append("<h2>Images</h2>")
-    body += [_image_section(it, data, imgs) for it in data["per_image"]]
-    body.append("<h2>Reconstruction metrics</h2>")
+    toc = [("summary", "Reconstruction metrics"), ("networks-used", "Networks used")]
+    if data["edits"]:
+        toc.append(("edits", "Edits and their measures"))
+    toc += [("timings-section", "Timings"), ("per-image-section", "Per-image metrics (sortable)"),
+            ("images", f"Images ({len(data['per_image'])}): compare, stages, edits")]  # fmt: skip
+    if plots and data["losses"]:
+        toc.append(("losses", "Losses per step"))
+    toc.append(("how", "How the run was made"))
+    body.append('<nav class="toc"><ol>' + "".join(f'<li><a href="#{i}">{esc(t)}</a></li>' for i, t in toc)
+                + "</ol></nav>")  # fmt: skip
+    body.append('<h2 id="summary">Reconstruction metrics</h2>')
     body.append(
         '<p class="small">Mean ± sample standard deviation over the images; measured between each stage\'s '
         "reconstruction and the input at the generator's resolution.</p>"
     )
     body.append(_metrics_table(data))
-    body.append("<h3>Networks used</h3>")
+    body.append('<h3 id="networks-used">Networks used</h3>')
     body.append(_networks_table(data))
     if data["edits"]:
-        body.append("<h2>Edits</h2>")
+        body.append('<h2 id="edits">Edits</h2>')
         for doc in data["edits"]:
             body.append(
                 f'<h3 data-edit="{esc(doc["tag"])}">{esc(doc["tag"])}</h3><p class="small">{_describe_edit(doc)}</p>'
             )
+            if doc.get("measured_on"):
+                m = doc["measured_on"]
+                body.append(f'<p class="small">measured on the {len(m["images"])} image(s) of classes '
+                            f"{esc(', '.join(m['classes']))} (by {esc(m['classifier'])} on the reconstruction); "
+                            f"{len(m['left_out'])} image(s) of other classes left out of the measures</p>")  # fmt: skip
             body.append(_edit_measures(doc))
             if doc.get("command"):
-                body.append(f'<p class="small">made by <code>{esc(doc["command"])}</code></p>')
-    body.append("<h2>Timings</h2>")
+                body.append(f'<p class="small">made by <code>{esc(_command(doc))}</code></p>')
+    body.append('<h2 id="timings-section">Timings</h2>')
     body.append(_timings_table(data))
     if data.get("generator_delta"):
         d = data["generator_delta"]
@@ -307,11 +467,19 @@ def write_report(
             f'<p class="small">Tuned generators stored as their change from the base: {fmt(d["mean_bytes_per_image"] / 1e6)}'
             f" MB per image against {fmt(d['full_copy_bytes'] / 1e6)} MB for a full copy ({d['ratio']:.1%}).</p>"
         )
+    body.append('<h2 id="per-image-section">Per-image metrics</h2>')
+    body.append('<p class="small">Sort by a column with its ▲ / ▼; an image\'s name leads to its pictures.</p>')
+    body.append(_per_image_table(data))
+    body.append('<h2 id="images">Images</h2>')
+    if inline:
+        body.append(f'<p class="small">Images larger than {thumb} px are shown reduced; click one for the full '
+                    "file (beside the run).</p>")  # fmt: skip
+    body += [_image_section(it, data, imgs) for it in data["per_image"]]
     plot_files: dict[str, str] = {}
     if plots and data["losses"]:
         from .plots import loss_figure_png
 
-        body.append("<h2>Losses per step</h2>")
+        body.append('<h2 id="losses">Losses per step</h2>')
         for stage, curves in data["losses"].items():
             png_bytes = loss_figure_png(stage, curves)
             if inline:
@@ -322,8 +490,8 @@ def write_report(
                 src = Path(os.path.relpath(f, page.parent)).as_posix()
             plot_files[stage] = src if not inline else "inline"
             body.append(f'<img class="plot" src="{src}" alt="losses of stage {esc(stage)}">')
-    body.append("<h2>How the run was made</h2>")
-    body.append(f"<pre>{esc(data['command'] or '(command not recorded)')}</pre>")
+    body.append('<h2 id="how">How the run was made</h2>')
+    body.append(f"<pre>{esc(_command(data) or '(command not recorded)')}</pre>")
     body.append("<details><summary>options, generator, encoder</summary><pre>")
     body.append(esc(json.dumps({"options": data["options"], "generator": data["generator"], "encoder": data["encoder"]},
                                indent=2)))  # fmt: skip
