@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import add_device_arg, add_json_arg, check_output_file, print_result
+from .common import add_device_arg, add_json_arg, add_progress_arg, check_output_file, print_result
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--name", default=None, help="a name stored with the direction")
     add_device_arg(t)
+    add_progress_arg(t)
     add_json_arg(t)
     t.set_defaults(func=cmd_train)
 
@@ -187,7 +188,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         pair = parse_pair(args.attribute)
         # "A vs B": the samples the classifier puts in class A (label 1) or B (label 0), as InterFaceGAN from labels
         scorer = as_scorer(args.classifier, args.attribute, dev, labels=pair is not None)
-        codes_t, scores = sample_and_score(G, scorer, args.samples, truncation=args.truncation, seed=args.seed)
+        from ..progress import Progress
+
+        with Progress(args.samples, "score samples", "img", args.progress, heartbeat=30) as bar:
+            codes_t, scores = sample_and_score(G, scorer, args.samples, truncation=args.truncation, seed=args.seed,
+                                               progress=bar.update)  # fmt: skip
         codes, labels = codes_t.numpy(), scores.numpy()
         notes = {"samples": args.samples, "classifier": str(args.classifier), "attribute": args.attribute}
         if pair is not None:

@@ -138,7 +138,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CycleEncodingError("--target is required (a folder of the original images) unless --pred is a run folder")
     else:
         pairing = pair_folders(args.pred, args.target)
-    with Progress(len(pairing.pairs), "evaluate", "pair", args.progress) as bar:
+    with Progress(len(pairing.pairs), "evaluate", "pair", args.progress, heartbeat=30) as bar:
         rep = evaluate_folders(
             pred_label, target_label, perceptual, identity, size=args.size, batch_size=max(1, args.batch_size),
             device=device, progress=bar.update, pairing=pairing,

@@ -80,7 +80,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         raise CycleEncodingError(f"{args.input}: no image files (.jpg, .png, ...) in this folder")
     detector = LandmarkDetector(args.predictor, upsample=args.upsample)
 
-    bar = Progress(len(files), "align", "img", args.progress if len(files) > 1 else "none")
+    bar = Progress(len(files), "align", "img", args.progress if len(files) > 1 else "none", heartbeat=30)
 
     def event(kind: str, path: Path, detail: object) -> None:
         if kind == "no_face":

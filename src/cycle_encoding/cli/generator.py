@@ -124,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_projected(G, args)
     args.out.mkdir(parents=True, exist_ok=True)
     all_images = []
-    with Progress(len(seeds), "generate", "img", args.progress) as bar:
+    with Progress(len(seeds), "generate", "img", args.progress, heartbeat=30) as bar:
         for chunk, images in render_seeds(G, seeds, args.truncation, args.noise, args.batch_size):
             for s, im in zip(chunk, images):
                 save_image(im, args.out / f"seed{s:04d}.png")
@@ -149,7 +149,7 @@ def _generate_projected(G, args: argparse.Namespace) -> int:
     ws = load_latents(args.projected_w, G.num_ws, G.w_dim)
     args.out.mkdir(parents=True, exist_ok=True)
     images = []
-    with torch.no_grad(), Progress(len(ws), "generate", "img", args.progress) as bar:
+    with torch.no_grad(), Progress(len(ws), "generate", "img", args.progress, heartbeat=30) as bar:
         for i in range(0, len(ws), max(1, args.batch_size)):
             chunk = ws[i : i + max(1, args.batch_size)].to(G.w_avg.device)
             out = G.synthesis(chunk, noise_mode=args.noise).cpu()

@@ -350,10 +350,11 @@ def sample_and_score(
     truncation: float = 1.0,
     seed: int = 0,
     noise_mode: str = "const",
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes ``[k, w_dim]`` = G.style(z) (truncated toward w_avg), scores ``[k]`` of G's images of them) for the
     ``k <= n`` of ``n`` samples the scorer scores: a NaN score leaves a sample out (e.g. class labels of a pair
-    attribute, where images of other classes have none)."""
+    attribute, where images of other classes have none). ``progress(b)`` is called after each batch of ``b``."""
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     dev = G.w_avg.device
     codes, scores = [], []
@@ -371,6 +372,8 @@ def sample_and_score(
         codes.append(w.float().cpu())
         scores.append(s)
         done += b
+        if progress is not None:
+            progress(b)
     all_codes, all_scores = torch.cat(codes), torch.cat(scores)
     keep = ~torch.isnan(all_scores)
     return all_codes[keep], all_scores[keep]
