@@ -20,8 +20,7 @@ from cycle_encoding.errors import CycleEncodingError
 from cycle_encoding.inversion.delta import save_generator_delta
 from cycle_encoding.losses.perceptual import register_perceptual, unregister_perceptual
 from cycle_encoding.utils import save_image
-from tests.conftest import make_tiny_generator
-from tests.test_inversion_stages import one_thread, own_images, stand_in_perceptual, tiny_encoder  # noqa: F401
+from tests.conftest import make_tiny_generator, own_images, stand_in_perceptual, tiny_encoder
 
 STANDIN = "test-ecosystem-stand-in"
 
@@ -32,7 +31,7 @@ def f32_sha256(t: torch.Tensor) -> str:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, one_thread):
     """An inversion run (encoder -> tune) of 2 images with a tiny generator and encoder, made by the CLI."""
     root = tmp_path_factory.mktemp("eco")
     G = make_tiny_generator(resolution=16)
