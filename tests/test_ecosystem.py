@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def f32_sha256(t: torch.Tensor) -> str:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_thread):
-    """An inversion run (encoder -> tune) of 2 images with a tiny generator and encoder, made by the CLI."""
+    """An inversion run (encoder -> tune) of 2 images with a tiny generator and encoder, made by the CLI (--quiet)."""
     root = tmp_path_factory.mktemp("eco")
     G = make_tiny_generator(resolution=16)
     ce.save_generator(G, root / "g.safetensors")
@@ -42,7 +43,8 @@ def run(tmp_path_factory, one_thread):
     register_perceptual(STANDIN, lambda device, weights: stand_in_perceptual().to(device), "tests", replace=True)
     rc = main(["invert", str(root / "targets"), "--generator", str(root / "g.safetensors"), "--encoder",
                str(root / "e.safetensors"), "--stages", "encoder,tune", "--perceptual", STANDIN, "--tune-steps", "4",
-               "--tune-lr", "3e-3", "--no-early-stop", "--device", "cpu", "--out", str(root / "run"), "--quiet"])  # fmt: skip
+               "--tune-lr", "3e-3", "--no-early-stop", "--device", "cpu", "--out", str(root / "run"), "--quiet",
+               "--progress", "bar"])  # fmt: skip
     assert rc == 0
     yield root
     unregister_perceptual(STANDIN)
@@ -127,6 +129,24 @@ def test_convert_and_generate_accept_a_stored_change(run, tmp_path, capsys):
 
 
 # -- codes in other tools' layouts -------------------------------------------------------------------------------------
+
+
+def test_run_writes_projected_w_per_image_and_stacked_latents(run):
+    names = ["img0", "img1"]
+    for n in names:
+        pivot, _ = tuned_record(run, n)
+        with np.load(run / "run" / "images" / n / "projected_w.npz") as z:  # as NVIDIA's generate.py reads it
+            assert z.files == ["w"] and z["w"].dtype == np.float32
+            assert np.array_equal(z["w"], pivot.numpy())  # [1, num_ws, w_dim], the pivot tuning started from
+    stacked = torch.load(run / "run" / "latents.pt", weights_only=True)
+    assert (run / "run" / "latents.txt").read_text().split() == names
+    assert torch.equal(stacked, torch.cat([tuned_record(run, n)[0] for n in names]))
+    assert np.array_equal(np.load(run / "run" / "latents.npy"), stacked.numpy())
+    summary = json.loads((run / "run" / "summary.json").read_text())
+    assert summary["latents"]["shape"] == list(stacked.shape)
+    # the recorded command pastes back: argv kept, the command shell-quoted
+    cfg = json.loads((run / "run" / "config.json").read_text())
+    assert isinstance(cfg["argv"], list) and cfg["command"] == shlex.join(cfg["argv"])
 
 
 def test_projected_w_and_latents_layouts(tmp_path):
@@ -329,3 +349,24 @@ def test_class_edit_measures_only_images_of_its_classes(run, tmp_path):
     summary = [r["value"]["mean"] for r in doc["measures"]["preservation"]["per_strength"]]
     assert summary == pytest.approx(per[member[0]])  # the summary is over the member image only
     assert (tmp_path / "cls" / f"{names[0]}_sweep.gif").is_file()
+
+
+def test_invert_console_quiet_lines_and_bars(run, tmp_path, capsys):
+    base = ["invert", str(run / "targets"), "--generator", str(run / "g.safetensors"), "--encoder",
+            str(run / "e.safetensors"), "--stages", "encoder,tune", "--perceptual", STANDIN, "--tune-steps", "3",
+            "--no-early-stop", "--device", "cpu"]  # fmt: skip
+    # a log (lines): a line per stage per image, no carriage-return redraws
+    assert main([*base, "--out", str(tmp_path / "a"), "--progress", "lines"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    stage_lines = [x for x in err.splitlines() if x.startswith("[")]
+    assert len(stage_lines) == 2 * 2 and all(": encoder mse" in x or ": tune mse" in x for x in stage_lines)
+    # --quiet: the result line of each image only
+    assert main([*base, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("[")]
+    assert len(lines) == 2 and all(": tune mse" in x for x in lines) and "\r" not in err
+    # bars: each stage's bar has its total (3 tuning steps)
+    assert main([*base, "--out", str(tmp_path / "c"), "--progress", "bar"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and "/3 " in err

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, check_output_folder, print_json
+from .common import add_device_arg, add_progress_arg, check_output_folder, print_json
 
 EXIT_SOME_FAILED = 3
 
@@ -99,8 +99,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--no-delta", action="store_true", help="do not store the tuned generators")
     p.add_argument("--recursive", action="store_true", help="also take images in sub-folders")
     p.add_argument("--dry-run", action="store_true", help="print the resolved options and the images, run nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bars, only the summary")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress and no line per stage: one result line per image, then the summary")  # fmt: skip
     add_device_arg(p)
+    add_progress_arg(p)
     p.set_defaults(func=cmd_invert)
 
 
@@ -164,7 +166,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
         print_json({"options": to_dict(config), "run_dir": str(args.out), "images": len(files),
                     "names": names[:20] + (["..."] if len(names) > 20 else [])})  # fmt: skip
         return 0
-    inv = Inverter(args.generator, args.encoder, config, device=args.device, progress=not args.quiet)
+    progress = "none" if args.quiet else args.progress
+    inv = Inverter(args.generator, args.encoder, config, device=args.device, progress=progress)
     try:
         if inv.dist.is_main:
             nets = inv.network_names()
@@ -177,7 +180,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
                 print(f"identity: {inv.identity_note}", file=sys.stderr)
             if inv.refiner is not None:
                 print(f"refine: optimizer state {inv.refiner.optimizer_note}", file=sys.stderr)
-        summary = inv.run(args.images, args.out, recursive=args.recursive, verbose=not args.quiet, debug=args.debug)
+        summary = inv.run(args.images, args.out, recursive=args.recursive,
+                          verbose="images" if args.quiet else True, debug=args.debug)  # fmt: skip
     finally:
         inv.close()
     if not inv.dist.is_main:
@@ -191,6 +195,10 @@ def cmd_invert(args: argparse.Namespace) -> int:
         d = summary["generator_delta"]
         lines.append(f"  tuned generator stored as its change: {d['mean_bytes_per_image'] / 1e6:.2f} MB per image vs "
                      f"{d['full_copy_bytes'] / 1e6:.2f} MB for a full copy ({d['ratio']:.1%})")  # fmt: skip
+    if "latents" in summary:
+        la = summary["latents"]
+        lines.append(f"  final pivots: images/NAME/projected_w.npz (NVIDIA's layout) and stacked in "
+                     f"{', '.join(la['files'])} {la['shape']}")  # fmt: skip
     for f in summary["failed"]:
         lines.append(f"  failed: {f['name']}: {f['reason']}")
     for b in summary.get("busy", []):

@@ -64,7 +64,7 @@ class Inverter:
         perceptual_net: torch.nn.Module | None = None,
         identity_net: torch.nn.Module | None = None,
         train_images: Any = None,
-        progress: bool = False,
+        progress: bool | str = False,
         **options: Any,
     ) -> None:
         from ..checkpoints.generator import load_generator
@@ -76,7 +76,9 @@ class Inverter:
         base = resolve_device(device)
         self.dist = dd.init_distributed(base)
         self.device = dd.rank_device(base, self.dist)
-        self.progress = progress
+        from ..progress import resolve_progress
+
+        self.progress = resolve_progress(progress)  # bar, lines or none; a bar per stage only for "bar"
 
         if isinstance(generator, Generator):
             self.G = generator.to(self.device).eval().requires_grad_(False)
@@ -370,18 +372,20 @@ class Inverter:
         out_dir: str | Path,
         recursive: bool = False,
         log: Callable[[str], None] | None = None,
-        verbose: bool = True,
+        verbose: bool | str = True,
         debug: bool = False,
     ) -> dict[str, Any]:
         """Invert an image file, a folder's images or a list of files into ``out_dir`` (see ``run_folder.py``).
 
-        ``log`` receives the progress lines (default: stderr): one per image and stage when ``verbose``, and one
-        for each image that fails whatever ``verbose`` says. Returns the summary (also written to
+        ``log`` receives the progress lines (default: stderr): one per image and stage when ``verbose`` is True,
+        one per finished image (its last stage's result) when it is ``"images"``, and one for each image that fails
+        whatever ``verbose`` says. Returns the summary (also written to
         ``out_dir/summary.json`` by rank 0): ``done`` (this run), ``skipped`` (finished before), ``failed`` (name,
         file, reason), ``busy`` (left to another process inverting them into the same folder), per-stage means.
         """
         warn = log or (lambda s: print(s, file=sys.stderr, flush=True))
-        say = warn if verbose else (lambda s: None)
+        say = warn if verbose is True else (lambda s: None)
+        per_image = warn if verbose == "images" else (lambda s: None)
         out = Path(out_dir)
         files, names = list_targets(images, recursive)
         info = self.dist
@@ -422,8 +426,13 @@ class Inverter:
                         late.append(names[i])
                         say(f"{head}: finished by another process meanwhile: skipped")
                         continue
-                    invert_into_folder(self, files[i], names[i], i, out / "images" / names[i], head, say, warn)
+                    rec = invert_into_folder(self, files[i], names[i], i, out / "images" / names[i], head, say, warn)
                 done.append(names[i])
+                last = rec["stages"][-1]
+                m = rec["metrics"][last]
+                per_image(f"{head}: {last} mse {m['mse']:.4f}"
+                          + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
+                          + f" ({rec['timings']['total']:.1f} s)")  # fmt: skip
             except Exception as e:  # one bad image must not stop the batch
                 if debug:
                     traceback.print_exc()

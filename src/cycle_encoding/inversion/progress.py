@@ -7,18 +7,24 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ..progress import resolve_progress
+
 
 class StepBar:
     """Progress over a stage's steps (only when progress is shown): seconds per step and the time left (at most:
     tuning may stop early). On a terminal a tqdm bar; otherwise (a log file) one plain line at the first step and then
     every ``every`` seconds, so long CPU runs show where they are."""
 
-    def __init__(self, enabled: bool, head: str, totals: Mapping[str, int] | None = None, every: float = 30.0) -> None:
-        self.enabled = enabled
+    def __init__(
+        self, enabled: bool | str, head: str, totals: Mapping[str, int] | None = None, every: float = 30.0
+    ) -> None:
+        # a --progress mode (bar, lines, none; see ..progress), or True / False: auto / none
+        mode = resolve_progress(enabled)
+        self.enabled = mode != "none"
         self.head = head
         self.totals = dict(totals or {})
         self.every = every
-        self.tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
+        self.tty = mode == "bar"
         self.bar: Any = None
         self.stage: str | None = None
         self.count = 0

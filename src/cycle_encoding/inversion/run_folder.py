@@ -12,9 +12,13 @@ A run folder ``RUN_DIR``::
         losses.jsonl            one line per optimization step of every stage
         timings.json            seconds per stage
         generator_delta.safetensors   the tuned G as its change from the base (``delta.py``)
+        projected_w.npz         the final pivot (the one tuning started from) in NVIDIA's projector layout: key ``w``,
+                                [1, N, w_dim] float32, for ``generate.py --projected-w`` and the like
         result.json             metrics per stage, tuning steps, delta size, sha256 of each reconstruction's float32
                                 tensor (rebuild base + delta, render the pivot: the same hash, bit for bit)
         done                    written last: the image is finished
+    latents.pt, latents.npy     the finished images' final pivots stacked [n, N, w_dim] (e4e's inference output) ...
+    latents.txt                 ... and their names, one per line, in the same order (written with summary.json)
 
 Every file is written atomically (temporary file, then rename), so a killed run leaves no half-written file; a re-run
 with the same options skips images that have ``done``, removes stray temporary files and redoes the rest. Finished
@@ -37,6 +41,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +51,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..checkpoints.latents import load_latents, save_latents, save_projected_w
 from ..checkpoints.native import default_provenance, file_sha256, save_native
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
@@ -68,7 +74,7 @@ class Inverter(Protocol):
     config: InversionConfig
     dist: DistInfo
     device: torch.device
-    progress: bool
+    progress: str  # bar, lines or none
     G: Generator
     generator_file: str | None
     g_sha256: str
@@ -169,7 +175,8 @@ def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
             "format": RUN_FORMAT,
             "version": RUN_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-            "command": " ".join(sys.argv),
+            "command": shlex.join(sys.argv),  # quoted: it can be pasted back into a shell
+            "argv": list(sys.argv),
             "images": [str(p) for p in images] if isinstance(images, (list, tuple)) else str(images),
             "world_size": inverter.dist.world_size,
             **desc,
@@ -189,8 +196,9 @@ def invert_into_folder(
     head: str,
     say: Callable[[str], None],
     warn: Callable[[str], None] | None = None,
-) -> None:
-    """Invert one image into its folder ``images/<name>/`` (see the module doc), ``done`` written last. A warning
+) -> dict[str, Any]:
+    """Invert one image into its folder ``images/<name>/`` (see the module doc), ``done`` written last (returns what
+    ``result.json`` holds). A warning
     about the target (smaller than G's images) goes to ``warn`` (else ``say``) and into ``result.json``."""
     cfg = inverter.config
     input_sha256 = file_sha256(file) if Path(file).is_file() else None
@@ -268,12 +276,16 @@ def invert_into_folder(
         record["delta"] = {"file_bytes": d.file_bytes, "full_copy_bytes": d.full_copy_bytes,
                            "ratio": round(d.ratio, 4), "changed_tensors": d.changed,
                            "tuned_weights_sha256": d.tuned_sha256}  # fmt: skip
+    pivot_stage = list(res.pivots)[-1]
+    save_projected_w(folder / "projected_w.npz", res.pivot[0])
+    record["projected_w"] = {"file": "projected_w.npz", "stage": pivot_stage}
     res.timings["total"] = time.perf_counter() - t_start
     record["timings"] = res.timings
     atomic_write(folder / "timings.json", lambda t: t.write_text(json.dumps(res.timings, indent=2) + "\n"))
     atomic_write(folder / "result.json", lambda t: t.write_text(json.dumps(record, indent=2) + "\n"))
     stamp = json.dumps({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(), "rank": inverter.dist.rank})
     atomic_write(folder / "done", lambda t: t.write_text(stamp + "\n"))
+    return record
 
 
 def write_summary(
@@ -322,5 +334,10 @@ def write_summary(
         full = deltas[0]["full_copy_bytes"]
         summary["generator_delta"] = {"mean_bytes_per_image": mean, "full_copy_bytes": full,
                                       "ratio": mean / max(1, full)}  # fmt: skip
+    with_w = [r["name"] for r in records if (out / "images" / r["name"] / "projected_w.npz").is_file()]
+    if with_w:  # the stacked codes, as e4e's inference writes them, with the names in order
+        ws = torch.cat([load_latents(out / "images" / n / "projected_w.npz") for n in with_w])
+        files = save_latents(out, ws, with_w)
+        summary["latents"] = {"files": [f.name for f in files], "images": len(with_w), "shape": list(ws.shape)}
     atomic_write(out / "summary.json", lambda t: t.write_text(json.dumps(summary, indent=2) + "\n"))
     return summary
