@@ -50,11 +50,12 @@ class Progress:
         stream: TextIO | None = None,
         leave: bool = True,
         heartbeat: float | None = None,
+        initial: int = 0,
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.mode = resolve_progress(mode, self.stream)
         self.total, self.desc, self.unit = total, desc, unit
-        self.done = 0
+        self.done = self.initial = initial  # a resumed task starts part-way; the time left uses this session's rate
         self.t0 = time.perf_counter()
         self.bar: Any = None
         self.heartbeat = heartbeat if self.mode == "lines" else None
@@ -62,7 +63,8 @@ class Progress:
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, file=self.stream, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, file=self.stream,
+                            dynamic_ncols=True)  # fmt: skip
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         self.done += n
@@ -83,9 +85,14 @@ class Progress:
             + (f"/{self.total}" if self.total else "")
             + f" {self.unit}, {_mmss(el)} elapsed"
         )
-        if self.total and 0 < self.done < self.total:
-            text += f", about {_mmss(el * (self.total - self.done) / self.done)} left"
+        if self.total and self.initial < self.done < self.total:
+            text += f", about {_mmss(el * (self.total - self.done) / (self.done - self.initial))} left"
         return text
+
+    def postfix(self, **values: Any) -> None:
+        """Values shown after the bar (a drawn bar only)."""
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in values.items()})
 
     def say(self, line: str) -> None:
         """A line of output on the progress stream (above the bar when one is drawn)."""

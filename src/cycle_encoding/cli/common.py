@@ -60,7 +60,7 @@ def text_lines(info: dict, indent: int = 0) -> list[str]:
     return lines
 
 
-_NOT_OPTIONS = ("func", "debug", "max_pixels", "config", "resume", "dry_run", "command")
+_NOT_OPTIONS = ("func", "debug", "max_pixels", "config", "resume", "dry_run", "command", "progress")
 
 
 def option_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, check_output_folder, option_overrides, options_from
+from .common import add_device_arg, add_progress_arg, check_output_folder, option_overrides, options_from
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -84,6 +84,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    "initialisation), print the resolved configuration and the schedule for the generator's number of "
                    "codes, then exit")  # fmt: skip
     add_device_arg(p)
+    add_progress_arg(p)
     p.set_defaults(func=cmd_train_encoder, device=None)
 
 
@@ -107,6 +108,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
         return 0
     check_output_folder(args.resume if args.resume is not None else cfg.out, "--resume" if args.resume else "--out")
     trainer = EncoderTrainer(cfg, resume=args.resume)
+    trainer.progress = args.progress
     if trainer.dist.is_main:
         from ..training.encoder_trainer import network_files
 

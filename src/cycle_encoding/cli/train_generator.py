@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, check_output_folder, option_overrides, options_from
+from .common import add_device_arg, add_progress_arg, check_output_folder, option_overrides, options_from
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--resume", type=Path, help="continue the run in this folder exactly where its checkpoint is")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration, then exit")
     add_device_arg(p)
+    add_progress_arg(p)
     p.set_defaults(func=cmd_train_generator, device=None)
 
 
@@ -92,6 +93,7 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
         return 0
     check_output_folder(args.resume if args.resume is not None else cfg.out, "--resume" if args.resume else "--out")
     trainer = GeneratorTrainer(cfg, resume=args.resume)
+    trainer.progress = args.progress
     try:
         summary = trainer.run()
     finally:

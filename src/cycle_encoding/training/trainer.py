@@ -41,6 +41,7 @@ class Trainer:
     """A resumable training loop over ``cfg.max_steps`` (see the module doc for what a subclass fills in)."""
 
     desc: ClassVar[str] = "train"  # the progress bar's label
+    progress: str = "auto"  # --progress: auto, bar, lines (a status line a minute in a log) or none
     checkpoint_format: ClassVar[str]
     checkpoint_version: ClassVar[int] = 1
     checkpoint_kind: ClassVar[str] = "cycle-encoding training"  # in "not a ... checkpoint"
@@ -215,13 +216,14 @@ class Trainer:
 
     def run(self, until: int | None = None) -> dict[str, Any]:
         """Train from the current step to ``until`` (default: the configured end); checkpoints on the way."""
-        from tqdm import tqdm
+        from ..progress import Progress
 
         cfg = self.cfg
         end = self.end_step(until)
         if self.step == 0 and self.dist.is_main:
             self.on_start()
-        bar = tqdm(total=end, initial=self.step, desc=self.desc, disable=not self.dist.is_main or self.quiet)
+        mode = "none" if not self.dist.is_main or self.quiet else self.progress
+        bar = Progress(end, self.desc, "step", mode, heartbeat=60, initial=self.step)
         t_last = time.perf_counter()
         steps_since = 0
         while self.step < end:
@@ -234,7 +236,7 @@ class Trainer:
                 rec = self.train_record(logs, (now - t_last) / steps_since)
                 t_last, steps_since = now, 0
                 self._log(rec)
-                bar.set_postfix(**self.postfix(logs))
+                bar.postfix(**self.postfix(logs))
             self.after_log(last)
             if self.saves_images and self.dist.is_main and (self.step % cfg.image_every == 0 or last):
                 self.save_grid()
