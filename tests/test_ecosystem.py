@@ -155,6 +155,10 @@ def test_projected_w_and_latents_layouts(tmp_path):
     with np.load(tmp_path / "one.npz") as z:  # as NVIDIA's generate.py reads it
         assert z.files == ["w"] and z["w"].shape == (1, 8, 32) and z["w"].dtype == np.float32
         assert np.array_equal(z["w"][0], ws[0].numpy())
+    ce.save_projected_w(tmp_path / "two.npz", ws[1], extra={"pivot": ws[2:3]})
+    with np.load(tmp_path / "two.npz") as z:
+        assert sorted(z.files) == ["pivot", "w"] and np.array_equal(z["pivot"], ws[2:3].numpy())
+    assert torch.equal(ce.load_latents(tmp_path / "two.npz"), ws[1:2])
     paths = ce.save_latents(tmp_path, ws, ["a", "b", "c"])
     assert [p.name for p in paths] == ["latents.pt", "latents.npy", "latents.txt"]
     assert torch.equal(torch.load(tmp_path / "latents.pt", weights_only=True), ws)  # e4e's latents.pt: a tensor
@@ -242,8 +246,8 @@ def test_invert_takes_path_pil_array_tensor_and_gives_pil(run):
     inv = ce.Inverter(run / "g.safetensors", run / "e.safetensors", stages=("encoder",), perceptual="none",
                       device="cpu")  # fmt: skip
     pil = Image.open(target)
-    results = [inv.invert(target), inv.invert(pil), inv.invert(np.asarray(pil)),
-               inv.invert(ce.from_pil(pil)), inv.invert(ce.from_pil(pil)[0].numpy())]  # fmt: skip
+    results = [inv.invert(target), inv.invert(pil), inv.invert(np.asarray(pil)), inv.invert(ce.from_pil(pil)),
+               inv.invert(np.asarray(pil).astype(np.float32) / 255)]  # fmt: skip
     assert results[0].name == results[1].name == "img0"  # a PIL image opened from a file keeps its name
     for r in results[1:]:
         assert torch.equal(r.pivots["encoder"], results[0].pivots["encoder"])

@@ -38,12 +38,20 @@ def _as_array(ws: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def save_projected_w(path: str | Path, ws: torch.Tensor | np.ndarray) -> Path:
+def save_projected_w(
+    path: str | Path, ws: torch.Tensor | np.ndarray, extra: dict[str, torch.Tensor | np.ndarray] | None = None
+) -> Path:
     """Write codes as NVIDIA's projector does: ``.npz`` with ``w`` float32 ``[n, num_ws, w_dim]`` (``[num_ws, w_dim]``
-    becomes ``[1, num_ws, w_dim]``)."""
+    becomes ``[1, num_ws, w_dim]``). ``extra`` arrays (e.g. the unedited ``pivot`` beside edited codes) are stored
+    under their own keys; NVIDIA's tools read only ``w``."""
     a = _as_array(ws)
+    arrays = {NPZ_KEY: a}
+    for k, v in (extra or {}).items():
+        if k == NPZ_KEY:
+            raise ValueError("'w' holds the codes; name the extra array otherwise")
+        arrays[k] = v.detach().to("cpu").float().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
     buf = io.BytesIO()
-    np.savez(buf, **{NPZ_KEY: a})
+    np.savez(buf, **arrays)
     data = buf.getvalue()
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
