@@ -43,7 +43,7 @@ table.images img{image-rendering:pixelated;width:128px;height:128px;object-fit:c
 .small{color:#666;font-size:.9em}code,pre{background:#f6f6f6;padding:2px 4px;border-radius:3px}
 pre{padding:8px;overflow-x:auto;white-space:pre-wrap}img.plot{max-width:100%;border:1px solid #eee}
 nav.toc ol{columns:2;max-width:700px}nav.toc li{margin:2px 0}
-.sortable input.sortkey{position:absolute;opacity:0;pointer-events:none}
+.sortable{overflow-x:auto;max-width:100%}.sortable input.sortkey{position:absolute;opacity:0;pointer-events:none}
 table.per-image tbody{display:flex;flex-direction:column}table.per-image thead{display:block}
 table.per-image tr{display:grid;grid-template-columns:minmax(12em,2fr) repeat(var(--cols),minmax(7em,1fr))}
 table.per-image th{white-space:normal}label.sort{cursor:pointer;color:#999;padding:0 2px;user-select:none}
