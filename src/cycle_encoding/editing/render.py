@@ -482,10 +482,16 @@ def matches_reconstruction(im: RunImage, y: torch.Tensor, device: torch.device) 
 
 
 def save_sweep_gif(
-    rendered: Sequence[torch.Tensor], strengths: Sequence[float], path: Path, min_side: int = 128, ms: int = 250
+    rendered: Sequence[torch.Tensor],
+    strengths: Sequence[float],
+    path: Path,
+    min_side: int = 128,
+    max_side: int = 256,
+    ms: int = 250,
 ) -> Path:
     """The edits of one image as a looping GIF (Pillow): lowest strength to highest and back, each frame enlarged by a
-    whole factor (nearest neighbour) to at least ``min_side`` pixels."""
+    whole factor (nearest neighbour) to at least ``min_side`` pixels, or reduced to at most ``max_side`` (a GIF to
+    share, not the full images: those are the PNGs beside it)."""
     from PIL import Image
 
     from ..utils import to_pil
@@ -496,7 +502,11 @@ def save_sweep_gif(
     for j in order:
         im = to_pil(rendered[j][0].clamp(-1, 1)).convert("RGB")
         k = max(1, -(-min_side // max(im.size)))
-        frames.append(im.resize((im.width * k, im.height * k), Image.Resampling.NEAREST) if k > 1 else im)
+        if k > 1:
+            im = im.resize((im.width * k, im.height * k), Image.Resampling.NEAREST)
+        elif max(im.size) > max_side:
+            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        frames.append(im)
     return atomic_write(path, lambda t: frames[0].save(t, format="GIF", save_all=True, append_images=frames[1:],
                                                         duration=ms, loop=0))  # fmt: skip
 
