@@ -328,7 +328,7 @@ def test_class_edit_measures_only_images_of_its_classes(run, tmp_path):
     from cycle_encoding.editing.measures import build_preservation
     from cycle_encoding.editing.render import EditRequest, render_run_edits
 
-    names = sorted(p.name for p in (run / "run" / "images").iterdir())
+    names = sorted(p.name for p in (run / "run" / "images").iterdir() if p.is_dir() and not p.name.startswith("."))
     # a stand-in "classifier": images brighter than the darker of the two reconstructions are "of the classes"
     means = {n: float(ce.from_pil(Image.open(run / "run" / "images" / n / "recon_tune.png")).clamp(-1, 1).mean())
              for n in names}  # fmt: skip

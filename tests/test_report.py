@@ -267,7 +267,7 @@ def test_a_large_image_is_inlined_as_a_small_thumbnail(tmp_path):
     rgb = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2).astype(np.float64)
     rgb += np.random.default_rng(0).normal(0, 12, rgb.shape)  # a photo's grain
     Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB").save(tmp_path / "big.png")
-    tag = _Images(tmp_path / "page.html", inline=True).tag(tmp_path / "big.png", "big")
+    tag = _Images(tmp_path / "page.html", inline=True, root=tmp_path).tag(tmp_path / "big.png", "big")
     m = re.match(r'<a href="big.png" title="the full image"><img src="data:image/jpeg;base64,([^"]+)"', tag)
     assert m, tag[:120]
     import base64
