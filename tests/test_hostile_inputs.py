@@ -454,7 +454,7 @@ def test_failed_edit_keeps_the_earlier_edit_of_its_name(run64, tmp_path, capsys)
     args = ["edit", str(run), "--direction", str(run64["direction"]), "--name", "keep", "--strengths=-1,0", "--quiet"]
     assert main(args) == 0
     before = tree(run / "edits" / "keep")
-    assert "edit.json" in before and len(before) == 1 + 3 * 3  # 2 strengths and a strip per image
+    assert "edit.json" in before and len(before) == 1 + 3 * 4  # 2 strengths, a strip and a GIF sweep per image
     capsys.readouterr()
     for bad, message in (
         (["--encoder", str(tmp_path / "missing.safetensors")], f"{tmp_path / 'missing.safetensors'}: no such file"),
