@@ -581,14 +581,9 @@ class Editor:
         y = self._rendered
         assert y is not None and self._edited is not None and self.pivot is not None
         paths = {"png": save_image(y[0], out / "edited.png")}
-        w = self._edited.float().numpy()
-        piv = self.pivot.float().numpy()
+        from ..checkpoints.latents import save_projected_w  # the one writer of NVIDIA's projected_w layout
 
-        def write_npz(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, w=w, pivot=piv)
-
-        paths["npz"] = atomic_write(out / "codes.npz", write_npz)
+        paths["npz"] = save_projected_w(out / "codes.npz", self._edited, extra={"pivot": self.pivot})
         if generator:
             prov = default_provenance(made_by="cycle-encoding editor", image=self.name,
                                       tuned=self.tuned is not None, base_weights_sha256=self.base_sha256)  # fmt: skip

@@ -61,14 +61,16 @@ def check_encoder_run(cfg: EncoderTrainConfig) -> Preflight:
                        + (f" (backbone {cfg.lpips_backbone})" if cfg.lpips_backbone else ""))  # fmt: skip
     else:
         checked.append("perceptual: none")
-    if cfg.identity_lambda > 0 and cfg.identity != "none":
-        from ..losses.identity import build_identity
+    from ..losses.identity import build_identity, identity_default
 
-        net = build_identity(cfg.identity, "cpu", cfg.identity_weights)
-        checked.append(f"identity {getattr(net, 'name', cfg.identity)}"
-                       + (f" (weights {cfg.identity_weights})" if cfg.identity_weights else ""))  # fmt: skip
+    name, note = (cfg.identity, "") if cfg.identity != "auto" else identity_default(cfg.data, cfg.identity_weights)
+    if cfg.identity_lambda > 0 and name != "none":  # as EncoderTrainer resolves it
+        net = build_identity(name, "cpu", cfg.identity_weights)
+        checked.append(f"identity {getattr(net, 'name', name)}"
+                       + (f" (weights {cfg.identity_weights})" if cfg.identity_weights else "")
+                       + (f" ({note})" if note else ""))  # fmt: skip
     else:
-        checked.append("identity: none")
+        checked.append("identity: none" + (f" ({note})" if note else ""))
     if cfg.encoder_init:
         from ..networks.encoder import Encoder4Editing, EncoderConfig
         from .encoder_trainer import init_encoder_weights
