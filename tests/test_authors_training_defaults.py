@@ -117,8 +117,24 @@ def test_random_noise_changes_the_reconstruction_and_const_does_not(setup):  # n
 def test_cli_options_reach_the_config(setup, capsys):  # noqa: F811
     from cycle_encoding.cli import main
 
-    rc = main(["train-encoder", "--generator", str(setup / "g.safetensors"), "--data", str(setup / "data"),
-               "--dry-run", "--zero-grad", "none", "--noise", "const", "--d-fake-codes", "raw-offset"])  # fmt: skip
+    rc = main(
+        [
+            "train-encoder",
+            "--generator",
+            str(setup / "g.safetensors"),
+            "--data",
+            str(setup / "data"),
+            "--dry-run",
+            "--zero-grad",
+            "none",
+            "--noise",
+            "const",
+            "--d-fake-codes",
+            "raw-offset",
+            "--perceptual",
+            "none",
+        ]
+    )  # fmt: skip  (the dry run opens the loss networks: no LPIPS backbone here)
     assert rc == 0
     text = capsys.readouterr().out
     cfg = json.loads(text[: text.index("\n}\n") + 2])
