@@ -7,8 +7,11 @@ No custom kernels are compiled; the module names and buffers follow rosinality's
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,56 @@ from torch import nn
 
 LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2.0)
+
+PRECISIONS = ("fp32", "bf16")
+"""Compute precisions of the optimization loops: ``fp32`` everything in float32 (the authors' path, exact);
+``bf16`` the networks' forward and backward under bfloat16 autocast, with float32 weights, loss and optimizer."""
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device | str, precision: str = "fp32") -> Iterator[None]:
+    """The block's network ops in ``precision``: ``fp32`` changes nothing (no autocast context at all, so the
+    computation is exactly the one without this call); ``bf16`` runs them under ``torch.autocast`` in bfloat16
+    (convolutions and matmuls in bf16, reductions and losses kept in float32 by autocast's rules) on the CPU or
+    CUDA. Parameters stay float32; their gradients are float32."""
+    check_precision(precision)
+    if precision == "fp32":
+        yield
+        return
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"bf16 autocast runs on cpu or cuda, not {kind}")
+    with torch.autocast(device_type=kind, dtype=torch.bfloat16):
+        yield
+
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory in the process instead of returning it to the system: large
+    activations are then reused rather than page-faulted in afresh on every pass (what ``MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=<large>`` in the environment does, set from inside a running process). The peak
+    memory is unchanged; the memory a pass freed stays with the process until it ends. Returns False (and changes
+    nothing) where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = mallopt(M_MMAP_MAX, 0) == 1
+    ok = mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
+    return ok
 
 
 def make_kernel(k: Sequence[float] | torch.Tensor) -> torch.Tensor:

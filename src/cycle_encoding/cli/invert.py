@@ -56,6 +56,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
      "dlib-face 0.05 stops at a similar closeness, see the README)"),
     ("--locality-alpha", "tune.locality_alpha", float, "locality regularizer: distance from the pivot (default 30)"),
     ("--locality-weights", "_locality_weights", str, "locality regularizer: MSE,perceptual weights (default 0.1,0.1)"),
+    ("--precision", "_precision", str,
+     "compute precision of refine and tune: fp32 (default, the authors' loops exactly) or bf16 (bfloat16 autocast, "
+     "fp32 weights, losses and optimizer; faster where the CPU or GPU has bf16 units)"),
     ("--delta-level", "delta_level", int, "zlib level of the stored generator change, 0-9 (default 1)"),
 ]  # fmt: skip
 
@@ -139,6 +142,9 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
             check_finite(perc, flag)
             _set(data, "tune.locality_l2_lambda", l2)
             _set(data, "tune.locality_perceptual_lambda", perc)
+        elif dest == "_precision":
+            _set(data, "refine.precision", v)
+            _set(data, "tune.precision", v)
         else:
             _set(data, dest, v)
     if args.align:

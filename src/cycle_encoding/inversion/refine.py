@@ -63,6 +63,7 @@ from ..data.datasets import ImageDataset, open_dataset
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
+from ..ops import autocast, check_precision
 from ..training.optim import Ranger
 from .common import LossNetworks, cpu_generator, frozen, reconstruction_terms, resize_to, weighted_sum
 
@@ -87,6 +88,7 @@ class RefineConfig:
     optimizer_state: str = "auto"  # auto | restore | substitute | fresh
     substitute_batches: int = 20  # K batches estimating Ranger's moments when the file has no state
     noise_mode: str = "random"  # G's noise: random (the authors') or const
+    precision: str = "fp32"  # "bf16": encoder, G and loss networks under bf16 autocast; fp32 weights, loss, Ranger
 
     def __post_init__(self) -> None:
         if self.optimizer_state not in OPTIMIZER_CHOICES:
@@ -103,6 +105,7 @@ class RefineConfig:
             raise ValueError(f"refine.lambda_reg must be >= 0, got {self.lambda_reg}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"refine.lr must be positive, got {self.lr}")
+        check_precision(self.precision)
 
     @property
     def reg_weight(self) -> float:
@@ -405,12 +408,14 @@ class RegularizedRefiner:
                     if randoms is None or c.resample_each_step:
                         randoms = self._draw(gen)
                     batch = torch.cat([randoms, x])
-                    ws = E(batch)
+                    with autocast(batch.device, c.precision):
+                        ws = E(batch).float()
                     final = k == c.steps - 1
                     if final:
                         pivot = ws[-1:].detach().clone()
-                    y = pool_to(self._render(ws, gen), self.image_size)
-                    terms = reconstruction_terms(y, batch, self.nets)
+                    with autocast(batch.device, c.precision):
+                        y = pool_to(self._render(ws, gen), self.image_size).float()
+                        terms = {n: v.float() for n, v in reconstruction_terms(y, batch, self.nets).items()}
                     per = weighted_sum(terms, weights)  # L_S per image
                     reg = per[:-1].mean() if per.shape[0] > 1 else per.new_zeros(())
                     loss = (per[-1] + lam * reg) / (1.0 + lam)

@@ -110,7 +110,16 @@ class GradualStyleBlock(nn.Module):
         self.linear = EqualLinear(out_c, out_c, lr_mul=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.convs(x)
+        for m in self.convs:
+            if isinstance(m, nn.Conv2d) and x.shape[-2:] == (1, 1) and x.dtype != torch.float32:
+                # A 3x3 stride-2 convolution of a 1x1 map sees its centre tap only: computed as that 1x1
+                # convolution. In bfloat16 (autocast), torch 2.13's CPU backward of the 3x3 form reads
+                # uninitialized memory for the weight gradient here (NaN in about 1 call of 4); float32 keeps it.
+                x = F.conv2d(
+                    x, m.weight[:, :, 1:2, 1:2].to(x.dtype), m.bias.to(x.dtype) if m.bias is not None else None
+                )
+            else:
+                x = m(x)
         if x.shape[-1] != 1 or x.shape[-2] != 1:  # inputs larger than the head was built for
             x = F.adaptive_avg_pool2d(x, 1)
         return self.linear(x.flatten(1))
