@@ -118,8 +118,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.d
     return out
 
 
-def row(name: str, res: dict[str, dict[str, Any]], quality: str = "", extra: str = "") -> None:
-    a, b = res["fp32"], res["bf16"]
+def row(name: str, res: dict[str, dict[str, Any]], quality: str = "", extra: str = "", fast: str = "bf16") -> None:
+    a, b = res["fp32"], res[fast]
     print(f"{name:<34} {a['median']:>9.3f} {b['median']:>9.3f} {a['median'] / b['median']:>6.2f}x "
           f"{a['peak_mb']:>8.0f} {b['peak_mb']:>8.0f}  {quality}{extra}", flush=True)  # fmt: skip
 
@@ -233,9 +233,9 @@ def bench_tune_one(r: int, P: LPIPSDistance, args: argparse.Namespace, device: t
     G = config_f(r, device)
     pivot, x = tune_setup(G, device)
 
-    def run(prec: str) -> Callable[[], dict[str, float]]:
+    def run(prec: str, batched: bool) -> Callable[[], dict[str, float]]:
         def go() -> dict[str, float]:
-            cfg = TuneConfig(steps=args.tune_steps, stop_threshold=None, precision=prec)
+            cfg = TuneConfig(steps=args.tune_steps, stop_threshold=None, precision=prec, batch_passes=batched)
             t = pivotal_tune(G, pivot, x, LossNetworks(P), cfg, seed=0)
             with torch.no_grad():
                 y = t.generator.synthesis(pivot)
@@ -245,14 +245,18 @@ def bench_tune_one(r: int, P: LPIPSDistance, args: argparse.Namespace, device: t
 
         return go
 
-    res = interleaved({m: run(m) for m in MODES}, args.repeats, device)
-    for m in MODES:
+    variants = {"fp32": ("fp32", False), "fp32+batch": ("fp32", True), "bf16": ("bf16", False),
+                "bf16+batch": ("bf16", True)}  # fmt: skip
+    res = interleaved({k: run(*v) for k, v in variants.items()}, args.repeats, device)
+    for m in variants:
         res[m]["median"] /= args.tune_steps
-    a, b = res["fp32"]["value"], res["bf16"]["value"]
-    q = (f"after {args.tune_steps} steps: loss {a['loss']:.4f} vs {b['loss']:.4f}, MSE {a['mse']:.5f} vs "
-         f"{b['mse']:.5f} ({b['mse'] / a['mse'] - 1:+.1%}), perceptual {a['perceptual']:.4f} vs "
-         f"{b['perceptual']:.4f} ({b['perceptual'] / a['perceptual'] - 1:+.1%})")  # fmt: skip
-    row(f"tune step {r}px (s/step)", res, q)
+    a = res["fp32"]["value"]
+    for fast in ("fp32+batch", "bf16", "bf16+batch"):
+        b = res[fast]["value"]
+        q = (f"after {args.tune_steps} steps: loss {a['loss']:.4f} vs {b['loss']:.4f}, MSE {a['mse']:.5f} vs "
+             f"{b['mse']:.5f} ({b['mse'] / a['mse'] - 1:+.1%}), perceptual {a['perceptual']:.4f} vs "
+             f"{b['perceptual']:.4f} ({b['perceptual'] / a['perceptual'] - 1:+.1%})")  # fmt: skip
+        row(f"tune step {r}px, {fast} (s/step)", res, q, fast=fast)
 
 
 def small_or_full_encoder(G: Generator, device: torch.device, full: bool) -> Encoder4Editing:

@@ -21,6 +21,9 @@ exactly as it was.
 perceptual network's forward and backward run under bfloat16 autocast; weights, gradients, the losses as summed and
 the Adam state stay float32, and Adam is torch's fused kernel (it differs from the for-loop Adam by float rounding,
 ~3e-5 relative, so the fp32 path keeps the for-loop one).
+``batch_passes=True`` renders the pivot and the regularizer's codes in one batched pass of the tuned G and measures
+both perceptual distances in one call: the same terms (the regularizer's rows get zero noise, which leaves them as
+without noise), equal to the separate passes within float rounding (the batched convolutions sum in another order).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class TuneConfig:
     locality_samples: int = 1
     locality_noise_mode: str = "none"
     precision: str = "fp32"  # "bf16": autocast networks, fp32 weights/loss/optimizer (see the module doc)
+    batch_passes: bool = False  # True: the pivot's and the regularizer's renders in one batched pass (see the doc)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -89,6 +93,21 @@ def locality_codes(
     return pivot + alpha * d / norm
 
 
+def _stacked_noise(G: Generator, count: int, mode: str) -> list[torch.Tensor]:
+    """Noise for a batch [pivot, ``count`` regularizer codes]: G's constant noise for the pivot's row, and for the
+    others what ``mode`` says (zeros for ``"none"``: adding 0 leaves the activation exactly as without noise)."""
+    out = []
+    for n in G.noise_buffers():
+        if mode == "none":
+            rest = n.new_zeros(count, *n.shape[1:])
+        elif mode == "const":
+            rest = n.expand(count, *n.shape[1:])
+        else:
+            rest = torch.randn(count, *n.shape[1:], device=n.device, dtype=n.dtype)
+        out.append(torch.cat([n, rest]))
+    return out
+
+
 def pivotal_tune(
     G: Generator,
     pivot: torch.Tensor,
@@ -119,15 +138,35 @@ def pivotal_tune(
     perceptual = nets.perceptual
     with frozen(G):
         for step in range(c.steps):
-            with autocast(device, c.precision):
-                y = tuned.synthesis(pivot, noise_mode="const")
-            y = y.float()
+            regularize = c.locality and step % c.locality_every == 0
+            wr = new = old = p_new = None
+            if regularize and c.batch_passes:
+                # one pass of the tuned G on [pivot, w_r...] (the w_r rows without noise or with G's constant noise,
+                # as the regularizer asks), one perceptual call on both pairs: the same terms as two passes
+                wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
+                noise = _stacked_noise(tuned, wr.shape[0], c.locality_noise_mode)
+                with autocast(device, c.precision):
+                    both = tuned.synthesis(torch.cat([pivot, wr]), noise=noise).float()
+                    with torch.no_grad():  # the frozen original: no gradient, no activations kept
+                        old = G.synthesis(wr, noise_mode=c.locality_noise_mode).float()  # type: ignore[arg-type]
+                y, new = both[:1], both[1:]
+                if perceptual is not None:
+                    with autocast(device, c.precision):
+                        pv = perceptual(both, torch.cat([x.to(both.dtype), old])).float()
+                    p_new = pv[1:].mean()
+            else:
+                with autocast(device, c.precision):
+                    y = tuned.synthesis(pivot, noise_mode="const")
+                y = y.float()
             mse = F.mse_loss(y, x)
             rec: dict[str, Any] = {"stage": "tune", "step": step, "l2": float(mse.detach())}
             loss = c.l2_lambda * mse
             if perceptual is not None:
-                with autocast(device, c.precision):
-                    p = perceptual(y, x).float().mean()
+                if p_new is not None:
+                    p = pv[:1].mean()
+                else:
+                    with autocast(device, c.precision):
+                        p = perceptual(y, x).float().mean()
                 rec["perceptual"] = float(p.detach())
                 loss = loss + c.perceptual_lambda * p
                 if c.stop_threshold is not None and rec["perceptual"] <= c.stop_threshold:
@@ -137,17 +176,21 @@ def pivotal_tune(
                     if on_step is not None:
                         on_step(rec)
                     break
-            if c.locality and step % c.locality_every == 0:
-                wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
-                with autocast(device, c.precision):
-                    new = tuned.synthesis(wr, noise_mode=c.locality_noise_mode)  # type: ignore[arg-type]
-                    with torch.no_grad():  # the frozen original: no gradient, no activations kept
-                        old = G.synthesis(wr, noise_mode=c.locality_noise_mode)  # type: ignore[arg-type]
-                new, old = new.float(), old.float()
+            if regularize:
+                if wr is None:
+                    wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
+                    with autocast(device, c.precision):
+                        new = tuned.synthesis(wr, noise_mode=c.locality_noise_mode)  # type: ignore[arg-type]
+                        with torch.no_grad():  # the frozen original: no gradient, no activations kept
+                            old = G.synthesis(wr, noise_mode=c.locality_noise_mode)  # type: ignore[arg-type]
+                    new, old = new.float(), old.float()
+                assert new is not None and old is not None
                 reg = c.locality_l2_lambda * F.mse_loss(new, old)
                 if perceptual is not None and c.locality_perceptual_lambda:
-                    with autocast(device, c.precision):
-                        reg = reg + c.locality_perceptual_lambda * perceptual(new, old).float().mean()
+                    if p_new is None:
+                        with autocast(device, c.precision):
+                            p_new = perceptual(new, old).float().mean()
+                    reg = reg + c.locality_perceptual_lambda * p_new
                 rec["locality"] = float(reg.detach())
                 loss = loss + reg
             rec["loss"] = float(loss.detach())
