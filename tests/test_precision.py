@@ -154,3 +154,24 @@ def test_batched_passes_give_the_separate_passes_terms(tiny):
             assert b[k] == pytest.approx(a[k], rel=1e-4), k
     wa, wb = runs[False].generator.state_dict(), runs[True].generator.state_dict()
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5) for k in wa)
+
+
+def test_cli_precision_runs_and_is_recorded_in_config_json(tiny, tmp_path):
+    import json
+
+    import cycle_encoding as ce
+    from cycle_encoding.cli import main
+    from cycle_encoding.utils import save_image
+
+    ce.save_generator(tiny["G"], tmp_path / "g.safetensors")
+    ce.save_encoder(tiny["E"], tmp_path / "e.safetensors")
+    (tmp_path / "t").mkdir()
+    save_image(tiny["x"][0], tmp_path / "t" / "a.png")
+    run = tmp_path / "run"
+    args = ["invert", str(tmp_path / "t"), "--generator", str(tmp_path / "g.safetensors"), "--encoder",
+            str(tmp_path / "e.safetensors"), "--stages", "encoder,tune", "--perceptual", "none", "--tune-steps", "2",
+            "--out", str(run), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main([*args, "--precision", "bf16"]) == 0
+    options = json.loads((run / "config.json").read_text())["options"]
+    assert options["tune"]["precision"] == "bf16" and options["refine"]["precision"] == "bf16"
+    assert main([*args[:-5], "--out", str(tmp_path / "r2"), "--precision", "fp16", "--dry-run"]) == 2
