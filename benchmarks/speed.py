@@ -360,28 +360,33 @@ def bench_e2e(args: argparse.Namespace, device: torch.device) -> None:
 
     files = sorted((ROOT / "examples" / "fashion-mnist").glob("*.png"))[: args.e2e_images]
     header(f"full method (encoder -> refine -> tune <= {args.e2e_tune_steps} steps), shipped Fashion-MNIST models, "
-           f"{len(files)} images: s/image")  # fmt: skip
+           f"{len(files)} images: s/image (each variant against fp32; 'batch': tune.batch_passes)")  # fmt: skip
+    variants = {"fp32": ("fp32", False), "fp32+batch": ("fp32", True), "bf16": ("bf16", False),
+                "bf16+batch": ("bf16", True)}  # fmt: skip
     invs = {}
-    for m in MODES:
-        invs[m] = Inverter("fmnist-generator", "fmnist-encoder", device=device, stages=("encoder", "refine", "tune"),
+    for k, (prec, batched) in variants.items():
+        invs[k] = Inverter("fmnist-generator", "fmnist-encoder", device=device, stages=("encoder", "refine", "tune"),
                            perceptual="fmnist-features", identity="fmnist-features", train_data="fashion-mnist",
-                           refine={"precision": m}, tune={"precision": m, "steps": args.e2e_tune_steps})  # fmt: skip
-    per: dict[str, dict[str, list[float]]] = {m: {"sec": [], "mse": [], "perceptual": [], "updates": []} for m in MODES}
+                           refine={"precision": prec},
+                           tune={"precision": prec, "batch_passes": batched, "steps": args.e2e_tune_steps})  # fmt: skip
+    per: dict[str, dict[str, list[float]]] = {k: {"sec": [], "mse": [], "perceptual": [], "updates": []} for k in invs}
     for i, f in enumerate(files):
-        for m in MODES:  # interleaved image by image
+        for k, inv in invs.items():  # interleaved image by image
             sync(device)
             t = time.perf_counter()
-            res = invs[m].invert(f, index=i)
-            per[m]["sec"].append(time.perf_counter() - t)
-            per[m]["mse"].append(res.metrics["tune"]["mse"])
-            per[m]["perceptual"].append(res.metrics["tune"]["perceptual"])
-            per[m]["updates"].append(res.tune["updates"] if res.tune else 0)
-    s = {m: {k: statistics.mean(v) for k, v in per[m].items()} for m in MODES}
-    a, b = s["fp32"], s["bf16"]
-    print(f"{'full method per image':<34} {a['sec']:>9.2f} {b['sec']:>9.2f} {a['sec'] / b['sec']:>6.2f}x "
-          f"{'':>17}  final MSE {a['mse']:.5f} vs {b['mse']:.5f} ({b['mse'] / a['mse'] - 1:+.1%}), perceptual "
-          f"{a['perceptual']:.4f} vs {b['perceptual']:.4f} ({b['perceptual'] / a['perceptual'] - 1:+.1%}), tuning "
-          f"steps {a['updates']:.0f} vs {b['updates']:.0f}")  # fmt: skip
+            res = inv.invert(f, index=i)
+            per[k]["sec"].append(time.perf_counter() - t)
+            per[k]["mse"].append(res.metrics["tune"]["mse"])
+            per[k]["perceptual"].append(res.metrics["tune"]["perceptual"])
+            per[k]["updates"].append(res.tune["updates"] if res.tune else 0)
+    s = {k: {q: statistics.mean(v) for q, v in per[k].items()} for k in invs}
+    a = s["fp32"]
+    for k in ("fp32+batch", "bf16", "bf16+batch"):
+        b = s[k]
+        print(f"{'full method per image, ' + k:<34} {a['sec']:>9.2f} {b['sec']:>9.2f} {a['sec'] / b['sec']:>6.2f}x "
+              f"{'':>17}  final MSE {a['mse']:.5f} vs {b['mse']:.5f} ({b['mse'] / a['mse'] - 1:+.1%}), perceptual "
+              f"{a['perceptual']:.4f} vs {b['perceptual']:.4f} ({b['perceptual'] / a['perceptual'] - 1:+.1%}), "
+              f"tuning steps {a['updates']:.1f} vs {b['updates']:.1f}")  # fmt: skip
 
 
 def main() -> None:
