@@ -171,7 +171,8 @@ def test_cli_precision_runs_and_is_recorded_in_config_json(tiny, tmp_path):
     args = ["invert", str(tmp_path / "t"), "--generator", str(tmp_path / "g.safetensors"), "--encoder",
             str(tmp_path / "e.safetensors"), "--stages", "encoder,tune", "--perceptual", "none", "--tune-steps", "2",
             "--out", str(run), "--device", "cpu", "--quiet"]  # fmt: skip
-    assert main([*args, "--precision", "bf16"]) == 0
+    assert main([*args, "--precision", "bf16", "--batch-passes"]) == 0
     options = json.loads((run / "config.json").read_text())["options"]
     assert options["tune"]["precision"] == "bf16" and options["refine"]["precision"] == "bf16"
+    assert options["tune"]["batch_passes"] is True
     assert main([*args[:-5], "--out", str(tmp_path / "r2"), "--precision", "fp16", "--dry-run"]) == 2
