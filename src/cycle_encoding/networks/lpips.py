@@ -112,13 +112,14 @@ LPIPS_NETS = {"alex": "alexnet", "vgg": "vgg16"}
 
 
 def normalize_channels(f: torch.Tensor, eps: float = NORMALIZE_EPS) -> torch.Tensor:
-    """f / (||f||_2 over channels + eps), as LPIPS's ``normalize_tensor``, in float32 whatever ``f`` is (a bfloat16
-    map from autocast is converted first). Where all channels are exactly 0 the squared norm is raised to the
+    """f / (||f||_2 over channels + eps), as LPIPS's ``normalize_tensor``, in float32 or wider (a bfloat16 map from
+    autocast is converted first). Where the squared norm is 0 (all channels exactly 0) it is raised to the
     smallest normal float before the square root: the value there is unchanged (0 / (~1e-19 + eps) = 0), but the
     square root's gradient at 0 (infinite, times 0: NaN) never reaches the network; elsewhere nothing changes, bit
     for bit. bfloat16 feature maps have such all-zero pixels far more often than float32 ones."""
-    f = f.float()
-    sq = torch.sum(f * f, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    if f.dtype in (torch.bfloat16, torch.float16):
+        f = f.float()
+    sq = torch.sum(f * f, dim=1, keepdim=True).clamp_min(torch.finfo(f.dtype).tiny)
     return f / (torch.sqrt(sq) + eps)
 
 
