@@ -92,14 +92,14 @@ def test_bf16_refinement_gives_a_float32_pivot_near_the_fp32_one(tiny):
     data = TensorDataset(own_images(G, 16, seed=1), name="own images")
     out = {}
     for prec in ("fp32", "bf16"):
-        refiner = RegularizedRefiner(G, E, data, RefineConfig(steps=4, num_random=3, lr=1e-3, precision=prec),
+        refiner = RegularizedRefiner(G, E, data, RefineConfig(steps=4, num_random=3, lr=1e-3, precision=prec, noise_mode="const"),
                                      LossNetworks(P), image_size=16)  # fmt: skip
         out[prec] = refiner.refine(x, seed=0)
     a, b = out["fp32"], out["bf16"]
     assert b.pivot.dtype == torch.float32
     assert abs(b.first_target_loss - a.first_target_loss) < 0.03 * a.first_target_loss
     assert float((b.pivot - a.pivot).norm() / a.pivot.norm()) < 0.02
-    assert b.target_loss < b.first_target_loss
+    assert abs(b.target_loss - a.target_loss) < 0.05 * a.target_loss
 
 
 def test_autocast_fp32_is_no_context_and_bf16_lowers_convolutions():
