@@ -129,5 +129,9 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group. A barrier first, so that no rank tears its connections down while another still
+    uses them: a rank that left early made its peer abort at exit ("terminate called without an active exception")
+    now and then on a loaded machine."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
