@@ -247,3 +247,15 @@ def test_cli_resume_finishes_a_stopped_run(fake_fmnist: Path, tmp_path: Path, ca
     assert sorted(train_records(part.run_dir)) == [4, 5, 6]
     pv = read_native_header(part.run_dir / "classifier.safetensors")["provenance"]
     assert pv["steps"] == 6 and pv["command"] == "cycle-encoding train-classifier --max-steps 6"
+
+
+def test_cli_progress_bar_or_lines(fake_fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--progress: a bar with its total (redrawn) where asked, no redraws in a log; the record lines either way."""
+    args = ["train-classifier", "--data", f"fashion-mnist@{fake_fmnist}", "--arch", "convnet", "--widths", "4,8",
+            "--max-steps", "3", "--log-every", "1"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "bar"), "--progress", "bar"]) == 0
+    out = capsys.readouterr()
+    assert "\r" in out.err and "3/3" in out.err
+    assert main([*args, "--out", str(tmp_path / "lines"), "--progress", "lines"]) == 0
+    out = capsys.readouterr()
+    assert "\r" not in out.err and "wrote " in out.out

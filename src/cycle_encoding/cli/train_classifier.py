@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import option_overrides, options_from
+from .common import add_progress_arg, option_overrides, options_from
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no random horizontal flips")
     p.add_argument("--config", type=Path, help="options from a YAML/JSON file (command-line options override it)")
     p.add_argument("--resume", type=Path, help="continue the run in this folder exactly where its checkpoint is")
+    add_progress_arg(p)
     p.set_defaults(func=cmd_train_classifier)
 
 
@@ -61,11 +62,11 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     if args.resume is not None:  # the command that started the run stays the one recorded
         cfg = resume_classifier_config(args.resume, option_overrides(args))
         check_output_folder(args.resume, "--resume")
-        result = train_classifier(cfg, resume=args.resume)
+        result = train_classifier(cfg, resume=args.resume, progress_mode=args.progress)
     else:
         cfg = from_mapping(ClassifierTrainConfig, options_from(args), "train-classifier")
         check_output_folder(cfg.out, "--out")
-        result = train_classifier(cfg, command=_command(args))
+        result = train_classifier(cfg, command=_command(args), progress_mode=args.progress)
     print(f"wrote {result['file']} (test accuracy {result['metrics']['accuracy']:.4f})")
     return 0
 

@@ -169,12 +169,14 @@ class ClassifierTrainer(Trainer):
         resume: str | Path | None = None,
         command: str | None = None,
         progress: Callable[[str], None] | None = print,
+        progress_mode: str = "none",
     ) -> None:
         self.say = progress or (lambda _m: None)
+        self.progress = progress_mode  # the step bar (--progress); the record lines go to ``progress``
         self.command = command
         # the order of the seeding, the draws and the model's construction is the one the shipped models were made in
         torch.set_num_threads(cfg.threads)
-        self._start(cfg, quiet=True, device="cpu")  # lines of text instead of a bar; no TensorBoard
+        self._start(cfg, quiet=False, device="cpu", tensorboard=False)  # record lines, a bar by --progress
         if self.dist.world_size > 1:
             raise CycleEncodingError("train-classifier runs in one process: start it without torchrun")
         torch.manual_seed(cfg.seed)
@@ -351,10 +353,11 @@ def train_classifier(
     command: str | None = None,
     progress: Callable[[str], None] | None = print,
     resume: str | Path | None = None,
+    progress_mode: str = "none",
 ) -> dict[str, Any]:
     """Train (or go on with the run in ``resume``), test, export (see the module doc); what
-    :meth:`ClassifierTrainer.finish` returns."""
-    trainer = ClassifierTrainer(cfg, resume=resume, command=command, progress=progress)
+    :meth:`ClassifierTrainer.finish` returns. ``progress_mode``: the step bar, as ``--progress``."""
+    trainer = ClassifierTrainer(cfg, resume=resume, command=command, progress=progress, progress_mode=progress_mode)
     try:
         trainer.run()
         return trainer.finish()

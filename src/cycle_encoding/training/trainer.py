@@ -54,11 +54,12 @@ class Trainer:
     run_dir: Path
 
     # -- set-up ---------------------------------------------------------------------------------------------
-    def _start(self, cfg: Any, quiet: bool, device: str | None = None) -> None:
+    def _start(self, cfg: Any, quiet: bool, device: str | None = None, tensorboard: bool | None = None) -> None:
         """Rank handling: join the process group (under torchrun) and pick this rank's device (``device``, else
-        ``cfg.device``). ``quiet``: no progress bar and no TensorBoard."""
+        ``cfg.device``). ``quiet``: no progress bar and no TensorBoard; ``tensorboard`` overrides the latter."""
         self.cfg = cfg
         self.quiet = quiet
+        self.tensorboard = not quiet if tensorboard is None else tensorboard
         base_device = resolve_device(device if device is not None else cfg.device)
         self.dist = dd.init_distributed(base_device)
         self.device = dd.rank_device(base_device, self.dist)
@@ -68,7 +69,12 @@ class Trainer:
         self.run_dir = self._setup_run_dir(resume)
         if resume is not None:
             self._load_checkpoint(self.run_dir / "checkpoint.pt")
-        self.log = RunLog(self.run_dir, self.dist.is_main, tensorboard=not self.quiet, scalar_kinds=self.scalar_kinds)
+        self.log = RunLog(
+            self.run_dir,
+            self.dist.is_main,
+            tensorboard=self.tensorboard,
+            scalar_kinds=self.scalar_kinds,
+        )
 
     def run_label(self) -> str:
         raise NotImplementedError
