@@ -169,6 +169,14 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     return G
 
 
+def open_generator_arg(generator: str | Path | Generator, device: torch.device) -> tuple[Generator, str | None]:
+    """A generator given as a network (moved to ``device``, eval mode, gradients off) or as a file (loaded): the
+    generator and the file it came from (None for a network)."""
+    if isinstance(generator, Generator):
+        return generator.to(device).eval().requires_grad_(False), None
+    return load_generator(generator, device=device), str(generator)
+
+
 def save_generator(G: Generator, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
     """Write ``G`` in the project's own format (safetensors + architecture and provenance JSON)."""
     tensors = {k: v for k, v in G.state_dict().items()}

@@ -160,17 +160,12 @@ class _Shared:
         device: str | torch.device,
         loss_options: dict[str, Any],
     ) -> None:
-        from ..checkpoints.generator import load_generator
+        from ..checkpoints.generator import open_generator_arg
         from ..inversion.delta import weights_sha256
         from ..utils import resolve_device
 
         self.device = resolve_device(device)
-        if isinstance(generator, Generator):
-            self.G = generator.to(self.device).eval().requires_grad_(False)
-            self.generator_file: str | None = None
-        else:
-            self.G = load_generator(generator, device=self.device)
-            self.generator_file = str(generator)
+        self.G, self.generator_file = open_generator_arg(generator, self.device)
         self.G_sha256 = weights_sha256(self.G)
         self.encoder = encoder
         self.loss_options = dict(loss_options)
@@ -485,7 +480,7 @@ class Editor:
     ) -> None:
         """Edit given codes ``[1, N, w_dim]`` (or ``[N, w_dim]``; e.g. the ``pivot`` of an exported ``codes.npz``),
         rendered by ``generator`` (e.g. an exported tuned generator; default: the base)."""
-        from ..checkpoints.generator import load_generator
+        from ..checkpoints.generator import open_generator_arg
 
         p = torch.as_tensor(np.asarray(pivot) if isinstance(pivot, np.ndarray) else pivot).detach().float().cpu()
         p = p[None] if p.ndim == 2 else p
@@ -496,12 +491,11 @@ class Editor:
             )
         G = None
         if generator is not None:
-            G = generator if isinstance(generator, Generator) else load_generator(generator, self._s.device)
+            G, _ = open_generator_arg(generator, self._s.device)
             if G.config != G0.config:
                 raise CycleEncodingError(
                     "the generator given has another architecture than the editor's base generator"
                 )
-            G = G.to(self._s.device).eval().requires_grad_(False)
         x = self.load_image(target) if target is not None else None
         self._set(p, G, x, name, "codes")
         self.result = None

@@ -67,7 +67,7 @@ class Inverter:
         progress: bool | str = False,
         **options: Any,
     ) -> None:
-        from ..checkpoints.generator import load_generator
+        from ..checkpoints.generator import open_generator_arg
 
         self.config = make_config(config, **options)
         cfg = self.config
@@ -80,12 +80,7 @@ class Inverter:
 
         self.progress = resolve_progress(progress)  # bar, lines or none; a bar per stage only for "bar"
 
-        if isinstance(generator, Generator):
-            self.G = generator.to(self.device).eval().requires_grad_(False)
-            self.generator_file: str | None = None
-        else:
-            self.G = load_generator(generator, device=self.device)
-            self.generator_file = str(generator)
+        self.G, self.generator_file = open_generator_arg(generator, self.device)
         self.g_sha256 = weights_sha256(self.G)
 
         self.source: EncoderSource | None = None
