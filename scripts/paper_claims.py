@@ -44,9 +44,10 @@ PAIRS = {"pullover-coat": ("Coat", "Pullover"), "sneaker-boot": ("Ankle boot", "
 class Row:
     key: str
     title: str
-    pivot: str  # which pivot: enc:<encoder>:<offsets>, refine, project
-    tune: str | None  # None, "reg" (locality regularizer), "noreg"
+    pivot: str  # which pivot: enc:<encoder>:<offsets>, refine, refine-fresh, refine-bf16, project
+    tune: str | None  # None, "reg" (locality regularizer), "noreg", "reg-bf16"
     lec_encoder: str  # encoder:offsets used for LEC
+    needs: str | None = None  # the option that must be given for this row (an extra encoder)
 
 
 ROWS = (
@@ -58,7 +59,26 @@ ROWS = (
     Row("cycle-tune-noreg", "Cycle + tune, no regularizer", "enc:cycle:all", "noreg", "cycle:all"),
     Row("full", "Cycle + refine + tune (full method)", "refine", "reg", "cycle:all"),
     Row("pti", "PTI (W projection + tune)", "project", "noreg", "cycle:all"),
+    # rows that isolate one setting each
+    Row("cycle-refine-fresh", "Cycle + refine, fresh Ranger", "refine-fresh", None, "cycle:all"),
+    Row("full-fresh", "Cycle + refine (fresh Ranger) + tune", "refine-fresh", "reg", "cycle:all"),
+    Row(
+        "cycle-zg-none",
+        "Cycle encoder trained with `--zero-grad none`, all offsets",
+        "enc:cycle_zg:all",
+        None,
+        "cycle_zg:all",
+        needs="cycle_zg",
+    ),
+    Row("full-bf16", "full method, `--precision bf16`", "refine-bf16", "reg-bf16", "cycle:all"),
 )
+ENCODERS = ("w", "e4e", "cycle", "cycle_zg")
+
+
+def active_rows(options: argparse.Namespace | dict[str, Any]) -> list[Row]:
+    """The rows this run measures (a row that needs an encoder that was not given is left out)."""
+    o = options if isinstance(options, dict) else vars(options)
+    return [r for r in ROWS if r.needs is None or o.get(r.needs)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cycle", default="fmnist-encoder", help="the Cycle encoder (paper schedule)")
     p.add_argument("--e4e", default="fmnist-encoder-e4e", help="the e4e-schedule encoder")
     p.add_argument("--w", default="fmnist-encoder-w", help="the W encoder")
+    p.add_argument("--cycle-zg", default=None,
+                   help="optional: the Cycle encoder trained with --zero-grad none (adds its row)")  # fmt: skip
     p.add_argument("--out", default="out/claims")
     p.add_argument("--per-class", type=int, default=40, help="test images of each edit class (default 40)")
     p.add_argument("--others", type=int, default=40, help="test images of the other six classes (default 40)")
@@ -164,7 +186,7 @@ class Context:
 
         self.args = args
         self.G = load_generator(args.generator)
-        self.sources = {k: load_encoder_source(getattr(args, k)) for k in ("w", "e4e", "cycle")}
+        self.sources = {k: load_encoder_source(getattr(args, k)) for k in ENCODERS if getattr(args, k)}
         self.E = {k: s.encoder for k, s in self.sources.items()}
         self.nets = build_loss_networks("fmnist-features", None, "fmnist-features", None, torch.device("cpu"))
         self.perceptual = build_perceptual("fmnist-features")
@@ -172,10 +194,16 @@ class Context:
         cyc = self.sources["cycle"]
         size = int(cyc.image_size or self.G.resolution)
         train = open_training_images(cyc.train_data or "fashion-mnist", size, self.G.img_channels, args.cycle)
-        self.refiner = RegularizedRefiner(
-            self.G, self.E["cycle"], train, RefineConfig(steps=args.refine_steps), self.nets,
-            optimizer_state=cyc.optimizer_state, optimizer_settings=cyc.optimizer_settings, image_size=size,
-        )  # fmt: skip
+        variants = {"refine": {}, "refine-fresh": {"optimizer_state": "fresh"}, "refine-bf16": {"precision": "bf16"}}
+        self.refiners = {
+            key: RegularizedRefiner(
+                self.G, self.E["cycle"], train, RefineConfig(steps=args.refine_steps, **extra), self.nets,
+                optimizer_state=cyc.optimizer_state, optimizer_settings=cyc.optimizer_settings, image_size=size,
+                source=args.cycle,
+            )
+            for key, extra in variants.items()
+        }  # fmt: skip
+        self.rows = active_rows(args)
         self.directions = make_directions(args, out)
         self.classes = list(self.eval_net.outputs)
 
@@ -205,15 +233,16 @@ def measure_image(ctx: Context, position: int, index: int, label: int) -> tuple[
     x = test_image(index)
     pivots: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
-    for key in ("w", "e4e", "cycle"):
+    for key in ctx.E:
         for offsets in ("all", "trained"):
             if key != "cycle" and offsets == "trained":
                 continue
             pivots[f"enc:{key}:{offsets}"], seconds[f"enc:{key}:{offsets}"] = timed(
                 encoder_pivot, ctx.E[key], x, offsets
             )
-    r, seconds["refine"] = timed(ctx.refiner.refine, x, stage_seed(a.seed, position, "refine"))
-    pivots["refine"] = r.pivot.detach()
+    for name, refiner in ctx.refiners.items():  # the same seed: the same random training images
+        r, seconds[name] = timed(refiner.refine, x, stage_seed(a.seed, position, "refine"))
+        pivots[name] = r.pivot.detach()
     pc = ProjectConfig(steps=a.project_steps)
     p, seconds["project"] = timed(project_w, G, x, ctx.nets, pc, stage_seed(a.seed, position, "project"))
     pivots["project"] = p.pivot.detach()
@@ -221,15 +250,16 @@ def measure_image(ctx: Context, position: int, index: int, label: int) -> tuple[
     tuned: dict[tuple[str, str], Any] = {}
     recons: dict[str, torch.Tensor] = {}
     out: dict[str, Any] = {"position": position, "index": index, "label": label, "rows": {}}
-    for row in ROWS:
+    for row in ctx.rows:
         pivot = pivots[row.pivot]
-        secs = seconds[row.pivot] + (seconds["enc:cycle:all"] if row.pivot == "refine" else 0.0)
+        secs = seconds[row.pivot] + (seconds["enc:cycle:all"] if row.pivot.startswith("refine") else 0.0)
         G_row = G
         extra: dict[str, Any] = {}
         if row.tune is not None:
             cache = (row.pivot, row.tune)
             if cache not in tuned:
-                tc = TuneConfig(steps=a.tune_steps, locality=row.tune == "reg")
+                tc = TuneConfig(steps=a.tune_steps, locality=row.tune.startswith("reg-") or row.tune == "reg",
+                                precision="bf16" if row.tune.endswith("bf16") else "fp32")  # fmt: skip
                 tuned[cache] = timed(pivotal_tune, G, pivot, x, ctx.nets, tc, stage_seed(a.seed, position, "tune"))
             t, s = tuned[cache]
             G_row, secs = t.generator, secs + s
@@ -324,16 +354,46 @@ def collect(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         recs += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     recs.sort(key=lambda r: r["position"])
     table: dict[str, Any] = {}
-    for row in ROWS:
-        per = [r["rows"][row.key] for r in recs]
+    for row in active_rows(args):
+        per = [r["rows"][row.key] for r in recs if row.key in r["rows"]]
+        if not per:
+            continue
         cols: dict[str, Any] = {}
         edit_cols = sorted({c for p in per for c in p if c.startswith("edit_")})
         for col in ("mse", "ssim", "perceptual", "identity", "lec", "seconds", *edit_cols):
             vals = [p[col] for p in per if col in p]
             if vals:
-                cols[col] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cols[col] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals),
+                             "se": sd / len(vals) ** 0.5}  # fmt: skip
         table[row.key] = {"title": row.title, **cols}
-    return {"images": len(recs), "rows": table}
+    return {"images": len(recs), "rows": table, "per_image": recs}
+
+
+def class_success(m: dict[str, Any]) -> float | None:
+    """One image's class-edit success, averaged over its edit's strengths (None: not an edit class's image)."""
+    vals = [v for c, v in m.items() if c.startswith(("edit_pullover-coat", "edit_sneaker-boot"))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def paired(recs: list[dict[str, Any]], a: str, b: str, col: str) -> dict[str, float]:
+    """Row a minus row b over the images that have both: mean, its standard error, n, and the two means."""
+    import statistics
+
+    pairs = []
+    for r in recs:
+        ra, rb = r["rows"].get(a), r["rows"].get(b)
+        if ra is None or rb is None:
+            continue
+        va, vb = (class_success(x) if col == "success" else x.get(col) for x in (ra, rb))
+        if va is not None and vb is not None:
+            pairs.append((float(va), float(vb)))
+    if not pairs:
+        return {"diff": float("nan"), "se": float("nan"), "n": 0, "a": float("nan"), "b": float("nan")}
+    d = [x - y for x, y in pairs]
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return {"diff": statistics.fmean(d), "se": se, "n": len(d),
+            "a": statistics.fmean(x for x, _ in pairs), "b": statistics.fmean(y for _, y in pairs)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = json.loads((out / "results.json").read_text()).get("wall_seconds", wall)
     result.update(directions=directions, options={k: v for k, v in vars(args).items() if k != "shard"},
                   wall_seconds=wall)  # fmt: skip
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.json").write_text(json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=1))
     figure = Path(args.figure) if args.figure else None
     if args.markdown and figure is None:
         figure = Path(args.markdown).parent / "images" / "results-examples.png"
@@ -382,12 +442,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fmt(cell: dict[str, Any] | None, digits: int = 4, pct: bool = False) -> str:
+def fmt(cell: dict[str, Any] | None, digits: int = 4, pct: bool = False, se: bool = True) -> str:
+    """A cell's mean, with its standard error (over images) after a +/- when the collection has one."""
     if cell is None:
         return "n/a"
+    err = cell.get("se") if se else None
     if pct:
-        return f"{100 * cell['mean']:.1f}%"
-    return f"{cell['mean']:.{digits}f}"
+        return f"{100 * cell['mean']:.1f}%" + ("" if err is None else f" ±{100 * err:.1f}")
+    return f"{cell['mean']:.{digits}f}" + ("" if err is None else f" ±{err:.{digits}f}")
 
 
 MARKER = "<!-- everything above is written by scripts/paper_claims.py; what follows is kept on re-runs -->"
@@ -409,46 +471,85 @@ def command_line(options: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def verdicts(rows: dict[str, Any]) -> list[str]:
-    """The paper's claims, each as measured here (mean values; lower MSE / perceptual / LEC is better, higher SSIM /
-    identity-like / success is better)."""
+def compare(recs: list[dict[str, Any]], a: str, b: str, col: str, lower_is_better: bool) -> tuple[str, str]:
+    """Row a against row b on one measure, paired over images: ("better" | "worse" | "equal within noise", text).
+    Better or worse means the mean paired difference is more than two standard errors from zero."""
+    p = paired(recs, a, b, col)
+    d, se = p["diff"], p["se"]
+    if not (abs(d) > 2 * se):
+        word = "equal within noise"
+    else:
+        word = "better" if (d < 0) == lower_is_better else "worse"
+    pct = col == "success"
+    if pct:
+        text = f"{100 * p['a']:.1f}% vs {100 * p['b']:.1f}% (difference {100 * d:+.1f} ± {100 * se:.1f} points)"
+    else:
+        digits = 2 if col == "lec" else 4
+        text = f"{p['a']:.{digits}f} vs {p['b']:.{digits}f} (difference {d:+.{digits}f} ± {se:.{digits}f})"
+    return word, text
 
-    def v(key: str, col: str) -> float:
-        cell = rows[key].get(col)
-        return float("nan") if cell is None else float(cell["mean"])
 
-    def succ(key: str) -> float:
-        """The class edits' success, averaged over both edits and every strength."""
-        cols = [c for c in rows[key] if c.startswith(("edit_pullover-coat", "edit_sneaker-boot"))]
-        return sum(v(key, c) for c in cols) / max(1, len(cols))
-
+def verdicts(rows: dict[str, Any], recs: list[dict[str, Any]]) -> list[str]:
+    """The paper's claims, each as measured here, and what each isolating row shows. Every comparison is paired over
+    the same images; a difference counts when it is more than two standard errors (of the paired difference) from
+    zero, otherwise the page says "equal within noise"."""
     out = []
     for enc in ("cycle-final", "cycle-all"):
-        better = v(enc, "mse") < v("w", "mse") and v(enc, "perceptual") < v("w", "perceptual")
+        if enc not in rows:
+            continue
+        dist = {c: compare(recs, enc, "w", c, True) for c in ("mse", "perceptual")}
+        edit = {c: compare(recs, enc, "w", c, c != "success") for c in ("success", "lec")}
+        lower = all(w == "better" for w, _ in dist.values())
+        keeps = all(w != "worse" for w, _ in edit.values())
+        verdict = "holds" if lower and keeps else "does not hold"
         out.append(
-            f"- (a) {rows[enc]['title']} reconstructs better than the W encoder: **{'holds' if better else 'does not hold'}** "
-            f"(MSE {v(enc, 'mse'):.4f} vs {v('w', 'mse'):.4f}; perceptual {v(enc, 'perceptual'):.4f} vs "
-            f"{v('w', 'perceptual'):.4f})."
+            f"- (a) {rows[enc]['title']} vs the W encoder, lower distortion with W's editability: **{verdict}**. "
+            f"MSE {dist['mse'][1]}: {dist['mse'][0]}; perceptual {dist['perceptual'][1]}: {dist['perceptual'][0]}; "
+            f"class edit success {edit['success'][1]}: {edit['success'][0]}; LEC {edit['lec'][1]}: {edit['lec'][0]}."
         )
-        edits = succ(enc) > succ("e4e")
+    if "full" in rows and "pti" in rows:
+        p = paired(recs, "full", "pti", "mse")
+        ratio = p["a"] / p["b"]
         out.append(
-            f"- (a) {rows[enc]['title']} edits better than e4e: **{'holds' if edits else 'does not hold'}** by the class "
-            f"edits' success (both edits, all strengths) ({100 * succ(enc):.1f}% vs {100 * succ('e4e'):.1f}%); LEC {v(enc, 'lec'):.2f} vs "
-            f"{v('e4e', 'lec'):.2f} (lower is more consistent)."
+            f"- (b) the full method reconstructs within 10% of PTI's MSE: **{'holds' if ratio <= 1.10 else 'does not hold'}** "
+            f"(MSE {p['a']:.4f} vs {p['b']:.4f}, ratio {ratio:.2f}; perceptual "
+            f"{compare(recs, 'full', 'pti', 'perceptual', True)[1]})."
         )
-    ratio = v("full", "mse") / v("pti", "mse")
-    out.append(
-        f"- (b) the full method reconstructs close to PTI: MSE {v('full', 'mse'):.4f} vs {v('pti', 'mse'):.4f} (ratio "
-        f"{ratio:.2f}), perceptual {v('full', 'perceptual'):.4f} vs {v('pti', 'perceptual'):.4f}, SSIM "
-        f"{v('full', 'ssim'):.3f} vs {v('pti', 'ssim'):.3f}: **{'holds' if ratio <= 1.25 else 'does not hold'}** "
-        "(taking 'close' as at most 25% more MSE)."
-    )
-    edits = succ("full") > succ("pti")
-    out.append(
-        f"- (b) the full method edits better than PTI: **{'holds' if edits else 'does not hold'}** by the class edits' "
-        f"success ({100 * succ('full'):.1f}% vs {100 * succ('pti'):.1f}%); LEC {v('full', 'lec'):.2f} vs "
-        f"{v('pti', 'lec'):.2f}; brightness change {v('full', 'edit_brightness'):.3f} vs {v('pti', 'edit_brightness'):.3f}."
-    )
+        edit = {c: compare(recs, "full", "pti", c, c != "success") for c in ("success", "lec", "edit_brightness")}
+        better = edit["success"][0] == "better" or (edit["success"][0] != "worse" and edit["lec"][0] == "better")
+        out.append(
+            f"- (b) the full method edits better than PTI: **{'holds' if better else 'does not hold'}** (taking better "
+            "as: class edits succeed more often, or as often with a lower LEC). Class edit success "
+            f"{edit['success'][1]}: {edit['success'][0]}; LEC {edit['lec'][1]}: {edit['lec'][0]}; brightness change "
+            f"{edit['edit_brightness'][1]} (larger moves more)."
+        )
+    isolating = [
+        (
+            "cycle-refine",
+            "cycle-refine-fresh",
+            "the refinement with the restored Ranger state vs a fresh Ranger, pivot only",
+        ),
+        ("full", "full-fresh", "the full method with the restored state vs a fresh Ranger, after tuning"),
+        (
+            "cycle-zg-none",
+            "cycle-all",
+            "the all-offsets encoder trained with `--zero-grad none` vs the authors' zero_grad",
+        ),
+        ("full-bf16", "full", "the full method in bf16 vs fp32"),
+    ]
+    for a, b, what in isolating:
+        if a not in rows or b not in rows:
+            continue
+        parts = []
+        for col, label in (("mse", "MSE"), ("perceptual", "perceptual"), ("success", "class edit success"),
+                           ("lec", "LEC")):  # fmt: skip
+            word, text = compare(recs, a, b, col, col != "success")
+            parts.append(f"{label} {text}: {word}")
+        if a == "full-bf16":
+            sa, sb = rows[a].get("seconds"), rows[b].get("seconds")
+            if sa and sb:
+                parts.append(f"{sb['mean'] / sa['mean']:.2f}x the speed")
+        out.append(f"- {what}: " + "; ".join(parts) + ".")
     return out
 
 
@@ -508,7 +609,7 @@ def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
         "brightness change | LEC | s/image |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in ROWS:
+    for row in active_rows(o):
         r = rows[row.key]
         lines.append(
             f"| {row.title} | {fmt(r.get('mse'))} | {fmt(r.get('ssim'), 3)} | {fmt(r.get('perceptual'))} | "
@@ -522,10 +623,22 @@ def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
             f"![examples]({os.path.relpath(figure, base)})",
             "",
             "Columns: the first test image of each class. Rows: the input, then the rows of the table in order ("
-            + ", ".join(r.title for r in ROWS)
+            + ", ".join(r.title for r in active_rows(o))
             + ").",
         ]
-    lines += ["", "## The claims, as measured", "", *verdicts(rows), "", MARKER, ""]
+    lines += [
+        "",
+        "## The claims, as measured",
+        "",
+        "Each comparison is paired over the same images: the difference of the two rows' means with its standard error "
+        "(of the per-image differences); a difference counts when it is more than two standard errors from zero, "
+        "otherwise it is called equal within noise. Table cells give the mean ± its standard error over images.",
+        "",
+        *verdicts(rows, result.get("per_image", [])),
+        "",
+        MARKER,
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -548,7 +661,7 @@ def write_figure(args: argparse.Namespace, out: Path, figure: Path) -> None:
         if not (out / "examples" / f"{pos}.pt").is_file():
             continue
         ex = torch.load(out / "examples" / f"{pos}.pt", weights_only=True)
-        cols.append(torch.cat([ex["target"], *(ex[row.key] for row in ROWS)], dim=1))
+        cols.append(torch.cat([ex["target"], *(ex[row.key] for row in active_rows(args))], dim=1))
     grid = torch.cat(cols, dim=2)
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=3, mode="nearest")[0]
     figure.parent.mkdir(parents=True, exist_ok=True)

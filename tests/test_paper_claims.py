@@ -41,30 +41,59 @@ def test_selection_is_the_first_images_of_each_class(pc):
     assert len(others) == 40 and len(set(others)) == 6
 
 
-def record(pos: int, mse: dict[str, float], success: dict[str, float]) -> dict:
+def record(pos: int, mse: dict[str, float], success: dict[str, float], rows_present: tuple[str, ...]) -> dict:
     rows = {}
-    for row in ("w", "e4e", "cycle-final", "cycle-all", "cycle-refine", "cycle-tune-noreg", "full", "pti"):
+    for row in rows_present:
         rows[row] = {"mse": mse.get(row, 0.1), "ssim": 0.5, "perceptual": 10 * mse.get(row, 0.1), "identity": 0.9,
-                     "lec": 20.0, "seconds": 1.0, "edit_pullover-coat": success.get(row, 0.0),
+                     "lec": 20.0 + pos % 3, "seconds": 1.0, "edit_pullover-coat": success.get(row, 0.0),
                      "edit_pullover-coat@6": success.get(row, 0.0), "edit_brightness": 0.05}  # fmt: skip
     return {"position": pos, "index": pos, "label": 2, "rows": rows}
 
 
+MAIN_ROWS = ("w", "e4e", "cycle-final", "cycle-all", "cycle-refine", "cycle-tune-noreg", "full", "pti")
+
+
 def test_collect_averages_records_and_verdicts_follow_the_numbers(pc, tmp_path):
-    recs = [record(0, {"cycle-final": 0.05, "w": 0.1, "full": 0.02, "pti": 0.019}, {"cycle-final": 1.0}),
-            record(1, {"cycle-final": 0.07, "w": 0.1, "full": 0.02, "pti": 0.021}, {"cycle-final": 0.0})]  # fmt: skip
+    recs = []
+    for pos in range(12):
+        jitter = 0.01 * (pos % 4)
+        mse = {"w": 0.1 + jitter, "cycle-final": 0.06 + jitter + 0.002 * (pos % 2), "cycle-all": 0.1 + jitter,
+               "full": 0.02 + jitter / 10, "pti": 0.0195 + jitter / 10, "cycle-refine": 0.08 + jitter,
+               "cycle-refine-fresh": 0.1 + jitter}  # fmt: skip
+        success = {"cycle-final": float(pos % 2), "w": float(pos % 2), "cycle-all": 0.0 if pos % 3 else 1.0,
+                   "full": float(pos % 2), "pti": float(pos % 2)}  # fmt: skip
+        recs.append(record(pos, mse, success, (*MAIN_ROWS, "cycle-refine-fresh")))
     (tmp_path / "shard-0.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     args = pc.parse_args(["--out", str(tmp_path)])
     result = pc.collect(args, tmp_path)
-    assert result["images"] == 2
-    assert result["rows"]["cycle-final"]["mse"]["mean"] == pytest.approx(0.06)
-    assert result["rows"]["cycle-final"]["edit_pullover-coat"]["mean"] == pytest.approx(0.5)
-    text = "\n".join(pc.verdicts(result["rows"]))
-    assert "final stage reconstructs better than the W encoder: **holds**" in text
-    assert "final stage edits better than e4e: **holds**" in text
-    assert "all offsets reconstructs better than the W encoder: **does not hold**" in text
-    assert "reconstructs close to PTI" in text and "(ratio 1.00)" in text
+    assert result["images"] == 12
+    rows = result["rows"]
+    assert rows["cycle-final"]["mse"]["mean"] == pytest.approx(0.075 + 0.001)
+    assert rows["cycle-final"]["edit_pullover-coat"]["mean"] == pytest.approx(0.5)
+    # the standard error over images: the sample standard deviation / sqrt(n)
+    vals = [r["rows"]["w"]["mse"] for r in recs]
+    mean = sum(vals) / 12
+    sd = (sum((v - mean) ** 2 for v in vals) / 11) ** 0.5
+    assert rows["w"]["mse"]["se"] == pytest.approx(sd / 12**0.5)
+    assert "full-fresh" not in rows and "cycle-zg-none" not in rows  # not measured / not asked for: left out
+    text = "\n".join(pc.verdicts(rows, result["per_image"]))
+    # lower distortion than W (beyond two standard errors), same success and LEC: holds
+    assert "final stage vs the W encoder, lower distortion with W's editability: **holds**" in text
+    # the same MSE as W: does not hold
+    assert "all offsets vs the W encoder, lower distortion with W's editability: **does not hold**" in text
+    assert "within 10% of PTI's MSE: **holds**" in text and "ratio 1.02" in text
     assert "edits better than PTI: **does not hold**" in text
+    assert "restored Ranger state vs a fresh Ranger, pivot only: MSE 0.0950 vs 0.1150" in text
+    assert "MSE 0.0950 vs 0.1150 (difference -0.0200 ± 0.0000): better" in text
+
+
+def test_paired_comparison_calls_noise_equal(pc):
+    recs = [{"rows": {"a": {"mse": 0.1 + 0.01 * (i % 2)}, "b": {"mse": 0.1 + 0.01 * ((i + 1) % 2)}}} for i in range(10)]
+    word, text = pc.compare(recs, "a", "b", "mse", True)
+    assert word == "equal within noise" and "difference +0.0000" in text
+    recs = [{"rows": {"a": {"mse": 0.2 + 0.001 * i}, "b": {"mse": 0.1}}} for i in range(10)]
+    assert pc.compare(recs, "a", "b", "mse", True)[0] == "worse"
+    assert pc.compare(recs, "a", "b", "mse", False)[0] == "better"
 
 
 def test_hand_written_part_survives_a_rewrite(pc, tmp_path):
