@@ -64,23 +64,17 @@ def test_images(n: int | None = None) -> torch.Tensor:
 def generator_metrics(G: Any) -> dict[str, Any]:
     from cycle_encoding.data.fashion_mnist import load_split, pad_to_32, to_unit_range
     from cycle_encoding.editing import load_classifier
-    from cycle_encoding.metrics import classifier_frechet_distance
+    from cycle_encoding.metrics import classifier_frechet_distance, generator_sample_metrics
 
     clf = load_classifier("fmnist-eval")
-    g = torch.Generator().manual_seed(0)
-    fakes = []
-    for _ in range(0, FD_SAMPLES, 500):
-        z = torch.randn(500, G.z_dim, generator=g)
-        fakes.append(G(z, noise_mode="const").clamp(-1, 1))
-    fake = torch.cat(fakes)
     test = test_images()
+    m = generator_sample_metrics(G, clf, test, FD_SAMPLES, seed=0)
     train_images, _ = load_split("train")
     idx = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(1))[:FD_SAMPLES].numpy()
     train = pad_to_32(to_unit_range(train_images[idx]))[:, None]
-    fd = classifier_frechet_distance(fake, test, clf)
     floor = classifier_frechet_distance(train, test, clf)
-    counts = torch.bincount(clf(fake).argmax(1), minlength=10).tolist()
-    return {"fd": fd, "floor": floor, "class_counts": dict(zip(clf.outputs, counts, strict=True))}
+    return {"fd": {k: m[k] for k in ("name", "fd", "images_a", "images_b", "dims")}, "floor": floor,
+            "class_counts": m["class_counts"]}  # fmt: skip
 
 
 def ship_generator(run: Path, grid: Path) -> Path:

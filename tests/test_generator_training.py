@@ -255,3 +255,76 @@ def test_cli_dry_run_resume_and_errors(data_root, tmp_path, capsys):
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
     with pytest.raises(CycleEncodingError, match="resolution must be a power of two"):
         config(data_root, tmp_path, resolution=24)
+
+
+def tiny_classifier(tmp_path: Path) -> Path:
+    """A random 3-output grey 16-px classifier, saved in the project's format (the metric only needs features)."""
+    from cycle_encoding.checkpoints.classifier import save_classifier
+    from cycle_encoding.networks.classifier import AttributeClassifier, ClassifierConfig
+
+    torch.manual_seed(3)
+    clf = AttributeClassifier(ClassifierConfig(outputs=("a", "b", "c"), input_size=16, in_channels=1, widths=(4, 8)))
+    return save_classifier(clf, tmp_path / "clf.safetensors")
+
+
+def test_sample_metrics_equal_an_independent_computation(tmp_path):
+    from scipy import linalg
+
+    from cycle_encoding.checkpoints.classifier import load_classifier
+    from cycle_encoding.metrics import generator_sample_metrics
+
+    torch.manual_seed(0)
+    G = ce.Generator(ce.GeneratorConfig(resolution=16, style_dim=32, n_mlp=2, channel_base=256, channel_max=32,
+                                        img_channels=1))  # fmt: skip
+    clf = load_classifier(tiny_classifier(tmp_path))
+    ref = torch.rand(50, 1, 16, 16) * 2 - 1
+    m = generator_sample_metrics(G, clf, ref, samples=60, seed=5, batch_size=25)
+    # by hand: the same draws (25, 25, 10 from one seeded CPU generator), features, Gaussian fit, sqrtm
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        fake = torch.cat([G(torch.randn(n, 32, generator=g), noise_mode="const").clamp(-1, 1) for n in (25, 25, 10)])
+        fa, fb = clf.embed(fake).double().numpy(), clf.embed(ref).double().numpy()
+        labels = clf(fake).argmax(1)
+    s1, s2 = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    d = fa.mean(0) - fb.mean(0)
+    fd = d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(linalg.sqrtm(s1 @ s2)))
+    assert m["fd"] == pytest.approx(fd, rel=1e-6, abs=1e-9)
+    assert m["class_counts"] == {k: int((labels == i).sum()) for i, k in enumerate(("a", "b", "c"))}
+    assert sum(m["class_counts"].values()) == 60
+    assert m["min_class_share"] == pytest.approx(min(m["class_counts"].values()) / 60)
+    assert "not the Inception FID" in m["name"]
+
+
+def test_metric_records_leave_training_unchanged_and_a_plateau_stops_the_run(data_root, tmp_path):
+    clf = str(tiny_classifier(tmp_path))
+    ref = f"fashion-mnist:train@{data_root}"
+    plain = GeneratorTrainer(config(data_root, tmp_path, name="plain"), quiet=True)
+    plain.run()
+    plain.close()
+    kw = dict(metric_every=2, metric_samples=40, metric_classifier=clf, metric_reference=ref)
+    timed = GeneratorTrainer(config(data_root, tmp_path, name="metric", **kw), quiet=True)
+    timed.run()
+    timed.close()
+    # the metric draws from its own generator: the training is the same, bit for bit
+    assert timed.weights_digest() == plain.weights_digest()
+    recs = [json.loads(line) for line in (timed.run_dir / "log.jsonl").read_text().splitlines()]
+    metrics = [r for r in recs if r["kind"] == "metric"]
+    assert [r["step"] for r in metrics] == [2, 4, 6, 8]
+    assert all(r["samples"] == 40 and r["reference_images"] == 40 and math.isfinite(r["fd"]) for r in metrics)
+    assert all(sum(r["class_counts"].values()) == 40 for r in metrics)
+    assert not any(r["kind"] == "stop" for r in recs)
+    # a margin no evaluation can meet: the run stops after the second evaluation, checkpointed there
+    stop = GeneratorTrainer(config(data_root, tmp_path, name="stop", metric_patience=1, metric_min_improvement=1.0,
+                                   **kw), quiet=True)  # fmt: skip
+    summary = stop.run()
+    stop.close()
+    assert summary["step"] == 4
+    recs = [json.loads(line) for line in (stop.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "stop"] == [4]
+    assert torch.load(stop.run_dir / "checkpoint.pt", weights_only=True)["step"] == 4
+    back = GeneratorTrainer(config(data_root, tmp_path, name="stop", metric_patience=1, metric_min_improvement=1.0,
+                                   **kw), resume=stop.run_dir, quiet=True)  # fmt: skip
+    assert [h["step"] for h in back.metric_history] == [2, 4]  # the curve survives resuming
+    back.close()
+    with pytest.raises((ValueError, CycleEncodingError), match="metric_classifier"):
+        load_generator_train_config({"data": str(tmp_path), "metric_every": 2})  # a folder: no default classifier

@@ -481,3 +481,46 @@ def classifier_frechet_distance(
         "images_b": len(fb),
         "dims": int(fa.shape[1]),
     }
+
+
+@torch.no_grad()
+def generator_sample_metrics(
+    G: Any,
+    classifier: Any,
+    reference: torch.Tensor,
+    samples: int = 10_000,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> dict[str, Any]:
+    """How well a generator covers its domain, by a classifier: the classifier FD between ``samples`` images of G
+    (``z ~ N(0, I)`` from a CPU generator seeded with ``seed``, drawn ``batch_size`` at a time; constant noise; no
+    truncation) and the ``reference`` images [N, C, H, W] in [-1, 1], and how many samples the classifier puts in
+    each of its classes. Returns :func:`classifier_frechet_distance`'s fields plus ``class_counts`` (output name ->
+    count) and ``min_class_share`` (the rarest class's share of the samples)."""
+    if samples < 2:
+        raise CycleEncodingError(f"the generator metrics need at least 2 samples, got {samples}")
+    g = torch.Generator().manual_seed(seed)
+    dev = next((p.device for p in G.parameters()), torch.device("cpu"))
+    was_training = G.training
+    G.eval()
+    try:
+        fakes = []
+        for i in range(0, samples, batch_size):
+            z = torch.randn(min(batch_size, samples - i), G.z_dim, generator=g)
+            fakes.append(G(z.to(dev), noise_mode="const").clamp(-1, 1).float().cpu())
+    finally:
+        G.train(was_training)
+    fake = torch.cat(fakes)
+    out = classifier_frechet_distance(fake, reference, classifier, batch_size)
+    cdev = next((p.device for p in classifier.parameters()), torch.device("cpu"))
+    labels = torch.cat(
+        [classifier(fake[i : i + batch_size].to(cdev)).argmax(1).cpu() for i in range(0, samples, batch_size)]
+    )
+    names = list(getattr(classifier, "outputs", None) or [])
+    k = max(len(names), int(labels.max()) + 1)
+    counts = torch.bincount(labels, minlength=k).tolist()
+    names += [str(i) for i in range(len(names), k)]
+    out["class_counts"] = dict(zip(names, counts, strict=True))
+    out["min_class_share"] = min(counts) / samples
+    out["samples"] = samples
+    return out

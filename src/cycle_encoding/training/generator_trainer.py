@@ -108,6 +108,12 @@ class GeneratorTrainConfig:
     generator: GeneratorArch = field(default_factory=GeneratorArch)
     discriminator: DiscriminatorArch = field(default_factory=DiscriminatorArch)
     sample_count: int = 64
+    metric_every: int = 0  # classifier FD of g_ema every N steps and at the end (0: never)
+    metric_samples: int = 10_000
+    metric_classifier: str | None = None  # default: fmnist-eval for fashion-mnist (required for other data)
+    metric_reference: str | None = None  # reference images; default: the data's test split (fashion-mnist:test)
+    metric_patience: int = 0  # stop when this many evaluations in a row miss the best FD by the margin (0: never)
+    metric_min_improvement: float = 0.02  # the margin: a relative improvement of the best FD that counts
     log_every: int = 50
     image_every: int = 1000
     checkpoint_every: int = 1000
@@ -126,6 +132,27 @@ class GeneratorTrainConfig:
             raise ValueError(f"mixing_prob must be in [0, 1], got {self.mixing_prob}")
         if self.ema_kimg < 0:
             raise ValueError(f"ema_kimg must be >= 0, got {self.ema_kimg}")
+        if self.metric_every < 0 or self.metric_patience < 0:
+            raise ValueError("metric_every and metric_patience must be >= 0")
+        if self.metric_samples < 2:
+            raise ValueError(f"metric_samples must be >= 2, got {self.metric_samples}")
+        if self.metric_every and self.classifier_name is None:
+            raise ValueError("metric_every needs metric_classifier (a classifier file of this domain)")
+
+    @property
+    def classifier_name(self) -> str | None:
+        """The metric's classifier: as given, or the shipped fmnist-eval for Fashion-MNIST."""
+        if self.metric_classifier is not None:
+            return self.metric_classifier
+        return "fmnist-eval" if str(self.data).partition(":")[0] == "fashion-mnist" else None
+
+    @property
+    def reference_spec(self) -> str:
+        """The metric's reference images: as given, or the data's test split for a registered dataset (else the data)."""
+        if self.metric_reference is not None:
+            return self.metric_reference
+        name = str(self.data).partition(":")[0]
+        return f"{name}:test" if name == "fashion-mnist" else str(self.data)
 
     @property
     def channels(self) -> int:
@@ -235,6 +262,7 @@ class GeneratorTrainer(Trainer):
     checkpoint_format = CHECKPOINT_FORMAT
     checkpoint_version = CHECKPOINT_VERSION
     checkpoint_kind = "cycle-encoding train-generator"
+    scalar_kinds = ("train", "metric")
 
     def __init__(
         self,
@@ -279,6 +307,8 @@ class GeneratorTrainer(Trainer):
         self.mean_path_length = 0.0
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in training steps, over all resumed parts
+        self.metric_history: list[dict[str, Any]] = []  # (step, fd) of every evaluation, over resumed parts
+        self._metric_inputs: tuple[Any, torch.Tensor] | None = None
         self._open_run(resume)
 
     # -- set-up -----------------------------------------------------------------------------------------
@@ -316,6 +346,7 @@ class GeneratorTrainer(Trainer):
         return {
             "train_seconds": self.train_seconds,
             "mean_path_length": self.mean_path_length,
+            "metric_history": self.metric_history,
         }
 
     def stateful(self) -> dict[str, Any]:
@@ -329,6 +360,7 @@ class GeneratorTrainer(Trainer):
         set_rng_state(rank_state["rng"], self.gen)
         self.train_seconds = float(ck.get("train_seconds", 0.0))
         self.mean_path_length = float(ck.get("mean_path_length", 0.0))
+        self.metric_history = list(ck.get("metric_history", []))
 
     # -- one step -----------------------------------------------------------------------------------------
     def _fake(self, batch: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,11 +528,67 @@ class GeneratorTrainer(Trainer):
     def on_checkpoint(self) -> None:
         self.export()
 
+    # -- the sample metric (classifier FD) and the plateau stop ----------------------------------------------
+    def _metric_networks(self) -> tuple[Any, torch.Tensor]:
+        if self._metric_inputs is None:
+            from ..checkpoints.classifier import load_classifier
+            from ..data.datasets import open_dataset
+
+            cfg = self.cfg
+            clf = load_classifier(str(cfg.classifier_name), self.device)
+            ref = open_dataset(cfg.reference_spec, cfg.resolution, cfg.channels, "test")
+            n = min(len(ref), cfg.metric_samples)
+            images = torch.stack([ref.load(i) for i in range(n)])
+            self._metric_inputs = (clf, images)
+        return self._metric_inputs
+
+    def evaluate(self) -> dict[str, Any]:
+        """The classifier FD of g_ema's samples to the reference images now, with the samples' classes; logged as a
+        ``metric`` record (its numbers also to TensorBoard)."""
+        from ..metrics import generator_sample_metrics
+
+        t0 = time.perf_counter()
+        clf, ref = self._metric_networks()
+        m = generator_sample_metrics(self.g_ema, clf, ref, self.cfg.metric_samples, seed=0)
+        rec = {"kind": "metric", "step": self.step, "kimg": self.step * self.cfg.batch_size / 1000,
+               "time": time.time(), "fd": m["fd"], "fd_name": m["name"], "reference": self.cfg.reference_spec,
+               "reference_images": m["images_b"], "samples": m["samples"], "min_class_share": m["min_class_share"],
+               "class_counts": m["class_counts"], "seconds": time.perf_counter() - t0}  # fmt: skip
+        self._log(rec)
+        self.metric_history.append({"step": self.step, "fd": m["fd"], "min_class_share": m["min_class_share"]})
+        return rec
+
+    def plateau_reached(self) -> bool:
+        """True when the last ``metric_patience`` evaluations all missed the best earlier FD by less than the margin
+        (a relative improvement of ``metric_min_improvement``)."""
+        k = self.cfg.metric_patience
+        fds = [h["fd"] for h in self.metric_history]
+        if k <= 0 or len(fds) <= k:
+            return False
+        best_before = min(fds[:-k])
+        return all(f > best_before * (1 - self.cfg.metric_min_improvement) for f in fds[-k:])
+
+    def after_log(self, last: bool) -> None:
+        every = self.cfg.metric_every
+        if not every or not (self.step % every == 0 or last):
+            return
+        if self.dist.is_main:
+            rec = self.evaluate()
+            shares = ", ".join(f"{k} {100 * v / rec['samples']:.1f}%" for k, v in rec["class_counts"].items())
+            self.message(f"step {self.step}: FD {rec['fd']:.2f} ({shares})")
+        stop = dd.all_reduce_mean({"stop": float(self.dist.is_main and self.plateau_reached())}, self.dist)["stop"]
+        if stop > 0 and not last:
+            self.request_stop(
+                f"the FD has not improved by {100 * self.cfg.metric_min_improvement:g}% on its best for "
+                f"{self.cfg.metric_patience} evaluations"
+            )
+
     def end_fields(self) -> dict[str, Any]:
         return {"train_seconds": self.train_seconds}
 
 
-RESUME_OVERRIDES = ("max_steps", "log_every", "image_every", "checkpoint_every", "device")
+RESUME_OVERRIDES = ("max_steps", "log_every", "image_every", "checkpoint_every", "device", "metric_every",
+                    "metric_samples", "metric_patience", "metric_min_improvement")  # fmt: skip
 
 
 def resume_generator_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> GeneratorTrainConfig:

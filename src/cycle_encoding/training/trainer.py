@@ -211,6 +211,21 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         self.log.write(record)
 
+    def message(self, line: str) -> None:
+        """A line for the person watching (rank 0, not when quiet), above the progress bar while there is one."""
+        if not self.dist.is_main or self.quiet:
+            return
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.say(line)
+        else:
+            print(line, flush=True)
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after this step as if it were the last (pictures, checkpoint, ``stop`` record); every rank
+        must ask at the same step (decide on rank 0 and share it)."""
+        self._stop_reason = reason
+
     def weights_digest(self) -> str:
         """sha256 over the networks' state dicts (to check that processes hold identical networks)."""
         h = hashlib.sha256()
@@ -230,6 +245,8 @@ class Trainer:
             self.on_start()
         mode = "none" if not self.dist.is_main or self.quiet else self.progress
         bar = Progress(end, self.desc, "step", mode, heartbeat=60, initial=self.step)
+        self._bar = bar
+        self._stop_reason: str | None = None
         t_last = time.perf_counter()
         steps_since = 0
         while self.step < end:
@@ -244,12 +261,19 @@ class Trainer:
                 self._log(rec)
                 bar.postfix(**self.postfix(logs))
             self.after_log(last)
+            if self._stop_reason is not None and not last:
+                last = True
+                self._log({"kind": "stop", "step": self.step, "time": time.time(), "reason": self._stop_reason})
+                self.message(f"stopping at step {self.step}: {self._stop_reason}")
             if self.saves_images and self.dist.is_main and (self.step % cfg.image_every == 0 or last):
                 self.save_grid()
             if self.step % cfg.checkpoint_every == 0 or last:
                 self.save_checkpoint()
                 self.on_checkpoint()
+            if self._stop_reason is not None:
+                break
         bar.close()
+        self._bar = None
         digests = dd.gather_objects(self.weights_digest(), self.dist)
         summary = {"kind": "end", "step": self.step, "time": time.time(), **self.end_fields(),
                    "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests}  # fmt: skip
