@@ -8,7 +8,8 @@ Starting from a copy of the pretrained G for each image, Adam (lr 3e-4, betas 0.
          + [locality regularizer]   0.1 * MSE(G_orig(w_r), G(w_r)) + 0.1 * P(G_orig(w_r), G(w_r)),
            w_r = w_p + alpha (w_z - w_p) / ||w_z - w_p||,  w_z = mapping(z) truncated at 0.5, z ~ N(0, I),
            alpha = 30, ||.|| the Frobenius norm over the whole N x w_dim code, every step, one sample,
-           both images without noise (``noise_mode="none"``, as PTI's regularizer renders them).
+           both images without noise (``noise_mode="none"``, as PTI's regularizer renders them; with
+           ``locality_noise_mode="random"`` both get the same noise, drawn from the tuning's seeded generator).
 
 Early stop as PTI's coach does it: at each step the current G renders the pivot; when P(G(w_p), x) <= threshold
 (0.07, the Cycle Encoding authors' value; upstream PTI 0.06) the loop ends before updating, so the returned G is one
@@ -93,18 +94,25 @@ def locality_codes(
     return pivot + alpha * d / norm
 
 
-def _stacked_noise(G: Generator, count: int, mode: str) -> list[torch.Tensor]:
-    """Noise for a batch [pivot, ``count`` regularizer codes]: G's constant noise for the pivot's row, and for the
-    others what ``mode`` says (zeros for ``"none"``: adding 0 leaves the activation exactly as without noise)."""
+def locality_noise(G: Generator, mode: str, count: int, gen: torch.Generator) -> list[torch.Tensor | None]:
+    """The noise of the regularizer's ``count`` renders per noise layer, the same for the tuned and the original G:
+    None for ``"none"``, G's constant noise for ``"const"``, and for ``"random"`` a draw from the tuning's seeded
+    generator ``gen`` (layer by layer, after the step's codes), so a run repeats and each image's draws are its own."""
+    bufs = G.noise_buffers()
+    if mode == "none":
+        return [None] * len(bufs)
+    if mode == "const":
+        return [n.expand(count, *n.shape[1:]) for n in bufs]
+    return [torch.randn(count, *n.shape[1:], generator=gen).to(n.device) for n in bufs]
+
+
+def _stacked_noise(G: Generator, rest: list[torch.Tensor | None], count: int) -> list[torch.Tensor]:
+    """Noise for a batch [pivot, regularizer codes]: G's constant noise for the pivot's row, ``rest`` (from
+    ``locality_noise``) for the others; zeros where ``rest`` has none (adding 0 leaves the activation exactly as
+    without noise)."""
     out = []
-    for n in G.noise_buffers():
-        if mode == "none":
-            rest = n.new_zeros(count, *n.shape[1:])
-        elif mode == "const":
-            rest = n.expand(count, *n.shape[1:])
-        else:
-            rest = torch.randn(count, *n.shape[1:], device=n.device, dtype=n.dtype)
-        out.append(torch.cat([n, rest]))
+    for n, r in zip(G.noise_buffers(), rest):
+        out.append(torch.cat([n, n.new_zeros(count, *n.shape[1:]) if r is None else r]))
     return out
 
 
@@ -144,11 +152,12 @@ def pivotal_tune(
                 # one pass of the tuned G on [pivot, w_r...] (the w_r rows without noise or with G's constant noise,
                 # as the regularizer asks), one perceptual call on both pairs: the same terms as two passes
                 wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
-                noise = _stacked_noise(tuned, wr.shape[0], c.locality_noise_mode)
+                rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
+                noise = _stacked_noise(tuned, rest, wr.shape[0])
                 with autocast(device, c.precision):
                     both = tuned.synthesis(torch.cat([pivot, wr]), noise=noise).float()
                     with torch.no_grad():  # the frozen original: no gradient, no activations kept
-                        old = G.synthesis(wr, noise_mode=c.locality_noise_mode).float()  # type: ignore[arg-type]
+                        old = G.synthesis(wr, noise=rest).float()
                 y, new = both[:1], both[1:]
                 if perceptual is not None:
                     with autocast(device, c.precision):
@@ -179,10 +188,11 @@ def pivotal_tune(
             if regularize:
                 if wr is None:
                     wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
+                    rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
                     with autocast(device, c.precision):
-                        new = tuned.synthesis(wr, noise_mode=c.locality_noise_mode)  # type: ignore[arg-type]
+                        new = tuned.synthesis(wr, noise=rest)
                         with torch.no_grad():  # the frozen original: no gradient, no activations kept
-                            old = G.synthesis(wr, noise_mode=c.locality_noise_mode)  # type: ignore[arg-type]
+                            old = G.synthesis(wr, noise=rest)
                     new, old = new.float(), old.float()
                 assert new is not None and old is not None
                 reg = c.locality_l2_lambda * F.mse_loss(new, old)

@@ -1,0 +1,151 @@
+"""Pivotal tuning of several images at once (``pivotal_tune_many``) against ``pivotal_tune`` on each image alone:
+
+- the stacked renderer equals G's own rendering of each image's weights (within float rounding: grouped
+  convolutions over several images sum in another order);
+- one Adam over stacked weights is each row's own Adam, bit for bit (for-loop and fused);
+- fp32: each image's tuned weights, step losses, number of updates and early stop equal tuning it alone (three
+  images, two of which stop early at different steps, the third runs to the end), also with the regularizer's
+  random noise, which each image draws from its own seeded generator;
+- bf16: the batched images stay as close to the images tuned alone in bf16 as bf16 itself is to fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cycle_encoding.inversion import TuneConfig, pivotal_tune
+from cycle_encoding.inversion.common import LossNetworks
+from cycle_encoding.inversion.tune_batch import pivotal_tune_many, stack_parameters, stacked_synthesis
+from tests.conftest import make_tiny_generator, own_images, stand_in_perceptual
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SEEDS = [10, 11, 12]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    G = make_tiny_generator(resolution=16)
+    xs = own_images(G, 3, seed=7)
+    with torch.no_grad():
+        piv = G.mapping(torch.randn(3, G.z_dim, generator=torch.Generator().manual_seed(5)), truncation=0.7)
+    return {"G": G, "P": stand_in_perceptual(), "pivots": list(piv[:, None]), "targets": list(xs[:, None])}
+
+
+def change_distance(a: torch.nn.Module, b: torch.nn.Module, base: torch.nn.Module) -> float:
+    """||a - b|| over all weights, relative to how far ``a`` moved from ``base``."""
+    sa, sb, s0 = a.state_dict(), b.state_dict(), base.state_dict()
+    num = sum(float((sa[k] - sb[k]).square().sum()) for k in s0)
+    den = sum(float((sa[k] - s0[k]).square().sum()) for k in s0)
+    return (num / den) ** 0.5
+
+
+def test_stacked_synthesis_renders_each_images_own_weights(tiny):
+    G = tiny["G"]
+    P = stack_parameters(G, 3)
+    copies = []
+    with torch.no_grad():
+        for i in range(3):  # every image's weights made different
+            for k in P:
+                P[k][i] += 0.05 * (i + 1) * torch.randn(P[k].shape[1:], generator=torch.Generator().manual_seed(i))
+            Gi = copy.deepcopy(G)
+            for k, p in Gi.named_parameters():
+                if k in P:
+                    p.copy_(P[k][i])
+            copies.append(Gi)
+        ws = torch.stack([torch.cat([tiny["pivots"][i], tiny["pivots"][(i + 1) % 3]]) for i in range(3)])  # b = 2
+        for mode in ("const", "none"):
+            noise = None if mode == "const" else [None] * G.config.num_noises
+            y = stacked_synthesis(G, P, ws, noise)
+            for i in range(3):
+                ref = copies[i].synthesis(ws[i], noise_mode=mode)
+                assert torch.allclose(y[i], ref, rtol=1e-5, atol=1e-5), (mode, i)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_adam_over_stacked_weights_is_each_rows_own_adam(fused):
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(7, 5, generator=gen) for _ in range(3)]
+    apart = [r.clone().requires_grad_(True) for r in rows]
+    stacked = torch.stack(rows).requires_grad_(True)
+    kw = {"fused": True} if fused else {}
+    opts = [torch.optim.Adam([p], lr=1e-2, **kw) for p in apart]
+    opt = torch.optim.Adam([stacked], lr=1e-2, **kw)
+    for _ in range(4):
+        grads = [torch.randn(7, 5, generator=gen) for _ in range(3)]
+        for p, o, g in zip(apart, opts, grads):
+            p.grad = g.clone()
+            o.step()
+        stacked.grad = torch.stack(grads)
+        opt.step()
+    assert all(torch.equal(stacked[i], apart[i]) for i in range(3))
+
+
+def _threshold_stopping_at(losses: list[dict], step: int) -> float:
+    """A stop threshold that ``losses`` (a run without early stop) first meets at ``step``, far from the values."""
+    p = [r["perceptual"] for r in losses]
+    above = min(p[:step])
+    assert p[step] < above, "the perceptual distance must fall to a new low at that step"
+    return (p[step] + above) / 2
+
+
+def _tune_alone(tiny, cfg: TuneConfig) -> list:
+    return [
+        pivotal_tune(tiny["G"], tiny["pivots"][i], tiny["targets"][i], LossNetworks(tiny["P"]), cfg, seed=SEEDS[i])
+        for i in range(3)
+    ]
+
+
+@pytest.mark.parametrize("batch_passes,noise", [(False, "none"), (True, "random")])
+def test_fp32_batched_tuning_equals_each_image_alone_with_early_stops(tiny, batch_passes, noise):
+    G = tiny["G"]
+    base = TuneConfig(steps=8, lr=3e-3, locality_alpha=3.0, stop_threshold=None, batch_passes=batch_passes,
+                      locality_noise_mode=noise)  # fmt: skip
+    free = _tune_alone(tiny, base)
+    # a threshold that image 0 meets at step 4; image 1 meets it later, image 2 not within the steps
+    cfg = TuneConfig(**{**base.__dict__, "stop_threshold": _threshold_stopping_at(free[0].losses, 4)})
+    alone = _tune_alone(tiny, cfg)
+    seen: dict[int, list[dict]] = {0: [], 1: [], 2: []}
+    many = pivotal_tune_many(G, tiny["pivots"], tiny["targets"], LossNetworks(tiny["P"]), cfg, SEEDS,
+                             on_step=lambda i, r: seen[i].append(r))  # fmt: skip
+    assert [a.stopped_early for a in alone] == [True, True, False]
+    assert alone[0].updates == 4 < alone[1].updates < alone[2].updates == 8
+    for i, (a, b) in enumerate(zip(alone, many, strict=True)):
+        assert (b.updates, b.stopped_early) == (a.updates, a.stopped_early), i
+        assert seen[i] == b.losses
+        assert len(b.losses) == len(a.losses)
+        for ra, rb in zip(a.losses, b.losses):
+            assert set(ra) == set(rb)
+            for k in ("l2", "perceptual", "locality", "loss"):
+                if k in ra:
+                    assert rb[k] == pytest.approx(ra[k], rel=2e-5, abs=1e-7), (i, ra["step"], k)
+        wa, wb = a.generator.state_dict(), b.generator.state_dict()
+        for k in wa:
+            assert torch.allclose(wb[k], wa[k], rtol=1e-4, atol=1e-6), (i, k)
+        assert change_distance(a.generator, b.generator, G) < 1e-3
+        assert not b.generator.training and not any(p.requires_grad for p in b.generator.parameters())
+
+
+def test_bf16_batched_tuning_stays_within_bf16s_own_distance(tiny):
+    G = tiny["G"]
+    cfg = TuneConfig(steps=8, lr=3e-3, locality_alpha=3.0, stop_threshold=None, precision="bf16")
+    fp32 = _tune_alone(tiny, TuneConfig(**{**cfg.__dict__, "precision": "fp32"}))
+    alone = _tune_alone(tiny, cfg)
+    many = pivotal_tune_many(G, tiny["pivots"], tiny["targets"], LossNetworks(tiny["P"]), cfg, SEEDS)
+    for r, a, b in zip(fp32, alone, many, strict=True):
+        own = change_distance(r.generator, a.generator, G)  # bf16 alone against fp32 alone
+        assert change_distance(a.generator, b.generator, G) < 2 * own + 1e-3
+        assert change_distance(r.generator, b.generator, G) < 2 * own + 1e-3
+        assert all(p.dtype == torch.float32 for p in b.generator.parameters())
+        assert b.updates == a.updates == 8
+        for ra, rb in zip(a.losses, b.losses, strict=True):
+            assert rb["loss"] == pytest.approx(ra["loss"], rel=0.05)
+
+
+def test_bad_input_is_refused_in_one_line(tiny):
+    with pytest.raises(ValueError, match="2 pivots but 1 targets"):
+        pivotal_tune_many(tiny["G"], tiny["pivots"][:2], tiny["targets"][:1])
+    assert pivotal_tune_many(tiny["G"], [], []) == []
