@@ -149,3 +149,73 @@ def test_bad_input_is_refused_in_one_line(tiny):
     with pytest.raises(ValueError, match="2 pivots but 1 targets"):
         pivotal_tune_many(tiny["G"], tiny["pivots"][:2], tiny["targets"][:1])
     assert pivotal_tune_many(tiny["G"], [], []) == []
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory):
+    """A generator file, an encoder file, a folder of 5 targets and one unreadable image, a stand-in perceptual."""
+    import cycle_encoding as ce
+    from cycle_encoding.checkpoints.native import default_provenance
+    from cycle_encoding.losses.perceptual import register_perceptual, unregister_perceptual
+    from cycle_encoding.utils import save_image
+    from tests.conftest import tiny_encoder
+
+    root = tmp_path_factory.mktemp("tb")
+    G = make_tiny_generator(resolution=16)
+    ce.save_generator(G, root / "g.safetensors")
+    E = tiny_encoder(G)
+    ce.save_encoder(E, root / "e.safetensors", provenance=default_provenance(), trained_stage=0)
+    targets = root / "targets"
+    for i, im in enumerate(own_images(G, 5, seed=9)):
+        save_image(im, targets / f"img{i}.png")
+    (targets / "img5.png").write_bytes(b"not a png")
+    register_perceptual("test-tune-batch-stand-in", lambda d, w: stand_in_perceptual().to(d), "tests", replace=True)
+    yield root
+    unregister_perceptual("test-tune-batch-stand-in")
+
+
+def test_invert_with_tune_batch_gives_each_image_its_one_by_one_results(run_files, tmp_path, capsys):
+    """``invert --tune-batch 3`` over 5 images (+1 unreadable): batches of 3 and 2 (the unreadable one fails alone);
+    every image's files equal the one-by-one run's (pivots bit for bit, tuning within float rounding), and the run's
+    config.json records the batch."""
+    import json
+
+    from cycle_encoding.checkpoints.native import read_native
+    from cycle_encoding.cli import main
+    from cycle_encoding.inversion import load_generator_delta
+
+    def invert(out, *extra):
+        return main(["invert", str(run_files / "targets"), "--generator", str(run_files / "g.safetensors"),
+                     "--encoder", str(run_files / "e.safetensors"), "--stages", "encoder,tune", "--perceptual",
+                     "test-tune-batch-stand-in", "--identity", "none", "--tune-steps", "6", "--tune-lr", "3e-3",
+                     "--locality-alpha", "3", "--stop-threshold", "0.3", "--out", str(out), "--device", "cpu",
+                     "--progress", "lines", *extra])  # fmt: skip
+
+    assert invert(tmp_path / "one") == 3  # the unreadable image fails
+    capsys.readouterr()
+    assert invert(tmp_path / "batch", "--tune-batch", "3") == 3
+    err = capsys.readouterr().err
+    assert "tuned in a batch of 3" in err and "tuned in a batch of 2" in err and "img5: FAILED" in err
+    assert "(3 images) tune: step 1/6" in err  # the batch's progress
+    cfg = json.loads((tmp_path / "batch" / "config.json").read_text())
+    assert cfg["options"]["tune_batch"] == 3
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["options"]["tune_batch"] == 1
+    stops = []
+    for i in range(5):
+        a, b = (tmp_path / r / "images" / f"img{i}" for r in ("one", "batch"))
+        ra, rb = (json.loads((d / "result.json").read_text()) for d in (a, b))
+        assert rb["tune"].pop("batch") == (3 if i < 3 else 2)
+        assert ra["tune"] == rb["tune"]
+        stops.append(ra["tune"]["stopped_early"])
+        for k, v in ra["metrics"]["tune"].items():
+            assert rb["metrics"]["tune"][k] == pytest.approx(v, rel=1e-4), (i, k)
+        assert ra["metrics"]["encoder"] == rb["metrics"]["encoder"]
+        pa, pb = (read_native(d / "pivots.safetensors").tensors for d in (a, b))
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+        ga, gb = (load_generator_delta(d / "generator_delta.safetensors", run_files / "g.safetensors") for d in (a, b))
+        wa, wb = ga.state_dict(), gb.state_dict()
+        assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
+        la, lb = ([json.loads(s) for s in (d / "losses.jsonl").read_text().splitlines()] for d in (a, b))
+        assert [r["step"] for r in la] == [r["step"] for r in lb]
+        assert all(y["loss"] == pytest.approx(x["loss"], rel=1e-4) for x, y in zip(la, lb) if "loss" in x)
+    assert any(stops) and not all(stops), "fixture: some images must stop early, others not"

@@ -59,6 +59,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--precision", "_precision", str,
      "compute precision of refine and tune: fp32 (default, the authors' loops exactly) or bf16 (bfloat16 autocast, "
      "fp32 weights, losses and optimizer; faster where the CPU or GPU has bf16 units)"),
+    ("--tune-batch", "tune_batch", int,
+     "tune this many images at once (each its own generator copy, one batched pass; the same results as one by one "
+     "within float rounding; default 1: one by one, the authors' loop)"),
     ("--delta-level", "delta_level", int, "zlib level of the stored generator change, 0-9 (default 1)"),
 ]  # fmt: skip
 

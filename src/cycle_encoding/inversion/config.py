@@ -35,6 +35,9 @@ class InversionConfig:
     seed: int = 0
     save_delta: bool = True
     delta_level: int = 1  # zlib level of the stored generator change (1: fast; 9 gains ~2%)
+    # images tuned at once over a folder or list (tune_batch.py: each its own weights, one batched pass; the same
+    # result as one by one within float rounding); 1: one by one with pivotal_tune, the authors' loop
+    tune_batch: int = 1
     refine: RefineConfig = field(default_factory=RefineConfig)
     project: ProjectConfig = field(default_factory=ProjectConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -54,6 +57,8 @@ class InversionConfig:
             raise ValueError("stage 'tune' needs a pivot: list encoder, refine or project before it")
         if self.offsets not in OFFSETS:
             raise ValueError(f"offsets must be one of {', '.join(OFFSETS)}, got {self.offsets!r}")
+        if isinstance(self.tune_batch, bool) or not isinstance(self.tune_batch, int) or self.tune_batch < 1:
+            raise ValueError(f"tune_batch must be a whole number >= 1, got {self.tune_batch!r}")
         if not 0 <= self.delta_level <= 9:
             raise ValueError("delta_level is a zlib level, 0-9")
         object.__setattr__(self, "stages", stages)

@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,17 @@ from .pivot import encoder_pivot, resolve_stage
 from .project import project_w
 from .refine import EncoderSource, RegularizedRefiner, load_encoder_source, open_training_images
 from .result import InversionResult
-from .run_folder import image_lock, image_state, invert_into_folder, prepare_run_dir, write_summary
+from .run_folder import (
+    image_lock,
+    image_state,
+    invert_group_into_folders,
+    invert_into_folder,
+    prepare_run_dir,
+    write_summary,
+)
 from .targets import list_targets
 from .tune import pivotal_tune
+from .tune_batch import pivotal_tune_many
 
 
 def _sync(device: torch.device) -> None:
@@ -290,18 +299,84 @@ class Inverter:
 
         ``on_step(record)`` sees each optimization step's losses; ``on_stage(stage, result)`` each finished stage.
         """
+        res = self.invert_many(
+            [image], [index], [name], on_step=None if on_step is None else (lambda i, r: on_step(r)),
+            on_stage=None if on_stage is None else (lambda i, s, r: on_stage(s, r)),
+        )  # fmt: skip
+        return res[0]
+
+    def invert_many(
+        self,
+        images: Sequence[Any],
+        indices: Sequence[int] | None = None,
+        names: Sequence[str | None] | None = None,
+        on_step: Callable[[int, dict[str, Any]], None] | None = None,
+        on_stage: Callable[[int, str, InversionResult], None] | None = None,
+    ) -> list[InversionResult]:
+        """``invert`` for several images: the stages before tuning image by image, then the tuning of all of them at
+        once (``pivotal_tune_many``: each image its own generator copy, one batched pass; the results are the ones
+        ``invert`` gives each image within float rounding). One image is tuned by ``pivotal_tune`` itself. The
+        callbacks get the image's position in ``images`` first. ``timings["tune"]`` is the batch's time over its
+        images."""
         cfg = self.config
-        if name is None:
-            source = image if isinstance(image, (str, Path)) else getattr(image, "filename", None)
-            name = Path(source).stem if source else f"image{index}"
-        x = self.load_image(image)
-        res = InversionResult(name=name, target=x.cpu(), base_generator=self.G)
+        indices = list(range(len(images))) if indices is None else list(indices)
+        names = [None] * len(images) if names is None else list(names)
+        if not len(images) == len(indices) == len(names):
+            raise CycleEncodingError(f"{len(images)} images, {len(indices)} indices and {len(names)} names")
+        results: list[InversionResult] = []
+        pivots: list[torch.Tensor | None] = []
+        for k, (image, index, name) in enumerate(zip(images, indices, names)):
+            if name is None:
+                source = image if isinstance(image, (str, Path)) else getattr(image, "filename", None)
+                name = Path(source).stem if source else f"image{index}"
+            x = self.load_image(image)
+            res = InversionResult(name=name, target=x.cpu(), base_generator=self.G)
+            pivots.append(self._pivot_stages(x, index, res, _bind(on_step, k), _bind(on_stage, k)))
+            results.append(res)
+        # 3. Pivotal tuning: G tuned so that G(pivot) becomes the target, the pivot of the last stage before kept.
+        if "tune" in cfg.stages:
+            t0, _ = self._start_stage("tune", indices[0])
+            seeds = [stage_seed(cfg.seed, i, "tune") for i in indices]
+            xs = [r.target.to(self.device) for r in results]
+            if len(results) == 1:
+                hook = _bind(on_step, 0)
+                one = pivotal_tune(self.G, pivots[0], xs[0], self.nets, cfg.tune, seeds[0],
+                                   lambda r: _record(results[0], hook, r))  # fmt: skip
+                tuned = [one]
+            else:
+
+                def many_hook(k: int, rec: dict[str, Any]) -> None:
+                    _record(results[k], _bind(on_step, k), rec)
+
+                tuned = pivotal_tune_many(self.G, pivots, xs, self.nets, cfg.tune, seeds, many_hook)  # type: ignore[arg-type]
+            _sync(self.device)
+            per_image = (time.perf_counter() - t0) / len(results)
+            for k, (res, t, x) in enumerate(zip(results, tuned, xs)):
+                res.generator = t.generator
+                res.tune = {"updates": t.updates, "stopped_early": t.stopped_early,
+                            "pivot_stage": [s for s in res.pivots][-1]}  # fmt: skip
+                if len(results) > 1:
+                    res.tune["batch"] = len(results)
+                pivot = pivots[k]
+                assert pivot is not None
+                self._finish_stage("tune", time.perf_counter() - per_image, pivot, t.generator, x, res,
+                                   _bind(on_stage, k))  # fmt: skip
+        return results
+
+    def _pivot_stages(
+        self,
+        x: torch.Tensor,
+        index: int,
+        res: InversionResult,
+        on_step: Callable[[dict[str, Any]], None] | None,
+        on_stage: Callable[[str, InversionResult], None] | None,
+    ) -> torch.Tensor | None:
+        """The stages before tuning on one image (its target ``x``): the last one's pivot."""
+        cfg = self.config
         pivot: torch.Tensor | None = None
 
         def step_hook(rec: dict[str, Any]) -> None:
-            res.losses.append(rec)
-            if on_step is not None:
-                on_step(rec)
+            _record(res, on_step, rec)
 
         # 1. The encoder's pivot: w = E(x).
         if "encoder" in cfg.stages:
@@ -323,16 +398,7 @@ class Inverter:
             t0, seed = self._start_stage("project", index)
             pivot = project_w(self.G, x, self.project_nets, cfg.project, seed, step_hook).pivot
             self._finish_stage("project", t0, pivot, self.G, x, res, on_stage)
-        # 3. Pivotal tuning: G tuned so that G(pivot) becomes the target, the pivot of the last stage before kept.
-        if "tune" in cfg.stages:
-            t0, seed = self._start_stage("tune", index)
-            assert pivot is not None
-            t = pivotal_tune(self.G, pivot, x, self.nets, cfg.tune, seed, step_hook)
-            res.generator = t.generator
-            res.tune = {"updates": t.updates, "stopped_early": t.stopped_early,
-                        "pivot_stage": [s for s in res.pivots][-1]}  # fmt: skip
-            self._finish_stage("tune", t0, pivot, t.generator, x, res, on_stage)
-        return res
+        return pivot
 
     def _start_stage(self, stage: str, index: int) -> tuple[float, int]:
         """The stage's start time (after the device's queued work) and the seed of its random draws."""
@@ -409,31 +475,49 @@ class Inverter:
         failed: list[dict[str, str]] = []
         busy: list[dict[str, str]] = []
         late: list[str] = []  # finished by another process between the plan and this image's turn
-        for k, i in enumerate(mine):
-            head = f"{prefix}[{k + 1}/{len(mine)}] {names[i]}"
-            try:
-                with image_lock(out, names[i]) as mine_now:
-                    if not mine_now:
-                        busy.append({"name": names[i], "file": str(files[i])})
-                        warn(f"{head}: being inverted by another process: left to it")
+        size = self.config.tune_batch if "tune" in self.config.stages else 1
+        for start in range(0, len(mine), size):
+            group = list(enumerate(mine))[start : start + size]
+            with ExitStack() as locks:
+                claimed: list[tuple[int, int, str]] = []  # (position, image index, head)
+                for k, i in group:
+                    head = f"{prefix}[{k + 1}/{len(mine)}] {names[i]}"
+                    try:
+                        if not locks.enter_context(image_lock(out, names[i])):
+                            busy.append({"name": names[i], "file": str(files[i])})
+                            warn(f"{head}: being inverted by another process: left to it")
+                            continue
+                        if image_state(out, names[i], files[i]) == "done":
+                            late.append(names[i])
+                            say(f"{head}: finished by another process meanwhile: skipped")
+                            continue
+                    except Exception as e:  # one bad image must not stop the batch
+                        self._failed(e, names[i], files[i], head, failed, warn, debug)
                         continue
-                    if image_state(out, names[i], files[i]) == "done":
-                        late.append(names[i])
-                        say(f"{head}: finished by another process meanwhile: skipped")
-                        continue
-                    rec = invert_into_folder(self, files[i], names[i], i, out / "images" / names[i], head, say, warn)
+                    claimed.append((k, i, head))
+                if not claimed:
+                    continue
+                if len(claimed) == 1:
+                    k, i, head = claimed[0]
+                    try:
+                        recs: list[Any] = [invert_into_folder(self, files[i], names[i], i, out / "images" / names[i],
+                                                              head, say, warn)]  # fmt: skip
+                    except Exception as e:
+                        recs = [e]
+                else:
+                    first, last = claimed[0][0] + 1, claimed[-1][0] + 1
+                    items = [(files[i], names[i], i, out / "images" / names[i], head) for _, i, head in claimed]
+                    recs = invert_group_into_folders(self, items, f"{prefix}[{first}-{last}/{len(mine)}]", say, warn)
+            for (_k, i, head), rec in zip(claimed, recs):
+                if isinstance(rec, Exception):
+                    self._failed(rec, names[i], files[i], head, failed, warn, debug)
+                    continue
                 done.append(names[i])
-                last = rec["stages"][-1]
-                m = rec["metrics"][last]
-                per_image(f"{head}: {last} mse {m['mse']:.4f}"
+                last_stage = rec["stages"][-1]
+                m = rec["metrics"][last_stage]
+                per_image(f"{head}: {last_stage} mse {m['mse']:.4f}"
                           + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
                           + f" ({rec['timings']['total']:.1f} s)")  # fmt: skip
-            except Exception as e:  # one bad image must not stop the batch
-                if debug:
-                    traceback.print_exc()
-                reason = str(e) if isinstance(e, CycleEncodingError) else f"{type(e).__name__}: {e}"
-                failed.append({"name": names[i], "file": str(files[i]), "reason": reason})
-                warn(f"{head}: FAILED: {reason}")
         ranks = dd.gather_objects(
             {"rank": info.rank, "done": done, "failed": failed, "busy": busy, "skipped": late}, info
         )
@@ -443,9 +527,38 @@ class Inverter:
         summary = dd.broadcast_object(summary, info)
         return summary
 
+    @staticmethod
+    def _failed(
+        e: BaseException,
+        name: str,
+        file: Path,
+        head: str,
+        failed: list[dict[str, str]],
+        warn: Callable[[str], None],
+        debug: bool,
+    ) -> None:
+        if debug:
+            traceback.print_exception(e)
+        reason = str(e) if isinstance(e, CycleEncodingError) else f"{type(e).__name__}: {e}"
+        failed.append({"name": name, "file": str(file), "reason": reason})
+        warn(f"{head}: FAILED: {reason}")
+
     def close(self) -> None:
         """Leave the process group (under torchrun)."""
         dd.shutdown(self.dist)
+
+
+def _bind(fn: Callable[..., None] | None, k: int) -> Callable[..., None] | None:
+    """A per-image callback ``fn(k, ...)`` as the one-image callback ``(...)``."""
+    if fn is None:
+        return None
+    return lambda *a: fn(k, *a)
+
+
+def _record(res: InversionResult, on_step: Callable[[dict[str, Any]], None] | None, rec: dict[str, Any]) -> None:
+    res.losses.append(rec)
+    if on_step is not None:
+        on_step(rec)
 
 
 def _open_training_images(spec: str | None, size: int, channels: int, encoder_path: str | None) -> Any:

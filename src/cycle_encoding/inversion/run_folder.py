@@ -65,7 +65,7 @@ from .result import InversionResult
 RUN_FORMAT = "cycle-encoding-inversion-run"
 RUN_VERSION = 1
 # options that may differ between the runs that fill one folder (they do not change any result)
-VOLATILE_OPTIONS = ("device",)
+VOLATILE_OPTIONS = ("device", "tune_batch")  # tune_batch: the same results within float rounding
 
 
 class Inverter(Protocol):
@@ -83,6 +83,7 @@ class Inverter(Protocol):
     network_names: Callable[[], dict[str, str]]
     load_image: Callable[..., torch.Tensor]  # (image, notes=None), as Inverter.load_image
     invert: Callable[..., InversionResult]  # (image, index, name, on_step, on_stage), as Inverter.invert
+    invert_many: Callable[..., list[InversionResult]]  # (images, indices, names, on_step, on_stage), as Inverter's
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -187,6 +188,123 @@ def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
     (out / "images").mkdir(exist_ok=True)
 
 
+class _FolderJob:
+    """One image on its way into its folder ``images/<name>/``: the target loaded, the folder made ready, its progress
+    bar and the files written after each stage (``on_stage``)."""
+
+    def __init__(
+        self,
+        inverter: Inverter,
+        file: Path,
+        name: str,
+        index: int,
+        folder: Path,
+        head: str,
+        say: Callable[[str], None],
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        self.inverter, self.file, self.name, self.index, self.folder, self.head = (
+            inverter,
+            file,
+            name,
+            index,
+            folder,
+            head,
+        )
+        self.say = say
+        cfg = inverter.config
+        self.input_sha256 = file_sha256(file) if Path(file).is_file() else None
+        self.notes: dict[str, Any] = {}
+        # an unreadable image (or one without a face) fails here, before its folder exists
+        self.x = inverter.load_image(file, self.notes)
+        if "warning" in self.notes:  # the warning shows even without verbose
+            (warn or say)(f"{head}: WARNING: {self.notes['warning']}")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "done").unlink(missing_ok=True)  # redone (its input changed): unfinished until written again
+        for stray in folder.glob(".*.tmp"):  # left by a run killed while writing
+            stray.unlink(missing_ok=True)
+        self.t_start = time.perf_counter()
+        self.totals = {"refine": cfg.refine.steps, "project": cfg.project.steps, "tune": cfg.tune.steps}
+        self.bar = StepBar(inverter.progress, head, self.totals)
+        self.lines: list[str] = []
+        self.target_written = False
+
+    def on_stage(self, stage: str, res: InversionResult) -> None:
+        inverter, folder = self.inverter, self.folder
+        self.bar.close()
+        if not self.target_written:
+            save_image(res.target[0], folder / "target.png")
+            self.target_written = True
+        if stage in PIVOT_STAGES or stage == "tune":
+            piv = {s: p[0] for s, p in res.pivots.items()}
+            if stage == "tune" and res.tune is not None:  # tuning keeps its pivot: recorded for completeness
+                piv["tune"] = piv[res.tune["pivot_stage"]]
+            save_native(folder / "pivots.safetensors", "pivots",
+                        {"num_ws": inverter.G.num_ws, "w_dim": inverter.G.w_dim, "stages": list(piv)}, piv,
+                        default_provenance(made_by="cycle-encoding invert", image=self.name))  # fmt: skip
+        save_image(res.recons[stage][0], folder / f"recon_{stage}.png")
+        text = "".join(json.dumps(r) + "\n" for r in res.losses)
+        atomic_write(folder / "losses.jsonl", lambda t: t.write_text(text))
+        m = res.metrics[stage]
+        extra = ""
+        if stage == "tune" and res.tune is not None:
+            extra = f", {res.tune['updates']} steps" + (" (early stop)" if res.tune["stopped_early"] else "")
+            if res.tune.get("batch"):
+                extra += f", tuned in a batch of {res.tune['batch']}"
+        if stage == "refine" and res.refine is not None:
+            extra = f", target L_S {res.refine['target_l_s_first']:.4f} -> {res.refine['target_l_s']:.4f}"
+        self.lines.append(f"{stage} mse {m['mse']:.4f}" + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
+                          + f"{extra} ({res.timings[stage]:.1f} s)")  # fmt: skip
+        self.say(f"{self.head}: {self.lines[-1]}")
+        self.bar.mark()
+
+    def finish(self, res: InversionResult) -> dict[str, Any]:
+        """Write the image's remaining files, ``done`` last; returns what ``result.json`` holds."""
+        inverter, folder, name, cfg = self.inverter, self.folder, self.name, self.inverter.config
+        self.bar.close()
+        record: dict[str, Any] = {
+            "name": name,
+            "file": str(self.file),
+            "input_sha256": self.input_sha256,
+            "index": self.index,
+            "rank": inverter.dist.rank,
+            "stages": list(cfg.stages),
+            "metrics": res.metrics,
+            "recon_sha256": {s: tensor_sha256(y) for s, y in res.recons.items()},
+            "networks": inverter.network_names(),
+            "device": str(inverter.device),
+            "threads": torch.get_num_threads(),  # CPU renders depend on it in their last bits (edit's check)
+            **self.notes,
+        }
+        if res.refine is not None:
+            record["refine"] = res.refine
+        if res.tune is not None:
+            record["tune"] = res.tune
+        if res.generator is not None and cfg.save_delta:
+            t0 = time.perf_counter()
+            d = save_generator_delta(
+                inverter.G, res.generator, folder / "generator_delta.safetensors",
+                base_file=Path(inverter.generator_file).name if inverter.generator_file else None,
+                provenance=default_provenance(made_by="cycle-encoding invert", image=name),
+                extra={"image": name, "pivot_stage": res.tune["pivot_stage"] if res.tune else None},
+                level=cfg.delta_level, base_sha256=inverter.g_sha256,
+            )  # fmt: skip
+            res.timings["save_delta"] = time.perf_counter() - t0
+            record["delta"] = {"file_bytes": d.file_bytes, "full_copy_bytes": d.full_copy_bytes,
+                               "ratio": round(d.ratio, 4), "changed_tensors": d.changed,
+                               "tuned_weights_sha256": d.tuned_sha256}  # fmt: skip
+        pivot_stage = list(res.pivots)[-1]
+        save_projected_w(folder / "projected_w.npz", res.pivot[0])
+        record["projected_w"] = {"file": "projected_w.npz", "stage": pivot_stage}
+        res.timings["total"] = time.perf_counter() - self.t_start
+        record["timings"] = res.timings
+        atomic_write(folder / "timings.json", lambda t: t.write_text(json.dumps(res.timings, indent=2) + "\n"))
+        atomic_write(folder / "result.json", lambda t: t.write_text(json.dumps(record, indent=2) + "\n"))
+        stamp = json.dumps({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(), "rank": inverter.dist.rank})
+        atomic_write(folder / "done", lambda t: t.write_text(stamp + "\n"))
+        return record
+
+
 def invert_into_folder(
     inverter: Inverter,
     file: Path,
@@ -200,92 +318,69 @@ def invert_into_folder(
     """Invert one image into its folder ``images/<name>/`` (see the module doc), ``done`` written last (returns what
     ``result.json`` holds). A warning
     about the target (smaller than G's images) goes to ``warn`` (else ``say``) and into ``result.json``."""
-    cfg = inverter.config
-    input_sha256 = file_sha256(file) if Path(file).is_file() else None
-    notes: dict[str, Any] = {}
-    x = inverter.load_image(file, notes)  # an unreadable image (or one without a face) fails here, before its folder
-    if "warning" in notes:  # exists; the warning shows even without verbose
-        (warn or say)(f"{head}: WARNING: {notes['warning']}")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "done").unlink(missing_ok=True)  # redone (its input changed): unfinished until written again
-    for stray in folder.glob(".*.tmp"):  # left by a run killed while writing
-        stray.unlink(missing_ok=True)
-    t_start = time.perf_counter()
-    totals = {"refine": cfg.refine.steps, "project": cfg.project.steps, "tune": cfg.tune.steps}
-    bar = StepBar(inverter.progress, head, totals)
-    lines: list[str] = []
-    target_written = False
+    job = _FolderJob(inverter, file, name, index, folder, head, say, warn)
+    res = inverter.invert(job.x, index=index, name=name, on_step=job.bar.step, on_stage=job.on_stage)
+    return job.finish(res)
 
-    def on_stage(stage: str, res: InversionResult) -> None:
-        nonlocal target_written
-        bar.close()
-        if not target_written:
-            save_image(res.target[0], folder / "target.png")
-            target_written = True
-        if stage in PIVOT_STAGES or stage == "tune":
-            piv = {s: p[0] for s, p in res.pivots.items()}
-            if stage == "tune" and res.tune is not None:  # tuning keeps its pivot: recorded for completeness
-                piv["tune"] = piv[res.tune["pivot_stage"]]
-            save_native(folder / "pivots.safetensors", "pivots",
-                        {"num_ws": inverter.G.num_ws, "w_dim": inverter.G.w_dim, "stages": list(piv)}, piv,
-                        default_provenance(made_by="cycle-encoding invert", image=name))  # fmt: skip
-        save_image(res.recons[stage][0], folder / f"recon_{stage}.png")
-        text = "".join(json.dumps(r) + "\n" for r in res.losses)
-        atomic_write(folder / "losses.jsonl", lambda t: t.write_text(text))
-        m = res.metrics[stage]
-        extra = ""
-        if stage == "tune" and res.tune is not None:
-            extra = f", {res.tune['updates']} steps" + (" (early stop)" if res.tune["stopped_early"] else "")
-        if stage == "refine" and res.refine is not None:
-            extra = f", target L_S {res.refine['target_l_s_first']:.4f} -> {res.refine['target_l_s']:.4f}"
-        lines.append(f"{stage} mse {m['mse']:.4f}" + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
-                     + f"{extra} ({res.timings[stage]:.1f} s)")  # fmt: skip
-        say(f"{head}: {lines[-1]}")
-        bar.mark()
 
-    res = inverter.invert(x, index=index, name=name, on_step=bar.step, on_stage=on_stage)
-    bar.close()
-    record: dict[str, Any] = {
-        "name": name,
-        "file": str(file),
-        "input_sha256": input_sha256,
-        "index": index,
-        "rank": inverter.dist.rank,
-        "stages": list(cfg.stages),
-        "metrics": res.metrics,
-        "recon_sha256": {s: tensor_sha256(y) for s, y in res.recons.items()},
-        "networks": inverter.network_names(),
-        "device": str(inverter.device),
-        "threads": torch.get_num_threads(),  # CPU renders depend on it in their last bits (edit's check)
-        **notes,
-    }
-    if res.refine is not None:
-        record["refine"] = res.refine
-    if res.tune is not None:
-        record["tune"] = res.tune
-    if res.generator is not None and cfg.save_delta:
-        t0 = time.perf_counter()
-        d = save_generator_delta(
-            inverter.G, res.generator, folder / "generator_delta.safetensors",
-            base_file=Path(inverter.generator_file).name if inverter.generator_file else None,
-            provenance=default_provenance(made_by="cycle-encoding invert", image=name),
-            extra={"image": name, "pivot_stage": res.tune["pivot_stage"] if res.tune else None},
-            level=cfg.delta_level, base_sha256=inverter.g_sha256,
-        )  # fmt: skip
-        res.timings["save_delta"] = time.perf_counter() - t0
-        record["delta"] = {"file_bytes": d.file_bytes, "full_copy_bytes": d.full_copy_bytes,
-                           "ratio": round(d.ratio, 4), "changed_tensors": d.changed,
-                           "tuned_weights_sha256": d.tuned_sha256}  # fmt: skip
-    pivot_stage = list(res.pivots)[-1]
-    save_projected_w(folder / "projected_w.npz", res.pivot[0])
-    record["projected_w"] = {"file": "projected_w.npz", "stage": pivot_stage}
-    res.timings["total"] = time.perf_counter() - t_start
-    record["timings"] = res.timings
-    atomic_write(folder / "timings.json", lambda t: t.write_text(json.dumps(res.timings, indent=2) + "\n"))
-    atomic_write(folder / "result.json", lambda t: t.write_text(json.dumps(record, indent=2) + "\n"))
-    stamp = json.dumps({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(), "rank": inverter.dist.rank})
-    atomic_write(folder / "done", lambda t: t.write_text(stamp + "\n"))
-    return record
+def invert_group_into_folders(
+    inverter: Inverter,
+    items: list[tuple[Path, str, int, Path, str]],
+    head: str,
+    say: Callable[[str], None],
+    warn: Callable[[str], None] | None = None,
+) -> list[dict[str, Any] | Exception]:
+    """Invert several images ``(file, name, index, folder, head)`` into their folders, as ``invert_into_folder``
+    does each, their tuning in one batch (``Inverter.invert_many``): per image the record ``result.json`` holds, or
+    the exception that stopped it (an image that cannot be read fails alone; a failure in the batched tuning fails
+    the batch). ``head`` names the batch on the tuning's progress bar."""
+    out: list[dict[str, Any] | Exception] = []
+    jobs: list[_FolderJob] = []
+    slots: list[int] = []
+    for k, (file, name, index, folder, img_head) in enumerate(items):
+        try:
+            jobs.append(_FolderJob(inverter, file, name, index, folder, img_head, say, warn))
+            slots.append(k)
+            out.append(RuntimeError("not run"))
+        except Exception as e:
+            out.append(e)
+    if not jobs:
+        return out
+    stages = inverter.config.stages
+    last_pivot = [s for s in stages if s in PIVOT_STAGES][-1]
+    totals = {"tune": inverter.config.tune.steps}
+    tune_bar = StepBar(inverter.progress, f"{head} ({len(jobs)} images)", totals)
+    last_step = -1
+
+    def on_step(k: int, rec: dict[str, Any]) -> None:
+        nonlocal last_step
+        if rec.get("stage") != "tune":
+            jobs[k].bar.step(rec)
+        elif rec["step"] > last_step:  # one bar for the batch: a step is done when its first record comes
+            last_step = rec["step"]
+            tune_bar.step(rec)
+
+    def on_stage(k: int, stage: str, res: InversionResult) -> None:
+        if stage == "tune":
+            tune_bar.close()
+        jobs[k].on_stage(stage, res)
+        if stage == last_pivot and k == len(jobs) - 1:
+            tune_bar.mark()  # the batch's tuning starts now
+
+    try:
+        results = inverter.invert_many([j.x for j in jobs], [j.index for j in jobs], [j.name for j in jobs],
+                                       on_step=on_step, on_stage=on_stage)  # fmt: skip
+    except Exception as e:
+        tune_bar.close()
+        for k in slots:
+            out[k] = e
+        return out
+    for k, job, res in zip(slots, jobs, results):
+        try:
+            out[k] = job.finish(res)
+        except Exception as e:
+            out[k] = e
+    return out
 
 
 def write_summary(
