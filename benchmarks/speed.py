@@ -14,10 +14,18 @@ them the generator reaches. Workloads (``--workloads``, comma-separated):
 - ``encoder``: the encoder's forward+backward at batch 8 (the encoder-training step's largest part);
 - ``malloc``: the 1024-px (``--malloc-resolution``) generator forward in two fresh processes, glibc malloc as is
   against ``keep_freed_memory()``;
+- ``tune-batch``: seconds per image of tuning N images one by one (``pivotal_tune``) against all N at once
+  (``pivotal_tune_many``), N in ``--tune-batch-sizes``, fp32 and bf16, at ``--tune-batch-resolutions`` (32: the shipped
+  Fashion-MNIST generator with its perceptual network; others: config-f widths, LPIPS-AlexNet with random weights),
+  each against fp32 one by one, with the final loss of each (mean over the images) and how far the batched images'
+  losses are from their one-by-one ones;
 - ``e2e``: the full method (encoder -> refine -> tune) with the shipped Fashion-MNIST models on ``--e2e-images`` of
-  examples/fashion-mnist, fp32 against bf16: seconds per image and the final MSE / perceptual distance.
+  examples/fashion-mnist, the authors' fp32 loop image by image against bf16, ``batch_passes`` and the images' tuning
+  in one batch (``Inverter.invert_many``; ``--e2e-tune-batch``): seconds per image and the final MSE / perceptual
+  distance.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py --threads 1 --workloads rates,gen,tune --tune-resolutions 64
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py --threads 1 --workloads tune-batch --tune-batch-resolutions 32,64
     python benchmarks/speed.py --device cuda --gen-resolutions 256,1024 --tune-resolutions 256,1024
 
 On a shared machine compare the ratios, not the seconds.
@@ -259,6 +267,73 @@ def bench_tune_one(r: int, P: LPIPSDistance, args: argparse.Namespace, device: t
         row(f"tune step {r}px, {fast} (s/step)", res, q, fast=fast)
 
 
+def shipped_fmnist(device: torch.device) -> tuple[Generator, Any]:
+    """The shipped Fashion-MNIST generator (32 px) and its perceptual network (fmnist-features)."""
+    from cycle_encoding.checkpoints.generator import open_generator_arg
+    from cycle_encoding.inversion import build_loss_networks
+
+    G, _ = open_generator_arg("fmnist-generator", device)
+    nets = build_loss_networks("fmnist-features", None, None, None, device, need_identity=False,
+                               domain="fashion-mnist")  # fmt: skip
+    return G.requires_grad_(False), nets.perceptual
+
+
+def bench_tune_batch(args: argparse.Namespace, device: torch.device) -> None:
+    sizes = parse_int_list(args.tune_batch_sizes)
+    header(f"tuning N images one by one against all N at once ({args.tune_steps} steps, no early stop): s per image "
+           "and step; each against fp32 one by one")  # fmt: skip
+    for r in parse_int_list(args.tune_batch_resolutions):
+        if r == 32:
+            G, P = shipped_fmnist(device)
+        else:
+            G, P = config_f(r, device), random_lpips(device)
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            xs = G(torch.randn(max(sizes), G.z_dim, generator=g).to(device), truncation=0.7).clamp(-1, 1)
+            ws = G.mapping(torch.randn(max(sizes), G.z_dim, generator=g).to(device), truncation=0.7)
+        for n in sizes:
+            bench_tune_batch_one(G, P, ws[:n, None], xs[:n, None], r, args, device)
+
+
+def bench_tune_batch_one(
+    G: Generator, P: Any, ws: torch.Tensor, xs: torch.Tensor, r: int, args: argparse.Namespace, device: torch.device
+) -> None:
+    from cycle_encoding.inversion.tune_batch import pivotal_tune_many
+
+    n = ws.shape[0]
+    seeds = list(range(n))
+
+    def run(prec: str, batched: bool) -> Callable[[], list[float]]:
+        cfg = TuneConfig(steps=args.tune_steps, stop_threshold=None, precision=prec)
+
+        def go() -> list[float]:
+            if batched:
+                out = pivotal_tune_many(G, list(ws), list(xs), LossNetworks(P), cfg, seeds)
+            else:
+                out = [pivotal_tune(G, ws[i], xs[i], LossNetworks(P), cfg, seed=seeds[i]) for i in range(n)]
+            return [t.losses[-1]["loss"] for t in out]
+
+        return go
+
+    variants = {"fp32": ("fp32", False), "fp32 batched": ("fp32", True), "bf16": ("bf16", False),
+                "bf16 batched": ("bf16", True)}  # fmt: skip
+    res = interleaved({k: run(*v) for k, v in variants.items()}, args.repeats, device)
+    for k in variants:
+        res[k]["median"] /= n * args.tune_steps
+    base = res["fp32"]["value"]
+    for k in ("fp32 batched", "bf16", "bf16 batched"):
+        v = res[k]["value"]
+        alone = res[k.split()[0]]["value"]
+        q = f"final loss {statistics.mean(base):.5f} vs {statistics.mean(v):.5f}"
+        if k.endswith("batched"):
+            dev = max(abs(b / a - 1) for a, b in zip(alone, v))
+            q += f"; batched vs one by one in {k.split()[0]}: max {dev:.1e} relative"
+            if k == "bf16 batched":
+                one = res["bf16"]["median"]
+                q += f"; {one / res[k]['median']:.2f}x over bf16 one by one"
+        row(f"tune {r}px N={n}, {k} (s/img/step)", res, q, fast=k)
+
+
 def small_or_full_encoder(G: Generator, device: torch.device, full: bool) -> Encoder4Editing:
     torch.manual_seed(1)
     kw = {} if full else {"widths": (16, 32, 64, 128), "units": (1, 1, 1, 1)}
@@ -359,29 +434,36 @@ def bench_e2e(args: argparse.Namespace, device: torch.device) -> None:
     from cycle_encoding.inversion import Inverter
 
     files = sorted((ROOT / "examples" / "fashion-mnist").glob("*.png"))[: args.e2e_images]
+    nb = args.e2e_tune_batch
     header(f"full method (encoder -> refine -> tune <= {args.e2e_tune_steps} steps), shipped Fashion-MNIST models, "
-           f"{len(files)} images: s/image (each variant against fp32; 'batch': tune.batch_passes)")  # fmt: skip
-    variants = {"fp32": ("fp32", False), "fp32+batch": ("fp32", True), "bf16": ("bf16", False),
-                "bf16+batch": ("bf16", True)}  # fmt: skip
+           f"{len(files)} images: s/image, each variant against the authors' fp32 loop image by image "
+           f"('passes': tune.batch_passes; 'batch {nb}': the images tuned {nb} at a time)")  # fmt: skip
+    # name -> (precision, batch_passes, tune batch)
+    variants = {"fp32": ("fp32", False, 1), f"fp32+batch {nb}": ("fp32", False, nb), "bf16": ("bf16", False, 1),
+                f"bf16+batch {nb}": ("bf16", False, nb), f"bf16+passes+batch {nb}": ("bf16", True, nb)}  # fmt: skip
     invs = {}
-    for k, (prec, batched) in variants.items():
+    for k, (prec, passes, _) in variants.items():
         invs[k] = Inverter("fmnist-generator", "fmnist-encoder", device=device, stages=("encoder", "refine", "tune"),
                            perceptual="fmnist-features", identity="fmnist-features", train_data="fashion-mnist",
                            refine={"precision": prec},
-                           tune={"precision": prec, "batch_passes": batched, "steps": args.e2e_tune_steps})  # fmt: skip
+                           tune={"precision": prec, "batch_passes": passes, "steps": args.e2e_tune_steps})  # fmt: skip
     per: dict[str, dict[str, list[float]]] = {k: {"sec": [], "mse": [], "perceptual": [], "updates": []} for k in invs}
-    for i, f in enumerate(files):
-        for k, inv in invs.items():  # interleaved image by image
-            sync(device)
-            t = time.perf_counter()
-            res = inv.invert(f, index=i)
-            per[k]["sec"].append(time.perf_counter() - t)
-            per[k]["mse"].append(res.metrics["tune"]["mse"])
-            per[k]["perceptual"].append(res.metrics["tune"]["perceptual"])
-            per[k]["updates"].append(res.tune["updates"] if res.tune else 0)
+    for _ in range(args.e2e_rounds):
+        for k, inv in invs.items():  # interleaved variant by variant, every variant on all images per round
+            size = variants[k][2]
+            for start in range(0, len(files), size):
+                chunk = files[start : start + size]
+                sync(device)
+                t = time.perf_counter()
+                results = inv.invert_many(chunk, list(range(start, start + len(chunk))))
+                per[k]["sec"].append((time.perf_counter() - t) / len(chunk))
+                for res in results:
+                    per[k]["mse"].append(res.metrics["tune"]["mse"])
+                    per[k]["perceptual"].append(res.metrics["tune"]["perceptual"])
+                    per[k]["updates"].append(res.tune["updates"] if res.tune else 0)
     s = {k: {q: statistics.mean(v) for q, v in per[k].items()} for k in invs}
     a = s["fp32"]
-    for k in ("fp32+batch", "bf16", "bf16+batch"):
+    for k in list(variants)[1:]:
         b = s[k]
         print(f"{'full method per image, ' + k:<34} {a['sec']:>9.2f} {b['sec']:>9.2f} {a['sec'] / b['sec']:>6.2f}x "
               f"{'':>17}  final MSE {a['mse']:.5f} vs {b['mse']:.5f} ({b['mse'] / a['mse'] - 1:+.1%}), perceptual "
@@ -391,7 +473,7 @@ def bench_e2e(args: argparse.Namespace, device: torch.device) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", default="rates,gen,tune,refine,encoder,malloc,e2e")
+    ap.add_argument("--workloads", default="rates,gen,tune,tune-batch,refine,encoder,malloc,e2e")
     ap.add_argument("--gen-resolutions", default="64,256,1024")
     ap.add_argument("--tune-resolutions", default="64,256")
     ap.add_argument("--tune-steps", type=int, default=3, help="tuning steps per timed call (default 3)")
@@ -401,6 +483,10 @@ def main() -> None:
     ap.add_argument("--malloc-resolution", type=int, default=1024)
     ap.add_argument("--e2e-images", type=int, default=3)
     ap.add_argument("--e2e-tune-steps", type=int, default=150, help="the demo's tuning budget (default 150)")
+    ap.add_argument("--e2e-tune-batch", type=int, default=8, help="images tuned at once in e2e (default 8)")
+    ap.add_argument("--e2e-rounds", type=int, default=1, help="rounds of all e2e variants over the images")
+    ap.add_argument("--tune-batch-sizes", default="1,4,8", help="tune-batch: images tuned at once")
+    ap.add_argument("--tune-batch-resolutions", default="32,64", help="tune-batch: 32 = the shipped Fashion-MNIST G")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
@@ -409,7 +495,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     work = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = set(work) - {"rates", "gen", "tune", "refine", "encoder", "malloc", "e2e"}
+    unknown = set(work) - {"rates", "gen", "tune", "tune-batch", "refine", "encoder", "malloc", "e2e"}
     if unknown:
         ap.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
@@ -421,6 +507,8 @@ def main() -> None:
         bench_gen(args, device, rates)
     if "tune" in work:
         bench_tune(args, device)
+    if "tune-batch" in work:
+        bench_tune_batch(args, device)
     if "refine" in work:
         bench_refine(args, device)
     if "encoder" in work:
