@@ -490,7 +490,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--malloc", choices=("system", "keep"), default="system",
+                    help="keep: glibc keeps freed memory in this process, as the CLI sets it (keep_freed_memory); "
+                    "batched tuning's stacked tensors exceed glibc's 32 MB mmap threshold at 64 px and up")  # fmt: skip
     args = ap.parse_args()
+    if args.malloc == "keep":
+        from cycle_encoding.ops import keep_freed_memory
+
+        if not keep_freed_memory():
+            ap.error("--malloc keep: the C library is not glibc")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -500,7 +508,7 @@ def main() -> None:
         ap.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
     print(f"device={device} ({name}) threads={torch.get_num_threads()} torch {torch.__version__} "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")  # fmt: skip
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} malloc={args.malloc}")  # fmt: skip
     rates = matmul_rates(device)
     print(f"matmul 2048x2048: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s")
     if "gen" in work:

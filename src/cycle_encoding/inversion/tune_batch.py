@@ -68,7 +68,7 @@ def _modulated_conv(
     mod = m.modulation
     s = torch.baddbmm((lin_b * mod.lr_mul)[:, None, :], style, (lin_w * mod.scale).transpose(1, 2))  # [n, b, in]
     s = s * m.scale
-    W = P[f"{name}.weight"][:, 0]  # [n, out, in, k, k]
+    W = P[f"{name}.weight"].squeeze(1)  # [n, out, in, k, k] (a view: its gradient is no full-size copy)
     _, in_channel, height, width = x.shape
     k, out_channel = m.kernel_size, m.out_channel
     xs = (x.view(n, b, in_channel, height, width) * s[:, :, :, None, None].to(x.dtype)).transpose(0, 1)
