@@ -437,20 +437,23 @@ def bench_e2e(args: argparse.Namespace, device: torch.device) -> None:
     nb = args.e2e_tune_batch
     header(f"full method (encoder -> refine -> tune <= {args.e2e_tune_steps} steps), shipped Fashion-MNIST models, "
            f"{len(files)} images: s/image, each variant against the authors' fp32 loop image by image "
-           f"('passes': tune.batch_passes; 'batch {nb}': the images tuned {nb} at a time)")  # fmt: skip
-    # name -> (precision, batch_passes, tune batch)
-    variants = {"fp32": ("fp32", False, 1), f"fp32+batch {nb}": ("fp32", False, nb), "bf16": ("bf16", False, 1),
-                f"bf16+batch {nb}": ("bf16", False, nb), f"bf16+passes+batch {nb}": ("bf16", True, nb)}  # fmt: skip
+           f"('passes': tune.batch_passes; 'batch {nb}': the images tuned {nb} at a time; 'tune bf16': the "
+           "refinement in fp32)")  # fmt: skip
+    # name -> (refine precision, tune precision, batch_passes, tune batch)
+    variants = {"fp32": ("fp32", "fp32", False, 1), f"fp32+batch {nb}": ("fp32", "fp32", False, nb),
+                f"fp32+passes+batch {nb}": ("fp32", "fp32", True, nb), "bf16": ("bf16", "bf16", False, 1),
+                f"bf16+passes+batch {nb}": ("bf16", "bf16", True, nb),
+                f"tune bf16+passes+batch {nb}": ("fp32", "bf16", True, nb)}  # fmt: skip
     invs = {}
-    for k, (prec, passes, _) in variants.items():
+    for k, (rprec, tprec, passes, _) in variants.items():
         invs[k] = Inverter("fmnist-generator", "fmnist-encoder", device=device, stages=("encoder", "refine", "tune"),
                            perceptual="fmnist-features", identity="fmnist-features", train_data="fashion-mnist",
-                           refine={"precision": prec},
-                           tune={"precision": prec, "batch_passes": passes, "steps": args.e2e_tune_steps})  # fmt: skip
+                           refine={"precision": rprec},
+                           tune={"precision": tprec, "batch_passes": passes, "steps": args.e2e_tune_steps})  # fmt: skip
     per: dict[str, dict[str, list[float]]] = {k: {"sec": [], "mse": [], "perceptual": [], "updates": []} for k in invs}
     for _ in range(args.e2e_rounds):
         for k, inv in invs.items():  # interleaved variant by variant, every variant on all images per round
-            size = variants[k][2]
+            size = variants[k][3]
             for start in range(0, len(files), size):
                 chunk = files[start : start + size]
                 sync(device)
