@@ -323,6 +323,8 @@ class Inverter:
         names = [None] * len(images) if names is None else list(names)
         if not len(images) == len(indices) == len(names):
             raise CycleEncodingError(f"{len(images)} images, {len(indices)} indices and {len(names)} names")
+        if not images:
+            return []
         results: list[InversionResult] = []
         pivots: list[torch.Tensor | None] = []
         for k, (image, index, name) in enumerate(zip(images, indices, names)):
