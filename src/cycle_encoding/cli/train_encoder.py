@@ -57,6 +57,10 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--zero-grad", "zero_grad", str,
      "zero (default: PyTorch 1.6's zero_grad as the authors ran it; switched-off offset heads keep moving under "
      "Ranger's momentum) or none (gradients set to None; switched-off heads freeze)"),
+    ("--precision", "precision", str,
+     "fp32 (default: float32 throughout, the authors' computation) or bf16 (bfloat16 autocast for the networks' "
+     "passes, float32 weights, losses and optimizers: faster on CPUs with bf16 units and on GPUs); a resumed run "
+     "keeps its own"),
     ("--d-fake-codes", "d_fake_codes", str,
      "latent discriminator's fake codes: absolute (default, with w_avg) or raw-offset (the authors' input, without)"),
 ]  # fmt: skip

@@ -69,7 +69,10 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--image-every", "image_every", int, "sample grid every N steps (default 1000)"),
     ("--checkpoint-every", "checkpoint_every", int, "checkpoint and export g_ema every N steps (default 1000)"),
     ("--seed", "seed", int, "random seed (default 0)"),
-]
+    ("--precision", "precision", str,
+     "fp32 (default: float32 throughout) or bf16 (bfloat16 autocast for G and D, float32 weights, losses, Adam and "
+     "regularizers); a resumed run keeps its own"),
+]  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -18,6 +18,15 @@ the domain's (``identity="auto"``: ``fmnist-features`` for Fashion-MNIST, ArcFac
 none otherwise, said on the console and in ``config.json``) with weight 0.1. ``d_fake_codes="raw-offset"`` replays
 the authors' latent discriminator input (fake codes without ``w_avg``); the default gives it absolute codes.
 
+``precision="bf16"`` (``--precision bf16``; ``fp32``, the default, is the computation above exactly, with no autocast
+context at all): the encoder, the generator, the perceptual and identity networks and the latent discriminator run
+their forward (and so their backward) passes under bfloat16 autocast; their outputs are turned to float32 at once, so
+the codes, the images, every loss term and its sums, the offset penalty and the adversarial softplus are float32; the
+weights, gradients and optimizer states (Ranger, Adam) are float32; the lazy R1 penalty (a double backward through the
+latent discriminator) is computed in float32; LPIPS-style feature normalisation is float32
+(``networks.lpips.normalize_channels``). Validation and the image grids are float32 in both, so that the validation
+losses of fp32 and bf16 runs compare directly.
+
 The discriminator step of e4e comes before the encoder step and sees codes of the encoder before its update;
 here the encoder's forward is shared by both (same values, one forward less).
 
@@ -52,6 +61,7 @@ from ..losses.latent_pool import LatentPool
 from ..networks.encoder import Encoder4Editing, EncoderConfig
 from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscriminatorConfig
 from ..networks.stylegan2 import Generator
+from ..ops import PRECISIONS, autocast
 from ..utils import make_grid, save_image
 from . import distributed as dd
 from .optim import Ranger, zero_grad
@@ -61,6 +71,11 @@ from .trainer import Trainer, check_loop_options, read_run_config
 
 CHECKPOINT_FORMAT = TRAINING_CHECKPOINT_FORMAT
 CHECKPOINT_VERSION = 1
+PRECISION_NOTES = {
+    "fp32": "float32 throughout (the authors' computation)",
+    "bf16": "bfloat16 autocast for the encoder, generator, loss networks and latent discriminator; float32 weights, "
+    "codes, losses, Ranger/Adam and R1 penalty",
+}
 
 
 @dataclass(frozen=True)
@@ -115,10 +130,12 @@ class EncoderTrainConfig:
     checkpoint_every: int = 1000
     seed: int = 0
     device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: networks under bfloat16 autocast (see the module doc)
 
     def __post_init__(self) -> None:
         check_loop_options(self, ("log_every", "image_every", "val_every", "checkpoint_every"))
         for k, allowed in (
+            ("precision", PRECISIONS),
             ("d_fake_codes", ("absolute", "raw-offset")),
             ("noise_mode", ("random", "const")),
             ("zero_grad", ("zero", "none")),
@@ -309,6 +326,7 @@ class EncoderTrainer(Trainer):
             if self.cfg.zero_grad == "zero"
             else "set to None (switched-off heads freeze)",
             "d_fake_codes": self.cfg.d_fake_codes,
+            "precision": PRECISION_NOTES[self.cfg.precision],
             "network_files": network_files(self.perceptual, self.identity),
             "world_size": self.dist.world_size,
             "command": " ".join(sys.argv),
@@ -348,22 +366,36 @@ class EncoderTrainer(Trainer):
         set_rng_state(rank_state["rng"], self.gen)
 
     # -- one step -----------------------------------------------------------------------------------------
-    def render(self, ws: torch.Tensor) -> torch.Tensor:
+    def render(self, ws: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """G's images of ``ws`` with the run's noise (random noise drawn from the run's generator, so that a resumed
-        run draws the same)."""
+        run draws the same), float32; ``precision="bf16"``: G under bfloat16 autocast."""
         if self.cfg.noise_mode == "random":
             noise = [n.to(ws.device) for n in self.G.make_noise(ws.shape[0], generator=self.gen, device="cpu")]
-            return self.G.synthesis(ws, noise=noise)
-        return self.G.synthesis(ws, noise_mode="const")
+            with autocast(ws.device, precision):
+                return self.G.synthesis(ws, noise=noise).float()
+        with autocast(ws.device, precision):
+            return self.G.synthesis(ws, noise_mode="const").float()
 
-    def reconstruction_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-term losses (batch means) between targets ``x`` and reconstructions ``y``."""
+    def reconstruction_losses(
+        self, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32"
+    ) -> dict[str, torch.Tensor]:
+        """Per-term losses (batch means, float32) between targets ``x`` and reconstructions ``y``; ``precision=
+        "bf16"``: the loss networks under bfloat16 autocast (their per-sample distances and the means in float32)."""
         out = {"l2": F.mse_loss(y, x)}
         if self.perceptual is not None:
-            out["perceptual"] = self.perceptual(y, x).mean()
+            with autocast(y.device, precision):
+                p = self.perceptual(y, x)
+            out["perceptual"] = p.float().mean()
         if self.identity is not None:
-            out["identity"] = (1 - self.identity(y, x)).mean()
+            with autocast(y.device, precision):
+                sim = self.identity(y, x)
+            out["identity"] = (1 - sim.float()).mean()
         return out
+
+    def discriminate(self, codes: torch.Tensor) -> torch.Tensor:
+        """The latent discriminator's scores of ``codes``, float32 (under bfloat16 autocast in ``bf16`` runs)."""
+        with autocast(codes.device, self.cfg.precision):
+            return self.D(codes).float()
 
     def weighted(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         c = self.cfg
@@ -375,7 +407,7 @@ class EncoderTrainer(Trainer):
 
         D, opt = self.D, self.opt_d
         D.requires_grad_(True)
-        loss, logs = discriminator_loss(D, real, fake)
+        loss, logs = discriminator_loss(self.discriminate, real, fake)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dd.average_gradients(D.parameters(), self.dist)
@@ -401,20 +433,23 @@ class EncoderTrainer(Trainer):
         E.stage = min(st.stage, E.max_stage)
         E.train()
         x = self.sampler.next_batch().to(self.device)
-        ws = E(x)
+        prec = self.cfg.precision
+        with autocast(self.device, prec):
+            ws = E(x)
+        ws = ws.float()  # the codes, losses and everything after them in float32 (a no-op in fp32)
         logs: dict[str, float] = {}
         if self.cfg.adversarial:
             real = sample_real_codes(self.G, x.shape[0], generator=self.gen)
             codes = ws - E.latent_avg[None] if self.cfg.d_fake_codes == "raw-offset" else ws
             fake = fake_codes_for_discriminator(codes, E.stage, self.pool)
             logs.update(self._d_step(real, fake))
-        y = pool_to(self.render(ws), self.image_size)
-        rec = self.reconstruction_losses(x, y)
+        y = pool_to(self.render(ws, prec), self.image_size)
+        rec = self.reconstruction_losses(x, y, prec)
         total = self.weighted(rec)
         d_loss = delta_loss(ws, E.stage)
         total = total + st.delta_weight * d_loss
         if self.cfg.adversarial and st.adversarial_weight > 0:
-            adv = encoder_adversarial_loss(self.D, ws, E.stage)
+            adv = encoder_adversarial_loss(self.discriminate, ws, E.stage)
             total = total + st.adversarial_weight * adv
             logs["adv"] = float(adv.detach())
         zero_grad(self.opt_e, self.cfg.zero_grad)
@@ -500,7 +535,8 @@ class EncoderTrainer(Trainer):
     def on_start(self) -> None:
         self._log({"kind": "start", "step": 0, "time": time.time(), "networks": self.network_names(),
                    "encoder_init": self.init_note, "train_images": len(self.train_data),
-                   "val_images": len(self.val), "world_size": self.dist.world_size})  # fmt: skip
+                   "val_images": len(self.val), "world_size": self.dist.world_size,
+                   "precision": self.cfg.precision})  # fmt: skip
 
     def postfix(self, logs: dict[str, Any]) -> dict[str, Any]:
         return {"stage": logs["stage"], "loss": f"{logs['loss']:.4f}"}
@@ -522,7 +558,9 @@ class EncoderTrainer(Trainer):
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EncoderTrainConfig:
     """The configuration a run was started with (``config.json``), with ``max_steps`` etc. overridable."""
     allowed = ("max_steps", "log_every", "image_every", "val_every", "checkpoint_every", "device")
-    return load_train_config(read_run_config(run_dir, "train-encoder", overrides, allowed))
+    data = read_run_config(run_dir, "train-encoder", overrides, allowed)
+    data.setdefault("precision", "fp32")  # a run from before the option computed in float32: it keeps doing so
+    return load_train_config(data)
 
 
 def network_files(perceptual: Any, identity: Any) -> dict[str, dict[str, str]]:

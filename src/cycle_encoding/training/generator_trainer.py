@@ -15,6 +15,11 @@ One iteration at global step s (StyleGAN2, rosinality's order):
    (B: the global batch), i.e. a half-life of ``ema_kimg`` thousand images (10k images: rosinality's
    ``0.5 ** (32 / (10 * 1000))`` at batch 32); ``ema_rampup`` (NVIDIA's option) shortens it early in training.
 
+``precision="bf16"`` (``--precision bf16``; ``fp32``, the default, runs exactly as without the option): G's and D's
+forward passes (and so their backward) under bfloat16 autocast, their outputs turned to float32 at once (losses,
+softplus, means in float32); weights, gradients, Adam, g_ema float32; the lazy R1 penalty and the path-length
+regularizer (double backward through D or G) computed in float32. The sample grids and the exported g_ema are float32.
+
 Adam: lr 0.002, betas (0, 0.99); with lazy regularization every c steps the optimizer of that network uses
 ``lr * r`` and ``beta ** r``, ``r = c / (c + 1)`` (StyleGAN2's correction; r = 1 when the regularizer is off).
 
@@ -47,7 +52,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +61,7 @@ from ..checkpoints.native import default_provenance
 from ..config import from_mapping
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from ..ops import PRECISIONS, autocast
 from ..utils import make_grid, save_image
 from . import distributed as dd
 from .runs import rng_state, set_rng_state
@@ -64,6 +70,11 @@ from .trainer import Trainer, check_loop_options, read_run_config
 CHECKPOINT_FORMAT = "cycle-encoding-train-generator"
 CHECKPOINT_VERSION = 1
 GREY_DATASETS = ("fashion-mnist",)
+PRECISION_NOTES = {
+    "fp32": "float32 throughout",
+    "bf16": "bfloat16 autocast for G (mapping and synthesis) and D; float32 weights, losses, Adam, g_ema, R1 and "
+    "path-length penalties",
+}
 
 
 @dataclass(frozen=True)
@@ -119,11 +130,14 @@ class GeneratorTrainConfig:
     checkpoint_every: int = 1000
     seed: int = 0
     device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: G and D under bfloat16 autocast (see the module doc)
 
     def __post_init__(self) -> None:
         check_loop_options(
             self, ("log_every", "image_every", "checkpoint_every", "r1_every", "pl_every", "pl_batch_shrink")
         )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         if len(self.betas) != 2:
@@ -326,6 +340,7 @@ class GeneratorTrainer(Trainer):
             "opt_g": {"lr": self.opt_g.defaults["lr"], "betas": list(self.opt_g.defaults["betas"])},
             "opt_d": {"lr": self.opt_d.defaults["lr"], "betas": list(self.opt_d.defaults["betas"])},
             "ema_beta": ema_beta(cfg.batch_size, cfg.ema_kimg),
+            "precision": PRECISION_NOTES[cfg.precision],
             "world_size": self.world,
             "data": self.data.describe(),
             "train_images": len(self.data),
@@ -363,19 +378,26 @@ class GeneratorTrainer(Trainer):
         self.metric_history = list(ck.get("metric_history", []))
 
     # -- one step -----------------------------------------------------------------------------------------
-    def _fake(self, batch: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ws = sample_codes(self.G, batch, self.cfg.mixing_prob, self.gen, self.device)
-        noise = random_noise(self.G, batch, self.gen, self.device)
-        with torch.set_grad_enabled(grad):
-            return self.G.synthesis(ws, noise=noise), ws
+    def _fake(self, batch: int, grad: bool, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fakes (float32) and their codes; ``precision`` (default: the run's): G under bfloat16 autocast in bf16."""
+        prec = self.cfg.precision if precision is None else precision
+        with torch.set_grad_enabled(grad), autocast(self.device, prec):
+            ws = sample_codes(self.G, batch, self.cfg.mixing_prob, self.gen, self.device).float()
+            noise = random_noise(self.G, batch, self.gen, self.device)
+            return self.G.synthesis(ws, noise=noise).float(), ws
+
+    def discriminate(self, images: torch.Tensor) -> torch.Tensor:
+        """D's scores, float32 (D under bfloat16 autocast in bf16 runs)."""
+        with autocast(images.device, self.cfg.precision):
+            return self.D(images).float()
 
     def _d_step(self, real: torch.Tensor) -> dict[str, float]:
         G, D, opt = self.G, self.D, self.opt_d
         G.requires_grad_(False)
         D.requires_grad_(True)
         fake, _ = self._fake(real.shape[0], grad=False)
-        fake_pred = D(fake)
-        real_pred = D(real)
+        fake_pred = self.discriminate(fake)
+        real_pred = self.discriminate(real)
         fake_loss = F.softplus(fake_pred).mean()
         real_loss = F.softplus(-real_pred).mean()
         loss = fake_loss + real_loss
@@ -407,7 +429,7 @@ class GeneratorTrainer(Trainer):
         G.requires_grad_(True)
         D.requires_grad_(False)
         fake, _ = self._fake(self.local_batch, grad=True)
-        loss = F.softplus(-D(fake)).mean()
+        loss = F.softplus(-self.discriminate(fake)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dd.average_gradients(G.parameters(), self.dist)
@@ -421,7 +443,7 @@ class GeneratorTrainer(Trainer):
     def _path_length_step(self) -> dict[str, float]:
         cfg = self.cfg
         batch = max(1, self.local_batch // cfg.pl_batch_shrink)
-        fake, ws = self._fake(batch, grad=True)
+        fake, ws = self._fake(batch, grad=True, precision="fp32")  # a double backward through G: kept in float32
         y = torch.randn(fake.shape, generator=self.gen).to(self.device) / math.sqrt(fake.shape[2] * fake.shape[3])
         (grad,) = torch.autograd.grad((fake * y).sum(), ws, create_graph=True)
         lengths = grad.pow(2).sum(2).mean(1).sqrt()
@@ -515,7 +537,8 @@ class GeneratorTrainer(Trainer):
     def on_start(self) -> None:
         self._log({"kind": "start", "step": 0, "time": time.time(), "world_size": self.world,
                    "train_images": len(self.data), "data": self.data.describe(),
-                   "generator": self.G.config.to_dict(), "r1_gamma": self.gamma})  # fmt: skip
+                   "generator": self.G.config.to_dict(), "r1_gamma": self.gamma,
+                   "precision": self.cfg.precision})  # fmt: skip
         self.save_reals()
         self.save_grid()
 
@@ -593,4 +616,6 @@ RESUME_OVERRIDES = ("max_steps", "log_every", "image_every", "checkpoint_every",
 
 def resume_generator_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> GeneratorTrainConfig:
     """The configuration a run was started with (``config.json``); only ``RESUME_OVERRIDES`` may change."""
-    return load_generator_train_config(read_run_config(run_dir, "train-generator", overrides, RESUME_OVERRIDES))
+    data = read_run_config(run_dir, "train-generator", overrides, RESUME_OVERRIDES)
+    data.setdefault("precision", "fp32")  # a run from before the option computed in float32: it keeps doing so
+    return load_generator_train_config(data)
