@@ -24,9 +24,12 @@ from tests.conftest import stand_in_perceptual
 from tests.test_encoder_training import config as enc_config
 from tests.test_encoder_training import losses as enc_losses
 from tests.test_encoder_training import setup  # noqa: F401 (the fixture)
-from tests.test_generator_training import LOSS_KEYS, train_records
+from tests.test_generator_training import (
+    LOSS_KEYS,
+    data_root,  # noqa: F401 (the fixture)
+    train_records,
+)
 from tests.test_generator_training import config as gen_config
-from tests.test_generator_training import data_root  # noqa: F401 (the fixture)
 
 STANDIN = "stand-in-precision"
 
