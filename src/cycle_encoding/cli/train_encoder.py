@@ -81,6 +81,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--no-adversarial", dest="adversarial", action="store_false", default=None,
                    help="no latent discriminator")  # fmt: skip
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no random horizontal flips")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile G's synthesis and the encoder body for the training steps: faster after a minute or two of "
+                   "compiling (needs a C++ compiler on a CPU); a resumed run keeps its own")  # fmt: skip
     p.add_argument("--config", type=Path, help="options from a YAML/JSON file (command-line options override it)")
     p.add_argument("--resume", type=Path, help="continue the run in this folder exactly where its checkpoint is")
     p.add_argument("--dry-run", action="store_true",

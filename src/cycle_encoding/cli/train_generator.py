@@ -86,6 +86,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     for flag, dest, typ, hlp in OPTIONS:
         p.add_argument(flag, dest=dest.replace(".", "__"), type=typ, default=None, help=hlp)
     p.add_argument("--flip", dest="flip", action="store_true", default=None, help="random horizontal flips of reals")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile G's synthesis and D for the training steps: faster after a minute or two of "
+                   "compiling (needs a C++ compiler on a CPU); a resumed run keeps its own")  # fmt: skip
     p.add_argument("--config", type=Path, help="options from a YAML/JSON file (command-line options override it)")
     p.add_argument("--resume", type=Path, help="continue the run in this folder exactly where its checkpoint is")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration, then exit")

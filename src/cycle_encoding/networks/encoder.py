@@ -23,6 +23,7 @@ predicts its layer's code on its own), so pSp checkpoints load too.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from torch import nn
 from .irse import UNITS_PER_BLOCK, IRSEBody, irse_unit_specs, make_input_layer
 from .stylegan2 import EqualLinear
 
+FeatureMaps = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 COARSE_END = 3  # heads 0..2 read c3
 MIDDLE_END = 7  # heads 3..6 read p2, 7.. read p1
 
@@ -199,14 +201,17 @@ class Encoder4Editing(nn.Module):
             )
         return images
 
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features(self, images: torch.Tensor) -> FeatureMaps:
         x = self.input_layer(self.prepare(images))
         c1, c2, c3 = self.body.forward_taps(x, self.taps)
         return c1, c2, c3
 
-    def offsets(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w0 [B, w_dim], deltas [B, num_ws, w_dim]) relative to ``latent_avg``; inactive deltas are 0."""
-        c1, c2, c3 = self.features(images)
+    def offsets(
+        self, images: torch.Tensor, features: Callable[[torch.Tensor], FeatureMaps] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w0 [B, w_dim], deltas [B, num_ws, w_dim]) relative to ``latent_avg``; inactive deltas are 0.
+        ``features``: what computes the three feature maps (default :meth:`features`; a compiled copy of it, say)."""
+        c1, c2, c3 = (features or self.features)(images)
         c = self.config
         w0 = self.styles[0](c3)
         deltas = [torch.zeros_like(w0)]
@@ -226,8 +231,10 @@ class Encoder4Editing(nn.Module):
             deltas.append(self.styles[i](feats))
         return w0, torch.stack(deltas, dim=1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        w0, deltas = self.offsets(images)
+    def forward(
+        self, images: torch.Tensor, features: Callable[[torch.Tensor], FeatureMaps] | None = None
+    ) -> torch.Tensor:
+        w0, deltas = self.offsets(images, features)
         if self.config.style_mode == "independent":
             codes = deltas.clone()
             codes[:, 0] = w0

@@ -27,6 +27,12 @@ latent discriminator) is computed in float32; LPIPS-style feature normalisation 
 (``networks.lpips.normalize_channels``). Validation and the image grids are float32 in both, so that the validation
 losses of fp32 and bf16 runs compare directly.
 
+``compile=True`` (``--compile``): the training steps' passes of G's synthesis and of the encoder's body (its feature
+maps; the heads, whose number changes with the stage, stay as they are) go through ``torch.compile`` (fixed shapes;
+one to two minutes of compilation at the first steps, paid back within a few hundred steps on a CPU, see
+``benchmarks/encoder_training.py``); the fused kernels round differently from the plain ones, so it is recorded in
+config.json and a resumed run keeps it. Validation and the grids use the plain passes.
+
 The discriminator step of e4e comes before the encoder step and sees codes of the encoder before its update;
 here the encoder's forward is shared by both (same values, one forward less).
 
@@ -67,7 +73,7 @@ from . import distributed as dd
 from .optim import Ranger, zero_grad
 from .runs import rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
-from .trainer import Trainer, check_loop_options, read_run_config
+from .trainer import Trainer, check_loop_options, compile_pass, read_run_config
 
 CHECKPOINT_FORMAT = TRAINING_CHECKPOINT_FORMAT
 CHECKPOINT_VERSION = 1
@@ -131,6 +137,7 @@ class EncoderTrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: networks under bfloat16 autocast (see the module doc)
+    compile: bool = False  # torch.compile G's synthesis and the encoder's body for the training steps
 
     def __post_init__(self) -> None:
         check_loop_options(self, ("log_every", "image_every", "val_every", "checkpoint_every"))
@@ -252,6 +259,12 @@ class EncoderTrainer(Trainer):
         self.pool = LatentPool(cfg.pool_size, 0.5, seed=cfg.seed * 7919 + self.dist.rank)
         self.gen = torch.Generator().manual_seed(cfg.seed * 104_729 + self.dist.rank)
 
+        # the training steps' passes of G and of the encoder's body: compiled (--compile) or as they are
+        self._synthesis = compile_pass(G.synthesis, self.device) if cfg.compile else G.synthesis
+        self._features = compile_pass(self.E.features, self.device) if cfg.compile else None
+        if cfg.compile and self.dist.is_main and not quiet:
+            print("--compile: the first steps compile G and the encoder body (a minute or two)", file=sys.stderr)
+
         # losses
         self.perceptual, self.identity = self._build_losses(resume)
         self.step = 0
@@ -327,6 +340,9 @@ class EncoderTrainer(Trainer):
             else "set to None (switched-off heads freeze)",
             "d_fake_codes": self.cfg.d_fake_codes,
             "precision": PRECISION_NOTES[self.cfg.precision],
+            "compile": "torch.compile: G's synthesis and the encoder's body in the training steps"
+            if self.cfg.compile
+            else "off",
             "network_files": network_files(self.perceptual, self.identity),
             "world_size": self.dist.world_size,
             "command": " ".join(sys.argv),
@@ -372,9 +388,9 @@ class EncoderTrainer(Trainer):
         if self.cfg.noise_mode == "random":
             noise = [n.to(ws.device) for n in self.G.make_noise(ws.shape[0], generator=self.gen, device="cpu")]
             with autocast(ws.device, precision):
-                return self.G.synthesis(ws, noise=noise).float()
+                return self._synthesis(ws, noise=noise).float()
         with autocast(ws.device, precision):
-            return self.G.synthesis(ws, noise_mode="const").float()
+            return self._synthesis(ws, noise_mode="const").float()
 
     def reconstruction_losses(
         self, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32"
@@ -435,7 +451,7 @@ class EncoderTrainer(Trainer):
         x = self.sampler.next_batch().to(self.device)
         prec = self.cfg.precision
         with autocast(self.device, prec):
-            ws = E(x)
+            ws = E(x, self._features)
         ws = ws.float()  # the codes, losses and everything after them in float32 (a no-op in fp32)
         logs: dict[str, float] = {}
         if self.cfg.adversarial:
@@ -536,7 +552,7 @@ class EncoderTrainer(Trainer):
         self._log({"kind": "start", "step": 0, "time": time.time(), "networks": self.network_names(),
                    "encoder_init": self.init_note, "train_images": len(self.train_data),
                    "val_images": len(self.val), "world_size": self.dist.world_size,
-                   "precision": self.cfg.precision})  # fmt: skip
+                   "precision": self.cfg.precision, "compile": self.cfg.compile})  # fmt: skip
 
     def postfix(self, logs: dict[str, Any]) -> dict[str, Any]:
         return {"stage": logs["stage"], "loss": f"{logs['loss']:.4f}"}
@@ -559,7 +575,8 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
     """The configuration a run was started with (``config.json``), with ``max_steps`` etc. overridable."""
     allowed = ("max_steps", "log_every", "image_every", "val_every", "checkpoint_every", "device")
     data = read_run_config(run_dir, "train-encoder", overrides, allowed)
-    data.setdefault("precision", "fp32")  # a run from before the option computed in float32: it keeps doing so
+    data.setdefault("precision", "fp32")  # a run from before these options computed in float32, uncompiled:
+    data.setdefault("compile", False)  # it keeps doing so
     return load_train_config(data)
 
 

@@ -19,6 +19,9 @@ One iteration at global step s (StyleGAN2, rosinality's order):
 forward passes (and so their backward) under bfloat16 autocast, their outputs turned to float32 at once (losses,
 softplus, means in float32); weights, gradients, Adam, g_ema float32; the lazy R1 penalty and the path-length
 regularizer (double backward through D or G) computed in float32. The sample grids and the exported g_ema are float32.
+``compile=True`` (``--compile``): the D and G steps' passes of G's synthesis and of D go through ``torch.compile``
+(fixed shapes; a minute or two of compilation at the first steps); R1 and path length use the plain modules (a
+compiled graph has no double backward). Both options are recorded in config.json and a resumed run keeps them.
 
 Adam: lr 0.002, betas (0, 0.99); with lazy regularization every c steps the optimizer of that network uses
 ``lr * r`` and ``beta ** r``, ``r = c / (c + 1)`` (StyleGAN2's correction; r = 1 when the regularizer is off).
@@ -65,7 +68,7 @@ from ..ops import PRECISIONS, autocast
 from ..utils import make_grid, save_image
 from . import distributed as dd
 from .runs import rng_state, set_rng_state
-from .trainer import Trainer, check_loop_options, read_run_config
+from .trainer import Trainer, check_loop_options, compile_pass, read_run_config
 
 CHECKPOINT_FORMAT = "cycle-encoding-train-generator"
 CHECKPOINT_VERSION = 1
@@ -131,6 +134,7 @@ class GeneratorTrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: G and D under bfloat16 autocast (see the module doc)
+    compile: bool = False  # torch.compile G's synthesis and D for the D and G steps (not the regularizers)
 
     def __post_init__(self) -> None:
         check_loop_options(
@@ -318,6 +322,12 @@ class GeneratorTrainer(Trainer):
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr * g_ratio, betas=(b1**g_ratio, b2**g_ratio))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr * d_ratio, betas=(b1**d_ratio, b2**d_ratio))
         self.gen = torch.Generator().manual_seed(cfg.seed * 104_729 + 1 + self.dist.rank)
+        # the D and G steps' passes: compiled (--compile) or as they are; R1 and path length (double backward) use
+        # the plain modules
+        self._synthesis = compile_pass(self.G.synthesis, self.device) if cfg.compile else self.G.synthesis
+        self._discriminator = compile_pass(self.D.forward, self.device) if cfg.compile else self.D
+        if cfg.compile and self.dist.is_main and not quiet:
+            print("--compile: the first steps compile G and D (a minute or two)", file=sys.stderr)
         self.mean_path_length = 0.0
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in training steps, over all resumed parts
@@ -341,6 +351,7 @@ class GeneratorTrainer(Trainer):
             "opt_d": {"lr": self.opt_d.defaults["lr"], "betas": list(self.opt_d.defaults["betas"])},
             "ema_beta": ema_beta(cfg.batch_size, cfg.ema_kimg),
             "precision": PRECISION_NOTES[cfg.precision],
+            "compile": "torch.compile: G's synthesis and D in the D and G steps" if cfg.compile else "off",
             "world_size": self.world,
             "data": self.data.describe(),
             "train_images": len(self.data),
@@ -378,18 +389,20 @@ class GeneratorTrainer(Trainer):
         self.metric_history = list(ck.get("metric_history", []))
 
     # -- one step -----------------------------------------------------------------------------------------
-    def _fake(self, batch: int, grad: bool, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fakes (float32) and their codes; ``precision`` (default: the run's): G under bfloat16 autocast in bf16."""
-        prec = self.cfg.precision if precision is None else precision
+    def _fake(self, batch: int, grad: bool, plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fakes (float32) and their codes: in the run's precision and through the compiled pass if any, or
+        (``plain``) in float32 through the module as it is (for a double backward)."""
+        prec = "fp32" if plain else self.cfg.precision
+        synthesis = self.G.synthesis if plain else self._synthesis
         with torch.set_grad_enabled(grad), autocast(self.device, prec):
             ws = sample_codes(self.G, batch, self.cfg.mixing_prob, self.gen, self.device).float()
             noise = random_noise(self.G, batch, self.gen, self.device)
-            return self.G.synthesis(ws, noise=noise).float(), ws
+            return synthesis(ws, noise=noise).float(), ws
 
     def discriminate(self, images: torch.Tensor) -> torch.Tensor:
         """D's scores, float32 (D under bfloat16 autocast in bf16 runs)."""
         with autocast(images.device, self.cfg.precision):
-            return self.D(images).float()
+            return self._discriminator(images).float()
 
     def _d_step(self, real: torch.Tensor) -> dict[str, float]:
         G, D, opt = self.G, self.D, self.opt_d
@@ -443,7 +456,7 @@ class GeneratorTrainer(Trainer):
     def _path_length_step(self) -> dict[str, float]:
         cfg = self.cfg
         batch = max(1, self.local_batch // cfg.pl_batch_shrink)
-        fake, ws = self._fake(batch, grad=True, precision="fp32")  # a double backward through G: kept in float32
+        fake, ws = self._fake(batch, grad=True, plain=True)  # a double backward through G: float32, not compiled
         y = torch.randn(fake.shape, generator=self.gen).to(self.device) / math.sqrt(fake.shape[2] * fake.shape[3])
         (grad,) = torch.autograd.grad((fake * y).sum(), ws, create_graph=True)
         lengths = grad.pow(2).sum(2).mean(1).sqrt()
@@ -538,7 +551,7 @@ class GeneratorTrainer(Trainer):
         self._log({"kind": "start", "step": 0, "time": time.time(), "world_size": self.world,
                    "train_images": len(self.data), "data": self.data.describe(),
                    "generator": self.G.config.to_dict(), "r1_gamma": self.gamma,
-                   "precision": self.cfg.precision})  # fmt: skip
+                   "precision": self.cfg.precision, "compile": self.cfg.compile})  # fmt: skip
         self.save_reals()
         self.save_grid()
 
@@ -617,5 +630,6 @@ RESUME_OVERRIDES = ("max_steps", "log_every", "image_every", "checkpoint_every",
 def resume_generator_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> GeneratorTrainConfig:
     """The configuration a run was started with (``config.json``); only ``RESUME_OVERRIDES`` may change."""
     data = read_run_config(run_dir, "train-generator", overrides, RESUME_OVERRIDES)
-    data.setdefault("precision", "fp32")  # a run from before the option computed in float32: it keeps doing so
+    data.setdefault("precision", "fp32")  # a run from before these options computed in float32, uncompiled:
+    data.setdefault("compile", False)  # it keeps doing so
     return load_generator_train_config(data)
