@@ -138,7 +138,7 @@ def main() -> None:
             m = statistics.mean(vals)
             rng = max(vals) - min(vals)
             cells.append(f"{m:.4f}" + (f" (range {rng:.4f})" if len(seeds) > 1 else ""))
-        print(f"{v:<14} {med[v]:>8.3f} {batch / med[v]:>8.1f} {med[ref] / med[v]:>7.2f}x {extra[v]:>15.1f}"
+        print(f"{v:<14} {med[v]:>8.3f} {batch / med[v]:>8.2f} {med[ref] / med[v]:>7.2f}x {extra[v]:>15.1f}"
               + "".join(f" {c:>20}" for c in cells))  # fmt: skip
     if len(seeds) > 1 and "weighted" in keys:
         a = [val[(ref, s)]["weighted"] for s in seeds]
