@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "directions",
     "edit",
     "report",
+    "curves",
     "ui",  # the browser editor (optional extra: gradio)
 ]
 

@@ -153,6 +153,8 @@ class GeneratorTrainConfig:
             raise ValueError(f"ema_kimg must be >= 0, got {self.ema_kimg}")
         if self.metric_every < 0 or self.metric_patience < 0:
             raise ValueError("metric_every and metric_patience must be >= 0")
+        if not (math.isfinite(self.metric_min_improvement) and self.metric_min_improvement >= 0):
+            raise ValueError(f"metric_min_improvement must be a finite number >= 0, got {self.metric_min_improvement}")
         if self.metric_samples < 2:
             raise ValueError(f"metric_samples must be >= 2, got {self.metric_samples}")
         if self.metric_every and self.classifier_name is None:
@@ -600,13 +602,11 @@ class GeneratorTrainer(Trainer):
 
     def plateau_reached(self) -> bool:
         """True when the last ``metric_patience`` evaluations all missed the best earlier FD by less than the margin
-        (a relative improvement of ``metric_min_improvement``)."""
-        k = self.cfg.metric_patience
+        (a relative improvement of ``metric_min_improvement``): the rule of :mod:`.plateau`."""
+        from .plateau import plateau_holds
+
         fds = [h["fd"] for h in self.metric_history]
-        if k <= 0 or len(fds) <= k:
-            return False
-        best_before = min(fds[:-k])
-        return all(f > best_before * (1 - self.cfg.metric_min_improvement) for f in fds[-k:])
+        return plateau_holds(fds, self.cfg.metric_patience, self.cfg.metric_min_improvement)
 
     def after_log(self, last: bool) -> None:
         every = self.cfg.metric_every
