@@ -121,6 +121,7 @@ def generator_log(root: Path) -> Path:
         recs += [_train_g(1000 * (i + 1)), _metric(1000 * (i + 1), FDS[i] if i < 3 else 99.0, SHARES[i])]
     for i in range(3, 6):
         recs += [_train_g(1000 * (i + 1)), _metric(1000 * (i + 1), FDS[i], SHARES[i])]
+    recs.append({"kind": "stop", "step": 6000, "time": 1.0e9 + 6001, "reason": "the FD has not improved"})
     return _write(root / "00000-fmnist" / "log.jsonl", recs, tail='{"kind": "train", "step": 61')
 
 
@@ -148,6 +149,7 @@ def test_generator_curves_table_json_and_figure(tmp_path, capsys):
     assert "still improving" in table and "plateau at" not in table  # four in a row: 6 improved on 12
     row = next(line for line in table.splitlines() if " fd " in line)
     assert "8.85" in row and "6000" in row
+    assert "00000-fmnist: stopped early at step 6000: the FD has not improved" in table
 
 
 STAGE_OF = {0: 0, 100: 1, 160: 2, 400: 0}  # the schedule below for 3 style inputs (2 offsets)

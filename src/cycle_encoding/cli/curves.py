@@ -54,6 +54,8 @@ def cmd_curves(args: argparse.Namespace) -> int:
         return 0
     print(format_table(rep["rows"]))
     for r in rep["runs"]:
+        if r["stop"]:
+            print(f"{r['label']}: stopped early at step {r['stop']['step']}: {r['stop']['reason']}")
         if r["stage_changes"]:
             changes = ", ".join(f"{s} (stage {st})" for s, st in r["stage_changes"])
             print(f"{r['label']}: stage changes at steps {changes} (from {r['stage_changes_from']})")

@@ -65,6 +65,7 @@ class RunCurves:
     kimg: dict[int, float] = field(default_factory=dict)  # generator runs: step -> kimg
     stage_changes: list[tuple[int, int]] = field(default_factory=list)  # (x, new stage), after the first stage
     stage_changes_from: str = ""  # "schedule.json" or "train records"
+    stop: dict[str, Any] | None = None  # the run's ``stop`` record (an early stop by the trainer's rule), if any
 
 
 def _read_records(log: Path) -> list[dict[str, Any]]:
@@ -159,6 +160,8 @@ def read_run(path: str | Path, label: str | None = None) -> RunCurves:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 series.setdefault(m, []).append((int(r["step"]), float(v), stage))
     run = RunCurves(label or (log.parent.name if log.name == "log.jsonl" else log.stem), log, kind, series)
+    stops = _resumed(recs, "stop")
+    run.stop = {"step": stops[-1]["step"], "reason": stops[-1].get("reason")} if stops else None
     if kind == "generator":
         run.kimg = {int(r["step"]): float(r["kimg"]) for r in evals if isinstance(r.get("kimg"), (int, float))}
     else:
@@ -306,6 +309,7 @@ def _run_summary(run: RunCurves) -> dict[str, Any]:
         "evaluations": {m: len(v) for m, v in run.series.items()},
         "stage_changes": [list(c) for c in run.stage_changes],
         "stage_changes_from": run.stage_changes_from or None,
+        "stop": run.stop,
     }
 
 
