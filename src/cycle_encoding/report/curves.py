@@ -293,11 +293,10 @@ def curves_figure(runs: list[RunCurves], measures: list[str], rows: list[dict[st
     if kind == "encoder":
         handles.append(Line2D([], [], color="black", ls="--", lw=0.8, label="stage change"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8)
-    fig.suptitle(
-        f"plateau rule: {patience} evaluation{'s' if patience != 1 else ''} in a row without a {100 * min_improvement:g}% improvement on the best "
-        + ("(within each constant-stage phase)" if kind == "encoder" else ""),
-        fontsize=10,
-    )
+    evals = f"{patience} evaluation{'s' if patience != 1 else ''}"
+    within = " (within each constant-stage phase)" if kind == "encoder" else ""
+    fig.suptitle(f"plateau rule: {evals} in a row without a {100 * min_improvement:g}% improvement on the best{within}",
+                 fontsize=10)  # fmt: skip
     return fig
 
 
