@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
             "smallest class share; train-encoder runs: the validation losses, per phase of constant stage), draw "
             "one panel per measure with the runs overlaid (encoder stage changes as dashed lines), and print per "
             "run (and phase) the best value, its step and the verdict of the plateau rule the generator trainer "
-            "stops by: PATIENCE evaluations in a row without a relative improvement of MIN_IMPROVEMENT on the best "
-            "before them."
+            "stops by: K (--patience) evaluations in a row without a relative improvement of M (--min-improvement) "
+            "on the best before them."
         ),
     )
     p.add_argument(
