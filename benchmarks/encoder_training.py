@@ -23,7 +23,6 @@ printed separately); images/s = batch / that median. On a shared machine compare
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _setup import apply_setup, environment
 
 from cycle_encoding.training.encoder_trainer import EncoderTrainer, load_train_config
 from cycle_encoding.utils import parse_int_list
@@ -85,20 +85,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:
-        from cycle_encoding.ops import keep_freed_memory
-
-        keep_freed_memory()
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in names if v not in VARIANTS]
-    if bad:
-        ap.error(f"unknown variant(s) {', '.join(bad)} (known: {', '.join(VARIANTS)})")
+    names = apply_setup(ap, args, list(VARIANTS))
     seeds = parse_int_list(args.seeds)
-    print(f"encoder training, setting {args.setting}, {args.steps} steps, seeds {seeds}, threads "
-          f"{torch.get_num_threads()}, torch {torch.__version__}, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}", flush=True)  # fmt: skip
+    print(f"encoder training, setting {args.setting}, {args.steps} steps, seeds {seeds}, {environment()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = fmnist_options(args, root) if args.setting == "fmnist" else random_options(args, root)

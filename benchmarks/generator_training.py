@@ -16,13 +16,12 @@ On a shared machine compare the ratios, not the seconds.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from _setup import apply_setup, environment
 
 from cycle_encoding.training.generator_trainer import GeneratorTrainer, load_generator_train_config
 from cycle_encoding.utils import parse_int_list
@@ -47,20 +46,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:
-        from cycle_encoding.ops import keep_freed_memory
-
-        keep_freed_memory()
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in names if v not in VARIANTS]
-    if bad:
-        ap.error(f"unknown variant(s) {', '.join(bad)} (known: {', '.join(VARIANTS)})")
+    names = apply_setup(ap, args, list(VARIANTS))
     batches = parse_int_list(args.batch_sizes)
     print(f"generator training, {args.data} {args.resolution} px, {args.steps} steps ({args.warmup} warm-up), "
-          f"threads {torch.get_num_threads()}, torch {torch.__version__}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}", flush=True)  # fmt: skip
+          f"{environment()}", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         trainers: dict[tuple[str, int], GeneratorTrainer] = {}
         for b in batches:
