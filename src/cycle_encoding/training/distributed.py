@@ -43,6 +43,15 @@ def init_distributed(device: torch.device) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        # Imported before the group exists, on purpose: these modules bind ``group.WORLD`` as default arguments
+        # when first imported, and the first optimizer step imports them (torch._dynamo -> fsdp -> _shard ->
+        # distributed.nn). Imported after init, those defaults keep the group alive past destroy_process_group(); its
+        # gloo threads then free tensors during interpreter shutdown and abort the process ("terminate called without
+        # an active exception") in about one exit in ten on a loaded machine. Imported here, they bind None.
+        import torch.distributed.fsdp.sharded_grad_scaler
+        import torch.distributed.nn
+        import torch.distributed.optim
+
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(local)

@@ -1,0 +1,56 @@
+"""The process group under torchrun: leaving it really ends it.
+
+torch.distributed.nn.functional and a few other modules bind ``group.WORLD`` as default arguments when first imported,
+and the first optimizer step imports them (through torch._dynamo). When that happened after the group was made, the
+group outlived ``destroy_process_group()``; its gloo threads then freed tensors while the interpreter shut down, and the
+process aborted ("terminate called without an active exception") in about one exit in ten. The check here does not
+depend on that timing: after ``shutdown`` the gloo threads must be gone, every time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = """
+import os
+import torch
+from torch import nn
+from cycle_encoding.training import distributed as dd
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+before = threads()
+info = dd.init_distributed(torch.device("cpu"))
+assert info.world_size == 2
+net = nn.Linear(3, 2)
+opt = torch.optim.Adam(net.parameters())
+net(torch.ones(1, 3)).sum().backward()
+dd.average_gradients(net.parameters(), info)
+opt.step()  # the first step imports torch._dynamo and, through it, torch.distributed.nn
+dd.broadcast_parameters(net, info)
+dd.gather_objects({"rank": info.rank}, info)
+during = threads()
+dd.shutdown(info)
+print(f"rank {info.rank}: threads before {before} during {during} after {threads()}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_shutdown_ends_the_gloo_threads(tmp_path):
+    (tmp_path / "script.py").write_text(SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "script.py"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, r.stdout
+    for line in lines:
+        counts = dict(zip(["before", "during", "after"], [int(w) for w in line.split()[4::2]]))
+        assert counts["during"] > counts["before"], line  # the group did start its threads
+        assert counts["after"] == counts["before"], line  # ... and leaving it joined them
