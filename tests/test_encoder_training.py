@@ -197,3 +197,32 @@ def test_encoder_body_initialised_from_arcface_layout(setup, tmp_path):
     # a scaled-down body cannot take IR-SE-50 weights: the key is named
     with pytest.raises(CycleEncodingError, match=r"ArcFace key input_layer\.0\.weight has shape"):
         EncoderTrainer(config(setup, encoder_init=str(tmp_path / "model_ir_se50.pth")), quiet=True)
+
+
+def test_validation_plateau_stops_in_the_final_stage_only(setup, tmp_path):
+    """--val-patience K: the run stops at the K-th validation after the first one of the schedule's last stage that
+    misses the best (a margin of 1000% makes every one miss), exports its encoder and says why; validations of the
+    earlier stages do not count (counted, the run would stop at step K + 1)."""
+    cfg = config(setup, out=str(tmp_path / "runs"), val_every=1, val_patience=2, val_min_improvement=10.0)
+    t = EncoderTrainer(cfg, quiet=True)
+    start = t.final_stage_start
+    assert start == t.schedule.stage_changes(t.G.num_ws)[-1][0] and start > 3  # the e4e preset grows its stage first
+    summary = t.run()
+    t.close()
+    assert summary["step"] == start + 3  # validations at start+1, start+2, start+3 in the last stage: the third stops
+    recs = [json.loads(line) for line in (t.run_dir / "log.jsonl").read_text().splitlines()]
+    stops = [r for r in recs if r["kind"] == "stop"]
+    assert len(stops) == 1 and stops[0]["step"] == start + 3 and "validation loss" in stops[0]["reason"]
+    assert (t.run_dir / "encoder.safetensors").is_file()
+    ck = torch.load(t.run_dir / "checkpoint.pt", weights_only=False)
+    assert [h["step"] for h in ck["val_history"]] == list(range(1, start + 4))
+
+
+def test_validation_plateau_off_or_never_reached_runs_to_the_end(setup, tmp_path):
+    for kw in ({"val_patience": 0}, {"val_patience": 2, "val_min_improvement": 0.0, "val_every": 1000}):
+        t = EncoderTrainer(config(setup, out=str(tmp_path / "runs"), max_steps=12, **kw), quiet=True)
+        summary = t.run()
+        t.close()
+        assert summary["step"] == 12
+        recs = [json.loads(line) for line in (t.run_dir / "log.jsonl").read_text().splitlines()]
+        assert not [r for r in recs if r["kind"] == "stop"]

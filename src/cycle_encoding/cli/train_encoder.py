@@ -48,6 +48,12 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--log-every", "log_every", int, "log every N steps (default 50)"),
     ("--image-every", "image_every", int, "reconstruction grid every N steps (default 1000)"),
     ("--val-every", "val_every", int, "validation every N steps (default 1000)"),
+    ("--val-patience", "val_patience", int,
+     "stop (and export) when this many validations in a row, counted in the schedule's last stage only, miss the "
+     "best earlier validation loss of that stage by the margin (default 0: never; the rule of `cycle-encoding "
+     "curves --patience`)"),
+    ("--val-min-improvement", "val_min_improvement", float,
+     "the margin of --val-patience: a relative improvement that counts (default 0.02 = 2%%)"),
     ("--checkpoint-every", "checkpoint_every", int, "checkpoint every N steps (default 1000)"),
     ("--pool-size", "pool_size", int, "pool of past codes for the latent discriminator (default 50)"),
     ("--r1-gamma", "r1_gamma", float, "R1 weight on real codes (default 10)"),

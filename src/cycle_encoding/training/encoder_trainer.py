@@ -133,6 +133,8 @@ class EncoderTrainConfig:
     log_every: int = 50
     image_every: int = 1000
     val_every: int = 1000
+    val_patience: int = 0  # stop when this many validations of the final stage miss the best by the margin (0: never)
+    val_min_improvement: float = 0.02  # the margin: a relative improvement of the best validation loss that counts
     checkpoint_every: int = 1000
     seed: int = 0
     device: str = "auto"
@@ -141,6 +143,10 @@ class EncoderTrainConfig:
 
     def __post_init__(self) -> None:
         check_loop_options(self, ("log_every", "image_every", "val_every", "checkpoint_every"))
+        if self.val_patience < 0:
+            raise ValueError(f"val_patience must be >= 0, got {self.val_patience}")
+        if not (math.isfinite(self.val_min_improvement) and self.val_min_improvement >= 0):
+            raise ValueError(f"val_min_improvement must be a finite number >= 0, got {self.val_min_improvement}")
         for k, allowed in (
             ("precision", PRECISIONS),
             ("d_fake_codes", ("absolute", "raw-offset")),
@@ -258,6 +264,10 @@ class EncoderTrainer(Trainer):
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.d_lr)
         self.pool = LatentPool(cfg.pool_size, 0.5, seed=cfg.seed * 7919 + self.dist.rank)
         self.gen = torch.Generator().manual_seed(cfg.seed * 104_729 + self.dist.rank)
+        # the validation losses so far (over resumed parts) and where the schedule's last stage begins: the plateau
+        # rule (--val-patience) looks at the validations from there on only
+        self.val_history: list[dict[str, Any]] = []
+        self.final_stage_start = self.schedule.stage_changes(G.num_ws)[-1][0]
 
         # the training steps' passes of G and of the encoder's body: compiled (--compile) or as they are
         self._synthesis = compile_pass(G.synthesis, self.device) if cfg.compile else G.synthesis
@@ -367,6 +377,7 @@ class EncoderTrainer(Trainer):
             "schedule_state": st.to_dict(),
             "network_files": network_files(self.perceptual, self.identity),
             "generator": {"path": str(self.cfg.generator), "w_avg": self.G.w_avg.cpu()},
+            "val_history": self.val_history,
         }
 
     def stateful(self) -> dict[str, Any]:
@@ -378,6 +389,7 @@ class EncoderTrainer(Trainer):
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.E.stage = int(ck.get("trained_stage", self.E.max_stage))  # a run resumed at its end exports this stage
+        self.val_history = list(ck.get("val_history", []))
         self.pool.load_state_dict(rank_state["pool"], device=self.device)
         set_rng_state(rank_state["rng"], self.gen)
 
@@ -560,20 +572,38 @@ class EncoderTrainer(Trainer):
     def after_log(self, last: bool) -> None:
         if self.step % self.cfg.val_every == 0 or last:
             v = self.validate() if len(self.val) else {}
-            v = dd.all_reduce_mean(v, self.dist)
+            v = dd.all_reduce_mean(v, self.dist)  # the same numbers on every rank: they all decide alike below
             self._log({"kind": "val", "step": self.step, "time": time.time(), "stage": self.E.stage, **v})
+            if "weighted" in v and not any(h["step"] == self.step for h in self.val_history):
+                self.val_history.append({"step": self.step, "stage": self.E.stage, "loss": v["weighted"]})
+            if not last and self.val_plateau_reached():
+                self.request_stop(
+                    f"the validation loss of the final stage (from step {self.final_stage_start}) has not improved "
+                    f"by {100 * self.cfg.val_min_improvement:g}% on its best for {self.cfg.val_patience} validations"
+                )
+
+    def val_plateau_reached(self) -> bool:
+        """The rule of :mod:`.plateau` over the weighted validation losses of the schedule's last stage (those after
+        step ``final_stage_start``, the first trained in that stage): False while ``val_patience`` is 0."""
+        from .plateau import plateau_holds
+
+        if not self.cfg.val_patience:
+            return False
+        losses = [h["loss"] for h in self.val_history if h["step"] > self.final_stage_start]
+        return plateau_holds(losses, self.cfg.val_patience, self.cfg.val_min_improvement)
 
     def end_fields(self) -> dict[str, Any]:
         return {"trained_stage": self.E.stage}
 
     def on_end(self) -> None:
-        if self.step >= self.max_steps:
+        if self.step >= self.max_steps or self._stop_reason is not None:
             self.export()
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EncoderTrainConfig:
     """The configuration a run was started with (``config.json``), with ``max_steps`` etc. overridable."""
-    allowed = ("max_steps", "log_every", "image_every", "val_every", "checkpoint_every", "device")
+    allowed = ("max_steps", "log_every", "image_every", "val_every", "checkpoint_every", "device", "val_patience",
+               "val_min_improvement")  # fmt: skip
     data = read_run_config(run_dir, "train-encoder", overrides, allowed)
     data.setdefault("precision", "fp32")  # a run from before these options computed in float32, uncompiled:
     data.setdefault("compile", False)  # it keeps doing so
