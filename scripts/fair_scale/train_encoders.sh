@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 18's three encoders (W, e4e, Cycle) on one generator, each trained until its validation loss levels off.
+#
+#   bash scripts/fair_scale/train_encoders.sh GENERATOR [OUT]
+#
+# Same losses, images, batch, encoder size and validation set for all three; only the schedule differs:
+#   w     the W preset (stage 0 throughout), up to 60,000 steps
+#   e4e   e4e.yaml: the first three phases of the cycle schedule (W, W -> W+, W+), its W+ phase open to 60,000
+#   cycle cycle.yaml: the paper's schedule rescaled to 30,000 steps, its final W phase open to 60,000
+# Each stops by `--val-patience 4` (four validations, 2,000 steps, of the schedule's last stage without a 2% gain on
+# that stage's best), so e4e's W+ curve also tells whether the cycle's W+ phase (2,080-20,000) was long enough.
+# Runs resume from their checkpoints when started again; finished ones are skipped. W and e4e share one core, the
+# Cycle run has the other (one torch thread each: on this 2-core machine more threads only slow both down).
+set -euo pipefail
+G=${1:?usage: train_encoders.sh GENERATOR [OUT]}
+OUT=${2:-$HOME/.cache/cycle-encoding/runs/fair}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+CE=${CE:-$ROOT/.venv/bin/cycle-encoding}
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
+
+common=(--generator "$G" --data fashion-mnist --out "$OUT" --batch-size 16
+        --perceptual fmnist-features --identity fmnist-features
+        --encoder-widths 32,48,64,128 --encoder-units 1,2,2,1
+        --log-every 100 --image-every 2000 --val-every 500 --val-count 256 --checkpoint-every 500
+        --val-patience 4 --val-min-improvement 0.02 --precision bf16 --compile --device cpu --progress lines)
+
+train() {  # NAME ARGS...: start the run, resume it, or skip it when its log has ended
+    local name=$1 dir
+    shift
+    dir=$(find "$OUT" -maxdepth 1 -type d -name "*-$name" | sort | tail -n 1)
+    if [[ -n $dir && -f $dir/log.jsonl ]] && grep -q '"kind": "end"' "$dir/log.jsonl"; then
+        echo "$name: finished in $dir"
+    elif [[ -n $dir && -f $dir/checkpoint.pt ]]; then
+        echo "$name: resuming $dir"
+        "$CE" train-encoder --resume "$dir" --progress lines
+    else
+        echo "$name: starting"
+        "$CE" train-encoder "${common[@]}" --name "$name" "$@"
+    fi
+}
+
+(train w --preset w --w-only --total-steps 60000 && train e4e --schedule "$HERE/e4e.yaml") \
+    >"$OUT/w-e4e.console.txt" 2>&1 &
+first=$!
+train cycle --schedule "$HERE/cycle.yaml" >"$OUT/cycle.console.txt" 2>&1 &
+second=$!
+echo "training in the background: $OUT (consoles: w-e4e.console.txt, cycle.console.txt)"
+wait $first $second
+echo "done: cycle-encoding curves $OUT/*-w $OUT/*-e4e $OUT/*-cycle --patience 4"
