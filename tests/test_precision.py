@@ -176,3 +176,63 @@ def test_cli_precision_runs_and_is_recorded_in_config_json(tiny, tmp_path):
     assert options["tune"]["precision"] == "bf16" and options["refine"]["precision"] == "bf16"
     assert options["tune"]["batch_passes"] is True
     assert main([*args[:-5], "--out", str(tmp_path / "r2"), "--precision", "fp16", "--dry-run"]) == 2
+
+
+# -- --precision auto: bf16 where the device computes it natively --------------------------------------------------
+X86_AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16\n"
+X86_AMX = "processor\t: 0\nflags\t\t: fpu avx512f amx_tile amx_bf16 amx_int8\n"
+X86_PLAIN = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm sve\n"
+
+
+def test_precision_auto_follows_the_cpu_flags():
+    from cycle_encoding.ops import cpu_flags, resolve_precision
+
+    assert cpu_flags(X86_PLAIN) == {"fpu", "sse2", "avx2", "avx512f", "avx512bw"}
+    assert resolve_precision("auto", "cpu", X86_AVX512_BF16) == ("bf16", "auto: CPU with avx512_bf16")
+    assert resolve_precision("auto", "cpu", X86_AMX) == ("bf16", "auto: CPU with amx_bf16")
+    assert resolve_precision("auto", "cpu", ARM_BF16) == ("bf16", "auto: CPU with bf16")
+    assert resolve_precision("auto", "cpu", X86_PLAIN)[0] == "fp32"  # avx512bw alone: bf16 emulated, slower
+    assert resolve_precision("auto", "cpu", "")[0] == "fp32"
+    for given in ("fp32", "bf16"):  # an explicit choice is kept whatever the machine
+        assert resolve_precision(given, "cpu", X86_PLAIN) == (given, "as given")
+    with pytest.raises(ValueError, match="auto, fp32, bf16"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_precision_auto_on_this_machine_matches_proc_cpuinfo():
+    from cycle_encoding.ops import resolve_precision
+
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    native = any(f in text.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    assert resolve_precision("auto", "cpu")[0] == ("bf16" if native else "fp32")
+
+
+def test_cli_precision_defaults_to_auto_and_says_what_it_chose(tiny, tmp_path, capsys):
+    import json
+
+    import cycle_encoding as ce
+    from cycle_encoding.cli import main
+    from cycle_encoding.ops import resolve_precision
+    from cycle_encoding.utils import save_image
+
+    expected, why = resolve_precision("auto", "cpu")
+    ce.save_generator(tiny["G"], tmp_path / "g.safetensors")
+    ce.save_encoder(tiny["E"], tmp_path / "e.safetensors")
+    (tmp_path / "t").mkdir()
+    save_image(tiny["x"][0], tmp_path / "t" / "a.png")
+    args = ["invert", str(tmp_path / "t"), "--generator", str(tmp_path / "g.safetensors"), "--encoder",
+            str(tmp_path / "e.safetensors"), "--stages", "encoder,tune", "--perceptual", "none", "--tune-steps", "2",
+            "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    options = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
+    assert options["tune"]["precision"] == expected and options["refine"]["precision"] == expected
+    assert f"tune {expected} ({why})" in capsys.readouterr().err
+    # a --config file's choice stands when the command line gives none
+    (tmp_path / "c.yaml").write_text("tune: {precision: fp32}\nrefine: {precision: fp32}\n")
+    assert main([*args, "--out", str(tmp_path / "run2"), "--config", str(tmp_path / "c.yaml")]) == 0
+    options = json.loads((tmp_path / "run2" / "config.json").read_text())["options"]
+    assert options["tune"]["precision"] == "fp32" and options["refine"]["precision"] == "fp32"

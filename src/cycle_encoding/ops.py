@@ -25,10 +25,60 @@ PRECISIONS = ("fp32", "bf16")
 ``bf16`` the networks' forward and backward under bfloat16 autocast, with float32 weights, loss and optimizer."""
 
 
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+"""What the command line takes: ``auto`` (its default) is bf16 where the device computes bfloat16 natively (the
+fast path; equal quality measured in ``docs/RESULTS.md`` and ``benchmarks/``), else fp32."""
+
+
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags as Linux lists them (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return set()
+    out: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            out.update(value.split())
+    return out
+
+
+def bf16_units(device: torch.device | str, cpuinfo: str | None = None) -> str | None:
+    """What computes bfloat16 natively on ``device`` (for a message), or None where bf16 would be emulated and
+    slower than fp32: a CUDA GPU that supports bf16; a CPU with AMX-BF16, AVX512-BF16 or Arm's BF16 extension."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return f"CUDA GPU with bf16 ({torch.cuda.get_device_name(dev)})"
+        return None
+    if dev.type == "cpu":
+        flags = cpu_flags(cpuinfo)
+        for flag in ("amx_bf16", "avx512_bf16", "bf16"):
+            if flag in flags:
+                return f"CPU with {flag}"
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device | str, cpuinfo: str | None = None) -> tuple[str, str]:
+    """``(fp32 | bf16, why)``: ``auto`` becomes bf16 where :func:`bf16_units` finds native bf16, else fp32; the
+    other values are kept as given."""
+    if precision == "auto":
+        units = bf16_units(device, cpuinfo)
+        if units:
+            return "bf16", f"auto: {units}"
+        return "fp32", f"auto: no native bf16 on {torch.device(device).type}"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    return precision, "as given"
 
 
 @contextlib.contextmanager

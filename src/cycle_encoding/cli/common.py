@@ -22,6 +22,19 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
 
 
+def resolve_precision_option(value: Any, device: Any) -> tuple[str, str]:
+    """``--precision`` as the commands take it (``auto``, their default, or fp32 / bf16) resolved for ``device``
+    (``auto`` / None: the device the command will use): ``(fp32 | bf16, why)``; a bad value is a clear error."""
+    from ..errors import CycleEncodingError
+    from ..ops import PRECISION_CHOICES, resolve_precision
+    from ..utils import resolve_device
+
+    value = "auto" if value is None else value
+    if value not in PRECISION_CHOICES:
+        raise CycleEncodingError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {value!r}")
+    return resolve_precision(value, resolve_device(device))
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")

@@ -57,8 +57,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--locality-alpha", "tune.locality_alpha", float, "locality regularizer: distance from the pivot (default 30)"),
     ("--locality-weights", "_locality_weights", str, "locality regularizer: MSE,perceptual weights (default 0.1,0.1)"),
     ("--precision", "_precision", str,
-     "compute precision of refine and tune: fp32 (default, the authors' loops exactly) or bf16 (bfloat16 autocast, "
-     "fp32 weights, losses and optimizer; faster where the CPU or GPU has bf16 units)"),
+     "compute precision of refine and tune: auto (default: bf16 where the CPU or GPU computes bfloat16 natively, "
+     "else fp32), fp32 (the authors' loops exactly) or bf16 (bfloat16 autocast, fp32 weights, losses and optimizer; "
+     "equal results within noise in docs/RESULTS.md)"),
     ("--tune-batch", "tune_batch", int,
      "tune this many images at once (each its own generator copy, one batched pass; the same results as one by one "
      "within float rounding; default 1: one by one, the authors' loop)"),
@@ -166,12 +167,29 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+def resolve_precisions(data: dict[str, Any], device: Any) -> str:
+    """The refinement's and the tuning's precision in ``data`` (from --precision or --config; ``auto`` when neither
+    gives one) resolved for the device: fp32 or bf16 in ``data``, and a line saying what was chosen and why."""
+    from .common import resolve_precision_option
+
+    lines = []
+    for stage in ("refine", "tune"):
+        section = data.setdefault(stage, {})
+        if not isinstance(section, dict):
+            continue  # make_config reports the malformed section
+        section["precision"], why = resolve_precision_option(section.get("precision"), device)
+        lines.append(f"{stage} {section['precision']} ({why})")
+    return "precision: " + ", ".join(lines)
+
+
 def cmd_invert(args: argparse.Namespace) -> int:
     from ..inversion.config import make_config
     from ..inversion.inverter import Inverter
     from ..inversion.targets import list_targets
 
-    config = make_config(options_from_args(args))
+    data = options_from_args(args)
+    precision_line = resolve_precisions(data, args.device)
+    config = make_config(data)
     check_output_folder(args.out, "--out")
     if args.dry_run:
         from ..config import to_dict
@@ -194,6 +212,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
                 print(f"identity: {inv.identity_note}", file=sys.stderr)
             if inv.refiner is not None:
                 print(f"refine: optimizer state {inv.refiner.optimizer_note}", file=sys.stderr)
+            print(precision_line, file=sys.stderr)
         summary = inv.run(args.images, args.out, recursive=args.recursive,
                           verbose="images" if args.quiet else True, debug=args.debug)  # fmt: skip
     finally:

@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, add_progress_arg, check_output_folder, option_overrides, options_from
+from .common import (
+    add_device_arg,
+    add_progress_arg,
+    check_output_folder,
+    option_overrides,
+    options_from,
+    resolve_precision_option,
+)
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -64,9 +71,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
      "zero (default: PyTorch 1.6's zero_grad as the authors ran it; switched-off offset heads keep moving under "
      "Ranger's momentum) or none (gradients set to None; switched-off heads freeze)"),
     ("--precision", "precision", str,
-     "fp32 (default: float32 throughout, the authors' computation) or bf16 (bfloat16 autocast for the networks' "
-     "passes, float32 weights, losses and optimizers: faster on CPUs with bf16 units and on GPUs); a resumed run "
-     "keeps its own"),
+     "auto (default: bf16 where the CPU or GPU computes bfloat16 natively, else fp32), fp32 (float32 throughout, "
+     "the authors' computation) or bf16 (bfloat16 autocast for the networks' passes, float32 weights, losses and "
+     "optimizers; equal validation loss in benchmarks/encoder_training.py); a resumed run keeps its own"),
     ("--d-fake-codes", "d_fake_codes", str,
      "latent discriminator's fake codes: absolute (default, with w_avg) or raw-offset (the authors' input, without)"),
 ]  # fmt: skip
@@ -108,8 +115,11 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     over = option_overrides(args)
     if args.resume is not None:
         cfg = resume_config(args.resume, over)
+        precision_line = f"precision: {cfg.precision} (the run's own)"
     else:
         data = options_from(args, required=("generator", "data"))
+        data["precision"], why = resolve_precision_option(data.get("precision"), data.get("device"))
+        precision_line = f"precision: {data['precision']} ({why})"
         cfg = load_train_config(data)
     if args.dry_run:
         from ..training.preflight import check_encoder_run
@@ -122,6 +132,8 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     check_output_folder(args.resume if args.resume is not None else cfg.out, "--resume" if args.resume else "--out")
     trainer = EncoderTrainer(cfg, resume=args.resume)
     trainer.progress = args.progress
+    if trainer.dist.is_main:
+        print(precision_line, file=sys.stderr)
     if trainer.dist.is_main:
         from ..training.encoder_trainer import network_files
 

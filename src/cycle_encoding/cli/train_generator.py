@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, add_progress_arg, check_output_folder, option_overrides, options_from
+from .common import (
+    add_device_arg,
+    add_progress_arg,
+    check_output_folder,
+    option_overrides,
+    options_from,
+    resolve_precision_option,
+)
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -70,8 +78,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--checkpoint-every", "checkpoint_every", int, "checkpoint and export g_ema every N steps (default 1000)"),
     ("--seed", "seed", int, "random seed (default 0)"),
     ("--precision", "precision", str,
-     "fp32 (default: float32 throughout) or bf16 (bfloat16 autocast for G and D, float32 weights, losses, Adam and "
-     "regularizers); a resumed run keeps its own"),
+     "auto (default: bf16 where the CPU or GPU computes bfloat16 natively, else fp32), fp32 (float32 throughout) "
+     "or bf16 (bfloat16 autocast for G and D, float32 weights, losses, Adam and regularizers); a resumed run keeps "
+     "its own"),
 ]  # fmt: skip
 
 
@@ -108,8 +117,11 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
     over = option_overrides(args)
     if args.resume is not None:
         cfg = resume_generator_config(args.resume, over)
+        precision_line = f"precision: {cfg.precision} (the run's own)"
     else:
         data = options_from(args, required=("data",))
+        data["precision"], why = resolve_precision_option(data.get("precision"), data.get("device"))
+        precision_line = f"precision: {data['precision']} ({why})"
         cfg = load_generator_train_config(data)
     if args.dry_run:
         out = to_dict(cfg)
@@ -126,6 +138,8 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
     check_output_folder(args.resume if args.resume is not None else cfg.out, "--resume" if args.resume else "--out")
     trainer = GeneratorTrainer(cfg, resume=args.resume)
     trainer.progress = args.progress
+    if trainer.dist.is_main:
+        print(precision_line, file=sys.stderr)
     try:
         summary = trainer.run()
     finally:
