@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18's three encoders (W, e4e, Cycle) on one generator, each trained until its validation loss levels off.
 #
-#   bash scripts/fair_scale/train_encoders.sh GENERATOR [OUT]
+#   bash scripts/fair_scale/train_encoders.sh GENERATOR [OUT [RUN ...]]     RUN: w, e4e, cycle (default: all three)
 #
 # Same losses, images, batch, encoder size and validation set for all three; only the schedule differs:
 #   w     the W preset (stage 0 throughout), up to 60,000 steps
@@ -9,11 +9,13 @@
 #   cycle cycle.yaml: the paper's schedule rescaled to 30,000 steps, its final W phase open to 60,000
 # Each stops by `--val-patience 4` (four validations, 2,000 steps, of the schedule's last stage without a 2% gain on
 # that stage's best), so e4e's W+ curve also tells whether the cycle's W+ phase (2,080-20,000) was long enough.
-# Runs resume from their checkpoints when started again; finished ones are skipped. W and e4e share one core, the
-# Cycle run has the other (one torch thread each: on this 2-core machine more threads only slow both down).
+# Runs resume from their checkpoints when started again; finished ones are skipped. The three run at once, one torch
+# thread each (on a 2-core machine more threads per run only slow the others down; a run that ends frees its core).
 set -euo pipefail
-G=${1:?usage: train_encoders.sh GENERATOR [OUT]}
+G=${1:?usage: train_encoders.sh GENERATOR [OUT [RUN ...]]}
 OUT=${2:-$HOME/.cache/cycle-encoding/runs/fair}
+RUNS=("${@:3}")
+[[ ${#RUNS[@]} -gt 0 ]] || RUNS=(w e4e cycle)
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 CE=${CE:-$ROOT/.venv/bin/cycle-encoding}
@@ -41,11 +43,17 @@ train() {  # NAME ARGS...: start the run, resume it, or skip it when its log has
     fi
 }
 
-(train w --preset w --w-only --total-steps 60000 && train e4e --schedule "$HERE/e4e.yaml") \
-    >"$OUT/w-e4e.console.txt" 2>&1 &
-first=$!
-train cycle --schedule "$HERE/cycle.yaml" >"$OUT/cycle.console.txt" 2>&1 &
-second=$!
-echo "training in the background: $OUT (consoles: w-e4e.console.txt, cycle.console.txt)"
-wait $first $second
+declare -A ARGS=([w]="--preset w --w-only --total-steps 60000" [e4e]="--schedule $HERE/e4e.yaml"
+                [cycle]="--schedule $HERE/cycle.yaml")
+for name in "${RUNS[@]}"; do
+    [[ -v "ARGS[$name]" ]] || { echo "unknown run '$name' (w, e4e or cycle)" >&2; exit 2; }
+done
+pids=()
+for name in "${RUNS[@]}"; do
+    # shellcheck disable=SC2086 # the options are words
+    train "$name" ${ARGS[$name]} >>"$OUT/$name.console.txt" 2>&1 &
+    pids+=($!)
+done
+echo "training ${RUNS[*]} in the background: $OUT (consoles: $OUT/NAME.console.txt)"
+wait "${pids[@]}"
 echo "done: cycle-encoding curves $OUT/*-w $OUT/*-e4e $OUT/*-cycle --patience 4"
