@@ -10,6 +10,7 @@ depend on that timing: after ``shutdown`` the gloo threads must be gone, every t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ dd.broadcast_parameters(net, info)
 dd.gather_objects({"rank": info.rank}, info)
 during = threads()
 dd.shutdown(info)
-print(f"rank {info.rank}: threads before {before} during {during} after {threads()}", flush=True)
+os.write(1, f"rank {info.rank}: threads before {before} during {during} after {threads()}\\n".encode())
 """
 
 
@@ -48,9 +49,8 @@ def test_shutdown_ends_the_gloo_threads(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "script.py"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
-    assert len(lines) == 2, r.stdout
-    for line in lines:
-        counts = dict(zip(["before", "during", "after"], [int(w) for w in line.split()[4::2]]))
-        assert counts["during"] > counts["before"], line  # the group did start its threads
-        assert counts["after"] == counts["before"], line  # ... and leaving it joined them
+    found = re.findall(r"rank (\d): threads before (\d+) during (\d+) after (\d+)", r.stdout)
+    assert sorted(rank for rank, *_ in found) == ["0", "1"], r.stdout
+    for rank, before, during, after in found:
+        assert int(during) > int(before), (rank, r.stdout)  # the group did start its threads
+        assert int(after) == int(before), (rank, r.stdout)  # ... and leaving it joined them
