@@ -31,13 +31,8 @@ from cycle_encoding.training.generator_trainer import (
 TINY_G = {"style_dim": 32, "n_mlp": 2, "channel_base": 256, "channel_max": 32}  # 32, 32, 16 channels at 4, 8, 16 px
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: a second intra-op thread only adds waiting (7x slower on 2 busy cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# these networks are tiny: a second intra-op thread only adds waiting (7x slower on 2 busy cores)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int) -> None:

@@ -27,12 +27,8 @@ BUFFERS = (".running_mean", ".running_var", ".num_batches_tracked")
 ARCH = dict(num_ws=8, w_dim=32, input_size=32, widths=(8, 16, 24, 32), units=(1, 1, 1, 1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# these networks are tiny: a second intra-op thread only adds waiting (7x slower on 2 busy cores)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def their_checkpoint(steps: int = 3, skip_heads: tuple[int, ...] = (7,), lr: float = 1e-3):

@@ -34,12 +34,8 @@ from tests.test_generator_training import config as gen_config
 STANDIN = "stand-in-precision"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# these networks are tiny: a second intra-op thread only adds waiting (7x slower on 2 busy cores)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
