@@ -77,6 +77,40 @@ def generator_metrics(G: Any) -> dict[str, Any]:
             "class_counts": m["class_counts"]}  # fmt: skip
 
 
+def reproduce_command(cfg: dict[str, Any]) -> str:
+    """The run's recorded command with the program as ``cycle-encoding`` and the output folder as ``runs``."""
+    import shlex
+
+    words = shlex.split(cfg.get("_resolved", {}).get("command", ""))
+    if not words:
+        return "(the run's config.json records no command)"
+    words[0] = "cycle-encoding"
+    if "--out" in words[:-1]:
+        words[words.index("--out") + 1] = "runs"
+    return shlex.join(words)
+
+
+def curve_lines(run: Path) -> list[str]:
+    """The run's classifier-FD evaluations (``metric`` records of ``--metric-every``) as a markdown table."""
+    recs = [r for r in run_log(run) if r.get("kind") == "metric"]
+    if not recs:
+        return []
+    out = ["## Training curve", "", "| step | kimg | FD | smallest class share |", "|---|---|---|---|"]
+    out += [f"| {r['step']} | {r['kimg']:g} | {r['fd']:.2f} | {100 * r['min_class_share']:.1f}% |" for r in recs]
+    out += ["", "(10,000 samples of g_ema against the test set at each step, fmnist-eval features.)", ""]
+    return out
+
+
+def schedule_note(run: Path, log: list[dict[str, Any]]) -> str:
+    """How the run's schedule ended: by its own length, or by the validation plateau rule (a ``stop`` record)."""
+    stops = [r for r in log if r.get("kind") == "stop"]
+    sched = json.loads((run / "schedule.json").read_text()) if (run / "schedule.json").is_file() else {}
+    phases = ", ".join(f"{p['name']} {p['start']}-{p['end']}" for p in sched.get("phases", []))
+    if stops:
+        return f": {phases}; stopped at step {stops[-1]['step']} because {stops[-1]['reason']}"
+    return f": {phases}" if phases else ""
+
+
 def ship_generator(run: Path, grid: Path) -> Path:
     from cycle_encoding.checkpoints.generator import load_generator
     from cycle_encoding.utils import save_image
@@ -109,15 +143,14 @@ def ship_generator(run: Path, grid: Path) -> Path:
         "## Reproduce",
         "",
         "```",
-        f"cycle-encoding train-generator --data fashion-mnist --resolution 32 --max-steps {step} --out runs --name "
-        "fmnist32 --checkpoint-every 250 --image-every 1000 --device cpu",
+        reproduce_command(cfg),
         "```",
         "",
-        f"This file was trained in pieces over two sessions: started with `--max-steps 30000` (the schedule of the "
-        f"learning rate and the EMA does not depend on it), resumed with `--resume` twice, and stopped at the "
-        f"checkpoint of step {step} because CPU time ran out. Resuming is exact (tested), so the one command above "
-        "makes the same training; the weights also depend on the torch thread count (the run used 1-2).",
+        f"The run was stopped at the checkpoint of step {step} (`--resume` continues it exactly, tested; the learning "
+        "rate and the EMA do not depend on `--max-steps`). The weights also depend on the torch thread count and, "
+        f"in bf16, on the CPU's kernels (the run used {machine_line(pv.get('machine', {}))}).",
         "",
+        *curve_lines(run),
         "## Facts",
         "",
         f"- file: `{dst.name}`, {dst.stat().st_size:,} bytes",
@@ -244,8 +277,10 @@ def ship_encoder(
     wall = float(end["time"]) - float(start["time"])  # one uninterrupted run (a resumed run would count the gap)
     m = encoder_metrics(E, G)
     opt_file, cmp = ship_optimizer_state(run, E, G, name, compare)
-    command = cfg["_resolved"]["command"].replace(str(Path.home() / ".cache/cycle-encoding/runs"), "runs")
-    command = command.replace(str(generator), "fmnist-generator").replace(str(ROOT) + "/", "")
+    command = cfg["_resolved"]["command"]
+    for trained_on in (str(cfg["generator"]), str(generator)):  # the file the run was given is the shipped one
+        command = command.replace(trained_on, "fmnist-generator")
+    command = command.replace(str(Path.home() / ".cache/cycle-encoding/runs"), "runs").replace(str(ROOT) + "/", "")
     command = command.replace(".venv/bin/cycle-encoding", "cycle-encoding")
     n_params = sum(p.numel() for p in E.parameters())
     lines = [
@@ -255,7 +290,7 @@ def ship_encoder(
         "`encoder`; nothing in the file runs): a scaled-down IR-SE body (widths "
         f"{list(E.config.widths)}, units {list(E.config.units)}) with {E.config.num_ws - 1} offset heads, input "
         f"{E.config.input_size}x{E.config.input_size}, 1 channel. Trained by the cycle schedule W -> W+ -> W "
-        f"(`{pv.get('schedule')}`: the paper's phases rescaled to {end['step']} steps), it ends in stage "
+        f"(`{pv.get('schedule')}`{schedule_note(run, log)}), it ends in stage "
         f'{E.trained_stage}. Load it with `cycle_encoding.checkpoints.encoder.load_encoder("{name}")` or give '
         f"`--encoder {name}` to any command.",
         "",
@@ -265,8 +300,8 @@ def ship_encoder(
         command,
         "```",
         "",
-        "(`runs/00000-fmnist32/generator.safetensors` is `fmnist-generator`; train it first, or pass "
-        "`--generator fmnist-generator`.)",
+        "(`fmnist-generator` is the shipped generator, byte for byte the file the run was given: the card's sha256 "
+        "check below. Paths of schedule files are relative to the repository.)",
         "",
         "## Facts",
         "",
@@ -282,7 +317,8 @@ def ship_encoder(
         "schedule; seed " + str(cfg["seed"]),
         f"- training choices: generator noise {cfg.get('noise_mode', 'const')}, zero_grad "
         f"{cfg.get('zero_grad', 'none')} ({'PyTorch 1.6: switched-off heads keep moving' if cfg.get('zero_grad') == 'zero' else 'set to None'}), "
-        f"latent discriminator fed {cfg.get('d_fake_codes', 'absolute')} codes",
+        f"latent discriminator fed {cfg.get('d_fake_codes', 'absolute')} codes, precision "
+        f"{cfg.get('precision', 'fp32')}{' with torch.compile' if cfg.get('compile') else ''}",
         f"- wall time: {wall:.0f} s ({trains[-1]['sec_per_step']:.2f} s/step at the end; other jobs shared the 2 "
         "cores) on "
         f"{this_machine()}",

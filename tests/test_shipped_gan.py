@@ -72,7 +72,7 @@ def test_generator_and_encoder_load_by_name_and_belong_together() -> None:
     assert E.trained_stage == 0  # the cycle ends in W
     prov = read_native_header(shipped_model_path("fmnist-encoder"))["provenance"]
     assert prov["generator_sha256"] == file_sha256(shipped_model_path("fmnist-generator"))
-    assert prov["schedule"].startswith("paper@")
+    assert prov["schedule"] and f"`{prov['schedule']}`" in shipped_model_card("fmnist-encoder").read_text()
     n = sum(p.numel() for p in G.parameters())
     assert f"- parameters: {n:,}" in shipped_model_card("fmnist-generator").read_text()
 
@@ -117,15 +117,18 @@ def test_encoder_reconstructs_unseen_test_images_as_its_card_says() -> None:
     from cycle_encoding.training.classifier_trainer import load_tensors
 
     card = shipped_model_card("fmnist-encoder").read_text()
-    m = re.search(r"^\| all \(stage \d+\) \| ([0-9.]+) \|", card, re.MULTILINE)
-    assert m, "the card gives the MSE with all offsets"
     G, E = load_generator("fmnist-generator"), load_encoder("fmnist-encoder")
     x = load_tensors("fashion-mnist", "test", limit=200)[0]
-    with torch.no_grad():
-        y = render(G, encoder_pivot(E, x, "all")).clamp(-1, 1)
-        mean_image = x.mean(0, keepdim=True).expand_as(x)
-    got = float(mse(y, x).mean())
-    assert got < 1.3 * float(m.group(1))
-    # far better than predicting the average image (the all-offsets pivot of an encoder trained with PyTorch 1.6's
-    # zero_grad, the authors' and the shipped one's, is at about 0.63 of it; docs/RESULTS.md measures the difference)
-    assert got < 0.7 * float(mse(mean_image, x).mean())
+    mean_image = x.mean(0, keepdim=True).expand_as(x)
+    got = {}
+    for offsets, row in (("trained", r"trained \(stage \d+\)"), ("all", r"all \(stage \d+\)")):
+        m = re.search(rf"^\| {row} \| ([0-9.]+) \|", card, re.MULTILINE)
+        assert m, f"the card gives the MSE with the {offsets} offsets"
+        with torch.no_grad():
+            y = render(G, encoder_pivot(E, x, offsets)).clamp(-1, 1)
+        got[offsets] = float(mse(y, x).mean())
+        assert got[offsets] < 1.3 * float(m.group(1)), offsets
+    # the encoder's own output (its trained stage) is far better than predicting the average image; with all offsets
+    # switched back on it is much worse (PyTorch 1.6's zero_grad, the authors', moves the switched-off heads on)
+    assert got["trained"] < 0.5 * float(mse(mean_image, x).mean())
+    assert got["trained"] < got["all"]
