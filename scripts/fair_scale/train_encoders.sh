@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 18's three encoders (W, e4e, Cycle) on one generator, each trained until its validation loss levels off.
 #
-#   bash scripts/fair_scale/train_encoders.sh GENERATOR [OUT [RUN ...]]     RUN: w, e4e, cycle (default: all three)
+#   bash scripts/fair_scale/train_encoders.sh GENERATOR [OUT [RUN ...]]
+#       RUN: w, e4e, cycle (default: these three), cycle-zg-none (the Cycle run with --zero-grad none)
 #
 # Same losses, images, batch, encoder size and validation set for all three; only the schedule differs:
 #   w     the W preset (stage 0 throughout), up to 60,000 steps
@@ -44,9 +45,9 @@ train() {  # NAME ARGS...: start the run, resume it, or skip it when its log has
 }
 
 declare -A ARGS=([w]="--preset w --w-only --total-steps 60000" [e4e]="--schedule $HERE/e4e.yaml"
-                [cycle]="--schedule $HERE/cycle.yaml")
+                [cycle]="--schedule $HERE/cycle.yaml" [cycle-zg-none]="--schedule $HERE/cycle.yaml --zero-grad none")
 for name in "${RUNS[@]}"; do
-    [[ -v "ARGS[$name]" ]] || { echo "unknown run '$name' (w, e4e or cycle)" >&2; exit 2; }
+    [[ -v "ARGS[$name]" ]] || { echo "unknown run '$name' (w, e4e, cycle or cycle-zg-none)" >&2; exit 2; }
 done
 pids=()
 for name in "${RUNS[@]}"; do
