@@ -26,13 +26,13 @@ def resolve_precision_option(value: Any, device: Any) -> tuple[str, str]:
     """``--precision`` as the commands take it (``auto``, their default, or fp32 / bf16) resolved for ``device``
     (``auto`` / None: the device the command will use): ``(fp32 | bf16, why)``; a bad value is a clear error."""
     from ..errors import CycleEncodingError
-    from ..ops import PRECISION_CHOICES, resolve_precision
+    from ..ops import resolve_precision
     from ..utils import resolve_device
 
-    value = "auto" if value is None else value
-    if value not in PRECISION_CHOICES:
-        raise CycleEncodingError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {value!r}")
-    return resolve_precision(value, resolve_device(device))
+    try:
+        return resolve_precision("auto" if value is None else value, resolve_device(device))
+    except ValueError as e:  # ops checks the value: one list of the choices
+        raise CycleEncodingError(f"--{e}") from None
 
 
 def print_json(obj: Any) -> None:

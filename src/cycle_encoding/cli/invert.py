@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, add_progress_arg, check_output_folder, print_json
+from .common import add_device_arg, add_progress_arg, check_output_folder, print_json, resolve_precision_option
 
 EXIT_SOME_FAILED = 3
 
@@ -170,8 +170,6 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_precisions(data: dict[str, Any], device: Any) -> str:
     """The refinement's and the tuning's precision in ``data`` (from --precision or --config; ``auto`` when neither
     gives one) resolved for the device: fp32 or bf16 in ``data``, and a line saying what was chosen and why."""
-    from .common import resolve_precision_option
-
     lines = []
     for stage in ("refine", "tune"):
         section = data.setdefault(stage, {})

@@ -134,7 +134,6 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     trainer.progress = args.progress
     if trainer.dist.is_main:
         print(precision_line, file=sys.stderr)
-    if trainer.dist.is_main:
         from ..training.encoder_trainer import network_files
 
         for kind, rec in network_files(trainer.perceptual, trainer.identity).items():
