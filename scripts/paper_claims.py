@@ -20,7 +20,9 @@ What it does (all from the shipped models unless told otherwise, nothing downloa
 5. writes a JSON of everything, the Markdown table, and a picture of examples.
 
 Per-image results are appended to ``OUT/shard-K.jsonl`` as they finish; a re-run skips finished images (resume
-after an interruption). Workers are separate processes (``--workers``), each one torch thread.
+after an interruption) and measures only the rows an image lacks or holds from other inputs: each row's record carries
+a fingerprint of the files and settings it depends on, so a retrained W encoder re-measures the W row alone and an
+added ``--cycle-zg`` adds its row; the table uses only rows measured with the current inputs. Workers are separate processes (``--workers``), each one torch thread.
 """
 
 from __future__ import annotations
@@ -73,6 +75,36 @@ ROWS = (
     Row("full-bf16", "full method, `--precision bf16`", "refine-bf16", "reg-bf16", "cycle:all"),
 )
 ENCODERS = ("w", "e4e", "cycle", "cycle_zg")
+
+
+def row_encoders(row: Row) -> list[str]:
+    """The encoders a row's numbers depend on: its pivot's (the refinements fine-tune the Cycle encoder) and LEC's."""
+    kind = row.pivot.split(":")
+    pivot = [kind[1]] if kind[0] == "enc" else ["cycle"] if row.pivot.startswith("refine") else []
+    return sorted({*pivot, row.lec_encoder.split(":")[0]})
+
+
+def fingerprints(args: argparse.Namespace) -> dict[str, str]:
+    """Per row, a hash of everything its numbers depend on: the files of the generator and of its encoders, and the
+    measuring settings. A record measured with other inputs is stale: a re-run measures that row again."""
+    import hashlib
+
+    from cycle_encoding.assets import resolve_model
+
+    files: dict[str, str] = {}
+
+    def sha(name: str) -> str:
+        if name not in files:
+            files[name] = hashlib.sha256(resolve_model(name).read_bytes()).hexdigest()
+        return files[name]
+
+    settings = {k: getattr(args, k) for k in ("tune_steps", "project_steps", "refine_steps", "strengths", "samples",
+                                               "seed", "per_class", "others")}  # fmt: skip
+    out = {}
+    for row in active_rows(args):
+        parts = {"generator": sha(args.generator), **{k: sha(getattr(args, k)) for k in row_encoders(row)}, **settings}
+        out[row.key] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return out
 
 
 def active_rows(options: argparse.Namespace | dict[str, Any]) -> list[Row]:
@@ -218,8 +250,10 @@ def timed(fn: Any, *a: Any, **k: Any) -> tuple[Any, float]:
     return r, time.perf_counter() - t0
 
 
-def measure_image(ctx: Context, position: int, index: int, label: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every row's measures for one test image, and every row's reconstruction."""
+def measure_image(
+    ctx: Context, position: int, index: int, label: int, rows: list[Row] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The measures of every row (or of ``rows``) for one test image, and each such row's reconstruction."""
     import torch
     import torch.nn.functional as F
 
@@ -233,26 +267,30 @@ def measure_image(ctx: Context, position: int, index: int, label: int) -> tuple[
     x = test_image(index)
     pivots: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
-    for key in ctx.E:
-        for offsets in ("all", "trained"):
-            if key != "cycle" and offsets == "trained":
-                continue
-            pivots[f"enc:{key}:{offsets}"], seconds[f"enc:{key}:{offsets}"] = timed(
-                encoder_pivot, ctx.E[key], x, offsets
-            )
-    for name, refiner in ctx.refiners.items():  # the same seed: the same random training images
-        r, seconds[name] = timed(refiner.refine, x, stage_seed(a.seed, position, "refine"))
-        pivots[name] = r.pivot.detach()
-    pc = ProjectConfig(steps=a.project_steps)
-    p, seconds["project"] = timed(project_w, G, x, ctx.nets, pc, stage_seed(a.seed, position, "project"))
-    pivots["project"] = p.pivot.detach()
+
+    def pivot_of(name: str) -> torch.Tensor:  # computed on first use: a re-run that fills one row pays for its own
+        if name not in pivots:
+            if name.startswith("enc:"):
+                _, key, offsets = name.split(":")
+                pivots[name], seconds[name] = timed(encoder_pivot, ctx.E[key], x, offsets)
+            elif name in ctx.refiners:  # the same seed: the same random training images
+                r, seconds[name] = timed(ctx.refiners[name].refine, x, stage_seed(a.seed, position, "refine"))
+                pivots[name] = r.pivot.detach()
+            else:
+                pc = ProjectConfig(steps=a.project_steps)
+                p, seconds[name] = timed(project_w, G, x, ctx.nets, pc, stage_seed(a.seed, position, "project"))
+                pivots[name] = p.pivot.detach()
+        return pivots[name]
 
     tuned: dict[tuple[str, str], Any] = {}
     recons: dict[str, torch.Tensor] = {}
     out: dict[str, Any] = {"position": position, "index": index, "label": label, "rows": {}}
-    for row in ctx.rows:
-        pivot = pivots[row.pivot]
-        secs = seconds[row.pivot] + (seconds["enc:cycle:all"] if row.pivot.startswith("refine") else 0.0)
+    for row in ctx.rows if rows is None else rows:
+        pivot = pivot_of(row.pivot)
+        secs = seconds[row.pivot]
+        if row.pivot.startswith("refine"):  # the refinement starts from the encoder's code
+            pivot_of("enc:cycle:all")
+            secs += seconds["enc:cycle:all"]
         G_row = G
         extra: dict[str, Any] = {}
         if row.tune is not None:
@@ -321,38 +359,73 @@ def measure_image(ctx: Context, position: int, index: int, label: int) -> tuple[
 # workers and collection
 
 
+def pending(
+    shard: Path, chosen: list[tuple[int, int]], rows: list[Row], prints: dict[str, str], k: int, n: int
+) -> list[tuple[int, int, int, list[Row]]]:
+    """Worker k of n's images still to measure: (position, test index, label, rows), the rows being those that
+    ``shard`` lacks for the image or holds with a fingerprint other than the current one in ``prints``."""
+    have: dict[int, set[tuple[str, str]]] = {}  # position -> (row, fingerprint) measured, over all its records
+    if shard.is_file():
+        for line in shard.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                have.setdefault(rec["position"], set()).update(rec.get("fingerprints", {}).items())
+    todo = []
+    for pos, (i, lab) in enumerate(chosen):
+        missing = [row for row in rows if (row.key, prints[row.key]) not in have.get(pos, set())]
+        if pos % n == k and missing:
+            todo.append((pos, i, lab, missing))
+    return todo
+
+
 def run_shard(args: argparse.Namespace, out: Path, k: int, n: int) -> None:
     import torch
 
     torch.set_num_threads(1)
     chosen = select_images(args.per_class, args.others)
     shard = out / f"shard-{k}.jsonl"
-    done = set()
-    if shard.is_file():
-        done = {json.loads(line)["position"] for line in shard.read_text().splitlines() if line.strip()}
-    todo = [(pos, i, lab) for pos, (i, lab) in enumerate(chosen) if pos % n == k and pos not in done]
+    prints = fingerprints(args)
+    todo = pending(shard, chosen, active_rows(args), prints, k, n)
     if not todo:
         return
     ctx = Context(args, out)
     (out / "examples").mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    for j, (pos, i, lab) in enumerate(todo):
-        rec, recons = measure_image(ctx, pos, i, lab)
+    for j, (pos, i, lab, missing) in enumerate(todo):
+        rec, recons = measure_image(ctx, pos, i, lab, missing)
+        rec["fingerprints"] = {row.key: prints[row.key] for row in missing}
         if pos in example_positions(chosen):
-            torch.save({"target": test_image(i)[0], **recons}, out / "examples" / f"{pos}.pt")
+            file = out / "examples" / f"{pos}.pt"
+            old = torch.load(file, weights_only=True) if file.is_file() else {}
+            torch.save({**old, "target": test_image(i)[0], **recons}, file)
         with shard.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         el = time.perf_counter() - t0
-        print(f"[worker {k}] {j + 1}/{len(todo)} images ({el / (j + 1):.1f} s/image, test index {i})", flush=True)
+        what = "" if len(missing) == len(active_rows(args)) else f", rows {','.join(r.key for r in missing)}"
+        print(f"[worker {k}] {j + 1}/{len(todo)} images ({el / (j + 1):.1f} s/image, test index {i}{what})", flush=True)
 
 
-def collect(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def merge_records(recs: list[dict[str, Any]], prints: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One record per image, in position order: a later record's rows (a re-run that added or re-measured rows)
+    replace the earlier ones'. With ``prints``, only the rows measured with those inputs are kept."""
+    by_pos: dict[int, dict[str, Any]] = {}
+    for r in recs:
+        rows = {key: m for key, m in r["rows"].items()
+                if prints is None or r.get("fingerprints", {}).get(key) == prints.get(key)}  # fmt: skip
+        if r["position"] in by_pos:
+            by_pos[r["position"]]["rows"].update(rows)
+        else:
+            by_pos[r["position"]] = {**r, "rows": rows}
+    return [by_pos[p] for p in sorted(by_pos) if by_pos[p]["rows"]]
+
+
+def collect(args: argparse.Namespace, out: Path, prints: dict[str, str] | None = None) -> dict[str, Any]:
     import statistics
 
     recs = []
     for f in sorted(out.glob("shard-*.jsonl")):
         recs += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    recs.sort(key=lambda r: r["position"])
+    recs = merge_records(recs, prints)
     table: dict[str, Any] = {}
     for row in active_rows(args):
         per = [r["rows"][row.key] for r in recs if row.key in r["rows"]]
@@ -419,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(codes):
         print(f"a worker failed (exit codes {codes}); re-run to resume", file=sys.stderr)
         return 1
-    result = collect(args, out)
+    result = collect(args, out, fingerprints(args))
     directions = json.loads((out / "directions.json").read_text())
     wall = time.perf_counter() - t0
     if args.collect_only and (out / "results.json").is_file():  # the run that measured, not this rewrite

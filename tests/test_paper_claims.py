@@ -102,3 +102,50 @@ def test_hand_written_part_survives_a_rewrite(pc, tmp_path):
     kept = page.read_text().split(pc.MARKER, 1)[1]
     assert kept.strip() == "my reading"
     assert pc.command_line({**vars(pc.parse_args([])), "workers": 2}) == "python scripts/paper_claims.py --workers 2"
+
+
+def test_a_rerun_measures_only_the_rows_an_image_lacks_or_holds_from_other_inputs(pc, tmp_path):
+    chosen = [(100 + pos, pos % 3) for pos in range(8)]
+    rows = pc.active_rows(pc.parse_args(["--cycle-zg", "zg.safetensors"]))
+    keys = [r.key for r in rows]
+    assert "cycle-zg-none" in keys
+    prints = {key: "new" for key in keys}
+
+    def rec(pos, present, fp="new", mse=0.1):
+        r = record(pos, {k: mse for k in present}, {}, present)
+        return {**r, "fingerprints": dict.fromkeys(present, fp)}
+
+    without_zg = tuple(k for k in keys if k != "cycle-zg-none")
+    # worker 1 of 2 owns positions 1, 3, 5, 7: 1 lacks the zg row; 3 has every row (in two records); 5 has none;
+    # 7 has every row but its W row is from another W encoder (as 3's was, measured again later)
+    without_w = tuple(k for k in keys if k != "w")
+    recs = [rec(1, without_zg), rec(3, without_zg), rec(3, ("cycle-zg-none",), mse=0.5), rec(7, without_w),
+            rec(7, ("w",), fp="old"), rec(3, ("w",), fp="old"), rec(3, ("w",), mse=0.3)]  # fmt: skip
+    shard = tmp_path / "shard-1.jsonl"
+    shard.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    todo = pc.pending(shard, chosen, rows, prints, 1, 2)
+    assert [(pos, i, lab) for pos, i, lab, _ in todo] == [(1, 101, 1), (5, 105, 2), (7, 107, 1)]
+    assert [[r.key for r in t[3]] for t in todo] == [["cycle-zg-none"], keys, ["w"]]
+    assert pc.pending(tmp_path / "absent.jsonl", chosen, rows, prints, 0, 2)[0][3] == rows
+    # a changed setting or model changes the fingerprints: everything is measured again
+    assert len(pc.pending(shard, chosen, rows, dict.fromkeys(keys, "other"), 1, 2)) == 4
+    # the collection: one record per image, later records replace earlier rows, rows from other inputs left out
+    merged = pc.merge_records(recs, prints)
+    assert [r["position"] for r in merged] == [1, 3, 7]
+    assert set(merged[1]["rows"]) == set(keys)
+    assert merged[1]["rows"]["cycle-zg-none"]["mse"] == 0.5 and merged[1]["rows"]["w"]["mse"] == 0.3
+    assert "w" not in merged[2]["rows"] and len(merged[2]["rows"]) == len(keys) - 1
+    assert recs[2]["rows"].keys() == {"cycle-zg-none"}  # the inputs are left as they were
+
+
+def test_fingerprints_follow_a_rows_models_and_the_settings(pc, tmp_path):
+    for name in ("g", "w1", "w2", "e", "c"):
+        (tmp_path / f"{name}.pt").write_bytes(name.encode())
+    f = lambda *extra: pc.fingerprints(pc.parse_args(  # noqa: E731
+        ["--generator", str(tmp_path / "g.pt"), "--w", str(tmp_path / "w1.pt"), "--e4e", str(tmp_path / "e.pt"),
+         "--cycle", str(tmp_path / "c.pt"), *extra]))  # fmt: skip
+    base, other_w, longer = f(), f("--w", str(tmp_path / "w2.pt")), f("--tune-steps", "100")
+    assert {k for k in base if base[k] != other_w[k]} == {"w"}  # only the W row uses the W encoder
+    assert all(base[k] != longer[k] for k in base)
+    assert pc.row_encoders(next(r for r in pc.ROWS if r.key == "full")) == ["cycle"]
+    assert pc.row_encoders(next(r for r in pc.ROWS if r.key == "pti")) == ["cycle"]  # LEC with the Cycle encoder
