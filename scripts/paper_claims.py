@@ -494,11 +494,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result = collect(args, out, fingerprints(args))
     directions = json.loads((out / "directions.json").read_text())
-    wall = time.perf_counter() - t0
-    if args.collect_only and (out / "results.json").is_file():  # the run that measured, not this rewrite
-        wall = json.loads((out / "results.json").read_text()).get("wall_seconds", wall)
+    # wall time over every invocation that measured (a resumed or row-adding run adds its own; a rewrite adds none)
+    spent = (
+        json.loads((out / "wall.json").read_text()) if (out / "wall.json").is_file() else {"seconds": 0.0, "runs": 0}
+    )
+    if not args.collect_only:
+        spent = {"seconds": spent["seconds"] + time.perf_counter() - t0, "runs": spent["runs"] + 1}
+        (out / "wall.json").write_text(json.dumps(spent))
     result.update(directions=directions, options={k: v for k, v in vars(args).items() if k != "shard"},
-                  wall_seconds=wall)  # fmt: skip
+                  wall_seconds=spent["seconds"], invocations=spent["runs"])  # fmt: skip
     (out / "results.json").write_text(json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=1))
     figure = Path(args.figure) if args.figure else None
     if args.markdown and figure is None:
@@ -640,9 +644,11 @@ def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
     lines = [
         "# Results: the paper's claims measured on Fashion-MNIST",
         "",
-        f"Made by `{command_line(o)}` ({result['wall_seconds'] / 60:.0f} min of wall time on a 2-core CPU machine, "
-        f"{o['workers']} worker process(es) with one torch thread each; a re-run resumes, and `--collect-only` "
-        "rewrites this page from the images finished so far).",
+        f"Made by `{command_line(o)}` ({result['wall_seconds'] / 60:.0f} min of wall time on a 2-core CPU machine"
+        + (f" over {result['invocations']} invocations" if result.get("invocations", 1) > 1 else "")
+        + f", {o['workers']} worker process(es) with one torch thread each; a re-run resumes and measures only the "
+        "rows whose models or settings changed, and `--collect-only` rewrites this page from the images finished so "
+        "far).",
         "",
         "## Set-up",
         "",
@@ -651,8 +657,8 @@ def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
         "six classes.",
         f"- **Models**: generator `{short(o['generator'])}`; encoders `{short(o['cycle'])}` (the paper's cycle "
         f"schedule), `{short(o['e4e'])}` (e4e's schedule) and `{short(o['w'])}` (W only), trained on that generator "
-        "for the same number of steps with the same losses (the commands are below and on the model cards in "
-        "`src/cycle_encoding/assets/models/`).",
+        "with the same losses, images and batch (their commands, steps and validation curves: `docs/FAIR_SCALE.md` "
+        "and the model cards in `src/cycle_encoding/assets/models/`).",
         f"- **Inversion**: refine = the regularized encoder refinement ({o['refine_steps']} forward passes, M = 7 "
         f"random training images); tune = pivotal tuning, at most {o['tune_steps']} steps (early stop at "
         f"perceptual <= 0.07), with or without the locality regularizer; PTI = W projection ({o['project_steps']} "
@@ -682,7 +688,8 @@ def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
         "brightness change | LEC | s/image |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in active_rows(o):
+    shown = [row for row in active_rows(o) if row.key in rows]  # rows with measurements (not yet: left out)
+    for row in shown:
         r = rows[row.key]
         lines.append(
             f"| {row.title} | {fmt(r.get('mse'))} | {fmt(r.get('ssim'), 3)} | {fmt(r.get('perceptual'))} | "
@@ -696,7 +703,7 @@ def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
             f"![examples]({os.path.relpath(figure, base)})",
             "",
             "Columns: the first test image of each class. Rows: the input, then the rows of the table in order ("
-            + ", ".join(r.title for r in active_rows(o))
+            + ", ".join(r.title for r in shown)
             + ").",
         ]
     lines += [
@@ -734,7 +741,7 @@ def write_figure(args: argparse.Namespace, out: Path, figure: Path) -> None:
         if not (out / "examples" / f"{pos}.pt").is_file():
             continue
         ex = torch.load(out / "examples" / f"{pos}.pt", weights_only=True)
-        cols.append(torch.cat([ex["target"], *(ex[row.key] for row in active_rows(args))], dim=1))
+        cols.append(torch.cat([ex["target"], *(ex[row.key] for row in active_rows(args) if row.key in ex)], dim=1))
     grid = torch.cat(cols, dim=2)
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=3, mode="nearest")[0]
     figure.parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,13 @@ def test_collect_averages_records_and_verdicts_follow_the_numbers(pc, tmp_path):
     assert "edits better than PTI: **does not hold**" in text
     assert "restored Ranger state vs a fresh Ranger, pivot only: MSE 0.0950 vs 0.1150" in text
     assert "MSE 0.0950 vs 0.1150 (difference -0.0200 ± 0.0000): better" in text
+    # the page: every measured row in the table, the wall time summed over the invocations that measured
+    d = {"attribute": None, "positives": 100, "negatives": 100, "val_accuracy": 0.9, "sigma": 2.0}
+    result.update(directions={"brightness": d}, options=vars(args), wall_seconds=600.0, invocations=2)
+    page = pc.markdown(result, None, tmp_path)
+    assert "(10 min of wall time on a 2-core CPU machine over 2 invocations," in page
+    assert "| W encoder (`w`) | 0.1150 ±0.0034 |" in page
+    assert sum(line.startswith("| ") for line in page.splitlines()) == 1 + len(MAIN_ROWS) + 1
 
 
 def test_paired_comparison_calls_noise_equal(pc):
