@@ -254,11 +254,30 @@ def ship_optimizer_state(
     return dst, cmp
 
 
+# how each shipped encoder was trained, for its card (the Cycle encoder's is the method; the other two are the
+# baselines that docs/RESULTS.md compares it with)
+TRAINING_WORDS = {
+    "fmnist-encoder": "Trained by the cycle schedule W -> W+ -> W",
+    "fmnist-encoder-e4e": "Trained by e4e's schedule (W, then the offsets switched on layer by layer, W+ to the end: "
+    "the cycle schedule's first three phases) for `docs/RESULTS.md`",
+    "fmnist-encoder-w": "Trained in W only (no offsets: one code for every layer) for `docs/RESULTS.md`",
+}
+
+
 def ship_encoder(
-    run: Path, generator: Path, name: str = "fmnist-encoder", compare: int = REFINE_COMPARE_IMAGES
+    run: Path,
+    generator: Path,
+    name: str = "fmnist-encoder",
+    compare: int = REFINE_COMPARE_IMAGES,
+    optimizer: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
+    """Copy the run's encoder into the package with its card; ``optimizer``: its Ranger state beside it (the Cycle
+    encoder's, for the refinement); ``dtype``: the stored weights' type (bf16 halves the file; the card then gives
+    the reconstruction with the run's fp32 weights beside the shipped ones')."""
     from cycle_encoding.checkpoints.encoder import load_encoder
     from cycle_encoding.checkpoints.generator import load_generator
+    from cycle_encoding.checkpoints.native import read_native, save_native
 
     src = run / "encoder.safetensors"
     dst = MODELS_DIR / f"{name}.safetensors"
@@ -266,7 +285,12 @@ def ship_encoder(
     pv = read_native_header(src)["provenance"]
     if pv.get("generator_sha256") and pv["generator_sha256"] != file_sha256(generator):
         raise SystemExit(f"{src} was trained on another generator ({pv.get('generator')}), not {generator}")
-    shutil.copyfile(src, dst)
+    if dtype == torch.float32:
+        shutil.copyfile(src, dst)
+    else:
+        nf = read_native(src)
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in nf.tensors.items()}
+        save_native(dst, nf.kind, nf.config, tensors, {**nf.provenance, "stored_dtype": str(dtype)}, nf.extra)
     E = load_encoder(dst)
     cfg = json.loads((run / "config.json").read_text())
     log = run_log(run)
@@ -276,7 +300,22 @@ def ship_encoder(
     vals = [r for r in log if r["kind"] == "val"]
     wall = float(end["time"]) - float(start["time"])  # one uninterrupted run (a resumed run would count the gap)
     m = encoder_metrics(E, G)
-    opt_file, cmp = ship_optimizer_state(run, E, G, name, compare)
+    m_run = encoder_metrics(load_encoder(src), G) if dtype != torch.float32 else None
+    optimizer_section: list[str] = []
+    if optimizer:
+        opt_file, cmp = ship_optimizer_state(run, E, G, name, compare)
+        optimizer_section = [
+            "## Optimizer state (for the refinement)",
+            "",
+            f"`{opt_file.name}` ({opt_file.stat().st_size:,} bytes, sha256 `{file_sha256(opt_file)}`) is the training "
+            "run's Ranger state at its last step (moments, step counts, Lookahead's slow weights as their offset from the "
+            "weights), stored in bf16. `invert --stages encoder,refine,...` restores it for every target, as the authors' "
+            "refinement restores theirs (`--refine-optimizer fresh|substitute` to do otherwise). Stored in bf16 rather "
+            f"than fp32 it changes the refinement's result on the first {cmp['images']} test images by at most "
+            f"{cmp['max_pivot_diff']:.2e} in any pivot entry (mean {cmp['mean_pivot_diff']:.2e}); reconstruction MSE "
+            f"after refinement {cmp['fp32']:.5f} (fp32 state) vs {cmp['bf16']:.5f} (bf16 state).",
+            "",
+        ]
     command = cfg["_resolved"]["command"]
     for trained_on in (str(cfg["generator"]), str(generator)):  # the file the run was given is the shipped one
         command = command.replace(trained_on, "fmnist-generator")
@@ -289,7 +328,7 @@ def ship_encoder(
         f"An e4e-style encoder ({SHIPPED_MODELS.get(name, name)}) in the project's format (safetensors, kind "
         "`encoder`; nothing in the file runs): a scaled-down IR-SE body (widths "
         f"{list(E.config.widths)}, units {list(E.config.units)}) with {E.config.num_ws - 1} offset heads, input "
-        f"{E.config.input_size}x{E.config.input_size}, 1 channel. Trained by the cycle schedule W -> W+ -> W "
+        f"{E.config.input_size}x{E.config.input_size}, 1 channel. {TRAINING_WORDS.get(name, 'Trained')} "
         f"(`{pv.get('schedule')}`{schedule_note(run, log)}), it ends in stage "
         f'{E.trained_stage}. Load it with `cycle_encoding.checkpoints.encoder.load_encoder("{name}")` or give '
         f"`--encoder {name}` to any command.",
@@ -305,7 +344,8 @@ def ship_encoder(
         "",
         "## Facts",
         "",
-        f"- file: `{dst.name}`, {dst.stat().st_size:,} bytes",
+        f"- file: `{dst.name}`, {dst.stat().st_size:,} bytes"
+        + ("" if dtype == torch.float32 else f" (weights stored in {str(dtype).split('.')[-1]}, loaded as float32)"),
         f"- sha256: `{file_sha256(dst)}`",
         f"- parameters: {n_params:,}",
         f"- generator: `fmnist-generator` (sha256 `{pv.get('generator_sha256')}`)",
@@ -335,6 +375,16 @@ def ship_encoder(
             f"{v['mse']:.4f} | {v['ssim']:.3f} | {v['perceptual']:.4f} |"
             for k, v in m.items()
         ],
+        *(
+            [
+                "",
+                f"The same with the run's float32 weights: {m_run['trained']['mse']:.4f} / {m_run['all']['mse']:.4f} "
+                "MSE (trained / all offsets), "
+                f"{m_run['trained']['perceptual']:.4f} / {m_run['all']['perceptual']:.4f} perceptual.",
+            ]
+            if m_run
+            else []
+        ),
         "",
         f"Last validation during training (step {vals[-1]['step'] if vals else 'n/a'}): "
         + (
@@ -343,16 +393,7 @@ def ship_encoder(
             else "n/a"
         ),
         "",
-        "## Optimizer state (for the refinement)",
-        "",
-        f"`{opt_file.name}` ({opt_file.stat().st_size:,} bytes, sha256 `{file_sha256(opt_file)}`) is the training "
-        "run's Ranger state at its last step (moments, step counts, Lookahead's slow weights as their offset from the "
-        "weights), stored in bf16. `invert --stages encoder,refine,...` restores it for every target, as the authors' "
-        "refinement restores theirs (`--refine-optimizer fresh|substitute` to do otherwise). Stored in bf16 rather "
-        f"than fp32 it changes the refinement's result on the first {cmp['images']} test images by at most "
-        f"{cmp['max_pivot_diff']:.2e} in any pivot entry (mean {cmp['mean_pivot_diff']:.2e}); reconstruction MSE "
-        f"after refinement {cmp['fp32']:.5f} (fp32 state) vs {cmp['bf16']:.5f} (bf16 state).",
-        "",
+        *optimizer_section,
         "Made by `python scripts/ship_models.py`.",
         "",
     ]
@@ -363,7 +404,9 @@ def ship_encoder(
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--generator-run", type=Path, default=None)
-    p.add_argument("--encoder-run", type=Path, default=None)
+    p.add_argument("--encoder-run", type=Path, default=None, help="the Cycle encoder's run (fmnist-encoder)")
+    p.add_argument("--w-run", type=Path, default=None, help="the W encoder's run (fmnist-encoder-w)")
+    p.add_argument("--e4e-run", type=Path, default=None, help="the e4e encoder's run (fmnist-encoder-e4e, bf16)")
     p.add_argument(
         "--compare-images",
         type=int,
@@ -377,6 +420,12 @@ def main() -> int:
         print(ship_generator(a.generator_run, a.grid))
     if a.encoder_run:
         print(ship_encoder(a.encoder_run, MODELS_DIR / "fmnist-generator.safetensors", compare=a.compare_images))
+    for run, name, dtype in (
+        (a.w_run, "fmnist-encoder-w", torch.float32),
+        (a.e4e_run, "fmnist-encoder-e4e", torch.bfloat16),
+    ):
+        if run:  # the baselines: no optimizer state (the refinement fine-tunes the Cycle encoder only)
+            print(ship_encoder(run, MODELS_DIR / "fmnist-generator.safetensors", name, optimizer=False, dtype=dtype))
     return 0
 
 

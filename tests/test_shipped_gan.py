@@ -17,7 +17,8 @@ needs_debian = pytest.mark.skipif(
     not (DEBIAN / "t10k-images-idx3-ubyte.gz").is_file(),
     reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)",
 )
-NAMES = ["fmnist-generator", "fmnist-encoder"]
+NAMES = ["fmnist-generator", "fmnist-encoder", "fmnist-encoder-e4e"]
+BASELINES = ["fmnist-encoder-e4e"]  # the encoders docs/RESULTS.md compares the Cycle encoder with
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,3 +133,31 @@ def test_encoder_reconstructs_unseen_test_images_as_its_card_says() -> None:
     # switched back on it is much worse (PyTorch 1.6's zero_grad, the authors', moves the switched-off heads on)
     assert got["trained"] < 0.5 * float(mse(mean_image, x).mean())
     assert got["trained"] < got["all"]
+
+
+@needs_debian
+@pytest.mark.parametrize("name", BASELINES)
+def test_baseline_encoders_reconstruct_as_their_cards_say(name: str) -> None:
+    """The comparison encoders load by name in float32 (whatever their stored type), trained on the shipped generator,
+    and reconstruct unseen test images as their cards say; no optimizer state ships with them."""
+    from cycle_encoding.checkpoints.encoder import load_encoder
+    from cycle_encoding.checkpoints.generator import load_generator
+    from cycle_encoding.checkpoints.optimizer import companion_path
+    from cycle_encoding.inversion import encoder_pivot
+    from cycle_encoding.inversion.common import render
+    from cycle_encoding.metrics import mse
+    from cycle_encoding.training.classifier_trainer import load_tensors
+
+    card = shipped_model_card(name).read_text()
+    E = load_encoder(name)
+    assert all(p.dtype == torch.float32 for p in E.parameters())
+    assert E.provenance["generator_sha256"] == file_sha256(shipped_model_path("fmnist-generator"))
+    assert not companion_path(shipped_model_path(name)).exists()
+    m = re.search(r"^\| trained \(stage (\d+)\) \| ([0-9.]+) \|", card, re.MULTILINE)
+    assert m and int(m.group(1)) == E.trained_stage
+    x = load_tensors("fashion-mnist", "test", limit=200)[0]
+    with torch.no_grad():
+        got = float(
+            mse(render(load_generator("fmnist-generator"), encoder_pivot(E, x, "trained")).clamp(-1, 1), x).mean()
+        )
+    assert 0.7 * float(m.group(2)) < got < 1.3 * float(m.group(2))

@@ -14,6 +14,8 @@ SHIPPED_MODELS: dict[str, str] = {
     "fmnist-eval": "Fashion-MNIST evaluation network (vggbn): edit success and the classifier Frechet distance only",
     "fmnist-generator": "Fashion-MNIST StyleGAN2 generator, 32x32, 1 channel (the demo's and the results' generator)",
     "fmnist-encoder": "Fashion-MNIST Cycle Encoding encoder, trained by the rescaled paper schedule on fmnist-generator",
+    "fmnist-encoder-e4e": "Fashion-MNIST encoder trained by e4e's schedule on fmnist-generator: a baseline of the results",
+    "fmnist-encoder-w": "Fashion-MNIST W encoder (no offsets) trained on fmnist-generator: a baseline of the results",
 }
 _SHA_LINE = re.compile(r"^- sha256: `([0-9a-f]{64})`", re.MULTILINE)
 
