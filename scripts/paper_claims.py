@@ -47,7 +47,9 @@ class Row:
     key: str
     title: str
     pivot: str  # which pivot: enc:<encoder>:<offsets>, refine, refine-fresh, refine-bf16, project
-    tune: str | None  # None, "reg" (locality regularizer), "noreg", "reg-bf16"
+    tune: (
+        str | None
+    )  # None, "reg" (locality regularizer), "noreg", "reg-bf16", "reg-every4" (regularizer every 4th step)
     lec_encoder: str  # encoder:offsets used for LEC
     needs: str | None = None  # the option that must be given for this row (an extra encoder)
 
@@ -73,6 +75,7 @@ ROWS = (
         needs="cycle_zg",
     ),
     Row("full-bf16", "full method, `--precision bf16`", "refine-bf16", "reg-bf16", "cycle:all"),
+    Row("full-loc4", "full method, locality regularizer every 4th step", "refine", "reg-every4", "cycle:all"),
 )
 ENCODERS = ("w", "e4e", "cycle", "cycle_zg")
 
@@ -296,8 +299,9 @@ def measure_image(
         if row.tune is not None:
             cache = (row.pivot, row.tune)
             if cache not in tuned:
-                tc = TuneConfig(steps=a.tune_steps, locality=row.tune.startswith("reg-") or row.tune == "reg",
-                                precision="bf16" if row.tune.endswith("bf16") else "fp32")  # fmt: skip
+                tc = TuneConfig(steps=a.tune_steps, locality=row.tune.startswith("reg"),
+                                precision="bf16" if row.tune.endswith("bf16") else "fp32",
+                                locality_every=4 if row.tune.endswith("every4") else 1)  # fmt: skip
                 tuned[cache] = timed(pivotal_tune, G, pivot, x, ctx.nets, tc, stage_seed(a.seed, position, "tune"))
             t, s = tuned[cache]
             G_row, secs = t.generator, secs + s
@@ -613,6 +617,7 @@ def verdicts(rows: dict[str, Any], recs: list[dict[str, Any]]) -> list[str]:
             "the all-offsets encoder trained with `--zero-grad none` vs the authors' zero_grad",
         ),
         ("full-bf16", "full", "the full method in bf16 vs fp32"),
+        ("full-loc4", "full", "the full method with the locality regularizer on every 4th tuning step vs every step"),
     ]
     for a, b, what in isolating:
         if a not in rows or b not in rows:
@@ -622,7 +627,7 @@ def verdicts(rows: dict[str, Any], recs: list[dict[str, Any]]) -> list[str]:
                            ("lec", "LEC")):  # fmt: skip
             word, text = compare(recs, a, b, col, col != "success")
             parts.append(f"{label} {text}: {word}")
-        if a == "full-bf16":
+        if a in ("full-bf16", "full-loc4"):
             sa, sb = rows[a].get("seconds"), rows[b].get("seconds")
             if sa and sb:
                 parts.append(f"{sb['mean'] / sa['mean']:.2f}x the speed")
