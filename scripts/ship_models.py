@@ -102,13 +102,39 @@ def curve_lines(run: Path) -> list[str]:
 
 
 def schedule_note(run: Path, log: list[dict[str, Any]]) -> str:
-    """How the run's schedule ended: by its own length, or by the validation plateau rule (a ``stop`` record)."""
-    stops = [r for r in log if r.get("kind") == "stop"]
+    """How the run's schedule ended: by its own length, or by the validation plateau rule (a ``stop`` record), and
+    any resume after such a stop (a ``resume`` record and the settings it changed)."""
     sched = json.loads((run / "schedule.json").read_text()) if (run / "schedule.json").is_file() else {}
     phases = ", ".join(f"{p['name']} {p['start']}-{p['end']}" for p in sched.get("phases", []))
-    if stops:
-        return f": {phases}; stopped at step {stops[-1]['step']} because {stops[-1]['reason']}"
-    return f": {phases}" if phases else ""
+    events = []
+    for r in log:
+        if r.get("kind") == "stop":
+            events.append(f"stopped at step {r['step']} because {r['reason']}")
+        elif r.get("kind") == "resume" and r.get("changed"):
+            events.append(f"resumed at step {r['step']} with {resume_flags(r)}")
+    ends = [r["step"] for r in log if r.get("kind") == "end"]
+    if events and ends and not events[-1].startswith("stopped at step " + str(ends[-1])):
+        events.append(f"ended at step {ends[-1]}")
+    return f": {'; '.join([phases, *events]) if phases else '; '.join(events)}" if phases or events else ""
+
+
+def resume_flags(record: dict[str, Any]) -> str:
+    """The command-line options that give a resume's changed settings (``--max-steps 38000 --val-patience 0``)."""
+    return " ".join(f"--{k.replace('_', '-')} {new}" for k, (_, new) in record.get("changed", {}).items())
+
+
+def running_seconds(log: list[dict[str, Any]]) -> float:
+    """Wall time while the run ran: from each start or resume to the last record before the next one (the gaps
+    between a stop or a crash and the resume are not counted)."""
+    total, begin, last = 0.0, None, None
+    for r in log:
+        if r.get("kind") in ("start", "resume"):
+            if begin is not None and last is not None:
+                total += last - begin
+            begin = last = float(r["time"])
+        elif "time" in r and begin is not None:
+            last = float(r["time"])
+    return total + (last - begin if begin is not None and last is not None else 0.0)
 
 
 def ship_generator(run: Path, grid: Path) -> Path:
@@ -298,7 +324,7 @@ def ship_encoder(
     end = [r for r in log if r["kind"] == "end"][-1]
     trains = [r for r in log if r["kind"] == "train"]
     vals = [r for r in log if r["kind"] == "val"]
-    wall = float(end["time"]) - float(start["time"])  # one uninterrupted run (a resumed run would count the gap)
+    wall = running_seconds(log)
     m = encoder_metrics(E, G)
     m_run = encoder_metrics(load_encoder(src), G) if dtype != torch.float32 else None
     optimizer_section: list[str] = []
@@ -321,13 +347,19 @@ def ship_encoder(
         command = command.replace(trained_on, "fmnist-generator")
     command = command.replace(str(Path.home() / ".cache/cycle-encoding/runs"), "runs").replace(str(ROOT) + "/", "")
     command = command.replace(".venv/bin/cycle-encoding", "cycle-encoding")
+    for r in log:  # resumes that changed settings (e.g. trained on past a plateau stop): their commands follow
+        if r.get("kind") == "resume" and r.get("changed"):
+            out_dir = command.split("--out ", 1)[1].split(" ", 1)[0] if "--out " in command else "OUT"
+            command += f"\ncycle-encoding train-encoder --resume {out_dir}/{run.name} {resume_flags(r)}"
     n_params = sum(p.numel() for p in E.parameters())
     lines = [
         f"# {name}",
         "",
         f"An e4e-style encoder ({SHIPPED_MODELS.get(name, name)}) in the project's format (safetensors, kind "
         "`encoder`; nothing in the file runs): a scaled-down IR-SE body (widths "
-        f"{list(E.config.widths)}, units {list(E.config.units)}) with {E.config.num_ws - 1} offset heads, input "
+        f"{list(E.config.widths)}, units {list(E.config.units)}) with "
+        + (f"{E.config.num_ws - 1} offset heads" if E.config.max_stage else "no offset heads (W only)")
+        + ", input "
         f"{E.config.input_size}x{E.config.input_size}, 1 channel. {TRAINING_WORDS.get(name, 'Trained')} "
         f"(`{pv.get('schedule')}`{schedule_note(run, log)}), it ends in stage "
         f'{E.trained_stage}. Load it with `cycle_encoding.checkpoints.encoder.load_encoder("{name}")` or give '

@@ -115,6 +115,27 @@ def test_resume_repeats_the_uninterrupted_run_exactly(setup):
     got = losses(part.run_dir)
     assert [s for s, _, _ in got] == list(range(1, 9))
     assert got == ref  # identical losses and stages, step by step
+    resumes = [
+        r for r in map(json.loads, (part.run_dir / "log.jsonl").read_text().splitlines()) if r["kind"] == "resume"
+    ]
+    assert [(r["step"], r["changed"]) for r in resumes] == [(3, {})]
+
+
+def test_a_resume_logs_the_settings_it_changed(setup):
+    part = EncoderTrainer(config(setup, max_steps=8, name="part", checkpoint_every=3), quiet=True)
+    part.run(until=3)
+    part.close()
+    resumed = EncoderTrainer(
+        config(setup, max_steps=5, name="part", checkpoint_every=3, val_patience=0), resume=part.run_dir, quiet=True
+    )
+    resumed.run()
+    resumed.close()
+    log = [json.loads(line) for line in (part.run_dir / "log.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in log]
+    assert kinds.count("start") == 1 and kinds.count("resume") == 1 and kinds.index("start") < kinds.index("resume")
+    resume = log[kinds.index("resume")]
+    assert resume["step"] == 3 and resume["changed"] == {"max_steps": [8, 5]}
+    assert log[-1]["kind"] == "end" and log[-1]["step"] == 5
 
 
 def test_cli_trains_and_reports_bad_input(setup, tmp_path, capsys):

@@ -17,8 +17,8 @@ needs_debian = pytest.mark.skipif(
     not (DEBIAN / "t10k-images-idx3-ubyte.gz").is_file(),
     reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)",
 )
-NAMES = ["fmnist-generator", "fmnist-encoder", "fmnist-encoder-e4e"]
-BASELINES = ["fmnist-encoder-e4e"]  # the encoders docs/RESULTS.md compares the Cycle encoder with
+NAMES = ["fmnist-generator", "fmnist-encoder", "fmnist-encoder-e4e", "fmnist-encoder-w"]
+BASELINES = ["fmnist-encoder-e4e", "fmnist-encoder-w"]  # the encoders docs/RESULTS.md compares the Cycle encoder with
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,3 +161,35 @@ def test_baseline_encoders_reconstruct_as_their_cards_say(name: str) -> None:
             mse(render(load_generator("fmnist-generator"), encoder_pivot(E, x, "trained")).clamp(-1, 1), x).mean()
         )
     assert 0.7 * float(m.group(2)) < got < 1.3 * float(m.group(2))
+
+
+def test_cards_tell_a_runs_stops_and_resumes_and_count_only_the_time_it_ran(tmp_path: Path) -> None:
+    """ship_models.py's reading of a run's log: a plateau stop, a resume that changed settings (its command goes on
+    the card), and the wall time without the pause between them."""
+    import importlib.util
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "ship_models", Path(__file__).parents[1] / "scripts" / "ship_models.py"
+    )
+    sm = importlib.util.module_from_spec(spec)
+    sys.modules["ship_models"] = sm
+    spec.loader.exec_module(sm)
+    log = [
+        {"kind": "start", "step": 0, "time": 1000.0},
+        {"kind": "train", "step": 100, "time": 1100.0},
+        {"kind": "stop", "step": 200, "time": 1200.0, "reason": "no gain"},
+        {"kind": "end", "step": 200, "time": 1201.0},
+        {"kind": "resume", "step": 200, "time": 5000.0, "changed": {"max_steps": [600, 400], "val_patience": [4, 0]}},
+        {"kind": "train", "step": 300, "time": 5100.0},
+        {"kind": "resume", "step": 300, "time": 9000.0, "changed": {}},  # after a crash, the same settings
+        {"kind": "end", "step": 400, "time": 9050.0},
+    ]
+    assert sm.running_seconds(log) == pytest.approx(201 + 100 + 50)
+    (tmp_path / "schedule.json").write_text(json.dumps({"phases": [{"name": "W", "start": 0, "end": 600}]}))
+    note = sm.schedule_note(tmp_path, log)
+    assert note == (": W 0-600; stopped at step 200 because no gain; resumed at step 200 with --max-steps 400 "
+                    "--val-patience 0; ended at step 400")  # fmt: skip
+    assert sm.schedule_note(tmp_path, log[:4]) == ": W 0-600; stopped at step 200 because no gain"
+    assert sm.schedule_note(tmp_path, [log[0], log[-1]]) == ": W 0-600"

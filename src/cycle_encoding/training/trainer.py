@@ -166,6 +166,7 @@ class Trainer:
             obj.load_state_dict(ck[key])
         self.restore_checkpoint(ck, ranks[self.dist.rank])
         self.step = int(ck["step"])
+        self._resumed_config = ck.get("config") or {}
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -245,6 +246,12 @@ class Trainer:
         end = self.end_step(until)
         if self.step == 0 and self.dist.is_main:
             self.on_start()
+        elif self.dist.is_main and getattr(self, "_resumed_config", None) is not None:
+            # what the log cannot show otherwise: where the run went on, and the settings the resume changed
+            now = to_dict(self.cfg)
+            changed = {k: [self._resumed_config.get(k), v] for k, v in now.items() if self._resumed_config.get(k) != v}
+            self._log({"kind": "resume", "step": self.step, "time": time.time(), "changed": changed})
+            self._resumed_config = None
         mode = "none" if not self.dist.is_main or self.quiet else self.progress
         bar = Progress(end, self.desc, "step", mode, heartbeat=60, initial=self.step)
         self._bar = bar
