@@ -182,6 +182,11 @@ def test_cli_errors_and_dry_run(files, tmp_path, capsys):
     assert main([*base, "--stages", "encoder,tune", "--tune-steps", "7", "--dry-run"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["options"]["tune"]["steps"] == 7 and out["images"] == 5 and not (tmp_path / "r").exists()
+    assert main([*base, "--stages", "encoder,tune", "--locality-every", "4", "--dry-run"]) == 0
+    tune = json.loads(capsys.readouterr().out)["options"]["tune"]
+    assert tune["locality_every"] == 4 and tune["locality"] is True
+    assert main([*base, "--stages", "encoder,tune", "--locality-every", "0", "--dry-run"]) == 2
+    assert "locality_every" in capsys.readouterr().err
 
 
 def test_two_torchrun_ranks_split_a_folder(files, tmp_path):

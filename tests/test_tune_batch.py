@@ -219,3 +219,27 @@ def test_invert_with_tune_batch_gives_each_image_its_one_by_one_results(run_file
         assert [r["step"] for r in la] == [r["step"] for r in lb]
         assert all(y["loss"] == pytest.approx(x["loss"], rel=1e-4) for x, y in zip(la, lb) if "loss" in x)
     assert any(stops) and not all(stops), "fixture: some images must stop early, others not"
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_locality_every_k_regularizes_only_every_kth_step(tiny, many):
+    """``locality_every=3``: the regularizer's term on steps 0, 3 and 6 only (one by one and batched), the first
+    step equal to the every-step run's, and the other steps' losses without the term."""
+    cfgs = {k: TuneConfig(steps=7, lr=3e-3, locality_alpha=3.0, stop_threshold=None, locality_every=k) for k in (1, 3)}
+    if many:
+        runs = {k: pivotal_tune_many(tiny["G"], tiny["pivots"][:2], tiny["targets"][:2], LossNetworks(tiny["P"]), c,
+                                     SEEDS[:2])[0] for k, c in cfgs.items()}  # fmt: skip
+    else:
+        runs = {k: _tune_alone(tiny, c)[0] for k, c in cfgs.items()}
+    every, third = runs[1].losses, runs[3].losses
+    assert [r["step"] for r in every if "locality" in r] == list(range(7))
+    assert [r["step"] for r in third if "locality" in r] == [0, 3, 6]
+    assert third[0]["loss"] == pytest.approx(every[0]["loss"], rel=1e-6)
+    for r in third:
+        with_term = (
+            r["l2"] * TuneConfig().l2_lambda
+            + r.get("perceptual", 0.0) * TuneConfig().perceptual_lambda
+            + r.get("locality", 0.0)
+        )
+        assert r["loss"] == pytest.approx(with_term, rel=1e-5)
+    assert runs[3].updates == 7

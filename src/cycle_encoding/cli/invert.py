@@ -56,6 +56,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
      "dlib-face 0.05 stops at a similar closeness, see the README)"),
     ("--locality-alpha", "tune.locality_alpha", float, "locality regularizer: distance from the pivot (default 30)"),
     ("--locality-weights", "_locality_weights", str, "locality regularizer: MSE,perceptual weights (default 0.1,0.1)"),
+    ("--locality-every", "tune.locality_every", int,
+     "locality regularizer on every K-th tuning step only (default 1: every step, PTI's interval; docs/RESULTS.md "
+     "measures 4 against 1)"),
     ("--precision", "_precision", str,
      "compute precision of refine and tune: auto (default: bf16 where the CPU or GPU computes bfloat16 natively, "
      "else fp32), fp32 (the authors' loops exactly) or bf16 (bfloat16 autocast, fp32 weights, losses and optimizer; "
