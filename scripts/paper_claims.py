@@ -22,7 +22,8 @@ What it does (all from the shipped models unless told otherwise, nothing downloa
 Per-image results are appended to ``OUT/shard-K.jsonl`` as they finish; a re-run skips finished images (resume
 after an interruption) and measures only the rows an image lacks or holds from other inputs: each row's record carries
 a fingerprint of the files and settings it depends on, so a retrained W encoder re-measures the W row alone and an
-added ``--cycle-zg`` adds its row; the table uses only rows measured with the current inputs. Workers are separate processes (``--workers``), each one torch thread.
+added ``--cycle-zg`` adds its row; the table uses only rows measured with the current inputs. Workers are separate
+processes (``--workers``), each one torch thread.
 """
 
 from __future__ import annotations
@@ -47,9 +48,8 @@ class Row:
     key: str
     title: str
     pivot: str  # which pivot: enc:<encoder>:<offsets>, refine, refine-fresh, refine-bf16, project
-    tune: (
-        str | None
-    )  # None, "reg" (locality regularizer), "noreg", "reg-bf16", "reg-every4" (regularizer every 4th step)
+    # tuning: None, "reg" (with the locality regularizer), "noreg", "reg-bf16", "reg-every4" (regularizer every 4th step)
+    tune: str | None
     lec_encoder: str  # encoder:offsets used for LEC
     needs: str | None = None  # the option that must be given for this row (an extra encoder)
 
