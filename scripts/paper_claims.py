@@ -111,9 +111,10 @@ def fingerprints(args: argparse.Namespace) -> dict[str, str]:
 
 
 def active_rows(options: argparse.Namespace | dict[str, Any]) -> list[Row]:
-    """The rows this run measures (a row that needs an encoder that was not given is left out)."""
+    """The rows this run measures: those of ``--rows`` (default all), less any that needs an encoder not given."""
     o = options if isinstance(options, dict) else vars(options)
-    return [r for r in ROWS if r.needs is None or o.get(r.needs)]
+    only = [k for k in str(o.get("rows") or "").split(",") if k]
+    return [r for r in ROWS if (r.needs is None or o.get(r.needs)) and (not only or r.key in only)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -140,7 +141,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", default=None, help="also write the Markdown here (e.g. docs/RESULTS.md)")
     p.add_argument("--figure", default=None, help="the examples picture (default: beside --markdown, images/)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--rows", default=None,
+                   help="measure only these rows (comma-separated keys: " + ",".join(r.key for r in ROWS) + ")")  # fmt: skip
+    args = p.parse_args(argv)
+    unknown = sorted(set(str(args.rows or "").split(",")) - {r.key for r in ROWS} - {""})
+    if unknown:
+        p.error(f"unknown row(s) {','.join(unknown)}; the rows are {','.join(r.key for r in ROWS)}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -156,3 +156,12 @@ def test_fingerprints_follow_a_rows_models_and_the_settings(pc, tmp_path):
     assert all(base[k] != longer[k] for k in base)
     assert pc.row_encoders(next(r for r in pc.ROWS if r.key == "full")) == ["cycle"]
     assert pc.row_encoders(next(r for r in pc.ROWS if r.key == "pti")) == ["cycle"]  # LEC with the Cycle encoder
+
+
+def test_rows_option_measures_a_subset_and_refuses_unknown_keys(pc, capsys):
+    assert [r.key for r in pc.active_rows(pc.parse_args(["--rows", "w,cycle-final"]))] == ["w", "cycle-final"]
+    assert len(pc.active_rows(pc.parse_args([]))) == len(pc.ROWS) - 1  # all but the one needing --cycle-zg
+    assert [r.key for r in pc.active_rows(pc.parse_args(["--rows", "cycle-zg-none"]))] == []  # no --cycle-zg given
+    with pytest.raises(SystemExit):
+        pc.parse_args(["--rows", "w,bogus"])
+    assert "unknown row(s) bogus" in capsys.readouterr().err
