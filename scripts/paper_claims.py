@@ -76,6 +76,7 @@ ROWS = (
     ),
     Row("full-bf16", "full method, `--precision bf16`", "refine-bf16", "reg-bf16", "cycle:all"),
     Row("full-loc4", "full method, locality regularizer every 4th step", "refine", "reg-every4", "cycle:all"),
+    Row("full-noreg", "Cycle + refine + tune, no regularizer", "refine", "noreg", "cycle:all"),
 )
 ENCODERS = ("w", "e4e", "cycle", "cycle_zg")
 
@@ -625,6 +626,7 @@ def verdicts(rows: dict[str, Any], recs: list[dict[str, Any]]) -> list[str]:
         ),
         ("full-bf16", "full", "the full method in bf16 vs fp32"),
         ("full-loc4", "full", "the full method with the locality regularizer on every 4th tuning step vs every step"),
+        ("full", "full-noreg", "the full method with the locality regularizer vs without it (the same refined pivot)"),
     ]
     for a, b, what in isolating:
         if a not in rows or b not in rows:
@@ -634,10 +636,11 @@ def verdicts(rows: dict[str, Any], recs: list[dict[str, Any]]) -> list[str]:
                            ("lec", "LEC")):  # fmt: skip
             word, text = compare(recs, a, b, col, col != "success")
             parts.append(f"{label} {text}: {word}")
-        if a in ("full-bf16", "full-loc4"):
-            sa, sb = rows[a].get("seconds"), rows[b].get("seconds")
-            if sa and sb:
-                parts.append(f"{sb['mean'] / sa['mean']:.2f}x the speed")
+        sa, sb = rows[a].get("seconds"), rows[b].get("seconds")
+        if a in ("full-bf16", "full-loc4") and sa and sb:
+            parts.append(f"{sb['mean'] / sa['mean']:.2f}x the speed")
+        elif b == "full-noreg" and sa and sb:
+            parts.append(f"{sa['mean'] / sb['mean']:.2f}x the time")
         out.append(f"- {what}: " + "; ".join(parts) + ".")
     return out
 
