@@ -150,6 +150,17 @@ def test_generator_curves_table_json_and_figure(tmp_path, capsys):
     row = next(line for line in table.splitlines() if " fd " in line)
     assert "8.85" in row and "6000" in row
     assert "00000-fmnist: stopped early at step 6000: the FD has not improved" in table
+    assert "resumed" not in table and rep["runs"][0]["resumes"] == []
+    # resumed past the stop with the rule off: the summary says so (a resume that changed nothing is not listed);
+    # the resumed run's log drops the half record the killed one left, so the file stays readable
+    from cycle_encoding.training.runs import RunLog
+
+    resumed = RunLog(log.parent, enabled=True, tensorboard=False)
+    resumed.write({"kind": "resume", "step": 6000, "time": 2.0e9, "changed": {"max_steps": [6000, 9000]}})
+    resumed.write({"kind": "resume", "step": 7000, "time": 2.1e9, "changed": {}})
+    assert log.read_text().count('"step": 61') == 0 and log.read_text().endswith("}\n")
+    assert main(["curves", str(log.parent), "--patience", "4"]) == 0
+    assert "00000-fmnist: resumed at step 6000 with max_steps 6000 -> 9000\n" in capsys.readouterr().out
 
 
 STAGE_OF = {0: 0, 100: 1, 160: 2, 400: 0}  # the schedule below for 3 style inputs (2 offsets)

@@ -56,6 +56,9 @@ def cmd_curves(args: argparse.Namespace) -> int:
     for r in rep["runs"]:
         if r["stop"]:
             print(f"{r['label']}: stopped early at step {r['stop']['step']}: {r['stop']['reason']}")
+        for res in r["resumes"]:
+            changed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in res["changed"].items())
+            print(f"{r['label']}: resumed at step {res['step']} with {changed}")
         if r["stage_changes"]:
             changes = ", ".join(f"{s} (stage {st})" for s, st in r["stage_changes"])
             print(f"{r['label']}: stage changes at steps {changes} (from {r['stage_changes_from']})")

@@ -66,6 +66,7 @@ class RunCurves:
     stage_changes: list[tuple[int, int]] = field(default_factory=list)  # (x, new stage), after the first stage
     stage_changes_from: str = ""  # "schedule.json" or "train records"
     stop: dict[str, Any] | None = None  # the run's ``stop`` record (an early stop by the trainer's rule), if any
+    resumes: list[dict[str, Any]] = field(default_factory=list)  # resumes that changed settings: step, changed
 
 
 def _read_records(log: Path) -> list[dict[str, Any]]:
@@ -162,6 +163,9 @@ def read_run(path: str | Path, label: str | None = None) -> RunCurves:
     run = RunCurves(label or (log.parent.name if log.name == "log.jsonl" else log.stem), log, kind, series)
     stops = _resumed(recs, "stop")
     run.stop = {"step": stops[-1]["step"], "reason": stops[-1].get("reason")} if stops else None
+    run.resumes = [
+        {"step": r["step"], "changed": r["changed"]} for r in recs if r.get("kind") == "resume" and r.get("changed")
+    ]
     if kind == "generator":
         run.kimg = {int(r["step"]): float(r["kimg"]) for r in evals if isinstance(r.get("kimg"), (int, float))}
     else:
@@ -309,6 +313,7 @@ def _run_summary(run: RunCurves) -> dict[str, Any]:
         "stage_changes": [list(c) for c in run.stage_changes],
         "stage_changes_from": run.stage_changes_from or None,
         "stop": run.stop,
+        "resumes": run.resumes,
     }
 
 
