@@ -226,7 +226,8 @@ def test_resume_repeats_the_uninterrupted_run_exactly(fake_fmnist: Path, tmp_pat
     pv = read_native_header(resumed["file"])["provenance"]
     assert pv["command"] == "part" and pv["steps"] == 38  # the command that started the run, not the resume
     records = [json.loads(line) for line in (part.run_dir / "log.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in records if r["kind"] != "train"] == ["start", "end", "end", "test"]
+    assert [r["kind"] for r in records if r["kind"] != "train"] == ["start", "end", "resume", "end", "test"]
+    assert next(r for r in records if r["kind"] == "resume")["changed"] == {}  # resumed with the same settings
 
 
 def test_cli_resume_finishes_a_stopped_run(fake_fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
