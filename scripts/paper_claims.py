@@ -667,7 +667,14 @@ def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
         "",
         "## Set-up",
         "",
-        f"- **Images**: {result['images']} Fashion-MNIST test images, none seen by any training: the first "
+        f"- **Images**: {result['images']} Fashion-MNIST test images"
+        + (
+            f" (of the {len(EDIT_CLASSES) * o['per_class'] + o['others']} chosen: the rest not measured yet; a re-run "
+            "resumes)"
+            if result["images"] < len(EDIT_CLASSES) * o["per_class"] + o["others"]
+            else ""
+        )
+        + ", none seen by any training: the first "
         f"{o['per_class']} test images of each of Pullover, Coat, Sneaker and Ankle boot, and {o['others']} of the other "
         "six classes.",
         f"- **Models**: generator `{short(o['generator'])}`; encoders `{short(o['cycle'])}` (the paper's cycle "

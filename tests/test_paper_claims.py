@@ -90,6 +90,7 @@ def test_collect_averages_records_and_verdicts_follow_the_numbers(pc, tmp_path):
     result.update(directions={"brightness": d}, options=vars(args), wall_seconds=600.0, invocations=2)
     page = pc.markdown(result, None, tmp_path)
     assert "(10 min of wall time on a 2-core CPU machine over 2 invocations," in page
+    assert "- **Images**: 12 Fashion-MNIST test images (of the 200 chosen: the rest not measured yet" in page
     assert "| W encoder (`w`) | 0.1150 ±0.0034 |" in page
     assert sum(line.startswith("| ") for line in page.splitlines()) == 1 + len(MAIN_ROWS) + 1
 
