@@ -372,13 +372,14 @@ def measure_image(
 
 
 def pending(
-    shard: Path, chosen: list[tuple[int, int]], rows: list[Row], prints: dict[str, str], k: int, n: int
+    shards: list[Path], chosen: list[tuple[int, int]], rows: list[Row], prints: dict[str, str], k: int, n: int
 ) -> list[tuple[int, int, int, list[Row]]]:
-    """Worker k of n's images still to measure: (position, test index, label, rows), the rows being those that
-    ``shard`` lacks for the image or holds with a fingerprint other than the current one in ``prints``."""
+    """Worker k of n's images still to measure: (position, test index, label, rows), the rows being those that the
+    ``shards`` (every worker's, so that a re-run may use another ``--workers``) lack for the image or hold with a
+    fingerprint other than the current one in ``prints``."""
     have: dict[int, set[tuple[str, str]]] = {}  # position -> (row, fingerprint) measured, over all its records
-    if shard.is_file():
-        for line in shard.read_text().splitlines():
+    for shard in shards:
+        for line in shard.read_text().splitlines() if shard.is_file() else []:
             if line.strip():
                 rec = json.loads(line)
                 have.setdefault(rec["position"], set()).update(rec.get("fingerprints", {}).items())
@@ -397,7 +398,7 @@ def run_shard(args: argparse.Namespace, out: Path, k: int, n: int) -> None:
     chosen = select_images(args.per_class, args.others)
     shard = out / f"shard-{k}.jsonl"
     prints = fingerprints(args)
-    todo = pending(shard, chosen, active_rows(args), prints, k, n)
+    todo = pending(sorted(out.glob("shard-*.jsonl")), chosen, active_rows(args), prints, k, n)
     if not todo:
         return
     ctx = Context(args, out)
