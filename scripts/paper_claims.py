@@ -77,6 +77,7 @@ ROWS = (
     Row("full-bf16", "full method, `--precision bf16`", "refine-bf16", "reg-bf16", "cycle:all"),
     Row("full-loc4", "full method, locality regularizer every 4th step", "refine", "reg-every4", "cycle:all"),
     Row("full-noreg", "Cycle + refine + tune, no regularizer", "refine", "noreg", "cycle:all"),
+    Row("final-tune", "Cycle encoder, final stage (W pivot) + tune", "enc:cycle:trained", "reg", "cycle:all"),
 )
 ENCODERS = ("w", "e4e", "cycle", "cycle_zg")
 
@@ -628,6 +629,8 @@ def verdicts(rows: dict[str, Any], recs: list[dict[str, Any]]) -> list[str]:
         ("full-bf16", "full", "the full method in bf16 vs fp32"),
         ("full-loc4", "full", "the full method with the locality regularizer on every 4th tuning step vs every step"),
         ("full", "full-noreg", "the full method with the locality regularizer vs without it (the same refined pivot)"),
+        ("final-tune", "full", "regularized tuning around the Cycle encoder's W pivot vs the refined W+ pivot"),
+        ("final-tune", "pti", "regularized tuning around the Cycle encoder's W pivot vs PTI"),
     ]
     for a, b, what in isolating:
         if a not in rows or b not in rows:
