@@ -372,18 +372,24 @@ def measure_image(
 # workers and collection
 
 
+def read_records(shards: list[Path]) -> list[dict[str, Any]]:
+    """The per-image records of these shard files, in file order (a missing file holds none)."""
+    recs = []
+    for shard in shards:
+        if shard.is_file():
+            recs += [json.loads(line) for line in shard.read_text().splitlines() if line.strip()]
+    return recs
+
+
 def pending(
-    shards: list[Path], chosen: list[tuple[int, int]], rows: list[Row], prints: dict[str, str], k: int, n: int
+    recs: list[dict[str, Any]], chosen: list[tuple[int, int]], rows: list[Row], prints: dict[str, str], k: int, n: int
 ) -> list[tuple[int, int, int, list[Row]]]:
     """Worker k of n's images still to measure: (position, test index, label, rows), the rows being those that the
-    ``shards`` (every worker's, so that a re-run may use another ``--workers``) lack for the image or hold with a
+    records (every worker's, so that a re-run may use another ``--workers``) lack for the image or hold with a
     fingerprint other than the current one in ``prints``."""
     have: dict[int, set[tuple[str, str]]] = {}  # position -> (row, fingerprint) measured, over all its records
-    for shard in shards:
-        for line in shard.read_text().splitlines() if shard.is_file() else []:
-            if line.strip():
-                rec = json.loads(line)
-                have.setdefault(rec["position"], set()).update(rec.get("fingerprints", {}).items())
+    for rec in recs:
+        have.setdefault(rec["position"], set()).update(rec.get("fingerprints", {}).items())
     todo = []
     for pos, (i, lab) in enumerate(chosen):
         missing = [row for row in rows if (row.key, prints[row.key]) not in have.get(pos, set())]
@@ -399,7 +405,8 @@ def run_shard(args: argparse.Namespace, out: Path, k: int, n: int) -> None:
     chosen = select_images(args.per_class, args.others)
     shard = out / f"shard-{k}.jsonl"
     prints = fingerprints(args)
-    todo = pending(sorted(out.glob("shard-*.jsonl")), chosen, active_rows(args), prints, k, n)
+    rows = active_rows(args)
+    todo = pending(read_records(sorted(out.glob("shard-*.jsonl"))), chosen, rows, prints, k, n)
     if not todo:
         return
     ctx = Context(args, out)
@@ -415,7 +422,7 @@ def run_shard(args: argparse.Namespace, out: Path, k: int, n: int) -> None:
         with shard.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         el = time.perf_counter() - t0
-        what = "" if len(missing) == len(active_rows(args)) else f", rows {','.join(r.key for r in missing)}"
+        what = "" if len(missing) == len(rows) else f", rows {','.join(r.key for r in missing)}"
         print(f"[worker {k}] {j + 1}/{len(todo)} images ({el / (j + 1):.1f} s/image, test index {i}{what})", flush=True)
 
 
@@ -436,10 +443,7 @@ def merge_records(recs: list[dict[str, Any]], prints: dict[str, str] | None = No
 def collect(args: argparse.Namespace, out: Path, prints: dict[str, str] | None = None) -> dict[str, Any]:
     import statistics
 
-    recs = []
-    for f in sorted(out.glob("shard-*.jsonl")):
-        recs += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    recs = merge_records(recs, prints)
+    recs = merge_records(read_records(sorted(out.glob("shard-*.jsonl"))), prints)
     table: dict[str, Any] = {}
     for row in active_rows(args):
         per = [r["rows"][row.key] for r in recs if row.key in r["rows"]]
@@ -660,6 +664,7 @@ def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
     o = result["options"]
     ks = [float(v) for v in str(o["strengths"]).split(",")]
     d = result["directions"]
+    chosen = len(EDIT_CLASSES) * o["per_class"] + o["others"]
     lines = [
         "# Results: the paper's claims measured on Fashion-MNIST",
         "",
@@ -673,9 +678,8 @@ def markdown(result: dict[str, Any], figure: Path | None, base: Path) -> str:
         "",
         f"- **Images**: {result['images']} Fashion-MNIST test images"
         + (
-            f" (of the {len(EDIT_CLASSES) * o['per_class'] + o['others']} chosen: the rest not measured yet; a re-run "
-            "resumes)"
-            if result["images"] < len(EDIT_CLASSES) * o["per_class"] + o["others"]
+            f" (of the {chosen} chosen: the rest not measured yet; a re-run resumes)"
+            if result["images"] < chosen
             else ""
         )
         + ", none seen by any training: the first "

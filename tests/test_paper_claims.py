@@ -131,15 +131,15 @@ def test_a_rerun_measures_only_the_rows_an_image_lacks_or_holds_from_other_input
             rec(7, ("w",), fp="old"), rec(3, ("w",), fp="old"), rec(3, ("w",), mse=0.3)]  # fmt: skip
     shard = tmp_path / "shard-1.jsonl"
     shard.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    todo = pc.pending([shard], chosen, rows, prints, 1, 2)
+    todo = pc.pending(pc.read_records([shard]), chosen, rows, prints, 1, 2)
     assert [(pos, i, lab) for pos, i, lab, _ in todo] == [(1, 101, 1), (5, 105, 2), (7, 107, 1)]
     assert [[r.key for r in t[3]] for t in todo] == [["cycle-zg-none"], keys, ["w"]]
-    assert pc.pending([tmp_path / "absent.jsonl"], chosen, rows, prints, 0, 2)[0][3] == rows
+    assert pc.pending(pc.read_records([tmp_path / "absent.jsonl"]), chosen, rows, prints, 0, 2)[0][3] == rows
     # a changed setting or model changes the fingerprints: everything is measured again
-    assert len(pc.pending([shard], chosen, rows, dict.fromkeys(keys, "other"), 1, 2)) == 4
+    assert len(pc.pending(pc.read_records([shard]), chosen, rows, dict.fromkeys(keys, "other"), 1, 2)) == 4
     # another --workers: worker 1 of 4 (positions 1, 5) reads every shard, so only 1's and 5's missing rows remain
-    assert [(t[0], len(t[3])) for t in pc.pending([tmp_path / "shard-0.jsonl", shard], chosen, rows, prints, 1, 4)] == [
-        (1, 1), (5, len(rows))]  # fmt: skip
+    both = pc.read_records([tmp_path / "shard-0.jsonl", shard])
+    assert [(t[0], len(t[3])) for t in pc.pending(both, chosen, rows, prints, 1, 4)] == [(1, 1), (5, len(rows))]
     # the collection: one record per image, later records replace earlier rows, rows from other inputs left out
     merged = pc.merge_records(recs, prints)
     assert [r["position"] for r in merged] == [1, 3, 7]
