@@ -115,7 +115,8 @@ def schedule_note(run: Path, log: list[dict[str, Any]]) -> str:
     ends = [r["step"] for r in log if r.get("kind") == "end"]
     if events and ends and not events[-1].startswith("stopped at step " + str(ends[-1])):
         events.append(f"ended at step {ends[-1]}")
-    return f": {'; '.join([phases, *events]) if phases else '; '.join(events)}" if phases or events else ""
+    parts = [x for x in (phases, *events) if x]
+    return f": {'; '.join(parts)}" if parts else ""
 
 
 def resume_flags(record: dict[str, Any]) -> str:
@@ -347,9 +348,9 @@ def ship_encoder(
         command = command.replace(trained_on, "fmnist-generator")
     command = command.replace(str(Path.home() / ".cache/cycle-encoding/runs"), "runs").replace(str(ROOT) + "/", "")
     command = command.replace(".venv/bin/cycle-encoding", "cycle-encoding")
+    out_dir = command.split("--out ", 1)[1].split(" ", 1)[0] if "--out " in command else "OUT"
     for r in log:  # resumes that changed settings (e.g. trained on past a plateau stop): their commands follow
         if r.get("kind") == "resume" and r.get("changed"):
-            out_dir = command.split("--out ", 1)[1].split(" ", 1)[0] if "--out " in command else "OUT"
             command += f"\ncycle-encoding train-encoder --resume {out_dir}/{run.name} {resume_flags(r)}"
     n_params = sum(p.numel() for p in E.parameters())
     lines = [
