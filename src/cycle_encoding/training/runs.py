@@ -55,11 +55,12 @@ class RunLog:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, scalar_kinds: tuple[str, ...] = ("train",)):
         self.path = Path(run_dir) / "log.jsonl"
         self.enabled = enabled
-        if enabled and self.path.is_file():  # a run killed mid-write left half a record: drop it before appending
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with open(self.path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
+        if enabled and self.path.is_file() and self.path.stat().st_size:  # a run killed mid-write left half a
+            with open(self.path, "r+b") as f:  # record: drop it before appending (read all only in that case)
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.seek(0)
+                    f.truncate(f.read().rfind(b"\n") + 1)
         self.scalar_kinds = scalar_kinds
         self.writer = None
         if enabled and tensorboard:

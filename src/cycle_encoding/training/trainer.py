@@ -69,6 +69,7 @@ class Trainer:
     def _open_run(self, resume: str | Path | None) -> None:
         """A new run folder (rank 0 writes it), or the one to resume with its checkpoint loaded; then the log."""
         self.run_dir = self._setup_run_dir(resume)
+        self._resumed_config: dict[str, Any] | None = None  # a resumed run's settings as its checkpoint saved them
         if resume is not None:
             self._load_checkpoint(self.run_dir / "checkpoint.pt")
         self.log = RunLog(
@@ -246,7 +247,7 @@ class Trainer:
         end = self.end_step(until)
         if self.step == 0 and self.dist.is_main:
             self.on_start()
-        elif self.dist.is_main and getattr(self, "_resumed_config", None) is not None:
+        elif self.dist.is_main and self._resumed_config is not None:
             # what the log cannot show otherwise: where the run went on, and the settings the resume changed
             now = to_dict(self.cfg)
             changed = {k: [self._resumed_config.get(k), v] for k, v in now.items() if self._resumed_config.get(k) != v}
