@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from cycle_encoding.assets import MODELS_DIR, SHIPPED_MODELS  # noqa: E402
 from cycle_encoding.checkpoints.native import file_sha256, read_native_header  # noqa: E402
+from cycle_encoding.report.curves import setting_resumes  # noqa: E402
 
 FD_SAMPLES = 10_000
 RECON_IMAGES = 1_000
@@ -349,9 +350,8 @@ def ship_encoder(
     command = command.replace(str(Path.home() / ".cache/cycle-encoding/runs"), "runs").replace(str(ROOT) + "/", "")
     command = command.replace(".venv/bin/cycle-encoding", "cycle-encoding")
     out_dir = command.split("--out ", 1)[1].split(" ", 1)[0] if "--out " in command else "OUT"
-    for r in log:  # resumes that changed settings (e.g. trained on past a plateau stop): their commands follow
-        if r.get("kind") == "resume" and r.get("changed"):
-            command += f"\ncycle-encoding train-encoder --resume {out_dir}/{run.name} {resume_flags(r)}"
+    for r in setting_resumes(log):  # their commands follow (e.g. trained on past a plateau stop)
+        command += f"\ncycle-encoding train-encoder --resume {out_dir}/{run.name} {resume_flags(r)}"
     n_params = sum(p.numel() for p in E.parameters())
     lines = [
         f"# {name}",

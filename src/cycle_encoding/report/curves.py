@@ -90,6 +90,11 @@ def _read_records(log: Path) -> list[dict[str, Any]]:
     return recs
 
 
+def setting_resumes(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run log's resumes that changed settings (trained on past a plateau stop, say), in order."""
+    return [r for r in recs if r.get("kind") == "resume" and r.get("changed")]
+
+
 def _resumed(recs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     """The records of ``kind`` as the run's final history: a step written again replaces the records from it on."""
     out: list[dict[str, Any]] = []
@@ -163,9 +168,7 @@ def read_run(path: str | Path, label: str | None = None) -> RunCurves:
     run = RunCurves(label or (log.parent.name if log.name == "log.jsonl" else log.stem), log, kind, series)
     stops = _resumed(recs, "stop")
     run.stop = {"step": stops[-1]["step"], "reason": stops[-1].get("reason")} if stops else None
-    run.resumes = [
-        {"step": r["step"], "changed": r["changed"]} for r in recs if r.get("kind") == "resume" and r.get("changed")
-    ]
+    run.resumes = [{"step": r["step"], "changed": r["changed"]} for r in setting_resumes(recs)]
     if kind == "generator":
         run.kimg = {int(r["step"]): float(r["kimg"]) for r in evals if isinstance(r.get("kimg"), (int, float))}
     else:
