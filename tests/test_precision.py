@@ -102,6 +102,60 @@ def test_bf16_refinement_gives_a_float32_pivot_near_the_fp32_one(tiny):
     assert abs(b.target_loss - a.target_loss) < 0.05 * a.target_loss
 
 
+def test_compiled_refinement_equals_the_plain_one_and_compiles_once(tiny):
+    """refine.compile: the encoder's body and G's synthesis through torch.compile give the plain loop's pivots and
+    losses within float rounding, target after target (the weights are reset in place: no recompiling), with the
+    random noise of the authors' run."""
+    from torch._dynamo.utils import counters
+
+    G, E, P = tiny["G"], tiny["E"], tiny["P"]
+    data = TensorDataset(own_images(G, 16, seed=1), name="own images")
+    xs = own_images(G, 2, seed=9)
+    out = {}
+    for comp in (False, True):
+        refiner = RegularizedRefiner(G, E, data, RefineConfig(steps=4, num_random=3, lr=1e-3, compile=comp),
+                                     LossNetworks(P), image_size=16)  # fmt: skip
+        graphs = []
+        out[comp] = []
+        for i in range(2):
+            out[comp].append(refiner.refine(xs[i : i + 1], seed=i))
+            graphs.append(counters["stats"]["unique_graphs"])
+        if comp:
+            assert graphs[0] > 0 and graphs[1] == graphs[0]  # the second target reuses the first one's graphs
+    for a, b in zip(out[False], out[True]):
+        assert torch.allclose(a.pivot, b.pivot, rtol=1e-4, atol=1e-5)
+        la, lb = [r["loss"] for r in a.losses], [r["loss"] for r in b.losses]
+        assert la == pytest.approx(lb, rel=1e-4)
+    assert not torch.allclose(out[True][0].pivot, out[True][1].pivot)  # two targets, two pivots
+
+
+def test_compiled_tuning_equals_the_plain_one_and_compiles_once(tiny):
+    """tune.compile: the generators' renders through torch.compile give the plain loop's losses and weights within
+    float rounding, with and without batch_passes; a second image's new copy of G reuses the graphs."""
+    from torch._dynamo.utils import counters
+
+    G, E, P = tiny["G"], tiny["E"], tiny["P"]
+    xs = own_images(G, 2, seed=11)
+    for passes in (False, True):
+        runs: dict[bool, list] = {}
+        for comp in (False, True):
+            cfg = TuneConfig(steps=4, lr=3e-3, stop_threshold=None, locality_alpha=3.0, batch_passes=passes,
+                             compile=comp)  # fmt: skip
+            runs[comp] = []
+            for i in range(2):
+                x = xs[i : i + 1]
+                runs[comp].append(pivotal_tune(G, encoder_pivot(E, x), x, LossNetworks(P), cfg, seed=i))
+                if comp and i == 0:
+                    graphs = counters["stats"]["unique_graphs"]
+            if comp:
+                assert counters["stats"]["unique_graphs"] == graphs  # the second image compiled nothing new
+        for a, b in zip(runs[False], runs[True]):
+            assert [r["loss"] for r in a.losses] == pytest.approx([r["loss"] for r in b.losses], rel=1e-4)
+            wa, wb = a.generator.state_dict(), b.generator.state_dict()
+            assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5) for k in wa)
+            assert a.losses[-1]["l2"] < a.losses[0]["l2"]  # it tunes
+
+
 def test_autocast_fp32_is_no_context_and_bf16_lowers_convolutions():
     w = torch.randn(4, 3, 3, 3)
     x = torch.randn(1, 3, 8, 8)
@@ -156,7 +210,7 @@ def test_batched_passes_give_the_separate_passes_terms(tiny):
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5) for k in wa)
 
 
-def test_cli_precision_runs_and_is_recorded_in_config_json(tiny, tmp_path):
+def test_cli_precision_runs_and_is_recorded_in_config_json(tiny, tmp_path, capsys):
     import json
 
     import cycle_encoding as ce
@@ -175,6 +229,11 @@ def test_cli_precision_runs_and_is_recorded_in_config_json(tiny, tmp_path):
     options = json.loads((run / "config.json").read_text())["options"]
     assert options["tune"]["precision"] == "bf16" and options["refine"]["precision"] == "bf16"
     assert options["tune"]["batch_passes"] is True
+    assert options["refine"]["compile"] is False
+    capsys.readouterr()
+    assert main([*args[:-5], "--out", str(tmp_path / "r3"), "--compile", "--dry-run"]) == 0
+    options = json.loads(capsys.readouterr().out)["options"]
+    assert options["refine"]["compile"] is True and options["tune"]["compile"] is True
     assert main([*args[:-5], "--out", str(tmp_path / "r2"), "--precision", "fp16", "--dry-run"]) == 2
 
 

@@ -11,11 +11,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import CycleEncodingError
 
 LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2.0)
@@ -100,6 +103,22 @@ def autocast(device: torch.device | str, precision: str = "fp32") -> Iterator[No
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_MAX = -4
+
+
+def compile_pass(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    """``fn`` (a network's forward pass) compiled by ``torch.compile`` for fixed shapes (the training steps, the
+    refinement; the first calls take a minute or two: graph capture and code generation). On a CPU the generated
+    code is C++: a missing compiler is a one-line error here rather than a long trace at the first step."""
+    import shutil
+
+    if device.type == "cpu":
+        from torch._inductor import config as inductor_config
+
+        cxx = inductor_config.cpp.cxx
+        names = [c for c in (cxx if isinstance(cxx, (tuple, list)) else (cxx,)) if c] or ["g++"]
+        if not any(shutil.which(str(c)) for c in names):
+            raise CycleEncodingError("--compile on a CPU needs a C++ compiler (g++); install it or leave --compile off")
+    return torch.compile(fn, dynamic=False)
 
 
 def keep_freed_memory() -> bool:

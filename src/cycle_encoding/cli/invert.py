@@ -108,6 +108,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--batch-passes", action="store_true",
                    help="pivotal tuning: the pivot's and the locality regularizer's renders in one batched pass (same "
                         "terms within float rounding; faster)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the refinement's encoder body and generator and the tuning's generator passes "
+                        "(not --tune-batch's); a C++ compiler is needed on a CPU; the first image pays a minute or two "
+                        "of compiling, torch keeps it on disk for later runs; pays over a folder of images (README)")  # fmt: skip
     p.add_argument("--no-early-stop", action="store_true", help="pivotal tuning always takes --tune-steps steps")
     p.add_argument("--no-delta", action="store_true", help="do not store the tuned generators")
     p.add_argument("--recursive", action="store_true", help="also take images in sub-folders")
@@ -163,6 +167,9 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         _set(data, "tune.locality", False)
     if args.batch_passes:
         _set(data, "tune.batch_passes", True)
+    if args.compile:
+        _set(data, "refine.compile", True)
+        _set(data, "tune.compile", True)
     if args.no_early_stop:
         _set(data, "tune.stop_threshold", None)
     if args.no_delta:
@@ -214,6 +221,9 @@ def cmd_invert(args: argparse.Namespace) -> int:
             if inv.refiner is not None:
                 print(f"refine: optimizer state {inv.refiner.optimizer_note}", file=sys.stderr)
             print(precision_line, file=sys.stderr)
+            if config.refine.compile or config.tune.compile:
+                print("--compile: the first image compiles the networks' passes (a minute or two; later runs reuse "
+                      "torch's on-disk cache)", file=sys.stderr)  # fmt: skip
         summary = inv.run(args.images, args.out, recursive=args.recursive,
                           verbose="images" if args.quiet else True, debug=args.debug)  # fmt: skip
     finally:

@@ -7,7 +7,7 @@ whether or not the run was interrupted before it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
+from ..ops import compile_pass
 
 STAGE_NUMBERS = {"encoder": 1, "refine": 2, "project": 3, "tune": 4}
 
@@ -171,6 +172,25 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 def render(G: Generator, ws: torch.Tensor) -> torch.Tensor:
     """G's image of codes ``ws`` with its constant noise (what every stage's reconstruction is)."""
     return G.synthesis(ws.to(G.w_avg.device), noise_mode="const")
+
+
+def _synthesis(G: Generator, ws: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    return G.synthesis(ws, **kwargs)
+
+
+_COMPILED_SYNTHESIS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def synthesis_pass(compiled: bool, device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """``f(G, ws, **kwargs) = G.synthesis(ws, **kwargs)``, plain or through ``torch.compile``, compiled once per
+    process and device type: the generator is an argument, its weights inputs of the graph, so every image's new
+    tuned copy reuses the graphs compiled for the first (one per batch shape, grad mode and noise layout)."""
+    if not compiled:
+        return _synthesis
+    kind = torch.device(device).type
+    if kind not in _COMPILED_SYNTHESIS:
+        _COMPILED_SYNTHESIS[kind] = compile_pass(_synthesis, torch.device(device))
+    return _COMPILED_SYNTHESIS[kind]
 
 
 def check_target(G: Generator, x: torch.Tensor) -> torch.Tensor:

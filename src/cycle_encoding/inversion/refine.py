@@ -38,6 +38,10 @@ How it runs (read off the authors' refinement script and coach):
   or the size the encoder was trained at when the checkpoint says), and the targets are resized to it;
 - after each target, encoder weights, BatchNorm statistics and optimizer state are reset to the saved copies
   (deep copies made once, not reloaded from disk).
+
+``compile=True`` (``invert --compile``) passes the encoder's body and G's synthesis through ``torch.compile``: the
+shapes are fixed (batches of M + 1 at the loss size) and the weights are reset in place, so the first target's
+compile serves all later ones; the results equal the uncompiled loop's within float rounding.
 """
 
 from __future__ import annotations
@@ -63,9 +67,17 @@ from ..data.datasets import ImageDataset, open_dataset
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
-from ..ops import autocast, check_precision
+from ..ops import autocast, check_precision, compile_pass
 from ..training.optim import Ranger
-from .common import LossNetworks, cpu_generator, frozen, reconstruction_terms, resize_to, weighted_sum
+from .common import (
+    LossNetworks,
+    cpu_generator,
+    frozen,
+    reconstruction_terms,
+    resize_to,
+    synthesis_pass,
+    weighted_sum,
+)
 
 PAPER_RANGER = {"lr": 1e-4, "betas": (0.95, 0.999), "eps": 1e-5}
 OPTIMIZER_CHOICES = ("auto", "restore", "substitute", "fresh")
@@ -89,6 +101,7 @@ class RefineConfig:
     substitute_batches: int = 20  # K batches estimating Ranger's moments when the file has no state
     noise_mode: str = "random"  # G's noise: random (the authors') or const
     precision: str = "fp32"  # "bf16": encoder, G and loss networks under bf16 autocast; fp32 weights, loss, Ranger
+    compile: bool = False  # torch.compile the encoder's body and G's synthesis (the first target pays the compile)
 
     def __post_init__(self) -> None:
         if self.optimizer_state not in OPTIMIZER_CHOICES:
@@ -246,6 +259,10 @@ class RegularizedRefiner:
         self.E = copy.deepcopy(E)
         self.E.stage = "all"
         self.E.requires_grad_(True)
+        # fixed shapes (batches of M + 1), weights reset in place: one compile serves every target
+        device = G.w_avg.device
+        self._features = compile_pass(self.E.features, device) if c.compile else None
+        self._synthesis = synthesis_pass(c.compile, device)
         settings = dict(PAPER_RANGER)
         settings.update(optimizer_settings or {})
         self._settings = {"lr": float(settings["lr"]), "betas": tuple(settings["betas"]), "eps": float(settings["eps"])}
@@ -316,7 +333,7 @@ class RegularizedRefiner:
         with frozen(self.G):
             for _ in range(k_batches):
                 batch = self._draw_n(gen, c.num_random + 1)
-                ws = E(batch)
+                ws = E(batch, self._features)
                 y = pool_to(self._render(ws, gen), self.image_size)
                 loss = weighted_sum(reconstruction_terms(y, batch, self.nets), weights).mean()
                 E.zero_grad(set_to_none=True)
@@ -343,8 +360,8 @@ class RegularizedRefiner:
     def _render(self, ws: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.config.noise_mode == "random":
             noise = [n.to(ws.device) for n in self.G.make_noise(ws.shape[0], generator=gen, device="cpu")]
-            return self.G.synthesis(ws, noise=noise)
-        return self.G.synthesis(ws, noise_mode="const")
+            return self._synthesis(self.G, ws, noise=noise)
+        return self._synthesis(self.G, ws, noise_mode="const")
 
     def _new_optimizer(self) -> Ranger:
         s = self._settings
@@ -409,7 +426,7 @@ class RegularizedRefiner:
                         randoms = self._draw(gen)
                     batch = torch.cat([randoms, x])
                     with autocast(batch.device, c.precision):
-                        ws = E(batch).float()
+                        ws = E(batch, self._features).float()
                     final = k == c.steps - 1
                     if final:
                         pivot = ws[-1:].detach().clone()

@@ -25,6 +25,10 @@ the Adam state stay float32, and Adam is torch's fused kernel (it differs from t
 ``batch_passes=True`` renders the pivot and the regularizer's codes in one batched pass of the tuned G and measures
 both perceptual distances in one call: the same terms (the regularizer's rows get zero noise, which leaves them as
 without noise), equal to the separate passes within float rounding (the batched convolutions sum in another order).
+``compile=True`` passes the generators' renders through ``torch.compile`` (``common.synthesis_pass``): compiled once
+per process, the first image pays it (seconds to minutes; torch keeps the code on disk for later runs), every later
+image's tuned copy reuses the graphs; the losses equal the plain loop's within float rounding. The batched tuning of
+several images (``tune_batch``) is not compiled: its batch shrinks as images stop, and each size would compile anew.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 
 from ..networks.stylegan2 import NOISE_MODES, Generator
 from ..ops import autocast, check_precision
-from .common import LossNetworks, cpu_generator, frozen
+from .common import LossNetworks, cpu_generator, frozen, synthesis_pass
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class TuneConfig:
     locality_noise_mode: str = "none"
     precision: str = "fp32"  # "bf16": autocast networks, fp32 weights/loss/optimizer (see the module doc)
     batch_passes: bool = False  # True: the pivot's and the regularizer's renders in one batched pass (see the doc)
+    compile: bool = False  # torch.compile the generators' passes (once per process; see the module doc)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -144,6 +149,7 @@ def pivotal_tune(
     updates = 0
     stopped = False
     perceptual = nets.perceptual
+    synthesis = synthesis_pass(c.compile, device)
     with frozen(G):
         for step in range(c.steps):
             regularize = c.locality and step % c.locality_every == 0
@@ -155,9 +161,9 @@ def pivotal_tune(
                 rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
                 noise = _stacked_noise(tuned, rest, wr.shape[0])
                 with autocast(device, c.precision):
-                    both = tuned.synthesis(torch.cat([pivot, wr]), noise=noise).float()
+                    both = synthesis(tuned, torch.cat([pivot, wr]), noise=noise).float()
                     with torch.no_grad():  # the frozen original: no gradient, no activations kept
-                        old = G.synthesis(wr, noise=rest).float()
+                        old = synthesis(G, wr, noise=rest).float()
                 y, new = both[:1], both[1:]
                 if perceptual is not None:
                     with autocast(device, c.precision):
@@ -165,7 +171,7 @@ def pivotal_tune(
                     p_new = pv[1:].mean()
             else:
                 with autocast(device, c.precision):
-                    y = tuned.synthesis(pivot, noise_mode="const")
+                    y = synthesis(tuned, pivot, noise_mode="const")
                 y = y.float()
             mse = F.mse_loss(y, x)
             rec: dict[str, Any] = {"stage": "tune", "step": step, "l2": float(mse.detach())}
@@ -190,9 +196,9 @@ def pivotal_tune(
                     wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
                     rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
                     with autocast(device, c.precision):
-                        new = tuned.synthesis(wr, noise=rest)
+                        new = synthesis(tuned, wr, noise=rest)
                         with torch.no_grad():  # the frozen original: no gradient, no activations kept
-                            old = G.synthesis(wr, noise=rest)
+                            old = synthesis(G, wr, noise=rest)
                     new, old = new.float(), old.float()
                 assert new is not None and old is not None
                 reg = c.locality_l2_lambda * F.mse_loss(new, old)

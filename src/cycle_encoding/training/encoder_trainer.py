@@ -67,13 +67,13 @@ from ..losses.latent_pool import LatentPool
 from ..networks.encoder import Encoder4Editing, EncoderConfig
 from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscriminatorConfig
 from ..networks.stylegan2 import Generator
-from ..ops import PRECISIONS, autocast
+from ..ops import PRECISIONS, autocast, compile_pass
 from ..utils import make_grid, save_image
 from . import distributed as dd
 from .optim import Ranger, zero_grad
 from .runs import rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
-from .trainer import Trainer, check_loop_options, compile_pass, read_run_config
+from .trainer import Trainer, check_loop_options, read_run_config
 
 CHECKPOINT_FORMAT = TRAINING_CHECKPOINT_FORMAT
 CHECKPOINT_VERSION = 1

@@ -65,11 +65,11 @@ from ..checkpoints.native import default_provenance
 from ..config import from_mapping
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
-from ..ops import PRECISIONS, autocast
+from ..ops import PRECISIONS, autocast, compile_pass
 from ..utils import make_grid, save_image
 from . import distributed as dd
 from .runs import rng_state, set_rng_state
-from .trainer import Trainer, check_loop_options, compile_pass, read_run_config
+from .trainer import Trainer, check_loop_options, read_run_config
 
 CHECKPOINT_FORMAT = "cycle-encoding-train-generator"
 CHECKPOINT_VERSION = 1

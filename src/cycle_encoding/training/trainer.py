@@ -24,11 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from ..checkpoints.common import atomic_torch_save, atomic_write
@@ -296,22 +294,6 @@ class Trainer:
     def close(self) -> None:
         self.log.close()
         dd.shutdown(self.dist)
-
-
-def compile_pass(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
-    """``fn`` (a network's forward pass) compiled by ``torch.compile`` for fixed shapes, for the training steps (the
-    first calls take a minute or two: graph capture and code generation). On a CPU the generated code is C++: a
-    missing compiler is a one-line error here rather than a long trace at the first step."""
-    import shutil
-
-    if device.type == "cpu":
-        from torch._inductor import config as inductor_config
-
-        cxx = inductor_config.cpp.cxx
-        names = [c for c in (cxx if isinstance(cxx, (tuple, list)) else (cxx,)) if c] or ["g++"]
-        if not any(shutil.which(str(c)) for c in names):
-            raise CycleEncodingError("--compile on a CPU needs a C++ compiler (g++); install it or leave --compile off")
-    return torch.compile(fn, dynamic=False)
 
 
 def check_loop_options(cfg: Any, every: tuple[str, ...]) -> None:
