@@ -241,9 +241,10 @@ def bench_tune_one(r: int, P: LPIPSDistance, args: argparse.Namespace, device: t
     G = config_f(r, device)
     pivot, x = tune_setup(G, device)
 
-    def run(prec: str, batched: bool) -> Callable[[], dict[str, float]]:
+    def run(prec: str, batched: bool, comp: bool = False) -> Callable[[], dict[str, float]]:
         def go() -> dict[str, float]:
-            cfg = TuneConfig(steps=args.tune_steps, stop_threshold=None, precision=prec, batch_passes=batched)
+            cfg = TuneConfig(steps=args.tune_steps, stop_threshold=None, precision=prec, batch_passes=batched,
+                             compile=comp)  # fmt: skip
             t = pivotal_tune(G, pivot, x, LossNetworks(P), cfg, seed=0)
             with torch.no_grad():
                 y = t.generator.synthesis(pivot)
@@ -253,13 +254,14 @@ def bench_tune_one(r: int, P: LPIPSDistance, args: argparse.Namespace, device: t
 
         return go
 
+    # the first (untimed) call of a compiled variant compiles
     variants = {"fp32": ("fp32", False), "fp32+batch": ("fp32", True), "bf16": ("bf16", False),
-                "bf16+batch": ("bf16", True)}  # fmt: skip
+                "bf16+batch": ("bf16", True), "bf16+batch+compile": ("bf16", True, True)}  # fmt: skip
     res = interleaved({k: run(*v) for k, v in variants.items()}, args.repeats, device)
     for m in variants:
         res[m]["median"] /= args.tune_steps
     a = res["fp32"]["value"]
-    for fast in ("fp32+batch", "bf16", "bf16+batch"):
+    for fast in list(variants)[1:]:
         b = res[fast]["value"]
         q = (f"after {args.tune_steps} steps: loss {a['loss']:.4f} vs {b['loss']:.4f}, MSE {a['mse']:.5f} vs "
              f"{b['mse']:.5f} ({b['mse'] / a['mse'] - 1:+.1%}), perceptual {a['perceptual']:.4f} vs "
@@ -439,17 +441,28 @@ def bench_e2e(args: argparse.Namespace, device: torch.device) -> None:
            f"{len(files)} images: s/image, each variant against the authors' fp32 loop image by image "
            f"('passes': tune.batch_passes; 'batch {nb}': the images tuned {nb} at a time; 'tune bf16': the "
            "refinement in fp32)")  # fmt: skip
-    # name -> (refine precision, tune precision, batch_passes, tune batch)
-    variants = {"fp32": ("fp32", "fp32", False, 1), f"fp32+batch {nb}": ("fp32", "fp32", False, nb),
-                f"fp32+passes+batch {nb}": ("fp32", "fp32", True, nb), "bf16": ("bf16", "bf16", False, 1),
-                f"bf16+passes+batch {nb}": ("bf16", "bf16", True, nb),
-                f"tune bf16+passes+batch {nb}": ("fp32", "bf16", True, nb)}  # fmt: skip
+    # name -> (refine precision, tune precision, batch_passes, tune batch, compiled (refine and, one by one, tune))
+    variants = {"fp32": ("fp32", "fp32", False, 1, False), f"fp32+batch {nb}": ("fp32", "fp32", False, nb, False),
+                f"fp32+passes+batch {nb}": ("fp32", "fp32", True, nb, False), "bf16": ("bf16", "bf16", False, 1, False),
+                f"bf16+passes+batch {nb}": ("bf16", "bf16", True, nb, False),
+                f"tune bf16+passes+batch {nb}": ("fp32", "bf16", True, nb, False),
+                "bf16+passes+compile": ("bf16", "bf16", True, 1, True),
+                f"bf16+passes+batch {nb}+compile": ("bf16", "bf16", True, nb, True)}  # fmt: skip
+    unknown = set(args.e2e_variants or ()) - set(variants)
+    if unknown:
+        raise SystemExit(f"--e2e-variants: unknown {sorted(unknown)}; known: {sorted(variants)}")
+    variants = {k: v for k, v in variants.items() if k == "fp32" or args.e2e_variants is None
+                or k in args.e2e_variants}  # fmt: skip
     invs = {}
-    for k, (rprec, tprec, passes, _) in variants.items():
+    for k, (rprec, tprec, passes, _, comp) in variants.items():
         invs[k] = Inverter("fmnist-generator", "fmnist-encoder", device=device, stages=("encoder", "refine", "tune"),
                            perceptual="fmnist-features", identity="fmnist-features", train_data="fashion-mnist",
-                           refine={"precision": rprec},
-                           tune={"precision": tprec, "batch_passes": passes, "steps": args.e2e_tune_steps})  # fmt: skip
+                           refine={"precision": rprec, "compile": comp},
+                           tune={"precision": tprec, "batch_passes": passes, "steps": args.e2e_tune_steps,
+                                 "compile": comp})  # fmt: skip
+        t = time.perf_counter()
+        invs[k].invert_many(files[:1], [0])  # warm-up (a compiled variant compiles here), not timed below
+        print(f"warm-up, one image: {k} {time.perf_counter() - t:.1f} s", flush=True)
     per: dict[str, dict[str, list[float]]] = {k: {"sec": [], "mse": [], "perceptual": [], "updates": []} for k in invs}
     for _ in range(args.e2e_rounds):
         for k, inv in invs.items():  # interleaved variant by variant, every variant on all images per round
@@ -488,6 +501,12 @@ def main() -> None:
     ap.add_argument("--e2e-tune-steps", type=int, default=150, help="the demo's tuning budget (default 150)")
     ap.add_argument("--e2e-tune-batch", type=int, default=8, help="images tuned at once in e2e (default 8)")
     ap.add_argument("--e2e-rounds", type=int, default=1, help="rounds of all e2e variants over the images")
+    ap.add_argument(
+        "--e2e-variants",
+        type=lambda v: [x.strip() for x in v.split(",")],
+        default=None,
+        help="comma-separated e2e variants besides fp32 (default: all), e.g. 'bf16+passes+batch 8'",
+    )
     ap.add_argument("--tune-batch-sizes", default="1,4,8", help="tune-batch: images tuned at once")
     ap.add_argument("--tune-batch-resolutions", default="32,64", help="tune-batch: 32 = the shipped Fashion-MNIST G")
     ap.add_argument("--repeats", type=int, default=3)
