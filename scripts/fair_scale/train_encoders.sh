@@ -10,6 +10,8 @@
 #   cycle cycle.yaml: the paper's schedule rescaled to 30,000 steps, its final W phase open to 60,000
 # Each stops by `--val-patience 4` (four validations, 2,000 steps, of the schedule's last stage without a 2% gain on
 # that stage's best), so e4e's W+ curve also tells whether the cycle's W+ phase (2,080-20,000) was long enough.
+# MAX_STEPS=N (environment) trains every run to step N with the plateau rule off (--val-patience 0) instead: the
+# same images for all three, where the rule proved too loose (docs/FAIR_SCALE.md: W and Cycle still improved at 48,000).
 # Runs resume from their checkpoints when started again; finished ones are skipped. The three run at once, one torch
 # thread each (on a 2-core machine more threads per run only slow the others down; a run that ends frees its core).
 set -euo pipefail
@@ -28,6 +30,9 @@ common=(--generator "$G" --data fashion-mnist --out "$OUT" --batch-size 16
         --encoder-widths 32,48,64,128 --encoder-units 1,2,2,1
         --log-every 100 --image-every 2000 --val-every 500 --val-count 256 --checkpoint-every 500
         --val-patience 4 --val-min-improvement 0.02 --precision bf16 --compile --device cpu --progress lines)
+if [[ -n ${MAX_STEPS:-} ]]; then
+    common+=(--max-steps "$MAX_STEPS" --val-patience 0)
+fi
 
 train() {  # NAME ARGS...: start the run, resume it, or skip it when its log has ended
     local name=$1 dir
