@@ -4,6 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/bootstrap.sh"
+install_apt_list "$ROOT/scripts/apt-packages-test.txt"  # the browser the report and editor tests drive
 cd "$ROOT"
 echo "[test] ruff check"; ruff check src tests benchmarks scripts
 echo "[test] ruff format --check"; ruff format --check src tests benchmarks scripts

@@ -152,7 +152,7 @@ missing_models = [n for n in SHIPPED if not (MODELS_DIR / f"{n}.safetensors").is
     reason=f"shipped models not in the package yet: {', '.join(missing_models)} (src/cycle_encoding/assets/models/)",
 )
 def test_demo_end_to_end(tmp_path: Path):
-    """`bash scripts/demo.sh OUT` with the shipped models (no overrides): a few minutes on 2 CPU cores."""
+    """`bash scripts/demo.sh OUT` with the shipped models (no overrides): a few minutes on 2 quiet CPU cores."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
     env.setdefault("OMP_NUM_THREADS", "2")
     out = tmp_path / "out"
@@ -163,8 +163,7 @@ def test_demo_end_to_end(tmp_path: Path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=1800,
-    )
+    )  # no time limit: a loaded machine takes several times as long, and CI bounds the whole run
     assert proc.returncode == 0, proc.stdout[-4000:]
     print(proc.stdout[proc.stdout.rfind("[demo ") :])  # the last step and where everything is (pytest -rP shows it)
     check_demo_output(out, proc.stdout)

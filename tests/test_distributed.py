@@ -47,7 +47,7 @@ def test_shutdown_ends_the_gloo_threads(tmp_path):
     (tmp_path / "script.py").write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "script.py"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600, cwd=tmp_path)  # catches a hang only
     assert r.returncode == 0, r.stderr[-3000:]
     found = re.findall(r"rank (\d): threads before (\d+) during (\d+) after (\d+)", r.stdout)
     assert sorted(rank for rank, *_ in found) == ["0", "1"], r.stdout

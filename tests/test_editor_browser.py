@@ -35,7 +35,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not (Path(CHROMIUM).is_file() and Path(DRIVER).is_file()),
-        reason="chromium / chromium-driver are not installed (Debian packages, scripts/apt-packages.txt)",
+        reason="chromium / chromium-driver are not installed (Debian packages, scripts/apt-packages-test.txt)",
     ),
 ]
 
@@ -166,7 +166,7 @@ def image_src(d, elem_id: str) -> str | None:
 
 def fetch_image(src: str) -> np.ndarray:
     assert src.startswith("http://127.0.0.1:"), src
-    with urllib.request.urlopen(src, timeout=10) as r:
+    with urllib.request.urlopen(src, timeout=600) as r:
         return np.asarray(Image.open(BytesIO(r.read())).convert("L"))
 
 

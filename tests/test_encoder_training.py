@@ -187,7 +187,9 @@ def test_two_processes_under_torchrun_stay_in_sync(setup, tmp_path):
            "--data", str(setup / "data"), "--out", str(tmp_path), "--preset", "e4e", "--total-steps", "40",
            "--max-steps", "4", "--batch-size", "4", "--perceptual", "none", "--encoder-widths", "8,16,16,32",
            "--encoder-units", "1,1,1,1", "--r1-every", "2", "--log-every", "1", "--device", "cpu"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=3600
+    )  # catches a hang only: a slow machine must not fail it
     assert r.returncode == 0, r.stderr[-3000:]
     run = next(tmp_path.iterdir())
     recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
