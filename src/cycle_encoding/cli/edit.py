@@ -27,26 +27,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "distance to the reconstruction (--preservation). Exit status: 0 all edited, 3 some image folders could not be "
         "read (listed; the others are edited), 2 bad input (nothing written; an earlier edit of the name is kept).",
     )
-    # "--strengths -3,-1.5,0" must read "-3,-1.5,0" as the value: argparse takes only plain negative numbers for
-    # values, so widen its test to comma-separated lists of numbers ("--strengths=-3,..." works in any case)
-    if hasattr(p, "_negative_number_matcher"):
-        p._negative_number_matcher = NUMBER_LIST
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder")
-    p.add_argument("--direction", required=True, metavar="FILE_OR_NAME",
-                   help="a direction file (InterFaceGAN .pt/.npy, GANSpace .pt, SeFa factor .pt, own .safetensors) "
-                        "or a name computed from the run's generator: sefa, ganspace")  # fmt: skip
-    p.add_argument("--component", default="0",
-                   help="which direction of a set: a number or a name (default 0); with a GANSpace PCA file (e4e's "
-                        "ffhq_pca.pt) also a named edit: eye_openness, smile, trimmed_beard, white_hair, lipstick "
-                        "(its component, layers, set mode and strength, from e4e)")  # fmt: skip
-    p.add_argument("--strengths", default=None,
-                   help="comma-separated strengths (default -3,-1.5,0,1.5,3; a named GANSpace edit: its own); "
-                        "GANSpace: in standard deviations")  # fmt: skip
-    p.add_argument("--layers", default=None, metavar="A-B",
-                   help="style layers to edit, inclusive (e.g. 0-5 or 0,2,4; default: the set's own (SeFa), else all)")  # fmt: skip
-    p.add_argument("--mode", choices=("add", "set"), default=None,
-                   help="add (default): w += strength * direction; set (default of named GANSpace edits): e4e's "
-                        "GANSpace edits, the component's coordinate set to the strength")  # fmt: skip
+    add_direction_args(p)
     p.add_argument(
         "--name", default=None, help="the edit's folder name under RUN_DIR/edits (default: from the direction)"
     )
@@ -75,6 +57,29 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add_device_arg(p)
     add_progress_arg(p)
     p.set_defaults(func=cmd_edit)
+
+
+def add_direction_args(p: argparse.ArgumentParser) -> None:
+    """The edit's direction, component, strengths, layers and mode as ``edit`` takes them (also ``video``'s)."""
+    # "--strengths -3,-1.5,0" must read "-3,-1.5,0" as the value: argparse takes only plain negative numbers for
+    # values, so widen its test to comma-separated lists of numbers ("--strengths=-3,..." works in any case)
+    if hasattr(p, "_negative_number_matcher"):
+        p._negative_number_matcher = NUMBER_LIST
+    p.add_argument("--direction", required=True, metavar="FILE_OR_NAME",
+                   help="a direction file (InterFaceGAN .pt/.npy, GANSpace .pt, SeFa factor .pt, own .safetensors) "
+                        "or a name computed from the run's generator: sefa, ganspace")  # fmt: skip
+    p.add_argument("--component", default="0",
+                   help="which direction of a set: a number or a name (default 0); with a GANSpace PCA file (e4e's "
+                        "ffhq_pca.pt) also a named edit: eye_openness, smile, trimmed_beard, white_hair, lipstick "
+                        "(its component, layers, set mode and strength, from e4e)")  # fmt: skip
+    p.add_argument("--strengths", default=None,
+                   help="comma-separated strengths (default -3,-1.5,0,1.5,3; a named GANSpace edit: its own); "
+                        "GANSpace: in standard deviations")  # fmt: skip
+    p.add_argument("--layers", default=None, metavar="A-B",
+                   help="style layers to edit, inclusive (e.g. 0-5 or 0,2,4; default: the set's own (SeFa), else all)")  # fmt: skip
+    p.add_argument("--mode", choices=("add", "set"), default=None,
+                   help="add (default): w += strength * direction; set (default of named GANSpace edits): e4e's "
+                        "GANSpace edits, the component's coordinate set to the strength")  # fmt: skip
 
 
 def cmd_edit(args: argparse.Namespace) -> int:

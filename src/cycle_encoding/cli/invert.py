@@ -86,6 +86,24 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("images", type=Path,
                    help="an image file or a folder of images (faces aligned beforehand at the generator's size, or "
                         "use --align)")  # fmt: skip
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="the run folder")
+    add_inversion_args(p)
+    p.add_argument("--align", action="store_true",
+                   help="FFHQ-align each photo's largest face first, at the generator's resolution (dlib 68 "
+                        "landmarks, as cycle-encoding align); a photo without a face fails and is listed")  # fmt: skip
+    p.add_argument("--no-delta", action="store_true", help="do not store the tuned generators")
+    p.add_argument("--recursive", action="store_true", help="also take images in sub-folders")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved options and the images, run nothing")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress and no line per stage: one result line per image, then the summary")  # fmt: skip
+    add_device_arg(p)
+    add_progress_arg(p)
+    p.set_defaults(func=cmd_invert)
+
+
+def add_inversion_args(p: argparse.ArgumentParser) -> None:
+    """The networks and the inversion's options as ``invert`` takes them (also ``video``'s): --generator, --encoder,
+    --stages, --train-data, --config, the OPTIONS table and the tuning's switches (read by ``options_from_args``)."""
     p.add_argument("--generator", required=True, help="generator file (any supported format)")
     p.add_argument("--encoder", default=None,
                    help="encoder: a train-encoder checkpoint.pt (gives the optimizer state and the training images for "
@@ -96,14 +114,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--train-data", default=None,
                    help="the encoder's training images (folder or dataset name) for refine; default: what the encoder "
                         "file records")  # fmt: skip
-    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="the run folder")
     p.add_argument("--config", default=None, help="YAML/JSON file of inversion options (command-line options win)")
     for flag, dest, tp, hlp in OPTIONS:
         metavar = {int: "N", float: "X"}.get(tp, "VALUE")
         p.add_argument(flag, dest="opt:" + dest, type=tp, default=None, metavar=metavar, help=hlp)
-    p.add_argument("--align", action="store_true",
-                   help="FFHQ-align each photo's largest face first, at the generator's resolution (dlib 68 "
-                        "landmarks, as cycle-encoding align); a photo without a face fails and is listed")  # fmt: skip
     p.add_argument("--no-locality", action="store_true", help="pivotal tuning without the locality regularizer")
     p.add_argument("--batch-passes", action="store_true",
                    help="pivotal tuning: the pivot's and the locality regularizer's renders in one batched pass (same "
@@ -113,14 +127,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         "(not --tune-batch's); a C++ compiler is needed on a CPU; the first image pays a minute or two "
                         "of compiling, torch keeps it on disk for later runs; pays over a folder of images (README)")  # fmt: skip
     p.add_argument("--no-early-stop", action="store_true", help="pivotal tuning always takes --tune-steps steps")
-    p.add_argument("--no-delta", action="store_true", help="do not store the tuned generators")
-    p.add_argument("--recursive", action="store_true", help="also take images in sub-folders")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved options and the images, run nothing")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress and no line per stage: one result line per image, then the summary")  # fmt: skip
-    add_device_arg(p)
-    add_progress_arg(p)
-    p.set_defaults(func=cmd_invert)
 
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -161,7 +167,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
             _set(data, "tune.precision", v)
         else:
             _set(data, dest, v)
-    if args.align:
+    if getattr(args, "align", False):  # invert --align (video aligns its frames itself)
         data["align"] = True
     if args.no_locality:
         _set(data, "tune.locality", False)
@@ -172,7 +178,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         _set(data, "tune.compile", True)
     if args.no_early_stop:
         _set(data, "tune.stop_threshold", None)
-    if args.no_delta:
+    if getattr(args, "no_delta", False):
         data["save_delta"] = False
     return data
 
