@@ -239,11 +239,13 @@ def align_face(
     size: int = 1024,
     supersample: int = 4,
     enable_padding: bool = True,
+    quad: np.ndarray | None = None,
 ) -> AlignedFace:
     """FFHQ-align one face of ``image`` given its 68 landmarks; returns a ``size`` x ``size`` RGB image.
 
     The steps and constants are those of the FFHQ recipe; the quad is rendered at ``supersample * size`` pixels
-    (FFHQ: 4096 for 1024) and resized down with Lanczos.
+    (FFHQ: 4096 for 1024) and resized down with Lanczos. ``quad``: the square to render instead of the landmarks' own
+    (e.g. smoothed over a video's frames: ``data/video.py``).
     """
     import scipy.ndimage
 
@@ -251,7 +253,11 @@ def align_face(
     img = img.convert("RGB")
     if size < 1 or supersample < 1:
         raise CycleEncodingError(f"bad alignment size {size} / supersample {supersample}")
-    quad0, qsize0 = ffhq_quad(landmarks)
+    quad0, qsize0 = (
+        ffhq_quad(landmarks)
+        if quad is None
+        else (np.array(quad, float), float(np.hypot(*np.subtract(quad[3], quad[0]))))
+    )
     quad, qsize = quad0.copy(), qsize0
     transform_size = size * supersample
 
