@@ -9,6 +9,7 @@ Public API (more arrives with each stage of the method):
 >>> ce.to_pil(images[0]).save("sample.png")                             # and ce.from_pil(PIL image) back
 >>> res = ce.Inverter(G, "fmnist-encoder", stages=("encoder", "tune")).invert("photo.png")  # path, PIL, array
 >>> res.to_pil("tune")                                                   # the tuned reconstruction, a PIL image
+>>> ce.edit_video("clip.mp4", "out/", "sefa", G, "fmnist-encoder", strengths=[2], align="frame")  # out/edit_2.mp4
 """
 
 from .checkpoints import convert_generator, export_rosinality, load_generator, save_generator
@@ -16,6 +17,7 @@ from .checkpoints.encoder import load_encoder, save_encoder
 from .checkpoints.latents import load_latents, save_latents, save_projected_w
 from .data.images import from_pil, image_tensor
 from .editing.editor import Editor
+from .editing.video import edit_video
 from .errors import CheckpointError, CycleEncodingError
 from .inversion import Inverter
 from .networks.encoder import Encoder4Editing, EncoderConfig
@@ -36,6 +38,7 @@ __all__ = [
     "Inverter",
     "__version__",
     "convert_generator",
+    "edit_video",
     "export_rosinality",
     "from_pil",
     "image_tensor",

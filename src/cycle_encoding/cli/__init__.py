@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "invert",
     "directions",
     "edit",
+    "video",  # edit a video frame by frame
     "report",
     "curves",
     "ui",  # the browser editor (optional extra: gradio)
