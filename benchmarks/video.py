@@ -1,0 +1,155 @@
+"""Temporal steadiness of video editing, measured on a clip whose truth is known.
+
+The clip is a smooth walk through the shipped generator's latent space (``fmnist-generator``, 32x32): keyframe
+codes G.mapping(z_k) (truncation 0.7) joined by cosine-eased interpolation, each frame rendered with G's constant
+noise and written as an H.264 MP4 (crf 0: lossless luma, so the codec adds at most about one grey level). Every
+frame's true code w_t is known, so is its true edit G(w_t + a d) for the direction d (SeFa component 0 by default).
+
+Each method edits the clip with ``cycle-encoding video``'s pipeline (``edit_video``: whole frames, stages
+encoder,tune, the shipped ``fmnist-encoder``) at strengths 0 and a; from the videos it writes (crf 0 again):
+
+- reconstruction MSE: the strength-0 video against the true frames;
+- edit MSE: the strength-a video against the true edits;
+- flicker: the mean absolute frame-to-frame change of the edited video minus that of the true edited video (0: as
+  steady as the truth; positive: it flickers more);
+
+all on the [-1, 1] scale of the project's images. Methods: frames tuned one by one (``tune="each"``), the one
+generator tuned on all frames (``tune="shared"``, when the inversion offers it), each with and without smoothing the
+pivots over time. The smoothing variants re-render the same run (smoothing acts at render time). Time per frame per
+stage comes from ``video.json``; memory is the process's peak resident size after the method (``ru_maxrss``).
+
+    .venv/bin/python benchmarks/video.py --frames 24 --tune-steps 100 --out /tmp/video-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cycle_encoding.checkpoints.generator import load_generator
+from cycle_encoding.data.video import read_video, write_video
+from cycle_encoding.editing.render import named_directions
+from cycle_encoding.editing.video import FRAME_INVERTERS, edit_label, edit_video
+from cycle_encoding.networks.stylegan2 import Generator
+from cycle_encoding.utils import to_uint8
+
+
+def latent_walk(G: Generator, frames: int, keyframes: int = 3, seed: int = 0, truncation: float = 0.7) -> torch.Tensor:
+    """A smooth path of codes [frames, num_ws, w_dim]: ``keyframes`` mapped codes joined by cosine easing."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(keyframes, G.z_dim, generator=g).to(G.w_avg.device)
+    with torch.no_grad():
+        key = G.mapping(z, truncation=truncation)
+    t = torch.linspace(0, keyframes - 1, frames, device=key.device, dtype=key.dtype)
+    k = t.floor().long().clamp(max=keyframes - 2)
+    e = ((1 - torch.cos(math.pi * (t - k))) / 2)[:, None, None]
+    return key[k] * (1 - e) + key[k + 1] * e
+
+
+@torch.no_grad()
+def render_frames(G: Generator, ws: torch.Tensor) -> np.ndarray:
+    """G's images of ``ws`` one code at a time (constant noise), as uint8 [T, H, W, C]."""
+    return np.concatenate([to_uint8(G.synthesis(w[None], noise_mode="const")) for w in ws])
+
+
+def truth_clip(
+    G: Generator, path: Path, frames: int, strength: float, component: int = 0, direction: str = "sefa",
+    fps: Fraction = Fraction(12), seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Write the latent walk as ``path`` (crf 0) and return its true codes, frames and edited frames ([-1, 1])."""
+    ws = latent_walk(G, frames, seed=seed)
+    ds = named_directions(direction, G)
+    true = render_frames(G, ws)
+    edit = render_frames(G, ds.apply(ws, component, strength))
+    write_video(path, (f[..., 0] if f.shape[-1] == 1 else f for f in true), fps, crf=0)
+    scale = lambda a: a.astype(np.float64)[..., :1].mean(-1) / 127.5 - 1  # noqa: E731  grey, [-1, 1]
+    return {"ws": ws, "frames": scale(true), "edits": scale(edit), "direction": ds, "strength": strength}
+
+
+def grey(path: Path) -> np.ndarray:
+    """A written video's frames as grey floats [T, H, W] in [-1, 1]."""
+    return np.stack([f.astype(np.float64).mean(-1) / 127.5 - 1 for f in read_video(path).frames])
+
+
+def flicker(frames: np.ndarray) -> float:
+    """Mean absolute frame-to-frame change."""
+    return float(np.abs(np.diff(frames, axis=0)).mean())
+
+
+def measure(out: Path, truth: dict[str, Any]) -> dict[str, float]:
+    """Reconstruction MSE, edit MSE against the true edit, and flicker above the truth's, from ``out``'s videos."""
+    recon = grey(out / f"edit_{edit_label(0.0)}.mp4")
+    edit = grey(out / f"edit_{edit_label(truth['strength'])}.mp4")
+    return {
+        "recon_mse": float(((recon - truth["frames"]) ** 2).mean()),
+        "edit_mse": float(((edit - truth["edits"]) ** 2).mean()),
+        "flicker": flicker(edit) - flicker(truth["edits"]),
+    }
+
+
+def run_methods(args: argparse.Namespace, clip: Path, truth: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    config = {"stages": ["encoder", "tune"], "tune": {"steps": args.tune_steps}}
+    sigmas = [0.0, *args.smooth]
+    for tune in ("each", "shared"):
+        if tune not in FRAME_INVERTERS:
+            rows.append({"method": f"{tune}: not yet available"})
+            continue
+        out = args.out / tune
+        for sigma in sigmas:
+            t = time.perf_counter()
+            doc = edit_video(clip, out, truth["direction"], args.generator, args.encoder, strengths=[0.0, truth["strength"]],
+                             component=args.component, config=config, tune=tune, align="frame", smooth_pivots=sigma,
+                             crf=0, device=args.device, progress="none", log=lambda s: None)  # fmt: skip
+            row = {"method": f"{tune}" + (f", pivots smoothed (sigma {sigma:g})" if sigma else ""),
+                   **measure(out, truth), "wall_s": time.perf_counter() - t,
+                   "s_per_frame": doc["seconds_per_frame"],
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+            rows.append(row)
+            print(table_line(row), flush=True)
+    return rows
+
+
+def table_line(r: dict[str, Any]) -> str:
+    if "recon_mse" not in r:
+        return f"| {r['method']} | | | | | |"
+    s = r["s_per_frame"]
+    return (f"| {r['method']} | {r['recon_mse']:.5f} | {r['edit_mse']:.5f} | {r['flicker']:+.5f} | "
+            f"{s.get('invert', 0):.2f} / {s.get('render', 0):.3f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--generator", default="fmnist-generator")
+    ap.add_argument("--encoder", default="fmnist-encoder")
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--strength", type=float, default=3.0)
+    ap.add_argument("--component", type=int, default=0, help="SeFa component of the edit (default 0)")
+    ap.add_argument("--tune-steps", type=int, default=100)
+    ap.add_argument("--smooth", default="1,2", help="pivot smoothing sigmas to measure besides none (default 1,2)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.smooth = [float(s) for s in args.smooth.split(",") if s.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    G = load_generator(args.generator, device=args.device).eval()
+    clip = args.out / "walk.mp4"
+    truth = truth_clip(G, clip, args.frames, args.strength, args.component)
+    print(f"clip: {clip}, {args.frames} frames of {G.resolution} px; edit: SeFa {args.component} x {args.strength:g}; "
+          f"tune steps {args.tune_steps}; threads {torch.get_num_threads()}; truth's own flicker "
+          f"{flicker(truth['edits']):.5f}")  # fmt: skip
+    print("| method | recon MSE | edit MSE | flicker over truth | s/frame invert / render | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    run_methods(args, clip, truth)
+
+
+if __name__ == "__main__":
+    main()
