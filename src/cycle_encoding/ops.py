@@ -140,6 +140,20 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def as_rgb(x: torch.Tensor, who: str = "images") -> torch.Tensor:
+    """Images ``[B, 1 or 3, H, W]`` as three channels (a grey image repeated, as a view); else one clear error."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise CycleEncodingError(f"{who}: expected images [B, C, H, W] with 1 or 3 channels, got {list(x.shape)}")
+    return x.expand(-1, 3, -1, -1)
+
+
+def pool_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images average-pooled to ``size`` x ``size`` (e4e's face_pool of G's output); unchanged at that size."""
+    if images.shape[-1] == size:
+        return images
+    return F.adaptive_avg_pool2d(images, (size, size))
+
+
 def make_kernel(k: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """A normalized 2-D FIR kernel; a 1-D kernel is made separable (outer product)."""
     k = torch.as_tensor(k, dtype=torch.float32)

@@ -9,9 +9,7 @@ Embedders implement ``embed(x in [-1, 1]) -> Tensor[B, D]`` and have a ``name``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,29 +21,14 @@ from ..errors import CycleEncodingError
 from ..networks.classifier import ClassifierEmbedder
 from ..networks.irse import ArcFaceBackbone
 from ..networks.resnet import ResNet50
-from ..utils import resolve_device
+from ..ops import as_rgb
 from .perceptual import FMNIST_FEATURES, load_dlib_embedder
+from .registry import NetworkRegistry
 
 # The e4e/pSp face crop of a 256x256 aligned face: rows 35:223, columns 32:220 (188 x 188), then pooled to 112.
 ARCFACE_RESIZE = 256
 ARCFACE_CROP = (35, 223, 32, 220)
 MOCO_SIZE = 224
-
-
-class Embedder(Protocol):
-    """A network mapping images in [-1, 1] to embeddings."""
-
-    name: str
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor: ...
-
-
-def _rgb(x: torch.Tensor, who: str) -> torch.Tensor:
-    if x.shape[1] == 1:
-        return x.expand(-1, 3, -1, -1)
-    if x.shape[1] != 3:
-        raise CycleEncodingError(f"{who} takes 1- or 3-channel images, got {x.shape[1]} channels")
-    return x
 
 
 class ArcFaceEmbedder(nn.Module):
@@ -63,7 +46,7 @@ class ArcFaceEmbedder(nn.Module):
 
     def crop(self, x: torch.Tensor) -> torch.Tensor:
         """The face crop fed to the backbone: [B, 3, H, W] -> [B, 3, input_size, input_size]."""
-        x = _rgb(x, self.name)
+        x = as_rgb(x, self.name)
         if tuple(x.shape[-2:]) != (ARCFACE_RESIZE, ARCFACE_RESIZE):
             x = F.adaptive_avg_pool2d(x, (ARCFACE_RESIZE, ARCFACE_RESIZE))
         t, b, l, r = ARCFACE_CROP
@@ -89,7 +72,7 @@ class MocoEmbedder(nn.Module):
         return super().train(False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(_rgb(x, self.name), size=(MOCO_SIZE, MOCO_SIZE))
+        x = F.interpolate(as_rgb(x, self.name), size=(MOCO_SIZE, MOCO_SIZE))
         return F.normalize(self.resnet.pooled(x), dim=1)
 
 
@@ -127,26 +110,10 @@ class IdentitySimilarity(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Registry
 
-IdentityFactory = Callable[[torch.device, "Path | None"], IdentitySimilarity]
-"""``factory(device, weights_file_or_None) -> IdentitySimilarity``."""
-
-_IDENTITY: dict[str, tuple[IdentityFactory, str]] = {}
-
-
-def register_identity(name: str, factory: IdentityFactory, description: str = "", replace: bool = False) -> None:
-    """Make ``build_identity(name, ...)`` call ``factory(device, weights)``. ``replace`` allows re-registering."""
-    if name in _IDENTITY and not replace:
-        raise ValueError(f"an identity network named {name!r} is already registered")
-    _IDENTITY[name] = (factory, description)
-
-
-def unregister_identity(name: str) -> None:
-    _IDENTITY.pop(name, None)
-
-
-def identity_names() -> dict[str, str]:
-    """Registered names -> one-line descriptions."""
-    return {k: d for k, (_, d) in _IDENTITY.items()}
+IDENTITY: NetworkRegistry[IdentitySimilarity] = NetworkRegistry("identity network")
+register_identity = IDENTITY.register
+unregister_identity = IDENTITY.unregister
+identity_names = IDENTITY.names
 
 
 def build_identity(
@@ -158,24 +125,9 @@ def build_identity(
 ) -> IdentitySimilarity:
     """The identity similarity registered as ``name`` on ``device``; ``weights`` is the file it needs
     (``arcface``: ``model_ir_se50.pth``; ``moco``: the MoCo v2 checkpoint; ``dlib-face``: none), looked up when not
-    given as for the perceptual distances (``checkpoints.locate``: ``recorded``, the torch hub cache, the shipped
+    given as for the perceptual distances (``NetworkRegistry.build``: ``recorded``, the torch hub cache, the shipped
     config's folders such as ``pretrained_models/``). ``located`` on the result says which file and how."""
-    from ..checkpoints.locate import locate_network_file, network_entry
-
-    if name not in _IDENTITY:
-        known = ", ".join(sorted(_IDENTITY))
-        raise CycleEncodingError(f"unknown identity network {name!r} (known: {known})")
-    factory, _ = _IDENTITY[name]
-    dev = resolve_device(device)
-    located = None
-    path = Path(weights) if weights is not None else None
-    if network_entry(name):
-        located = locate_network_file(name, weights, recorded, domain)
-        path = located.path
-    net = factory(dev, path).to(dev)
-    net.registry_name = name  # type: ignore[assignment]
-    net.located = located  # type: ignore[assignment]
-    return net
+    return IDENTITY.build(name, device, weights, recorded, domain)
 
 
 def _arcface(device: torch.device, weights: Path | None) -> IdentitySimilarity:
@@ -203,44 +155,22 @@ def _moco(device: torch.device, weights: Path | None) -> IdentitySimilarity:
     return IdentitySimilarity(MocoEmbedder(load_moco(weights, device), name=f"moco-v2-resnet50 ({weights.name})"))
 
 
-def _dlib_face(device: torch.device, weights: Path | None) -> IdentitySimilarity:
-    if weights is not None:
-        raise CycleEncodingError(
-            f"dlib-face takes no weights file (it reads the dlib embedder from the cache); got {weights}"
-        )
-    return IdentitySimilarity(load_dlib_embedder(device, "dlib-face"))
-
-
-register_identity("arcface", _arcface, "ArcFace IR-SE-50 on the e4e face crop (needs model_ir_se50.pth)")
-register_identity("moco", _moco, "MoCo v2 ResNet-50 features, e4e's non-face similarity (needs the MoCo file)")
-register_identity("dlib-face", _dlib_face, "dlib's ResNet face embedder, 128-d (faces; available offline)")
-
-
 def classifier_identity(
-    path: str | Path, device: str | torch.device = "cpu", name: str = "classifier"
+    path: str | Path | None, device: str | torch.device = "cpu", name: str = FMNIST_FEATURES
 ) -> IdentitySimilarity:
-    """An ``IdentitySimilarity``: cosine of a small classifier's penultimate embeddings, named ``NAME (FILE)``."""
+    """An ``IdentitySimilarity``: cosine of a small classifier's penultimate embeddings, named ``NAME (FILE)``;
+    ``path`` None: the shipped Fashion-MNIST feature network (the registered similarity ``fmnist-features``)."""
+    path = path or shipped_model_path(FMNIST_FEATURES)
     model = load_small_classifier(path, device, name)
     return IdentitySimilarity(ClassifierEmbedder(model, name=f"{name} ({Path(path).name})"))
 
 
-def fmnist_features_identity(
-    device: str | torch.device = "cpu", weights: str | Path | None = None
-) -> IdentitySimilarity:
-    """The registered identity-like similarity ``fmnist-features``: cosine of the shipped Fashion-MNIST feature
-    network's penultimate embeddings (or those of ``weights``), see :func:`classifier_identity`."""
-    return classifier_identity(weights or shipped_model_path(FMNIST_FEATURES), device, FMNIST_FEATURES)
-
-
-def _fmnist_features(device: torch.device, weights: Path | None) -> IdentitySimilarity:
-    return fmnist_features_identity(device, weights)
-
-
-register_identity(
-    "fmnist-features",
-    _fmnist_features,
-    "cosine of the shipped Fashion-MNIST feature network's penultimate embedding (Fashion-MNIST; offline)",
-)
+register_identity("arcface", _arcface, "ArcFace IR-SE-50 on the e4e face crop (needs model_ir_se50.pth)")
+register_identity("moco", _moco, "MoCo v2 ResNet-50 features, e4e's non-face similarity (needs the MoCo file)")
+register_identity("dlib-face", lambda d, w: IdentitySimilarity(load_dlib_embedder(d, w)),
+                  "dlib's ResNet face embedder, 128-d (faces; available offline)")  # fmt: skip
+register_identity(FMNIST_FEATURES, lambda d, w: classifier_identity(w, d), "cosine of the shipped Fashion-MNIST "
+                  "feature network's penultimate embedding (Fashion-MNIST; offline)")  # fmt: skip
 
 
 def identity_default(data: str | None, weights: str | Path | None = None) -> tuple[str, str]:

@@ -8,9 +8,7 @@ Asking for LPIPS without a backbone is an error naming the file needed; nothing 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -20,15 +18,7 @@ from ..checkpoints.classifier import load_small_classifier
 from ..errors import CycleEncodingError
 from ..networks.classifier import ClassifierEmbedder
 from ..networks.lpips import LPIPS, normalize_channels
-from ..utils import resolve_device
-
-
-class FeatureNetwork(Protocol):
-    """A network usable as a perceptual feature extractor (images in [-1, 1] -> feature maps)."""
-
-    name: str
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+from .registry import NetworkRegistry
 
 
 class PerceptualDistance(nn.Module):
@@ -106,27 +96,10 @@ class FeatureMapDistance(PerceptualDistance):
 # ---------------------------------------------------------------------------------------------------------------
 # Registry
 
-PerceptualFactory = Callable[[torch.device, "Path | None"], PerceptualDistance]
-"""``factory(device, weights_file_or_None) -> PerceptualDistance``."""
-
-_PERCEPTUAL: dict[str, tuple[PerceptualFactory, str]] = {}
-
-
-def register_perceptual(name: str, factory: PerceptualFactory, description: str = "", replace: bool = False) -> None:
-    """Make ``build_perceptual(name, ...)`` call ``factory(device, weights)``. ``replace`` allows re-registering."""
-    if name in _PERCEPTUAL and not replace:
-        raise ValueError(f"a perceptual distance named {name!r} is already registered")
-    _PERCEPTUAL[name] = (factory, description)
-
-
-def unregister_perceptual(name: str) -> None:
-    """Remove a registered name (tests and plugins that register temporarily)."""
-    _PERCEPTUAL.pop(name, None)
-
-
-def perceptual_names() -> dict[str, str]:
-    """Registered names -> one-line descriptions."""
-    return {k: d for k, (_, d) in _PERCEPTUAL.items()}
+PERCEPTUAL: NetworkRegistry[PerceptualDistance] = NetworkRegistry("perceptual distance")
+register_perceptual = PERCEPTUAL.register
+unregister_perceptual = PERCEPTUAL.unregister
+perceptual_names = PERCEPTUAL.names
 
 
 def build_perceptual(
@@ -136,89 +109,55 @@ def build_perceptual(
     recorded: str | Path | None = None,
     domain: str | None = None,
 ) -> PerceptualDistance:
-    """The perceptual distance registered as ``name``, on ``device``.
+    """The perceptual distance registered as ``name``, on ``device`` (``NetworkRegistry.build``).
 
     ``lpips_backbone`` is the weights file the distance needs: for ``lpips-alex`` / ``lpips-vgg`` a torchvision
-    AlexNet / VGG16 ImageNet state dict, looked up when not given (``checkpoints.locate``: the file ``recorded`` by a
-    run or encoder, the torch hub cache, the shipped config's folders; not found: an error naming the file, where it
-    usually lives, the option, and an offline distance for ``domain``); a registered distance that needs a file of
-    its own receives it the same way. ``dlib-face`` takes none (its weights come from the cache). The distance's
-    ``located`` attribute says which file was used and how it was found (None for distances without a file).
+    AlexNet / VGG16 ImageNet state dict, looked up when not given (the file ``recorded`` by a run or encoder, the
+    torch hub cache, the shipped config's folders); a registered distance that needs a file of its own receives it
+    the same way. ``dlib-face`` takes none (its weights come from the cache). The distance's ``located`` attribute
+    says which file was used and how it was found (None for distances without a file).
     """
-    from ..checkpoints.locate import locate_network_file, network_entry
-
-    if name not in _PERCEPTUAL:
-        known = ", ".join(sorted(_PERCEPTUAL))
-        raise CycleEncodingError(f"unknown perceptual distance {name!r} (known: {known})")
-    factory, _ = _PERCEPTUAL[name]
-    located = None
-    weights = Path(lpips_backbone) if lpips_backbone is not None else None
-    if network_entry(name):
-        located = locate_network_file(name, lpips_backbone, recorded, domain)
-        weights = located.path
-    dist = factory(resolve_device(device), weights)
-    dist.registry_name = name  # type: ignore[assignment]
-    dist.located = located  # type: ignore[assignment]
-    return dist.to(resolve_device(device))
+    return PERCEPTUAL.build(name, device, lpips_backbone, recorded, domain)
 
 
-def _lpips_factory(net: str) -> PerceptualFactory:
-    def make(device: torch.device, weights: Path | None) -> PerceptualDistance:
-        return LPIPSDistance.from_files(net, weights, device=device)
-
-    return make
-
-
-def load_dlib_embedder(device: torch.device, what: str) -> nn.Module:
-    """The dlib face embedder (``networks.dlib_resnet``, read by ``checkpoints.face_api``), imported only when asked for."""
-    try:
-        from ..checkpoints.face_api import load_dlib_face_embedder
-    except ImportError as e:
-        raise CycleEncodingError(f"{what}: the dlib face embedder is not available in this install ({e})") from None
-    return load_dlib_face_embedder(device=device)
-
-
-def _dlib_face(device: torch.device, weights: Path | None) -> PerceptualDistance:
+def load_dlib_embedder(device: torch.device, weights: Path | None = None) -> nn.Module:
+    """The dlib face embedder (``networks.dlib_resnet``, read by ``checkpoints.face_api`` from the cache), imported
+    only when asked for; it takes no weights file."""
     if weights is not None:
         raise CycleEncodingError(
             f"dlib-face takes no weights file (it reads the dlib embedder from the cache); got {weights}"
         )
-    net = load_dlib_embedder(device, "dlib-face")
+    try:
+        from ..checkpoints.face_api import load_dlib_face_embedder
+    except ImportError as e:
+        raise CycleEncodingError(f"dlib-face: the dlib face embedder is not available in this install ({e})") from None
+    return load_dlib_face_embedder(device=device)
+
+
+def _dlib_face_distance(device: torch.device, weights: Path | None) -> PerceptualDistance:
+    net = load_dlib_embedder(device, weights)
     return FeatureMapDistance(net, name=f"dlib-face (feature maps of {getattr(net, 'name', 'dlib-resnet-face')})")
 
 
-register_perceptual("lpips-alex", _lpips_factory("alex"), "LPIPS v0.1, AlexNet backbone (needs the ImageNet file)")
-register_perceptual("lpips-vgg", _lpips_factory("vgg"), "LPIPS v0.1, VGG16 backbone (needs the ImageNet file)")
-register_perceptual("dlib-face", _dlib_face, "LPIPS-style distance on the dlib face embedder's feature maps (faces)")
-
-
 FMNIST_FEATURES = "fmnist-features"
-FMNIST_EVAL = "fmnist-eval"
 
 
 def classifier_perceptual(
-    path: str | Path, device: str | torch.device = "cpu", name: str = "classifier"
+    path: str | Path | None, device: str | torch.device = "cpu", name: str = FMNIST_FEATURES
 ) -> FeatureMapDistance:
     """A ``FeatureMapDistance`` (LPIPS-style, equal weights) on a small classifier's ``features`` (every block's
-    map and the penultimate embedding), named ``NAME (feature maps of FILE)``."""
+    map and the penultimate embedding), named ``NAME (feature maps of FILE)``; ``path`` None: the shipped
+    Fashion-MNIST feature network (the registered distance ``fmnist-features``)."""
+    path = path or shipped_model_path(FMNIST_FEATURES)
     model = load_small_classifier(path, device, name)
     return FeatureMapDistance(ClassifierEmbedder(model), name=f"{name} (feature maps of {Path(path).name})")
 
 
-def fmnist_features_perceptual(
-    device: str | torch.device = "cpu", weights: str | Path | None = None
-) -> FeatureMapDistance:
-    """The registered perceptual distance ``fmnist-features``: the shipped Fashion-MNIST feature network (or
-    ``weights``, another classifier file), see :func:`classifier_perceptual`."""
-    return classifier_perceptual(weights or shipped_model_path(FMNIST_FEATURES), device, FMNIST_FEATURES)
-
-
-def _fmnist_features(device: torch.device, weights: Path | None) -> PerceptualDistance:
-    return fmnist_features_perceptual(device, weights)
-
-
-register_perceptual(
-    "fmnist-features",
-    _fmnist_features,
-    "LPIPS-style distance on the shipped Fashion-MNIST feature network's maps (or --lpips-backbone FILE)",
-)
+register_perceptual("lpips-alex", lambda d, w: LPIPSDistance.from_files("alex", w, device=d),
+                    "LPIPS v0.1, AlexNet backbone (needs the ImageNet file)")  # fmt: skip
+register_perceptual("lpips-vgg", lambda d, w: LPIPSDistance.from_files("vgg", w, device=d),
+                    "LPIPS v0.1, VGG16 backbone (needs the ImageNet file)")  # fmt: skip
+register_perceptual("dlib-face", _dlib_face_distance,
+                    "LPIPS-style distance on the dlib face embedder's feature maps (faces)")  # fmt: skip
+register_perceptual(FMNIST_FEATURES, lambda d, w: classifier_perceptual(w, d), "LPIPS-style distance on the shipped "
+                    "Fashion-MNIST feature network's maps (or --lpips-backbone FILE)")  # fmt: skip

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CycleEncodingError
+from ..ops import as_rgb
 
 NAME = "dlib-resnet-face"
 CHIP_SIZE = 150
@@ -166,7 +167,7 @@ class DlibFaceEmbedder(nn.Module):
     # -- input handling ------------------------------------------------------------------------------------------
     def normalize_chips(self, chips: torch.Tensor) -> torch.Tensor:
         """[-1, 1] RGB chips -> the network's input ``(255 * (x + 1) / 2 - mean) / 256``."""
-        chips = _rgb(chips)
+        chips = as_rgb(chips, "the dlib face embedder")
         return ((chips + 1) * 127.5 - self.mean.to(chips.dtype)) / INPUT_SCALE
 
     def to_chips(self, x: torch.Tensor, layout: str | None = None) -> torch.Tensor:
@@ -174,7 +175,7 @@ class DlibFaceEmbedder(nn.Module):
         layout = layout or self.layout
         if layout not in LAYOUTS:
             raise CycleEncodingError(f"unknown face layout {layout!r}: use one of {', '.join(LAYOUTS)}")
-        x = _rgb(x)
+        x = as_rgb(x, "the dlib face embedder")
         if layout == "chip":
             return _resize(x, CHIP_SIZE, CHIP_SIZE)
         return crop_resize(x, FFHQ_CHIP_BOX, CHIP_SIZE)
@@ -199,16 +200,6 @@ class DlibFaceEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(x)
-
-
-def _rgb(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 4:
-        raise CycleEncodingError(f"expected images [B, C, H, W], got a tensor of shape {list(x.shape)}")
-    if x.shape[1] == 1:
-        return x.expand(-1, 3, -1, -1)
-    if x.shape[1] != 3:
-        raise CycleEncodingError(f"expected 1 or 3 image channels, got {x.shape[1]}")
-    return x
 
 
 def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CycleEncodingError
+from ..ops import as_rgb
 
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -159,10 +160,7 @@ class LPIPS(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's tapped feature maps of x in [-1, 1] (after LPIPS's shift and scale)."""
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[1] != 3:
-            raise CycleEncodingError(f"LPIPS takes 1- or 3-channel images, got {x.shape[1]} channels")
+        x = as_rgb(x, "LPIPS")
         if min(x.shape[-2:]) < MIN_SIZE:
             raise CycleEncodingError(f"LPIPS needs images of at least {MIN_SIZE} px, got {x.shape[-2]}x{x.shape[-1]}")
         return self.net((x - self.shift) / self.scale)
