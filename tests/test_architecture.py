@@ -19,7 +19,7 @@ PACKAGE = "cycle_encoding"
 # Bottom up (DESIGN.md): a module may import from its own layer or below. The first matching prefix decides, so a
 # module is named by its dotted path below cycle_encoding ("" is the package's own __init__, the public API).
 LAYERS: list[tuple[str, ...]] = [
-    ("ops", "errors", "paths", "config", "utils", "assets", "version", "grid", "progress"),
+    ("ops", "errors", "paths", "config", "utils", "assets", "version", "grid", "progress", "optim", "distributed"),
     ("networks",),
     ("checkpoints", "data", "losses", "metrics", "sampling"),
     ("training", "inversion", "editing"),

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from cycle_encoding.losses.identity import identity_default
+from cycle_encoding.optim import Ranger, zero_grad
 from cycle_encoding.training.encoder_trainer import EncoderTrainer
-from cycle_encoding.training.optim import Ranger, zero_grad
 from tests.test_encoder_training import config, setup  # noqa: F401 (the fixture)
 
 

@@ -21,7 +21,7 @@ SCRIPT = """
 import os
 import torch
 from torch import nn
-from cycle_encoding.training import distributed as dd
+from cycle_encoding import distributed as dd
 
 def threads():
     return len(os.listdir("/proc/self/task"))
@@ -34,7 +34,7 @@ opt = torch.optim.Adam(net.parameters())
 net(torch.ones(1, 3)).sum().backward()
 dd.average_gradients(net.parameters(), info)
 opt.step()  # the first step imports torch._dynamo and, through it, torch.distributed.nn
-dd.broadcast_parameters(net, info)
+dd.broadcast_module(net, info)
 dd.gather_objects({"rank": info.rank}, info)
 during = threads()
 dd.shutdown(info)

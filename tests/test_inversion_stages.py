@@ -25,8 +25,8 @@ from cycle_encoding.inversion import (
 from cycle_encoding.inversion.common import LossNetworks, cpu_generator, render
 from cycle_encoding.inversion.project import learning_rate, noise_regularization
 from cycle_encoding.inversion.tune import locality_codes
-from cycle_encoding.training.encoder_trainer import pool_to
-from cycle_encoding.training.optim import Ranger
+from cycle_encoding.ops import pool_to
+from cycle_encoding.optim import Ranger
 from tests.conftest import make_tiny_generator, own_images, stand_in_perceptual, tiny_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")

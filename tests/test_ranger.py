@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cycle_encoding.checkpoints.common import torch_load
-from cycle_encoding.training.optim import Ranger
+from cycle_encoding.optim import Ranger
 
 
 def reference_ranger(params0, grads, lr, betas, eps, k, alpha, use_gc, gc_conv_only, threshold=5.0):

@@ -18,8 +18,8 @@ from cycle_encoding.data.datasets import TensorDataset
 from cycle_encoding.errors import CheckpointError, CycleEncodingError
 from cycle_encoding.inversion import RefineConfig, RegularizedRefiner, load_encoder_source
 from cycle_encoding.inversion.common import LossNetworks, cpu_generator, reconstruction_terms, weighted_sum
-from cycle_encoding.training.encoder_trainer import pool_to
-from cycle_encoding.training.optim import Ranger
+from cycle_encoding.ops import pool_to
+from cycle_encoding.optim import Ranger
 from tests.conftest import make_tiny_generator
 from tests.layouts import e4e_encoder_sd, e4e_module_order
 

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
+from .. import distributed as dd
 from ..config import to_dict
 from ..errors import CycleEncodingError
 from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
-from ..training import distributed as dd
 from ..utils import resolve_device
 from .common import LossNetworks, build_loss_networks, check_target, recorded_networks, render, stage_seed
 from .config import PIVOT_STAGES, InversionConfig, make_config

@@ -67,8 +67,8 @@ from ..data.datasets import ImageDataset, open_dataset
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
-from ..ops import autocast, check_precision, compile_pass
-from ..training.optim import Ranger
+from ..ops import autocast, check_precision, compile_pass, pool_to
+from ..optim import Ranger
 from .common import (
     LossNetworks,
     cpu_generator,
@@ -318,8 +318,6 @@ class RegularizedRefiner:
 
     def _estimate_substitute(self, seed: int) -> None:
         """Ranger's moments from K batches of training images (see the module doc); BatchNorm statistics restored."""
-        from ..training.encoder_trainer import pool_to
-
         c = self.config
         gen = cpu_generator(seed * 7_919 + 12_345)
         E = self.E
@@ -411,8 +409,6 @@ class RegularizedRefiner:
         x = resize_to(target.to(self.G.w_avg.device), self.image_size)
         lam = c.reg_weight
         weights = c.weights()
-        from ..training.encoder_trainer import pool_to
-
         losses: list[dict[str, Any]] = []
         pivot = None
         first = last = float("nan")

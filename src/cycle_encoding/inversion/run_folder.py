@@ -53,9 +53,9 @@ import torch
 
 from ..checkpoints.latents import load_latents, save_latents, save_projected_w
 from ..checkpoints.native import default_provenance, file_sha256, save_native
+from ..distributed import DistInfo
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
-from ..training.distributed import DistInfo
 from ..utils import atomic_write, save_image
 from .config import PIVOT_STAGES, InversionConfig
 from .delta import save_generator_delta

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -39,7 +37,7 @@ from ..config import from_mapping, to_dict
 from ..data.fashion_mnist import CLASSES, PAD_VALUE, load_split, pad_to_32, to_unit_range
 from ..errors import CycleEncodingError
 from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig, parameter_count
-from .runs import rng_state, set_rng_state
+from .runs import machine_info, rng_state, set_rng_state
 from .trainer import Trainer, check_loop_options, read_run_config
 
 CHECKPOINT_FORMAT = "cycle-encoding-train-classifier"
@@ -138,18 +136,6 @@ def evaluate_classifier(
         f"accuracy_first_{SLICE}": float(correct[:SLICE].float().mean()),
         "per_class_accuracy": {model.outputs[i]: per_class[i] for i in range(k)},
         "confusion": conf.tolist(),
-    }
-
-
-def machine_info() -> dict[str, Any]:
-    """Where a run ran: platform, processor, CPU count, torch version, threads used."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
     }
 
 

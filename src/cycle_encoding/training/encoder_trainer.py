@@ -13,7 +13,7 @@ One training step at global step s (METHOD.md, step 1):
 
 As the authors run it, by default: gradients are zeroed as PyTorch 1.6's ``zero_grad()`` does (``zero_grad="zero"``:
 an offset head switched off in W+ -> W keeps moving under Ranger's momentum while its moments decay; ``"none"`` sets
-gradients to None and freezes it, see :func:`~cycle_encoding.training.optim.zero_grad`); the identity network is
+gradients to None and freezes it, see :func:`~cycle_encoding.optim.zero_grad`); the identity network is
 the domain's (``identity="auto"``: ``fmnist-features`` for Fashion-MNIST, ArcFace when ``identity_weights`` is given,
 none otherwise, said on the console and in ``config.json``) with weight 0.1. ``d_fake_codes="raw-offset"`` replays
 the authors' latent discriminator input (fake codes without ``w_avg``); the default gives it absolute codes.
@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed as dd
 from ..checkpoints.common import atomic_write
 from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT
 from ..checkpoints.native import default_provenance, file_sha256
@@ -67,10 +68,9 @@ from ..losses.latent_pool import LatentPool
 from ..networks.encoder import Encoder4Editing, EncoderConfig
 from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscriminatorConfig
 from ..networks.stylegan2 import Generator
-from ..ops import PRECISIONS, autocast, compile_pass
+from ..ops import PRECISIONS, autocast, compile_pass, pool_to
+from ..optim import Ranger, zero_grad
 from ..utils import make_grid, save_image
-from . import distributed as dd
-from .optim import Ranger, zero_grad
 from .runs import rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
 from .trainer import Trainer, check_loop_options, read_run_config
@@ -159,13 +159,6 @@ class EncoderTrainConfig:
 
 def load_train_config(data: dict[str, Any]) -> EncoderTrainConfig:
     return from_mapping(EncoderTrainConfig, data, "train-encoder options")
-
-
-def pool_to(images: torch.Tensor, size: int) -> torch.Tensor:
-    """G's output average-pooled to ``size`` (e4e's face_pool), unchanged when already that size."""
-    if images.shape[-1] == size:
-        return images
-    return F.adaptive_avg_pool2d(images, (size, size))
 
 
 def init_encoder_weights(E: Encoder4Editing, path: str | Path) -> str:
@@ -258,8 +251,8 @@ class EncoderTrainer(Trainer):
         self.E.set_w_avg(G.w_avg)
         self.D = LatentDiscriminator(LatentDiscriminatorConfig(w_dim=G.w_dim)).to(self.device)
         self.D.requires_grad_(False)
-        dd.broadcast_parameters(self.E, self.dist)
-        dd.broadcast_parameters(self.D, self.dist)
+        dd.broadcast_module(self.E, self.dist)
+        dd.broadcast_module(self.D, self.dist)
         self.opt_e = Ranger(self.E.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)  # type: ignore[arg-type]
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.d_lr)
         self.pool = LatentPool(cfg.pool_size, 0.5, seed=cfg.seed * 7919 + self.dist.rank)

@@ -51,7 +51,6 @@ g_ema half-life 10k images.
 from __future__ import annotations
 
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,14 +60,14 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as dd
 from ..checkpoints.native import default_provenance
 from ..config import from_mapping
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 from ..ops import PRECISIONS, autocast, compile_pass
 from ..utils import make_grid, save_image
-from . import distributed as dd
-from .runs import rng_state, set_rng_state
+from .runs import machine_info, rng_state, set_rng_state
 from .trainer import Trainer, check_loop_options, read_run_config
 
 CHECKPOINT_FORMAT = "cycle-encoding-train-generator"
@@ -261,20 +260,6 @@ def random_noise(G: Generator, batch: int, gen: torch.Generator, device: torch.d
     return [n.to(device) for n in G.make_noise(batch, generator=gen, device="cpu")]
 
 
-def machine_description(device: torch.device) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
-
-
 class GeneratorTrainer(Trainer):
     """Builds G, D, g_ema, the optimizers and the data from a config (or a run folder to resume) and runs the loop
     (``trainer.Trainer``)."""
@@ -310,8 +295,8 @@ class GeneratorTrainer(Trainer):
         torch.manual_seed(cfg.seed)
         self.G = Generator(cfg.generator_config()).to(self.device)
         self.D = Discriminator(cfg.discriminator_config()).to(self.device)
-        dd.broadcast_parameters(self.G, self.dist)
-        dd.broadcast_parameters(self.D, self.dist)
+        dd.broadcast_module(self.G, self.dist)
+        dd.broadcast_module(self.D, self.dist)
         self.g_ema = Generator(cfg.generator_config()).to(self.device)
         self.g_ema.load_state_dict(self.G.state_dict())
         self.g_ema.eval().requires_grad_(False)
@@ -359,7 +344,7 @@ class GeneratorTrainer(Trainer):
             "data": self.data.describe(),
             "train_images": len(self.data),
             "command": self.command,
-            "machine": machine_description(self.device),
+            "machine": machine_info(self.device),
         }
 
     def run_label(self) -> str:
@@ -528,7 +513,7 @@ class GeneratorTrainer(Trainer):
             batch_size=cfg.batch_size,
             train_seconds=round(self.train_seconds, 1),
             world_size=self.world,
-            machine=machine_description(self.device),
+            machine=machine_info(self.device),
             network="g_ema",
             ema_kimg=cfg.ema_kimg,
             r1_gamma=self.gamma,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import random
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,19 @@ def next_run_dir(out: str | Path, label: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     ids = [int(p.name[:5]) for p in root.iterdir() if p.is_dir() and p.name[:5].isdigit()]
     return root / f"{(max(ids) + 1) if ids else 0:05d}-{label}"
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    """Where a run ran: platform, processor, CPU count, Python and torch versions, torch threads; the device when
+    given (and the GPU's name on CUDA)."""
+    out: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                           "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                           "torch_threads": torch.get_num_threads()}  # fmt: skip
+    if device is not None:
+        out["device"] = str(device)
+        if device.type == "cuda":
+            out["gpu"] = torch.cuda.get_device_name(device)
+    return out
 
 
 def rng_state(gen: torch.Generator | None = None) -> dict[str, Any]:

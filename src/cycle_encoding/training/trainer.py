@@ -29,11 +29,11 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from .. import distributed as dd
 from ..checkpoints.common import atomic_torch_save, atomic_write
 from ..config import to_dict
 from ..errors import CheckpointError, CycleEncodingError
 from ..utils import resolve_device
-from . import distributed as dd
 from .runs import RunLog, next_run_dir
 
 

@@ -96,7 +96,8 @@ def broadcast_buffers(module: nn.Module, info: DistInfo) -> None:
         dist.broadcast(b, src=0)
 
 
-def broadcast_parameters(module: nn.Module, info: DistInfo) -> None:
+def broadcast_module(module: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's parameters and buffers to every rank."""
     if not info.enabled:
         return
     with torch.no_grad():
