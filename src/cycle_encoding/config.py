@@ -103,16 +103,26 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON mapping (safe parsing: data only)."""
+def read_data_file(
+    path: str | Path, what: str = "configuration file", error: type[CycleEncodingError] = CycleEncodingError
+) -> Any:
+    """The data of a JSON (``.json``) or YAML file (safe parsing: data only); a missing or unparsable file is one
+    line (an ``error``) naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise CycleEncodingError(f"{p}: no such configuration file")
-    text = p.read_text(encoding="utf-8")
+        raise error(f"{p}: no such {what}")
     try:
-        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise CycleEncodingError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
+        text = p.read_text(encoding="utf-8")
+        return json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise error(f"{p}: not a valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} file: {first}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of options (see :func:`read_data_file`)."""
+    p = Path(path)
+    data = read_data_file(p)
     if not isinstance(data, Mapping):
         raise CycleEncodingError(f"{p}: the file must hold a mapping of options")
     return dict(data)

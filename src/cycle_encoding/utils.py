@@ -67,6 +67,14 @@ def parse_int_list(
     return out
 
 
+def text_table(head: Sequence[str], rows: Sequence[Sequence[str]], rule: bool = False) -> list[str]:
+    """Lines of an aligned text table: the head (then a line of dashes with ``rule``), then one line per row, columns
+    left-aligned, two spaces apart."""
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *rows]]
+    return lines[:1] + ["  ".join("-" * w for w in widths)] * rule + lines[1:]
+
+
 def check_finite(value: float | None, option: str) -> None:
     """A clear error for NaN or infinite option values (``float('nan')`` parses)."""
     if value is not None and not math.isfinite(value):

@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import CycleEncodingError
 from ..training.plateau import plateau_flags
+from ..utils import text_table
 
 # measure -> (panel title, higher is better)
 MEASURES: dict[str, dict[str, tuple[str, bool]]] = {
@@ -233,10 +234,6 @@ def verdict_rows(run: RunCurves, measures: list[str], patience: int, min_improve
     return sorted(rows, key=lambda r: (r["phase"] or 0, order[r["measure"]]))  # by phase, then measure
 
 
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4g}"
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The verdict rows as an aligned text table."""
     head = ["run", "phase", "measure", "evals", "best", "at step", "last", "verdict"]
@@ -247,12 +244,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             if r["phase"] is None
             else f"{r['phase']}: stage {r['stage']}, steps {r['first_step']}-{r['last_step']}"
         )
-        body.append([r["run"], phase, r["measure"], str(r["evaluations"]), _fmt(r["best"]),
-                     "-" if r["best_step"] is None else str(r["best_step"]), _fmt(r["last"]), r["verdict"]])  # fmt: skip
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+        best, last = ("-" if v is None else f"{v:.4g}" for v in (r["best"], r["last"]))
+        body.append([r["run"], phase, r["measure"], str(r["evaluations"]), best,
+                     "-" if r["best_step"] is None else str(r["best_step"]), last, r["verdict"]])  # fmt: skip
+    return "\n".join(text_table(head, body, rule=True))
 
 
 def curves_figure(runs: list[RunCurves], measures: list[str], rows: list[dict[str, Any]], patience: int,

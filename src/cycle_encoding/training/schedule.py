@@ -48,14 +48,16 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..config import read_data_file
 from ..errors import CycleEncodingError
+from ..utils import atomic_write, text_table
 
 StageValue = int | str
 """A stage as written in a schedule: an integer, ``"max"`` (all offsets) or ``"max-n"``."""
@@ -69,7 +71,7 @@ class ScheduleError(CycleEncodingError):
     """A schedule (file or data) that cannot be used; the message says which phase and field."""
 
 
-def resolve_stage(value: StageValue, num_offsets: int) -> int:
+def _stage_number(value: StageValue, num_offsets: int) -> int:
     """A written stage as a number in ``[0, num_offsets]``: integers are clamped, ``"max"`` is ``num_offsets``,
     ``"max-n"`` is ``num_offsets - n`` (at least 0)."""
     if isinstance(value, bool):
@@ -92,6 +94,12 @@ def _check_stage_value(value: Any, where: str) -> StageValue:
     if _MAX_RE.match(value.strip()) is None:
         raise ScheduleError(f"{where}: stage {value!r}: expected an integer, 'max' or 'max-N'")
     return value.strip().replace(" ", "")
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(data) - allowed
+    if unknown:
+        raise ScheduleError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {sorted(allowed)})")
 
 
 def _round_scaled(x: int, num: int, den: int) -> int:
@@ -211,10 +219,7 @@ class WeightRule:
             return cls(float(data))
         if not isinstance(data, Mapping):
             raise ScheduleError(f"{where}: expected a number or a rule (value, factor, every, ...), got {data!r}")
-        allowed = {"value", "factor", "every", "offset", "since", "times"}
-        unknown = set(data) - allowed
-        if unknown:
-            raise ScheduleError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {sorted(allowed)})")
+        _check_keys(data, {"value", "factor", "every", "offset", "since", "times"}, where)
         if "value" not in data:
             raise ScheduleError(f"{where}: a weight rule needs 'value'")
 
@@ -248,14 +253,14 @@ class WeightRule:
         """Human-readable: the values over ``[start, end)`` and the rule."""
         a, b = self.at(start), self.at(end - 1)
         if self.constant or a == b:
-            return _fmt(a)
+            return _short(a)
         cap = "" if self.times is None else f", at most {self.times} times"
         every = self.every
         every_s = str(int(every)) if every.denominator == 1 else f"{float(every):.6g}"  # type: ignore[union-attr]
-        return f"{_fmt(a)} -> {_fmt(b)} (x{_fmt(self.factor)} every {every_s} from {self.first_event}{cap})"
+        return f"{_short(a)} -> {_short(b)} (x{_short(self.factor)} every {every_s} from {self.first_event}{cap})"
 
 
-def _fmt(v: float) -> str:
+def _short(v: float) -> str:
     """Short number: 0.1, 0.5, 2e-4, 3.082e-3."""
     if v == 0 or 1e-2 <= abs(v) < 1e5:
         return f"{v:.4g}"
@@ -272,15 +277,14 @@ class StageRule:
     first: StageValue
     to: StageValue | None = None
 
+    def ends(self, num_offsets: int) -> tuple[int, int]:
+        """The stages at the phase's start and at its end, as numbers."""
+        a = _stage_number(self.first, num_offsets)
+        return a, a if self.to is None else _stage_number(self.to, num_offsets)
+
     def at(self, step: int, start: int, end: int, num_offsets: int) -> int:
-        a = resolve_stage(self.first, num_offsets)
-        if self.to is None:
-            return a
-        b = resolve_stage(self.to, num_offsets)
-        n = abs(b - a)
-        if n == 0:
-            return a
-        moved = ((step - start) * n) // (end - start)
+        a, b = self.ends(num_offsets)
+        moved = ((step - start) * abs(b - a)) // (end - start)
         return a + moved if b > a else a - moved
 
     def to_data(self) -> StageValue | dict[str, StageValue]:
@@ -296,10 +300,7 @@ class StageRule:
         return cls(_check_stage_value(data, where))
 
     def describe(self, start: int, end: int, num_offsets: int) -> str:
-        a = resolve_stage(self.first, num_offsets)
-        if self.to is None:
-            return str(a)
-        b = resolve_stage(self.to, num_offsets)
+        a, b = self.ends(num_offsets)
         n = abs(b - a)
         if n == 0:
             return str(a)
@@ -348,15 +349,7 @@ class ScheduleState:
     adversarial_weight: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "phase": self.phase,
-            "phase_index": self.phase_index,
-            "stage": self.stage,
-            "num_offsets": self.num_offsets,
-            "delta_weight": self.delta_weight,
-            "adversarial_weight": self.adversarial_weight,
-        }
+        return asdict(self)
 
 
 def num_offsets_for(num_ws: int) -> int:
@@ -430,8 +423,7 @@ class Schedule:
         k = num_offsets_for(num_ws)
         out: list[tuple[int, int]] = []
         for p in self.phases:
-            a = resolve_stage(p.stage.first, k)
-            b = a if p.stage.to is None else resolve_stage(p.stage.to, k)
+            a, b = p.stage.ends(k)
             n = abs(b - a)
             steps = [p.start] + [p.start + -(-(j * (p.end - p.start)) // n) for j in range(1, n)] if n else [p.start]
             for s in steps:
@@ -464,21 +456,12 @@ class Schedule:
         k = num_offsets_for(num_ws)
         rows = []
         for p in self.phases:
-            last = p.end - 1
-            rows.append(
-                {
-                    **p.to_data(),
-                    "stage_first": p.stage_at(p.start, k),
-                    "stage_last": p.stage_at(last, k),
-                    "delta_first": p.delta.at(p.start),
-                    "delta_last": p.delta.at(last),
-                    "adversarial_first": p.adversarial.at(p.start),
-                    "adversarial_last": p.adversarial.at(last),
-                    "stage_text": p.stage.describe(p.start, p.end, k),
-                    "delta_text": p.delta.describe(p.start, p.end),
-                    "adversarial_text": p.adversarial.describe(p.start, p.end),
-                }
-            )
+            row = {**p.to_data(), "stage_first": p.stage_at(p.start, k), "stage_last": p.stage_at(p.end - 1, k)}
+            for w in ("delta", "adversarial"):
+                row.update({f"{w}_first": getattr(p, w).at(p.start), f"{w}_last": getattr(p, w).at(p.end - 1)})
+            row["stage_text"] = p.stage.describe(p.start, p.end, k)
+            rows.append({**row, "delta_text": p.delta.describe(p.start, p.end),
+                         "adversarial_text": p.adversarial.describe(p.start, p.end)})  # fmt: skip
         return rows
 
     def format_table(self, num_ws: int = 18) -> str:
@@ -489,13 +472,8 @@ class Schedule:
             [r["name"], f"{r['start']}-{r['end']}", r["stage_text"], r["delta_text"], r["adversarial_text"]]
             for r in rows
         ]
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        lines = [
-            f"schedule {self.name!r}: {self.total_steps} steps, {num_offsets_for(num_ws)} offsets (num_ws {num_ws})",
-            "  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
-        ]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
-        return "\n".join(lines)
+        title = f"schedule {self.name!r}: {self.total_steps} steps, {num_offsets_for(num_ws)} offsets (num_ws {num_ws})"
+        return "\n".join([title, *text_table(head, body)])
 
     def to_dict(self) -> dict[str, Any]:
         """The schedule as plain data (what :func:`save_schedule` writes)."""
@@ -507,11 +485,7 @@ class Schedule:
         where = source or "schedule"
         if not isinstance(data, Mapping):
             raise ScheduleError(f"{where}: expected a mapping with 'phases', got {type(data).__name__}")
-        unknown = set(data) - {"name", "phases", "total_steps", "description"}
-        if unknown:
-            raise ScheduleError(
-                f"{where}: unknown key(s) {sorted(unknown)} (allowed: name, phases, total_steps, description)"
-            )
+        _check_keys(data, {"name", "phases", "total_steps", "description"}, where)
         raw = data.get("phases")
         if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)) or not raw:
             raise ScheduleError(f"{where}: 'phases' must be a non-empty list")
@@ -523,10 +497,7 @@ class Schedule:
                 raise ScheduleError(f"{pw}: expected a mapping, got {ph!r}")
             name = str(ph.get("name", f"phase {i}"))
             pw = f"{where}: phase {i} ({name!r})"
-            allowed = {"name", "start", "end", "stage", "delta", "adversarial"}
-            unknown = set(ph) - allowed
-            if unknown:
-                raise ScheduleError(f"{pw}: unknown key(s) {sorted(unknown)} (allowed: {sorted(allowed)})")
+            _check_keys(ph, {"name", "start", "end", "stage", "delta", "adversarial"}, pw)
             for key in ("end", "stage", "delta", "adversarial"):
                 if key not in ph:
                     raise ScheduleError(f"{pw}: missing '{key}'")
@@ -600,24 +571,11 @@ def preset_schedule(name: str, total_steps: int | None = None) -> Schedule:
 
 def load_schedule(path: str | Path) -> Schedule:
     """Read a schedule from a YAML (``.yaml``/``.yml``) or JSON file (safe parsing: data only)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ScheduleError(f"{p}: no such schedule file")
-    text = p.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ScheduleError(
-            f"{p}: not a valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} file: {first}"
-        ) from None
-    return Schedule.from_dict(data, source=str(p))
+    return Schedule.from_dict(read_data_file(path, "schedule file", ScheduleError), source=str(path))
 
 
 def save_schedule(schedule: Schedule, path: str | Path) -> Path:
     """Write a schedule as JSON (``.json``) or YAML (anything else), atomically."""
-    from ..checkpoints.common import atomic_write
-
     p = Path(path)
     data = schedule.to_dict()
     if p.suffix.lower() == ".json":
