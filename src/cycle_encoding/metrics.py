@@ -88,43 +88,27 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
-def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[B] SSIM of images in [-1, 1] (mapped to [0, 1], data range 1); see the module docstring."""
-    from pytorch_msssim import ssim as _ssim
+def _pytorch_msssim(
+    name: str, unavailable: Callable[[int, int], str | None], pred: torch.Tensor, target: torch.Tensor, **kw: Any
+) -> torch.Tensor:
+    import pytorch_msssim
 
     _check_pair(pred, target)
-    reason = ssim_unavailable_reason(*pred.shape[-2:])
+    reason = unavailable(*pred.shape[-2:])
     if reason:
         raise CycleEncodingError(reason)
-    return _ssim(
-        _unit(pred),
-        _unit(target),
-        data_range=1.0,
-        size_average=False,
-        win_size=SSIM_WINDOW,
-        win_sigma=SSIM_SIGMA,
-        K=SSIM_K,
-    )
+    return getattr(pytorch_msssim, name)(_unit(pred), _unit(target), data_range=1.0, size_average=False,
+                                         win_size=SSIM_WINDOW, win_sigma=SSIM_SIGMA, K=SSIM_K, **kw)  # fmt: skip
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B] SSIM of images in [-1, 1] (mapped to [0, 1], data range 1); see the module docstring."""
+    return _pytorch_msssim("ssim", ssim_unavailable_reason, pred, target)
 
 
 def ms_ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[B] standard 5-scale MS-SSIM of images in [-1, 1]; a CycleEncodingError for images of 160 px or less."""
-    from pytorch_msssim import ms_ssim as _ms_ssim
-
-    _check_pair(pred, target)
-    reason = ms_ssim_unavailable_reason(*pred.shape[-2:])
-    if reason:
-        raise CycleEncodingError(reason)
-    return _ms_ssim(
-        _unit(pred),
-        _unit(target),
-        data_range=1.0,
-        size_average=False,
-        win_size=SSIM_WINDOW,
-        win_sigma=SSIM_SIGMA,
-        weights=list(MS_SSIM_WEIGHTS),
-        K=SSIM_K,
-    )
+    return _pytorch_msssim("ms_ssim", ms_ssim_unavailable_reason, pred, target, weights=list(MS_SSIM_WEIGHTS))
 
 
 def summarize(values: list[float | None]) -> dict[str, Any]:
@@ -264,6 +248,64 @@ def _prepare(
     return pred, target, notes
 
 
+Pair = tuple[dict[str, Any], torch.Tensor, torch.Tensor]  # (the pair's record, pred [C, H, W], target [C, H, W])
+
+
+def _read_pairs(
+    pairing: FolderPairing, size: int | None, report: dict[str, Any], progress: Callable[[int], None] | None
+) -> Iterator[Pair]:
+    """The pairs that can be compared, read and prepared; the others go to ``report``'s ``unreadable`` and
+    ``skipped`` (each counted as done by ``progress``)."""
+    from .data.images import read_image
+
+    for name, pp, tp in pairing.pairs:
+        images = []
+        for side, path in (("pred", pp), ("target", tp)):
+            try:
+                images.append(read_image(path))
+            except CycleEncodingError as e:
+                report["unreadable"].append({"file": f"{side}/{path.name}", "reason": str(e)})
+        try:
+            if len(images) < 2:
+                raise CycleEncodingError("unreadable file")
+            p, t, pair_notes = _prepare(images[0], images[1], size)
+        except CycleEncodingError as e:
+            report["skipped"].append({"name": name, "reason": str(e)})
+            if progress:
+                progress(1)
+            continue
+        yield ({"name": name, "pred": pp.name, "target": tp.name, "size": [int(p.shape[-2]), int(p.shape[-1])],
+                "channels": int(p.shape[0]), "notes": pair_notes}, p, t)  # fmt: skip
+
+
+def _batches(pairs: Iterator[Pair], batch_size: int) -> Iterator[list[Pair]]:
+    """Runs of at most ``batch_size`` pairs of one shape."""
+    batch: list[Pair] = []
+    for item in pairs:
+        if batch and (len(batch) >= batch_size or batch[0][1].shape != item[1].shape):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def _summary(records: list[dict[str, Any]], metrics: list[str], notes: dict[str, int]) -> dict[str, Any]:
+    """:func:`summarize` per metric, with a note on the values left out and why."""
+    summary = {m: summarize([r[m] for r in records]) for m in metrics}
+    for m in metrics:
+        missing = sum(1 for r in records if r[m] is None)
+        said = []
+        if missing:
+            reasons = sorted({n.split(": n/a: ", 1)[1] for n in notes if n.startswith(f"{m}: n/a: ")})
+            said.append(f"n/a for {missing} image(s): " + "; ".join(reasons))
+        if summary[m].get("infinite"):
+            said.append(f"{summary[m]['infinite']} infinite value(s) (identical images) left out of mean and std")
+        if said:
+            summary[m]["note"] = "; ".join(said)
+    return summary
+
+
 def evaluate_folders(
     pred_dir: str | Path,
     target_dir: str | Path,
@@ -285,105 +327,37 @@ def evaluate_folders(
     Unreadable or unmatched files never stop the run. ``size`` resizes both images to size x size (antialiased
     bilinear) before measuring. ``progress(n)`` is called after each batch with the number of pairs done in it.
     """
-    from .data.images import read_image
-
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     if pairing is None:
         pairing = pair_folders(pred_dir, target_dir)
-    metrics = ["mse", "psnr", "ssim", "ms_ssim"]
-    if perceptual is not None:
-        metrics.append("perceptual")
-    if identity is not None:
-        metrics.append("identity")
+    nets = {"perceptual": perceptual, "identity": identity}
+    metrics = ["mse", "psnr", "ssim", "ms_ssim"] + [k for k, net in nets.items() if net is not None]
+    report: dict[str, Any] = {"unreadable": [], "skipped": []}
     records: list[dict[str, Any]] = []
-    unreadable: list[dict[str, str]] = []
-    skipped: list[dict[str, str]] = []
     notes: dict[str, int] = {}
-
-    def loaded() -> Iterator[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
-        for name, pp, tp in pairing.pairs:
-            images = []
-            for side, path in (("pred", pp), ("target", tp)):
-                try:
-                    images.append(read_image(path))
-                except CycleEncodingError as e:
-                    unreadable.append({"file": f"{side}/{path.name}", "reason": str(e)})
-            if len(images) < 2:
-                skipped.append({"name": name, "reason": "unreadable file"})
-                if progress:
-                    progress(1)
-                continue
-            try:
-                p, t, pair_notes = _prepare(images[0], images[1], size)
-            except CycleEncodingError as e:
-                skipped.append({"name": name, "reason": str(e)})
-                if progress:
-                    progress(1)
-                continue
-            rec = {"name": name, "pred": pp.name, "target": tp.name, "size": [int(p.shape[-2]), int(p.shape[-1])],
-                   "channels": int(p.shape[0]), "notes": pair_notes}  # fmt: skip
-            yield rec, p, t
-
-    def flush(batch: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
-        if not batch:
-            return
+    for batch in _batches(_read_pairs(pairing, size, report, progress), batch_size):
         pred = torch.stack([b[1] for b in batch]).to(dev)
         target = torch.stack([b[2] for b in batch]).to(dev)
         values, batch_notes = compute_metrics(pred, target, perceptual, identity)
         for n in batch_notes:
             notes[n] = notes.get(n, 0) + len(batch)
         for i, (rec, _, _) in enumerate(batch):
-            for m in metrics:
-                rec[m] = values[m][i]
-            records.append(rec)
+            records.append({**rec, **{m: values[m][i] for m in metrics}})
         if progress:
             progress(len(batch))
-
-    batch: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]] = []
-    for item in loaded():
-        if batch and (len(batch) >= batch_size or batch[0][1].shape != item[1].shape):
-            flush(batch)
-            batch = []
-        batch.append(item)
-    flush(batch)
-
-    summary = {m: summarize([r[m] for r in records]) for m in metrics}
-    for m in metrics:
-        missing = sum(1 for r in records if r[m] is None)
-        said = []
-        if missing:
-            reasons = sorted({n.split(": n/a: ", 1)[1] for n in notes if n.startswith(f"{m}: n/a: ")})
-            said.append(f"n/a for {missing} image(s): " + "; ".join(reasons))
-        if summary[m].get("infinite"):
-            said.append(f"{summary[m]['infinite']} infinite value(s) (identical images) left out of mean and std")
-        if said:
-            summary[m]["note"] = "; ".join(said)
     definitions = dict(DEFINITIONS)
     if perceptual is not None:
         definitions["perceptual"] = f"{perceptual.name}: per-image distance (lower is closer)"
     if identity is not None:
         definitions["identity"] = f"{identity.name}: cosine similarity of embeddings (1 = same)"
     return {
-        "pred_dir": str(pred_dir),
-        "target_dir": str(target_dir),
-        "size": size,
-        "networks": {
-            "perceptual": perceptual.name if perceptual is not None else None,
-            "identity": identity.name if identity is not None else None,
-        },
-        "metrics": metrics,
-        "definitions": definitions,
-        "summary": summary,
-        "images": records,
-        "pairs": len(records),
-        "pred_only": pairing.pred_only,
-        "target_only": pairing.target_only,
-        "unreadable": unreadable,
-        "skipped": skipped,
-        "ambiguous": pairing.ambiguous,
-        "ignored": pairing.ignored,
-        "notes": [f"{n} ({k} image(s))" for n, k in notes.items()],
-    }
+        "pred_dir": str(pred_dir), "target_dir": str(target_dir), "size": size,
+        "networks": {k: net.name if net is not None else None for k, net in nets.items()},
+        "metrics": metrics, "definitions": definitions, "summary": _summary(records, metrics, notes),
+        "images": records, "pairs": len(records), "pred_only": pairing.pred_only, "target_only": pairing.target_only,
+        "unreadable": report["unreadable"], "skipped": report["skipped"], "ambiguous": pairing.ambiguous,
+        "ignored": pairing.ignored, "notes": [f"{n} ({k} image(s))" for n, k in notes.items()],
+    }  # fmt: skip
 
 
 def jsonable(obj: Any) -> Any:

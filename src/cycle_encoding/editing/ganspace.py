@@ -11,6 +11,7 @@ An edit is (component k, layers first-last, strength a): ``w_i += a * std_k * co
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,21 +29,20 @@ def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_mapping(G: Generator, n: int, seed: int = 0, batch: int = 4096, truncation: float = 1.0) -> torch.Tensor:
-    """``n`` codes w = G.style(z) ``[n, w_dim]`` (truncated toward ``w_avg`` when ``truncation`` < 1), on the CPU."""
+def mapping_batches(
+    G: Generator, n: int, seed: int = 0, batch: int = 4096, truncation: float = 1.0
+) -> Iterator[torch.Tensor]:
+    """``n`` codes w = G.style(z) (truncated toward ``w_avg`` when ``truncation`` < 1), ``batch`` at a time
+    (``[b, w_dim]`` on G's device), z drawn from a CPU generator seeded with ``seed``."""
     g = torch.Generator(device="cpu").manual_seed(int(seed))
-    dev = G.w_avg.device
-    out = []
-    done = 0
-    while done < n:
-        b = min(batch, n - done)
-        z = torch.randn(b, G.z_dim, generator=g).to(dev)
-        w = G.style(z)
-        if truncation != 1.0:
-            w = G.w_avg + truncation * (w - G.w_avg)
-        out.append(w.float().cpu())
-        done += b
-    return torch.cat(out)
+    for done in range(0, n, batch):
+        w = G.style(torch.randn(min(batch, n - done), G.z_dim, generator=g).to(G.w_avg.device))
+        yield w if truncation == 1.0 else G.w_avg + truncation * (w - G.w_avg)
+
+
+def sample_mapping(G: Generator, n: int, seed: int = 0, batch: int = 4096, truncation: float = 1.0) -> torch.Tensor:
+    """``n`` codes of :func:`mapping_batches` ``[n, w_dim]``, on the CPU."""
+    return torch.cat([w.float().cpu() for w in mapping_batches(G, n, seed, batch, truncation)])
 
 
 @torch.no_grad()
@@ -62,25 +62,16 @@ def ganspace_pca(
     k = d if components is None else int(components)
     if not 1 <= k <= d:
         raise ValueError(f"components must be in 1..{d}, got {components}")
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    dev = G.w_avg.device
     s1 = torch.zeros(d, dtype=torch.float64)
     s2 = torch.zeros(d, d, dtype=torch.float64)
     shift = None  # sums are taken around the first batch's mean, for accuracy
-    done = 0
-    while done < n_samples:
-        b = min(batch, n_samples - done)
-        z = torch.randn(b, G.z_dim, generator=g).to(dev)
-        w = G.style(z)
-        if truncation != 1.0:
-            w = G.w_avg + truncation * (w - G.w_avg)
+    for w in mapping_batches(G, n_samples, seed, batch, truncation):
         w = w.double().cpu()
         if shift is None:
             shift = w.mean(0)
         w = w - shift
         s1 += w.sum(0)
         s2 += w.t() @ w
-        done += b
     assert shift is not None
     mean_c = s1 / n_samples
     cov = (s2 - n_samples * torch.outer(mean_c, mean_c)) / (n_samples - 1)

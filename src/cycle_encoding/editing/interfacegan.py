@@ -32,6 +32,7 @@ import torch
 
 from ..errors import CycleEncodingError
 from .directions import DirectionSet
+from .ganspace import mapping_batches
 
 METHODS = ("svm", "svc", "logistic")
 SPACES = ("w", "w+")
@@ -355,23 +356,15 @@ def sample_and_score(
     """(codes ``[k, w_dim]`` = G.style(z) (truncated toward w_avg), scores ``[k]`` of G's images of them) for the
     ``k <= n`` of ``n`` samples the scorer scores: a NaN score leaves a sample out (e.g. class labels of a pair
     attribute, where images of other classes have none). ``progress(b)`` is called after each batch of ``b``."""
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    dev = G.w_avg.device
     codes, scores = [], []
-    done = 0
-    while done < n:
-        b = min(batch, n - done)
-        z = torch.randn(b, G.z_dim, generator=g).to(dev)
-        w = G.style(z)
-        if truncation != 1.0:
-            w = G.w_avg + truncation * (w - G.w_avg)
+    for w in mapping_batches(G, n, seed, batch, truncation):  # type: ignore[arg-type]
+        b = w.shape[0]
         img = G.synthesis(w[:, None, :].expand(-1, G.num_ws, -1), noise_mode=noise_mode)
         s = torch.as_tensor(scorer(img)).reshape(-1).float().cpu()
         if s.numel() != b:
             raise CycleEncodingError(f"the classifier gave {s.numel()} scores for {b} images (one each is needed)")
         codes.append(w.float().cpu())
         scores.append(s)
-        done += b
         if progress is not None:
             progress(b)
     all_codes, all_scores = torch.cat(codes), torch.cat(scores)
