@@ -14,7 +14,7 @@ import torch
 import cycle_encoding as ce
 from cycle_encoding.checkpoints.locate import locate_network_file, missing_file_message, torch_hub_checkpoints
 from cycle_encoding.errors import CycleEncodingError
-from cycle_encoding.inversion.common import recorded_networks
+from cycle_encoding.losses.networks import LossNetworks, recorded_networks
 from cycle_encoding.losses.perceptual import build_perceptual
 from tests.test_lpips import ALEX_CLASSIFIER, ALEX_CONVS, torchvision_state_dict
 
@@ -175,13 +175,12 @@ def test_an_encoder_records_its_networks_files_and_invert_reuses_them(places, tm
     even when the file is no longer where the lookup would find it."""
     from cycle_encoding.checkpoints.native import default_provenance
     from cycle_encoding.inversion import Inverter
-    from cycle_encoding.training.encoder_trainer import network_files
     from tests.conftest import make_tiny_generator, tiny_encoder
 
     kept = write_alexnet(tmp_path / "kept" / ALEX, seed=5)
     hub = write_alexnet(places["hub"] / ALEX, seed=6)
     dist = build_perceptual("lpips-alex", "cpu", kept)
-    rec = network_files(dist, None)
+    rec = LossNetworks(dist, None).files()
     assert rec == {"perceptual": {"name": "lpips-alex", "file": str(kept), "found": "option"}}
     G = make_tiny_generator(resolution=32)
     prov = default_provenance(networks={"perceptual": dist.name, "identity": "none"}, network_files=rec)

@@ -198,6 +198,37 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     return E.to(resolve_device(device)).eval()
 
 
+def init_encoder_weights(E: Encoder4Editing, path: str | Path) -> str:
+    """Initialize from an ArcFace IR-SE file (input layer and body where shapes fit) or a whole encoder file."""
+    from ..assets import resolve_model
+
+    p = resolve_model(path)  # a shipped encoder's name (fmnist-encoder) works as a file does
+    kind = sniff(p)
+    obj = torch_load(p) if kind in ("torch-zip", "torch-legacy") else None
+    if isinstance(obj, dict) and "input_layer.0.weight" in obj and "output_layer.3.weight" in obj:
+        own = E.state_dict()
+        taken = {k: v for k, v in obj.items() if k.startswith(("input_layer.", "body.")) and k in own}
+        bad = [k for k, v in taken.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if bad:
+            raise CheckpointError(
+                p,
+                f"ArcFace key {bad[0]} has shape {list(taken[bad[0]].shape)}, the encoder's body "
+                f"{list(own[bad[0]].shape)}: initialise an IR-SE-50 body (widths 64-512, units 3,4,14,3) only",
+            )
+        E.load_state_dict(taken, strict=False)
+        return f"body from ArcFace {p.name} ({len(taken)} tensors)"
+    other = load_encoder(p)
+    if other.config.num_ws != E.config.num_ws:
+        raise CheckpointError(
+            p, f"the encoder has {other.config.num_ws} heads but the generator has {E.config.num_ws} style layers"
+        )
+    sd = other.state_dict()
+    sd["latent_avg"] = E.latent_avg
+    check_state_dict(E, sd, p, "encoder (init)")
+    E.load_state_dict(sd)
+    return f"all weights from encoder {p.name}"
+
+
 def save_encoder(
     E: Encoder4Editing, path: str | Path, provenance: dict[str, Any] | None = None, trained_stage: int | None = None
 ) -> Path:

@@ -134,9 +134,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     trainer.progress = args.progress
     if trainer.dist.is_main:
         print(precision_line, file=sys.stderr)
-        from ..training.encoder_trainer import network_files
-
-        for kind, rec in network_files(trainer.perceptual, trainer.identity).items():
+        for kind, rec in trainer.nets.files().items():
             print(f"{kind} {rec['name']}: {rec['file']} ({rec['found']})", file=sys.stderr)
     try:
         summary = trainer.run()

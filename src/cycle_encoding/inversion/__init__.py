@@ -7,7 +7,7 @@ generator stored as a compact change, and the pipeline that runs them over many 
 >>> summary = inv.run("faces/", "runs/inv1")    # a folder, into a run folder
 """
 
-from .common import LossNetworks, build_loss_networks
+from ..losses.networks import LossNetworks, build_loss_networks
 from .config import STAGES, InversionConfig, make_config
 from .delta import DeltaInfo, load_generator_delta, save_generator_delta, weights_sha256
 from .inverter import Inverter

@@ -24,10 +24,11 @@ import torch
 from .. import distributed as dd
 from ..config import to_dict
 from ..errors import CycleEncodingError
+from ..losses.networks import LossNetworks, build_loss_networks, recorded_networks
 from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
 from ..utils import resolve_device
-from .common import LossNetworks, build_loss_networks, check_target, recorded_networks, render, stage_seed
+from .common import check_target, render, stage_seed
 from .config import PIVOT_STAGES, InversionConfig, make_config
 from .delta import full_copy_bytes, weights_sha256
 from .pivot import encoder_pivot, resolve_stage

@@ -60,11 +60,12 @@ from torch import nn
 
 from .. import distributed as dd
 from ..checkpoints.common import atomic_write
-from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT
+from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT, init_encoder_weights
 from ..checkpoints.native import default_provenance, file_sha256
 from ..config import from_mapping
-from ..errors import CheckpointError
+from ..losses.identity import identity_default
 from ..losses.latent_pool import LatentPool
+from ..losses.networks import LossNetworks, build_loss_networks
 from ..networks.encoder import Encoder4Editing, EncoderConfig
 from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscriminatorConfig
 from ..networks.stylegan2 import Generator
@@ -161,41 +162,6 @@ def load_train_config(data: dict[str, Any]) -> EncoderTrainConfig:
     return from_mapping(EncoderTrainConfig, data, "train-encoder options")
 
 
-def init_encoder_weights(E: Encoder4Editing, path: str | Path) -> str:
-    """Initialize from an ArcFace IR-SE file (input layer and body where shapes fit) or a whole encoder file."""
-    from ..assets import resolve_model
-    from ..checkpoints.common import sniff, torch_load
-    from ..checkpoints.encoder import load_encoder
-
-    p = resolve_model(path)  # a shipped encoder's name (fmnist-encoder) works as a file does
-    kind = sniff(p)
-    obj = torch_load(p) if kind in ("torch-zip", "torch-legacy") else None
-    if isinstance(obj, dict) and "input_layer.0.weight" in obj and "output_layer.3.weight" in obj:
-        own = E.state_dict()
-        taken = {k: v for k, v in obj.items() if k.startswith(("input_layer.", "body.")) and k in own}
-        bad = [k for k, v in taken.items() if tuple(v.shape) != tuple(own[k].shape)]
-        if bad:
-            raise CheckpointError(
-                p,
-                f"ArcFace key {bad[0]} has shape {list(taken[bad[0]].shape)}, the encoder's body "
-                f"{list(own[bad[0]].shape)}: initialise an IR-SE-50 body (widths 64-512, units 3,4,14,3) only",
-            )
-        E.load_state_dict(taken, strict=False)
-        return f"body from ArcFace {p.name} ({len(taken)} tensors)"
-    other = load_encoder(p)
-    if other.config.num_ws != E.config.num_ws:
-        raise CheckpointError(
-            p, f"the encoder has {other.config.num_ws} heads but the generator has {E.config.num_ws} style layers"
-        )
-    sd = other.state_dict()
-    sd["latent_avg"] = E.latent_avg
-    from ..checkpoints.common import check_state_dict
-
-    check_state_dict(E, sd, p, "encoder (init)")
-    E.load_state_dict(sd)
-    return f"all weights from encoder {p.name}"
-
-
 class EncoderTrainer(Trainer):
     """Builds everything from a config (or a run folder to resume) and runs the loop (``trainer.Trainer``)."""
 
@@ -269,48 +235,31 @@ class EncoderTrainer(Trainer):
             print("--compile: the first steps compile G and the encoder body (a minute or two)", file=sys.stderr)
 
         # losses
-        self.perceptual, self.identity = self._build_losses(resume)
+        self.nets = self._build_losses(resume)
+        self.perceptual, self.identity = self.nets.perceptual, self.nets.identity
         self.step = 0
         self._open_run(resume)
 
     # -- set-up ---------------------------------------------------------------------------------------
-    def _build_losses(self, resume: str | Path | None = None) -> tuple[nn.Module | None, nn.Module | None]:
+    def _build_losses(self, resume: str | Path | None = None) -> LossNetworks:
         """The loss networks; weight files not given are looked up (``checkpoints.locate``), a resumed run first
         taking the files it recorded in its config.json."""
         cfg = self.cfg
-        perceptual = identity = None
         recorded: dict[str, Any] = {}
         if resume is not None and (Path(resume) / "config.json").is_file():
             try:
-                resolved = json.loads((Path(resume) / "config.json").read_text()).get("_resolved") or {}
-                recorded = resolved.get("network_files") or {}
-            except (OSError, json.JSONDecodeError):
+                recorded = json.loads((Path(resume) / "config.json").read_text())["_resolved"]["network_files"] or {}
+            except (OSError, json.JSONDecodeError, KeyError, TypeError):
                 recorded = {}
-
-        def rec(kind: str, name: str) -> str | None:
-            r = recorded.get(kind) or {}
-            return r.get("file") if r.get("name") == name else None
-
-        if cfg.perceptual_lambda > 0 and cfg.perceptual != "none":
-            from ..losses.perceptual import build_perceptual
-
-            perceptual = build_perceptual(cfg.perceptual, self.device, cfg.lpips_backbone,
-                                          rec("perceptual", cfg.perceptual), self._domain())  # fmt: skip
-            perceptual.requires_grad_(False)
-        from ..losses.identity import build_identity, identity_default
-
-        name = cfg.identity
-        self.identity_note = ""
+        name, self.identity_note = (cfg.identity, "")
         if cfg.identity == "auto":
             name, self.identity_note = identity_default(cfg.data, cfg.identity_weights)
-        if cfg.identity_lambda > 0 and name != "none":
-            identity = build_identity(name, self.device, cfg.identity_weights, rec("identity", name),
-                                      self._domain())  # fmt: skip
-            identity.requires_grad_(False)
+        nets = build_loss_networks(cfg.perceptual, cfg.lpips_backbone, name, cfg.identity_weights, self.device,
+                                   cfg.perceptual_lambda > 0, cfg.identity_lambda > 0, recorded, self._domain())  # fmt: skip
         if self.dist.is_main and not self.quiet:
-            line = f"identity term: {getattr(identity, 'name', 'none')} x {cfg.identity_lambda:g}"
+            line = f"identity term: {getattr(nets.identity, 'name', 'none')} x {cfg.identity_lambda:g}"
             print(line + (f" ({self.identity_note})" if self.identity_note else ""), file=sys.stderr)
-        return perceptual, identity
+        return nets
 
     def _domain(self) -> str:
         """Which offline network a missing-file error suggests: Fashion-MNIST for its data or grey images, faces
@@ -318,13 +267,6 @@ class EncoderTrainer(Trainer):
         if str(self.cfg.data) == "fashion-mnist" or self.G.img_channels == 1:
             return "fashion-mnist"
         return "faces"
-
-    def network_names(self) -> dict[str, str]:
-        """The loss networks' names (what logs and reports print)."""
-        return {
-            "perceptual": getattr(self.perceptual, "name", "none") if self.perceptual is not None else "none",
-            "identity": getattr(self.identity, "name", "none") if self.identity is not None else "none",
-        }
 
     def run_label(self) -> str:
         return self.cfg.name or f"encoder-{self.schedule.name}"
@@ -335,7 +277,7 @@ class EncoderTrainer(Trainer):
             "max_steps": self.max_steps,
             "encoder": self.E.config.to_dict(),
             "encoder_init": self.init_note,
-            "networks": self.network_names(),
+            "networks": self.nets.names(),
             "identity_choice": self.identity_note or "as given",
             "noise_mode": self.cfg.noise_mode,
             "zero_grad": "PyTorch 1.6 (zero gradients: switched-off heads keep moving)"
@@ -346,7 +288,7 @@ class EncoderTrainer(Trainer):
             "compile": "torch.compile: G's synthesis and the encoder's body in the training steps"
             if self.cfg.compile
             else "off",
-            "network_files": network_files(self.perceptual, self.identity),
+            "network_files": self.nets.files(),
             "world_size": self.dist.world_size,
             "command": " ".join(sys.argv),
             "train_images": len(self.train_data),
@@ -368,7 +310,7 @@ class EncoderTrainer(Trainer):
             "trained_stage": self.E.stage,
             "schedule": self.schedule.to_dict(),
             "schedule_state": st.to_dict(),
-            "network_files": network_files(self.perceptual, self.identity),
+            "network_files": self.nets.files(),
             "generator": {"path": str(self.cfg.generator), "w_avg": self.G.w_avg.cpu()},
             "val_history": self.val_history,
         }
@@ -429,17 +371,11 @@ class EncoderTrainer(Trainer):
         D, opt = self.D, self.opt_d
         D.requires_grad_(True)
         loss, logs = discriminator_loss(self.discriminate, real, fake)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dd.average_gradients(D.parameters(), self.dist)
-        opt.step()
+        self.optimizer_step(opt, loss, D)
         logs["d_loss"] = float(loss.detach())
         if self.cfg.r1_gamma > 0 and r1_due(self.step, self.cfg.r1_every):
             r1 = lazy_r1_loss(D, real, self.cfg.r1_gamma, self.cfg.r1_every)
-            opt.zero_grad(set_to_none=True)
-            r1.backward()
-            dd.average_gradients(D.parameters(), self.dist)
-            opt.step()
+            self.optimizer_step(opt, r1, D)
             logs["d_r1"] = float(r1.detach())
         opt.zero_grad(set_to_none=True)
         D.requires_grad_(False)
@@ -536,8 +472,8 @@ class EncoderTrainer(Trainer):
             generator=Path(self.cfg.generator).name,
             generator_sha256=file_sha256(resolve_model(self.cfg.generator)),
             data=str(self.cfg.data),
-            networks=self.network_names(),
-            network_files=network_files(self.perceptual, self.identity),
+            networks=self.nets.names(),
+            network_files=self.nets.files(),
         )
         from ..checkpoints.optimizer import companion_path, from_optimizer, save_optimizer_state
 
@@ -554,7 +490,7 @@ class EncoderTrainer(Trainer):
         return min(until or self.max_steps, self.max_steps)
 
     def on_start(self) -> None:
-        self._log({"kind": "start", "step": 0, "time": time.time(), "networks": self.network_names(),
+        self._log({"kind": "start", "step": 0, "time": time.time(), "networks": self.nets.names(),
                    "encoder_init": self.init_note, "train_images": len(self.train_data),
                    "val_images": len(self.val), "world_size": self.dist.world_size,
                    "precision": self.cfg.precision, "compile": self.cfg.compile})  # fmt: skip
@@ -601,17 +537,6 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
     data.setdefault("precision", "fp32")  # a run from before these options computed in float32, uncompiled:
     data.setdefault("compile", False)  # it keeps doing so
     return load_train_config(data)
-
-
-def network_files(perceptual: Any, identity: Any) -> dict[str, dict[str, str]]:
-    """The weight files the loss networks were read from (``located`` by ``build_perceptual`` / ``build_identity``),
-    recorded with the encoder so that ``invert`` finds the same ones."""
-    out = {}
-    for kind, net in (("perceptual", perceptual), ("identity", identity)):
-        loc = getattr(net, "located", None) if net is not None else None
-        if loc is not None:
-            out[kind] = {"name": str(getattr(net, "registry_name", "")), **loc.record()}
-    return out
 
 
 def describe_steps(total: int) -> str:

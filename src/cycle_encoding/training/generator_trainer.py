@@ -197,12 +197,10 @@ class GeneratorTrainConfig:
     def discriminator_config(self) -> DiscriminatorConfig:
         g, d = self.generator, self.discriminator
         return DiscriminatorConfig(
-            resolution=self.resolution,
-            channel_base=d.channel_base if d.channel_base is not None else g.channel_base,
-            channel_max=d.channel_max if d.channel_max is not None else g.channel_max,
-            img_channels=self.channels,
+            resolution=self.resolution, channel_base=g.channel_base if d.channel_base is None else d.channel_base,
+            channel_max=g.channel_max if d.channel_max is None else d.channel_max, img_channels=self.channels,
             stddev_group=d.stddev_group,
-        )
+        )  # fmt: skip
 
 
 def load_generator_train_config(data: dict[str, Any]) -> GeneratorTrainConfig:
@@ -253,11 +251,6 @@ def sample_codes(
     if mixing_prob > 0:
         ws = G.style_mix(ws, G.mapping(z2.to(device)), cut.to(device))
     return ws
-
-
-def random_noise(G: Generator, batch: int, gen: torch.Generator, device: torch.device) -> list[torch.Tensor]:
-    """Per-layer noise drawn from the CPU generator ``gen``, on ``device``."""
-    return [n.to(device) for n in G.make_noise(batch, generator=gen, device="cpu")]
 
 
 class GeneratorTrainer(Trainer):
@@ -384,7 +377,7 @@ class GeneratorTrainer(Trainer):
         synthesis = self.G.synthesis if plain else self._synthesis
         with torch.set_grad_enabled(grad), autocast(self.device, prec):
             ws = sample_codes(self.G, batch, self.cfg.mixing_prob, self.gen, self.device).float()
-            noise = random_noise(self.G, batch, self.gen, self.device)
+            noise = [n.to(self.device) for n in self.G.make_noise(batch, generator=self.gen, device="cpu")]
             return synthesis(ws, noise=noise).float(), ws
 
     def discriminate(self, images: torch.Tensor) -> torch.Tensor:
@@ -402,17 +395,9 @@ class GeneratorTrainer(Trainer):
         fake_loss = F.softplus(fake_pred).mean()
         real_loss = F.softplus(-real_pred).mean()
         loss = fake_loss + real_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dd.average_gradients(D.parameters(), self.dist)
-        opt.step()
-        logs = {
-            "d_loss": float(loss.detach()),
-            "d_real": float(real_loss.detach()),
-            "d_fake": float(fake_loss.detach()),
-            "real_score": float(real_pred.detach().mean()),
-            "fake_score": float(fake_pred.detach().mean()),
-        }
+        self.optimizer_step(opt, loss, D)
+        logs = {"d_loss": float(loss.detach()), "d_real": float(real_loss.detach()), "d_fake": float(fake_loss.detach()),
+                "real_score": float(real_pred.detach().mean()), "fake_score": float(fake_pred.detach().mean())}  # fmt: skip
         if self.r1_on and self.step % self.cfg.r1_every == 0:
             from ..losses.adversarial import r1_penalty
 
@@ -420,10 +405,7 @@ class GeneratorTrainer(Trainer):
             # penalty is within 0.4% and its gradient within 2% of float32's (measured), the step 1.5x faster
             with autocast(real.device, self.cfg.precision):
                 r1 = r1_penalty(lambda x: D(x).float(), real)
-            opt.zero_grad(set_to_none=True)
-            (self.gamma / 2 * r1 * self.cfg.r1_every).backward()
-            dd.average_gradients(D.parameters(), self.dist)
-            opt.step()
+            self.optimizer_step(opt, self.gamma / 2 * r1 * self.cfg.r1_every, D)
             logs["r1"] = float(r1.detach())
         opt.zero_grad(set_to_none=True)
         return logs
@@ -434,10 +416,7 @@ class GeneratorTrainer(Trainer):
         D.requires_grad_(False)
         fake, _ = self._fake(self.local_batch, grad=True)
         loss = F.softplus(-self.discriminate(fake)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dd.average_gradients(G.parameters(), self.dist)
-        opt.step()
+        self.optimizer_step(opt, loss, G)
         logs = {"g_loss": float(loss.detach())}
         if self.pl_on and self.step % self.cfg.pl_every == 0:
             logs.update(self._path_length_step())
@@ -453,10 +432,7 @@ class GeneratorTrainer(Trainer):
         lengths = grad.pow(2).sum(2).mean(1).sqrt()
         target = self.mean_path_length + cfg.pl_decay * (lengths.mean() - self.mean_path_length)
         penalty = (lengths - target).pow(2).mean()
-        self.opt_g.zero_grad(set_to_none=True)
-        (cfg.pl_weight * cfg.pl_every * penalty).backward()
-        dd.average_gradients(self.G.parameters(), self.dist)
-        self.opt_g.step()
+        self.optimizer_step(self.opt_g, cfg.pl_weight * cfg.pl_every * penalty, self.G)
         # one running mean for all ranks (the mean of the ranks' updated means)
         self.mean_path_length = dd.all_reduce_mean({"m": float(target.detach())}, self.dist)["m"]
         return {"path_penalty": float(penalty.detach()), "path_length": float(lengths.detach().mean())}

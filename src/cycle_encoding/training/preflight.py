@@ -72,8 +72,8 @@ def check_encoder_run(cfg: EncoderTrainConfig) -> Preflight:
     else:
         checked.append("identity: none" + (f" ({note})" if note else ""))
     if cfg.encoder_init:
+        from ..checkpoints.encoder import init_encoder_weights
         from ..networks.encoder import Encoder4Editing, EncoderConfig
-        from .encoder_trainer import init_encoder_weights
 
         arch = cfg.encoder
         ec = EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim, input_size=arch.input_size or size,

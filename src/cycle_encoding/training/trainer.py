@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from .. import distributed as dd
@@ -209,6 +210,13 @@ class Trainer:
 
     def on_end(self) -> None:
         """After the ``end`` record (e.g. the final export)."""
+
+    def optimizer_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, module: nn.Module) -> None:
+        """The gradients of ``loss`` from cleared ones, averaged over the ranks, then one step of ``opt``."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dd.average_gradients(module.parameters(), self.dist)
+        opt.step()
 
     def _log(self, record: dict[str, Any]) -> None:
         self.log.write(record)

@@ -1,0 +1,104 @@
+"""The networks a run's losses use (``LossNetworks``), built by name from the registries, with the files they were
+read from recorded so that the next run (``invert`` after ``train-encoder``) reads the same ones."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .identity import build_identity
+from .perceptual import build_perceptual
+
+
+@dataclass
+class LossNetworks:
+    """The frozen networks the losses use; None where a term is off. ``names()`` is what logs record."""
+
+    perceptual: nn.Module | None = None
+    identity: nn.Module | None = None
+
+    def names(self) -> dict[str, str]:
+        return {
+            "perceptual": getattr(self.perceptual, "name", type(self.perceptual).__name__)
+            if self.perceptual
+            else "none",
+            "identity": getattr(self.identity, "name", type(self.identity).__name__) if self.identity else "none",
+        }
+
+    def files(self) -> dict[str, dict[str, str]]:
+        """The weight files the networks were read from and how each was found (runs record this)."""
+        out = {}
+        for kind, net in (("perceptual", self.perceptual), ("identity", self.identity)):
+            loc = getattr(net, "located", None) if net is not None else None
+            if loc is not None:
+                out[kind] = {"name": str(getattr(net, "registry_name", "")), **loc.record()}
+        return out
+
+    def file_lines(self) -> list[str]:
+        """One line per network read from a file: which file, and how it was found."""
+        lines = []
+        for kind, net in (("perceptual", self.perceptual), ("identity", self.identity)):
+            loc = getattr(net, "located", None) if net is not None else None
+            if loc is not None:
+                lines.append(f"{kind} {getattr(net, 'registry_name', '')}: {loc.describe()}")
+        return lines
+
+
+def recorded_networks(provenance: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
+    """The loss networks an encoder file says it was trained with: ``{'perceptual': {'name', 'file'?}, 'identity':
+    ...}`` from its provenance (``network_files`` with the files, else ``networks``' names: the registered name is
+    the first word of a recorded display name such as "lpips-alex (backbone alexnet-owt-7be5be79.pth)")."""
+    prov = provenance if isinstance(provenance, Mapping) else {}
+    names = prov.get("networks") if isinstance(prov.get("networks"), Mapping) else {}
+    files = prov.get("network_files") if isinstance(prov.get("network_files"), Mapping) else {}
+    out: dict[str, dict[str, str]] = {}
+    for kind in ("perceptual", "identity"):
+        rec: dict[str, str] = {}
+        shown = str(names.get(kind) or "").strip()
+        if shown:
+            rec["name"] = shown.split()[0]
+        f = files.get(kind)
+        if isinstance(f, Mapping):
+            if f.get("name"):
+                rec["name"] = str(f["name"])
+            if f.get("file"):
+                rec["file"] = str(f["file"])
+        if rec.get("name"):
+            out[kind] = rec
+    return out
+
+
+def build_loss_networks(
+    perceptual: str | None,
+    lpips_backbone: str | Path | None,
+    identity: str | None,
+    identity_weights: str | Path | None,
+    device: torch.device,
+    need_perceptual: bool = True,
+    need_identity: bool = True,
+    recorded: Mapping[str, Mapping[str, str]] | None = None,
+    domain: str | None = None,
+) -> LossNetworks:
+    """Build the networks named (``"none"`` or None: no network). Unneeded ones are not built (no file is read).
+    Weight files not given are looked up (``checkpoints.locate``), first the one ``recorded`` for the same network
+    (``recorded_networks``); ``domain`` picks the offline alternative a missing-file error suggests."""
+    recorded = recorded or {}
+
+    def rec_file(kind: str, name: str | None) -> str | None:
+        r = recorded.get(kind) or {}
+        return r.get("file") if r.get("name") == name else None
+
+    p = None
+    if need_perceptual and perceptual and perceptual != "none":
+        p = build_perceptual(perceptual, device, lpips_backbone, rec_file("perceptual", perceptual), domain)
+        p = p.requires_grad_(False).eval()
+    i = None
+    if need_identity and identity and identity != "none":
+        i = build_identity(identity, device, identity_weights, rec_file("identity", identity), domain)
+        i = i.requires_grad_(False).eval()
+    return LossNetworks(p, i)
