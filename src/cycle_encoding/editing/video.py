@@ -94,7 +94,7 @@ def _frame_quads(
         from ..data.align import LandmarkDetector
 
         detector = LandmarkDetector()
-    bar = Progress(len(clip.frames), "align: faces", "frame", progress)
+    bar = Progress(len(clip.frames), "align: faces", "frame", progress, heartbeat=10.0)
     try:
         quads, _ = face_quads(clip.frames, detector, lambda i, found: bar.update(1))
     finally:
@@ -187,7 +187,7 @@ def render_video_edits(
     files = {edit_label(a): out / f"edit_{edit_label(a)}.mp4" for a in strengths}
     writers = [VideoWriter(f, clip.fps, crf) for f in files.values()]
     preview = VideoWriter(out / "preview.mp4", clip.fps, crf)
-    bar = Progress(len(clip.frames), "render", "frame", progress)
+    bar = Progress(len(clip.frames), "render", "frame", progress, heartbeat=10.0)
     try:
         for frame, q, n in zip(clip.frames, quads, names):
             edited = [frame] * len(strengths)
