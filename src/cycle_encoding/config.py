@@ -90,6 +90,24 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "con
         raise CycleEncodingError(f"{where}: {e}") from None
 
 
+C = TypeVar("C", bound="ConfigRecord")
+
+
+class ConfigRecord:
+    """``to_dict`` / ``from_dict`` of a dataclass of plain fields (a network's architecture in a file's header):
+    tuples are written as lists and read back as tuples; an unknown key is refused (ValueError)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 def to_dict(obj: Any) -> Any:
     """Plain data (dicts, lists, numbers, strings) of a dataclass tree."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -12,7 +12,7 @@ import ctypes
 import ctypes.util
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +138,16 @@ def keep_freed_memory() -> bool:
     ok = mallopt(M_MMAP_MAX, 0) == 1
     ok = mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
     return ok
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class FixedMeasure(nn.Module):
+    """A network that stays in eval mode whatever the caller asks: a loss or metric network is a fixed measure."""
+
+    def train(self: M, mode: bool = True) -> M:
+        return nn.Module.train(self, False)
 
 
 def as_rgb(x: torch.Tensor, who: str = "images") -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from ..errors import CheckpointError
 from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig
 from .common import check_state_dict
-from .native import default_provenance, native_header_of_kind, read_native, save_native
+from .native import default_provenance, native_header_of_kind, read_config, read_native, save_native
 
 CLASSIFIER_KIND = "classifier"
 
@@ -29,14 +29,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Att
     from ..assets import resolve_model
 
     p = resolve_model(path)
-    nf = read_native(p)
-    if nf.kind != CLASSIFIER_KIND:
-        raise CheckpointError(p, f"a cycle-encoding {nf.kind} file, not a classifier")
-    try:
-        config = ClassifierConfig.from_dict(nf.config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(p, f"bad classifier configuration in the file: {e}") from None
-    model = AttributeClassifier(config)
+    nf = read_native(p, kind=CLASSIFIER_KIND)
+    model = AttributeClassifier(read_config(ClassifierConfig, nf.config, p, "classifier"))
     check_state_dict(model, nf.tensors, p, "classifier")
     model.load_state_dict(nf.tensors, strict=True)
     model.name = f"{model.name} from {p.name}"

@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..networks.encoder import Encoder4Editing, EncoderConfig
 from . import e4e
 from .common import check_declared_architecture, check_state_dict, count_parameters, sniff, torch_load
-from .native import default_provenance, read_native, save_native
+from .native import default_provenance, read_config, read_native, save_native
 
 _UNIT = re.compile(r"^body\.(\d+)\.res_layer\.1\.weight$")
 _STYLE = re.compile(r"^styles\.(\d+)\.linear\.weight$")
@@ -158,13 +158,8 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     kind = sniff(p)
     prov: dict[str, Any]
     if kind == "safetensors":
-        nf = read_native(p)
-        if nf.kind != "encoder":
-            raise CheckpointError(p, f"a cycle-encoding {nf.kind} file, not an encoder")
-        try:
-            config = EncoderConfig.from_dict(nf.config)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(p, f"bad encoder configuration in the file: {e}") from None
+        nf = read_native(p, kind="encoder", what="an encoder")
+        config = read_config(EncoderConfig, nf.config, p, "encoder")
         E = build_encoder(config, nf.tensors, p, None)
         E.trained_stage = nf.extra.get("trained_stage")
         prov = {**nf.provenance, "source_format": "cycle-encoding"}

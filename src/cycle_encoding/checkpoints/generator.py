@@ -22,7 +22,7 @@ from ..errors import CheckpointError
 from ..networks.stylegan2 import Generator, GeneratorConfig
 from . import e4e, nvidia, rosinality
 from .common import check_declared_architecture, check_state_dict, sniff, torch_load
-from .native import NativeFile, default_provenance, file_sha256, read_native, save_native
+from .native import NativeFile, default_provenance, file_sha256, read_config, read_native, save_native
 
 W_AVG_SAMPLES = 10_000
 
@@ -100,13 +100,8 @@ def read_generator_weights(path: str | Path) -> GeneratorWeights:
     p = Path(path)
     kind = sniff(p)
     if kind == "safetensors":
-        nf: NativeFile = read_native(p)
-        if nf.kind != "generator":
-            raise CheckpointError(p, f"a cycle-encoding {nf.kind} file, not a generator")
-        try:
-            config = GeneratorConfig.from_dict(nf.config)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(p, f"bad generator configuration in the file: {e}") from None
+        nf: NativeFile = read_native(p, kind="generator")
+        config = read_config(GeneratorConfig, nf.config, p, "generator")
         t = dict(nf.tensors)
         w_avg = t.pop("latent_avg", None)
         return GeneratorWeights(config, t, w_avg, "cycle-encoding", ["generator", "latent_avg"], nf.provenance)

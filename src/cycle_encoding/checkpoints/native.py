@@ -108,9 +108,15 @@ def read_native_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
-def read_native(path: str | Path, device: str | torch.device = "cpu") -> NativeFile:
+def read_native(
+    path: str | Path, device: str | torch.device = "cpu", kind: str | None = None, what: str | None = None
+) -> NativeFile:
+    """An own-format file's header and tensors; with ``kind``, a file of another kind is an error saying it is not
+    ``what`` (e.g. "an encoder"; default "a KIND")."""
     p = Path(path)
     header = read_native_header(p)
+    if kind is not None and header["kind"] != kind:
+        raise CheckpointError(p, f"a cycle-encoding {header['kind']} file, not {what or 'a ' + kind}")
     try:
         with safe_open(str(p), framework="pt", device=str(device)) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -123,6 +129,14 @@ def read_native(path: str | Path, device: str | torch.device = "cpu") -> NativeF
         provenance=header.get("provenance", {}),
         extra=header.get("extra", {}),
     )
+
+
+def read_config(cls: Any, data: Any, path: str | Path, what: str) -> Any:
+    """``cls.from_dict(data)``: a network's configuration from a file's header; a bad one is the file's error."""
+    try:
+        return cls.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(path, f"bad {what} configuration in the file: {e}") from None
 
 
 def native_header_of_kind(path: str | Path, container: str, kind: str) -> dict[str, Any] | None:

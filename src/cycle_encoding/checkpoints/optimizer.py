@@ -218,9 +218,7 @@ def save_optimizer_state(
 def load_optimizer_state(path: str | Path, module: nn.Module) -> OptimizerState:
     """Read a companion file written by :func:`save_optimizer_state` for ``module`` (its weights give the slow
     weights back). Strict about names and shapes."""
-    nf = read_native(path)
-    if nf.kind != KIND:
-        raise CheckpointError(path, f"a cycle-encoding {nf.kind} file, not an encoder optimizer state")
+    nf = read_native(path, kind=KIND, what="an encoder optimizer state")
     params = dict(module.named_parameters())
     steps = nf.extra.get("steps") or {}
     state: dict[str, dict[str, Any]] = {}

@@ -411,9 +411,7 @@ def _from_eigvec(d: dict[str, Any], path: Path) -> DirectionSet:
 
 
 def _from_native(path: Path) -> DirectionSet:
-    nf = read_native(path)
-    if nf.kind != DIRECTIONS_KIND:
-        raise CheckpointError(path, f"a cycle-encoding {nf.kind} file, not a directions file")
+    nf = read_native(path, kind=DIRECTIONS_KIND, what="a directions file")
     c = nf.config
     t = nf.tensors
     if "vectors" not in t:

@@ -178,9 +178,7 @@ def load_generator_delta(path: str | Path, base: Generator | str | Path, verify:
     generator's weight hash is checked against the stored one.
     """
     p = Path(path)
-    nf = read_native(p)
-    if nf.kind != DELTA_KIND:
-        raise CheckpointError(p, f"a cycle-encoding {nf.kind} file, not a {DELTA_KIND}")
+    nf = read_native(p, kind=DELTA_KIND)
     ex = nf.extra
     if ex.get("encoding") != ENCODING or int(ex.get("encoding_version", 0)) > ENCODING_VERSION:
         raise CheckpointError(

@@ -21,7 +21,7 @@ from ..errors import CycleEncodingError
 from ..networks.classifier import ClassifierEmbedder
 from ..networks.irse import ArcFaceBackbone
 from ..networks.resnet import ResNet50
-from ..ops import as_rgb
+from ..ops import FixedMeasure, as_rgb
 from .perceptual import FMNIST_FEATURES, load_dlib_embedder
 from .registry import NetworkRegistry
 
@@ -31,7 +31,7 @@ ARCFACE_CROP = (35, 223, 32, 220)
 MOCO_SIZE = 224
 
 
-class ArcFaceEmbedder(nn.Module):
+class ArcFaceEmbedder(FixedMeasure):
     """ArcFace on the e4e/pSp face crop: images not 256x256 are first average-pooled to 256 (as pSp's ID loss does),
     then ``x[:, :, 35:223, 32:220]`` is adaptive-average-pooled to the backbone's input (112) and embedded
     (L2-normalized, 512-d). One-channel images are repeated to three channels."""
@@ -40,9 +40,6 @@ class ArcFaceEmbedder(nn.Module):
         super().__init__()
         self.backbone = backbone.requires_grad_(False).eval()
         self.name = name
-
-    def train(self, mode: bool = True) -> ArcFaceEmbedder:
-        return super().train(False)
 
     def crop(self, x: torch.Tensor) -> torch.Tensor:
         """The face crop fed to the backbone: [B, 3, H, W] -> [B, 3, input_size, input_size]."""
@@ -59,7 +56,7 @@ class ArcFaceEmbedder(nn.Module):
         return self.backbone(self.crop(x))
 
 
-class MocoEmbedder(nn.Module):
+class MocoEmbedder(FixedMeasure):
     """e4e's MoCo feature: ``F.interpolate(x, size=224)`` (nearest, e4e's call without a mode; no ImageNet
     mean/std: e4e feeds the [-1, 1] image as it is), ResNet-50 to the 2048-d pooled features, L2-normalized."""
 
@@ -68,15 +65,12 @@ class MocoEmbedder(nn.Module):
         self.resnet = resnet.requires_grad_(False).eval()
         self.name = name
 
-    def train(self, mode: bool = True) -> MocoEmbedder:
-        return super().train(False)
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(as_rgb(x, self.name), size=(MOCO_SIZE, MOCO_SIZE))
         return F.normalize(self.resnet.pooled(x), dim=1)
 
 
-class IdentitySimilarity(nn.Module):
+class IdentitySimilarity(FixedMeasure):
     """Cosine similarity of two images' embeddings, one value per sample; frozen, stays in eval mode."""
 
     def __init__(self, embedder: nn.Module, name: str | None = None) -> None:
@@ -87,9 +81,6 @@ class IdentitySimilarity(nn.Module):
         self.embedder.requires_grad_(False)
         self.name: str = name or getattr(embedder, "name", type(embedder).__name__)
         self.eval()
-
-    def train(self, mode: bool = True) -> IdentitySimilarity:
-        return super().train(False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedder.embed(x)

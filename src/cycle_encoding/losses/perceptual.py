@@ -18,20 +18,17 @@ from ..checkpoints.classifier import load_small_classifier
 from ..errors import CycleEncodingError
 from ..networks.classifier import ClassifierEmbedder
 from ..networks.lpips import LPIPS, normalize_channels
+from ..ops import FixedMeasure
 from .registry import NetworkRegistry
 
 
-class PerceptualDistance(nn.Module):
+class PerceptualDistance(FixedMeasure):
     """Base class: a frozen distance between images in [-1, 1], one value per sample; stays in eval mode."""
 
     name: str = "perceptual"
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def train(self, mode: bool = True) -> PerceptualDistance:
-        """Stays in eval mode whatever the caller asks: a loss network is a fixed measure."""
-        return super().train(False)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

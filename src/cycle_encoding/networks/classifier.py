@@ -24,14 +24,16 @@ classifier Frechet distance use (see ``losses.perceptual.classifier_perceptual``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigRecord
 from ..errors import CycleEncodingError
+from ..ops import FixedMeasure
 
 ARCHS = ("convnet", "vggbn", "resnet50")
 SMALL_ARCHS = ("convnet", "vggbn")
@@ -40,7 +42,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class ClassifierConfig:
+class ClassifierConfig(ConfigRecord):
     """What is needed to build an attribute classifier (see the module doc)."""
 
     arch: str = "convnet"
@@ -63,22 +65,6 @@ class ClassifierConfig:
             raise ValueError(f"input_size must be >= 8, got {self.input_size}")
         object.__setattr__(self, "outputs", tuple(str(o) for o in self.outputs))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["outputs"], d["widths"] = list(self.outputs), list(self.widths)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown classifier configuration fields: {sorted(unknown)}")
-        d = dict(d)
-        for k in ("outputs", "widths"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
 
 
 class AttributeClassifier(nn.Module):
@@ -181,16 +167,13 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class ClassifierEmbedder(nn.Module):
+class ClassifierEmbedder(FixedMeasure):
     """``embed(x) -> [B, D]``: a small classifier's penultimate embedding, L2-normalized; frozen, stays in eval."""
 
     def __init__(self, classifier: AttributeClassifier, name: str | None = None) -> None:
         super().__init__()
         self.classifier = classifier.requires_grad_(False).eval()
         self.name = name or classifier.name
-
-    def train(self, mode: bool = True) -> ClassifierEmbedder:
-        return super().train(False)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.classifier.features(x)

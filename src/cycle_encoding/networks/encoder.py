@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigRecord
 from .irse import UNITS_PER_BLOCK, IRSEBody, irse_unit_specs, make_input_layer
 from .stylegan2 import EqualLinear
 
@@ -40,7 +41,7 @@ MIDDLE_END = 7  # heads 3..6 read p2, 7.. read p1
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(ConfigRecord):
     num_ws: int = 18
     w_dim: int = 512
     input_size: int = 256
@@ -79,23 +80,6 @@ class EncoderConfig:
         """Spatial size of the feature map head ``i`` reads (c3: input/16, p2: /8, p1: /4)."""
         s = self.input_size
         return s // 16 if i < COARSE_END else (s // 8 if i < MIDDLE_END else s // 4)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["widths"] = list(self.widths)
-        d["units"] = list(self.units)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown encoder configuration fields: {sorted(unknown)}")
-        d = dict(d)
-        for k in ("widths", "units"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
 
 
 class GradualStyleBlock(nn.Module):

@@ -9,17 +9,18 @@ e4e / Cycle Encoding training checkpoint loads as it is. For small generators th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import ConfigRecord
 from ..errors import CycleEncodingError
 
 
 @dataclass(frozen=True)
-class LatentDiscriminatorConfig:
+class LatentDiscriminatorConfig(ConfigRecord):
     """Input width ``w_dim``, hidden width (None: ``w_dim``), number of linear layers, LeakyReLU slope."""
 
     w_dim: int = 512
@@ -36,17 +37,6 @@ class LatentDiscriminatorConfig:
     @property
     def width(self) -> int:
         return self.w_dim if self.hidden_dim is None else self.hidden_dim
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LatentDiscriminatorConfig:
-        known = {"w_dim", "hidden_dim", "num_layers", "negative_slope"}
-        unknown = set(d) - known
-        if unknown:
-            raise CycleEncodingError(f"latent discriminator config: unknown key(s) {sorted(unknown)}")
-        return cls(**d)
 
 
 class LatentDiscriminator(nn.Module):

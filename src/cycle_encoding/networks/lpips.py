@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CycleEncodingError
-from ..ops import as_rgb
+from ..ops import FixedMeasure, as_rgb
 
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -124,7 +124,7 @@ def normalize_channels(f: torch.Tensor, eps: float = NORMALIZE_EPS) -> torch.Ten
     return f / (torch.sqrt(sq) + eps)
 
 
-class LPIPS(nn.Module):
+class LPIPS(FixedMeasure):
     """The LPIPS v0.1 distance; ``forward(x, y)`` gives one value per sample, differentiable, weights frozen.
 
     ``net`` is 'alex' or 'vgg'; ``backbone`` a state dict of the feature stack (``features.*`` keys);
@@ -153,10 +153,6 @@ class LPIPS(nn.Module):
             )
         self.requires_grad_(False)
         self.eval()
-
-    def train(self, mode: bool = True) -> LPIPS:
-        """Stays in eval mode: LPIPS is a fixed measure."""
-        return super().train(False)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's tapped feature maps of x in [-1, 1] (after LPIPS's shift and scale)."""
