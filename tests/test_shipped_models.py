@@ -114,7 +114,7 @@ def test_fmnist_features_accepts_another_file(tmp_path: Path) -> None:
     other = AttributeClassifier(ClassifierConfig(arch="vggbn", outputs=("a", "b"), input_size=32, in_channels=1,
                                                  widths=(4, 8)))  # fmt: skip
     f = save_classifier(other, tmp_path / "mine.safetensors")
-    dist = build_perceptual("fmnist-features", lpips_backbone=f)
+    dist = build_perceptual("fmnist-features", weights=f)
     sim = build_identity("fmnist-features", weights=f)
     assert "mine.safetensors" in dist.name and "mine.safetensors" in sim.name
     x, y = images(2, 4), images(2, 5)

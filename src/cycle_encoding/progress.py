@@ -83,10 +83,10 @@ class Progress:
         text = (
             f"{self.desc}: {self.done}"
             + (f"/{self.total}" if self.total else "")
-            + f" {self.unit}, {_mmss(el)} elapsed"
+            + f" {self.unit}, {clock(el)} elapsed"
         )
         if self.total and self.initial < self.done < self.total:
-            text += f", about {_mmss(el * (self.total - self.done) / (self.done - self.initial))} left"
+            text += f", about {clock(el * (self.total - self.done) / (self.done - self.initial))} left"
         return text
 
     def postfix(self, **values: Any) -> None:
@@ -117,6 +117,7 @@ class Progress:
         self.close()
 
 
-def _mmss(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """``M:SS``, or ``H:MM:SS`` from an hour on."""
     s = round(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

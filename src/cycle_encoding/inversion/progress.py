@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..progress import resolve_progress
+from ..progress import clock, resolve_progress
 
 
 class StepBar:
@@ -71,7 +71,7 @@ class StepBar:
         total = self.totals.get(str(self.stage))
         text = f"step {self.count}" + (f"/{total}" if total else "") + f", {per:.2f} s/step"
         if total:
-            text += f", at most {_hms(per * max(0, total - self.count))} left"
+            text += f", at most {clock(per * max(0, total - self.count))} left"
         return text
 
     def close(self) -> None:
@@ -79,8 +79,3 @@ class StepBar:
             self.bar.close()
         self.bar = None
         self.stage = None
-
-
-def _hms(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

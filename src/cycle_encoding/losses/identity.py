@@ -4,7 +4,9 @@ more can be registered.
 
 An ``IdentitySimilarity`` gives ``forward(x, y) -> Tensor[B]``, the cosine similarity of the two images'
 embeddings (the loss is ``1 - cos``), differentiable w.r.t. x, weights frozen, with a ``name`` for logs and reports.
-Embedders implement ``embed(x in [-1, 1]) -> Tensor[B, D]`` and have a ``name``.
+Embedders implement ``embed(x in [-1, 1]) -> Tensor[B, D]`` and have a ``name``. ``build_identity(name, device,
+weights)``: ``weights`` is the file the network needs (``arcface``: ``model_ir_se50.pth``; ``moco``: the MoCo v2
+checkpoint; ``dlib-face``: none), looked up when not given (``NetworkRegistry.build``).
 """
 
 from __future__ import annotations
@@ -105,20 +107,7 @@ IDENTITY: NetworkRegistry[IdentitySimilarity] = NetworkRegistry("identity networ
 register_identity = IDENTITY.register
 unregister_identity = IDENTITY.unregister
 identity_names = IDENTITY.names
-
-
-def build_identity(
-    name: str,
-    device: str | torch.device = "cpu",
-    weights: str | Path | None = None,
-    recorded: str | Path | None = None,
-    domain: str | None = None,
-) -> IdentitySimilarity:
-    """The identity similarity registered as ``name`` on ``device``; ``weights`` is the file it needs
-    (``arcface``: ``model_ir_se50.pth``; ``moco``: the MoCo v2 checkpoint; ``dlib-face``: none), looked up when not
-    given as for the perceptual distances (``NetworkRegistry.build``: ``recorded``, the torch hub cache, the shipped
-    config's folders such as ``pretrained_models/``). ``located`` on the result says which file and how."""
-    return IDENTITY.build(name, device, weights, recorded, domain)
+build_identity = IDENTITY.build  # (name, device, weights, recorded, domain)
 
 
 def _arcface(device: torch.device, weights: Path | None) -> IdentitySimilarity:

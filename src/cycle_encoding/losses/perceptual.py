@@ -4,6 +4,10 @@ feature network that exists on the machine (the dlib face embedder for faces; ot
 Every distance is a ``PerceptualDistance``: ``forward(x, y) -> Tensor[B]`` (per-sample, differentiable w.r.t. x,
 weights frozen) with a ``name`` that logs and reports print, e.g. "lpips-alex (backbone alexnet-owt-7be5be79.pth)".
 Asking for LPIPS without a backbone is an error naming the file needed; nothing falls back silently.
+
+``build_perceptual(name, device, weights)``: ``weights`` is the file the distance needs (for ``lpips-alex`` /
+``lpips-vgg`` a torchvision AlexNet / VGG16 ImageNet state dict), looked up when not given (``NetworkRegistry.build``);
+``dlib-face`` takes none (its weights come from the cache).
 """
 
 from __future__ import annotations
@@ -97,24 +101,7 @@ PERCEPTUAL: NetworkRegistry[PerceptualDistance] = NetworkRegistry("perceptual di
 register_perceptual = PERCEPTUAL.register
 unregister_perceptual = PERCEPTUAL.unregister
 perceptual_names = PERCEPTUAL.names
-
-
-def build_perceptual(
-    name: str,
-    device: str | torch.device = "cpu",
-    lpips_backbone: str | Path | None = None,
-    recorded: str | Path | None = None,
-    domain: str | None = None,
-) -> PerceptualDistance:
-    """The perceptual distance registered as ``name``, on ``device`` (``NetworkRegistry.build``).
-
-    ``lpips_backbone`` is the weights file the distance needs: for ``lpips-alex`` / ``lpips-vgg`` a torchvision
-    AlexNet / VGG16 ImageNet state dict, looked up when not given (the file ``recorded`` by a run or encoder, the
-    torch hub cache, the shipped config's folders); a registered distance that needs a file of its own receives it
-    the same way. ``dlib-face`` takes none (its weights come from the cache). The distance's ``located`` attribute
-    says which file was used and how it was found (None for distances without a file).
-    """
-    return PERCEPTUAL.build(name, device, lpips_backbone, recorded, domain)
+build_perceptual = PERCEPTUAL.build  # (name, device, weights, recorded, domain)
 
 
 def load_dlib_embedder(device: torch.device, weights: Path | None = None) -> nn.Module:
