@@ -17,8 +17,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .utils import atomic_write, to_uint8
 
-CellImage = "Image.Image | np.ndarray | torch.Tensor | str | Path | None"
-
 
 def as_pil(image: object) -> Image.Image | None:
     """A PIL RGB image from a PIL image, a uint8 array [H, W, C], a tensor [C, H, W] in [-1, 1] or a file."""

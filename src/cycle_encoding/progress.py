@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
-ProgressMode = Literal["auto", "bar", "lines", "none"]
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
 
 

@@ -140,11 +140,6 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
-def save_images(images: Sequence[torch.Tensor] | torch.Tensor, paths: Sequence[str | Path]) -> None:
-    for im, p in zip(images, paths, strict=True):
-        save_image(im, p)
-
-
 # Images are refused above this many pixels before they are decoded: a small compressed file can declare a huge
 # canvas (a 236 KB PNG of 9000 x 9000 pixels needs 4.7 GB as floats). The command-line option --max-pixels raises it.
 DEFAULT_MAX_PIXELS = 50_000_000

@@ -23,13 +23,6 @@ from ..networks.lpips import BACKBONES, LPIPS, LPIPS_NETS
 from ..networks.resnet import ResNet50
 from .common import torch_load
 
-# Where the torchvision ImageNet weights come from, for error messages (file names as torchvision publishes them).
-TORCHVISION_FILES = {
-    "alexnet": "alexnet-owt-7be5be79.pth",
-    "vgg16": "vgg16-397923af.pth",
-}
-TORCHVISION_URL = "https://download.pytorch.org/models/"
-
 # torchvision's classifier keys: name -> shape, with None where any size is fine (the number of classes).
 _CLASSIFIERS: dict[str, dict[str, tuple[int | None, ...]]] = {
     "alexnet": {

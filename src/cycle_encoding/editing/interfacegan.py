@@ -37,7 +37,6 @@ from .ganspace import mapping_batches
 METHODS = ("svm", "svc", "logistic")
 SPACES = ("w", "w+")
 POSITIVE_NAMES = ("1", "pos", "positive", "yes", "true", "with")
-NEGATIVE_NAMES = ("0", "neg", "negative", "no", "false", "without")
 _TRUE = {"1", "+1", "true", "yes", "pos", "positive", "y", "t"}
 _FALSE = {"0", "-1", "false", "no", "neg", "negative", "n", "f"}
 

@@ -68,10 +68,6 @@ class EncoderConfig(ConfigRecord):
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "units", tuple(int(u) for u in self.units))
 
-    @classmethod
-    def for_generator(cls, num_ws: int, w_dim: int, **kw: Any) -> EncoderConfig:
-        return cls(num_ws=num_ws, w_dim=w_dim, **kw)
-
     @property
     def num_heads(self) -> int:
         return int(self.max_stage) + 1 if self.style_mode == "delta" else self.num_ws

@@ -537,7 +537,3 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
     data.setdefault("precision", "fp32")  # a run from before these options computed in float32, uncompiled:
     data.setdefault("compile", False)  # it keeps doing so
     return load_train_config(data)
-
-
-def describe_steps(total: int) -> str:
-    return f"{total:,} steps" + (f" (~{math.ceil(total / 1000)}k)" if total >= 1000 else "")
