@@ -2,7 +2,8 @@
 
 Opens RUN (default: a run made here of two Fashion-MNIST test images, encoder -> 3 tuning steps, shipped models) with
 ``Editor.open_run``, then times: switching to each image (the tuned generator rebuilt from the base and its stored
-change, the pivot read), and ``render`` of one and of three directions combined (median of ``--repeats``). Usage:
+change, the pivot read), ``render`` of one and of three directions combined (median of ``--repeats``), and how soon a
+cancel ends an inversion (``cancel_latency``). Usage:
 
     .venv/bin/python benchmarks/editor.py [--run out/demo/run] [--device cpu] [--repeats 20]
 """
@@ -13,12 +14,14 @@ import argparse
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from cycle_encoding.editing.editor import Editor
+from cycle_encoding.editing.editor import Editor, InversionCancelled
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist"
 
@@ -65,6 +68,30 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             print(f"render {len(chosen)} direction(s): median {statistics.median(times) * 1000:.1f} ms "
                   f"over {args.repeats}")  # fmt: skip
+        cancel_latency(ed, EXAMPLES / "test-00006-coat.png")
+
+
+def cancel_latency(ed: Editor, image: Path, repeats: int = 3) -> None:
+    """How soon a cancel (the page's Cancel button, a closed page) ends an inversion: the flag is set during the
+    6th tuning step of a 3,500-step tuning; the time from then to ``InversionCancelled``, against one step's time."""
+    lat, step = [], []
+    for _ in range(repeats):
+        stop, t = threading.Event(), {}
+
+        def progress(p: Any, stop: threading.Event = stop, t: dict[str, float] = t) -> None:
+            if p.stage == "tune" and not p.done:
+                t[f"step{p.step}"] = time.perf_counter()
+                if p.step == 5:
+                    stop.set()
+                    t["set"] = time.perf_counter()
+
+        try:
+            ed.invert(image, ("encoder", "tune"), progress=progress, cancel=stop, tune={"steps": 3500})
+        except InversionCancelled:
+            lat.append(time.perf_counter() - t["set"])
+            step.append(t["step5"] - t["step4"])
+    print(f"cancel: the inversion ended a median {statistics.median(lat) * 1000:.1f} ms after the flag was set "
+          f"(one tuning step: {statistics.median(step) * 1000:.1f} ms; {repeats} runs)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,16 +14,26 @@ keyed by the generator's weights hash). An edit of several directions applies th
 each with :meth:`DirectionSet.apply` on its own default layers, and renders with the image's tuned generator and its
 constant noise: for one direction this is exactly what ``cycle-encoding edit`` renders (``editing/render.py``).
 
-Each direction carries a suggested slider range ``limit``: GANSpace strengths are in standard deviations of the
-component (3); the other directions are vectors in W, and their range is 3 standard deviations of the mapping
-network's codes along the vector (2,000 codes, seed 0), so that a full slider is a large but in-distribution move.
+Each direction carries a slider range ``-limit .. +limit`` and a ``step``, by one rule: ``limit`` is the spread of the
+generator's codes along the direction (largest minus smallest projection of 2,000 mapping-network codes, seed 0, in
+the direction's strength units: GANSpace's standard deviations, else distance in W), and at least the largest default
+strength of ``cycle-encoding edit`` (3); rounded up to a whole ``step`` (about 40 steps from 0 to ``limit``). From any
+code in the generator's range, a full slider reaches the far end of that range (the demo's class edits at +-6 lie
+within it).
+
+An inversion stops between two optimization steps when its ``cancel`` event is set (``InversionCancelled``; the
+editor keeps its image). Editors share what they can: forks share the networks, directions and inverters, and the
+tuned generators rebuilt for a run's images are shared while any editor uses them.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +50,6 @@ from .directions import DirectionSet, load_directions
 METHODS = ("sefa", "ganspace")
 GANSPACE_SAMPLES = 50_000
 RANGE_SAMPLES = 2_000
-RANGE_SIGMAS = 3.0
 DEFAULT_STAGES = ("encoder", "tune")
 MAX_INVERTERS = 4  # inverters kept (each holds its loss networks and, for refine, the encoder's training images)
 # the feature network the shipped Fashion-MNIST models were trained and evaluated with (see README)
@@ -49,6 +58,10 @@ SHIPPED_LOSS_NETWORKS = {"fmnist-generator": {"perceptual": "fmnist-features", "
 
 _DIRECTION_CACHE: dict[tuple[str, str, int], DirectionSet] = {}
 _CACHE_LOCK = threading.Lock()
+
+
+class InversionCancelled(CycleEncodingError):
+    """An inversion stopped by its ``cancel`` event (between two optimization steps)."""
 
 
 @dataclass
@@ -60,11 +73,12 @@ class Direction:
     kind: str  # "file", "sefa" or "ganspace"
     set: DirectionSet
     component: int
-    limit: float  # suggested slider range: -limit .. +limit
+    limit: float  # slider range: -limit .. +limit (see the module doc)
+    step: float  # slider step; limit is a whole number of steps
 
     def describe(self) -> dict[str, Any]:
         return {"key": self.key, "label": self.label, "kind": self.kind, "component": self.component,
-                "method": self.set.method, "source": self.set.source, "limit": self.limit,
+                "method": self.set.method, "source": self.set.source, "limit": self.limit, "step": self.step,
                 "layers": list(self.set.layers) if self.set.layers is not None else "all"}  # fmt: skip
 
 
@@ -86,6 +100,17 @@ class Progress:
 
 def _nonzero(strengths: Mapping[str, float] | None) -> dict[str, float]:
     return {k: float(v) for k, v in (strengths or {}).items() if float(v) != 0.0}
+
+
+def _file_stem(parts: Sequence[str]) -> str:
+    """``parts`` joined by ``_`` in the characters ``A-Za-z0-9_.+-``, at most 120 (a longer one is cut and kept apart
+    by a hash of the whole)."""
+    stem = re.sub(r"[^A-Za-z0-9_.+-]+", "-", "_".join(parts)).strip("-._") or "edit"
+    if len(stem) > 120:
+        import hashlib
+
+        stem = f"{stem[:111]}-{hashlib.sha256(stem.encode()).hexdigest()[:8]}"
+    return stem
 
 
 def tensor_to_pil(y: torch.Tensor) -> Image.Image:
@@ -133,18 +158,29 @@ def _cached_directions(G: Generator, method: str, k: int) -> DirectionSet:
         return ds
 
 
-def _suggested_limit(ds: DirectionSet, k: int, codes: torch.Tensor) -> float:
-    if ds.method == "ganspace" and ds.scales is not None:
-        return RANGE_SIGMAS
+def slider_step(limit: float) -> float:
+    """A round step (1, 2 or 5 times a power of ten) giving about 40 steps from 0 to ``limit``."""
+    raw = max(limit, 1e-6) / 40
+    e = 10.0 ** math.floor(math.log10(raw))
+    return float(min((m * e for m in (1, 2, 5, 10)), key=lambda v: abs(math.log(v / raw))))
+
+
+def slider_range(ds: DirectionSet, k: int, codes: torch.Tensor) -> tuple[float, float]:
+    """(limit, step) of direction ``k`` by the module doc's rule; ``codes``: the mapping network's samples."""
+    from .render import DEFAULT_STRENGTHS
+
     v = ds.vectors[k]
     if v.ndim == 2:  # W+: the mean vector over its layers
         v = v.mean(0)
     n = float(v.norm())
-    if n == 0:
-        return RANGE_SIGMAS
-    scale = float(ds.scales[k]) if ds.scales is not None else 1.0
-    sigma = float((codes @ (v / n)).std()) / max(n * scale, 1e-12)
-    return float(max(0.1, round(RANGE_SIGMAS * sigma, 1)))
+    unit = n * (float(ds.scales[k]) if ds.scales is not None else 1.0)
+    spread = 0.0
+    if n > 0 and unit > 0:
+        p = codes.double() @ (v.double() / n)
+        spread = float(p.max() - p.min()) / unit
+    lim = max(spread, max(abs(a) for a in DEFAULT_STRENGTHS))
+    step = slider_step(lim)
+    return round(math.ceil(lim / step - 1e-9) * step, 10), step
 
 
 class _Shared:
@@ -171,6 +207,8 @@ class _Shared:
         self.loss_options = dict(loss_options)
         self.lock = threading.Lock()  # one inversion at a time per base generator
         self._inverters: dict[str, Any] = {}
+        self._run_generators: weakref.WeakValueDictionary[tuple[Any, ...], Generator] = weakref.WeakValueDictionary()
+        self._run_lock = threading.Lock()
         self._aligner: Any = None
         self._directions = self._build_directions(directions, components, methods)
 
@@ -185,8 +223,7 @@ class _Shared:
         if components < 0:
             raise CycleEncodingError(f"components must be >= 0, got {components}")
         out: list[Direction] = []
-        codes = sample_mapping(self.G, RANGE_SAMPLES, seed=0).double()
-        codes = codes - codes.mean(0)
+        codes = sample_mapping(self.G, RANGE_SAMPLES, seed=0)
 
         def add(ds: DirectionSet, k: int, key: str, label: str, kind: str) -> None:
             if ds.w_dim != self.G.w_dim:
@@ -200,7 +237,7 @@ class _Shared:
             base, n = key, 2
             while any(d.key == key for d in out):
                 key, n = f"{base}~{n}", n + 1
-            out.append(Direction(key, label, kind, ds, k, _suggested_limit(ds, k, codes.float())))
+            out.append(Direction(key, label, kind, ds, k, *slider_range(ds, k, codes)))
 
         for spec in specs:
             ds = spec if isinstance(spec, DirectionSet) else load_directions(spec)
@@ -231,6 +268,19 @@ class _Shared:
         while len(self._inverters) > MAX_INVERTERS:
             self._inverters.pop(next(iter(self._inverters)))
         return inv
+
+    def run_generator(self, run: Any, im: Any) -> Generator | None:
+        """The tuned generator of a run's image (None: the base renders it), rebuilt from its stored change once and
+        shared by every editor that has the image open (released when none has)."""
+        if not im.tuned:
+            return None
+        key = None if im.delta_path is None else (str(im.delta_path.resolve()), im.delta_path.stat().st_mtime_ns)
+        with self._run_lock:
+            G = self._run_generators.get(key) if key is not None else None
+            if G is None:
+                G, _ = run.generator_for(im, self.G)  # a stored change, or a one-line error
+                self._run_generators[key] = G
+        return G
 
     def aligner(self) -> Any:
         if self._aligner is None:
@@ -358,10 +408,15 @@ class Editor:
 
     # -- getting an image ------------------------------------------------------------------------------------------
     def load_image(
-        self, image: Image.Image | np.ndarray | torch.Tensor | str | Path, align: bool = False
+        self,
+        image: Image.Image | np.ndarray | torch.Tensor | str | Path,
+        align: bool = False,
+        notes: list[str] | None = None,
     ) -> torch.Tensor:
         """The target as the inversion sees it: ``[1, C, R, R]`` in [-1, 1] at the generator's resolution (centre
-        crop); ``align``: FFHQ-align the largest face first (dlib; an error when there is none)."""
+        crop); ``align``: FFHQ-align the largest face first (dlib; an error when there is none). ``notes`` receives
+        what the user should know: a colour image made grey for a 1-channel generator, a small image upsampled."""
+        from ..data.align import small_target_warning
         from ..data.images import image_to_tensor, read_image
         from ..inversion.common import check_target
 
@@ -389,6 +444,15 @@ class Editor:
             x = image.detach().float().cpu()
         else:
             x = image_to_tensor(image)
+        x = x[0] if x.ndim == 4 else x
+        name = Path(image).name if isinstance(image, (str, Path)) else "the image"
+        if notes is not None and x.ndim == 3 and x.shape[0] == 3 and G.img_channels == 1:
+            if not (torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])):
+                notes.append(f"{name} is a colour image and this generator makes 1-channel images: it was made grey "
+                             "(ITU-R 601 luma)")  # fmt: skip
+        small = small_target_warning(name, int(x.shape[-2]), int(x.shape[-1]), G.resolution) if x.ndim == 3 else None
+        if notes is not None and small is not None:
+            notes.append(small)
         return check_target(G, x).cpu()
 
     def invert(
@@ -399,28 +463,43 @@ class Editor:
         progress: Callable[[Progress], None] | None = None,
         align: bool = False,
         name: str | None = None,
+        cancel: threading.Event | None = None,
+        notes: list[str] | None = None,
         **options: Any,
     ) -> Any:
         """Invert ``image`` with ``stages`` (the inversion pipeline's ``Inverter``; ``options`` as its keyword
         options, e.g. ``tune={"steps": 50}``) and make it the current image; returns the ``InversionResult``.
-        ``progress`` sees every optimization step and each finished stage (with its reconstruction)."""
+        ``progress`` sees every optimization step and each finished stage (with its reconstruction). Setting
+        ``cancel`` (from another thread) stops the inversion after the step under way: ``InversionCancelled`` is
+        raised and the editor keeps its image. ``notes``: as ``load_image``'s."""
         from ..inversion import make_config
         from .render import PIVOT_STAGES
 
         stages = tuple(stages)
         cfg = make_config(None, stages=stages, **{**self._s.loss_options, **options})
         totals = {"encoder": 1, "refine": cfg.refine.steps, "project": cfg.project.steps, "tune": cfg.tune.steps}
-        x = self.load_image(image, align=align)
+        x = self.load_image(image, align=align, notes=notes)
         if name is None:
             name = Path(image).stem if isinstance(image, (str, Path)) else "image"
         t_stage = [time.perf_counter()]
+        at: dict[str, Any] = {"stage": None, "step": 0}  # the last step done
+
+        def check() -> None:  # between two steps: the inversion's own step and stage hooks
+            if cancel is not None and cancel.is_set():
+                where = (
+                    f"{at['step']} of {totals.get(at['stage'], '?')} {at['stage']} steps" if at["stage"] else "no step"
+                )
+                raise InversionCancelled(f"{name}: inversion cancelled after {where}")
 
         def on_step(rec: dict[str, Any]) -> None:
+            at.update(stage=str(rec.get("stage", "")), step=int(rec.get("step", 0)) + 1)
+            check()
             if progress is not None:
                 s = str(rec.get("stage", ""))
                 progress(Progress(s, int(rec.get("step", 0)) + 1, int(totals.get(s, 0)), record=rec))
 
         def on_stage(stage: str, res: Any) -> None:
+            check()
             if progress is not None:
                 img = tensor_to_pil(res.recons[stage])
                 dt = time.perf_counter() - t_stage[0]
@@ -429,6 +508,7 @@ class Editor:
             t_stage[0] = time.perf_counter()
 
         with self._s.lock:
+            check()  # cancelled while waiting for another inversion
             inv = self._s.inverter(stages, options)
             res = inv.invert(x, name=name, on_step=on_step, on_stage=on_stage)
         pivot_stage = res.tune["pivot_stage"] if res.tune else [s for s in res.pivots if s in PIVOT_STAGES][-1]
@@ -465,9 +545,9 @@ class Editor:
         from ..inversion.common import check_target
 
         im = self.run.image(name)
-        G, which = self.run.generator_for(im, self._s.G)
+        G = self._s.run_generator(self.run, im)
         target = check_target(self._s.G, read_image(im.target_path)).cpu() if im.target_path.is_file() else None
-        self._set(im.pivot, G if which == "tuned" else None, target, name, f"run image {name}")
+        self._set(im.pivot, G, target, name, f"run image {name}")
         self.result = None
         self.stages = im.stages
 
@@ -555,13 +635,27 @@ class Editor:
         return tensor_to_pil(self.target) if self.target is not None else None
 
     # -- export ------------------------------------------------------------------------------------------------------
+    def edit_name(self, strengths: Mapping[str, float] | None = None) -> str:
+        """A file name for an edit: the image's name, then each direction with its strength (``_recon`` for none),
+        in the characters ``A-Za-z0-9_.+-`` only and at most 120 of them, e.g. ``coat_coat-pullover+3_sefa-1-2``."""
+        return _file_stem(
+            [self.name or "image", *([f"{k}{v:+g}" for k, v in _nonzero(strengths).items()] or ["recon"])]
+        )
+
     def export(
-        self, folder: str | Path, strengths: Mapping[str, float] | None = None, *, generator: bool = True
+        self,
+        folder: str | Path,
+        strengths: Mapping[str, float] | None = None,
+        *,
+        generator: bool = True,
+        named: bool = False,
     ) -> dict[str, Path]:
         """Write the edit (``strengths``; default: the last render's) into ``folder``: ``edited.png``, ``codes.npz``
         (``w``: the edited codes ``[1, num_ws, w_dim]`` float32, the layout of NVIDIA's ``projected_w.npz``; also
         ``pivot``, the unedited codes), ``generator.safetensors`` (the generator that renders them, in the project's
-        format; skipped with ``generator=False``) and ``edit.json`` (the strengths and directions). Returns the paths."""
+        format; skipped with ``generator=False``) and ``edit.json`` (the strengths and directions). Returns the paths.
+        ``named``: the files are named for the image and the edit instead (``edit_name``: ``NAME.png``, ``NAME.npz``,
+        ``NAME.json``; ``IMAGE-tuned-generator.safetensors``)."""
         from ..checkpoints.common import atomic_write
         from ..checkpoints.generator import save_generator
         from ..checkpoints.native import default_provenance
@@ -574,14 +668,17 @@ class Editor:
             self.render_tensor(chosen)
         y = self._rendered
         assert y is not None and self._edited is not None and self.pivot is not None
-        paths = {"png": save_image(y[0], out / "edited.png")}
+        stem = self.edit_name(chosen) if named else None
+        which = "tuned" if self.tuned is not None else "base"
+        gen_name = _file_stem([self.name or "image", f"{which}-generator"]) if named else "generator"
+        paths = {"png": save_image(y[0], out / f"{stem or 'edited'}.png")}
         from ..checkpoints.latents import save_projected_w  # the one writer of NVIDIA's projected_w layout
 
-        paths["npz"] = save_projected_w(out / "codes.npz", self._edited, extra={"pivot": self.pivot})
+        paths["npz"] = save_projected_w(out / f"{stem or 'codes'}.npz", self._edited, extra={"pivot": self.pivot})
         if generator:
             prov = default_provenance(made_by="cycle-encoding editor", image=self.name,
                                       tuned=self.tuned is not None, base_weights_sha256=self.base_sha256)  # fmt: skip
-            paths["generator"] = save_generator(self.generator, out / "generator.safetensors", provenance=prov)
+            paths["generator"] = save_generator(self.generator, out / f"{gen_name}.safetensors", provenance=prov)
         doc = {
             "format": "cycle-encoding-editor-export",
             "version": 1,
@@ -593,5 +690,6 @@ class Editor:
             "base_weights_sha256": self.base_sha256,
             "files": {k: p.name for k, p in paths.items()},
         }
-        paths["json"] = atomic_write(out / "edit.json", lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
+        paths["json"] = atomic_write(out / f"{stem or 'edit'}.json",
+                                     lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))  # fmt: skip
         return paths
