@@ -5,6 +5,7 @@ several directions add up as a hand computation says; exports load back in their
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,26 @@ def test_several_directions_add_up_on_their_layers(run):
         want = to_uint8(Gt.synthesis(ws, noise_mode="const"))[0]
     got = pixels(ed.render({"thick": 0.8, "sefa:1": -1.5, "ganspace:0": 2.0}))
     np.testing.assert_array_equal(got[:, :, :3], np.broadcast_to(want, got.shape))
-    # GANSpace sliders run over +-3 std; the others over 3 std of the mapping's codes along the vector
-    assert ed.direction("ganspace:0").limit == 3.0 and ed.direction("thick").limit > 0
+
+
+def test_slider_ranges_cover_the_spread_of_the_generators_codes_and_the_cli_strengths(run):
+    """Each range is max(spread of 2,000 mapping codes along the direction, 3) rounded up to a whole step of about
+    1/40 of it (the module doc's rule), computed here independently of the editor's code."""
+    ed = Editor(run["G"], directions=[run["dir"]], components=2)
+    G = ed.base
+    with torch.no_grad():
+        z = torch.randn(2000, G.z_dim, generator=torch.Generator().manual_seed(0))
+        codes = G.style(z).double()
+    for d in ed.directions():
+        v = d.set.vectors[d.component].double()
+        unit = float(v.norm()) * (float(d.set.scales[d.component]) if d.set.scales is not None else 1.0)
+        proj = codes @ (v / v.norm()) / unit  # each code's coordinate in the direction's strength units
+        want = max(float(proj.max() - proj.min()), 3.0)  # 3: the largest default strength of `edit`
+        n = d.limit / d.step
+        assert abs(n - round(n)) < 1e-6 and 20 <= round(n) <= 80, (d.key, d.limit, d.step)
+        assert want <= d.limit + 1e-9 and d.limit - d.step < want, (d.key, d.limit, want)
+        mantissa = d.step / 10 ** np.floor(np.log10(d.step))
+        assert min(abs(mantissa - m) for m in (1, 2, 5, 10)) < 1e-6
 
 
 def test_export_writes_files_that_load_back(run, tmp_path):
@@ -146,6 +165,78 @@ def test_invert_from_an_image_reports_progress_and_becomes_the_image():
     t = ed.load_image(src)
     assert torch.equal(ed.load_image(arr), t) and torch.equal(ed.load_image(Image.open(src)), t)
     assert t.shape == (1, 1, 32, 32)
+
+
+def test_cancel_stops_an_inversion_between_steps_and_the_editor_keeps_its_image(run):
+    import threading
+
+    from cycle_encoding.editing.editor import InversionCancelled
+
+    ed = Editor(run["G"], str(run["root"] / "E.safetensors"), components=0, perceptual="none")
+    ed.attach_run(run["run"], "im0")
+    pivot, tuned = ed.pivot.clone(), ed.tuned
+    target = np.asarray(Image.open(run["root"] / "images" / "im1.png"))
+    stop = threading.Event()
+    seen = []
+
+    def progress(p):  # the user presses Cancel during the second tuning step
+        seen.append((p.stage, p.step, p.done))
+        if p.stage == "tune" and p.step == 2 and not p.done:
+            stop.set()
+
+    with pytest.raises(InversionCancelled, match="cancelled"):
+        ed.invert(target, ("encoder", "tune"), progress=progress, cancel=stop, tune={"steps": 50, "lr": 0.01})
+    # no step was reported after the one under way when the flag was set: the loop stopped between two steps
+    assert [x for x in seen if x[0] == "tune"] == [("tune", 1, False), ("tune", 2, False)]
+    assert ed.name == "im0" and torch.equal(ed.pivot, pivot) and ed.tuned is tuned
+    # the inversion lock is free again, and a flag set before the start stops before the first step
+    with pytest.raises(InversionCancelled):
+        ed.invert(target, ("encoder", "tune"), cancel=stop, tune={"steps": 50})
+    ed.invert(target, ("encoder", "tune"), cancel=threading.Event(), tune={"steps": 1})
+    assert ed.name == "image" and ed.tuned is not tuned
+
+
+def test_forks_share_a_run_images_tuned_generator_and_release_it(run):
+    import gc
+    import weakref
+
+    ed = Editor(run["G"], components=0)
+    a, b = ed.fork(), ed.fork()
+    a.attach_run(run["run"], "im1")
+    b.attach_run(run["run"], "im1")
+    assert a.tuned is not None and a.tuned is b.tuned  # rebuilt once, shared
+    ref = weakref.ref(a.tuned)
+    a.open_image("im0")
+    b.open_image("im0")
+    gc.collect()
+    assert ref() is None  # no editor has im1 open: its generator is gone
+
+
+def test_export_names_the_files_for_the_image_and_the_edit(run, tmp_path):
+    ed = Editor.open_run(run["run"], "im1", directions=[run["dir"]], components=1, methods=("sefa",))
+    files = ed.export(tmp_path, {"thick": -1.25, "sefa:0": 2.0}, named=True)
+    assert {k: p.name for k, p in files.items()} == {
+        "png": "im1_thick-1.25_sefa-0+2.png", "npz": "im1_thick-1.25_sefa-0+2.npz",
+        "json": "im1_thick-1.25_sefa-0+2.json", "generator": "im1_tuned-generator.safetensors"}  # fmt: skip
+    assert ed.edit_name({}) == "im1_recon"
+    ed.name = "a/b: " + "x" * 300  # unsafe characters go, a long name is cut and kept apart by a hash
+    long = ed.edit_name({"thick": 1.0})
+    assert len(long) == 120 and long.startswith("a-b-xxx") and re.fullmatch(r"[A-Za-z0-9_.+-]+", long)
+    assert long != ed.edit_name({"thick": 2.0})
+
+
+def test_a_colour_image_for_a_one_channel_generator_gets_a_note():
+    ed = Editor("fmnist-generator", None, components=0)
+    rgb = np.zeros((40, 40, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    notes: list[str] = []
+    ed.load_image(rgb, notes=notes)
+    assert len(notes) == 1 and "colour image" in notes[0] and "1-channel" in notes[0]
+    notes.clear()
+    ed.load_image(np.repeat(rgb[..., :1], 3, axis=2), notes=notes)  # grey stored as RGB: nothing to say
+    assert notes == []
+    ed.load_image(np.zeros((20, 20), np.uint8), notes=notes)  # smaller than 32 x 32: upsampled, said so
+    assert len(notes) == 1 and "smaller than" in notes[0]
 
 
 def test_generator_directions_are_computed_once_and_cached_on_disk(run, tmp_path):
@@ -239,9 +330,105 @@ def test_ui_command_binds_the_loopback_address_and_warns_otherwise(monkeypatch, 
     assert calls[-1][:2] == ("127.0.0.1", 7999) and "warning" not in err
     ed = calls[-1][2].template
     assert ed.base.resolution == 32 and ed.has_encoder  # the shipped Fashion-MNIST models by default
+    assert main(["ui", "--tune-steps", "3501"]) == 2  # bounded, said before anything loads
+    assert "tuning steps must be 0-3500" in capsys.readouterr().err
     assert main(["ui", "--components", "0", "--device", "cpu", "--host", "0.0.0.0"]) == 0
     err = capsys.readouterr().err
     assert calls[-1][:2] == ("0.0.0.0", 7860) and "warning: binding 0.0.0.0" in err
     import os
 
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_api_calls_without_a_session_hold_at_most_max_sessions(run, tmp_path):
+    """Each API call that comes without a browser session makes a session of its own (with its own tuned
+    generator); beyond ``max_sessions`` the least recently used are released: editor, generator and folder."""
+    import gc
+    import socket
+    import weakref
+
+    pytest.importorskip("gradio")
+    from gradio_client import Client, handle_file
+
+    from cycle_encoding.ui.app import EditorApp
+
+    ed = Editor(run["G"], str(run["root"] / "E.safetensors"), components=0, perceptual="none")
+    app = EditorApp(ed, work_dir=tmp_path, tune_steps=1, max_sessions=2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app.launch("127.0.0.1", port, block=False, quiet=True)
+    refs = []
+    try:
+        for i in range(5):
+            c = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False, analytics_enabled=False)
+            c.predict(handle_file(str(run["root"] / "images" / f"im{i % 2}.png")), ["encoder", "tune"], 1, False,
+                      api_name="/on_invert")  # fmt: skip
+            held = app.sessions.held()
+            assert len(held) == min(i + 1, 2)
+            newest = held[-1].editor
+            assert newest is not None and newest.tuned is not None and newest.pivot is not None
+            refs.append(weakref.ref(newest.tuned))
+        gc.collect()
+        assert sum(r() is not None for r in refs) == 2  # the three released generators are gone
+        assert len(list(app.root.glob("session-*"))) == 2  # and so are their folders
+    finally:
+        app.close()
+    assert not app.root.exists()
+
+
+def test_sigterm_removes_the_servers_folder_and_a_start_removes_those_of_dead_servers(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("gradio")
+    if os.name != "posix":
+        pytest.skip("signals and process probes are POSIX")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that is gone
+    stale = tmp_path / f"cycle-encoding-ui-{dead.pid}-abc_123"
+    (stale / "session-x").mkdir(parents=True)
+    (stale / "session-x" / "edited.png").write_bytes(b"x" * 1000)
+    alive = tmp_path / f"cycle-encoding-ui-{os.getpid()}-keep"  # this test's own process: running
+    alive.mkdir()
+    other = tmp_path / "cycle-encoding-ui-notapid"  # not a server folder's name: left alone
+    other.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1",
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CYCLE_ENCODING_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "cycle_encoding.cli", "ui", "--components", "0", "--device", "cpu",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)  # fmt: skip
+    try:
+        lines = []
+        for line in proc.stdout:  # the server says its address once it is listening
+            lines.append(line)
+            if line.startswith("editor: http"):
+                break
+        assert proc.poll() is None, "".join(lines)
+        for _ in range(600):  # until the page is served (a hang, not slowness, would end this)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        mine = list(tmp_path.glob(f"cycle-encoding-ui-{proc.pid}-*"))
+        assert len(mine) == 1 and mine[0].is_dir()
+        assert not stale.exists() and alive.is_dir() and other.is_dir()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=600)  # a hang, not slowness, would reach this
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # stopped as Ctrl-C stops it: 0 once serving, 130 ("interrupted") when the signal came while the server was
+    # still finishing its start (not -15, killed without its clean-up); either way its folder is gone
+    assert rc in (0, 130) and not mine[0].exists()

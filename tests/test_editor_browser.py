@@ -43,6 +43,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 LIMIT_MB = 0.2
 
@@ -201,6 +202,7 @@ def test_upload_invert_edit_download_and_bad_uploads(server, page):
     d.get(server["url"])
     wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 120, "the page did not load")
     assert d.title == "cycle-encoding editor"
+    assert d.find_element(By.ID, "invert").text == "Invert"  # nothing was inverted yet
     # one slider per direction: the file's, then 2 SeFa and 2 GANSpace ones
     wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, "[id^=dir-] input[type=range]")) == 5, 30, "no sliders")
     labels = [e.text for e in d.find_elements(By.CSS_SELECTOR, "[id^=dir-] [data-testid=block-info]")]
@@ -212,6 +214,7 @@ def test_upload_invert_edit_download_and_bad_uploads(server, page):
              f"no reconstruction; status: {text_of(d, 'status')!r}")  # fmt: skip
     for elem in ("im-input", "im-pivot", "im-recon", "im-edit"):
         assert image_src(d, elem), f"{elem} shows no image"
+    assert d.find_element(By.ID, "invert").text == "Invert again"
     recon = fetch_image(image_src(d, "im-recon"))
     before = fetch_image(image_src(d, "im-edit"))
     np.testing.assert_array_equal(before, recon)  # all sliders at 0: the edit is the reconstruction
@@ -230,10 +233,10 @@ def test_upload_invert_edit_download_and_bad_uploads(server, page):
     shown = fetch_image(image_src(d, "im-edit"))
     assert not np.array_equal(shown, before)
 
-    # the downloads load back, and Editor.render of that strength is the picture shown
-    png = download(d, "dl-png", "edited.png")
-    npz = download(d, "dl-npz", "codes.npz")
-    gen = download(d, "dl-gen", "generator.safetensors")
+    # the downloads load back (named for the image and the edit), and Editor.render of that strength is the picture
+    png = download(d, "dl-png", f"test-00016-pullover_wider{strength:+g}.png")
+    npz = download(d, "dl-npz", f"test-00016-pullover_wider{strength:+g}.npz")
+    gen = download(d, "dl-gen", "test-00016-pullover_tuned-generator.safetensors")
     with Image.open(png) as im:
         np.testing.assert_array_equal(np.asarray(im.convert("L")), shown)
     with np.load(npz, allow_pickle=False) as z:
@@ -288,6 +291,31 @@ def test_upload_invert_edit_download_and_bad_uploads(server, page):
         np.asarray(ed.render({"wider": strength, "sefa:0": s1}).convert("L")),
     )
 
+    # a value typed beyond the slider's range and entered with Enter: clamped, rendered, shown in the slider, and
+    # the download is that edit
+    num = d.find_element(By.CSS_SELECTOR, "#dir-0 input[type=number]")
+    limit = float(num.get_attribute("max"))
+    src2 = image_src(d, "im-edit")
+    num.send_keys(Keys.CONTROL, "a")
+    num.send_keys(f"{3 * limit:g}", Keys.ENTER)
+    wait_for(lambda: "clamped" in text_of(d, "render-info") and image_src(d, "im-edit") != src2, 120,
+             f"no render of the clamped value; shown: {text_of(d, 'render-info')!r}")  # fmt: skip
+    assert float(num.get_attribute("value")) == limit
+    want = np.asarray(ed.render({"wider": limit, "sefa:0": s1}).convert("L"))
+    np.testing.assert_array_equal(fetch_image(image_src(d, "im-edit")), want)
+    png = download(d, "dl-png", f"test-00016-pullover_wider{limit:+g}_sefa-0{s1:+g}.png")
+    with Image.open(png) as im:
+        np.testing.assert_array_equal(np.asarray(im.convert("L")), want)
+    # Enter renders a value inside the range too
+    src3 = image_src(d, "im-edit")
+    num.send_keys(Keys.CONTROL, "a")
+    num.send_keys(f"{-limit / 2:g}", Keys.ENTER)
+    wait_for(lambda: f"wider {-limit / 2:+g}" in text_of(d, "render-info") and image_src(d, "im-edit") != src3, 120,
+             f"Enter rendered nothing; shown: {text_of(d, 'render-info')!r}")  # fmt: skip
+    want = np.asarray(ed.render({"wider": -limit / 2, "sefa:0": s1}).convert("L"))
+    np.testing.assert_array_equal(fetch_image(image_src(d, "im-edit")), want)
+    assert "Error" not in text_of(d, "status")  # the bad uploads' message has gone
+
     # no request left this machine
     urls = []
     for entry in d.get_log("performance"):
@@ -303,6 +331,11 @@ def test_open_a_run_folder_and_browse_its_images(server, page):
 
     d = page
     d.get(server["url"])
+    # an image inverted first: after the run opens, the upload box no longer shows it
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 120, "the page did not load")
+    upload(d, EXAMPLES / "test-00006-coat.png")
+    wait_for(lambda: "inverted with" in text_of(d, "status"), 240, f"not inverted: {text_of(d, 'status')!r}")
+    assert "test-00006-coat" in text_of(d, "upload")
     header = wait_for(lambda: d.find_elements(By.XPATH, "//*[text()='Open a run folder']"), 120, "no page")
     header[0].click()  # the accordion holding the run folder box
     wait_for(lambda: d.find_elements(By.ID, "open-run"), 10, "the accordion did not open")
@@ -313,6 +346,8 @@ def test_open_a_run_folder_and_browse_its_images(server, page):
     d.find_element(By.ID, "open-run").click()
     names = ["test-00000-ankle-boot", "test-00010-coat"]
     wait_for(lambda: f"run/{names[0]}" in text_of(d, "status"), 120, f"run not opened: {text_of(d, 'status')!r}")
+    wait_for(lambda: "test-00006-coat" not in text_of(d, "upload"), 30, "the upload box still shows the old file")
+    assert d.find_element(By.ID, "invert").text == "Invert"
 
     def recon_of(name: str) -> np.ndarray:
         with Image.open(run / "images" / name / "recon_tune.png") as im:
@@ -336,3 +371,66 @@ def test_open_a_run_folder_and_browse_its_images(server, page):
     ed = Editor.open_run(run, names[1], directions=[server["direction"]], components=2)
     want = np.asarray(ed.render({"ganspace:0": a}).convert("L"))
     np.testing.assert_array_equal(fetch_image(image_src(d, "im-edit")), want)
+
+
+def cancelled_in_log(server) -> list[tuple[int, int]]:
+    """(steps done, steps asked) of each inversion the server's log says was cancelled."""
+    import re
+
+    text = server["log"].read_text()
+    return [(int(a), int(b)) for a, b in re.findall(r"inversion cancelled after (\d+) of (\d+) tune steps", text)]
+
+
+def set_tune_steps(d, n: int) -> None:
+    box = d.find_element(By.CSS_SELECTOR, "#tune-steps input")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(n), Keys.TAB)
+
+
+def test_cancel_and_a_closed_page_stop_an_inversion(server, page):
+    d = page
+    d.get(server["url"])
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 120, "the page did not load")
+    # a colour photo for this 1-channel generator: inverted, with a note that it was made grey
+    with Image.open(EXAMPLES / "test-00016-pullover.png") as im:
+        grey = np.asarray(im.convert("L"), np.float32)
+    colour = server["tmp"] / "red-pullover.png"
+    Image.fromarray(np.stack([grey, grey * 0.5, grey * 0.2], -1).astype(np.uint8)).save(colour)
+    upload(d, colour)
+    wait_for(lambda: "inverted with" in text_of(d, "status"), 240, f"not inverted: {text_of(d, 'status')!r}")
+    assert "is a colour image" in text_of(d, "status")
+    recon = fetch_image(image_src(d, "im-recon"))
+
+    # more tuning steps than the bound: refused in the status line
+    set_tune_steps(d, 5000)
+    d.find_element(By.ID, "invert").click()
+    wait_for(lambda: "must be 0-3500" in text_of(d, "status"), 60, f"no bound: {text_of(d, 'status')!r}")
+    # a long inversion: the old error goes at once; Cancel stops it between two steps
+    set_tune_steps(d, 3000)
+    d.find_element(By.ID, "invert").click()
+    wait_for(lambda: "inverting" in text_of(d, "status") and "Error" not in text_of(d, "status"), 60,
+             f"the old error stayed: {text_of(d, 'status')!r}")  # fmt: skip
+    wait_for(lambda: "encoder: MSE" in text_of(d, "status"), 240, f"no pivot: {text_of(d, 'status')!r}")
+    d.find_element(By.ID, "cancel").click()  # during the tuning
+    wait_for(lambda: "cancelled" in text_of(d, "status"), 120, f"not cancelled: {text_of(d, 'status')!r}")
+    done = wait_for(lambda: cancelled_in_log(server), 120, "the server did not stop the inversion")
+    assert done[-1][0] < done[-1][1] == 3000
+    wait_for(lambda: image_src(d, "im-recon"), 30, "the reconstruction did not come back")
+    np.testing.assert_array_equal(fetch_image(image_src(d, "im-recon")), recon)
+
+    # a page closed during its inversion: the server stops it, and the next visitor is served
+    first = d.current_window_handle
+    d.switch_to.new_window("tab")
+    d.get(server["url"])
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 120, "the page did not load")
+    set_tune_steps(d, 3000)
+    upload(d, EXAMPLES / "test-00010-coat.png")
+    wait_for(lambda: "encoder: MSE" in text_of(d, "status"), 240, f"no pivot: {text_of(d, 'status')!r}")
+    d.close()  # during the tuning
+    d.switch_to.window(first)
+    wait_for(lambda: len(cancelled_in_log(server)) == len(done) + 1, 120, "the closed page's inversion went on")
+    steps, asked = cancelled_in_log(server)[-1]
+    assert steps < asked == 3000
+    d.find_element(By.XPATH, "//*[@id='stages']//label[.//*[text()='tune']]").click()  # encoder only
+    d.find_element(By.ID, "invert").click()
+    wait_for(lambda: "inverted with encoder in" in text_of(d, "status"), 120, f"not served: {text_of(d, 'status')!r}")

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 from .common import add_device_arg
 
@@ -31,7 +34,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--components", type=int, default=5, help="top SeFa and GANSpace directions offered (default 5)")
     p.add_argument("--methods", default="sefa,ganspace", help="generator directions: sefa,ganspace (default both)")
     p.add_argument("--stages", default="encoder,tune", help="stages ticked at start (default encoder,tune)")
-    p.add_argument("--tune-steps", type=int, default=100, help="tuning steps at most, at start (default 100)")
+    p.add_argument("--tune-steps", type=int, default=100,
+                   help="tuning steps at most, at start (default 100); the page takes at most 3500, ten times the "
+                        "authors' 350, so that one visitor cannot hold the server for hours")  # fmt: skip
     p.add_argument("--perceptual", default=None,
                    help="inversion's perceptual distance (default: fmnist-features for fmnist-generator, else "
                         "lpips-alex, which needs --lpips-backbone)")  # fmt: skip
@@ -41,16 +46,26 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, in MB (default 20)")
+    p.add_argument("--max-sessions", type=int, default=8,
+                   help="browser sessions holding an image at a time (default 8; beyond, the least recently used is "
+                        "released)")  # fmt: skip
     add_device_arg(p)
     p.set_defaults(func=cmd_ui)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does: its folders are removed
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from ..editing.editor import Editor
     from ..errors import CycleEncodingError
-    from ..ui.app import EditorApp, import_gradio, is_loopback
+    from ..ui.app import EditorApp, check_tune_steps, import_gradio, is_loopback
 
     import_gradio()  # the missing extra is reported before any model loads
+    check_tune_steps(args.tune_steps)
+    if args.max_sessions < 1:
+        raise CycleEncodingError("--max-sessions must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     if not 0 < args.port < 65536:
@@ -71,11 +86,19 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if not is_loopback(args.host):
         print(f"warning: binding {args.host}: anyone who can reach this machine on port {args.port} can use the "
               "editor, upload files and open run folders it can read; the page has no login", file=sys.stderr)  # fmt: skip
-    app = EditorApp(editor, max_upload_mb=args.max_upload_mb, stages=stages, tune_steps=args.tune_steps)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"editor: http://{host}:{args.port}/ ({len(editor.directions())} directions; Ctrl-C to stop)", flush=True)
+    main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     try:
-        app.launch(args.host, args.port, block=True, quiet=True)
+        app = EditorApp(editor, max_upload_mb=args.max_upload_mb, stages=stages, tune_steps=args.tune_steps,
+                        max_sessions=args.max_sessions)  # fmt: skip
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"editor: http://{host}:{args.port}/ ({len(editor.directions())} directions; Ctrl-C to stop)",
+              flush=True)  # fmt: skip
+        try:
+            app.launch(args.host, args.port, block=True, quiet=True)
+        finally:
+            app.close()
     finally:
-        app.close()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return 0

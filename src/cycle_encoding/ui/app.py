@@ -1,9 +1,15 @@
 """The browser editor (``cycle-encoding ui``): a Gradio page over :class:`~cycle_encoding.editing.editor.Editor`.
 
 Upload an image (or open a run folder), see the encoder's pivot at once and the tuned reconstruction after it (with a
-progress bar), move one slider per direction (the edit renders when a slider is released; the render time is shown),
-and download the edited PNG, the codes (``.npz``, NVIDIA's ``projected_w`` layout) and the generator that renders
-them. Each browser session edits its own image; the networks and directions are shared.
+progress bar), move one slider per direction (the edit renders when a slider is released or a typed value entered;
+the render time is shown), and download the edited PNG, the codes (``.npz``, NVIDIA's ``projected_w`` layout) and the
+generator that renders them, named for the image and the edit. The picture, the sliders and the downloads always
+show one edit: a value typed beyond a slider's range is clamped, and the clamped edit is rendered.
+
+An inversion runs in a thread that stops at its next step when the page is closed (Gradio closes the handler, which
+sets the inversion's cancel event) or Cancel is pressed; tuning takes at most ``MAX_TUNE_STEPS`` steps. Each browser
+session edits its own image (``ui/sessions.py``: at most ``max_sessions`` held); the networks
+and directions are shared. The page itself is ``ui/page.py``.
 
 Nothing here reaches the network: Gradio's analytics and version check are off (``GRADIO_ANALYTICS_ENABLED=False``
 is set before Gradio is imported), no share link is made, the page's fonts and scripts come from the local server.
@@ -14,18 +20,20 @@ the limit plus 10 MB before they are sent).
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import shutil
-import tempfile
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..editing.editor import DEFAULT_STAGES, Editor, Progress
+from ..editing.editor import DEFAULT_STAGES, Editor, InversionCancelled, Progress, tensor_to_pil
 from ..errors import CycleEncodingError
+from .page import ENTER_JS, SHOWN, build_page
+from .sessions import DEFAULT_MAX_SESSIONS, Session, SessionPool, make_root
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +42,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_PIXELS = 40_000_000
 STAGE_CHOICES = ("encoder", "refine", "project", "tune")
+MAX_TUNE_STEPS = 3500  # 10x the authors' 350 (PTI's and Cycle Encoding's default)
+TUNE_BOUND_WHY = (f"bounded at {MAX_TUNE_STEPS}, ten times the authors' 350, so that one visitor cannot hold the "
+                  "server for hours")  # fmt: skip
+HEARTBEAT_S = 0.5  # an inversion's handler yields at least this often: the points where Gradio can close it
 CSS = """
 .pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 #status { min-height: 1.5em; }
@@ -73,26 +85,16 @@ def check_upload(path: str | Path, max_bytes: int, max_pixels: int = DEFAULT_MAX
         raise CycleEncodingError(f"{name}: not an image (PNG, JPEG, WebP, ... expected)") from None
 
 
-@dataclass
-class Session:
-    """One browser session: its editor (a fork of the app's) and the folder its files are written to."""
-
-    editor: Editor
-    folder: Path
-    files: dict[str, Path] = field(default_factory=dict)
-    shown: dict[str, str | None] = field(default_factory=dict)  # the pictures of the image being edited
-    count: int = 0
-
-    def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
 def _error(text: str) -> str:
     return f"**Error:** {text}"
 
 
 class EditorApp:
-    """The page and its handlers (see the module doc). ``template``: the editor every session forks."""
+    """The page's handlers and server (see the module doc). ``template``: the editor every session forks."""
+
+    STAGES = STAGE_CHOICES
+    MAX_TUNE_STEPS = MAX_TUNE_STEPS
+    TUNE_BOUND_WHY = TUNE_BOUND_WHY
 
     def __init__(
         self,
@@ -103,7 +105,9 @@ class EditorApp:
         stages: tuple[str, ...] = DEFAULT_STAGES,
         tune_steps: int = 100,
         work_dir: str | Path | None = None,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
     ) -> None:
+        self.gr = import_gradio()
         self.template = template
         self.max_upload_bytes = int(max_upload_mb * 1e6)
         # Gradio's own cap, a backstop against filling the disk: it refuses in the browser with a short-lived notice,
@@ -111,258 +115,40 @@ class EditorApp:
         self.hard_upload_limit = 4 * self.max_upload_bytes + 10_000_000
         self.max_pixels = int(max_pixels)
         self.stages = tuple(stages)
-        self.tune_steps = int(tune_steps)
-        self.root = Path(tempfile.mkdtemp(prefix="cycle-encoding-ui-", dir=work_dir))
+        self.tune_steps = check_tune_steps(tune_steps)
         self.directions = template.directions()
-        self.blocks = self._build()
+        self.root = make_root(work_dir)
+        self.sessions = SessionPool(template, self.root, max_sessions)
+        self.page: Any = None  # set by build_page
+        self.blocks = build_page(self)
 
-    # -- sessions ------------------------------------------------------------------------------------------------
-    def _session(self, s: Session | None) -> Session:
-        if s is not None:
-            return s
-        folder = Path(tempfile.mkdtemp(prefix="session-", dir=self.root))
-        return Session(self.template.fork(), folder)
-
+    # -- files ---------------------------------------------------------------------------------------------------
     def _export(self, s: Session, strengths: dict[str, float], generator: bool) -> tuple[dict[str, Path], float]:
-        """Render and write the session's files; returns them and the render's seconds."""
+        """Render and write the session's files (named for the image and the edit; the previous edit's go);
+        returns them and the render's seconds."""
+        assert s.editor is not None
         t0 = time.perf_counter()
         s.editor.render_tensor(strengths)
         dt = time.perf_counter() - t0
-        files = s.editor.export(s.folder / "export", strengths, generator=generator)
+        files = s.editor.export(s.folder / "export", strengths, generator=generator, named=True)
+        for key, old in s.files.items():
+            if key in files and files[key] != old:
+                old.unlink(missing_ok=True)
         s.files.update(files)
+        s.strengths = dict(strengths)
         return s.files, dt
 
-    def _strengths(self, values: tuple[Any, ...]) -> dict[str, float]:
-        """Slider values by direction, rounded to 6 decimals (the page's arithmetic leaves float noise such as
-        2.6000000000000005; the strength used is the one shown)."""
-        return {d.key: round(float(v or 0.0), 6) for d, v in zip(self.directions, values)}
-
-    def _copy(self, s: Session, src: Path, stem: str) -> str:
-        s.count += 1
-        dst = s.folder / f"{stem}-{s.count}{src.suffix}"
-        shutil.copyfile(src, dst)
-        return str(dst)
-
-    def _image_file(self, s: Session, image: Any, stem: str) -> str | None:
+    def _picture(self, s: Session, image: Any, stem: str) -> str | None:
+        """``image`` (PIL, or a file to copy) as a new file of the session's folder (Gradio serves files from there)."""
         if image is None:
             return None
         s.count += 1
-        p = s.folder / f"{stem}-{s.count}.png"
-        image.save(p, format="PNG")
-        return str(p)
+        suffix = image.suffix if isinstance(image, Path) else ".png"
+        dst = s.folder / f"{stem}-{s.count}{suffix}"
+        shutil.copyfile(image, dst) if isinstance(image, Path) else image.save(dst, format="PNG")
+        return str(dst)
 
-    # -- the page ------------------------------------------------------------------------------------------------
-    def _build(self) -> Any:
-        gr = import_gradio()
-        ed = self.template
-        G = ed.base
-        title = "cycle-encoding editor"
-        # Gradio's copies of the files shown and offered: those older than a day are removed every hour
-        with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
-            state = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)
-            gr.Markdown(
-                f"## {title}\nGenerator: {G.resolution}x{G.resolution}, {G.img_channels} channel(s), "
-                f"{G.num_ws} codes of {G.w_dim}; encoder: {'yes' if ed.has_encoder else 'none'}. Upload an image "
-                "to invert it, or open a run folder; then move the sliders (the edit renders on release)."
-            )
-            status = gr.Markdown("", elem_id="status")
-            with gr.Row():
-                with gr.Column(scale=1, min_width=260):
-                    upload = gr.File(label="Image to invert", file_count="single", type="filepath", elem_id="upload")
-                    stages = gr.CheckboxGroup(list(STAGE_CHOICES), value=list(self.stages), label="Stages",
-                                              elem_id="stages")  # fmt: skip
-                    tune_steps = gr.Number(self.tune_steps, label="Tuning steps (at most)", precision=0,
-                                           minimum=0, elem_id="tune-steps")  # fmt: skip
-                    align = gr.Checkbox(False, label="Faces: align first (dlib, FFHQ crop)", elem_id="align",
-                                        interactive=G.img_channels == 3)  # fmt: skip
-                    invert_btn = gr.Button("Invert again", elem_id="invert")
-                    with gr.Accordion("Open a run folder", open=ed.run is not None):
-                        run_path = gr.Textbox(str(ed.run.dir) if ed.run is not None else "", label="Run folder",
-                                              placeholder="out/demo/run", elem_id="run-path")  # fmt: skip
-                        open_btn = gr.Button("Open run", elem_id="open-run")
-                        run_image = gr.Dropdown(ed.run_images(), value=ed.name if ed.run is not None else None,
-                                                label="Image of the run", elem_id="run-image")  # fmt: skip
-                        gallery = gr.Gallery(self._gallery(ed), label="The run's images", columns=4, height=220,
-                                             elem_id="run-gallery", elem_classes="pixelated")  # fmt: skip
-                with gr.Column(scale=3):
-                    with gr.Row():
-                        kw = dict(type="filepath", format="png", interactive=False, height=220,
-                                  elem_classes="pixelated")  # fmt: skip
-                        im_input = gr.Image(label="input (as inverted)", elem_id="im-input", **kw)
-                        im_pivot = gr.Image(label="pivot (before tuning)", elem_id="im-pivot", **kw)
-                        im_recon = gr.Image(label="reconstruction (tuned)", elem_id="im-recon", **kw)
-                        im_edit = gr.Image(label="edit", elem_id="im-edit", **kw)
-                    render_info = gr.Markdown("", elem_id="render-info")
-                    sliders = []
-                    with gr.Row():
-                        for i, d in enumerate(self.directions):
-                            step = slider_step(d.limit)
-                            sliders.append(gr.Slider(-d.limit, d.limit, value=0.0, step=step, label=d.label,
-                                                     elem_id=f"dir-{i}", min_width=240))  # fmt: skip
-                    reset = gr.Button("Reset sliders", elem_id="reset")
-                    with gr.Row():
-                        dl_png = gr.DownloadButton("edited PNG", elem_id="dl-png", interactive=False)
-                        dl_npz = gr.DownloadButton("codes (.npz)", elem_id="dl-npz", interactive=False)
-                        dl_gen = gr.DownloadButton("generator (.safetensors)", elem_id="dl-gen", interactive=False)
-
-            images = [im_input, im_pivot, im_recon, im_edit]
-            downloads = [dl_png, dl_npz, dl_gen]
-            everything = [status, *images, render_info, *downloads, *sliders, state, run_image]
-
-            def updates(s: Session, info: str, gen: bool, **imgs: Any) -> dict[Any, Any]:
-                files, dt = self._export(s, {}, gen)
-                out: dict[Any, Any] = {state: s, status: info}
-                s.shown = {k: imgs.get(k) for k in ("input", "pivot", "recon")}
-                for comp, key in zip(images, ("input", "pivot", "recon")):
-                    out[comp] = s.shown[key]
-                out[im_edit] = str(files["png"])
-                out[render_info] = f"rendered in {dt * 1000:.1f} ms ({'tuned' if s.editor.tuned else 'base'} generator)"
-                for comp, key in zip(downloads, ("png", "npz", "generator")):
-                    out[comp] = gr.update(value=str(files[key]), interactive=True) if key in files else gr.update()
-                for sl in sliders:
-                    out[sl] = 0.0
-                return out
-
-            def on_invert(path: str | None, stage_list: list[str], steps: Any, do_align: bool, s: Session | None,
-                          progress: Any = gr.Progress()) -> Any:  # noqa: B008  # fmt: skip
-                if not path:
-                    yield {status: _error("upload an image first")}
-                    return
-                try:
-                    check_upload(path, self.max_upload_bytes, self.max_pixels)
-                    order = [st for st in STAGE_CHOICES if st in (stage_list or [])]
-                    if not order:
-                        raise CycleEncodingError("choose at least one stage")
-                    n = int(steps or 0)
-                    if n < 0:
-                        raise CycleEncodingError("tuning steps must be >= 0")
-                except CycleEncodingError as e:
-                    yield {status: _error(str(e))}
-                    return
-                s = self._session(s)
-                work = s.editor.fork()  # the session's image stays editable until the new one is done
-                events: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-                def worker() -> None:
-                    try:
-                        target = work.load_image(path, align=bool(do_align))
-                        events.put(("target", target))
-                        work.invert(target, order, progress=lambda p: events.put(("progress", p)),
-                                    name=Path(path).stem, tune={"steps": n})  # fmt: skip
-                        events.put(("done", None))
-                    except CycleEncodingError as e:
-                        events.put(("error", str(e)))
-                    except Exception as e:  # shown in the page; the app goes on
-                        events.put(("error", f"{type(e).__name__}: {e}"))
-
-                t0 = time.perf_counter()
-                threading.Thread(target=worker, daemon=True).start()
-                progress(0, desc="starting")
-                shown: dict[str, str | None] = {}
-                while True:
-                    kind, val = events.get()
-                    if kind == "target":
-                        from ..editing.editor import tensor_to_pil
-
-                        shown["input"] = self._image_file(s, tensor_to_pil(val), "input")
-                        yield {status: f"inverting {Path(path).name}: {', '.join(order)}", im_input: shown["input"],
-                               im_pivot: None, im_recon: None}  # fmt: skip
-                    elif kind == "progress":
-                        p: Progress = val
-                        if p.done:
-                            f = self._image_file(s, p.image, p.stage)
-                            key = "recon" if p.stage == "tune" else "pivot"
-                            shown[key] = f
-                            m = p.metrics
-                            msg = f"{p.stage}: MSE {m.get('mse', float('nan')):.4f} ({p.seconds:.1f} s)"
-                            yield {status: msg, images[("input", "pivot", "recon").index(key)]: f}
-                        else:
-                            progress((p.step, max(p.total, p.step)), desc=f"{p.stage} step", unit="steps")
-                    elif kind == "error":  # the image being edited stays, with its pictures
-                        back = {comp: s.shown.get(key) for comp, key in zip(images, ("input", "pivot", "recon"))}
-                        yield {status: _error(val), **back}
-                        return
-                    else:
-                        break
-                s.editor = work
-                info = f"{Path(path).name}: inverted with {', '.join(order)} in {time.perf_counter() - t0:.1f} s"
-                if "recon" not in shown:
-                    shown["recon"] = self._image_file(s, work.reconstruction(), "recon")
-                yield updates(s, info, True, **shown)
-
-            def on_open_run(path: str, s: Session | None) -> Any:
-                s = self._session(s)
-                try:
-                    if not path or not path.strip():
-                        raise CycleEncodingError("give a run folder (made by cycle-encoding invert)")
-                    work = s.editor.fork()
-                    names = work.attach_run(Path(path.strip()).expanduser())
-                except CycleEncodingError as e:
-                    return {status: _error(str(e)), state: s}
-                s.editor = work
-                out = show_run_image(s, work.name)
-                out[run_image] = gr.update(choices=names, value=work.name)
-                out[gallery] = self._gallery(work, s)
-                return out
-
-            def show_run_image(s: Session, name: str | None) -> dict[Any, Any]:
-                ed = s.editor
-                imgs: dict[str, Any] = {"input": self._image_file(s, ed.target_image(), "input")}
-                im = ed.run.image(name)
-                pivot_png = im.recon_path(im.pivot_stage)
-                imgs["pivot"] = self._copy(s, pivot_png, "pivot") if pivot_png.is_file() else None
-                imgs["recon"] = self._image_file(s, ed.reconstruction(), "recon")
-                return updates(s, f"{ed.run.dir.name}/{name}: {', '.join(ed.stages)}", True, **imgs)
-
-            def on_run_image(name: str | None, s: Session | None) -> Any:
-                if s is None or s.editor.run is None or not name or name == s.editor.name:
-                    return {}
-                try:
-                    s.editor.open_image(name)
-                except CycleEncodingError as e:
-                    return {status: _error(str(e))}
-                return show_run_image(s, name)
-
-            def on_gallery(s: Session | None, evt: Any) -> Any:
-                if s is None or s.editor.run is None:
-                    return gr.update()
-                names = s.editor.run_images()
-                return gr.update(value=names[evt.index]) if 0 <= evt.index < len(names) else gr.update()
-
-            on_gallery.__annotations__["evt"] = gr.SelectData  # what Gradio reads to pass the selection
-
-            def on_release(s: Session | None, *values: float) -> Any:
-                if s is None or s.editor.pivot is None:
-                    return {status: _error("no image yet: upload one or open a run")}
-                strengths = self._strengths(values)
-                try:
-                    files, dt = self._export(s, strengths, False)
-                except CycleEncodingError as e:
-                    return {status: _error(str(e))}
-                used = ", ".join(f"{k} {v:+g}" for k, v in strengths.items() if v) or "none"
-                return {im_edit: str(files["png"]), dl_png: str(files["png"]), dl_npz: str(files["npz"]),
-                        render_info: f"rendered in {dt * 1000:.1f} ms (edits: {used})"}  # fmt: skip
-
-            def on_reset(s: Session | None) -> Any:
-                out = on_release(s, *([0.0] * len(sliders)))
-                return {**out, **{sl: 0.0 for sl in sliders}}
-
-            inv_inputs = [upload, stages, tune_steps, align, state]
-            kw_inv = dict(outputs=everything, concurrency_limit=1, show_progress_on=[im_recon])
-            upload.upload(on_invert, inv_inputs, **kw_inv)
-            invert_btn.click(on_invert, inv_inputs, **kw_inv)
-            open_btn.click(on_open_run, [run_path, state], [*everything, gallery])
-            run_image.input(on_run_image, [run_image, state], everything)
-            gallery.select(on_gallery, [state], run_image).then(on_run_image, [run_image, state], everything)
-            for sl in sliders:
-                sl.release(on_release, [state, *sliders], [im_edit, render_info, dl_png, dl_npz, status],
-                           show_progress="hidden")  # fmt: skip
-            reset.click(on_reset, [state], [im_edit, render_info, dl_png, dl_npz, status, *sliders])
-            if ed.run is not None:  # started on a run: every new session opens it
-                demo.load(lambda s: on_open_run(str(ed.run.dir), s), [state], [*everything, gallery])
-        return demo
-
-    def _gallery(self, ed: Editor, s: Session | None = None) -> list[tuple[str, str]]:
+    def gallery(self, ed: Editor, s: Session | None = None) -> list[tuple[str, str]]:
         """The run's targets (copied into the session's folder: Gradio serves files from there)."""
         if ed.run is None:
             return []
@@ -370,8 +156,219 @@ class EditorApp:
         for n in ed.run_images():
             t = ed.run.dir / "images" / n / "target.png"
             if t.is_file():
-                out.append((self._copy(s, t, f"run-{n}") if s is not None else str(t), n))
+                out.append((self._picture(s, t, f"run-{n}") if s is not None else str(t), n))
         return out
+
+    # -- showing an image ----------------------------------------------------------------------------------------
+    def _new_image(self, s: Session, info: str, imgs: dict[str, str | None]) -> dict[Any, Any]:
+        """The page after a new image: its pictures, the edit at strength 0, the downloads, sliders at 0."""
+        p, gr = self.page, self.gr
+        files, dt = self._export(s, {}, True)
+        s.shown = {k: imgs.get(k) for k in SHOWN}
+        s.info = info
+        out: dict[Any, Any] = {p.state: s, p.status: info, **dict(zip(p.images, [s.shown[k] for k in SHOWN]))}
+        out[p.images[3]] = str(files["png"])
+        assert s.editor is not None
+        out[p.render_info] = f"rendered in {dt * 1000:.1f} ms ({'tuned' if s.editor.tuned else 'base'} generator)"
+        for comp, key in zip(p.downloads, ("png", "npz", "generator")):
+            out[comp] = gr.update(value=str(files[key]), interactive=True)
+        out.update({sl: 0.0 for sl in p.sliders})
+        return out
+
+    def _shown_back(self, s: Session) -> dict[Any, Any]:
+        """The pictures of the image being edited (after a failed or cancelled inversion)."""
+        return dict(zip(self.page.images, [s.shown.get(k) for k in SHOWN]))
+
+    def _released(self, s: Session) -> str:
+        why, s.released = s.released, None
+        return f" (this page's image was released: {why})" if why else ""
+
+    # -- handlers ------------------------------------------------------------------------------------------------
+    def on_invert(self, path: str | None, stage_list: list[str], steps: Any, do_align: bool, s: Session | None,
+                  progress: Any) -> Any:  # fmt: skip
+        """Invert the upload in a thread, showing each stage's picture as it comes (a generator: Gradio closes it
+        when the page goes away, which stops the inversion)."""
+        p = self.page
+        try:
+            if not path:
+                raise CycleEncodingError("upload an image first")
+            check_upload(path, self.max_upload_bytes, self.max_pixels)
+            order = [st for st in STAGE_CHOICES if st in (stage_list or [])]
+            if not order:
+                raise CycleEncodingError("choose at least one stage")
+            n = check_tune_steps(steps)
+        except CycleEncodingError as e:
+            yield {p.status: _error(str(e))}
+            return
+        s = self.sessions.get(s)
+        name = Path(path).name
+        assert s.editor is not None
+        job: dict[str, Any] = {"name": name, "stop": threading.Event(), "state": "running"}
+        s.job = job
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        work = s.editor.fork()  # the session's image stays editable until the new one is done
+        notes: list[str] = []
+
+        def worker() -> None:
+            try:
+                target = work.load_image(path, align=bool(do_align), notes=notes)
+                events.put(("target", target))
+                work.invert(target, order, progress=lambda q: events.put(("progress", q)), name=Path(path).stem,
+                            tune={"steps": n}, cancel=job["stop"])  # fmt: skip
+                job["state"] = "done"
+                events.put(("done", None))
+            except InversionCancelled as e:
+                job["state"] = "cancelled"
+                print(f"editor: {e}", file=sys.stderr, flush=True)
+                events.put(("stopped", f"{e}; the image being edited stays"))
+            except Exception as e:  # shown in the page; the app goes on
+                job["state"] = "failed"
+                events.put(("error", str(e) if isinstance(e, CycleEncodingError) else f"{type(e).__name__}: {e}"))
+
+        t0 = time.perf_counter()
+        thread = threading.Thread(target=worker, daemon=True)
+        try:
+            yield {p.state: s, p.status: f"inverting {name}: {', '.join(order)}{self._released(s)}",
+                   p.images[1]: None, p.images[2]: None}  # fmt: skip
+            thread.start()
+            shown = yield from self._follow(s, events, progress)
+        finally:  # also when Gradio closes this generator (page closed, Cancel): the inversion stops at its next step
+            job["stop"].set()
+            if thread.ident is None:
+                job["state"] = "cancelled"
+        if shown is None:
+            return
+        s.editor = work
+        info = f"{name}: inverted with {', '.join(order)} in {time.perf_counter() - t0:.1f} s"
+        if "recon" not in shown:
+            shown["recon"] = self._picture(s, work.reconstruction(), "recon")
+        out = self._new_image(s, info + "".join(f". Note: {t}" for t in notes), shown)
+        yield {**out, p.invert_btn: self.gr.update(value="Invert again")}
+
+    def _follow(self, s: Session, events: queue.Queue[tuple[str, Any]], progress: Any) -> Any:
+        """Yield the page's updates for the worker's events; returns the pictures made (None after an error)."""
+        p, skip = self.page, self.gr.skip
+        shown: dict[str, str | None] = {}
+        progress(0, desc="starting")
+        last = time.monotonic()
+        while True:
+            try:
+                kind, val = events.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                kind, val = "wait", None
+            if kind == "target":
+                shown["input"] = self._picture(s, tensor_to_pil(val), "input")
+                yield {p.images[0]: shown["input"]}
+            elif kind == "progress" and val.done:
+                q: Progress = val
+                key = "recon" if q.stage == "tune" else "pivot"
+                shown[key] = self._picture(s, q.image, q.stage)
+                msg = f"{q.stage}: MSE {q.metrics.get('mse', float('nan')):.4f} ({q.seconds:.1f} s)"
+                yield {p.status: msg, p.images[SHOWN.index(key)]: shown[key]}
+            elif kind == "progress":
+                progress((val.step, max(val.total, val.step)), desc=f"{val.stage} step", unit="steps")
+            elif kind in ("error", "stopped"):  # the image being edited stays, with its pictures
+                yield {p.status: _error(val) if kind == "error" else val, **self._shown_back(s)}
+                return None
+            elif kind == "done":
+                return shown
+            if time.monotonic() - last > HEARTBEAT_S:
+                last = time.monotonic()
+                yield skip()
+
+    def on_cancel(self, s: Session | None) -> dict[Any, Any]:
+        p = self.page
+        job = s.job if s is not None else None
+        if s is None or job is None or job["state"] not in ("running", "cancelled"):
+            return {p.status: "no inversion is running"}
+        job["stop"].set()
+        return {p.status: f"{job['name']}: inversion cancelled; the image being edited stays", **self._shown_back(s)}
+
+    def on_open_run(self, path: str, s: Session | None) -> dict[Any, Any]:
+        p = self.page
+        s = self.sessions.get(s)
+        assert s.editor is not None
+        try:
+            if not path or not path.strip():
+                raise CycleEncodingError("give a run folder (made by cycle-encoding invert)")
+            work = s.editor.fork()
+            names = work.attach_run(Path(path.strip()).expanduser())
+        except CycleEncodingError as e:
+            return {p.status: _error(str(e)), p.state: s}
+        s.editor = work
+        out = self._show_run_image(s, work.name)
+        out[p.run_image] = self.gr.update(choices=names, value=work.name)
+        out[p.gallery] = self.gallery(work, s)
+        out[p.upload] = None  # the upload box no longer shows what is being edited
+        out[p.invert_btn] = self.gr.update(value="Invert")
+        return out
+
+    def _show_run_image(self, s: Session, name: str | None) -> dict[Any, Any]:
+        ed = s.editor
+        assert ed is not None and ed.run is not None
+        imgs: dict[str, Any] = {"input": self._picture(s, ed.target_image(), "input")}
+        im = ed.run.image(name)
+        pivot_png = im.recon_path(im.pivot_stage)
+        imgs["pivot"] = self._picture(s, pivot_png, "pivot") if pivot_png.is_file() else None
+        imgs["recon"] = self._picture(s, ed.reconstruction(), "recon")
+        return self._new_image(s, f"{ed.run.dir.name}/{name}: {', '.join(ed.stages)}", imgs)
+
+    def on_run_image(self, name: str | None, s: Session | None) -> dict[Any, Any]:
+        if s is None or s.editor is None or s.editor.run is None or not name or name == s.editor.name:
+            return self.gr.skip()
+        s = self.sessions.get(s)
+        try:
+            s.editor.open_image(name)  # type: ignore[union-attr]
+        except CycleEncodingError as e:
+            return {self.page.status: _error(str(e))}
+        return self._show_run_image(s, name)
+
+    def on_gallery(self, s: Session | None, index: int) -> Any:
+        gr = self.gr
+        if s is None or s.editor is None or s.editor.run is None:
+            return gr.update()
+        names = s.editor.run_images()
+        return gr.update(value=names[index]) if 0 <= index < len(names) else gr.update()
+
+    def on_release(self, s: Session | None, *values: Any) -> dict[Any, Any]:
+        """Render the sliders' values (raw: a typed value beyond a range is clamped here, and the slider shows the
+        value rendered)."""
+        p = self.page
+        if s is None or s.editor is None or s.editor.pivot is None:
+            why = self._released(s) if s is not None else ""
+            return {p.status: _error(f"no image yet: upload one or open a run{why}"),
+                    **{sl: 0.0 for sl in p.sliders}}  # fmt: skip
+        s = self.sessions.get(s)
+        try:
+            strengths, clamped = self.strengths(values)
+            files, dt = self._export(s, strengths, False)
+        except CycleEncodingError as e:  # the sliders go back to the edit shown
+            return {p.status: _error(str(e)), **{sl: s.strengths.get(d.key, 0.0) for sl, d in
+                                                  zip(p.sliders, self.directions)}}  # fmt: skip
+        used = ", ".join(f"{k} {v:+g}" for k, v in strengths.items() if v) or "none"
+        note = f"; clamped to the slider's range: {', '.join(clamped)}" if clamped else ""
+        return {p.images[3]: str(files["png"]), p.downloads[0]: str(files["png"]), p.downloads[1]: str(files["npz"]),
+                p.render_info: f"rendered in {dt * 1000:.1f} ms (edits: {used}{note})", p.status: s.info,
+                **dict(zip(p.sliders, strengths.values()))}  # fmt: skip
+
+    def on_reset(self, s: Session | None) -> dict[Any, Any]:
+        return self.on_release(s, *([0.0] * len(self.directions)))
+
+    def strengths(self, values: tuple[Any, ...]) -> tuple[dict[str, float], list[str]]:
+        """Slider values by direction, each clamped to its range and rounded to 6 decimals (the page's arithmetic
+        leaves float noise such as 2.6000000000000005; the strength used is the one shown), and the clamped ones."""
+        out, clamped = {}, []
+        for d, v in zip(self.directions, values):
+            try:
+                a = 0.0 if v is None or v == "" else float(v)
+            except (TypeError, ValueError):
+                raise CycleEncodingError(f"{d.label}: {v!r} is not a number") from None
+            if not math.isfinite(a):
+                raise CycleEncodingError(f"{d.label}: {v!r} is not a finite number")
+            out[d.key] = round(min(max(a, -d.limit), d.limit), 6)
+            if out[d.key] != round(a, 6):
+                clamped.append(f"{d.label} {a:g} -> {out[d.key]:+g}")
+        return out, clamped
 
     # -- serving -------------------------------------------------------------------------------------------------
     def launch(self, host: str = "127.0.0.1", port: int = 7860, block: bool = True, quiet: bool = False) -> Any:
@@ -383,7 +380,7 @@ class EditorApp:
         return self.blocks.launch(
             server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
             max_file_size=self.hard_upload_limit, allowed_paths=allowed, quiet=quiet, show_error=True,
-            ssr_mode=False, enable_monitoring=False, mcp_server=False, pwa=False, css=CSS,
+            ssr_mode=False, enable_monitoring=False, mcp_server=False, pwa=False, css=CSS, js=ENTER_JS,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -391,13 +388,15 @@ class EditorApp:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def slider_step(limit: float) -> float:
-    """A round step (1, 2 or 5 times a power of ten) giving about 40 steps from 0 to ``limit``."""
-    import math
-
-    raw = max(limit, 1e-6) / 40
-    e = 10.0 ** math.floor(math.log10(raw))
-    return float(min((m * e for m in (1, 2, 5, 10)), key=lambda v: abs(math.log(v / raw))))
+def check_tune_steps(steps: Any) -> int:
+    """The tuning steps asked for, as an int in 0..MAX_TUNE_STEPS, or a one-line error."""
+    try:
+        n = int(steps or 0)
+    except (TypeError, ValueError, OverflowError):
+        raise CycleEncodingError(f"tuning steps must be a whole number, got {steps!r}") from None
+    if not 0 <= n <= MAX_TUNE_STEPS:
+        raise CycleEncodingError(f"tuning steps must be 0-{MAX_TUNE_STEPS} ({TUNE_BOUND_WHY}), got {n}")
+    return n
 
 
 def is_loopback(host: str) -> bool:
