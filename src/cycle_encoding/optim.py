@@ -61,17 +61,8 @@ class Ranger(Optimizer):
             raise ValueError(f"Ranger: betas must be in [0, 1), got {betas}")
         if not eps > 0:
             raise ValueError(f"Ranger: eps must be positive, got {eps}")
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            alpha=alpha,
-            k=k,
-            n_sma_threshold=n_sma_threshold,
-            use_gc=use_gc,
-            gc_conv_only=gc_conv_only,
-        )
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=alpha, k=k,
+                        n_sma_threshold=n_sma_threshold, use_gc=use_gc, gc_conv_only=gc_conv_only)  # fmt: skip
         super().__init__(params, defaults)
 
     @staticmethod

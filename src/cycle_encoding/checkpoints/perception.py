@@ -23,25 +23,13 @@ from ..networks.lpips import BACKBONES, LPIPS, LPIPS_NETS
 from ..networks.resnet import ResNet50
 from .common import torch_load
 
-# torchvision's classifier keys: name -> shape, with None where any size is fine (the number of classes).
+# torchvision's classifier keys: name -> shape, with None where any size is fine (the number of classes). AlexNet's
+# three linear layers are classifier.1, .4, .6 (9216 inputs), VGG16's classifier.0, .3, .6 (25088 inputs).
 _CLASSIFIERS: dict[str, dict[str, tuple[int | None, ...]]] = {
-    "alexnet": {
-        "classifier.1.weight": (4096, 9216),
-        "classifier.1.bias": (4096,),
-        "classifier.4.weight": (4096, 4096),
-        "classifier.4.bias": (4096,),
-        "classifier.6.weight": (None, 4096),
-        "classifier.6.bias": (None,),
-    },
-    "vgg16": {
-        "classifier.0.weight": (4096, 25088),
-        "classifier.0.bias": (4096,),
-        "classifier.3.weight": (4096, 4096),
-        "classifier.3.bias": (4096,),
-        "classifier.6.weight": (None, 4096),
-        "classifier.6.bias": (None,),
-    },
-}
+    net: {f"classifier.{i}.{p}": (out, n_in)[: 2 if p == "weight" else 1]
+          for i, out, n_in in ((a, 4096, first_in), (b, 4096, 4096), (6, None, 4096)) for p in ("weight", "bias")}
+    for net, a, b, first_in in (("alexnet", 1, 4, 9216), ("vgg16", 0, 3, 25088))
+}  # fmt: skip
 
 
 def _optional_bn_counter(key: str) -> bool:
