@@ -15,6 +15,7 @@ from PIL import Image
 
 from cycle_encoding.cli import main
 from cycle_encoding.data import align as al
+from cycle_encoding.data import face_chips as fc
 from cycle_encoding.errors import CycleEncodingError
 from cycle_encoding.networks import dlib_resnet as dr
 from tests import assets
@@ -118,33 +119,33 @@ def test_similarity_transform_recovers_a_known_one():
     src = rng.uniform(0, 100, size=(12, 2))
     a = 1.7 * np.array([[math.cos(0.4), -math.sin(0.4)], [math.sin(0.4), math.cos(0.4)]])
     t = np.array([12.0, -7.0])
-    got_a, got_t = al.find_similarity_transform(src, src @ a.T + t)
+    got_a, got_t = fc.find_similarity_transform(src, src @ a.T + t)
     assert np.allclose(got_a, a) and np.allclose(got_t, t)
 
 
 def test_unrotated_unscaled_chip_is_a_plain_crop():
     img = torch.rand(3, 200, 220) * 2 - 1
     img = torch.round((img + 1) * 127.5) / 127.5 - 1  # integer pixels, as dlib's images are
-    d = al.ChipDetails(center=(20 + 74.5, 30 + 74.5), width=150, height=150, angle=0.0, rows=150, cols=150)
-    chip = al.extract_face_chip(img, d)
+    d = fc.ChipDetails(center=(20 + 74.5, 30 + 74.5), width=150, height=150, angle=0.0, rows=150, cols=150)
+    chip = fc.extract_face_chip(img, d)
     assert torch.allclose(chip, img[:, 30:180, 20:170], atol=1e-5)
 
 
 def test_chip_extraction_is_differentiable():
     img = (torch.rand(3, 400, 380, dtype=torch.float64) * 2 - 1).requires_grad_(True)
     lm = synthetic_landmarks(center=(190.0, 170.0), eye_dist=110, mouth_drop=120, angle_deg=12)
-    d = al.face_chip_details(lm, 150, 0.25)
+    d = fc.face_chip_details(lm, 150, 0.25)
     assert d.width > 2 * 150 - 50  # large enough for dlib's pyramid path
 
     def f(x):
-        return al.extract_face_chip(x, d, exact=False).square().mean()
+        return fc.extract_face_chip(x, d, exact=False).square().mean()
 
     (g,) = torch.autograd.grad(f(img), img)
     v = torch.randn_like(img)
     with torch.no_grad():
         fd = (f(img + 1e-6 * v) - f(img - 1e-6 * v)) / 2e-6
     assert (g * v).sum().item() == pytest.approx(fd.item(), rel=1e-5)
-    (g2,) = torch.autograd.grad(al.extract_face_chip(img, d).sum(), img)  # exact: straight-through floors
+    (g2,) = torch.autograd.grad(fc.extract_face_chip(img, d).sum(), img)  # exact: straight-through floors
     assert g2.abs().sum() > 0
 
 
@@ -165,14 +166,14 @@ def test_chips_match_dlib():
                 shape = sp(img, rect)
                 pts = np.array([[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)], dtype=float)
                 ref = dlib.get_face_chip_details(shape, 150, 0.25)
-                d = al.face_chip_details(pts, 150, 0.25)
+                d = fc.face_chip_details(pts, 150, 0.25)
                 l, t, r, b = d.rect()
                 assert (l, t, r, b) == pytest.approx(
                     (ref.rect.left(), ref.rect.top(), ref.rect.right(), ref.rect.bottom()), abs=1e-6
                 )
                 assert d.angle == pytest.approx(ref.angle, abs=1e-9)
                 want = dlib.get_face_chip(img, shape, size=150, padding=0.25).astype(np.float64)
-                got = ((al.extract_face_chip(x.double(), d) + 1) * 127.5).permute(1, 2, 0).numpy()
+                got = ((fc.extract_face_chip(x.double(), d) + 1) * 127.5).permute(1, 2, 0).numpy()
                 diff = np.abs(got - want)
                 assert diff.max() <= 1.0 + 1e-6 and diff.mean() < 0.01, (p.name, diff.max(), diff.mean())
                 n += 1
@@ -223,7 +224,7 @@ def test_aligned_eyes_sit_at_the_ffhq_positions():
 
 def test_ffhq_chip_box_constant_is_what_the_faces_give():
     assets.require_predictor()
-    m = al.measure_chip_box([a for _, _, a in _aligned_demo_faces()])
+    m = fc.measure_chip_box([a for _, _, a in _aligned_demo_faces()])
     assert np.allclose(m["box"], dr.FFHQ_CHIP_BOX, atol=0.01), m
     assert abs(m["angle_deg"][0]) < 3
 

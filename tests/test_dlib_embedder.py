@@ -359,7 +359,7 @@ def test_port_agrees_with_dlib_descriptor():
     rec = dlib.face_recognition_model_v1(str(assets.asset(assets.DLIB_RECOGNITION)))
     sp = assets.predictor68()
     emb = assets.load_embedder()
-    from cycle_encoding.data.align import extract_face_chips
+    from cycle_encoding.data.face_chips import extract_face_chips
 
     cos_chip, cos_torch_chip = [], []
     for img, f in _reference_faces():
@@ -427,7 +427,7 @@ def test_same_person_closer_than_other_person():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 def test_embedder_and_chips_on_cuda_match_cpu(synthetic):
-    from cycle_encoding.data.align import extract_face_chip, face_chip_details
+    from cycle_encoding.data.face_chips import extract_face_chip, face_chip_details
 
     manifest, _ = synthetic
     cpu = fa.load_dlib_face_embedder("cpu", path=manifest)

@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from ..data.align import LandmarkDetector, align_files, list_images
+    from ..data.align import LandmarkDetector, align_files
+    from ..data.images import list_images
     from ..progress import Progress
 
     if args.generator is not None:
@@ -76,7 +77,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     if args.supersample < 1:
         raise CycleEncodingError("--supersample must be 1 or more")
     check_output_folder(args.out, "OUT")
-    files = list_images(args.input)
+    files = [Path(args.input)] if Path(args.input).is_file() else list_images(args.input)
     if not files:
         raise CycleEncodingError(f"{args.input}: no image files (.jpg, .png, ...) in this folder")
     detector = LandmarkDetector(args.predictor, upsample=args.upsample)

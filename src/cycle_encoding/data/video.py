@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import CycleEncodingError
+from ..utils import max_pixels
+from .align import align_face, ffhq_quad
 
 AV_PIN = "av==18.1.0"
 STILL_FORMATS = ("image2",)  # FFmpeg demuxers of single images (also every "*_pipe" one: png_pipe, jpeg_pipe, ...)
@@ -34,7 +36,7 @@ STILL_FORMATS = ("image2",)  # FFmpeg demuxers of single images (also every "*_p
 def import_av() -> Any:
     """The ``av`` module (PyAV), or a CycleEncodingError that says how to install it."""
     try:
-        import av
+        import av  # lazy: an optional dependency
     except ImportError:
         raise CycleEncodingError(f"video needs PyAV, which is not installed: pip install {AV_PIN}") from None
     return av
@@ -57,8 +59,6 @@ class VideoClip:
 
 def read_video(path: str | Path, max_frames: int | None = None) -> VideoClip:
     """Every frame of the first video stream of ``path`` (at most ``max_frames``), with its frame rate."""
-    from ..utils import max_pixels
-
     av = import_av()
     p = Path(path)
     if not p.is_file():
@@ -196,8 +196,6 @@ def face_quads(
     frames: Sequence[np.ndarray], detector: Any, on_frame: Callable[[int, bool], None] | None = None
 ) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
     """The FFHQ square and the 68 landmarks of each frame's largest face (None where there is none)."""
-    from .align import ffhq_quad
-
     quads: list[np.ndarray | None] = []
     marks: list[np.ndarray | None] = []
     for i, f in enumerate(frames):
@@ -226,8 +224,6 @@ def crop_frame(frame: np.ndarray, quad: np.ndarray, size: int, ffhq: bool = Fals
     ``channels`` 1: grey."""
     img = Image.fromarray(np.asarray(frame, dtype=np.uint8)).convert("RGB")
     if ffhq:
-        from .align import align_face
-
         out = align_face(img, np.zeros((68, 2)), size=size, quad=quad).image  # the quad decides, not the landmarks
     else:
         (l, t), (r, b) = quad[0], quad[2]
@@ -241,7 +237,7 @@ def paste_back(frame: np.ndarray, crop: Any, quad: np.ndarray, feather: float = 
     at the point the crop transform sends it to, and is blended with the frame by a mask that rises from 0 at the
     quad's border to 1 at ``feather`` (a fraction of its side) inside, by a smoothstep; ``feather`` 0: a hard edge.
     A crop much larger than the quad in the frame is first reduced to that size (Lanczos), so it does not alias."""
-    from scipy.ndimage import map_coordinates
+    from scipy.ndimage import map_coordinates  # lazy: scipy takes 0.7 s to import
 
     out = np.asarray(frame, dtype=np.uint8)
     h, w = out.shape[:2]

@@ -33,7 +33,7 @@ Inputs of any size: :meth:`DlibFaceEmbedder.embed` takes images in [-1, 1]. With
 this project's faces are FFHQ-aligned) it cuts out the fixed square :data:`FFHQ_CHIP_BOX` -- where dlib's own chip
 lies, on average, in an FFHQ-aligned image -- and resizes it to 150 (antialiased bilinear); with ``layout="chip"``
 the whole image is taken as a chip and resized to 150. :meth:`embed_chips` takes chips that are already 150x150
-(e.g. from :func:`cycle_encoding.data.align.extract_face_chips`). All of it is differentiable with respect to the
+(e.g. from :func:`cycle_encoding.data.face_chips.extract_face_chips`). All of it is differentiable with respect to the
 input; the network's own parameters are frozen by ``checkpoints.face_api.load_dlib_face_embedder``.
 """
 
@@ -56,7 +56,7 @@ DESCRIPTOR_DIM = 128
 
 FFHQ_CHIP_BOX = (0.1502, 0.2569, 0.8498, 0.9565)
 """Where dlib's 150x150 chip (padding 0.25) lies in an FFHQ-aligned image, as fractions of its width/height:
-(left, top, right, bottom). Measured with :func:`cycle_encoding.data.align.measure_chip_box` on the 23 faces (HOG
+(left, top, right, bottom). Measured with :func:`cycle_encoding.data.face_chips.measure_chip_box` on the 23 faces (HOG
 boxes of 150 px or more) of the face-api demo photos and of obama/obama2/obama3/biden.jpg, aligned at 256 by
 :func:`cycle_encoding.data.align.align_face`: chip centre x 0.4993 +- 0.0134 (set to 0.5), y 0.6067 +- 0.0087,
 side 0.6996 +- 0.0256 of the image, angle 0.8 +- 2.0 degrees; ``tests/test_align.py`` re-measures it.
