@@ -74,7 +74,7 @@ def test_samples_equal_the_readers_test_images():
 # -- a run made with shipped names ----------------------------------------------------------------------------------
 def test_run_resolves_the_shipped_names_it_recorded(tmp_path: Path):
     """`invert --generator fmnist-generator` records the name; `edit` and `report` must find the shipped file."""
-    from cycle_encoding.editing.render import RUN_FORMAT, InversionRun
+    from cycle_encoding.checkpoints.run_folder import RUN_FORMAT, InversionRun
 
     run = tmp_path / "run"
     run.mkdir()

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 import cycle_encoding as ce
+from cycle_encoding.checkpoints.delta import save_generator_delta
 from cycle_encoding.checkpoints.native import read_native
 from cycle_encoding.cli import main
 from cycle_encoding.errors import CycleEncodingError
-from cycle_encoding.inversion.delta import save_generator_delta
 from cycle_encoding.losses.perceptual import register_perceptual, unregister_perceptual
 from cycle_encoding.utils import save_image
 from tests.conftest import make_tiny_generator, own_images, stand_in_perceptual, tiny_encoder

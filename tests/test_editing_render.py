@@ -14,6 +14,7 @@ from PIL import Image
 
 from cycle_encoding.checkpoints.encoder import save_encoder
 from cycle_encoding.checkpoints.generator import save_generator
+from cycle_encoding.checkpoints.run_folder import InversionRun, tensor_sha256
 from cycle_encoding.cli import main
 from cycle_encoding.editing import (
     AttributeClassifier,
@@ -23,7 +24,7 @@ from cycle_encoding.editing import (
     save_classifier,
     save_interfacegan,
 )
-from cycle_encoding.editing.render import EditRequest, InversionRun, render_run_edits, tensor_sha256
+from cycle_encoding.editing.render import EditRequest, render_run_edits
 from cycle_encoding.errors import CycleEncodingError
 from cycle_encoding.inversion import Inverter, load_generator_delta
 from cycle_encoding.utils import save_image, to_uint8

@@ -15,10 +15,11 @@ from PIL import Image
 
 from cycle_encoding.checkpoints.encoder import save_encoder
 from cycle_encoding.checkpoints.generator import load_generator, save_generator
+from cycle_encoding.checkpoints.run_folder import InversionRun
 from cycle_encoding.editing import editor as editor_mod
 from cycle_encoding.editing import interfacegan_direction, save_interfacegan, sefa_directions
 from cycle_encoding.editing.editor import Editor
-from cycle_encoding.editing.render import EditRequest, InversionRun, named_directions, render_run_edits
+from cycle_encoding.editing.render import EditRequest, named_directions, render_run_edits
 from cycle_encoding.errors import CycleEncodingError
 from cycle_encoding.inversion import Inverter, load_generator_delta
 from cycle_encoding.utils import save_image, to_uint8

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import cycle_encoding as ce
+from cycle_encoding.checkpoints.delta import decode_change, encode_change, weights_sha256
 from cycle_encoding.cli import main
 from cycle_encoding.errors import CheckpointError
 from cycle_encoding.inversion import TuneConfig, load_generator_delta, pivotal_tune, save_generator_delta
 from cycle_encoding.inversion.common import LossNetworks, render
-from cycle_encoding.inversion.delta import decode_change, encode_change, weights_sha256
 from tests.conftest import make_tiny_generator, own_images, stand_in_perceptual
 
 pytestmark = pytest.mark.usefixtures("one_thread")

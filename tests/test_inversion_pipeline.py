@@ -15,11 +15,11 @@ import torch
 
 import cycle_encoding as ce
 from cycle_encoding.checkpoints.native import default_provenance, read_native
+from cycle_encoding.checkpoints.run_folder import tensor_sha256
 from cycle_encoding.cli import main
 from cycle_encoding.inversion import Inverter, load_generator_delta
 from cycle_encoding.inversion import inverter as inverter_module
 from cycle_encoding.inversion.common import render
-from cycle_encoding.inversion.run_folder import tensor_sha256
 from cycle_encoding.losses.perceptual import register_perceptual, unregister_perceptual
 from cycle_encoding.utils import save_image
 from tests.conftest import make_tiny_generator, own_images, stand_in_perceptual, tiny_encoder

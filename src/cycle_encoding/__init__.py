@@ -52,7 +52,7 @@ __all__ = [
     "to_pil",
 ]
 
-# Modules above the checkpoints layer that register readers for `cycle-encoding info`
-# (checkpoints.inspect.register_inspector): imported here, so the list is full for every user of the package.
+# Modules that register readers for `cycle-encoding info` (checkpoints.inspect.register_inspector) and that the
+# checkpoints package itself does not import: imported here, so the list is full for every user of the package.
+from .checkpoints import delta as _delta  # noqa: F401
 from .editing import directions as _directions  # noqa: F401
-from .inversion import delta as _delta  # noqa: F401

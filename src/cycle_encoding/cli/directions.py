@@ -148,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cpath = Path(args.codes)
         lpath = Path(args.labels)
         if cpath.is_dir():
-            from ..editing.render import InversionRun
+            from ..checkpoints.run_folder import InversionRun
 
             run = InversionRun(cpath)
             if lpath.suffix.lower() not in (".csv", ".tsv"):

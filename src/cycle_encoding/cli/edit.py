@@ -83,10 +83,11 @@ def add_direction_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    from ..checkpoints.run_folder import InversionRun
     from ..editing.classifier import as_scorer, parse_pair, scorer_name
     from ..editing.directions import parse_layers, parse_strengths
     from ..editing.measures import build_preservation
-    from ..editing.render import InversionRun, named_directions, plan_edit, render_run_edits
+    from ..editing.render import named_directions, plan_edit, render_run_edits
     from ..utils import resolve_device
 
     run = InversionRun(args.run_dir)

@@ -122,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pairing = None
     pred_label, target_label = args.pred, args.target
     if (args.pred / "config.json").is_file():  # an inversion run folder
-        from ..editing.render import InversionRun
+        from ..checkpoints.run_folder import InversionRun
         from ..metrics import pair_files
 
         run = InversionRun(args.pred)

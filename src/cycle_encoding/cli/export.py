@@ -1,5 +1,5 @@
 """``cycle-encoding export``: an image's tuned generator from an inversion run as a standalone file (parsing and
-printing only; the run is read by ``editing/render.py``, the change rebuilt by ``inversion/delta.py``)."""
+printing only; the run is read and the change rebuilt by ``checkpoints/run_folder.py``)."""
 
 from __future__ import annotations
 
@@ -32,12 +32,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..checkpoints.delta import weights_sha256
     from ..checkpoints.generator import load_generator, save_generator
     from ..checkpoints.native import default_provenance
     from ..checkpoints.rosinality import export_rosinality
-    from ..editing.render import InversionRun, render_one, tensor_sha256
+    from ..checkpoints.run_folder import InversionRun, tensor_sha256
+    from ..editing.render import render_one
     from ..errors import CycleEncodingError
-    from ..inversion.delta import weights_sha256
 
     run = InversionRun(args.run_dir)
     names = run.image_names()

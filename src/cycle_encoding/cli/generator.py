@@ -102,8 +102,8 @@ def brief_line(info: dict) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from ..checkpoints.delta import open_generator
     from ..errors import CycleEncodingError
-    from ..inversion.delta import open_generator
     from ..progress import Progress
     from ..sampling import MAX_SEED, render_seeds
     from ..utils import check_finite, make_grid, parse_int_list, save_image
@@ -164,7 +164,7 @@ def _generate_projected(G, args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoints import convert_generator
-    from ..inversion.delta import is_generator_delta, open_generator
+    from ..checkpoints.delta import is_generator_delta, open_generator
 
     to = args.to or ("rosinality" if args.dst.suffix in (".pt", ".pth") else "native")
     check_output_file(args.dst, "DST")

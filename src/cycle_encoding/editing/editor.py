@@ -122,7 +122,7 @@ def tensor_to_pil(y: torch.Tensor) -> Image.Image:
 
 def _cached_directions(G: Generator, method: str, k: int) -> DirectionSet:
     """SeFa / GANSpace directions of G (top k), computed once: in memory, then in the cache folder."""
-    from ..inversion.delta import weights_sha256
+    from ..checkpoints.delta import weights_sha256
 
     sha = weights_sha256(G)
     key = (sha, method, k)
@@ -196,8 +196,8 @@ class _Shared:
         device: str | torch.device,
         loss_options: dict[str, Any],
     ) -> None:
+        from ..checkpoints.delta import weights_sha256
         from ..checkpoints.generator import open_generator_arg
-        from ..inversion.delta import weights_sha256
         from ..utils import resolve_device
 
         self.device = resolve_device(device)
@@ -358,7 +358,7 @@ class Editor:
         """An editor on a finished ``cycle-encoding invert`` run: its base generator (the file it recorded, or the one
         given), its encoder (``"run"``: the one it recorded, when the file is there) and image ``image`` (default:
         the first finished one), whose tuned generator is rebuilt from the base and its stored change."""
-        from .render import InversionRun
+        from ..checkpoints.run_folder import InversionRun
 
         run = InversionRun(run_dir)
         base = run.load_generator(generator, device)
@@ -473,7 +473,7 @@ class Editor:
         ``cancel`` (from another thread) stops the inversion after the step under way: ``InversionCancelled`` is
         raised and the editor keeps its image. ``notes``: as ``load_image``'s."""
         from ..inversion import make_config
-        from .render import PIVOT_STAGES
+        from ..inversion.config import PIVOT_STAGES
 
         stages = tuple(stages)
         cfg = make_config(None, stages=stages, **{**self._s.loss_options, **options})
@@ -520,7 +520,7 @@ class Editor:
     def attach_run(self, run_dir: str | Path, image: str | None = None) -> list[str]:
         """Open a finished run of this editor's base generator (refused, naming the difference, for a run of another
         generator) at image ``image`` (default: its first); returns the run's finished images."""
-        from .render import InversionRun
+        from ..checkpoints.run_folder import InversionRun
 
         run = InversionRun(run_dir)
         want = (run.config.get("generator") or {}).get("weights_sha256")

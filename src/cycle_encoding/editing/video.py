@@ -37,6 +37,7 @@ import torch
 
 from ..checkpoints.latents import save_latents
 from ..checkpoints.native import file_sha256
+from ..checkpoints.run_folder import InversionRun
 from ..data.video import (
     VideoClip,
     VideoWriter,
@@ -54,7 +55,7 @@ from ..errors import CycleEncodingError
 from ..progress import Progress
 from ..utils import atomic_write, to_uint8
 from .directions import DirectionSet, parse_strengths
-from .render import InversionRun, named_directions, plan_edit, render_one
+from .render import named_directions, plan_edit, render_one
 
 ALIGN_MODES = ("face", "frame")
 ALIGN_FORMAT = "cycle-encoding-video-align"

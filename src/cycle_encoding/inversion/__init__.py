@@ -7,9 +7,9 @@ generator stored as a compact change, and the pipeline that runs them over many 
 >>> summary = inv.run("faces/", "runs/inv1")    # a folder, into a run folder
 """
 
+from ..checkpoints.delta import DeltaInfo, load_generator_delta, save_generator_delta, weights_sha256
 from ..losses.networks import LossNetworks, build_loss_networks
 from .config import STAGES, InversionConfig, make_config
-from .delta import DeltaInfo, load_generator_delta, save_generator_delta, weights_sha256
 from .inverter import Inverter
 from .pivot import encoder_pivot
 from .project import ProjectConfig, ProjectResult, project_w

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .. import distributed as dd
+from ..checkpoints.delta import full_copy_bytes, weights_sha256
 from ..config import to_dict
 from ..errors import CycleEncodingError
 from ..losses.networks import LossNetworks, build_loss_networks, recorded_networks
@@ -30,7 +31,6 @@ from ..networks.stylegan2 import Generator
 from ..utils import resolve_device
 from .common import check_target, render, stage_seed
 from .config import PIVOT_STAGES, InversionConfig, make_config
-from .delta import full_copy_bytes, weights_sha256
 from .pivot import encoder_pivot, resolve_stage
 from .project import project_w
 from .refine import EncoderSource, RegularizedRefiner, load_encoder_source, open_training_images

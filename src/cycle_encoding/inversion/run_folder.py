@@ -1,28 +1,8 @@
-"""The run folder of an inversion over many images: resumable, splittable by ``torchrun``.
+"""An inversion over many images into a run folder (its layout and files: ``checkpoints/run_folder.py``):
+resumable, splittable by ``torchrun``.
 
-A run folder ``RUN_DIR``::
-
-    config.json                 resolved options, generator / encoder files and weight hashes, loss networks' names
-    summary.json                what was done, skipped and failed; per stage: seconds per image, MSE, PSNR, perceptual
-    images/<name>/
-        target.png              the target as inverted (centre-cropped, resized to G's resolution)
-        pivots.safetensors      the [N, w_dim] code after each stage (own format, kind "pivots"; ``tune`` keeps
-                                the pivot of the stage before it)
-        recon_<stage>.png       G(pivot) after each stage (the tuned G after ``tune``)
-        losses.jsonl            one line per optimization step of every stage
-        timings.json            seconds per stage
-        generator_delta.safetensors   the tuned G as its change from the base (``delta.py``)
-        projected_w.npz         the final pivot (the one tuning started from) in NVIDIA's projector layout: key ``w``,
-                                [1, N, w_dim] float32, for ``generate.py --projected-w`` and the like
-        result.json             metrics per stage, tuning steps, delta size, sha256 of each reconstruction's float32
-                                tensor (rebuild base + delta, render the pivot: the same hash, bit for bit)
-        done                    written last: the image is finished
-    latents.pt, latents.npy     the finished images' final pivots stacked [n, N, w_dim] (e4e's inference output) ...
-    latents.txt                 ... and their names, one per line, in the same order (written with summary.json)
-
-Every file is written atomically (temporary file, then rename), so a killed run leaves no half-written file; a re-run
-with the same options skips images that have ``done``, removes stray temporary files and redoes the rest. Finished
-images are known by content, not only by name: ``result.json`` records the sha256 of the input file
+A re-run with the same options skips images that have ``done``, removes stray temporary files and redoes the rest.
+Finished images are known by content, not only by name: ``result.json`` records the sha256 of the input file
 (``input_sha256``), and an image whose input file changed since is inverted again (and said so).
 
 Two processes may fill one folder (two ``invert`` commands, or ``torchrun`` ranks): each image is inverted under a lock
@@ -39,7 +19,6 @@ on different machines with a shared ``RUN_DIR``.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import shlex
 import sys
@@ -51,19 +30,18 @@ from typing import Any, Protocol
 
 import torch
 
+from ..checkpoints import run_folder as rf
+from ..checkpoints.delta import save_generator_delta
 from ..checkpoints.latents import load_latents, save_latents, save_projected_w
-from ..checkpoints.native import default_provenance, file_sha256, save_native
+from ..checkpoints.native import default_provenance, file_sha256
 from ..distributed import DistInfo
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
-from ..utils import atomic_write, save_image
+from ..utils import save_image
 from .config import PIVOT_STAGES, InversionConfig
-from .delta import save_generator_delta
 from .progress import StepBar
 from .result import InversionResult
 
-RUN_FORMAT = "cycle-encoding-inversion-run"
-RUN_VERSION = 1
 # options that may differ between the runs that fill one folder (they do not change any result)
 VOLATILE_OPTIONS = ("device", "tune_batch")  # tune_batch: the same results within float rounding
 
@@ -86,11 +64,6 @@ class Inverter(Protocol):
     invert_many: Callable[..., list[InversionResult]]  # (images, indices, names, on_step, on_stage), as Inverter's
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
-    v = t.detach().to("cpu").float().contiguous()
-    return hashlib.sha256(v.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 def fingerprint(desc: dict[str, Any]) -> dict[str, Any]:
     """What must be the same for two runs to fill one folder: options (but the volatile ones), weights, networks."""
     opts = {k: v for k, v in desc["options"].items() if k not in VOLATILE_OPTIONS}
@@ -111,11 +84,11 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
 def image_state(out: Path, name: str, file: Path) -> str:
     """``"done"`` (finished from this very input file), ``"changed"`` (finished from a file of other content: to do
     again) or ``"todo"``. Images finished before input hashes were recorded count as done."""
-    folder = out / "images" / name
-    if not (folder / "done").is_file():
+    folder = rf.image_folder(out, name)
+    if not (folder / rf.DONE).is_file():
         return "todo"
     try:
-        want = json.loads((folder / "result.json").read_text()).get("input_sha256")
+        want = json.loads((folder / rf.RESULT).read_text()).get("input_sha256")
     except (OSError, ValueError, AttributeError):
         return "done"  # a finished image with an unreadable record is reported by `edit` / `report`, not redone
     if not want:
@@ -127,7 +100,7 @@ def image_state(out: Path, name: str, file: Path) -> str:
 
 
 def image_lock_path(out: Path, name: str) -> Path:
-    return out / "images" / f".{name}.lock"
+    return out / rf.IMAGES / f".{name}.lock"
 
 
 @contextmanager
@@ -155,13 +128,13 @@ def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
     """Write ``config.json`` for a new run, or check that the run already in ``out`` had the same fingerprint; remove
     stray temporary files."""
     desc = inverter.describe()
-    cfg_path = out / "config.json"
+    cfg_path = out / rf.CONFIG
     if cfg_path.is_file():
         try:
             old = json.loads(cfg_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CycleEncodingError(f"{cfg_path}: unreadable ({e}); use another --out") from None
-        if old.get("format") != RUN_FORMAT:
+        if old.get("format") != rf.RUN_FORMAT:
             raise CycleEncodingError(f"{out}: not an inversion run folder (config.json of another kind)")
         a, b = fingerprint(old), fingerprint(desc)
         if a != b:
@@ -173,8 +146,8 @@ def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
     else:
         out.mkdir(parents=True, exist_ok=True)
         doc = {
-            "format": RUN_FORMAT,
-            "version": RUN_VERSION,
+            "format": rf.RUN_FORMAT,
+            "version": rf.RUN_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "command": shlex.join(sys.argv),  # quoted: it can be pasted back into a shell
             "argv": list(sys.argv),
@@ -182,10 +155,9 @@ def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
             "world_size": inverter.dist.world_size,
             **desc,
         }
-        atomic_write(cfg_path, lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
-    for stray in out.glob(".*.tmp"):
-        stray.unlink(missing_ok=True)
-    (out / "images").mkdir(exist_ok=True)
+        rf.write_json(cfg_path, doc)
+    rf.remove_temporaries(out)
+    (out / rf.IMAGES).mkdir(exist_ok=True)
 
 
 class _FolderJob:
@@ -203,15 +175,8 @@ class _FolderJob:
         say: Callable[[str], None],
         warn: Callable[[str], None] | None = None,
     ) -> None:
-        self.inverter, self.file, self.name, self.index, self.folder, self.head = (
-            inverter,
-            file,
-            name,
-            index,
-            folder,
-            head,
-        )
-        self.say = say
+        self.inverter, self.file, self.name, self.index = inverter, file, name, index
+        self.folder, self.head, self.say = folder, head, say
         cfg = inverter.config
         self.input_sha256 = file_sha256(file) if Path(file).is_file() else None
         self.notes: dict[str, Any] = {}
@@ -219,10 +184,7 @@ class _FolderJob:
         self.x = inverter.load_image(file, self.notes)
         if "warning" in self.notes:  # the warning shows even without verbose
             (warn or say)(f"{head}: WARNING: {self.notes['warning']}")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "done").unlink(missing_ok=True)  # redone (its input changed): unfinished until written again
-        for stray in folder.glob(".*.tmp"):  # left by a run killed while writing
-            stray.unlink(missing_ok=True)
+        rf.start_image(folder)  # redone (its input changed): unfinished until written again
         self.t_start = time.perf_counter()
         self.totals = {"refine": cfg.refine.steps, "project": cfg.project.steps, "tune": cfg.tune.steps}
         self.bar = StepBar(inverter.progress, head, self.totals)
@@ -233,18 +195,15 @@ class _FolderJob:
         inverter, folder = self.inverter, self.folder
         self.bar.close()
         if not self.target_written:
-            save_image(res.target[0], folder / "target.png")
+            save_image(res.target[0], folder / rf.TARGET)
             self.target_written = True
         if stage in PIVOT_STAGES or stage == "tune":
             piv = {s: p[0] for s, p in res.pivots.items()}
             if stage == "tune" and res.tune is not None:  # tuning keeps its pivot: recorded for completeness
                 piv["tune"] = piv[res.tune["pivot_stage"]]
-            save_native(folder / "pivots.safetensors", "pivots",
-                        {"num_ws": inverter.G.num_ws, "w_dim": inverter.G.w_dim, "stages": list(piv)}, piv,
-                        default_provenance(made_by="cycle-encoding invert", image=self.name))  # fmt: skip
-        save_image(res.recons[stage][0], folder / f"recon_{stage}.png")
-        text = "".join(json.dumps(r) + "\n" for r in res.losses)
-        atomic_write(folder / "losses.jsonl", lambda t: t.write_text(text))
+            rf.write_pivots(folder, piv, inverter.G.num_ws, inverter.G.w_dim, self.name)
+        save_image(res.recons[stage][0], folder / rf.recon_file(stage))
+        rf.write_losses(folder, res.losses)
         m = res.metrics[stage]
         extra = ""
         if stage == "tune" and res.tune is not None:
@@ -270,7 +229,7 @@ class _FolderJob:
             "rank": inverter.dist.rank,
             "stages": list(cfg.stages),
             "metrics": res.metrics,
-            "recon_sha256": {s: tensor_sha256(y) for s, y in res.recons.items()},
+            "recon_sha256": {s: rf.tensor_sha256(y) for s, y in res.recons.items()},
             "networks": inverter.network_names(),
             "device": str(inverter.device),
             "threads": torch.get_num_threads(),  # CPU renders depend on it in their last bits (edit's check)
@@ -283,7 +242,7 @@ class _FolderJob:
         if res.generator is not None and cfg.save_delta:
             t0 = time.perf_counter()
             d = save_generator_delta(
-                inverter.G, res.generator, folder / "generator_delta.safetensors",
+                inverter.G, res.generator, folder / rf.DELTA,
                 base_file=Path(inverter.generator_file).name if inverter.generator_file else None,
                 provenance=default_provenance(made_by="cycle-encoding invert", image=name),
                 extra={"image": name, "pivot_stage": res.tune["pivot_stage"] if res.tune else None},
@@ -294,14 +253,11 @@ class _FolderJob:
                                "ratio": round(d.ratio, 4), "changed_tensors": d.changed,
                                "tuned_weights_sha256": d.tuned_sha256}  # fmt: skip
         pivot_stage = list(res.pivots)[-1]
-        save_projected_w(folder / "projected_w.npz", res.pivot[0])
-        record["projected_w"] = {"file": "projected_w.npz", "stage": pivot_stage}
+        save_projected_w(folder / rf.PROJECTED_W, res.pivot[0])
+        record["projected_w"] = {"file": rf.PROJECTED_W, "stage": pivot_stage}
         res.timings["total"] = time.perf_counter() - self.t_start
         record["timings"] = res.timings
-        atomic_write(folder / "timings.json", lambda t: t.write_text(json.dumps(res.timings, indent=2) + "\n"))
-        atomic_write(folder / "result.json", lambda t: t.write_text(json.dumps(record, indent=2) + "\n"))
-        stamp = json.dumps({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(), "rank": inverter.dist.rank})
-        atomic_write(folder / "done", lambda t: t.write_text(stamp + "\n"))
+        rf.finish_image(folder, record, res.timings, inverter.dist.rank)
         return record
 
 
@@ -393,9 +349,9 @@ def write_summary(
     skipped = [*skipped, *(n for r in ranks for n in r.get("skipped", []))]
     records = []
     for n in names:
-        p = out / "images" / n / "result.json"
-        if (out / "images" / n / "done").is_file() and p.is_file():
-            records.append(json.loads(p.read_text()))
+        folder = rf.image_folder(out, n)
+        if (folder / rf.DONE).is_file() and (folder / rf.RESULT).is_file():
+            records.append(json.loads((folder / rf.RESULT).read_text()))
     per_stage: dict[str, dict[str, Any]] = {}
     for s in inverter.config.stages:
         rows = [r for r in records if s in r.get("metrics", {})]
@@ -429,10 +385,10 @@ def write_summary(
         full = deltas[0]["full_copy_bytes"]
         summary["generator_delta"] = {"mean_bytes_per_image": mean, "full_copy_bytes": full,
                                       "ratio": mean / max(1, full)}  # fmt: skip
-    with_w = [r["name"] for r in records if (out / "images" / r["name"] / "projected_w.npz").is_file()]
+    with_w = [r["name"] for r in records if (rf.image_folder(out, r["name"]) / rf.PROJECTED_W).is_file()]
     if with_w:  # the stacked codes, as e4e's inference writes them, with the names in order
-        ws = torch.cat([load_latents(out / "images" / n / "projected_w.npz") for n in with_w])
+        ws = torch.cat([load_latents(rf.image_folder(out, n) / rf.PROJECTED_W) for n in with_w])
         files = save_latents(out, ws, with_w)
         summary["latents"] = {"files": [f.name for f in files], "images": len(with_w), "shape": list(ws.shape)}
-    atomic_write(out / "summary.json", lambda t: t.write_text(json.dumps(summary, indent=2) + "\n"))
+    rf.write_json(out / rf.SUMMARY, summary)
     return summary

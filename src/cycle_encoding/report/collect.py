@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..editing.render import InversionRun, inside
+from ..checkpoints.run_folder import InversionRun, inside
 from ..errors import CycleEncodingError
 from ..metrics import DEFINITIONS, summarize
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints.common import atomic_write
-from ..editing.render import InversionRun, inside
+from ..checkpoints.run_folder import InversionRun, inside
 from ..grid import compose_grid, save_png, strength_label
 from .collect import LOWER_IS_BETTER, METRIC_LABELS, collect
 

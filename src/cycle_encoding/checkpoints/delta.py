@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoints.inspect import register_inspector
-from ..checkpoints.native import default_provenance, read_native, read_native_header, save_native
 from ..errors import CheckpointError
 from ..networks.stylegan2 import Generator, GeneratorConfig
+from .inspect import register_inspector
+from .native import default_provenance, read_native, read_native_header, save_native
 
 DELTA_KIND = "generator_delta"
 ENCODING = "xor-bits+byte-shuffle+zlib"
@@ -185,7 +185,7 @@ def load_generator_delta(path: str | Path, base: Generator | str | Path, verify:
             p, f"unknown delta encoding {ex.get('encoding')!r} (version {ex.get('encoding_version')})"
         )
     if isinstance(base, (str, Path)):
-        from ..checkpoints.generator import load_generator
+        from .generator import load_generator
 
         base = load_generator(base)
     want = ex.get("base", {})
@@ -262,7 +262,7 @@ register_inspector(inspect_generator_delta)
 
 def is_generator_delta(path: str | Path) -> bool:
     """Whether ``path`` is a stored change (the own format's kind ``generator_delta``)."""
-    from ..checkpoints.common import sniff
+    from .common import sniff
 
     p = Path(path)
     try:
@@ -315,8 +315,8 @@ def open_generator(
     """Any generator file ``load_generator`` reads, or a stored change rebuilt on its base: ``base`` when given,
     else the base file the change records (``recorded_base``). A change whose base cannot be found is refused with
     a message naming the base and ``--base``."""
-    from ..checkpoints.generator import load_generator
     from ..utils import resolve_device
+    from .generator import load_generator
 
     if not is_generator_delta(path):
         if base is not None:

@@ -1,0 +1,357 @@
+"""The run folder of ``cycle-encoding invert``: its layout, the primitives that write it and the one reader of it.
+
+A run folder ``RUN_DIR``::
+
+    config.json                 resolved options, generator / encoder files and weight hashes, loss networks' names
+    summary.json                what was done, skipped and failed; per stage: seconds per image, MSE, PSNR, perceptual
+    images/<name>/
+        target.png              the target as inverted (centre-cropped, resized to G's resolution)
+        pivots.safetensors      the [N, w_dim] code after each stage (own format, kind "pivots"; ``tune`` keeps
+                                the pivot of the stage before it)
+        recon_<stage>.png       G(pivot) after each stage (the tuned G after ``tune``)
+        losses.jsonl            one line per optimization step of every stage
+        timings.json            seconds per stage
+        generator_delta.safetensors   the tuned G as its change from the base (``delta.py``)
+        projected_w.npz         the final pivot (the one tuning started from) in NVIDIA's projector layout: key ``w``,
+                                [1, N, w_dim] float32, for ``generate.py --projected-w`` and the like
+        result.json             metrics per stage, tuning steps, delta size, sha256 of each reconstruction's float32
+                                tensor (rebuild base + delta, render the pivot: the same hash, bit for bit)
+        done                    written last: the image is finished
+    latents.pt, latents.npy     the finished images' final pivots stacked [n, N, w_dim] (e4e's inference output) ...
+    latents.txt                 ... and their names, one per line, in the same order (written with summary.json)
+    edits/<tag>/                the edits of ``cycle-encoding edit`` (``editing/render.py``)
+
+Every file is written atomically (temporary file, then rename; a killed run's temporaries are removed when the folder
+is next written). ``inversion/run_folder.py`` drives an inverter over the folder and writes through the functions
+here; every reader reads through ``InversionRun``, which refuses any file that leads outside the run folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..assets import resolve_model
+from ..errors import CheckpointError, CycleEncodingError
+from ..networks.stylegan2 import Generator
+from ..utils import atomic_write
+from .delta import load_generator_delta, weights_sha256
+from .generator import load_generator
+from .native import default_provenance, read_native, save_native
+
+RUN_FORMAT = "cycle-encoding-inversion-run"
+RUN_VERSION = 1
+CONFIG, SUMMARY, IMAGES, EDITS = "config.json", "summary.json", "images", "edits"
+TARGET, PIVOTS, LOSSES, TIMINGS = "target.png", "pivots.safetensors", "losses.jsonl", "timings.json"
+DELTA, PROJECTED_W, RESULT, DONE = "generator_delta.safetensors", "projected_w.npz", "result.json", "done"
+
+
+def recon_file(stage: str) -> str:
+    return f"recon_{stage}.png"
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's float32 bytes (the run's ``recon_sha256``)."""
+    v = t.detach().to("cpu").float().contiguous()
+    return hashlib.sha256(v.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def inside(path: str | Path, root: str | Path) -> bool:
+    """Whether ``path`` (symbolic links followed) lies inside the folder ``root``."""
+    try:
+        p, r = Path(path).resolve(), Path(root).resolve()
+    except (OSError, RuntimeError):
+        return False
+    return p == r or r in p.parents
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; one clear error for a file that cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise CycleEncodingError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise CycleEncodingError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def write_json(path: Path, doc: Any) -> Path:
+    """``doc`` as indented JSON, atomically."""
+    return atomic_write(path, lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Remove the temporary files (``.NAME.*.tmp``) that a process killed while writing left in ``folder``."""
+    for stray in folder.glob(".*.tmp"):
+        if stray.is_file():
+            stray.unlink(missing_ok=True)
+
+
+# -- writing one image's folder ------------------------------------------------------------------------------------
+
+
+def image_folder(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / IMAGES / name
+
+
+def start_image(folder: Path) -> None:
+    """Make ``folder`` ready for an image being (re)inverted: unfinished (no ``done``) until ``finish_image``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DONE).unlink(missing_ok=True)
+    remove_temporaries(folder)
+
+
+def write_pivots(folder: Path, pivots: dict[str, torch.Tensor], num_ws: int, w_dim: int, image: str) -> None:
+    """Each stage's ``[N, w_dim]`` pivot, in stage order."""
+    save_native(folder / PIVOTS, "pivots", {"num_ws": num_ws, "w_dim": w_dim, "stages": list(pivots)}, pivots,
+                default_provenance(made_by="cycle-encoding invert", image=image))  # fmt: skip
+
+
+def write_losses(folder: Path, records: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(folder / LOSSES, lambda t: t.write_text(text))
+
+
+def finish_image(folder: Path, record: dict[str, Any], timings: dict[str, float], rank: int) -> None:
+    """``timings.json`` and ``result.json``, then ``done`` last: the image is finished."""
+    write_json(folder / TIMINGS, timings)
+    write_json(folder / RESULT, record)
+    stamp = json.dumps({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(), "rank": rank})
+    atomic_write(folder / DONE, lambda t: t.write_text(stamp + "\n"))
+
+
+# -- reading -----------------------------------------------------------------------------------------------------
+
+
+def recorded_file(f: str, run_dir: Path) -> Path:
+    """A file a run recorded: as given, else relative to the run folder or its parent, else the shipped model of
+    that name (``fmnist-generator``, ...: runs record the name they were given); else ``Path(f)`` as it is."""
+    for cand in (Path(f), run_dir / f, run_dir.parent / f):
+        if cand.is_file():
+            return cand
+    try:
+        return resolve_model(f)
+    except CycleEncodingError:  # a shipped name whose file this install lacks: the caller reports it as missing
+        return Path(f)
+
+
+@dataclass
+class RunImage:
+    """One finished image of a run."""
+
+    name: str
+    folder: Path
+    result: dict[str, Any]
+    pivots: dict[str, torch.Tensor]  # stage -> [N, w_dim]
+
+    @property
+    def stages(self) -> list[str]:
+        return list(self.result.get("stages") or [*self.pivots, *(["tune"] if self.tuned else [])])
+
+    @property
+    def tuned(self) -> bool:
+        return "tune" in (self.result.get("stages") or []) or "tune" in self.result.get("metrics", {})
+
+    @property
+    def pivot_stage(self) -> str:
+        """The stage whose pivot the edits move: the one pivotal tuning started from, else the last pivot stage."""
+        t = self.result.get("tune") or {}
+        if t.get("pivot_stage") in self.pivots:
+            return str(t["pivot_stage"])
+        order = [s for s in self.stages if s in self.pivots] or list(self.pivots)
+        return order[-1]
+
+    @property
+    def pivot(self) -> torch.Tensor:
+        """``[1, N, w_dim]``."""
+        return self.pivots[self.pivot_stage][None]
+
+    @property
+    def recon_stage(self) -> str:
+        """The stage whose reconstruction an edit of strength 0 reproduces."""
+        return "tune" if self.tuned else self.pivot_stage
+
+    @property
+    def recon_sha256(self) -> str | None:
+        return (self.result.get("recon_sha256") or {}).get(self.recon_stage)
+
+    def checked(self, p: Path, root: Path | None = None) -> Path | None:
+        """``p`` when it is a file inside the image's folder (or ``root``), None when there is none; a file that leads
+        outside it (a symbolic link) is refused by name."""
+        if not p.is_file():
+            return None
+        if not inside(p, root or self.folder):
+            raise CycleEncodingError(f"{p}: refused: it leads outside the run folder")
+        return p
+
+    @property
+    def delta_path(self) -> Path | None:
+        """The stored change that renders this image (None: none stored): the file its record names
+        (``result.json``'s ``delta.file``, relative to the image's folder, anywhere inside the run folder, so one
+        change can serve several images), else the image's own ``generator_delta.safetensors``."""
+        rel = (self.result.get("delta") or {}).get("file")
+        return self.checked(self.folder / (rel if isinstance(rel, str) and rel else DELTA), self.folder.parent.parent)
+
+    @property
+    def target_path(self) -> Path:
+        return self.folder / TARGET
+
+    def recon_path(self, stage: str) -> Path:
+        return self.folder / recon_file(stage)
+
+    def losses(self) -> list[dict[str, Any]]:
+        p = self.folder / LOSSES
+        if not p.is_file() or not inside(p, self.folder):
+            return []
+        out = []
+        for line in p.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a blank or cut line
+                continue
+        return out
+
+
+class InversionRun:
+    """A run folder of ``cycle-encoding invert`` (see the module doc). Only images with ``done`` are listed."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        cfg_path = self.dir / CONFIG
+        if not cfg_path.is_file():
+            raise CycleEncodingError(f"{self.dir}: not an inversion run folder (no config.json)")
+        self.config: dict[str, Any] = read_json(cfg_path)
+        if self.config.get("format") != RUN_FORMAT:
+            raise CycleEncodingError(f"{self.dir}: config.json is not an inversion run's ({self.config.get('format')})")
+        summary = self.dir / SUMMARY
+        self.summary: dict[str, Any] = read_json(summary) if summary.is_file() else {}
+
+    @property
+    def stages(self) -> list[str]:
+        return list((self.config.get("options") or {}).get("stages") or [])
+
+    @property
+    def command(self) -> str:
+        return str(self.config.get("command", ""))
+
+    @property
+    def networks(self) -> dict[str, str]:
+        return dict(self.config.get("networks") or {})
+
+    def image_names(self) -> list[str]:
+        root = self.dir / IMAGES
+        if not root.is_dir():
+            return []
+        return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / DONE).is_file())
+
+    def image(self, name: str) -> RunImage:
+        folder = image_folder(self.dir, name)
+        if Path(name).name != name or name in ("", ".", "..") or not inside(folder, self.dir / IMAGES):
+            raise CycleEncodingError(f"{name!r}: refused: not an image folder inside {self.dir / IMAGES}")
+        if not (folder / DONE).is_file():
+            raise CycleEncodingError(f"{folder}: not finished (no 'done')")
+        for f in (RESULT, PIVOTS):
+            if (folder / f).exists() and not inside(folder / f, folder):
+                raise CycleEncodingError(f"{folder / f}: refused: it leads outside the run folder")
+        result = read_json(folder / RESULT)
+        if not isinstance(result, dict):
+            raise CycleEncodingError(f"{folder / RESULT}: not a JSON object")
+        nf = read_native(folder / PIVOTS)
+        if nf.kind != "pivots":
+            raise CheckpointError(folder / PIVOTS, f"a {nf.kind} file, not the run's pivots")
+        pivots = {k: v.float() for k, v in nf.tensors.items()}
+        order = list(nf.config.get("stages") or pivots)
+        pivots = {k: pivots[k] for k in order if k in pivots}
+        if not pivots:
+            raise CycleEncodingError(f"{folder}: no pivots stored")
+        return RunImage(name, folder, result, pivots)
+
+    def load_images(self) -> tuple[list[RunImage], list[dict[str, str]]]:
+        """Every finished image that can be read, and the others as ``{"name", "reason"}`` (a corrupt
+        ``result.json`` or pivots file, a folder that leads outside the run): one bad folder does not stop the rest."""
+        good: list[RunImage] = []
+        bad: list[dict[str, str]] = []
+        for n in self.image_names():
+            try:
+                good.append(self.image(n))
+            except CycleEncodingError as e:
+                bad.append({"name": n, "reason": str(e)})
+        return good, bad
+
+    def generator_file(self) -> Path | None:
+        """The base generator's file as the run recorded it (as given, else relative to the run folder)."""
+        f = (self.config.get("generator") or {}).get("file")
+        return recorded_file(f, self.dir) if f else None
+
+    def encoder_file(self) -> Path | None:
+        f = (self.config.get("encoder") or {}).get("file")
+        return recorded_file(f, self.dir) if f else None
+
+    def load_generator(
+        self, generator: Generator | str | Path | None = None, device: str | torch.device = "cpu"
+    ) -> Generator:
+        """The base generator: the one given, else the file the run recorded; its weights must be the run's."""
+        if isinstance(generator, Generator):
+            G = generator
+        else:
+            path = resolve_model(generator) if generator is not None else self.generator_file()
+            if path is None:
+                raise CycleEncodingError(
+                    f"{self.dir}: the run does not record its generator file (it was given as a network): pass "
+                    "--generator FILE"
+                )
+            if not path.is_file():
+                raise CycleEncodingError(f"the run's generator {path} is not there: pass --generator FILE")
+            G = load_generator(path, device=device)
+        want = (self.config.get("generator") or {}).get("weights_sha256")
+        if want and weights_sha256(G) != want:
+            raise CycleEncodingError(
+                f"the generator given is not the one {self.dir} was inverted with (weights sha256 differs)"
+            )
+        return G.to(device).eval().requires_grad_(False)
+
+    def generator_for(self, image: RunImage, base: Generator, allow_base: bool = False) -> tuple[Generator, str]:
+        """(the generator that renders ``image``'s pivot, 'tuned' or 'base'): the base rebuilt with the change the
+        image's record names (``RunImage.delta_path``)."""
+        if not image.tuned:
+            return base, "base"
+        delta = image.delta_path
+        if delta is None:
+            if allow_base:
+                return base, "base (the run tuned the generator but did not store it)"
+            raise CycleEncodingError(
+                f"{image.folder}: the run tuned the generator but did not store it (run invert without --no-delta), "
+                "so the edits cannot use it; allow the base generator explicitly to go on"
+            )
+        G = load_generator_delta(delta, base)
+        return G.to(base.w_avg.device).eval(), "tuned"
+
+    def stage_files(self, stage: str | None = None) -> tuple[str, dict[str, Path], dict[str, Path]]:
+        """(the stage, each finished image's reconstruction after it, each one's target as inverted), by image name.
+        ``stage`` None: ``tune`` when the run tuned, else its last stage."""
+        stages = self.stages
+        if stage is None:
+            stage = "tune" if "tune" in stages else (stages[-1] if stages else "tune")
+        if stages and stage not in stages:
+            raise CycleEncodingError(f"{self.dir}: the run has no stage {stage!r} (its stages: {', '.join(stages)})")
+        recons: dict[str, Path] = {}
+        targets: dict[str, Path] = {}
+        for name in self.image_names():
+            folder = image_folder(self.dir, name)
+            if (folder / recon_file(stage)).is_file():
+                recons[name] = folder / recon_file(stage)
+            if (folder / TARGET).is_file():
+                targets[name] = folder / TARGET
+        return stage, recons, targets
+
+    def edit_folders(self) -> list[Path]:
+        root = self.dir / EDITS
+        if not root.is_dir():
+            return []
+        return sorted(d for d in root.iterdir() if d.is_dir() and (d / "edit.json").is_file())
