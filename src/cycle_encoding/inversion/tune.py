@@ -121,6 +121,89 @@ def _stacked_noise(G: Generator, rest: list[torch.Tensor | None], count: int) ->
     return out
 
 
+def tuning_loss(
+    tuned: Generator,
+    G: Generator,
+    pivot: torch.Tensor,
+    x: torch.Tensor,
+    perceptual: torch.nn.Module | None,
+    c: TuneConfig,
+    gen: torch.Generator,
+    regularize: bool,
+    rec: dict[str, Any],
+    stop_threshold: float | None = None,
+) -> torch.Tensor | None:
+    """One step's loss of the tuned copy ``tuned`` on the pivot ``pivot`` and its target ``x`` (see the module doc),
+    the locality regularizer's codes drawn from ``gen`` when ``regularize``; the terms go into ``rec``. None (and
+    ``rec["stopped"]``) when the perceptual distance is at or under ``stop_threshold``: the step is not taken, and
+    the regularizer's codes are not drawn. ``G`` is the frozen original (gradients off)."""
+    device = pivot.device
+    synthesis = synthesis_pass(c.compile, device)
+    wr = new = old = p_new = None
+    if regularize and c.batch_passes:
+        # one pass of the tuned G on [pivot, w_r...] (the w_r rows without noise or with G's constant noise,
+        # as the regularizer asks), one perceptual call on both pairs: the same terms as two passes
+        wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
+        rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
+        noise = _stacked_noise(tuned, rest, wr.shape[0])
+        with autocast(device, c.precision):
+            both = synthesis(tuned, torch.cat([pivot, wr]), noise=noise).float()
+            with torch.no_grad():  # the frozen original: no gradient, no activations kept
+                old = synthesis(G, wr, noise=rest).float()
+        y, new = both[:1], both[1:]
+        if perceptual is not None:
+            with autocast(device, c.precision):
+                pv = perceptual(both, torch.cat([x.to(both.dtype), old])).float()
+            p_new = pv[1:].mean()
+    else:
+        with autocast(device, c.precision):
+            y = synthesis(tuned, pivot, noise_mode="const")
+        y = y.float()
+    mse = F.mse_loss(y, x)
+    rec["l2"] = float(mse.detach())
+    loss = c.l2_lambda * mse
+    if perceptual is not None:
+        if p_new is not None:
+            p = pv[:1].mean()
+        else:
+            with autocast(device, c.precision):
+                p = perceptual(y, x).float().mean()
+        rec["perceptual"] = float(p.detach())
+        loss = loss + c.perceptual_lambda * p
+        if stop_threshold is not None and rec["perceptual"] <= stop_threshold:
+            rec["stopped"] = True
+            return None
+    if regularize:
+        if wr is None:
+            wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
+            rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
+            with autocast(device, c.precision):
+                new = synthesis(tuned, wr, noise=rest)
+                with torch.no_grad():  # the frozen original: no gradient, no activations kept
+                    old = synthesis(G, wr, noise=rest)
+            new, old = new.float(), old.float()
+        assert new is not None and old is not None
+        reg = c.locality_l2_lambda * F.mse_loss(new, old)
+        if perceptual is not None and c.locality_perceptual_lambda:
+            if p_new is None:
+                with autocast(device, c.precision):
+                    p_new = perceptual(new, old).float().mean()
+            reg = reg + c.locality_perceptual_lambda * p_new
+        rec["locality"] = float(reg.detach())
+        loss = loss + reg
+    rec["loss"] = float(loss.detach())
+    return loss
+
+
+def tuning_copy(G: Generator, c: TuneConfig) -> tuple[Generator, torch.optim.Adam]:
+    """A trainable copy of ``G`` and its Adam (lr ``c.lr``, betas 0.9, 0.999; torch's fused kernel outside fp32)."""
+    tuned = copy.deepcopy(G).eval()
+    tuned.requires_grad_(True)
+    params = [p for p in tuned.parameters() if p.requires_grad]
+    fused = {"fused": True} if c.precision != "fp32" else {}
+    return tuned, torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.999), **fused)
+
+
 def pivotal_tune(
     G: Generator,
     pivot: torch.Tensor,
@@ -140,83 +223,25 @@ def pivotal_tune(
     gen = cpu_generator(seed)
     pivot = pivot.to(device).detach()
     x = target.to(device)
-    tuned = copy.deepcopy(G).eval()
-    tuned.requires_grad_(True)
-    params = [p for p in tuned.parameters() if p.requires_grad]
-    fast = c.precision != "fp32"
-    opt = torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.999), **({"fused": True} if fast else {}))
+    tuned, opt = tuning_copy(G, c)
     losses: list[dict[str, Any]] = []
-    updates = 0
     stopped = False
-    perceptual = nets.perceptual
-    synthesis = synthesis_pass(c.compile, device)
     with frozen(G):
         for step in range(c.steps):
+            rec: dict[str, Any] = {"stage": "tune", "step": step}
             regularize = c.locality and step % c.locality_every == 0
-            wr = new = old = p_new = None
-            if regularize and c.batch_passes:
-                # one pass of the tuned G on [pivot, w_r...] (the w_r rows without noise or with G's constant noise,
-                # as the regularizer asks), one perceptual call on both pairs: the same terms as two passes
-                wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
-                rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
-                noise = _stacked_noise(tuned, rest, wr.shape[0])
-                with autocast(device, c.precision):
-                    both = synthesis(tuned, torch.cat([pivot, wr]), noise=noise).float()
-                    with torch.no_grad():  # the frozen original: no gradient, no activations kept
-                        old = synthesis(G, wr, noise=rest).float()
-                y, new = both[:1], both[1:]
-                if perceptual is not None:
-                    with autocast(device, c.precision):
-                        pv = perceptual(both, torch.cat([x.to(both.dtype), old])).float()
-                    p_new = pv[1:].mean()
-            else:
-                with autocast(device, c.precision):
-                    y = synthesis(tuned, pivot, noise_mode="const")
-                y = y.float()
-            mse = F.mse_loss(y, x)
-            rec: dict[str, Any] = {"stage": "tune", "step": step, "l2": float(mse.detach())}
-            loss = c.l2_lambda * mse
-            if perceptual is not None:
-                if p_new is not None:
-                    p = pv[:1].mean()
-                else:
-                    with autocast(device, c.precision):
-                        p = perceptual(y, x).float().mean()
-                rec["perceptual"] = float(p.detach())
-                loss = loss + c.perceptual_lambda * p
-                if c.stop_threshold is not None and rec["perceptual"] <= c.stop_threshold:
-                    rec["stopped"] = True
-                    stopped = True
-                    losses.append(rec)
-                    if on_step is not None:
-                        on_step(rec)
-                    break
-            if regularize:
-                if wr is None:
-                    wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
-                    rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
-                    with autocast(device, c.precision):
-                        new = synthesis(tuned, wr, noise=rest)
-                        with torch.no_grad():  # the frozen original: no gradient, no activations kept
-                            old = synthesis(G, wr, noise=rest)
-                    new, old = new.float(), old.float()
-                assert new is not None and old is not None
-                reg = c.locality_l2_lambda * F.mse_loss(new, old)
-                if perceptual is not None and c.locality_perceptual_lambda:
-                    if p_new is None:
-                        with autocast(device, c.precision):
-                            p_new = perceptual(new, old).float().mean()
-                    reg = reg + c.locality_perceptual_lambda * p_new
-                rec["locality"] = float(reg.detach())
-                loss = loss + reg
-            rec["loss"] = float(loss.detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            updates += 1
+            loss = tuning_loss(tuned, G, pivot, x, nets.perceptual, c, gen, regularize, rec, c.stop_threshold)
+            if loss is not None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             losses.append(rec)
             if on_step is not None:
                 on_step(rec)
+            if loss is None:
+                stopped = True
+                break
     opt.zero_grad(set_to_none=True)
     tuned.requires_grad_(False).eval()
+    updates = len(losses) - stopped
     return TuneResult(generator=tuned, losses=losses, updates=updates, stopped_early=stopped)
