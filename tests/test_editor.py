@@ -16,8 +16,8 @@ from PIL import Image
 from cycle_encoding.checkpoints.encoder import save_encoder
 from cycle_encoding.checkpoints.generator import load_generator, save_generator
 from cycle_encoding.checkpoints.run_folder import InversionRun
-from cycle_encoding.editing import editor as editor_mod
 from cycle_encoding.editing import interfacegan_direction, save_interfacegan, sefa_directions
+from cycle_encoding.editing import sliders as sliders_mod
 from cycle_encoding.editing.editor import Editor
 from cycle_encoding.editing.render import EditRequest, named_directions, render_run_edits
 from cycle_encoding.errors import CycleEncodingError
@@ -32,7 +32,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist"
 def own_cache(tmp_path, monkeypatch):
     """Directions computed by the editor go to a fresh cache folder, and the in-memory cache starts empty."""
     monkeypatch.setenv("CYCLE_ENCODING_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(editor_mod, "_DIRECTION_CACHE", {})
+    monkeypatch.setattr(sliders_mod, "_DIRECTION_CACHE", {})
 
 
 @pytest.fixture(scope="module")
@@ -245,19 +245,19 @@ def test_generator_directions_are_computed_once_and_cached_on_disk(run, tmp_path
     files = sorted(p.name for p in (tmp_path / "cache" / "directions").iterdir())
     assert len(files) == 2 and any("sefa" in f for f in files) and any("ganspace" in f for f in files)
     # a fresh process (empty memory) reads them back instead of computing again
-    editor_mod._DIRECTION_CACHE.clear()
+    sliders_mod._DIRECTION_CACHE.clear()
     calls = []
-    orig = editor_mod.load_directions
+    orig = sliders_mod.load_directions
 
     def spy(p):
         calls.append(Path(p).name)
         return orig(p)
 
-    editor_mod.load_directions = spy
+    sliders_mod.load_directions = spy
     try:
         ed = Editor(run["G"], components=2)
     finally:
-        editor_mod.load_directions = orig
+        sliders_mod.load_directions = orig
     assert sorted(calls) == files
     assert [d.key for d in ed.directions()] == ["sefa:0", "sefa:1", "ganspace:0", "ganspace:1"]
 

@@ -20,7 +20,7 @@ from .directions import (
     save_ganspace,
     save_interfacegan,
 )
-from .editor import Direction, Editor, Progress
+from .editor import Editor, InversionProgress
 from .ganspace import ganspace_pca, sample_mapping
 from .interfacegan import (
     BoundaryResult,
@@ -39,6 +39,7 @@ from .measures import (
     success_summary,
 )
 from .sefa import modulation_matrix, sefa_directions, style_consumers
+from .sliders import Direction
 
 __all__ = [
     "AttributeClassifier",
@@ -47,8 +48,8 @@ __all__ = [
     "Direction",
     "DirectionSet",
     "Editor",
+    "InversionProgress",
     "Preservation",
-    "Progress",
     "as_scorer",
     "attribute_changes",
     "build_preservation",

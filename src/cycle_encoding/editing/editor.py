@@ -8,18 +8,10 @@ The browser editor (``cycle-encoding ui``) and scripts share it::
     ed.render({"coat-pullover": 3.0, "sefa:1": -2.0})                     # a PIL image
     ed.export("edit1/")     # edited.png, codes.npz (NVIDIA's projected_w layout), generator.safetensors, edit.json
 
-Directions: the files given (every direction of each), then the top ``components`` SeFa directions and GANSpace
-components of the *base* generator (computed once per generator: kept in memory and in the project's cache folder,
-keyed by the generator's weights hash). An edit of several directions applies them one after the other to the pivot,
-each with :meth:`DirectionSet.apply` on its own default layers, and renders with the image's tuned generator and its
-constant noise: for one direction this is exactly what ``cycle-encoding edit`` renders (``editing/render.py``).
-
-Each direction carries a slider range ``-limit .. +limit`` and a ``step``, by one rule: ``limit`` is the spread of the
-generator's codes along the direction (largest minus smallest projection of 2,000 mapping-network codes, seed 0, in
-the direction's strength units: GANSpace's standard deviations, else distance in W), and at least the largest default
-strength of ``cycle-encoding edit`` (3); rounded up to a whole ``step`` (about 40 steps from 0 to ``limit``). From any
-code in the generator's range, a full slider reaches the far end of that range (the demo's class edits at +-6 lie
-within it).
+Directions and their slider ranges: ``editing/sliders.py``. An edit of several directions applies them one after
+the other to the pivot, each with :meth:`DirectionSet.apply` on its own default layers, and renders with the image's
+tuned generator and its constant noise: for one direction this is exactly what ``cycle-encoding edit`` renders
+(``editing/render.py``).
 
 An inversion stops between two optimization steps when its ``cancel`` event is set (``InversionCancelled``; the
 editor keeps its image). Editors share what they can: forks share the networks, directions and inverters, and the
@@ -28,8 +20,8 @@ tuned generators rebuilt for a run's images are shared while any editor uses the
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import re
 import threading
 import time
@@ -43,21 +35,29 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..checkpoints.common import atomic_write
+from ..checkpoints.delta import weights_sha256
+from ..checkpoints.generator import open_generator_arg, save_generator
+from ..checkpoints.latents import save_projected_w
+from ..checkpoints.native import default_provenance
+from ..checkpoints.run_folder import InversionRun
+from ..data.align import LandmarkDetector, align_image, read_rgb, small_target_warning
+from ..data.images import image_to_tensor, read_image
 from ..errors import CycleEncodingError
+from ..inversion import Inverter, make_config
+from ..inversion.common import check_target
+from ..inversion.config import PIVOT_STAGES
 from ..networks.stylegan2 import Generator
-from .directions import DirectionSet, load_directions
+from ..utils import resolve_device, save_image, to_pil
+from .directions import DirectionSet
+from .render import render_one
+from .sliders import SLIDER_METHODS, Direction, build_directions
 
-METHODS = ("sefa", "ganspace")
-GANSPACE_SAMPLES = 50_000
-RANGE_SAMPLES = 2_000
 DEFAULT_STAGES = ("encoder", "tune")
 MAX_INVERTERS = 4  # inverters kept (each holds its loss networks and, for refine, the encoder's training images)
 # the feature network the shipped Fashion-MNIST models were trained and evaluated with (see README)
 SHIPPED_LOSS_NETWORKS = {"fmnist-generator": {"perceptual": "fmnist-features", "identity": "fmnist-features",
                                               "train_data": "fashion-mnist"}}  # fmt: skip
-
-_DIRECTION_CACHE: dict[tuple[str, str, int], DirectionSet] = {}
-_CACHE_LOCK = threading.Lock()
 
 
 class InversionCancelled(CycleEncodingError):
@@ -65,25 +65,7 @@ class InversionCancelled(CycleEncodingError):
 
 
 @dataclass
-class Direction:
-    """One slider: ``set``'s direction ``component``, applied on the set's default layers."""
-
-    key: str  # what render() takes
-    label: str  # what a person reads
-    kind: str  # "file", "sefa" or "ganspace"
-    set: DirectionSet
-    component: int
-    limit: float  # slider range: -limit .. +limit (see the module doc)
-    step: float  # slider step; limit is a whole number of steps
-
-    def describe(self) -> dict[str, Any]:
-        return {"key": self.key, "label": self.label, "kind": self.kind, "component": self.component,
-                "method": self.set.method, "source": self.set.source, "limit": self.limit, "step": self.step,
-                "layers": list(self.set.layers) if self.set.layers is not None else "all"}  # fmt: skip
-
-
-@dataclass
-class Progress:
+class InversionProgress:
     """What a progress callback sees: a step of a stage (``done`` False) or a finished stage (``done`` True, with
     its reconstruction as ``image`` and its ``metrics``). ``total`` is the stage's step budget (tuning may stop
     earlier)."""
@@ -107,80 +89,13 @@ def _file_stem(parts: Sequence[str]) -> str:
     by a hash of the whole)."""
     stem = re.sub(r"[^A-Za-z0-9_.+-]+", "-", "_".join(parts)).strip("-._") or "edit"
     if len(stem) > 120:
-        import hashlib
-
         stem = f"{stem[:111]}-{hashlib.sha256(stem.encode()).hexdigest()[:8]}"
     return stem
 
 
 def tensor_to_pil(y: torch.Tensor) -> Image.Image:
     """``[1, C, H, W]`` or ``[C, H, W]`` in [-1, 1] -> PIL, exactly as the project saves its PNGs."""
-    from ..utils import to_pil
-
     return to_pil(y[0] if y.ndim == 4 else y)
-
-
-def _cached_directions(G: Generator, method: str, k: int) -> DirectionSet:
-    """SeFa / GANSpace directions of G (top k), computed once: in memory, then in the cache folder."""
-    from ..checkpoints.delta import weights_sha256
-
-    sha = weights_sha256(G)
-    key = (sha, method, k)
-    with _CACHE_LOCK:
-        if key in _DIRECTION_CACHE:
-            return _DIRECTION_CACHE[key]
-        from ..paths import cache_dir
-        from .directions import save_directions
-
-        tag = f"{method}-{GANSPACE_SAMPLES}" if method == "ganspace" else method
-        f = cache_dir("directions") / f"{sha[:20]}-{tag}-{k}.safetensors"
-        ds: DirectionSet | None = None
-        if f.is_file():
-            try:
-                ds = load_directions(f)
-            except CycleEncodingError:
-                ds = None  # a damaged cache file: computed again below
-        if ds is None:
-            if method == "sefa":
-                from .sefa import sefa_directions
-
-                ds = sefa_directions(G, components=k)
-            else:
-                from .ganspace import ganspace_pca
-
-                ds = ganspace_pca(G, n_samples=GANSPACE_SAMPLES, components=k)
-            try:
-                save_directions(ds, f)
-            except OSError:
-                pass  # a read-only cache: keep it in memory only
-        ds.source = method
-        _DIRECTION_CACHE[key] = ds
-        return ds
-
-
-def slider_step(limit: float) -> float:
-    """A round step (1, 2 or 5 times a power of ten) giving about 40 steps from 0 to ``limit``."""
-    raw = max(limit, 1e-6) / 40
-    e = 10.0 ** math.floor(math.log10(raw))
-    return float(min((m * e for m in (1, 2, 5, 10)), key=lambda v: abs(math.log(v / raw))))
-
-
-def slider_range(ds: DirectionSet, k: int, codes: torch.Tensor) -> tuple[float, float]:
-    """(limit, step) of direction ``k`` by the module doc's rule; ``codes``: the mapping network's samples."""
-    from .render import DEFAULT_STRENGTHS
-
-    v = ds.vectors[k]
-    if v.ndim == 2:  # W+: the mean vector over its layers
-        v = v.mean(0)
-    n = float(v.norm())
-    unit = n * (float(ds.scales[k]) if ds.scales is not None else 1.0)
-    spread = 0.0
-    if n > 0 and unit > 0:
-        p = codes.double() @ (v.double() / n)
-        spread = float(p.max() - p.min()) / unit
-    lim = max(spread, max(abs(a) for a in DEFAULT_STRENGTHS))
-    step = slider_step(lim)
-    return round(math.ceil(lim / step - 1e-9) * step, 10), step
 
 
 class _Shared:
@@ -196,10 +111,6 @@ class _Shared:
         device: str | torch.device,
         loss_options: dict[str, Any],
     ) -> None:
-        from ..checkpoints.delta import weights_sha256
-        from ..checkpoints.generator import open_generator_arg
-        from ..utils import resolve_device
-
         self.device = resolve_device(device)
         self.G, self.generator_file = open_generator_arg(generator, self.device)
         self.G_sha256 = weights_sha256(self.G)
@@ -210,53 +121,9 @@ class _Shared:
         self._run_generators: weakref.WeakValueDictionary[tuple[Any, ...], Generator] = weakref.WeakValueDictionary()
         self._run_lock = threading.Lock()
         self._aligner: Any = None
-        self._directions = self._build_directions(directions, components, methods)
-
-    def _build_directions(
-        self, specs: Sequence[str | Path | DirectionSet], components: int, methods: Sequence[str]
-    ) -> list[Direction]:
-        from .ganspace import sample_mapping
-
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise CycleEncodingError(f"unknown direction method {unknown[0]!r} (known: {', '.join(METHODS)})")
-        if components < 0:
-            raise CycleEncodingError(f"components must be >= 0, got {components}")
-        out: list[Direction] = []
-        codes = sample_mapping(self.G, RANGE_SAMPLES, seed=0)
-
-        def add(ds: DirectionSet, k: int, key: str, label: str, kind: str) -> None:
-            if ds.w_dim != self.G.w_dim:
-                raise CycleEncodingError(
-                    f"the {ds.label()} have width {ds.w_dim}; the generator's codes have width {self.G.w_dim}"
-                )
-            if ds.per_layer and ds.num_ws != self.G.num_ws:
-                raise CycleEncodingError(f"the {ds.label()} are for {ds.num_ws} layers; the generator has "
-                                         f"{self.G.num_ws}")  # fmt: skip
-            ds.resolve_layers(None, self.G.num_ws)  # layers the generator lacks fail here
-            base, n = key, 2
-            while any(d.key == key for d in out):
-                key, n = f"{base}~{n}", n + 1
-            out.append(Direction(key, label, kind, ds, k, *slider_range(ds, k, codes)))
-
-        for spec in specs:
-            ds = spec if isinstance(spec, DirectionSet) else load_directions(spec)
-            stem = Path(ds.source).stem if ds.source else ds.method
-            for k in range(len(ds)):
-                name = ds.names[k] if ds.names else str(k)
-                key = stem if len(ds) == 1 else f"{stem}:{name}"
-                add(ds, k, key, key, "file")
-        k = min(int(components), self.G.w_dim)
-        for method in methods if k > 0 else ():
-            ds = _cached_directions(self.G, method, k)
-            for i in range(len(ds)):
-                label = f"SeFa {i}" if method == "sefa" else f"GANSpace {i} (std)"
-                add(ds, i, f"{method}:{i}", label, method)
-        return out
+        self._directions = build_directions(self.G, directions, components, methods)
 
     def inverter(self, stages: Sequence[str], options: Mapping[str, Any]) -> Any:
-        from ..inversion import Inverter
-
         spec = json.dumps({"stages": list(stages), **options}, sort_keys=True, default=str)
         inv = self._inverters.pop(spec, None)
         if inv is None:
@@ -284,8 +151,6 @@ class _Shared:
 
     def aligner(self) -> Any:
         if self._aligner is None:
-            from ..data.align import LandmarkDetector
-
             self._aligner = LandmarkDetector()
         return self._aligner
 
@@ -308,7 +173,7 @@ class Editor:
         *,
         directions: Sequence[str | Path | DirectionSet] = (),
         components: int = 5,
-        methods: Sequence[str] = METHODS,
+        methods: Sequence[str] = SLIDER_METHODS,
         device: str | torch.device = "cpu",
         perceptual: str | None = None,
         identity: str | None = None,
@@ -358,8 +223,6 @@ class Editor:
         """An editor on a finished ``cycle-encoding invert`` run: its base generator (the file it recorded, or the one
         given), its encoder (``"run"``: the one it recorded, when the file is there) and image ``image`` (default:
         the first finished one), whose tuned generator is rebuilt from the base and its stored change."""
-        from ..checkpoints.run_folder import InversionRun
-
         run = InversionRun(run_dir)
         base = run.load_generator(generator, device)
         if isinstance(encoder, str) and encoder == "run":
@@ -416,15 +279,9 @@ class Editor:
         """The target as the inversion sees it: ``[1, C, R, R]`` in [-1, 1] at the generator's resolution (centre
         crop); ``align``: FFHQ-align the largest face first (dlib; an error when there is none). ``notes`` receives
         what the user should know: a colour image made grey for a 1-channel generator, a small image upsampled."""
-        from ..data.align import small_target_warning
-        from ..data.images import image_to_tensor, read_image
-        from ..inversion.common import check_target
-
         G = self._s.G
         if align:
             if isinstance(image, (str, Path)):
-                from ..data.align import read_rgb
-
                 rgb = read_rgb(image)
             elif isinstance(image, torch.Tensor):
                 x = image[0] if image.ndim == 4 else image
@@ -432,8 +289,6 @@ class Editor:
                 rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb
             else:
                 rgb = np.asarray(image_to_tensor(image, 3).add(1).mul(127.5).round().byte().permute(1, 2, 0))
-            from ..data.align import align_image
-
             faces = align_image(rgb, self._s.aligner(), size=G.resolution)
             if not faces:
                 raise CycleEncodingError("no face found in the image (turn face alignment off for other images)")
@@ -460,7 +315,7 @@ class Editor:
         image: Image.Image | np.ndarray | torch.Tensor | str | Path,
         stages: Sequence[str] = DEFAULT_STAGES,
         *,
-        progress: Callable[[Progress], None] | None = None,
+        progress: Callable[[InversionProgress], None] | None = None,
         align: bool = False,
         name: str | None = None,
         cancel: threading.Event | None = None,
@@ -472,9 +327,6 @@ class Editor:
         ``progress`` sees every optimization step and each finished stage (with its reconstruction). Setting
         ``cancel`` (from another thread) stops the inversion after the step under way: ``InversionCancelled`` is
         raised and the editor keeps its image. ``notes``: as ``load_image``'s."""
-        from ..inversion import make_config
-        from ..inversion.config import PIVOT_STAGES
-
         stages = tuple(stages)
         cfg = make_config(None, stages=stages, **{**self._s.loss_options, **options})
         totals = {"encoder": 1, "refine": cfg.refine.steps, "project": cfg.project.steps, "tune": cfg.tune.steps}
@@ -496,14 +348,14 @@ class Editor:
             check()
             if progress is not None:
                 s = str(rec.get("stage", ""))
-                progress(Progress(s, int(rec.get("step", 0)) + 1, int(totals.get(s, 0)), record=rec))
+                progress(InversionProgress(s, int(rec.get("step", 0)) + 1, int(totals.get(s, 0)), record=rec))
 
         def on_stage(stage: str, res: Any) -> None:
             check()
             if progress is not None:
                 img = tensor_to_pil(res.recons[stage])
                 dt = time.perf_counter() - t_stage[0]
-                progress(Progress(stage, totals[stage], totals[stage], True, image=img,
+                progress(InversionProgress(stage, totals[stage], totals[stage], True, image=img,
                                   metrics=dict(res.metrics.get(stage, {})), seconds=dt))  # fmt: skip
             t_stage[0] = time.perf_counter()
 
@@ -520,8 +372,6 @@ class Editor:
     def attach_run(self, run_dir: str | Path, image: str | None = None) -> list[str]:
         """Open a finished run of this editor's base generator (refused, naming the difference, for a run of another
         generator) at image ``image`` (default: its first); returns the run's finished images."""
-        from ..checkpoints.run_folder import InversionRun
-
         run = InversionRun(run_dir)
         want = (run.config.get("generator") or {}).get("weights_sha256")
         if want is not None and want != self.base_sha256:
@@ -541,9 +391,6 @@ class Editor:
         """Make image ``name`` of the opened run the current one (pivot, tuned generator rebuilt from its change)."""
         if self.run is None:
             raise CycleEncodingError("no run folder is open")
-        from ..data.images import read_image
-        from ..inversion.common import check_target
-
         im = self.run.image(name)
         G = self._s.run_generator(self.run, im)
         target = check_target(self._s.G, read_image(im.target_path)).cpu() if im.target_path.is_file() else None
@@ -560,8 +407,6 @@ class Editor:
     ) -> None:
         """Edit given codes ``[1, N, w_dim]`` (or ``[N, w_dim]``; e.g. the ``pivot`` of an exported ``codes.npz``),
         rendered by ``generator`` (e.g. an exported tuned generator; default: the base)."""
-        from ..checkpoints.generator import open_generator_arg
-
         p = torch.as_tensor(np.asarray(pivot) if isinstance(pivot, np.ndarray) else pivot).detach().float().cpu()
         p = p[None] if p.ndim == 2 else p
         G0 = self._s.G
@@ -613,8 +458,6 @@ class Editor:
     @torch.no_grad()
     def render_tensor(self, strengths: Mapping[str, float] | None = None) -> torch.Tensor:
         """The edited image ``[1, C, R, R]`` (raw, CPU), rendered as ``cycle-encoding edit`` renders."""
-        from .render import render_one
-
         ws = self.edited_codes(strengths)
         y = render_one(self.generator, ws)
         self._strengths = _nonzero(strengths)
@@ -627,8 +470,6 @@ class Editor:
         return tensor_to_pil(self.render_tensor(strengths))
 
     def reconstruction(self) -> Image.Image:
-        from .render import render_one
-
         return tensor_to_pil(render_one(self.generator, self._need_image()))
 
     def target_image(self) -> Image.Image | None:
@@ -656,11 +497,6 @@ class Editor:
         format; skipped with ``generator=False``) and ``edit.json`` (the strengths and directions). Returns the paths.
         ``named``: the files are named for the image and the edit instead (``edit_name``: ``NAME.png``, ``NAME.npz``,
         ``NAME.json``; ``IMAGE-tuned-generator.safetensors``)."""
-        from ..checkpoints.common import atomic_write
-        from ..checkpoints.generator import save_generator
-        from ..checkpoints.native import default_provenance
-        from ..utils import save_image
-
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         chosen = dict(self._strengths) if strengths is None else {k: float(v) for k, v in strengths.items()}
@@ -672,8 +508,6 @@ class Editor:
         which = "tuned" if self.tuned is not None else "base"
         gen_name = _file_stem([self.name or "image", f"{which}-generator"]) if named else "generator"
         paths = {"png": save_image(y[0], out / f"{stem or 'edited'}.png")}
-        from ..checkpoints.latents import save_projected_w  # the one writer of NVIDIA's projected_w layout
-
         paths["npz"] = save_projected_w(out / f"{stem or 'codes'}.npz", self._edited, extra={"pivot": self.pivot})
         if generator:
             prov = default_provenance(made_by="cycle-encoding editor", image=self.name,

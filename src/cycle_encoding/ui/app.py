@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..editing.editor import DEFAULT_STAGES, Editor, InversionCancelled, Progress, tensor_to_pil
+from ..editing.editor import DEFAULT_STAGES, Editor, InversionCancelled, InversionProgress, tensor_to_pil
 from ..errors import CycleEncodingError
 from .page import ENTER_JS, SHOWN, build_page
 from .sessions import DEFAULT_MAX_SESSIONS, Session, SessionPool, make_root
@@ -260,7 +260,7 @@ class EditorApp:
                 shown["input"] = self._picture(s, tensor_to_pil(val), "input")
                 yield {p.images[0]: shown["input"]}
             elif kind == "progress" and val.done:
-                q: Progress = val
+                q: InversionProgress = val
                 key = "recon" if q.stage == "tune" else "pivot"
                 shown[key] = self._picture(s, q.image, q.stage)
                 msg = f"{q.stage}: MSE {q.metrics.get('mse', float('nan')):.4f} ({q.seconds:.1f} s)"
