@@ -3,6 +3,7 @@ time, and ``cycle-encoding video`` end to end on a tiny synthetic clip (tiny net
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from fractions import Fraction
@@ -311,3 +312,15 @@ def test_the_face_square_of_a_real_clip_is_found_in_every_frame_and_steadied():
 
     assert shake(smooth) < 0.25 * shake(raw)
     assert np.abs(smooth - raw).mean() < 2.0  # the square stays on the face (pixels of a 176x144 frame)
+
+
+def test_frame_ranges_are_written_in_the_form_parse_int_list_reads():
+    from cycle_encoding.utils import format_int_list, parse_int_list
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        xs = sorted({int(v) for v in rng.integers(0, 40, size=int(rng.integers(1, 20)))})
+        text = format_int_list(xs)
+        assert parse_int_list(text) == xs
+        assert len(text.split(",")) == 1 + sum(b != a + 1 for a, b in itertools.pairwise(xs))  # one part per run
+    assert format_int_list([0, 1, 2, 5, 7, 8], ", ") == "0-2, 5, 7-8" and format_int_list([]) == "none"

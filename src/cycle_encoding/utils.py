@@ -32,6 +32,17 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise CycleEncodingError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
 
 
+def format_int_list(xs: Sequence[int], sep: str = ",") -> str:
+    """[0, 1, 2, 3, 7, 9, 10] -> '0-3,7,9-10' (the form :func:`parse_int_list` reads); 'none' for no numbers."""
+    parts: list[list[int]] = []
+    for x in xs:
+        if parts and parts[-1][1] == x - 1:
+            parts[-1][1] = x
+        else:
+            parts.append([x, x])
+    return sep.join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts) or "none"
+
+
 def parse_int_list(
     spec: str,
     low: int | None = None,

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..checkpoints.common import atomic_write
 from ..errors import CycleEncodingError
 from ..paths import cache_dir
+from ..utils import atomic_write
 from .images import open_image
 
 PREDICTOR_68 = "shape_predictor_68_face_landmarks.dat"

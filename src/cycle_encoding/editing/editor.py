@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoints.common import atomic_write
 from ..checkpoints.delta import weights_sha256
 from ..checkpoints.generator import open_generator_arg, save_generator
 from ..checkpoints.latents import save_projected_w
@@ -48,7 +47,7 @@ from ..inversion import Inverter, make_config
 from ..inversion.common import check_target
 from ..inversion.config import PIVOT_STAGES
 from ..networks.stylegan2 import Generator
-from ..utils import resolve_device, save_image, to_pil
+from ..utils import atomic_write, resolve_device, save_image, to_pil
 from .directions import DirectionSet
 from .render import render_one
 from .sliders import SLIDER_METHODS, Direction, build_directions

@@ -38,6 +38,7 @@ import torch
 from ..checkpoints.latents import save_latents
 from ..checkpoints.native import file_sha256
 from ..checkpoints.run_folder import InversionRun
+from ..data.align import LandmarkDetector
 from ..data.video import (
     VideoClip,
     VideoWriter,
@@ -52,8 +53,9 @@ from ..data.video import (
     smooth_track,
 )
 from ..errors import CycleEncodingError
+from ..inversion.inverter import Inverter
 from ..progress import Progress
-from ..utils import atomic_write, to_uint8
+from ..utils import atomic_write, format_int_list, to_uint8
 from .directions import DirectionSet, parse_strengths
 from .render import named_directions, plan_edit, render_one
 
@@ -92,8 +94,6 @@ def _frame_quads(
     if how == "frame":
         return [rect_quad(0, 0, w, h)] * len(clip.frames)
     if detector is None:
-        from ..data.align import LandmarkDetector
-
         detector = LandmarkDetector()
     bar = Progress(len(clip.frames), "align: faces", "frame", progress, heartbeat=10.0)
     try:
@@ -266,7 +266,7 @@ def edit_video(
     no_face = [i for i, q in enumerate(quads) if q is None]
     times["align"] = time.perf_counter() - t
     say(f"align: {len(clip.frames) - len(no_face)} frame(s) cropped into {out / 'frames'}"
-        + (" (as before)" if reused else "") + (f"; no face in {len(no_face)}: {_ranges(no_face)}" if no_face else ""))  # fmt: skip
+        + (" (as before)" if reused else "") + (f"; no face in {len(no_face)}: {format_int_list(no_face, ', ')}" if no_face else ""))  # fmt: skip
 
     t = time.perf_counter()
     summary: dict[str, Any] = {"failed": []}
@@ -321,8 +321,6 @@ def _set_up(
     edit: dict[str, Any],
 ) -> tuple[Any, Any]:
     """Everything checked before any work: the modes, the crop, the networks (an Inverter) and the edit request."""
-    from ..inversion.inverter import Inverter
-
     if tune not in FRAME_INVERTERS:
         raise CycleEncodingError(
             "shared tuning: not yet available (one generator tuned on all frames comes with PTI's multi-image "
@@ -341,14 +339,3 @@ def _set_up(
     request = plan_edit(ds, edit["component"], strengths, edit["layers"], edit["mode"])
     ds.resolve_layers(request.layers, inv.G.num_ws)
     return inv, request
-
-
-def _ranges(idx: Sequence[int]) -> str:
-    """Frame numbers as ranges: ``0-3, 7, 9-10``."""
-    parts: list[list[int]] = []
-    for i in idx:
-        if parts and parts[-1][1] == i - 1:
-            parts[-1][1] = i
-        else:
-            parts.append([i, i])
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)

@@ -30,6 +30,7 @@ from typing import Any
 from ..checkpoints.common import atomic_write
 from ..checkpoints.run_folder import InversionRun, inside
 from ..grid import compose_grid, save_png, strength_label
+from ..utils import format_int_list as _ranges
 from .collect import LOWER_IS_BETTER, METRIC_LABELS, collect
 
 CSS = """
@@ -318,20 +319,6 @@ def _command(doc: dict[str, Any]) -> str:
     if isinstance(argv, list) and argv:
         return shlex.join(str(a) for a in argv)
     return str(doc.get("command") or "")
-
-
-def _ranges(xs: list[int]) -> str:
-    if not xs:
-        return "none"
-    out, start, prev = [], xs[0], xs[0]
-    for x in [*xs[1:], None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        out.append(f"{start}-{prev}" if prev > start else str(start))
-        if x is not None:
-            start = prev = x
-    return ",".join(out)
 
 
 def _image_section(item: dict[str, Any], data: dict[str, Any], imgs: _Images) -> str:
