@@ -249,3 +249,29 @@ def test_validation_plateau_off_or_never_reached_runs_to_the_end(setup, tmp_path
         assert summary["step"] == 12
         recs = [json.loads(line) for line in (t.run_dir / "log.jsonl").read_text().splitlines()]
         assert not [r for r in recs if r["kind"] == "stop"]
+
+
+def test_perceptual_auto_is_the_domains_as_invert_takes_it(setup, tmp_path, monkeypatch, capsys):
+    """`--perceptual` defaults to the domain's distance, as the identity term does: Fashion-MNIST (its data, or a grey
+    generator) gets the shipped fmnist-features, which needs no file; colour images the paper's lpips-alex, whose
+    missing backbone is named. The README's example runs its dry run without any LPIPS file."""
+    from cycle_encoding.data import fashion_mnist as fm
+    from cycle_encoding.training.encoder_trainer import perceptual_choice
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-home"))  # no LPIPS backbone can be found
+    assert perceptual_choice(config(setup, perceptual="auto", data="fashion-mnist"), 3)[0] == "fmnist-features"
+    assert perceptual_choice(config(setup, perceptual="auto", data="/photos"), 1)[0] == "fmnist-features"
+    assert perceptual_choice(config(setup, perceptual="auto", data="/photos"), 3)[0] == "lpips-alex"
+    assert perceptual_choice(config(setup, perceptual="dlib-face", data="fashion-mnist"), 1) == ("dlib-face", "")
+    base = ["train-encoder", "--generator", str(setup / "g.safetensors"), "--data", str(setup / "data"),
+            "--batch-size", "2", "--dry-run"]  # fmt: skip
+    assert main(base) == 2 and "lpips-alex needs" in capsys.readouterr().err  # colour: the paper's distance
+    if not (fm.DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    rc = main(["train-encoder", "--generator", "fmnist-generator", "--data", "fashion-mnist", "--preset", "paper",
+               "--dry-run"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    line = next(s for s in out.splitlines() if s.strip().startswith("perceptual "))
+    assert line.split()[1] == "fmnist-features" and "(auto: fmnist-features, the shipped network" in line
+    assert "identity fmnist-features" in out

@@ -36,7 +36,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--lr", "lr", float, "Ranger learning rate (default 1e-4)"),
     ("--d-lr", "d_lr", float, "latent discriminator Adam learning rate (default 2e-5)"),
     ("--l2-lambda", "l2_lambda", float, "weight of the pixel MSE (default 1.0)"),
-    ("--perceptual", "perceptual", str, "perceptual distance: lpips-alex (default), lpips-vgg, dlib-face, ... or none"),
+    ("--perceptual", "perceptual", str,
+     "perceptual distance: auto (default: the domain's, fmnist-features for Fashion-MNIST or a grey generator, else "
+     "lpips-alex), lpips-alex, lpips-vgg, dlib-face, fmnist-features, ... or none"),
     ("--perceptual-lambda", "perceptual_lambda", float, "weight of the perceptual term (default 0.8)"),
     ("--lpips-backbone", "lpips_backbone", str, "torchvision ImageNet AlexNet/VGG16 state dict for LPIPS"),
     ("--identity", "identity", str,

@@ -112,7 +112,7 @@ class EncoderTrainConfig:
     eps: float = 1e-5
     d_lr: float = 2e-5
     l2_lambda: float = 1.0
-    perceptual: str = "lpips-alex"
+    perceptual: str = "auto"  # auto: the domain's distance (perceptual_choice), as invert takes the encoder's
     perceptual_lambda: float = 0.8
     lpips_backbone: str | None = None
     identity: str = "auto"  # auto: the domain's identity network (identity_default), none when there is none
@@ -160,6 +160,26 @@ class EncoderTrainConfig:
 
 def load_train_config(data: dict[str, Any]) -> EncoderTrainConfig:
     return from_mapping(EncoderTrainConfig, data, "train-encoder options")
+
+
+def data_domain(data: str | None, img_channels: int) -> str:
+    """'fashion-mnist' for its images (the dataset's name) or a grey generator, 'faces' otherwise: the domain whose
+    networks ``auto`` picks and a missing-file error suggests, as ``invert`` infers it."""
+    from ..losses.identity import identity_default
+
+    grey_domain = identity_default(data)[0] == "fmnist-features"
+    return "fashion-mnist" if grey_domain or img_channels == 1 else "faces"
+
+
+def perceptual_choice(cfg: EncoderTrainConfig, img_channels: int) -> tuple[str, str]:
+    """The perceptual distance of a run and why (empty when given): ``auto`` is the domain's, ``fmnist-features``
+    for Fashion-MNIST (shipped; the shipped encoders were trained with it, and ``invert`` takes what an encoder file
+    records), else the paper's ``lpips-alex``."""
+    if cfg.perceptual != "auto":
+        return cfg.perceptual, ""
+    if data_domain(cfg.data, img_channels) == "fashion-mnist":
+        return "fmnist-features", "auto: fmnist-features, the shipped network of the Fashion-MNIST domain"
+    return "lpips-alex", "auto: lpips-alex, the paper's distance"
 
 
 class EncoderTrainer(Trainer):
@@ -251,12 +271,15 @@ class EncoderTrainer(Trainer):
                 recorded = json.loads((Path(resume) / "config.json").read_text())["_resolved"]["network_files"] or {}
             except (OSError, json.JSONDecodeError, KeyError, TypeError):
                 recorded = {}
+        pname, self.perceptual_note = perceptual_choice(cfg, self.G.img_channels)
         name, self.identity_note = (cfg.identity, "")
         if cfg.identity == "auto":
             name, self.identity_note = identity_default(cfg.data, cfg.identity_weights)
-        nets = build_loss_networks(cfg.perceptual, cfg.lpips_backbone, name, cfg.identity_weights, self.device,
+        nets = build_loss_networks(pname, cfg.lpips_backbone, name, cfg.identity_weights, self.device,
                                    cfg.perceptual_lambda > 0, cfg.identity_lambda > 0, recorded, self._domain())  # fmt: skip
         if self.dist.is_main and not self.quiet:
+            if self.perceptual_note:
+                print(f"perceptual term: {pname} x {cfg.perceptual_lambda:g} ({self.perceptual_note})", file=sys.stderr)
             line = f"identity term: {getattr(nets.identity, 'name', 'none')} x {cfg.identity_lambda:g}"
             print(line + (f" ({self.identity_note})" if self.identity_note else ""), file=sys.stderr)
         return nets
@@ -264,9 +287,7 @@ class EncoderTrainer(Trainer):
     def _domain(self) -> str:
         """Which offline network a missing-file error suggests: Fashion-MNIST for its data or grey images, faces
         otherwise."""
-        if str(self.cfg.data) == "fashion-mnist" or self.G.img_channels == 1:
-            return "fashion-mnist"
-        return "faces"
+        return data_domain(self.cfg.data, self.G.img_channels)
 
     def run_label(self) -> str:
         return self.cfg.name or f"encoder-{self.schedule.name}"
@@ -278,6 +299,7 @@ class EncoderTrainer(Trainer):
             "encoder": self.E.config.to_dict(),
             "encoder_init": self.init_note,
             "networks": self.nets.names(),
+            "perceptual_choice": self.perceptual_note or "as given",
             "identity_choice": self.identity_note or "as given",
             "noise_mode": self.cfg.noise_mode,
             "zero_grad": "PyTorch 1.6 (zero gradients: switched-off heads keep moving)"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CycleEncodingError
-from .encoder_trainer import EncoderTrainConfig
+from .encoder_trainer import EncoderTrainConfig, data_domain, perceptual_choice
 from .schedule import Schedule, get_schedule
 
 
@@ -53,12 +53,14 @@ def check_encoder_run(cfg: EncoderTrainConfig) -> Preflight:
         checked.append(f"validation data {cfg.val_data}: {len(val)} images")
     elif cfg.val_count >= len(data):
         raise CycleEncodingError(f"cannot hold out {cfg.val_count} of {len(data)} images for validation: too few")
-    if cfg.perceptual_lambda > 0 and cfg.perceptual != "none":
+    pname, pnote = perceptual_choice(cfg, G.img_channels)  # as EncoderTrainer resolves it
+    if cfg.perceptual_lambda > 0 and pname != "none":
         from ..losses.perceptual import build_perceptual
 
-        net = build_perceptual(cfg.perceptual, "cpu", cfg.lpips_backbone)
-        checked.append(f"perceptual {getattr(net, 'name', cfg.perceptual)}"
-                       + (f" (backbone {cfg.lpips_backbone})" if cfg.lpips_backbone else ""))  # fmt: skip
+        net = build_perceptual(pname, "cpu", cfg.lpips_backbone, domain=data_domain(cfg.data, G.img_channels))
+        checked.append(f"perceptual {getattr(net, 'name', pname)}"
+                       + (f" (backbone {cfg.lpips_backbone})" if cfg.lpips_backbone else "")
+                       + (f" ({pnote})" if pnote else ""))  # fmt: skip
     else:
         checked.append("perceptual: none")
     from ..losses.identity import build_identity, identity_default
