@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,21 @@ def test_an_unknown_torch_choice_stops_before_anything_is_installed(tmp_path):
     assert r.returncode == 2
     assert "CYCLE_ENCODING_TORCH must be auto, cpu or pypi, not 'gpu'" in r.stderr
     assert not venv.exists()
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_openmp_threads_sleep_while_waiting_unless_the_user_chose(given):
+    """The package sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp (which reads it then), and keeps a value
+    the user gave; torch's OpenMP runtime is the one it configures (GNU libgomp, shipped in torch/lib)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = (
+        "import cycle_encoding, os, torch, pathlib; print(os.environ['OMP_WAIT_POLICY']); "
+        "print(sorted(p.name for p in (pathlib.Path(torch.__file__).parent / 'lib').glob('lib*omp*')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    policy, libs = r.stdout.splitlines()
+    assert policy == (given or "PASSIVE")
+    assert libs == "[]" or "libgomp" in libs  # a build without a bundled OpenMP runtime has nothing to set

@@ -12,6 +12,15 @@ Public API (more arrives with each stage of the method):
 >>> ce.edit_video("clip.mp4", "out/", "sefa", G, "fmnist-encoder", strengths=[2], align="frame")  # out/edit_2.mp4
 """
 
+import os as _os
+import sys as _sys
+
+# Waiting OpenMP threads sleep unless the user chose otherwise: torch's CPU build uses GNU libgomp, whose threads spin
+# while they wait, which made one `invert` 2-6x slower in wall time on a machine whose cores other work kept busy (the
+# figures: issue 28.2). libgomp reads the variable when torch loads it, so it is set before torch's first import.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .checkpoints import convert_generator, export_rosinality, load_generator, save_generator
 from .checkpoints.encoder import load_encoder, save_encoder
 from .checkpoints.latents import load_latents, save_latents, save_projected_w
