@@ -20,10 +20,18 @@ def rosinality_channels(size: int, cm: int) -> dict[int, int]:
 
 
 def rosinality_g_ema(
-    size: int, n_mlp: int = 8, cm: int = 2, style_dim: int = 512, seed: int = 0, channel_div: int = 1
+    size: int,
+    n_mlp: int = 8,
+    cm: int = 2,
+    style_dim: int = 512,
+    seed: int = 0,
+    channel_div: int = 1,
+    channels: dict[int, int] | None = None,
+    img_channels: int = 3,
 ) -> dict:
     """A g_ema state dict with exactly the keys and shapes of FORMATS.md, random values. ``channel_div`` > 1 divides
-    every resolution's channel count (a narrower network of the same shape, for fast tests)."""
+    every resolution's channel count (a narrower network of the same shape, for fast tests); ``channels`` and
+    ``img_channels`` replace rosinality's widths and its 3 output channels (its class patched)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
@@ -32,7 +40,7 @@ def rosinality_g_ema(
     k1 = torch.tensor([1.0, 3.0, 3.0, 1.0])
     kernel = torch.outer(k1, k1) / torch.outer(k1, k1).sum() * 4  # rosinality: make_kernel * factor**2
     L = int(math.log2(size))
-    ch = {r: max(1, c // channel_div) for r, c in rosinality_channels(size, cm).items()}
+    ch = {r: max(1, c // channel_div) for r, c in (channels or rosinality_channels(size, cm)).items()}
     sd: dict[str, torch.Tensor] = {}
     for i in range(1, n_mlp + 1):
         sd[f"style.{i}.weight"] = rnd(style_dim, style_dim, scale=100.0)  # randn / lr_mul
@@ -51,10 +59,10 @@ def rosinality_g_ema(
     def to_rgb(prefix, cin, up):
         if up:
             sd[f"{prefix}.upsample.kernel"] = kernel.clone()
-        sd[f"{prefix}.conv.weight"] = rnd(1, 3, cin, 1, 1)
+        sd[f"{prefix}.conv.weight"] = rnd(1, img_channels, cin, 1, 1)
         sd[f"{prefix}.conv.modulation.weight"] = rnd(cin, style_dim)
         sd[f"{prefix}.conv.modulation.bias"] = 1 + rnd(cin, scale=0.1)
-        sd[f"{prefix}.bias"] = rnd(1, 3, 1, 1, scale=0.1)
+        sd[f"{prefix}.bias"] = rnd(1, img_channels, 1, 1, scale=0.1)
 
     styled("conv1", ch[4], ch[4], False)
     to_rgb("to_rgb1", ch[4], False)

@@ -6,6 +6,7 @@ import argparse
 import io
 import os
 import pickle
+import re
 import sys
 
 import pytest
@@ -16,7 +17,7 @@ from cycle_encoding.checkpoints import read_native_header, sniff
 from cycle_encoding.errors import CheckpointError, UnsafePickleError
 from cycle_encoding.networks.stylegan2 import Generator, GeneratorConfig
 from tests.conftest import make_tiny_generator
-from tests.layouts import StandInModules, nvidia_from_rosinality, rosinality_g_ema
+from tests.layouts import StandInModules, nvidia_from_rosinality, rosinality_channels, rosinality_g_ema
 
 
 def render(G: Generator, seed: int = 0, n: int = 2) -> torch.Tensor:
@@ -212,7 +213,8 @@ def test_export_rosinality_round_trip_bit_exact(tmp_path):
     G0 = make_tiny_generator()
     ce.export_rosinality(G0, tmp_path / "g.pt")
     obj = torch.load(tmp_path / "g.pt", weights_only=True)
-    assert set(obj) == {"g_ema", "latent_avg"}
+    assert set(obj) == {"g_ema", "latent_avg", "cycle_encoding"}  # rosinality's loaders read g_ema (+ latent_avg)
+    assert obj["cycle_encoding"]["architecture"] == G0.config.to_dict()
     G = ce.load_generator(tmp_path / "g.pt")
     assert torch.equal(render(G), render(G0))
 
@@ -270,3 +272,59 @@ def test_safetensors_whose_header_length_looks_like_a_pickle(tmp_path):
     assert (tmp_path / "x.safetensors").read_bytes()[:2] == b"\x80\x02"
     assert sniff(tmp_path / "x.safetensors") == "safetensors"
     assert load_file(str(tmp_path / "x.safetensors"))["t"].tolist() == [1.0, 2.0]
+
+
+def _shapes(sd: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GeneratorConfig.rosinality(16, 64, 2, channel_multiplier=2),
+        GeneratorConfig.rosinality(64, 64, 2, channel_multiplier=1),
+        GeneratorConfig.rosinality(64, 64, 2, channel_multiplier=2),
+        GeneratorConfig.rosinality(64, 64, 2, channel_multiplier=4),  # ours caps at 512, rosinality's does not
+        GeneratorConfig.rosinality(16, 64, 2, img_channels=1),
+        GeneratorConfig(resolution=32, style_dim=128, n_mlp=4, channel_base=2048, channel_max=128, img_channels=1),
+        GeneratorConfig(resolution=16, style_dim=32, n_mlp=2, channel_base=512, channel_max=32),
+    ],
+    ids=["16-cm2", "64-cm1", "64-cm2", "64-cm4-capped", "16-grey", "fmnist-widths", "tiny"],
+)
+def test_rosinality_fit_says_whether_rosinalitys_class_builds_it_and_what_to_patch(config):
+    """rosinality_fit against the layout rosinality's Generator(size, style_dim, n_mlp, channel_multiplier) builds
+    (tests/layouts.py, written from the format's description): it 'loads' exactly when every key has the shape the
+    export holds; otherwise the widths and image channels it names, patched into that layout, give the export's
+    shapes key for key (the six-line patch a user makes)."""
+    from cycle_encoding.checkpoints.rosinality import rosinality_fit, rosinality_note
+
+    with torch.device("meta"):
+        ours = _shapes(Generator(config).state_dict())
+    fit = rosinality_fit(config)
+    cm = int(re.search(r"channel_multiplier=(\d+)", fit["call"]).group(1))
+    theirs = _shapes(rosinality_g_ema(config.resolution, config.n_mlp, cm, config.style_dim))
+    assert fit["loads"] == (ours == theirs)
+    assert (rosinality_note(config) is None) == fit["loads"]
+    if not fit["loads"]:
+        patched = rosinality_g_ema(config.resolution, config.n_mlp, cm, config.style_dim,
+                                   channels=fit["channels"], img_channels=fit["img_channels"])  # fmt: skip
+        assert _shapes(patched) == ours
+        assert "cycle-encoding" in fit["loaders"]
+        assert ("Generator.channels" in fit["patch"]) == (fit["channels"] != rosinality_channels(config.resolution, cm))
+        assert ("ToRGB" in fit["patch"]) == (config.img_channels != 3)
+
+
+def test_convert_to_rosinality_says_when_rosinalitys_class_cannot_build_it(tmp_path, capsys):
+    """The shipped Fashion-MNIST generator (1 channel, narrow widths): the note on the console and in the file."""
+    from cycle_encoding.cli import main
+
+    assert main(["convert", "fmnist-generator", str(tmp_path / "g.pt")]) == 0
+    err = capsys.readouterr().err
+    assert "note: rosinality's Generator(32, 128, 4, channel_multiplier=2) cannot build this generator" in err
+    assert "1-channel images" in err and "Generator.channels to {4: 128" in err
+    fit = torch.load(tmp_path / "g.pt", weights_only=True)["cycle_encoding"]["rosinality"]
+    assert fit["loads"] is False and fit["img_channels"] == 1
+    G = make_tiny_generator(**GeneratorConfig.rosinality(16, 32, 2).to_dict())  # rosinality's widths: no note
+    ce.save_generator(G, tmp_path / "r.safetensors")
+    assert main(["convert", str(tmp_path / "r.safetensors"), str(tmp_path / "r.pt")]) == 0
+    assert "note:" not in capsys.readouterr().err

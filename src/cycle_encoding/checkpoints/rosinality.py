@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,11 +86,61 @@ def rosinality_state_dict(G: Generator) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in G.state_dict().items()}
 
 
-def export_rosinality(G: Generator, path: str | Path) -> Path:
-    """Write ``{'g_ema': state_dict, 'latent_avg': w_avg}`` as rosinality's converter does.
+def rosinality_table(size: int, channel_multiplier: int) -> dict[int, int]:
+    """The widths rosinality's ``Generator(size, ..., channel_multiplier)`` builds: 512 up to 32 px, then
+    ``256 * cm`` at 64 px halving with each resolution (its ``self.channels``; no cap)."""
+    return {r: 512 if r <= 32 else 16384 * channel_multiplier // r for r in (2**i for i in range(2, size.bit_length()))}
 
-    rosinality's ``Generator(size, 512, n_mlp, channel_multiplier)`` loads it when the width follows its
-    table (``G.config.channel_multiplier`` is not None); other widths load in this project.
+
+def rosinality_fit(config: GeneratorConfig) -> dict[str, Any]:
+    """Whether rosinality's class builds this architecture: ``{'loads': True, 'call': "Generator(...)"}``, or
+    ``{'loads': False, 'call', 'channels', 'img_channels', 'reason', 'loaders', 'patch'}``: the widths and image
+    channels to patch into rosinality's class (and so e4e's and PTI's copies of it) for the file to load strictly,
+    what differs, and which code loads the file as it is."""
+    chans, size = config.channels(), config.resolution
+    cm = max(1, round(chans.get(64, 512) / 256)) if size >= 64 else 2  # below 64 px the multiplier changes nothing
+    table = rosinality_table(size, cm)
+    call = f"Generator({size}, {config.style_dim}, {config.n_mlp}, channel_multiplier={cm}"
+    if tuple(config.blur_kernel) != (1.0, 3.0, 3.0, 1.0):
+        call += f", blur_kernel={[int(v) if float(v).is_integer() else v for v in config.blur_kernel]}"
+    call += f", lr_mlp={config.lr_mlp:g})" if config.lr_mlp != 0.01 else ")"
+    wrong = []
+    if chans != table:
+        wrong.append(f"widths {chans} where it builds {table}")
+    if config.img_channels != 3:
+        wrong.append(f"{config.img_channels}-channel images where its ToRGB makes 3")
+    if not wrong:
+        return {"loads": True, "call": call}
+    patch = []
+    if chans != table:
+        patch.append(f"set Generator.channels to {chans}")
+    if config.img_channels != 3:
+        c = config.img_channels
+        patch.append(f"make ToRGB's ModulatedConv2d output {c} channel(s) and its bias [1, {c}, 1, 1]")
+    return {
+        "loads": False,
+        "call": call,
+        "channels": chans,
+        "img_channels": config.img_channels,
+        "reason": f"rosinality's {call} cannot build this generator: it has {' and '.join(wrong)}",
+        "loaders": "cycle-encoding (load_generator, generate, info) reads it as it is",
+        "patch": "for rosinality's code (and e4e's and PTI's copies of its class): " + "; ".join(patch),
+    }
+
+
+def rosinality_note(config: GeneratorConfig) -> str | None:
+    """None when rosinality's own class loads the export, else one line saying why not and what loads it."""
+    fit = rosinality_fit(config)
+    return None if fit["loads"] else f"{fit['reason']}. {fit['loaders']}; {fit['patch']}"
+
+
+def export_rosinality(G: Generator, path: str | Path) -> Path:
+    """Write ``{'g_ema': state_dict, 'latent_avg': w_avg}`` as rosinality's converter does, plus
+    ``'cycle_encoding'``: the architecture and :func:`rosinality_fit` (rosinality's loaders read only ``g_ema``).
+
+    rosinality's ``Generator(size, style_dim, n_mlp, channel_multiplier)`` loads it when the widths follow its
+    table and the images have 3 channels; otherwise ``rosinality_note`` says what loads it.
     """
-    obj = {"g_ema": rosinality_state_dict(G), "latent_avg": G.w_avg.detach().cpu().clone()}
+    meta = {"architecture": G.config.to_dict(), "rosinality": rosinality_fit(G.config)}
+    obj = {"g_ema": rosinality_state_dict(G), "latent_avg": G.w_avg.detach().cpu().clone(), "cycle_encoding": meta}
     return atomic_torch_save(obj, path)

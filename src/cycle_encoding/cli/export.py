@@ -16,8 +16,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="write an image's tuned generator (base + stored change) as a standalone file",
         description="Rebuilds the generator that pivotal tuning made for IMAGE of RUN_DIR (the run's base generator "
         "plus the image's stored change, checked bit for bit against the hash the run recorded) and writes it as a "
-        "standalone file: rosinality's layout ({'g_ema', 'latent_avg'} .pt, which rosinality/stylegan2-pytorch, e4e, "
-        "PTI and this project load) or the project's own .safetensors. The file is checked by rendering the image's "
+        "standalone file: rosinality's layout ({'g_ema', 'latent_avg'} .pt, which this project loads, and "
+        "rosinality/stylegan2-pytorch, e4e and PTI where rosinality's class builds its widths: a note says otherwise) or the project's own .safetensors. The file is checked by rendering the image's "
         "pivot with it: the result must be the run's tuned reconstruction, bit for bit.",
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder (cycle-encoding invert)")
@@ -39,6 +39,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..checkpoints.run_folder import InversionRun, tensor_sha256
     from ..editing.render import render_one
     from ..errors import CycleEncodingError
+    from .generator import rosinality_warning
 
     run = InversionRun(args.run_dir)
     names = run.image_names()
@@ -57,6 +58,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     tuned_sha = weights_sha256(G)
     if args.format == "rosinality":
         export_rosinality(G, out)
+        rosinality_warning(G)  # a generator of other widths than rosinality's: what loads it
     else:
         prov = default_provenance(
             made_by="cycle-encoding export", run=str(run.dir), image=args.image,

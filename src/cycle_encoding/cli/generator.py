@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .common import add_device_arg, add_progress_arg, check_output_file, check_output_folder, print_json, text_lines
@@ -60,7 +61,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         description="Reads SRC (rosinality .pt, NVIDIA stylegan2-ada .pkl, e4e/pSp .pt, the project's .safetensors, "
         "or a tuned generator's stored change rebuilt on its base) and writes DST: the project's .safetensors "
         "(weights + a JSON of the architecture and where it came from) or rosinality's {'g_ema', 'latent_avg'} "
-        ".pt, which rosinality/stylegan2-pytorch, e4e and PTI load.",
+        ".pt, which rosinality/stylegan2-pytorch, e4e and PTI load when its widths and 3 image channels are the ones "
+        "rosinality's Generator(size, style_dim, n_mlp, channel_multiplier) builds (otherwise a note, and the file, say "
+        "what to patch in that class; this project reads any).",
     )
     p.add_argument("src", type=Path, metavar="SRC", help="the generator file to read (any supported format)")
     p.add_argument("dst", type=Path, metavar="DST", help="the file to write (.safetensors or .pt)")
@@ -164,11 +167,23 @@ def _generate_projected(G, args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoints import convert_generator
-    from ..checkpoints.delta import is_generator_delta, open_generator
+    from ..checkpoints.delta import open_generator
 
     to = args.to or ("rosinality" if args.dst.suffix in (".pt", ".pth") else "native")
     check_output_file(args.dst, "DST")
-    G = open_generator(args.src, args.base) if is_generator_delta(args.src) or args.base is not None else None
+    G = open_generator(args.src, args.base)  # a stored change is rebuilt on its base
     out = convert_generator(args.src, args.dst, to=to, generator=G)
     print(f"wrote {out} ({to})")
+    if to == "rosinality":
+        rosinality_warning(G)
     return 0
+
+
+def rosinality_warning(G) -> None:
+    """After writing rosinality's layout: when rosinality's own class cannot build ``G``, say so on stderr, with
+    what loads the file (the file records the same under ``cycle_encoding``)."""
+    from ..checkpoints.rosinality import rosinality_note
+
+    note = rosinality_note(G.config)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
