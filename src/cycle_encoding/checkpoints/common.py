@@ -168,7 +168,8 @@ def check_declared_architecture(
         with torch.device("meta"):
             model = build()
     except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(source, f"{what}: the declared architecture cannot be built: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # torch's run to 4 lines
+        raise CheckpointError(source, f"{what}: the declared architecture cannot be built: {first}") from None
     full = dict(sd)
     for k, v in model.state_dict().items():
         if k not in full and derived(k):

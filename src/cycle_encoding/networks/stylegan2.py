@@ -36,6 +36,15 @@ def _check_resolution(resolution: int, low: int = 8, high: int = 1024) -> int:
     return int(math.log2(resolution))
 
 
+def _integers(config: Any, *names: str) -> None:
+    """Fields that must be integers: one clear line for another type (not torch's at build time), numpy ints kept."""
+    for name in names:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise ValueError(f"{name} must be an integer, got {v!r}")
+        object.__setattr__(config, name, int(v))
+
+
 @dataclass(frozen=True)
 class GeneratorConfig:
     """Architecture of a StyleGAN2 generator (everything needed to build it)."""
@@ -50,6 +59,7 @@ class GeneratorConfig:
     blur_kernel: tuple[float, ...] = (1, 3, 3, 1)
 
     def __post_init__(self) -> None:
+        _integers(self, "resolution", "style_dim", "n_mlp", "channel_base", "channel_max", "img_channels")
         _check_resolution(self.resolution)
         if self.img_channels not in (1, 3):
             raise ValueError(f"img_channels must be 1 or 3, got {self.img_channels}")
@@ -584,6 +594,7 @@ class DiscriminatorConfig:
     stddev_feat: int = 1
 
     def __post_init__(self) -> None:
+        _integers(self, "resolution", "channel_base", "channel_max", "img_channels", "stddev_group", "stddev_feat")
         _check_resolution(self.resolution)
         if self.img_channels not in (1, 3):
             raise ValueError(f"img_channels must be 1 or 3, got {self.img_channels}")
