@@ -262,7 +262,7 @@ def _read_pairs(
         images = []
         for side, path in (("pred", pp), ("target", tp)):
             try:
-                images.append(read_image(path))
+                images.append(read_image(path, min_side=None))  # measured at full size
             except CycleEncodingError as e:
                 report["unreadable"].append({"file": f"{side}/{path.name}", "reason": str(e)})
         try:

@@ -10,6 +10,11 @@ import torch
 from .networks.stylegan2 import Generator, NoiseMode
 
 MAX_SEED = 2**32 - 1  # numpy's RandomState takes seeds 0 .. 2**32 - 1
+# Truncation psi puts a sample at psi times its distance from the average code (the usual values lie in 0.5 .. 1);
+# at 10 the codes lie 10x farther out than any the generator was trained on and its images are mostly saturated;
+# 1e30 only overflows float32 into a white or black image.
+MAX_TRUNCATION = 10.0
+TRUNCATION_WHY = " (psi scales a sample's distance from the average code; the usual values lie in 0.5 .. 1)"
 
 
 def z_from_seed(seed: int, z_dim: int) -> torch.Tensor:

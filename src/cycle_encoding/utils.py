@@ -86,10 +86,13 @@ def text_table(head: Sequence[str], rows: Sequence[Sequence[str]], rule: bool = 
     return lines[:1] + ["  ".join("-" * w for w in widths)] * rule + lines[1:]
 
 
-def check_finite(value: float | None, option: str) -> None:
-    """A clear error for NaN or infinite option values (``float('nan')`` parses)."""
+def check_finite(value: float | None, option: str, limit: float | None = None, why: str = "") -> None:
+    """A clear error for NaN or infinite option values (``float('nan')`` parses), and for values beyond
+    ``-limit .. limit`` when a limit is given (``why``: the reason, appended to the message)."""
     if value is not None and not math.isfinite(value):
         raise CycleEncodingError(f"{option} must be a finite number, got {value}")
+    if value is not None and limit is not None and abs(value) > limit:
+        raise CycleEncodingError(f"{option} must be between {-limit:g} and {limit:g}, got {value:g}{why}")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -48,6 +48,9 @@ def resolve_model(path: str | Path) -> Path:
     """``path`` itself when it exists; else, when it is the name of a shipped model (``fmnist-generator``, ...),
     that model's file. Every loader that takes a file calls this, so a shipped name works wherever a file does."""
     p = Path(path)
+    if not p.exists() and re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(path)):  # Path() turns "://" into ":/"
+        url = re.sub(r":/+", "://", str(path), count=1)
+        raise CycleEncodingError(f"{url}: URLs are not downloaded: download the file and pass its path")
     if p.exists() or str(path) not in SHIPPED_MODELS:
         return p
     return shipped_model_path(str(path))

@@ -99,15 +99,16 @@ _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
 
 
-def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True`` (no code from the file runs), with clear one-line errors."""
+def torch_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` (no code from the file runs), with clear one-line errors; ``mmap``:
+    tensors are read when used (a zip-format file's structure costs no more than its pickle)."""
     p = Path(path)
     kind = sniff(p)
     if kind not in ("torch-zip", "torch-legacy"):
         raise CheckpointError(p, f"expected a torch file (torch.save), found a {kind} file")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(p, map_location=map_location, weights_only=True)
+            return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap or None)
     except Exception as e:  # torch raises many types here; turn each into one line
         msg = str(e)
         if "central directory" in msg or "unexpected EOF" in msg or "Ran out of input" in msg:

@@ -283,3 +283,23 @@ def inspect_encoder_file(path: Path, container: str) -> dict[str, Any] | None:
     if opts:
         out["opts"] = {k: opts[k] for k in sorted(opts) if isinstance(opts[k], (int, float, str, bool))}
     return out
+
+
+def encoder_provenance_unloaded(path: str | Path) -> dict[str, Any] | None:
+    """What an encoder file records (its provenance), read without its weights: the header of the project's
+    ``.safetensors``, nothing for e4e-family ``.pt`` files (they record none); None when only loading the file tells
+    (a ``train-encoder`` checkpoint, a legacy ``.pt``, a file that does not read)."""
+    from ..assets import resolve_model
+    from .native import read_native_header
+
+    p = resolve_model(path)
+    try:
+        kind = sniff(p)
+        if kind == "safetensors":
+            header = read_native_header(p)
+            return dict(header.get("provenance") or {}) if header.get("kind") == "encoder" else None
+        if kind == "torch-zip":
+            return {} if e4e.is_e4e_checkpoint(torch_load(p, mmap=True)) else None
+    except (CheckpointError, OSError):
+        return None  # loading the file gives the error
+    return None

@@ -92,12 +92,43 @@ def _from_object(obj: object, path: Path) -> np.ndarray:
     raise CycleEncodingError(f"{path}: holds a {type(obj).__name__}, not a tensor of codes")
 
 
-def load_latents(path: str | Path, num_ws: int | None = None, w_dim: int | None = None) -> torch.Tensor:
+def _check_count(shape: Sequence[int], path: Path, max_count: int | None) -> None:
+    """Codes in an array of ``shape`` (read from its header, before its data): none, or more than ``max_count``,
+    is a one-line error."""
+    n = int(shape[0]) if len(shape) in (2, 3) else 1
+    if n == 0:
+        raise CycleEncodingError(f"{path}: holds no codes (an array of shape {list(shape)})")
+    if max_count is not None and n > max_count:
+        raise CycleEncodingError(
+            f"{path}: {n:,} codes, more than the {max_count:,} allowed at once (one image each; raise the limit: "
+            "--max-codes N, or max_count)"
+        )
+
+
+def _read_npz(p: Path, max_count: int | None) -> np.ndarray:
+    with np.load(p, allow_pickle=False) as z:
+        if NPZ_KEY not in z.files:
+            raise CycleEncodingError(
+                f"{p}: no array 'w' (NVIDIA's projector layout); the file has {', '.join(z.files) or 'none'}"
+            )
+        with z.zip.open(f"{NPZ_KEY}.npy") as f:  # the shape from the header: a few KB can expand to GB
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            _check_count(read_header(f)[0], p, max_count)
+        return np.asarray(z[NPZ_KEY], dtype=np.float32)
+
+
+def load_latents(
+    path: str | Path, num_ws: int | None = None, w_dim: int | None = None, max_count: int | None = None
+) -> torch.Tensor:
     """Codes ``[n, num_ws, w_dim]`` (float32) from ``.npz`` (key ``w``, NVIDIA's projector), ``.npy`` or ``.pt``
     (a tensor, as e4e's ``latents.pt``, or a dict of one under ``w``/``ws``/``latents``/``codes``).
 
     ``num_ws`` / ``w_dim`` (a generator's) are checked when given, and W codes ``[n, w_dim]`` are repeated over the
-    ``num_ws`` layers. Any problem is a one-line CycleEncodingError naming the file.
+    ``num_ws`` layers. A file of no codes, or of more than ``max_count`` (checked from the array's header where the
+    format has one), is refused. Any problem is a one-line CycleEncodingError naming the file.
     """
     p = Path(path)
     if not p.is_file():
@@ -105,23 +136,21 @@ def load_latents(path: str | Path, num_ws: int | None = None, w_dim: int | None 
     suffix = p.suffix.lower()
     try:
         if suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                if NPZ_KEY not in z.files:
-                    raise CycleEncodingError(
-                        f"{p}: no array 'w' (NVIDIA's projector layout); the file has {', '.join(z.files) or 'none'}"
-                    )
-                a = np.asarray(z[NPZ_KEY], dtype=np.float32)
+            a = _read_npz(p, max_count)
         elif suffix == ".npy":
-            a = np.asarray(np.load(p, allow_pickle=False), dtype=np.float32)
+            a = np.load(p, allow_pickle=False, mmap_mode="r")
+            _check_count(a.shape, p, max_count)
+            a = np.array(a, dtype=np.float32)  # read from the mapped file
         elif suffix in (".pt", ".pth"):
             from .common import torch_load
 
-            a = _from_object(torch_load(p), p)
+            a = _from_object(torch_load(p), p)  # a .pt is not compressed: its size bounds the memory
         else:
             raise CycleEncodingError(f"{p}: codes are read from {', '.join(LATENT_SUFFIXES)} files")
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CycleEncodingError(f"{p}: cannot read codes ({first})") from None
+    _check_count(a.shape, p, max_count)
     if a.ndim == 2 and num_ws is not None:
         a = np.repeat(a[:, None, :], num_ws, axis=1)
     if a.ndim != 3:
@@ -133,3 +162,18 @@ def load_latents(path: str | Path, num_ws: int | None = None, w_dim: int | None 
     if not np.isfinite(a).all():
         raise CycleEncodingError(f"{p}: the codes hold NaN or infinite values")
     return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def latent_names(path: str | Path, count: int) -> list[str] | None:
+    """The image names of codes ``path`` (``STEM.txt`` beside it, one per line, as ``save_latents`` writes it) when
+    it names exactly ``count`` images, each a plain file name (no folder, not hidden), all different; else None."""
+    txt = Path(path).with_suffix(".txt")
+    try:
+        names = txt.read_text(encoding="utf-8").splitlines() if txt.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not names or len(names) != count or len(set(names)) != count:
+        return None
+    if any(not n or n.startswith(".") or "/" in n or "\\" in n or "\0" in n or len(n) > 200 for n in names):
+        return None
+    return names

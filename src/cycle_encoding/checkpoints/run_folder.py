@@ -224,6 +224,9 @@ class InversionRun:
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir)
         cfg_path = self.dir / CONFIG
+        if not self.dir.is_dir():
+            raise CycleEncodingError(f"no such run folder: {self.dir}" if not self.dir.exists() else
+                                     f"{self.dir}: a file, not a run folder")  # fmt: skip
         if not cfg_path.is_file():
             raise CycleEncodingError(f"{self.dir}: not an inversion run folder (no config.json)")
         self.config: dict[str, Any] = read_json(cfg_path)

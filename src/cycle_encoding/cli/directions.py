@@ -133,12 +133,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..editing.directions import save_any
     from ..editing.interfacegan import read_labels_csv, train_boundary
     from ..errors import CycleEncodingError
+    from ..sampling import MAX_TRUNCATION, TRUNCATION_WHY
     from ..utils import check_finite, resolve_device
 
     sources = [args.codes is not None, args.images is not None, args.classifier is not None]
     if sum(sources) != 1:
         raise CycleEncodingError("give one source: --codes (with --labels), --images (with --encoder) or --classifier")
-    check_finite(args.truncation, "--truncation")
+    check_finite(args.truncation, "--truncation", MAX_TRUNCATION, TRUNCATION_WHY)
     check_output_file(args.out, "--out")
     dev = resolve_device(args.device)
     notes: dict[str, Any] = {}
@@ -209,9 +210,10 @@ def cmd_ganspace(args: argparse.Namespace) -> int:
     from ..checkpoints.generator import load_generator
     from ..editing.directions import save_any
     from ..editing.ganspace import ganspace_pca
+    from ..sampling import MAX_TRUNCATION, TRUNCATION_WHY
     from ..utils import check_finite, resolve_device
 
-    check_finite(args.truncation, "--truncation")
+    check_finite(args.truncation, "--truncation", MAX_TRUNCATION, TRUNCATION_WHY)
     check_output_file(args.out, "--out")
     G = load_generator(args.generator, resolve_device(args.device))
     ds = ganspace_pca(G, args.samples, args.components, args.seed, truncation=args.truncation)

@@ -69,7 +69,8 @@ def add_direction_args(p: argparse.ArgumentParser) -> None:
                    help="a direction file (InterFaceGAN .pt/.npy, GANSpace .pt, SeFa factor .pt, own .safetensors) "
                         "or a name computed from the run's generator: sefa, ganspace")  # fmt: skip
     p.add_argument("--component", default="0",
-                   help="which direction of a set: a number or a name (default 0); with a GANSpace PCA file (e4e's "
+                   help="which direction of a set: a number counted from 0, as everywhere in the project (0, the "
+                        "default, is the first: SeFa's and GANSpace's strongest), or a name; with a GANSpace PCA file (e4e's "
                         "ffhq_pca.pt) also a named edit: eye_openness, smile, trimmed_beard, white_hair, lipstick "
                         "(its component, layers, set mode and strength, from e4e)")  # fmt: skip
     p.add_argument("--strengths", default=None,

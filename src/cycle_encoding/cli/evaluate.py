@@ -132,6 +132,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         pairing = pair_files(recons, targets if args.target is None else args.target)
         pred_label = f"{args.pred} (stage {stage})"
         target_label = args.target or f"{args.pred} (the targets inverted)"
+    elif args.stage is not None and not args.pred.exists():
+        raise CycleEncodingError(f"no such run folder: {args.pred}")
     elif args.stage is not None:
         raise CycleEncodingError(f"--stage is for an inversion run folder; {args.pred} is not one (no config.json)")
     elif args.target is None:

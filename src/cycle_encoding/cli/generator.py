@@ -6,9 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..sampling import MAX_TRUNCATION
 from .common import add_device_arg, add_progress_arg, check_output_file, check_output_folder, print_json, text_lines
 
 MAX_SEEDS = 1_000_000  # images one `generate` writes at most
+MAX_CODES = 10_000  # codes of a --projected-w file rendered without --max-codes (a small .npz can hold 250,000)
+GRID_IMAGES = 64  # grid.png shows the first images only: the others are not kept in memory
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -38,17 +41,21 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "latents.pt; .npy), written as seedNNNN.png or projNN.png plus grid.png. A tuned generator stored as its "
         "change (generator_delta.safetensors) is rebuilt on its base (--base, else the base it records).",
     )
-    p.add_argument("--generator", "-g", required=True, type=Path,
-                   help="generator file (any supported format, a stored change, or a shipped name)")  # fmt: skip
+    p.add_argument("--generator", "-g", "--network", required=True, type=Path,
+                   help="generator file (any supported format, a stored change, or a shipped name; --network as "
+                   "NVIDIA's generate.py names it)")  # fmt: skip
     p.add_argument("--base", type=Path, default=None,
                    help="the base generator of a stored change (default: the base file the change records)")  # fmt: skip
     p.add_argument("--seeds", default=None, help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
     p.add_argument("--projected-w", type=Path, default=None, metavar="FILE",
                    help="render these codes instead of seeds: .npz (key w, NVIDIA's projector), .pt or .npy, "
                    "[n, num_ws, w_dim] (or [n, w_dim]: one W code per image)")  # fmt: skip
-    p.add_argument("--truncation", type=float, default=None, help="truncation psi toward w_avg (default 1.0; seeds)")
+    p.add_argument("--truncation", "--trunc", type=float, default=None,
+                   help=f"truncation psi toward w_avg, -{MAX_TRUNCATION:g} .. {MAX_TRUNCATION:g} (default 1.0; seeds)")  # fmt: skip
     p.add_argument("--noise", choices=["const", "random", "none"], default="const", help="noise mode (default const)")
-    p.add_argument("--out", "-o", required=True, type=Path, help="output folder")
+    p.add_argument("--out", "-o", "--outdir", required=True, type=Path, help="output folder")
+    p.add_argument("--max-codes", type=int, default=MAX_CODES, metavar="N",
+                   help=f"--projected-w: refuse a file of more than N codes, one image each (default {MAX_CODES:,})")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8)
     add_device_arg(p)
     add_progress_arg(p)
@@ -108,60 +115,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..checkpoints.delta import open_generator
     from ..errors import CycleEncodingError
     from ..progress import Progress
-    from ..sampling import MAX_SEED, render_seeds
-    from ..utils import check_finite, make_grid, parse_int_list, save_image
+    from ..sampling import MAX_SEED, MAX_TRUNCATION, TRUNCATION_WHY, render_seeds
+    from ..utils import check_finite, parse_int_list, save_image
 
     # every value checked before the generator is read: one clear line, exit 2
     if args.projected_w is not None and (args.seeds is not None or args.truncation is not None):
         raise CycleEncodingError("--projected-w renders the file's codes: --seeds and --truncation do not apply")
-    if args.batch_size < 1:
-        raise CycleEncodingError(f"--batch-size must be 1 or more, got {args.batch_size}")
+    if args.batch_size < 1 or args.max_codes < 1:
+        which = "--batch-size" if args.batch_size < 1 else "--max-codes"
+        raise CycleEncodingError(f"{which} must be 1 or more, got {min(args.batch_size, args.max_codes)}")
     check_output_folder(args.out, "--out")
     seeds: list[int] = []
     if args.projected_w is None:
         seeds = parse_int_list(args.seeds or "0-7", low=0, high=MAX_SEED, max_count=MAX_SEEDS, what="--seeds")
         args.truncation = 1.0 if args.truncation is None else args.truncation
-        check_finite(args.truncation, "--truncation")
+        check_finite(args.truncation, "--truncation", MAX_TRUNCATION, TRUNCATION_WHY)
     G = open_generator(args.generator, args.base, device=args.device)
     if args.projected_w is not None:
         return _generate_projected(G, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    all_images = []
+    shown = []
     with Progress(len(seeds), "generate", "img", args.progress, heartbeat=30) as bar:
         for chunk, images in render_seeds(G, seeds, args.truncation, args.noise, args.batch_size):
             for s, im in zip(chunk, images):
                 save_image(im, args.out / f"seed{s:04d}.png")
-            all_images.append(images)
+            shown += list(images[: GRID_IMAGES - len(shown)])
             bar.update(len(chunk))
-    import torch
-
-    grid = make_grid(torch.cat(all_images).clamp(-1, 1))
-    save_image(grid, args.out / "grid.png")
-    print(f"wrote {len(seeds)} images and grid.png to {args.out}")
+    write_grid(shown, args.out, len(seeds))
     return 0
 
 
-def _generate_projected(G, args: argparse.Namespace) -> int:
-    """``generate --projected-w``: one image per code, projNN.png as NVIDIA's generate.py names them."""
+def write_grid(shown: list, out: Path, total: int, note: str = "") -> None:
+    """grid.png of the first GRID_IMAGES images, and the line saying what was written."""
     import torch
 
-    from ..checkpoints.latents import load_latents
-    from ..progress import Progress
     from ..utils import make_grid, save_image
 
-    ws = load_latents(args.projected_w, G.num_ws, G.w_dim)
+    save_image(make_grid(torch.stack(shown).clamp(-1, 1)), out / "grid.png")
+    first = f" (the first {len(shown)})" if total > len(shown) else ""
+    print(f"wrote {total} images{note} and grid.png{first} to {out}")
+
+
+def _generate_projected(G, args: argparse.Namespace) -> int:
+    """``generate --projected-w``: one image per code, named as the codes' ``latents.txt`` names them, else projNN.png
+    as NVIDIA's generate.py does."""
+    import torch
+
+    from ..checkpoints.latents import latent_names, load_latents
+    from ..progress import Progress
+    from ..utils import save_image
+
+    ws = load_latents(args.projected_w, G.num_ws, G.w_dim, max_count=args.max_codes)
+    named = latent_names(args.projected_w, len(ws))
+    names = named or [f"proj{i:02d}" for i in range(len(ws))]
     args.out.mkdir(parents=True, exist_ok=True)
-    images = []
+    shown = []
     with torch.no_grad(), Progress(len(ws), "generate", "img", args.progress, heartbeat=30) as bar:
-        for i in range(0, len(ws), max(1, args.batch_size)):
-            chunk = ws[i : i + max(1, args.batch_size)].to(G.w_avg.device)
-            out = G.synthesis(chunk, noise_mode=args.noise).cpu()
-            for j, im in enumerate(out):
-                save_image(im, args.out / f"proj{i + j:02d}.png")
-            images.append(out)
-            bar.update(len(chunk))
-    save_image(make_grid(torch.cat(images).clamp(-1, 1)), args.out / "grid.png")
-    print(f"wrote {len(ws)} images (proj00.png ...) and grid.png to {args.out}")
+        for i in range(0, len(ws), args.batch_size):
+            out = G.synthesis(ws[i : i + args.batch_size].to(G.w_avg.device), noise_mode=args.noise).cpu()
+            for name, im in zip(names[i : i + args.batch_size], out):
+                save_image(im, args.out / f"{name}.png")
+            shown += list(out[: GRID_IMAGES - len(shown)])
+            bar.update(len(out))
+    how = f"named as {args.projected_w.with_suffix('.txt').name} names them" if named else "proj00.png ..."
+    write_grid(shown, args.out, len(ws), f" ({how})")
     return 0
 
 

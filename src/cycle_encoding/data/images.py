@@ -22,9 +22,14 @@ __all__ = [
     "set_max_pixels",
 ]
 
+# images are reduced while decoded to no less than this shorter side: twice the largest generator's resolution
+# (a 7000 x 7000 PNG otherwise made one `invert` peak at 4.1 GB in float copies)
+DECODE_MIN_SIDE = 2048
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _GREY_MODES = ("1", "L", "LA")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# v -> float32(v / 255) * 2 - 1, the same operations as the 16-bit path's, for the 256 values of 8-bit pixels
+_LEVELS_8BIT = (torch.from_numpy((np.arange(256) / 255.0).astype(np.float32)) * 2 - 1).numpy()
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -67,10 +72,10 @@ def image_to_tensor(image: Image.Image | np.ndarray, channels: int | None = None
     mode = img.mode
     if mode in _SIXTEEN_BIT_MODES:
         arr = (np.asarray(img, dtype=np.float64) / 65535.0)[None]
-    else:
-        arr = np.asarray(img.convert("L" if mode in _GREY_MODES else "RGB"), dtype=np.float64) / 255.0
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)) * 2 - 1
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)) * 2 - 1
+    else:  # 8 bits: each value's float through a table, no float64 copy of the image
+        arr = _LEVELS_8BIT[np.asarray(img.convert("L" if mode in _GREY_MODES else "RGB"))]
+        x = torch.from_numpy(np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)))
     if channels is not None and channels != x.shape[0]:
         if channels == 3 and x.shape[0] == 1:
             x = x.expand(3, -1, -1).clone()
@@ -82,18 +87,39 @@ def image_to_tensor(image: Image.Image | np.ndarray, channels: int | None = None
     return x
 
 
-def read_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
+def decode_reduced(im: Image.Image, min_side: int | None) -> Image.Image:
+    """Decode ``im``, reduced by the largest integer factor that keeps its shorter side at least ``min_side`` (None:
+    full size): JPEG by scaling its DCT while decoding (draft mode), the rest by box-averaging the decoded pixels
+    (``Image.reduce``) before anything else is made from them. The memory a big image costs is then bounded by
+    its decoded bytes, not by its float copies."""
+    w, h = im.size
+    if min_side is not None and min(w, h) // min_side >= 2 and im.format == "JPEG":
+        k = min(w, h) // min_side
+        im.draft(im.mode, (-(-w // k), -(-h // k)))  # the smallest DCT scale at least this size
+    im.load()
+    k = min(im.size) // min_side if min_side is not None else 1
+    if k < 2:
+        return im
+    if im.mode not in ("L", "LA", "RGB", "RGBA", "I", "F"):  # the modes reduce() takes; grey stays grey
+        grey = "L" if im.mode == "1" else "I"
+        im = im.convert(grey if im.mode in ("1", *_SIXTEEN_BIT_MODES) else ("RGBA" if "A" in im.getbands() else "RGB"))
+    return im.reduce(k)  # keeps the EXIF orientation that image_to_tensor applies
+
+
+def read_image(path: str | Path, channels: int | None = None, min_side: int | None = DECODE_MIN_SIDE) -> torch.Tensor:
     """Read an image file to a float32 tensor [C, H, W] in [-1, 1].
 
     Grey images (modes 1, L, LA, 16-bit I) give C = 1, everything else C = 3 (RGB; an alpha channel is dropped,
     palettes are expanded). 16-bit grey is scaled by 1/65535. ``channels`` (1 or 3) converts: grey -> RGB repeats the
-    channel, RGB -> grey uses ITU-R 601-2 luma (PIL's 'L'). An unreadable file raises a one-line CycleEncodingError.
+    channel, RGB -> grey uses ITU-R 601-2 luma (PIL's 'L'). An image whose shorter side is at least twice
+    ``min_side`` is reduced while decoding (:func:`decode_reduced`; default DECODE_MIN_SIDE, twice the largest
+    generator's resolution, so every resize to a generator still starts from 2 or more pixels per output pixel;
+    None: full size, for measuring the image itself). An unreadable file raises a one-line CycleEncodingError.
     """
     p = Path(path)
     try:
         with open_image(p) as opened:
-            opened.load()
-            return image_to_tensor(opened, channels)
+            return image_to_tensor(decode_reduced(opened, min_side), channels)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CycleEncodingError(f"{p}: cannot read image: {first}") from None
@@ -132,6 +158,8 @@ def image_tensor(image: object, channels: int | None = None) -> torch.Tensor:
                 f"an image tensor is [C, H, W] or [1, C, H, W] with C = 1 or 3, got {list(x.shape)}"
             )
         x = x.float()
+        if not torch.isfinite(x).all():
+            raise CycleEncodingError("the image tensor holds NaN or infinite values")
         if channels is not None and channels != x.shape[0]:  # grey <-> RGB as image_to_tensor converts
             luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(3, 1, 1)
             x = x.expand(3, -1, -1).clone() if channels == 3 else (x * luma).sum(0, keepdim=True)

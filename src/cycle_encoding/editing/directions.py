@@ -29,7 +29,6 @@ Named GANSpace edits (``ganspace_named_edits``): e4e's FFHQ edits (``eye_opennes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -123,7 +122,10 @@ class DirectionSet:
             return self.names.index(component)
         k = int(component)
         if not 0 <= k < len(self):
-            raise CycleEncodingError(f"{self.label()} has {len(self)} direction(s); component {k} does not exist")
+            raise CycleEncodingError(
+                f"{self.label()} has {len(self)} direction(s), numbered from 0 to {len(self) - 1}; component {k} does "
+                "not exist"
+            )
         return k
 
     def label(self) -> str:
@@ -163,6 +165,7 @@ class DirectionSet:
     ) -> torch.Tensor:
         """The change an edit makes to codes ``ws [B, N, w_dim]``: a tensor of ws's shape, zero outside ``layers``."""
         self.check_codes(ws)
+        strength = check_strength(strength)
         k = self.index(component)
         n = ws.shape[1]
         idx = self.resolve_layers(layers, n)
@@ -193,7 +196,7 @@ class DirectionSet:
         mode: GanspaceMode = "add",
     ) -> torch.Tensor:
         """Edited codes ``ws + delta``; for an added edit of strength 0, a copy of ``ws`` (bit-exact)."""
-        if mode == "add" and float(strength) == 0.0:
+        if mode == "add" and check_strength(strength) == 0.0:
             self.check_codes(ws)
             self.index(component)
             return ws.clone()
@@ -331,8 +334,26 @@ def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
     return out
 
 
+# The largest edit strength taken: 5x the largest published one (e4e's GANSpace edits set +-20 standard deviations;
+# InterFaceGAN and SeFa strengths are distances in W, where the Fashion-MNIST generator's samples lie 15 from their
+# average and 20 apart). Farther out images only saturate, and 1e30 overflows the generator's float32 modulations.
+MAX_STRENGTH = 100.0
+
+
+def check_strength(strength: float, what: str = "strength") -> float:
+    """``strength`` as a float when finite and within +-MAX_STRENGTH; else one clear CycleEncodingError."""
+    from ..utils import check_finite
+
+    try:
+        s = float(strength)
+    except (TypeError, ValueError):
+        raise CycleEncodingError(f"{what} must be a number, got {strength!r}") from None
+    check_finite(s, what, MAX_STRENGTH, " (the published edits stay within +-20)")
+    return s
+
+
 def parse_strengths(spec: str | Sequence[float]) -> list[float]:
-    """``"-3,-1.5,0,1.5,3"`` -> floats (in the order given)."""
+    """``"-3,-1.5,0,1.5,3"`` -> floats (in the order given), each checked by :func:`check_strength`."""
     try:
         out = [float(s) for s in (spec.split(",") if isinstance(spec, str) else spec) if str(s).strip()]
     except ValueError:
@@ -341,10 +362,7 @@ def parse_strengths(spec: str | Sequence[float]) -> list[float]:
         ) from None
     if not out:
         raise CycleEncodingError("no strengths given")
-    bad = [s for s in out if not math.isfinite(s)]
-    if bad:
-        raise CycleEncodingError(f"bad strengths {spec!r}: {bad[0]} is not a finite number")
-    return out
+    return [check_strength(s, "a strength") for s in out]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoints.encoder import encoder_provenance_unloaded
 from .. import distributed as dd
 from ..checkpoints.delta import full_copy_bytes, weights_sha256
 from ..config import to_dict
@@ -95,6 +96,11 @@ class Inverter:
 
         self.source: EncoderSource | None = None
         self.E: Encoder4Editing | None = None
+        early = None
+        if isinstance(encoder, (str, Path)):  # the loss networks' files first when the file's record tells them:
+            prov = encoder_provenance_unloaded(encoder)  # a missing one fails before a big encoder is read
+            if prov is not None:
+                early = (prov, self._loss_networks(prov, prov.get("data"), perceptual_net, identity_net))
         if encoder is not None:
             if isinstance(encoder, Encoder4Editing):
                 prov = getattr(encoder, "provenance", {}) or {}
@@ -110,29 +116,11 @@ class Inverter:
             )
         if self.E is not None and "encoder" in cfg.stages:
             resolve_stage(self.E, cfg.offsets)  # "trained" without a recorded stage fails here, before any image
-
-        recorded = recorded_networks(getattr(self.E, "provenance", None)) if self.E is not None else {}
-        self.perceptual_name = cfg.perceptual or recorded.get("perceptual", {}).get("name") or "lpips-alex"
-        identity, self.identity_note = cfg.identity, "as given"
-        if identity == "auto" and "identity" in recorded:
-            identity, self.identity_note = recorded["identity"]["name"], "auto: the one the encoder file records"
-        elif identity == "auto":
-            from ..losses.identity import identity_default
-
-            spec = cfg.train_data or (self.source.train_data if self.source is not None else None)
-            identity, self.identity_note = identity_default(spec, cfg.identity_weights)
-        self.identity_name = identity
-        self.networks_from = {
-            "perceptual": "option" if cfg.perceptual else ("the encoder file" if "perceptual" in recorded else "default"),
-            "identity": "option" if cfg.identity != "auto" else ("the encoder file" if "identity" in recorded
-                                                                 else "default"),
-        }  # fmt: skip
-        self.nets = build_loss_networks(
-            self.perceptual_name, cfg.lpips_backbone, identity, cfg.identity_weights, self.device,
-            need_perceptual=cfg.needs_perceptual and perceptual_net is None,
-            need_identity=cfg.needs_identity and identity_net is None,
-            recorded=recorded, domain=self._domain(recorded),
-        )  # fmt: skip
+        prov = (getattr(self.E, "provenance", None) or {}) if self.E is not None else {}
+        train_data = self.source.train_data if self.source is not None else None
+        same = early is not None and (recorded_networks(early[0]), early[0].get("data")) == (
+            recorded_networks(prov), train_data)  # fmt: skip
+        self.nets = early[1] if same else self._loss_networks(prov, train_data, perceptual_net, identity_net)
         if perceptual_net is not None:
             self.nets.perceptual = perceptual_net.to(self.device).eval().requires_grad_(False)
         if identity_net is not None:
@@ -177,11 +165,35 @@ class Inverter:
         if isinstance(prov, dict) and "no latent_avg" in str(prov.get("warning", "")):
             E.set_w_avg(self.G.w_avg)  # e4e files without latent_avg: offset by this generator's average code
 
-    def _domain(self, recorded: Mapping[str, Mapping[str, str]]) -> str:
+    def _loss_networks(self, prov: Mapping[str, Any], train_data: Any, perceptual_net: Any, identity_net: Any) -> Any:
+        """The loss networks the options and the encoder's record ``prov`` choose (names and why kept on self)."""
+        cfg = self.config
+        recorded = recorded_networks(prov)
+        self.perceptual_name = cfg.perceptual or recorded.get("perceptual", {}).get("name") or "lpips-alex"
+        identity, self.identity_note = cfg.identity, "as given"
+        if identity == "auto" and "identity" in recorded:
+            identity, self.identity_note = recorded["identity"]["name"], "auto: the one the encoder file records"
+        elif identity == "auto":
+            from ..losses.identity import identity_default
+
+            identity, self.identity_note = identity_default(cfg.train_data or train_data, cfg.identity_weights)
+        self.identity_name = identity
+        self.networks_from = {
+            "perceptual": "option" if cfg.perceptual else ("the encoder file" if "perceptual" in recorded else "default"),
+            "identity": "option" if cfg.identity != "auto" else ("the encoder file" if "identity" in recorded
+                                                                 else "default"),
+        }  # fmt: skip
+        return build_loss_networks(
+            self.perceptual_name, cfg.lpips_backbone, identity, cfg.identity_weights, self.device,
+            need_perceptual=cfg.needs_perceptual and perceptual_net is None,
+            need_identity=cfg.needs_identity and identity_net is None,
+            recorded=recorded, domain=self._domain(recorded, prov),
+        )  # fmt: skip
+
+    def _domain(self, recorded: Mapping[str, Mapping[str, str]], prov: Mapping[str, Any]) -> str:
         """'fashion-mnist' or 'faces': which offline network a missing-file error suggests (from the encoder's
         recorded networks or training data, else the generator's channels: grey -> Fashion-MNIST, colour -> faces)."""
         names = {r.get("name") for r in recorded.values()}
-        prov = getattr(self.E, "provenance", None) or {}
         if "fmnist-features" in names or str(prov.get("data", "")) == "fashion-mnist":
             return "fashion-mnist"
         return "faces" if self.G.img_channels == 3 else "fashion-mnist"

@@ -69,7 +69,9 @@ class InversionResult:
             d = direction.to(ws)
             if d.shape[-1] != ws.shape[-1] or d.ndim > 2:
                 raise CycleEncodingError(f"a direction is [w_dim] or [num_ws, w_dim], got {list(d.shape)}")
-            edited = ws + float(strength) * d
+            from ..editing.directions import check_strength
+
+            edited = ws + check_strength(strength) * d
         elif hasattr(direction, "apply"):
             edited = direction.apply(ws, component, strength, layers, mode)
         else:

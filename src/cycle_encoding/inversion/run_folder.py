@@ -6,7 +6,8 @@ Finished images are known by content, not only by name: ``result.json`` records 
 (``input_sha256``), and an image whose input file changed since is inverted again (and said so).
 
 Two processes may fill one folder (two ``invert`` commands, or ``torchrun`` ranks): each image is inverted under a lock
-(``images/.<name>.lock``, an advisory ``flock`` that the system releases when its process ends, killed or not), and an
+(``images/.<name>.lock``, an advisory ``flock`` that the system releases when its process ends, killed or not; the file
+is removed when released), and an
 image whose lock another process holds is left to it and listed as ``busy``. Each
 image's random draws are seeded by (seed, the image's index in the sorted list, stage), so results do not depend on
 interruptions, order, or which process ran the image. A re-run with other options into the same folder is refused.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import shlex
 import sys
 import time
@@ -112,16 +114,26 @@ def image_lock(out: Path, name: str) -> Iterator[bool]:
     except ImportError:  # pragma: no cover - not on Linux or macOS
         yield True
         return
-    with open(image_lock_path(out, name), "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
+    path = image_lock_path(out, name)
+    while True:
+        with open(path, "a+b") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:  # the holder before us may have removed the file after we opened it: lock the one at the path
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                continue
+            try:
+                yield True
+            finally:
+                path.unlink(missing_ok=True)  # removed while still held: no one can lock it and think it theirs
+                fcntl.flock(f, fcntl.LOCK_UN)
             return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:

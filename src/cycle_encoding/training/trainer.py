@@ -319,6 +319,9 @@ def read_run_config(
     """The options a run was started with (its ``config.json`` without ``_resolved``), with ``overrides`` of the
     ``allowed`` options (what may change when resuming) put in; any other override is a one-line error."""
     p = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise CycleEncodingError(f"no such run folder: {run_dir}" if not Path(run_dir).exists() else
+                                 f"{run_dir}: a file, not a {command} run folder")  # fmt: skip
     if not p.is_file():
         raise CycleEncodingError(f"{run_dir}: not a {command} run folder (no config.json)")
     data = json.loads(p.read_text())
