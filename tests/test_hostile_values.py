@@ -206,3 +206,24 @@ def test_api_refuses_non_finite_images_and_out_of_range_strengths(tiny):
         with pytest.raises(CycleEncodingError, match="strength must be"):
             res.edit(torch.randn(G.w_dim), bad)
     res.edit(d, MAX_STRENGTH)  # the bound itself renders
+
+
+def test_a_write_that_fails_for_space_names_the_file(tiny, tmp_path):
+    """A real write failure without a file name from the OS (files capped at 300 bytes: EFBIG, as ENOSPC on a full
+    disk): one line naming the file, exit status 2, no partial file left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def cap() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "cycle_encoding.cli", "generate", "-g", str(tiny / "g.safetensors"), "-o", str(out),
+           "--seeds", "0", "--device", "cpu", "--progress", "none"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap)
+    assert r.returncode == 2, r.stderr
+    assert one_error_line(r.stderr) == f"error: {out / 'seed0000.png'}: File too large"
+    assert list(out.iterdir()) == []

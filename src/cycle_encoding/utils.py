@@ -136,7 +136,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     os.close(fd)
     try:
-        write(Path(tmp))
+        try:
+            write(Path(tmp))
+        except (
+            OSError,
+            RuntimeError,
+        ) as e:  # a full disk: PIL's and numpy's OSError name no file, torch's RuntimeError
+            if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+                raise OSError(e.errno, e.strerror, str(p)) from e
+            if isinstance(e, RuntimeError) and "write" in str(e):
+                raise OSError(f"{p}: cannot write: {str(e).strip().splitlines()[0]}") from e
+            raise
         # mkstemp creates the file 0600; give it the permissions a plain open() would
         umask = os.umask(0)
         os.umask(umask)

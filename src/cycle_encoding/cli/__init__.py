@@ -92,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.filename and e.strerror:  # a full disk, a size limit: the file named
+            print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+            return EXIT_USER_ERROR
         print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
 

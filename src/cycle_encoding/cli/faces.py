@@ -22,6 +22,9 @@ def _upsample(value: str) -> str | int:
     return n
 
 
+EXIT_SOME_FAILED = 3  # as invert and edit: the other images were aligned
+
+
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "align",
@@ -30,7 +33,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         description="Align faces as the FFHQ dataset was made: dlib's HOG detector and 68-point landmarks, an "
         "eye/mouth-based square, crop, reflect-padding with blur, quad transform, resize. Writes OUT/<name>.png "
         "(the largest face) or OUT/<name>_00.png, _01.png, ... (--all-faces, largest first). Images without a "
-        "face are reported by name and skipped; existing outputs are kept (a re-run resumes) unless --overwrite.",
+        "face are reported by name and skipped; existing outputs are kept (a re-run resumes) unless --overwrite. Exit "
+        "status: 0 every image aligned, 3 some had no face or could not be read (listed; the others are written, as "
+        "invert and edit do), 2 bad input (nothing written).",
     )
     p.add_argument("input", type=Path, nargs="?", help="an image file or a folder of images")
     p.add_argument("out", type=Path, nargs="?", help="output folder")
@@ -111,6 +116,4 @@ def cmd_align(args: argparse.Namespace) -> int:
     if rep.failed:
         parts.append(f"{len(rep.failed)} unreadable")
     print("; ".join(parts))
-    from . import EXIT_USER_ERROR
-
-    return EXIT_USER_ERROR if (rep.no_face or rep.failed) else 0
+    return EXIT_SOME_FAILED if (rep.no_face or rep.failed) else 0
