@@ -66,7 +66,7 @@ def test_export_rosinality_layout_renders_the_tuned_reconstruction(run, capsys):
     assert main(["export", str(run / "run"), "img0", "--format", "rosinality", "--out", str(out)]) == 0
     assert "bit for bit" in capsys.readouterr().out
     obj = torch.load(out, map_location="cpu", weights_only=True)  # what rosinality's scripts do (no code run)
-    assert set(obj) == {"g_ema", "latent_avg"}
+    assert set(obj) == {"g_ema", "latent_avg", "cycle_encoding"}  # + the architecture, which rosinality's code skips
     base = ce.load_generator(run / "g.safetensors")
     # the same keys and shapes as the base generator in rosinality's layout (checked against the spec elsewhere)
     ref = ce.checkpoints.rosinality.rosinality_state_dict(base)

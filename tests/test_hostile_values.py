@@ -206,6 +206,12 @@ def test_api_refuses_non_finite_images_and_out_of_range_strengths(tiny):
         with pytest.raises(CycleEncodingError, match="strength must be"):
             res.edit(torch.randn(G.w_dim), bad)
     res.edit(d, MAX_STRENGTH)  # the bound itself renders
+    from cycle_encoding.editing.directions import parse_strengths  # what `edit --strengths` and the editor parse
+
+    for spec in ("1e308", "-3,1e30"):
+        with pytest.raises(CycleEncodingError, match=r"a strength must be between -100 and 100, got [-+0-9e]+ \(the"):
+            parse_strengths(spec)
+    assert parse_strengths("-100,0,20") == [-100.0, 0.0, 20.0]
 
 
 def test_a_write_that_fails_for_space_names_the_file(tiny, tmp_path):

@@ -29,6 +29,7 @@ Named GANSpace edits (``ganspace_named_edits``): e4e's FFHQ edits (``eye_opennes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -362,6 +363,9 @@ def parse_strengths(spec: str | Sequence[float]) -> list[float]:
         ) from None
     if not out:
         raise CycleEncodingError("no strengths given")
+    bad = [s for s in out if not math.isfinite(s)]
+    if bad:
+        raise CycleEncodingError(f"bad strengths {spec!r}: {bad[0]} is not a finite number")
     return [check_strength(s, "a strength") for s in out]
 
 
