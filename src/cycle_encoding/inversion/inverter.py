@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoints.encoder import encoder_provenance_unloaded
 from .. import distributed as dd
 from ..checkpoints.delta import full_copy_bytes, weights_sha256
+from ..checkpoints.encoder import encoder_provenance_unloaded
 from ..config import to_dict
 from ..errors import CycleEncodingError
 from ..losses.networks import LossNetworks, build_loss_networks, recorded_networks
