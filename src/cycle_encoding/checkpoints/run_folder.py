@@ -31,6 +31,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
+import shutil
+import unicodedata
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ from typing import Any
 import torch
 
 from ..assets import resolve_model
+from ..data.images import read_image
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.stylegan2 import Generator
 from ..utils import atomic_write
@@ -45,11 +51,19 @@ from .delta import load_generator_delta, weights_sha256
 from .generator import load_generator
 from .native import default_provenance, read_native, save_native
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Linux or macOS
+    fcntl = None  # type: ignore[assignment]
+
 RUN_FORMAT = "cycle-encoding-inversion-run"
 RUN_VERSION = 1
 CONFIG, SUMMARY, IMAGES, EDITS = "config.json", "summary.json", "images", "edits"
 TARGET, PIVOTS, LOSSES, TIMINGS = "target.png", "pivots.safetensors", "losses.jsonl", "timings.json"
 DELTA, PROJECTED_W, RESULT, DONE = "generator_delta.safetensors", "projected_w.npz", "result.json", "done"
+# what a run owns at its top: no command writes over these (``check_output``)
+RUN_OWNED = (CONFIG, SUMMARY, IMAGES, EDITS, DELTA, "latents.pt", "latents.npy", "latents.txt")
+NAME_BYTES = 100  # the longest image folder name (UTF-8 bytes): NAME_sweep.gif, .NAME.lock and temporaries fit 255
 
 
 def recon_file(stage: str) -> str:
@@ -86,18 +100,87 @@ def write_json(path: Path, doc: Any) -> Path:
     return atomic_write(path, lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
 
 
-def remove_temporaries(folder: Path) -> None:
-    """Remove the temporary files (``.NAME.*.tmp``) that a process killed while writing left in ``folder``."""
-    for stray in folder.glob(".*.tmp"):
-        if stray.is_file():
+@contextmanager
+def lock(path: Path) -> Iterator[bool]:
+    """Hold an advisory lock (``flock``) on ``path``, a folder or a lock file (made when missing, removed on release),
+    for the ``with`` block: True when taken, False when another process holds it. The system releases it when its
+    process ends, killed or not. Where there is no ``flock`` (Windows) every lock counts as taken."""
+    if fcntl is None:  # pragma: no cover
+        yield True
+        return
+    folder = path.is_dir()
+    while True:
+        fd = os.open(path, os.O_RDONLY if folder else os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:  # the holder before us may have removed the file after we opened it: lock the one at the path
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                continue
+            try:
+                yield True
+            finally:
+                if not folder:
+                    path.unlink(missing_ok=True)  # removed while still held: no one can lock it and think it theirs
+            return
+        finally:
+            os.close(fd)
+
+
+def remove_temporaries(folder: Path, pattern: str = ".*.tmp") -> None:
+    """Remove what processes killed while writing left in ``folder``: temporary files (``.NAME.*.tmp``) and the
+    temporary folders that no live process holds (``lock``)."""
+    for stray in folder.glob(pattern):
+        if stray.is_dir() and not stray.is_symlink():
+            with lock(stray) as free:
+                if free:
+                    shutil.rmtree(stray, ignore_errors=True)
+        else:
             stray.unlink(missing_ok=True)
+
+
+def check_output(path: str | Path, option: str, inputs: Iterable[Any] = (), allowed: Iterable[Path] = ()) -> None:
+    """Before any work: refuse to write the file ``path`` over one of the command's ``inputs`` or over what a run
+    owns (``RUN_OWNED``: its records, its images' folders, its edits); ``allowed``: files or folders of a run that
+    the command itself writes. One clear error naming ``option``."""
+    p = Path(path).resolve()
+    for f in inputs:
+        if f is not None and Path(f).exists() and p.exists() and p.samefile(f):
+            raise CycleEncodingError(f"{option} {path}: refused: it is the input {f}; write the output elsewhere")
+    if any(a == p or a in p.parents for a in (Path(a).resolve() for a in allowed)):
+        return
+    for run in p.parents:  # a run folder: one with the run's config.json and images/
+        if (run / CONFIG).is_file() and (run / IMAGES).is_dir() and p.relative_to(run).parts[0] in RUN_OWNED:
+            raise CycleEncodingError(f"{option} {path}: refused: a file of the inversion run {run}, whose files no "
+                                     "command writes over; write it elsewhere")  # fmt: skip
 
 
 # -- writing one image's folder ------------------------------------------------------------------------------------
 
 
+def _unsafe(c: str) -> bool:
+    return unicodedata.category(c)[0] == "C" or c in ("/", os.sep)
+
+
+def folder_name(name: str) -> str:
+    """The folder of the image named ``name`` under ``images/``: the name itself when it is safe (at most NAME_BYTES
+    bytes, no control character, no path separator), else its start made safe, ``-`` and 12 hex digits of its
+    sha256, so that no two names share a folder (``result.json`` keeps the name as ``original_name``)."""
+    raw = name.encode("utf-8", "surrogatepass")
+    if name not in ("", ".", "..") and len(raw) <= NAME_BYTES and not any(map(_unsafe, name)):
+        return name
+    head = "".join("_" if _unsafe(c) else c for c in name).encode()[:60].decode("utf-8", "ignore")
+    return f"{head}-{hashlib.sha256(raw).hexdigest()[:12]}"
+
+
 def image_folder(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / IMAGES / name
+    return Path(run_dir) / IMAGES / folder_name(name)
 
 
 def start_image(folder: Path) -> None:
@@ -181,13 +264,23 @@ class RunImage:
     def recon_sha256(self) -> str | None:
         return (self.result.get("recon_sha256") or {}).get(self.recon_stage)
 
-    def checked(self, p: Path, root: Path | None = None) -> Path | None:
+    @property
+    def label(self) -> str:
+        """The image's name as shown: the name it was inverted under (``original_name`` where its folder's name had
+        to be made safe), control characters escaped."""
+        n = self.result.get("original_name")
+        n = n if isinstance(n, str) and n else self.name
+        return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c)[0] == "C" else c for c in n)
+
+    def checked(self, p: Path, root: Path | None = None, image: bool = False) -> Path | None:
         """``p`` when it is a file inside the image's folder (or ``root``), None when there is none; a file that leads
-        outside it (a symbolic link) is refused by name."""
+        outside it (a symbolic link), or with ``image`` one that does not decode, is refused by name."""
         if not p.is_file():
             return None
         if not inside(p, root or self.folder):
             raise CycleEncodingError(f"{p}: refused: it leads outside the run folder")
+        if image:
+            read_image(p)  # a cut or corrupt file: one CycleEncodingError naming it
         return p
 
     @property

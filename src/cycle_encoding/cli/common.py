@@ -130,10 +130,13 @@ def check_output_folder(path: str | Path, option: str, shown: str | Path | None 
         raise CycleEncodingError(f"{label}: cannot write in {q} (permission denied)")
 
 
-def check_output_file(path: str | Path, option: str) -> None:
-    """Before any work: the file ``path`` can be written (its folder made); else one clear error naming ``option``."""
+def check_output_file(path: str | Path, option: str, inputs: Any = (), allowed: Any = ()) -> None:
+    """Before any work: the file ``path`` can be written (its folder made), and is neither one of the command's
+    ``inputs`` nor a file of an inversion run (``check_output``); else one clear error naming ``option``."""
+    from ..checkpoints.run_folder import check_output
     from ..errors import CycleEncodingError
 
+    check_output(path, option, inputs, allowed)
     p = Path(path)
     if p.is_dir():
         raise CycleEncodingError(f"{option} {p}: is a folder, not a file")

@@ -84,7 +84,7 @@ def add_direction_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from ..checkpoints.run_folder import InversionRun
+    from ..checkpoints.run_folder import EDITS, InversionRun, check_output
     from ..editing.classifier import as_scorer, parse_pair, scorer_name
     from ..editing.directions import parse_layers, parse_strengths
     from ..editing.measures import build_preservation
@@ -93,7 +93,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     run = InversionRun(args.run_dir)
     layers = parse_layers(args.layers)
-    check_output_folder(args.out if args.out is not None else run.dir / "edits", "--out")
+    check_output_folder(args.out if args.out is not None else run.dir / EDITS, "--out")
+    if args.out is not None:  # never into a run's own files, but its edits
+        check_output(args.out / "edit.json", "--out", allowed=[run.dir / EDITS])
     dev = resolve_device(args.device)
     base = run.load_generator(args.generator, dev)
     ds = named_directions(args.direction, base)
@@ -116,7 +118,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         images=images, progress="none" if args.quiet else args.progress, members=members,
         members_info=members_info, gif=not args.no_gif,
     )  # fmt: skip
-    out = args.out or run.dir / "edits" / doc["tag"]
+    out = args.out or run.dir / EDITS / doc["tag"]
     tuned = sum(1 for r in doc["images"] if r["generator"] == "tuned")
     lines = [f"{out}: {len(doc['images'])} image(s) x {len(strengths)} strengths "
              f"({tuned} with their tuned generator), layers {doc['layers']}"]  # fmt: skip

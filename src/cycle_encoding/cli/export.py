@@ -36,25 +36,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..checkpoints.generator import load_generator, save_generator
     from ..checkpoints.native import default_provenance
     from ..checkpoints.rosinality import export_rosinality
-    from ..checkpoints.run_folder import InversionRun, tensor_sha256
+    from ..checkpoints.run_folder import InversionRun, folder_name, tensor_sha256
     from ..editing.render import render_one
     from ..errors import CycleEncodingError
+    from .common import check_output_file
     from .generator import rosinality_warning
 
     run = InversionRun(args.run_dir)
     names = run.image_names()
-    if args.image not in names:
+    name = args.image if args.image in names else folder_name(args.image)  # a name or its folder's
+    if name not in names:
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise CycleEncodingError(f"{args.run_dir}: no finished image {args.image!r} (finished: {shown or 'none'})")
-    image = run.image(args.image)
+    image = run.image(name)
     if not image.tuned:
         raise CycleEncodingError(
             f"{args.image} was not tuned (stages {', '.join(image.stages)}): its generator is the run's base "
             f"generator, {run.generator_file()}"
         )
+    out = args.out or image.folder / f"tuned_generator{FORMATS[args.format]}"
+    check_output_file(out, "--out", inputs=(args.generator, run.generator_file(), image.delta_path),
+                      allowed=[image.folder / f"tuned_generator{s}" for s in FORMATS.values()])  # fmt: skip
     base = run.load_generator(args.generator, "cpu")
     G, _ = run.generator_for(image, base)
-    out = args.out or image.folder / f"tuned_generator{FORMATS[args.format]}"
     tuned_sha = weights_sha256(G)
     if args.format == "rosinality":
         export_rosinality(G, out)

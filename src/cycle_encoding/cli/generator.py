@@ -187,7 +187,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoints.delta import open_generator
 
     to = args.to or ("rosinality" if args.dst.suffix in (".pt", ".pth") else "native")
-    check_output_file(args.dst, "DST")
+    check_output_file(args.dst, "DST", inputs=(args.src, args.base))
     G = open_generator(args.src, args.base)  # a stored change is rebuilt on its base
     out = convert_generator(args.src, args.dst, to=to, generator=G)
     print(f"wrote {out} ({to})")

@@ -39,11 +39,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.max_images is not None and args.max_images < 1:
         raise CycleEncodingError(f"--max-images must be 1 or more, got {args.max_images}")
-    if args.out is not None:
-        html = args.out.suffix.lower() in (".html", ".htm")
-        check_output_file(args.out if html else args.out / "report.html", "--out")
-    else:
-        check_output_file(args.run_dir / "report.html", "RUN_DIR")
+    page = args.out if args.out is not None else args.run_dir / "report.html"
+    page = page if page.suffix.lower() in (".html", ".htm") else page / "report.html"
+    for f in (page, page.with_suffix(".json"), *([] if args.no_png else [page.with_suffix(".png")])):
+        check_output_file(f, "--out" if args.out is not None else "RUN_DIR")  # never over a run's own files
 
     files = write_report(
         args.run_dir, args.out, inline=not args.link_images, max_images=args.max_images, png=not args.no_png,

@@ -30,6 +30,7 @@ values are kept.
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
 import os
 import re
@@ -47,7 +48,16 @@ import numpy as np
 import torch
 
 from ..checkpoints.common import atomic_write
-from ..checkpoints.run_folder import EDITS, InversionRun, RunImage, tensor_sha256
+from ..checkpoints.run_folder import (
+    EDITS,
+    InversionRun,
+    RunImage,
+    folder_name,
+    inside,
+    lock,
+    remove_temporaries,
+    tensor_sha256,
+)
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
 from ..progress import Progress
@@ -269,8 +279,9 @@ def render_run_edits(
     run = run if isinstance(run, InversionRun) else InversionRun(run)
     strengths = parse_strengths(list(request.strengths))
     finished = run.image_names()
-    names = finished if images is None else list(dict.fromkeys(images))
-    unknown = [n for n in names if n not in finished]
+    given = finished if images is None else list(dict.fromkeys(images))
+    names = [n if n in finished else folder_name(n) for n in given]  # a name or its folder's
+    unknown = [g for g, n in zip(given, names) if n not in finished]
     if unknown:
         raise CycleEncodingError(
             f"{run.dir}: no finished image named {unknown[0]!r}"
@@ -305,21 +316,26 @@ def render_run_edits(
             raise CycleEncodingError("the encoder's codes do not fit the run's generator")
 
     out = Path(out_dir) if out_dir is not None else run.dir / EDITS / request.name()
+    if out_dir is None and not inside(out, run.dir):
+        raise CycleEncodingError(f"{out}: refused: it leads outside the run folder (a symbolic link): remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    # what a killed edit left (in RUN/edits every edit's; elsewhere this edit's only)
+    remove_temporaries(out.parent, ".*.tmp" if out_dir is None else f".{glob.escape(out.name)}.*.tmp")
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     bar = Progress(len(names), f"edit {out.name}", "img", progress if progress is not None else "none")
     if log is None:
         say = bar.say  # lines above the bar, when one is drawn
     try:
-        t0 = time.perf_counter()
-        per_image, failed = _render_into(stage, job, names, say, bar)
-        if not per_image:
-            raise CycleEncodingError(
-                f"no image could be edited ({failed[0]['name']}: {failed[0]['reason']})"
-                + (f"; the earlier edit in {out} is kept" if (out / "edit.json").is_file() else "")
-            )
-        doc = _edit_doc(job, per_image, failed, time.perf_counter() - t0)
-        _swap_in(stage, out, doc)
+        with lock(stage):  # held while rendering: no other edit takes the folder for a killed one's
+            t0 = time.perf_counter()
+            per_image, failed = _render_into(stage, job, names, say, bar)
+            if not per_image:
+                raise CycleEncodingError(
+                    f"no image could be edited ({failed[0]['name']}: {failed[0]['reason']})"
+                    + (f"; the earlier edit in {out} is kept" if (out / "edit.json").is_file() else "")
+                )
+            doc = _edit_doc(job, per_image, failed, time.perf_counter() - t0)
+            _swap_in(stage, out, doc)
     finally:
         bar.close()
         shutil.rmtree(stage, ignore_errors=True)
@@ -369,14 +385,17 @@ def _render_into(
     per_image: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     for i, name in enumerate(names):
+        head = f"[{i + 1}/{len(names)}] {name}"
         try:
-            rec = _render_image(job, job.run.image(name), out)
+            im = job.run.image(name)
+            head = f"[{i + 1}/{len(names)}] {im.label}"
+            rec = _render_image(job, im, out)
         except CycleEncodingError as e:  # one image that cannot be edited does not stop the others
             failed.append({"name": name, "reason": str(e)})
-            say(f"[{i + 1}/{len(names)}] {name}: FAILED: {e}")
+            say(f"{head}: FAILED: {e}")
             continue
         per_image.append(rec)
-        say(f"[{i + 1}/{len(names)}] {name}: {len(job.strengths)} edits with the {rec['generator']} generator"
+        say(f"{head}: {len(job.strengths)} edits with the {rec['generator']} generator"
             + (f", LEC {' '.join(f'{v:.3f}' for v in rec['lec'])}" if "lec" in rec else ""))  # fmt: skip
         bar.update(1)
     return per_image, failed
@@ -388,7 +407,7 @@ def _render_image(job: _Job, im: RunImage, out: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     G, which = job.run.generator_for(im, job.base, job.allow_base)
-    target = im.checked(im.target_path)
+    target = im.checked(im.target_path, image=True)
     t_gen = time.perf_counter() - t0
     ds, mode = job.request.directions, job.request.mode
     pivot = im.pivot.to(job.dev)
@@ -399,8 +418,10 @@ def _render_image(job: _Job, im: RunImage, out: Path) -> dict[str, Any]:
         rendered.append(render_one(G, ds.apply(pivot, job.comp, a, job.layers, mode)))
         files.append(f"{im.name}/{strength_file(j, a)}")
         save_image(rendered[-1][0], out / files[-1])
+    # recon_sha256: which inversion of the image was edited (``report`` leaves out edits of an earlier one)
     rec: dict[str, Any] = {"name": im.name, "generator": which, "pivot_stage": im.pivot_stage, "files": files,
-                           "seconds": {"generator": t_gen, "render": time.perf_counter() - t0}}  # fmt: skip
+                           "seconds": {"generator": t_gen, "render": time.perf_counter() - t0},
+                           "recon_sha256": im.recon_sha256}  # fmt: skip
     recon = render_one(G, pivot)
     ok, how = matches_reconstruction(im, recon, job.dev)
     if ok is not None:

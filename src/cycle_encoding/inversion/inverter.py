@@ -24,6 +24,7 @@ import torch
 from .. import distributed as dd
 from ..checkpoints.delta import full_copy_bytes, weights_sha256
 from ..checkpoints.encoder import encoder_provenance_unloaded
+from ..checkpoints.run_folder import image_folder
 from ..config import to_dict
 from ..errors import CycleEncodingError
 from ..losses.networks import LossNetworks, build_loss_networks, recorded_networks
@@ -515,13 +516,13 @@ class Inverter:
                 if len(claimed) == 1:
                     k, i, head = claimed[0]
                     try:
-                        recs: list[Any] = [invert_into_folder(self, files[i], names[i], i, out / "images" / names[i],
+                        recs: list[Any] = [invert_into_folder(self, files[i], names[i], i, image_folder(out, names[i]),
                                                               head, say, warn)]  # fmt: skip
                     except Exception as e:
                         recs = [e]
                 else:
                     first, last = claimed[0][0] + 1, claimed[-1][0] + 1
-                    items = [(files[i], names[i], i, out / "images" / names[i], head) for _, i, head in claimed]
+                    items = [(files[i], names[i], i, image_folder(out, names[i]), head) for _, i, head in claimed]
                     recs = invert_group_into_folders(self, items, f"{prefix}[{first}-{last}/{len(mine)}]", say, warn)
             for (_k, i, head), rec in zip(claimed, recs):
                 if isinstance(rec, Exception):

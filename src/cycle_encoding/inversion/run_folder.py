@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -102,38 +101,13 @@ def image_state(out: Path, name: str, file: Path) -> str:
 
 
 def image_lock_path(out: Path, name: str) -> Path:
-    return out / rf.IMAGES / f".{name}.lock"
+    return out / rf.IMAGES / f".{rf.folder_name(name)}.lock"
 
 
-@contextmanager
-def image_lock(out: Path, name: str) -> Iterator[bool]:
-    """Hold the image's lock for the ``with`` block: True when taken, False when another process holds it. Where
-    the system has no ``flock`` (Windows), every image counts as free."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on Linux or macOS
-        yield True
-        return
-    path = image_lock_path(out, name)
-    while True:
-        with open(path, "a+b") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:  # the holder before us may have removed the file after we opened it: lock the one at the path
-                same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if not same:
-                continue
-            try:
-                yield True
-            finally:
-                path.unlink(missing_ok=True)  # removed while still held: no one can lock it and think it theirs
-                fcntl.flock(f, fcntl.LOCK_UN)
-            return
+def image_lock(out: Path, name: str) -> AbstractContextManager[bool]:
+    """The image's lock, held for a ``with`` block: True when taken, False when another process holds it; its file is
+    removed on release."""
+    return rf.lock(image_lock_path(out, name))
 
 
 def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
@@ -234,7 +208,8 @@ class _FolderJob:
         inverter, folder, name, cfg = self.inverter, self.folder, self.name, self.inverter.config
         self.bar.close()
         record: dict[str, Any] = {
-            "name": name,
+            "name": folder.name,
+            **({"original_name": name} if name != folder.name else {}),
             "file": str(self.file),
             "input_sha256": self.input_sha256,
             "index": self.index,
@@ -392,6 +367,8 @@ def write_summary(
         "ranks": ranks,
         "per_stage": per_stage,
     }
+    if renamed := {n: rf.folder_name(n) for n in names if rf.folder_name(n) != n}:
+        summary["folders"] = renamed  # names whose folder's name had to be made safe (``folder_name``)
     if deltas:
         mean = sum(d["file_bytes"] for d in deltas) / len(deltas)
         full = deltas[0]["full_copy_bytes"]

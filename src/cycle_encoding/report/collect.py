@@ -10,10 +10,12 @@ reconstruction, are counted and left out).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.run_folder import InversionRun, inside
+from ..checkpoints.run_folder import InversionRun, RunImage, inside
+from ..data.images import read_image
 from ..errors import CycleEncodingError
 from ..metrics import DEFINITIONS, summarize
 
@@ -73,26 +75,36 @@ def loss_curves(images: list[Any]) -> dict[str, dict[str, dict[str, list[float]]
     return out
 
 
-def _edit_entry(rec: Any, d: Path, tag: str, problems: list[dict[str, str]]) -> dict[str, Any] | None:
-    """An image's record of an ``edit.json`` whose files all lie inside the edit's folder ``d``; else None, and the
-    refusal named in ``problems``."""
+def _edit_entry(rec: Any, d: Path, tag: str, problems: list[dict[str, str]], shown: set[str]) -> dict | None:
+    """An image's record of an ``edit.json`` whose files all lie inside the edit's folder ``d`` (and decode, for an
+    image ``shown``); else None, and the refusal named in ``problems``."""
     name = rec.get("name") if isinstance(rec, dict) else None
     files = rec.get("files") if isinstance(rec, dict) else None
     if not isinstance(name, str) or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         problems.append({"name": f"edits/{tag}", "reason": f"{d / 'edit.json'}: an image entry of unknown layout"})
         return None
-    for f in [*files, rec.get("strip")]:
-        if isinstance(f, str) and not inside(d / f, d):
-            problems.append({"name": f"edits/{tag}/{name}",
-                             "reason": f"{d / 'edit.json'}: refused: {f!r} leads outside the edit's folder"})  # fmt: skip
-            return None
+    try:
+        for f in [*files, rec.get("strip")]:
+            if isinstance(f, str) and not inside(d / f, d):
+                raise CycleEncodingError(f"{d / 'edit.json'}: refused: {f!r} leads outside the edit's folder")
+        for f in files if name in shown else []:
+            read_image(d / f)  # a cut or corrupt file: one line naming it
+    except CycleEncodingError as e:
+        problems.append({"name": f"edits/{tag}/{name}", "reason": str(e)})
+        return None
     return rec
 
 
-def read_edits(run: InversionRun, problems: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
-    """Each ``edits/TAG/edit.json`` (with its folder), in name order. Unreadable ones, and image entries that name
-    files outside their folder, are left out and named in ``problems``."""
+def read_edits(
+    run: InversionRun, problems: list[dict[str, str]] | None = None, images: Sequence[RunImage] = (), shown: int = 0
+) -> list[dict[str, Any]]:
+    """Each ``edits/TAG/edit.json`` (with its folder), in name order. Unreadable ones, image entries that name
+    files outside their folder, and those of the first ``shown`` of ``images`` whose files do not decode are left
+    out and named in ``problems``. Entries of an earlier inversion of one of ``images`` (its ``recon_sha256`` is not
+    the image's now: the image was inverted again since) are left out and named in the edit's ``stale``."""
     problems = [] if problems is None else problems
+    now = {im.name: im.recon_sha256 for im in images}
+    decoded = {im.name for im in images[:shown]}
     out = []
     for d in run.edit_folders():
         try:
@@ -103,8 +115,10 @@ def read_edits(run: InversionRun, problems: list[dict[str, str]] | None = None) 
             problems.append({"name": f"edits/{d.name}", "reason": f"{d / 'edit.json'}: unreadable ({e})"})
             continue
         doc["tag"] = str(doc.get("tag", d.name))
-        recs = [_edit_entry(r, d, doc["tag"], problems) for r in doc.get("images") or []]
-        doc["images"] = [r for r in recs if r is not None]
+        recs = [_edit_entry(r, d, doc["tag"], problems, decoded) for r in doc.get("images") or []]
+        doc["stale"] = [r["name"] for r in recs if r and None not in (r.get("recon_sha256"), now.get(r["name"]))
+                        and r["recon_sha256"] != now[r["name"]]]  # fmt: skip
+        doc["images"] = [r for r in recs if r is not None and r["name"] not in doc["stale"]]
         doc["_folder"] = str(d)
         out.append(doc)
     return out
@@ -116,10 +130,11 @@ def collect(run: InversionRun | str | Path, max_images: int | None = None) -> di
     images, problems = run.load_images()
     files: dict[str, tuple[str | None, dict[str, str]]] = {}
     for im in list(images):
+        show = max_images is None or len(files) < max_images  # an image shown: its files must decode too
         try:  # every file shown must lie inside the run folder; an image with one that does not is refused
-            target = im.checked(im.target_path)
+            target = im.checked(im.target_path, image=show)
             candidates = dict.fromkeys([*run.stages, *im.stages, *(im.result.get("metrics") or {})])
-            recons = {s: str(p) for s in candidates if (p := im.checked(im.recon_path(s))) is not None}
+            recons = {s: str(p) for s in candidates if (p := im.checked(im.recon_path(s), image=show)) is not None}
         except CycleEncodingError as e:
             problems.append({"name": im.name, "reason": str(e)})
             images.remove(im)
@@ -145,12 +160,13 @@ def collect(run: InversionRun | str | Path, max_images: int | None = None) -> di
             if k not in timing_keys:
                 timing_keys.append(k)
     timings = {k: summarize([(r.get("timings") or {}).get(k) for r in records]) for k in timing_keys}
-    edits = read_edits(run, problems)
+    edits = read_edits(run, problems, images, len(shown))
     per_image = []
     for im in shown:
         target, recons = files[im.name]
         per_image.append({
             "name": im.name,
+            "label": im.label,
             "target": target,
             "recons": {s: recons[s] for s in stages if s in recons},
             "metrics": im.result.get("metrics", {}),

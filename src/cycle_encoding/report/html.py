@@ -137,7 +137,7 @@ class _Images:
         if self.inline:
             mime = "image/png" if p.suffix.lower() == ".png" else "image/jpeg"
             return f"data:{mime};base64," + base64.b64encode(p.read_bytes()).decode("ascii")
-        return Path(os.path.relpath(p.resolve(), self.page_dir.resolve())).as_posix()
+        return self.relative(p)
 
     def tag(self, path: str | Path | None, alt: str) -> str:
         s, reduced = self.thumbnail(path)
@@ -170,7 +170,7 @@ def _metrics_table(data: dict[str, Any]) -> str:
 
 def _per_image_columns(data: dict[str, Any]) -> list[tuple[str, Any]]:
     """(header, function of a per-image item -> value) for the per-image table."""
-    cols: list[tuple[str, Any]] = [("image", lambda it: it["name"])]
+    cols: list[tuple[str, Any]] = [("image", lambda it: it["label"])]
     for s in data["stages"]:
         for k in data["metric_keys"]:
             if any(k in (it.get("metrics") or {}).get(s, {}) for it in data["per_image"]):
@@ -218,7 +218,7 @@ def _per_image_table(data: dict[str, Any]) -> str:
     body = []
     for it, pos in zip(items, positions):
         style = ";".join(f"{k}:{v}" for k, v in pos.items())
-        cells = [f'<th><a href="#img-{esc(it["name"])}">{esc(it["name"])}</a></th>']
+        cells = [f'<th><a href="#img-{esc(it["name"])}">{esc(it["label"])}</a></th>']
         for _, get in cols[1:]:
             v = get(it)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -244,7 +244,7 @@ def _compare(item: dict[str, Any], imgs: _Images) -> str:
     b, _ = imgs.thumbnail(recon)
     if a is None or b is None:
         return ""
-    name = item["name"]
+    name = item["label"]
     return (
         f'<div class="cmp-wrap"><div class="cmp" title="drag the red edge\'s corner (bottom right) to compare">'
         f'<img src="{a}" alt="{esc(name)}: compare, input">'
@@ -322,15 +322,15 @@ def _command(doc: dict[str, Any]) -> str:
 
 
 def _image_section(item: dict[str, Any], data: dict[str, Any], imgs: _Images) -> str:
-    name = item["name"]
+    name, label = item["name"], item["label"]
     heads = ["input", *item["recons"]]
-    cells = [imgs.tag(item["target"], f"{name}: input")]
-    cells += [imgs.tag(p, f"{name}: reconstruction after {s}") for s, p in item["recons"].items()]
+    cells = [imgs.tag(item["target"], f"{label}: input")]
+    cells += [imgs.tag(p, f"{label}: reconstruction after {s}") for s, p in item["recons"].items()]
     rows = [
         "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in heads) + "</tr>",
         "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>",
     ]
-    parts = [f'<section class="image" id="img-{esc(name)}"><h3>{esc(name)}</h3>']
+    parts = [f'<section class="image" id="img-{esc(name)}"><h3>{esc(label)}</h3>']
     parts.append(_compare(item, imgs))
     parts.append(f'<table class="images" style="display:inline-table"><tbody>{"".join(rows)}</tbody></table>')
     m = item.get("metrics") or {}
@@ -346,7 +346,7 @@ def _image_section(item: dict[str, Any], data: dict[str, Any], imgs: _Images) ->
             continue
         folder = Path(doc["_folder"])
         heads = [strength_label(a) for a in doc["strengths"]]
-        cells = [imgs.tag(folder / f, f"{name}: {doc['tag']} {h}") for f, h in zip(rec["files"], heads)]
+        cells = [imgs.tag(folder / f, f"{label}: {doc['tag']} {h}") for f, h in zip(rec["files"], heads)]
         gif = ""
         if rec.get("gif") and (folder / rec["gif"]).is_file():
             gif = f' <a href="{esc(imgs.relative(folder / rec["gif"]))}">sweep (GIF)</a>'
@@ -375,7 +375,7 @@ def build_grid(data: dict[str, Any]) -> Any:
             folder = Path(doc["_folder"])
             row += [folder / f for f in rec["files"]] if rec else [None] * len(doc["strengths"])
         rows.append(row)
-    return compose_grid(rows, col_labels, [it["name"] for it in data["per_image"]])
+    return compose_grid(rows, col_labels, [it["label"] for it in data["per_image"]])
 
 
 def write_report(
@@ -443,6 +443,9 @@ def write_report(
                 body.append(f'<p class="small">measured on the {len(m["images"])} image(s) of classes '
                             f"{esc(', '.join(m['classes']))} (by {esc(m['classifier'])} on the reconstruction); "
                             f"{len(m['left_out'])} image(s) of other classes left out of the measures</p>")  # fmt: skip
+            if doc.get("stale"):
+                body.append(f'<p class="small">not shown: the edits of {esc(", ".join(doc["stale"]))}, made before '
+                            "the image was inverted again (run the edit again to update them)</p>")  # fmt: skip
             body.append(_edit_measures(doc))
             if doc.get("command"):
                 body.append(f'<p class="small">made by <code>{esc(_command(doc))}</code></p>')
