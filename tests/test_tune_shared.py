@@ -145,3 +145,197 @@ def test_resumed_from_a_saved_state_ends_bit_for_bit_as_uninterrupted(tiny, tmp_
     assert resumed.losses == whole.losses
     with pytest.raises(CycleEncodingError, match="other image"):
         pivotal_tune_shared(*args, keys=["a", "b", "x"], resume=st)
+
+
+# -- into a run folder: invert --tune shared, and every reader of runs on its result --------------------------------
+
+STANDIN = "test-tune-shared-stand-in"
+FAST = {"identity": "none", "refine": {"steps": 3, "num_random": 2, "lr": 1e-3},
+        "tune": {"steps": 4, "lr": 3e-3, "locality_alpha": 3.0}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A generator file, an encoder file that records its training images, 4 targets and one unreadable file."""
+    import cycle_encoding as ce
+    from cycle_encoding.checkpoints.native import default_provenance
+    from cycle_encoding.losses.perceptual import register_perceptual, unregister_perceptual
+    from cycle_encoding.utils import save_image
+    from tests.conftest import tiny_encoder
+
+    root = tmp_path_factory.mktemp("shared")
+    G = make_tiny_generator(resolution=16)
+    ce.save_generator(G, root / "g.safetensors")
+    for i, im in enumerate(own_images(G, 8, seed=1)):
+        save_image(im, root / "train" / f"t{i}.png")
+    E = tiny_encoder(G)
+    ce.save_encoder(E, root / "e.safetensors", provenance=default_provenance(data=str(root / "train")), trained_stage=0)
+    for i, im in enumerate(own_images(G, 4, seed=9)):
+        save_image(im, root / "targets" / f"img{i}.png")
+    (root / "targets" / "img4.png").write_bytes(b"not a png")
+    register_perceptual(STANDIN, lambda d, w: stand_in_perceptual().to(d), "tests", replace=True)
+    yield root
+    unregister_perceptual(STANDIN)
+
+
+def shared_inverter(root, **kw):
+    from cycle_encoding.inversion import Inverter
+
+    opts = {"stages": ("encoder", "refine", "tune"), "perceptual": STANDIN, **FAST, "tune_mode": "shared", **kw}
+    return Inverter(root / "g.safetensors", root / "e.safetensors", device="cpu", **opts)
+
+
+def run_outputs(run) -> dict:
+    """What must not depend on interruptions: each image's record, losses and pivots, the shared generator."""
+    import json
+
+    from cycle_encoding.checkpoints.native import read_native
+
+    out = {"shared": {k: v for k, v in json.loads((run / "shared.json").read_text()).items() if k != "delta"}}
+    out["tuned"] = json.loads((run / "shared.json").read_text())["delta"]["tuned_weights_sha256"]
+    for d in sorted((run / "images").iterdir()):
+        if d.is_dir() and (d / "done").is_file():
+            res = json.loads((d / "result.json").read_text())
+            out[d.name] = {"result": {k: res.get(k) for k in ("metrics", "recon_sha256", "tune", "refine", "index")},
+                           "losses": (d / "losses.jsonl").read_text(),
+                           "pivots": {k: v.tolist() for k, v in read_native(d / "pivots.safetensors").tensors.items()}}  # fmt: skip
+    return out
+
+
+def test_method2_shared_run_stores_one_generator_that_every_reader_uses(files, tmp_path):
+    """encoder -> refine -> tune, shared: one change stored for the run, every image's record refers to it, the
+    generator is ``pivotal_tune_shared`` on the stored pivots (bit for bit), and edit, export, report, the editor
+    and the run reader all render each image with it (its reconstruction hash, bit for bit)."""
+    import json
+
+    from cycle_encoding.checkpoints.delta import weights_sha256
+    from cycle_encoding.checkpoints.generator import load_generator
+    from cycle_encoding.checkpoints.native import read_native
+    from cycle_encoding.checkpoints.run_folder import InversionRun, tensor_sha256
+    from cycle_encoding.cli import main
+    from cycle_encoding.editing.editor import Editor
+    from cycle_encoding.inversion.common import render, stage_seed
+
+    run = tmp_path / "run"
+    inv = shared_inverter(files)
+    summary = inv.run(files / "targets", run, log=lambda s: None)
+    names = [f"img{i}" for i in range(4)]
+    assert summary["done"] == names and [f["name"] for f in summary["failed"]] == ["img4"]
+    shared = json.loads((run / "shared.json").read_text())
+    assert [k.split(":")[0] for k in shared["images"]] == names and shared["updates"] == 16 == 4 * shared["rounds"]
+    assert summary["shared_generator"]["delta"]["file_sha256"] == shared["delta"]["file_sha256"]
+    assert summary["generator_delta"]["mean_bytes_per_image"] == shared["delta"]["file_bytes"] / 4
+    assert not list((run / "images").glob("*/generator_delta.safetensors"))
+    # the loop itself on the run's own pivots, targets and seeds gives the stored generator
+    pivots = [read_native(run / "images" / n / "pivots.safetensors").tensors["refine"][None] for n in names]
+    xs = [inv.load_image(files / "targets" / f"{n}.png") for n in names]
+    seeds = [stage_seed(0, i, "tune") for i in range(4)]
+    ref = pivotal_tune_shared(inv.G, pivots, xs, inv.nets, inv.config.tune, seeds).generator
+    assert weights_sha256(ref) == shared["delta"]["tuned_weights_sha256"]
+    reader = InversionRun(run)
+    base = reader.load_generator()
+    gens = []
+    for n in names:
+        im = reader.image(n)
+        assert im.result["delta"]["file"] == "../../generator_delta.safetensors" and im.result["tune"]["shared"]
+        G, which = reader.generator_for(im, base)
+        gens.append(G)
+        assert which == "tuned" and tensor_sha256(render(G, im.pivot)) == im.recon_sha256
+    assert all(g is gens[0] for g in gens)  # rebuilt once for the run
+    assert main(["edit", str(run), "--direction", "sefa", "--strengths", "-1,0,1", "--out", str(tmp_path / "e"),
+                 "--no-gif", "--quiet"]) == 0  # fmt: skip
+    edit = json.loads((tmp_path / "e" / "edit.json").read_text())
+    assert all(r["reconstruction_hash_matches"] for r in edit["images"]) and len(edit["images"]) == 4
+    assert main(["export", str(run), "img2", "--format", "safetensors", "--out", str(tmp_path / "t.safetensors")]) == 0
+    assert weights_sha256(load_generator(tmp_path / "t.safetensors")) == shared["delta"]["tuned_weights_sha256"]
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--no-png", "--no-plots"]) == 0
+    ed = Editor.open_run(run, "img1", components=1, methods=("sefa",))
+    g1 = ed.tuned
+    ed.open_image("img3")
+    assert ed.tuned is g1 and weights_sha256(g1) == shared["delta"]["tuned_weights_sha256"]
+
+
+def test_stages_before_tuning_resume_per_image_and_a_finished_run_takes_no_new_image(files, tmp_path, monkeypatch):
+    """Interrupted during the third image's refinement: a re-run keeps the two pivoted images (their stages are
+    not redone) and ends as an uninterrupted run. A finished run then refuses a new image (it fails, naming what to
+    do) and leaves the others as they were."""
+    import shutil
+
+    from cycle_encoding.inversion.inverter import Inverter
+
+    targets = tmp_path / "targets"
+    shutil.copytree(files / "targets", targets)
+    (targets / "img4.png").unlink()
+    ref = tmp_path / "ref"
+    shared_inverter(files).run(targets, ref, log=lambda s: None)
+    real, calls = Inverter._pivot_stages, []
+
+    def interrupted(self, x, index, *a):
+        calls.append(index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, x, index, *a)
+
+    monkeypatch.setattr(Inverter, "_pivot_stages", interrupted)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        shared_inverter(files).run(targets, run, log=lambda s: None)
+    assert [(run / "images" / f"img{i}" / "pivoted").is_file() for i in range(3)] == [True, True, False]
+    calls.clear()
+    summary = shared_inverter(files).run(targets, run, log=lambda s: None)
+    assert calls == [2, 3] and summary["complete"]
+    assert run_outputs(run) == run_outputs(ref)
+    shutil.copy(targets / "img0.png", targets / "img9.png")
+    before = {n: (run / "images" / n / "done").stat().st_mtime_ns for n in ("img0", "img1")}
+    lines: list[str] = []
+    summary = shared_inverter(files).run(targets, run, log=lines.append)
+    assert [f["name"] for f in summary["failed"]] == ["img9"] and "another --out" in summary["failed"][0]["reason"]
+    assert summary["skipped"] == ["img0", "img1", "img2", "img3"] and not summary["done"]
+    assert {n: (run / "images" / n / "done").stat().st_mtime_ns for n in ("img0", "img1")} == before
+    assert run_outputs(run) == run_outputs(ref)
+
+
+def test_shared_tuning_killed_with_sigkill_goes_on_from_its_saved_state(files, tmp_path):
+    """Method 1 with PTI's projector (``--stages project,tune --tune shared``) in a process killed by SIGKILL in the
+    middle of the shared tuning, after it saved a state: the re-run goes on from that state (it says after which
+    round) and ends bit for bit as an uninterrupted run (the state holds the weights, Adam's moments and step
+    counts and every image's random state; the CPU computes the same operations on one thread either way)."""
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    targets = tmp_path / "targets"
+    shutil.copytree(files / "targets", targets)
+    (targets / "img4.png").unlink()
+    opts = tmp_path / "opts.json"
+    opts.write_text(json.dumps({"tune_save_every": 1}))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "cycle_encoding.cli", "invert", str(targets), "--generator",
+                str(files / "g.safetensors"), "--stages", "project,tune", "--tune", "shared", "--perceptual", "none",
+                "--project-l2", "1", "--project-steps", "3", "--tune-steps", "60", "--tune-lr", "3e-3",
+                "--locality-alpha", "3", "--config", str(opts), "--out", str(out), "--device", "cpu",
+                "--precision", "fp32", "--progress", "none"]  # fmt: skip
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=1800)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run / "shared_tune.pt"
+    deadline = time.monotonic() + 1800  # only catches a hang
+    while not state.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run must be killed before it ends"
+    rounds = load_state(state).rounds
+    assert 1 <= rounds < 60 and not list((run / "images").glob("*/done"))
+    again = subprocess.run(cmd(run), env=env, capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stderr
+    assert "going on after round" in again.stderr and "project" not in again.stderr.split("shared tuning:")[1]
+    assert run_outputs(run) == run_outputs(tmp_path / "ref") and not state.exists()

@@ -247,6 +247,28 @@ def test_the_video_command_edits_a_clip_and_resumes_without_redoing_frames(nets,
     assert all(p.stat().st_mtime_ns == m for p, m in done.items() if "frame_000002" not in str(p))
 
 
+def test_the_video_command_with_shared_tuning_renders_every_frame_with_one_generator(nets, tmp_path, capsys):
+    """``video --tune shared``: one generator tuned on all the frames (PTI's multi-ID tuning), stored once in the run
+    and named by every frame's record; a re-run redoes nothing."""
+    from cycle_encoding.checkpoints.run_folder import InversionRun
+    from cycle_encoding.cli import main
+
+    clip = write_video(tmp_path / "in.mp4", grey_clip(4, 20, 24), Fraction(15), crf=0)
+    out = tmp_path / "out"
+    assert main(video_args(nets, clip, out, "--tune", "shared")) == 0
+    assert "shared tuning: one generator on 4 image(s)" in capsys.readouterr().err
+    doc = json.loads((out / "video.json").read_text())
+    assert doc["options"]["tune"] == "shared" and doc["edited_frames"] == 4
+    assert (out / "run" / "generator_delta.safetensors").is_file()
+    assert not list((out / "run" / "images").glob("*/generator_delta.safetensors"))
+    run = InversionRun(out / "run")
+    base = run.load_generator()
+    gens = {id(run.generator_for(im, base)[0]) for im in run.load_images()[0]}
+    assert len(gens) == 1 and len(run.image_names()) == 4
+    assert main(video_args(nets, clip, out, "--tune", "shared")) == 0
+    assert "all 4 image(s) already done" in capsys.readouterr().err
+
+
 def test_the_video_command_refuses_a_file_that_is_not_a_video(nets, tmp_path, capsys):
     from cycle_encoding.cli import main
 
@@ -268,7 +290,7 @@ class OneFaceDetector:
 
 
 def test_frames_without_a_face_pass_through_unedited_and_are_listed(nets, tmp_path):
-    from cycle_encoding.editing.video import FRAME_INVERTERS, edit_video
+    from cycle_encoding.editing.video import edit_video
 
     frames = grey_clip(4, 40, 48)
     clip = write_video(tmp_path / "in.mp4", frames, Fraction(10), crf=0)
@@ -283,9 +305,6 @@ def test_frames_without_a_face_pass_through_unedited_and_are_listed(nets, tmp_pa
     assert all(np.abs(out[i].astype(int) - inp[i].astype(int)).max() > 10 for i in (0, 2, 3))
     align = json.loads((tmp_path / "out" / "align.json").read_text())
     assert align["quads"][1] is None and np.allclose(align["quads"][0], ffhq_quad(lm)[0])
-    if "shared" not in FRAME_INVERTERS:
-        with pytest.raises(CycleEncodingError, match="shared tuning: not yet available"):
-            edit_video(clip, tmp_path / "o2", "sefa", nets / "g.safetensors", tune="shared")
 
 
 @pytest.mark.network_fixture

@@ -11,7 +11,8 @@ A run folder ``RUN_DIR``::
         recon_<stage>.png       G(pivot) after each stage (the tuned G after ``tune``)
         losses.jsonl            one line per optimization step of every stage
         timings.json            seconds per stage
-        generator_delta.safetensors   the tuned G as its change from the base (``delta.py``)
+        generator_delta.safetensors   the tuned G as its change from the base (``delta.py``); with shared tuning
+                                none here: ``result.json``'s ``delta.file`` names the run's one change
         projected_w.npz         the final pivot (the one tuning started from) in NVIDIA's projector layout: key ``w``,
                                 [1, N, w_dim] float32, for ``generate.py --projected-w`` and the like
         result.json             metrics per stage, tuning steps, delta size, sha256 of each reconstruction's float32
@@ -20,6 +21,13 @@ A run folder ``RUN_DIR``::
     latents.pt, latents.npy     the finished images' final pivots stacked [n, N, w_dim] (e4e's inference output) ...
     latents.txt                 ... and their names, one per line, in the same order (written with summary.json)
     edits/<tag>/                the edits of ``cycle-encoding edit`` (``editing/render.py``)
+    generator_delta.safetensors shared tuning (``tune_mode`` shared): the ONE generator tuned on all the images, as
+                                its change from the base; every image's ``result.json`` refers to it (``delta.file``,
+                                ``delta.file_sha256``)
+    shared.json                 shared tuning: the images (name:input sha256) the generator was tuned on, its rounds
+                                and steps, the stored change's size and sha256 (written before any image is done)
+    shared_tune.pt              shared tuning: its state every ``tune_save_every`` rounds (weights, Adam's moments,
+                                the images' random states, losses), removed once every image is done
 
 Every file is written atomically (temporary file, then rename; a killed run's temporaries are removed when the folder
 is next written). ``inversion/run_folder.py`` drives an inverter over the folder and writes through the functions
@@ -61,8 +69,9 @@ RUN_VERSION = 1
 CONFIG, SUMMARY, IMAGES, EDITS = "config.json", "summary.json", "images", "edits"
 TARGET, PIVOTS, LOSSES, TIMINGS = "target.png", "pivots.safetensors", "losses.jsonl", "timings.json"
 DELTA, PROJECTED_W, RESULT, DONE = "generator_delta.safetensors", "projected_w.npz", "result.json", "done"
+PIVOTED, SHARED, SHARED_STATE = "pivoted", "shared.json", "shared_tune.pt"  # shared tuning's marks and state
 # what a run owns at its top: no command writes over these (``check_output``)
-RUN_OWNED = (CONFIG, SUMMARY, IMAGES, EDITS, DELTA, "latents.pt", "latents.npy", "latents.txt")
+RUN_OWNED = (CONFIG, SUMMARY, IMAGES, EDITS, DELTA, SHARED, SHARED_STATE, "latents.pt", "latents.npy", "latents.txt")
 NAME_BYTES = 100  # the longest image folder name (UTF-8 bytes): NAME_sweep.gif, .NAME.lock and temporaries fit 255
 
 
@@ -201,12 +210,13 @@ def write_losses(folder: Path, records: list[dict[str, Any]]) -> None:
     atomic_write(folder / LOSSES, lambda t: t.write_text(text))
 
 
-def finish_image(folder: Path, record: dict[str, Any], timings: dict[str, float], rank: int) -> None:
-    """``timings.json`` and ``result.json``, then ``done`` last: the image is finished."""
+def finish_image(folder: Path, record: dict[str, Any], timings: dict[str, float], rank: int, mark: str = DONE) -> None:
+    """``timings.json`` and ``result.json``, then ``done`` last: the image is finished (``mark`` PIVOTED: its stages
+    before a shared tuning are)."""
     write_json(folder / TIMINGS, timings)
     write_json(folder / RESULT, record)
     stamp = json.dumps({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(), "rank": rank})
-    atomic_write(folder / DONE, lambda t: t.write_text(stamp + "\n"))
+    atomic_write(folder / mark, lambda t: t.write_text(stamp + "\n"))
 
 
 # -- reading -----------------------------------------------------------------------------------------------------
@@ -327,6 +337,7 @@ class InversionRun:
             raise CycleEncodingError(f"{self.dir}: config.json is not an inversion run's ({self.config.get('format')})")
         summary = self.dir / SUMMARY
         self.summary: dict[str, Any] = read_json(summary) if summary.is_file() else {}
+        self._last_generator: tuple[tuple[str, int, int], Generator] | None = None
 
     @property
     def stages(self) -> list[str]:
@@ -414,7 +425,8 @@ class InversionRun:
 
     def generator_for(self, image: RunImage, base: Generator, allow_base: bool = False) -> tuple[Generator, str]:
         """(the generator that renders ``image``'s pivot, 'tuned' or 'base'): the base rebuilt with the change the
-        image's record names (``RunImage.delta_path``)."""
+        image's record names (``RunImage.delta_path``; a shared tuning's one change serves all images). The last
+        one rebuilt is kept: the images of a shared run rebuild it once."""
         if not image.tuned:
             return base, "base"
         delta = image.delta_path
@@ -425,8 +437,10 @@ class InversionRun:
                 f"{image.folder}: the run tuned the generator but did not store it (run invert without --no-delta), "
                 "so the edits cannot use it; allow the base generator explicitly to go on"
             )
-        G = load_generator_delta(delta, base)
-        return G.to(base.w_avg.device).eval(), "tuned"
+        key = (str(delta.resolve()), delta.stat().st_mtime_ns, id(base))
+        if self._last_generator is None or self._last_generator[0] != key:
+            self._last_generator = (key, load_generator_delta(delta, base).to(base.w_avg.device).eval())
+        return self._last_generator[1], "tuned"
 
     def stage_files(self, stage: str | None = None) -> tuple[str, dict[str, Path], dict[str, Path]]:
         """(the stage, each finished image's reconstruction after it, each one's target as inverted), by image name.

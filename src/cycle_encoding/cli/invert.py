@@ -127,6 +127,10 @@ def add_inversion_args(p: argparse.ArgumentParser) -> None:
                         "(not --tune-batch's); a C++ compiler is needed on a CPU; the first image pays a minute or two "
                         "of compiling, torch keeps it on disk for later runs; pays over a folder of images (README)")  # fmt: skip
     p.add_argument("--no-early-stop", action="store_true", help="pivotal tuning always takes --tune-steps steps")
+    p.add_argument("--tune", choices=("each", "shared"), default=None,
+                   help="each (default): every image its own tuned generator; shared: ONE generator tuned on all the "
+                        "images (PTI's multi-ID mode: --tune-steps rounds of one step per image, no early stop), "
+                        "stored once (RUN_DIR/generator_delta.safetensors); a finished shared run takes no new images")  # fmt: skip
 
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -176,6 +180,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.compile:
         _set(data, "refine.compile", True)
         _set(data, "tune.compile", True)
+    if args.tune:
+        data["tune_mode"] = args.tune
     if args.no_early_stop:
         _set(data, "tune.stop_threshold", None)
     if getattr(args, "no_delta", False):

@@ -38,8 +38,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="Gaussian smoothing of the face squares over time, in frames (default 2; 0: none)")  # fmt: skip
     p.add_argument("--smooth-pivots", type=float, default=0.0, metavar="SIGMA",
                    help="Gaussian smoothing of the pivots over time, in frames, before the edit (default 0: none)")  # fmt: skip
-    p.add_argument("--tune", choices=("each", "shared"), default="each",
-                   help="each (default): every frame's generator tuned alone; shared: one generator for all frames")  # fmt: skip
     p.add_argument("--feather", type=float, default=0.1,
                    help="soft edge of the paste-back mask, a fraction of the crop's side (default 0.1; 0: hard)")  # fmt: skip
     p.add_argument("--crf", type=int, default=18, help="H.264 quality of the written videos, 0-51 (default 18)")
@@ -68,7 +66,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     doc = edit_video(
         args.input, args.out, args.direction, args.generator, args.encoder,
         strengths=args.strengths, component=args.component, layers=parse_layers(args.layers), mode=args.mode,
-        config=data, tune=args.tune, align=args.video_align, crop=args.crop, smooth_align=args.smooth_align,
+        config=data, tune=data.get("tune_mode", "each"), align=args.video_align, crop=args.crop, smooth_align=args.smooth_align,
         smooth_pivots=args.smooth_pivots, feather=args.feather, crf=args.crf, max_frames=args.max_frames,
         device=args.device, progress=args.progress,
     )  # fmt: skip

@@ -17,8 +17,8 @@ pivot, the edited crop put back into its frame, and a video written at the input
     video.json              the options, frames without a face or that failed, the files, the time of each stage
 
 Tuning: ``tune="each"`` tunes every frame's generator alone (the run folder's one-by-one tuning);
-``tune="shared"``, one generator tuned on all frames (PTI's multi-image tuning), plugs in as an entry of
-:data:`FRAME_INVERTERS`. Pivot smoothing (``smooth_pivots``, a Gaussian over frames) acts on the pivots the run
+``tune="shared"``, one generator tuned on all frames (PTI's multi-image tuning, ``inversion/tune_shared.py``), which
+the run folder stores once (``run/generator_delta.safetensors``) and renders every frame with. Pivot smoothing (``smooth_pivots``, a Gaussian over frames) acts on the pivots the run
 stored, when the edits are rendered: it changes no run, so a re-run with another sigma only renders again.
 """
 
@@ -63,16 +63,17 @@ ALIGN_MODES = ("face", "frame")
 ALIGN_FORMAT = "cycle-encoding-video-align"
 
 
-def _invert_each(inverter: Any, frames: Path, run_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Every frame's generator tuned alone: the run folder's own resumable inversion."""
+def _invert_frames(inverter: Any, frames: Path, run_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The run folder's own resumable inversion, tuned as the inverter's ``tune_mode`` says: every frame's generator
+    alone ("each"), or one generator on all the frames ("shared", ``inversion/tune_shared.py``)."""
     return inverter.run(frames, run_dir, log=log)
 
 
-# How the cropped frames are inverted into the run folder, by the ``tune`` mode: (inverter, frames folder, run
-# folder, log) -> the run's summary. "shared" (one generator tuned on all frames, PTI's multi-image tuning) is added
-# here when the inversion offers it; edit_video needs nothing else.
+# How the cropped frames are inverted into the run folder, by the ``tune`` mode (the inverter's ``tune_mode``):
+# (inverter, frames folder, run folder, log) -> the run's summary.
 FRAME_INVERTERS: dict[str, Callable[[Any, Path, Path, Callable[[str], None]], dict[str, Any]]] = {
-    "each": _invert_each,
+    "each": _invert_frames,
+    "shared": _invert_frames,
 }
 
 
@@ -322,16 +323,12 @@ def _set_up(
 ) -> tuple[Any, Any]:
     """Everything checked before any work: the modes, the crop, the networks (an Inverter) and the edit request."""
     if tune not in FRAME_INVERTERS:
-        raise CycleEncodingError(
-            "shared tuning: not yet available (one generator tuned on all frames comes with PTI's multi-image "
-            "tuning); use tune 'each'" if tune == "shared" else f"tune must be one of {', '.join(FRAME_INVERTERS)}, "
-            f"not {tune!r}"
-        )  # fmt: skip
+        raise CycleEncodingError(f"tune must be one of {', '.join(FRAME_INVERTERS)}, not {tune!r}")
     if align not in ALIGN_MODES:
         raise CycleEncodingError(f"align must be one of {', '.join(ALIGN_MODES)}, not {align!r}")
     if crop is not None:
         parse_crop(crop, *clip.size)
-    inv = Inverter(generator, encoder, config, device=device, progress=progress)
+    inv = Inverter(generator, encoder, config, device=device, progress=progress, tune_mode=tune)
     ds = direction if isinstance(direction, DirectionSet) else named_directions(str(direction), inv.G)
     if ds.w_dim != inv.G.w_dim:
         raise CycleEncodingError(f"the {ds.label()} have width {ds.w_dim}; the generator's codes {inv.G.w_dim}")

@@ -5,6 +5,8 @@ generator stored as a compact change, and the pipeline that runs them over many 
 >>> inv = Inverter("G.safetensors", "checkpoint.pt", stages=("encoder", "refine", "tune"), perceptual="dlib-face")
 >>> result = inv.invert("face.png")             # pivots, reconstructions, metrics, losses, the tuned G
 >>> summary = inv.run("faces/", "runs/inv1")    # a folder, into a run folder
+>>> shared = Inverter("G.safetensors", "E.safetensors", stages=("encoder", "tune"), tune_mode="shared")
+>>> results = shared.invert_many(["a.png", "b.png"])  # ONE generator tuned on both: results[0].generator
 """
 
 from ..checkpoints.delta import DeltaInfo, load_generator_delta, save_generator_delta, weights_sha256
@@ -17,6 +19,7 @@ from .refine import EncoderSource, RefineConfig, RefineResult, RegularizedRefine
 from .result import InversionResult
 from .targets import list_targets
 from .tune import TuneConfig, TuneResult, pivotal_tune
+from .tune_shared import SharedTuneResult, pivotal_tune_shared
 
 __all__ = [
     "STAGES",
@@ -31,6 +34,7 @@ __all__ = [
     "RefineConfig",
     "RefineResult",
     "RegularizedRefiner",
+    "SharedTuneResult",
     "TuneConfig",
     "TuneResult",
     "build_loss_networks",
@@ -40,6 +44,7 @@ __all__ = [
     "load_generator_delta",
     "make_config",
     "pivotal_tune",
+    "pivotal_tune_shared",
     "project_w",
     "save_generator_delta",
     "weights_sha256",

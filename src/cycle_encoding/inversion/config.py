@@ -14,6 +14,7 @@ from .refine import RefineConfig
 from .tune import TuneConfig
 
 STAGES = ("encoder", "refine", "project", "tune")
+TUNE_MODES = ("each", "shared")
 PIVOT_STAGES = ("encoder", "refine", "project")
 
 
@@ -38,6 +39,10 @@ class InversionConfig:
     # images tuned at once over a folder or list (tune_batch.py: each its own weights, one batched pass; the same
     # result as one by one within float rounding); 1: one by one with pivotal_tune, the authors' loop
     tune_batch: int = 1
+    # "each": every image its own tuned generator; "shared": ONE generator tuned on all the images of a run (PTI's
+    # multi-ID mode, tune_shared.py), its state saved every tune_save_every rounds so a killed run resumes
+    tune_mode: str = "each"
+    tune_save_every: int = 10
     refine: RefineConfig = field(default_factory=RefineConfig)
     project: ProjectConfig = field(default_factory=ProjectConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -57,8 +62,14 @@ class InversionConfig:
             raise ValueError("stage 'tune' needs a pivot: list encoder, refine or project before it")
         if self.offsets not in OFFSETS:
             raise ValueError(f"offsets must be one of {', '.join(OFFSETS)}, got {self.offsets!r}")
-        if isinstance(self.tune_batch, bool) or not isinstance(self.tune_batch, int) or self.tune_batch < 1:
-            raise ValueError(f"tune_batch must be a whole number >= 1, got {self.tune_batch!r}")
+        for name in ("tune_batch", "tune_save_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
+        if self.tune_mode not in TUNE_MODES:
+            raise ValueError(f"tune_mode must be one of {', '.join(TUNE_MODES)}, got {self.tune_mode!r}")
+        if self.tune_mode == "shared" and self.tune_batch > 1:
+            raise ValueError("tune_batch does not apply to shared tuning (one generator for all images)")
         if not 0 <= self.delta_level <= 9:
             raise ValueError("delta_level is a zlib level, 0-9")
         object.__setattr__(self, "stages", stages)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -43,11 +42,13 @@ from .run_folder import (
     invert_group_into_folders,
     invert_into_folder,
     prepare_run_dir,
+    record_failure,
     write_summary,
 )
 from .targets import list_targets
-from .tune import pivotal_tune
+from .tune import TuneResult, pivotal_tune
 from .tune_batch import pivotal_tune_many
+from .tune_shared import invert_shared, pivotal_tune_shared
 
 
 def _sync(device: torch.device) -> None:
@@ -234,6 +235,7 @@ class Inverter:
             thr = self.config.tune.stop_threshold
             out["tune"] = {
                 "early_stop": "off" if thr is None else (
+                    "off (shared tuning: none, as PTI's multi-ID mode)" if self.config.tune_mode == "shared" else
                     f"perceptual <= {thr}" if self.nets.perceptual is not None else "off (no perceptual distance)"
                 ),
                 "locality": self.config.tune.locality,
@@ -326,12 +328,14 @@ class Inverter:
         names: Sequence[str | None] | None = None,
         on_step: Callable[[int, dict[str, Any]], None] | None = None,
         on_stage: Callable[[int, str, InversionResult], None] | None = None,
+        pivots_only: bool = False,
     ) -> list[InversionResult]:
         """``invert`` for several images: the stages before tuning image by image, then the tuning of all of them at
-        once (``pivotal_tune_many``: each image its own generator copy, one batched pass; the results are the ones
-        ``invert`` gives each image within float rounding). One image is tuned by ``pivotal_tune`` itself. The
-        callbacks get the image's position in ``images`` first. ``timings["tune"]`` is the batch's time over its
-        images."""
+        once (``tune_stage``): with ``tune_mode="each"`` each image its own generator copy, in one batched pass
+        (``pivotal_tune_many``: the results ``invert`` gives each image within float rounding; one image is tuned by
+        ``pivotal_tune`` itself); with ``tune_mode="shared"`` ONE generator tuned on all of them (PTI's multi-ID
+        mode), every result's ``generator``. The callbacks get the image's position in ``images`` first.
+        ``pivots_only``: the stages before tuning only."""
         cfg = self.config
         indices = list(range(len(images))) if indices is None else list(indices)
         names = [None] * len(images) if names is None else list(names)
@@ -349,35 +353,52 @@ class Inverter:
             res = InversionResult(name=name, target=x.cpu(), base_generator=self.G)
             pivots.append(self._pivot_stages(x, index, res, _bind(on_step, k), _bind(on_stage, k)))
             results.append(res)
-        # 3. Pivotal tuning: G tuned so that G(pivot) becomes the target, the pivot of the last stage before kept.
-        if "tune" in cfg.stages:
-            t0, _ = self._start_stage("tune", indices[0])
-            seeds = [stage_seed(cfg.seed, i, "tune") for i in indices]
-            xs = [r.target.to(self.device) for r in results]
-            if len(results) == 1:
-                hook = _bind(on_step, 0)
-                one = pivotal_tune(self.G, pivots[0], xs[0], self.nets, cfg.tune, seeds[0],
-                                   lambda r: _record(results[0], hook, r))  # fmt: skip
-                tuned = [one]
-            else:
-
-                def many_hook(k: int, rec: dict[str, Any]) -> None:
-                    _record(results[k], _bind(on_step, k), rec)
-
-                tuned = pivotal_tune_many(self.G, pivots, xs, self.nets, cfg.tune, seeds, many_hook)  # type: ignore[arg-type]
-            _sync(self.device)
-            per_image = (time.perf_counter() - t0) / len(results)
-            for k, (res, t, x) in enumerate(zip(results, tuned, xs)):
-                res.generator = t.generator
-                res.tune = {"updates": t.updates, "stopped_early": t.stopped_early,
-                            "pivot_stage": [s for s in res.pivots][-1]}  # fmt: skip
-                if len(results) > 1:
-                    res.tune["batch"] = len(results)
-                pivot = pivots[k]
-                assert pivot is not None
-                self._finish_stage("tune", time.perf_counter() - per_image, pivot, t.generator, x, res,
-                                   _bind(on_stage, k))  # fmt: skip
+        if "tune" in cfg.stages and not pivots_only:
+            self.tune_stage(results, pivots, indices, on_step, on_stage)  # type: ignore[arg-type]
         return results
+
+    def tune_stage(
+        self,
+        results: list[InversionResult],
+        pivots: list[torch.Tensor],
+        indices: Sequence[int],
+        on_step: Callable[[int, dict[str, Any]], None] | None = None,
+        on_stage: Callable[[int, str, InversionResult], None] | None = None,
+        **shared: Any,
+    ) -> None:
+        """3. Pivotal tuning: G tuned so that G(pivot) becomes each result's target, the pivots kept. By
+        ``tune_mode``: ``each``, every image its own copy (``pivotal_tune``; several at once ``pivotal_tune_many``);
+        ``shared``, one copy for all (``pivotal_tune_shared``; ``shared``: its keyword arguments, e.g. ``resume``).
+        ``timings["tune"]`` is the tuning's time over its images."""
+        cfg = self.config
+        t0, _ = self._start_stage("tune", indices[0])
+        seeds = [stage_seed(cfg.seed, i, "tune") for i in indices]
+        xs = [r.target.to(self.device) for r in results]
+
+        def hook(k: int, rec: dict[str, Any]) -> None:
+            _record(results[k], _bind(on_step, k), rec)
+
+        if cfg.tune_mode == "shared":
+            s = pivotal_tune_shared(self.G, pivots, xs, self.nets, cfg.tune, seeds, on_step, **shared)
+            tuned = [TuneResult(s.generator, recs, s.rounds, False) for recs in s.losses]
+            for res, recs in zip(results, s.losses):  # all of its steps, also those before a resume
+                res.losses.extend(recs)
+        elif len(results) == 1:
+            tuned = [pivotal_tune(self.G, pivots[0], xs[0], self.nets, cfg.tune, seeds[0], lambda r: hook(0, r))]
+        else:
+            tuned = pivotal_tune_many(self.G, pivots, xs, self.nets, cfg.tune, seeds, hook)
+        _sync(self.device)
+        per_image = (time.perf_counter() - t0) / len(results)
+        for k, (res, t, x) in enumerate(zip(results, tuned, xs)):
+            res.generator = t.generator
+            res.tune = {"updates": t.updates, "stopped_early": t.stopped_early,
+                        "pivot_stage": [s for s in res.pivots][-1]}  # fmt: skip
+            if cfg.tune_mode == "shared":
+                res.tune["shared"] = {"images": len(results), "rounds": t.updates, "updates": t.updates * len(results)}
+            elif len(results) > 1:
+                res.tune["batch"] = len(results)
+            self._finish_stage("tune", time.perf_counter() - per_image, pivots[k], t.generator, x, res,
+                               _bind(on_stage, k))  # fmt: skip
 
     def _pivot_stages(
         self,
@@ -465,6 +486,8 @@ class Inverter:
         per_image = warn if verbose == "images" else (lambda s: None)
         out = Path(out_dir)
         files, names = list_targets(images, recursive)
+        if self.config.tune_mode == "shared" and "tune" in self.config.stages:
+            return invert_shared(self, out, images, files, names, say, warn, debug)
         info = self.dist
         prefix = f"[rank {info.rank}] " if info.enabled else ""
         plan: dict[str, Any] = {}
@@ -508,7 +531,7 @@ class Inverter:
                             say(f"{head}: finished by another process meanwhile: skipped")
                             continue
                     except Exception as e:  # one bad image must not stop the batch
-                        self._failed(e, names[i], files[i], head, failed, warn, debug)
+                        record_failure(e, names[i], files[i], head, failed, warn, debug)
                         continue
                     claimed.append((k, i, head))
                 if not claimed:
@@ -526,7 +549,7 @@ class Inverter:
                     recs = invert_group_into_folders(self, items, f"{prefix}[{first}-{last}/{len(mine)}]", say, warn)
             for (_k, i, head), rec in zip(claimed, recs):
                 if isinstance(rec, Exception):
-                    self._failed(rec, names[i], files[i], head, failed, warn, debug)
+                    record_failure(rec, names[i], files[i], head, failed, warn, debug)
                     continue
                 done.append(names[i])
                 last_stage = rec["stages"][-1]
@@ -542,22 +565,6 @@ class Inverter:
             summary = write_summary(self, out, names, skipped, ranks)
         summary = dd.broadcast_object(summary, info)
         return summary
-
-    @staticmethod
-    def _failed(
-        e: BaseException,
-        name: str,
-        file: Path,
-        head: str,
-        failed: list[dict[str, str]],
-        warn: Callable[[str], None],
-        debug: bool,
-    ) -> None:
-        if debug:
-            traceback.print_exception(e)
-        reason = str(e) if isinstance(e, CycleEncodingError) else f"{type(e).__name__}: {e}"
-        failed.append({"name": name, "file": str(file), "reason": reason})
-        warn(f"{head}: FAILED: {reason}")
 
     def close(self) -> None:
         """Leave the process group (under torchrun)."""

@@ -24,6 +24,7 @@ import json
 import shlex
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -63,6 +64,7 @@ class Inverter(Protocol):
     load_image: Callable[..., torch.Tensor]  # (image, notes=None), as Inverter.load_image
     invert: Callable[..., InversionResult]  # (image, index, name, on_step, on_stage), as Inverter.invert
     invert_many: Callable[..., list[InversionResult]]  # (images, indices, names, on_step, on_stage), as Inverter's
+    tune_stage: Callable[..., None]  # (results, pivots, indices, on_step, on_stage, **shared), as Inverter's
 
 
 def fingerprint(desc: dict[str, Any]) -> dict[str, Any]:
@@ -82,11 +84,12 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [path or "(all)"]
 
 
-def image_state(out: Path, name: str, file: Path) -> str:
+def image_state(out: Path, name: str, file: Path, mark: str = rf.DONE) -> str:
     """``"done"`` (finished from this very input file), ``"changed"`` (finished from a file of other content: to do
-    again) or ``"todo"``. Images finished before input hashes were recorded count as done."""
+    again) or ``"todo"``. Images finished before input hashes were recorded count as done. ``mark``: the file that
+    says finished (``rf.PIVOTED``: the stages before a shared tuning)."""
     folder = rf.image_folder(out, name)
-    if not (folder / rf.DONE).is_file():
+    if not (folder / mark).is_file():
         return "todo"
     try:
         want = json.loads((folder / rf.RESULT).read_text()).get("input_sha256")
@@ -146,7 +149,7 @@ def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
     (out / rf.IMAGES).mkdir(exist_ok=True)
 
 
-class _FolderJob:
+class FolderJob:
     """One image on its way into its folder ``images/<name>/``: the target loaded, the folder made ready, its progress
     bar and the files written after each stage (``on_stage``)."""
 
@@ -176,6 +179,7 @@ class _FolderJob:
         self.bar = StepBar(inverter.progress, head, self.totals)
         self.lines: list[str] = []
         self.target_written = False
+        self.prior: dict[str, Any] = {}  # result.json of the stages before a shared tuning, when read back
 
     def on_stage(self, stage: str, res: InversionResult) -> None:
         inverter, folder = self.inverter, self.folder
@@ -196,6 +200,8 @@ class _FolderJob:
             extra = f", {res.tune['updates']} steps" + (" (early stop)" if res.tune["stopped_early"] else "")
             if res.tune.get("batch"):
                 extra += f", tuned in a batch of {res.tune['batch']}"
+            if res.tune.get("shared"):
+                extra += f", one generator shared by {res.tune['shared']['images']} images"
         if stage == "refine" and res.refine is not None:
             extra = f", target L_S {res.refine['target_l_s_first']:.4f} -> {res.refine['target_l_s']:.4f}"
         self.lines.append(f"{stage} mse {m['mse']:.4f}" + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
@@ -203,8 +209,9 @@ class _FolderJob:
         self.say(f"{self.head}: {self.lines[-1]}")
         self.bar.mark()
 
-    def finish(self, res: InversionResult) -> dict[str, Any]:
-        """Write the image's remaining files, ``done`` last; returns what ``result.json`` holds."""
+    def finish(self, res: InversionResult, shared: dict[str, Any] | None = None, mark: str = rf.DONE) -> dict[str, Any]:
+        """Write the image's remaining files, ``done`` (``mark``) last; returns what ``result.json`` holds.
+        ``shared``: the record of a shared tuning's one stored change, which this image's record refers to."""
         inverter, folder, name, cfg = self.inverter, self.folder, self.name, self.inverter.config
         self.bar.close()
         record: dict[str, Any] = {
@@ -216,7 +223,10 @@ class _FolderJob:
             "rank": inverter.dist.rank,
             "stages": list(cfg.stages),
             "metrics": res.metrics,
-            "recon_sha256": {s: rf.tensor_sha256(y) for s, y in res.recons.items()},
+            "recon_sha256": {
+                **self.prior.get("recon_sha256", {}),
+                **{s: rf.tensor_sha256(y) for s, y in res.recons.items()},
+            },
             "networks": inverter.network_names(),
             "device": str(inverter.device),
             "threads": torch.get_num_threads(),  # CPU renders depend on it in their last bits (edit's check)
@@ -226,7 +236,9 @@ class _FolderJob:
             record["refine"] = res.refine
         if res.tune is not None:
             record["tune"] = res.tune
-        if res.generator is not None and cfg.save_delta:
+        if res.generator is not None and shared is not None:
+            record["delta"] = shared
+        elif res.generator is not None and cfg.save_delta:
             t0 = time.perf_counter()
             d = save_generator_delta(
                 inverter.G, res.generator, folder / rf.DELTA,
@@ -242,9 +254,11 @@ class _FolderJob:
         pivot_stage = list(res.pivots)[-1]
         save_projected_w(folder / rf.PROJECTED_W, res.pivot[0])
         record["projected_w"] = {"file": rf.PROJECTED_W, "stage": pivot_stage}
-        res.timings["total"] = time.perf_counter() - self.t_start
+        # shared tuning: the image's stages, its share of the tuning included (it waited for the others' pivots)
+        res.timings["total"] = (sum(res.timings.get(s, 0.0) for s in cfg.stages) if (res.tune or {}).get("shared")
+                                else time.perf_counter() - self.t_start)  # fmt: skip
         record["timings"] = res.timings
-        rf.finish_image(folder, record, res.timings, inverter.dist.rank)
+        rf.finish_image(folder, record, res.timings, inverter.dist.rank, mark)
         return record
 
 
@@ -261,7 +275,7 @@ def invert_into_folder(
     """Invert one image into its folder ``images/<name>/`` (see the module doc), ``done`` written last (returns what
     ``result.json`` holds). A warning
     about the target (smaller than G's images) goes to ``warn`` (else ``say``) and into ``result.json``."""
-    job = _FolderJob(inverter, file, name, index, folder, head, say, warn)
+    job = FolderJob(inverter, file, name, index, folder, head, say, warn)
     res = inverter.invert(job.x, index=index, name=name, on_step=job.bar.step, on_stage=job.on_stage)
     return job.finish(res)
 
@@ -278,11 +292,11 @@ def invert_group_into_folders(
     the exception that stopped it (an image that cannot be read fails alone; a failure in the batched tuning fails
     the batch). ``head`` names the batch on the tuning's progress bar."""
     out: list[dict[str, Any] | Exception] = []
-    jobs: list[_FolderJob] = []
+    jobs: list[FolderJob] = []
     slots: list[int] = []
     for k, (file, name, index, folder, img_head) in enumerate(items):
         try:
-            jobs.append(_FolderJob(inverter, file, name, index, folder, img_head, say, warn))
+            jobs.append(FolderJob(inverter, file, name, index, folder, img_head, say, warn))
             slots.append(k)
             out.append(RuntimeError("not run"))
         except Exception as e:
@@ -324,6 +338,23 @@ def invert_group_into_folders(
         except Exception as e:
             out[k] = e
     return out
+
+
+def record_failure(
+    e: BaseException,
+    name: str,
+    file: Path,
+    head: str,
+    failed: list[dict[str, str]],
+    warn: Callable[[str], None],
+    debug: bool,
+) -> None:
+    """An image that failed: into ``failed`` (name, file, reason) and one line to ``warn`` (the trace with ``debug``)."""
+    if debug:
+        traceback.print_exception(e)
+    reason = str(e) if isinstance(e, CycleEncodingError) else f"{type(e).__name__}: {e}"
+    failed.append({"name": name, "file": str(file), "reason": reason})
+    warn(f"{head}: FAILED: {reason}")
 
 
 def write_summary(
@@ -370,10 +401,14 @@ def write_summary(
     if renamed := {n: rf.folder_name(n) for n in names if rf.folder_name(n) != n}:
         summary["folders"] = renamed  # names whose folder's name had to be made safe (``folder_name``)
     if deltas:
-        mean = sum(d["file_bytes"] for d in deltas) / len(deltas)
+        stored = {d.get("file", id(d)): d["file_bytes"] for d in deltas}  # a shared tuning's one change counted once
+        mean = sum(stored.values()) / len(deltas)
         full = deltas[0]["full_copy_bytes"]
         summary["generator_delta"] = {"mean_bytes_per_image": mean, "full_copy_bytes": full,
                                       "ratio": mean / max(1, full)}  # fmt: skip
+    if (out / rf.SHARED).is_file():  # shared tuning: its one generator (the images by name, sha256 in shared.json)
+        shared = rf.read_json(out / rf.SHARED)
+        summary["shared_generator"] = {**shared, "images": len(shared["images"]), "record": rf.SHARED}
     with_w = [r["name"] for r in records if (rf.image_folder(out, r["name"]) / rf.PROJECTED_W).is_file()]
     if with_w:  # the stacked codes, as e4e's inference writes them, with the names in order
         ws = torch.cat([load_latents(rf.image_folder(out, n) / rf.PROJECTED_W) for n in with_w])

@@ -27,6 +27,7 @@ as if never stopped (same weights, bit for bit, on the same machine).
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +35,19 @@ from typing import Any
 
 import torch
 
+from ..checkpoints import run_folder as rf
 from ..checkpoints.common import torch_load
+from ..checkpoints.delta import save_generator_delta
+from ..checkpoints.native import default_provenance, file_sha256, read_native
 from ..errors import CycleEncodingError
 from ..losses.networks import LossNetworks
 from ..networks.stylegan2 import Generator
 from ..utils import atomic_write
 from .common import cpu_generator, frozen
+from .config import PIVOT_STAGES
+from .progress import StepBar
+from .result import InversionResult
+from .run_folder import FolderJob, Inverter, image_state, prepare_run_dir, record_failure, write_summary
 from .tune import TuneConfig, tuning_copy, tuning_loss
 
 STATE_FORMAT = "cycle-encoding-shared-tune-state"
@@ -169,3 +177,171 @@ def load_state(path: str | Path) -> SharedTuneState:
         raise CycleEncodingError(f"{path}: not a saved shared tuning")
     return SharedTuneState(int(doc["rounds"]), list(doc["images"]), doc["weights"], doc["optimizer"], doc["rng"],
                            doc["losses"])  # fmt: skip
+
+
+# -- into a run folder ---------------------------------------------------------------------------------------------
+
+
+def invert_shared(
+    inverter: Inverter,
+    out: Path,
+    images: Any,
+    files: list[Path],
+    names: list[str],
+    say: Callable[[str], None],
+    warn: Callable[[str], None],
+    debug: bool = False,
+) -> dict[str, Any]:
+    """Invert ``files`` into ``out`` with ONE generator tuned on all of them (``tune_mode`` shared, PTI's multi-ID
+    mode): (1) each image's stages before tuning, its folder written as usual and marked ``pivoted`` (a re-run skips
+    it); (2) the shared tuning of every pivoted image, its state saved every ``tune_save_every`` rounds to
+    ``shared_tune.pt``, from which a re-run goes on (bit for bit); (3) the generator stored once as its change from
+    the base (``generator_delta.safetensors``) with ``shared.json``; then each image's reconstruction by it, its
+    record referring to the one change, ``done`` last. A finished run takes no new or changed images: they would
+    change the generator that every finished image's edits use (each such image fails, saying what to do). Returns
+    the summary (``write_summary``)."""
+    if inverter.dist.world_size > 1:
+        raise CycleEncodingError("shared tuning tunes one generator in one process: run it without torchrun")
+
+    def fail(e: BaseException, i: int, head: str, failed: list[dict[str, str]]) -> None:
+        record_failure(e, names[i], files[i], head, failed, warn, debug)
+
+    prepare_run_dir(inverter, out, images)
+    with rf.lock(out / ".shared.lock") as free:
+        if not free:
+            raise CycleEncodingError(f"{out}: another process is inverting into it (shared tuning): let it finish")
+        todo = [i for i, (n, f) in enumerate(zip(names, files)) if image_state(out, n, f) != "done"]
+        if not todo:
+            say(f"all {len(names)} image(s) already done in {out} (one generator shared by them)")
+            return write_summary(inverter, out, names, list(names), [{"rank": 0, "done": [], "failed": []}])
+        recorded = rf.read_json(out / rf.SHARED)["images"] if (out / rf.SHARED).is_file() else None
+        failed: list[dict[str, str]] = []
+        if recorded is not None:  # a tuned run: only its own images can be finished
+            for i in [i for i in todo if _key(names[i], files[i]) not in recorded]:
+                fail(CycleEncodingError(
+                    f"new or changed since {out}'s one generator was tuned on {len(recorded)} image(s): tuning again "
+                    "would change every finished image's generator; invert it into another --out, or all the "
+                    "images into a new one"), i, names[i], failed)  # fmt: skip
+                todo.remove(i)
+        jobs: dict[int, tuple[FolderJob, InversionResult | None]] = {}
+        for k, i in enumerate(todo):  # 1. the stages before tuning, image by image
+            head = f"[{k + 1}/{len(todo)}] {names[i]}"
+            if image_state(out, names[i], files[i], rf.PIVOTED) == "done":
+                continue
+            try:
+                job = FolderJob(inverter, files[i], names[i], i, rf.image_folder(out, names[i]), head, say, warn)
+                (job.folder / rf.PIVOTED).unlink(missing_ok=True)
+                res = inverter.invert_many([job.x], [i], [names[i]], on_step=lambda _, r, j=job: j.bar.step(r),
+                                           on_stage=lambda _, st, r, j=job: j.on_stage(st, r), pivots_only=True)[0]  # fmt: skip
+                job.finish(res, mark=rf.PIVOTED)
+                jobs[i] = (job, res)
+            except Exception as e:  # one bad image must not stop the others
+                fail(e, i, head, failed)
+        members = [i for i, (n, f) in enumerate(zip(names, files)) if image_state(out, n, f, rf.PIVOTED) == "done"]
+        if recorded is not None:
+            members = [i for i in members if _key(names[i], files[i]) in recorded]
+            if len(members) != len(recorded):
+                raise CycleEncodingError(f"{out}: {len(recorded) - len(members)} of the images its shared generator "
+                                         f"was tuned on ({rf.SHARED}) are missing: restore them to finish the run")  # fmt: skip
+        done = []
+        if members and any(i in todo for i in members):
+            done = _tune_shared(inverter, out, members, jobs, names, files, say, warn, fail, failed)
+    gone = {*done, *(f["name"] for f in failed)}
+    before = [n for n in names if n not in gone]
+    return write_summary(inverter, out, names, before, [{"rank": 0, "done": done, "failed": failed}])
+
+
+def _key(name: str, file: Path) -> str:
+    """How a shared tuning names an image: its name and its input file's sha256."""
+    return f"{name}:{file_sha256(file) if Path(file).is_file() else None}"
+
+
+def _tune_shared(
+    inverter: Inverter,
+    out: Path,
+    members: list[int],
+    jobs: dict[int, tuple[FolderJob, InversionResult | None]],
+    names: list[str],
+    files: list[Path],
+    say: Callable[[str], None],
+    warn: Callable[[str], None],
+    fail: Callable[[BaseException, int, str, list[dict[str, str]]], None],
+    failed: list[dict[str, str]],
+) -> list[str]:
+    """(2) and (3) of ``invert_shared`` on the pivoted images ``members``: the names of those done."""
+    cfg = inverter.config
+    fjobs: list[FolderJob] = []
+    results: list[InversionResult] = []
+    for m, i in enumerate(members):
+        head = f"[{m + 1}/{len(members)}] {names[i]}"
+        job, res = jobs.get(i, (None, None))
+        if job is None or res is None:  # pivoted by an earlier process: read back
+            job = FolderJob(inverter, files[i], names[i], i, rf.image_folder(out, names[i]), head, say, warn)
+            res = _read_back(job)
+        job.head = head
+        fjobs.append(job)
+        results.append(res)
+    keys = [_key(j.name, j.file) for j in fjobs]
+    state_path = out / rf.SHARED_STATE
+    resume = load_state(state_path) if state_path.is_file() else None
+    if resume is not None and resume.images != keys:
+        raise CycleEncodingError(
+            f"{state_path}: the shared tuning was started on {len(resume.images)} other image(s) than these "
+            f"{len(keys)}: restore them, or delete {state_path.name} to tune from the start"
+        )
+    say(f"shared tuning: one generator on {len(keys)} image(s), {cfg.tune.steps} rounds of one step each"
+        + (f"; going on after round {resume.rounds} ({state_path.name})" if resume is not None else ""))  # fmt: skip
+    bar = StepBar(inverter.progress, f"shared ({len(keys)} images)", {"tune": cfg.tune.steps})
+
+    def on_stage(k: int, stage: str, res: InversionResult) -> None:
+        bar.close()
+        fjobs[k].on_stage(stage, res)
+
+    inverter.tune_stage(results, [r.pivot.to(inverter.device) for r in results], [j.index for j in fjobs],
+                        lambda k, rec: bar.step(rec) if k == 0 else None, on_stage, keys=keys, resume=resume,
+                        save_every=cfg.tune_save_every, on_save=lambda st: save_state(state_path, st))  # fmt: skip
+    shared = _store_shared(inverter, out, results[0], keys)
+    done = []
+    for job, res in zip(fjobs, results):
+        try:
+            job.finish(res, shared)
+            done.append(job.name)
+        except Exception as e:
+            fail(e, job.index, job.head, failed)
+    state_path.unlink(missing_ok=True)
+    return done
+
+
+def _read_back(job: FolderJob) -> InversionResult:
+    """An image's stages before tuning as an earlier process left them: its pivots, metrics, timings and losses."""
+    prior = rf.read_json(job.folder / rf.RESULT)
+    nf = read_native(job.folder / rf.PIVOTS)
+    res = InversionResult(job.name, job.x.cpu(), base_generator=job.inverter.G, refine=prior.get("refine"))
+    res.pivots = {s: nf.tensors[s].float()[None] for s in nf.config["stages"] if s in PIVOT_STAGES}
+    res.metrics = {s: m for s, m in prior["metrics"].items() if s in PIVOT_STAGES}
+    res.timings = {s: t for s, t in prior["timings"].items() if s in PIVOT_STAGES}
+    lines = (job.folder / rf.LOSSES).read_text().splitlines() if (job.folder / rf.LOSSES).is_file() else []
+    res.losses = [r for r in map(json.loads, lines) if r.get("stage") != "tune"]
+    job.prior, job.target_written = prior, True
+    return res
+
+
+def _store_shared(inverter: Inverter, out: Path, res: InversionResult, keys: list[str]) -> dict[str, Any] | None:
+    """The shared generator stored once as its change from the base (unless ``save_delta`` is off) and
+    ``shared.json``; returns what each image's record says of the change (its ``delta``)."""
+    cfg, info = inverter.config, dict((res.tune or {}).get("shared") or {})
+    doc: dict[str, Any] = {"images": keys, "rounds": info.get("rounds"), "updates": info.get("updates")}
+    rec = None
+    if cfg.save_delta and res.generator is not None:
+        d = save_generator_delta(
+            inverter.G, res.generator, out / rf.DELTA,
+            base_file=Path(inverter.generator_file).name if inverter.generator_file else None,
+            provenance=default_provenance(made_by="cycle-encoding invert --tune shared"),
+            extra={"shared": doc}, level=cfg.delta_level, base_sha256=inverter.g_sha256,
+        )  # fmt: skip
+        rec = {"file": f"../../{rf.DELTA}", "shared": True, "images": len(keys), "file_sha256": file_sha256(d.path),
+               "file_bytes": d.file_bytes, "full_copy_bytes": d.full_copy_bytes, "ratio": round(d.ratio, 4),
+               "changed_tensors": d.changed, "tuned_weights_sha256": d.tuned_sha256}  # fmt: skip
+        doc["delta"] = {**rec, "file": rf.DELTA}
+    rf.write_json(out / rf.SHARED, doc)
+    return rec
