@@ -477,10 +477,9 @@ class Inverter:
 
         ``log`` receives the progress lines (default: stderr): one per image and stage when ``verbose`` is True,
         one per finished image (its last stage's result) when it is ``"images"``, and one for each image that fails
-        whatever ``verbose`` says. Returns the summary (also written to
-        ``out_dir/summary.json`` by rank 0): ``done`` (this run), ``skipped`` (finished before), ``failed`` (name,
-        file, reason), ``busy`` (left to another process inverting them into the same folder), per-stage means.
-        """
+        whatever ``verbose`` says. Returns the summary (also written to ``out_dir/summary.json`` by rank 0): ``done``
+        (this run), ``skipped`` (finished before), ``failed`` (name, file, reason), ``busy`` (left to another process
+        inverting them into the same folder), per-stage means. ``tune_mode`` shared: ``tune_shared.invert_shared``."""
         warn = log or (lambda s: print(s, file=sys.stderr, flush=True))
         say = warn if verbose is True else (lambda s: None)
         per_image = warn if verbose == "images" else (lambda s: None)
@@ -505,9 +504,9 @@ class Inverter:
         pending = plan["pending"]
         skipped = [names[i] for i in range(len(names)) if i not in set(pending)]
         mine = pending[info.rank :: info.world_size]
-        if info.is_main and skipped:
-            say(f"{len(skipped)} of {len(names)} image(s) already done in {out}: skipped")
         if info.is_main:
+            if skipped:
+                say(f"{len(skipped)} of {len(names)} image(s) already done in {out}: skipped")
             for n in plan["changed"]:
                 warn(f"{n}: the input file changed since it was inverted: inverting it again")
         done: list[str] = []
