@@ -4,15 +4,12 @@
 - ``tiny_encoder(G)``: a small e4e encoder for it; ``own_images(G, n, seed)``: images G itself makes;
 - ``StandInFeatures`` / ``stand_in_perceptual()``: a fixed random conv net standing in for LPIPS's backbone;
 - ``StandInFaceEmbedder`` / ``stand_in_dlib``: the dlib face embedder's interface, put where
-  ``checkpoints.face_api`` is imported from, so that ``dlib-face`` builds without the weights;
+  the losses call ``load_dlib_face_embedder``, so that ``dlib-face`` builds without the weights;
 - ``one_thread``: tiny networks run fastest (and steadiest on a shared machine) on one thread; a module asks for it
   with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 """
 
 from __future__ import annotations
-
-import sys
-import types
 
 import pytest
 import torch
@@ -126,11 +123,12 @@ class StandInFaceEmbedder(nn.Module):
 
 @pytest.fixture
 def stand_in_dlib(monkeypatch):
-    """``checkpoints.face_api`` replaced by a module whose ``load_dlib_face_embedder`` gives a StandInFaceEmbedder."""
-    module = types.ModuleType("cycle_encoding.checkpoints.face_api")
-    module.load_dlib_face_embedder = lambda device="cpu": StandInFaceEmbedder().to(device)
-    monkeypatch.setitem(sys.modules, "cycle_encoding.checkpoints.face_api", module)
-    return module
+    """The losses' ``load_dlib_face_embedder`` (``checkpoints.face_api``'s) replaced by one giving a StandInFaceEmbedder."""
+    from cycle_encoding.losses import perceptual
+
+    load = lambda device="cpu": StandInFaceEmbedder().to(device)  # noqa: E731
+    monkeypatch.setattr(perceptual, "load_dlib_face_embedder", load)
+    return load
 
 
 @pytest.fixture(autouse=True, scope="session")

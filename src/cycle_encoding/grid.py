@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .utils import atomic_write, to_uint8
+from .utils import atomic_write, open_image, to_uint8
 
 
 def as_pil(image: object) -> Image.Image | None:
@@ -23,8 +23,6 @@ def as_pil(image: object) -> Image.Image | None:
     if image is None:
         return None
     if isinstance(image, (str, Path)):
-        from .utils import open_image
-
         with open_image(image) as im:  # bounded in pixels, one-line errors
             return im.convert("RGB")
     if isinstance(image, torch.Tensor):

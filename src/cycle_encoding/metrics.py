@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pytorch_msssim
 import torch
 import torch.nn.functional as F
 
+from .data.images import is_image_file, read_image
 from .errors import CycleEncodingError
 
 if TYPE_CHECKING:
@@ -91,8 +93,6 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def _pytorch_msssim(
     name: str, unavailable: Callable[[int, int], str | None], pred: torch.Tensor, target: torch.Tensor, **kw: Any
 ) -> torch.Tensor:
-    import pytorch_msssim
-
     _check_pair(pred, target)
     reason = unavailable(*pred.shape[-2:])
     if reason:
@@ -181,8 +181,6 @@ class FolderPairing:
 
 
 def _by_stem(folder: Path, side: str, pairing: FolderPairing) -> dict[str, Path]:
-    from .data.images import is_image_file
-
     if not folder.is_dir():
         raise CycleEncodingError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: not a folder")
     groups: dict[str, list[Path]] = {}
@@ -256,8 +254,6 @@ def _read_pairs(
 ) -> Iterator[Pair]:
     """The pairs that can be compared, read and prepared; the others go to ``report``'s ``unreadable`` and
     ``skipped`` (each counted as done by ``progress``)."""
-    from .data.images import read_image
-
     for name, pp, tp in pairing.pairs:
         images = []
         for side, path in (("pred", pp), ("target", tp)):
@@ -379,7 +375,7 @@ def frechet_distance_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.nda
     """Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2):
     ``||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2})``, the matrix square root by
     ``scipy.linalg.sqrtm`` (in float64; its tiny imaginary part from rounding is dropped, as the FID code does)."""
-    from scipy import linalg
+    from scipy import linalg  # lazy: 0.8 s to import, for the Frechet distance only
 
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))

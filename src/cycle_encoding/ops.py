@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import math
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -109,10 +110,8 @@ def compile_pass(fn: Callable[..., Any], device: torch.device) -> Callable[..., 
     """``fn`` (a network's forward pass) compiled by ``torch.compile`` for fixed shapes (the training steps, the
     refinement; the first calls take a minute or two: graph capture and code generation). On a CPU the generated
     code is C++: a missing compiler is a one-line error here rather than a long trace at the first step."""
-    import shutil
-
     if device.type == "cpu":
-        from torch._inductor import config as inductor_config
+        from torch._inductor import config as inductor_config  # lazy: heavy, only for torch.compile
 
         cxx = inductor_config.cpp.cxx
         names = [c for c in (cxx if isinstance(cxx, (tuple, list)) else (cxx,)) if c] or ["g++"]

@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
 
 
@@ -60,8 +62,6 @@ class Progress:
         self.heartbeat = heartbeat if self.mode == "lines" else None
         self._last_line = self.t0
         if self.mode == "bar":
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, file=self.stream,
                             dynamic_ncols=True)  # fmt: skip
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..assets import resolve_model
 from ..errors import CheckpointError
 from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig
 from .common import check_state_dict
@@ -26,8 +27,6 @@ def save_classifier(model: AttributeClassifier, path: str | Path, provenance: di
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> AttributeClassifier:
     """Read a classifier file (own format, kind ``classifier``; or a shipped model's name), eval mode, frozen."""
-    from ..assets import resolve_model
-
     p = resolve_model(path)
     nf = read_native(p, kind=CLASSIFIER_KIND)
     model = AttributeClassifier(read_config(ClassifierConfig, nf.config, p, "classifier"))

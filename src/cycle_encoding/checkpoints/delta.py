@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..assets import resolve_model
+from ..errors import CheckpointError, CycleEncodingError
 from ..networks.stylegan2 import Generator, GeneratorConfig
+from ..utils import resolve_device
+from .common import sniff
+from .generator import load_generator
 from .inspect import register_inspector
 from .native import default_provenance, read_native, read_native_header, save_native
 
@@ -185,8 +190,6 @@ def load_generator_delta(path: str | Path, base: Generator | str | Path, verify:
             p, f"unknown delta encoding {ex.get('encoding')!r} (version {ex.get('encoding_version')})"
         )
     if isinstance(base, (str, Path)):
-        from .generator import load_generator
-
         base = load_generator(base)
     want = ex.get("base", {})
     try:
@@ -262,8 +265,6 @@ register_inspector(inspect_generator_delta)
 
 def is_generator_delta(path: str | Path) -> bool:
     """Whether ``path`` is a stored change (the own format's kind ``generator_delta``)."""
-    from .common import sniff
-
     p = Path(path)
     try:
         return p.is_file() and sniff(p) == "safetensors" and read_native_header(p).get("kind") == DELTA_KIND
@@ -275,11 +276,6 @@ def recorded_base(path: str | Path) -> Path | None:
     """The base generator file a stored change records, where it can be found: beside the change or in the folders
     above it (an inversion run keeps its changes in ``RUN/images/NAME/``, and its ``config.json`` records the base
     as it was given), else a shipped model of that name; None when none is there."""
-    import json
-
-    from ..assets import resolve_model
-    from ..errors import CycleEncodingError
-
     p = Path(path).resolve()
     base = (read_native_header(p).get("extra") or {}).get("base") or {}
     names = [n for n in (base.get("file"), base.get("source")) if n]
@@ -315,9 +311,6 @@ def open_generator(
     """Any generator file ``load_generator`` reads, or a stored change rebuilt on its base: ``base`` when given,
     else the base file the change records (``recorded_base``). A change whose base cannot be found is refused with
     a message naming the base and ``--base``."""
-    from ..utils import resolve_device
-    from .generator import load_generator
-
     if not is_generator_delta(path):
         if base is not None:
             raise CheckpointError(path, "a full generator, not a stored change: --base is only for changes")

@@ -17,11 +17,14 @@ from typing import Any
 
 import torch
 
+from ..assets import resolve_model
 from ..errors import CheckpointError
 from ..networks.encoder import Encoder4Editing, EncoderConfig
+from ..utils import resolve_device
 from . import e4e
 from .common import check_declared_architecture, check_state_dict, count_parameters, sniff, torch_load
-from .native import default_provenance, read_config, read_native, save_native
+from .native import default_provenance, read_config, read_native, read_native_header, save_native
+from .rosinality import infer_generator_config
 
 _UNIT = re.compile(r"^body\.(\d+)\.res_layer\.1\.weight$")
 _STYLE = re.compile(r"^styles\.(\d+)\.linear\.weight$")
@@ -151,9 +154,6 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     The encoder is returned in eval mode with its stage set to the stage its training ended in when the file
     records it, else all offsets (as the authors' inference does). ``E.provenance`` says where it came from.
     """
-    from ..assets import resolve_model
-    from ..utils import resolve_device
-
     p = resolve_model(path)
     kind = sniff(p)
     prov: dict[str, Any]
@@ -195,8 +195,6 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
 
 def init_encoder_weights(E: Encoder4Editing, path: str | Path) -> str:
     """Initialize from an ArcFace IR-SE file (input layer and body where shapes fit) or a whole encoder file."""
-    from ..assets import resolve_model
-
     p = resolve_model(path)  # a shipped encoder's name (fmnist-encoder) works as a file does
     kind = sniff(p)
     obj = torch_load(p) if kind in ("torch-zip", "torch-legacy") else None
@@ -236,8 +234,6 @@ def save_encoder(
 def inspect_encoder_file(path: Path, container: str) -> dict[str, Any] | None:
     """``info`` for e4e-family checkpoints (encoder and decoder) and own-format encoders."""
     if container == "safetensors":
-        from .native import read_native_header
-
         h = read_native_header(path)
         if h.get("kind") != "encoder":
             return None
@@ -269,8 +265,6 @@ def inspect_encoder_file(path: Path, container: str) -> dict[str, Any] | None:
         }
     dec = e4e.split_prefix(sd, "decoder")
     if dec:
-        from .rosinality import infer_generator_config
-
         gcfg = infer_generator_config(dec, path)
         out["generator"] = {
             "architecture": {**gcfg.to_dict(), "num_ws": gcfg.num_ws},
@@ -289,9 +283,6 @@ def encoder_provenance_unloaded(path: str | Path) -> dict[str, Any] | None:
     """What an encoder file records (its provenance), read without its weights: the header of the project's
     ``.safetensors``, nothing for e4e-family ``.pt`` files (they record none); None when only loading the file tells
     (a ``train-encoder`` checkpoint, a legacy ``.pt``, a file that does not read)."""
-    from ..assets import resolve_model
-    from .native import read_native_header
-
     p = resolve_model(path)
     try:
         kind = sniff(p)

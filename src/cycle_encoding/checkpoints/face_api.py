@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.dlib_resnet import (
@@ -24,6 +25,8 @@ from ..networks.dlib_resnet import (
     DlibFaceEmbedder,
     DlibResNet,
 )
+from ..paths import cache_dir
+from ..utils import resolve_device
 from .common import check_state_dict
 from .native import default_provenance, file_sha256, native_header_of_kind, read_native, save_native
 
@@ -182,15 +185,11 @@ def convert_face_api_weights(manifest: str | Path, out: str | Path) -> Path:
 
 def face_api_dir() -> Path:
     """Where ``scripts/fetch_assets.sh`` puts the face-api npm package's files in the cache."""
-    from ..paths import cache_dir
-
     return cache_dir("face-api", create=False)
 
 
 def default_embedder_path() -> Path:
     """The converted embedder in the cache (``<cache>/models/dlib_resnet_face_v1.safetensors``)."""
-    from ..paths import cache_dir
-
     return cache_dir("models", create=False) / NATIVE_NAME
 
 
@@ -203,8 +202,6 @@ def load_dlib_face_embedder(
     file in the cache, else converted now (once) from the face-api files in the cache; if neither is there, a
     :class:`CycleEncodingError` says to run ``scripts/fetch_assets.sh``.
     """
-    from ..utils import resolve_device
-
     dev = resolve_device(device)
     if path is None:
         native = default_embedder_path()
@@ -241,8 +238,6 @@ def inspect_face_embedder(path: Path, container: str) -> dict[str, Any] | None:
     h = native_header_of_kind(path, container, KIND)
     if h is None:
         return None
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
     return {

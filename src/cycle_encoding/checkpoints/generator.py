@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from ..assets import resolve_model
 from ..errors import CheckpointError
 from ..networks.stylegan2 import Generator, GeneratorConfig
+from ..utils import resolve_device
 from . import e4e, nvidia, rosinality
 from .common import check_declared_architecture, check_state_dict, sniff, torch_load
 from .native import NativeFile, default_provenance, file_sha256, read_config, read_native, save_native
@@ -150,9 +152,6 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
 
     The result is in eval mode with gradients off; ``G.provenance`` says where it came from.
     """
-    from ..assets import resolve_model
-    from ..utils import resolve_device
-
     device = resolve_device(device)
     p = resolve_model(path)
     w = read_generator_weights(p)
@@ -186,8 +185,6 @@ def convert_generator(src: str | Path, dst: str | Path, to: str = "native", gene
     """Convert a generator file to the project's format (``native``) or rosinality's ``.pt`` (``rosinality``).
 
     ``generator``: ``src`` already read (e.g. a stored change rebuilt on its base); its provenance is kept."""
-    from ..assets import resolve_model
-
     G = load_generator(src) if generator is None else generator
     if to == "native":
         prov = default_provenance(

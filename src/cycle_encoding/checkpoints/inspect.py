@@ -13,11 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
+from ..assets import resolve_model
 from ..errors import CheckpointError
 from .classifier import inspect_classifier
 from .common import count_parameters, sniff
 from .encoder import inspect_encoder_file
 from .face_api import inspect_face_embedder
+from .generator import read_generator_weights
 from .native import read_native_header
 from .perception import inspect_perception
 
@@ -29,8 +33,6 @@ def _generator_buffer(key: str) -> bool:
 
 
 def inspect_generator(path: Path, container: str) -> dict[str, Any] | None:
-    from .generator import read_generator_weights
-
     try:
         w = read_generator_weights(path)
     except CheckpointError as e:
@@ -59,8 +61,6 @@ def inspect_native(path: Path, container: str) -> dict[str, Any] | None:
     if container != "safetensors":
         return None
     h = read_native_header(path)
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return {
@@ -95,8 +95,6 @@ def register_inspector(inspector: Inspector) -> Inspector:
 
 
 def inspect_file(path: str | Path) -> dict[str, Any]:
-    from ..assets import resolve_model
-
     p = resolve_model(path)
     container = sniff(p)
     base = {"file": str(p), "size_bytes": p.stat().st_size, "container": container}

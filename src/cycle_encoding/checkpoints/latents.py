@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import CycleEncodingError
-from .common import atomic_torch_save, atomic_write
+from .common import atomic_torch_save, atomic_write, torch_load
 
 NPZ_KEY = "w"
 DICT_KEYS = ("w", "ws", "latents", "codes", "latent", "projected_w")
@@ -142,8 +142,6 @@ def load_latents(
             _check_count(a.shape, p, max_count)
             a = np.array(a, dtype=np.float32)  # read from the mapped file
         elif suffix in (".pt", ".pth"):
-            from .common import torch_load
-
             a = _from_object(torch_load(p), p)  # a .pt is not compressed: its size bounds the memory
         else:
             raise CycleEncodingError(f"{p}: codes are read from {', '.join(LATENT_SUFFIXES)} files")

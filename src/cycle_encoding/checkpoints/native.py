@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from ..version import __version__
 from .common import atomic_write, sniff
 
 FORMAT_NAME = "cycle-encoding"
@@ -54,8 +55,6 @@ def file_sha256(path: str | Path, limit: int | None = None) -> str:
 
 
 def default_provenance(**kw: Any) -> dict[str, Any]:
-    from ..version import __version__
-
     out = {"tool": f"cycle-encoding {__version__}", "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
     out.update({k: v for k, v in kw.items() if v is not None})
     return out

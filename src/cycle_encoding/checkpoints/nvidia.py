@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import CheckpointError, UnsafePickleError
 from ..networks.stylegan2 import GeneratorConfig
 from .common import sniff
+from .rosinality import _infer_channel_rule
 
 
 @dataclass
@@ -126,16 +128,12 @@ class _NumpyDtypeSpec:
         self.order = "<" if state[1] in ("|", "=") else state[1]
 
     def dtype(self) -> Any:
-        import numpy as np
-
         if self.code is None:
             raise pickle.UnpicklingError("numpy dtype without its type code")
         return np.dtype(self.order + self.code)
 
 
 def _numpy_scalar(spec: Any, data: Any = None) -> Any:
-    import numpy as np
-
     if not isinstance(spec, _NumpyDtypeSpec):
         raise pickle.UnpicklingError("numpy scalar without a plain numeric dtype")
     dt = spec.dtype()
@@ -285,8 +283,6 @@ def nvidia_generator_to_rosinality(
     res = resolutions[-1]
     img_channels = sd[f"synthesis.b{res}.torgb.weight"].shape[0]
     chans = {r: int(sd[f"synthesis.b{r}.conv1.weight"].shape[0]) for r in resolutions}
-    from .rosinality import _infer_channel_rule
-
     base, cmax = _infer_channel_rule(chans)
     base = int(syn_kw.get("channel_base", base))
     cmax = int(syn_kw.get("channel_max", cmax))

@@ -22,6 +22,7 @@ from ..networks.irse import UNITS_PER_BLOCK, ArcFaceBackbone
 from ..networks.lpips import BACKBONES, LPIPS, LPIPS_NETS
 from ..networks.resnet import ResNet50
 from .common import torch_load
+from .locate import missing_file_message
 
 # torchvision's classifier keys: name -> shape, with None where any size is fine (the number of classes). AlexNet's
 # three linear layers are classifier.1, .4, .6 (9216 inputs), VGG16's classifier.0, .3, .6 (25088 inputs).
@@ -88,8 +89,6 @@ def _as_state_dict(obj: Any, source: str | Path, what: str) -> dict[str, Any]:
 def lpips_backbone_missing_message(net: str, domain: str | None = None) -> str:
     """The error for LPIPS asked for without a backbone file: which file, where it usually lives, the option, and
     an offline distance that fits ``domain`` (``checkpoints.locate``)."""
-    from .locate import missing_file_message
-
     return missing_file_message(f"lpips-{net}", domain)
 
 

@@ -29,6 +29,7 @@ Named GANSpace edits (``ganspace_named_edits``): e4e's FFHQ edits (``eye_opennes
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,10 +40,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..assets import MODELS_DIR
 from ..checkpoints.common import atomic_write, sniff, torch_load
 from ..checkpoints.inspect import register_inspector
 from ..checkpoints.native import default_provenance, native_header_of_kind, read_native, save_native
 from ..errors import CheckpointError, CycleEncodingError
+from ..utils import check_finite, parse_int_list
 
 DIRECTIONS_KIND = "directions"
 METHODS = ("interfacegan", "ganspace", "sefa", "custom")
@@ -280,10 +283,6 @@ GANSPACE_EDITS_TABLE = "ganspace_ffhq_edits.csv"
 @lru_cache(maxsize=1)
 def ganspace_named_edits() -> dict[str, NamedEdit]:
     """The shipped table of named GANSpace edits for FFHQ (``assets/ganspace_ffhq_edits.csv``), by name."""
-    import csv
-
-    from ..assets import MODELS_DIR
-
     path = MODELS_DIR.parent / GANSPACE_EDITS_TABLE
     rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
     out: dict[str, NamedEdit] = {}
@@ -325,8 +324,6 @@ def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all", "default")):
         return None
     if isinstance(spec, str):
-        from ..utils import parse_int_list
-
         out = parse_int_list(spec)
     else:
         out = [int(i) for i in spec]
@@ -343,8 +340,6 @@ MAX_STRENGTH = 100.0
 
 def check_strength(strength: float, what: str = "strength") -> float:
     """``strength`` as a float when finite and within +-MAX_STRENGTH; else one clear CycleEncodingError."""
-    from ..utils import check_finite
-
     try:
         s = float(strength)
     except (TypeError, ValueError):

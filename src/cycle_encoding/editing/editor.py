@@ -188,6 +188,9 @@ class Editor:
                     loss[k] = v
             _shared = _Shared(generator, encoder, directions, components, methods, device, loss)
         self._s = _shared
+        self.base: Generator = _shared.G  # the base generator, its weights' hash, whether an encoder is there
+        self.base_sha256: str = _shared.G_sha256
+        self.has_encoder: bool = _shared.encoder is not None
         self.name: str | None = None
         self.target: torch.Tensor | None = None  # [1, C, R, R] in [-1, 1], CPU
         self.pivot: torch.Tensor | None = None  # [1, N, w_dim], CPU
@@ -240,18 +243,6 @@ class Editor:
     def generator(self) -> Generator:
         """The generator that renders the current image: the tuned one, else the base."""
         return self.tuned if self.tuned is not None else self._s.G
-
-    @property
-    def base(self) -> Generator:
-        return self._s.G
-
-    @property
-    def base_sha256(self) -> str:
-        return self._s.G_sha256
-
-    @property
-    def has_encoder(self) -> bool:
-        return self._s.encoder is not None
 
     def directions(self) -> list[Direction]:
         """The directions render() takes, in slider order."""

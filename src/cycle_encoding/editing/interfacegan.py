@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.datasets import resize_square
+from ..data.images import is_image_file, list_images, read_image
 from ..errors import CycleEncodingError
 from .directions import DirectionSet
 from .ganspace import mapping_batches
@@ -101,17 +104,14 @@ def _features(codes: np.ndarray, space: str) -> tuple[np.ndarray, tuple[int, ...
 
 def make_classifier(method: str, C: float = 1.0, seed: int = 0, max_iter: int = 10_000) -> Any:
     """The scikit-learn classifier named ``method`` (see the module doc)."""
-    if method == "svm":
-        from sklearn.svm import LinearSVC
+    from sklearn.linear_model import LogisticRegression  # lazy: scikit-learn takes seconds to import
+    from sklearn.svm import SVC, LinearSVC
 
+    if method == "svm":
         return LinearSVC(C=C, max_iter=max_iter, random_state=seed)
     if method == "svc":
-        from sklearn.svm import SVC
-
         return SVC(kernel="linear", C=C)
     if method == "logistic":
-        from sklearn.linear_model import LogisticRegression
-
         return LogisticRegression(C=C, max_iter=max_iter)
     raise CycleEncodingError(f"unknown classifier {method!r} (known: {', '.join(METHODS)})")
 
@@ -131,8 +131,6 @@ def train_boundary(
 
     ``select_ratio`` (continuous scores only; default 0.02, InterFaceGAN's): the fraction of codes kept at each end.
     """
-    import warnings
-
     from sklearn.exceptions import ConvergenceWarning
 
     if space not in SPACES:
@@ -264,8 +262,6 @@ def labelled_files(
     """(image files, labels, how the labels were read) for a folder labelled by a CSV / mapping (keys: file names
     relative to the folder, or stems) or by its sub-folders (one per label; which is positive: ``positive``, else
     the one named like 1/pos/positive/yes/true/with; with more than two, ``positive`` against all others)."""
-    from ..data.images import is_image_file, list_images
-
     root = Path(folder)
     if not root.is_dir():
         raise CycleEncodingError(f"{root}: no such folder")
@@ -314,9 +310,6 @@ def labelled_files(
 @torch.no_grad()
 def encode_files(encoder: torch.nn.Module, files: Sequence[Path], batch: int = 16) -> torch.Tensor:
     """Codes ``[n, N, w_dim]`` of image files by an encoder (images centre-cropped and resized to its input)."""
-    from ..data.datasets import resize_square
-    from ..data.images import read_image
-
     size = int(getattr(encoder, "input_size", 256))
     channels = int(getattr(getattr(encoder, "config", None), "in_channels", 3))
     dev = next(encoder.parameters()).device

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from ..errors import CycleEncodingError
+from ..losses.identity import IdentitySimilarity, build_identity
+from ..losses.perceptual import build_perceptual
 from ..metrics import summarize
 from .directions import DirectionSet
 
@@ -125,8 +127,6 @@ def preservation_from_module(module: torch.nn.Module, kind: str | None = None) -
     """A Preservation from a perceptual distance (kind 'distance') or an identity similarity (kind 'similarity'); the
     kind is read from the class when not given."""
     if kind is None:
-        from ..losses.identity import IdentitySimilarity
-
         kind = "similarity" if isinstance(module, IdentitySimilarity) else "distance"
     return Preservation(getattr(module, "name", type(module).__name__), kind, module)
 
@@ -140,12 +140,8 @@ def build_preservation(
     if name == "mse":
         return Preservation("mse", "distance", _mse)
     if name.startswith("identity:"):
-        from ..losses.identity import build_identity
-
         net = build_identity(name.split(":", 1)[1], device, weights)
         return preservation_from_module(net, "similarity")
-    from ..losses.perceptual import build_perceptual
-
     return preservation_from_module(build_perceptual(name, device, weights), "distance")
 
 

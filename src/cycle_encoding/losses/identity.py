@@ -19,6 +19,7 @@ from torch import nn
 
 from ..assets import shipped_model_path
 from ..checkpoints.classifier import load_small_classifier
+from ..checkpoints.perception import load_arcface, load_moco
 from ..errors import CycleEncodingError
 from ..networks.classifier import ClassifierEmbedder
 from ..networks.irse import ArcFaceBackbone
@@ -111,8 +112,6 @@ build_identity = IDENTITY.build  # (name, device, weights, recorded, domain)
 
 
 def _arcface(device: torch.device, weights: Path | None) -> IdentitySimilarity:
-    from ..checkpoints.perception import load_arcface
-
     if weights is None:
         raise CycleEncodingError(
             "arcface needs model_ir_se50.pth (the ArcFace IR-SE-50 of TreB1eN's InsightFace_Pytorch, the file pSp and "
@@ -125,8 +124,6 @@ def _arcface(device: torch.device, weights: Path | None) -> IdentitySimilarity:
 
 
 def _moco(device: torch.device, weights: Path | None) -> IdentitySimilarity:
-    from ..checkpoints.perception import load_moco
-
     if weights is None:
         raise CycleEncodingError(
             "moco needs a MoCo v2 ResNet-50 checkpoint (e.g. moco_v2_800ep_pretrain.pth.tar from facebookresearch/moco, "

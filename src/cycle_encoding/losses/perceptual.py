@@ -19,6 +19,8 @@ from torch import nn
 
 from ..assets import shipped_model_path
 from ..checkpoints.classifier import load_small_classifier
+from ..checkpoints.face_api import load_dlib_face_embedder
+from ..checkpoints.perception import load_lpips
 from ..errors import CycleEncodingError
 from ..networks.classifier import ClassifierEmbedder
 from ..networks.lpips import LPIPS, normalize_channels
@@ -57,8 +59,6 @@ class LPIPSDistance(PerceptualDistance):
         device: str | torch.device = "cpu",
     ) -> LPIPSDistance:
         """Read the torchvision backbone and the lpips package's heads (see ``checkpoints.perception.load_lpips``)."""
-        from ..checkpoints.perception import load_lpips
-
         model = load_lpips(net, backbone, heads, device=device)
         return cls(model, Path(backbone).name if backbone is not None else "?")
 
@@ -111,10 +111,6 @@ def load_dlib_embedder(device: torch.device, weights: Path | None = None) -> nn.
         raise CycleEncodingError(
             f"dlib-face takes no weights file (it reads the dlib embedder from the cache); got {weights}"
         )
-    try:
-        from ..checkpoints.face_api import load_dlib_face_embedder
-    except ImportError as e:
-        raise CycleEncodingError(f"dlib-face: the dlib face embedder is not available in this install ({e})") from None
     return load_dlib_face_embedder(device=device)
 
 

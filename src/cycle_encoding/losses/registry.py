@@ -10,6 +10,7 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
+from ..checkpoints.locate import locate_network_file, network_entry
 from ..errors import CycleEncodingError
 from ..utils import resolve_device
 
@@ -52,8 +53,6 @@ class NetworkRegistry(Generic[N]):
         file not given is looked up (``checkpoints.locate``: the file ``recorded`` by a run or encoder, the torch hub
         cache, the shipped config's folders; not found: an error naming the file, where it usually lives, and an
         offline network for ``domain``)."""
-        from ..checkpoints.locate import locate_network_file, network_entry
-
         if name not in self.entries:
             raise CycleEncodingError(f"unknown {self.what} {name!r} (known: {', '.join(sorted(self.entries))})")
         dev = resolve_device(device)

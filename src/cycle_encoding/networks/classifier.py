@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import ConfigRecord
 from ..errors import CycleEncodingError
+from ..networks.resnet import ResNet50
 from ..ops import FixedMeasure
 
 ARCHS = ("convnet", "vggbn", "resnet50")
@@ -97,8 +98,6 @@ class AttributeClassifier(nn.Module):
             self.body = nn.Sequential(*blocks)
             self.head = nn.Linear(cin, k)
         else:
-            from ..networks.resnet import ResNet50
-
             self.net = ResNet50(num_classes=k)
         self.name = f"{c.arch} classifier ({', '.join(c.outputs)})"
 

@@ -120,9 +120,7 @@ class Encoder4Editing(nn.Module):
 
     def __init__(self, config: EncoderConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
-        config = config or EncoderConfig(**kwargs)
-        self.config = config
-        c = config
+        self.config = c = config or EncoderConfig(**kwargs)
         self.input_layer = make_input_layer(c.in_channels, c.widths[0])
         specs = irse_unit_specs(widths=c.widths, units=c.units)
         self.body = IRSEBody(specs, c.mode)
@@ -136,18 +134,9 @@ class Encoder4Editing(nn.Module):
         self.register_buffer("latent_avg", torch.zeros(c.num_ws, c.w_dim))
         self._stage = int(c.max_stage)
         self.trained_stage: int | None = None
-
-    @property
-    def input_size(self) -> int:
-        return self.config.input_size
-
-    @property
-    def num_ws(self) -> int:
-        return self.config.num_ws
-
-    @property
-    def max_stage(self) -> int:
-        return int(self.config.max_stage)
+        self.input_size: int = c.input_size  # the configuration's, fixed for the network's life
+        self.num_ws: int = c.num_ws
+        self.max_stage: int = int(c.max_stage)
 
     @property
     def stage(self) -> int:

@@ -59,10 +59,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as dd
+from ..assets import resolve_model
+from ..checkpoints import load_generator
 from ..checkpoints.common import atomic_write
-from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT, init_encoder_weights
+from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT, init_encoder_weights, save_encoder
 from ..checkpoints.native import default_provenance, file_sha256
+from ..checkpoints.optimizer import companion_path, from_optimizer, save_optimizer_state
 from ..config import from_mapping
+from ..data.datasets import EpochSampler, SubsetDataset, open_dataset, split_holdout
+from ..losses.adversarial import (
+    discriminator_loss,
+    encoder_adversarial_loss,
+    fake_codes_for_discriminator,
+    lazy_r1_loss,
+    r1_due,
+    sample_real_codes,
+)
+from ..losses.delta import delta_loss
 from ..losses.identity import identity_default
 from ..losses.latent_pool import LatentPool
 from ..losses.networks import LossNetworks, build_loss_networks
@@ -72,6 +85,7 @@ from ..networks.stylegan2 import Generator
 from ..ops import PRECISIONS, autocast, compile_pass, pool_to
 from ..optim import Ranger, zero_grad
 from ..utils import make_grid, save_image
+from .plateau import plateau_holds
 from .runs import rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
 from .trainer import Trainer, check_loop_options, read_run_config
@@ -165,8 +179,6 @@ def load_train_config(data: dict[str, Any]) -> EncoderTrainConfig:
 def data_domain(data: str | None, img_channels: int) -> str:
     """'fashion-mnist' for its images (the dataset's name) or a grey generator, 'faces' otherwise: the domain whose
     networks ``auto`` picks and a missing-file error suggests, as ``invert`` infers it."""
-    from ..losses.identity import identity_default
-
     grey_domain = identity_default(data)[0] == "fmnist-features"
     return "fashion-mnist" if grey_domain or img_channels == 1 else "faces"
 
@@ -192,8 +204,6 @@ class EncoderTrainer(Trainer):
     scalar_kinds = ("train", "val")
 
     def __init__(self, cfg: EncoderTrainConfig, resume: str | Path | None = None, quiet: bool = False) -> None:
-        from ..checkpoints import load_generator
-
         self._start(cfg, quiet)
         torch.manual_seed(cfg.seed + self.dist.rank)
         self.G: Generator = load_generator(cfg.generator, device=self.device)
@@ -203,8 +213,6 @@ class EncoderTrainer(Trainer):
         self.max_steps = min(cfg.max_steps or self.schedule.total_steps, self.schedule.total_steps)
 
         # data
-        from ..data.datasets import SubsetDataset, open_dataset, split_holdout
-
         data = open_dataset(cfg.data, self.image_size, G.img_channels, "train")
         if cfg.val_data:
             self.val = open_dataset(cfg.val_data, self.image_size, G.img_channels, "test")
@@ -213,8 +221,6 @@ class EncoderTrainer(Trainer):
             tr, va = split_holdout(len(data), min(cfg.val_count, max(0, len(data) - cfg.batch_size)), cfg.seed)
             self.train_data = SubsetDataset(data, tr, f"{data.name} (training part)")
             self.val = SubsetDataset(data, va, f"{data.name} (held out)")
-        from ..data.datasets import EpochSampler
-
         self.sampler = EpochSampler(
             self.train_data, cfg.batch_size, cfg.seed, cfg.flip, self.dist.rank, self.dist.world_size
         )
@@ -388,8 +394,6 @@ class EncoderTrainer(Trainer):
         return sum(w[k] * v for k, v in losses.items() if k in w)  # type: ignore[return-value]
 
     def _d_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-        from ..losses.adversarial import discriminator_loss, lazy_r1_loss, r1_due
-
         D, opt = self.D, self.opt_d
         D.requires_grad_(True)
         loss, logs = discriminator_loss(self.discriminate, real, fake)
@@ -404,9 +408,6 @@ class EncoderTrainer(Trainer):
         return logs
 
     def train_step(self) -> dict[str, float]:
-        from ..losses.adversarial import encoder_adversarial_loss, fake_codes_for_discriminator, sample_real_codes
-        from ..losses.delta import delta_loss
-
         st: ScheduleState = self.schedule.at(self.step, self.G.num_ws)
         E = self.E
         E.stage = min(st.stage, E.max_stage)
@@ -483,9 +484,6 @@ class EncoderTrainer(Trainer):
         """Write the encoder in the project's format (with the stage the run ended in)."""
         if not self.dist.is_main:
             return None
-        from ..assets import resolve_model
-        from ..checkpoints.encoder import save_encoder
-
         prov = default_provenance(
             made_by="cycle-encoding train-encoder",
             run=self.run_dir.name,
@@ -497,8 +495,6 @@ class EncoderTrainer(Trainer):
             networks=self.nets.names(),
             network_files=self.nets.files(),
         )
-        from ..checkpoints.optimizer import companion_path, from_optimizer, save_optimizer_state
-
         path = save_encoder(self.E, self.run_dir / "encoder.safetensors", prov, trained_stage=self.E.stage)
         # the Ranger state beside it: the refinement restores it for every target, as the authors do
         st = from_optimizer(self.opt_e, self.E, f"{self.run_dir.name}: train-encoder step {self.step}")
@@ -536,8 +532,6 @@ class EncoderTrainer(Trainer):
     def val_plateau_reached(self) -> bool:
         """The rule of :mod:`.plateau` over the weighted validation losses of the schedule's last stage (those after
         step ``final_stage_start``, the first trained in that stage): False while ``val_patience`` is 0."""
-        from .plateau import plateau_holds
-
         if not self.cfg.val_patience:
             return False
         losses = [h["loss"] for h in self.val_history if h["step"] > self.final_stage_start]

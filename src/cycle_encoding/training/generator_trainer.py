@@ -61,12 +61,18 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as dd
+from ..checkpoints.classifier import load_classifier
+from ..checkpoints.generator import W_AVG_SAMPLES, save_generator
 from ..checkpoints.native import default_provenance
 from ..config import from_mapping
+from ..data.datasets import EpochSampler, open_dataset
 from ..errors import CycleEncodingError
+from ..losses.adversarial import r1_penalty
+from ..metrics import generator_sample_metrics
 from ..networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 from ..ops import PRECISIONS, autocast, compile_pass
 from ..utils import make_grid, save_image
+from .plateau import plateau_holds
 from .runs import machine_info, rng_state, set_rng_state
 from .trainer import Trainer, check_loop_options, read_run_config
 
@@ -270,8 +276,6 @@ class GeneratorTrainer(Trainer):
         quiet: bool = False,
         command: str | None = None,
     ) -> None:
-        from ..data.datasets import EpochSampler, open_dataset
-
         self._start(cfg, quiet)
         self.command = command if command is not None else " ".join(sys.argv)
         self.world = self.dist.world_size
@@ -399,8 +403,6 @@ class GeneratorTrainer(Trainer):
         logs = {"d_loss": float(loss.detach()), "d_real": float(real_loss.detach()), "d_fake": float(fake_loss.detach()),
                 "real_score": float(real_pred.detach().mean()), "fake_score": float(fake_pred.detach().mean())}  # fmt: skip
         if self.r1_on and self.step % self.cfg.r1_every == 0:
-            from ..losses.adversarial import r1_penalty
-
             # the plain D (no double backward through a compiled graph), in the run's precision: in bf16 the
             # penalty is within 0.4% and its gradient within 2% of float32's (measured), the step 1.5x faster
             with autocast(real.device, self.cfg.precision):
@@ -502,8 +504,6 @@ class GeneratorTrainer(Trainer):
         """Write g_ema (with ``w_avg`` = mean of mapping(z) over 10,000 samples) as ``generator.safetensors``."""
         if not self.dist.is_main:
             return None
-        from ..checkpoints.generator import W_AVG_SAMPLES, save_generator
-
         self.g_ema.compute_w_avg(W_AVG_SAMPLES)
         return save_generator(self.g_ema, self.run_dir / "generator.safetensors", self.provenance())
 
@@ -534,9 +534,6 @@ class GeneratorTrainer(Trainer):
     # -- the sample metric (classifier FD) and the plateau stop ----------------------------------------------
     def _metric_networks(self) -> tuple[Any, torch.Tensor]:
         if self._metric_inputs is None:
-            from ..checkpoints.classifier import load_classifier
-            from ..data.datasets import open_dataset
-
             cfg = self.cfg
             clf = load_classifier(str(cfg.classifier_name), self.device)
             ref = open_dataset(cfg.reference_spec, cfg.resolution, cfg.channels, "test")
@@ -548,8 +545,6 @@ class GeneratorTrainer(Trainer):
     def evaluate(self) -> dict[str, Any]:
         """The classifier FD of g_ema's samples to the reference images now, with the samples' classes; logged as a
         ``metric`` record (its numbers also to TensorBoard)."""
-        from ..metrics import generator_sample_metrics
-
         t0 = time.perf_counter()
         clf, ref = self._metric_networks()
         m = generator_sample_metrics(self.g_ema, clf, ref, self.cfg.metric_samples, seed=0)
@@ -564,8 +559,6 @@ class GeneratorTrainer(Trainer):
     def plateau_reached(self) -> bool:
         """True when the last ``metric_patience`` evaluations all missed the best earlier FD by less than the margin
         (a relative improvement of ``metric_min_improvement``): the rule of :mod:`.plateau`."""
-        from .plateau import plateau_holds
-
         fds = [h["fd"] for h in self.metric_history]
         return plateau_holds(fds, self.cfg.metric_patience, self.cfg.metric_min_improvement)
 

@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checkpoints import load_generator
+from ..checkpoints.encoder import init_encoder_weights
+from ..data.datasets import open_dataset
 from ..errors import CycleEncodingError
+from ..losses.identity import build_identity, identity_default
+from ..losses.perceptual import build_perceptual
+from ..networks.encoder import Encoder4Editing, EncoderConfig
 from .encoder_trainer import EncoderTrainConfig, data_domain, perceptual_choice
 from .schedule import Schedule, get_schedule
 
@@ -33,9 +39,6 @@ class Preflight:
 def check_encoder_run(cfg: EncoderTrainConfig) -> Preflight:
     """Open the generator, the data, the loss networks, the encoder initialisation and the schedule as
     ``EncoderTrainer`` will; raises the run's own one-line error for the first that fails."""
-    from ..checkpoints import load_generator
-    from ..data.datasets import open_dataset
-
     G = load_generator(cfg.generator, device="cpu")
     checked = [
         f"generator {cfg.generator}: {G.resolution}x{G.resolution}x{G.img_channels}, {G.num_ws} codes of {G.w_dim}"
@@ -55,16 +58,12 @@ def check_encoder_run(cfg: EncoderTrainConfig) -> Preflight:
         raise CycleEncodingError(f"cannot hold out {cfg.val_count} of {len(data)} images for validation: too few")
     pname, pnote = perceptual_choice(cfg, G.img_channels)  # as EncoderTrainer resolves it
     if cfg.perceptual_lambda > 0 and pname != "none":
-        from ..losses.perceptual import build_perceptual
-
         net = build_perceptual(pname, "cpu", cfg.lpips_backbone, domain=data_domain(cfg.data, G.img_channels))
         checked.append(f"perceptual {getattr(net, 'name', pname)}"
                        + (f" (backbone {cfg.lpips_backbone})" if cfg.lpips_backbone else "")
                        + (f" ({pnote})" if pnote else ""))  # fmt: skip
     else:
         checked.append("perceptual: none")
-    from ..losses.identity import build_identity, identity_default
-
     name, note = (cfg.identity, "") if cfg.identity != "auto" else identity_default(cfg.data, cfg.identity_weights)
     if cfg.identity_lambda > 0 and name != "none":  # as EncoderTrainer resolves it
         net = build_identity(name, "cpu", cfg.identity_weights)
@@ -74,9 +73,6 @@ def check_encoder_run(cfg: EncoderTrainConfig) -> Preflight:
     else:
         checked.append("identity: none" + (f" ({note})" if note else ""))
     if cfg.encoder_init:
-        from ..checkpoints.encoder import init_encoder_weights
-        from ..networks.encoder import Encoder4Editing, EncoderConfig
-
         arch = cfg.encoder
         ec = EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim, input_size=arch.input_size or size,
                            in_channels=G.img_channels, widths=arch.widths, units=arch.units, mode=arch.mode,

@@ -545,15 +545,7 @@ def _paper() -> Schedule:
 
 
 def _e4e() -> Schedule:
-    d0, a0 = WeightRule(2e-4), WeightRule(0.1)
-    return Schedule(
-        (
-            Phase("W", 0, 20_000, StageRule(0), d0, a0),
-            Phase("W -> W+", 20_000, 52_000, StageRule(1, "max"), d0, a0),
-            Phase("W+", 52_000, 500_000, StageRule("max"), d0, a0),
-        ),
-        name="e4e",
-    )
+    return Schedule(_paper().phases[:3], name="e4e")  # e4e's progressive schedule: the paper's first three phases
 
 
 def _w() -> Schedule:

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from .. import distributed as dd
-from ..checkpoints.common import atomic_torch_save, atomic_write
+from ..checkpoints.common import atomic_torch_save, atomic_write, torch_load
 from ..config import to_dict
 from ..errors import CheckpointError, CycleEncodingError
+from ..progress import Progress
 from ..utils import resolve_device
 from .runs import RunLog, next_run_dir
 
@@ -148,8 +149,6 @@ class Trainer:
         return atomic_torch_save(ckpt, self.run_dir / "checkpoint.pt")
 
     def _load_checkpoint(self, path: Path) -> None:
-        from ..checkpoints.common import torch_load
-
         ck = torch_load(path)  # on the CPU: random states must stay there; modules copy to their device
         if not isinstance(ck, dict) or ck.get("format") != self.checkpoint_format:
             raise CheckpointError(path, f"not a {self.checkpoint_kind} checkpoint")
@@ -247,8 +246,6 @@ class Trainer:
 
     def run(self, until: int | None = None) -> dict[str, Any]:
         """Train from the current step to ``until`` (default: the configured end); checkpoints on the way."""
-        from ..progress import Progress
-
         cfg = self.cfg
         end = self.end_step(until)
         if self.step == 0 and self.dist.is_main:

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 from ..editing.editor import DEFAULT_STAGES, Editor, InversionCancelled, InversionProgress, tensor_to_pil
 from ..errors import CycleEncodingError
 from .page import ENTER_JS, SHOWN, build_page
@@ -40,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_UPLOAD_MB = 20.0
-DEFAULT_MAX_PIXELS = 40_000_000
+UPLOAD_MAX_PIXELS = 40_000_000
 STAGE_CHOICES = ("encoder", "refine", "project", "tune")
 MAX_TUNE_STEPS = 3500  # 10x the authors' 350 (PTI's and Cycle Encoding's default)
 TUNE_BOUND_WHY = (f"bounded at {MAX_TUNE_STEPS}, ten times the authors' 350, so that one visitor cannot hold the "
@@ -55,7 +57,7 @@ CSS = """
 def import_gradio() -> Any:
     """Gradio, or a one-line error saying how to install it (an optional extra)."""
     try:
-        import gradio as gr
+        import gradio as gr  # lazy: an optional extra, and seconds to import
     except ImportError:
         raise CycleEncodingError(
             "the browser editor needs Gradio: pip install 'cycle-encoding[ui]' (or the pins of requirements.txt)"
@@ -63,11 +65,9 @@ def import_gradio() -> Any:
     return gr
 
 
-def check_upload(path: str | Path, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+def check_upload(path: str | Path, max_bytes: int, max_pixels: int = UPLOAD_MAX_PIXELS) -> None:
     """Refuse, with a one-line message, a file over ``max_bytes``, one that is not an image PIL can read, or an image
     of more than ``max_pixels`` pixels (checked from the header, before the pixels are decoded)."""
-    from PIL import Image, UnidentifiedImageError
-
     p = Path(path)
     name = p.name
     size = p.stat().st_size
@@ -101,7 +101,7 @@ class EditorApp:
         template: Editor,
         *,
         max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int = UPLOAD_MAX_PIXELS,
         stages: tuple[str, ...] = DEFAULT_STAGES,
         tune_steps: int = 100,
         work_dir: str | Path | None = None,
