@@ -384,8 +384,10 @@ class EditorApp:
         )  # fmt: skip
 
     def close(self) -> None:
-        self.blocks.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        try:  # a server stopped while still starting can fail to close: its folder goes all the same
+            self.blocks.close()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def check_tune_steps(steps: Any) -> int:
