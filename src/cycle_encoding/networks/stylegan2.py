@@ -220,10 +220,11 @@ class ModulatedConv2d(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        s = self.modulation(style)  # [B, in]
+        # the weight's scale goes on the style ([B, in]), not on the weight: one full-size product fewer
+        s = self.modulation(style) * self.scale  # [B, in]
+        weight = self.weight.squeeze(0)  # [out, in, k, k] (a view, whose gradient is no full-size copy)
         if self.fused or (self.fused is None and x.shape[0] == 1):
-            return self._forward_fused(x, s)
-        weight = self.weight[0] * self.scale  # [out, in, k, k]
+            return self._forward_fused(x, s, weight)
         x = x * s[:, :, None, None].to(x.dtype)
         if self.upsample:
             out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
@@ -237,10 +238,10 @@ class ModulatedConv2d(nn.Module):
             out = self.blur(out)
         return out
 
-    def _forward_fused(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def _forward_fused(self, x: torch.Tensor, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         batch, in_channel, height, width = x.shape
         k = self.kernel_size
-        weight = self.scale * self.weight * s.view(batch, 1, in_channel, 1, 1)
+        weight = weight * s.view(batch, 1, in_channel, 1, 1)
         if self.demodulate:
             demod = torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + self.eps)
             weight = weight * demod.view(batch, self.out_channel, 1, 1, 1)
@@ -520,6 +521,10 @@ class Generator(nn.Module):
 
         noise_mode: "const" uses the stored noise buffers (deterministic), "random" draws new noise,
         "none" injects none. An explicit ``noise`` list overrides the mode.
+
+        The batched tuning (``inversion/tune_batch.py``) runs this method over stacked per-image weights through
+        ``torch.func.functional_call`` and ``vmap``: keep it free of in-place writes to parameters and of branches
+        on tensor values.
         """
         if ws.ndim == 2:
             ws = ws[:, None, :].expand(-1, self.num_ws, -1)
