@@ -111,7 +111,7 @@ def locality_noise(G: Generator, mode: str, count: int, gen: torch.Generator) ->
     return [torch.randn(count, *n.shape[1:], generator=gen).to(n.device) for n in bufs]
 
 
-def _stacked_noise(G: Generator, rest: list[torch.Tensor | None], count: int) -> list[torch.Tensor]:
+def stacked_noise(G: Generator, rest: list[torch.Tensor | None], count: int) -> list[torch.Tensor]:
     """Noise for a batch [pivot, regularizer codes]: G's constant noise for the pivot's row, ``rest`` (from
     ``locality_noise``) for the others; zeros where ``rest`` has none (adding 0 leaves the activation exactly as
     without noise)."""
@@ -145,7 +145,7 @@ def tuning_loss(
         # as the regularizer asks), one perceptual call on both pairs: the same terms as two passes
         wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
         rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
-        noise = _stacked_noise(tuned, rest, wr.shape[0])
+        noise = stacked_noise(tuned, rest, wr.shape[0])
         with autocast(device, c.precision):
             both = synthesis(tuned, torch.cat([pivot, wr]), noise=noise).float()
             with torch.no_grad():  # the frozen original: no gradient, no activations kept

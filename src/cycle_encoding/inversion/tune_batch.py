@@ -1,12 +1,12 @@
 """Pivotal tuning of several images at once: ``pivotal_tune_many``.
 
-Every image keeps its own copy of the generator's weights: the copies are stacked along a leading image axis
-(``[n, ...]`` per parameter) and one batched forward/backward serves all of them. Each modulated convolution is one
-grouped convolution with one group per image (its own weights), the style modulation applied to the activations and
-the demodulation to the outputs (the same function as the per-sample weights ``pivotal_tune``'s batch-1 passes
-build, without building them: measured faster than a weight per sample). Every other layer (biases, noise strengths, the constant input, ToRGB) takes its image's row, and the
-blur/upsampling filters are shared buffers. The frozen original G of the locality regularizer runs the same code with
-its weights broadcast to every image (no copy), so its renders are what it renders for that image alone.
+Every image keeps its own copy of the generator's synthesis weights: the copies are stacked along a leading image
+axis (``[n, ...]`` per parameter) and one batched forward/backward serves all of them. The forward is the generator's
+own ``synthesis`` (``networks/stylegan2.py``, the one place it is written), run by ``torch.func.functional_call`` with
+image i's weights and vectorized over the images by ``torch.func.vmap``: a convolution whose weights differ per image
+becomes one grouped convolution with one group per image, every other layer takes its image's row, and the filters
+and G's constant noise are shared. The frozen original G of the locality regularizer renders every image's codes in
+one plain batch (its weights are every image's).
 
 Each image's loss is its own (the summed loss's gradient for an image's weights is that image's gradient), each
 image draws its regularizer codes from its own seeded generator (``seeds[i]``, the seed ``pivotal_tune`` is given
@@ -15,13 +15,12 @@ step that each image's own Adam would. An image whose perceptual distance meets 
 before the update, as in ``pivotal_tune``: its weights are taken out, and the others' weights and Adam state are
 carried over to a smaller stack and continue.
 
-The result equals ``pivotal_tune`` on each image alone up to float rounding, not bit for bit: the modulation applied
-to the activations rounds differently from the per-sample weights, and grouped convolutions over n images and the
-perceptual network on a batch of n sum in another order than on one image (measured in fp32: losses within ~1e-6
-relative per step, tuned weights within ~1e-5 of their change after 8-12 steps; see the tests and ``benchmarks/speed.py
---workloads tune-batch``). In bf16 the batched images are as close to the ones tuned alone in bf16 as bf16 is to
-fp32. The fp32 path keeps torch's for-loop Adam as ``pivotal_tune`` does,
-``bf16`` its fused Adam.
+The result equals ``pivotal_tune`` on each image alone up to float rounding, not bit for bit: grouped convolutions
+over n images, the frozen G on n images' codes and the perceptual network on a batch of n sum in another order than
+on one image. Adam amplifies that rounding where a gradient is near zero (its step is lr * m / (sqrt(v) + eps), about
+lr whatever the gradient's size), so weights are compared with a bound of order lr * steps, the losses and renders
+tightly (see ``tests/test_tune_batch.py``). In bf16 the batched images are as close to the ones tuned alone in bf16 as
+bf16 is to fp32. The fp32 path keeps torch's for-loop Adam as ``pivotal_tune`` does, ``bf16`` its fused Adam.
 """
 
 from __future__ import annotations
@@ -31,14 +30,28 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from ..networks.stylegan2 import Generator, ModulatedConv2d, StyledConv, ToRGB
-from ..ops import LRELU_GAIN, LRELU_SLOPE, autocast
+from ..networks.stylegan2 import Generator
+from ..ops import autocast
 from .common import LossNetworks, cpu_generator, frozen
-from .tune import TuneConfig, TuneResult, locality_codes, locality_noise
+from .tune import TuneConfig, TuneResult, locality_codes, locality_noise, stacked_noise
 
 Params = dict[str, torch.Tensor]
+Noise = list[torch.Tensor | None]
+Draws = tuple[torch.Tensor, list[Noise]]  # each image's regularizer codes [n, k, N, w_dim] and noise
+Renders = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # the tuned and frozen renders of them, perceptual
+
+
+class _Synthesis(nn.Module):
+    """``G.synthesis`` as a module's forward, so that ``torch.func.functional_call`` runs it with other weights."""
+
+    def __init__(self, G: Generator) -> None:
+        super().__init__()
+        self.G = G
+
+    def forward(self, ws: torch.Tensor, noise: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        return self.G.synthesis(ws, noise=noise)
 
 
 def stack_parameters(G: Generator, n: int) -> Params:
@@ -51,109 +64,67 @@ def stack_parameters(G: Generator, n: int) -> Params:
     }
 
 
-def broadcast_parameters(G: Generator, n: int) -> Params:
-    """G's synthesis weights seen as ``n`` identical rows (expanded views, no copy): the frozen original's."""
-    return {k: p.detach()[None].expand(n, *p.shape) for k, p in G.named_parameters() if not k.startswith("style.")}
-
-
-def _modulated_conv(
-    m: ModulatedConv2d, P: Params, name: str, x: torch.Tensor, style: torch.Tensor, n: int, b: int
-) -> torch.Tensor:
-    """``m``'s modulated convolution with image i's own weights for its ``b`` rows: x ``[n*b, in, H, W]``, style
-    ``[n, b, w_dim]`` -> ``[n*b, out, H', W']``. The modulation scales the activations (not the weights): x * s is
-    convolved with each image's W (one group per image, its b rows as the batch), then each output channel is
-    demodulated by rsqrt(sum_i s_i^2 sum_k W_oik^2 + eps): the same function as the per-sample weights of
-    ``ModulatedConv2d._forward_fused`` without building a weight per sample."""
-    lin_w, lin_b = P[f"{name}.modulation.weight"], P[f"{name}.modulation.bias"]
-    mod = m.modulation
-    s = torch.baddbmm((lin_b * mod.lr_mul)[:, None, :], style, (lin_w * mod.scale).transpose(1, 2))  # [n, b, in]
-    s = s * m.scale
-    W = P[f"{name}.weight"].squeeze(1)  # [n, out, in, k, k] (a view: its gradient is no full-size copy)
-    _, in_channel, height, width = x.shape
-    k, out_channel = m.kernel_size, m.out_channel
-    xs = (x.view(n, b, in_channel, height, width) * s[:, :, :, None, None].to(x.dtype)).transpose(0, 1)
-    xs = xs.reshape(b, n * in_channel, height, width)
-    if m.upsample:
-        wt = W.transpose(1, 2).reshape(n * in_channel, out_channel, k, k)
-        out = F.conv_transpose2d(xs, wt, padding=0, stride=2, groups=n)
-    else:
-        out = F.conv2d(xs, W.reshape(n * out_channel, in_channel, k, k), padding=m.padding, groups=n)
-    h2, w2 = out.shape[-2:]
-    out = out.view(b, n, out_channel, h2, w2).transpose(0, 1)  # [n, b, out, H', W']
-    if m.demodulate:
-        wsq = W.pow(2).sum([3, 4])  # [n, out, in]
-        demod = torch.rsqrt(torch.bmm(s.pow(2), wsq.transpose(1, 2)) + m.eps)  # [n, b, out]
-        out = out * demod[:, :, :, None, None].to(out.dtype)
-    out = out.reshape(n * b, out_channel, h2, w2)
-    if m.upsample:
-        out = m.blur(out)
-    return out
-
-
-def _styled_conv(
-    layer: StyledConv,
-    P: Params,
-    name: str,
-    x: torch.Tensor,
-    style: torch.Tensor,
-    noise: torch.Tensor | None,
-    n: int,
-    b: int,
-) -> torch.Tensor:
-    out = _modulated_conv(layer.conv, P, f"{name}.conv", x, style, n, b)
-    c, h, w = out.shape[1:]
-    out = out.view(n, b, c, h, w)
-    if noise is not None:  # [b, 1, H, W] (the same for every image) or [n, b, 1, H, W]
-        out = out + P[f"{name}.noise.weight"].view(n, 1, 1, 1, 1) * noise
-    out = out + P[f"{name}.activate.bias"].view(n, 1, c, 1, 1).to(out.dtype)
-    return (F.leaky_relu(out, LRELU_SLOPE) * LRELU_GAIN).view(n * b, c, h, w)
-
-
-def _to_rgb(
-    layer: ToRGB, P: Params, name: str, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None, n: int, b: int
-) -> torch.Tensor:
-    out = _modulated_conv(layer.conv, P, f"{name}.conv", x, style, n, b)
-    c, h, w = out.shape[1:]
-    out = (out.view(n, b, c, h, w) + P[f"{name}.bias"].view(n, 1, c, 1, 1)).view(n * b, c, h, w)
-    if skip is not None:
-        out = out + layer.upsample(skip)
-    return out
-
-
 def stacked_synthesis(
     G: Generator, P: Params, ws: torch.Tensor, noise: Sequence[torch.Tensor | None] | None = None
 ) -> torch.Tensor:
     """Render ``ws`` ``[n, b, num_ws, w_dim]`` (b codes per image) with the stacked weights ``P`` (``[n, ...]``, as
-    ``stack_parameters`` makes them; G gives the architecture and the filters): images ``[n, b, C, R, R]``.
-    ``noise``: one entry per noise layer, ``[b, 1, H, W]`` (every image the same, e.g. G's constant noise) or
-    ``[n, b, 1, H, W]``, or None for no noise (``noise_mode="none"``); None: G's constant noise."""
-    n, b = ws.shape[:2]
+    ``stack_parameters`` makes them): images ``[n, b, C, R, R]``, image i's rows by ``G.synthesis`` with image i's
+    weights. ``noise``: one entry per noise layer, ``[b, 1, H, W]`` (every image the same, e.g. G's constant noise)
+    or ``[n, b, 1, H, W]``, or None for no noise (``noise_mode="none"``); None: G's constant noise. G's parameters
+    are swapped for P's during the call, so no other thread may use G meanwhile (``pivotal_tune_many`` calls it on a
+    private copy)."""
     if ws.ndim != 4 or ws.shape[2] != G.num_ws or ws.shape[3] != G.w_dim:
         raise ValueError(f"ws must have shape [n, b, {G.num_ws}, {G.w_dim}], got {list(ws.shape)}")
-    if noise is None:
-        noise = G.noise_buffers()
-    const = P["input.input"]  # [n, 1, C, 4, 4]
-    out = const.expand(n, b, *const.shape[2:]).reshape(n * b, *const.shape[2:])
-    out = _styled_conv(G.conv1, P, "conv1", out, ws[:, :, 0], noise[0], n, b)
-    skip = _to_rgb(G.to_rgb1, P, "to_rgb1", out, ws[:, :, 1], None, n, b)
-    i = 1
-    for j in range(len(G.to_rgbs)):
-        out = _styled_conv(G.convs[2 * j], P, f"convs.{2 * j}", out, ws[:, :, i], noise[1 + 2 * j], n, b)
-        out = _styled_conv(G.convs[2 * j + 1], P, f"convs.{2 * j + 1}", out, ws[:, :, i + 1], noise[2 + 2 * j], n, b)
-        skip = _to_rgb(G.to_rgbs[j], P, f"to_rgbs.{j}", out, ws[:, :, i + 2], skip, n, b)
-        i += 2
-    return skip.view(n, b, *skip.shape[1:])
+    noise = G.noise_buffers() if noise is None else list(noise)
+    dims = [0 if t is not None and t.ndim == 5 else None for t in noise]
+    module = _Synthesis(G)
+
+    def one(p: Params, w: torch.Tensor, nz: Noise) -> torch.Tensor:
+        return torch.func.functional_call(module, {f"G.{k}": v for k, v in p.items()}, (w, nz))
+
+    return torch.func.vmap(one, in_dims=(0, 0, dims))(P, ws, noise)
 
 
-def _noise(G: Generator, mode: str, gens: Sequence[torch.Generator], count: int) -> list[torch.Tensor | None]:
-    """The regularizer rows' noise per layer, ``count`` codes per image: ``locality_noise`` of each image (from its
-    own generator when random) stacked ``[n, count, 1, H, W]``; None for ``"none"``."""
-    per_image = [locality_noise(G, mode, count, g) for g in gens]
-    out: list[torch.Tensor | None] = []
-    for j in range(len(per_image[0])):
-        layer = [r[j] for r in per_image]
-        out.append(None if layer[0] is None else torch.stack(layer))  # type: ignore[arg-type]
-    return out
+class _Stack:
+    """The images still tuning: their indices (in row order), their weights stacked ``[n, ...]``, one Adam."""
+
+    def __init__(self, G: Generator, c: TuneConfig, n: int) -> None:
+        self.active = list(range(n))
+        self.P = stack_parameters(G, n)
+        self.c = c
+        self.opt = self._adam(self.P)
+        self.updates = 0
+
+    def _adam(self, P: Params) -> torch.optim.Adam:
+        fused = {"fused": True} if self.c.precision != "fp32" else {}
+        return torch.optim.Adam(list(P.values()), lr=self.c.lr, betas=(0.9, 0.999), **fused)
+
+    def rows(self, keep: list[int]) -> Params:
+        """The weights of rows ``keep`` (differentiable views of the stack)."""
+        if len(keep) == len(self.active):
+            return self.P
+        idx = torch.tensor(keep, device=next(iter(self.P.values())).device)
+        return {k: v.index_select(0, idx) for k, v in self.P.items()}
+
+    def update(self, loss: torch.Tensor, keep: list[int]) -> None:
+        """One Adam step on the kept rows' summed loss; rows not in ``keep`` leave the stack first (weights,
+        gradients and Adam state carried over row by row, so each remaining image takes the step it would alone)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        if len(keep) < len(self.active):
+            idx = torch.tensor(keep, device=loss.device)
+            Q = {k: v.detach().index_select(0, idx).requires_grad_(True) for k, v in self.P.items()}
+            for k, v in self.P.items():
+                if v.grad is not None:
+                    Q[k].grad = v.grad.index_select(0, idx)
+            opt = self._adam(Q)
+            for k in self.P:
+                st = self.opt.state.get(self.P[k], {})
+                opt.state[Q[k]] = {s: t.index_select(0, idx) if t.ndim > 0 else t for s, t in st.items()}
+            self.P, self.opt = Q, opt
+            self.active = [self.active[j] for j in keep]
+        self.opt.step()
+        self.updates += 1
 
 
 def _unstack(G: Generator, P: Params, i: int) -> Generator:
@@ -164,6 +135,93 @@ def _unstack(G: Generator, P: Params, i: int) -> Generator:
             if k in P:
                 p.copy_(P[k][i])
     return tuned.requires_grad_(False)
+
+
+def _stack_layers(per_image: list[Noise]) -> Noise:
+    """Per-image noise lists -> one list, each layer stacked over the images (None where the images have none)."""
+    return [None if layer[0] is None else torch.stack(layer) for layer in zip(*per_image)]  # type: ignore[misc]
+
+
+def _draw(G: Generator, c: TuneConfig, piv: list[torch.Tensor], gens: list[torch.Generator]) -> Draws:
+    """Each image's regularizer codes ``[n, k, N, w_dim]`` and noise (``locality_noise``, per image), drawn from its
+    own generator in ``pivotal_tune``'s order (codes, then noise)."""
+    wr, rests = [], []
+    for p, g in zip(piv, gens):
+        wr.append(locality_codes(G, p, c.locality_samples, c.locality_alpha, c.locality_truncation, g))
+        rests.append(locality_noise(G, c.locality_noise_mode, c.locality_samples, g))
+    return torch.stack(wr), rests
+
+
+@torch.no_grad()
+def _original(G: Generator, wr: torch.Tensor, rests: list[Noise]) -> torch.Tensor:
+    """The frozen G's renders of every image's codes ``[n, k, ...]``, in one batch (its weights are every image's)."""
+    noise = [None if t is None else t.flatten(0, 1) for t in _stack_layers(rests)]
+    return G.synthesis(wr.flatten(0, 1), noise=noise).unflatten(0, wr.shape[:2]).float()
+
+
+def _fit(
+    T: Generator,
+    G: Generator,
+    P: Params,
+    c: TuneConfig,
+    perceptual: Any,
+    step: int,
+    pivot: torch.Tensor,
+    x: torch.Tensor,
+    draws: Draws | None,
+) -> tuple[torch.Tensor, list[dict[str, Any]], list[bool], Renders | None]:
+    """The pivot's renders by each image's weights and their reconstruction terms: (loss ``[n]``, records, stop
+    flags, and with ``draws`` (``batch_passes``) the regularizer's renders from the same pass: (new, old, their
+    perceptual distances or None)); ``T`` is the template the stacked weights run in."""
+    n = pivot.shape[0]
+    with autocast(x.device, c.precision):
+        if draws is None:
+            y, extra = stacked_synthesis(T, P, pivot)[:, 0].float(), None
+        else:
+            wr, rests = draws
+            noise = _stack_layers([stacked_noise(G, r, wr.shape[1]) for r in rests])
+            both = stacked_synthesis(T, P, torch.cat([pivot, wr], 1), noise).float()
+            y, new, old = both[:, 0], both[:, 1:], _original(G, wr, rests)
+            extra = (new, old, None)
+            if perceptual is not None:
+                pv = perceptual(both.flatten(0, 1), torch.cat([x[:, None], old], 1).flatten(0, 1))
+                pv = pv.float().reshape(n, -1)
+                extra = (new, old, pv[:, 1:].mean(1))
+        p = None
+        if perceptual is not None:
+            p = pv[:, 0] if draws is not None else perceptual(y, x).float().reshape(n)
+    mse = (y - x).square().flatten(1).mean(1)
+    recs: list[dict[str, Any]] = [{"stage": "tune", "step": step, "l2": float(v)} for v in mse.detach()]
+    loss = c.l2_lambda * mse
+    stop = [False] * n
+    if p is not None:
+        for r, v in zip(recs, p.detach()):
+            r["perceptual"] = float(v)
+        loss = loss + c.perceptual_lambda * p
+        if c.stop_threshold is not None:
+            stop = [r["perceptual"] <= c.stop_threshold for r in recs]
+    return loss, recs, stop, extra
+
+
+def _locality(
+    T: Generator, G: Generator, P: Params, c: TuneConfig, perceptual: Any, extra: Renders | None, draws: Draws | None
+) -> torch.Tensor:
+    """The regularizer's term per image ``[m]``, from the renders ``extra`` (new, old, perceptual or None), or, when
+    None, from renders of ``draws`` made here."""
+    if extra is None:
+        wr, rests = draws
+        with autocast(wr.device, c.precision):
+            new = stacked_synthesis(T, P, wr, _stack_layers(rests)).float()
+            old = _original(G, wr, rests)
+        extra = (new, old, None)
+    new, old, pn = extra
+    reg = c.locality_l2_lambda * (new - old).square().flatten(1).mean(1)
+    if perceptual is not None and c.locality_perceptual_lambda:
+        if pn is None:
+            with autocast(new.device, c.precision):
+                pn = perceptual(new.flatten(0, 1), old.flatten(0, 1)).float().reshape(new.shape[0], -1).mean(1)
+        reg = reg + c.locality_perceptual_lambda * pn
+    return reg
 
 
 def pivotal_tune_many(
@@ -179,173 +237,62 @@ def pivotal_tune_many(
     R]``, seed ``seeds[i]``) gets what ``pivotal_tune(G, pivots[i], targets[i], nets, config, seeds[i])`` gives, up to
     float rounding (see the module doc). ``on_step(i, record)`` sees image i's step records. ``G`` is not changed."""
     c = config or TuneConfig()
-    nets = nets or LossNetworks()
+    perceptual = (nets or LossNetworks()).perceptual
     device = G.w_avg.device
     piv = [p.to(device).detach().reshape(1, G.num_ws, G.w_dim) for p in pivots]
     xs = [x.to(device).reshape(1, *x.shape[-3:]) for x in targets]
-    total = len(piv)
-    if len(xs) != total:
-        raise ValueError(f"{total} pivots but {len(xs)} targets")
-    seeds = list(seeds) if seeds is not None else [0] * total
-    if len(seeds) != total:
-        raise ValueError(f"{total} pivots but {len(seeds)} seeds")
-    results: list[TuneResult | None] = [None] * total
-    if total == 0:
+    seeds = list(seeds) if seeds is not None else [0] * len(piv)
+    for what, count in (("targets", len(xs)), ("seeds", len(seeds))):
+        if count != len(piv):
+            raise ValueError(f"{len(piv)} pivots but {count} {what}")
+    if not piv:
         return []
     gens = [cpu_generator(s) for s in seeds]
-    active = list(range(total))  # the images still tuning, in stack order
-    P = stack_parameters(G, total)
-    names = list(P)
-    fast = c.precision != "fp32"
-
-    def make_opt(params: Params) -> torch.optim.Adam:
-        return torch.optim.Adam(
-            [params[k] for k in names], lr=c.lr, betas=(0.9, 0.999), **({"fused": True} if fast else {})
-        )
-
-    opt = make_opt(P)
-    losses: list[list[dict[str, Any]]] = [[] for _ in range(total)]
-    updates = 0
-    perceptual = nets.perceptual
-
-    def finish(i: int, row: int, params: Params, stopped: bool) -> None:
-        results[i] = TuneResult(generator=_unstack(G, params, row), losses=losses[i], updates=updates,
-                                stopped_early=stopped)  # fmt: skip
+    S = _Stack(G, c, len(piv))
+    # the module the stacked weights run in (G itself stays untouched), its modulation on the activations: a
+    # weight per image and code measured 1.4x slower (benchmarks/speed.py --workloads tune-batch)
+    T = copy.deepcopy(G).requires_grad_(False)
+    T.set_fused_modconv(False)
+    losses: list[list[dict[str, Any]]] = [[] for _ in piv]
+    results: dict[int, TuneResult] = {}
 
     def emit(i: int, rec: dict[str, Any]) -> None:
         losses[i].append(rec)
         if on_step is not None:
             on_step(i, rec)
 
+    def finish(i: int, row: int, stopped: bool) -> None:
+        results[i] = TuneResult(_unstack(G, S.P, row), losses[i], S.updates, stopped)
+
     with frozen(G):
         for step in range(c.steps):
-            n = len(active)
+            act = S.active
             regularize = c.locality and step % c.locality_every == 0
-            pivot = torch.stack([piv[i] for i in active])  # [n, 1, N, w_dim]
-            x = torch.cat([xs[i] for i in active])  # [n, C, R, R]
-            wr = new = old = pv = None
-            if regularize and c.batch_passes:
-                wr = torch.stack([locality_codes(G, piv[i], c.locality_samples, c.locality_alpha,
-                                                 c.locality_truncation, gens[i]) for i in active])  # fmt: skip
-                rest = _noise(G, c.locality_noise_mode, [gens[i] for i in active], wr.shape[1])
-                noise = _join(G, rest, n, wr.shape[1])
-                with autocast(device, c.precision):
-                    both = stacked_synthesis(G, P, torch.cat([pivot, wr], 1), noise).float()
-                    with torch.no_grad():
-                        old = stacked_synthesis(G, broadcast_parameters(G, n), wr, rest).float()
-                y, new = both[:, 0], both[:, 1:]
-                if perceptual is not None:
-                    k = wr.shape[1]
-                    ys = torch.cat([y[:, None], new], 1).flatten(0, 1)
-                    xo = torch.cat([x.to(both.dtype)[:, None], old], 1).flatten(0, 1)
-                    with autocast(device, c.precision):
-                        pv = perceptual(ys, xo).float().reshape(n, 1 + k)
-            else:
-                with autocast(device, c.precision):
-                    y = stacked_synthesis(G, P, pivot)[:, 0]
-                y = y.float()
-            mse = (y - x).square().flatten(1).mean(1)  # [n]
-            recs = [{"stage": "tune", "step": step, "l2": float(v)} for v in mse.detach()]
-            loss = c.l2_lambda * mse
-            stop = [False] * n
-            if perceptual is not None:
-                if pv is not None:
-                    p = pv[:, 0]
-                else:
-                    with autocast(device, c.precision):
-                        p = perceptual(y, x).float().reshape(n)
-                for r, v in zip(recs, p.detach()):
-                    r["perceptual"] = float(v)
-                loss = loss + c.perceptual_lambda * p
-                if c.stop_threshold is not None:
-                    stop = [r["perceptual"] <= c.stop_threshold for r in recs]
-            keep = [j for j in range(n) if not stop[j]]
-            for j in range(n):
+            draws = _draw(G, c, [piv[i] for i in act], [gens[i] for i in act]) if regularize else None
+            pivot, x = torch.stack([piv[i] for i in act]), torch.cat([xs[i] for i in act])
+            loss, recs, stop, extra = _fit(T, G, S.P, c, perceptual, step, pivot, x, draws if c.batch_passes else None)
+            for j, r in enumerate(recs):
                 if stop[j]:
-                    recs[j]["stopped"] = True
-                    emit(active[j], recs[j])
-                    finish(active[j], j, P, True)
+                    r["stopped"] = True
+                    emit(act[j], r)
+                    finish(act[j], j, True)
+            keep = [j for j in range(len(act)) if not stop[j]]
             if not keep:
-                active = []
+                S.active = []
                 break
-            sub = keep if len(keep) < n else None
-            if sub is not None:  # the images that stopped leave: the rest go on with rows `keep`
-                idx = torch.tensor(keep, device=device)
-                Pk = {k: v.index_select(0, idx) for k, v in P.items()}
-                loss = loss.index_select(0, idx)
-                if wr is not None:
-                    wr, new, old = wr[idx], new[idx], old[idx]
-                    if pv is not None:
-                        pv = pv[idx]
-            else:
-                Pk = P
-            m = len(keep)
+            loss = loss[keep]
             if regularize:
-                if wr is None:
-                    kept = [active[j] for j in keep]
-                    wr = torch.stack([locality_codes(G, piv[i], c.locality_samples, c.locality_alpha,
-                                                     c.locality_truncation, gens[i]) for i in kept])  # fmt: skip
-                    rest = _noise(G, c.locality_noise_mode, [gens[i] for i in kept], wr.shape[1])
-                    with autocast(device, c.precision):
-                        new = stacked_synthesis(G, Pk, wr, rest)
-                        with torch.no_grad():
-                            old = stacked_synthesis(G, broadcast_parameters(G, m), wr, rest)
-                    new, old = new.float(), old.float()
-                assert new is not None and old is not None
-                reg = c.locality_l2_lambda * (new - old).square().flatten(1).mean(1)
-                if perceptual is not None and c.locality_perceptual_lambda:
-                    if pv is not None:
-                        pn = pv[:, 1:].mean(1)
-                    else:
-                        with autocast(device, c.precision):
-                            pn = perceptual(new.flatten(0, 1), old.flatten(0, 1)).float().reshape(m, -1).mean(1)
-                    reg = reg + c.locality_perceptual_lambda * pn
+                extra = None if extra is None else tuple(None if t is None else t[keep] for t in extra)
+                draws = None if draws is None else (draws[0][keep], [draws[1][j] for j in keep])
+                reg = _locality(T, G, S.rows(keep), c, perceptual, extra, draws)
                 for j, v in zip(keep, reg.detach()):
                     recs[j]["locality"] = float(v)
                 loss = loss + reg
             for j, v in zip(keep, loss.detach()):
                 recs[j]["loss"] = float(v)
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            before = active
-            if sub is not None:
-                P, opt = _shrink(P, opt, idx, make_opt)
-                active = [active[j] for j in keep]
-            opt.step()
-            updates += 1
+            S.update(loss, keep)
             for j in keep:
-                emit(before[j], recs[j])
-    for row, i in enumerate(active):
-        finish(i, row, P, False)
-    opt.zero_grad(set_to_none=True)
-    return [r for r in results if r is not None]
-
-
-def _join(G: Generator, rest: list[torch.Tensor | None], n: int, count: int) -> list[torch.Tensor]:
-    """Noise for [pivot row, regularizer rows] of every image: G's constant noise on the pivot's row, ``rest``
-    (``_noise``) on the others, zeros where it has none: ``[n, 1 + count, 1, H, W]`` per layer."""
-    out = []
-    for nb, r in zip(G.noise_buffers(), rest):
-        first = nb[None].expand(n, *nb.shape)
-        r = nb.new_zeros(n, count, *nb.shape[1:]) if r is None else r
-        out.append(torch.cat([first, r], 1))
-    return out
-
-
-def _shrink(
-    P: Params, opt: torch.optim.Adam, idx: torch.Tensor, make_opt: Callable[[Params], torch.optim.Adam]
-) -> tuple[Params, torch.optim.Adam]:
-    """The stack reduced to rows ``idx``: new leaf weights with their gradients, and an Adam whose state (moments,
-    step count) is the old one's rows, so each remaining image's next step is the one it would take alone."""
-    Q = {k: v.detach().index_select(0, idx).requires_grad_(True) for k, v in P.items()}
-    for k, v in P.items():
-        if v.grad is not None:
-            Q[k].grad = v.grad.index_select(0, idx)
-    new = make_opt(Q)
-    for k in P:
-        st = opt.state.get(P[k])
-        if st:
-            new.state[Q[k]] = {
-                s: (t.index_select(0, idx) if isinstance(t, torch.Tensor) and t.ndim > 0 else t) for s, t in st.items()
-            }
-    return Q, new
+                emit(act[j], recs[j])
+    for row, i in enumerate(S.active):
+        finish(i, row, False)
+    return [results[i] for i in range(len(piv))]
