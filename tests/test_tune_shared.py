@@ -339,3 +339,23 @@ def test_shared_tuning_killed_with_sigkill_goes_on_from_its_saved_state(files, t
     assert again.returncode == 0, again.stderr
     assert "going on after round" in again.stderr and "project" not in again.stderr.split("shared tuning:")[1]
     assert run_outputs(run) == run_outputs(tmp_path / "ref") and not state.exists()
+
+
+def test_a_run_from_before_shared_tuning_still_resumes_and_shared_is_another_run():
+    """config.json written before ``tune_mode`` existed fingerprints as a one-by-one run; how often a shared tuning
+    saves its state changes no result; a shared run's fingerprint differs from a one-by-one run's."""
+    from cycle_encoding.config import to_dict
+    from cycle_encoding.inversion.config import InversionConfig
+    from cycle_encoding.inversion.run_folder import fingerprint
+
+    def desc(opts):
+        return {"options": opts, "generator": {"weights_sha256": "g"}, "encoder": None, "networks": {}}
+
+    now = to_dict(InversionConfig(stages=("encoder", "tune")))
+    old = {k: v for k, v in now.items() if k not in ("tune_mode", "tune_save_every")}
+    assert fingerprint(desc(old)) == fingerprint(desc(now)) == fingerprint(desc({**now, "tune_save_every": 3}))
+    assert fingerprint(desc({**now, "tune_mode": "shared"})) != fingerprint(desc(now))
+    with pytest.raises(ValueError, match="tune_mode must be one of each, shared"):
+        InversionConfig(tune_mode="multi")
+    with pytest.raises(ValueError, match="tune_batch does not apply to shared tuning"):
+        InversionConfig(tune_mode="shared", tune_batch=2)

@@ -45,7 +45,8 @@ from .progress import StepBar
 from .result import InversionResult
 
 # options that may differ between the runs that fill one folder (they do not change any result)
-VOLATILE_OPTIONS = ("device", "tune_batch")  # tune_batch: the same results within float rounding
+# (tune_batch: the same results within float rounding; tune_save_every: how often a shared tuning saves its state)
+VOLATILE_OPTIONS = ("device", "tune_batch", "tune_save_every")
 
 
 class Inverter(Protocol):
@@ -70,6 +71,7 @@ class Inverter(Protocol):
 def fingerprint(desc: dict[str, Any]) -> dict[str, Any]:
     """What must be the same for two runs to fill one folder: options (but the volatile ones), weights, networks."""
     opts = {k: v for k, v in desc["options"].items() if k not in VOLATILE_OPTIONS}
+    opts.setdefault("tune_mode", "each")  # a run from before shared tuning tuned each image alone
     enc = desc["encoder"]["weights_sha256"] if desc.get("encoder") else None
     return {"options": opts, "generator": desc["generator"]["weights_sha256"], "encoder": enc,
             "networks": desc["networks"]}  # fmt: skip

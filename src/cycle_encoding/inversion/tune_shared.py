@@ -22,6 +22,10 @@ mode is ``pivotal_tune`` without early stop, bit for bit. The state of a tuning 
 image's generator state, the rounds done and the losses so far) is a ``SharedTuneState``: ``save_every`` rounds it
 goes to ``on_save`` (the run folder writes it atomically), and a tuning started with ``resume=`` that state goes on
 as if never stopped (same weights, bit for bit, on the same machine).
+
+Into a run folder (``invert --tune shared``, ``Inverter(..., tune_mode="shared").run``): ``invert_shared`` runs
+every image's stages before tuning first (each image resumable), then this loop on all of them, and stores the one
+generator once (the layout: ``checkpoints/run_folder.py``).
 """
 
 from __future__ import annotations
