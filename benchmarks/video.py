@@ -16,10 +16,11 @@ encoder,tune, the shipped ``fmnist-encoder``) at strengths 0 and a; from the vid
   (jitter and lag both count; 0 only when every change is the true one);
 
 all on the [-1, 1] scale of the project's images. Methods: frames tuned one by one (``tune="each"``), the one
-generator tuned on all frames (``tune="shared"``, when the inversion offers it), each with and without smoothing the
+generator tuned on all frames (``tune="shared"``, PTI's multi-ID tuning), each with and without smoothing the
 pivots over time. The smoothing variants re-render the same run (smoothing acts at render time). Seconds per frame:
 the inversion's (encoder + tuning, from the run's summary.json, so a resumed run still reports them) and the
-rendering's; memory: the process's peak resident size after the method (``ru_maxrss``).
+rendering's; storage: the bytes the run stores for its tuned generators (one change per frame, or one for all);
+memory: the process's peak resident size after the method (``ru_maxrss``).
 
     .venv/bin/python benchmarks/video.py --frames 24 --tune-steps 100 --out /tmp/video-bench \
         --strip docs/images/video-fmnist-strip.png
@@ -45,7 +46,7 @@ from PIL import Image
 from cycle_encoding.checkpoints.generator import load_generator
 from cycle_encoding.data.video import read_video, write_video
 from cycle_encoding.editing.render import named_directions
-from cycle_encoding.editing.video import FRAME_INVERTERS, edit_label, edit_video
+from cycle_encoding.editing.video import edit_label, edit_video
 from cycle_encoding.networks.stylegan2 import Generator
 from cycle_encoding.utils import to_uint8
 
@@ -128,20 +129,19 @@ def run_methods(args: argparse.Namespace, clip: Path, truth: dict[str, Any]) -> 
     config = {"stages": ["encoder", "tune"], "tune": {"steps": args.tune_steps}}
     sigmas = [0.0, *args.smooth]
     for tune in ("each", "shared"):
-        if tune not in FRAME_INVERTERS:
-            rows.append({"method": f"{tune}: not yet available"})
-            continue
         out = args.out / tune
         for sigma in sigmas:
             t = time.perf_counter()
             doc = edit_video(clip, out, truth["direction"], args.generator, args.encoder, strengths=[0.0, truth["strength"]],
                              component=args.component, config=config, tune=tune, align="frame", smooth_pivots=sigma,
                              crf=0, device=args.device, progress="none", log=lambda s: None)  # fmt: skip
-            per_stage = json.loads((out / "run" / "summary.json").read_text())["per_stage"]
+            summary = json.loads((out / "run" / "summary.json").read_text())
+            per_stage, stored = summary["per_stage"], summary.get("generator_delta", {})
             row = {"method": f"{tune}" + (f" + smoothing {sigma:g}" if sigma else ""),
                    **measure(out, truth), "wall_s": time.perf_counter() - t,
                    "s_per_frame": {"invert": sum(e["seconds_per_image"] for e in per_stage.values()),
                                    "render": doc["seconds_per_frame"]["render"]},
+                   "stored_mb": stored.get("mean_bytes_per_image", 0) * summary["finished"] / 1e6,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
             rows.append(row)
             print(table_line(row), flush=True)
@@ -154,12 +154,10 @@ def run_methods(args: argparse.Namespace, clip: Path, truth: dict[str, Any]) -> 
 
 
 def table_line(r: dict[str, Any]) -> str:
-    if "recon_mse" not in r:
-        return f"| {r['method']} | | | | | | |"
     s = r["s_per_frame"]
     return (f"| {r['method']} | {r['recon_mse']:.5f} | {r['edit_mse']:.5f} | {r['flicker']:+.5f} | "
             f"{r['temporal_error']:.5f} | "
-            f"{s.get('invert', 0):.2f} / {s.get('render', 0):.3f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+            f"{s.get('invert', 0):.2f} / {s.get('render', 0):.3f} | {r['stored_mb']:.2f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
 
 
 def main() -> None:
@@ -189,9 +187,10 @@ def main() -> None:
           f"tune steps {args.tune_steps}; threads {torch.get_num_threads()}; truth's own flicker "
           f"{flicker(truth['edits']):.5f}")  # fmt: skip
     print(
-        "| method | recon MSE | edit MSE | flicker over truth | temporal error | s/frame invert / render | peak RSS MB |"
+        "| method | recon MSE | edit MSE | flicker over truth | temporal error | s/frame invert / render | stored MB "
+        "| peak RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     run_methods(args, clip, truth)
 
 
