@@ -29,8 +29,9 @@ from .editing.editor import Editor
 from .editing.video import edit_video
 from .errors import CheckpointError, CycleEncodingError
 from .inversion import Inverter
+from .networks.discriminator import Discriminator, DiscriminatorConfig
 from .networks.encoder import Encoder4Editing, EncoderConfig
-from .networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from .networks.stylegan2 import Generator, GeneratorConfig
 from .utils import to_pil
 from .version import __version__
 

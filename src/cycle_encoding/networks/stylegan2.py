@@ -1,4 +1,4 @@
-"""StyleGAN2 generator and discriminator in plain PyTorch.
+"""StyleGAN2 generator in plain PyTorch (its discriminator: ``discriminator.py``).
 
 Module and parameter names follow rosinality/stylegan2-pytorch, the layout most community checkpoints
 use, so a rosinality ``g_ema`` state dict loads with ``strict=True`` and no renaming (see
@@ -30,13 +30,13 @@ NoiseMode = Literal["const", "random", "none"]
 NOISE_MODES = ("const", "random", "none")
 
 
-def _check_resolution(resolution: int, low: int = 8, high: int = 1024) -> int:
+def check_resolution(resolution: int, low: int = 8, high: int = 1024) -> int:
     if not (low <= resolution <= high) or resolution & (resolution - 1):
         raise ValueError(f"resolution must be a power of two from {low} to {high}, got {resolution}")
     return int(math.log2(resolution))
 
 
-def _integers(config: Any, *names: str) -> None:
+def check_integers(config: Any, *names: str) -> None:
     """Fields that must be integers: one clear line for another type (not torch's at build time), numpy ints kept."""
     for name in names:
         v = getattr(config, name)
@@ -59,8 +59,8 @@ class GeneratorConfig:
     blur_kernel: tuple[float, ...] = (1, 3, 3, 1)
 
     def __post_init__(self) -> None:
-        _integers(self, "resolution", "style_dim", "n_mlp", "channel_base", "channel_max", "img_channels")
-        _check_resolution(self.resolution)
+        check_integers(self, "resolution", "style_dim", "n_mlp", "channel_base", "channel_max", "img_channels")
+        check_resolution(self.resolution)
         if self.img_channels not in (1, 3):
             raise ValueError(f"img_channels must be 1 or 3, got {self.img_channels}")
         if self.n_mlp < 1:
@@ -152,27 +152,6 @@ class EqualLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, lr_mul={self.lr_mul}"
-
-
-class EqualConv2d(nn.Module):
-    def __init__(
-        self,
-        in_channel: int,
-        out_channel: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
-        bias=True,
-    ) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_channel, in_channel, kernel_size, kernel_size))
-        self.scale = 1 / math.sqrt(in_channel * kernel_size**2)
-        self.stride = stride
-        self.padding = padding
-        self.bias = nn.Parameter(torch.zeros(out_channel)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight * self.scale, bias=self.bias, stride=self.stride, padding=self.padding)
 
 
 class ModulatedConv2d(nn.Module):
@@ -582,123 +561,3 @@ def _pick_truncation(truncation: float, truncation_psi: float | None) -> float:
     if isinstance(psi, bool) or not isinstance(psi, (int, float)):
         raise TypeError(f"truncation must be a number, got {type(psi).__name__}")
     return float(psi)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Discriminator
-
-
-@dataclass(frozen=True)
-class DiscriminatorConfig:
-    resolution: int = 1024
-    channel_base: int = 32768
-    channel_max: int = 512
-    img_channels: int = 3
-    blur_kernel: tuple[float, ...] = (1, 3, 3, 1)
-    stddev_group: int = 4
-    stddev_feat: int = 1
-
-    def __post_init__(self) -> None:
-        _integers(self, "resolution", "channel_base", "channel_max", "img_channels", "stddev_group", "stddev_feat")
-        _check_resolution(self.resolution)
-        if self.img_channels not in (1, 3):
-            raise ValueError(f"img_channels must be 1 or 3, got {self.img_channels}")
-
-    @property
-    def log_size(self) -> int:
-        return int(math.log2(self.resolution))
-
-    def channels(self) -> dict[int, int]:
-        return {2**i: min(self.channel_base // 2**i, self.channel_max) for i in range(2, self.log_size + 1)}
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["blur_kernel"] = list(self.blur_kernel)
-        return d
-
-
-class ConvLayer(nn.Sequential):
-    def __init__(
-        self,
-        in_channel: int,
-        out_channel: int,
-        kernel_size: int,
-        downsample: bool = False,
-        blur_kernel: Sequence[float] = (1, 3, 3, 1),
-        bias: bool = True,
-        activate: bool = True,
-    ) -> None:
-        layers: list[nn.Module] = []
-        if downsample:
-            factor = 2
-            p = (len(blur_kernel) - factor) + (kernel_size - 1)
-            layers.append(Blur(blur_kernel, pad=((p + 1) // 2, p // 2)))
-            stride, padding = 2, 0
-        else:
-            stride, padding = 1, kernel_size // 2
-        layers.append(
-            EqualConv2d(
-                in_channel,
-                out_channel,
-                kernel_size,
-                padding=padding,
-                stride=stride,
-                bias=bias and not activate,
-            )
-        )
-        if activate:
-            layers.append(FusedLeakyReLU(out_channel, bias=bias))
-        super().__init__(*layers)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, in_channel: int, out_channel: int, blur_kernel: Sequence[float] = (1, 3, 3, 1)) -> None:
-        super().__init__()
-        self.conv1 = ConvLayer(in_channel, in_channel, 3)
-        self.conv2 = ConvLayer(in_channel, out_channel, 3, downsample=True, blur_kernel=blur_kernel)
-        self.skip = ConvLayer(
-            in_channel, out_channel, 1, downsample=True, activate=False, bias=False, blur_kernel=blur_kernel
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
-
-
-class Discriminator(nn.Module):
-    """StyleGAN2 residual discriminator with minibatch standard deviation (rosinality's layout)."""
-
-    def __init__(self, config: DiscriminatorConfig | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        config = config or DiscriminatorConfig(**kwargs)
-        self.config = config
-        ch = config.channels()
-        size = config.resolution
-        convs: list[nn.Module] = [ConvLayer(config.img_channels, ch[size], 1)]
-        in_channel = ch[size]
-        for i in range(config.log_size, 2, -1):
-            out_channel = ch[2 ** (i - 1)]
-            convs.append(ResBlock(in_channel, out_channel, config.blur_kernel))
-            in_channel = out_channel
-        self.convs = nn.Sequential(*convs)
-        self.stddev_group = config.stddev_group
-        self.stddev_feat = config.stddev_feat
-        self.final_conv = ConvLayer(in_channel + 1, ch[4], 3)
-        self.final_linear = nn.Sequential(
-            EqualLinear(ch[4] * 4 * 4, ch[4], activation="fused_lrelu"),
-            EqualLinear(ch[4], 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.convs(x)
-        batch, channel, height, width = out.shape
-        group = min(batch, self.stddev_group)
-        while batch % group:  # the group must divide the batch
-            group -= 1
-        feat = self.stddev_feat
-        stddev = out.view(group, -1, feat, channel // feat, height, width)
-        stddev = torch.sqrt(stddev.var(0, unbiased=False) + 1e-8)
-        stddev = stddev.mean([2, 3, 4], keepdim=True).squeeze(2)
-        stddev = stddev.repeat(group, 1, height, width)
-        out = torch.cat([out, stddev], 1)
-        out = self.final_conv(out)
-        return self.final_linear(out.view(batch, -1))

@@ -69,7 +69,8 @@ from ..data.datasets import EpochSampler, open_dataset
 from ..errors import CycleEncodingError
 from ..losses.adversarial import r1_penalty
 from ..metrics import generator_sample_metrics
-from ..networks.stylegan2 import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from ..networks.discriminator import Discriminator, DiscriminatorConfig
+from ..networks.stylegan2 import Generator, GeneratorConfig
 from ..ops import PRECISIONS, autocast, compile_pass
 from ..utils import make_grid, save_image
 from .plateau import plateau_holds
