@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import Blur, FusedLeakyReLU
-from .stylegan2 import EqualLinear, check_integers, check_resolution
+from .stylegan2 import EqualLinear, WidthsConfig
 
 
 class EqualConv2d(nn.Module):
@@ -38,7 +38,7 @@ class EqualConv2d(nn.Module):
 
 
 @dataclass(frozen=True)
-class DiscriminatorConfig:
+class DiscriminatorConfig(WidthsConfig):
     resolution: int = 1024
     channel_base: int = 32768
     channel_max: int = 512
@@ -48,22 +48,7 @@ class DiscriminatorConfig:
     stddev_feat: int = 1
 
     def __post_init__(self) -> None:
-        check_integers(self, "resolution", "channel_base", "channel_max", "img_channels", "stddev_group", "stddev_feat")
-        check_resolution(self.resolution)
-        if self.img_channels not in (1, 3):
-            raise ValueError(f"img_channels must be 1 or 3, got {self.img_channels}")
-
-    @property
-    def log_size(self) -> int:
-        return int(math.log2(self.resolution))
-
-    def channels(self) -> dict[int, int]:
-        return {2**i: min(self.channel_base // 2**i, self.channel_max) for i in range(2, self.log_size + 1)}
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["blur_kernel"] = list(self.blur_kernel)
-        return d
+        self._check("resolution", "channel_base", "channel_max", "img_channels", "stddev_group", "stddev_feat")
 
 
 class ConvLayer(nn.Sequential):

@@ -30,23 +30,44 @@ NoiseMode = Literal["const", "random", "none"]
 NOISE_MODES = ("const", "random", "none")
 
 
-def check_resolution(resolution: int, low: int = 8, high: int = 1024) -> int:
-    if not (low <= resolution <= high) or resolution & (resolution - 1):
-        raise ValueError(f"resolution must be a power of two from {low} to {high}, got {resolution}")
-    return int(math.log2(resolution))
+class WidthsConfig:
+    """What the generator's and the discriminator's configurations share: the checks, widths by NVIDIA's rule
+    ``min(channel_base // res, channel_max)`` and the dict form."""
 
+    resolution: int
+    channel_base: int
+    channel_max: int
+    img_channels: int
+    blur_kernel: tuple[float, ...]
 
-def check_integers(config: Any, *names: str) -> None:
-    """Fields that must be integers: one clear line for another type (not torch's at build time), numpy ints kept."""
-    for name in names:
-        v = getattr(config, name)
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise ValueError(f"{name} must be an integer, got {v!r}")
-        object.__setattr__(config, name, int(v))
+    def _check(self, *integers: str) -> None:
+        """``integers``: fields that must be integers (one clear line for another type, numpy ints kept)."""
+        for name in integers:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not hasattr(v, "__index__"):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        r = self.resolution
+        if not (8 <= r <= 1024) or r & (r - 1):
+            raise ValueError(f"resolution must be a power of two from 8 to 1024, got {r}")
+        if self.img_channels not in (1, 3):
+            raise ValueError(f"img_channels must be 1 or 3, got {self.img_channels}")
+
+    @property
+    def log_size(self) -> int:
+        return int(math.log2(self.resolution))
+
+    def channels(self) -> dict[int, int]:
+        return {2**i: min(self.channel_base // 2**i, self.channel_max) for i in range(2, self.log_size + 1)}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)  # type: ignore[call-overload]
+        d["blur_kernel"] = list(self.blur_kernel)
+        return d
 
 
 @dataclass(frozen=True)
-class GeneratorConfig:
+class GeneratorConfig(WidthsConfig):
     """Architecture of a StyleGAN2 generator (everything needed to build it)."""
 
     resolution: int = 1024
@@ -59,10 +80,7 @@ class GeneratorConfig:
     blur_kernel: tuple[float, ...] = (1, 3, 3, 1)
 
     def __post_init__(self) -> None:
-        check_integers(self, "resolution", "style_dim", "n_mlp", "channel_base", "channel_max", "img_channels")
-        check_resolution(self.resolution)
-        if self.img_channels not in (1, 3):
-            raise ValueError(f"img_channels must be 1 or 3, got {self.img_channels}")
+        self._check("resolution", "style_dim", "n_mlp", "channel_base", "channel_max", "img_channels")
         if self.n_mlp < 1:
             raise ValueError(f"n_mlp must be at least 1, got {self.n_mlp}")
         if min(self.channels().values()) < 1:
@@ -82,10 +100,6 @@ class GeneratorConfig:
         )
 
     @property
-    def log_size(self) -> int:
-        return int(math.log2(self.resolution))
-
-    @property
     def num_ws(self) -> int:
         return 2 * self.log_size - 2
 
@@ -100,14 +114,6 @@ class GeneratorConfig:
             return None
         return self.channel_base / 16384
 
-    def channels(self) -> dict[int, int]:
-        return {2**i: min(self.channel_base // 2**i, self.channel_max) for i in range(2, self.log_size + 1)}
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["blur_kernel"] = list(self.blur_kernel)
-        return d
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
         known = {f for f in cls.__dataclass_fields__}
@@ -118,6 +124,11 @@ class GeneratorConfig:
         if "blur_kernel" in d:
             d["blur_kernel"] = tuple(d["blur_kernel"])
         return cls(**d)
+
+
+def _config_property(name: str) -> Any:
+    """A read-only property giving ``self.config.<name>``."""
+    return property(lambda self: getattr(self.config, name))
 
 
 class PixelNorm(nn.Module):
@@ -336,36 +347,12 @@ class Generator(nn.Module):
         # Not part of the rosinality state dict (its checkpoints keep it as `latent_avg` beside g_ema).
         self.register_buffer("w_avg", torch.zeros(c.style_dim), persistent=False)
 
-    # -- properties -------------------------------------------------------------------------------
-    @property
-    def resolution(self) -> int:
-        return self.config.resolution
-
-    @property
-    def num_ws(self) -> int:
-        return self.config.num_ws
-
-    @property
-    def w_dim(self) -> int:
-        return self.config.style_dim
-
-    @property
-    def z_dim(self) -> int:
-        return self.config.style_dim
-
-    @property
-    def img_channels(self) -> int:
-        return self.config.img_channels
-
-    @property
-    def img_resolution(self) -> int:
-        """NVIDIA's name for ``resolution``."""
-        return self.config.resolution
-
-    @property
-    def c_dim(self) -> int:
-        """Class-label size in NVIDIA's API: 0, these generators are unconditional."""
-        return 0
+    # -- properties (``img_resolution`` is NVIDIA's name for ``resolution``) ----------------------------------
+    resolution = img_resolution = _config_property("resolution")
+    num_ws = _config_property("num_ws")
+    w_dim = z_dim = _config_property("style_dim")
+    img_channels = _config_property("img_channels")
+    c_dim = 0  # class-label size in NVIDIA's API: these generators are unconditional
 
     @staticmethod
     def _check_label(c: Any) -> None:
