@@ -41,11 +41,11 @@ import numpy as np
 import torch
 
 from ..assets import MODELS_DIR
-from ..checkpoints.common import atomic_write, sniff, torch_load
+from ..checkpoints.common import sniff, torch_load
 from ..checkpoints.inspect import register_inspector
 from ..checkpoints.native import default_provenance, native_header_of_kind, read_native, save_native
 from ..errors import CheckpointError, CycleEncodingError
-from ..utils import check_finite, parse_int_list
+from ..utils import atomic_write, check_finite, parse_int_list
 
 DIRECTIONS_KIND = "directions"
 METHODS = ("interfacegan", "ganspace", "sefa", "custom")

@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoints.common import atomic_write
 from ..checkpoints.run_folder import (
     EDITS,
     InversionRun,
@@ -61,7 +60,7 @@ from ..checkpoints.run_folder import (
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
 from ..progress import Progress
-from ..utils import save_image
+from ..utils import atomic_write, save_image
 from .directions import DirectionSet, GanspaceMode, load_directions, named_edit_for
 from .measures import Preservation, direction_lec, lec_summary, preservation_summary, success_summary
 

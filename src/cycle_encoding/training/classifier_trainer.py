@@ -40,8 +40,6 @@ from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierCo
 from .runs import machine_info, rng_state, set_rng_state
 from .trainer import Trainer, check_loop_options, read_run_config
 
-CHECKPOINT_FORMAT = "cycle-encoding-train-classifier"
-CHECKPOINT_VERSION = 1
 DEFAULT_WIDTHS = {"convnet": (32, 64, 128), "vggbn": (16, 32, 64)}
 SLICE = 2000  # the test slice whose accuracy the card also gives (the shipped-model test checks it)
 
@@ -144,8 +142,7 @@ class ClassifierTrainer(Trainer):
     (``trainer.Trainer``); :meth:`finish` tests and exports once all steps are done."""
 
     desc = "train-classifier"
-    checkpoint_format = CHECKPOINT_FORMAT
-    checkpoint_version = CHECKPOINT_VERSION
+    checkpoint_format = "cycle-encoding-train-classifier"
     checkpoint_kind = "cycle-encoding train-classifier"
     saves_images = False
 
@@ -351,17 +348,12 @@ def train_classifier(
         trainer.close()
 
 
-RESUME_OVERRIDES = ("log_every", "checkpoint_every", "threads", "export")
-
-
 def resume_classifier_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> ClassifierTrainConfig:
-    """The configuration a run was started with (``config.json``); only ``RESUME_OVERRIDES`` may change (the
+    """The configuration a run was started with (``config.json``); only these ``overrides`` may change (the
     learning-rate schedule spans all steps, so the step count may not)."""
-    return from_mapping(
-        ClassifierTrainConfig,
-        read_run_config(run_dir, "train-classifier", overrides, RESUME_OVERRIDES),
-        "train-classifier",
-    )
+    allowed = ("log_every", "checkpoint_every", "threads", "export")
+    data = read_run_config(run_dir, "train-classifier", overrides, allowed)
+    return from_mapping(ClassifierTrainConfig, data, "train-classifier")
 
 
 def card_path(model_file: str | Path) -> Path:

@@ -61,7 +61,6 @@ from torch import nn
 from .. import distributed as dd
 from ..assets import resolve_model
 from ..checkpoints import load_generator
-from ..checkpoints.common import atomic_write
 from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT, init_encoder_weights, save_encoder
 from ..checkpoints.native import default_provenance, file_sha256
 from ..checkpoints.optimizer import companion_path, from_optimizer, save_optimizer_state
@@ -84,14 +83,12 @@ from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscrimin
 from ..networks.stylegan2 import Generator
 from ..ops import PRECISIONS, autocast, compile_pass, pool_to
 from ..optim import Ranger, zero_grad
-from ..utils import make_grid, save_image
+from ..utils import atomic_write, make_grid, save_image
 from .plateau import plateau_holds
 from .runs import rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
 from .trainer import Trainer, check_loop_options, read_run_config
 
-CHECKPOINT_FORMAT = TRAINING_CHECKPOINT_FORMAT
-CHECKPOINT_VERSION = 1
 PRECISION_NOTES = {
     "fp32": "float32 throughout (the authors' computation)",
     "bf16": "bfloat16 autocast for the encoder, generator, loss networks and latent discriminator; float32 weights, "
@@ -198,8 +195,7 @@ class EncoderTrainer(Trainer):
     """Builds everything from a config (or a run folder to resume) and runs the loop (``trainer.Trainer``)."""
 
     desc = "train-encoder"
-    checkpoint_format = CHECKPOINT_FORMAT
-    checkpoint_version = CHECKPOINT_VERSION
+    checkpoint_format = TRAINING_CHECKPOINT_FORMAT
     checkpoint_kind = "cycle-encoding training"
     scalar_kinds = ("train", "val")
 

@@ -77,8 +77,6 @@ from .plateau import plateau_holds
 from .runs import machine_info, rng_state, set_rng_state
 from .trainer import Trainer, check_loop_options, read_run_config
 
-CHECKPOINT_FORMAT = "cycle-encoding-train-generator"
-CHECKPOINT_VERSION = 1
 GREY_DATASETS = ("fashion-mnist",)
 PRECISION_NOTES = {
     "fp32": "float32 throughout",
@@ -265,8 +263,7 @@ class GeneratorTrainer(Trainer):
     (``trainer.Trainer``)."""
 
     desc = "train-generator"
-    checkpoint_format = CHECKPOINT_FORMAT
-    checkpoint_version = CHECKPOINT_VERSION
+    checkpoint_format = "cycle-encoding-train-generator"
     checkpoint_kind = "cycle-encoding train-generator"
     scalar_kinds = ("train", "metric")
 
@@ -582,13 +579,11 @@ class GeneratorTrainer(Trainer):
         return {"train_seconds": self.train_seconds}
 
 
-RESUME_OVERRIDES = ("max_steps", "log_every", "image_every", "checkpoint_every", "device", "metric_every",
-                    "metric_samples", "metric_patience", "metric_min_improvement")  # fmt: skip
-
-
 def resume_generator_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> GeneratorTrainConfig:
-    """The configuration a run was started with (``config.json``); only ``RESUME_OVERRIDES`` may change."""
-    data = read_run_config(run_dir, "train-generator", overrides, RESUME_OVERRIDES)
+    """The configuration a run was started with (``config.json``); only the ``allowed`` options may change."""
+    allowed = ("max_steps", "log_every", "image_every", "checkpoint_every", "device", "metric_every",
+               "metric_samples", "metric_patience", "metric_min_improvement")  # fmt: skip
+    data = read_run_config(run_dir, "train-generator", overrides, allowed)
     data.setdefault("precision", "fp32")  # a run from before these options computed in float32, uncompiled:
     data.setdefault("compile", False)  # it keeps doing so
     return load_generator_train_config(data)

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from .. import distributed as dd
-from ..checkpoints.common import atomic_torch_save, atomic_write, torch_load
+from ..checkpoints.common import atomic_torch_save, torch_load
 from ..config import to_dict
 from ..errors import CheckpointError, CycleEncodingError
 from ..progress import Progress
-from ..utils import resolve_device
+from ..utils import atomic_write, resolve_device
 from .runs import RunLog, next_run_dir
 
 
