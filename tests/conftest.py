@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -20,6 +22,9 @@ from cycle_encoding.networks.encoder import Encoder4Editing, EncoderConfig
 from cycle_encoding.networks.stylegan2 import Generator, GeneratorConfig
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# invert's speed plan sees one core unless the environment says otherwise: an in-process `invert` starts no worker
+# processes (fresh interpreters, which could not build the stand-in networks the tests register in this one)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def tiny_generator_config(resolution: int = 16, img_channels: int = 3, **kw) -> GeneratorConfig:

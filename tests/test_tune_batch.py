@@ -237,7 +237,7 @@ def test_invert_with_tune_batch_gives_each_image_its_one_by_one_results(run_file
                      "--locality-alpha", "3", "--stop-threshold", "0.3", "--out", str(out), "--device", "cpu",
                      "--progress", "lines", "--precision", "fp32", *extra])  # fmt: skip
 
-    assert invert(tmp_path / "one") == 3  # the unreadable image fails
+    assert invert(tmp_path / "one", "--tune-batch", "1") == 3  # the unreadable image fails
     capsys.readouterr()
     assert invert(tmp_path / "batch", "--tune-batch", "3") == 3
     err = capsys.readouterr().err

@@ -65,7 +65,7 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
      "equal results within noise in docs/RESULTS.md)"),
     ("--tune-batch", "tune_batch", int,
      "tune this many images at once (each its own generator copy, one batched pass; the same results as one by one "
-     "within float rounding; default 1: one by one, the authors' loop)"),
+     "within float rounding; default: chosen per run by invert, 1 (one by one, the authors' loop) by video)"),
     ("--delta-level", "delta_level", int, "zlib level of the stored generator change, 0-9 (default 1)"),
 ]  # fmt: skip
 
@@ -88,6 +88,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         "use --align)")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="the run folder")
     add_inversion_args(p)
+    p.add_argument("--exact", action="store_true",
+                   help="the authors' loop exactly: fp32, no batched pass, one image per tuning batch, nothing "
+                        "compiled, one process with torch's default threads (default: each chosen per run for speed, "
+                        "printed and recorded in config.json; docs/PERFORMANCE.md)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes that share the images, one thread each (default: chosen by the images' number "
+                        "and size and the cores; 1: one process using the cores' threads)")  # fmt: skip
     p.add_argument("--align", action="store_true",
                    help="FFHQ-align each photo's largest face first, at the generator's resolution (dlib 68 "
                         "landmarks, as cycle-encoding align); a photo without a face fails and is listed")  # fmt: skip
@@ -121,11 +128,13 @@ def add_inversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-locality", action="store_true", help="pivotal tuning without the locality regularizer")
     p.add_argument("--batch-passes", action="store_true",
                    help="pivotal tuning: the pivot's and the locality regularizer's renders in one batched pass (same "
-                        "terms within float rounding; faster)")  # fmt: skip
+                        "terms within float rounding; faster up to 64 px, where invert chooses it by "
+                        "default)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the refinement's encoder body and generator and the tuning's generator passes "
                         "(not --tune-batch's); a C++ compiler is needed on a CPU; the first image pays a minute or two "
-                        "of compiling, torch keeps it on disk for later runs; pays over a folder of images (README)")  # fmt: skip
+                        "of compiling, torch keeps it on disk for later runs; pays over a folder of images, where "
+                        "invert chooses it on a bf16 CPU; docs/PERFORMANCE.md)")  # fmt: skip
     p.add_argument("--no-early-stop", action="store_true", help="pivotal tuning always takes --tune-steps steps")
     p.add_argument("--tune", choices=("each", "shared"), default=None,
                    help="each (default): every image its own tuned generator; shared: ONE generator tuned on all the "
@@ -202,12 +211,34 @@ def resolve_precisions(data: dict[str, Any], device: Any) -> str:
     return "precision: " + ", ".join(lines)
 
 
+def speed_request(data: dict[str, Any], args: argparse.Namespace) -> str | dict[str, Any]:
+    """``"exact"`` (--exact, which sets fp32 in ``data``; a speed option beside it is an error) or the speed options
+    the command line or the --config file fixed, for the inversion to choose the rest (``speed.plan_speed``)."""
+    from ..errors import CycleEncodingError
+
+    tune, refine = data.get("tune", {}), data.get("refine", {})
+    given = {"batch_passes": tune.get("batch_passes") if isinstance(tune, dict) else None,
+             "tune_batch": data.get("tune_batch"), "workers": args.workers,
+             "compile": next((d["compile"] for d in (tune, refine) if isinstance(d, dict) and "compile" in d),
+                             None)}  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
+    if not args.exact:
+        return given
+    fixed = [k for k in given if k != "workers" or given[k] != 1]
+    if getattr(args, "opt:_precision", None) not in (None, "fp32") or fixed:
+        raise CycleEncodingError(f"--exact is the authors' loop; it cannot go with {', '.join(fixed) or '--precision'}")
+    for stage in ("refine", "tune"):
+        data.setdefault(stage, {})["precision"] = "fp32"
+    return "exact"
+
+
 def cmd_invert(args: argparse.Namespace) -> int:
     from ..inversion.config import make_config
     from ..inversion.inverter import Inverter
     from ..inversion.targets import list_targets
 
     data = options_from_args(args)
+    speed = speed_request(data, args)
     precision_line = resolve_precisions(data, args.device)
     config = make_config(data)
     check_output_folder(args.out, "--out")
@@ -215,7 +246,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
         from ..config import to_dict
 
         files, names = list_targets(args.images, args.recursive)
-        print_json({"options": to_dict(config), "run_dir": str(args.out), "images": len(files),
+        print_json({"options": to_dict(config), "speed": speed, "run_dir": str(args.out), "images": len(files),
                     "names": names[:20] + (["..."] if len(names) > 20 else [])})  # fmt: skip
         return 0
     progress = "none" if args.quiet else args.progress
@@ -237,7 +268,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
                 print("--compile: the first image compiles the networks' passes (a minute or two; later runs reuse "
                       "torch's on-disk cache)", file=sys.stderr)  # fmt: skip
         summary = inv.run(args.images, args.out, recursive=args.recursive,
-                          verbose="images" if args.quiet else True, debug=args.debug)  # fmt: skip
+                          verbose="images" if args.quiet else True, debug=args.debug, speed=speed)  # fmt: skip
     finally:
         inv.close()
     if not inv.dist.is_main:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import torch
 from .. import distributed as dd
 from ..checkpoints.delta import full_copy_bytes, weights_sha256
 from ..checkpoints.encoder import encoder_provenance_unloaded
-from ..checkpoints.run_folder import image_folder
 from ..config import to_dict
 from ..errors import CycleEncodingError
 from ..losses.networks import LossNetworks, build_loss_networks, recorded_networks
@@ -36,19 +34,13 @@ from .pivot import encoder_pivot, resolve_stage
 from .project import project_w
 from .refine import EncoderSource, RegularizedRefiner, load_encoder_source, open_training_images
 from .result import InversionResult
-from .run_folder import (
-    image_lock,
-    image_state,
-    invert_group_into_folders,
-    invert_into_folder,
-    prepare_run_dir,
-    record_failure,
-    write_summary,
-)
+from .run_folder import fill_folder, image_state, prepare_run_dir, recorded_options, write_summary
+from .speed import SpeedPlan, plan_speed
 from .targets import list_targets
 from .tune import TuneResult, pivotal_tune
 from .tune_batch import pivotal_tune_many
 from .tune_shared import invert_shared, pivotal_tune_shared
+from .workers import finish_workers, merge_records, start_workers, stop_workers
 
 
 def _sync(device: torch.device) -> None:
@@ -94,6 +86,16 @@ class Inverter:
         self.progress = resolve_progress(progress)  # bar, lines or none; a bar per stage only for "bar"
 
         self.G, self.generator_file = open_generator_arg(generator, self.device)
+        self.speed: SpeedPlan | None = None  # set by run(..., speed=...)
+        # what a worker process needs to build the same inverter (files only; None: networks given as objects)
+        self._rebuild: dict[str, Any] | None = None
+        if (
+            isinstance(generator, (str, Path))
+            and (encoder is None or isinstance(encoder, (str, Path)))
+            and all(a is None for a in (perceptual_net, identity_net, train_images))
+        ):
+            self._rebuild = {"generator": str(generator), "encoder": None if encoder is None else str(encoder),
+                             "device": str(self.device)}  # fmt: skip
         self.g_sha256 = weights_sha256(self.G)
 
         self.source: EncoderSource | None = None
@@ -229,6 +231,8 @@ class Inverter:
             "network_files": self.nets.files(),
             "networks_from": self.networks_from,
         }
+        if self.speed is not None:
+            out["speed"] = self.speed.to_dict()
         if self.project_nets is not self.nets:
             out["project"] = {"perceptual": self.project_nets.names()["perceptual"]}
         if "tune" in self.config.stages:
@@ -472,14 +476,20 @@ class Inverter:
         log: Callable[[str], None] | None = None,
         verbose: bool | str = True,
         debug: bool = False,
+        speed: str | Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Invert an image file, a folder's images or a list of files into ``out_dir`` (see ``run_folder.py``).
 
         ``log`` receives the progress lines (default: stderr): one per image and stage when ``verbose`` is True,
         one per finished image (its last stage's result) when it is ``"images"``, and one for each image that fails
-        whatever ``verbose`` says. Returns the summary (also written to ``out_dir/summary.json`` by rank 0): ``done``
-        (this run), ``skipped`` (finished before), ``failed`` (name, file, reason), ``busy`` (left to another process
-        inverting them into the same folder), per-stage means. ``tune_mode`` shared: ``tune_shared.invert_shared``."""
+        whatever ``verbose`` says. ``speed``: None runs the options as configured in this process; ``"exact"`` the
+        authors' loop; a mapping of the speed options the user fixed (``{}``: all chosen) lets ``speed.plan_speed``
+        choose the rest for these images, which may start worker processes; the plan is logged and recorded in
+        ``config.json``. Returns the summary (also written to
+        ``out_dir/summary.json`` by rank 0): ``done`` (this run), ``skipped`` (finished before), ``failed`` (name,
+        file, reason), ``busy`` (left to another process inverting them into the same folder), per-stage means. ``tune_mode`` shared:
+        ``tune_shared.invert_shared`` (one process).
+        """
         warn = log or (lambda s: print(s, file=sys.stderr, flush=True))
         say = warn if verbose is True else (lambda s: None)
         per_image = warn if verbose == "images" else (lambda s: None)
@@ -492,78 +502,69 @@ class Inverter:
         plan: dict[str, Any] = {}
         if info.is_main:
             try:
-                prepare_run_dir(self, out, images)
                 states = [image_state(out, n, f) for n, f in zip(names, files)]
                 pending = [i for i, s in enumerate(states) if s != "done"]
-                plan = {"pending": pending, "changed": [names[i] for i, s in enumerate(states) if s == "changed"]}
-            except CycleEncodingError as e:
+                if speed is not None:
+                    plan["speed"] = self._plan_speed(speed, len(pending), out).to_dict()
+                    self._apply_speed(SpeedPlan(**plan["speed"]))
+                prepare_run_dir(self, out, images)
+                plan.update(pending=pending, changed=[names[i] for i, s in enumerate(states) if s == "changed"])
+            except (CycleEncodingError, ValueError) as e:
                 plan = {"error": str(e)}
         plan = dd.broadcast_object(plan, info)
         if "error" in plan:
             raise CycleEncodingError(plan["error"])
+        if "speed" in plan and not info.is_main:
+            self._apply_speed(SpeedPlan(**plan["speed"]))
         pending = plan["pending"]
         skipped = [names[i] for i in range(len(names)) if i not in set(pending)]
         mine = pending[info.rank :: info.world_size]
         if info.is_main:
             if skipped:
                 say(f"{len(skipped)} of {len(names)} image(s) already done in {out}: skipped")
+            if self.speed is not None:
+                warn(self.speed.line())
             for n in plan["changed"]:
                 warn(f"{n}: the input file changed since it was inverted: inverting it again")
-        done: list[str] = []
-        failed: list[dict[str, str]] = []
-        busy: list[dict[str, str]] = []
-        late: list[str] = []  # finished by another process between the plan and this image's turn
-        size = self.config.tune_batch if "tune" in self.config.stages else 1
-        for start in range(0, len(mine), size):
-            group = list(enumerate(mine))[start : start + size]
-            with ExitStack() as locks:
-                claimed: list[tuple[int, int, str]] = []  # (position, image index, head)
-                for k, i in group:
-                    head = f"{prefix}[{k + 1}/{len(mine)}] {names[i]}"
-                    try:
-                        if not locks.enter_context(image_lock(out, names[i])):
-                            busy.append({"name": names[i], "file": str(files[i])})
-                            warn(f"{head}: being inverted by another process: left to it")
-                            continue
-                        if image_state(out, names[i], files[i]) == "done":
-                            late.append(names[i])
-                            say(f"{head}: finished by another process meanwhile: skipped")
-                            continue
-                    except Exception as e:  # one bad image must not stop the batch
-                        record_failure(e, names[i], files[i], head, failed, warn, debug)
-                        continue
-                    claimed.append((k, i, head))
-                if not claimed:
-                    continue
-                if len(claimed) == 1:
-                    k, i, head = claimed[0]
-                    try:
-                        recs: list[Any] = [invert_into_folder(self, files[i], names[i], i, image_folder(out, names[i]),
-                                                              head, say, warn)]  # fmt: skip
-                    except Exception as e:
-                        recs = [e]
-                else:
-                    first, last = claimed[0][0] + 1, claimed[-1][0] + 1
-                    items = [(files[i], names[i], i, image_folder(out, names[i]), head) for _, i, head in claimed]
-                    recs = invert_group_into_folders(self, items, f"{prefix}[{first}-{last}/{len(mine)}]", say, warn)
-            for (_k, i, head), rec in zip(claimed, recs):
-                if isinstance(rec, Exception):
-                    record_failure(rec, names[i], files[i], head, failed, warn, debug)
-                    continue
-                done.append(names[i])
-                last_stage = rec["stages"][-1]
-                m = rec["metrics"][last_stage]
-                per_image(f"{head}: {last_stage} mse {m['mse']:.4f}"
-                          + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
-                          + f" ({rec['timings']['total']:.1f} s)")  # fmt: skip
-        ranks = dd.gather_objects(
-            {"rank": info.rank, "done": done, "failed": failed, "busy": busy, "skipped": late}, info
-        )
+        procs = []
+        if self.speed is not None and self.speed.workers > 1 and len(mine) > 1 and self._rebuild:
+            from ..utils import max_pixels
+
+            task = {**self._rebuild, "options": to_dict(self.config), "images": [str(f) for f in files],
+                    "names": names, "todo": mine, "out": str(out), "verbose": verbose, "debug": debug,
+                    "max_pixels": max_pixels()}  # fmt: skip
+            procs = start_workers(task, self.speed.workers - 1, self.speed.threads or 1)
+        try:
+            own = fill_folder(self, out, files, names, mine, prefix, say, warn, per_image, debug, bool(procs))
+            others = finish_workers(procs, warn)
+        except BaseException:
+            stop_workers(procs)
+            raise
+        own = merge_records(own, others)
+        ranks = [*dd.gather_objects({"rank": info.rank, **own}, info), *others]
         summary: dict[str, Any] = {}
         if info.is_main:
             summary = write_summary(self, out, names, skipped, ranks)
         summary = dd.broadcast_object(summary, info)
         return summary
+
+    def _plan_speed(self, speed: str | Mapping[str, Any], images: int, out: Path) -> SpeedPlan:
+        """The speed plan for ``images`` images into ``out`` (``"exact"``, or chosen around the options given)."""
+        alone = "under torchrun" if self.dist.enabled else None if self._rebuild else "networks given as objects"
+        return plan_speed(images, self.G.resolution, self.device, self.config.tune.precision,
+                          given=None if speed == "exact" else dict(speed), exact=speed == "exact",
+                          single_process=alone, resumed=recorded_options(out))  # fmt: skip
+
+    def _apply_speed(self, plan: SpeedPlan) -> None:
+        """Use ``plan``: its batched pass, tuning batch and compiling in the options, its threads in this process."""
+        self.config = make_config(self.config, tune_batch=plan.tune_batch,
+                                  tune={"batch_passes": plan.batch_passes, "compile": plan.compile},
+                                  refine={"compile": plan.compile})  # fmt: skip
+        if self.refiner is not None:
+            self.refiner.use_compile(plan.compile)
+        if plan.threads:
+            torch.set_num_threads(plan.threads)
+        self.speed = plan
 
     def close(self) -> None:
         """Leave the process group (under torchrun)."""

@@ -49,7 +49,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -259,10 +259,7 @@ class RegularizedRefiner:
         self.E = copy.deepcopy(E)
         self.E.stage = "all"
         self.E.requires_grad_(True)
-        # fixed shapes (batches of M + 1), weights reset in place: one compile serves every target
-        device = G.w_avg.device
-        self._features = compile_pass(self.E.features, device) if c.compile else None
-        self._synthesis = synthesis_pass(c.compile, device)
+        self.use_compile(c.compile)
         settings = dict(PAPER_RANGER)
         settings.update(optimizer_settings or {})
         self._settings = {"lr": float(settings["lr"]), "betas": tuple(settings["betas"]), "eps": float(settings["eps"])}
@@ -295,6 +292,14 @@ class RegularizedRefiner:
                 g["lr"] = c.lr
         self._opt_state = copy.deepcopy(self.optimizer.state_dict())
         self.has_optimizer_state = self.optimizer_source != "fresh"
+
+    def use_compile(self, on: bool) -> None:
+        """Compile the encoder's body and G's synthesis or not, from the next target on (fixed shapes, batches of
+        M + 1, and weights reset in place: one compile serves every target)."""
+        self.config = replace(self.config, compile=on)
+        device = self.G.w_avg.device
+        self._features = compile_pass(self.E.features, device) if on else None
+        self._synthesis = synthesis_pass(on, device)
 
     def _as_state_dict(self, st: OptimizerState | dict[str, Any], where: str) -> dict[str, Any]:
         """A state for ``self.optimizer``: an OptimizerState mapped by name, or a Ranger state_dict over the

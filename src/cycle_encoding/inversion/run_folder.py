@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,6 +47,7 @@ from .result import InversionResult
 # options that may differ between the runs that fill one folder (they do not change any result)
 # (tune_batch: the same results within float rounding; tune_save_every: how often a shared tuning saves its state)
 VOLATILE_OPTIONS = ("device", "tune_batch", "tune_save_every")
+VOLATILE_STAGE_OPTIONS = ("compile",)  # the same results within float rounding; a run's plan may differ on resuming
 
 
 class Inverter(Protocol):
@@ -72,6 +73,9 @@ def fingerprint(desc: dict[str, Any]) -> dict[str, Any]:
     """What must be the same for two runs to fill one folder: options (but the volatile ones), weights, networks."""
     opts = {k: v for k, v in desc["options"].items() if k not in VOLATILE_OPTIONS}
     opts.setdefault("tune_mode", "each")  # a run from before shared tuning tuned each image alone
+    for stage in ("refine", "tune"):
+        if isinstance(opts.get(stage), dict):
+            opts[stage] = {k: v for k, v in opts[stage].items() if k not in VOLATILE_STAGE_OPTIONS}
     enc = desc["encoder"]["weights_sha256"] if desc.get("encoder") else None
     return {"options": opts, "generator": desc["generator"]["weights_sha256"], "encoder": enc,
             "networks": desc["networks"]}  # fmt: skip
@@ -342,6 +346,15 @@ def invert_group_into_folders(
     return out
 
 
+def recorded_options(out: Path) -> dict[str, Any]:
+    """The options recorded in the run folder's ``config.json`` ({} for a new or unreadable folder)."""
+    try:
+        opts = json.loads((out / rf.CONFIG).read_text()).get("options")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return opts if isinstance(opts, dict) else {}
+
+
 def record_failure(
     e: BaseException,
     name: str,
@@ -357,6 +370,74 @@ def record_failure(
     reason = str(e) if isinstance(e, CycleEncodingError) else f"{type(e).__name__}: {e}"
     failed.append({"name": name, "file": str(file), "reason": reason})
     warn(f"{head}: FAILED: {reason}")
+
+
+def fill_folder(
+    inverter: Inverter,
+    out: Path,
+    files: list[Path],
+    names: list[str],
+    mine: list[int],
+    prefix: str,
+    say: Callable[[str], None],
+    warn: Callable[[str], None],
+    per_image: Callable[[str], None],
+    debug: bool = False,
+    siblings: bool = False,
+) -> dict[str, list]:
+    """Invert the images ``mine`` (indices into ``files`` / ``names``) into ``out``, ``config.tune_batch`` at a time,
+    each under its lock: ``{"done", "failed", "busy", "skipped"}`` (busy: locked by another process; skipped:
+    finished by another process meanwhile). ``siblings``: other processes of this run fill the folder too (worker
+    processes): meeting their images is expected and not said."""
+    done: list[str] = []
+    failed: list[dict[str, str]] = []
+    busy: list[dict[str, str]] = []
+    late: list[str] = []
+    quiet = (lambda s: None) if siblings else None
+    size = inverter.config.tune_batch if "tune" in inverter.config.stages else 1
+    for start in range(0, len(mine), size):
+        group = list(enumerate(mine))[start : start + size]
+        with ExitStack() as locks:
+            claimed: list[tuple[int, int, str]] = []  # (position, image index, head)
+            for k, i in group:
+                head = f"{prefix}[{k + 1}/{len(mine)}] {names[i]}"
+                try:
+                    if not locks.enter_context(image_lock(out, names[i])):
+                        busy.append({"name": names[i], "file": str(files[i])})
+                        (quiet or warn)(f"{head}: being inverted by another process: left to it")
+                        continue
+                    if image_state(out, names[i], files[i]) == "done":
+                        late.append(names[i])
+                        (quiet or say)(f"{head}: finished by another process meanwhile: skipped")
+                        continue
+                except Exception as e:  # one bad image must not stop the batch
+                    record_failure(e, names[i], files[i], head, failed, warn, debug)
+                    continue
+                claimed.append((k, i, head))
+            if not claimed:
+                continue
+            if len(claimed) == 1:
+                k, i, head = claimed[0]
+                try:
+                    recs: list[Any] = [invert_into_folder(inverter, files[i], names[i], i, rf.image_folder(out, names[i]),
+                                                          head, say, warn)]  # fmt: skip
+                except Exception as e:
+                    recs = [e]
+            else:
+                first, last = claimed[0][0] + 1, claimed[-1][0] + 1
+                items = [(files[i], names[i], i, rf.image_folder(out, names[i]), head) for _, i, head in claimed]
+                recs = invert_group_into_folders(inverter, items, f"{prefix}[{first}-{last}/{len(mine)}]", say, warn)
+        for (_k, i, head), rec in zip(claimed, recs):
+            if isinstance(rec, Exception):
+                record_failure(rec, names[i], files[i], head, failed, warn, debug)
+                continue
+            done.append(names[i])
+            last_stage = rec["stages"][-1]
+            m = rec["metrics"][last_stage]
+            per_image(f"{head}: {last_stage} mse {m['mse']:.4f}"
+                      + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
+                      + f" ({rec['timings']['total']:.1f} s)")  # fmt: skip
+    return {"done": done, "failed": failed, "busy": busy, "skipped": late}
 
 
 def write_summary(
