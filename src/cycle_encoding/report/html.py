@@ -378,6 +378,74 @@ def build_grid(data: dict[str, Any]) -> Any:
     return compose_grid(rows, col_labels, [it["label"] for it in data["per_image"]])
 
 
+def _overview(data: dict[str, Any], title: str, plots: bool) -> list[str]:
+    """The page's title, what the run holds, what was left out and the table of contents."""
+    body = [f"<h1>{esc(title)}</h1>"]
+    body.append(
+        f'<p class="small">{data["images_finished"]} image(s) finished'
+        + (f", {data['images_shown']} shown" if data["images_shown"] != data["images_finished"] else "")
+        + (f", {len(data['images_failed'])} failed" if data["images_failed"] else "")
+        + f"; stages {esc(', '.join(data['stages']))}; run created {esc(data.get('created'))}.</p>"
+    )
+    if data["unreadable"]:
+        body.append('<p class="small">Left out (unreadable or refused):</p><ul class="small">')
+        body += [f"<li>{esc(u['name'])}: {esc(u['reason'])}</li>" for u in data["unreadable"]]
+        body.append("</ul>")
+    toc = [("summary", "Reconstruction metrics"), ("networks-used", "Networks used")]
+    if data["edits"]:
+        toc.append(("edits", "Edits and their measures"))
+    toc += [("timings-section", "Timings"), ("per-image-section", "Per-image metrics (sortable)"),
+            ("images", f"Images ({len(data['per_image'])}): compare, stages, edits")]  # fmt: skip
+    if plots:
+        toc.append(("losses", "Losses per step"))
+    toc.append(("how", "How the run was made"))
+    body.append('<nav class="toc"><ol>' + "".join(f'<li><a href="#{i}">{esc(t)}</a></li>' for i, t in toc)
+                + "</ol></nav>")  # fmt: skip
+    return body
+
+
+def _edits_section(data: dict[str, Any]) -> list[str]:
+    """Each edit: what it moved, on which images it was measured, its measures and the command that made it."""
+    if not data["edits"]:
+        return []
+    body = ['<h2 id="edits">Edits</h2>']
+    for doc in data["edits"]:
+        body.append(
+            f'<h3 data-edit="{esc(doc["tag"])}">{esc(doc["tag"])}</h3><p class="small">{_describe_edit(doc)}</p>'
+        )
+        if doc.get("measured_on"):
+            m = doc["measured_on"]
+            body.append(f'<p class="small">measured on the {len(m["images"])} image(s) of classes '
+                        f"{esc(', '.join(m['classes']))} (by {esc(m['classifier'])} on the reconstruction); "
+                        f"{len(m['left_out'])} image(s) of other classes left out of the measures</p>")  # fmt: skip
+        if doc.get("stale"):
+            body.append(f'<p class="small">not shown: the edits of {esc(", ".join(doc["stale"]))}, made before '
+                        "the image was inverted again (run the edit again to update them)</p>")  # fmt: skip
+        body.append(_edit_measures(doc))
+        if doc.get("command"):
+            body.append(f'<p class="small">made by <code>{esc(_command(doc))}</code></p>')
+    return body
+
+
+def _loss_plots(data: dict[str, Any], page: Path, inline: bool) -> tuple[list[str], dict[str, str]]:
+    """The loss plots per stage (inlined, or written to ``report_files/`` beside the page) and where each went."""
+    from .plots import loss_figure_png
+
+    body = ['<h2 id="losses">Losses per step</h2>']
+    files: dict[str, str] = {}
+    for stage, curves in data["losses"].items():
+        png_bytes = loss_figure_png(stage, curves)
+        if inline:
+            src = "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
+        else:
+            f = page.parent / "report_files" / f"losses_{stage}.png"
+            atomic_write(f, lambda t, b=png_bytes: t.write_bytes(b))
+            src = Path(os.path.relpath(f, page.parent)).as_posix()
+        files[stage] = src if not inline else "inline"
+        body.append(f'<img class="plot" src="{src}" alt="losses of stage {esc(stage)}">')
+    return body, files
+
+
 def write_report(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -403,54 +471,16 @@ def write_report(
         )
     imgs = _Images(page, inline, run.dir, thumb)
     title = f"Inversion report: {run.dir.name}"
-    body: list[str] = [f"<h1>{esc(title)}</h1>"]
-    body.append(
-        f'<p class="small">{data["images_finished"]} image(s) finished'
-        + (f", {data['images_shown']} shown" if data["images_shown"] != data["images_finished"] else "")
-        + (f", {len(data['images_failed'])} failed" if data["images_failed"] else "")
-        + f"; stages {esc(', '.join(data['stages']))}; run created {esc(data.get('created'))}.</p>"
-    )
-    if data["unreadable"]:
-        body.append('<p class="small">Left out (unreadable or refused):</p><ul class="small">')
-        body += [f"<li>{esc(u['name'])}: {esc(u['reason'])}</li>" for u in data["unreadable"]]
-        body.append("</ul>")
-    toc = [("summary", "Reconstruction metrics"), ("networks-used", "Networks used")]
-    if data["edits"]:
-        toc.append(("edits", "Edits and their measures"))
-    toc += [("timings-section", "Timings"), ("per-image-section", "Per-image metrics (sortable)"),
-            ("images", f"Images ({len(data['per_image'])}): compare, stages, edits")]  # fmt: skip
-    if plots and data["losses"]:
-        toc.append(("losses", "Losses per step"))
-    toc.append(("how", "How the run was made"))
-    body.append('<nav class="toc"><ol>' + "".join(f'<li><a href="#{i}">{esc(t)}</a></li>' for i, t in toc)
-                + "</ol></nav>")  # fmt: skip
+    plots = plots and bool(data["losses"])
+    body = _overview(data, title, plots)
     body.append('<h2 id="summary">Reconstruction metrics</h2>')
     body.append(
         '<p class="small">Mean ± sample standard deviation over the images; measured between each stage\'s '
         "reconstruction and the input at the generator's resolution.</p>"
     )
-    body.append(_metrics_table(data))
-    body.append('<h3 id="networks-used">Networks used</h3>')
-    body.append(_networks_table(data))
-    if data["edits"]:
-        body.append('<h2 id="edits">Edits</h2>')
-        for doc in data["edits"]:
-            body.append(
-                f'<h3 data-edit="{esc(doc["tag"])}">{esc(doc["tag"])}</h3><p class="small">{_describe_edit(doc)}</p>'
-            )
-            if doc.get("measured_on"):
-                m = doc["measured_on"]
-                body.append(f'<p class="small">measured on the {len(m["images"])} image(s) of classes '
-                            f"{esc(', '.join(m['classes']))} (by {esc(m['classifier'])} on the reconstruction); "
-                            f"{len(m['left_out'])} image(s) of other classes left out of the measures</p>")  # fmt: skip
-            if doc.get("stale"):
-                body.append(f'<p class="small">not shown: the edits of {esc(", ".join(doc["stale"]))}, made before '
-                            "the image was inverted again (run the edit again to update them)</p>")  # fmt: skip
-            body.append(_edit_measures(doc))
-            if doc.get("command"):
-                body.append(f'<p class="small">made by <code>{esc(_command(doc))}</code></p>')
-    body.append('<h2 id="timings-section">Timings</h2>')
-    body.append(_timings_table(data))
+    body += [_metrics_table(data), '<h3 id="networks-used">Networks used</h3>', _networks_table(data)]
+    body += _edits_section(data)
+    body += ['<h2 id="timings-section">Timings</h2>', _timings_table(data)]
     if data.get("generator_delta"):
         d = data["generator_delta"]
         body.append(
@@ -459,27 +489,13 @@ def write_report(
         )
     body.append('<h2 id="per-image-section">Per-image metrics</h2>')
     body.append('<p class="small">Sort by a column with its ▲ / ▼; an image\'s name leads to its pictures.</p>')
-    body.append(_per_image_table(data))
-    body.append('<h2 id="images">Images</h2>')
+    body += [_per_image_table(data), '<h2 id="images">Images</h2>']
     if inline:
         body.append(f'<p class="small">Images larger than {thumb} px are shown reduced; click one for the full '
                     "file (beside the run).</p>")  # fmt: skip
     body += [_image_section(it, data, imgs) for it in data["per_image"]]
-    plot_files: dict[str, str] = {}
-    if plots and data["losses"]:
-        from .plots import loss_figure_png
-
-        body.append('<h2 id="losses">Losses per step</h2>')
-        for stage, curves in data["losses"].items():
-            png_bytes = loss_figure_png(stage, curves)
-            if inline:
-                src = "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
-            else:
-                f = page.parent / "report_files" / f"losses_{stage}.png"
-                atomic_write(f, lambda t, b=png_bytes: t.write_bytes(b))
-                src = Path(os.path.relpath(f, page.parent)).as_posix()
-            plot_files[stage] = src if not inline else "inline"
-            body.append(f'<img class="plot" src="{src}" alt="losses of stage {esc(stage)}">')
+    plot_html, plot_files = _loss_plots(data, page, inline) if plots else ([], {})
+    body += plot_html
     body.append('<h2 id="how">How the run was made</h2>')
     body.append(f"<pre>{esc(_command(data) or '(command not recorded)')}</pre>")
     body.append("<details><summary>options, generator, encoder</summary><pre>")
