@@ -21,9 +21,7 @@ COMMAND_MODULES = [
     "faces",  # align
     "evaluate",
     "schedule",
-    "train_generator",
-    "train_encoder",
-    "train_classifier",
+    "train",  # train-generator, train-encoder, train-classifier
     "invert",
     "directions",
     "edit",

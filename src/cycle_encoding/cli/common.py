@@ -18,6 +18,20 @@ def add_progress_arg(p: argparse.ArgumentParser) -> None:
                    "work otherwise (a log stays free of redrawn bars); bar; lines; none")  # fmt: skip
 
 
+def add_option_table(
+    p: argparse.ArgumentParser, options: list[tuple[str, str, Any, str]], metavars: bool = False
+) -> None:
+    """A table of ``(flag, dest, type, help)`` options, all None unless given: a dotted dest (``encoder.mode``) is
+    stored as ``encoder__mode`` (``option_overrides`` nests it back); the type ``store_true`` or ``store_false`` makes
+    a switch. ``metavars``: N for whole numbers, X for other numbers, VALUE for the rest."""
+    for flag, dest, kind, hlp in options:
+        if kind in ("store_true", "store_false"):
+            p.add_argument(flag, dest=dest.replace(".", "__"), action=kind, default=None, help=hlp)
+        else:
+            metavar = {int: "N", float: "X"}.get(kind, "VALUE") if metavars else None
+            p.add_argument(flag, dest=dest.replace(".", "__"), type=kind, default=None, metavar=metavar, help=hlp)
+
+
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
 
