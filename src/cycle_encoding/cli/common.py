@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+EXIT_SOME_FAILED = 3  # some images (frames, pairs, edits) failed or were left out, and are listed; the others were done
+
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
     from ..progress import PROGRESS_MODES
@@ -30,6 +32,16 @@ def add_option_table(
         else:
             metavar = {int: "N", float: "X"}.get(kind, "VALUE") if metavars else None
             p.add_argument(flag, dest=dest.replace(".", "__"), type=kind, default=None, metavar=metavar, help=hlp)
+
+
+def add_classifier_args(p: argparse.ArgumentParser, use: str, pair: str) -> None:
+    """--classifier and --attribute (``directions train``, ``edit``): ``use``, what the scores serve; ``pair``, what
+    an 'A vs B' attribute means there."""
+    p.add_argument("--classifier", default=None,
+                   help="attribute classifier (own .safetensors, kind classifier, or a shipped name such as fmnist-eval or "
+                   f"fmnist-features) or a measure (brightness){use}")  # fmt: skip
+    p.add_argument("--attribute", default=None,
+                   help=f"the classifier's output to read: a name or a number (default 0), or 'A vs B': {pair}")  # fmt: skip
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:

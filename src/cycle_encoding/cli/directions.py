@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import add_device_arg, add_json_arg, add_progress_arg, check_output_file, print_result
+from .common import add_classifier_args, add_device_arg, add_json_arg, add_progress_arg, check_output_file, print_result
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -46,12 +46,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     t.add_argument("--encoder", default=None, help="encoder file for --images")
     t.add_argument("--offsets", default="all", choices=("all", "trained"), help="encoder offsets (default all)")
     t.add_argument("--generator", default=None, help="generator file for --classifier sampling")
-    t.add_argument("--classifier", default=None,
-                   help="attribute classifier (own .safetensors, kind classifier, or a shipped name such as "
-                   "fmnist-features), or a measure: brightness")  # fmt: skip
-    t.add_argument("--attribute", default=None,
-                   help="the classifier's output to use (name or number; default 0), or 'A vs B': the samples of "
-                   "top class A against those of top class B")  # fmt: skip
+    add_classifier_args(t, " to score the samples", "the samples of top class A against those of top class B")
     t.add_argument("--samples", type=int, default=10_000, help="generated samples to score (default 10000)")
     t.add_argument("--truncation", type=float, default=1.0, help="truncation of the generated samples (default 1)")
     t.add_argument("--method", default="svm", choices=("svm", "svc", "logistic"),

@@ -7,9 +7,7 @@ import argparse
 import re
 from pathlib import Path
 
-from .common import add_device_arg, add_progress_arg, check_output_folder
-
-EXIT_SOME_FAILED = 3  # as `invert`: the other images were edited
+from .common import EXIT_SOME_FAILED, add_classifier_args, add_device_arg, add_progress_arg, check_output_folder
 
 NUMBER_LIST = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(?:[eE][-+]?\d+)?(?:,[-+]?[\d.]+(?:[eE][-+]?\d+)?)*$")
 
@@ -37,12 +35,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--images", default=None, help="comma-separated image names to edit (default: all finished)")
     p.add_argument("--lec", action="store_true", help="measure Latent Editing Consistency with the run's encoder")
     p.add_argument("--encoder", default=None, help="encoder file for LEC (default: the run's; implies --lec)")
-    p.add_argument("--classifier", default=None,
-                   help="attribute classifier (own .safetensors, kind classifier, or a shipped name such as "
-                   "fmnist-eval) or a measure (brightness) to measure edit success")  # fmt: skip
-    p.add_argument("--attribute", default=None,
-                   help="the classifier's output to read: a name or a number (default 0), or 'A vs B' (logit A - "
-                   "logit B)")  # fmt: skip
+    add_classifier_args(p, " to measure edit success", "logit A - logit B")
     p.add_argument("--preservation", default=None,
                    help="distance to the reconstruction: mse, lpips-alex / lpips-vgg (need --preservation-weights), "
                         "dlib-face, or identity:NAME (identity:arcface, identity:dlib-face)")  # fmt: skip

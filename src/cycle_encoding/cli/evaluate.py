@@ -8,9 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, add_progress_arg, check_output_file
-
-EXIT_SOME_UNREADABLE = 3  # as `invert` when some images failed: all the others were measured
+from .common import EXIT_SOME_FAILED, add_device_arg, add_progress_arg, check_output_file
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -152,4 +150,4 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if rep["pairs"] == 0:
         raise CycleEncodingError(f"no image pairs could be measured between {args.pred} and {args.target}")
-    return EXIT_SOME_UNREADABLE if rep["unreadable"] else 0
+    return EXIT_SOME_FAILED if rep["unreadable"] else 0

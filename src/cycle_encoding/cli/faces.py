@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CycleEncodingError
-from .common import add_progress_arg, check_output_folder
+from .common import EXIT_SOME_FAILED, add_progress_arg, check_output_folder
 
 
 def _upsample(value: str) -> str | int:
@@ -20,9 +20,6 @@ def _upsample(value: str) -> str | int:
     if n < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
     return n
-
-
-EXIT_SOME_FAILED = 3  # as invert and edit: the other images were aligned
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_SOME_LEFT_OUT = 3  # as `invert` when some images failed: the report shows the others
+from .common import EXIT_SOME_FAILED, check_output_file
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -35,7 +35,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def cmd_report(args: argparse.Namespace) -> int:
     from ..errors import CycleEncodingError
     from ..report.html import write_report
-    from .common import check_output_file
 
     if args.max_images is not None and args.max_images < 1:
         raise CycleEncodingError(f"--max-images must be 1 or more, got {args.max_images}")
@@ -54,4 +53,4 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"data:   {files.json}")
     for u in files.unreadable:
         print(f"left out: {u['name']}: {u['reason']}", file=sys.stderr)
-    return EXIT_SOME_LEFT_OUT if files.unreadable else 0
+    return EXIT_SOME_FAILED if files.unreadable else 0
