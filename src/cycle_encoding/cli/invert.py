@@ -8,11 +8,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_arg, add_progress_arg, check_output_folder, print_json, resolve_precision_option
+from .common import (
+    EXIT_SOME_FAILED,
+    add_device_arg,
+    add_option_table,
+    add_progress_arg,
+    check_output_folder,
+    print_json,
+    resolve_precision_option,
+)
 
-EXIT_SOME_FAILED = 3
-
-# option -> (dest in the InversionConfig, dotted for nested; type; help)
+# option -> (dest in the InversionConfig, dotted for nested, _NAME: read by options_from_args; type or switch; help)
 OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--offsets", "offsets", str, "encoder offsets: all (default, the authors' inference) or trained"),
     ("--perceptual", "perceptual", str,
@@ -67,6 +73,16 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
      "tune this many images at once (each its own generator copy, one batched pass; the same results as one by one "
      "within float rounding; default: chosen per run by invert, 1 (one by one, the authors' loop) by video)"),
     ("--delta-level", "delta_level", int, "zlib level of the stored generator change, 0-9 (default 1)"),
+    ("--no-locality", "tune.locality", "store_false", "pivotal tuning without the locality regularizer"),
+    ("--batch-passes", "tune.batch_passes", "store_true",
+     "pivotal tuning: the pivot's and the locality regularizer's renders in one batched pass (same terms within "
+     "float rounding; faster up to 64 px, where invert chooses it by default)"),
+    ("--compile", "_compile", "store_true",
+     "torch.compile the refinement's encoder body and generator and the tuning's generator passes (not "
+     "--tune-batch's); a C++ compiler is needed on a CPU; the first image pays a minute or two of compiling, torch "
+     "keeps it on disk for later runs; pays over a folder of images, where invert chooses it on a bf16 CPU; "
+     "docs/PERFORMANCE.md)"),
+    ("--no-early-stop", "_no_early_stop", "store_true", "pivotal tuning always takes --tune-steps steps"),
 ]  # fmt: skip
 
 
@@ -110,7 +126,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def add_inversion_args(p: argparse.ArgumentParser) -> None:
     """The networks and the inversion's options as ``invert`` takes them (also ``video``'s): --generator, --encoder,
-    --stages, --train-data, --config, the OPTIONS table and the tuning's switches (read by ``options_from_args``)."""
+    --stages, --train-data, --config, the OPTIONS table (read by ``options_from_args``) and --tune."""
     p.add_argument("--generator", required=True, help="generator file (any supported format)")
     p.add_argument("--encoder", default=None,
                    help="encoder: a train-encoder checkpoint.pt (gives the optimizer state and the training images for "
@@ -122,20 +138,7 @@ def add_inversion_args(p: argparse.ArgumentParser) -> None:
                    help="the encoder's training images (folder or dataset name) for refine; default: what the encoder "
                         "file records")  # fmt: skip
     p.add_argument("--config", default=None, help="YAML/JSON file of inversion options (command-line options win)")
-    for flag, dest, tp, hlp in OPTIONS:
-        metavar = {int: "N", float: "X"}.get(tp, "VALUE")
-        p.add_argument(flag, dest="opt:" + dest, type=tp, default=None, metavar=metavar, help=hlp)
-    p.add_argument("--no-locality", action="store_true", help="pivotal tuning without the locality regularizer")
-    p.add_argument("--batch-passes", action="store_true",
-                   help="pivotal tuning: the pivot's and the locality regularizer's renders in one batched pass (same "
-                        "terms within float rounding; faster up to 64 px, where invert chooses it by "
-                        "default)")  # fmt: skip
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the refinement's encoder body and generator and the tuning's generator passes "
-                        "(not --tune-batch's); a C++ compiler is needed on a CPU; the first image pays a minute or two "
-                        "of compiling, torch keeps it on disk for later runs; pays over a folder of images, where "
-                        "invert chooses it on a bf16 CPU; docs/PERFORMANCE.md)")  # fmt: skip
-    p.add_argument("--no-early-stop", action="store_true", help="pivotal tuning always takes --tune-steps steps")
+    add_option_table(p, OPTIONS, metavars=True)
     p.add_argument("--tune", choices=("each", "shared"), default=None,
                    help="each (default): every image its own tuned generator; shared: ONE generator tuned on all the "
                         "images (PTI's multi-ID mode: --tune-steps rounds of one step per image, no early stop), "
@@ -161,7 +164,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.train_data:
         data["train_data"] = args.train_data
     for flag, dest, tp, _ in OPTIONS:
-        v = getattr(args, "opt:" + dest)
+        v = getattr(args, dest.replace(".", "__"))
         if v is None:
             continue
         if tp is float:
@@ -175,24 +178,17 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
             check_finite(perc, flag)
             _set(data, "tune.locality_l2_lambda", l2)
             _set(data, "tune.locality_perceptual_lambda", perc)
-        elif dest == "_precision":
-            _set(data, "refine.precision", v)
-            _set(data, "tune.precision", v)
+        elif dest in ("_precision", "_compile"):  # both stages'
+            _set(data, f"refine.{dest[1:]}", v)
+            _set(data, f"tune.{dest[1:]}", v)
+        elif dest == "_no_early_stop":
+            _set(data, "tune.stop_threshold", None)
         else:
             _set(data, dest, v)
     if getattr(args, "align", False):  # invert --align (video aligns its frames itself)
         data["align"] = True
-    if args.no_locality:
-        _set(data, "tune.locality", False)
-    if args.batch_passes:
-        _set(data, "tune.batch_passes", True)
-    if args.compile:
-        _set(data, "refine.compile", True)
-        _set(data, "tune.compile", True)
     if args.tune:
         data["tune_mode"] = args.tune
-    if args.no_early_stop:
-        _set(data, "tune.stop_threshold", None)
     if getattr(args, "no_delta", False):
         data["save_delta"] = False
     return data
@@ -225,7 +221,7 @@ def speed_request(data: dict[str, Any], args: argparse.Namespace) -> str | dict[
     if not args.exact:
         return given
     fixed = [k for k in given if k != "workers" or given[k] != 1]
-    if getattr(args, "opt:_precision", None) not in (None, "fp32") or fixed:
+    if getattr(args, "_precision", None) not in (None, "fp32") or fixed:
         raise CycleEncodingError(f"--exact is the authors' loop; it cannot go with {', '.join(fixed) or '--precision'}")
     for stage in ("refine", "tune"):
         data.setdefault(stage, {})["precision"] = "fp32"

@@ -7,9 +7,9 @@ import argparse
 from fractions import Fraction
 from pathlib import Path
 
-from .common import add_device_arg, add_progress_arg, check_output_folder
+from .common import EXIT_SOME_FAILED, add_device_arg, add_progress_arg, check_output_folder
 from .edit import add_direction_args
-from .invert import EXIT_SOME_FAILED, add_inversion_args, options_from_args, resolve_precisions
+from .invert import add_inversion_args, options_from_args, resolve_precisions
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
