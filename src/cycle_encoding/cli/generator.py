@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..sampling import MAX_TRUNCATION
 from .common import add_device_arg, add_progress_arg, check_output_file, check_output_folder, print_json, text_lines
@@ -113,10 +115,10 @@ def brief_line(info: dict) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..checkpoints.delta import open_generator
+    from ..checkpoints.latents import latent_names, load_latents
     from ..errors import CycleEncodingError
-    from ..progress import Progress
     from ..sampling import MAX_SEED, MAX_TRUNCATION, TRUNCATION_WHY, render_seeds
-    from ..utils import check_finite, parse_int_list, save_image
+    from ..utils import check_finite, parse_int_list
 
     # every value checked before the generator is read: one clear line, exit 2
     if args.projected_w is not None and (args.seeds is not None or args.truncation is not None):
@@ -131,55 +133,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.truncation = 1.0 if args.truncation is None else args.truncation
         check_finite(args.truncation, "--truncation", MAX_TRUNCATION, TRUNCATION_WHY)
     G = open_generator(args.generator, args.base, device=args.device)
-    if args.projected_w is not None:
-        return _generate_projected(G, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    shown = []
-    with Progress(len(seeds), "generate", "img", args.progress, heartbeat=30) as bar:
-        for chunk, images in render_seeds(G, seeds, args.truncation, args.noise, args.batch_size):
-            for s, im in zip(chunk, images):
-                save_image(im, args.out / f"seed{s:04d}.png")
-            shown += list(images[: GRID_IMAGES - len(shown)])
-            bar.update(len(chunk))
-    write_grid(shown, args.out, len(seeds))
-    return 0
-
-
-def write_grid(shown: list, out: Path, total: int, note: str = "") -> None:
-    """grid.png of the first GRID_IMAGES images, and the line saying what was written."""
-    import torch
-
-    from ..utils import make_grid, save_image
-
-    save_image(make_grid(torch.stack(shown).clamp(-1, 1)), out / "grid.png")
-    first = f" (the first {len(shown)})" if total > len(shown) else ""
-    print(f"wrote {total} images{note} and grid.png{first} to {out}")
-
-
-def _generate_projected(G, args: argparse.Namespace) -> int:
-    """``generate --projected-w``: one image per code, named as the codes' ``latents.txt`` names them, else projNN.png
-    as NVIDIA's generate.py does."""
-    import torch
-
-    from ..checkpoints.latents import latent_names, load_latents
-    from ..progress import Progress
-    from ..utils import save_image
-
+    if args.projected_w is None:
+        batches = (images for _, images in render_seeds(G, seeds, args.truncation, args.noise, args.batch_size))
+        write_images(batches, [f"seed{s:04d}" for s in seeds], args)
+        return 0
+    # one image per code, named as the codes' latents.txt names them, else projNN.png as NVIDIA's generate.py does
     ws = load_latents(args.projected_w, G.num_ws, G.w_dim, max_count=args.max_codes)
     named = latent_names(args.projected_w, len(ws))
-    names = named or [f"proj{i:02d}" for i in range(len(ws))]
-    args.out.mkdir(parents=True, exist_ok=True)
-    shown = []
-    with torch.no_grad(), Progress(len(ws), "generate", "img", args.progress, heartbeat=30) as bar:
-        for i in range(0, len(ws), args.batch_size):
-            out = G.synthesis(ws[i : i + args.batch_size].to(G.w_avg.device), noise_mode=args.noise).cpu()
-            for name, im in zip(names[i : i + args.batch_size], out):
-                save_image(im, args.out / f"{name}.png")
-            shown += list(out[: GRID_IMAGES - len(shown)])
-            bar.update(len(out))
+    bs = args.batch_size
+    batches = (
+        G.synthesis(ws[i : i + bs].to(G.w_avg.device), noise_mode=args.noise).cpu() for i in range(0, len(ws), bs)
+    )
     how = f"named as {args.projected_w.with_suffix('.txt').name} names them" if named else "proj00.png ..."
-    write_grid(shown, args.out, len(ws), f" ({how})")
+    write_images(batches, named or [f"proj{i:02d}" for i in range(len(ws))], args, f" ({how})")
     return 0
+
+
+def write_images(batches: Iterator[Any], names: list[str], args: argparse.Namespace, note: str = "") -> None:
+    """The images of ``batches`` as OUT/NAME.png in order, grid.png of the first GRID_IMAGES (the others are not
+    kept in memory), and the line saying what was written."""
+    import torch
+
+    from ..progress import Progress
+    from ..utils import make_grid, save_image
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    shown: list[Any] = []
+    with torch.no_grad(), Progress(len(names), "generate", "img", args.progress, heartbeat=30) as bar:
+        for images in batches:
+            for name, im in zip(names[bar.done :], images):
+                save_image(im, args.out / f"{name}.png")
+            shown += list(images[: GRID_IMAGES - len(shown)])
+            bar.update(len(images))
+    save_image(make_grid(torch.stack(shown).clamp(-1, 1)), args.out / "grid.png")
+    first = f" (the first {len(shown)})" if len(names) > len(shown) else ""
+    print(f"wrote {len(names)} images{note} and grid.png{first} to {args.out}")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
