@@ -188,6 +188,34 @@ def test_substitute_is_the_mean_of_centralized_gradients_and_keeps_batchnorm(tmp
     assert st["step"] % 6 == 0 and st["step"] >= 1000
 
 
+def test_a_substitute_estimated_once_serves_another_refiner(tmp_path, monkeypatch):
+    """A worker process takes its parent's substitute (through a file, as invert's workers do) instead of estimating
+    it again: the same state, tensor for tensor, and the same refined pivot; a restored state is not handed on."""
+    G, data, x = tiny_setup()
+    ckpt, _ = their_checkpoint()
+    ckpt.pop("optimizer")
+    torch.save(ckpt, tmp_path / "no_state.pt")
+    E = load_encoder_source(tmp_path / "no_state.pt").encoder
+    E.set_w_avg(G.w_avg)
+    cfg = RefineConfig(substitute_batches=3, num_random=3, noise_mode="const", perceptual_lambda=0.0, steps=3)
+    parent = RegularizedRefiner(G, E, data, cfg, seed=4, image_size=32, source="no_state.pt")
+    torch.save(parent.substitute_state(), tmp_path / "substitute.pt")
+    monkeypatch.setattr(RegularizedRefiner, "_estimate_substitute", lambda self, seed: pytest.fail("estimated again"))
+    given = torch.load(tmp_path / "substitute.pt", weights_only=True)
+    worker = RegularizedRefiner(G, E, data, cfg, seed=4, image_size=32, source="no_state.pt", substitute=given)
+    assert worker.optimizer_source == "substitute" and worker.optimizer_note == parent.optimizer_note
+    for p, q in zip(parent.E.parameters(), worker.E.parameters()):
+        a, b = parent.optimizer.state[p], worker.optimizer.state[q]
+        assert a["step"] == b["step"] and all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq", "slow_buffer"))
+    assert torch.equal(parent.refine(x[:1], seed=1).pivot, worker.refine(x[:1], seed=1).pivot)
+    ckpt2, _ = their_checkpoint()
+    torch.save(ckpt2, tmp_path / "with_state.pt")
+    src = load_encoder_source(tmp_path / "with_state.pt")
+    src.encoder.set_w_avg(G.w_avg)
+    restored = RegularizedRefiner(G, src.encoder, data, cfg, optimizer_state=src.optimizer_state, image_size=32)
+    assert restored.optimizer_source == "restored" and restored.substitute_state() is None
+
+
 def test_fresh_state_moves_the_encoder_less_than_a_substitute():
     """A fresh Ranger's first steps are small unadapted steps; a state with moments takes full adaptive steps."""
     G, data, x = tiny_setup()

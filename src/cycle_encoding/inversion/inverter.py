@@ -11,6 +11,7 @@ After each stage: G(pivot) rendered, its metrics against the target, its time. O
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,7 +57,8 @@ class Inverter:
     mapping) and keyword ``options`` set the method's options (e.g. ``stages=("encoder", "tune")``,
     ``tune={"steps": 100}``). ``perceptual_net`` / ``identity_net``: networks to use instead of those named in the
     options; ``train_images``: the encoder's training images as a dataset (instead of a folder
-    or dataset name). Under ``torchrun`` the constructor joins the process group.
+    or dataset name); ``refine_substitute``: the refinement's substitute Ranger state another inverter of the same
+    files and options estimated (``refiner.substitute_state()``; a worker process takes its parent's). Under ``torchrun`` the constructor joins the process group.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class Inverter:
         identity_net: torch.nn.Module | None = None,
         train_images: Any = None,
         progress: bool | str = False,
+        refine_substitute: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
         from ..checkpoints.generator import open_generator_arg
@@ -153,7 +156,7 @@ class Inverter:
                 self.G, self.E, train_images, cfg.refine, self.nets,
                 optimizer_state=self.source.optimizer_state,
                 optimizer_settings=self.source.optimizer_settings,
-                image_size=size, seed=cfg.seed, source=self.source.path,
+                image_size=size, seed=cfg.seed, source=self.source.path, substitute=refine_substitute,
             )  # fmt: skip
 
     # -- set-up --------------------------------------------------------------------------------------------------
@@ -527,12 +530,17 @@ class Inverter:
             for n in plan["changed"]:
                 warn(f"{n}: the input file changed since it was inverted: inverting it again")
         procs = []
+        # the refinement's substitute optimizer state (minutes at 256 px) estimated once, read by the workers
+        shared = out / f".substitute-{os.getpid()}.pt"
         if self.speed is not None and self.speed.workers > 1 and len(mine) > 1 and self._rebuild:
             from ..utils import max_pixels
 
             task = {**self._rebuild, "options": to_dict(self.config), "images": [str(f) for f in files],
                     "names": names, "todo": mine, "out": str(out), "verbose": verbose, "debug": debug,
                     "max_pixels": max_pixels()}  # fmt: skip
+            if self.refiner is not None and self.refiner.substitute_state() is not None:
+                torch.save(self.refiner.substitute_state(), shared)
+                task["substitute"] = str(shared)
             procs = start_workers(task, self.speed.workers - 1, self.speed.threads or 1)
         try:
             own = fill_folder(self, out, files, names, mine, prefix, say, warn, per_image, debug, bool(procs))
@@ -540,6 +548,8 @@ class Inverter:
         except BaseException:
             stop_workers(procs)
             raise
+        finally:
+            shared.unlink(missing_ok=True)
         own = merge_records(own, others)
         ranks = [*dd.gather_objects({"rank": info.rank, **own}, info), *others]
         summary: dict[str, Any] = {}

@@ -239,6 +239,7 @@ class RegularizedRefiner:
         image_size: int | None = None,
         seed: int = 0,
         source: str | None = None,
+        substitute: dict[str, Any] | None = None,
     ) -> None:
         self.config = config or RefineConfig()
         c = self.config
@@ -280,7 +281,10 @@ class RegularizedRefiner:
         elif choice == "fresh":
             self.optimizer_source, self.optimizer_note = "fresh", "fresh Ranger (no state)"
         else:
-            self._estimate_substitute(seed)
+            if substitute is None:
+                self._estimate_substitute(seed)
+            else:  # estimated by another process of this run (a worker's parent): the same state, not estimated twice
+                self.optimizer.load_state_dict(copy.deepcopy(substitute))
             why = "requested" if choice == "substitute" else f"{where} holds no optimizer state"
             self.optimizer_source = "substitute"
             self.optimizer_note = (
@@ -292,6 +296,11 @@ class RegularizedRefiner:
                 g["lr"] = c.lr
         self._opt_state = copy.deepcopy(self.optimizer.state_dict())
         self.has_optimizer_state = self.optimizer_source != "fresh"
+
+    def substitute_state(self) -> dict[str, Any] | None:
+        """The substitute Ranger state this refiner estimated (None: it restored one or runs fresh), for another
+        refiner of the same encoder, training images and options (``substitute=``)."""
+        return self._opt_state if self.optimizer_source == "substitute" else None
 
     def use_compile(self, on: bool) -> None:
         """Compile the encoder's body and G's synthesis or not, from the next target on (fixed shapes, batches of

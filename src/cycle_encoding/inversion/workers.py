@@ -3,9 +3,9 @@ plan of several workers on a CPU).
 
 Each worker is a fresh Python process (``python -c``: nothing of the parent's state is inherited but the environment)
 given its task as JSON on its standard input: the networks' files, the resolved options, the images still to do,
-the run folder and its threads. It builds its own ``Inverter``, walks the same list of images as the parent and the
-other workers, and inverts each image whose lock it gets (``run_folder.fill_folder``): the images go to whichever
-process is free, none twice. Its last line on standard output is its record (done, failed); its messages go to the
+the run folder, its threads and the file of the refinement's substitute optimizer state the parent estimated. It
+builds its own ``Inverter``, walks the same list of images as the parent and the other workers, and inverts each
+image whose lock it gets (``run_folder.fill_folder``): the images go to whichever process is free, none twice. Its last line on standard output is its record (done, failed); its messages go to the
 parent's standard error. A worker that fails to start leaves its images to the others.
 """
 
@@ -91,7 +91,10 @@ def worker_main(inverter_class: Any) -> None:
         keep_freed_memory()
     set_max_pixels(task["max_pixels"])
     torch.set_num_threads(task["threads"])
-    inv = inverter_class(task["generator"], task["encoder"], task["options"], device=task["device"], progress="none")
+    # the parent's substitute Ranger state for the refinement, when it estimated one (not estimated again here)
+    substitute = torch.load(task["substitute"], weights_only=True) if task.get("substitute") else None
+    inv = inverter_class(task["generator"], task["encoder"], task["options"], device=task["device"], progress="none",
+                         refine_substitute=substitute)  # fmt: skip
     verbose, files = task["verbose"], [Path(f) for f in task["images"]]
 
     def warn(s: str) -> None:
