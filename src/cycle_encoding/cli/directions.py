@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     g.add_argument("--seed", type=int, default=0)
     add_device_arg(g)
     add_json_arg(g)
-    g.set_defaults(func=cmd_ganspace)
+    g.set_defaults(func=cmd_from_generator)
 
     s = dsub.add_parser("sefa", parents=[common], help="SeFa: closed-form directions from the modulation weights")
     s.add_argument("--generator", required=True, help="generator file")
@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.add_argument("--include-torgb", action="store_true", help="also use the ToRGB layers' modulations")
     s.add_argument("--no-normalize", action="store_true", help="do not scale the weight rows to unit norm (rosinality)")
     add_json_arg(s)
-    s.set_defaults(func=cmd_sefa)
+    s.set_defaults(func=cmd_from_generator)
 
     w = dsub.add_parser("show", parents=[common], help="describe a direction file")
     w.add_argument("file", type=Path)
@@ -201,34 +201,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ganspace(args: argparse.Namespace) -> int:
-    from ..checkpoints.generator import load_generator
-    from ..editing.directions import save_any
-    from ..editing.ganspace import ganspace_pca
-    from ..sampling import MAX_TRUNCATION, TRUNCATION_WHY
-    from ..utils import check_finite, resolve_device
-
-    check_finite(args.truncation, "--truncation", MAX_TRUNCATION, TRUNCATION_WHY)
-    check_output_file(args.out, "--out")
-    G = load_generator(args.generator, resolve_device(args.device))
-    ds = ganspace_pca(G, args.samples, args.components, args.seed, truncation=args.truncation)
-    ds.meta["generator"] = str(args.generator)
-    save_any(ds, args.out)
-    print_result({"out": str(args.out), **ds.describe()}, args.json)
-    return 0
-
-
-def cmd_sefa(args: argparse.Namespace) -> int:
+def cmd_from_generator(args: argparse.Namespace) -> int:
+    """``ganspace`` and ``sefa``: directions computed from the generator alone."""
     from ..checkpoints.generator import load_generator
     from ..editing.directions import parse_layers, save_any
-    from ..editing.sefa import sefa_directions
 
-    check_output_file(args.out, "--out")
-    G = load_generator(args.generator, "cpu")
-    ds = sefa_directions(G, parse_layers(args.layers), args.components, args.include_torgb, not args.no_normalize)
+    if args.directions_command == "ganspace":
+        from ..editing.ganspace import ganspace_pca
+        from ..sampling import MAX_TRUNCATION, TRUNCATION_WHY
+        from ..utils import check_finite, resolve_device
+
+        check_finite(args.truncation, "--truncation", MAX_TRUNCATION, TRUNCATION_WHY)
+        check_output_file(args.out, "--out")
+        G = load_generator(args.generator, resolve_device(args.device))
+        ds = ganspace_pca(G, args.samples, args.components, args.seed, truncation=args.truncation)
+    else:
+        from ..editing.sefa import sefa_directions
+
+        check_output_file(args.out, "--out")
+        G = load_generator(args.generator, "cpu")
+        ds = sefa_directions(G, parse_layers(args.layers), args.components, args.include_torgb, not args.no_normalize)
     ds.meta["generator"] = str(args.generator)
     save_any(ds, args.out)
-    print_result({"out": str(args.out), **{k: v for k, v in ds.describe().items() if k != "meta"}}, args.json)
+    shown = {k: v for k, v in ds.describe().items() if k != "meta" or args.directions_command == "ganspace"}
+    print_result({"out": str(args.out), **shown}, args.json)
     return 0
 
 
