@@ -50,16 +50,8 @@ def _stage_order(run: InversionRun, records: list[dict[str, Any]]) -> list[str]:
 
 def metric_networks(run: InversionRun, keys: list[str]) -> dict[str, str]:
     """Which network (or definition) gives each metric."""
-    nets = run.networks
-    out = {}
-    for k in keys:
-        if k == "perceptual":
-            out[k] = nets.get("perceptual", "?")
-        elif k == "identity":
-            out[k] = nets.get("identity", "?")
-        else:
-            out[k] = DEFINITIONS.get(k, "computed by the run")
-    return out
+    nets, by_network = run.networks, ("perceptual", "identity")
+    return {k: nets.get(k, "?") if k in by_network else DEFINITIONS.get(k, "computed by the run") for k in keys}
 
 
 def loss_curves(images: list[Any]) -> dict[str, dict[str, dict[str, list[float]]]]:
@@ -154,11 +146,7 @@ def collect(run: InversionRun | str | Path, max_images: int | None = None) -> di
             entry[k] = summarize([r["metrics"][s].get(k) for r in rows])
         entry["seconds"] = summarize([(r.get("timings") or {}).get(s) for r in rows])
         table.append(entry)
-    timing_keys: list[str] = []
-    for r in records:
-        for k in r.get("timings") or {}:
-            if k not in timing_keys:
-                timing_keys.append(k)
+    timing_keys = dict.fromkeys(k for r in records for k in r.get("timings") or {})  # in first-seen order
     timings = {k: summarize([(r.get("timings") or {}).get(k) for r in records]) for k in timing_keys}
     edits = read_edits(run, problems, images, len(shown))
     per_image = []
