@@ -85,6 +85,9 @@ def test_the_plan_follows_the_measured_rules():
     assert many.tune_batch == 6  # 12 images per process in batches of 6: the two processes' shares stay even
     assert plan_speed(24, 32, "cpu", cores=1, memory=64 * GB).tune_batch == 8
     assert plan_speed(24, 32, "cpu", cores=2, memory=1 * GB).workers == 1  # memory for one process only
+    # a process holding 9 GB (Method 2's big encoder and its Ranger state) and 4 GB of work at 256 px each
+    assert plan_speed(8, 256, "cpu", cores=2, memory=16 * GB, held=9 * GB).workers == 1
+    assert plan_speed(8, 256, "cpu", cores=2, memory=17 * GB, held=9 * GB).workers == 2
     big = plan_speed(3, 256, "cpu", cores=2, memory=64 * GB)
     assert (big.workers, big.threads, big.batch_passes, big.tune_batch) == (1, 2, False, 1)  # 2+1 splits unevenly
     assert plan_speed(8, 256, "cpu", cores=2, memory=64 * GB).workers == 2

@@ -36,7 +36,7 @@ from .project import project_w
 from .refine import EncoderSource, RegularizedRefiner, load_encoder_source, open_training_images
 from .result import InversionResult
 from .run_folder import fill_folder, image_state, prepare_run_dir, recorded_options, write_summary
-from .speed import SpeedPlan, plan_speed
+from .speed import SpeedPlan, plan_speed, resident_memory
 from .targets import list_targets
 from .tune import TuneResult, pivotal_tune
 from .tune_batch import pivotal_tune_many
@@ -58,7 +58,8 @@ class Inverter:
     ``tune={"steps": 100}``). ``perceptual_net`` / ``identity_net``: networks to use instead of those named in the
     options; ``train_images``: the encoder's training images as a dataset (instead of a folder
     or dataset name); ``refine_substitute``: the refinement's substitute Ranger state another inverter of the same
-    files and options estimated (``refiner.substitute_state()``; a worker process takes its parent's). Under ``torchrun`` the constructor joins the process group.
+    files and options estimated (``refiner.substitute_state()``; a worker process takes its parent's), taken over,
+    not copied (pass a copy to keep using it). Under ``torchrun`` the constructor joins the process group.
     """
 
     def __init__(
@@ -563,7 +564,7 @@ class Inverter:
         alone = "under torchrun" if self.dist.enabled else None if self._rebuild else "networks given as objects"
         return plan_speed(images, self.G.resolution, self.device, self.config.tune.precision,
                           given=None if speed == "exact" else dict(speed), exact=speed == "exact",
-                          single_process=alone, resumed=recorded_options(out))  # fmt: skip
+                          single_process=alone, resumed=recorded_options(out), held=resident_memory())  # fmt: skip
 
     def _apply_speed(self, plan: SpeedPlan) -> None:
         """Use ``plan``: its batched pass, tuning batch and compiling in the options, its threads in this process."""

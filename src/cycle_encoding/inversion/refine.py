@@ -283,8 +283,8 @@ class RegularizedRefiner:
         else:
             if substitute is None:
                 self._estimate_substitute(seed)
-            else:  # estimated by another process of this run (a worker's parent): the same state, not estimated twice
-                self.optimizer.load_state_dict(copy.deepcopy(substitute))
+            else:  # estimated by another process of this run (a worker's parent): taken as it is, not copied
+                self.optimizer.load_state_dict(substitute)
             why = "requested" if choice == "substitute" else f"{where} holds no optimizer state"
             self.optimizer_source = "substitute"
             self.optimizer_note = (
@@ -299,7 +299,8 @@ class RegularizedRefiner:
 
     def substitute_state(self) -> dict[str, Any] | None:
         """The substitute Ranger state this refiner estimated (None: it restored one or runs fresh), for another
-        refiner of the same encoder, training images and options (``substitute=``)."""
+        refiner of the same encoder, training images and options (``substitute=``, which takes it over: its
+        tensors become that refiner's optimizer state, so hand it a copy, as a file does, to keep using it)."""
         return self._opt_state if self.optimizer_source == "substitute" else None
 
     def use_compile(self, on: bool) -> None:

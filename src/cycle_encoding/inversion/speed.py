@@ -43,8 +43,9 @@ COMPILE_MIN_IMAGES = 16
 IMAGE_SECONDS = {32: 8.0, 64: 60.0, 256: 400.0, 1024: 2000.0}
 START_SECONDS = 10.0
 THREAD_GAIN = {32: 0.3, 64: 0.5, 256: 0.7, 1024: 0.8}  # each thread after the first adds this share of one
-# peak memory of one process by resolution (bytes): tuning 1.7 / 2.9 / 5.7 GB at 64 / 256 / 1024 px, the refinement
-# with the full-size encoder 10.6 GB at 1024 px
+# the working memory of inverting, on top of what a process holds once its networks are loaded (``held``; the
+# refinement's encoder copies and Ranger state are 5-6 times the encoder's weights), by resolution (bytes): tuning
+# 1.7 / 2.9 / 5.7 GB at 64 / 256 / 1024 px
 WORKER_BYTES = {32: 1 << 30, 64: 2 << 30, 256: 4 << 30, 1024: 11 << 30}
 
 
@@ -106,6 +107,18 @@ def available_memory() -> int | None:
     return None
 
 
+def resident_memory() -> int | None:
+    """Bytes this process holds in memory now (Linux's VmRSS), or None where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def has_compiler() -> bool:
     """Whether ``torch.compile`` can generate CPU code here (a C++ compiler on the PATH)."""
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
@@ -130,13 +143,15 @@ def plan_speed(
     exact: bool = False,
     cores: int | None = None,
     memory: int | None = None,
+    held: int | None = None,
     compiler: bool | None = None,
     single_process: str | None = None,
     resumed: Mapping[str, Any] | None = None,
 ) -> SpeedPlan:
     """The plan for ``images`` images into a generator of ``resolution`` px on ``device`` in ``precision`` (fp32 or
     bf16, already resolved). ``given``: options the user set (keys of ``SPEED_OPTIONS``), kept as they are; ``exact``:
-    the authors' loop; ``cores`` / ``memory`` (bytes) / ``compiler``: found on this machine when None;
+    the authors' loop; ``cores`` / ``memory`` (bytes available) / ``compiler``: found on this machine when None;
+    ``held``: the bytes this process holds with its networks loaded, which every worker will hold too;
     ``single_process``: why the run must stay in one process (e.g. under torchrun), or None; ``resumed``: the options
     a run folder being resumed records (it keeps its batched pass, which changes results in the last bits)."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
@@ -160,7 +175,8 @@ def plan_speed(
         workers, why["workers"] = 1, f"one {dev.type} device"
     else:
         memory = memory if memory is not None else available_memory()
-        cap = cores if memory is None else max(1, min(cores, memory // _row(WORKER_BYTES, resolution)))
+        work = _row(WORKER_BYTES, resolution)  # this process's own working memory comes first, then the workers'
+        cap = cores if memory is None else max(1, min(cores, 1 + (memory - work) // (work + (held or 0))))
         options = range(1, max(1, min(cap, images)) + 1)
         workers = min(options, key=lambda w: (_finish_estimate(images, w, cores, resolution), w))
         if workers > 1:
