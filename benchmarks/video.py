@@ -17,7 +17,11 @@ encoder,tune, the shipped ``fmnist-encoder``) at strengths 0 and a; from the vid
 
 all on the [-1, 1] scale of the project's images. Methods: frames tuned one by one (``tune="each"``), the one
 generator tuned on all frames (``tune="shared"``, PTI's multi-ID tuning), each with and without smoothing the
-pivots over time. The smoothing variants re-render the same run (smoothing acts at render time). Seconds per frame:
+pivots over time; first, for reference, the encoder's pivots rendered by the untuned generator (what every tuned
+method starts from). The smoothing variants re-render the same run (smoothing acts at render time).
+``--smooth-before`` adds STIT's order: the pivots smoothed first, then the one generator tuned on all frames at the
+smoothed pivots (this benchmark's wrapper of the tuning stage, ``smoothed_before_tuning``; a run of its own). Seconds
+per frame:
 the inversion's (encoder + tuning, from the run's summary.json, so a resumed run still reports them) and the
 rendering's; storage: the bytes the run stores for its tuned generators (one change per frame, or one for all);
 memory: the process's peak resident size after the method (``ru_maxrss``).
@@ -31,10 +35,12 @@ memory: the process's peak resident size after the method (``ru_maxrss``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import resource
 import time
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -44,9 +50,10 @@ import torch
 from PIL import Image
 
 from cycle_encoding.checkpoints.generator import load_generator
-from cycle_encoding.data.video import read_video, write_video
+from cycle_encoding.data.video import read_video, smooth_track, write_video
 from cycle_encoding.editing.render import named_directions
 from cycle_encoding.editing.video import edit_label, edit_video
+from cycle_encoding.inversion.inverter import Inverter
 from cycle_encoding.networks.stylegan2 import Generator
 from cycle_encoding.utils import to_uint8
 
@@ -124,20 +131,45 @@ def save_strip(path: Path, rows: dict[str, Any], columns: list[int]) -> Path:
     return save_png(compose_grid(grid, [f"frame {i}" for i in columns], list(rows), min_cell=96), path)
 
 
+@contextlib.contextmanager
+def smoothed_before_tuning(sigma: float) -> Iterator[None]:
+    """Within the block, a shared tuning tunes at the pivots smoothed over the images (in their order) by a Gaussian
+    of ``sigma`` images, which become the images' pivots (STIT: smooth, then tune one generator on all frames)."""
+    plain = Inverter.tune_stage
+
+    def tune_stage(self: Inverter, results: list[Any], pivots: list[torch.Tensor], *a: Any, **k: Any) -> None:
+        if self.config.tune_mode == "shared":
+            sm = torch.from_numpy(smooth_track(torch.cat(pivots).detach().cpu().numpy(), sigma)).float()
+            pivots = [sm[i : i + 1].to(p.device) for i, p in enumerate(pivots)]
+            for r, p in zip(results, pivots):
+                r.pivots[list(r.pivots)[-1]] = p.cpu()
+        plain(self, results, pivots, *a, **k)
+
+    Inverter.tune_stage = tune_stage  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Inverter.tune_stage = plain  # type: ignore[method-assign]
+
+
 def run_methods(args: argparse.Namespace, clip: Path, truth: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     config = {"stages": ["encoder", "tune"], "tune": {"steps": args.tune_steps}}
-    sigmas = [0.0, *args.smooth]
-    for tune in ("each", "shared"):
-        out = args.out / tune
-        for sigma in sigmas:
+    runs = [(tune, 0.0, s) for tune in ("each", "shared") for s in (0.0, *args.smooth)]
+    for tune, before, sigma in [("encoder", 0.0, 0.0), *runs, *(("shared", b, 0.0) for b in args.smooth_before)]:
+        out = args.out / (f"shared-before-{before:g}" if before else tune)
+        cfg = {"stages": ["encoder"]} if tune == "encoder" else config  # the pivots alone, with the base generator
+        with smoothed_before_tuning(before) if before else contextlib.nullcontext():
             t = time.perf_counter()
             doc = edit_video(clip, out, truth["direction"], args.generator, args.encoder, strengths=[0.0, truth["strength"]],
-                             component=args.component, config=config, tune=tune, align="frame", smooth_pivots=sigma,
-                             crf=0, device=args.device, progress="none", log=lambda s: None)  # fmt: skip
+                             component=args.component, config=cfg, tune="each" if tune == "encoder" else tune,
+                             align="frame", smooth_pivots=sigma, crf=0, device=args.device, progress="none",
+                             log=lambda s: None)  # fmt: skip
             summary = json.loads((out / "run" / "summary.json").read_text())
             per_stage, stored = summary["per_stage"], summary.get("generator_delta", {})
-            row = {"method": f"{tune}" + (f" + smoothing {sigma:g}" if sigma else ""),
+            name = "encoder pivots, no tuning" if tune == "encoder" else tune
+            row = {"method": name + (f" + smoothing {sigma:g}" if sigma else "")
+                             + (f", pivots smoothed {before:g} before tuning" if before else ""),
                    **measure(out, truth), "wall_s": time.perf_counter() - t,
                    "s_per_frame": {"invert": sum(e["seconds_per_image"] for e in per_stage.values()),
                                    "render": doc["seconds_per_frame"]["render"]},
@@ -169,6 +201,7 @@ def main() -> None:
     ap.add_argument("--component", type=int, default=0, help="SeFa component of the edit (default 0)")
     ap.add_argument("--tune-steps", type=int, default=100)
     ap.add_argument("--smooth", default="1,2", help="pivot smoothing sigmas to measure besides none (default 1,2)")
+    ap.add_argument("--smooth-before", default="", help="sigmas of smoothing the pivots BEFORE a shared tuning (STIT)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--strip", type=Path, default=None, help="also save a frame strip (input, truth, each method)")
@@ -178,7 +211,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.face_clip is not None:
         return face_demo(args)
-    args.smooth = [float(s) for s in args.smooth.split(",") if s.strip()]
+    args.smooth, args.smooth_before = (
+        [float(s) for s in a.split(",") if s.strip()] for a in (args.smooth, args.smooth_before)
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     G = load_generator(args.generator, device=args.device).eval()
     clip = args.out / "walk.mp4"
