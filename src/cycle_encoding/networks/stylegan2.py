@@ -434,17 +434,17 @@ class Generator(nn.Module):
         truncation: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Random codes with style mixing at probability ``mixing_prob`` (a random crossover per sample)."""
+        """Codes of ``z ~ N(0, I)`` with style mixing at probability ``mixing_prob`` (a random crossover layer per
+        sample); every draw on the CPU (from ``generator``, a CPU one), so CPU and GPU runs draw the same values."""
+        z = torch.randn(batch, self.z_dim, generator=generator)
+        z2 = torch.randn(batch, self.z_dim, generator=generator)
+        u = torch.rand(batch, generator=generator)
+        cut = torch.randint(1, self.num_ws, (batch,), generator=generator)
+        cut = torch.where(u < mixing_prob, cut, torch.full_like(cut, self.num_ws))
         dev = self.w_avg.device
-        z = torch.randn(batch, self.z_dim, device=dev, generator=generator)
-        ws = self.mapping(z, truncation=truncation)
+        ws = self.mapping(z.to(dev), truncation=truncation)
         if mixing_prob > 0:
-            z2 = torch.randn(batch, self.z_dim, device=dev, generator=generator)
-            ws2 = self.mapping(z2, truncation=truncation)
-            u = torch.rand(batch, device=dev, generator=generator)
-            cut = torch.randint(1, self.num_ws, (batch,), device=dev, generator=generator)
-            cut = torch.where(u < mixing_prob, cut, torch.full_like(cut, self.num_ws))
-            ws = self.style_mix(ws, ws2, cut)
+            ws = self.style_mix(ws, self.mapping(z2.to(dev), truncation=truncation), cut.to(dev))
         return ws
 
     @torch.no_grad()

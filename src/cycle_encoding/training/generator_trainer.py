@@ -242,22 +242,6 @@ def accumulate(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> Non
         pe.mul_(beta).add_(p.detach(), alpha=1 - beta)
 
 
-def sample_codes(
-    G: Generator, batch: int, mixing_prob: float, gen: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    """Codes ``[batch, num_ws, w_dim]`` of ``z ~ N(0, I)`` with style mixing at probability ``mixing_prob`` (a random
-    crossover layer per sample, as :meth:`Generator.sample_ws`); all draws from the CPU generator ``gen``."""
-    z = torch.randn(batch, G.z_dim, generator=gen)
-    z2 = torch.randn(batch, G.z_dim, generator=gen)
-    u = torch.rand(batch, generator=gen)
-    cut = torch.randint(1, G.num_ws, (batch,), generator=gen)
-    cut = torch.where(u < mixing_prob, cut, torch.full_like(cut, G.num_ws))
-    ws = G.mapping(z.to(device))
-    if mixing_prob > 0:
-        ws = G.style_mix(ws, G.mapping(z2.to(device)), cut.to(device))
-    return ws
-
-
 class GeneratorTrainer(Trainer):
     """Builds G, D, g_ema, the optimizers and the data from a config (or a run folder to resume) and runs the loop
     (``trainer.Trainer``)."""
@@ -378,7 +362,7 @@ class GeneratorTrainer(Trainer):
         prec = "fp32" if plain else self.cfg.precision
         synthesis = self.G.synthesis if plain else self._synthesis
         with torch.set_grad_enabled(grad), autocast(self.device, prec):
-            ws = sample_codes(self.G, batch, self.cfg.mixing_prob, self.gen, self.device).float()
+            ws = self.G.sample_ws(batch, self.cfg.mixing_prob, generator=self.gen).float()
             noise = [n.to(self.device) for n in self.G.make_noise(batch, generator=self.gen, device="cpu")]
             return synthesis(ws, noise=noise).float(), ws
 
