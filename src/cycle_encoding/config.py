@@ -10,7 +10,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +19,22 @@ import yaml
 from .errors import CycleEncodingError
 
 T = TypeVar("T")
+
+
+def check_at_least(config: Any, prefix: str = "", **lowest: float) -> None:
+    """One clear line for the first field below its lowest value (``prefix`` + name; a field that is None passes)."""
+    for name, low in lowest.items():
+        v = getattr(config, name)
+        if v is not None and v < low:
+            raise ValueError(f"{prefix}{name} must be >= {low}, got {v}")
+
+
+def check_one_of(config: Any, prefix: str = "", **choices: Sequence[Any]) -> None:
+    """One clear line for the first field whose value is not one of its choices."""
+    for name, allowed in choices.items():
+        v = getattr(config, name)
+        if v not in allowed:
+            raise ValueError(f"{prefix}{name} must be one of {', '.join(map(str, allowed))}, got {v!r}")
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import from_mapping, to_dict
+from ..config import check_one_of, from_mapping, to_dict
 from .pivot import OFFSETS
 from .project import ProjectConfig
 from .refine import RefineConfig
@@ -60,14 +60,11 @@ class InversionConfig:
             raise ValueError(f"stages run in the order {', '.join(STAGES)}; got {', '.join(stages)}")
         if "tune" in stages and not any(s in PIVOT_STAGES for s in stages):
             raise ValueError("stage 'tune' needs a pivot: list encoder, refine or project before it")
-        if self.offsets not in OFFSETS:
-            raise ValueError(f"offsets must be one of {', '.join(OFFSETS)}, got {self.offsets!r}")
+        check_one_of(self, offsets=OFFSETS, tune_mode=TUNE_MODES)
         for name in ("tune_batch", "tune_save_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
-        if self.tune_mode not in TUNE_MODES:
-            raise ValueError(f"tune_mode must be one of {', '.join(TUNE_MODES)}, got {self.tune_mode!r}")
         if self.tune_mode == "shared" and self.tune_batch > 1:
             raise ValueError("tune_batch does not apply to shared tuning (one generator for all images)")
         if not 0 <= self.delta_level <= 9:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import check_at_least
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
 from .common import LossNetworks, cpu_generator, frozen
@@ -52,10 +53,7 @@ class ProjectConfig:
     loss_size: int = 256  # images larger than this are area-downsampled to it before the loss
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"project.steps must be >= 1, got {self.steps}")
-        if self.w_avg_samples < 2:
-            raise ValueError("project.w_avg_samples must be >= 2")
+        check_at_least(self, "project.", steps=1, w_avg_samples=2)
 
 
 def learning_rate(step: int, config: ProjectConfig) -> float:

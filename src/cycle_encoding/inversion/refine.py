@@ -63,6 +63,7 @@ from ..checkpoints.optimizer import (
     from_training_checkpoint,
     load_optimizer_state,
 )
+from ..config import check_at_least, check_one_of
 from ..data.datasets import ImageDataset, open_dataset
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.encoder import Encoder4Editing
@@ -104,18 +105,8 @@ class RefineConfig:
     compile: bool = False  # torch.compile the encoder's body and G's synthesis (the first target pays the compile)
 
     def __post_init__(self) -> None:
-        if self.optimizer_state not in OPTIMIZER_CHOICES:
-            raise ValueError(f"refine.optimizer_state must be one of {OPTIMIZER_CHOICES}, got {self.optimizer_state!r}")
-        if self.substitute_batches < 1:
-            raise ValueError(f"refine.substitute_batches must be >= 1, got {self.substitute_batches}")
-        if self.noise_mode not in ("random", "const"):
-            raise ValueError(f"refine.noise_mode must be random or const, got {self.noise_mode!r}")
-        if self.steps < 1:
-            raise ValueError(f"refine.steps must be >= 1, got {self.steps}")
-        if self.num_random < 0:
-            raise ValueError(f"refine.num_random must be >= 0, got {self.num_random}")
-        if self.lambda_reg is not None and self.lambda_reg < 0:
-            raise ValueError(f"refine.lambda_reg must be >= 0, got {self.lambda_reg}")
+        check_one_of(self, "refine.", optimizer_state=OPTIMIZER_CHOICES, noise_mode=("random", "const"))
+        check_at_least(self, "refine.", substitute_batches=1, steps=1, num_random=0, lambda_reg=0)
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"refine.lr must be positive, got {self.lr}")
         check_precision(self.precision)

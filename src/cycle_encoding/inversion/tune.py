@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import check_at_least, check_one_of
 from ..networks.stylegan2 import NOISE_MODES, Generator
 from ..ops import autocast, check_precision
 from .common import LossNetworks, cpu_generator, frozen, synthesis_pass
@@ -68,14 +69,10 @@ class TuneConfig:
     compile: bool = False  # torch.compile the generators' passes (once per process; see the module doc)
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"tune.steps must be >= 0, got {self.steps}")
+        check_at_least(self, "tune.", steps=0, locality_every=1, locality_samples=1)
         if not self.lr > 0:
             raise ValueError(f"tune.lr must be positive, got {self.lr}")
-        if self.locality_every < 1 or self.locality_samples < 1:
-            raise ValueError("tune.locality_every and tune.locality_samples must be >= 1")
-        if self.locality_noise_mode not in NOISE_MODES:
-            raise ValueError(f"tune.locality_noise_mode must be one of {NOISE_MODES}")
+        check_one_of(self, "tune.", locality_noise_mode=NOISE_MODES)
         check_precision(self.precision)
 
 

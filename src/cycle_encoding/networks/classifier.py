@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigRecord
+from ..config import ConfigRecord, check_at_least, check_one_of
 from ..errors import CycleEncodingError
 from ..networks.resnet import ResNet50
 from ..ops import FixedMeasure
@@ -54,16 +54,14 @@ class ClassifierConfig(ConfigRecord):
     normalize: str = "none"
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        check_one_of(self, arch=ARCHS)
         if not self.outputs:
             raise ValueError("a classifier needs at least one output")
         if self.normalize not in ("none", "imagenet"):
             raise ValueError(f"normalize must be 'none' or 'imagenet', got {self.normalize!r}")
         if self.in_channels not in (1, 3) or (self.arch == "resnet50" and self.in_channels != 3):
             raise ValueError(f"in_channels must be 1 or 3 (3 for resnet50), got {self.in_channels}")
-        if self.input_size < 8:
-            raise ValueError(f"input_size must be >= 8, got {self.input_size}")
+        check_at_least(self, input_size=8)
         object.__setattr__(self, "outputs", tuple(str(o) for o in self.outputs))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
 

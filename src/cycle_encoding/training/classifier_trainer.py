@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from ..assets import SHIPPED_MODELS
 from ..checkpoints.classifier import save_classifier
 from ..checkpoints.native import default_provenance, file_sha256, read_native_header
-from ..config import from_mapping, to_dict
+from ..config import check_at_least, check_one_of, from_mapping, to_dict
 from ..data.fashion_mnist import CLASSES, PAD_VALUE, load_split, pad_to_32, to_unit_range
 from ..errors import CycleEncodingError
 from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig, parameter_count
 from .runs import machine_info, rng_state, set_rng_state
-from .trainer import Trainer, check_loop_options, read_run_config
+from .trainer import Trainer, read_run_config
 
 DEFAULT_WIDTHS = {"convnet": (32, 64, 128), "vggbn": (16, 32, 64)}
 SLICE = 2000  # the test slice whose accuracy the card also gives (the shipped-model test checks it)
@@ -68,15 +68,12 @@ class ClassifierTrainConfig:
     export: str | None = None
 
     def __post_init__(self) -> None:
-        if self.arch not in SMALL_ARCHS:
-            raise ValueError(f"arch must be one of {', '.join(SMALL_ARCHS)}, got {self.arch!r}")
+        check_one_of(self, arch=SMALL_ARCHS)
         if self.widths is None:
             self.widths = DEFAULT_WIDTHS[self.arch]
-        if self.epochs < 1 or self.batch_size < 1 or self.threads < 1 or self.lr <= 0:
-            raise ValueError("epochs, batch_size and threads must be >= 1 and lr > 0")
-        check_loop_options(self, ("log_every", "checkpoint_every"))
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        check_at_least(self, epochs=1, batch_size=1, threads=1, log_every=1, checkpoint_every=1, max_steps=1)
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.shift <= 8:
             raise ValueError(f"shift must be between 0 and 8 pixels, got {self.shift}")
         name, _, _ = self.data.partition("@")

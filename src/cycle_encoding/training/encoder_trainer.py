@@ -64,7 +64,7 @@ from ..checkpoints import load_generator
 from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT, init_encoder_weights, save_encoder
 from ..checkpoints.native import default_provenance, file_sha256
 from ..checkpoints.optimizer import companion_path, from_optimizer, save_optimizer_state
-from ..config import from_mapping
+from ..config import check_at_least, check_one_of, from_mapping
 from ..data.datasets import EpochSampler, SubsetDataset, open_dataset, split_holdout
 from ..losses.adversarial import (
     discriminator_loss,
@@ -87,7 +87,7 @@ from ..utils import atomic_write, make_grid, save_image
 from .plateau import plateau_holds
 from .runs import rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
-from .trainer import Trainer, check_loop_options, read_run_config
+from .trainer import Trainer, read_run_config
 
 PRECISION_NOTES = {
     "fp32": "float32 throughout (the authors' computation)",
@@ -154,19 +154,11 @@ class EncoderTrainConfig:
     compile: bool = False  # torch.compile G's synthesis and the encoder's body for the training steps
 
     def __post_init__(self) -> None:
-        check_loop_options(self, ("log_every", "image_every", "val_every", "checkpoint_every"))
-        if self.val_patience < 0:
-            raise ValueError(f"val_patience must be >= 0, got {self.val_patience}")
+        check_at_least(self, batch_size=1, log_every=1, image_every=1, val_every=1, checkpoint_every=1, val_patience=0)
         if not (math.isfinite(self.val_min_improvement) and self.val_min_improvement >= 0):
             raise ValueError(f"val_min_improvement must be a finite number >= 0, got {self.val_min_improvement}")
-        for k, allowed in (
-            ("precision", PRECISIONS),
-            ("d_fake_codes", ("absolute", "raw-offset")),
-            ("noise_mode", ("random", "const")),
-            ("zero_grad", ("zero", "none")),
-        ):
-            if getattr(self, k) not in allowed:
-                raise ValueError(f"{k} must be one of {allowed}, got {getattr(self, k)!r}")
+        check_one_of(self, precision=PRECISIONS, d_fake_codes=("absolute", "raw-offset"), zero_grad=("zero", "none"))
+        check_one_of(self, noise_mode=("random", "const"))
 
 
 def load_train_config(data: dict[str, Any]) -> EncoderTrainConfig:

@@ -64,7 +64,7 @@ from .. import distributed as dd
 from ..checkpoints.classifier import load_classifier
 from ..checkpoints.generator import W_AVG_SAMPLES, save_generator
 from ..checkpoints.native import default_provenance
-from ..config import from_mapping
+from ..config import check_at_least, check_one_of, from_mapping
 from ..data.datasets import EpochSampler, open_dataset
 from ..errors import CycleEncodingError
 from ..losses.adversarial import r1_penalty
@@ -75,7 +75,7 @@ from ..ops import PRECISIONS, autocast, compile_pass
 from ..utils import make_grid, save_image
 from .plateau import plateau_holds
 from .runs import machine_info, rng_state, set_rng_state
-from .trainer import Trainer, check_loop_options, read_run_config
+from .trainer import Trainer, read_run_config
 
 GREY_DATASETS = ("fashion-mnist",)
 PRECISION_NOTES = {
@@ -142,25 +142,17 @@ class GeneratorTrainConfig:
     compile: bool = False  # torch.compile G's synthesis and D for the D and G steps (not the regularizers)
 
     def __post_init__(self) -> None:
-        check_loop_options(
-            self, ("log_every", "image_every", "checkpoint_every", "r1_every", "pl_every", "pl_batch_shrink")
+        check_at_least(self, batch_size=1, log_every=1, image_every=1, checkpoint_every=1, r1_every=1, pl_every=1)
+        check_at_least(
+            self, pl_batch_shrink=1, max_steps=0, ema_kimg=0, metric_every=0, metric_patience=0, metric_samples=2
         )
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        check_one_of(self, precision=PRECISIONS)
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {list(self.betas)}")
         if not 0 <= self.mixing_prob <= 1:
             raise ValueError(f"mixing_prob must be in [0, 1], got {self.mixing_prob}")
-        if self.ema_kimg < 0:
-            raise ValueError(f"ema_kimg must be >= 0, got {self.ema_kimg}")
-        if self.metric_every < 0 or self.metric_patience < 0:
-            raise ValueError("metric_every and metric_patience must be >= 0")
         if not (math.isfinite(self.metric_min_improvement) and self.metric_min_improvement >= 0):
             raise ValueError(f"metric_min_improvement must be a finite number >= 0, got {self.metric_min_improvement}")
-        if self.metric_samples < 2:
-            raise ValueError(f"metric_samples must be >= 2, got {self.metric_samples}")
         if self.metric_every and self.classifier_name is None:
             raise ValueError("metric_every needs metric_classifier (a classifier file of this domain)")
 

@@ -301,15 +301,6 @@ class Trainer:
         dd.shutdown(self.dist)
 
 
-def check_loop_options(cfg: Any, every: tuple[str, ...]) -> None:
-    """The options every training loop validates: a batch of at least one, and each ``*_every`` at least 1."""
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    for k in every:
-        if getattr(cfg, k) < 1:
-            raise ValueError(f"{k} must be >= 1")
-
-
 def read_run_config(
     run_dir: str | Path, command: str, overrides: dict[str, Any] | None = None, allowed: tuple[str, ...] = ()
 ) -> dict[str, Any]:
