@@ -157,7 +157,8 @@ def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
 
 class FolderJob:
     """One image on its way into its folder ``images/<name>/``: the target loaded, the folder made ready, its progress
-    bar and the files written after each stage (``on_stage``)."""
+    bar and the files written after each stage (``on_stage``). A warning about the target (smaller than G's images)
+    goes to ``warn`` (else ``say``) and into ``result.json``."""
 
     def __init__(
         self,
@@ -186,6 +187,13 @@ class FolderJob:
         self.lines: list[str] = []
         self.target_written = False
         self.prior: dict[str, Any] = {}  # result.json of the stages before a shared tuning, when read back
+
+    def run(self) -> dict[str, Any]:
+        """Invert the image into its folder (see the module doc), ``done`` written last; returns ``result.json``'s record."""
+        res = self.inverter.invert(
+            self.x, index=self.index, name=self.name, on_step=self.bar.step, on_stage=self.on_stage
+        )
+        return self.finish(res)
 
     def on_stage(self, stage: str, res: InversionResult) -> None:
         inverter, folder = self.inverter, self.folder
@@ -268,24 +276,6 @@ class FolderJob:
         return record
 
 
-def invert_into_folder(
-    inverter: Inverter,
-    file: Path,
-    name: str,
-    index: int,
-    folder: Path,
-    head: str,
-    say: Callable[[str], None],
-    warn: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Invert one image into its folder ``images/<name>/`` (see the module doc), ``done`` written last (returns what
-    ``result.json`` holds). A warning
-    about the target (smaller than G's images) goes to ``warn`` (else ``say``) and into ``result.json``."""
-    job = FolderJob(inverter, file, name, index, folder, head, say, warn)
-    res = inverter.invert(job.x, index=index, name=name, on_step=job.bar.step, on_stage=job.on_stage)
-    return job.finish(res)
-
-
 def invert_group_into_folders(
     inverter: Inverter,
     items: list[tuple[Path, str, int, Path, str]],
@@ -293,7 +283,7 @@ def invert_group_into_folders(
     say: Callable[[str], None],
     warn: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any] | Exception]:
-    """Invert several images ``(file, name, index, folder, head)`` into their folders, as ``invert_into_folder``
+    """Invert several images ``(file, name, index, folder, head)`` into their folders, as ``FolderJob.run``
     does each, their tuning in one batch (``Inverter.invert_many``): per image the record ``result.json`` holds, or
     the exception that stopped it (an image that cannot be read fails alone; a failure in the batched tuning fails
     the batch). ``head`` names the batch on the tuning's progress bar."""
@@ -419,8 +409,8 @@ def fill_folder(
             if len(claimed) == 1:
                 k, i, head = claimed[0]
                 try:
-                    recs: list[Any] = [invert_into_folder(inverter, files[i], names[i], i, rf.image_folder(out, names[i]),
-                                                          head, say, warn)]  # fmt: skip
+                    job = FolderJob(inverter, files[i], names[i], i, rf.image_folder(out, names[i]), head, say, warn)
+                    recs: list[Any] = [job.run()]
                 except Exception as e:
                     recs = [e]
             else:
