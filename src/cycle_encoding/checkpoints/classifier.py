@@ -13,7 +13,7 @@ from ..assets import resolve_model
 from ..errors import CheckpointError
 from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig
 from .common import check_state_dict
-from .native import default_provenance, native_header_of_kind, read_config, read_native, save_native
+from .native import default_provenance, native_header_of_kind, native_info, read_config, read_native, save_native
 
 CLASSIFIER_KIND = "classifier"
 
@@ -51,10 +51,4 @@ def inspect_classifier(path: Path, container: str) -> dict[str, Any] | None:
     h = native_header_of_kind(path, container, CLASSIFIER_KIND)
     if h is None:
         return None
-    return {
-        "format": "cycle-encoding",
-        "network": "attribute classifier",
-        "architecture": h.get("config", {}),
-        "provenance": h.get("provenance", {}),
-        "holds": [CLASSIFIER_KIND],
-    }
+    return native_info(h, "attribute classifier")

@@ -37,7 +37,7 @@ from ..utils import resolve_device
 from .common import sniff
 from .generator import load_generator
 from .inspect import register_inspector
-from .native import default_provenance, read_native, read_native_header, save_native
+from .native import default_provenance, native_info, read_native, read_native_header, save_native
 
 DELTA_KIND = "generator_delta"
 ENCODING = "xor-bits+byte-shuffle+zlib"
@@ -246,18 +246,15 @@ def inspect_generator_delta(path: Path, container: str) -> dict[str, Any] | None
     ex = h.get("extra", {})
     full = int(ex.get("full_copy_bytes", 0))
     size = path.stat().st_size
-    return {
-        "format": "cycle-encoding",
-        "network": "tuned StyleGAN2 generator, stored as its change from a base generator",
-        "architecture": h.get("config", {}),
-        "encoding": ex.get("encoding"),
-        "base": ex.get("base", {}),
-        "changed_tensors": len(ex.get("tensors", {})),
-        "unchanged_tensors": len(ex.get("unchanged", [])),
-        "size_vs_full_copy": f"{size:,} bytes vs {full:,} ({size / max(1, full):.1%})",
-        "provenance": h.get("provenance", {}),
-        "holds": [DELTA_KIND],
-    }
+    return native_info(
+        h,
+        "tuned StyleGAN2 generator, stored as its change from a base generator",
+        encoding=ex.get("encoding"),
+        base=ex.get("base", {}),
+        changed_tensors=len(ex.get("tensors", {})),
+        unchanged_tensors=len(ex.get("unchanged", [])),
+        size_vs_full_copy=f"{size:,} bytes vs {full:,} ({size / max(1, full):.1%})",
+    )
 
 
 register_inspector(inspect_generator_delta)

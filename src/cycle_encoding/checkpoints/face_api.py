@@ -28,7 +28,7 @@ from ..networks.dlib_resnet import (
 from ..paths import cache_dir
 from ..utils import resolve_device
 from .common import check_state_dict
-from .native import default_provenance, file_sha256, native_header_of_kind, read_native, save_native
+from .native import default_provenance, file_sha256, native_header_of_kind, native_info, read_native, save_native
 
 KIND = "face_embedder"
 NPM_PACKAGE = "@vladmandic/face-api@1.7.15"
@@ -240,11 +240,4 @@ def inspect_face_embedder(path: Path, container: str) -> dict[str, Any] | None:
         return None
     with safe_open(str(path), framework="pt") as f:
         n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
-    return {
-        "format": "cycle-encoding",
-        "network": f"{NAME}: dlib ResNet face embedder, 150x150 chips -> 128-d descriptors",
-        "architecture": h.get("config", {}),
-        "parameters": n,
-        "provenance": h.get("provenance", {}),
-        "holds": [KIND],
-    }
+    return native_info(h, f"{NAME}: dlib ResNet face embedder, 150x150 chips -> 128-d descriptors", parameters=n)

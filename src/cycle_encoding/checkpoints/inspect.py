@@ -22,7 +22,7 @@ from .common import count_parameters, sniff
 from .encoder import inspect_encoder_file
 from .face_api import inspect_face_embedder
 from .generator import read_generator_weights
-from .native import read_native_header
+from .native import native_info, read_native_header
 from .perception import inspect_perception
 
 Inspector = Callable[[Path, str], "dict[str, Any] | None"]
@@ -63,14 +63,7 @@ def inspect_native(path: Path, container: str) -> dict[str, Any] | None:
     h = read_native_header(path)
     with safe_open(str(path), framework="pt") as f:
         n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return {
-        "format": "cycle-encoding",
-        "network": h["kind"],
-        "architecture": h.get("config", {}),
-        "parameters": n,
-        "provenance": h.get("provenance", {}),
-        "holds": [h["kind"]],
-    }
+    return native_info(h, h["kind"], parameters=n)
 
 
 # Tried in order: the specific readers first, inspect_native last among own-format files (it takes any of them).

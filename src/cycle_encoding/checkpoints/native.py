@@ -138,6 +138,20 @@ def read_config(cls: Any, data: Any, path: str | Path, what: str) -> Any:
         raise CheckpointError(path, f"bad {what} configuration in the file: {e}") from None
 
 
+def native_info(header: dict[str, Any], network: str, **fields: Any) -> dict[str, Any]:
+    """``cycle-encoding info``'s description of an own-format file from its header: ``network``, the architecture
+    (the header's config), ``fields``, the provenance and what it holds (its kind)."""
+    arch, prov = header.get("config", {}), header.get("provenance", {})
+    return {
+        "format": FORMAT_NAME,
+        "network": network,
+        "architecture": arch,
+        **fields,
+        "provenance": prov,
+        "holds": [header["kind"]],
+    }
+
+
 def native_header_of_kind(path: str | Path, container: str, kind: str) -> dict[str, Any] | None:
     """The header of an own-format file whose kind is ``kind``; None for any other file (for ``info`` inspectors)."""
     if container != "safetensors":
