@@ -103,9 +103,6 @@ class ImageFolderDataset(ImageDataset):
             self._cache[index] = x
         return x
 
-    def subset(self, indices: Sequence[int]) -> ImageFolderDataset:
-        return ImageFolderDataset(self.root, self.size, self.channels, [self.files[i] for i in indices])
-
 
 def open_dataset(spec: str | Path, size: int, channels: int, split: str = "train") -> ImageDataset:
     """A folder path, or a registered dataset name (optionally ``name:split``)."""

@@ -20,16 +20,9 @@ from .directions import (
     save_ganspace,
     save_interfacegan,
 )
-from .editor import Editor, InversionProgress
+from .editor import Editor
 from .ganspace import ganspace_pca, sample_mapping
-from .interfacegan import (
-    BoundaryResult,
-    encode_labelled_folder,
-    labelled_files,
-    read_labels_csv,
-    sample_and_score,
-    train_boundary,
-)
+from .interfacegan import encode_labelled_folder, read_labels_csv, sample_and_score, train_boundary
 from .measures import (
     Preservation,
     attribute_changes,
@@ -38,17 +31,13 @@ from .measures import (
     latent_editing_consistency,
     success_summary,
 )
-from .sefa import modulation_matrix, sefa_directions, style_consumers
-from .sliders import Direction
+from .sefa import sefa_directions, style_consumers
 
 __all__ = [
     "AttributeClassifier",
-    "BoundaryResult",
     "ClassifierConfig",
-    "Direction",
     "DirectionSet",
     "Editor",
-    "InversionProgress",
     "Preservation",
     "as_scorer",
     "attribute_changes",
@@ -57,11 +46,9 @@ __all__ = [
     "encode_labelled_folder",
     "ganspace_pca",
     "interfacegan_direction",
-    "labelled_files",
     "latent_editing_consistency",
     "load_classifier",
     "load_directions",
-    "modulation_matrix",
     "parse_layers",
     "parse_strengths",
     "read_labels_csv",

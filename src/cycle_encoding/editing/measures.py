@@ -25,7 +25,7 @@ import torch
 from ..errors import CycleEncodingError
 from ..losses.identity import IdentitySimilarity, build_identity
 from ..losses.perceptual import build_perceptual
-from ..metrics import summarize
+from ..metrics import mse, summarize
 from .directions import DirectionSet
 
 Codes = torch.Tensor
@@ -119,10 +119,6 @@ class Preservation:
         return torch.as_tensor(self.fn(edited, reference.to(edited))).reshape(-1).float().cpu()
 
 
-def _mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (x - y).square().flatten(1).mean(dim=1)
-
-
 def preservation_from_module(module: torch.nn.Module, kind: str | None = None) -> Preservation:
     """A Preservation from a perceptual distance (kind 'distance') or an identity similarity (kind 'similarity'); the
     kind is read from the class when not given."""
@@ -138,7 +134,7 @@ def build_preservation(
     backbone file LPIPS needs); or ``identity:NAME`` (``identity:arcface`` with ``weights`` = model_ir_se50.pth,
     ``identity:dlib-face``, ...)."""
     if name == "mse":
-        return Preservation("mse", "distance", _mse)
+        return Preservation("mse", "distance", mse)
     if name.startswith("identity:"):
         net = build_identity(name.split(":", 1)[1], device, weights)
         return preservation_from_module(net, "similarity")

@@ -9,34 +9,22 @@ generator stored as a compact change, and the pipeline that runs them over many 
 >>> results = shared.invert_many(["a.png", "b.png"])  # ONE generator tuned on both: results[0].generator
 """
 
-from ..checkpoints.delta import DeltaInfo, load_generator_delta, save_generator_delta, weights_sha256
-from ..losses.networks import LossNetworks, build_loss_networks
-from .config import STAGES, InversionConfig, make_config
+from ..checkpoints.delta import load_generator_delta, save_generator_delta
+from ..losses.networks import build_loss_networks
+from .config import make_config
 from .inverter import Inverter
 from .pivot import encoder_pivot
-from .project import ProjectConfig, ProjectResult, project_w
-from .refine import EncoderSource, RefineConfig, RefineResult, RegularizedRefiner, load_encoder_source
-from .result import InversionResult
+from .project import ProjectConfig, project_w
+from .refine import RefineConfig, RegularizedRefiner, load_encoder_source
 from .targets import list_targets
-from .tune import TuneConfig, TuneResult, pivotal_tune
-from .tune_shared import SharedTuneResult, pivotal_tune_shared
+from .tune import TuneConfig, pivotal_tune
 
 __all__ = [
-    "STAGES",
-    "DeltaInfo",
-    "EncoderSource",
-    "InversionConfig",
-    "InversionResult",
     "Inverter",
-    "LossNetworks",
     "ProjectConfig",
-    "ProjectResult",
     "RefineConfig",
-    "RefineResult",
     "RegularizedRefiner",
-    "SharedTuneResult",
     "TuneConfig",
-    "TuneResult",
     "build_loss_networks",
     "encoder_pivot",
     "list_targets",
@@ -44,8 +32,6 @@ __all__ = [
     "load_generator_delta",
     "make_config",
     "pivotal_tune",
-    "pivotal_tune_shared",
     "project_w",
     "save_generator_delta",
-    "weights_sha256",
 ]

@@ -185,7 +185,6 @@ class Inverter:
             from ..losses.identity import identity_default
 
             identity, self.identity_note = identity_default(cfg.train_data or train_data, cfg.identity_weights)
-        self.identity_name = identity
         self.networks_from = {
             "perceptual": "option" if cfg.perceptual else ("the encoder file" if "perceptual" in recorded else "default"),
             "identity": "option" if cfg.identity != "auto" else ("the encoder file" if "identity" in recorded

@@ -10,14 +10,11 @@ The default follows the authors' code; METHOD.md asks for both to be measured, w
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from ..errors import CycleEncodingError
 from ..networks.encoder import Encoder4Editing
 
-Offsets = Literal["all", "trained"]
 OFFSETS = ("all", "trained")
 
 

@@ -5,29 +5,17 @@
 from .identity import (
     ArcFaceEmbedder,
     IdentitySimilarity,
-    MocoEmbedder,
     build_identity,
     identity_names,
     register_identity,
     unregister_identity,
 )
-from .perceptual import (
-    FeatureMapDistance,
-    LPIPSDistance,
-    PerceptualDistance,
-    build_perceptual,
-    perceptual_names,
-    register_perceptual,
-    unregister_perceptual,
-)
+from .perceptual import FeatureMapDistance, build_perceptual, perceptual_names, register_perceptual
 
 __all__ = [
     "ArcFaceEmbedder",
     "FeatureMapDistance",
     "IdentitySimilarity",
-    "LPIPSDistance",
-    "MocoEmbedder",
-    "PerceptualDistance",
     "build_identity",
     "build_perceptual",
     "identity_names",
@@ -35,5 +23,4 @@ __all__ = [
     "register_identity",
     "register_perceptual",
     "unregister_identity",
-    "unregister_perceptual",
 ]

@@ -153,8 +153,6 @@ class DlibFaceEmbedder(nn.Module):
     """
 
     name = NAME
-    embedding_dim = DESCRIPTOR_DIM
-    normalized = False
 
     def __init__(self, net: DlibResNet | None = None, layout: str = "ffhq") -> None:
         super().__init__()
