@@ -95,28 +95,26 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to new work (Linux's MemAvailable), or None where unknown."""
+def _proc_bytes(path: str, field: str) -> int | None:
+    """The ``field:  N kB`` line of a Linux /proc file in bytes, or None where unknown."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new work (Linux's MemAvailable), or None where unknown."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def resident_memory() -> int | None:
     """Bytes this process holds in memory now (Linux's VmRSS), or None where unknown."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 def has_compiler() -> bool:
