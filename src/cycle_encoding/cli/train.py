@@ -212,7 +212,7 @@ def _training_parser(
     p.set_defaults(func=func)
 
 
-def _config(
+def _train_config(
     args: argparse.Namespace, load: Callable, resume: Callable, required: tuple[str, ...] = ()
 ) -> tuple[Any, str]:
     """The run's configuration: the resumed run's own with the options given over it (``--resume``), else --config
@@ -252,7 +252,7 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
     from ..config import to_dict
     from ..training.generator_trainer import GeneratorTrainer, load_generator_train_config, resume_generator_config
 
-    cfg, precision_line = _config(args, load_generator_train_config, resume_generator_config, required=("data",))
+    cfg, precision_line = _train_config(args, load_generator_train_config, resume_generator_config, required=("data",))
     if args.dry_run:
         out = to_dict(cfg)
         g, d = cfg.generator_config(), cfg.discriminator_config()
@@ -278,7 +278,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     from ..config import to_dict
     from ..training.encoder_trainer import EncoderTrainer, load_train_config, resume_config
 
-    cfg, precision_line = _config(args, load_train_config, resume_config, required=("generator", "data"))
+    cfg, precision_line = _train_config(args, load_train_config, resume_config, required=("generator", "data"))
     if args.dry_run:
         from ..training.preflight import check_encoder_run
 
@@ -305,7 +305,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     def load(data: dict[str, Any]) -> ClassifierTrainConfig:
         return from_mapping(ClassifierTrainConfig, data, "train-classifier")
 
-    cfg, _ = _config(args, load, resume_classifier_config)
+    cfg, _ = _train_config(args, load, resume_classifier_config)
     _output_folder(args, cfg)
     # a resumed run keeps the command that started it
     command = None if args.resume is not None else _classifier_command(args)

@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..editing.editor import DEFAULT_STAGES, Editor, InversionCancelled, InversionProgress, tensor_to_pil
 from ..errors import CycleEncodingError
-from .page import ENTER_JS, SHOWN, build_page
+from .page import ENTER_JS, PAGE_CSS, SHOWN, build_page
 from .sessions import DEFAULT_MAX_SESSIONS, Session, SessionPool, make_root
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
@@ -48,10 +48,6 @@ MAX_TUNE_STEPS = 3500  # 10x the authors' 350 (PTI's and Cycle Encoding's defaul
 TUNE_BOUND_WHY = (f"bounded at {MAX_TUNE_STEPS}, ten times the authors' 350, so that one visitor cannot hold the "
                   "server for hours")  # fmt: skip
 HEARTBEAT_S = 0.5  # an inversion's handler yields at least this often: the points where Gradio can close it
-CSS = """
-.pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
-#status { min-height: 1.5em; }
-"""
 
 
 def import_gradio() -> Any:
@@ -380,7 +376,7 @@ class EditorApp:
         return self.blocks.launch(
             server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
             max_file_size=self.hard_upload_limit, allowed_paths=allowed, quiet=quiet, show_error=True,
-            ssr_mode=False, enable_monitoring=False, mcp_server=False, pwa=False, css=CSS, js=ENTER_JS,
+            ssr_mode=False, enable_monitoring=False, mcp_server=False, pwa=False, css=PAGE_CSS, js=ENTER_JS,
         )  # fmt: skip
 
     def close(self) -> None:

@@ -14,6 +14,10 @@ RANGES_HELP = (
     "generator's range, a full slider reaches the far end of it. The edit renders when a slider is released, or when "
     "a typed value is entered (Enter or Tab); a value beyond the range is clamped to it."
 )
+PAGE_CSS = """
+.pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+#status { min-height: 1.5em; }
+"""
 # Enter in a slider's number box renders as Tab does (Gradio renders on leaving the box)
 ENTER_JS = """() => { document.addEventListener("keydown", (e) => {
   const t = e.target;
