@@ -119,18 +119,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if bad:
         lines.append(f"  WARNING: strength 0 differs from the stored reconstruction for {', '.join(bad[:5])}")
     ms = doc["measures"]
-    if "lec" in ms:
-        vals = ", ".join(f"{a:+g}: {r['lec']['mean']:.4f}" for a, r in zip(strengths, ms["lec"]["per_strength"]))
-        lines.append(f"  LEC (mean over images) {vals}")
-    if "edit_success" in ms:
-        vals = ", ".join(
-            f"{a:+g}: {r['score_change']['mean']:+.4f}" for a, r in zip(strengths, ms["edit_success"]["per_strength"])
-        )
-        lines.append(f"  score change ({ms['edit_success']['classifier']}) {vals}")
-    if "preservation" in ms:
-        p = ms["preservation"]
-        vals = ", ".join(f"{a:+g}: {r['value']['mean']:.4f}" for a, r in zip(strengths, p["per_strength"]))
-        lines.append(f"  preservation ({p['measure']}, {p['kind']}) {vals}")
+    for key, field, form, label in (("lec", "lec", ".4f", "LEC (mean over images)"),
+                                    ("edit_success", "score_change", "+.4f", "score change ({classifier})"),
+                                    ("preservation", "value", ".4f", "preservation ({measure}, {kind})")):  # fmt: skip
+        if key in ms:
+            vals = ", ".join(f"{a:+g}: {r[field]['mean']:{form}}" for a, r in zip(strengths, ms[key]["per_strength"]))
+            lines.append(f"  {label.format(**ms[key])} {vals}")
     if "measured_on" in doc:
         m = doc["measured_on"]
         lines.append(f"  measured on {len(m['images'])} image(s) of classes {' / '.join(m['classes'])}; "
