@@ -52,7 +52,7 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font: object) -> tuple[int,
     return r - l, b - t
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> str:
+def _fit_label(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> str:
     if _text_size(draw, text, font)[0] <= width:
         return text
     while len(text) > 1 and _text_size(draw, text + "…", font)[0] > width:
@@ -130,7 +130,7 @@ def compose_grid(
     for i, row in enumerate(pils):
         y = head_h + pad + i * (cell + pad)
         if row_labels and i < len(row_labels):
-            s = _fit(draw, str(row_labels[i]), font, label_w - pad)
+            s = _fit_label(draw, str(row_labels[i]), font, label_w - pad)
             draw.text((pad, y + cell // 2 - line_h // 2), s, fill=(0, 0, 0), font=font)
         for j, im in enumerate(row):
             x = label_w + pad + j * (cell + pad)

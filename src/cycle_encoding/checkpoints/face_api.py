@@ -30,7 +30,7 @@ from ..utils import resolve_device
 from .common import check_state_dict
 from .native import default_provenance, file_sha256, native_header_of_kind, native_info, read_native, save_native
 
-KIND = "face_embedder"
+FACE_EMBEDDER_KIND = "face_embedder"
 NPM_PACKAGE = "@vladmandic/face-api@1.7.15"
 MANIFEST_NAME = "face_recognition_model-weights_manifest.json"
 WEIGHTS_NAME = "face_recognition_model.bin"
@@ -180,7 +180,7 @@ def convert_face_api_weights(manifest: str | Path, out: str | Path) -> Path:
         source_sha256={p.name: file_sha256(p) for p in [mpath, *bins]},
         original="dlib_face_recognition_resnet_model_v1 (Davis King, dlib; public domain / CC0 model)",
     )
-    return save_native(out, KIND, _config(), sd, provenance=prov)
+    return save_native(out, FACE_EMBEDDER_KIND, _config(), sd, provenance=prov)
 
 
 def face_api_dir() -> Path:
@@ -223,8 +223,8 @@ def load_dlib_face_embedder(
         model = build_from_state_dict(tfjs_to_state_dict(read_tfjs_weights(p), p), p, layout)
     else:
         nf = read_native(p)
-        if nf.kind != KIND:
-            raise CheckpointError(p, f"holds a {nf.kind!r}, not a face embedder ({KIND!r})")
+        if nf.kind != FACE_EMBEDDER_KIND:
+            raise CheckpointError(p, f"holds a {nf.kind!r}, not a face embedder ({FACE_EMBEDDER_KIND!r})")
         arch = nf.config.get("architecture")
         if arch != NAME:
             raise CheckpointError(p, f"face embedder architecture {arch!r} is not {NAME!r}")
@@ -235,7 +235,7 @@ def load_dlib_face_embedder(
 
 def inspect_face_embedder(path: Path, container: str) -> dict[str, Any] | None:
     """``cycle-encoding info`` for a converted face embedder (kind ``face_embedder``); None for other files."""
-    h = native_header_of_kind(path, container, KIND)
+    h = native_header_of_kind(path, container, FACE_EMBEDDER_KIND)
     if h is None:
         return None
     with safe_open(str(path), framework="pt") as f:

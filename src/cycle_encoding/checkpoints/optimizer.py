@@ -35,7 +35,7 @@ from .native import default_provenance, read_native, save_native
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "slow_buffer")
 BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
-KIND = "encoder-optimizer"
+OPTIMIZER_KIND = "encoder-optimizer"
 # Ranger's hyper-parameters (this project's names) and the names e4e's Ranger uses for them in its param groups
 SETTINGS = ("lr", "betas", "eps", "weight_decay", "alpha", "k", "n_sma_threshold", "use_gc", "gc_conv_only")
 E4E_NAMES = {"N_sma_threshhold": "n_sma_threshold"}
@@ -207,7 +207,7 @@ def save_optimizer_state(
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in st.settings.items()}
     return save_native(
         path,
-        KIND,
+        OPTIMIZER_KIND,
         {"settings": settings, "dtype": str(dtype).replace("torch.", "")},
         tensors,
         provenance or default_provenance(source=st.source),
@@ -218,7 +218,7 @@ def save_optimizer_state(
 def load_optimizer_state(path: str | Path, module: nn.Module) -> OptimizerState:
     """Read a companion file written by :func:`save_optimizer_state` for ``module`` (its weights give the slow
     weights back). Strict about names and shapes."""
-    nf = read_native(path, kind=KIND, what="an encoder optimizer state")
+    nf = read_native(path, kind=OPTIMIZER_KIND, what="an encoder optimizer state")
     params = dict(module.named_parameters())
     steps = nf.extra.get("steps") or {}
     state: dict[str, dict[str, Any]] = {}

@@ -37,7 +37,7 @@ from ..errors import CycleEncodingError
 from .directions import DirectionSet
 from .ganspace import mapping_batches
 
-METHODS = ("svm", "svc", "logistic")
+CLASSIFIER_METHODS = ("svm", "svc", "logistic")
 SPACES = ("w", "w+")
 POSITIVE_NAMES = ("1", "pos", "positive", "yes", "true", "with")
 _TRUE = {"1", "+1", "true", "yes", "pos", "positive", "y", "t"}
@@ -113,7 +113,7 @@ def make_classifier(method: str, C: float = 1.0, seed: int = 0, max_iter: int = 
         return SVC(kernel="linear", C=C)
     if method == "logistic":
         return LogisticRegression(C=C, max_iter=max_iter)
-    raise CycleEncodingError(f"unknown classifier {method!r} (known: {', '.join(METHODS)})")
+    raise CycleEncodingError(f"unknown classifier {method!r} (known: {', '.join(CLASSIFIER_METHODS)})")
 
 
 def train_boundary(
@@ -135,8 +135,8 @@ def train_boundary(
 
     if space not in SPACES:
         raise CycleEncodingError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
-    if method not in METHODS:
-        raise CycleEncodingError(f"unknown classifier {method!r} (known: {', '.join(METHODS)})")
+    if method not in CLASSIFIER_METHODS:
+        raise CycleEncodingError(f"unknown classifier {method!r} (known: {', '.join(CLASSIFIER_METHODS)})")
     X_all = _as_numpy(codes, "codes").astype(np.float64)
     y_raw = _as_numpy(labels, "labels").reshape(-1)
     if X_all.shape[0] != y_raw.shape[0]:

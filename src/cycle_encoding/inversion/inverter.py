@@ -488,11 +488,9 @@ class Inverter:
         whatever ``verbose`` says. ``speed``: None runs the options as configured in this process; ``"exact"`` the
         authors' loop; a mapping of the speed options the user fixed (``{}``: all chosen) lets ``speed.plan_speed``
         choose the rest for these images, which may start worker processes; the plan is logged and recorded in
-        ``config.json``. Returns the summary (also written to
-        ``out_dir/summary.json`` by rank 0): ``done`` (this run), ``skipped`` (finished before), ``failed`` (name,
-        file, reason), ``busy`` (left to another process inverting them into the same folder), per-stage means. ``tune_mode`` shared:
-        ``tune_shared.invert_shared`` (one process).
-        """
+        ``config.json``. Returns the summary (also in ``out_dir/summary.json``, by rank 0): ``done`` (this run),
+        ``skipped`` (finished before), ``failed`` (name, file, reason), ``busy`` (left to another process inverting
+        them into the same folder), per-stage means. ``tune_mode`` shared: ``tune_shared.invert_shared``."""
         warn = log or (lambda s: print(s, file=sys.stderr, flush=True))
         say = warn if verbose is True else (lambda s: None)
         per_image = warn if verbose == "images" else (lambda s: None)
@@ -583,9 +581,7 @@ class Inverter:
 
 def _bind(fn: Callable[..., None] | None, k: int) -> Callable[..., None] | None:
     """A per-image callback ``fn(k, ...)`` as the one-image callback ``(...)``."""
-    if fn is None:
-        return None
-    return lambda *a: fn(k, *a)
+    return None if fn is None else (lambda *a: fn(k, *a))
 
 
 def _record(res: InversionResult, on_step: Callable[[dict[str, Any]], None] | None, rec: dict[str, Any]) -> None:

@@ -50,7 +50,7 @@ VOLATILE_OPTIONS = ("device", "tune_batch", "tune_save_every")
 VOLATILE_STAGE_OPTIONS = ("compile",)  # the same results within float rounding; a run's plan may differ on resuming
 
 
-class Inverter(Protocol):
+class FolderInverter(Protocol):
     """What a run folder needs of an inverter (``inverter.Inverter`` is one)."""
 
     config: InversionConfig
@@ -119,7 +119,7 @@ def image_lock(out: Path, name: str) -> AbstractContextManager[bool]:
     return rf.lock(image_lock_path(out, name))
 
 
-def prepare_run_dir(inverter: Inverter, out: Path, images: Any) -> None:
+def prepare_run_dir(inverter: FolderInverter, out: Path, images: Any) -> None:
     """Write ``config.json`` for a new run, or check that the run already in ``out`` had the same fingerprint; remove
     stray temporary files."""
     desc = inverter.describe()
@@ -162,7 +162,7 @@ class FolderJob:
 
     def __init__(
         self,
-        inverter: Inverter,
+        inverter: FolderInverter,
         file: Path,
         name: str,
         index: int,
@@ -277,7 +277,7 @@ class FolderJob:
 
 
 def invert_group_into_folders(
-    inverter: Inverter,
+    inverter: FolderInverter,
     items: list[tuple[Path, str, int, Path, str]],
     head: str,
     say: Callable[[str], None],
@@ -363,7 +363,7 @@ def record_failure(
 
 
 def fill_folder(
-    inverter: Inverter,
+    inverter: FolderInverter,
     out: Path,
     files: list[Path],
     names: list[str],
@@ -431,7 +431,7 @@ def fill_folder(
 
 
 def write_summary(
-    inverter: Inverter, out: Path, names: list[str], skipped: list[str], ranks: list[dict]
+    inverter: FolderInverter, out: Path, names: list[str], skipped: list[str], ranks: list[dict]
 ) -> dict[str, Any]:
     """Gather the finished images' ``result.json`` into ``summary.json`` (rank 0 only)."""
     done = [n for r in ranks for n in r["done"]]

@@ -51,7 +51,7 @@ from .common import cpu_generator, frozen
 from .config import PIVOT_STAGES
 from .progress import StepBar
 from .result import InversionResult
-from .run_folder import FolderJob, Inverter, image_state, prepare_run_dir, record_failure, write_summary
+from .run_folder import FolderInverter, FolderJob, image_state, prepare_run_dir, record_failure, write_summary
 from .tune import TuneConfig, tuning_copy, tuning_loss
 
 STATE_FORMAT = "cycle-encoding-shared-tune-state"
@@ -187,7 +187,7 @@ def load_state(path: str | Path) -> SharedTuneState:
 
 
 def invert_shared(
-    inverter: Inverter,
+    inverter: FolderInverter,
     out: Path,
     images: Any,
     files: list[Path],
@@ -261,7 +261,7 @@ def _key(name: str, file: Path) -> str:
 
 
 def _tune_shared(
-    inverter: Inverter,
+    inverter: FolderInverter,
     out: Path,
     members: list[int],
     jobs: dict[int, tuple[FolderJob, InversionResult | None]],
@@ -330,7 +330,7 @@ def _read_back(job: FolderJob) -> InversionResult:
     return res
 
 
-def _store_shared(inverter: Inverter, out: Path, res: InversionResult, keys: list[str]) -> dict[str, Any] | None:
+def _store_shared(inverter: FolderInverter, out: Path, res: InversionResult, keys: list[str]) -> dict[str, Any] | None:
     """The shared generator stored once as its change from the base (unless ``save_delta`` is off) and
     ``shared.json``; returns what each image's record says of the change (its ``delta``)."""
     cfg, info = inverter.config, dict((res.tune or {}).get("shared") or {})

@@ -89,7 +89,7 @@ from .runs import rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
 from .trainer import Trainer, read_run_config
 
-PRECISION_NOTES = {
+ENCODER_PRECISION_NOTES = {
     "fp32": "float32 throughout (the authors' computation)",
     "bf16": "bfloat16 autocast for the encoder, generator, loss networks and latent discriminator; float32 weights, "
     "codes, losses, Ranger/Adam and R1 penalty",
@@ -300,7 +300,7 @@ class EncoderTrainer(Trainer):
             if self.cfg.zero_grad == "zero"
             else "set to None (switched-off heads freeze)",
             "d_fake_codes": self.cfg.d_fake_codes,
-            "precision": PRECISION_NOTES[self.cfg.precision],
+            "precision": ENCODER_PRECISION_NOTES[self.cfg.precision],
             "compile": "torch.compile: G's synthesis and the encoder's body in the training steps"
             if self.cfg.compile
             else "off",

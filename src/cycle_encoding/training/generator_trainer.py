@@ -78,7 +78,7 @@ from .runs import machine_info, rng_state, set_rng_state
 from .trainer import Trainer, read_run_config
 
 GREY_DATASETS = ("fashion-mnist",)
-PRECISION_NOTES = {
+GENERATOR_PRECISION_NOTES = {
     "fp32": "float32 throughout",
     "bf16": "bfloat16 autocast for G (mapping and synthesis) and D, the R1 penalty's passes included; float32 "
     "weights, losses, Adam, g_ema and path-length penalty",
@@ -309,7 +309,7 @@ class GeneratorTrainer(Trainer):
             "opt_g": {"lr": self.opt_g.defaults["lr"], "betas": list(self.opt_g.defaults["betas"])},
             "opt_d": {"lr": self.opt_d.defaults["lr"], "betas": list(self.opt_d.defaults["betas"])},
             "ema_beta": ema_beta(cfg.batch_size, cfg.ema_kimg),
-            "precision": PRECISION_NOTES[cfg.precision],
+            "precision": GENERATOR_PRECISION_NOTES[cfg.precision],
             "compile": "torch.compile: G's synthesis and D in the D and G steps" if cfg.compile else "off",
             "world_size": self.world,
             "data": self.data.describe(),
