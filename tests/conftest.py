@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +146,21 @@ def _no_network_files_of_this_machine(tmp_path_factory):
     mp.delenv("CYCLE_ENCODING_NETWORKS", raising=False)
     yield
     mp.undo()
+
+
+def write_inversion_files(root: Path) -> Path:
+    """A run's inputs under ``root``: ``g.safetensors`` (a 16-px tiny generator), ``e.safetensors`` (a tiny encoder
+    whose record names its 8 training images in ``train/``) and 4 of the generator's own images in ``targets/``."""
+    import cycle_encoding as ce
+    from cycle_encoding.checkpoints.native import default_provenance
+    from cycle_encoding.utils import save_image
+
+    G = make_tiny_generator(resolution=16)
+    ce.save_generator(G, root / "g.safetensors")
+    for i, im in enumerate(own_images(G, 8, seed=1)):
+        save_image(im, root / "train" / f"t{i}.png")
+    E = tiny_encoder(G)
+    ce.save_encoder(E, root / "e.safetensors", provenance=default_provenance(data=str(root / "train")), trained_stage=0)
+    for i, im in enumerate(own_images(G, 4, seed=9)):
+        save_image(im, root / "targets" / f"img{i}.png")
+    return root

@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import cycle_encoding as ce
-from cycle_encoding.checkpoints.native import default_provenance, read_native
+from cycle_encoding.checkpoints.native import read_native
 from cycle_encoding.cli import main
 from cycle_encoding.config import to_dict
 from cycle_encoding.inversion import Inverter
 from cycle_encoding.inversion.speed import SPEED_OPTIONS, plan_speed
 from cycle_encoding.inversion.workers import finish_workers, start_workers
 from cycle_encoding.losses.perceptual import register_perceptual, unregister_perceptual
-from cycle_encoding.utils import save_image
-from tests.conftest import make_tiny_generator, own_images, stand_in_perceptual, tiny_encoder
+from tests.conftest import stand_in_perceptual, write_inversion_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,15 +31,7 @@ GB = 1 << 30
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A generator file, an encoder file that records its training images, a folder of 4 targets."""
-    root = tmp_path_factory.mktemp("speed")
-    G = make_tiny_generator(resolution=16)
-    ce.save_generator(G, root / "g.safetensors")
-    for i, im in enumerate(own_images(G, 8, seed=1)):
-        save_image(im, root / "train" / f"t{i:02d}.png")
-    E = tiny_encoder(G)
-    ce.save_encoder(E, root / "e.safetensors", provenance=default_provenance(data=str(root / "train")), trained_stage=0)
-    for i, im in enumerate(own_images(G, 4, seed=9)):
-        save_image(im, root / "targets" / f"img{i}.png")
+    root = write_inversion_files(tmp_path_factory.mktemp("speed"))
     register_perceptual(STANDIN, lambda device, weights: stand_in_perceptual().to(device), "tests", replace=True)
     yield root
     unregister_perceptual(STANDIN)

@@ -157,21 +157,10 @@ FAST = {"identity": "none", "refine": {"steps": 3, "num_random": 2, "lr": 1e-3},
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A generator file, an encoder file that records its training images, 4 targets and one unreadable file."""
-    import cycle_encoding as ce
-    from cycle_encoding.checkpoints.native import default_provenance
     from cycle_encoding.losses.perceptual import register_perceptual, unregister_perceptual
-    from cycle_encoding.utils import save_image
-    from tests.conftest import tiny_encoder
+    from tests.conftest import write_inversion_files
 
-    root = tmp_path_factory.mktemp("shared")
-    G = make_tiny_generator(resolution=16)
-    ce.save_generator(G, root / "g.safetensors")
-    for i, im in enumerate(own_images(G, 8, seed=1)):
-        save_image(im, root / "train" / f"t{i}.png")
-    E = tiny_encoder(G)
-    ce.save_encoder(E, root / "e.safetensors", provenance=default_provenance(data=str(root / "train")), trained_stage=0)
-    for i, im in enumerate(own_images(G, 4, seed=9)):
-        save_image(im, root / "targets" / f"img{i}.png")
+    root = write_inversion_files(tmp_path_factory.mktemp("shared"))
     (root / "targets" / "img4.png").write_bytes(b"not a png")
     register_perceptual(STANDIN, lambda d, w: stand_in_perceptual().to(d), "tests", replace=True)
     yield root

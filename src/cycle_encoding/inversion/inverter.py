@@ -536,8 +536,9 @@ class Inverter:
             task = {**self._rebuild, "options": to_dict(self.config), "images": [str(f) for f in files],
                     "names": names, "todo": mine, "out": str(out), "verbose": verbose, "debug": debug,
                     "max_pixels": max_pixels()}  # fmt: skip
-            if self.refiner is not None and self.refiner.substitute_state() is not None:
-                torch.save(self.refiner.substitute_state(), shared)
+            state = self.refiner.substitute_state() if self.refiner is not None else None
+            if state is not None:
+                torch.save(state, shared)
                 task["substitute"] = str(shared)
             procs = start_workers(task, self.speed.workers - 1, self.speed.threads or 1)
         try:
