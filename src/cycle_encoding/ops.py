@@ -216,19 +216,6 @@ class Upsample(nn.Module):
         return upfirdn2d(x, self.kernel, up=self.factor, down=1, pad=self.pad)
 
 
-class Downsample(nn.Module):
-    def __init__(self, kernel: Sequence[float], factor: int = 2) -> None:
-        super().__init__()
-        self.factor = factor
-        k = make_kernel(kernel)
-        self.register_buffer("kernel", k)
-        p = k.shape[0] - factor
-        self.pad = ((p + 1) // 2, p // 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upfirdn2d(x, self.kernel, up=1, down=self.factor, pad=self.pad)
-
-
 class Blur(nn.Module):
     def __init__(self, kernel: Sequence[float], pad: tuple[int, int], upsample_factor: int = 1) -> None:
         super().__init__()

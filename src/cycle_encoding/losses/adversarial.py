@@ -105,37 +105,3 @@ def lazy_r1_loss(
 def r1_due(step: int, every: int = 16) -> bool:
     """Whether the lazy R1 step is taken at global step ``step`` (``step % every == 0``, as e4e; never if every <= 0)."""
     return every > 0 and step % every == 0
-
-
-def discriminator_step(
-    D: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    real: torch.Tensor,
-    fake: torch.Tensor,
-    step: int,
-    r1_gamma: float = 10.0,
-    r1_every: int = 16,
-) -> dict[str, float]:
-    """One discriminator update on ``discriminator_loss(D, real, fake)``; when :func:`r1_due`, a second update on
-    :func:`lazy_r1_loss` of the same real codes (e4e's order). D's parameters require grad during the step and get
-    their previous flags back afterwards. Returns the losses as floats."""
-    flags = [p.requires_grad for p in D.parameters()]
-    for p in D.parameters():
-        p.requires_grad_(True)
-    try:
-        loss, logs = discriminator_loss(D, real.detach(), fake.detach())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        logs["d_loss"] = float(loss.detach())
-        if r1_gamma > 0 and r1_due(step, r1_every):
-            r1 = lazy_r1_loss(D, real, r1_gamma, r1_every)
-            optimizer.zero_grad(set_to_none=True)
-            r1.backward()
-            optimizer.step()
-            logs["d_r1"] = float(r1.detach())
-        optimizer.zero_grad(set_to_none=True)
-    finally:
-        for p, f in zip(D.parameters(), flags):
-            p.requires_grad_(f)
-    return logs

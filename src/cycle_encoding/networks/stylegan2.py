@@ -17,20 +17,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigRecord
 from ..ops import Blur, FusedLeakyReLU, Upsample, fused_leaky_relu
 
 NoiseMode = Literal["const", "random", "none"]
 NOISE_MODES = ("const", "random", "none")
 
 
-class WidthsConfig:
+class WidthsConfig(ConfigRecord):
     """What the generator's and the discriminator's configurations share: the checks, widths by NVIDIA's rule
     ``min(channel_base // res, channel_max)`` and the dict form."""
 
@@ -59,11 +60,6 @@ class WidthsConfig:
 
     def channels(self) -> dict[int, int]:
         return {2**i: min(self.channel_base // 2**i, self.channel_max) for i in range(2, self.log_size + 1)}
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)  # type: ignore[call-overload]
-        d["blur_kernel"] = list(self.blur_kernel)
-        return d
 
 
 @dataclass(frozen=True)
@@ -114,17 +110,6 @@ class GeneratorConfig(WidthsConfig):
             return None
         return self.channel_base / 16384
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown generator configuration fields: {sorted(unknown)}")
-        d = dict(d)
-        if "blur_kernel" in d:
-            d["blur_kernel"] = tuple(d["blur_kernel"])
-        return cls(**d)
-
 
 def _config_property(name: str) -> Any:
     """A read-only property giving ``self.config.<name>``."""
@@ -168,12 +153,9 @@ class EqualLinear(nn.Module):
 class ModulatedConv2d(nn.Module):
     """Style-modulated convolution with optional weight demodulation and x2 upsampling.
 
-    Two equivalent computations are available: ``fused=True`` builds one weight per sample and runs a
-    grouped convolution (StyleGAN2's formulation); ``fused=False`` scales the input activations by the
-    style, runs one shared convolution and scales the output by the demodulation coefficients. They agree
-    to float rounding. ``fused=None`` (the default) picks per call: the grouped form for a batch of one
-    (a plain convolution then), the shared convolution for larger batches, where it was about 1.5x faster
-    on a 2-core CPU (``benchmarks/generator.py``).
+    ``fused=True``: one weight per sample and a grouped convolution (StyleGAN2's form); ``fused=False``: the input
+    scaled by the style, one shared convolution, the output scaled by the demodulation (equal to float rounding;
+    faster for batches, ``benchmarks/generator.py``); ``fused=None``: the grouped form for a batch of one only.
     """
 
     def __init__(
@@ -267,21 +249,11 @@ class ConstantInput(nn.Module):
 
 
 class StyledConv(nn.Module):
-    def __init__(
-        self,
-        in_channel: int,
-        out_channel: int,
-        kernel_size: int,
-        style_dim: int,
-        upsample: bool = False,
-        blur_kernel: Sequence[float] = (1, 3, 3, 1),
-        demodulate: bool = True,
-    ) -> None:
+    """A 3x3 modulated convolution (``conv``: ModulatedConv2d's keyword arguments), noise and the biased activation."""
+
+    def __init__(self, in_channel: int, out_channel: int, style_dim: int, **conv: Any) -> None:
         super().__init__()
-        self.conv = ModulatedConv2d(
-            in_channel, out_channel, kernel_size, style_dim, demodulate=demodulate, upsample=upsample,
-            blur_kernel=blur_kernel,
-        )  # fmt: skip
+        self.conv = ModulatedConv2d(in_channel, out_channel, 3, style_dim, **conv)
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_channel)
 
@@ -327,7 +299,7 @@ class Generator(nn.Module):
             *[EqualLinear(c.style_dim, c.style_dim, lr_mul=c.lr_mlp, activation="fused_lrelu") for _ in range(c.n_mlp)],
         )
         self.input = ConstantInput(ch[4])
-        self.conv1 = StyledConv(ch[4], ch[4], 3, c.style_dim, blur_kernel=bk)
+        self.conv1 = StyledConv(ch[4], ch[4], c.style_dim, blur_kernel=bk)
         self.to_rgb1 = ToRGB(ch[4], c.style_dim, upsample=False, img_channels=c.img_channels)
 
         self.convs = nn.ModuleList()
@@ -340,8 +312,8 @@ class Generator(nn.Module):
         in_channel = ch[4]
         for i in range(3, c.log_size + 1):
             out_channel = ch[2**i]
-            self.convs.append(StyledConv(in_channel, out_channel, 3, c.style_dim, upsample=True, blur_kernel=bk))
-            self.convs.append(StyledConv(out_channel, out_channel, 3, c.style_dim, blur_kernel=bk))
+            self.convs.append(StyledConv(in_channel, out_channel, c.style_dim, upsample=True, blur_kernel=bk))
+            self.convs.append(StyledConv(out_channel, out_channel, c.style_dim, blur_kernel=bk))
             self.to_rgbs.append(ToRGB(out_channel, c.style_dim, blur_kernel=bk, img_channels=c.img_channels))
             in_channel = out_channel
         # Not part of the rosinality state dict (its checkpoints keep it as `latent_avg` beside g_ema).
@@ -452,12 +424,9 @@ class Generator(nn.Module):
         """Mean of mapping(z) over ``n`` samples (for checkpoints that do not store it); sets ``w_avg``."""
         g = torch.Generator(device="cpu").manual_seed(seed)
         total = torch.zeros(self.w_dim, dtype=torch.float64, device=self.w_avg.device)
-        done = 0
-        while done < n:
-            b = min(batch, n - done)
-            z = torch.randn(b, self.z_dim, generator=g).to(self.w_avg.device)
+        for done in range(0, n, batch):
+            z = torch.randn(min(batch, n - done), self.z_dim, generator=g).to(self.w_avg.device)
             total += self.style(z).double().sum(0)
-            done += b
         self.w_avg.copy_((total / n).to(self.w_avg.dtype))
         return self.w_avg
 
