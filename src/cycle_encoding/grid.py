@@ -43,10 +43,6 @@ def cell_size(side: int, min_cell: int = 96, max_cell: int = 256) -> int:
     return side * max(1, -(-min_cell // side))
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
-
-
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font: object) -> tuple[int, int]:
     l, t, r, b = draw.textbbox((0, 0), text, font=font)  # type: ignore[arg-type]
     return r - l, b - t
@@ -110,7 +106,7 @@ def compose_grid(
         raise ValueError("no images to lay out")
     cell = cell_size(max(sides), min_cell, max_cell)
     ncols = max(len(r) for r in pils)
-    font = _font()
+    font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = _text_size(probe, "Ag-0.5", font)[1] + 4
     wrapped = [wrap_label(probe, str(t), font, cell) for t in (col_labels or [])[:ncols]]

@@ -408,11 +408,6 @@ def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | t
     return frechet_distance_from_stats(mu1, s1, mu2, s2)
 
 
-def classifier_fd_name(classifier_name: str = "fmnist-eval") -> str:
-    """How the classifier FD is named in logs and reports (it is not the Inception FID)."""
-    return f"FD ({classifier_name} classifier features; not the Inception FID)"
-
-
 @torch.no_grad()
 def classifier_features(classifier: Any, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """[N, D] penultimate embeddings (``classifier.embed``, e.g. an ``AttributeClassifier`` of arch convnet/vggbn)
@@ -445,7 +440,7 @@ def classifier_frechet_distance(
     if name is None and " from " in label and label.endswith(".safetensors"):
         label = Path(label.rsplit(" from ", 1)[1]).stem
     return {
-        "name": classifier_fd_name(label),
+        "name": f"FD ({label} classifier features; not the Inception FID)",
         "fd": frechet_distance(fa, fb),
         "images_a": len(fa),
         "images_b": len(fb),

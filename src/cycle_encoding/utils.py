@@ -138,10 +138,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         try:
             write(Path(tmp))
-        except (
-            OSError,
-            RuntimeError,
-        ) as e:  # a full disk: PIL's and numpy's OSError name no file, torch's RuntimeError
+        except (OSError, RuntimeError) as e:
+            # a full disk: PIL's and numpy's OSError name no file, torch's RuntimeError
             if isinstance(e, OSError) and e.filename is None and e.errno is not None:
                 raise OSError(e.errno, e.strerror, str(p)) from e
             if isinstance(e, RuntimeError) and "write" in str(e):

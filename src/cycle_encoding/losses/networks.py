@@ -22,31 +22,24 @@ class LossNetworks:
     perceptual: nn.Module | None = None
     identity: nn.Module | None = None
 
+    def _kinds(self) -> list[tuple[str, nn.Module | None]]:
+        return [("perceptual", self.perceptual), ("identity", self.identity)]
+
     def names(self) -> dict[str, str]:
-        return {
-            "perceptual": getattr(self.perceptual, "name", type(self.perceptual).__name__)
-            if self.perceptual
-            else "none",
-            "identity": getattr(self.identity, "name", type(self.identity).__name__) if self.identity else "none",
-        }
+        return {k: getattr(net, "name", type(net).__name__) if net else "none" for k, net in self._kinds()}
+
+    def _located(self) -> list[tuple[str, str, Any]]:
+        """(kind, registered name, where its file was found) of each network read from a file."""
+        found = [(k, net) for k, net in self._kinds() if getattr(net, "located", None) is not None]
+        return [(k, str(getattr(net, "registry_name", "")), net.located) for k, net in found]
 
     def files(self) -> dict[str, dict[str, str]]:
         """The weight files the networks were read from and how each was found (runs record this)."""
-        out = {}
-        for kind, net in (("perceptual", self.perceptual), ("identity", self.identity)):
-            loc = getattr(net, "located", None) if net is not None else None
-            if loc is not None:
-                out[kind] = {"name": str(getattr(net, "registry_name", "")), **loc.record()}
-        return out
+        return {kind: {"name": name, **loc.record()} for kind, name, loc in self._located()}
 
     def file_lines(self) -> list[str]:
         """One line per network read from a file: which file, and how it was found."""
-        lines = []
-        for kind, net in (("perceptual", self.perceptual), ("identity", self.identity)):
-            loc = getattr(net, "located", None) if net is not None else None
-            if loc is not None:
-                lines.append(f"{kind} {getattr(net, 'registry_name', '')}: {loc.describe()}")
-        return lines
+        return [f"{kind} {name}: {loc.describe()}" for kind, name, loc in self._located()]
 
 
 def recorded_networks(provenance: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:

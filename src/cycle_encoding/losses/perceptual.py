@@ -47,20 +47,7 @@ class LPIPSDistance(PerceptualDistance):
         super().__init__()
         self.lpips = lpips
         self.name = f"lpips-{lpips.net_name} (backbone {backbone_name})"
-        self.requires_grad_(False)
         self.eval()
-
-    @classmethod
-    def from_files(
-        cls,
-        net: str,
-        backbone: str | Path | None,
-        heads: str | Path | None = None,
-        device: str | torch.device = "cpu",
-    ) -> LPIPSDistance:
-        """Read the torchvision backbone and the lpips package's heads (see ``checkpoints.perception.load_lpips``)."""
-        model = load_lpips(net, backbone, heads, device=device)
-        return cls(model, Path(backbone).name if backbone is not None else "?")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.lpips(x, y)
@@ -114,6 +101,12 @@ def load_dlib_embedder(device: torch.device, weights: Path | None = None) -> nn.
     return load_dlib_face_embedder(device=device)
 
 
+def _lpips_distance(net: str, device: torch.device, weights: Path | None) -> LPIPSDistance:
+    """``lpips-{net}``: the torchvision backbone ``weights`` (``load_lpips`` refuses None) and the lpips heads."""
+    lpips = load_lpips(net, weights, device=device)
+    return LPIPSDistance(lpips, Path(str(weights)).name)
+
+
 def _dlib_face_distance(device: torch.device, weights: Path | None) -> PerceptualDistance:
     net = load_dlib_embedder(device, weights)
     return FeatureMapDistance(net, name=f"dlib-face (feature maps of {getattr(net, 'name', 'dlib-resnet-face')})")
@@ -133,9 +126,9 @@ def classifier_perceptual(
     return FeatureMapDistance(ClassifierEmbedder(model), name=f"{name} (feature maps of {Path(path).name})")
 
 
-register_perceptual("lpips-alex", lambda d, w: LPIPSDistance.from_files("alex", w, device=d),
+register_perceptual("lpips-alex", lambda d, w: _lpips_distance("alex", d, w),
                     "LPIPS v0.1, AlexNet backbone (needs the ImageNet file)")  # fmt: skip
-register_perceptual("lpips-vgg", lambda d, w: LPIPSDistance.from_files("vgg", w, device=d),
+register_perceptual("lpips-vgg", lambda d, w: _lpips_distance("vgg", d, w),
                     "LPIPS v0.1, VGG16 backbone (needs the ImageNet file)")  # fmt: skip
 register_perceptual("dlib-face", _dlib_face_distance,
                     "LPIPS-style distance on the dlib face embedder's feature maps (faces)")  # fmt: skip

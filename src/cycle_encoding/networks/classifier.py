@@ -54,11 +54,9 @@ class ClassifierConfig(ConfigRecord):
     normalize: str = "none"
 
     def __post_init__(self) -> None:
-        check_one_of(self, arch=ARCHS)
+        check_one_of(self, arch=ARCHS, normalize=("none", "imagenet"))
         if not self.outputs:
             raise ValueError("a classifier needs at least one output")
-        if self.normalize not in ("none", "imagenet"):
-            raise ValueError(f"normalize must be 'none' or 'imagenet', got {self.normalize!r}")
         if self.in_channels not in (1, 3) or (self.arch == "resnet50" and self.in_channels != 3):
             raise ValueError(f"in_channels must be 1 or 3 (3 for resnet50), got {self.in_channels}")
         check_at_least(self, input_size=8)
@@ -73,25 +71,20 @@ class AttributeClassifier(nn.Module):
         super().__init__()
         self.config = c = config or ClassifierConfig(**kwargs)
         k = len(c.outputs)
-        if c.arch == "convnet":
-            layers: list[nn.Module] = []
+        if c.arch in SMALL_ARCHS:
+            blocks: list[nn.Module] = []  # convnet: a flat list (keys body.0, body.2, ...); vggbn: one Sequential each
             cin = c.in_channels
             for w in c.widths:
-                layers += [nn.Conv2d(cin, w, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
-                cin = w
-            self.body = nn.Sequential(*layers)
-            self.head = nn.Linear(cin, k)
-        elif c.arch == "vggbn":
-            blocks: list[nn.Module] = []
-            cin = c.in_channels
-            for w in c.widths:
-                blocks.append(
-                    nn.Sequential(
-                        nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-                        nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-                        nn.MaxPool2d(2),
-                    )
-                )  # fmt: skip
+                if c.arch == "convnet":
+                    blocks += [nn.Conv2d(cin, w, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+                else:
+                    blocks.append(
+                        nn.Sequential(
+                            nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                            nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                            nn.MaxPool2d(2),
+                        )
+                    )  # fmt: skip
                 cin = w
             self.body = nn.Sequential(*blocks)
             self.head = nn.Linear(cin, k)
