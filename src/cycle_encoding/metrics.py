@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytorch_msssim
 import torch
-import torch.nn.functional as F
 
 from .data.images import is_image_file, read_image
 from .errors import CycleEncodingError
+from .ops import resize
 
 if TYPE_CHECKING:
     from .losses.identity import IdentitySimilarity
@@ -232,12 +232,7 @@ def _prepare(
         )
         pred, target = pred.expand(3, -1, -1), target.expand(3, -1, -1)
     if size is not None:
-        pred, target = (
-            F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-            if tuple(t.shape[-2:]) != (size, size)
-            else t
-            for t in (pred, target)
-        )
+        pred, target = resize(pred[None], size)[0], resize(target[None], size)[0]
     if pred.shape[-2:] != target.shape[-2:]:
         raise CycleEncodingError(
             f"sizes differ: pred {pred.shape[-2]}x{pred.shape[-1]}, target {target.shape[-2]}x{target.shape[-1]} "

@@ -156,6 +156,15 @@ def as_rgb(x: torch.Tensor, who: str = "images") -> torch.Tensor:
     return x.expand(-1, 3, -1, -1)
 
 
+def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` resized to ``size`` (a side, or (height, width)), antialiased bilinear; unchanged at
+    that size."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(images.shape[-2:]) == hw:
+        return images
+    return F.interpolate(images, size=hw, mode="bilinear", align_corners=False, antialias=True)
+
+
 def pool_to(images: torch.Tensor, size: int) -> torch.Tensor:
     """Images average-pooled to ``size`` x ``size`` (e4e's face_pool of G's output); unchanged at that size."""
     if images.shape[-1] == size:
@@ -229,17 +238,12 @@ class Blur(nn.Module):
         return upfirdn2d(x, self.kernel, pad=self.pad)
 
 
-def fused_leaky_relu(
-    x: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    negative_slope: float = LRELU_SLOPE,
-    scale: float = LRELU_GAIN,
-) -> torch.Tensor:
-    """Bias add, leaky ReLU and gain sqrt(2): StyleGAN2's biased activation, differentiable twice."""
+def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Bias add, leaky ReLU (slope 0.2) and gain sqrt(2): StyleGAN2's biased activation, differentiable twice."""
     if bias is not None:
         shape = [1, -1] + [1] * (x.ndim - 2)
         x = x + bias.view(shape).to(x.dtype)
-    return F.leaky_relu(x, negative_slope) * scale
+    return F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
 
 
 class FusedLeakyReLU(nn.Module):

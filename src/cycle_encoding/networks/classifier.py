@@ -34,7 +34,7 @@ from torch import nn
 from ..config import ConfigRecord, check_at_least, check_one_of
 from ..errors import CycleEncodingError
 from ..networks.resnet import ResNet50
-from ..ops import FixedMeasure
+from ..ops import FixedMeasure, resize
 
 ARCHS = ("convnet", "vggbn", "resnet50")
 SMALL_ARCHS = ("convnet", "vggbn")
@@ -65,7 +65,7 @@ class ClassifierConfig(ConfigRecord):
 
 
 class AttributeClassifier(nn.Module):
-    """``forward(images in [-1, 1]) -> logits [B, K]``; ``score(images, attribute) -> [B]``."""
+    """``forward(images in [-1, 1]) -> logits [B, K]``."""
 
     def __init__(self, config: ClassifierConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
@@ -109,10 +109,7 @@ class AttributeClassifier(nn.Module):
                 x = (x * w).sum(1, keepdim=True)
             else:
                 raise CycleEncodingError(f"the classifier takes {c.in_channels}-channel images, got {x.shape[1]}")
-        if x.shape[-1] != c.input_size or x.shape[-2] != c.input_size:
-            x = F.interpolate(
-                x, size=(c.input_size, c.input_size), mode="bilinear", align_corners=False, antialias=True
-            )
+        x = resize(x, c.input_size)
         if c.normalize == "imagenet":
             mean = torch.tensor(_IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
             std = torch.tensor(_IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
@@ -147,14 +144,6 @@ class AttributeClassifier(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The penultimate embedding ``[B, widths[-1]]`` (not normalized)."""
         return self.features(images)[-1]
-
-    def score(self, images: torch.Tensor, attribute: int | str = 0) -> torch.Tensor:
-        return self(images)[:, attribute_index(self.outputs, attribute)]
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Number of learned parameters (BatchNorm running statistics are buffers, not counted)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 class ClassifierEmbedder(FixedMeasure):

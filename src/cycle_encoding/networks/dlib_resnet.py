@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CycleEncodingError
-from ..ops import as_rgb
+from ..ops import as_rgb, resize
 
 NAME = "dlib-resnet-face"
 CHIP_SIZE = 150
@@ -175,7 +175,7 @@ class DlibFaceEmbedder(nn.Module):
             raise CycleEncodingError(f"unknown face layout {layout!r}: use one of {', '.join(LAYOUTS)}")
         x = as_rgb(x, "the dlib face embedder")
         if layout == "chip":
-            return _resize(x, CHIP_SIZE, CHIP_SIZE)
+            return resize(x, CHIP_SIZE)
         return crop_resize(x, FFHQ_CHIP_BOX, CHIP_SIZE)
 
     # -- the interface -------------------------------------------------------------------------------------------
@@ -200,12 +200,6 @@ class DlibFaceEmbedder(nn.Module):
         return self.embed(x)
 
 
-def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == (h, w):
-        return x
-    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-
-
 def crop_resize(x: torch.Tensor, box: tuple[float, float, float, float], size: int) -> torch.Tensor:
     """Cut the box (left, top, right, bottom as fractions of the width/height) out of ``x`` and resize it to
     ``size`` x ``size``: resize the whole image (antialiased bilinear) so that the box is ``size`` pixels wide,
@@ -214,7 +208,7 @@ def crop_resize(x: torch.Tensor, box: tuple[float, float, float, float], size: i
     l, t, r, b = box
     sx, sy = size / ((r - l) * w), size / ((b - t) * h)
     nw, nh = max(size, round(w * sx)), max(size, round(h * sy))
-    y = _resize(x, nh, nw)
+    y = resize(x, (nh, nw))
     x0 = min(max(round(l * nw), 0), nw - size)
     y0 = min(max(round(t * nh), 0), nh - size)
     return y[:, :, y0 : y0 + size, x0 : x0 + size]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigRecord
+from ..ops import resize
 from .irse import UNITS_PER_BLOCK, IRSEBody, irse_unit_specs, make_input_layer
 from .stylegan2 import EqualLinear
 
@@ -164,11 +165,7 @@ class Encoder4Editing(nn.Module):
         """Resize images to ``input_size`` (antialiased bilinear) when they differ; check channels."""
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(f"the encoder takes images [B, {self.config.in_channels}, H, W], got {list(images.shape)}")
-        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
-            images = F.interpolate(
-                images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True
-            )
-        return images
+        return resize(images, self.input_size)
 
     def features(self, images: torch.Tensor) -> FeatureMaps:
         x = self.input_layer(self.prepare(images))

@@ -36,7 +36,7 @@ from ..checkpoints.native import default_provenance, file_sha256, read_native_he
 from ..config import check_at_least, check_one_of, from_mapping, to_dict
 from ..data.fashion_mnist import CLASSES, PAD_VALUE, load_split, pad_to_32, to_unit_range
 from ..errors import CycleEncodingError
-from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig, parameter_count
+from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig
 from .runs import machine_info, rng_state, set_rng_state
 from .trainer import Trainer, read_run_config
 
@@ -168,7 +168,7 @@ class ClassifierTrainer(Trainer):
                 arch=cfg.arch, outputs=CLASSES, input_size=32, in_channels=1, widths=tuple(cfg.widths or ())
             )
         )
-        self.n_params = parameter_count(self.model)
+        self.n_params = sum(p.numel() for p in self.model.parameters())  # BatchNorm statistics are buffers
         self.steps_per_epoch = (len(self.x) + cfg.batch_size - 1) // cfg.batch_size
         total = self.steps_per_epoch * cfg.epochs
         self.total = total if cfg.max_steps is None else min(total, cfg.max_steps)

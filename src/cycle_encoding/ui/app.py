@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..editing.editor import DEFAULT_STAGES, Editor, InversionCancelled, InversionProgress, tensor_to_pil
 from ..errors import CycleEncodingError
+from ..inversion.config import STAGES
 from .page import ENTER_JS, PAGE_CSS, SHOWN, build_page
 from .sessions import DEFAULT_MAX_SESSIONS, Session, SessionPool, make_root
 
@@ -43,7 +44,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_UPLOAD_MB = 20.0
 UPLOAD_MAX_PIXELS = 40_000_000
-STAGE_CHOICES = ("encoder", "refine", "project", "tune")
 MAX_TUNE_STEPS = 3500  # 10x the authors' 350 (PTI's and Cycle Encoding's default)
 TUNE_BOUND_WHY = (f"bounded at {MAX_TUNE_STEPS}, ten times the authors' 350, so that one visitor cannot hold the "
                   "server for hours")  # fmt: skip
@@ -88,7 +88,6 @@ def _error(text: str) -> str:
 class EditorApp:
     """The page's handlers and server (see the module doc). ``template``: the editor every session forks."""
 
-    STAGES = STAGE_CHOICES
     MAX_TUNE_STEPS = MAX_TUNE_STEPS
     TUNE_BOUND_WHY = TUNE_BOUND_WHY
 
@@ -189,7 +188,7 @@ class EditorApp:
             if not path:
                 raise CycleEncodingError("upload an image first")
             check_upload(path, self.max_upload_bytes, self.max_pixels)
-            order = [st for st in STAGE_CHOICES if st in (stage_list or [])]
+            order = [st for st in STAGES if st in (stage_list or [])]
             if not order:
                 raise CycleEncodingError("choose at least one stage")
             n = check_tune_steps(steps)

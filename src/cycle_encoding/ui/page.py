@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..inversion.config import STAGES
+
 SHOWN = ("input", "pivot", "recon")  # the pictures of the image being edited, before the edit
 RANGES_HELP = (
     "Each slider runs over +-L, where L is the spread of the generator's codes along its direction (the largest "
@@ -89,7 +91,7 @@ def _inputs(app: Any, gr: Any) -> tuple[Any, ...]:
     """The left column: upload, stages, tuning steps, alignment, Invert / Cancel, the run folder."""
     ed, G = app.template, app.template.base
     upload = gr.File(label="Image to invert", file_count="single", type="filepath", elem_id="upload")
-    stages = gr.CheckboxGroup(list(app.STAGES), value=list(app.stages), label="Stages", elem_id="stages")
+    stages = gr.CheckboxGroup(list(STAGES), value=list(app.stages), label="Stages", elem_id="stages")
     tune_steps = gr.Number(app.tune_steps, label=f"Tuning steps (at most; 0-{app.MAX_TUNE_STEPS})", precision=0,
                            info=app.TUNE_BOUND_WHY, elem_id="tune-steps")  # fmt: skip
     align = gr.Checkbox(False, label="Faces: align first (dlib, FFHQ crop)", elem_id="align",
