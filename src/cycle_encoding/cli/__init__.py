@@ -13,7 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
 from ..errors import CycleEncodingError
+from ..ops import keep_freed_memory
+from ..utils import DEFAULT_MAX_PIXELS, set_max_pixels
 
 COMMAND_MODULES = [
     "generator",  # info, generate, convert
@@ -36,9 +39,6 @@ EXIT_INTERNAL_ERROR = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-    from ..utils import DEFAULT_MAX_PIXELS
-
     # options of every command, before or after the command's name: the command's copies have no default, so they
     # cannot reset a value given before it
     pixels_help = f"refuse images of more pixels than N before decoding them (default {DEFAULT_MAX_PIXELS:,})"
@@ -65,14 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and os.environ.get("CYCLE_ENCODING_MALLOC", "keep") != "system":
         # launched as the program: freed memory stays in the process (large activations are reused rather than
         # page-faulted in again: the 1024-px generator forward ~2x faster); CYCLE_ENCODING_MALLOC=system opts out
-        from ..ops import keep_freed_memory
-
         keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from ..utils import set_max_pixels
-
         set_max_pixels(args.max_pixels)
         rc = args.func(args)
         return int(rc or 0)

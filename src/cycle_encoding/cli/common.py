@@ -9,12 +9,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..checkpoints.run_folder import check_output
+from ..config import load_config_file
+from ..errors import CycleEncodingError
+from ..ops import resolve_precision
+from ..progress import PROGRESS_MODES
+from ..utils import resolve_device
+
 EXIT_SOME_FAILED = 3  # some images (frames, pairs, edits) failed or were left out, and are listed; the others were done
 
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
-    from ..progress import PROGRESS_MODES
-
     p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
                    help="auto (default): bars with totals and time left on a terminal, one line per finished unit of "
                    "work otherwise (a log stays free of redrawn bars); bar; lines; none")  # fmt: skip
@@ -51,10 +56,6 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 def resolve_precision_option(value: Any, device: Any) -> tuple[str, str]:
     """``--precision`` as the commands take it (``auto``, their default, or fp32 / bf16) resolved for ``device``
     (``auto`` / None: the device the command will use): ``(fp32 | bf16, why)``; a bad value is a clear error."""
-    from ..errors import CycleEncodingError
-    from ..ops import resolve_precision
-    from ..utils import resolve_device
-
     try:
         return resolve_precision("auto" if value is None else value, resolve_device(device))
     except ValueError as e:  # ops checks the value: one list of the choices
@@ -118,9 +119,6 @@ def option_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def options_from(args: argparse.Namespace, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """Options from ``--config FILE`` (if given) overridden by the command line; ``required`` keys must be set."""
-    from ..config import load_config_file
-    from ..errors import CycleEncodingError
-
     data = load_config_file(args.config) if getattr(args, "config", None) else {}
     for k, v in option_overrides(args).items():
         if isinstance(v, dict):
@@ -143,8 +141,6 @@ def _nearest_existing(p: Path) -> Path:
 def check_output_folder(path: str | Path, option: str, shown: str | Path | None = None) -> None:
     """Before any work: ``path`` can be made or written as a folder; else one clear error naming ``option`` (and
     ``shown``, the path the user gave, when that is a file inside ``path``)."""
-    from ..errors import CycleEncodingError
-
     p = Path(path)
     label = f"{option} {shown if shown is not None else p}"
     if p.exists() and not p.is_dir():
@@ -159,9 +155,6 @@ def check_output_folder(path: str | Path, option: str, shown: str | Path | None 
 def check_output_file(path: str | Path, option: str, inputs: Any = (), allowed: Any = ()) -> None:
     """Before any work: the file ``path`` can be written (its folder made), and is neither one of the command's
     ``inputs`` nor a file of an inversion run (``check_output``); else one clear error naming ``option``."""
-    from ..checkpoints.run_folder import check_output
-    from ..errors import CycleEncodingError
-
     check_output(path, option, inputs, allowed)
     p = Path(path)
     if p.is_dir():

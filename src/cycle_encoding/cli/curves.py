@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..report.curves import curves_report, format_table
+
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
@@ -45,8 +47,6 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def cmd_curves(args: argparse.Namespace) -> int:
-    from ..report.curves import curves_report, format_table
-
     rep = curves_report(args.runs, args.out, _names(args.labels), _names(args.measures), args.patience,
                         args.min_improvement, args.dpi)  # fmt: skip
     if args.json:

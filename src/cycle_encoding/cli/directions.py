@@ -10,6 +10,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoints.common import sniff, torch_load
+from ..checkpoints.encoder import load_encoder
+from ..checkpoints.generator import load_generator
+from ..checkpoints.native import read_native
+from ..checkpoints.run_folder import InversionRun
+from ..editing.classifier import as_scorer, parse_pair
+from ..editing.directions import ganspace_named_edits, load_directions, parse_layers, save_any
+from ..editing.ganspace import ganspace_pca
+from ..editing.interfacegan import (
+    encode_labelled_folder,
+    parse_label,
+    read_labels_csv,
+    sample_and_score,
+    train_boundary,
+)
+from ..editing.sefa import sefa_directions
+from ..errors import CycleEncodingError
+from ..inversion.pivot import resolve_stage
+from ..progress import Progress
+from ..sampling import MAX_TRUNCATION, TRUNCATION_WHY
+from ..utils import check_finite, resolve_device
 from .common import add_classifier_args, add_device_arg, add_json_arg, add_progress_arg, check_output_file, print_result
 
 
@@ -96,18 +117,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _read_array(path: Path, what: str) -> np.ndarray:
-    from ..checkpoints.common import sniff, torch_load
-    from ..checkpoints.native import read_native
-    from ..errors import CycleEncodingError
-
     if path.suffix.lower() == ".npy":
         try:
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise CycleEncodingError(f"{path}: cannot read {what} ({e})") from None
     if path.suffix.lower() == ".txt":
-        from ..editing.interfacegan import parse_label
-
         return np.asarray([parse_label(s) for s in path.read_text().split() if s.strip()])
     if sniff(path) == "safetensors":
         t = read_native(path).tensors
@@ -125,12 +140,6 @@ def _read_array(path: Path, what: str) -> np.ndarray:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..editing.directions import save_any
-    from ..editing.interfacegan import read_labels_csv, train_boundary
-    from ..errors import CycleEncodingError
-    from ..sampling import MAX_TRUNCATION, TRUNCATION_WHY
-    from ..utils import check_finite, resolve_device
-
     sources = [args.codes is not None, args.images is not None, args.classifier is not None]
     if sum(sources) != 1:
         raise CycleEncodingError("give one source: --codes (with --labels), --images (with --encoder) or --classifier")
@@ -144,8 +153,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         cpath = Path(args.codes)
         lpath = Path(args.labels)
         if cpath.is_dir():
-            from ..checkpoints.run_folder import InversionRun
-
             run = InversionRun(cpath)
             if lpath.suffix.lower() not in (".csv", ".tsv"):
                 raise CycleEncodingError("codes from a run are labelled by a CSV of image name,label")
@@ -165,10 +172,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.images is not None:
         if not args.encoder:
             raise CycleEncodingError("--images needs --encoder")
-        from ..checkpoints.encoder import load_encoder
-        from ..editing.interfacegan import encode_labelled_folder
-        from ..inversion.pivot import resolve_stage
-
         E = load_encoder(args.encoder, dev)
         E.stage = resolve_stage(E, args.offsets)
         codes_t, labels, notes = encode_labelled_folder(E, args.images, args.labels, args.positive)
@@ -176,16 +179,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.generator:
             raise CycleEncodingError("--classifier needs --generator (the samples come from it)")
-        from ..checkpoints.generator import load_generator
-        from ..editing.classifier import as_scorer, parse_pair
-        from ..editing.interfacegan import sample_and_score
-
         G = load_generator(args.generator, dev)
         pair = parse_pair(args.attribute)
         # "A vs B": the samples the classifier puts in class A (label 1) or B (label 0), as InterFaceGAN from labels
         scorer = as_scorer(args.classifier, args.attribute, dev, labels=pair is not None)
-        from ..progress import Progress
-
         with Progress(args.samples, "score samples", "img", args.progress, heartbeat=30) as bar:
             codes_t, scores = sample_and_score(G, scorer, args.samples, truncation=args.truncation, seed=args.seed,
                                                progress=bar.update)  # fmt: skip
@@ -203,21 +200,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_from_generator(args: argparse.Namespace) -> int:
     """``ganspace`` and ``sefa``: directions computed from the generator alone."""
-    from ..checkpoints.generator import load_generator
-    from ..editing.directions import parse_layers, save_any
-
     if args.directions_command == "ganspace":
-        from ..editing.ganspace import ganspace_pca
-        from ..sampling import MAX_TRUNCATION, TRUNCATION_WHY
-        from ..utils import check_finite, resolve_device
-
         check_finite(args.truncation, "--truncation", MAX_TRUNCATION, TRUNCATION_WHY)
         check_output_file(args.out, "--out")
         G = load_generator(args.generator, resolve_device(args.device))
         ds = ganspace_pca(G, args.samples, args.components, args.seed, truncation=args.truncation)
     else:
-        from ..editing.sefa import sefa_directions
-
         check_output_file(args.out, "--out")
         G = load_generator(args.generator, "cpu")
         ds = sefa_directions(G, parse_layers(args.layers), args.components, args.include_torgb, not args.no_normalize)
@@ -229,8 +217,6 @@ def cmd_from_generator(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from ..editing.directions import ganspace_named_edits, load_directions
-
     ds = load_directions(args.file)
     doc = {"file": str(args.file), **ds.describe()}
     if ds.method == "ganspace" and ds.mean is not None:

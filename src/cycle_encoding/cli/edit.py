@@ -7,6 +7,12 @@ import argparse
 import re
 from pathlib import Path
 
+from ..checkpoints.run_folder import EDITS, InversionRun, check_output
+from ..editing.classifier import as_scorer, parse_pair, scorer_name
+from ..editing.directions import parse_layers, parse_strengths
+from ..editing.measures import build_preservation
+from ..editing.render import named_directions, plan_edit, render_run_edits
+from ..utils import resolve_device
 from .common import EXIT_SOME_FAILED, add_classifier_args, add_device_arg, add_progress_arg, check_output_folder
 
 NUMBER_LIST = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(?:[eE][-+]?\d+)?(?:,[-+]?[\d.]+(?:[eE][-+]?\d+)?)*$")
@@ -77,13 +83,6 @@ def add_direction_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from ..checkpoints.run_folder import EDITS, InversionRun, check_output
-    from ..editing.classifier import as_scorer, parse_pair, scorer_name
-    from ..editing.directions import parse_layers, parse_strengths
-    from ..editing.measures import build_preservation
-    from ..editing.render import named_directions, plan_edit, render_run_edits
-    from ..utils import resolve_device
-
     run = InversionRun(args.run_dir)
     layers = parse_layers(args.layers)
     check_output_folder(args.out if args.out is not None else run.dir / EDITS, "--out")

@@ -8,6 +8,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..checkpoints.common import atomic_write
+from ..checkpoints.run_folder import InversionRun
+from ..errors import CycleEncodingError
+from ..losses import build_identity, build_perceptual
+from ..metrics import evaluate_folders, jsonable, pair_files, pair_folders
+from ..progress import Progress
+from ..utils import resolve_device
 from .common import EXIT_SOME_FAILED, add_device_arg, add_progress_arg, check_output_file
 
 
@@ -99,13 +106,6 @@ def report_text(rep: dict[str, Any], per_image: bool = True) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..checkpoints.common import atomic_write
-    from ..errors import CycleEncodingError
-    from ..losses import build_identity, build_perceptual
-    from ..metrics import evaluate_folders, jsonable, pair_folders
-    from ..progress import Progress
-    from ..utils import resolve_device
-
     if args.json is not None:
         check_output_file(args.json, "--json")
     if args.size is not None and args.size < 1:
@@ -120,9 +120,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pairing = None
     pred_label, target_label = args.pred, args.target
     if (args.pred / "config.json").is_file():  # an inversion run folder
-        from ..checkpoints.run_folder import InversionRun
-        from ..metrics import pair_files
-
         run = InversionRun(args.pred)
         stage, recons, targets = run.stage_files(args.stage)
         if not recons:

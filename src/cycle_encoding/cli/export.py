@@ -6,6 +6,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..checkpoints.delta import weights_sha256
+from ..checkpoints.generator import load_generator, save_generator
+from ..checkpoints.native import default_provenance
+from ..checkpoints.rosinality import export_rosinality
+from ..checkpoints.run_folder import InversionRun, folder_name, tensor_sha256
+from ..editing.render import render_one
+from ..errors import CycleEncodingError
+from .common import check_output_file
+from .generator import rosinality_warning
+
 FORMATS = {"rosinality": ".pt", "safetensors": ".safetensors"}
 
 
@@ -32,16 +42,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..checkpoints.delta import weights_sha256
-    from ..checkpoints.generator import load_generator, save_generator
-    from ..checkpoints.native import default_provenance
-    from ..checkpoints.rosinality import export_rosinality
-    from ..checkpoints.run_folder import InversionRun, folder_name, tensor_sha256
-    from ..editing.render import render_one
-    from ..errors import CycleEncodingError
-    from .common import check_output_file
-    from .generator import rosinality_warning
-
     run = InversionRun(args.run_dir)
     names = run.image_names()
     name = args.image if args.image in names else folder_name(args.image)  # a name or its folder's

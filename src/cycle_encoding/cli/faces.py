@@ -6,7 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..checkpoints.generator import load_generator
+from ..data.align import LandmarkDetector, align_files
+from ..data.images import list_images
 from ..errors import CycleEncodingError
+from ..progress import Progress
 from .common import EXIT_SOME_FAILED, add_progress_arg, check_output_folder
 
 
@@ -55,13 +59,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from ..data.align import LandmarkDetector, align_files
-    from ..data.images import list_images
-    from ..progress import Progress
-
     if args.generator is not None:
-        from ..checkpoints.generator import load_generator
-
         res = load_generator(args.generator, "cpu").resolution
         print(f"{args.generator} makes {res}x{res} images: align its targets with --size {res}")
         if args.size is not None and args.size != res:

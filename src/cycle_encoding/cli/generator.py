@@ -8,7 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..sampling import MAX_TRUNCATION
+import torch
+
+from ..checkpoints import convert_generator
+from ..checkpoints.delta import open_generator
+from ..checkpoints.inspect import inspect_file
+from ..checkpoints.latents import latent_names, load_latents
+from ..checkpoints.rosinality import rosinality_note
+from ..errors import CycleEncodingError
+from ..progress import Progress
+from ..sampling import MAX_SEED, MAX_TRUNCATION, TRUNCATION_WHY, render_seeds
+from ..utils import check_finite, make_grid, parse_int_list, save_image
 from .common import add_device_arg, add_progress_arg, check_output_file, check_output_folder, print_json, text_lines
 
 MAX_SEEDS = 1_000_000  # images one `generate` writes at most
@@ -84,8 +94,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..checkpoints.inspect import inspect_file
-
     info = inspect_file(args.file)
     if args.brief:
         print(brief_line(info))
@@ -114,12 +122,6 @@ def brief_line(info: dict) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ..checkpoints.delta import open_generator
-    from ..checkpoints.latents import latent_names, load_latents
-    from ..errors import CycleEncodingError
-    from ..sampling import MAX_SEED, MAX_TRUNCATION, TRUNCATION_WHY, render_seeds
-    from ..utils import check_finite, parse_int_list
-
     # every value checked before the generator is read: one clear line, exit 2
     if args.projected_w is not None and (args.seeds is not None or args.truncation is not None):
         raise CycleEncodingError("--projected-w renders the file's codes: --seeds and --truncation do not apply")
@@ -152,11 +154,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def write_images(batches: Iterator[Any], names: list[str], args: argparse.Namespace, note: str = "") -> None:
     """The images of ``batches`` as OUT/NAME.png in order, grid.png of the first GRID_IMAGES (the others are not
     kept in memory), and the line saying what was written."""
-    import torch
-
-    from ..progress import Progress
-    from ..utils import make_grid, save_image
-
     args.out.mkdir(parents=True, exist_ok=True)
     shown: list[Any] = []
     with torch.no_grad(), Progress(len(names), "generate", "img", args.progress, heartbeat=30) as bar:
@@ -171,9 +168,6 @@ def write_images(batches: Iterator[Any], names: list[str], args: argparse.Namesp
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..checkpoints import convert_generator
-    from ..checkpoints.delta import open_generator
-
     to = args.to or ("rosinality" if args.dst.suffix in (".pt", ".pth") else "native")
     check_output_file(args.dst, "DST", inputs=(args.src, args.base))
     G = open_generator(args.src, args.base)  # a stored change is rebuilt on its base
@@ -187,8 +181,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def rosinality_warning(G) -> None:
     """After writing rosinality's layout: when rosinality's own class cannot build ``G``, say so on stderr, with
     what loads the file (the file records the same under ``cycle_encoding``)."""
-    from ..checkpoints.rosinality import rosinality_note
-
     note = rosinality_note(G.config)
     if note:
         print(f"note: {note}", file=sys.stderr)

@@ -8,6 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import load_config_file, to_dict
+from ..errors import CycleEncodingError
+from ..inversion.config import make_config
+from ..inversion.inverter import Inverter
+from ..inversion.targets import list_targets
+from ..utils import check_finite
 from .common import (
     EXIT_SOME_FAILED,
     add_device_arg,
@@ -154,10 +160,6 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The inversion options as a nested mapping: the --config file, then the command-line options over it."""
-    from ..config import load_config_file
-    from ..errors import CycleEncodingError
-    from ..utils import check_finite
-
     data: dict[str, Any] = load_config_file(args.config) if args.config else {}
     if args.stages:
         data["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -210,8 +212,6 @@ def resolve_precisions(data: dict[str, Any], device: Any) -> str:
 def speed_request(data: dict[str, Any], args: argparse.Namespace) -> str | dict[str, Any]:
     """``"exact"`` (--exact, which sets fp32 in ``data``; a speed option beside it is an error) or the speed options
     the command line or the --config file fixed, for the inversion to choose the rest (``speed.plan_speed``)."""
-    from ..errors import CycleEncodingError
-
     tune, refine = data.get("tune", {}), data.get("refine", {})
     given = {"batch_passes": tune.get("batch_passes") if isinstance(tune, dict) else None,
              "tune_batch": data.get("tune_batch"), "workers": args.workers,
@@ -229,18 +229,12 @@ def speed_request(data: dict[str, Any], args: argparse.Namespace) -> str | dict[
 
 
 def cmd_invert(args: argparse.Namespace) -> int:
-    from ..inversion.config import make_config
-    from ..inversion.inverter import Inverter
-    from ..inversion.targets import list_targets
-
     data = options_from_args(args)
     speed = speed_request(data, args)
     precision_line = resolve_precisions(data, args.device)
     config = make_config(data)
     check_output_folder(args.out, "--out")
     if args.dry_run:
-        from ..config import to_dict
-
         files, names = list_targets(args.images, args.recursive)
         print_json({"options": to_dict(config), "speed": speed, "run_dir": str(args.out), "images": len(files),
                     "names": names[:20] + (["..."] if len(names) > 20 else [])})  # fmt: skip

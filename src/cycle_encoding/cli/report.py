@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import CycleEncodingError
+from ..report.html import write_report
 from .common import EXIT_SOME_FAILED, check_output_file
 
 
@@ -33,9 +35,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..errors import CycleEncodingError
-    from ..report.html import write_report
-
     if args.max_images is not None and args.max_images < 1:
         raise CycleEncodingError(f"--max-images must be 1 or more, got {args.max_images}")
     page = args.out if args.out is not None else args.run_dir / "report.html"

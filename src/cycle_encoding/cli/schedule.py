@@ -6,10 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from ..training.schedule import PRESETS, get_schedule, save_schedule
+from ..utils import parse_int_list
+
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from ..training.schedule import PRESETS
-
     p = sub.add_parser(
         "schedule",
         parents=[common],
@@ -34,9 +35,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from ..training.schedule import get_schedule, save_schedule
-    from ..utils import parse_int_list
-
     sched = get_schedule(args.preset, args.schedule, args.total_steps)
     steps = parse_int_list(args.at) if args.at is not None else None
     states = [sched.at(s, args.num_ws) for s in steps] if steps is not None else None

@@ -11,6 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..config import from_mapping, to_dict
+from ..training.classifier_trainer import ClassifierTrainConfig, resume_classifier_config, train_classifier
+from ..training.encoder_trainer import EncoderTrainer, load_train_config, resume_config
+from ..training.generator_trainer import GeneratorTrainer, load_generator_train_config, resume_generator_config
+from ..training.preflight import check_encoder_run
 from .common import (
     add_device_arg,
     add_option_table,
@@ -249,9 +254,6 @@ def _run(
 
 
 def cmd_train_generator(args: argparse.Namespace) -> int:
-    from ..config import to_dict
-    from ..training.generator_trainer import GeneratorTrainer, load_generator_train_config, resume_generator_config
-
     cfg, precision_line = _train_config(args, load_generator_train_config, resume_generator_config, required=("data",))
     if args.dry_run:
         out = to_dict(cfg)
@@ -275,13 +277,8 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
-    from ..config import to_dict
-    from ..training.encoder_trainer import EncoderTrainer, load_train_config, resume_config
-
     cfg, precision_line = _train_config(args, load_train_config, resume_config, required=("generator", "data"))
     if args.dry_run:
-        from ..training.preflight import check_encoder_run
-
         pre = check_encoder_run(cfg)  # opens what the run needs: a missing file fails here, not at step one
         print(json.dumps(to_dict(cfg), indent=2))
         print(pre.schedule.format_table(pre.num_ws))
@@ -299,9 +296,6 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from ..config import from_mapping
-    from ..training.classifier_trainer import ClassifierTrainConfig, resume_classifier_config, train_classifier
-
     def load(data: dict[str, Any]) -> ClassifierTrainConfig:
         return from_mapping(ClassifierTrainConfig, data, "train-classifier")
 

@@ -10,6 +10,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..editing.editor import Editor
+from ..errors import CycleEncodingError
+from ..ui.app import EditorApp, check_tune_steps, import_gradio, is_loopback
 from .common import add_device_arg
 
 
@@ -58,10 +61,6 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from ..editing.editor import Editor
-    from ..errors import CycleEncodingError
-    from ..ui.app import EditorApp, check_tune_steps, import_gradio, is_loopback
-
     import_gradio()  # the missing extra is reported before any model loads
     check_tune_steps(args.tune_steps)
     if args.max_sessions < 1:

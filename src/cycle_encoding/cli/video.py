@@ -7,6 +7,10 @@ import argparse
 from fractions import Fraction
 from pathlib import Path
 
+from ..editing.directions import parse_layers
+from ..editing.video import edit_video
+from ..errors import CycleEncodingError
+from ..utils import check_finite
 from .common import EXIT_SOME_FAILED, add_device_arg, add_progress_arg, check_output_folder
 from .edit import add_direction_args
 from .invert import add_inversion_args, options_from_args, resolve_precisions
@@ -48,11 +52,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_video(args: argparse.Namespace) -> int:
-    from ..editing.directions import parse_layers
-    from ..editing.video import edit_video
-    from ..errors import CycleEncodingError
-    from ..utils import check_finite
-
     for flag, v in (("--smooth-align", args.smooth_align), ("--smooth-pivots", args.smooth_pivots),
                     ("--feather", args.feather)):  # fmt: skip
         check_finite(v, flag)

@@ -131,7 +131,7 @@ def train_boundary(
 
     ``select_ratio`` (continuous scores only; default 0.02, InterFaceGAN's): the fraction of codes kept at each end.
     """
-    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.exceptions import ConvergenceWarning  # lazy: scikit-learn
 
     if space not in SPACES:
         raise CycleEncodingError(f"space must be one of {', '.join(SPACES)}, got {space!r}")

@@ -46,7 +46,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from ..checkpoints.encoder import load_encoder
 from ..checkpoints.run_folder import (
     EDITS,
     InversionRun,
@@ -57,12 +59,17 @@ from ..checkpoints.run_folder import (
     remove_temporaries,
     tensor_sha256,
 )
+from ..data.images import read_image
 from ..errors import CycleEncodingError
+from ..grid import save_png, strip_image
+from ..inversion.pivot import encoder_pivot
 from ..networks.stylegan2 import Generator
 from ..progress import Progress
-from ..utils import atomic_write, save_image
-from .directions import DirectionSet, GanspaceMode, load_directions, named_edit_for
-from .measures import Preservation, direction_lec, lec_summary, preservation_summary, success_summary
+from ..utils import atomic_write, resolve_device, save_image, to_pil, to_uint8
+from .directions import DirectionSet, GanspaceMode, load_directions, named_edit_for, parse_strengths
+from .ganspace import ganspace_pca
+from .measures import Preservation, attribute_changes, direction_lec, lec_summary, preservation_summary, success_summary
+from .sefa import sefa_directions
 
 RECON_TOLERANCE_LEVELS = 1  # of 255: how far a rendering with another CPU thread count may be from the saved one
 DEFAULT_STRENGTHS = (-3.0, -1.5, 0.0, 1.5, 3.0)
@@ -131,12 +138,8 @@ def named_directions(spec: str, G: Generator) -> DirectionSet:
     ``ganspace`` (PCA of 50k mapping outputs, seed 0; the first 16 directions of each)."""
     if spec in ("sefa", "ganspace"):
         if spec == "sefa":
-            from .sefa import sefa_directions
-
             ds = sefa_directions(G, components=min(16, G.w_dim))
         else:
-            from .ganspace import ganspace_pca
-
             ds = ganspace_pca(G, n_samples=50_000, components=min(16, G.w_dim))
         ds.source = spec
         return ds
@@ -201,9 +204,6 @@ def matches_reconstruction(im: RunImage, y: torch.Tensor, device: torch.device) 
     )
     if ref is None:
         return (False if want is not None else None), "bit for bit"
-    from ..data.images import read_image
-    from ..utils import to_uint8
-
     saved = to_uint8(read_image(ref, channels=y.shape[1])[None])
     got = to_uint8(y.clamp(-1, 1))
     if saved.shape != got.shape:
@@ -223,10 +223,6 @@ def save_sweep_gif(
     """The edits of one image as a looping GIF (Pillow): lowest strength to highest and back, each frame enlarged by a
     whole factor (nearest neighbour) to at least ``min_side`` pixels, or reduced to at most ``max_side`` (a GIF to
     share, not the full images: those are the PNGs beside it)."""
-    from PIL import Image
-
-    from ..utils import to_pil
-
     order = sorted(range(len(strengths)), key=lambda j: strengths[j])
     order = order + order[-2:0:-1]  # ping-pong without repeating the ends
     frames = []
@@ -271,9 +267,6 @@ def render_run_edits(
     at the end, so a failed edit leaves an earlier one of the same name as it was. An image that cannot be edited
     (a folder or file that cannot be read) is listed in ``failed`` (name and reason) and the others go on; when none
     can be edited, nothing is swapped in and the error names the first reason."""
-    from ..utils import resolve_device
-    from .directions import parse_strengths
-
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     run = run if isinstance(run, InversionRun) else InversionRun(run)
     strengths = parse_strengths(list(request.strengths))
@@ -300,8 +293,6 @@ def render_run_edits(
                scorer_name=scorer_name, preservation=preservation, members=members, members_info=members_info,
                offsets=(run.config.get("options") or {}).get("offsets", "all"))  # fmt: skip
     if encoder is not None:
-        from ..checkpoints.encoder import load_encoder
-
         if isinstance(encoder, str) and encoder == "run":
             f = run.encoder_file()
             if f is None or not f.is_file():
@@ -402,8 +393,6 @@ def _render_into(
 
 def _render_image(job: _Job, im: RunImage, out: Path) -> dict[str, Any]:
     """One image's edits rendered into ``out`` and measured: its record of ``edit.json``."""
-    from ..grid import save_png, strip_image
-
     t0 = time.perf_counter()
     G, which = job.run.generator_for(im, job.base, job.allow_base)
     target = im.checked(im.target_path, image=True)
@@ -444,9 +433,6 @@ def _measure(
 ) -> None:
     """The measures asked for, into ``rec``. The classifier and the preservation measure see the images as saved
     (clamped to [-1, 1]); LEC re-encodes the raw rendering."""
-    from ..inversion.pivot import encoder_pivot
-    from .measures import attribute_changes
-
     dev, ds = job.dev, job.request.directions
     edited = torch.stack([r[0] for r in rendered])[None].clamp(-1, 1)  # [1, S, C, H, W]
     recon_shown = recon.clamp(-1, 1)

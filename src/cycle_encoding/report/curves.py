@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import CycleEncodingError
 from ..training.plateau import plateau_flags
+from ..training.schedule import ScheduleError, load_schedule
 from ..utils import text_table
 
 # measure -> (panel title, higher is better)
@@ -109,8 +110,6 @@ def _resumed(recs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def _schedule_changes(run_dir: Path, last_step: int) -> list[tuple[int, int]] | None:
-    from ..training.schedule import ScheduleError, load_schedule
-
     sched_path, cfg_path = run_dir / "schedule.json", run_dir / "config.json"
     if not (sched_path.is_file() and cfg_path.is_file()):
         return None
@@ -254,7 +253,7 @@ def curves_figure(runs: list[RunCurves], measures: list[str], rows: list[dict[st
                   min_improvement: float, dpi: int = 100) -> Any:  # fmt: skip
     """A matplotlib Figure: one panel per measure, the runs overlaid; each encoder run's stage changes as dashed
     vertical lines of its colour; a ring where a phase's curve reached its plateau."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib, optional and slow to import
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 

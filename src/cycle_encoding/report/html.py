@@ -27,11 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from ..checkpoints.common import atomic_write
 from ..checkpoints.run_folder import InversionRun, inside
+from ..errors import CycleEncodingError
 from ..grid import compose_grid, save_png, strength_label
 from ..utils import format_int_list as _ranges
+from ..utils import open_image
 from .collect import LOWER_IS_BETTER, METRIC_LABELS, collect
+from .plots import loss_figure_png
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -109,10 +114,6 @@ class _Images:
         """(a data URI of the image, reduced to at most ``thumb`` pixels a side; whether it was reduced)."""
         if not self.inline or path is None or not Path(path).is_file() or not inside(Path(path), self.root):
             return self.src(path), False  # only the run's own files are ever shown (src refuses the others)
-        from PIL import Image
-
-        from ..utils import open_image
-
         p = Path(path)
         with open_image(p) as im:
             if max(im.size) <= self.thumb:
@@ -429,8 +430,6 @@ def _edits_section(data: dict[str, Any]) -> list[str]:
 
 def _loss_plots(data: dict[str, Any], page: Path, inline: bool) -> tuple[list[str], dict[str, str]]:
     """The loss plots per stage (inlined, or written to ``report_files/`` beside the page) and where each went."""
-    from .plots import loss_figure_png
-
     body = ['<h2 id="losses">Losses per step</h2>']
     files: dict[str, str] = {}
     for stage, curves in data["losses"].items():
@@ -456,8 +455,6 @@ def write_report(
     thumb: int = THUMB,
 ) -> ReportFiles:
     """Write the report of a run (see the module doc); ``out`` is the HTML file (default ``RUN_DIR/report.html``)."""
-    from ..errors import CycleEncodingError
-
     run = InversionRun(run_dir)
     page = Path(out) if out is not None else run.dir / "report.html"
     if page.suffix.lower() not in (".html", ".htm"):

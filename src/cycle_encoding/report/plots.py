@@ -19,7 +19,7 @@ def _order(keys: list[str]) -> list[str]:
 
 def loss_figure_png(stage: str, curves: dict[str, dict[str, list[float]]], dpi: int = 100) -> bytes:
     """PNG of one stage's loss curves ``{term: {image: values per step}}``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib, optional and slow to import
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
