@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,15 @@ from ..progress import PROGRESS_MODES
 from ..utils import resolve_device
 
 EXIT_SOME_FAILED = 3  # some images (frames, pairs, edits) failed or were left out, and are listed; the others were done
+
+
+def add_command(
+    sub: argparse._SubParsersAction, common: argparse.ArgumentParser, name: str, func: Callable, **texts: str
+) -> argparse.ArgumentParser:
+    """The command ``name``, run by ``func(args)``, with the options every command takes (``common``)."""
+    p = sub.add_parser(name, parents=[common], **texts)
+    p.set_defaults(func=func)
+    return p
 
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:

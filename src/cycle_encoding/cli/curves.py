@@ -7,22 +7,20 @@ import json
 from pathlib import Path
 
 from ..report.curves import curves_report, format_table
+from .common import add_command
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "curves",
-        parents=[common],
+    p = add_command(
+        sub, common, "curves", cmd_curves,
         help="draw training runs' curves and say whether each one reached a plateau",
-        description=(
-            "Read training runs' log.jsonl (train-generator runs with --metric-every: the classifier FD and the "
-            "smallest class share; train-encoder runs: the validation losses, per phase of constant stage), draw "
-            "one panel per measure with the runs overlaid (encoder stage changes as dashed lines), and print per "
-            "run (and phase) the best value, its step and the verdict of the plateau rule the generator trainer "
-            "stops by: K (--patience) evaluations in a row without a relative improvement of M (--min-improvement) "
-            "on the best before them."
-        ),
-    )
+        description="Read training runs' log.jsonl (train-generator runs with --metric-every: the classifier FD and "
+        "the smallest class share; train-encoder runs: the validation losses, per phase of constant stage), draw "
+        "one panel per measure with the runs overlaid (encoder stage changes as dashed lines), and print per "
+        "run (and phase) the best value, its step and the verdict of the plateau rule the generator trainer "
+        "stops by: K (--patience) evaluations in a row without a relative improvement of M (--min-improvement) "
+        "on the best before them.",
+    )  # fmt: skip
     p.add_argument(
         "runs", nargs="+", type=Path, metavar="RUN", help="a run folder or its log.jsonl (several: overlaid)"
     )
@@ -39,7 +37,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="the relative improvement on the best that counts (default 0.02: 2%%)")  # fmt: skip
     p.add_argument("--dpi", type=int, default=100, help="figure resolution (default 100; 4.8 x 3.4 inches a panel)")
     p.add_argument("--json", action="store_true", help="print the runs and verdicts as JSON instead of the table")
-    p.set_defaults(func=cmd_curves)
 
 
 def _names(text: str | None) -> list[str] | None:

@@ -31,7 +31,15 @@ from ..inversion.pivot import resolve_stage
 from ..progress import Progress
 from ..sampling import MAX_TRUNCATION, TRUNCATION_WHY
 from ..utils import check_finite, resolve_device
-from .common import add_classifier_args, add_device_arg, add_json_arg, add_progress_arg, check_output_file, print_result
+from .common import (
+    add_classifier_args,
+    add_command,
+    add_device_arg,
+    add_json_arg,
+    add_progress_arg,
+    check_output_file,
+    print_result,
+)
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -46,15 +54,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     dsub = p.add_subparsers(dest="directions_command", metavar="ACTION")
     dsub.required = True
 
-    t = dsub.add_parser(
-        "train",
-        parents=[common],
+    t = add_command(
+        dsub, common, "train", cmd_train,
         help="InterFaceGAN: the normal of a linear classifier separating labelled codes",
         description="Trains an InterFaceGAN direction from one source: --codes with --labels (a codes file, or an "
         "inversion RUN_DIR whose pivots are the codes and whose labels are a CSV by image name); --images DIR with "
         "--encoder (labels: --labels CSV of file,label or sub-folders per label); or --generator with --classifier "
         "(samples of the mapping network scored by the classifier; the top and bottom --select-ratio are kept).",
-    )
+    )  # fmt: skip
     t.add_argument("--out", required=True, type=Path, help="the direction file (.pt, .npy or .safetensors)")
     t.add_argument(
         "--codes", default=None, help="codes [n, w_dim] / [n, N, w_dim] (.npy, .pt, .safetensors) or a RUN_DIR"
@@ -84,33 +91,28 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add_device_arg(t)
     add_progress_arg(t)
     add_json_arg(t)
-    t.set_defaults(func=cmd_train)
 
-    g = dsub.add_parser("ganspace", parents=[common], help="GANSpace: principal components of the mapping outputs")
-    g.add_argument("--generator", required=True, help="generator file")
-    g.add_argument("--out", required=True, type=Path, help=".pt (GANSpace's layout) or .safetensors")
+    g = add_command(dsub, common, "ganspace", cmd_from_generator,
+                    help="GANSpace: principal components of the mapping outputs")  # fmt: skip
+    s = add_command(dsub, common, "sefa", cmd_from_generator,
+                    help="SeFa: closed-form directions from the modulation weights")  # fmt: skip
+    for q, out, kept in ((g, ".pt (GANSpace's layout) or .safetensors", "components"),
+                         (s, ".safetensors (or .pt for a single component)", "directions")):  # fmt: skip
+        q.add_argument("--generator", required=True, help="generator file")
+        q.add_argument("--out", required=True, type=Path, help=out)
+        q.add_argument("--components", type=int, default=None, help=f"{kept} kept (default all w_dim)")
+        add_json_arg(q)
     g.add_argument("--samples", type=int, default=100_000, help="mapping samples (default 100000)")
-    g.add_argument("--components", type=int, default=None, help="components kept (default all w_dim)")
     g.add_argument("--truncation", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     add_device_arg(g)
-    add_json_arg(g)
-    g.set_defaults(func=cmd_from_generator)
-
-    s = dsub.add_parser("sefa", parents=[common], help="SeFa: closed-form directions from the modulation weights")
-    s.add_argument("--generator", required=True, help="generator file")
-    s.add_argument("--out", required=True, type=Path, help=".safetensors (or .pt for a single component)")
     s.add_argument("--layers", default=None, metavar="A-B", help="style layers (default: all with a convolution)")
-    s.add_argument("--components", type=int, default=None, help="directions kept (default all w_dim)")
     s.add_argument("--include-torgb", action="store_true", help="also use the ToRGB layers' modulations")
     s.add_argument("--no-normalize", action="store_true", help="do not scale the weight rows to unit norm (rosinality)")
-    add_json_arg(s)
-    s.set_defaults(func=cmd_from_generator)
 
-    w = dsub.add_parser("show", parents=[common], help="describe a direction file")
+    w = add_command(dsub, common, "show", cmd_show, help="describe a direction file")
     w.add_argument("file", type=Path)
     add_json_arg(w)
-    w.set_defaults(func=cmd_show)
 
 
 # ---------------------------------------------------------------------------------------------------------------

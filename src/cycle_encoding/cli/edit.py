@@ -13,15 +13,21 @@ from ..editing.directions import parse_layers, parse_strengths
 from ..editing.measures import build_preservation
 from ..editing.render import named_directions, plan_edit, render_run_edits
 from ..utils import resolve_device
-from .common import EXIT_SOME_FAILED, add_classifier_args, add_device_arg, add_progress_arg, check_output_folder
+from .common import (
+    EXIT_SOME_FAILED,
+    add_classifier_args,
+    add_command,
+    add_device_arg,
+    add_progress_arg,
+    check_output_folder,
+)
 
 NUMBER_LIST = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(?:[eE][-+]?\d+)?(?:,[-+]?[\d.]+(?:[eE][-+]?\d+)?)*$")
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "edit",
-        parents=[common],
+    p = add_command(
+        sub, common, "edit", cmd_edit,
         help="render edits (InterFaceGAN, GANSpace, SeFa) of an inversion run's images with their tuned generators",
         description="For each finished image of RUN_DIR (made by `cycle-encoding invert`), moves its pivot along a "
         "direction by each strength and renders it with the image's tuned generator (rebuilt from the base and the "
@@ -30,7 +36,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "edit.json; optional measures: LEC (--lec), the change of a classifier's score (--classifier) and the "
         "distance to the reconstruction (--preservation). Exit status: 0 all edited, 3 some image folders could not be "
         "read (listed; the others are edited), 2 bad input (nothing written; an earlier edit of the name is kept).",
-    )
+    )  # fmt: skip
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder")
     add_direction_args(p)
     p.add_argument(
@@ -55,7 +61,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--quiet", action="store_true", help="no line per image (the summary only)")
     add_device_arg(p)
     add_progress_arg(p)
-    p.set_defaults(func=cmd_edit)
 
 
 def add_direction_args(p: argparse.ArgumentParser) -> None:

@@ -15,13 +15,12 @@ from ..losses import build_identity, build_perceptual
 from ..metrics import evaluate_folders, jsonable, pair_files, pair_folders
 from ..progress import Progress
 from ..utils import resolve_device
-from .common import EXIT_SOME_FAILED, add_device_arg, add_progress_arg, check_output_file
+from .common import EXIT_SOME_FAILED, add_command, add_device_arg, add_progress_arg, check_output_file
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        parents=[common],
+    p = add_command(
+        sub, common, "evaluate", cmd_evaluate,
         help="MSE, PSNR, SSIM, MS-SSIM, perceptual distance and identity similarity between two image folders",
         description="Pairs the images of --pred and --target by file name (without extension) and reports each "
         "metric per image and as mean +- std. --pred may be an inversion run folder (cycle-encoding invert): its "
@@ -30,7 +29,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "status 3). "
         "The perceptual distance is LPIPS only with an ImageNet backbone file (--lpips-backbone); "
         "otherwise name another one with --perceptual (e.g. dlib-face for faces).",
-    )
+    )  # fmt: skip
     p.add_argument("--pred", required=True, type=Path,
                    help="folder of reconstructed / predicted images, or an inversion run folder (RUN_DIR)")  # fmt: skip
     p.add_argument("--target", type=Path, default=None,
@@ -55,7 +54,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--quiet", action="store_true", help="print the summary only, not the per-image table")
     add_device_arg(p)
     add_progress_arg(p)
-    p.set_defaults(func=cmd_evaluate)
 
 
 def _fmt(v: Any) -> str:

@@ -13,23 +13,22 @@ from ..checkpoints.rosinality import export_rosinality
 from ..checkpoints.run_folder import InversionRun, folder_name, tensor_sha256
 from ..editing.render import render_one
 from ..errors import CycleEncodingError
-from .common import check_output_file
+from .common import add_command, check_output_file
 from .generator import rosinality_warning
 
 FORMATS = {"rosinality": ".pt", "safetensors": ".safetensors"}
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "export",
-        parents=[common],
+    p = add_command(
+        sub, common, "export", cmd_export,
         help="write an image's tuned generator (base + stored change) as a standalone file",
         description="Rebuilds the generator that pivotal tuning made for IMAGE of RUN_DIR (the run's base generator "
         "plus the image's stored change, checked bit for bit against the hash the run recorded) and writes it as a "
         "standalone file: rosinality's layout ({'g_ema', 'latent_avg'} .pt, which this project loads, and "
         "rosinality/stylegan2-pytorch, e4e and PTI where rosinality's class builds its widths: a note says otherwise) or the project's own .safetensors. The file is checked by rendering the image's "
         "pivot with it: the result must be the run's tuned reconstruction, bit for bit.",
-    )
+    )  # fmt: skip
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder (cycle-encoding invert)")
     p.add_argument("image", metavar="IMAGE", help="the image's name in the run (a folder name under RUN_DIR/images)")
     p.add_argument("--format", choices=tuple(FORMATS), default="rosinality",
@@ -38,7 +37,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="the file to write (default RUN_DIR/images/IMAGE/tuned_generator.pt or .safetensors)")  # fmt: skip
     p.add_argument("--generator", default=None,
                    help="the run's base generator, when its file is no longer where the run recorded it")  # fmt: skip
-    p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from ..data.align import LandmarkDetector, align_files
 from ..data.images import list_images
 from ..errors import CycleEncodingError
 from ..progress import Progress
-from .common import EXIT_SOME_FAILED, add_progress_arg, check_output_folder
+from .common import EXIT_SOME_FAILED, add_command, add_progress_arg, check_output_folder
 
 
 def _upsample(value: str) -> str | int:
@@ -27,9 +27,8 @@ def _upsample(value: str) -> str | int:
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "align",
-        parents=[common],
+    p = add_command(
+        sub, common, "align", cmd_align,
         help="FFHQ-align the faces of photos (dlib 68 landmarks), one PNG per face",
         description="Align faces as the FFHQ dataset was made: dlib's HOG detector and 68-point landmarks, an "
         "eye/mouth-based square, crop, reflect-padding with blur, quad transform, resize. Writes OUT/<name>.png "
@@ -37,7 +36,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "face are reported by name and skipped; existing outputs are kept (a re-run resumes) unless --overwrite. Exit "
         "status: 0 every image aligned, 3 some had no face or could not be read (listed; the others are written, as "
         "invert and edit do), 2 bad input (nothing written).",
-    )
+    )  # fmt: skip
     p.add_argument("input", type=Path, nargs="?", help="an image file or a folder of images")
     p.add_argument("out", type=Path, nargs="?", help="output folder")
     p.add_argument("--size", type=int, default=None,
@@ -55,7 +54,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         "to 1200 px, else 0), 0, 1, 2 (default auto)")  # fmt: skip
     p.add_argument("--supersample", type=int, default=4, help="render the quad at this many times --size (FFHQ: 4)")
     add_progress_arg(p)
-    p.set_defaults(func=cmd_align)
 
 
 def cmd_align(args: argparse.Namespace) -> int:

@@ -19,7 +19,15 @@ from ..errors import CycleEncodingError
 from ..progress import Progress
 from ..sampling import MAX_SEED, MAX_TRUNCATION, TRUNCATION_WHY, render_seeds
 from ..utils import check_finite, make_grid, parse_int_list, save_image
-from .common import add_device_arg, add_progress_arg, check_output_file, check_output_folder, print_json, text_lines
+from .common import (
+    add_command,
+    add_device_arg,
+    add_progress_arg,
+    check_output_file,
+    check_output_folder,
+    print_json,
+    text_lines,
+)
 
 MAX_SEEDS = 1_000_000  # images one `generate` writes at most
 MAX_CODES = 10_000  # codes of a --projected-w file rendered without --max-codes (a small .npz can hold 250,000)
@@ -27,32 +35,29 @@ GRID_IMAGES = 64  # grid.png shows the first images only: the others are not kep
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "info",
-        parents=[common],
+    p = add_command(
+        sub, common, "info", cmd_info,
         help="what a checkpoint file is and holds",
         description="Reads FILE without running any code from it and prints its format (rosinality .pt, NVIDIA "
         "stylegan2-ada .pkl, e4e/pSp .pt, the project's .safetensors: generator, encoder, classifier, a tuned "
         "generator's stored change, directions), the architecture read from its tensors (resolution, number of codes "
         "num_ws, style size, widths, image channels), the parameter count, whether w_avg is stored, what else the "
         "file holds and, for the project's files, how each was made (provenance).",
-    )
+    )  # fmt: skip
     p.add_argument("file", type=Path, metavar="FILE",
                    help="a checkpoint file of any supported format, or a shipped model's name (e.g. fmnist-generator)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print everything as JSON instead of text")
     p.add_argument("--brief", action="store_true",
                    help="one line: format, network, resolution, codes and parameter count (no provenance)")  # fmt: skip
-    p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser(
-        "generate",
-        parents=[common],
+    p = add_command(
+        sub, common, "generate", cmd_generate,
         help="render a generator's samples by seed, or codes from a file (--projected-w)",
         description="Renders images with a generator: by seed (z drawn as NVIDIA's generate.py does, so seed 42 here "
         "is seed 42 there), or the codes of --projected-w (NVIDIA's projector .npz, key w [n, num_ws, w_dim]; e4e's "
         "latents.pt; .npy), written as seedNNNN.png or projNN.png plus grid.png. A tuned generator stored as its "
         "change (generator_delta.safetensors) is rebuilt on its base (--base, else the base it records).",
-    )
+    )  # fmt: skip
     p.add_argument("--generator", "-g", "--network", required=True, type=Path,
                    help="generator file (any supported format, a stored change, or a shipped name; --network as "
                    "NVIDIA's generate.py names it)")  # fmt: skip
@@ -71,11 +76,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--batch-size", type=int, default=8)
     add_device_arg(p)
     add_progress_arg(p)
-    p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser(
-        "convert",
-        parents=[common],
+    p = add_command(
+        sub, common, "convert", cmd_convert,
         help="convert a generator to the own format or rosinality .pt",
         description="Reads SRC (rosinality .pt, NVIDIA stylegan2-ada .pkl, e4e/pSp .pt, the project's .safetensors, "
         "or a tuned generator's stored change rebuilt on its base) and writes DST: the project's .safetensors "
@@ -83,14 +86,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         ".pt, which rosinality/stylegan2-pytorch, e4e and PTI load when its widths and 3 image channels are the ones "
         "rosinality's Generator(size, style_dim, n_mlp, channel_multiplier) builds (otherwise a note, and the file, say "
         "what to patch in that class; this project reads any).",
-    )
+    )  # fmt: skip
     p.add_argument("src", type=Path, metavar="SRC", help="the generator file to read (any supported format)")
     p.add_argument("dst", type=Path, metavar="DST", help="the file to write (.safetensors or .pt)")
     p.add_argument("--to", choices=["native", "rosinality"], default=None,
                    help="target format (default: from DST's extension: .safetensors -> native, .pt -> rosinality)")  # fmt: skip
     p.add_argument("--base", type=Path, default=None,
                    help="the base generator when SRC is a stored change (default: the base file the change records)")  # fmt: skip
-    p.set_defaults(func=cmd_convert)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from ..inversion.targets import list_targets
 from ..utils import check_finite
 from .common import (
     EXIT_SOME_FAILED,
+    add_command,
     add_device_arg,
     add_option_table,
     add_progress_arg,
@@ -93,9 +94,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "invert",
-        parents=[common],
+    p = add_command(
+        sub, common, "invert", cmd_invert,
         help="invert images: encoder pivot, regularized refinement, W projection, pivotal tuning",
         description="Inverts one image or a folder's images into a generator, by stages chosen with --stages "
         "(encoder, refine, project, tune; default encoder,refine,tune = the paper's Method 2 with PTI's tuning). "
@@ -104,7 +104,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "(generator_delta.safetensors). Re-running into the same RUN_DIR skips finished images (and redoes those whose "
         "input file changed); a second invert into the same RUN_DIR leaves the images the first is working on to it. "
         "Under torchrun the images are split between the processes. Exit status: 0 all done, 3 some images failed (listed), 2 bad input.",
-    )
+    )  # fmt: skip
     p.add_argument("images", type=Path,
                    help="an image file or a folder of images (faces aligned beforehand at the generator's size, or "
                         "use --align)")  # fmt: skip
@@ -127,7 +127,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="no progress and no line per stage: one result line per image, then the summary")  # fmt: skip
     add_device_arg(p)
     add_progress_arg(p)
-    p.set_defaults(func=cmd_invert)
 
 
 def add_inversion_args(p: argparse.ArgumentParser) -> None:

@@ -8,13 +8,12 @@ from pathlib import Path
 
 from ..errors import CycleEncodingError
 from ..report.html import write_report
-from .common import EXIT_SOME_FAILED, check_output_file
+from .common import EXIT_SOME_FAILED, add_command, check_output_file
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "report",
-        parents=[common],
+    p = add_command(
+        sub, common, "report", cmd_report,
         help="write an HTML report and a PNG grid of an inversion run (images, edits, metrics, timings, losses)",
         description="Writes RUN_DIR/report.html (one self-contained page: images inlined, no network, no script), "
         "RUN_DIR/report.png (a row per image: input, reconstruction after each stage, edits) and RUN_DIR/report.json "
@@ -22,7 +21,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "metric, the edits and their measures (from `cycle-encoding edit`), timings, loss plots and the command "
         "that made the run. Image folders or edits that cannot be read, or that name files outside the run folder, are "
         "left out and listed (exit status 3).",
-    )
+    )  # fmt: skip
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder")
     p.add_argument("--out", type=Path, default=None, help="the HTML file to write (default RUN_DIR/report.html)")
     p.add_argument("--link-images", action="store_true",
@@ -31,7 +30,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--max-images", type=int, default=None, help="show at most N images (the tables use all)")
     p.add_argument("--no-png", action="store_true", help="do not write the PNG grid")
     p.add_argument("--no-plots", action="store_true", help="leave out the loss plots")
-    p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

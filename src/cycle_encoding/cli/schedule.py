@@ -8,18 +8,16 @@ from pathlib import Path
 
 from ..training.schedule import PRESETS, get_schedule, save_schedule
 from ..utils import parse_int_list
+from .common import add_command
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "schedule",
-        parents=[common],
+    p = add_command(
+        sub, common, "schedule", cmd_schedule,
         help="print the cycle schedule (phases, or stage and loss weights at given steps)",
-        description=(
-            "Print a training schedule: its phase table, or the stage and the delta / adversarial weights at the "
-            "steps given with --at. A schedule is a preset or a YAML/JSON file of phases (--save writes one to edit)."
-        ),
-    )
+        description="Print a training schedule: its phase table, or the stage and the delta / adversarial weights at "
+        "the steps given with --at. A schedule is a preset or a YAML/JSON file of phases (--save writes one to edit).",
+    )  # fmt: skip
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=PRESETS, default=None, help="a built-in schedule (default: paper)")
     src.add_argument("--schedule", type=Path, default=None, metavar="FILE", help="a schedule file (YAML or JSON)")
@@ -31,7 +29,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--json", action="store_true", help="print JSON lines (one per step, or one per phase)")
     p.add_argument("--save", type=Path, default=None, metavar="FILE",
                    help="also write the (rescaled) schedule to FILE (.json: JSON, else YAML)")  # fmt: skip
-    p.set_defaults(func=cmd_schedule)
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from ..training.encoder_trainer import EncoderTrainer, load_train_config, resume
 from ..training.generator_trainer import GeneratorTrainer, load_generator_train_config, resume_generator_config
 from ..training.preflight import check_encoder_run
 from .common import (
+    add_command,
     add_device_arg,
     add_option_table,
     add_progress_arg,
@@ -205,7 +206,7 @@ def _training_parser(
 ) -> None:
     """A training command: its option table, --config, --resume and --progress; with ``dry_run`` (its help) also
     --dry-run and --device (None unless given, so that a resumed run keeps its own)."""
-    p = sub.add_parser(name, parents=[common], **texts)
+    p = add_command(sub, common, name, func, **texts)
     add_option_table(p, options)
     p.add_argument("--config", type=Path, help="options from a YAML/JSON file (command-line options override it)")
     p.add_argument("--resume", type=Path, help="continue the run in this folder exactly where its checkpoint is")
@@ -214,7 +215,6 @@ def _training_parser(
         add_device_arg(p)
         p.set_defaults(device=None)
     add_progress_arg(p)
-    p.set_defaults(func=func)
 
 
 def _train_config(

@@ -11,15 +11,14 @@ from ..editing.directions import parse_layers
 from ..editing.video import edit_video
 from ..errors import CycleEncodingError
 from ..utils import check_finite
-from .common import EXIT_SOME_FAILED, add_device_arg, add_progress_arg, check_output_folder
+from .common import EXIT_SOME_FAILED, add_command, add_device_arg, add_progress_arg, check_output_folder
 from .edit import add_direction_args
 from .invert import add_inversion_args, options_from_args, resolve_precisions
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "video",
-        parents=[common],
+    p = add_command(
+        sub, common, "video", cmd_video,
         help="edit a video: crop each frame, invert and tune it, apply one edit to every frame, paste it back",
         description="Reads IN (any video FFmpeg reads; PyAV), crops every frame (--align face: the FFHQ square of "
         "its largest face, smoothed over time; --align frame: the whole frame; --crop: a fixed rectangle), inverts "
@@ -29,7 +28,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "the crops (OUT/frames), the pivots (OUT/pivots.pt/.npy/.txt) and OUT/video.json. Frames without a face "
         "pass through unedited and are listed. A re-run into the same OUT skips finished frames. Exit status: 0 "
         "done, 3 some frames failed (passed through, listed), 2 bad input (e.g. not a video).",
-    )
+    )  # fmt: skip
     p.add_argument("input", type=Path, metavar="IN", help="the video file")
     p.add_argument("--out", required=True, type=Path, metavar="OUT", help="the output folder")
     add_inversion_args(p)
@@ -48,7 +47,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--max-frames", type=int, default=None, metavar="N", help="only the first N frames")
     add_device_arg(p)
     add_progress_arg(p)
-    p.set_defaults(func=cmd_video)
 
 
 def cmd_video(args: argparse.Namespace) -> int:
