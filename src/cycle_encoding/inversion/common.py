@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.datasets import resize_square
 from ..errors import CycleEncodingError
 from ..losses.networks import LossNetworks
 from ..networks.stylegan2 import Generator
@@ -102,8 +103,6 @@ def synthesis_pass(compiled: bool, device: torch.device | str) -> Callable[..., 
 
 def check_target(G: Generator, x: torch.Tensor) -> torch.Tensor:
     """A target image as ``[1, C, R, R]`` on G's device; R = G's resolution (resized, centre-cropped if not square)."""
-    from ..data.datasets import resize_square
-
     if x.ndim == 4:
         if x.shape[0] != 1:
             raise CycleEncodingError(f"one target image at a time, got a batch of {x.shape[0]}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,19 @@ import torch
 from .. import distributed as dd
 from ..checkpoints.delta import full_copy_bytes, weights_sha256
 from ..checkpoints.encoder import encoder_provenance_unloaded
+from ..checkpoints.generator import open_generator_arg
 from ..config import to_dict
+from ..data.align import LandmarkDetector, align_file, aligned_tensor, small_target_warning
+from ..data.datasets import ImageFolderDataset
+from ..data.images import image_tensor
 from ..errors import CycleEncodingError
+from ..losses.identity import identity_default
 from ..losses.networks import LossNetworks, build_loss_networks, recorded_networks
+from ..metrics import mse, psnr
 from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
-from ..utils import resolve_device
+from ..progress import resolve_progress
+from ..utils import max_pixels, resolve_device
 from .common import check_target, render, stage_seed
 from .config import PIVOT_STAGES, InversionConfig, make_config
 from .pivot import encoder_pivot, resolve_stage
@@ -76,8 +84,6 @@ class Inverter:
         refine_substitute: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
-        from ..checkpoints.generator import open_generator_arg
-
         self.config = make_config(config, **options)
         cfg = self.config
         if device is None:
@@ -85,8 +91,6 @@ class Inverter:
         base = resolve_device(device)
         self.dist = dd.init_distributed(base)
         self.device = dd.rank_device(base, self.dist)
-        from ..progress import resolve_progress
-
         self.progress = resolve_progress(progress)  # bar, lines or none; a bar per stage only for "bar"
 
         self.G, self.generator_file = open_generator_arg(generator, self.device)
@@ -182,8 +186,6 @@ class Inverter:
         if identity == "auto" and "identity" in recorded:
             identity, self.identity_note = recorded["identity"]["name"], "auto: the one the encoder file records"
         elif identity == "auto":
-            from ..losses.identity import identity_default
-
             identity, self.identity_note = identity_default(cfg.train_data or train_data, cfg.identity_weights)
         self.networks_from = {
             "perceptual": "option" if cfg.perceptual else ("the encoder file" if "perceptual" in recorded else "default"),
@@ -266,42 +268,30 @@ class Inverter:
         image file's largest face FFHQ-aligned at G's resolution. A target smaller than G's images is upsampled
         with a warning (``warnings``; and in ``notes["warning"]`` when a dict is given); ``notes`` also receives
         what the alignment found."""
-        from ..data.align import small_target_warning
-
         name = str(image) if isinstance(image, (str, Path)) else "the target"
         if isinstance(image, (str, Path)) and self.config.align:
-            from ..data.align import align_file, aligned_tensor
-
             face = align_file(image, self._face_detector(), self.G.resolution)
             if notes is not None:
                 notes["aligned"] = {"size": self.G.resolution, "box": list(face.box or ()),
                                     "quad": [[round(float(v), 2) for v in q] for q in face.quad]}  # fmt: skip
             image = aligned_tensor(face)
         else:
-            from ..data.images import image_tensor
-
             image = image_tensor(image)
         msg = small_target_warning(name, int(image.shape[-2]), int(image.shape[-1]), self.G.resolution)
         if msg is not None:
             if notes is not None:
                 notes["warning"] = msg
             else:
-                import warnings
-
                 warnings.warn(msg, stacklevel=2)
         return check_target(self.G, image)
 
     def _face_detector(self) -> Any:
         """dlib's face detector and 68-point predictor, loaded once (for ``align``)."""
         if getattr(self, "_detector", None) is None:
-            from ..data.align import LandmarkDetector
-
             self._detector = LandmarkDetector()
         return self._detector
 
     def _stage_metrics(self, y: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
-        from ..metrics import mse, psnr
-
         with torch.no_grad():
             m = {"mse": float(mse(y, x)[0]), "psnr": float(psnr(y, x)[0])}
             if self.nets.perceptual is not None:
@@ -531,8 +521,6 @@ class Inverter:
         # the refinement's substitute optimizer state (minutes at 256 px) estimated once, read by the workers
         shared = out / f".substitute-{os.getpid()}.pt"
         if self.speed is not None and self.speed.workers > 1 and len(mine) > 1 and self._rebuild:
-            from ..utils import max_pixels
-
             task = {**self._rebuild, "options": to_dict(self.config), "images": [str(f) for f in files],
                     "names": names, "todo": mine, "out": str(out), "verbose": verbose, "debug": debug,
                     "max_pixels": max_pixels()}  # fmt: skip
@@ -593,8 +581,6 @@ def _record(res: InversionResult, on_step: Callable[[dict[str, Any]], None] | No
 
 def _open_training_images(spec: str | None, size: int, channels: int, encoder_path: str | None) -> Any:
     """A folder without an in-memory cache (random draws over a large set must not fill the memory), or a name."""
-    from ..data.datasets import ImageFolderDataset
-
     if spec and Path(spec).is_dir():
         return ImageFolderDataset(spec, size, channels, cache=False)
     return open_training_images(spec, size, channels, encoder_path)

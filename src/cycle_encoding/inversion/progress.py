@@ -7,6 +7,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from tqdm import tqdm
+
 from ..progress import clock, resolve_progress
 
 
@@ -46,8 +48,6 @@ class StepBar:
             self.t0 = self.started
             self.last_line = 0.0
             if self.tty:
-                from tqdm import tqdm
-
                 self.bar = tqdm(desc=f"{self.head} {self.stage}", total=self.totals.get(str(self.stage)),
                                 unit="step", leave=False, file=sys.stderr)  # fmt: skip
         self.count += 1

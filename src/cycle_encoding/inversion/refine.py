@@ -55,7 +55,10 @@ from typing import Any
 
 import torch
 
+from ..assets import resolve_model
+from ..checkpoints.common import sniff, torch_load
 from ..checkpoints.e4e import is_e4e_checkpoint
+from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT, encoder_from_training_checkpoint, load_encoder
 from ..checkpoints.optimizer import (
     OptimizerState,
     companion_path,
@@ -70,6 +73,7 @@ from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
 from ..ops import autocast, check_precision, compile_pass, pool_to
 from ..optim import Ranger
+from ..utils import resolve_device
 from .common import (
     LossNetworks,
     cpu_generator,
@@ -135,11 +139,6 @@ def load_encoder_source(path: str | Path, device: str | torch.device = "cpu") ->
     """Read an encoder file for inversion: a ``train-encoder`` ``checkpoint.pt`` gives the encoder, its Ranger state,
     its training data and image size; the project's ``encoder.safetensors`` gives the encoder and the training data
     recorded in its provenance; e4e-family files give the encoder only."""
-    from ..assets import resolve_model
-    from ..checkpoints.common import sniff, torch_load
-    from ..checkpoints.encoder import TRAINING_CHECKPOINT_FORMAT, encoder_from_training_checkpoint, load_encoder
-    from ..utils import resolve_device
-
     p = resolve_model(path)
     dev = resolve_device(device)
     if sniff(p) in ("torch-zip", "torch-legacy"):
@@ -150,41 +149,26 @@ def load_encoder_source(path: str | Path, device: str | torch.device = "cpu") ->
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise CheckpointError(p, f"a train-encoder checkpoint whose encoder cannot be built: {e}") from None
             cfg = obj.get("config") or {}
-            settings = dict(PAPER_RANGER)
-            for k in ("lr", "betas", "eps"):
-                if k in cfg:
-                    settings[k] = tuple(cfg[k]) if k == "betas" else float(cfg[k])
-            return EncoderSource(
-                encoder=E,
-                optimizer_state=from_training_checkpoint(obj, E, p),
-                optimizer_settings=settings,
-                train_data=cfg.get("data"),
-                image_size=cfg.get("image_size"),
-                path=str(p),
-            )
+            return EncoderSource(E, from_training_checkpoint(obj, E, p), _ranger_settings(cfg), cfg.get("data"),
+                                 cfg.get("image_size"), str(p))  # fmt: skip
         if is_e4e_checkpoint(obj):
-            E = load_encoder(p, device=dev)
             st = from_e4e_checkpoint(obj, p)
-            settings = dict(PAPER_RANGER)
-            if st is not None:
-                settings.update({k: st.settings[k] for k in ("lr", "betas", "eps") if k in st.settings})
-            return EncoderSource(encoder=E, optimizer_state=st, optimizer_settings=settings, path=str(p))
+            return EncoderSource(load_encoder(p, device=dev), st, _ranger_settings(st and st.settings), path=str(p))
     E = load_encoder(p, device=dev)
     prov = getattr(E, "provenance", {}) or {}
     data = prov.get("data") if isinstance(prov, dict) else None
-    st = None
-    settings = dict(PAPER_RANGER)
     side = companion_path(p)
-    if sniff(p) == "safetensors" and side.is_file():
-        st = load_optimizer_state(side, E)
-        settings.update({k: st.settings[k] for k in ("lr", "betas", "eps") if k in st.settings})
-    return EncoderSource(
-        encoder=E,
-        optimizer_state=st,
-        optimizer_settings=settings,
-        train_data=str(data) if data else None,
-        path=str(p),
-    )
+    st = load_optimizer_state(side, E) if sniff(p) == "safetensors" and side.is_file() else None
+    return EncoderSource(E, st, _ranger_settings(st and st.settings), str(data) if data else None, path=str(p))
+
+
+def _ranger_settings(given: dict[str, Any] | None) -> dict[str, Any]:
+    """The paper's Ranger settings, with the ``lr``, ``betas`` and ``eps`` that a file records in ``given``."""
+    settings = dict(PAPER_RANGER)
+    for k in ("lr", "betas", "eps"):
+        if given and k in given:
+            settings[k] = tuple(given[k]) if k == "betas" else float(given[k])
+    return settings
 
 
 def open_training_images(spec: str | None, size: int, channels: int, encoder_path: str | None) -> ImageDataset:
@@ -336,7 +320,7 @@ class RegularizedRefiner:
         weights = c.weights()
         with frozen(self.G):
             for _ in range(k_batches):
-                batch = self._draw_n(gen, c.num_random + 1)
+                batch = self._draw(gen, c.num_random + 1)
                 ws = E(batch, self._features)
                 y = pool_to(self._render(ws, gen), self.image_size)
                 loss = weighted_sum(reconstruction_terms(y, batch, self.nets), weights).mean()
@@ -381,11 +365,8 @@ class RegularizedRefiner:
         self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict(copy.deepcopy(self._opt_state))
 
-    def _draw(self, gen: torch.Generator) -> torch.Tensor:
-        """M readable training images chosen at random (without repetition)."""
-        return self._draw_n(gen, self.config.num_random)
-
-    def _draw_n(self, gen: torch.Generator, m: int) -> torch.Tensor:
+    def _draw(self, gen: torch.Generator, m: int) -> torch.Tensor:
+        """``m`` readable training images chosen at random (without repetition)."""
         device = self.G.w_avg.device
         if m == 0:
             return torch.empty(0, self.G.img_channels, self.image_size, self.image_size, device=device)
@@ -425,7 +406,7 @@ class RegularizedRefiner:
             with frozen(self.G):
                 for k in range(c.steps):
                     if randoms is None or c.resample_each_step:
-                        randoms = self._draw(gen)
+                        randoms = self._draw(gen, c.num_random)
                     batch = torch.cat([randoms, x])
                     with autocast(batch.device, c.precision):
                         ws = E(batch, self._features).float()

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..editing.directions import check_strength
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
+from ..utils import to_pil
 from .common import render
 
 
@@ -37,8 +39,6 @@ class InversionResult:
 
     def to_pil(self, stage: str | None = None) -> Image.Image:
         """A stage's reconstruction as a PIL image (default: the last stage's); ``"target"``: the image inverted."""
-        from ..utils import to_pil
-
         if stage == "target":
             return to_pil(self.target[0])
         if stage is None:
@@ -59,8 +59,6 @@ class InversionResult:
         after ``tune``) with its constant noise, as a PIL image. ``direction``: a DirectionSet (``load_directions``,
         ``sefa_directions``, ...; ``component``, ``layers`` and ``mode`` pick from it) or a tensor ``[w_dim]`` /
         ``[num_ws, w_dim]`` added as ``strength * direction``. Strength 0 gives ``to_pil()`` of the last stage."""
-        from ..utils import to_pil
-
         G = self.generator if self.generator is not None else self.base_generator
         if G is None:
             raise CycleEncodingError("this result holds no generator to render with (made outside Inverter.invert)")
@@ -69,8 +67,6 @@ class InversionResult:
             d = direction.to(ws)
             if d.shape[-1] != ws.shape[-1] or d.ndim > 2:
                 raise CycleEncodingError(f"a direction is [w_dim] or [num_ws, w_dim], got {list(d.shape)}")
-            from ..editing.directions import check_strength
-
             edited = ws + check_strength(strength) * d
         elif hasattr(direction, "apply"):
             edited = direction.apply(ws, component, strength, layers, mode)

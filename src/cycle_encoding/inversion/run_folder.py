@@ -6,11 +6,10 @@ Finished images are known by content, not only by name: ``result.json`` records 
 (``input_sha256``), and an image whose input file changed since is inverted again (and said so).
 
 Two processes may fill one folder (two ``invert`` commands, or ``torchrun`` ranks): each image is inverted under a lock
-(``images/.<name>.lock``, an advisory ``flock`` that the system releases when its process ends, killed or not; the file
-is removed when released), and an
-image whose lock another process holds is left to it and listed as ``busy``. Each
-image's random draws are seeded by (seed, the image's index in the sorted list, stage), so results do not depend on
-interruptions, order, or which process ran the image. A re-run with other options into the same folder is refused.
+(``images/.<name>.lock``, an advisory ``flock`` that the system releases when its process ends, killed or not), and
+an image whose lock another process holds is left to it and listed as ``busy``. Each image's random draws are seeded
+by (seed, its index in the sorted list, stage) (``common.py``). A re-run with other options into the same folder is
+refused.
 
 Under ``torchrun`` (WORLD_SIZE > 1) rank 0 lists the images still to do, rank r takes every world_size-th of them from
 position r, and rank 0 gathers what each rank did into one ``summary.json``. Ranks share nothing else, so they may be

@@ -4,21 +4,11 @@ resolution, the device and the CPU; ``SpeedPlan`` is its choice with the reason 
 and recorded in the run's ``config.json``). ``exact=True`` is the authors' loop: no batched pass, one image at a time,
 nothing compiled, one process with torch's default threads (precision is chosen apart: ``--exact`` also sets fp32).
 
-The rules come from measurements (docs/PERFORMANCE.md, ``benchmarks/throughput.py``):
-
-- the batched pass: 1.19-1.23x per tuning step at 32-64 px, 0.89x at 256 px (fp32): on up to 64 px;
-- a tuning batch: 1.42-1.52x per tuning step for the 32-px generator with 4-8 images, nothing at 64 px and up (each
-  image's convolutions are then large enough): up to 8 images at 32 px, fewer when worker processes share the images
-  (each process claims a whole batch, so smaller batches keep the processes' shares even);
-- worker processes of one thread each, the images split between them as they come, against threads in one process:
-  torch's threads share one image's small convolutions poorly at these sizes, while processes share nothing; a
-  process costs its start (importing torch, loading the networks) and the images must split evenly, so the plan takes
-  the number of processes whose estimated finish is soonest (``_finish_estimate``), within the memory available;
-- compiling (``torch.compile``): on a CPU with native bf16 it gained 1.2x per image at 32 px over a tuning batch of 8
-  after a compile of about 40 s (1-5 s from torch's on-disk cache), so it is chosen there for at least
-  ``COMPILE_MIN_IMAGES`` images per process where a C++ compiler exists, tuning one image at a time (the compiled
-  passes are one image's); in fp32 on an AVX2 CPU it gained what a tuning batch of 8 gains (1.35x) after a compile
-  of about 120 s, so it is not chosen there.
+The rules and the tables below come from the measurements in docs/PERFORMANCE.md (``benchmarks/throughput.py``): the
+batched pass up to 64 px; a tuning batch at 32 px only, smaller when worker processes share the images (each process
+claims a whole batch); worker processes of one thread each (torch's threads share one image's small convolutions
+poorly, processes share nothing) in the number whose estimated finish is soonest (``_finish_estimate``) within the
+memory available; compiling only on a CPU with native bf16, from ``COMPILE_MIN_IMAGES`` images per process.
 """
 
 from __future__ import annotations

@@ -6,14 +6,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..data.images import is_image_file, list_images
 from ..errors import CycleEncodingError
 
 
 def list_targets(images: str | Path | Sequence[str | Path], recursive: bool = False) -> tuple[list[Path], list[str]]:
     """The image files to invert, sorted, and a folder name for each (its path under the folder without extension,
     ``/`` -> ``__``; with the extension too where two files would get one name)."""
-    from ..data.images import is_image_file, list_images
-
     if isinstance(images, (str, Path)):
         p = Path(images)
         if p.is_dir():

@@ -22,12 +22,9 @@ exactly as it was.
 perceptual network's forward and backward run under bfloat16 autocast; weights, gradients, the losses as summed and
 the Adam state stay float32, and Adam is torch's fused kernel (it differs from the for-loop Adam by float rounding,
 ~3e-5 relative, so the fp32 path keeps the for-loop one).
-``batch_passes=True`` renders the pivot and the regularizer's codes in one batched pass of the tuned G and measures
-both perceptual distances in one call: the same terms (the regularizer's rows get zero noise, which leaves them as
-without noise), equal to the separate passes within float rounding (the batched convolutions sum in another order).
-``compile=True`` passes the generators' renders through ``torch.compile`` (``common.synthesis_pass``): compiled once
-per process, the first image pays it (seconds to minutes; torch keeps the code on disk for later runs), every later
-image's tuned copy reuses the graphs; the losses equal the plain loop's within float rounding. The batched tuning of
+``batch_passes=True``: the pivot and the regularizer's codes in one pass of the tuned G (the regularizer's rows with
+zero noise, i.e. none) and one perceptual call for both pairs; ``compile=True``: the renders through ``torch.compile``
+(``common.synthesis_pass``, once per process). Both equal the plain loop within float rounding. The batched tuning of
 several images (``tune_batch``) is not compiled: its batch shrinks as images stop, and each size would compile anew.
 """
 
@@ -112,10 +109,9 @@ def stacked_noise(G: Generator, rest: list[torch.Tensor | None], count: int) -> 
     """Noise for a batch [pivot, regularizer codes]: G's constant noise for the pivot's row, ``rest`` (from
     ``locality_noise``) for the others; zeros where ``rest`` has none (adding 0 leaves the activation exactly as
     without noise)."""
-    out = []
-    for n, r in zip(G.noise_buffers(), rest):
-        out.append(torch.cat([n, n.new_zeros(count, *n.shape[1:]) if r is None else r]))
-    return out
+    return [
+        torch.cat([n, n.new_zeros(count, *n.shape[1:]) if r is None else r]) for n, r in zip(G.noise_buffers(), rest)
+    ]
 
 
 def tuning_loss(

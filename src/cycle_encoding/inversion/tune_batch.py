@@ -1,26 +1,16 @@
 """Pivotal tuning of several images at once: ``pivotal_tune_many``.
 
-Every image keeps its own copy of the generator's synthesis weights: the copies are stacked along a leading image
-axis (``[n, ...]`` per parameter) and one batched forward/backward serves all of them. The forward is the generator's
-own ``synthesis`` (``networks/stylegan2.py``, the one place it is written), run by ``torch.func.functional_call`` with
-image i's weights and vectorized over the images by ``torch.func.vmap``: a convolution whose weights differ per image
-becomes one grouped convolution with one group per image, every other layer takes its image's row, and the filters
-and G's constant noise are shared. The frozen original G of the locality regularizer renders every image's codes in
-one plain batch (its weights are every image's).
+Every image keeps its own copy of the generator's synthesis weights, stacked along a leading image axis (``[n, ...]``
+per parameter). The forward is G's own ``synthesis`` run by ``torch.func.functional_call`` with image i's weights and
+vectorized over the images by ``torch.func.vmap`` (a convolution whose weights differ per image becomes one grouped
+convolution); the frozen original G of the locality regularizer renders every image's codes in one plain batch.
 
-Each image's loss is its own (the summed loss's gradient for an image's weights is that image's gradient), each
-image draws its regularizer codes from its own seeded generator (``seeds[i]``, the seed ``pivotal_tune`` is given
-for it), and Adam is elementwise with one step count for all images, so one Adam over the stacked weights takes the
-step that each image's own Adam would. An image whose perceptual distance meets the stop threshold leaves the batch
-before the update, as in ``pivotal_tune``: its weights are taken out, and the others' weights and Adam state are
-carried over to a smaller stack and continue.
-
-The result equals ``pivotal_tune`` on each image alone up to float rounding, not bit for bit: grouped convolutions
-over n images, the frozen G on n images' codes and the perceptual network on a batch of n sum in another order than
-on one image. Adam amplifies that rounding where a gradient is near zero (its step is lr * m / (sqrt(v) + eps), about
-lr whatever the gradient's size), so weights are compared with a bound of order lr * steps, the losses and renders
-tightly (see ``tests/test_tune_batch.py``). In bf16 the batched images are as close to the ones tuned alone in bf16 as
-bf16 is to fp32. The fp32 path keeps torch's for-loop Adam as ``pivotal_tune`` does, ``bf16`` its fused Adam.
+Each image's loss is its own, each image draws its regularizer codes from its own seeded generator (``seeds[i]``), and
+Adam is elementwise with one step count for all, so one Adam over the stack takes each image's own step. An image
+that meets the stop threshold leaves the batch before the update, as in ``pivotal_tune``; the others' weights and Adam
+state carry over to a smaller stack. The result equals ``pivotal_tune`` on each image alone up to float rounding
+(batched sums run in another order, and Adam amplifies rounding where a gradient is near zero, so weights are compared
+with a bound of order lr * steps: ``tests/test_tune_batch.py``). fp32 keeps torch's for-loop Adam, bf16 its fused one.
 """
 
 from __future__ import annotations

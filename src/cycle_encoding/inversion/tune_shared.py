@@ -1,31 +1,17 @@
 """One generator tuned on many images: PTI's multi-ID mode (``training/coaches/multi_id_coach.py`` in PTI and in the
 Cycle Encoding authors' tree).
 
-Every image's pivot is given (computed first by the stages before tuning). One trainable copy of G and one Adam
-(``tune.tuning_copy``) serve all images: for ``steps`` rounds, for each image in the given order, one step of the
-same loss as ``pivotal_tune`` (``tune.tuning_loss``: MSE + perceptual on the image's pivot and target, the locality
-regularizer on the global step counter's interval), ``zero_grad``, ``backward``, one Adam step. The global step
-counter ``g = round * images + position`` counts every step over all images; the regularizer runs on steps with
-``g % locality_every == 0`` (the rule ``pivotal_tune`` applies to its own counter). PTI computes its flag after each
-step from the counter before the increment, so its schedule is the same one shifted by a step (steps 0, 1, 1 + k,
-1 + 2k, ...); with the default interval 1 (PTI's and this project's) both regularize every step.
+One trainable copy of G and one Adam (``tune.tuning_copy``) serve all images, whose pivots are given: for ``steps``
+rounds, for each image in order, one step of ``pivotal_tune``'s loss (``tune.tuning_loss``). The regularizer runs on
+the steps with ``g % locality_every == 0`` of the global counter ``g = round * images + position`` (PTI's flag lags one
+step: steps 0, 1, 1 + k, ...; with the default interval 1 both regularize every step). No early stop, as in PTI's
+multi-ID coach: a distance measured at an image's step goes stale as the shared generator moves for the others.
 
-Early stop: none, as PTI's multi-ID coach (``stop_threshold`` is not used): a shared generator keeps moving for
-every image after one image is close enough, so a distance measured at an image's step is no longer its distance
-after the round, and stopping the whole tuning when all images are under the threshold would rest on stale
-measurements; the loop is PTI's, ``steps * images`` Adam steps.
-
-Seeds: PTI draws the regularizer's codes from one global random state. Here each image draws them from its own
-``torch.Generator`` seeded by ``seeds[i]`` (the run folder gives the seed ``pivotal_tune`` would get for that image:
-run seed, image index, stage), so an image's draws do not depend on the other images, and one image tuned in this
-mode is ``pivotal_tune`` without early stop, bit for bit. The state of a tuning (the weights, Adam's state, every
-image's generator state, the rounds done and the losses so far) is a ``SharedTuneState``: ``save_every`` rounds it
-goes to ``on_save`` (the run folder writes it atomically), and a tuning started with ``resume=`` that state goes on
-as if never stopped (same weights, bit for bit, on the same machine).
-
-Into a run folder (``invert --tune shared``, ``Inverter(..., tune_mode="shared").run``): ``invert_shared`` runs
-every image's stages before tuning first (each image resumable), then this loop on all of them, and stores the one
-generator once (the layout: ``checkpoints/run_folder.py``).
+Seeds: where PTI draws from one global random state, each image here draws from its own ``torch.Generator``
+(``seeds[i]``), so one image in this mode is ``pivotal_tune`` without early stop, bit for bit. A ``SharedTuneState``
+(weights, Adam's state, the generators' states, rounds, losses) goes to ``on_save`` every ``save_every`` rounds, and a
+tuning given it as ``resume`` goes on as if never stopped (bit for bit on the same machine). Into a run folder
+(``invert --tune shared``): ``invert_shared``.
 """
 
 from __future__ import annotations

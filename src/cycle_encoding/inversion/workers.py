@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..ops import keep_freed_memory
+from ..utils import set_max_pixels
 from .run_folder import fill_folder
 
 RECORD_PREFIX = "cycle-encoding-worker-record: "
@@ -82,12 +84,8 @@ def merge_records(own: dict[str, Any], others: list[dict[str, Any]]) -> dict[str
 def worker_main(inverter_class: Any) -> None:
     """A worker process: its task from standard input, an ``inverter_class`` built from the task's files and
     options, the images it gets inverted (``fill_folder``), its record printed last."""
-    from ..utils import set_max_pixels
-
     task = json.loads(sys.stdin.read())
     if os.environ.get("CYCLE_ENCODING_MALLOC", "keep") != "system":  # as the command line does
-        from ..ops import keep_freed_memory
-
         keep_freed_memory()
     set_max_pixels(task["max_pixels"])
     torch.set_num_threads(task["threads"])

@@ -18,20 +18,13 @@ the domain's (``identity="auto"``: ``fmnist-features`` for Fashion-MNIST, ArcFac
 none otherwise, said on the console and in ``config.json``) with weight 0.1. ``d_fake_codes="raw-offset"`` replays
 the authors' latent discriminator input (fake codes without ``w_avg``); the default gives it absolute codes.
 
-``precision="bf16"`` (``--precision bf16``; ``fp32``, the default, is the computation above exactly, with no autocast
-context at all): the encoder, the generator, the perceptual and identity networks and the latent discriminator run
-their forward (and so their backward) passes under bfloat16 autocast; their outputs are turned to float32 at once, so
-the codes, the images, every loss term and its sums, the offset penalty and the adversarial softplus are float32; the
-weights, gradients and optimizer states (Ranger, Adam) are float32; the lazy R1 penalty (a double backward through the
-latent discriminator) is computed in float32; LPIPS-style feature normalisation is float32
-(``networks.lpips.normalize_channels``). Validation and the image grids are float32 in both, so that the validation
+``precision="bf16"``: the encoder, G, the loss networks and the latent discriminator run under bfloat16 autocast,
+their outputs turned to float32 at once (codes, images, every loss term and sum, weights, gradients, Ranger/Adam, the
+lazy R1 penalty and LPIPS-style normalisation: float32); ``fp32``, the default, is the computation above exactly, with
+no autocast context. ``compile=True``: the training steps' passes of G's synthesis and of the encoder's body (not its
+heads, whose number changes with the stage) go through ``torch.compile``; it rounds differently, so config.json
+records it and a resumed run keeps it. Validation and the grids are plain float32 in every case, so that validation
 losses of fp32 and bf16 runs compare directly.
-
-``compile=True`` (``--compile``): the training steps' passes of G's synthesis and of the encoder's body (its feature
-maps; the heads, whose number changes with the stage, stay as they are) go through ``torch.compile`` (fixed shapes;
-one to two minutes of compilation at the first steps, paid back within a few hundred steps on a CPU, see
-``benchmarks/encoder_training.py``); the fused kernels round differently from the plain ones, so it is recorded in
-config.json and a resumed run keeps it. Validation and the grids use the plain passes.
 
 The discriminator step of e4e comes before the encoder step and sees codes of the encoder before its update;
 here the encoder's forward is shared by both (same values, one forward less).

@@ -1,22 +1,12 @@
 """The skeleton every resumable training loop fills: rank handling, the run folder, the checkpoint and its exact resume,
 the JSONL log and the progress bar. A trainer (``EncoderTrainer``, ``GeneratorTrainer``, ``ClassifierTrainer``) builds
-its networks, data and optimizers between :meth:`Trainer._start` and :meth:`Trainer._open_run`, and fills in:
+its networks, data and optimizers between :meth:`Trainer._start` and :meth:`Trainer._open_run`, overrides the methods
+below that raise ``NotImplementedError`` and the hooks it needs; its configuration holds ``log_every``,
+``checkpoint_every``, ``image_every`` (when it saves images) and ``device`` (unless it names its device to ``_start``).
 
-- ``train_step()``: one iteration, returning the losses to log (``self.step`` advanced);
-- ``run_label()``, ``resolved()``: the run folder's name and what the options resolved to (``config.json``);
-- what the checkpoint holds: ``stateful()`` (networks, optimizers, the sampler, ...: saved by ``state_dict()``,
-  put back by ``load_state_dict()``), ``network_configs()`` (a checkpoint whose differ is refused on resume),
-  ``rank_state()`` (gathered from every rank), and ``checkpoint_state()`` / ``restore_checkpoint(ck, rank_state)``
-  for anything else and how to put it back (the rank's state included);
-- ``save_grid()`` (unless ``saves_images`` is off), ``digest_modules()``, ``end_step(until)`` and the optional hooks
-  ``on_start``, ``after_log``, ``on_checkpoint``, ``on_end``, ``log_fields``, ``train_record``, ``end_fields``,
-  ``postfix``.
-
-The configuration holds ``log_every``, ``checkpoint_every``, ``image_every`` (when the trainer saves images) and
-``device`` (unless the trainer names its device to :meth:`Trainer._start`). A run folder ``out/NNNNN-label/`` holds
-``config.json`` (options + ``_resolved``), ``images/`` (when the trainer saves images), ``log.jsonl`` and
-``checkpoint.pt`` (rank 0 writes it atomically; every rank's random state is gathered into it, so a resumed run with
-the same number of processes continues bit for bit).
+A run folder ``out/NNNNN-label/`` holds ``config.json`` (options + ``_resolved``), ``images/`` (when the trainer saves
+images), ``log.jsonl`` and ``checkpoint.pt`` (rank 0 writes it atomically; every rank's random state is gathered into
+it, so a resumed run with the same number of processes continues bit for bit).
 """
 
 from __future__ import annotations
