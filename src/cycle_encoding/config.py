@@ -37,6 +37,15 @@ def check_one_of(config: Any, prefix: str = "", **choices: Sequence[Any]) -> Non
             raise ValueError(f"{prefix}{name} must be one of {', '.join(map(str, allowed))}, got {v!r}")
 
 
+# field type -> (accepted value types, name in messages, conversion); True/False are no numbers here
+_SCALARS: dict[type, tuple[tuple[type, ...], str, Any]] = {
+    float: ((int, float), "a number", float),
+    int: ((int,), "an integer", int),
+    bool: ((bool,), "true or false", bool),
+    str: ((str, Path), "a string", str),
+}
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -70,22 +79,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return dict(value)
     if dataclasses.is_dataclass(tp):
         return from_mapping(tp, value, where)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise CycleEncodingError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise CycleEncodingError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise CycleEncodingError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, (str, Path)):
-            raise CycleEncodingError(f"{where}: expected a string, got {value!r}")
-        return str(value)
+    if tp in _SCALARS:
+        accepted, what, convert = _SCALARS[tp]
+        if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
+            raise CycleEncodingError(f"{where}: expected {what}, got {value!r}")
+        return convert(value)
     return value
 
 

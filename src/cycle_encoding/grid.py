@@ -148,9 +148,7 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 
 def strength_label(a: float) -> str:
     """``-3``, ``+1.5``, ``0``: a strength as a column label."""
-    if a == 0:
-        return "0"
-    return f"{a:+g}"
+    return "0" if a == 0 else f"{a:+g}"
 
 
 def strip_image(target: object, edits: Sequence[object], strengths: Sequence[float]) -> Image.Image:

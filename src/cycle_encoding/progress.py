@@ -78,7 +78,7 @@ class Progress:
 
     def status(self) -> str:
         """``desc: done/total unit, M:SS elapsed, about M:SS left``."""
-        el = self.seconds
+        el = time.perf_counter() - self.t0
         text = (
             f"{self.desc}: {self.done}"
             + (f"/{self.total}" if self.total else "")
@@ -99,10 +99,6 @@ class Progress:
             self.bar.write(line, file=self.stream)
         else:
             print(line, file=self.stream, flush=True)
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t0
 
     def close(self) -> None:
         if self.bar is not None:

@@ -7,10 +7,7 @@ chasing only the encoder's latest output.
 Items are single codes ``[w_dim]``. Given ``[B, w_dim]`` the pool handles each row; given ``[B, n, w_dim]`` (the
 active codes of each sample) it first picks one of the ``n`` codes of each sample uniformly at random, as e4e's
 ``LatentCodesPool`` does, so the output is always ``[B, w_dim]``. While the pool holds fewer than ``size`` codes,
-every incoming code is stored and returned unchanged.
-
-The pool draws its random numbers from its own ``torch.Generator`` (seedable), and :meth:`LatentPool.state_dict`
-holds the stored codes and the generator state, so a resumed run continues exactly.
+every incoming code is stored and returned unchanged. Random numbers come from the pool's own (seedable) generator.
 """
 
 from __future__ import annotations
@@ -74,7 +71,8 @@ class LatentPool:
         return torch.stack(out, 0)
 
     def state_dict(self) -> dict[str, Any]:
-        """Stored codes (one tensor ``[len, w_dim]``), settings and the random generator state."""
+        """Stored codes (one tensor ``[len, w_dim]``), settings and the random generator state: a resumed run
+        continues exactly."""
         stored = torch.stack(self.codes, 0).cpu() if self.codes else torch.zeros(0)
         return {"size": self.size, "p": self.p, "codes": stored, "rng_state": self.generator.get_state()}
 

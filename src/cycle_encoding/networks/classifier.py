@@ -14,11 +14,6 @@ Architectures (``ClassifierConfig.arch``):
 Images are resized to ``input_size`` (antialiased bilinear), converted to ``in_channels`` and, for
 ``normalize="imagenet"``, mapped to [0, 1] and standardized with ImageNet's mean and std. Outputs are logits; the
 score of attribute k is output k (higher = more of the attribute).
-
-``features(images)`` (``convnet`` and ``vggbn``) returns the maps after each block and, last, the penultimate
-embedding (the globally average-pooled last map, ``[B, widths[-1]]``): what perceptual / identity-like terms and the
-classifier Frechet distance use (see ``losses.perceptual.classifier_perceptual``,
-``losses.identity.classifier_identity``, ``metrics.classifier_frechet_distance``).
 """
 
 from __future__ import annotations

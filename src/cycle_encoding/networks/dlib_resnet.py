@@ -28,13 +28,6 @@ Weights: the npm package ``@vladmandic/face-api@1.7.15`` ships them as TF.js "la
 uint8-quantized (value = q * scale + min, computed in float64 and rounded to float32 as TF.js does). They are
 converted once into the project's own format (kind ``face_embedder``) in the cache (``paths.cache_dir('models')``) by
 ``checkpoints.face_api``; ``scripts/fetch_assets.sh`` fetches the npm package. Nothing is downloaded at run time.
-
-Inputs of any size: :meth:`DlibFaceEmbedder.embed` takes images in [-1, 1]. With ``layout="ffhq"`` (the default:
-this project's faces are FFHQ-aligned) it cuts out the fixed square :data:`FFHQ_CHIP_BOX` -- where dlib's own chip
-lies, on average, in an FFHQ-aligned image -- and resizes it to 150 (antialiased bilinear); with ``layout="chip"``
-the whole image is taken as a chip and resized to 150. :meth:`embed_chips` takes chips that are already 150x150
-(e.g. from :func:`cycle_encoding.data.face_chips.extract_face_chips`). All of it is differentiable with respect to the
-input; the network's own parameters are frozen by ``checkpoints.face_api.load_dlib_face_embedder``.
 """
 
 from __future__ import annotations
@@ -55,14 +48,8 @@ DESCRIPTOR_DIM = 128
 
 
 FFHQ_CHIP_BOX = (0.1502, 0.2569, 0.8498, 0.9565)
-"""Where dlib's 150x150 chip (padding 0.25) lies in an FFHQ-aligned image, as fractions of its width/height:
-(left, top, right, bottom). Measured with :func:`cycle_encoding.data.face_chips.measure_chip_box` on the 23 faces (HOG
-boxes of 150 px or more) of the face-api demo photos and of obama/obama2/obama3/biden.jpg, aligned at 256 by
-:func:`cycle_encoding.data.align.align_face`: chip centre x 0.4993 +- 0.0134 (set to 0.5), y 0.6067 +- 0.0087,
-side 0.6996 +- 0.0256 of the image, angle 0.8 +- 2.0 degrees; ``tests/test_align.py`` re-measures it.
-On those faces, cropping this box of the 256 aligned image agrees with dlib's own descriptor of the original photo
-to a cosine of 0.9947 on average (lowest 0.9907), against 0.891 (lowest 0.829) for resizing the whole aligned
-image to 150, and 0.9995 for dlib's exact per-face chip cut from the aligned image."""
+"""Where dlib's 150x150 chip (padding 0.25) lies, on average, in an FFHQ-aligned image: (left, top, right, bottom) as
+fractions of its width/height (the measurement: docs/FACES.md, Face networks)."""
 
 LAYOUTS = ("ffhq", "chip")
 
@@ -149,7 +136,7 @@ class DlibFaceEmbedder(nn.Module):
     ``name`` is ``"dlib-resnet-face"``; ``embed``/``embed_chips`` give ``[B, 128]`` descriptors (not normalized);
     ``features`` gives the five stage outputs for a perceptual distance. ``layout`` sets how ``embed`` and
     ``features`` turn an image of any size into a chip: ``"ffhq"`` (FFHQ-aligned faces: crop :data:`FFHQ_CHIP_BOX`)
-    or ``"chip"`` (the image is a chip already: resize it to 150).
+    or ``"chip"`` (the image is a chip already: resize it to 150). Differentiable with respect to the input.
     """
 
     name = NAME

@@ -25,11 +25,7 @@ from torch import nn
 UnitSpec = tuple[int, int, int]
 """One bottleneck unit: (in_channels, depth, stride)."""
 
-UNITS_PER_BLOCK: dict[int, tuple[int, ...]] = {
-    50: (3, 4, 14, 3),
-    100: (3, 13, 30, 3),
-    152: (3, 8, 36, 3),
-}
+UNITS_PER_BLOCK: dict[int, tuple[int, ...]] = {50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 152: (3, 8, 36, 3)}
 """Units per block of the published IR / IR-SE depths."""
 
 DEFAULT_WIDTHS: tuple[int, ...] = (64, 128, 256, 512)
