@@ -1,20 +1,11 @@
 """A tuned generator stored as its change from the base generator: the own format's kind ``generator_delta``.
 
-Why not the float difference: ``base + (tuned - base)`` is not always ``tuned`` in float32 (the subtraction rounds
-whenever the two values are more than a factor of two apart, which happens for weights near zero that Adam moves
-through or across zero), so a float delta cannot promise a bit-exact rebuild. What is stored instead, for every
-tensor whose bits changed, is the XOR of the two tensors' bit patterns (as unsigned integers of the element's width),
-byte-shuffled (all first bytes, then all second bytes, ...) and compressed with zlib. XOR is its own inverse, so
-``bits(base) XOR stored = bits(tuned)`` exactly, and since tuning moves weights by small relative amounts, the
-sign, exponent and leading mantissa bits mostly agree: their byte planes are nearly all zeros and compress away.
-
-The file (safetensors, no pickle): one ``uint8`` tensor per changed tensor (the compressed stream); the header
-(``extra``) holds the encoding, each stored tensor's dtype, shape and sizes, the names of unchanged tensors, the
-base generator's ``weights_sha256`` (a hash of its tensors and ``w_avg``, independent of the file format it was read
-from) and config, and the tuned generator's ``weights_sha256``; ``config`` is the base's architecture. Rebuilding
-refuses a base whose hash differs (naming the base file the delta was made from) and checks the rebuilt generator's
-hash against the stored one. Unchanged tensors (the mapping network, which pivotal tuning never updates, the noise
-maps, the resampling kernels) cost nothing.
+Every tensor whose bits changed is stored as the XOR of the two tensors' bit patterns (unsigned integers of the
+element's width), byte-shuffled (all first bytes, then all second bytes, ...) and zlib-compressed, so that the rebuild
+is bit-exact (a float difference is not: docs/FORMATS.md, "Tuned generators"). The file (safetensors): one ``uint8``
+tensor per changed tensor; ``extra`` holds the encoding, each stored tensor's dtype, shape and sizes, the unchanged
+tensors' names, the base's ``weights_sha256`` and file, and the tuned generator's ``weights_sha256``; ``config`` is
+the base's architecture. Rebuilding refuses a base whose hash differs and checks the rebuilt hash.
 """
 
 from __future__ import annotations
@@ -35,22 +26,15 @@ from ..errors import CheckpointError, CycleEncodingError
 from ..networks.stylegan2 import Generator, GeneratorConfig
 from ..utils import resolve_device
 from .common import sniff
-from .generator import load_generator
+from .generator import generator_tensors, load_generator
 from .inspect import register_inspector
-from .native import default_provenance, native_info, read_native, read_native_header, save_native
+from .native import default_provenance, native_header_of_kind, native_info, read_native, read_native_header, save_native
 
 DELTA_KIND = "generator_delta"
 ENCODING = "xor-bits+byte-shuffle+zlib"
 ENCODING_VERSION = 1
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def generator_tensors(G: Generator) -> dict[str, torch.Tensor]:
-    """Every tensor that defines G's output: its state dict (weights, noise maps, kernels) and ``w_avg``."""
-    out = dict(G.state_dict())
-    out["latent_avg"] = G.w_avg
-    return out
 
 
 def weights_sha256(G: Generator | dict[str, torch.Tensor]) -> str:
@@ -97,9 +81,7 @@ def decode_change(base: torch.Tensor, blob: bytes) -> torch.Tensor:
     if not d.eof or d.unconsumed_tail or d.decompress(b"", 1):
         raise ValueError(f"the stored change does not end at the {need} bytes the tensor needs (longer or cut)")
     x = np.frombuffer(raw, dtype=np.uint8).reshape(width, -1).T.copy().view(b.dtype).reshape(-1)
-    out_bits = np.bitwise_xor(b, x)
-    t = torch.from_numpy(out_bits.copy()).view(base.dtype).view(base.shape)
-    return t
+    return torch.from_numpy(np.bitwise_xor(b, x)).view(base.dtype).view(base.shape)
 
 
 @dataclass
@@ -127,16 +109,11 @@ def save_generator_delta(
     level: int = 1,
     base_sha256: str | None = None,
 ) -> DeltaInfo:
-    """Write ``tuned`` as its change from ``base`` (see the module doc); returns sizes and hashes.
-
-    ``base_file`` (a name) is recorded so that a wrong base can be refused by name; ``base_sha256`` saves hashing the
-    base again when the caller already knows it.
-    """
+    """Write ``tuned`` as its change from ``base`` (see the module doc); ``base_file``: the name a wrong base is
+    refused with; ``base_sha256``: the base's hash when the caller knows it."""
     if base.config != tuned.config:
         raise ValueError("the tuned generator's architecture differs from the base's")
     bt, tt = generator_tensors(base), generator_tensors(tuned)
-    if set(bt) != set(tt):
-        raise ValueError("the tuned generator's tensors differ from the base's")
     blobs: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     unchanged: list[str] = []
@@ -150,7 +127,7 @@ def save_generator_delta(
         blob = encode_change(a, b, level)
         blobs[k] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         meta[k] = {"dtype": str(a.dtype).replace("torch.", ""), "shape": list(a.shape), "stored_bytes": len(blob)}
-    tuned_hash = weights_sha256(tt)
+    tuned_hash, full = weights_sha256(tt), full_copy_bytes(base)
     header_extra = {
         "encoding": ENCODING,
         "encoding_version": ENCODING_VERSION,
@@ -159,29 +136,19 @@ def save_generator_delta(
         "base": {
             "weights_sha256": base_sha256 or weights_sha256(bt),
             "file": base_file,
-            "source": getattr(base, "provenance", {}).get("source_file") if hasattr(base, "provenance") else None,
+            "source": getattr(base, "provenance", {}).get("source_file"),
         },
         "tuned_weights_sha256": tuned_hash,
-        "full_copy_bytes": full_copy_bytes(base),
+        "full_copy_bytes": full,
         **(extra or {}),
     }
     p = save_native(path, DELTA_KIND, base.config.to_dict(), blobs, provenance or default_provenance(), header_extra)
-    return DeltaInfo(
-        path=Path(p),
-        file_bytes=Path(p).stat().st_size,
-        full_copy_bytes=full_copy_bytes(base),
-        changed=len(blobs),
-        unchanged=len(unchanged),
-        tuned_sha256=tuned_hash,
-    )
+    return DeltaInfo(Path(p), Path(p).stat().st_size, full, len(blobs), len(unchanged), tuned_hash)
 
 
 def load_generator_delta(path: str | Path, base: Generator | str | Path, verify: bool = True) -> Generator:
-    """Rebuild the tuned generator from its base (a Generator or a generator file) and the delta file.
-
-    A base whose weights differ from the one the delta was made from is refused; with ``verify`` the rebuilt
-    generator's weight hash is checked against the stored one.
-    """
+    """Rebuild the tuned generator from its base (a Generator or a generator file) and the delta file; a base of
+    other weights is refused, and with ``verify`` the rebuilt generator's hash is checked."""
     p = Path(path)
     nf = read_native(p, kind=DELTA_KIND)
     ex = nf.extra
@@ -237,11 +204,8 @@ def load_generator_delta(path: str | Path, base: Generator | str | Path, verify:
 
 
 def inspect_generator_delta(path: Path, container: str) -> dict[str, Any] | None:
-    """``cycle-encoding info`` for delta files."""
-    if container != "safetensors":
-        return None
-    h = read_native_header(path)
-    if h.get("kind") != DELTA_KIND:
+    h = native_header_of_kind(path, container, DELTA_KIND)
+    if h is None:
         return None
     ex = h.get("extra", {})
     full = int(ex.get("full_copy_bytes", 0))
@@ -321,7 +285,4 @@ def open_generator(
                 f"a tuned generator stored as its change from {want.get('file') or 'a base generator'}, which is not "
                 "beside it: give the base generator with --base FILE",
             )
-    if isinstance(base, (str, Path)):
-        base = load_generator(base, device="cpu")
-    G = load_generator_delta(path, base)
-    return G.to(resolve_device(device)).eval().requires_grad_(False)
+    return load_generator_delta(path, base).to(resolve_device(device))

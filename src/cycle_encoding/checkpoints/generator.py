@@ -23,7 +23,7 @@ from ..errors import CheckpointError
 from ..networks.stylegan2 import Generator, GeneratorConfig
 from ..utils import resolve_device
 from . import e4e, nvidia, rosinality
-from .common import check_declared_architecture, check_state_dict, sniff, torch_load
+from .common import check_declared_architecture, sniff, torch_load
 from .native import NativeFile, default_provenance, file_sha256, read_config, read_native, save_native
 
 W_AVG_SAMPLES = 10_000
@@ -126,13 +126,8 @@ def build_generator(weights: GeneratorWeights, source: str | Path, device: str |
         counts={"n_mlp": weights.config.n_mlp}, derived=lambda k: k.endswith(".kernel"),
     )  # fmt: skip
     G = Generator(weights.config)
-    sd = dict(weights.state_dict)
     # resampling kernels are fixed buffers derived from the architecture; some layouts do not store them
-    for k, v in G.state_dict().items():
-        if k.endswith(".kernel") and k not in sd:
-            sd[k] = v
-    check_state_dict(G, sd, source, "generator")
-    G.load_state_dict(sd, strict=True)
+    G.load_state_dict({**{k: v for k, v in G.state_dict().items() if k.endswith(".kernel")}, **weights.state_dict})
     G = G.to(device)
     if weights.w_avg is not None:
         if weights.w_avg.numel() != G.w_dim:
@@ -148,10 +143,8 @@ def build_generator(weights: GeneratorWeights, source: str | Path, device: str |
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """Load a StyleGAN2 generator from any supported file; architecture inferred from the tensors.
-
-    The result is in eval mode with gradients off; ``G.provenance`` says where it came from.
-    """
+    """Load a StyleGAN2 generator from any supported file (architecture inferred from the tensors), in eval mode with
+    gradients off; ``G.provenance`` says where it came from."""
     device = resolve_device(device)
     p = resolve_model(path)
     w = read_generator_weights(p)
@@ -171,14 +164,15 @@ def open_generator_arg(generator: str | Path | Generator, device: torch.device) 
     return load_generator(generator, device=device), str(generator)
 
 
+def generator_tensors(G: Generator) -> dict[str, torch.Tensor]:
+    """Every tensor that defines G's output: its state dict (weights, noise maps, kernels) and ``w_avg``."""
+    return {**G.state_dict(), "latent_avg": G.w_avg}
+
+
 def save_generator(G: Generator, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
     """Write ``G`` in the project's own format (safetensors + architecture and provenance JSON)."""
-    tensors = {k: v for k, v in G.state_dict().items()}
-    tensors["latent_avg"] = G.w_avg
-    prov = provenance
-    if prov is None:
-        prov = default_provenance(**getattr(G, "provenance", {}))
-    return save_native(path, "generator", G.config.to_dict(), tensors, prov)
+    prov = default_provenance(**getattr(G, "provenance", {})) if provenance is None else provenance
+    return save_native(path, "generator", G.config.to_dict(), generator_tensors(G), prov)
 
 
 def convert_generator(src: str | Path, dst: str | Path, to: str = "native", generator: Generator | None = None) -> Path:
