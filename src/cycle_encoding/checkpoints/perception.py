@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from ..errors import CheckpointError, CycleEncodingError
 from ..networks.irse import UNITS_PER_BLOCK, ArcFaceBackbone
 from ..networks.lpips import BACKBONES, LPIPS, LPIPS_NETS
 from ..networks.resnet import ResNet50
-from .common import torch_load
+from .common import count_parameters, torch_load
 from .locate import missing_file_message
 
 # torchvision's classifier keys: name -> shape, with None where any size is fine (the number of classes). AlexNet's
@@ -33,41 +33,34 @@ _CLASSIFIERS: dict[str, dict[str, tuple[int | None, ...]]] = {
 }  # fmt: skip
 
 
-def _optional_bn_counter(key: str) -> bool:
-    return key.endswith("num_batches_tracked")
-
-
-def check_strict(
-    model: nn.Module,
-    sd: Mapping[str, Any],
-    source: str | Path,
-    what: str,
-    optional: Callable[[str], bool] = _optional_bn_counter,
-) -> dict[str, torch.Tensor]:
-    """Check ``sd`` against ``model``'s state dict: same keys, same shapes, tensors only.
-
-    Keys for which ``optional(key)`` holds may be missing (BatchNorm's ``num_batches_tracked`` in old files); they
-    are filled from the model. Floating tensors become float32. Returns the checked dict; raises a CheckpointError
-    naming the first missing, unexpected or mis-shaped key.
-    """
-    want = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    for k, v in want.items():
+def check_shapes(
+    sd: Mapping[str, Any], expected: Mapping[str, tuple[int | None, ...]], source: str | Path, what: str
+) -> None:
+    """``sd`` holds exactly the ``expected`` keys (BatchNorm's ``num_batches_tracked`` may be missing, as in old
+    files), each a tensor of that shape (None: any size); else a CheckpointError naming the first key that differs."""
+    for k, shape in expected.items():
         if k not in sd:
-            if optional(k):
-                out[k] = v.clone()
+            if k.endswith("num_batches_tracked"):
                 continue
-            raise CheckpointError(source, f"{what}: missing key {k} (expected shape {list(v.shape)})")
+            raise CheckpointError(source, f"{what}: missing key {k} (expected shape {list(shape)})")
         got = sd[k]
         if not isinstance(got, torch.Tensor):
             raise CheckpointError(source, f"{what}: key {k} holds a {type(got).__name__}, not a tensor")
-        if tuple(got.shape) != tuple(v.shape):
-            raise CheckpointError(source, f"{what}: key {k} has shape {list(got.shape)}, expected {list(v.shape)}")
-        out[k] = got.float() if got.is_floating_point() else got
-    extra = [k for k in sd if k not in want]
+        if len(got.shape) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got.shape)):
+            raise CheckpointError(source, f"{what}: key {k} has shape {list(got.shape)}, expected {list(shape)}")
+    extra = [k for k in sd if k not in expected]
     if extra:
         raise CheckpointError(source, f"{what}: unexpected key {extra[0]} ({len(extra)} unexpected in all)")
-    return out
+
+
+def check_strict(model: nn.Module, sd: Mapping[str, Any], source: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """``sd`` checked against ``model``'s state dict (``check_shapes``), missing counters filled from the model,
+    floating tensors as float32."""
+    want = model.state_dict()
+    check_shapes(sd, {k: tuple(v.shape) for k, v in want.items()}, source, what)
+    return {
+        k: (sd[k].float() if sd[k].is_floating_point() else sd[k]) if k in sd else v.clone() for k, v in want.items()
+    }
 
 
 def _as_state_dict(obj: Any, source: str | Path, what: str) -> dict[str, Any]:
@@ -82,14 +75,7 @@ def _as_state_dict(obj: Any, source: str | Path, what: str) -> dict[str, Any]:
     return sd
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# torchvision AlexNet / VGG16 backbones and LPIPS
-
-
-def lpips_backbone_missing_message(net: str, domain: str | None = None) -> str:
-    """The error for LPIPS asked for without a backbone file: which file, where it usually lives, the option, and
-    an offline distance that fits ``domain`` (``checkpoints.locate``)."""
-    return missing_file_message(f"lpips-{net}", domain)
+# -- torchvision AlexNet / VGG16 backbones and LPIPS -------------------------------------------------------------------
 
 
 def infer_backbone_arch(sd: Mapping[str, Any]) -> str | None:
@@ -127,16 +113,7 @@ def read_torchvision_backbone(path: str | Path, arch: str | None = None) -> tupl
         raise CheckpointError(p, f"{what}: this is a {found} state dict, but {arch} was asked for")
     classifier = {k: v for k, v in sd.items() if k.startswith("classifier.")}
     if classifier:
-        want = _CLASSIFIERS[found]
-        for k, shape in want.items():
-            if k not in classifier:
-                raise CheckpointError(p, f"{what}: missing key {k} (the classifier is partly there)")
-            got = tuple(classifier[k].shape)
-            if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
-                raise CheckpointError(p, f"{what}: key {k} has shape {list(got)}, expected {list(shape)}")
-        extra = [k for k in classifier if k not in want]
-        if extra:
-            raise CheckpointError(p, f"{what}: unexpected key {extra[0]}")
+        check_shapes(classifier, _CLASSIFIERS[found], p, what)
     features = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
     return found, check_strict(BACKBONES[found](), features, p, f"{what} ({found})")
 
@@ -154,26 +131,15 @@ def lpips_heads_path(net: str) -> Path:
 
 
 def read_lpips_heads(net: str, path: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The v0.1 linear heads ``lin{k}.model.1.weight [1, C_k, 1, 1]`` for ``net``, checked strictly.
-
-    ``path`` defaults to the installed ``lpips`` package's ``weights/v0.1/{net}.pth``.
-    """
+    """The v0.1 linear heads ``lin{k}.model.1.weight [1, C_k, 1, 1]`` for ``net``, checked strictly; ``path``
+    defaults to the installed ``lpips`` package's ``weights/v0.1/{net}.pth``."""
     if net not in LPIPS_NETS:
         raise CycleEncodingError(f"unknown LPIPS net {net!r} (alex or vgg)")
     p = Path(path) if path is not None else lpips_heads_path(net)
     sd = _as_state_dict(torch_load(p), p, f"LPIPS {net} heads")
     channels = BACKBONES[LPIPS_NETS[net]].channels
     expected = {f"lin{k}.model.1.weight": (1, c, 1, 1) for k, c in enumerate(channels)}
-    for k, shape in expected.items():
-        if k not in sd:
-            raise CheckpointError(p, f"LPIPS {net} heads: missing key {k} (expected shape {list(shape)})")
-        if tuple(sd[k].shape) != shape:
-            raise CheckpointError(
-                p, f"LPIPS {net} heads: key {k} has shape {list(sd[k].shape)}, expected {list(shape)}"
-            )
-    extra = [k for k in sd if k not in expected]
-    if extra:
-        raise CheckpointError(p, f"LPIPS {net} heads: unexpected key {extra[0]}")
+    check_shapes(sd, expected, p, f"LPIPS {net} heads")
     return {k: sd[k].float() for k in expected}
 
 
@@ -183,20 +149,17 @@ def load_lpips(
     heads: str | Path | None = None,
     device: str | torch.device = "cpu",
 ) -> LPIPS:
-    """An LPIPS module: torchvision backbone from ``backbone`` (required), heads from ``heads`` or the lpips package.
-
-    Without a backbone file this raises a CycleEncodingError that names the file needed and where it comes from.
-    """
+    """An LPIPS module: torchvision backbone from ``backbone`` (required: else an error naming the file), heads from
+    ``heads`` or the lpips package."""
     if net not in LPIPS_NETS:
         raise CycleEncodingError(f"unknown LPIPS net {net!r} (alex or vgg)")
     if backbone is None:
-        raise CycleEncodingError(lpips_backbone_missing_message(net))
+        raise CycleEncodingError(missing_file_message(f"lpips-{net}"))
     _, features = read_torchvision_backbone(backbone, LPIPS_NETS[net])
     return LPIPS(net, features, read_lpips_heads(net, heads)).to(device)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# ArcFace IR-SE-50
+# -- ArcFace IR-SE-50 --------------------------------------------------------------------------------------------------
 
 
 def infer_arcface_config(sd: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
@@ -240,8 +203,7 @@ def load_arcface(path: str | Path, device: str | torch.device = "cpu") -> ArcFac
     return model.requires_grad_(False).eval().to(device)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# MoCo v2 ResNet-50
+# -- MoCo v2 ResNet-50 -------------------------------------------------------------------------------------------------
 
 MOCO_PREFIXES = ("module.encoder_q.", "encoder_q.")
 _MOCO_OTHER = ("module.encoder_k.", "encoder_k.", "module.queue", "queue")
@@ -281,12 +243,11 @@ def load_moco(path: str | Path, device: str | torch.device = "cpu") -> ResNet50:
     return model.requires_grad_(False).eval().to(device)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# cycle-encoding info
+# -- cycle-encoding info -----------------------------------------------------------------------------------------------
 
 
 def _count(sd: Mapping[str, Any]) -> int:
-    return int(sum(v.numel() for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.endswith("_tracked")))
+    return count_parameters(sd, lambda k: k.endswith("_tracked"))
 
 
 def inspect_perception(path: Path, container: str) -> dict[str, Any] | None:
