@@ -4,6 +4,7 @@ executing code, checking a state dict against a model with messages that name th
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import struct
@@ -12,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,22 +73,15 @@ def sniff(path: str | Path) -> str:
 
 
 def _numpy_safe_globals() -> list[Any]:
-    out: list[Any] = []
-    try:
-        import numpy as np
-
-        out += [np.dtype, np.ndarray]
-        for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
-            try:
-                m = __import__(mod, fromlist=["scalar", "_reconstruct"])
-                out += [m.scalar, m._reconstruct]
-                break
-            except (ImportError, AttributeError):
-                continue
-        out += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
-    except ImportError:  # pragma: no cover
-        pass
-    return out
+    out: list[Any] = [np.dtype, np.ndarray]
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            m = importlib.import_module(mod)
+            out += [m.scalar, m._reconstruct]
+            break
+        except (ImportError, AttributeError):
+            continue
+    return out + [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
 
 
 # Classes that pretrained files commonly hold besides tensors and that only carry data:
@@ -95,11 +90,11 @@ SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_safe_globals()]
 
 # torch words its refusal in several ways ("Unsupported global: GLOBAL eval", "unsupported GLOBAL posix.system whose
 # module posix is blocked", ...); only the name is taken from it, never its advice (to turn the guard off)
-_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
 
 
-def torch_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+def torch_load(path: str | Path, mmap: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True`` (no code from the file runs), with clear one-line errors; ``mmap``:
     tensors are read when used (a zip-format file's structure costs no more than its pickle)."""
     p = Path(path)
@@ -108,13 +103,13 @@ def torch_load(path: str | Path, map_location: str | torch.device = "cpu", mmap:
         raise CheckpointError(p, f"expected a torch file (torch.save), found a {kind} file")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap or None)
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap or None)
     except Exception as e:  # torch raises many types here; turn each into one line
         msg = str(e)
         if "central directory" in msg or "unexpected EOF" in msg or "Ran out of input" in msg:
             raise CheckpointError(p, "truncated: the archive ends early (incomplete download?)") from None
-        m = _UNSUPPORTED_GLOBAL.search(msg)
-        if m or _WEIGHTS_ONLY_REFUSAL in msg:
+        m = UNSUPPORTED_GLOBAL.search(msg)
+        if m or WEIGHTS_ONLY_REFUSAL in msg:
             what = f" ({m.group(1)}, not a tensor or a plain container)" if m else ""
             raise UnsafePickleError(
                 p,

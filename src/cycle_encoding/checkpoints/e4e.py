@@ -6,6 +6,7 @@ The encoder part is read by the encoder reader; the ``decoder.*`` part is a rosi
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,11 +29,7 @@ def split_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 def prefixes(sd: Mapping[str, Any]) -> dict[str, int]:
     """How many entries each top-level prefix holds (e.g. {'encoder': 483, 'decoder': 370})."""
-    out: dict[str, int] = {}
-    for k in sd:
-        head = k.split(".", 1)[0]
-        out[head] = out.get(head, 0) + 1
-    return out
+    return dict(Counter(k.split(".", 1)[0] for k in sd))
 
 
 def latent_avg_vector(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ from ..networks.encoder import Encoder4Editing, EncoderConfig
 from ..utils import resolve_device
 from . import e4e
 from .common import check_declared_architecture, check_state_dict, count_parameters, sniff, torch_load
-from .native import default_provenance, read_config, read_native, read_native_header, save_native
+from .native import default_provenance, native_header_of_kind, read_config, read_native, read_native_header, save_native
 from .rosinality import infer_generator_config
 
 _UNIT = re.compile(r"^body\.(\d+)\.res_layer\.1\.weight$")
@@ -101,11 +101,7 @@ def build_encoder(
         counts={"num_ws": config.num_ws, "units": sum(config.units)}, derived=lambda k: k == "latent_avg",
     )  # fmt: skip
     E = Encoder4Editing(config)
-    sd = dict(sd)
-    if "latent_avg" not in sd:
-        sd["latent_avg"] = E.latent_avg if latent_avg is None else torch.zeros_like(E.latent_avg)
-    check_state_dict(E, sd, source, "encoder")
-    E.load_state_dict(sd, strict=True)
+    E.load_state_dict({"latent_avg": E.latent_avg, **sd})
     if latent_avg is not None:
         la = latent_avg.float()
         if la.shape[-1] != config.w_dim:
@@ -149,11 +145,8 @@ def e4e_loss_networks(opts: Mapping[str, Any]) -> dict[str, str]:
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encoder4Editing:
-    """Load an encoder: e4e / pSp / Cycle Encoding ``.pt`` or the project's ``.safetensors``.
-
-    The encoder is returned in eval mode with its stage set to the stage its training ended in when the file
-    records it, else all offsets (as the authors' inference does). ``E.provenance`` says where it came from.
-    """
+    """Load an encoder (e4e / pSp / Cycle Encoding ``.pt`` or the project's ``.safetensors``) in eval mode, at the
+    stage its training ended in where the file records it, else all offsets (as the authors' inference does)."""
     p = resolve_model(path)
     kind = sniff(p)
     prov: dict[str, Any]
@@ -234,8 +227,8 @@ def save_encoder(
 def inspect_encoder_file(path: Path, container: str) -> dict[str, Any] | None:
     """``info`` for e4e-family checkpoints (encoder and decoder) and own-format encoders."""
     if container == "safetensors":
-        h = read_native_header(path)
-        if h.get("kind") != "encoder":
+        h = native_header_of_kind(path, container, "encoder")
+        if h is None:
             return None
         E = load_encoder(path)
         return {

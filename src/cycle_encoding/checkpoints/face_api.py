@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.dlib_resnet import (
@@ -89,16 +88,13 @@ def read_tfjs_weights(manifest: str | Path) -> dict[str, np.ndarray]:
             name, shape = wspec["name"], [int(s) for s in wspec["shape"]]
             count = int(np.prod(shape)) if shape else 1
             quant = wspec.get("quantization")
-            if quant:
-                qdtype = _QUANT_DTYPES.get(quant.get("dtype"))
-                if qdtype is None:
-                    raise CheckpointError(mpath, f"weight {name}: unsupported quantization {quant.get('dtype')!r}")
-                stored = np.dtype(qdtype).newbyteorder("<")
-            else:
-                pdtype = _PLAIN_DTYPES.get(wspec.get("dtype", "float32"))
-                if pdtype is None:
-                    raise CheckpointError(mpath, f"weight {name}: unsupported dtype {wspec.get('dtype')!r}")
-                stored = np.dtype(pdtype).newbyteorder("<")
+            code = quant.get("dtype") if quant else wspec.get("dtype", "float32")
+            dtype = (_QUANT_DTYPES if quant else _PLAIN_DTYPES).get(code)
+            if dtype is None:
+                raise CheckpointError(
+                    mpath, f"weight {name}: unsupported {'quantization' if quant else 'dtype'} {code!r}"
+                )
+            stored = np.dtype(dtype).newbyteorder("<")
             nbytes = count * stored.itemsize
             if offset + nbytes > len(data):
                 raise CheckpointError(
@@ -156,15 +152,14 @@ def build_from_state_dict(sd: Mapping[str, torch.Tensor], source: str | Path, la
     return DlibFaceEmbedder(net, layout=layout)
 
 
-def _config() -> dict[str, Any]:
-    return {
-        "architecture": NAME,
-        "input_size": CHIP_SIZE,
-        "chip_padding": CHIP_PADDING,
-        "mean_rgb": list(MEAN_RGB),
-        "input_scale": INPUT_SCALE,
-        "descriptor_dim": DESCRIPTOR_DIM,
-    }
+CONFIG = {
+    "architecture": NAME,
+    "input_size": CHIP_SIZE,
+    "chip_padding": CHIP_PADDING,
+    "mean_rgb": list(MEAN_RGB),
+    "input_scale": INPUT_SCALE,
+    "descriptor_dim": DESCRIPTOR_DIM,
+}
 
 
 def convert_face_api_weights(manifest: str | Path, out: str | Path) -> Path:
@@ -180,33 +175,19 @@ def convert_face_api_weights(manifest: str | Path, out: str | Path) -> Path:
         source_sha256={p.name: file_sha256(p) for p in [mpath, *bins]},
         original="dlib_face_recognition_resnet_model_v1 (Davis King, dlib; public domain / CC0 model)",
     )
-    return save_native(out, FACE_EMBEDDER_KIND, _config(), sd, provenance=prov)
-
-
-def face_api_dir() -> Path:
-    """Where ``scripts/fetch_assets.sh`` puts the face-api npm package's files in the cache."""
-    return cache_dir("face-api", create=False)
-
-
-def default_embedder_path() -> Path:
-    """The converted embedder in the cache (``<cache>/models/dlib_resnet_face_v1.safetensors``)."""
-    return cache_dir("models", create=False) / NATIVE_NAME
+    return save_native(out, FACE_EMBEDDER_KIND, CONFIG, sd, provenance=prov)
 
 
 def load_dlib_face_embedder(
     device: str | torch.device = "cpu", path: str | Path | None = None, layout: str = "ffhq"
 ) -> DlibFaceEmbedder:
-    """The dlib face embedder, frozen, in eval mode, on ``device``.
-
-    ``path``: a converted file (kind ``face_embedder``) or face-api's weights manifest. Without it: the converted
-    file in the cache, else converted now (once) from the face-api files in the cache; if neither is there, a
-    :class:`CycleEncodingError` says to run ``scripts/fetch_assets.sh``.
-    """
+    """The dlib face embedder, frozen, in eval mode, on ``device``, from ``path`` (a converted file or face-api's
+    weights manifest), else the converted file in the cache (converted once from the cached face-api files)."""
     dev = resolve_device(device)
     if path is None:
-        native = default_embedder_path()
+        native = cache_dir("models", create=False) / NATIVE_NAME
         if not native.is_file():
-            manifest = face_api_dir() / "model" / MANIFEST_NAME
+            manifest = cache_dir("face-api", create=False) / "model" / MANIFEST_NAME  # scripts/fetch_assets.sh puts it
             if not manifest.is_file():
                 raise CycleEncodingError(
                     f"the dlib face embedder's weights are not in the cache ({native} or {manifest}): run "
@@ -222,9 +203,7 @@ def load_dlib_face_embedder(
     if p.suffix == ".json":
         model = build_from_state_dict(tfjs_to_state_dict(read_tfjs_weights(p), p), p, layout)
     else:
-        nf = read_native(p)
-        if nf.kind != FACE_EMBEDDER_KIND:
-            raise CheckpointError(p, f"holds a {nf.kind!r}, not a face embedder ({FACE_EMBEDDER_KIND!r})")
+        nf = read_native(p, kind=FACE_EMBEDDER_KIND, what="a face embedder")
         arch = nf.config.get("architecture")
         if arch != NAME:
             raise CheckpointError(p, f"face embedder architecture {arch!r} is not {NAME!r}")
@@ -238,6 +217,4 @@ def inspect_face_embedder(path: Path, container: str) -> dict[str, Any] | None:
     h = native_header_of_kind(path, container, FACE_EMBEDDER_KIND)
     if h is None:
         return None
-    with safe_open(str(path), framework="pt") as f:
-        n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
-    return native_info(h, f"{NAME}: dlib ResNet face embedder, 150x150 chips -> 128-d descriptors", parameters=n)
+    return native_info(h, f"{NAME}: dlib ResNet face embedder, 150x150 chips -> 128-d descriptors", path)

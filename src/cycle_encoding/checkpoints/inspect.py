@@ -1,19 +1,13 @@
-"""What a checkpoint file is and holds, for ``cycle-encoding info``.
-
-Inspectors are tried in order; each returns a dict for files it recognises, or None. The readers of this layer are
-listed below; modules above it that write files of their own (editing directions, tuned generators' changes) add
-theirs with :func:`register_inspector` when imported (the package's ``__init__`` imports them, so the list is full
-for every user of the package).
+"""What a checkpoint file is and holds, for ``cycle-encoding info``: inspectors tried in order, each returning a dict
+for the files it recognises, else None. Modules above this layer that write files of their own (editing directions,
+tuned generators' changes) add theirs with :func:`register_inspector` when the package is imported.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from safetensors import safe_open
 
 from ..assets import resolve_model
 from ..errors import CheckpointError
@@ -61,9 +55,7 @@ def inspect_native(path: Path, container: str) -> dict[str, Any] | None:
     if container != "safetensors":
         return None
     h = read_native_header(path)
-    with safe_open(str(path), framework="pt") as f:
-        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return native_info(h, h["kind"], parameters=n)
+    return native_info(h, h["kind"], path)
 
 
 # Tried in order: the specific readers first, inspect_native last among own-format files (it takes any of them).
@@ -80,8 +72,7 @@ _GENERAL = (inspect_generator, inspect_native, inspect_perception)
 
 
 def register_inspector(inspector: Inspector) -> Inspector:
-    """Add a reader of a specific kind of file, tried before the general ones (generators, any own-format file,
-    perception networks); registering the same function again does nothing."""
+    """Add a reader of a specific kind of file, tried before the general ones (``_GENERAL``); once per function."""
     if inspector not in INSPECTORS:
         INSPECTORS.insert(INSPECTORS.index(_GENERAL[0]), inspector)
     return inspector

@@ -6,10 +6,7 @@
 - ``latents.pt``: e4e's inference output, one tensor ``[n, num_ws, w_dim]`` saved with ``torch.save``, in the order
   of the image files; ``latents.npy``: the same array for numpy users. Beside them ``latents.txt`` names the images,
   one per line, in that order (e4e's file has no names).
-
-``load_latents`` reads any of these (and a ``.pt`` dict holding one tensor under ``w``, ``ws``, ``latents`` or
-``codes``, as notebooks save them) to a float32 tensor ``[n, num_ws, w_dim]``; W codes ``[n, w_dim]`` are repeated
-over ``num_ws`` when that is given.
+- a ``.pt`` dict holding one tensor under ``w``, ``ws``, ``latents`` or ``codes``, as notebooks save them (read only).
 """
 
 from __future__ import annotations
@@ -123,13 +120,9 @@ def _read_npz(p: Path, max_count: int | None) -> np.ndarray:
 def load_latents(
     path: str | Path, num_ws: int | None = None, w_dim: int | None = None, max_count: int | None = None
 ) -> torch.Tensor:
-    """Codes ``[n, num_ws, w_dim]`` (float32) from ``.npz`` (key ``w``, NVIDIA's projector), ``.npy`` or ``.pt``
-    (a tensor, as e4e's ``latents.pt``, or a dict of one under ``w``/``ws``/``latents``/``codes``).
-
-    ``num_ws`` / ``w_dim`` (a generator's) are checked when given, and W codes ``[n, w_dim]`` are repeated over the
-    ``num_ws`` layers. A file of no codes, or of more than ``max_count`` (checked from the array's header where the
-    format has one), is refused. Any problem is a one-line CycleEncodingError naming the file.
-    """
+    """Codes ``[n, num_ws, w_dim]`` (float32) from any file of the module doc; ``num_ws`` / ``w_dim`` (a
+    generator's) are checked when given, W codes ``[n, w_dim]`` repeated over the ``num_ws`` layers. A file of no
+    codes, or of more than ``max_count`` (from the array's header where it has one), is a one-line error."""
     p = Path(path)
     if not p.is_file():
         raise CycleEncodingError(f"{p}: no such file" if not p.exists() else f"{p}: not a file")

@@ -1,25 +1,16 @@
-"""Finding the perception networks' weight files where users keep them.
+"""Finding the perception networks' weight files (LPIPS' ImageNet backbones, ArcFace, MoCo) where users keep them.
 
-A network that needs a file (LPIPS' ImageNet backbones, ArcFace, MoCo) gets it from the first of:
-
-1. the option (``--lpips-backbone FILE`` / ``--identity-weights FILE``; library: the ``weights`` argument);
-2. the file the run or the encoder recorded (a ``train-encoder`` run records the files its losses used);
-3. the torch hub cache, where torchvision's downloads land: ``$TORCH_HOME/hub/checkpoints/FILE`` (``TORCH_HOME``
-   defaults to ``$XDG_CACHE_HOME/torch``, else ``~/.cache/torch``);
-4. the folders of the config shipped with the project (``assets/network_files.json``: the project's cache
-   ``networks/`` folder, ``pretrained_models/`` as pSp / e4e / PTI checkouts have it, the working folder), or of the
-   file ``$CYCLE_ENCODING_NETWORKS`` names instead (same layout).
-
-The file found and how it was found are given back (``Located``) so that the command prints them and the run
-records them. When nothing is found, the error names the file, where it usually lives, the option, and an offline
-alternative that fits the domain (``offline_alternative``).
+Order: the option (library: ``given``), the file the run or encoder recorded, the torch hub cache
+(``$TORCH_HOME/hub/checkpoints``), then the folders of ``assets/network_files.json`` (or of the file
+``$CYCLE_ENCODING_NETWORKS`` names); docs/TRAINING.md, "Network files". The file found and how (``Located``) are
+printed and recorded; a missing one is an error naming it, where it usually lives, the option and an offline network.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -89,7 +80,6 @@ class Located:
     path: Path
     how: str
     config: str | None = None
-    tried: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         where = {
@@ -136,8 +126,7 @@ def locate_network_file(
     recorded: str | Path | None = None,
     domain: str | None = None,
 ) -> Located:
-    """The weight file of ``network`` by the order of the module doc; a one-line error when none is found (a file
-    given or recorded that does not exist is an error naming it: it is never passed over silently)."""
+    """The weight file of ``network`` by the order of the module doc; a one-line error when none is found."""
     if given is not None:
         p = Path(given).expanduser()
         if not p.is_file():

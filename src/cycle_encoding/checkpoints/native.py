@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,15 +43,11 @@ class NativeFile:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def file_sha256(path: str | Path, limit: int | None = None) -> str:
+def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        read = 0
         while chunk := f.read(1 << 20):
             h.update(chunk)
-            read += len(chunk)
-            if limit is not None and read >= limit:
-                break
     return h.hexdigest()
 
 
@@ -107,9 +104,7 @@ def read_native_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
-def read_native(
-    path: str | Path, device: str | torch.device = "cpu", kind: str | None = None, what: str | None = None
-) -> NativeFile:
+def read_native(path: str | Path, kind: str | None = None, what: str | None = None) -> NativeFile:
     """An own-format file's header and tensors; with ``kind``, a file of another kind is an error saying it is not
     ``what`` (e.g. "an encoder"; default "a KIND")."""
     p = Path(path)
@@ -117,7 +112,7 @@ def read_native(
     if kind is not None and header["kind"] != kind:
         raise CheckpointError(p, f"a cycle-encoding {header['kind']} file, not {what or 'a ' + kind}")
     try:
-        with safe_open(str(p), framework="pt", device=str(device)) as f:
+        with safe_open(str(p), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(p, f"cannot read tensors (truncated or corrupt?): {e}") from None
@@ -138,16 +133,21 @@ def read_config(cls: Any, data: Any, path: str | Path, what: str) -> Any:
         raise CheckpointError(path, f"bad {what} configuration in the file: {e}") from None
 
 
-def native_info(header: dict[str, Any], network: str, **fields: Any) -> dict[str, Any]:
+def native_info(
+    header: dict[str, Any], network: str, counted: str | Path | None = None, **fields: Any
+) -> dict[str, Any]:
     """``cycle-encoding info``'s description of an own-format file from its header: ``network``, the architecture
-    (the header's config), ``fields``, the provenance and what it holds (its kind)."""
-    arch, prov = header.get("config", {}), header.get("provenance", {})
+    (the header's config), the ``parameters`` of the file ``counted`` (from its header), ``fields``, the provenance
+    and what it holds (its kind)."""
+    if counted is not None:
+        with safe_open(str(counted), framework="pt") as f:
+            fields = {"parameters": sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()), **fields}
     return {
         "format": FORMAT_NAME,
         "network": network,
-        "architecture": arch,
+        "architecture": header.get("config", {}),
         **fields,
-        "provenance": prov,
+        "provenance": header.get("provenance", {}),
         "holds": [header["kind"]],
     }
 

@@ -1,22 +1,14 @@
 """NVIDIA stylegan2-ada-pytorch ``.pkl`` files, read without NVIDIA's code and without running any.
 
-NVIDIA's loader imports ``torch_utils``/``dnnlib`` and ``exec``s the source code stored in the pickle.
-Here a restricted unpickler admits only what the data needs:
-
-- ``torch_utils.persistence._reconstruct_persistent_obj`` -> a function that keeps ``meta['state']``
-  (the module's ``__dict__``: ``_parameters``, ``_buffers``, ``_modules``, ``_init_kwargs``) and the class
-  name, and never looks at ``meta['module_src']``;
-- ``dnnlib.util.EasyDict`` -> ``dict``;
-- torch's tensor/parameter rebuild functions, dtypes and ``torch.Size``; ``torch.storage._load_from_bytes``
-  is replaced by a loader with ``weights_only=True``;
-- ``collections.OrderedDict`` and a few builtin containers;
-- numpy scalars (NVIDIA's layers keep ``np.sqrt(...)`` floats as attributes), under numpy 1's and numpy 2's module
-  names: stand-ins that build a plain numeric scalar from its type code and raw bytes, and nothing else of numpy.
-
-Anything else (``os.system``, ``builtins.eval``, an unknown class) is refused by name before it is
-called. TensorFlow-era pickles (``dnnlib.tflib.network.Network``) are recognised and refused with a
-message saying what they are. The networks are flattened into NVIDIA's state-dict names and converted
-to rosinality's layout (table in ``../shared/FORMATS.md``).
+NVIDIA's loader imports ``torch_utils``/``dnnlib`` and ``exec``s the source code stored in the pickle. Here a
+restricted unpickler admits only what the data needs: ``torch_utils.persistence._reconstruct_persistent_obj`` (mapped
+to a function that keeps the class name and ``meta['state']``, the module's ``__dict__``, and never looks at
+``meta['module_src']``), ``dnnlib.util.EasyDict`` (as ``dict``), torch's tensor rebuild functions, dtypes and
+``torch.Size`` (``torch.storage._load_from_bytes`` replaced by a ``weights_only=True`` loader), a few builtin
+containers, and numpy scalars (NVIDIA's layers keep ``np.sqrt(...)`` floats) through stand-ins that build only a
+plain number. Anything else is refused by name before it is called; TensorFlow-era pickles are refused saying what
+they are. The networks are flattened into NVIDIA's state-dict names and converted to rosinality's layout
+(FORMATS.md).
 """
 
 from __future__ import annotations
@@ -35,7 +27,7 @@ import torch
 
 from ..errors import CheckpointError, UnsafePickleError
 from ..networks.stylegan2 import GeneratorConfig
-from .common import sniff
+from .common import UNSUPPORTED_GLOBAL, WEIGHTS_ONLY_REFUSAL, sniff
 from .rosinality import _infer_channel_rule
 
 
@@ -46,10 +38,6 @@ class PersistentObject:
     class_name: str
     module_name: str
     state: dict[str, Any] = field(default_factory=dict)
-    version: int | None = None
-
-    def __repr__(self) -> str:
-        return f"PersistentObject({self.module_name}.{self.class_name})"
 
 
 def _reconstruct_persistent_obj(meta: Any) -> PersistentObject:
@@ -60,7 +48,6 @@ def _reconstruct_persistent_obj(meta: Any) -> PersistentObject:
         class_name=str(meta.get("class_name", "?")),
         module_name=str(meta.get("module_name", meta.get("type", ""))),
         state=dict(state) if isinstance(state, Mapping) else {},
-        version=meta.get("version"),
     )
 
 
@@ -71,10 +58,6 @@ def _load_storage_from_bytes(b: bytes) -> Any:
 
 class _EasyDict(dict):
     """Stand-in for dnnlib.util.EasyDict (a dict with attribute access; only the dict part is kept)."""
-
-
-class TFPickleError(CheckpointError):
-    pass
 
 
 _TORCH_FUNCS = {
@@ -160,7 +143,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module == "dnnlib.util" and name == "EasyDict":
             return _EasyDict
         if module.startswith("dnnlib.tflib"):
-            raise TFPickleError(
+            raise CheckpointError(
                 self.source,
                 f"a TensorFlow-era StyleGAN pickle ({module}.{name}), not a PyTorch one: convert it first "
                 "(NVIDIA's stylegan2-ada-pytorch legacy.py, or rosinality's convert_weight.py), then load the result",
@@ -202,8 +185,8 @@ def read_pickle(path: str | Path) -> Any:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, EOFError) or "truncated" in msg or "Ran out of input" in msg:
             raise CheckpointError(p, "truncated: the pickle ends early (incomplete download?)") from None
-        if "Weights only load failed" in str(e):  # a tensor's storage bytes that ask for a class (torch's refusal)
-            m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if WEIGHTS_ONLY_REFUSAL in str(e):  # a tensor's storage bytes that ask for a class (torch's refusal)
+            m = UNSUPPORTED_GLOBAL.search(str(e))
             what = f" ({m.group(1)}, inside a tensor's storage)" if m else " (inside a tensor's storage)"
             raise UnsafePickleError(
                 p,
@@ -256,7 +239,7 @@ def nvidia_generator_to_rosinality(
     net: PersistentObject, source: str | Path
 ) -> tuple[GeneratorConfig, dict[str, torch.Tensor], torch.Tensor]:
     """Convert an NVIDIA StyleGAN2 (ADA) generator to (config, rosinality g_ema state dict, w_avg)."""
-    if "stylegan3" in net.module_name or "networks_stylegan3" in net.module_name:
+    if "stylegan3" in net.module_name:
         raise CheckpointError(source, "a StyleGAN3 generator: only StyleGAN2 generators are supported")
     init = _kw(net.state, "_init_kwargs")
     sd = flatten_module(net)

@@ -1,23 +1,20 @@
 """The encoder's Ranger state, read from the files that carry it, keyed by parameter NAME.
 
-The regularized refinement (Method 2) restores the encoder's optimizer state for every target, as the authors do
-(their ``restart_training()`` reloads the ``optimizer`` key saved with ``--keep_optimizer``). Three sources:
+The regularized refinement restores the encoder's optimizer state for every target, as the authors'
+``restart_training()`` does. Three sources:
 
-- e4e / pSp / Cycle Encoding ``.pt``: ``obj['optimizer']`` is ``Ranger.state_dict()`` of the optimizer built over
-  ``list(net.encoder.parameters())``: ``state`` is keyed 0..P-1 in that order, the module definition order, which is
-  the order of the ``encoder.*`` PARAMETER keys of ``obj['state_dict']`` (its BatchNorm buffers ``running_mean``,
-  ``running_var``, ``num_batches_tracked`` left out). Index i is mapped to the name of the i-th such key, then by
-  name onto this project's encoder (its module names are e4e's). With ``opts.train_decoder`` the decoder's
-  parameters follow the encoder's in the same optimizer; only the encoder's part is taken.
+- e4e / pSp / Cycle Encoding ``.pt``: ``obj['optimizer']`` (saved with ``--keep_optimizer``), whose ``state`` is keyed
+  0..P-1 in the order of the ``encoder.*`` PARAMETER keys of ``obj['state_dict']`` (BatchNorm buffers left out);
+  index i is mapped to the i-th such name (this project's module names are e4e's). With ``opts.train_decoder`` the
+  decoder's parameters follow in the same optimizer; only the encoder's part is taken.
 - a ``train-encoder`` ``checkpoint.pt``: ``opt_e`` over this project's ``E.parameters()``;
-- the companion file ``NAME-optimizer.safetensors`` next to an encoder ``NAME.safetensors`` (kind
-  ``encoder-optimizer``; written by :func:`save_optimizer_state`, e.g. the shipped ``fmnist-encoder``'s): per parameter
-  ``NAME.exp_avg``, ``NAME.exp_avg_sq`` and ``NAME.slow_minus_weight`` (Lookahead's slow weights stored as their
-  difference from the encoder's weights, so that storing it in bf16 loses nothing that matters; absent where it is
-  zero, right after a Lookahead sync), the step counts and the hyper-parameters in the header.
+- the companion ``NAME-optimizer.safetensors`` of an encoder ``NAME.safetensors`` (kind ``encoder-optimizer``,
+  :func:`save_optimizer_state`): per parameter ``NAME.exp_avg``, ``NAME.exp_avg_sq`` and ``NAME.slow_minus_weight``
+  (Lookahead's slow weights minus the weights, so bf16 storage loses nothing that matters; absent where zero, right
+  after a Lookahead sync); the step counts and hyper-parameters in the header.
 
-Strict: a state whose parameter count, names or tensor shapes do not fit the encoder is an error naming the file and
-the first mismatch, never a partial load.
+Strict: a state whose count, names or shapes do not fit the encoder is an error naming the file and the first
+mismatch, never a partial load.
 """
 
 from __future__ import annotations
@@ -105,6 +102,23 @@ def _check_entry(path: str | Path, idx: int, name: str, st: Any, shape: tuple[in
             )
 
 
+def _state_by_name(
+    opt: Mapping[str, Any], names: list[str], shapes: list[tuple[int, ...]], path: str | Path
+) -> dict[str, dict[str, Any]]:
+    """An optimizer ``state_dict``'s entries by parameter name: the i-th parameter of its groups is ``names[i]``
+    (positions past ``names``: parameters of another network, left out)."""
+    index_of = {pid: pos for pos, pid in enumerate(i for g in opt["param_groups"] for i in g.get("params", []))}
+    state: dict[str, dict[str, Any]] = {}
+    for pid, st in opt["state"].items():
+        pos = index_of.get(pid)
+        if pos is None:
+            raise CheckpointError(path, f"optimizer state entry {pid!r} belongs to no parameter group")
+        if pos < len(names):
+            _check_entry(path, pos, names[pos], st, shapes[pos])
+            state[names[pos]] = {"step": int(st["step"]), **{k: st[k] for k in STATE_KEYS if k in st}}
+    return state
+
+
 def from_e4e_checkpoint(obj: Mapping[str, Any], path: str | Path) -> OptimizerState | None:
     """The encoder's Ranger state of an e4e / pSp / Cycle Encoding checkpoint; None when it has no ``optimizer``."""
     opt = obj.get("optimizer")
@@ -125,22 +139,7 @@ def from_e4e_checkpoint(obj: Mapping[str, Any], path: str | Path) -> OptimizerSt
                 path,
                 f"the optimizer state covers {n_state} parameters, the encoder.* state dict has {len(names)}{extra}",
             )
-    ids = [i for g in groups for i in g.get("params", [])]
-    index_of = {pid: pos for pos, pid in enumerate(ids)}
-    state: dict[str, dict[str, Any]] = {}
-    for pid, st in opt["state"].items():
-        pos = index_of.get(pid)
-        if pos is None:
-            raise CheckpointError(path, f"optimizer state entry {pid!r} belongs to no parameter group")
-        if pos >= len(names):
-            continue  # a decoder parameter (train_decoder)
-        name = names[pos]
-        _check_entry(path, pos, name, st, tuple(sd["encoder." + name].shape))
-        step = st["step"]
-        state[name] = {
-            "step": int(step.item() if isinstance(step, torch.Tensor) else step),
-            **{k: st[k] for k in STATE_KEYS if k in st},
-        }
+    state = _state_by_name(opt, names, [tuple(sd["encoder." + n].shape) for n in names], path)
     settings = _settings_from_group(groups[0]) if groups else {}
     return OptimizerState(state, settings, f"{Path(path).name}: optimizer (e4e layout, {len(state)} entries)")
 
@@ -152,16 +151,10 @@ def from_training_checkpoint(obj: Mapping[str, Any], module: nn.Module, path: st
         return None
     names = [n for n, _ in module.named_parameters()]
     groups = opt["param_groups"]
-    ids = [i for g in groups for i in g["params"]]
-    if len(ids) != len(names):
-        raise CheckpointError(path, f"the optimizer state covers {len(ids)} parameters, the encoder has {len(names)}")
-    index_of = {pid: pos for pos, pid in enumerate(ids)}
-    shapes = [tuple(p.shape) for _, p in module.named_parameters()]
-    state: dict[str, dict[str, Any]] = {}
-    for pid, st in opt["state"].items():
-        pos = index_of[pid]
-        _check_entry(path, pos, names[pos], st, shapes[pos])
-        state[names[pos]] = {"step": int(st["step"]), **{k: st[k] for k in STATE_KEYS if k in st}}
+    n_state = sum(len(g["params"]) for g in groups)
+    if n_state != len(names):
+        raise CheckpointError(path, f"the optimizer state covers {n_state} parameters, the encoder has {len(names)}")
+    state = _state_by_name(opt, names, [tuple(p.shape) for p in module.parameters()], path)
     return OptimizerState(state, _settings_from_group(groups[0]), f"{Path(path).name}: opt_e")
 
 

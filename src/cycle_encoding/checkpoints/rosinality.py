@@ -42,7 +42,7 @@ def _infer_channel_rule(chans: dict[int, int]) -> tuple[int, int]:
     return (32768 if 32768 // rmax >= cmax else cmax * rmax), cmax
 
 
-def infer_generator_config(sd: Mapping[str, torch.Tensor], source: str | Path, lr_mlp: float = 0.01) -> GeneratorConfig:
+def infer_generator_config(sd: Mapping[str, torch.Tensor], source: str | Path) -> GeneratorConfig:
     """Read the architecture of a rosinality ``g_ema`` state dict from its tensors."""
     styles = sorted(int(m.group(1)) for k in sd if (m := _STYLE_KEY.match(k)))
     if not styles:
@@ -74,7 +74,6 @@ def infer_generator_config(sd: Mapping[str, torch.Tensor], source: str | Path, l
             channel_base=int(base),
             channel_max=int(cmax),
             img_channels=int(img_channels),
-            lr_mlp=lr_mlp,
             blur_kernel=blur,
         )
     except ValueError as e:
@@ -136,11 +135,7 @@ def rosinality_note(config: GeneratorConfig) -> str | None:
 
 def export_rosinality(G: Generator, path: str | Path) -> Path:
     """Write ``{'g_ema': state_dict, 'latent_avg': w_avg}`` as rosinality's converter does, plus
-    ``'cycle_encoding'``: the architecture and :func:`rosinality_fit` (rosinality's loaders read only ``g_ema``).
-
-    rosinality's ``Generator(size, style_dim, n_mlp, channel_multiplier)`` loads it when the widths follow its
-    table and the images have 3 channels; otherwise ``rosinality_note`` says what loads it.
-    """
+    ``'cycle_encoding'``: the architecture and :func:`rosinality_fit` (rosinality's loaders read only ``g_ema``)."""
     meta = {"architecture": G.config.to_dict(), "rosinality": rosinality_fit(G.config)}
     obj = {"g_ema": rosinality_state_dict(G), "latent_avg": G.w_avg.detach().cpu().clone(), "cycle_encoding": meta}
     return atomic_torch_save(obj, path)
