@@ -321,7 +321,7 @@ def test_the_face_square_of_a_real_clip_is_found_in_every_frame_and_steadied():
     from cycle_encoding.data.video import face_quads
 
     clip = read_video(assets.asset(assets.FACE_CLIP), max_frames=40)
-    quads, _ = face_quads(clip.frames, LandmarkDetector())
+    quads = face_quads(clip.frames, LandmarkDetector())
     assert all(q is not None for q in quads)
     raw = np.stack(quads)  # type: ignore[arg-type]
     smooth = np.stack(smooth_quads(quads, 2.0))  # type: ignore[arg-type]

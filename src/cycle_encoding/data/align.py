@@ -1,14 +1,10 @@
-"""Faces: 68-point landmarks (dlib), FFHQ-style alignment, and dlib's face chips in PyTorch.
+"""Faces: 68-point landmarks (dlib) and FFHQ-style alignment; dlib's face chips are in ``data/face_chips.py``.
 
-- Landmarks: dlib's HOG face detector and its 68-point shape predictor (the file
-  ``shape_predictor_68_face_landmarks.dat``: Debian ``libdlib-data`` puts it in ``/usr/share/dlib/``), through the
-  ``dlib`` module (PyPI ``dlib-bin``). dlib is needed only here, imported when first used.
-- FFHQ alignment (:func:`align_face`), the recipe NVIDIA used to make the FFHQ dataset (``recreate_aligned_images``
-  of ``ffhq-dataset``): an oriented square from the eye and mouth landmarks, a shrink when the face is much larger
-  than the output, a crop with a border, a reflect-padding blurred towards the edges when the square leaves the
-  photo, the quad transform (supersampled: FFHQ rendered 4096 px for its 1024 px images) and an antialiased resize to
-  the requested size. Written for current Pillow (``Image.Resampling``, ``Image.Transform.QUAD``).
-- dlib's face chips for the face-recognition network: ``data/face_chips.py``.
+- Landmarks: dlib's HOG face detector and its 68-point shape predictor (``shape_predictor_68_face_landmarks.dat``:
+  Debian ``libdlib-data`` puts it in ``/usr/share/dlib/``), through the optional ``dlib`` module (PyPI ``dlib-bin``).
+- FFHQ alignment (:func:`align_face`), the recipe NVIDIA used to make FFHQ (``recreate_aligned_images`` of
+  ``ffhq-dataset``): an oriented square from the eye and mouth landmarks, a shrink, a crop with a border, a blurred
+  reflect-padding where the square leaves the photo, the supersampled quad transform and an antialiased resize.
 """
 
 from __future__ import annotations
@@ -27,8 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import CycleEncodingError
 from ..paths import cache_dir
-from ..utils import atomic_write
-from .images import open_image
+from ..utils import atomic_write, open_image
 
 PREDICTOR_68 = "shape_predictor_68_face_landmarks.dat"
 PREDICTOR_ENV = "CYCLE_ENCODING_DLIB_PREDICTOR"
@@ -114,10 +109,8 @@ class DetectedFace:
 class LandmarkDetector:
     """dlib's HOG face detector + 68-point shape predictor. ``detector(image)`` -> faces, largest first.
 
-    ``upsample``: how many times the detector doubles the image first (finds smaller faces, costs 4x the time
-    each); ``"auto"``: 1 for images up to :attr:`AUTO_UPSAMPLE_MAX_SIDE` pixels on their longer side, else 0
-    (dlib's HOG detector finds faces of about 80 px and more). ``predictor``: the predictor file (default:
-    :func:`find_predictor`).
+    ``upsample``: how many times the detector doubles the image first (finds smaller faces than its ~80 px, at 4x
+    the time each); ``"auto"``: 1 for images up to :attr:`AUTO_UPSAMPLE_MAX_SIDE` pixels on their longer side, else 0.
     """
 
     AUTO_UPSAMPLE_MAX_SIDE = 1200
@@ -133,7 +126,6 @@ class LandmarkDetector:
 
     def __call__(self, image: np.ndarray) -> list[DetectedFace]:
         """Faces in an RGB uint8 image [H, W, 3], largest detection box first (ties: higher detector score first)."""
-        dlib = import_dlib()
         img = np.ascontiguousarray(image, dtype=np.uint8)
         up = self.upsample
         if up == "auto":
@@ -141,15 +133,15 @@ class LandmarkDetector:
         rects, scores, _ = self._detector.run(img, up, 0.0)
         faces = []
         for rect, score in zip(rects, scores):
-            f = self.landmarks_in(img, (rect.left(), rect.top(), rect.right(), rect.bottom()), dlib)
+            f = self.landmarks_in(img, (rect.left(), rect.top(), rect.right(), rect.bottom()))
             f.score = float(score)
             faces.append(f)
         faces.sort(key=lambda f: (-f.area, -f.score))
         return faces
 
-    def landmarks_in(self, image: np.ndarray, box: tuple[int, int, int, int], dlib: Any = None) -> DetectedFace:
+    def landmarks_in(self, image: np.ndarray, box: tuple[int, int, int, int]) -> DetectedFace:
         """The 68 landmarks of the face in ``box`` (left, top, right, bottom)."""
-        dlib = dlib or import_dlib()
+        dlib = import_dlib()
         shape = self._predictor(np.ascontiguousarray(image, dtype=np.uint8), dlib.rectangle(*[int(v) for v in box]))
         pts = np.array([[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)], dtype=np.float64)
         return DetectedFace(box=tuple(int(v) for v in box), landmarks=pts)
@@ -231,7 +223,6 @@ def align_face(
     landmarks: np.ndarray,
     size: int = 1024,
     supersample: int = 4,
-    enable_padding: bool = True,
     quad: np.ndarray | None = None,
 ) -> AlignedFace:
     """FFHQ-align one face of ``image`` given its 68 landmarks; returns a ``size`` x ``size`` RGB image.
@@ -276,7 +267,7 @@ def align_face(
     pad = (max(-lo[0] + border, 0), max(-lo[1] + border, 0), max(hi[0] - img.size[0] + border, 0),
            max(hi[1] - img.size[1] + border, 0))  # fmt: skip
     padded = False
-    if enable_padding and max(pad) > border - 4:
+    if max(pad) > border - 4:
         pad = np.maximum(pad, int(np.rint(qsize * 0.3)))
         arr = np.pad(np.float32(img), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
         h, w, _ = arr.shape

@@ -1,13 +1,5 @@
-"""Training data for the encoder (and later the generator): image folders and named datasets.
-
-A dataset here is a sequence of images ``[C, S, S]`` in [-1, 1] at one size and channel count. Batches are
-drawn by :class:`EpochSampler`, a deterministic, resumable order (a seeded permutation per epoch) that splits
-each batch between distributed ranks, so a resumed or multi-process run sees exactly the images an
-uninterrupted single-process run would.
-
-Unreadable files are counted and skipped (the next readable image takes their place); if most of the files
-tried are unreadable, loading stops with a clear message.
-"""
+"""Training data: image folders and named datasets, each a sequence of images ``[C, S, S]`` in [-1, 1], drawn in
+batches by :class:`EpochSampler` (deterministic, resumable, split between distributed ranks)."""
 
 from __future__ import annotations
 
@@ -21,9 +13,8 @@ import torch.nn.functional as F
 from ..errors import CycleEncodingError
 from .images import list_images, read_image
 
-# Named datasets (e.g. "fashion-mnist") register a factory: (split, size, channels) -> dataset. Each module of a
-# named dataset fills this registry itself when imported; data/__init__.py imports them all, so the registry is
-# full whenever any module of cycle_encoding.data is in use.
+# Named datasets (e.g. "fashion-mnist") register a factory (split, size, channels) -> dataset when imported
+# (data/__init__.py imports them all).
 DatasetFactory = Callable[[str, int, int], "ImageDataset"]
 DATASETS: dict[str, DatasetFactory] = {}
 
@@ -76,15 +67,12 @@ class TensorDataset(ImageDataset):
 
 
 class ImageFolderDataset(ImageDataset):
-    """The image files of a folder (recursively), centre-cropped and resized to ``size``, ``channels`` 1 or 3.
-
+    """The image files of a folder (recursively), centre-cropped and resized to ``size``, ``channels`` 1 or 3;
     ``cache``: keep decoded images in memory (for small folders read many times)."""
 
-    def __init__(
-        self, root: str | Path, size: int, channels: int = 3, files: Sequence[Path] | None = None, cache: bool = True
-    ) -> None:
+    def __init__(self, root: str | Path, size: int, channels: int = 3, cache: bool = True) -> None:
         self.root = Path(root)
-        self.files = list(files) if files is not None else list_images(self.root, recursive=True)
+        self.files = list_images(self.root, recursive=True)
         if not self.files:
             raise CycleEncodingError(f"{self.root}: no image files found (png, jpg, ...)")
         self.size = size
@@ -145,12 +133,9 @@ class SubsetDataset(ImageDataset):
 
 
 class EpochSampler:
-    """Deterministic resumable batches: epoch e uses ``randperm(n, seed + e)``; a batch is the next
-    ``batch_size`` readable items; rank r of w takes items r, r + w, ... of each global batch.
-
-    State (``epoch``, ``position``, counts of bad files) is saved in training checkpoints.
-    Horizontal flips (``flip``) are drawn from a generator seeded by (seed, epoch, position), so they are
-    reproducible too."""
+    """Deterministic resumable batches: epoch e uses a permutation seeded by (seed, e); a batch is the next
+    ``batch_size`` readable items (unreadable ones are counted and skipped; most of them unreadable stops the run);
+    rank r of w takes items r, r + w, ... of each global batch. Flips are seeded by (seed, epoch, position)."""
 
     def __init__(
         self,
@@ -160,7 +145,6 @@ class EpochSampler:
         flip: bool = False,
         rank: int = 0,
         world_size: int = 1,
-        max_bad_fraction: float = 0.5,
     ) -> None:
         if batch_size % world_size:
             raise CycleEncodingError(f"batch size {batch_size} is not divisible by the {world_size} processes")
@@ -172,7 +156,6 @@ class EpochSampler:
         self.flip = flip
         self.rank = rank
         self.world_size = world_size
-        self.max_bad_fraction = max_bad_fraction
         self.epoch = 0
         self.position = 0
         self.tried = 0
@@ -205,7 +188,7 @@ class EpochSampler:
         except CycleEncodingError as e:
             self.bad[i] = str(e)
             print(f"warning: skipping unreadable image: {e}", file=sys.stderr)
-            if self.tried >= 8 and len(self.bad) > self.max_bad_fraction * self.tried:
+            if self.tried >= 8 and 2 * len(self.bad) > self.tried:
                 raise CycleEncodingError(
                     f"{self.dataset.name}: {len(self.bad)} of {self.tried} images tried are unreadable "
                     f"(last: {e}); stopping: check the data folder"

@@ -178,18 +178,15 @@ def _bilinear_dlib(img: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> tor
     return out * valid.to(img.dtype)
 
 
-def extract_face_chip(
-    image: torch.Tensor, details: ChipDetails, pyramid: bool = True, exact: bool = True
-) -> torch.Tensor:
+def extract_face_chip(image: torch.Tensor, details: ChipDetails, exact: bool = True) -> torch.Tensor:
     """dlib's ``extract_image_chip`` in torch: image [C, H, W] in [-1, 1] -> chip [C, rows, cols] in [-1, 1]
     (black = -1 outside the image), differentiable with respect to the image.
 
     As dlib: if the chip is much smaller than its square in the image, the square is first reduced by dlib's 2x
     pyramid (built on the square's bounding box, grown by a border) until the next level would be smaller than the
-    chip; then each chip pixel is sampled bilinearly, chip corners on the square's corners. ``pyramid=False``
-    samples the full image directly (aliased when the face is large). ``exact`` truncates pyramid levels and chip
-    pixels to integers as dlib's uint8 images do (a straight-through floor: gradients pass as if it were not there);
-    then, for uint8 photos, the chip equals dlib's ``get_face_chip`` to within one grey level.
+    chip; then each chip pixel is sampled bilinearly, chip corners on the square's corners. ``exact`` truncates
+    pyramid levels and chip pixels to integers as dlib's uint8 images do (a straight-through floor); then, for uint8
+    photos, the chip equals dlib's ``get_face_chip`` to within one grey level.
     """
     if image.dim() != 3:
         raise CycleEncodingError(f"extract_face_chip expects one image [C, H, W], got {list(image.shape)}")
@@ -197,37 +194,32 @@ def extract_face_chip(
     _, h, w = x.shape
     rect = details.rect()
     rows, cols, angle = details.rows, details.cols, details.angle
-    depth = 0
-    if pyramid:
-        grow = 2.0
-        r = _rect_down(rect)
-        while _area(r) > rows * cols:
-            r = _rect_down(r)
-            depth += 1
-            grow = grow * 2 + 2
-        cs = _corners(rect, angle)
-        xs, ys = [c[0] for c in cs.values()], [c[1] for c in cs.values()]
-        bb = (
-            max(min(xs) - grow, 0.0),
-            max(min(ys) - grow, 0.0),
-            min(max(xs) + grow, w - 1.0),
-            min(max(ys) + grow, h - 1.0),
-        )
-        bl, bt, br, bb_ = (math.floor(v + 0.5) for v in bb)  # dlib's drectangle -> rectangle rounding
-        if br < bl or bb_ < bt:
-            return torch.full((x.shape[0], rows, cols), -1.0, dtype=image.dtype, device=image.device)
-        src = x[:, bt : bb_ + 1, bl : br + 1]
-        rect = (rect[0] - bl, rect[1] - bt, rect[2] - bl, rect[3] - bt)
-        level = -1
-        while _area(_rect_down(rect)) > rows * cols:
-            level += 1
-            rect = _rect_down(rect)
-        for _ in range(level + 1):
-            if src.shape[1] <= 8 or src.shape[2] <= 8:
-                break
-            src = _pyramid_down(src[None], exact)[0]
-    else:
-        src = x
+    grow = 2.0
+    r = _rect_down(rect)
+    while _area(r) > rows * cols:
+        r = _rect_down(r)
+        grow = grow * 2 + 2
+    cs = _corners(rect, angle)
+    xs, ys = [c[0] for c in cs.values()], [c[1] for c in cs.values()]
+    bb = (
+        max(min(xs) - grow, 0.0),
+        max(min(ys) - grow, 0.0),
+        min(max(xs) + grow, w - 1.0),
+        min(max(ys) + grow, h - 1.0),
+    )
+    bl, bt, br, bb_ = (math.floor(v + 0.5) for v in bb)  # dlib's drectangle -> rectangle rounding
+    if br < bl or bb_ < bt:
+        return torch.full((x.shape[0], rows, cols), -1.0, dtype=image.dtype, device=image.device)
+    src = x[:, bt : bb_ + 1, bl : br + 1]
+    rect = (rect[0] - bl, rect[1] - bt, rect[2] - bl, rect[3] - bt)
+    level = -1
+    while _area(_rect_down(rect)) > rows * cols:
+        level += 1
+        rect = _rect_down(rect)
+    for _ in range(level + 1):
+        if src.shape[1] <= 8 or src.shape[2] <= 8:
+            break
+        src = _pyramid_down(src[None], exact)[0]
     cs = _corners(rect, angle)
     tl, tr, bl_ = cs["tl"], cs["tr"], cs["bl"]
     cc = torch.arange(cols, dtype=torch.float64, device=image.device) / max(cols - 1, 1)

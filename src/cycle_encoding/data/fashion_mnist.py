@@ -114,7 +114,7 @@ def _find(root: Path, stem: str) -> Path:
     hint = (
         f" (install it: {INSTALL_HINT})"
         if root == DEFAULT_ROOT
-        else " (or install the Debian package: " + INSTALL_HINT + ")"
+        else f" (or install the Debian package: {INSTALL_HINT})"
     )
     raise CycleEncodingError(f"{root}: Fashion-MNIST file {stem}.gz not found{hint}")
 
@@ -142,12 +142,9 @@ def _load_arrays(
     return images, labels
 
 
-def load_split(
-    split: str = "train", root: str | Path | None = None, strict_count: bool | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 ``[N, 28, 28]``, labels uint8 ``[N]``) of ``split`` ("train" or "test") from ``root``.
-
-    ``strict_count`` (default: True for the Debian folder): also require the published counts (60,000 / 10,000)."""
+def load_split(split: str = "train", root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 ``[N, 28, 28]``, labels uint8 ``[N]``) of ``split`` ("train" or "test") from ``root``; the
+    Debian folder must hold the published counts (60,000 / 10,000)."""
     if split not in SPLITS:
         raise CycleEncodingError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}")
     prefix = SPLITS[split]
@@ -157,9 +154,7 @@ def load_split(
     ip = _find(base, f"{prefix}-images-idx3-ubyte")
     lp = _find(base, f"{prefix}-labels-idx1-ubyte")
     images, labels = _load_arrays(str(ip), str(lp), prefix, (ip.stat().st_mtime, lp.stat().st_mtime))
-    if strict_count is None:
-        strict_count = root is None and base == DEFAULT_ROOT
-    if strict_count and images.shape[0] != COUNTS[prefix]:
+    if root is None and base == DEFAULT_ROOT and images.shape[0] != COUNTS[prefix]:
         raise CycleEncodingError(f"{ip}: {images.shape[0]} images, Fashion-MNIST {split} has {COUNTS[prefix]}")
     return images, labels
 
@@ -198,7 +193,6 @@ class FashionMNIST(ImageDataset):
         self.split = "test" if SPLITS[split] == "t10k" else "train"
         self.size = size
         self.channels = channels
-        self.root = Path(root) if root is not None else default_root()
         self.name = f"fashion-mnist:{self.split}"
 
     def __len__(self) -> int:

@@ -9,18 +9,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import CycleEncodingError
-from ..utils import DEFAULT_MAX_PIXELS, max_pixels, open_image, set_max_pixels
-
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "image_to_tensor",
-    "is_image_file",
-    "list_images",
-    "max_pixels",
-    "open_image",
-    "read_image",
-    "set_max_pixels",
-]
+from ..utils import open_image
 
 # images are reduced while decoded to no less than this shorter side: twice the largest generator's resolution
 # (a 7000 x 7000 PNG otherwise made one `invert` peak at 4.1 GB in float copies)
@@ -76,15 +65,19 @@ def image_to_tensor(image: Image.Image | np.ndarray, channels: int | None = None
     else:  # 8 bits: each value's float through a table, no float64 copy of the image
         arr = _LEVELS_8BIT[np.asarray(img.convert("L" if mode in _GREY_MODES else "RGB"))]
         x = torch.from_numpy(np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)))
-    if channels is not None and channels != x.shape[0]:
-        if channels == 3 and x.shape[0] == 1:
-            x = x.expand(3, -1, -1).clone()
-        elif channels == 1 and x.shape[0] == 3:
-            w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-            x = (x * w).sum(0, keepdim=True)
-        else:
-            raise CycleEncodingError(f"cannot convert {x.shape[0]} channels to {channels}")
-    return x
+    return _convert_channels(x, channels)
+
+
+def _convert_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """``[C, H, W]`` to ``channels``: grey -> RGB repeats the channel, RGB -> grey is ITU-R 601-2 luma (PIL's 'L')."""
+    if channels is None or channels == x.shape[0]:
+        return x
+    if channels == 3 and x.shape[0] == 1:
+        return x.expand(3, -1, -1).clone()
+    if channels == 1 and x.shape[0] == 3:
+        luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return (x * luma).sum(0, keepdim=True)
+    raise CycleEncodingError(f"cannot convert {x.shape[0]} channels to {channels}")
 
 
 def decode_reduced(im: Image.Image, min_side: int | None) -> Image.Image:
@@ -109,12 +102,10 @@ def decode_reduced(im: Image.Image, min_side: int | None) -> Image.Image:
 def read_image(path: str | Path, channels: int | None = None, min_side: int | None = DECODE_MIN_SIDE) -> torch.Tensor:
     """Read an image file to a float32 tensor [C, H, W] in [-1, 1].
 
-    Grey images (modes 1, L, LA, 16-bit I) give C = 1, everything else C = 3 (RGB; an alpha channel is dropped,
-    palettes are expanded). 16-bit grey is scaled by 1/65535. ``channels`` (1 or 3) converts: grey -> RGB repeats the
-    channel, RGB -> grey uses ITU-R 601-2 luma (PIL's 'L'). An image whose shorter side is at least twice
-    ``min_side`` is reduced while decoding (:func:`decode_reduced`; default DECODE_MIN_SIDE, twice the largest
-    generator's resolution, so every resize to a generator still starts from 2 or more pixels per output pixel;
-    None: full size, for measuring the image itself). An unreadable file raises a one-line CycleEncodingError.
+    Grey images (modes 1, L, LA, 16-bit I) give C = 1, everything else C = 3 (RGB; alpha dropped, palettes expanded);
+    16-bit grey is scaled by 1/65535; ``channels`` (1 or 3) converts. An image whose shorter side is at least twice
+    ``min_side`` is reduced while decoding (:func:`decode_reduced`; DECODE_MIN_SIDE keeps 2 or more pixels per output
+    pixel for every generator; None: full size). An unreadable file raises a one-line CycleEncodingError.
     """
     p = Path(path)
     try:
@@ -126,8 +117,7 @@ def read_image(path: str | Path, channels: int | None = None, min_side: int | No
 
 
 def from_pil(image: Image.Image, channels: int | None = None) -> torch.Tensor:
-    """A PIL image -> float32 ``[1, C, H, W]`` in [-1, 1] (the layout a generator's output has), as ``read_image``
-    reads files: grey modes give C = 1, the rest RGB (alpha dropped); ``channels`` (1 or 3) converts."""
+    """A PIL image -> float32 ``[1, C, H, W]`` in [-1, 1] (a generator output's layout), as ``read_image`` reads."""
     if not isinstance(image, Image.Image):
         raise CycleEncodingError(f"from_pil takes a PIL image, got {type(image).__name__}")
     return image_to_tensor(image, channels)[None]
@@ -160,10 +150,7 @@ def image_tensor(image: object, channels: int | None = None) -> torch.Tensor:
         x = x.float()
         if not torch.isfinite(x).all():
             raise CycleEncodingError("the image tensor holds NaN or infinite values")
-        if channels is not None and channels != x.shape[0]:  # grey <-> RGB as image_to_tensor converts
-            luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(3, 1, 1)
-            x = x.expand(3, -1, -1).clone() if channels == 3 else (x * luma).sum(0, keepdim=True)
-        return x
+        return _convert_channels(x, channels)
     raise CycleEncodingError(
         f"cannot read an image from a {type(image).__name__}: give a path, a PIL image, a numpy array or a tensor"
     )

@@ -1,15 +1,9 @@
 """Video files and per-frame alignment: read and write clips, crop each frame for the generator, put edits back.
 
-- Reading and writing (:func:`read_video`, :class:`VideoWriter`) go through PyAV (PyPI ``av``), whose wheels bundle
-  FFmpeg with libx264: frames come out as RGB uint8 ``[H, W, 3]`` with the stream's frame rate, and videos are
-  written as H.264 (yuv420p, ``crf`` 0 = lossless luma) in MP4 at the frame rate given. A file FFmpeg cannot read as
-  a video, or a still image, is refused in one line.
-- Each frame's crop is a quad in the frame's pixel-index coordinates (corners upper-left, lower-left, lower-right,
-  upper-right, as ``align.ffhq_quad``): faces get the FFHQ recipe's square from dlib's 68 landmarks, smoothed over
-  time (:func:`smooth_track`, a Gaussian over frames) so the crop does not jitter, and rendered by
-  ``align.align_face``; other clips the whole frame (stretched to a square) or a fixed rectangle (:func:`rect_quad`).
-- :func:`paste_back` warps an edited crop into its frame by the inverse of that transform and blends it with a mask
-  feathered towards the quad's border, so no seam shows.
+Frames are RGB uint8 ``[H, W, 3]`` read and written through PyAV (FFmpeg with libx264; H.264 MP4). Each frame's crop
+is a quad in pixel-index coordinates (corners upper-left, lower-left, lower-right, upper-right, as
+``align.ffhq_quad``): the FFHQ square of the face, smoothed over time so it does not jitter, or a fixed rectangle.
+:func:`paste_back` warps an edited crop back into its frame with a feathered mask.
 """
 
 from __future__ import annotations
@@ -175,8 +169,7 @@ def parse_crop(spec: str | Sequence[int], width: int, height: int) -> tuple[int,
 
 def smooth_track(values: Any, sigma: float, valid: Sequence[bool] | None = None) -> np.ndarray:
     """``values [T, ...]`` smoothed over the first axis by a Gaussian of ``sigma`` frames (cut at 3 sigma), each
-    frame a weighted mean of the valid frames near it (the weights renormalized where the clip ends or frames are
-    missing). Invalid frames are returned as they were; ``sigma`` <= 0 changes nothing."""
+    valid frame a weighted mean of the valid frames near it (weights renormalized); ``sigma`` <= 0 changes nothing."""
     v = np.array(values, dtype=np.float64)
     n = len(v)
     ok = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
@@ -194,17 +187,15 @@ def smooth_track(values: Any, sigma: float, valid: Sequence[bool] | None = None)
 
 def face_quads(
     frames: Sequence[np.ndarray], detector: Any, on_frame: Callable[[int, bool], None] | None = None
-) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
-    """The FFHQ square and the 68 landmarks of each frame's largest face (None where there is none)."""
+) -> list[np.ndarray | None]:
+    """The FFHQ square of each frame's largest face (None where there is none)."""
     quads: list[np.ndarray | None] = []
-    marks: list[np.ndarray | None] = []
     for i, f in enumerate(frames):
         faces = detector(f)
-        marks.append(faces[0].landmarks if faces else None)
         quads.append(ffhq_quad(faces[0].landmarks)[0] if faces else None)
         if on_frame is not None:
             on_frame(i, bool(faces))
-    return quads, marks
+    return quads
 
 
 def smooth_quads(quads: Sequence[np.ndarray | None], sigma: float) -> list[np.ndarray | None]:

@@ -98,7 +98,7 @@ def _frame_quads(
         detector = LandmarkDetector()
     bar = Progress(len(clip.frames), "align: faces", "frame", progress, heartbeat=10.0)
     try:
-        quads, _ = face_quads(clip.frames, detector, lambda i, found: bar.update(1))
+        quads = face_quads(clip.frames, detector, lambda i, found: bar.update(1))
     finally:
         bar.close()
     return smooth_quads(quads, sigma)
