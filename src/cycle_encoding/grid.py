@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .utils import atomic_write, open_image, to_uint8
+from .utils import atomic_write, open_image, to_pil
 
 
 def as_pil(image: object) -> Image.Image | None:
@@ -26,8 +26,7 @@ def as_pil(image: object) -> Image.Image | None:
         with open_image(image) as im:  # bounded in pixels, one-line errors
             return im.convert("RGB")
     if isinstance(image, torch.Tensor):
-        t = image[0] if image.ndim == 4 else image
-        image = to_uint8(t[None])[0]
+        return to_pil(image[0] if image.ndim == 4 else image).convert("RGB")
     if isinstance(image, np.ndarray):
         a = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
         return Image.fromarray(a.astype(np.uint8)).convert("RGB")

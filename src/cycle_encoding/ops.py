@@ -29,11 +29,6 @@ PRECISIONS = ("fp32", "bf16")
 ``bf16`` the networks' forward and backward under bfloat16 autocast, with float32 weights, loss and optimizer."""
 
 
-PRECISION_CHOICES = ("auto", *PRECISIONS)
-"""What the command line takes: ``auto`` (its default) is bf16 where the device computes bfloat16 natively (the
-fast path; equal quality measured in ``docs/RESULTS.md`` and ``benchmarks/``), else fp32."""
-
-
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -73,15 +68,15 @@ def bf16_units(device: torch.device | str, cpuinfo: str | None = None) -> str | 
 
 
 def resolve_precision(precision: str, device: torch.device | str, cpuinfo: str | None = None) -> tuple[str, str]:
-    """``(fp32 | bf16, why)``: ``auto`` becomes bf16 where :func:`bf16_units` finds native bf16, else fp32; the
-    other values are kept as given."""
+    """``(fp32 | bf16, why)``: ``auto`` (the command line's default) becomes bf16 where :func:`bf16_units` finds
+    native bf16 (the fast path; equal quality measured in ``docs/RESULTS.md``), else fp32; the others are kept."""
     if precision == "auto":
         units = bf16_units(device, cpuinfo)
         if units:
             return "bf16", f"auto: {units}"
         return "fp32", f"auto: no native bf16 on {torch.device(device).type}"
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
     return precision, "as given"
 
 

@@ -54,10 +54,6 @@ class LatentDiscriminator(nn.Module):
         layers.append(nn.Linear(dim, 1))
         self.mlp = nn.Sequential(*layers)
 
-    @property
-    def w_dim(self) -> int:
-        return self.config.w_dim
-
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if w.shape[-1] != self.config.w_dim:
             raise ValueError(f"latent discriminator expects codes [..., {self.config.w_dim}], got {list(w.shape)}")

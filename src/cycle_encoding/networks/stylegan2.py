@@ -354,7 +354,6 @@ class Generator(nn.Module):
         z: torch.Tensor,
         truncation: float | torch.Tensor | None = 1.0,
         truncation_cutoff: int | None = None,
-        truncation_latent: torch.Tensor | None = None,
         *,
         truncation_psi: float | None = None,
         c: torch.Tensor | None = None,
@@ -372,21 +371,10 @@ class Generator(nn.Module):
         del update_emas  # NVIDIA's training flag: w_avg here is fixed (read from the file or computed once)
         if z.ndim != 2 or z.shape[1] != self.z_dim:
             raise ValueError(f"z must have shape [B, {self.z_dim}], got {list(z.shape)}")
-        w = self.style(z)
-        ws = w[:, None, :].repeat(1, self.num_ws, 1)
-        return self.truncate(ws, truncation, truncation_cutoff, truncation_latent)
-
-    def truncate(
-        self,
-        ws: torch.Tensor,
-        truncation: float = 1.0,
-        truncation_cutoff: int | None = None,
-        truncation_latent: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        ws = self.style(z)[:, None, :].repeat(1, self.num_ws, 1)
         if truncation == 1.0:
             return ws
-        center = self.w_avg if truncation_latent is None else truncation_latent
-        center = center.to(ws.dtype)
+        center = self.w_avg.to(ws.dtype)
         n = self.num_ws if truncation_cutoff is None else truncation_cutoff
         out = ws.clone()
         out[:, :n] = center + truncation * (ws[:, :n] - center)

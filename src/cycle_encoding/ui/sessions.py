@@ -42,9 +42,6 @@ class Session:
     count: int = 0
     released: str | None = None  # why the session's image was let go
 
-    def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
     @property
     def busy(self) -> bool:
         return self.job is not None and self.job["state"] == "running"
@@ -95,7 +92,7 @@ class SessionPool:
         s.files.clear()
         s.shown.clear()
         s.strengths.clear()
-        s.close()
+        shutil.rmtree(s.folder, ignore_errors=True)
 
 
 def make_root(work_dir: str | Path | None = None) -> Path:
