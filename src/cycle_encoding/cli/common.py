@@ -141,13 +141,6 @@ def options_from(args: argparse.Namespace, required: tuple[str, ...] = ()) -> di
     return data
 
 
-def _nearest_existing(p: Path) -> Path:
-    q = p.absolute()
-    while not q.exists() and q != q.parent:
-        q = q.parent
-    return q
-
-
 def check_output_folder(path: str | Path, option: str, shown: str | Path | None = None) -> None:
     """Before any work: ``path`` can be made or written as a folder; else one clear error naming ``option`` (and
     ``shown``, the path the user gave, when that is a file inside ``path``)."""
@@ -155,7 +148,9 @@ def check_output_folder(path: str | Path, option: str, shown: str | Path | None 
     label = f"{option} {shown if shown is not None else p}"
     if p.exists() and not p.is_dir():
         raise CycleEncodingError(f"{label}: {p} exists and is not a folder")
-    q = _nearest_existing(p)
+    q = p.absolute()  # the nearest existing folder: where the new ones would be made
+    while not q.exists() and q != q.parent:
+        q = q.parent
     if not q.is_dir():
         raise CycleEncodingError(f"{label}: {q} is a file, so no folder can be made under it")
     if not os.access(q, os.W_OK | os.X_OK):

@@ -164,7 +164,8 @@ CLASSIFIER_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--checkpoint-every", "checkpoint_every", int, "write checkpoint.pt every N steps (default 500)"),
     ("--out", "out", str, "folder that receives the numbered run folder (default runs)"),
     ("--name", "name", str, "run folder label (default classifier-ARCH-seedN)"),
-    ("--export", "export", str, "also copy the model to this .safetensors path and write NAME-card.md beside it"),    ("--no-flip", "flip", "store_false", "no random horizontal flips"),
+    ("--export", "export", str, "also copy the model to this .safetensors path and write NAME-card.md beside it"),
+    ("--no-flip", "flip", "store_false", "no random horizontal flips"),
 ]  # fmt: skip
 
 

@@ -8,7 +8,9 @@
 >>> ed.render({"coat-pullover": 3.0, "sefa:0": -2.0}).save("edit.png")
 """
 
-from .classifier import AttributeClassifier, ClassifierConfig, as_scorer, load_classifier, save_classifier
+from ..checkpoints.classifier import load_classifier, save_classifier
+from ..networks.classifier import AttributeClassifier, ClassifierConfig
+from .classifier import as_scorer
 from .directions import (
     DirectionSet,
     interfacegan_direction,

@@ -4,7 +4,7 @@ edit changed what it should (edit success).
 Two forms are accepted wherever a classifier is asked for:
 - a Python callable ``f(images [B, C, H, W] in [-1, 1]) -> scores [B]`` or ``[B, K]`` (any ``nn.Module`` too);
 - a file in the project's format (``.safetensors``, kind ``classifier``), read by ``checkpoints.classifier``; the
-  networks themselves are ``networks.classifier`` (their classes are re-exported here for the editing API).
+  networks themselves are ``networks.classifier``.
 """
 
 from __future__ import annotations
@@ -15,23 +15,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoints.classifier import load_classifier, save_classifier
+from ..checkpoints.classifier import load_classifier
 from ..errors import CycleEncodingError
-from ..networks.classifier import AttributeClassifier, ClassifierConfig, attribute_index
-
-__all__ = [
-    "MEASURES",
-    "PAIR_SEPARATOR",
-    "AttributeClassifier",
-    "ClassifierConfig",
-    "Scorer",
-    "as_scorer",
-    "brightness",
-    "load_classifier",
-    "parse_pair",
-    "save_classifier",
-    "scorer_name",
-]
+from ..networks.classifier import attribute_index
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 

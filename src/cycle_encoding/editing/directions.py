@@ -18,13 +18,8 @@ Files read (``load_directions``), by what they hold, not by their name:
 - GANSpace: a dict ``{'mean': [1, w_dim], 'comp': [K, 1, w_dim], 'std': [K]}`` (e4e's ``ffhq_pca.pt``);
 - rosinality's ``closed_form_factorization.py`` output ``{'ckpt': str, 'eigvec': [w_dim, K]}`` (SeFa, columns);
 - the project's own format: a ``.safetensors`` of kind ``directions`` (any method, with its layers and values).
-Writers: ``save_interfacegan`` and ``save_ganspace`` write the published layouts (so other tools read them);
-``save_directions`` writes any set in the own format. Nothing here executes code from a file.
-
-Named GANSpace edits (``ganspace_named_edits``): e4e's FFHQ edits (``eye_openness``, ``smile``, ``trimmed_beard``,
-``white_hair``, ``lipstick``) as (component, first layer, end layer, strength), shipped as a small table
-(``assets/ganspace_ffhq_edits.csv``); they apply to a GANSpace set of at least component + 1 components (e4e's
-``ffhq_pca.pt``) in ``set`` mode on layers first..end-1.
+Writers: the published layouts (``save_interfacegan``, ``save_ganspace``) and the own format (``save_directions``).
+Nothing here executes code from a file. e4e's named GANSpace edits: ``ganspace_named_edits`` (docs/FORMATS.md).
 """
 
 from __future__ import annotations
@@ -206,26 +201,6 @@ class DirectionSet:
             return ws.clone()
         return ws + self.delta(component, strength, ws, layers, mode)
 
-    def edit_series(
-        self,
-        ws: torch.Tensor,
-        component: int | str,
-        strengths: Sequence[float],
-        layers: Sequence[int] | None = None,
-        mode: GanspaceMode = "add",
-    ) -> torch.Tensor:
-        """``[B, S, N, w_dim]``: each code edited at each strength."""
-        return torch.stack([self.apply(ws, component, s, layers, mode) for s in strengths], dim=1)
-
-    def select(self, components: Sequence[int]) -> DirectionSet:
-        """A set of the chosen directions only."""
-        idx = [self.index(c) for c in components]
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return DirectionSet(
-            self.method, self.vectors[idx], pick(self.scales), self.mean, pick(self.values), self.layers,
-            [self.names[i] for i in idx] if self.names else None, dict(self.meta), self.source,
-        )  # fmt: skip
-
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary (method, count, shape, layers, names, leading values)."""
         out: dict[str, Any] = {
@@ -323,10 +298,7 @@ def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
     """``"a-b"`` (inclusive), ``"0,2,4"``, ``"all"`` or None -> a list of layer indices (None = the default)."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all", "default")):
         return None
-    if isinstance(spec, str):
-        out = parse_int_list(spec)
-    else:
-        out = [int(i) for i in spec]
+    out = parse_int_list(spec) if isinstance(spec, str) else [int(i) for i in spec]
     if any(i < 0 for i in out):
         raise CycleEncodingError(f"layers are numbered from 0, got {spec!r}")
     return out
@@ -384,16 +356,12 @@ def _from_raw_tensor(t: torch.Tensor, path: Path) -> DirectionSet:
     """InterFaceGAN's raw layouts: [w_dim], [1, w_dim], [1, N, w_dim]; [K, w_dim] as K directions."""
     if t.ndim == 1:
         t = t[None]
-    if t.ndim == 2:
-        vec = t
-    elif t.ndim == 3 and t.shape[0] == 1:
-        vec = t
-    else:
+    if not (t.ndim == 2 or (t.ndim == 3 and t.shape[0] == 1)):
         raise CheckpointError(
             path,
             f"a tensor of shape {list(t.shape)} is no direction layout (InterFaceGAN: [1, w_dim] or [1, N, w_dim])",
         )
-    return DirectionSet("interfacegan", vec, source=str(path), meta={"layout": f"raw tensor {list(t.shape)}"})
+    return DirectionSet("interfacegan", t, source=str(path), meta={"layout": f"raw tensor {list(t.shape)}"})
 
 
 def _from_ganspace(d: dict[str, Any], path: Path) -> DirectionSet:

@@ -12,10 +12,6 @@ Directions and their slider ranges: ``editing/sliders.py``. An edit of several d
 the other to the pivot, each with :meth:`DirectionSet.apply` on its own default layers, and renders with the image's
 tuned generator and its constant noise: for one direction this is exactly what ``cycle-encoding edit`` renders
 (``editing/render.py``).
-
-An inversion stops between two optimization steps when its ``cancel`` event is set (``InversionCancelled``; the
-editor keeps its image). Editors share what they can: forks share the networks, directions and inverters, and the
-tuned generators rebuilt for a run's images are shared while any editor uses them.
 """
 
 from __future__ import annotations

@@ -13,18 +13,8 @@ bit, which is checked against the hash the run stored and recorded. It writes::
         edit.json                the direction, strengths, layers, the generator used per image, the measures asked
                                  for (LEC, edit success, preservation) per image and per strength, timings
 
-The classifier (edit success) and the preservation measure see the images as saved, clamped to [-1, 1], the
-reference being the reconstruction; LEC re-encodes the raw rendering (as e4e does). An edit is rendered into a
-temporary folder and swapped in when done: the files the previous ``edit.json`` listed are removed then, so a re-run
-leaves no stale images and a failed one leaves the earlier edit as it was.
-
-Strength 0 is compared with the run's reconstruction bit for bit when rendered on the run's device with its CPU thread
-count (recorded per image as ``threads``); with another thread count (the order of a CPU's sums changes with it, and
-with it the last bits of the floats), within RECON_TOLERANCE_LEVELS of 255 of the saved ``recon_STAGE.png``.
-``edit.json`` says which check was made (``reconstruction_check``). Every file read from the run folder must lie
-inside it (no symbolic link out of it). With ``members`` (for a class edit "A vs B": the images whose
-reconstruction the classifier puts in class A or B) the summaries are over those images only; every image's own
-values are kept.
+Every file read from the run folder must lie inside it (no symbolic link out of it). How strength 0 is checked
+against the reconstruction: ``matches_reconstruction``; the measures: ``_measure``.
 """
 
 from __future__ import annotations
@@ -127,10 +117,6 @@ def plan_edit(
 
 def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", s).strip("._") or "edit"
-
-
-def strength_file(j: int, a: float) -> str:
-    return f"{j:02d}_s{a:+.3g}.png"
 
 
 def named_directions(spec: str, G: Generator) -> DirectionSet:
@@ -404,7 +390,7 @@ def _render_image(job: _Job, im: RunImage, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     for j, a in enumerate(job.strengths):
         rendered.append(render_one(G, ds.apply(pivot, job.comp, a, job.layers, mode)))
-        files.append(f"{im.name}/{strength_file(j, a)}")
+        files.append(f"{im.name}/{j:02d}_s{a:+.3g}.png")
         save_image(rendered[-1][0], out / files[-1])
     # recon_sha256: which inversion of the image was edited (``report`` leaves out edits of an earlier one)
     rec: dict[str, Any] = {"name": im.name, "generator": which, "pivot_stage": im.pivot_stage, "files": files,

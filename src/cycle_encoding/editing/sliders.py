@@ -1,15 +1,11 @@
-"""The editor's sliders: each direction it offers, with a range and a step by one rule.
+"""The editor's sliders: the directions it offers, each with a range and a step by one rule (docs/USAGE.md, "The
+browser editor").
 
 Directions: the files given (every direction of each), then the top ``components`` SeFa directions and GANSpace
 components of the *base* generator (computed once per generator: kept in memory and in the project's cache folder,
-keyed by the generator's weights hash).
-
-Each direction carries a slider range ``-limit .. +limit`` and a ``step``, by one rule: ``limit`` is the spread of the
-generator's codes along the direction (largest minus smallest projection of 2,000 mapping-network codes, seed 0, in
-the direction's strength units: GANSpace's standard deviations, else distance in W), and at least the largest default
-strength of ``cycle-encoding edit`` (3); rounded up to a whole ``step`` (about 40 steps from 0 to ``limit``). From any
-code in the generator's range, a full slider reaches the far end of that range (the demo's class edits at +-6 lie
-within it).
+keyed by the generator's weights hash). A slider runs over ``-limit .. +limit``: the spread of 2,000 mapping-network
+codes (seed 0) along the direction in its strength units (GANSpace's standard deviations, else distance in W), at least
+the largest default strength of ``cycle-encoding edit`` (3), rounded up to a whole ``step`` (about 40 steps to ``limit``).
 """
 
 from __future__ import annotations

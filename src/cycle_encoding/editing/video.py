@@ -53,6 +53,7 @@ from ..data.video import (
     smooth_track,
 )
 from ..errors import CycleEncodingError
+from ..inversion.config import TUNE_MODES
 from ..inversion.inverter import Inverter
 from ..progress import Progress
 from ..utils import atomic_write, format_int_list, to_uint8
@@ -61,20 +62,6 @@ from .render import named_directions, plan_edit, render_one
 
 ALIGN_MODES = ("face", "frame")
 ALIGN_FORMAT = "cycle-encoding-video-align"
-
-
-def _invert_frames(inverter: Any, frames: Path, run_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """The run folder's own resumable inversion, tuned as the inverter's ``tune_mode`` says: every frame's generator
-    alone ("each"), or one generator on all the frames ("shared", ``inversion/tune_shared.py``)."""
-    return inverter.run(frames, run_dir, log=log)
-
-
-# How the cropped frames are inverted into the run folder, by the ``tune`` mode (the inverter's ``tune_mode``):
-# (inverter, frames folder, run folder, log) -> the run's summary.
-FRAME_INVERTERS: dict[str, Callable[[Any, Path, Path, Callable[[str], None]], dict[str, Any]]] = {
-    "each": _invert_frames,
-    "shared": _invert_frames,
-}
 
 
 def frame_name(i: int) -> str:
@@ -245,7 +232,7 @@ def edit_video(
     ``direction``: a direction file, a name computed from the generator (``sefa``, ``ganspace``) or a DirectionSet;
     ``component``, ``strengths``, ``layers``, ``mode`` as ``edit`` takes them. ``config``: the inversion's options
     (an InversionConfig or mapping, as ``Inverter``; e.g. ``{"stages": ["encoder", "tune"], "tune": {"steps": 50}}``).
-    ``tune``: ``each`` (every frame tuned alone) or a mode of :data:`FRAME_INVERTERS`. ``align``: ``face`` (the FFHQ
+    ``tune``: ``each`` (every frame tuned alone) or ``shared`` (one generator tuned on all the frames). ``align``: ``face`` (the FFHQ
     square of each frame's largest face, ``smooth_align`` frames of Gaussian smoothing; frames without a face pass
     through) or ``frame`` (the whole frame); ``crop`` ``"x,y,w,h"``: that rectangle of every frame instead.
     ``smooth_pivots``: sigma in frames of the pivots' smoothing (0: none). ``feather``: the paste-back mask's soft
@@ -272,9 +259,7 @@ def edit_video(
     t = time.perf_counter()
     summary: dict[str, Any] = {"failed": []}
     if len(no_face) < len(clip.frames):
-        summary = FRAME_INVERTERS[tune if "tune" in inv.config.stages else "each"](
-            inv, out / "frames", out / "run", say
-        )
+        summary = inv.run(out / "frames", out / "run", log=say)  # resumable; tuned as ``tune`` says
     times["invert"] = time.perf_counter() - t
     say(f"invert: {summary.get('finished', 0)} frame(s) inverted into {out / 'run'}, {len(summary['failed'])} failed")
 
@@ -322,8 +307,8 @@ def _set_up(
     edit: dict[str, Any],
 ) -> tuple[Any, Any]:
     """Everything checked before any work: the modes, the crop, the networks (an Inverter) and the edit request."""
-    if tune not in FRAME_INVERTERS:
-        raise CycleEncodingError(f"tune must be one of {', '.join(FRAME_INVERTERS)}, not {tune!r}")
+    if tune not in TUNE_MODES:
+        raise CycleEncodingError(f"tune must be one of {', '.join(TUNE_MODES)}, not {tune!r}")
     if align not in ALIGN_MODES:
         raise CycleEncodingError(f"align must be one of {', '.join(ALIGN_MODES)}, not {align!r}")
     if crop is not None:

@@ -1,26 +1,13 @@
-"""Training curves from runs' ``log.jsonl`` and a plateau verdict per curve (``cycle-encoding curves``).
+"""Training curves from runs' ``log.jsonl`` and a plateau verdict per curve (``cycle-encoding curves``; the curves,
+phases and verdicts are described in docs/TRAINING.md, "Curves and the plateau rule"; the rule is ``training/plateau.py``).
 
-A run is a training run folder (or its ``log.jsonl``):
-
-- a **generator** run (``train-generator --metric-every N``) logs ``metric`` records: ``step``, ``kimg``, ``fd`` (the
-  classifier Frechet distance of g_ema's samples to the reference images) and ``min_class_share`` (the rarest class's
-  share of the samples); its curves are ``fd`` (lower is better) and ``min_class_share`` (higher is better), one phase;
-- an **encoder** run (``train-encoder``) logs ``val`` records every ``--val-every`` steps: ``stage`` and the held-out
-  losses ``weighted``, ``l2``, ``perceptual``, ``identity`` (lower is better). Its phases are the runs of consecutive
-  validations at the same stage (the schedule's constant-stage stretches); the plateau rule is applied inside each
-  phase, since a stage change moves the loss. The stage changes are read from the run's ``schedule.json`` and
-  ``config.json`` (exact; a ``val`` record at step ``s`` measures the encoder after ``s`` steps, so a change at step
-  ``c``, the first 0-based step trained at the new stage, is drawn at ``x = c``: records at ``x <= c`` have the old
-  stage), or, without them, from the stages in the ``train`` records (to within ``--log-every``).
-
-The verdict per (run, phase, measure) uses :mod:`cycle_encoding.training.plateau`, the generator trainer's early-stop
-rule: "plateau at step S" when the rule holds at the phase's last evaluation (S: the first evaluation of the final
-stretch where it holds), "still improving" otherwise (saying where it had held earlier, if it had), "too few
-evaluations" when a phase has no more than ``patience`` of them.
-
-A log written by a resumed run repeats the steps after its last checkpoint: per record kind, a record whose step does
-not exceed the last kept one replaces the kept records from that step on. A last line cut short (a run writing it
-now) is skipped.
+Generator runs log ``metric`` records (``fd``, ``min_class_share``); encoder runs log ``val`` records (``stage`` and the
+held-out losses), judged per phase of constant stage. The stage changes come from the run's ``schedule.json`` and
+``config.json`` (exact), else from the ``train`` records (to within ``--log-every``); a change at step ``c`` (the first
+0-based step trained at the new stage) is drawn at ``x = c``, since a ``val`` record at step ``s`` measures the encoder
+after ``s`` steps. A log written by a resumed run repeats the steps after its last checkpoint: per record kind, a record
+whose step does not exceed the last kept one replaces the kept records from that step on. A last line cut short (a run
+writing it now) is skipped.
 """
 
 from __future__ import annotations
@@ -195,7 +182,7 @@ def phases(points: list[tuple[int, float, int | None]]) -> list[tuple[int, int]]
 
 def verdict_rows(run: RunCurves, measures: list[str], patience: int, min_improvement: float) -> list[dict[str, Any]]:
     """Per phase and measure: the number of evaluations, the best value and its step, the last value, the rule's
-    verdict (see the module doc)."""
+    verdict ("plateau at step S": S is the first evaluation of the final stretch where the rule holds)."""
     rows: list[dict[str, Any]] = []
     for m in measures:
         points = run.series.get(m, [])

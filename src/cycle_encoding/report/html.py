@@ -1,18 +1,10 @@
-"""The report of an inversion run: one HTML page that needs no network and no script, a PNG grid, and the numbers.
+"""The report of an inversion run (``cycle-encoding report``; the page is described in docs/USAGE.md).
 
-``write_report(run_dir)`` writes, by default into the run folder:
-- ``report.html``: first a table of contents and the summary tables (mean +- std per stage over the images, with the
-  network behind each metric; the editability measures of each edit; the timings), then a per-image metrics table
-  that sorts by any column (radio buttons and CSS: no script), then per image a before/after compare (a CSS slider:
-  drag its corner), the input, the reconstruction after each stage and the edits (``cycle-encoding edit``, with a link
-  to each edit's GIF sweep), loss plots per stage, and the command (shell-quoted, to paste back) and options that
-  made the run. Images are inlined as ``data:`` URIs of thumbnails (at most ``thumb`` pixels a side; a larger image is
-  reduced and its thumbnail links the full file by relative path, so a 1024-px run's page stays small) or, with
-  ``inline=False``, linked by relative paths to the run's own files (plots then go to ``report_files/``);
-- ``report.png``: a grid with one row per image (input, reconstructions, edits);
-- ``report.json``: the numbers the page shows (``collect.collect``), so the table can be checked against them.
-Every number in a table cell also sits in ``data-`` attributes at full precision (``data-mean``, ``data-std``,
-``data-n``).
+``write_report(run_dir)`` writes, by default into the run folder, ``report.html`` (no network, no script; images
+inlined as ``data:`` URIs of thumbnails of at most ``thumb`` px a side that link the full file, or with ``inline=False``
+linked by relative path, the plots then in ``report_files/``), ``report.png`` (a row per image: input,
+reconstructions, edits) and ``report.json`` (the numbers the page shows, ``collect.collect``). Every number in a table
+cell also sits in ``data-`` attributes at full precision (``data-mean``, ``data-std``, ``data-n``).
 """
 
 from __future__ import annotations
