@@ -342,16 +342,15 @@ def sample_and_score(
     batch: int = 32,
     truncation: float = 1.0,
     seed: int = 0,
-    noise_mode: str = "const",
     progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes ``[k, w_dim]`` = G.style(z) (truncated toward w_avg), scores ``[k]`` of G's images of them) for the
-    ``k <= n`` of ``n`` samples the scorer scores: a NaN score leaves a sample out (e.g. class labels of a pair
-    attribute, where images of other classes have none). ``progress(b)`` is called after each batch of ``b``."""
+    """(codes ``[k, w_dim]`` = G.style(z) (truncated toward w_avg), scores ``[k]`` of G's images of them, constant
+    noise) for the ``k <= n`` of ``n`` samples the scorer scores: a NaN score leaves a sample out (e.g. class labels of
+    a pair attribute, where images of other classes have none). ``progress(b)`` is called after each batch of ``b``."""
     codes, scores = [], []
     for w in mapping_batches(G, n, seed, batch, truncation):  # type: ignore[arg-type]
         b = w.shape[0]
-        img = G.synthesis(w[:, None, :].expand(-1, G.num_ws, -1), noise_mode=noise_mode)
+        img = G.synthesis(w[:, None, :].expand(-1, G.num_ws, -1), noise_mode="const")
         s = torch.as_tensor(scorer(img)).reshape(-1).float().cpu()
         if s.numel() != b:
             raise CycleEncodingError(f"the classifier gave {s.numel()} scores for {b} images (one each is needed)")

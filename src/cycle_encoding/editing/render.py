@@ -198,30 +198,23 @@ def matches_reconstruction(im: RunImage, y: torch.Tensor, device: torch.device) 
     return diff <= RECON_TOLERANCE_LEVELS, how
 
 
-def save_sweep_gif(
-    rendered: Sequence[torch.Tensor],
-    strengths: Sequence[float],
-    path: Path,
-    min_side: int = 128,
-    max_side: int = 256,
-    ms: int = 250,
-) -> Path:
-    """The edits of one image as a looping GIF (Pillow): lowest strength to highest and back, each frame enlarged by a
-    whole factor (nearest neighbour) to at least ``min_side`` pixels, or reduced to at most ``max_side`` (a GIF to
+def save_sweep_gif(rendered: Sequence[torch.Tensor], strengths: Sequence[float], path: Path) -> Path:
+    """The edits of one image as a looping GIF (Pillow, 250 ms a frame): lowest strength to highest and back, each
+    frame enlarged by a whole factor (nearest neighbour) to at least 128 pixels, or reduced to at most 256 (a GIF to
     share, not the full images: those are the PNGs beside it)."""
     order = sorted(range(len(strengths)), key=lambda j: strengths[j])
     order = order + order[-2:0:-1]  # ping-pong without repeating the ends
     frames = []
     for j in order:
         im = to_pil(rendered[j][0].clamp(-1, 1)).convert("RGB")
-        k = max(1, -(-min_side // max(im.size)))
+        k = max(1, -(-128 // max(im.size)))
         if k > 1:
             im = im.resize((im.width * k, im.height * k), Image.Resampling.NEAREST)
-        elif max(im.size) > max_side:
-            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        elif max(im.size) > 256:
+            im.thumbnail((256, 256), Image.Resampling.LANCZOS)
         frames.append(im)
     return atomic_write(path, lambda t: frames[0].save(t, format="GIF", save_all=True, append_images=frames[1:],
-                                                        duration=ms, loop=0))  # fmt: skip
+                                                        duration=250, loop=0))  # fmt: skip
 
 
 def render_run_edits(

@@ -4,8 +4,9 @@ browser editor").
 Directions: the files given (every direction of each), then the top ``components`` SeFa directions and GANSpace
 components of the *base* generator (computed once per generator: kept in memory and in the project's cache folder,
 keyed by the generator's weights hash). A slider runs over ``-limit .. +limit``: the spread of 2,000 mapping-network
-codes (seed 0) along the direction in its strength units (GANSpace's standard deviations, else distance in W), at least
-the largest default strength of ``cycle-encoding edit`` (3), rounded up to a whole ``step`` (about 40 steps to ``limit``).
+codes (seed 0) along the direction in its strength units (GANSpace's standard deviations, else distance in W), at
+least the largest default strength of ``cycle-encoding edit`` (3), rounded up to a whole ``step`` (about 40 steps to
+``limit``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Training curves from runs' ``log.jsonl`` and a plateau verdict per curve (``cycle-encoding curves``; the curves,
-phases and verdicts are described in docs/TRAINING.md, "Curves and the plateau rule"; the rule is ``training/plateau.py``).
+phases and verdicts: docs/TRAINING.md, "Curves and the plateau rule"; the rule: ``training/plateau.py``).
 
 Generator runs log ``metric`` records (``fd``, ``min_class_share``); encoder runs log ``val`` records (``stage`` and the
 held-out losses), judged per phase of constant stage. The stage changes come from the run's ``schedule.json`` and
