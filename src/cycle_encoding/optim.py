@@ -33,10 +33,7 @@ from torch.optim import Optimizer
 
 
 class Ranger(Optimizer):
-    """RAdam with Lookahead and gradient centralization (see the module doc for the exact update).
-
-    Defaults are Cycle Encoding's / e4e's: lr 1e-4, betas (0.95, 0.999), eps 1e-5, k 6, alpha 0.5.
-    """
+    """RAdam with Lookahead and gradient centralization (the update: the module doc); the defaults are e4e's."""
 
     def __init__(
         self,

@@ -152,12 +152,7 @@ register_identity(FMNIST_FEATURES, lambda d, w: classifier_identity(w, d), "cosi
 
 def identity_default(data: str | None, weights: str | Path | None = None) -> tuple[str, str]:
     """The identity network ``identity="auto"`` stands for, and why: the paper uses an identity term of weight 0.1
-    whenever the domain has a network for it.
-
-    - images of Fashion-MNIST (the dataset name ``fashion-mnist...``): ``fmnist-features`` (shipped);
-    - an identity weights file given: ``arcface`` (the face network of the paper, ``model_ir_se50.pth``);
-    - anything else: ``none``, with the reason (no identity network is known for the domain without its file).
-    """
+    whenever the domain has a network for it (Fashion-MNIST: the shipped one; a weights file given: ArcFace's)."""
     spec = str(data or "")
     if Path(spec).name.lower().startswith("fashion-mnist") or spec.lower().startswith("fashion-mnist"):
         return "fmnist-features", "auto: fmnist-features, the shipped network of the Fashion-MNIST domain"

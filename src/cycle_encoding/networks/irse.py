@@ -79,12 +79,8 @@ class BottleneckIR(nn.Module):
 def irse_unit_specs(
     num_layers: int = 50, widths: Sequence[int] = DEFAULT_WIDTHS, units: Sequence[int] | None = None
 ) -> list[UnitSpec]:
-    """The (in_channels, depth, stride) list of the body's units.
-
-    ``units`` (units per block) overrides the published count for ``num_layers``; ``widths`` gives each block's
-    channels. The first block's input is ``widths[0]`` (the input layer's width); the first unit of every block
-    has stride 2. IR-SE-50: ``[(64, 64, 2), (64, 64, 1), (64, 64, 1), (64, 128, 2), ...]`` (24 units).
-    """
+    """The (in_channels, depth, stride) list of the body's units; ``units`` (per block) overrides the published
+    count for ``num_layers``. IR-SE-50: ``[(64, 64, 2), (64, 64, 1), (64, 64, 1), (64, 128, 2), ...]`` (24 units)."""
     if units is None:
         if num_layers not in UNITS_PER_BLOCK:
             raise ValueError(f"num_layers must be one of {sorted(UNITS_PER_BLOCK)}, got {num_layers}")

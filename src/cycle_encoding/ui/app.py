@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from ..editing.editor import DEFAULT_STAGES, Editor, InversionCancelled, InversionProgress, tensor_to_pil
 from ..errors import CycleEncodingError
 from ..inversion.config import STAGES
-from .page import ENTER_JS, PAGE_CSS, SHOWN, build_page
+from .page import ENTER_JS, MAX_TUNE_STEPS, PAGE_CSS, SHOWN, TUNE_BOUND_WHY, build_page
 from .sessions import DEFAULT_MAX_SESSIONS, Session, SessionPool, make_root
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
@@ -44,9 +44,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_UPLOAD_MB = 20.0
 UPLOAD_MAX_PIXELS = 40_000_000
-MAX_TUNE_STEPS = 3500  # 10x the authors' 350 (PTI's and Cycle Encoding's default)
-TUNE_BOUND_WHY = (f"bounded at {MAX_TUNE_STEPS}, ten times the authors' 350, so that one visitor cannot hold the "
-                  "server for hours")  # fmt: skip
 HEARTBEAT_S = 0.5  # an inversion's handler yields at least this often: the points where Gradio can close it
 
 
@@ -87,9 +84,6 @@ def _error(text: str) -> str:
 
 class EditorApp:
     """The page's handlers and server (see the module doc). ``template``: the editor every session forks."""
-
-    MAX_TUNE_STEPS = MAX_TUNE_STEPS
-    TUNE_BOUND_WHY = TUNE_BOUND_WHY
 
     def __init__(
         self,

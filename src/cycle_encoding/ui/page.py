@@ -8,6 +8,9 @@ from typing import Any
 
 from ..inversion.config import STAGES
 
+MAX_TUNE_STEPS = 3500  # 10x the authors' 350 (PTI's and Cycle Encoding's default)
+TUNE_BOUND_WHY = (f"bounded at {MAX_TUNE_STEPS}, ten times the authors' 350, so that one visitor cannot hold the "
+                  "server for hours")  # fmt: skip
 SHOWN = ("input", "pivot", "recon")  # the pictures of the image being edited, before the edit
 RANGES_HELP = (
     "Each slider runs over +-L, where L is the spread of the generator's codes along its direction (the largest "
@@ -92,8 +95,8 @@ def _inputs(app: Any, gr: Any) -> tuple[Any, ...]:
     ed, G = app.template, app.template.base
     upload = gr.File(label="Image to invert", file_count="single", type="filepath", elem_id="upload")
     stages = gr.CheckboxGroup(list(STAGES), value=list(app.stages), label="Stages", elem_id="stages")
-    tune_steps = gr.Number(app.tune_steps, label=f"Tuning steps (at most; 0-{app.MAX_TUNE_STEPS})", precision=0,
-                           info=app.TUNE_BOUND_WHY, elem_id="tune-steps")  # fmt: skip
+    tune_steps = gr.Number(app.tune_steps, label=f"Tuning steps (at most; 0-{MAX_TUNE_STEPS})", precision=0,
+                           info=TUNE_BOUND_WHY, elem_id="tune-steps")  # fmt: skip
     align = gr.Checkbox(False, label="Faces: align first (dlib, FFHQ crop)", elem_id="align",
                         interactive=G.img_channels == 3)  # fmt: skip
     with gr.Row():
