@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "status: 0 every image aligned, 3 some had no face or could not be read (listed; the others are written, as "
         "invert and edit do), 2 bad input (nothing written).",
     )  # fmt: skip
-    p.add_argument("input", type=Path, nargs="?", help="an image file or a folder of images")
-    p.add_argument("out", type=Path, nargs="?", help="output folder")
+    p.add_argument("input", type=Path, nargs="?", metavar="INPUT", help="an image file or a folder of images")
+    p.add_argument("out", type=Path, nargs="?", metavar="OUT", help="output folder")
     p.add_argument("--size", type=int, default=None,
                    help="output size in pixels (default: the --generator's resolution, else 256)")  # fmt: skip
     p.add_argument("--generator", default=None,

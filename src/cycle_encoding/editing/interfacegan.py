@@ -135,8 +135,7 @@ def train_boundary(
 
     if space not in SPACES:
         raise CycleEncodingError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
-    if method not in CLASSIFIER_METHODS:
-        raise CycleEncodingError(f"unknown classifier {method!r} (known: {', '.join(CLASSIFIER_METHODS)})")
+    clf = make_classifier(method, C, seed)  # an unknown method fails here, before any work
     X_all = _as_numpy(codes, "codes").astype(np.float64)
     y_raw = _as_numpy(labels, "labels").reshape(-1)
     if X_all.shape[0] != y_raw.shape[0]:
@@ -172,7 +171,6 @@ def train_boundary(
     if n_val and (len(y) - n_val < 2 or len(np.unique(y[perm[n_val:]])) < 2):
         n_val = 0  # too few codes to hold some out
     val, tr = perm[:n_val], perm[n_val:]
-    clf = make_classifier(method, C, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(X[tr], y[tr])
