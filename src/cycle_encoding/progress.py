@@ -1,14 +1,7 @@
-"""How long work shows its progress: ``--progress auto|bar|lines|none`` of every long command.
-
-- ``bar``: a tqdm bar per task with its total, rate and time left, redrawn in place (for a terminal);
-- ``lines``: no redrawn bars; the commands print one line per finished unit of work (per stage per image for
-  ``invert``, per image for ``edit``), and a task given ``heartbeat`` seconds prints how far it is at most that
-  often, so a log file holds lines, not carriage-return redraws;
-- ``none``: nothing but the results;
-- ``auto`` (the default): ``bar`` when the stream is a terminal, else ``lines``.
-
-``Progress`` is the one progress object the library's long loops take; it draws (or not) by its mode.
-"""
+"""How long work shows its progress (``--progress``, docs/USAGE.md): ``bar``, a tqdm bar per task redrawn in place;
+``lines``, no redraws: the commands print a line per finished unit, and a task given ``heartbeat`` seconds its status
+at most that often (a log holds lines); ``none``; ``auto``: ``bar`` on a terminal, else ``lines``. ``Progress`` is
+the one progress object the library's long loops take."""
 
 from __future__ import annotations
 
@@ -49,7 +42,6 @@ class Progress:
         unit: str = "it",
         mode: str | bool | None = "auto",
         stream: TextIO | None = None,
-        leave: bool = True,
         heartbeat: float | None = None,
         initial: int = 0,
     ) -> None:
@@ -62,7 +54,7 @@ class Progress:
         self.heartbeat = heartbeat if self.mode == "lines" else None
         self._last_line = self.t0
         if self.mode == "bar":
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, file=self.stream,
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream,
                             dynamic_ncols=True)  # fmt: skip
 
     def update(self, n: int = 1, **postfix: Any) -> None:

@@ -33,9 +33,6 @@ class PerceptualDistance(FixedMeasure):
 
     name: str = "perceptual"
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
 
@@ -92,8 +89,8 @@ build_perceptual = PERCEPTUAL.build  # (name, device, weights, recorded, domain)
 
 
 def load_dlib_embedder(device: torch.device, weights: Path | None = None) -> nn.Module:
-    """The dlib face embedder (``networks.dlib_resnet``, read by ``checkpoints.face_api`` from the cache), imported
-    only when asked for; it takes no weights file."""
+    """The dlib face embedder (``networks.dlib_resnet``, read by ``checkpoints.face_api`` from the cache); it takes no
+    weights file."""
     if weights is not None:
         raise CycleEncodingError(
             f"dlib-face takes no weights file (it reads the dlib embedder from the cache); got {weights}"

@@ -94,8 +94,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, config: DiscriminatorConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
-        config = config or DiscriminatorConfig(**kwargs)
-        self.config = config
+        self.config = config = config or DiscriminatorConfig(**kwargs)
         ch = config.channels()
         size = config.resolution
         convs: list[nn.Module] = [ConvLayer(config.img_channels, ch[size], 1)]

@@ -44,8 +44,7 @@ class LatentDiscriminator(nn.Module):
 
     def __init__(self, config: LatentDiscriminatorConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
-        self.config = config if config is not None else LatentDiscriminatorConfig(**kwargs)
-        c = self.config
+        self.config = c = config if config is not None else LatentDiscriminatorConfig(**kwargs)
         layers: list[nn.Module] = []
         dim = c.w_dim
         for _ in range(c.num_layers - 1):

@@ -288,9 +288,7 @@ class Generator(nn.Module):
 
     def __init__(self, config: GeneratorConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
-        config = config or GeneratorConfig(**kwargs)
-        self.config = config
-        c = config
+        self.config = c = config or GeneratorConfig(**kwargs)
         ch = c.channels()
         bk = c.blur_kernel
 

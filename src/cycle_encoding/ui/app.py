@@ -1,15 +1,8 @@
-"""The browser editor (``cycle-encoding ui``): a Gradio page over :class:`~cycle_encoding.editing.editor.Editor`.
-
-Upload an image (or open a run folder), see the encoder's pivot at once and the tuned reconstruction after it (with a
-progress bar), move one slider per direction (the edit renders when a slider is released or a typed value entered;
-the render time is shown), and download the edited PNG, the codes (``.npz``, NVIDIA's ``projected_w`` layout) and the
-generator that renders them, named for the image and the edit. The picture, the sliders and the downloads always
-show one edit: a value typed beyond a slider's range is clamped, and the clamped edit is rendered.
+"""The browser editor (``cycle-encoding ui``): a Gradio page over :class:`~cycle_encoding.editing.editor.Editor`
+(what it offers: docs/USAGE.md, The browser editor; the page: ``ui/page.py``; the sessions: ``ui/sessions.py``).
 
 An inversion runs in a thread that stops at its next step when the page is closed (Gradio closes the handler, which
-sets the inversion's cancel event) or Cancel is pressed; tuning takes at most ``MAX_TUNE_STEPS`` steps. Each browser
-session edits its own image (``ui/sessions.py``: at most ``max_sessions`` held); the networks
-and directions are shared. The page itself is ``ui/page.py``.
+sets the inversion's cancel event) or Cancel is pressed; tuning takes at most ``MAX_TUNE_STEPS`` steps.
 
 Nothing here reaches the network: Gradio's analytics and version check are off (``GRADIO_ANALYTICS_ENABLED=False``
 is set before Gradio is imported), no share link is made, the page's fonts and scripts come from the local server.
