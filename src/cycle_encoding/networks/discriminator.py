@@ -104,8 +104,6 @@ class Discriminator(nn.Module):
             convs.append(ResBlock(in_channel, out_channel, config.blur_kernel))
             in_channel = out_channel
         self.convs = nn.Sequential(*convs)
-        self.stddev_group = config.stddev_group
-        self.stddev_feat = config.stddev_feat
         self.final_conv = ConvLayer(in_channel + 1, ch[4], 3)
         self.final_linear = nn.Sequential(
             EqualLinear(ch[4] * 4 * 4, ch[4], activation="fused_lrelu"),
@@ -115,10 +113,10 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.convs(x)
         batch, channel, height, width = out.shape
-        group = min(batch, self.stddev_group)
+        group = min(batch, self.config.stddev_group)
         while batch % group:  # the group must divide the batch
             group -= 1
-        feat = self.stddev_feat
+        feat = self.config.stddev_feat
         stddev = out.view(group, -1, feat, channel // feat, height, width)
         stddev = torch.sqrt(stddev.var(0, unbiased=False) + 1e-8)
         stddev = stddev.mean([2, 3, 4], keepdim=True).squeeze(2)

@@ -84,7 +84,6 @@ class GradualStyleBlock(nn.Module):
 
     def __init__(self, in_c: int, out_c: int, spatial: int) -> None:
         super().__init__()
-        self.out_c = out_c
         num_pools = max(1, int(math.log2(spatial)))
         mods: list[nn.Module] = [nn.Conv2d(in_c, out_c, 3, stride=2, padding=1), nn.LeakyReLU()]
         for _ in range(num_pools - 1):
