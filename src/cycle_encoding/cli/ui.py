@@ -12,7 +12,6 @@ from typing import Any
 
 from ..editing.editor import Editor
 from ..errors import CycleEncodingError
-from ..ui.app import EditorApp, check_tune_steps, import_gradio, is_loopback
 from .common import add_command, add_device_arg
 
 
@@ -59,6 +58,9 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    # lazy: importing ui.app sets Gradio's and the Hugging Face hub's offline variables in os.environ (ui only)
+    from ..ui.app import EditorApp, check_tune_steps, import_gradio, is_loopback
+
     import_gradio()  # the missing extra is reported before any model loads
     check_tune_steps(args.tune_steps)
     if args.max_sessions < 1:
