@@ -35,13 +35,6 @@ def as_pil(image: object) -> Image.Image | None:
     raise TypeError(f"not an image: {type(image).__name__}")
 
 
-def cell_size(side: int, min_cell: int = 96, max_cell: int = 256) -> int:
-    """The displayed side of an image of ``side`` pixels (see the module doc)."""
-    if side >= min_cell:
-        return min(side, max_cell)
-    return side * max(1, -(-min_cell // side))
-
-
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font: object) -> tuple[int, int]:
     l, t, r, b = draw.textbbox((0, 0), text, font=font)  # type: ignore[arg-type]
     return r - l, b - t
@@ -103,7 +96,8 @@ def compose_grid(
     sides = [max(p.size) for row in pils for p in row if p is not None]
     if not sides:
         raise ValueError("no images to lay out")
-    cell = cell_size(max(sides), min_cell, max_cell)
+    side = max(sides)  # small images enlarged by a whole factor up to min_cell, large ones reduced to max_cell
+    cell = min(side, max_cell) if side >= min_cell else side * -(-min_cell // side)
     ncols = max(len(r) for r in pils)
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
