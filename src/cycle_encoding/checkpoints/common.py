@@ -25,10 +25,8 @@ _TORCH_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 def sniff(path: str | Path) -> str:
-    """The container of a file: 'torch-zip', 'torch-legacy', 'pickle' or 'safetensors'.
-
-    Raises a CheckpointError (one line) for a missing, empty, truncated or non-checkpoint file.
-    """
+    """The container of a file: 'torch-zip', 'torch-legacy', 'pickle' or 'safetensors'; a one-line CheckpointError
+    for a missing, empty, truncated or non-checkpoint file."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(p, "no such file")
@@ -45,24 +43,21 @@ def sniff(path: str | Path) -> str:
                 p, "truncated: a torch zip archive whose end record is missing (incomplete download?)"
             )
         return "torch-zip"
-    if len(head) >= 9:
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
         (n,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 8 + n <= size:
-            with open(p, "rb") as f:
-                f.seek(8)
-                raw = f.read(n)
-            try:
-                header = json.loads(raw)
-                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, IndexError):
-                raise CheckpointError(p, "not a checkpoint: a safetensors-like file with a corrupt header") from None
-            if 8 + n + end > size:
-                raise CheckpointError(
-                    p, f"truncated: the safetensors data needs {8 + n + end} bytes, the file has {size}"
-                )
-            return "safetensors"
-        if head[8:9] == b"{":
+        if 8 + n > size:
             raise CheckpointError(p, f"truncated: safetensors header says {n} bytes but the file has {size - 8}")
+        with open(p, "rb") as f:
+            f.seek(8)
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise CheckpointError(p, "not a checkpoint: a safetensors-like file with a corrupt header") from None
+        if 8 + n + end > size:
+            raise CheckpointError(p, f"truncated: the safetensors data needs {8 + n + end} bytes, the file has {size}")
+        return "safetensors"
     if head[:1] == b"\x80" and len(head) >= 2 and head[1] in range(2, 6):
         if head[2:3] == b"\x8a" and head[4:14] == _TORCH_LEGACY_MAGIC:
             return "torch-legacy"
@@ -119,24 +114,36 @@ def torch_load(path: str | Path, mmap: bool = False) -> Any:
         raise CheckpointError(p, f"cannot read torch file: {first}") from None
 
 
-def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str | Path, what: str) -> None:
-    """Compare ``sd`` with ``model``'s keys and shapes; raise one CheckpointError naming the first problem."""
-    want = model.state_dict()
-    for k, v in want.items():
+def check_shapes(
+    sd: Mapping[str, Any],
+    expected: Mapping[str, tuple[int | None, ...]],
+    source: str | Path,
+    what: str,
+    optional: tuple[str, ...] = (),
+    hint: str = "",
+) -> None:
+    """``sd`` holds exactly the ``expected`` keys (those ending in ``optional`` may be missing), each a tensor of that
+    shape (None: any size); else one CheckpointError naming the first key that differs, ``hint`` appended."""
+    for k, shape in expected.items():
         if k not in sd:
-            raise CheckpointError(
-                source, f"{what}: missing key {k} (expected shape {list(v.shape)}); the layout does not fit"
-            )
+            if k.endswith(optional):
+                continue
+            raise CheckpointError(source, f"{what}: missing key {k} (expected shape {list(shape)}){hint}")
         got = sd[k]
-        if tuple(got.shape) != tuple(v.shape):
-            raise CheckpointError(
-                source,
-                f"{what}: key {k} has shape {list(got.shape)}, expected {list(v.shape)} for the inferred "
-                f"architecture: the shapes fit no {what} configuration this reader knows",
-            )
-    extra = [k for k in sd if k not in want]
+        if not isinstance(got, torch.Tensor):
+            raise CheckpointError(source, f"{what}: key {k} holds a {type(got).__name__}, not a tensor")
+        if len(got.shape) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got.shape)):
+            raise CheckpointError(source, f"{what}: key {k} has shape {list(got.shape)}, expected {list(shape)}{hint}")
+    extra = [k for k in sd if k not in expected]
     if extra:
         raise CheckpointError(source, f"{what}: unexpected key {extra[0]} ({len(extra)} unexpected in all)")
+
+
+def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str | Path, what: str) -> None:
+    """Compare ``sd`` with ``model``'s keys and shapes (``check_shapes``)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    hint = f" for the inferred architecture: the shapes fit no {what} configuration this reader knows"
+    check_shapes(sd, expected, source, what, hint=hint)
 
 
 def check_declared_architecture(
@@ -147,13 +154,10 @@ def check_declared_architecture(
     counts: Mapping[str, int] | None = None,
     derived: Callable[[str], bool] = lambda key: False,
 ) -> None:
-    """Check an architecture a file declares against the tensors it holds, before anything is allocated.
-
-    ``counts`` (name -> value) are the configuration's repeat counts (layers, units, heads): each repeated part holds
-    at least one tensor, so none may exceed the number of tensors. The network is then built on the ``meta`` device
-    (shapes only, no memory) and its keys and shapes compared with ``sd``; ``derived(key)`` names the buffers the
-    loader fills in itself (e.g. fixed resampling kernels) that a file need not hold.
-    """
+    """Check an architecture a file declares against the tensors it holds, before anything is allocated: no repeat
+    count in ``counts`` (layers, units, heads: each part holds a tensor) may exceed the number of tensors, then the
+    network built on the ``meta`` device (no memory) must match ``sd``'s keys and shapes, less the buffers
+    ``derived(key)`` that the loader fills in itself (e.g. fixed resampling kernels)."""
     n = len(sd)
     for name, value in (counts or {}).items():
         if value > n:

@@ -146,9 +146,9 @@ def save_generator_delta(
     return DeltaInfo(Path(p), Path(p).stat().st_size, full, len(blobs), len(unchanged), tuned_hash)
 
 
-def load_generator_delta(path: str | Path, base: Generator | str | Path, verify: bool = True) -> Generator:
+def load_generator_delta(path: str | Path, base: Generator | str | Path) -> Generator:
     """Rebuild the tuned generator from its base (a Generator or a generator file) and the delta file; a base of
-    other weights is refused, and with ``verify`` the rebuilt generator's hash is checked."""
+    other weights is refused, and the rebuilt generator's hash is checked."""
     p = Path(path)
     nf = read_native(p, kind=DELTA_KIND)
     ex = nf.extra
@@ -197,7 +197,7 @@ def load_generator_delta(path: str | Path, base: Generator | str | Path, verify:
                 out.w_avg.copy_(v)
             else:
                 sd[k].copy_(v)
-    if verify and weights_sha256(out) != ex.get("tuned_weights_sha256"):
+    if weights_sha256(out) != ex.get("tuned_weights_sha256"):
         raise CheckpointError(p, "the rebuilt generator's weights do not match the stored hash (corrupt file?)")
     out.provenance = {"source_file": str(p), "source_format": DELTA_KIND, "base": named}  # type: ignore[assignment]
     return out.eval().requires_grad_(False)

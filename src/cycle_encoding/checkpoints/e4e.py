@@ -27,9 +27,9 @@ def split_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)}
 
 
-def prefixes(sd: Mapping[str, Any]) -> dict[str, int]:
-    """How many entries each top-level prefix holds (e.g. {'encoder': 483, 'decoder': 370})."""
-    return dict(Counter(k.split(".", 1)[0] for k in sd))
+def describe_state_dict(sd: Mapping[str, Any]) -> str:
+    """What the state dict holds by top-level prefix, e.g. ``state_dict: encoder.* (483), decoder.* (370)``."""
+    return "state_dict: " + ", ".join(f"{k}.* ({n})" for k, n in Counter(k.split(".", 1)[0] for k in sd).items())
 
 
 def latent_avg_vector(t: torch.Tensor | None) -> torch.Tensor | None:

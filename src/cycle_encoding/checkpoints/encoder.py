@@ -264,9 +264,7 @@ def inspect_encoder_file(path: Path, container: str) -> dict[str, Any] | None:
             "parameters": count_parameters(dec, lambda k: k.startswith("noises.") or k.endswith(".kernel")),
         }
     out["training_stage"] = "not stored in e4e-family files (inference turns all offsets on)"
-    out["holds"] = [f"state_dict: {', '.join(f'{k}.* ({n})' for k, n in e4e.prefixes(sd).items())}"] + [
-        k for k in obj if k != "state_dict"
-    ]
+    out["holds"] = [e4e.describe_state_dict(sd), *(k for k in obj if k != "state_dict")]
     if opts:
         out["opts"] = {k: opts[k] for k in sorted(opts) if isinstance(opts[k], (int, float, str, bool))}
     return out

@@ -36,20 +36,18 @@ WEIGHTS_NAME = "face_recognition_model.bin"
 NATIVE_NAME = "dlib_resnet_face_v1.safetensors"
 
 
-def _tfjs_layer_names() -> list[tuple[str, str]]:
-    """[(TF.js prefix, torch prefix)] for every conv+affine pair-holding layer of the network."""
-    names = [("conv32_down", "stem")]
-    tf_stage = [
-        ["conv32_1", "conv32_2", "conv32_3"],
-        ["conv64_down", "conv64_1", "conv64_2", "conv64_3"],
-        ["conv128_down", "conv128_1", "conv128_2"],
-        ["conv256_down", "conv256_1", "conv256_2"],
-        ["conv256_down_out"],
-    ]
-    for s, units in enumerate(tf_stage):
-        for u, tf_name in enumerate(units):
-            names.append((tf_name, f"stages.{s}.{u}"))
-    return names
+# face-api's TF.js layer names, stage by stage (each unit holds a conv+affine pair per convolution)
+_TFJS_STAGES = (
+    ("conv32_1", "conv32_2", "conv32_3"),
+    ("conv64_down", "conv64_1", "conv64_2", "conv64_3"),
+    ("conv128_down", "conv128_1", "conv128_2"),
+    ("conv256_down", "conv256_1", "conv256_2"),
+    ("conv256_down_out",),
+)
+# (TF.js prefix, torch prefix) of every layer
+_TFJS_LAYERS = [("conv32_down", "stem")] + [
+    (name, f"stages.{s}.{u}") for s, units in enumerate(_TFJS_STAGES) for u, name in enumerate(units)
+]
 
 
 # -- TF.js weights -----------------------------------------------------------------------------------------------
@@ -59,13 +57,10 @@ _PLAIN_DTYPES = {"float32": np.float32, "int32": np.int32}
 
 
 def read_tfjs_weights(manifest: str | Path) -> dict[str, np.ndarray]:
-    """Read a TF.js weights manifest and its binary shards into float32 arrays by weight name.
-
-    Each manifest group names its shard files (concatenated in order) and its weights in the order they are
-    stored. A weight with ``quantization {dtype: uint8|uint16, scale, min}`` is stored as integers ``q`` and means
-    ``q * scale + min`` (in float64, rounded to float32, as TF.js computes it); ``float16`` quantization stores
-    half floats. Plain ``float32`` weights are stored as little-endian float32.
-    """
+    """A TF.js weights manifest and its binary shards as float32 arrays by weight name. Each manifest group names its
+    shard files (concatenated in order) and its weights in stored order; a weight with ``quantization {dtype:
+    uint8|uint16, scale, min}`` stores integers ``q`` meaning ``q * scale + min`` (in float64, rounded to float32, as
+    TF.js computes it), ``float16`` quantization half floats, plain weights little-endian float32."""
     mpath = Path(manifest)
     try:
         groups = json.loads(mpath.read_text())
@@ -130,14 +125,14 @@ def tfjs_to_state_dict(weights: Mapping[str, np.ndarray], source: str | Path = "
         sd[f"{pt_prefix}.affine_weight"] = torch.from_numpy(take(f"{tf_prefix}/scale/weights"))
         sd[f"{pt_prefix}.affine_bias"] = torch.from_numpy(take(f"{tf_prefix}/scale/biases"))
 
-    for tf_name, pt_name in _tfjs_layer_names():
+    for tf_name, pt_name in _TFJS_LAYERS:
         if pt_name == "stem":
             conv_affine(tf_name, pt_name)
         else:
             conv_affine(f"{tf_name}/conv1", f"{pt_name}.conv1")
             conv_affine(f"{tf_name}/conv2", f"{pt_name}.conv2")
     sd["fc.weight"] = torch.from_numpy(take("fc").T)
-    used = {k for k in weights if k == "fc" or any(k.startswith(t + "/") for t, _ in _tfjs_layer_names())}
+    used = {k for k in weights if k == "fc" or any(k.startswith(t + "/") for t, _ in _TFJS_LAYERS)}
     extra = sorted(set(weights) - used)
     if extra:
         raise CheckpointError(source, f"unexpected weight {extra[0]} ({len(extra)} unexpected in all)")

@@ -76,8 +76,7 @@ def _from_torch_object(obj: Any, path: Path) -> GeneratorWeights:
             raise CheckpointError(path, "an e4e/pSp checkpoint without decoder.* keys: it holds no generator")
         fmt = "e4e"
         w_avg = e4e.latent_avg_vector(obj.get("latent_avg"))
-        counts = e4e.prefixes(obj["state_dict"])
-        holds = [f"state_dict: {', '.join(f'{k}.* ({n})' for k, n in counts.items())}"]
+        holds = [e4e.describe_state_dict(obj["state_dict"])]
         holds += [h for h in describe_torch_object(obj) if not h.startswith("state_dict")]
     elif _is_rosinality_sd(obj):
         sd = _tensor_dict(obj)

@@ -70,23 +70,12 @@ _TORCH_FUNCS = {
     ("torch", "Tensor"),
     ("torch.nn.parameter", "Parameter"),
 }
-_BUILTINS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "dict"): dict,
-    ("builtins", "list"): list,
-    ("builtins", "tuple"): tuple,
-    ("__builtin__", "set"): set,
-}
 
 
 # numpy scalars in NVIDIA's layers (``weight_gain = lr_multiplier / np.sqrt(in_features)``, ``act_gain``): pickled as
 # ``numpy.core.multiarray.scalar(numpy.dtype('f8', False, True) + BUILD state, raw bytes)`` (numpy 2 writes
 # ``numpy._core``). Neither numpy function is handed to the unpickler: stand-ins accept only a plain numeric type
 # code and its byte order, and build the value with ``numpy.frombuffer`` from exactly ``itemsize`` raw bytes.
-_NUMPY_SCALAR = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
-_NUMPY_DTYPE = {("numpy", "dtype")}  # numpy 1 and 2 both pickle a dtype as numpy.dtype
 _PLAIN_DTYPE = re.compile(r"^(b1|[iu][1248]|f[248]|c(8|16))$")
 
 
@@ -132,36 +121,43 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
+# what the unpickler hands out for each (module, name) it admits besides _TORCH_FUNCS and torch's dtypes
+_ALLOWED = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("dnnlib.util", "EasyDict"): _EasyDict,
+    ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "dict"): dict,
+    ("builtins", "list"): list,
+    ("builtins", "tuple"): tuple,
+    ("__builtin__", "set"): set,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "dtype"): _NumpyDtypeSpec,  # numpy 1 and 2 both pickle a dtype as numpy.dtype
+    ("_codecs", "encode"): _codecs_encode,
+}
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, f: Any, source: str | Path) -> None:
         super().__init__(f)
         self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch_utils.persistence" and name == "_reconstruct_persistent_obj":
-            return _reconstruct_persistent_obj
-        if module == "dnnlib.util" and name == "EasyDict":
-            return _EasyDict
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
         if module.startswith("dnnlib.tflib"):
             raise CheckpointError(
                 self.source,
                 f"a TensorFlow-era StyleGAN pickle ({module}.{name}), not a PyTorch one: convert it first "
                 "(NVIDIA's stylegan2-ada-pytorch legacy.py, or rosinality's convert_weight.py), then load the result",
             )
-        if module == "torch.storage" and name == "_load_from_bytes":
-            return _load_storage_from_bytes
         if (module, name) in _TORCH_FUNCS:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if (module, name) in _BUILTINS:
-            return _BUILTINS[(module, name)]
-        if (module, name) in _NUMPY_SCALAR:
-            return _numpy_scalar
-        if (module, name) in _NUMPY_DTYPE:
-            return _NumpyDtypeSpec
-        if (module, name) == ("_codecs", "encode"):
-            return _codecs_encode
         raise UnsafePickleError(
             self.source,
             f"refused: the pickle asks for {module}.{name}, which is not among the allowed classes "

@@ -222,17 +222,12 @@ def load_optimizer_state(path: str | Path, module: nn.Module) -> OptimizerState:
         entry: dict[str, Any] = {"step": int(step)}
         for k in ("exp_avg", "exp_avg_sq", "slow_minus_weight"):
             t = nf.tensors.get(f"{name}.{k}")
-            if t is None:
-                if k == "slow_minus_weight":  # not stored: the slow weights equal the weights
-                    entry["slow_buffer"] = w.clone()
-                    continue
+            if t is None and k != "slow_minus_weight":
                 raise CheckpointError(path, f"no {k} for {name!r}")
-            if tuple(t.shape) != tuple(w.shape):
+            if t is not None and tuple(t.shape) != tuple(w.shape):
                 raise CheckpointError(path, f"{k} of {name!r} has shape {list(t.shape)}, the parameter {list(w.shape)}")
-            if k == "slow_minus_weight":
-                entry["slow_buffer"] = w + t.float()
-            else:
-                entry[k] = t.float()
+            entry[k] = torch.zeros_like(w) if t is None else t.float()  # none stored: slow weights = weights
+        entry["slow_buffer"] = w + entry.pop("slow_minus_weight")
         state[name] = entry
     settings = dict(nf.config.get("settings") or {})
     if "betas" in settings:

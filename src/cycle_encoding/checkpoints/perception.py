@@ -21,7 +21,7 @@ from ..errors import CheckpointError, CycleEncodingError
 from ..networks.irse import UNITS_PER_BLOCK, ArcFaceBackbone
 from ..networks.lpips import BACKBONES, LPIPS, LPIPS_NETS
 from ..networks.resnet import ResNet50
-from .common import count_parameters, torch_load
+from .common import check_shapes, count_parameters, torch_load
 from .locate import missing_file_message
 
 # torchvision's classifier keys: name -> shape, with None where any size is fine (the number of classes). AlexNet's
@@ -33,31 +33,11 @@ _CLASSIFIERS: dict[str, dict[str, tuple[int | None, ...]]] = {
 }  # fmt: skip
 
 
-def check_shapes(
-    sd: Mapping[str, Any], expected: Mapping[str, tuple[int | None, ...]], source: str | Path, what: str
-) -> None:
-    """``sd`` holds exactly the ``expected`` keys (BatchNorm's ``num_batches_tracked`` may be missing, as in old
-    files), each a tensor of that shape (None: any size); else a CheckpointError naming the first key that differs."""
-    for k, shape in expected.items():
-        if k not in sd:
-            if k.endswith("num_batches_tracked"):
-                continue
-            raise CheckpointError(source, f"{what}: missing key {k} (expected shape {list(shape)})")
-        got = sd[k]
-        if not isinstance(got, torch.Tensor):
-            raise CheckpointError(source, f"{what}: key {k} holds a {type(got).__name__}, not a tensor")
-        if len(got.shape) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got.shape)):
-            raise CheckpointError(source, f"{what}: key {k} has shape {list(got.shape)}, expected {list(shape)}")
-    extra = [k for k in sd if k not in expected]
-    if extra:
-        raise CheckpointError(source, f"{what}: unexpected key {extra[0]} ({len(extra)} unexpected in all)")
-
-
 def check_strict(model: nn.Module, sd: Mapping[str, Any], source: str | Path, what: str) -> dict[str, torch.Tensor]:
     """``sd`` checked against ``model``'s state dict (``check_shapes``), missing counters filled from the model,
     floating tensors as float32."""
     want = model.state_dict()
-    check_shapes(sd, {k: tuple(v.shape) for k, v in want.items()}, source, what)
+    check_shapes(sd, {k: tuple(v.shape) for k, v in want.items()}, source, what, optional=("num_batches_tracked",))
     return {
         k: (sd[k].float() if sd[k].is_floating_point() else sd[k]) if k in sd else v.clone() for k, v in want.items()
     }
@@ -88,12 +68,9 @@ def infer_backbone_arch(sd: Mapping[str, Any]) -> str | None:
 
 
 def read_torchvision_backbone(path: str | Path, arch: str | None = None) -> tuple[str, dict[str, torch.Tensor]]:
-    """Read a torchvision AlexNet or VGG16 state dict; returns (arch, the ``features.*`` part checked strictly).
-
-    Accepts the full model (``features.*`` and ``classifier.*`` keys; the classifier is checked, then dropped) or the
-    features alone (``features.*`` keys, or the ``0.weight``... keys of ``model.features.state_dict()``).
-    ``arch`` ('alexnet' or 'vgg16'), when given, must match the file.
-    """
+    """(arch, the ``features.*`` part checked strictly) of a torchvision AlexNet or VGG16 state dict: the full model
+    (the classifier is checked, then dropped) or the features alone (``features.*`` keys, or the ``0.weight``... keys
+    of ``model.features.state_dict()``); ``arch`` ('alexnet' or 'vgg16'), when given, must match the file."""
     p = Path(path)
     what = "torchvision backbone"
     sd = _as_state_dict(torch_load(p), p, what)
@@ -210,12 +187,9 @@ _MOCO_OTHER = ("module.encoder_k.", "encoder_k.", "module.queue", "queue")
 
 
 def read_moco(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ResNet-50 of a MoCo (v1/v2) checkpoint: ``{'state_dict': {'module.encoder_q.*': ...}, ...}``.
-
-    The query encoder's keys are taken with the prefix removed and its ``fc.*`` head (MoCo v2's MLP or v1's linear
-    layer) dropped; the key encoder and the queue are ignored. A plain torchvision-layout ResNet-50 state dict is
-    accepted too (its ``fc.*`` dropped). Checked strictly against ResNet-50 without ``fc``.
-    """
+    """The ResNet-50 of a MoCo (v1/v2) checkpoint ``{'state_dict': {'module.encoder_q.*': ...}, ...}`` (the query
+    encoder; the key encoder and queue ignored) or of a torchvision-layout state dict, its ``fc.*`` head dropped,
+    checked strictly."""
     p = Path(path)
     obj = torch_load(p)
     sd = obj["state_dict"] if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) else obj

@@ -103,19 +103,16 @@ def rosinality_fit(config: GeneratorConfig) -> dict[str, Any]:
     if tuple(config.blur_kernel) != (1.0, 3.0, 3.0, 1.0):
         call += f", blur_kernel={[int(v) if float(v).is_integer() else v for v in config.blur_kernel]}"
     call += f", lr_mlp={config.lr_mlp:g})" if config.lr_mlp != 0.01 else ")"
-    wrong = []
+    wrong, patch = [], []
     if chans != table:
         wrong.append(f"widths {chans} where it builds {table}")
-    if config.img_channels != 3:
-        wrong.append(f"{config.img_channels}-channel images where its ToRGB makes 3")
-    if not wrong:
-        return {"loads": True, "call": call}
-    patch = []
-    if chans != table:
         patch.append(f"set Generator.channels to {chans}")
     if config.img_channels != 3:
         c = config.img_channels
+        wrong.append(f"{c}-channel images where its ToRGB makes 3")
         patch.append(f"make ToRGB's ModulatedConv2d output {c} channel(s) and its bias [1, {c}, 1, 1]")
+    if not wrong:
+        return {"loads": True, "call": call}
     return {
         "loads": False,
         "call": call,

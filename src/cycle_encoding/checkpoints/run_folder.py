@@ -52,7 +52,7 @@ import torch
 
 from ..assets import resolve_model
 from ..data.images import read_image
-from ..errors import CheckpointError, CycleEncodingError
+from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
 from ..utils import atomic_write
 from .delta import load_generator_delta, weights_sha256
@@ -369,9 +369,7 @@ class InversionRun:
         result = read_json(folder / RESULT)
         if not isinstance(result, dict):
             raise CycleEncodingError(f"{folder / RESULT}: not a JSON object")
-        nf = read_native(folder / PIVOTS)
-        if nf.kind != "pivots":
-            raise CheckpointError(folder / PIVOTS, f"a {nf.kind} file, not the run's pivots")
+        nf = read_native(folder / PIVOTS, kind="pivots", what="the run's pivots")
         pivots = {k: v.float() for k, v in nf.tensors.items()}
         order = list(nf.config.get("stages") or pivots)
         pivots = {k: pivots[k] for k in order if k in pivots}
