@@ -13,7 +13,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,9 @@ def import_dlib() -> Any:
 
 
 def predictor_candidates() -> list[Path]:
-    """Where the 68-point predictor is looked for, in order: $CYCLE_ENCODING_DLIB_PREDICTOR, Debian's
-    /usr/share/dlib, the project cache, and the ``face_recognition_models`` package's folder if installed."""
-    out = []
-    if os.environ.get(PREDICTOR_ENV):
-        out.append(Path(os.environ[PREDICTOR_ENV]))
-    out += [Path("/usr/share/dlib") / PREDICTOR_68, cache_dir("dlib-models", create=False) / PREDICTOR_68]
+    """Where the 68-point predictor is looked for when no file is named, in order: Debian's /usr/share/dlib, the
+    project cache, and the ``face_recognition_models`` package's folder if installed."""
+    out = [Path("/usr/share/dlib") / PREDICTOR_68, cache_dir("dlib-models", create=False) / PREDICTOR_68]
     spec = importlib.util.find_spec("face_recognition_models")  # located, never imported (it needs pkg_resources)
     if spec is not None and spec.submodule_search_locations:
         out.append(Path(next(iter(spec.submodule_search_locations))) / "models" / PREDICTOR_68)
@@ -131,11 +128,8 @@ class LandmarkDetector:
         if up == "auto":
             up = 1 if max(img.shape[:2]) <= self.AUTO_UPSAMPLE_MAX_SIDE else 0
         rects, scores, _ = self._detector.run(img, up, 0.0)
-        faces = []
-        for rect, score in zip(rects, scores):
-            f = self.landmarks_in(img, (rect.left(), rect.top(), rect.right(), rect.bottom()))
-            f.score = float(score)
-            faces.append(f)
+        boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
+        faces = [replace(self.landmarks_in(img, box), score=float(s)) for box, s in zip(boxes, scores)]
         faces.sort(key=lambda f: (-f.area, -f.score))
         return faces
 
@@ -225,12 +219,9 @@ def align_face(
     supersample: int = 4,
     quad: np.ndarray | None = None,
 ) -> AlignedFace:
-    """FFHQ-align one face of ``image`` given its 68 landmarks; returns a ``size`` x ``size`` RGB image.
-
-    The steps and constants are those of the FFHQ recipe; the quad is rendered at ``supersample * size`` pixels
-    (FFHQ: 4096 for 1024) and resized down with Lanczos. ``quad``: the square to render instead of the landmarks' own
-    (e.g. smoothed over a video's frames: ``data/video.py``).
-    """
+    """FFHQ-align one face of ``image`` given its 68 landmarks, at ``size`` x ``size`` RGB: the FFHQ recipe, the quad
+    rendered at ``supersample * size`` pixels (FFHQ: 4096 for 1024) then Lanczos-resized. ``quad``: the square to
+    render instead of the landmarks' own (e.g. smoothed over a video's frames)."""
     import scipy.ndimage  # lazy: 0.7 s to import, and only alignment needs it
 
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
@@ -309,15 +300,8 @@ def align_image(
     supersample: int = 4,
 ) -> list[AlignedFace]:
     """FFHQ-align the largest face of an RGB uint8 image (or every face, largest first); [] if there is none."""
-    faces = detector(image)
-    if not all_faces:
-        faces = faces[:1]
-    out = []
-    for f in faces:
-        a = align_face(image, f.landmarks, size=size, supersample=supersample)
-        a.box = f.box
-        out.append(a)
-    return out
+    faces = detector(image) if all_faces else detector(image)[:1]
+    return [replace(align_face(image, f.landmarks, size=size, supersample=supersample), box=f.box) for f in faces]
 
 
 def align_file(path: str | Path, detector: LandmarkDetector, size: int, supersample: int = 4) -> AlignedFace:

@@ -85,13 +85,8 @@ class ChipDetails:
 
     def rect(self) -> tuple[float, float, float, float]:
         """(left, top, right, bottom): dlib's ``centered_drect``."""
-        cx, cy = self.center
-        return (
-            cx - (self.width - 1) / 2,
-            cy - (self.height - 1) / 2,
-            cx + (self.width - 1) / 2,
-            cy + (self.height - 1) / 2,
-        )
+        (cx, cy), hw, hh = self.center, (self.width - 1) / 2, (self.height - 1) / 2
+        return (cx - hw, cy - hh, cx + hw, cy + hh)
 
 
 def face_chip_details(landmarks: np.ndarray, size: int = 150, padding: float = 0.25) -> ChipDetails:

@@ -12,9 +12,7 @@ Pixels: the files store 0 (black background) to 255; an image becomes ``v / 127.
 size is the 32x32 padded image resized (antialiased bilinear, as image folders are). ``channels == 3`` repeats the
 grey image. The decoded uint8 arrays stay in memory (47 MB for the training split); items are converted on demand.
 
-Named dataset ``fashion-mnist`` (see :func:`cycle_encoding.data.datasets.open_dataset`): ``fashion-mnist:train``
-(60k), ``fashion-mnist:test`` (10k); a folder other than the Debian one: ``fashion-mnist:train@/path/to/folder`` or
-the environment variable ``CYCLE_ENCODING_FASHION_MNIST``.
+The named dataset ``fashion-mnist:SPLIT[@FOLDER]`` (``data.datasets.open_dataset``): docs/TRAINING.md.
 """
 
 from __future__ import annotations
@@ -125,12 +123,8 @@ def _load_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(images_path, IMAGE_MAGIC)
     labels = read_idx(labels_path, LABEL_MAGIC)
-    if images.ndim != 3 or images.shape[1:] != (NATIVE_SIZE, NATIVE_SIZE) or images.dtype != np.uint8:
-        raise CycleEncodingError(
-            f"{images_path}: expected uint8 images [N, 28, 28], got {images.dtype} {list(images.shape)}"
-        )
-    if labels.ndim != 1 or labels.dtype != np.uint8:
-        raise CycleEncodingError(f"{labels_path}: expected uint8 labels [N], got {labels.dtype} {list(labels.shape)}")
+    if images.shape[1:] != (NATIVE_SIZE, NATIVE_SIZE):  # the magic numbers fixed the type (uint8) and the ranks
+        raise CycleEncodingError(f"{images_path}: expected images [N, 28, 28], got {list(images.shape)}")
     if images.shape[0] != labels.shape[0]:
         raise CycleEncodingError(
             f"{Path(images_path).parent}: {images.shape[0]} images but {labels.shape[0]} labels in split {prefix}"
@@ -161,11 +155,8 @@ def load_split(split: str = "train", root: str | Path | None = None) -> tuple[np
 
 def to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 in [-1, 1]: ``v / 127.5 - 1``."""
-    if isinstance(images, torch.Tensor):
-        t = images.to(torch.float32)
-    else:
-        t = torch.from_numpy(np.asarray(images, dtype=np.float32).copy())
-    return t / 127.5 - 1.0
+    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images, dtype=np.float32).copy())
+    return t.to(torch.float32) / 127.5 - 1.0
 
 
 def pad_to_32(x: torch.Tensor) -> torch.Tensor:
@@ -199,8 +190,6 @@ class FashionMNIST(ImageDataset):
         return int(self.images.shape[0])
 
     def load(self, index: int) -> torch.Tensor:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
         x = to_unit_range(self.images[index])[None]  # [1, 28, 28]
         if self.size != NATIVE_SIZE:
             x = pad_to_32(x)

@@ -124,13 +124,8 @@ def from_pil(image: Image.Image, channels: int | None = None) -> torch.Tensor:
 
 
 def image_tensor(image: object, channels: int | None = None) -> torch.Tensor:
-    """Any image a user has -> float32 ``[C, H, W]`` in [-1, 1].
-
-    - a path (str or Path): read as ``read_image`` does;
-    - a PIL image or a numpy array of pixels (``[H, W]`` / ``[H, W, C]``, uint8 or floats in [0, 1]): as
-      ``image_to_tensor``;
-    - a float tensor in [-1, 1]: ``[C, H, W]`` or ``[1, C, H, W]``, as the project's images (and G's outputs) are.
-    """
+    """Any image a user has -> float32 ``[C, H, W]`` in [-1, 1]: a path (``read_image``), a PIL image or a numpy
+    array (``image_to_tensor``), or a float tensor in [-1, 1] ``[C, H, W]`` / ``[1, C, H, W]`` (as G's outputs)."""
     if isinstance(image, (str, Path)):
         return read_image(image, channels)
     if isinstance(image, (Image.Image, np.ndarray)):
