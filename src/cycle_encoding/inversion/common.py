@@ -7,12 +7,13 @@ whether or not the run was interrupted before it.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.datasets import resize_square
@@ -24,17 +25,12 @@ from ..ops import compile_pass
 STAGE_NUMBERS = {"encoder": 1, "refine": 2, "project": 3, "tune": 4}
 
 
-def per_sample_mse(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of each pair, ``[B]``."""
-    return (y - x.to(y.dtype)).square().flatten(1).mean(dim=1)
-
-
 def reconstruction_terms(
     y: torch.Tensor, x: torch.Tensor, nets: LossNetworks, with_identity: bool = True
 ) -> dict[str, torch.Tensor]:
     """Per-sample terms between reconstructions ``y`` and targets ``x``: ``l2`` (MSE), ``perceptual`` (distance),
     ``identity`` (1 - cosine), each ``[B]``; a term whose network is None is absent."""
-    out = {"l2": per_sample_mse(y, x)}
+    out = {"l2": (y - x.to(y.dtype)).square().flatten(1).mean(dim=1)}
     if nets.perceptual is not None:
         out["perceptual"] = nets.perceptual(y, x).reshape(-1)
     if with_identity and nets.identity is not None:
@@ -44,15 +40,8 @@ def reconstruction_terms(
 
 def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """``sum_k weights[k] * terms[k]`` over the terms present (same shape as each term)."""
-    total: torch.Tensor | None = None
-    for k, v in terms.items():
-        w = weights.get(k, 0.0)
-        if w:
-            total = w * v if total is None else total + w * v
-    if total is None:
-        first = next(iter(terms.values()))
-        return torch.zeros_like(first)
-    return total
+    parts = [w * v for k, v in terms.items() if (w := weights.get(k, 0.0))]
+    return functools.reduce(operator.add, parts) if parts else torch.zeros_like(next(iter(terms.values())))
 
 
 def stage_seed(seed: int, index: int, stage: str) -> int:
@@ -120,10 +109,3 @@ def check_target(G: Generator, x: torch.Tensor) -> torch.Tensor:
             )
     x = resize_square(x.float().cpu(), G.resolution)
     return x[None].to(G.w_avg.device)
-
-
-def resize_to(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Images ``[B, C, H, W]`` resized to ``size`` (antialiased bilinear), unchanged when already that size."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)

@@ -264,10 +264,8 @@ class Inverter:
     def load_image(self, image: Any, notes: dict[str, Any] | None = None) -> torch.Tensor:
         """A target as ``[1, C, R, R]`` on the device, from an image file, a PIL image, a numpy array of pixels
         (``[H, W(, C)]``, uint8 or floats in [0, 1]) or a tensor in [-1, 1] (``[C, H, W]`` / ``[1, C, H, W]``); with
-        ``align``, an
-        image file's largest face FFHQ-aligned at G's resolution. A target smaller than G's images is upsampled
-        with a warning (``warnings``; and in ``notes["warning"]`` when a dict is given); ``notes`` also receives
-        what the alignment found."""
+        ``align``, an image file's largest face FFHQ-aligned at G's resolution. A target smaller than G's images is
+        upsampled with a warning (in ``notes["warning"]`` when a dict is given, which also receives the alignment)."""
         name = str(image) if isinstance(image, (str, Path)) else "the target"
         if isinstance(image, (str, Path)) and self.config.align:
             face = align_file(image, self._face_detector(), self.G.resolution)
@@ -328,11 +326,8 @@ class Inverter:
         pivots_only: bool = False,
     ) -> list[InversionResult]:
         """``invert`` for several images: the stages before tuning image by image, then the tuning of all of them at
-        once (``tune_stage``): with ``tune_mode="each"`` each image its own generator copy, in one batched pass
-        (``pivotal_tune_many``: the results ``invert`` gives each image within float rounding; one image is tuned by
-        ``pivotal_tune`` itself); with ``tune_mode="shared"`` ONE generator tuned on all of them (PTI's multi-ID
-        mode), every result's ``generator``. The callbacks get the image's position in ``images`` first.
-        ``pivots_only``: the stages before tuning only."""
+        once (``tune_stage``). The callbacks get the image's position in ``images`` first. ``pivots_only``: the
+        stages before tuning only."""
         cfg = self.config
         indices = list(range(len(images))) if indices is None else list(indices)
         names = [None] * len(images) if names is None else list(names)
@@ -364,9 +359,9 @@ class Inverter:
         **shared: Any,
     ) -> None:
         """3. Pivotal tuning: G tuned so that G(pivot) becomes each result's target, the pivots kept. By
-        ``tune_mode``: ``each``, every image its own copy (``pivotal_tune``; several at once ``pivotal_tune_many``);
-        ``shared``, one copy for all (``pivotal_tune_shared``; ``shared``: its keyword arguments, e.g. ``resume``).
-        ``timings["tune"]`` is the tuning's time over its images."""
+        ``tune_mode``: ``each``, every image its own copy (``pivotal_tune``; several at once ``pivotal_tune_many``,
+        equal within float rounding); ``shared``, ONE copy for all (PTI's multi-ID mode, ``pivotal_tune_shared``;
+        ``shared``: its keyword arguments, e.g. ``resume``). ``timings["tune"]`` is the tuning's time per image."""
         cfg = self.config
         t0, _ = self._start_stage("tune", indices[0])
         seeds = [stage_seed(cfg.seed, i, "tune") for i in indices]

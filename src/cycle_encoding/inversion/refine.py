@@ -10,10 +10,8 @@ mean of L_S over the batch [x*_1..x*_7, x], which is what the authors' code mini
 
 How it runs (read off the authors' refinement script and coach):
 - start from the trained encoder and its Ranger state, restored for every target as the authors do (their
-  ``restart_training()`` reloads the state saved with ``--keep_optimizer``). The state comes from the encoder's file
-  (:mod:`cycle_encoding.checkpoints.optimizer`: the ``optimizer`` key of e4e / pSp / Cycle Encoding ``.pt`` files,
-  ``opt_e`` of a ``train-encoder`` ``checkpoint.pt``, or the companion ``NAME-optimizer.safetensors`` of an encoder
-  ``NAME.safetensors``, e.g. the shipped ``fmnist-encoder``'s). ``optimizer_state`` chooses:
+  ``restart_training()`` reloads the state saved with ``--keep_optimizer``), read from the encoder's file or its
+  companion ``NAME-optimizer.safetensors`` (:mod:`cycle_encoding.checkpoints.optimizer`). ``optimizer_state`` chooses:
   ``auto`` (default): restored when the file has a state, else the substitute; ``restore`` (an error without one);
   ``substitute``; ``fresh``. Which one happened is in ``describe()``, the run's ``config.json`` and on the console.
 - the substitute, for files without a state: Ranger's moments estimated, before the first target, from
@@ -21,9 +19,8 @@ How it runs (read off the authors' refinement script and coach):
   refinement loss (mean L_S, all offsets, train mode, the run's noise), centralized as Ranger does, gives
   ``exp_avg = mean_k g_k`` and ``exp_avg_sq = mean_k g_k^2``; the step count is set to 6000 (a multiple of
   Lookahead's k = 6, where RAdam's bias corrections are ~1: the moments are already unbiased estimates), the slow
-  weights to the weights, and the BatchNorm statistics are put back. Without it a fresh Ranger's first five steps
-  are unadapted momentum-SGD steps of size lr * grad and steps 6-15 are 3-7% of a full step: 15 fresh updates move
-  the encoder 10-30x less than restored ones (METHOD.md), which nearly switches the refinement off.
+  weights to the weights, and the BatchNorm statistics are put back (15 updates of a fresh Ranger move the encoder
+  10-30x less than restored ones, METHOD.md: that nearly switches the refinement off).
 - G renders with random noise (the authors' ``randomize_noise=True``), drawn from the image's seeded generator;
   ``noise_mode="const"`` uses G's stored noise;
 - all offsets active, BatchNorm in train mode, no delta or adversarial term;
@@ -71,7 +68,7 @@ from ..data.datasets import ImageDataset, open_dataset
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
-from ..ops import autocast, check_precision, compile_pass, pool_to
+from ..ops import autocast, check_precision, compile_pass, pool_to, resize
 from ..optim import Ranger
 from ..utils import resolve_device
 from .common import (
@@ -79,7 +76,6 @@ from .common import (
     cpu_generator,
     frozen,
     reconstruction_terms,
-    resize_to,
     synthesis_pass,
     weighted_sum,
 )
@@ -393,7 +389,9 @@ class RegularizedRefiner:
         """Refine the pivot of one target ``[1, C, H, W]`` (any size: resized to the loss size); resets afterwards."""
         c = self.config
         gen = cpu_generator(seed)
-        x = resize_to(target.to(self.G.w_avg.device), self.image_size)
+        x = target.to(self.G.w_avg.device)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = resize(x, self.image_size).clamp(-1, 1)
         lam = c.reg_weight
         weights = c.weights()
         losses: list[dict[str, Any]] = []

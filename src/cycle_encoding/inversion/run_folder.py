@@ -63,7 +63,6 @@ class FolderInverter(Protocol):
     describe: Callable[[], dict[str, Any]]  # config.json's contents
     network_names: Callable[[], dict[str, str]]
     load_image: Callable[..., torch.Tensor]  # (image, notes=None), as Inverter.load_image
-    invert: Callable[..., InversionResult]  # (image, index, name, on_step, on_stage), as Inverter.invert
     invert_many: Callable[..., list[InversionResult]]  # (images, indices, names, on_step, on_stage), as Inverter's
     tune_stage: Callable[..., None]  # (results, pivots, indices, on_step, on_stage, **shared), as Inverter's
 
@@ -187,13 +186,6 @@ class FolderJob:
         self.target_written = False
         self.prior: dict[str, Any] = {}  # result.json of the stages before a shared tuning, when read back
 
-    def run(self) -> dict[str, Any]:
-        """Invert the image into its folder (see the module doc), ``done`` written last; returns ``result.json``'s record."""
-        res = self.inverter.invert(
-            self.x, index=self.index, name=self.name, on_step=self.bar.step, on_stage=self.on_stage
-        )
-        return self.finish(res)
-
     def on_stage(self, stage: str, res: InversionResult) -> None:
         inverter, folder = self.inverter, self.folder
         self.bar.close()
@@ -282,10 +274,10 @@ def invert_group_into_folders(
     say: Callable[[str], None],
     warn: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any] | Exception]:
-    """Invert several images ``(file, name, index, folder, head)`` into their folders, as ``FolderJob.run``
-    does each, their tuning in one batch (``Inverter.invert_many``): per image the record ``result.json`` holds, or
-    the exception that stopped it (an image that cannot be read fails alone; a failure in the batched tuning fails
-    the batch). ``head`` names the batch on the tuning's progress bar."""
+    """Invert images ``(file, name, index, folder, head)`` into their folders, their tuning in one batch
+    (``Inverter.invert_many``): per image the record ``result.json`` holds, or the exception that stopped it (an image
+    that cannot be read fails alone; a failure in the batched tuning fails the batch). ``head`` names a batch of
+    several on the tuning's progress bar (one image's bar is its own head)."""
     out: list[dict[str, Any] | Exception] = []
     jobs: list[FolderJob] = []
     slots: list[int] = []
@@ -301,7 +293,7 @@ def invert_group_into_folders(
     stages = inverter.config.stages
     last_pivot = [s for s in stages if s in PIVOT_STAGES][-1]
     totals = {"tune": inverter.config.tune.steps}
-    tune_bar = StepBar(inverter.progress, f"{head} ({len(jobs)} images)", totals)
+    tune_bar = StepBar(inverter.progress, f"{head} ({len(jobs)} images)" if len(jobs) > 1 else jobs[0].head, totals)
     last_step = -1
 
     def on_step(k: int, rec: dict[str, Any]) -> None:
@@ -405,17 +397,9 @@ def fill_folder(
                 claimed.append((k, i, head))
             if not claimed:
                 continue
-            if len(claimed) == 1:
-                k, i, head = claimed[0]
-                try:
-                    job = FolderJob(inverter, files[i], names[i], i, rf.image_folder(out, names[i]), head, say, warn)
-                    recs: list[Any] = [job.run()]
-                except Exception as e:
-                    recs = [e]
-            else:
-                first, last = claimed[0][0] + 1, claimed[-1][0] + 1
-                items = [(files[i], names[i], i, rf.image_folder(out, names[i]), head) for _, i, head in claimed]
-                recs = invert_group_into_folders(inverter, items, f"{prefix}[{first}-{last}/{len(mine)}]", say, warn)
+            first, last = claimed[0][0] + 1, claimed[-1][0] + 1
+            items = [(files[i], names[i], i, rf.image_folder(out, names[i]), head) for _, i, head in claimed]
+            recs = invert_group_into_folders(inverter, items, f"{prefix}[{first}-{last}/{len(mine)}]", say, warn)
         for (_k, i, head), rec in zip(claimed, recs):
             if isinstance(rec, Exception):
                 record_failure(rec, names[i], files[i], head, failed, warn, debug)

@@ -188,13 +188,17 @@ def tuning_loss(
     return loss
 
 
+def tuning_adam(params: list[torch.Tensor], c: TuneConfig) -> torch.optim.Adam:
+    """The tuning's Adam (lr ``c.lr``, betas 0.9, 0.999; torch's fused kernel outside fp32)."""
+    fused = {"fused": True} if c.precision != "fp32" else {}
+    return torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.999), **fused)
+
+
 def tuning_copy(G: Generator, c: TuneConfig) -> tuple[Generator, torch.optim.Adam]:
-    """A trainable copy of ``G`` and its Adam (lr ``c.lr``, betas 0.9, 0.999; torch's fused kernel outside fp32)."""
+    """A trainable copy of ``G`` and its Adam."""
     tuned = copy.deepcopy(G).eval()
     tuned.requires_grad_(True)
-    params = [p for p in tuned.parameters() if p.requires_grad]
-    fused = {"fused": True} if c.precision != "fp32" else {}
-    return tuned, torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.999), **fused)
+    return tuned, tuning_adam([p for p in tuned.parameters() if p.requires_grad], c)
 
 
 def pivotal_tune(

@@ -25,7 +25,7 @@ from torch import nn
 from ..networks.stylegan2 import Generator
 from ..ops import autocast
 from .common import LossNetworks, cpu_generator, frozen
-from .tune import TuneConfig, TuneResult, locality_codes, locality_noise, stacked_noise
+from .tune import TuneConfig, TuneResult, locality_codes, locality_noise, stacked_noise, tuning_adam
 
 Params = dict[str, torch.Tensor]
 Noise = list[torch.Tensor | None]
@@ -82,12 +82,8 @@ class _Stack:
         self.active = list(range(n))
         self.P = stack_parameters(G, n)
         self.c = c
-        self.opt = self._adam(self.P)
+        self.opt = tuning_adam(list(self.P.values()), c)
         self.updates = 0
-
-    def _adam(self, P: Params) -> torch.optim.Adam:
-        fused = {"fused": True} if self.c.precision != "fp32" else {}
-        return torch.optim.Adam(list(P.values()), lr=self.c.lr, betas=(0.9, 0.999), **fused)
 
     def rows(self, keep: list[int]) -> Params:
         """The weights of rows ``keep`` (differentiable views of the stack)."""
@@ -107,7 +103,7 @@ class _Stack:
             for k, v in self.P.items():
                 if v.grad is not None:
                     Q[k].grad = v.grad.index_select(0, idx)
-            opt = self._adam(Q)
+            opt = tuning_adam(list(Q.values()), self.c)
             for k in self.P:
                 st = self.opt.state.get(self.P[k], {})
                 opt.state[Q[k]] = {s: t.index_select(0, idx) if t.ndim > 0 else t for s, t in st.items()}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +156,7 @@ def _restore(
 
 def save_state(path: str | Path, st: SharedTuneState) -> Path:
     """``st`` as a torch file (tensors and plain containers only: it loads with ``weights_only=True``), atomically."""
-    doc = {"format": STATE_FORMAT, "version": 1, "rounds": st.rounds, "images": st.images, "weights": st.weights,
-           "optimizer": st.optimizer, "rng": st.rng, "losses": st.losses}  # fmt: skip
+    doc = {"format": STATE_FORMAT, "version": 1, **{f.name: getattr(st, f.name) for f in fields(st)}}
     return atomic_write(path, lambda t: torch.save(doc, t))
 
 
@@ -165,8 +164,7 @@ def load_state(path: str | Path) -> SharedTuneState:
     doc = torch_load(path)
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
         raise CycleEncodingError(f"{path}: not a saved shared tuning")
-    return SharedTuneState(int(doc["rounds"]), list(doc["images"]), doc["weights"], doc["optimizer"], doc["rng"],
-                           doc["losses"])  # fmt: skip
+    return SharedTuneState(**{f.name: doc[f.name] for f in fields(SharedTuneState)})
 
 
 # -- into a run folder ---------------------------------------------------------------------------------------------

@@ -1,12 +1,10 @@
 """Worker processes that fill one run folder beside the process that started them (``Inverter.run`` with a speed
 plan of several workers on a CPU).
 
-Each worker is a fresh Python process (``python -c``: nothing of the parent's state is inherited but the environment)
-given its task as JSON on its standard input: the networks' files, the resolved options, the images still to do,
-the run folder, its threads and the file of the refinement's substitute optimizer state the parent estimated. It
-builds its own ``Inverter``, walks the same list of images as the parent and the other workers, and inverts each
-image whose lock it gets (``run_folder.fill_folder``): the images go to whichever process is free, none twice. Its last line on standard output is its record (done, failed); its messages go to the
-parent's standard error. A worker that fails to start leaves its images to the others.
+Each worker is a fresh Python process (``python -c``), given its task as JSON on its standard input (``start_workers``;
+``worker_main`` reads it); it walks the same list of images as the parent and inverts each image whose lock it gets
+(``run_folder.fill_folder``), so none is done twice. Its last line on standard output is its record; its messages go
+to the parent's standard error. A worker that fails to start leaves its images to the others.
 """
 
 from __future__ import annotations

@@ -81,14 +81,10 @@ class ClassifierTrainConfig:
             raise ValueError(f"data must be fashion-mnist (or fashion-mnist@FOLDER of idx files), got {self.data!r}")
 
 
-def _root(data: str) -> str | None:
-    return data.partition("@")[2] or None
-
-
 def load_tensors(data: str, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of a Fashion-MNIST split as one ``[N, 1, 32, 32]`` float32 tensor in [-1, 1] (the first ``limit``
     if given) and the int64 labels ``[N]``."""
-    images, labels = load_split(split, _root(data))
+    images, labels = load_split(split, data.partition("@")[2] or None)
     n = len(labels) if limit is None else min(int(limit), len(labels))
     x = pad_to_32(to_unit_range(images[:n])[:, None])
     y = torch.from_numpy(labels[:n].astype("int64"))
@@ -353,12 +349,6 @@ def resume_classifier_config(run_dir: str | Path, overrides: dict[str, Any] | No
     return from_mapping(ClassifierTrainConfig, data, "train-classifier")
 
 
-def card_path(model_file: str | Path) -> Path:
-    """``DIR/NAME-card.md`` for ``DIR/NAME.safetensors``."""
-    p = Path(model_file)
-    return p.with_name(f"{p.stem}-card.md")
-
-
 def write_model_card(model_file: str | Path, metrics: dict[str, Any]) -> Path:
     """Write the Markdown model card of a classifier file from its header's provenance and ``metrics``: the command,
     data, epochs/steps, wall time and machine, parameter count, test accuracy, per-class accuracy, the confusion
@@ -418,6 +408,6 @@ def write_model_card(model_file: str | Path, metrics: dict[str, Any]) -> Path:
         "```",
         "",
     ]
-    out = card_path(p)
+    out = p.with_name(f"{p.stem}-card.md")
     out.write_text("\n".join(lines), encoding="utf-8")
     return out

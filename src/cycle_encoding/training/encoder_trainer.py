@@ -176,6 +176,18 @@ def perceptual_choice(cfg: EncoderTrainConfig, img_channels: int) -> tuple[str, 
     return "lpips-alex", "auto: lpips-alex, the paper's distance"
 
 
+def identity_choice(cfg: EncoderTrainConfig) -> tuple[str, str]:
+    """The identity network of a run and why (empty when given): ``auto`` is the domain's (``identity_default``)."""
+    return (cfg.identity, "") if cfg.identity != "auto" else identity_default(cfg.data, cfg.identity_weights)
+
+
+def encoder_config(arch: EncoderArch, G: Generator, image_size: int) -> EncoderConfig:
+    """The encoder's configuration for generator ``G`` and training images of ``image_size`` px."""
+    return EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim, input_size=arch.input_size or image_size,
+                         in_channels=G.img_channels, widths=arch.widths, units=arch.units, mode=arch.mode,
+                         max_stage=0 if arch.w_only else None)  # fmt: skip
+
+
 class EncoderTrainer(Trainer):
     """Builds everything from a config (or a run folder to resume) and runs the loop (``trainer.Trainer``)."""
 
@@ -207,19 +219,7 @@ class EncoderTrainer(Trainer):
         )
 
         # networks
-        arch = cfg.encoder
-        self.E = Encoder4Editing(
-            EncoderConfig(
-                num_ws=G.num_ws,
-                w_dim=G.w_dim,
-                input_size=arch.input_size or self.image_size,
-                in_channels=G.img_channels,
-                widths=arch.widths,
-                units=arch.units,
-                mode=arch.mode,
-                max_stage=0 if arch.w_only else None,
-            )
-        ).to(self.device)
+        self.E = Encoder4Editing(encoder_config(cfg.encoder, G, self.image_size)).to(self.device)
         self.init_note = init_encoder_weights(self.E, cfg.encoder_init) if cfg.encoder_init else "random"
         self.E.set_w_avg(G.w_avg)
         self.D = LatentDiscriminator(LatentDiscriminatorConfig(w_dim=G.w_dim)).to(self.device)
@@ -259,22 +259,16 @@ class EncoderTrainer(Trainer):
             except (OSError, json.JSONDecodeError, KeyError, TypeError):
                 recorded = {}
         pname, self.perceptual_note = perceptual_choice(cfg, self.G.img_channels)
-        name, self.identity_note = (cfg.identity, "")
-        if cfg.identity == "auto":
-            name, self.identity_note = identity_default(cfg.data, cfg.identity_weights)
+        name, self.identity_note = identity_choice(cfg)
         nets = build_loss_networks(pname, cfg.lpips_backbone, name, cfg.identity_weights, self.device,
-                                   cfg.perceptual_lambda > 0, cfg.identity_lambda > 0, recorded, self._domain())  # fmt: skip
+                                   cfg.perceptual_lambda > 0, cfg.identity_lambda > 0, recorded,
+                                   data_domain(cfg.data, self.G.img_channels))  # fmt: skip
         if self.dist.is_main and not self.quiet:
             if self.perceptual_note:
                 print(f"perceptual term: {pname} x {cfg.perceptual_lambda:g} ({self.perceptual_note})", file=sys.stderr)
             line = f"identity term: {getattr(nets.identity, 'name', 'none')} x {cfg.identity_lambda:g}"
             print(line + (f" ({self.identity_note})" if self.identity_note else ""), file=sys.stderr)
         return nets
-
-    def _domain(self) -> str:
-        """Which offline network a missing-file error suggests: Fashion-MNIST for its data or grey images, faces
-        otherwise."""
-        return data_domain(self.cfg.data, self.G.img_channels)
 
     def run_label(self) -> str:
         return self.cfg.name or f"encoder-{self.schedule.name}"
@@ -430,31 +424,30 @@ class EncoderTrainer(Trainer):
     @torch.no_grad()
     def validate(self, max_images: int | None = None) -> dict[str, float]:
         """Mean reconstruction losses on the held-out images (eval mode, the current stage)."""
-        E = self.E
-        was = E.training
-        E.eval()
         n = len(self.val) if max_images is None else min(max_images, len(self.val))
         sums: dict[str, float] = {}
         for i in range(0, n, self.cfg.batch_size):
-            x = torch.stack([self.val.load(j) for j in range(i, min(n, i + self.cfg.batch_size))]).to(self.device)
-            y = pool_to(self.G.synthesis(E(x), noise_mode="const"), self.image_size)
+            x, y = self._reconstruct(range(i, min(n, i + self.cfg.batch_size)))
             rec = self.reconstruction_losses(x, y)
             rec["weighted"] = self.weighted(rec)
             for k, v in rec.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * x.shape[0]
-        E.train(was)
         return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def _reconstruct(self, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out images and their reconstructions (eval mode, the current stage, G's constant noise)."""
+        was = self.E.training
+        self.E.eval()
+        x = torch.stack([self.val.load(j) for j in indices]).to(self.device)
+        y = pool_to(self.G.synthesis(self.E(x), noise_mode="const"), self.image_size)
+        self.E.train(was)
+        return x, y
 
     @torch.no_grad()
     def save_grid(self, count: int = 8) -> Path | None:
         if not len(self.val):
             return None
-        E = self.E
-        was = E.training
-        E.eval()
-        x = torch.stack([self.val.load(j) for j in range(min(count, len(self.val)))]).to(self.device)
-        y = pool_to(self.G.synthesis(E(x), noise_mode="const"), self.image_size)
-        E.train(was)
+        x, y = self._reconstruct(range(min(count, len(self.val))))
         grid = make_grid(torch.cat([x, y.clamp(-1, 1)]).cpu(), ncols=x.shape[0])
         path = save_image(grid, self.run_dir / "images" / f"step{self.step:07d}.png")
         self.log.add_image("reconstructions", (grid + 1) / 2, self.step)

@@ -15,10 +15,10 @@ from ..checkpoints import load_generator
 from ..checkpoints.encoder import init_encoder_weights
 from ..data.datasets import open_dataset
 from ..errors import CycleEncodingError
-from ..losses.identity import build_identity, identity_default
+from ..losses.identity import build_identity
 from ..losses.perceptual import build_perceptual
-from ..networks.encoder import Encoder4Editing, EncoderConfig
-from .encoder_trainer import EncoderTrainConfig, data_domain, perceptual_choice
+from ..networks.encoder import Encoder4Editing
+from .encoder_trainer import EncoderTrainConfig, data_domain, encoder_config, identity_choice, perceptual_choice
 from .schedule import Schedule, get_schedule
 
 
@@ -64,7 +64,7 @@ def check_encoder_run(cfg: EncoderTrainConfig) -> Preflight:
                        + (f" ({pnote})" if pnote else ""))  # fmt: skip
     else:
         checked.append("perceptual: none")
-    name, note = (cfg.identity, "") if cfg.identity != "auto" else identity_default(cfg.data, cfg.identity_weights)
+    name, note = identity_choice(cfg)
     if cfg.identity_lambda > 0 and name != "none":  # as EncoderTrainer resolves it
         net = build_identity(name, "cpu", cfg.identity_weights)
         checked.append(f"identity {getattr(net, 'name', name)}"
@@ -73,10 +73,6 @@ def check_encoder_run(cfg: EncoderTrainConfig) -> Preflight:
     else:
         checked.append("identity: none" + (f" ({note})" if note else ""))
     if cfg.encoder_init:
-        arch = cfg.encoder
-        ec = EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim, input_size=arch.input_size or size,
-                           in_channels=G.img_channels, widths=arch.widths, units=arch.units, mode=arch.mode,
-                           max_stage=0 if arch.w_only else None)  # fmt: skip
-        E = Encoder4Editing(ec)
+        E = Encoder4Editing(encoder_config(cfg.encoder, G, size))
         checked.append(f"encoder initialisation: {init_encoder_weights(E, cfg.encoder_init)}")
     return Preflight(schedule, G.num_ws, checked)

@@ -13,22 +13,14 @@ D_1 .. D_i are active; the largest stage ``K = num_ws - 1`` is W+. Stages are wr
 
 Ramps: ``{"from": a, "to": b}`` holds stage ``a`` at the phase start and moves one stage toward ``b`` every
 ``(end - start) / |b - a|`` steps (the j-th move at step ``start + ceil(j * (end - start) / |b - a|)``), so that
-``b`` is the stage of the step ``end`` (the next phase's first step). Fewer layers (a small generator) therefore keep the ramp's start and end steps and
-spread their layers over it: preset ``paper`` with 18 codes (17 offsets) activates one offset every 2,000 steps in
-20k..52k and removes one every 4,000 steps in 650k..714k; with 8 codes (7 offsets) one every 5,333.3 steps
-(stage i from step ``20000 + ceil((i - 1) * 32000 / 6)``) and one every 10,666.7 steps.
-The same rule applies to preset ``e4e`` (e4e's own code keeps 2,000 steps per offset whatever the depth; for 18 codes
-the two agree exactly).
+``b`` is the stage of the step ``end`` (the next phase's first step). Fewer layers (a small generator) therefore keep
+the ramp's start and end steps and spread their layers over it (preset ``paper`` with 8 codes: one offset every
+5,333.3 steps in 20k..52k). The same rule applies to preset ``e4e`` (e4e's own code keeps 2,000 steps per offset
+whatever the depth; for 18 codes the two agree exactly).
 
-Presets (see :func:`preset_schedule`):
-
-- ``paper``: the authors' run, 750k steps (METHOD.md, step 1): W for 20k, W -> W+ to 52k, W+ to 500k; then the delta
-  weight is multiplied by 1.2 at every ``s % 10000 == 5`` from 500,005 to 640,005 (15 times, to 2e-4 * 1.2^15) and
-  the adversarial weight halved at the same steps through the whole second phase (500k..750k); W+ -> W from 650k
-  (stage 16) to 714k (stage 0); W to 750k.
-- ``e4e``: plain progressive training (e4e's recipe, the baseline): W for 20k, W -> W+ to 52k, W+ to 500k, delta 2e-4,
-  adversarial 0.1, constant.
-- ``w``: stage 0 throughout (an encoder to W only), 500k steps, delta 2e-4 (inactive), adversarial 0.1.
+Presets (:func:`preset_schedule`, written out in ``_paper``, ``_e4e``, ``_w``): ``paper``, the authors' run of 750k
+steps (METHOD.md, step 1: the delta weight x1.2 and the adversarial weight /2 at every ``s % 10000 == 5`` from 500,005);
+``e4e``, its first three phases (e4e's progressive recipe, the baseline); ``w``, stage 0 throughout for 500k steps.
 
 :meth:`Schedule.rescaled` maps any schedule to another total number of steps with the same proportions: phase
 boundaries are scaled and rounded to whole steps (phases left empty are dropped; stage ramps follow their phase's
@@ -44,6 +36,7 @@ holds ``name`` and ``phases`` (and ``total_steps``, checked against the last pha
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -352,6 +345,9 @@ class ScheduleState:
         return asdict(self)
 
 
+RULE_KEYS = (("stage", StageRule), ("delta", WeightRule), ("adversarial", WeightRule))  # a phase's rules, in order
+
+
 def num_offsets_for(num_ws: int) -> int:
     """Number of offsets D_1..D_{N-1} of an encoder for a generator with ``num_ws`` style inputs."""
     if isinstance(num_ws, bool) or not isinstance(num_ws, int) or num_ws < 1:
@@ -394,14 +390,7 @@ class Schedule:
             raise ScheduleError(
                 f"step {step} is past the end of schedule {self.name!r} ({self.total_steps} steps; steps are 0-based)"
             )
-        lo, hi = 0, len(self.phases) - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.phases[mid].end <= step:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        return bisect.bisect_right([p.end for p in self.phases], step)
 
     def at(self, step: int, num_ws: int = 18) -> ScheduleState:
         """Stage and weights at global step ``step`` for a generator with ``num_ws`` style inputs."""
@@ -498,7 +487,7 @@ class Schedule:
             name = str(ph.get("name", f"phase {i}"))
             pw = f"{where}: phase {i} ({name!r})"
             _check_keys(ph, {"name", "start", "end", "stage", "delta", "adversarial"}, pw)
-            for key in ("end", "stage", "delta", "adversarial"):
+            for key in ("end", *(k for k, _ in RULE_KEYS)):
                 if key not in ph:
                     raise ScheduleError(f"{pw}: missing '{key}'")
             start = ph.get("start", prev_end)
@@ -506,16 +495,8 @@ class Schedule:
             for key, v in (("start", start), ("end", end)):
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise ScheduleError(f"{pw}: '{key}' must be an integer step, got {v!r}")
-            phases.append(
-                Phase(
-                    name=name,
-                    start=start,
-                    end=end,
-                    stage=StageRule.from_data(ph["stage"], f"{pw}: stage"),
-                    delta=WeightRule.from_data(ph["delta"], f"{pw}: delta"),
-                    adversarial=WeightRule.from_data(ph["adversarial"], f"{pw}: adversarial"),
-                )
-            )
+            rules = [rule.from_data(ph[k], f"{pw}: {k}") for k, rule in RULE_KEYS]
+            phases.append(Phase(name, start, end, *rules))  # type: ignore[arg-type]
             prev_end = end
         sched = cls(tuple(phases), name=str(data.get("name", "custom")), source=source)
         total = data.get("total_steps")
