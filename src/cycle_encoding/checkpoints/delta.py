@@ -191,12 +191,9 @@ def load_generator_delta(path: str | Path, base: Generator | str | Path) -> Gene
         except (zlib.error, ValueError) as e:
             raise CheckpointError(p, f"tensor {k}: corrupt stored change ({e})") from None
     with torch.no_grad():
-        sd = out.state_dict()
+        dst = generator_tensors(out)
         for k, v in new.items():
-            if k == "latent_avg":
-                out.w_avg.copy_(v)
-            else:
-                sd[k].copy_(v)
+            dst[k].copy_(v)
     if weights_sha256(out) != ex.get("tuned_weights_sha256"):
         raise CheckpointError(p, "the rebuilt generator's weights do not match the stored hash (corrupt file?)")
     out.provenance = {"source_file": str(p), "source_format": DELTA_KIND, "base": named}  # type: ignore[assignment]

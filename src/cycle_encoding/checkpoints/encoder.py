@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,8 @@ def infer_encoder_config(
     if not units or units != list(range(len(units))):
         raise CheckpointError(source, "the encoder body's units are missing or not numbered 0..n")
     depths = [int(sd[f"body.{i}.res_layer.1.weight"].shape[0]) for i in units]
-    widths: list[int] = []
-    counts: list[int] = []
-    for d in depths:
-        if widths and widths[-1] == d:
-            counts[-1] += 1
-        else:
-            widths.append(d)
-            counts.append(1)
+    blocks = [(d, len(list(run))) for d, run in groupby(depths)]  # consecutive units of one width: a block
+    widths, counts = [d for d, _ in blocks], [n for _, n in blocks]
     if len(widths) != 4:
         raise CheckpointError(source, f"the encoder body has {len(widths)} blocks of widths {widths}, expected 4")
     in_channels = int(sd["input_layer.0.weight"].shape[1])

@@ -137,8 +137,7 @@ def build_generator(weights: GeneratorWeights, source: str | Path, device: str |
         G.w_avg.copy_(weights.w_avg.to(G.w_avg))
     else:
         G.compute_w_avg(W_AVG_SAMPLES)
-    G.eval().requires_grad_(False)
-    return G
+    return G.eval().requires_grad_(False)
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:

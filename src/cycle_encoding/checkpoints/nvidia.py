@@ -319,7 +319,4 @@ def nvidia_generator_to_rosinality(
         layer(f"synthesis.b{r}.conv0", f"convs.{2 * k}")
         layer(f"synthesis.b{r}.conv1", f"convs.{2 * k + 1}")
         torgb(f"synthesis.b{r}.torgb", f"to_rgbs.{k}")
-    w_avg = sd.get("mapping.w_avg")
-    if w_avg is None:
-        raise CheckpointError(source, "missing key mapping.w_avg in the NVIDIA generator")
-    return config, out, w_avg.float()
+    return config, out, get("mapping.w_avg").float()
