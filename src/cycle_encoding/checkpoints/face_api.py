@@ -203,8 +203,7 @@ def load_dlib_face_embedder(
         if arch != NAME:
             raise CheckpointError(p, f"face embedder architecture {arch!r} is not {NAME!r}")
         model = build_from_state_dict(nf.tensors, p, layout)
-    model.requires_grad_(False)
-    return model.eval().to(dev)
+    return model.requires_grad_(False).eval().to(dev)
 
 
 def inspect_face_embedder(path: Path, container: str) -> dict[str, Any] | None:

@@ -8,7 +8,6 @@ printed and recorded; a missing one is an error naming it, where it usually live
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,6 +16,7 @@ from typing import Any
 
 from ..errors import CycleEncodingError
 from ..paths import cache_dir
+from .common import read_json
 
 CONFIG_ENV = "CYCLE_ENCODING_NETWORKS"
 SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "assets" / "network_files.json"
@@ -39,12 +39,7 @@ def torch_hub_checkpoints() -> Path:
 
 @lru_cache(maxsize=4)
 def _read_config(path: str) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CycleEncodingError(f"{path}: cannot read the network files config ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise CycleEncodingError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    data = read_json(Path(path))
     if not isinstance(data, dict):
         raise CycleEncodingError(f"{path}: the network files config must be a JSON object")
     return data

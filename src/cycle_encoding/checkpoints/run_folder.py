@@ -55,6 +55,7 @@ from ..data.images import read_image
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
 from ..utils import atomic_write
+from .common import read_json
 from .delta import load_generator_delta, weights_sha256
 from .generator import load_generator
 from .native import default_provenance, read_native, save_native
@@ -92,16 +93,6 @@ def inside(path: str | Path, root: str | Path) -> bool:
     except (OSError, RuntimeError):
         return False
     return p == r or r in p.parents
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file; one clear error for a file that cannot be read or parsed."""
-    try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise CycleEncodingError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise CycleEncodingError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
 def write_json(path: Path, doc: Any) -> Path:
