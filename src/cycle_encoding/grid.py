@@ -8,6 +8,7 @@ leaves its cell grey. Text uses PIL's built-in font, so nothing is read from the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,26 +50,22 @@ def _fit_label(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -
 
 
 def _pieces(draw: ImageDraw.ImageDraw, word: str, font: object, width: int) -> list[str]:
-    """A word too wide for ``width`` split after its hyphens, else between characters."""
+    """A word too wide for ``width`` split after its hyphens, else between characters, and the pieces joined back
+    while they fit ("ankle-boot-" on one line)."""
     if _text_size(draw, word, font)[0] <= width:
         return [word]
-    parts = [p + "-" for p in word.split("-")[:-1]] + [word.split("-")[-1]]
-    parts = [p for p in parts if p]
     out: list[str] = []
-    for part in parts:
+    for part in re.findall(r"[^-]*-|[^-]+", word):
         while part:
             n = len(part)
             while n > 1 and _text_size(draw, part[:n], font)[0] > width:
                 n -= 1
-            out.append(part[:n])
-            part = part[n:]
-    merged: list[str] = []  # join pieces back while they fit ("ankle-boot-" on one line)
-    for piece in out:
-        if merged and _text_size(draw, merged[-1] + piece, font)[0] <= width:
-            merged[-1] += piece
-        else:
-            merged.append(piece)
-    return merged
+            piece, part = part[:n], part[n:]
+            if out and _text_size(draw, out[-1] + piece, font)[0] <= width:
+                out[-1] += piece
+            else:
+                out.append(piece)
+    return out
 
 
 def wrap_label(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> list[str]:
