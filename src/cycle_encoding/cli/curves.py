@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..report.curves import curves_report, format_table
-from .common import add_command
+from .common import add_command, print_json
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -47,7 +46,7 @@ def cmd_curves(args: argparse.Namespace) -> int:
     rep = curves_report(args.runs, args.out, _names(args.labels), _names(args.measures), args.patience,
                         args.min_improvement, args.dpi)  # fmt: skip
     if args.json:
-        print(json.dumps(rep, indent=2))
+        print_json(rep)
         return 0
     print(format_table(rep["rows"]))
     for r in rep["runs"]:

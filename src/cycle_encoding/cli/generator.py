@@ -25,8 +25,7 @@ from .common import (
     add_progress_arg,
     check_output_file,
     check_output_folder,
-    print_json,
-    text_lines,
+    print_result,
 )
 
 MAX_SEEDS = 1_000_000  # images one `generate` writes at most
@@ -99,12 +98,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = inspect_file(args.file)
     if args.brief:
         print(brief_line(info))
-    elif args.json:
-        print_json(info)
-    else:
-        if "parameters" in info:
-            info = {**info, "parameters": f"{info['parameters']:,}"}
-        print("\n".join(text_lines(info)))
+        return 0
+    if "parameters" in info and not args.json:
+        info = {**info, "parameters": f"{info['parameters']:,}"}
+    print_result(info, args.json)
     return 0
 
 
