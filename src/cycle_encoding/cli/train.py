@@ -4,7 +4,6 @@ loops are in training/): each an option table over its config, --config, --resum
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from .common import (
     check_output_folder,
     option_overrides,
     options_from,
+    print_json,
     resolve_precision_option,
 )
 
@@ -266,7 +266,7 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
             "generator_channels": g.channels(),
             "discriminator": d.to_dict(),
         }
-        print(json.dumps(out, indent=2))
+        print_json(out)
         return 0
     trainer, summary = _run(args, GeneratorTrainer, cfg, lambda t: [precision_line])
     if trainer.dist.is_main:
@@ -281,7 +281,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     cfg, precision_line = _train_config(args, load_train_config, resume_config, required=("generator", "data"))
     if args.dry_run:
         pre = check_encoder_run(cfg)  # opens what the run needs: a missing file fails here, not at step one
-        print(json.dumps(to_dict(cfg), indent=2))
+        print_json(to_dict(cfg))
         print(pre.schedule.format_table(pre.num_ws))
         print(pre.format())
         return 0
