@@ -233,20 +233,18 @@ class Blur(nn.Module):
         return upfirdn2d(x, self.kernel, pad=self.pad)
 
 
-def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Bias add, leaky ReLU (slope 0.2) and gain sqrt(2): StyleGAN2's biased activation, differentiable twice."""
-    if bias is not None:
-        shape = [1, -1] + [1] * (x.ndim - 2)
-        x = x + bias.view(shape).to(x.dtype)
+    x = x + bias.view([1, -1] + [1] * (x.ndim - 2)).to(x.dtype)
     return F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
 
 
 class FusedLeakyReLU(nn.Module):
     """Learned per-channel bias followed by the scaled leaky ReLU (parameter name ``bias``)."""
 
-    def __init__(self, channels: int, bias: bool = True) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_leaky_relu(x, self.bias)

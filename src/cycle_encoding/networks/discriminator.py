@@ -17,24 +17,18 @@ from .stylegan2 import EqualLinear, WidthsConfig
 
 
 class EqualConv2d(nn.Module):
-    def __init__(
-        self,
-        in_channel: int,
-        out_channel: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
-        bias: bool = True,
-    ) -> None:
+    """Convolution with equalized learning rate and no bias (the bias is in the activation after it, or absent: the
+    residual skip has none)."""
+
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, stride: int = 1, padding: int = 0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channel, in_channel, kernel_size, kernel_size))
         self.scale = 1 / math.sqrt(in_channel * kernel_size**2)
         self.stride = stride
         self.padding = padding
-        self.bias = nn.Parameter(torch.zeros(out_channel)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight * self.scale, bias=self.bias, stride=self.stride, padding=self.padding)
+        return F.conv2d(x, self.weight * self.scale, stride=self.stride, padding=self.padding)
 
 
 @dataclass(frozen=True)
@@ -59,7 +53,6 @@ class ConvLayer(nn.Sequential):
         kernel_size: int,
         downsample: bool = False,
         blur_kernel: Sequence[float] = (1, 3, 3, 1),
-        bias: bool = True,
         activate: bool = True,
     ) -> None:
         layers: list[nn.Module] = []
@@ -70,9 +63,9 @@ class ConvLayer(nn.Sequential):
             stride, padding = 2, 0
         else:
             stride, padding = 1, kernel_size // 2
-        layers.append(EqualConv2d(in_channel, out_channel, kernel_size, stride, padding, bias=bias and not activate))
+        layers.append(EqualConv2d(in_channel, out_channel, kernel_size, stride, padding))
         if activate:
-            layers.append(FusedLeakyReLU(out_channel, bias=bias))
+            layers.append(FusedLeakyReLU(out_channel))
         super().__init__(*layers)
 
 
@@ -81,9 +74,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.conv1 = ConvLayer(in_channel, in_channel, 3)
         self.conv2 = ConvLayer(in_channel, out_channel, 3, downsample=True, blur_kernel=blur_kernel)
-        self.skip = ConvLayer(
-            in_channel, out_channel, 1, downsample=True, activate=False, bias=False, blur_kernel=blur_kernel
-        )
+        self.skip = ConvLayer(in_channel, out_channel, 1, downsample=True, blur_kernel=blur_kernel, activate=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)

@@ -128,20 +128,19 @@ class EqualLinear(nn.Module):
         self,
         in_dim: int,
         out_dim: int,
-        bias: bool = True,
         bias_init: float = 0.0,
         lr_mul: float = 1.0,
         activation: str | None = None,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
-        self.bias = nn.Parameter(torch.zeros(out_dim).fill_(bias_init)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_dim).fill_(bias_init))
         self.activation = activation
         self.scale = (1 / math.sqrt(in_dim)) * lr_mul
         self.lr_mul = lr_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias * self.lr_mul if self.bias is not None else None
+        bias = self.bias * self.lr_mul
         if self.activation:
             return fused_leaky_relu(F.linear(x, self.weight * self.scale), bias)
         return F.linear(x, self.weight * self.scale, bias=bias)
