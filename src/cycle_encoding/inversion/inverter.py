@@ -27,7 +27,6 @@ from ..checkpoints.encoder import encoder_provenance_unloaded
 from ..checkpoints.generator import open_generator_arg
 from ..config import to_dict
 from ..data.align import LandmarkDetector, align_file, aligned_tensor, small_target_warning
-from ..data.datasets import ImageFolderDataset
 from ..data.images import image_tensor
 from ..errors import CycleEncodingError
 from ..losses.identity import identity_default
@@ -64,10 +63,10 @@ class Inverter:
     ``checkpoint.pt`` also gives the optimizer state and the training images). ``config`` (an InversionConfig or a
     mapping) and keyword ``options`` set the method's options (e.g. ``stages=("encoder", "tune")``,
     ``tune={"steps": 100}``). ``perceptual_net`` / ``identity_net``: networks to use instead of those named in the
-    options; ``train_images``: the encoder's training images as a dataset (instead of a folder
-    or dataset name); ``refine_substitute``: the refinement's substitute Ranger state another inverter of the same
-    files and options estimated (``refiner.substitute_state()``; a worker process takes its parent's), taken over,
-    not copied (pass a copy to keep using it). Under ``torchrun`` the constructor joins the process group.
+    options; ``train_images``: the encoder's training images as a dataset (instead of a folder or dataset name);
+    ``refine_substitute``: the refinement's substitute Ranger state another inverter of the same files and options
+    estimated (``refiner.substitute_state()``), taken over, not copied. Under ``torchrun`` the constructor joins the
+    process group.
     """
 
     def __init__(
@@ -155,7 +154,7 @@ class Inverter:
             size = int(cfg.refine.image_size or self.source.image_size or min(self.G.resolution, 256))
             if train_images is None:
                 spec = cfg.train_data or self.source.train_data
-                train_images = _open_training_images(spec, size, self.G.img_channels, self.source.path)
+                train_images = open_training_images(spec, size, self.G.img_channels, self.source.path)
             self.train_data_name = getattr(train_images, "name", "training images")
             self.refiner = RegularizedRefiner(
                 self.G, self.E, train_images, cfg.refine, self.nets,
@@ -572,10 +571,3 @@ def _record(res: InversionResult, on_step: Callable[[dict[str, Any]], None] | No
     res.losses.append(rec)
     if on_step is not None:
         on_step(rec)
-
-
-def _open_training_images(spec: str | None, size: int, channels: int, encoder_path: str | None) -> Any:
-    """A folder without an in-memory cache (random draws over a large set must not fill the memory), or a name."""
-    if spec and Path(spec).is_dir():
-        return ImageFolderDataset(spec, size, channels, cache=False)
-    return open_training_images(spec, size, channels, encoder_path)

@@ -64,7 +64,7 @@ from ..checkpoints.optimizer import (
     load_optimizer_state,
 )
 from ..config import check_at_least, check_one_of
-from ..data.datasets import ImageDataset, open_dataset
+from ..data.datasets import ImageDataset, ImageFolderDataset, open_dataset
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
@@ -175,6 +175,8 @@ def open_training_images(spec: str | None, size: int, channels: int, encoder_pat
             f"stage 'refine' needs the encoder's training images, and the encoder file{where} records none: "
             "pass --train-data FOLDER (or a dataset name such as fashion-mnist)"
         )
+    if Path(spec).is_dir():  # no in-memory cache: random draws over a large set must not fill the memory
+        return ImageFolderDataset(spec, size, channels, cache=False)
     try:
         return open_dataset(spec, size, channels, "train")
     except CycleEncodingError as e:

@@ -182,7 +182,6 @@ class FolderJob:
         self.t_start = time.perf_counter()
         self.totals = {"refine": cfg.refine.steps, "project": cfg.project.steps, "tune": cfg.tune.steps}
         self.bar = StepBar(inverter.progress, head, self.totals)
-        self.lines: list[str] = []
         self.target_written = False
         self.prior: dict[str, Any] = {}  # result.json of the stages before a shared tuning, when read back
 
@@ -209,9 +208,8 @@ class FolderJob:
                 extra += f", one generator shared by {res.tune['shared']['images']} images"
         if stage == "refine" and res.refine is not None:
             extra = f", target L_S {res.refine['target_l_s_first']:.4f} -> {res.refine['target_l_s']:.4f}"
-        self.lines.append(f"{stage} mse {m['mse']:.4f}" + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
-                          + f"{extra} ({res.timings[stage]:.1f} s)")  # fmt: skip
-        self.say(f"{self.head}: {self.lines[-1]}")
+        self.say(f"{self.head}: {stage} mse {m['mse']:.4f}" + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
+                 + f"{extra} ({res.timings[stage]:.1f} s)")  # fmt: skip
         self.bar.mark()
 
     def finish(self, res: InversionResult, shared: dict[str, Any] | None = None, mark: str = rf.DONE) -> dict[str, Any]:

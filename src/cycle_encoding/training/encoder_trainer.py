@@ -335,12 +335,11 @@ class EncoderTrainer(Trainer):
     def render(self, ws: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """G's images of ``ws`` with the run's noise (random noise drawn from the run's generator, so that a resumed
         run draws the same), float32; ``precision="bf16"``: G under bfloat16 autocast."""
+        kw: dict[str, Any] = {"noise_mode": "const"}
         if self.cfg.noise_mode == "random":
-            noise = [n.to(ws.device) for n in self.G.make_noise(ws.shape[0], generator=self.gen, device="cpu")]
-            with autocast(ws.device, precision):
-                return self._synthesis(ws, noise=noise).float()
+            kw = {"noise": [n.to(ws.device) for n in self.G.make_noise(ws.shape[0], generator=self.gen, device="cpu")]}
         with autocast(ws.device, precision):
-            return self._synthesis(ws, noise_mode="const").float()
+            return self._synthesis(ws, **kw).float()
 
     def reconstruction_losses(
         self, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32"
