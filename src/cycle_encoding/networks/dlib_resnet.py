@@ -76,8 +76,6 @@ class ResidualUnit(nn.Module):
 
     def __init__(self, cin: int, cout: int, down: bool) -> None:
         super().__init__()
-        if not down and cin != cout:
-            raise ValueError("a plain residual unit keeps its channel count")
         self.down = down
         self.conv1 = ConvAffine(cin, cout, 3, 2 if down else 1, 0 if down else 1)
         self.conv2 = ConvAffine(cout, cout, 3, 1, 1)

@@ -143,14 +143,7 @@ class ArcFaceBackbone(nn.Module):
     (s = 7 at 112, 14 at 224; index 1 is dropout and 2 flatten).
     """
 
-    def __init__(
-        self,
-        input_size: int = 112,
-        num_layers: int = 50,
-        mode: str = "ir_se",
-        drop_ratio: float = 0.4,
-        affine: bool = True,
-    ) -> None:
+    def __init__(self, input_size: int = 112, num_layers: int = 50, mode: str = "ir_se", affine: bool = True) -> None:
         super().__init__()
         if input_size not in (112, 224):
             raise ValueError(f"input_size must be 112 or 224, got {input_size}")
@@ -162,7 +155,7 @@ class ArcFaceBackbone(nn.Module):
         s = input_size // 16
         self.output_layer = nn.Sequential(
             nn.BatchNorm2d(512),
-            nn.Dropout(drop_ratio),
+            nn.Dropout(0.4),
             nn.Flatten(),
             nn.Linear(512 * s * s, 512),
             nn.BatchNorm1d(512, affine=affine),
