@@ -36,13 +36,9 @@ def render_seeds(
         chunk = list(seeds[i : i + batch_size])
         z = torch.cat([z_from_seed(s, G.z_dim) for s in chunk]).to(device)
         ws = G.mapping(z, truncation=truncation)
-        if noise_mode == "random":
-            gens = [torch.Generator(device="cpu").manual_seed(s) for s in chunk]
-            noise = [
-                torch.cat([torch.randn(1, 1, *n.shape[-2:], generator=g) for g in gens]).to(device)
-                for n in G.noise_buffers()
-            ]
-            images = G.synthesis(ws, noise=noise)
+        if noise_mode == "random":  # each seed's noise drawn from a CPU generator of that seed
+            per_seed = [G.make_noise(1, torch.Generator(device="cpu").manual_seed(s), "cpu") for s in chunk]
+            images = G.synthesis(ws, noise=[torch.cat(layer).to(device) for layer in zip(*per_seed)])
         else:
             images = G.synthesis(ws, noise_mode=noise_mode)
         yield chunk, images.cpu()
