@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import CycleEncodingError
+from .adversarial import active_codes
 
 
 def delta_loss(ws: torch.Tensor, stage: int, p: float = 2.0) -> torch.Tensor:
@@ -24,12 +24,6 @@ def delta_loss(ws: torch.Tensor, stage: int, p: float = 2.0) -> torch.Tensor:
 
     Returns the scalar ``sum_{i=1..stage} mean_b ||ws[b, i] - ws[b, 0]||_p`` (p = 2 by default, as the paper).
     The gradient at a zero offset is 0 (PyTorch's subgradient of the norm)."""
-    if ws.ndim != 3:
-        raise CycleEncodingError(f"delta loss: codes must be [B, N, w_dim], got {list(ws.shape)}")
-    n = ws.shape[1]
-    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= n - 1:
-        raise CycleEncodingError(f"delta loss: stage must be an integer in [0, {n - 1}], got {stage!r}")
-    if stage == 0:
-        return ws.new_zeros(())
-    offsets = ws[:, 1 : stage + 1] - ws[:, :1]  # [B, stage, w_dim]
+    codes = active_codes(ws, stage)  # checked: [B, stage + 1, w_dim]
+    offsets = codes[:, 1:] - codes[:, :1]  # [B, stage, w_dim]; none at stage 0, whose loss is then 0
     return torch.linalg.vector_norm(offsets, ord=p, dim=2).mean(0).sum()
