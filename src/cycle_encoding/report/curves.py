@@ -25,7 +25,7 @@ from ..training.schedule import ScheduleError, load_schedule
 from ..utils import text_table
 
 # measure -> (panel title, higher is better)
-MEASURES: dict[str, dict[str, tuple[str, bool]]] = {
+CURVE_MEASURES: dict[str, dict[str, tuple[str, bool]]] = {
     "generator": {
         "fd": ("classifier Frechet distance to the reference", False),
         "min_class_share": ("smallest class share of the samples", True),
@@ -148,7 +148,7 @@ def read_run(path: str | Path, label: str | None = None) -> RunCurves:
     series: dict[str, list[tuple[int, float, int | None]]] = {}
     for r in evals:
         stage = r.get("stage") if kind == "encoder" else None
-        for m in MEASURES[kind]:
+        for m in CURVE_MEASURES[kind]:
             v = r.get(m)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 series.setdefault(m, []).append((int(r["step"]), float(v), stage))
@@ -186,7 +186,7 @@ def verdict_rows(run: RunCurves, measures: list[str], patience: int, min_improve
     rows: list[dict[str, Any]] = []
     for m in measures:
         points = run.series.get(m, [])
-        higher = MEASURES[run.kind][m][1]
+        higher = CURVE_MEASURES[run.kind][m][1]
         for ph, (a, b) in enumerate(phases(points)):
             pts = points[a:b]
             steps = [s for s, _, _ in pts]
@@ -272,7 +272,7 @@ def curves_figure(runs: list[RunCurves], measures: list[str], rows: list[dict[st
                             mec=c, mew=1.5)  # fmt: skip
         if allv and min(allv) > 0 and max(allv) / min(allv) > 20:
             ax.set_yscale("log")
-        title, higher = MEASURES[kind][m]
+        title, higher = CURVE_MEASURES[kind][m]
         ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -330,8 +330,8 @@ def curves_report(paths: list[str | Path], out: str | Path | None = None, labels
         seen.add(r.label)
     chosen = list(measures) if measures else [m for m in DEFAULT_MEASURES[kind]]
     for m in chosen:
-        if m not in MEASURES[kind]:
-            raise CycleEncodingError(f"measure {m!r} is not one of a {kind} run's: {', '.join(MEASURES[kind])}")
+        if m not in CURVE_MEASURES[kind]:
+            raise CycleEncodingError(f"measure {m!r} is not one of a {kind} run's: {', '.join(CURVE_MEASURES[kind])}")
         if not any(r.series.get(m) for r in runs):
             raise CycleEncodingError(f"no run logged {m!r}")
     rows = [row for r in runs for row in verdict_rows(r, chosen, patience, min_improvement)]

@@ -40,7 +40,7 @@ from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierCo
 from .runs import machine_info, rng_state, set_rng_state
 from .trainer import Trainer, read_run_config
 
-DEFAULT_WIDTHS = {"convnet": (32, 64, 128), "vggbn": (16, 32, 64)}
+ARCH_WIDTHS = {"convnet": (32, 64, 128), "vggbn": (16, 32, 64)}
 SLICE = 2000  # the test slice whose accuracy the card also gives (the shipped-model test checks it)
 
 
@@ -70,7 +70,7 @@ class ClassifierTrainConfig:
     def __post_init__(self) -> None:
         check_one_of(self, arch=SMALL_ARCHS)
         if self.widths is None:
-            self.widths = DEFAULT_WIDTHS[self.arch]
+            self.widths = ARCH_WIDTHS[self.arch]
         check_at_least(self, epochs=1, batch_size=1, threads=1, log_every=1, checkpoint_every=1, max_steps=1)
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
