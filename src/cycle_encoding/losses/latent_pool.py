@@ -42,9 +42,6 @@ class LatentPool:
     def _randint(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.generator).item())
 
-    def _rand(self) -> float:
-        return float(torch.rand((), generator=self.generator).item())
-
     @torch.no_grad()
     def query(self, codes: torch.Tensor) -> torch.Tensor:
         """``[B, w_dim]`` or ``[B, n, w_dim]`` -> ``[B, w_dim]``: each sample's code, or a past one (see the module
@@ -62,7 +59,7 @@ class LatentPool:
             if len(self.codes) < self.size:
                 self.codes.append(w.clone())
                 out.append(w)
-            elif self._rand() < self.p:
+            elif float(torch.rand((), generator=self.generator)) < self.p:
                 i = self._randint(self.size)
                 out.append(self.codes[i].to(w.device))
                 self.codes[i] = w.clone()
