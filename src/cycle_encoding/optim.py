@@ -86,15 +86,12 @@ class Ranger(Optimizer):
         for group in self.param_groups:
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             b1, b2 = group["betas"]
-            gc_min_dim = 3 if group["gc_conv_only"] else 1
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("Ranger does not support sparse gradients")
-                grad = p.grad.float()
-                if group["use_gc"] and grad.dim() > gc_min_dim:
-                    grad = grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
+                grad = centralized_gradient(p.grad, group)
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = 0
@@ -129,6 +126,14 @@ class Ranger(Optimizer):
         for st in self.state.values():
             if "step" in st and isinstance(st["step"], torch.Tensor):
                 st["step"] = int(st["step"].item())
+
+
+def centralized_gradient(grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """``grad`` in float32, centralized as the param group's ``use_gc`` and ``gc_conv_only`` ask (step 1 above)."""
+    grad = grad.float()
+    if group["use_gc"] and grad.dim() > (3 if group["gc_conv_only"] else 1):
+        grad = grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
+    return grad
 
 
 def zero_grad(optimizer: Optimizer, mode: str = "zero") -> None:

@@ -44,6 +44,7 @@ class Progress:
         stream: TextIO | None = None,
         heartbeat: float | None = None,
         initial: int = 0,
+        leave: bool = True,
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.mode = resolve_progress(mode, self.stream)
@@ -52,21 +53,22 @@ class Progress:
         self.t0 = time.perf_counter()
         self.bar: Any = None
         self.heartbeat = heartbeat if self.mode == "lines" else None
-        self._last_line = self.t0
+        self.last_line = self.t0  # when the last status line was printed
         if self.mode == "bar":
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream,
-                            dynamic_ncols=True)  # fmt: skip
+                            dynamic_ncols=True, leave=leave)  # fmt: skip
 
     def update(self, n: int = 1, **postfix: Any) -> None:
+        """``n`` more units done; ``postfix`` values follow the bar or the status line."""
         self.done += n
+        shown = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in postfix.items()}
         if self.bar is not None:
-            if postfix:
-                self.bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in postfix.items()},
-                                     refresh=False)  # fmt: skip
+            if shown:
+                self.bar.set_postfix(shown, refresh=False)
             self.bar.update(n)
-        elif self.heartbeat is not None and time.perf_counter() - self._last_line >= self.heartbeat:
-            self._last_line = time.perf_counter()
-            self.say(self.status())
+        elif self.heartbeat is not None and time.perf_counter() - self.last_line >= self.heartbeat:
+            self.last_line = time.perf_counter()
+            self.say(self.status() + "".join(f", {k} {v}" for k, v in shown.items()))
 
     def status(self) -> str:
         """``desc: done/total unit, M:SS elapsed, about M:SS left``."""

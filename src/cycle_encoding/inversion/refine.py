@@ -69,7 +69,7 @@ from ..errors import CheckpointError, CycleEncodingError
 from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
 from ..ops import autocast, check_precision, compile_pass, pool_to, resize
-from ..optim import Ranger
+from ..optim import Ranger, centralized_gradient
 from ..utils import resolve_device
 from .common import (
     LossNetworks,
@@ -328,9 +328,7 @@ class RegularizedRefiner:
                     for i, p in enumerate(params):
                         if p.grad is None:
                             continue
-                        g = p.grad.float()
-                        if group["use_gc"] and g.dim() > (3 if group["gc_conv_only"] else 1):
-                            g = g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
+                        g = centralized_gradient(p.grad, group)
                         m[i] += g / k_batches
                         v[i] += g * g / k_batches
         E.zero_grad(set_to_none=True)
