@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from ..config import ConfigRecord
 from ..ops import Blur, FusedLeakyReLU, Upsample, fused_leaky_relu
 
 NoiseMode = Literal["const", "random", "none"]
-NOISE_MODES = ("const", "random", "none")
+NOISE_MODES: tuple[str, ...] = get_args(NoiseMode)
 
 
 class WidthsConfig(ConfigRecord):
@@ -106,9 +106,7 @@ class GeneratorConfig(WidthsConfig):
     @property
     def channel_multiplier(self) -> float | None:
         """rosinality's channel multiplier, when this width is one of its configurations."""
-        if self.channel_max != 512:
-            return None
-        return self.channel_base / 16384
+        return self.channel_base / 16384 if self.channel_max == 512 else None
 
 
 def _config_property(name: str) -> Any:
