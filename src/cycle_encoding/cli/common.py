@@ -29,6 +29,11 @@ def add_command(
     return p
 
 
+def comma_list(text: str | None) -> list[str] | None:
+    """``a, b,c`` as ``["a", "b", "c"]`` (blank entries skipped); None stays None."""
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
                    help="auto (default): bars with totals and time left on a terminal, one line per finished unit of "

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..report.curves import curves_report, format_table
-from .common import add_command, print_json
+from .common import add_command, comma_list, print_json
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -38,12 +38,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--json", action="store_true", help="print the runs and verdicts as JSON instead of the table")
 
 
-def _names(text: str | None) -> list[str] | None:
-    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
-
-
 def cmd_curves(args: argparse.Namespace) -> int:
-    rep = curves_report(args.runs, args.out, _names(args.labels), _names(args.measures), args.patience,
+    rep = curves_report(args.runs, args.out, comma_list(args.labels), comma_list(args.measures), args.patience,
                         args.min_improvement, args.dpi)  # fmt: skip
     if args.json:
         print_json(rep)

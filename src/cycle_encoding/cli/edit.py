@@ -20,6 +20,7 @@ from .common import (
     add_device_arg,
     add_progress_arg,
     check_output_folder,
+    comma_list,
 )
 
 NUMBER_LIST = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(?:[eE][-+]?\d+)?(?:,[-+]?[\d.]+(?:[eE][-+]?\d+)?)*$")
@@ -102,7 +103,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     encoder = args.encoder if args.encoder else ("run" if args.lec else None)
     scorer = as_scorer(args.classifier, args.attribute, dev) if args.classifier else None
     pres = build_preservation(args.preservation, dev, args.preservation_weights) if args.preservation else None
-    images = [s.strip() for s in args.images.split(",") if s.strip()] if args.images else None
+    images = comma_list(args.images) if args.images else None
     members = members_info = None
     pair = parse_pair(args.attribute) if args.classifier else None
     if pair is not None and not args.all_images:  # a class edit is measured on images of its two classes

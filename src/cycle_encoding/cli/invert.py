@@ -21,6 +21,7 @@ from .common import (
     add_option_table,
     add_progress_arg,
     check_output_folder,
+    comma_list,
     print_json,
     resolve_precision_option,
 )
@@ -161,7 +162,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The inversion options as a nested mapping: the --config file, then the command-line options over it."""
     data: dict[str, Any] = load_config_file(args.config) if args.config else {}
     if args.stages:
-        data["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
+        data["stages"] = comma_list(args.stages)
     if args.train_data:
         data["train_data"] = args.train_data
     for flag, dest, tp, _ in OPTIONS:

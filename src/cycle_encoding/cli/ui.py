@@ -12,7 +12,7 @@ from typing import Any
 
 from ..editing.editor import Editor
 from ..errors import CycleEncodingError
-from .common import add_command, add_device_arg
+from .common import add_command, add_device_arg, comma_list
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -65,8 +65,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     check_tune_steps(args.tune_steps)
     if args.max_sessions < 1:
         raise CycleEncodingError("--max-sessions must be at least 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    methods = comma_list(args.methods)
+    stages = tuple(comma_list(args.stages))
     if not 0 < args.port < 65536:
         raise CycleEncodingError(f"--port must be 1-65535, got {args.port}")
     if args.max_upload_mb <= 0:

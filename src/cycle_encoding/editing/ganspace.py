@@ -20,12 +20,23 @@ from ..networks.stylegan2 import Generator
 from .directions import DirectionSet
 
 
-def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
-    """Flip each row so that its entry of largest magnitude is positive."""
-    idx = vectors.abs().argmax(dim=1, keepdim=True)
-    sign = torch.sign(torch.gather(vectors, 1, idx))
+def components_count(components: int | None, d: int) -> int:
+    """The number of components asked for, 1..d (None: all d)."""
+    k = d if components is None else int(components)
+    if not 1 <= k <= d:
+        raise ValueError(f"components must be in 1..{d}, got {components}")
+    return k
+
+
+def top_eigenvectors(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all eigenvalues of the symmetric ``M`` in decreasing order, the first ``k`` eigenvectors as rows), each
+    eigenvector flipped so that its entry of largest magnitude is positive."""
+    evals, evecs = torch.linalg.eigh((M + M.t()) / 2)
+    order = torch.argsort(evals, descending=True)
+    vectors = evecs[:, order[:k]].t()
+    sign = torch.sign(torch.gather(vectors, 1, vectors.abs().argmax(dim=1, keepdim=True)))
     sign[sign == 0] = 1
-    return vectors * sign
+    return evals[order], vectors * sign
 
 
 @torch.no_grad()
@@ -59,9 +70,7 @@ def ganspace_pca(
     if n_samples < 2:
         raise ValueError("GANSpace needs at least 2 samples")
     d = G.w_dim
-    k = d if components is None else int(components)
-    if not 1 <= k <= d:
-        raise ValueError(f"components must be in 1..{d}, got {components}")
+    k = components_count(components, d)
     s1 = torch.zeros(d, dtype=torch.float64)
     s2 = torch.zeros(d, d, dtype=torch.float64)
     shift = None  # sums are taken around the first batch's mean, for accuracy
@@ -75,10 +84,8 @@ def ganspace_pca(
     assert shift is not None
     mean_c = s1 / n_samples
     cov = (s2 - n_samples * torch.outer(mean_c, mean_c)) / (n_samples - 1)
-    evals, evecs = torch.linalg.eigh((cov + cov.t()) / 2)
-    order = torch.argsort(evals, descending=True)[:k]
-    comp = fix_signs(evecs[:, order].t().contiguous())
-    var = evals[order].clamp_min(0)
+    evals, comp = top_eigenvectors(cov, k)
+    var = evals[:k].clamp_min(0)
     meta: dict[str, Any] = {
         "samples": int(n_samples),
         "seed": int(seed),

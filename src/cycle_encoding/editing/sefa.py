@@ -29,7 +29,7 @@ import torch
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import EqualLinear, Generator
 from .directions import DirectionSet
-from .ganspace import fix_signs
+from .ganspace import components_count, top_eigenvectors
 
 
 def style_consumers(G: Generator, include_torgb: bool = False) -> list[list[tuple[str, EqualLinear]]]:
@@ -84,17 +84,12 @@ def sefa_directions(
 ) -> DirectionSet:
     """The top ``components`` eigenvectors of A^T A for the chosen style layers (see the module doc)."""
     A, names, used = modulation_matrix(G, layers, include_torgb, normalize)
-    k = G.w_dim if components is None else int(components)
-    if not 1 <= k <= G.w_dim:
-        raise ValueError(f"components must be in 1..{G.w_dim}, got {components}")
-    M = A.t() @ A
-    evals, evecs = torch.linalg.eigh((M + M.t()) / 2)
-    order = torch.argsort(evals, descending=True)[:k]
-    vectors = fix_signs(evecs[:, order].t().contiguous())
+    k = components_count(components, G.w_dim)
+    evals, vectors = top_eigenvectors(A.t() @ A, k)
     return DirectionSet(
         "sefa",
         vectors.float(),
-        values=evals[order].float(),
+        values=evals[:k].float(),
         layers=tuple(used),
         names=[f"sefa{i}" for i in range(k)],
         meta={"modulations": names, "normalize_rows": normalize, "include_torgb": include_torgb},
