@@ -12,7 +12,6 @@ writing it now) is skipped.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from ..errors import CycleEncodingError
 from ..training.plateau import plateau_flags
 from ..training.schedule import ScheduleError, load_schedule
 from ..utils import text_table
+from .plots import figure_png, log_scale_if_wide, panel_figure
 
 # measure -> (panel title, higher is better)
 CURVE_MEASURES: dict[str, dict[str, tuple[str, bool]]] = {
@@ -40,7 +40,6 @@ CURVE_MEASURES: dict[str, dict[str, tuple[str, bool]]] = {
 DEFAULT_MEASURES = {"generator": ("fd", "min_class_share"), "encoder": ("weighted", "l2", "perceptual")}
 RECORD_KIND = {"generator": "metric", "encoder": "val"}
 PANEL_INCHES = (4.8, 3.4)  # width, height of one panel
-MAX_COLUMNS = 3
 
 
 @dataclass
@@ -240,25 +239,18 @@ def curves_figure(runs: list[RunCurves], measures: list[str], rows: list[dict[st
                   min_improvement: float, dpi: int = 100) -> Any:  # fmt: skip
     """A matplotlib Figure: one panel per measure, the runs overlaid; each encoder run's stage changes as dashed
     vertical lines of its colour; a ring where a phase's curve reached its plateau."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib, optional and slow to import
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # lazy: matplotlib, optional and slow to import
 
-    n = len(measures)
-    cols = min(MAX_COLUMNS, n)
-    nrows = math.ceil(n / cols)
-    fig = Figure(figsize=(PANEL_INCHES[0] * cols, PANEL_INCHES[1] * nrows), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig, axes = panel_figure(len(measures), PANEL_INCHES, dpi)
     colors = [f"C{i % 10}" for i in range(len(runs))]
     kind = runs[0].kind
-    for k, m in enumerate(measures):
-        ax = fig.add_subplot(nrows, cols, k + 1)
+    for ax, m in zip(axes, measures):
         allv: list[float] = []
         for run, c in zip(runs, colors):
             pts = run.series.get(m, [])
             if not pts:
                 continue
-            allv += [v for _, v, _ in pts if math.isfinite(v)]
+            allv += [v for _, v, _ in pts]
             for j, (a, b) in enumerate(phases(pts)):  # one segment per phase: the rule does not look across
                 seg = pts[a:b]
                 ax.plot([t[0] for t in seg], [t[1] for t in seg], color=c, lw=1.4, marker="o", ms=3,
@@ -270,8 +262,7 @@ def curves_figure(runs: list[RunCurves], measures: list[str], rows: list[dict[st
                 if r["run"] == run.label and r["measure"] == m and r["plateau"]:
                     ax.plot([r["plateau_step"]], [at[r["plateau_step"]]], ls="none", marker="o", ms=10, mfc="none",
                             mec=c, mew=1.5)  # fmt: skip
-        if allv and min(allv) > 0 and max(allv) / min(allv) > 20:
-            ax.set_yscale("log")
+        log_scale_if_wide(ax, allv)
         title, higher = CURVE_MEASURES[kind][m]
         ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.set_xlabel("step")
@@ -336,11 +327,9 @@ def curves_report(paths: list[str | Path], out: str | Path | None = None, labels
             raise CycleEncodingError(f"no run logged {m!r}")
     rows = [row for r in runs for row in verdict_rows(r, chosen, patience, min_improvement)]
     if out is not None:
-        fig = curves_figure(runs, chosen, rows, patience, min_improvement, dpi)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
+        png = figure_png(curves_figure(runs, chosen, rows, patience, min_improvement, dpi))
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_bytes(buf.getvalue())
+        Path(out).write_bytes(png)
     return {
         "patience": patience,
         "min_improvement": min_improvement,
