@@ -234,9 +234,7 @@ class RegularizedRefiner:
         self.E.stage = "all"
         self.E.requires_grad_(True)
         self.use_compile(c.compile)
-        settings = dict(PAPER_RANGER)
-        settings.update(optimizer_settings or {})
-        self._settings = {"lr": float(settings["lr"]), "betas": tuple(settings["betas"]), "eps": float(settings["eps"])}
+        self._settings = _ranger_settings(optimizer_settings)
         self._e_state = copy.deepcopy(self.E.state_dict())
         self._bad: set[int] = set()
         self.optimizer = self._new_optimizer()
@@ -348,8 +346,7 @@ class RegularizedRefiner:
         return self._synthesis(self.G, ws, noise_mode="const")
 
     def _new_optimizer(self) -> Ranger:
-        s = self._settings
-        return Ranger(self.E.parameters(), lr=s["lr"], betas=s["betas"], eps=s["eps"])  # type: ignore[arg-type]
+        return Ranger(self.E.parameters(), **self._settings)
 
     @property
     def lr(self) -> float:

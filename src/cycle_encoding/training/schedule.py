@@ -196,9 +196,8 @@ class WeightRule:
         """A plain number for a constant, else a dict (the form schedule files use)."""
         if self.every is None:
             return self.value
-        d: dict[str, Any] = {"value": self.value, "factor": self.factor, "every": _plain(self.every)}
-        d["offset"] = _plain(self.offset)
-        d["since"] = _plain(self.since)
+        d: dict[str, Any] = {"value": self.value, "factor": self.factor}
+        d.update({k: _plain(getattr(self, k)) for k in ("every", "offset", "since")})
         if self.times is not None:
             d["times"] = self.times
         return d
@@ -304,6 +303,9 @@ class StageRule:
         return f"{a} -> {last}, {sign} every {every_s} steps ({b} at {end})"
 
 
+RULE_KEYS = (("stage", StageRule), ("delta", WeightRule), ("adversarial", WeightRule))  # a phase's rules, in order
+
+
 @dataclass(frozen=True)
 class Phase:
     """Steps ``[start, end)`` with a stage rule and the two weight rules."""
@@ -319,14 +321,8 @@ class Phase:
         return self.stage.at(step, self.start, self.end, num_offsets)
 
     def to_data(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "start": self.start,
-            "end": self.end,
-            "stage": self.stage.to_data(),
-            "delta": self.delta.to_data(),
-            "adversarial": self.adversarial.to_data(),
-        }
+        rules = {k: getattr(self, k).to_data() for k, _ in RULE_KEYS}
+        return {"name": self.name, "start": self.start, "end": self.end, **rules}
 
 
 @dataclass(frozen=True)
@@ -343,9 +339,6 @@ class ScheduleState:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-RULE_KEYS = (("stage", StageRule), ("delta", WeightRule), ("adversarial", WeightRule))  # a phase's rules, in order
 
 
 def num_offsets_for(num_ws: int) -> int:
