@@ -156,6 +156,14 @@ def page(server, browser):
     print(server["log"].read_text()[-3000:])
 
 
+def open_editor(d, url: str) -> None:
+    """Load the page and wait for every block the tests read: Gradio renders them one after another, so on a busy
+    machine the upload box can be there before the buttons and the status line."""
+    d.get(url)
+    needed = ("#upload input[type=file]", "#invert", "#status", "#render-info")
+    wait_for(lambda: all(d.find_elements(By.CSS_SELECTOR, c) for c in needed), 120, "the page did not load")
+
+
 def text_of(d, elem_id: str) -> str:
     return d.find_element(By.ID, elem_id).text
 
@@ -199,8 +207,7 @@ def test_upload_invert_edit_download_and_bad_uploads(server, page):
     from cycle_encoding.editing.editor import Editor
 
     d = page
-    d.get(server["url"])
-    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 120, "the page did not load")
+    open_editor(d, server["url"])
     assert d.title == "cycle-encoding editor"
     assert d.find_element(By.ID, "invert").text == "Invert"  # nothing was inverted yet
     # one slider per direction: the file's, then 2 SeFa and 2 GANSpace ones
@@ -330,9 +337,8 @@ def test_open_a_run_folder_and_browse_its_images(server, page):
     from cycle_encoding.editing.editor import Editor
 
     d = page
-    d.get(server["url"])
+    open_editor(d, server["url"])
     # an image inverted first: after the run opens, the upload box no longer shows it
-    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 120, "the page did not load")
     upload(d, EXAMPLES / "test-00006-coat.png")
     wait_for(lambda: "inverted with" in text_of(d, "status"), 240, f"not inverted: {text_of(d, 'status')!r}")
     assert "test-00006-coat" in text_of(d, "upload")
@@ -389,8 +395,7 @@ def set_tune_steps(d, n: int) -> None:
 
 def test_cancel_and_a_closed_page_stop_an_inversion(server, page):
     d = page
-    d.get(server["url"])
-    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 120, "the page did not load")
+    open_editor(d, server["url"])
     # a colour photo for this 1-channel generator: inverted, with a note that it was made grey
     with Image.open(EXAMPLES / "test-00016-pullover.png") as im:
         grey = np.asarray(im.convert("L"), np.float32)
@@ -421,8 +426,7 @@ def test_cancel_and_a_closed_page_stop_an_inversion(server, page):
     # a page closed during its inversion: the server stops it, and the next visitor is served
     first = d.current_window_handle
     d.switch_to.new_window("tab")
-    d.get(server["url"])
-    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), 120, "the page did not load")
+    open_editor(d, server["url"])
     set_tune_steps(d, 3000)
     upload(d, EXAMPLES / "test-00010-coat.png")
     wait_for(lambda: "encoder: MSE" in text_of(d, "status"), 240, f"no pivot: {text_of(d, 'status')!r}")
