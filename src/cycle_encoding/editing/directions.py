@@ -40,6 +40,7 @@ from ..checkpoints.common import sniff, torch_load
 from ..checkpoints.inspect import register_inspector
 from ..checkpoints.native import default_provenance, native_header_of_kind, read_native, save_native
 from ..errors import CheckpointError, CycleEncodingError
+from ..networks.stylegan2 import Generator
 from ..utils import atomic_write, check_finite, parse_int_list
 
 DIRECTIONS_KIND = "directions"
@@ -152,6 +153,17 @@ class DirectionSet:
         if bad:
             raise CycleEncodingError(f"layer {bad[0]} does not exist: the generator has layers 0-{num_ws - 1}")
         return sorted(set(chosen))
+
+    def check_fits(
+        self, G: Generator, layers: Sequence[int] | None = None, whose: str = "the generator's"
+    ) -> list[int]:
+        """The layers of ``G``'s codes an edit touches (``resolve_layers``), after one clear error when the set does
+        not fit them: another width, or W+ directions for another number of layers."""
+        if self.w_dim != G.w_dim:
+            raise CycleEncodingError(f"the {self.label()} have width {self.w_dim}; {whose} codes have width {G.w_dim}")
+        if self.per_layer and self.num_ws != G.num_ws:
+            raise CycleEncodingError(f"the {self.label()} are for {self.num_ws} layers; the generator has {G.num_ws}")
+        return self.resolve_layers(layers, G.num_ws)
 
     # -- edits ----------------------------------------------------------------------------------------------------
     def delta(

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +122,10 @@ def _safe(s: str) -> str:
 def named_directions(spec: str, G: Generator) -> DirectionSet:
     """A direction file, or a name computed from the generator: ``sefa`` (SeFa over all conv layers) or
     ``ganspace`` (PCA of 50k mapping outputs, seed 0; the first 16 directions of each)."""
-    if spec in ("sefa", "ganspace"):
-        if spec == "sefa":
-            ds = sefa_directions(G, components=min(16, G.w_dim))
-        else:
-            ds = ganspace_pca(G, n_samples=50_000, components=min(16, G.w_dim))
-        ds.source = spec
-        return ds
+    if spec == "sefa":
+        return replace(sefa_directions(G, components=min(16, G.w_dim)), source=spec)
+    if spec == "ganspace":
+        return replace(ganspace_pca(G, n_samples=50_000, components=min(16, G.w_dim)), source=spec)
     p = Path(spec)
     if not p.exists():
         raise CycleEncodingError(f"{spec}: no such direction file (or a name: sefa, ganspace)")
@@ -263,11 +260,7 @@ def render_run_edits(
     dev = resolve_device(device)
     base = run.load_generator(generator, dev)
     ds = request.directions
-    if ds.w_dim != base.w_dim:
-        raise CycleEncodingError(
-            f"the {ds.label()} have width {ds.w_dim}; the run's generator has codes of width {base.w_dim}"
-        )
-    layers = ds.resolve_layers(request.layers, base.num_ws)
+    layers = ds.check_fits(base, request.layers, "the run's generator's")
     job = _Job(run, request, ds.index(request.component), strengths, layers, base, dev, allow_base, gif, scorer=scorer,
                scorer_name=scorer_name, preservation=preservation, members=members, members_info=members_info,
                offsets=(run.config.get("options") or {}).get("offsets", "all"))  # fmt: skip

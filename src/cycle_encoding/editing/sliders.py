@@ -121,14 +121,7 @@ def build_directions(
     codes = sample_mapping(G, RANGE_SAMPLES, seed=0)
 
     def add(ds: DirectionSet, k: int, key: str, label: str, kind: str) -> None:
-        if ds.w_dim != G.w_dim:
-            raise CycleEncodingError(
-                f"the {ds.label()} have width {ds.w_dim}; the generator's codes have width {G.w_dim}"
-            )
-        if ds.per_layer and ds.num_ws != G.num_ws:
-            raise CycleEncodingError(f"the {ds.label()} are for {ds.num_ws} layers; the generator has "
-                                     f"{G.num_ws}")  # fmt: skip
-        ds.resolve_layers(None, G.num_ws)  # layers the generator lacks fail here
+        ds.check_fits(G)  # layers the generator lacks fail here too
         base, n = key, 2
         while any(d.key == key for d in out):
             key, n = f"{base}~{n}", n + 1

@@ -315,9 +315,7 @@ def _set_up(
         parse_crop(crop, *clip.size)
     inv = Inverter(generator, encoder, config, device=device, progress=progress, tune_mode=tune)
     ds = direction if isinstance(direction, DirectionSet) else named_directions(str(direction), inv.G)
-    if ds.w_dim != inv.G.w_dim:
-        raise CycleEncodingError(f"the {ds.label()} have width {ds.w_dim}; the generator's codes {inv.G.w_dim}")
     strengths = parse_strengths(edit["strengths"]) if edit["strengths"] else None
     request = plan_edit(ds, edit["component"], strengths, edit["layers"], edit["mode"])
-    ds.resolve_layers(request.layers, inv.G.num_ws)
+    ds.check_fits(inv.G, request.layers)
     return inv, request

@@ -90,6 +90,10 @@ def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
+def _data_uri(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
 class _Images:
     """Image sources: data URIs (inline) or paths relative to the page."""
 
@@ -103,34 +107,24 @@ class _Images:
         return Path(os.path.relpath(Path(path).resolve(), self.page_dir.resolve())).as_posix()
 
     def thumbnail(self, path: str | Path | None) -> tuple[str | None, bool]:
-        """(a data URI of the image, reduced to at most ``thumb`` pixels a side; whether it was reduced)."""
-        if not self.inline or path is None or not Path(path).is_file() or not inside(Path(path), self.root):
-            return self.src(path), False  # only the run's own files are ever shown (src refuses the others)
-        p = Path(path)
+        """(the image's source, None for a file outside the run or missing; whether it was reduced): inlined, a data
+        URI of the file, or of it reduced to at most ``thumb`` pixels a side; else its path relative to the page."""
+        p = None if path is None else Path(path)
+        if p is None or not p.is_file() or not inside(p, self.root):  # only the run's own files are ever shown
+            return None, False
+        if not self.inline:
+            return self.relative(p), False
         with open_image(p) as im:
             if max(im.size) <= self.thumb:
-                return self.src(p), False
+                return _data_uri("image/png" if p.suffix.lower() == ".png" else "image/jpeg", p.read_bytes()), False
             small = im.convert("RGB" if im.mode not in ("L", "LA", "1") else "L")
             small.thumbnail((self.thumb, self.thumb), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         if small.mode == "RGB":  # photos: JPEG keeps a thumbnail a few tens of kB
             small.save(buf, format="JPEG", quality=85)
-            mime = "image/jpeg"
-        else:
-            small.save(buf, format="PNG", optimize=True)
-            mime = "image/png"
-        return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii"), True
-
-    def src(self, path: str | Path | None) -> str | None:
-        if path is None:
-            return None
-        p = Path(path)
-        if not p.is_file() or not inside(p, self.root):  # only the run's own files are ever shown
-            return None
-        if self.inline:
-            mime = "image/png" if p.suffix.lower() == ".png" else "image/jpeg"
-            return f"data:{mime};base64," + base64.b64encode(p.read_bytes()).decode("ascii")
-        return self.relative(p)
+            return _data_uri("image/jpeg", buf.getvalue()), True
+        small.save(buf, format="PNG", optimize=True)
+        return _data_uri("image/png", buf.getvalue()), True
 
     def tag(self, path: str | Path | None, alt: str) -> str:
         s, reduced = self.thumbnail(path)
@@ -427,7 +421,7 @@ def _loss_plots(data: dict[str, Any], page: Path, inline: bool) -> tuple[list[st
     for stage, curves in data["losses"].items():
         png_bytes = loss_figure_png(stage, curves)
         if inline:
-            src = "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
+            src = _data_uri("image/png", png_bytes)
         else:
             f = page.parent / "report_files" / f"losses_{stage}.png"
             atomic_write(f, lambda t, b=png_bytes: t.write_bytes(b))
