@@ -37,7 +37,7 @@ from ..config import check_at_least, check_one_of, from_mapping, to_dict
 from ..data.fashion_mnist import CLASSES, PAD_VALUE, load_split, pad_to_32, to_unit_range
 from ..errors import CycleEncodingError
 from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig
-from .runs import machine_info, rng_state, set_rng_state
+from .runs import machine_info
 from .trainer import Trainer, read_run_config
 
 ARCH_WIDTHS = {"convnet": (32, 64, 128), "vggbn": (16, 32, 64)}
@@ -138,6 +138,7 @@ class ClassifierTrainer(Trainer):
     checkpoint_format = "cycle-encoding-train-classifier"
     checkpoint_kind = "cycle-encoding train-classifier"
     saves_images = False
+    checkpoint_attrs = ("train_seconds", "command")  # command: the one that started the run (the card's reproduction)
 
     def __init__(
         self,
@@ -195,15 +196,10 @@ class ClassifierTrainer(Trainer):
                 "steps": self.total, "steps_per_epoch": self.steps_per_epoch, "command": self.command}  # fmt: skip
 
     # -- checkpoints ------------------------------------------------------------------------------------------
-    def rank_state(self) -> dict[str, Any]:
-        return {"rng": rng_state(self.gen)}
-
     def checkpoint_state(self) -> dict[str, Any]:
         return {
             "sampler": {"epoch": self.epoch, "perm": self.perm, "offset": self.offset},
             "since_record": list(self.sums),
-            "train_seconds": self.train_seconds,
-            "command": self.command,
         }
 
     def stateful(self) -> dict[str, Any]:
@@ -217,9 +213,6 @@ class ClassifierTrainer(Trainer):
         self.epoch, self.perm, self.offset = int(sampler["epoch"]), sampler["perm"], int(sampler["offset"])
         loss, correct, n = ck["since_record"]
         self.sums = [float(loss), float(correct), int(n)]
-        self.train_seconds = float(ck["train_seconds"])
-        self.command = ck["command"]  # the command that started the run (the card's reproduction)
-        set_rng_state(rank_state["rng"], self.gen)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def next_batch(self) -> torch.Tensor:

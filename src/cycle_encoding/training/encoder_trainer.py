@@ -78,7 +78,6 @@ from ..ops import PRECISIONS, autocast, compile_pass, pool_to
 from ..optim import Ranger, zero_grad
 from ..utils import atomic_write, make_grid, save_image
 from .plateau import plateau_holds
-from .runs import rng_state, set_rng_state
 from .schedule import Schedule, ScheduleState, get_schedule
 from .trainer import Trainer, read_run_config
 
@@ -195,6 +194,7 @@ class EncoderTrainer(Trainer):
     checkpoint_format = TRAINING_CHECKPOINT_FORMAT
     checkpoint_kind = "cycle-encoding training"
     scalar_kinds = ("train", "val")
+    checkpoint_attrs = ("val_history",)
 
     def __init__(self, cfg: EncoderTrainConfig, resume: str | Path | None = None, quiet: bool = False) -> None:
         self._start(cfg, quiet)
@@ -305,7 +305,7 @@ class EncoderTrainer(Trainer):
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def rank_state(self) -> dict[str, Any]:
-        return {"rng": rng_state(self.gen), "pool": self.pool.state_dict()}
+        return {**super().rank_state(), "pool": self.pool.state_dict()}
 
     def checkpoint_state(self) -> dict[str, Any]:
         st = self.schedule.at(min(self.step, self.schedule.total_steps - 1), self.G.num_ws)
@@ -315,7 +315,6 @@ class EncoderTrainer(Trainer):
             "schedule_state": st.to_dict(),
             "network_files": self.nets.files(),
             "generator": {"path": str(self.cfg.generator), "w_avg": self.G.w_avg.cpu()},
-            "val_history": self.val_history,
         }
 
     def stateful(self) -> dict[str, Any]:
@@ -327,9 +326,7 @@ class EncoderTrainer(Trainer):
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.E.stage = int(ck.get("trained_stage", self.E.max_stage))  # a run resumed at its end exports this stage
-        self.val_history = list(ck.get("val_history", []))
         self.pool.load_state_dict(rank_state["pool"], device=self.device)
-        set_rng_state(rank_state["rng"], self.gen)
 
     # -- one step -----------------------------------------------------------------------------------------
     def render(self, ws: torch.Tensor, precision: str = "fp32") -> torch.Tensor:

@@ -67,7 +67,7 @@ from ..networks.stylegan2 import Generator, GeneratorConfig
 from ..ops import PRECISIONS, autocast, compile_pass
 from ..utils import make_grid, save_image
 from .plateau import plateau_holds
-from .runs import machine_info, rng_state, set_rng_state
+from .runs import machine_info
 from .trainer import Trainer, read_run_config
 
 GREY_DATASETS = ("fashion-mnist",)
@@ -235,6 +235,7 @@ class GeneratorTrainer(Trainer):
     checkpoint_format = "cycle-encoding-train-generator"
     checkpoint_kind = "cycle-encoding train-generator"
     scalar_kinds = ("train", "metric")
+    checkpoint_attrs = ("train_seconds", "mean_path_length", "metric_history")
 
     def __init__(
         self,
@@ -317,28 +318,12 @@ class GeneratorTrainer(Trainer):
         return self.cfg.name or f"generator-{data_label}-{self.cfg.resolution}"
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def rank_state(self) -> dict[str, Any]:
-        return {"rng": rng_state(self.gen)}
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {
-            "train_seconds": self.train_seconds,
-            "mean_path_length": self.mean_path_length,
-            "metric_history": self.metric_history,
-        }
-
     def stateful(self) -> dict[str, Any]:
         return {"generator": self.G, "g_ema": self.g_ema, "discriminator": self.D, "opt_g": self.opt_g,
                 "opt_d": self.opt_d, "sampler": self.sampler}  # fmt: skip
 
     def network_configs(self) -> dict[str, dict[str, Any]]:
         return {"generator_config": self.G.config.to_dict(), "discriminator_config": self.D.config.to_dict()}
-
-    def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
-        set_rng_state(rank_state["rng"], self.gen)
-        self.train_seconds = float(ck.get("train_seconds", 0.0))
-        self.mean_path_length = float(ck.get("mean_path_length", 0.0))
-        self.metric_history = list(ck.get("metric_history", []))
 
     # -- one step -----------------------------------------------------------------------------------------
     def _fake(self, batch: int, grad: bool, plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from ..config import to_dict
 from ..errors import CheckpointError, CycleEncodingError
 from ..progress import Progress
 from ..utils import atomic_write, resolve_device
-from .runs import RunLog, next_run_dir
+from .runs import RunLog, next_run_dir, rng_state, set_rng_state
 
 
 class Trainer:
@@ -39,9 +39,13 @@ class Trainer:
     checkpoint_kind: ClassVar[str] = "cycle-encoding training"  # in "not a ... checkpoint"
     scalar_kinds: ClassVar[tuple[str, ...]] = ("train",)
     saves_images: ClassVar[bool] = True  # an images/ folder, and save_grid() every image_every steps
+    # attributes the checkpoint holds under their own names, put back as they are (an older checkpoint without one
+    # leaves the value __init__ gave)
+    checkpoint_attrs: ClassVar[tuple[str, ...]] = ()
 
     cfg: Any
     step: int
+    gen: torch.Generator  # the run's random draws: its state per rank is in the checkpoint
     log: RunLog
     run_dir: Path
 
@@ -102,7 +106,7 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------------------
     def rank_state(self) -> dict[str, Any]:
         """What differs between ranks (random states, pools): gathered from every rank into the checkpoint."""
-        raise NotImplementedError
+        return {"rng": rng_state(self.gen)}
 
     def stateful(self) -> dict[str, Any]:
         """The networks, optimizers, schedules, sampler ... by checkpoint key: objects with ``state_dict()`` and
@@ -110,7 +114,8 @@ class Trainer:
         return {}
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Anything else the checkpoint holds (beyond the step, ``stateful()``, the ranks' states, the configuration)."""
+        """Anything else the checkpoint holds (beyond the step, ``stateful()``, ``checkpoint_attrs``, the ranks' states,
+        the configuration)."""
         return {}
 
     def network_configs(self) -> dict[str, dict[str, Any]]:
@@ -119,7 +124,7 @@ class Trainer:
         return {}
 
     def restore_checkpoint(self, ck: dict[str, Any], rank_state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Put back what ``checkpoint_state`` and ``rank_state`` saved beyond the random state."""
 
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoint.pt`` atomically (rank 0; every rank's state gathered into it)."""
@@ -132,6 +137,7 @@ class Trainer:
             "step": self.step,
             **self.network_configs(),
             **{key: obj.state_dict() for key, obj in self.stateful().items()},
+            **{key: getattr(self, key) for key in self.checkpoint_attrs},
             **self.checkpoint_state(),
             "ranks": ranks,
             "config": to_dict(self.cfg),
@@ -153,6 +159,10 @@ class Trainer:
             )
         for key, obj in self.stateful().items():
             obj.load_state_dict(ck[key])
+        for key in self.checkpoint_attrs:
+            if key in ck:
+                setattr(self, key, ck[key])
+        set_rng_state(ranks[self.dist.rank]["rng"], self.gen)
         self.restore_checkpoint(ck, ranks[self.dist.rank])
         self.step = int(ck["step"])
         self._resumed_config = ck.get("config") or {}
