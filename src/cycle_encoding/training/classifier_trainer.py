@@ -168,10 +168,10 @@ class ClassifierTrainer(Trainer):
         self.n_params = sum(p.numel() for p in self.model.parameters())  # BatchNorm statistics are buffers
         self.steps_per_epoch = (len(self.x) + cfg.batch_size - 1) // cfg.batch_size
         total = self.steps_per_epoch * cfg.epochs
-        self.total = total if cfg.max_steps is None else min(total, cfg.max_steps)
+        self.max_steps = total if cfg.max_steps is None else min(total, cfg.max_steps)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.total))
+            self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.max_steps))
         )
         # where the sampler stands: the epoch, its shuffled order (drawn at its first step), the next batch's offset
         self.epoch, self.perm, self.offset = 0, None, 0
@@ -184,7 +184,7 @@ class ClassifierTrainer(Trainer):
         cfg = self.cfg
         again = f"resumed at step {self.step}; " if self.step else ""
         self.say(f"{self.run_dir}: {again}{cfg.arch} {list(cfg.widths or ())}, {self.n_params:,} parameters; "
-                 f"{len(self.x):,} training images, {self.total} steps ({cfg.epochs} epoch(s) of "
+                 f"{len(self.x):,} training images, {self.max_steps} steps ({cfg.epochs} epoch(s) of "
                  f"{self.steps_per_epoch}), {cfg.threads} thread(s)")  # fmt: skip
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ class ClassifierTrainer(Trainer):
 
     def resolved(self) -> dict[str, Any]:
         return {"parameters": self.n_params, "train_images": len(self.x), "test_images": len(self.xt),
-                "steps": self.total, "steps_per_epoch": self.steps_per_epoch, "command": self.command}  # fmt: skip
+                "steps": self.max_steps, "steps_per_epoch": self.steps_per_epoch, "command": self.command}  # fmt: skip
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
@@ -259,16 +259,13 @@ class ClassifierTrainer(Trainer):
     def _log(self, record: dict[str, Any]) -> None:
         super()._log(record)
         if record["kind"] == "train":
-            self.say(f"step {record['step']}/{self.total}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
+            self.say(f"step {record['step']}/{self.max_steps}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
                      f"train acc {record['accuracy']:.4f}  {record['time']:.0f}s")  # fmt: skip
 
     def on_start(self) -> None:
         self._log({"kind": "start", "step": 0, "config": to_dict(self.cfg), "command": self.command,
                    "parameters": self.n_params, "train_images": len(self.x), "test_images": len(self.xt),
                    "machine": machine_info()})  # fmt: skip
-
-    def end_step(self, until: int | None) -> int:
-        return min(until if until is not None else self.total, self.total)
 
     def digest_modules(self) -> tuple[torch.nn.Module, ...]:
         return (self.model,)
@@ -282,8 +279,10 @@ class ClassifierTrainer(Trainer):
         ``{"run_dir", "file", "metrics", "provenance", "model"}`` (plus ``"exported"`` and ``"card"`` with ``export``).
         """
         cfg = self.cfg
-        if self.step < self.total:
-            raise CycleEncodingError(f"{self.run_dir}: trained {self.step} of {self.total} steps; resume it to finish")
+        if self.step < self.max_steps:
+            raise CycleEncodingError(
+                f"{self.run_dir}: trained {self.step} of {self.max_steps} steps; resume it to finish"
+            )
         metrics = evaluate_classifier(self.model, self.xt, self.yt)
         self._log({"kind": "test", "step": self.step, **metrics})
         self.say(f"test accuracy {metrics['accuracy']:.4f} on {metrics['images']:,} test images; "

@@ -474,9 +474,6 @@ class EncoderTrainer(Trainer):
     def digest_modules(self) -> tuple[nn.Module, ...]:
         return (self.E, self.D)
 
-    def end_step(self, until: int | None) -> int:
-        return min(until or self.max_steps, self.max_steps)
-
     def on_start(self) -> None:
         self._log({"kind": "start", "step": 0, "time": time.time(), "networks": self.nets.names(),
                    "encoder_init": self.init_note, "train_images": len(self.train_data),

@@ -250,6 +250,7 @@ class GeneratorTrainer(Trainer):
         if cfg.batch_size % self.world:
             raise CycleEncodingError(f"batch size {cfg.batch_size} is not divisible by the {self.world} processes")
         self.local_batch = cfg.batch_size // self.world
+        self.max_steps = cfg.max_steps
         self.gamma = cfg.gamma
 
         # data
@@ -462,9 +463,6 @@ class GeneratorTrainer(Trainer):
     # -- the loop's hooks ---------------------------------------------------------------------------------
     def digest_modules(self) -> tuple[torch.nn.Module, ...]:
         return (self.G, self.D, self.g_ema)
-
-    def end_step(self, until: int | None) -> int:
-        return min(until if until is not None else self.cfg.max_steps, self.cfg.max_steps)
 
     def on_start(self) -> None:
         self._log({"kind": "start", "step": 0, "time": time.time(), "world_size": self.world,

@@ -45,6 +45,7 @@ class Trainer:
 
     cfg: Any
     step: int
+    max_steps: int  # the configured end
     gen: torch.Generator  # the run's random draws: its state per rank is in the checkpoint
     log: RunLog
     run_dir: Path
@@ -175,8 +176,8 @@ class Trainer:
         raise NotImplementedError
 
     def end_step(self, until: int | None) -> int:
-        """The step the loop stops at, ``until`` or the configured end."""
-        raise NotImplementedError
+        """The step the loop stops at, ``until`` or the configured end, whichever comes first."""
+        return min(self.max_steps if until is None else until, self.max_steps)
 
     def digest_modules(self) -> tuple[nn.Module, ...]:
         raise NotImplementedError
