@@ -10,6 +10,7 @@ Two forms are accepted wherever a classifier is asked for:
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,7 @@ def as_scorer(
         fn, name = MEASURES[classifier]
         if attribute not in (None, 0, "0") or labels:
             raise CycleEncodingError(f"{classifier} is a measure with one score per image; no attribute can be chosen")
-
-        def measure(images: torch.Tensor) -> torch.Tensor:
-            return fn(images)
-
+        measure = partial(fn)  # a wrapper to name: the module-level function stays unchanged
         measure.name = name  # type: ignore[attr-defined]
         return measure
     if isinstance(classifier, (str, Path)):
@@ -86,8 +84,7 @@ def as_scorer(
 
     @torch.no_grad()
     def score(images: torch.Tensor) -> torch.Tensor:
-        out = classifier(images)
-        out = torch.as_tensor(out)
+        out = torch.as_tensor(classifier(images))
         if pair is not None:
             return columns(out)
         if out.ndim == 2 and out.shape[1] == 1 and attribute in (None, 0, "0"):
