@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import CycleEncodingError
+from ..ops import resize
 from .images import list_images, read_image
 
 # Named datasets (e.g. "fashion-mnist") register a factory (split, size, channels) -> dataset when imported
@@ -26,9 +26,7 @@ def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
         s = min(h, w)
         top, left = (h - s) // 2, (w - s) // 2
         x = x[:, top : top + s, left : left + s]
-    if x.shape[-1] != size:
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    return x.clamp(-1, 1)
+    return resize(x[None], size)[0].clamp(-1, 1)
 
 
 class ImageDataset:
