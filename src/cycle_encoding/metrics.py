@@ -65,8 +65,7 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
     """[B] peak signal-to-noise ratio in dB, 10 log10(data_range^2 / MSE); +inf where the images are equal."""
-    m = mse(pred, target)
-    return 10 * torch.log10(data_range**2 / m)
+    return 10 * torch.log10(data_range**2 / mse(pred, target))
 
 
 def ssim_unavailable_reason(height: int, width: int) -> str | None:
@@ -139,28 +138,19 @@ def compute_metrics(
 ) -> tuple[dict[str, list[float | None]], list[str]]:
     """All metrics of a batch of pairs: ({metric: [value or None per image]}, notes on values left out)."""
     _check_pair(pred, target)
-    b, _, h, w = pred.shape
     out: dict[str, list[float | None]] = {}
     notes: list[str] = []
     with torch.no_grad():
         out["mse"] = mse(pred, target).tolist()
         out["psnr"] = psnr(pred, target).tolist()
-        for key, fn, why in (
-            ("ssim", ssim, ssim_unavailable_reason(h, w)),
-            ("ms_ssim", ms_ssim, ms_ssim_unavailable_reason(h, w)),
-        ):
-            if why:
-                out[key] = [None] * b
-                notes.append(f"{key}: n/a: {why}")
-            else:
-                out[key] = fn(pred, target).tolist()
-        for key, net in (("perceptual", perceptual), ("identity", identity)):
-            if net is None:
+        measures = {"ssim": ssim, "ms_ssim": ms_ssim, "perceptual": perceptual, "identity": identity}
+        for key, measure in measures.items():
+            if measure is None:
                 continue
-            try:
-                out[key] = net(pred, target).float().cpu().tolist()
+            try:  # a size SSIM / MS-SSIM cannot measure, or a network's refusal: n/a with the reason
+                out[key] = measure(pred, target).float().cpu().tolist()
             except CycleEncodingError as e:
-                out[key] = [None] * b
+                out[key] = [None] * pred.shape[0]
                 notes.append(f"{key}: n/a: {e}")
     return out, notes
 
@@ -318,7 +308,7 @@ def evaluate_folders(
     Unreadable or unmatched files never stop the run. ``size`` resizes both images to size x size (antialiased
     bilinear) before measuring. ``progress(n)`` is called after each batch with the number of pairs done in it.
     """
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    dev = torch.device(device)
     if pairing is None:
         pairing = pair_folders(pred_dir, target_dir)
     nets = {"perceptual": perceptual, "identity": identity}
