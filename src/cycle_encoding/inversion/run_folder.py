@@ -153,6 +153,12 @@ def prepare_run_dir(inverter: FolderInverter, out: Path, images: Any) -> None:
     (out / rf.IMAGES).mkdir(exist_ok=True)
 
 
+def stage_line(head: str, stage: str, m: dict[str, float], seconds: float, extra: str = "") -> str:
+    """``head: stage mse M perc P, extra (S s)``: an image's line after a stage (perc when measured)."""
+    perc = f" perc {m['perceptual']:.4f}" if "perceptual" in m else ""
+    return f"{head}: {stage} mse {m['mse']:.4f}{perc}{extra} ({seconds:.1f} s)"
+
+
 class FolderJob:
     """One image on its way into its folder ``images/<name>/``: the target loaded, the folder made ready, its progress
     bar and the files written after each stage (``on_stage``). A warning about the target (smaller than G's images)
@@ -208,8 +214,7 @@ class FolderJob:
                 extra += f", one generator shared by {res.tune['shared']['images']} images"
         if stage == "refine" and res.refine is not None:
             extra = f", target L_S {res.refine['target_l_s_first']:.4f} -> {res.refine['target_l_s']:.4f}"
-        self.say(f"{self.head}: {stage} mse {m['mse']:.4f}" + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
-                 + f"{extra} ({res.timings[stage]:.1f} s)")  # fmt: skip
+        self.say(stage_line(self.head, stage, m, res.timings[stage], extra))
         self.bar.mark()
 
     def finish(self, res: InversionResult, shared: dict[str, Any] | None = None, mark: str = rf.DONE) -> dict[str, Any]:
@@ -404,10 +409,7 @@ def fill_folder(
                 continue
             done.append(names[i])
             last_stage = rec["stages"][-1]
-            m = rec["metrics"][last_stage]
-            per_image(f"{head}: {last_stage} mse {m['mse']:.4f}"
-                      + (f" perc {m['perceptual']:.4f}" if "perceptual" in m else "")
-                      + f" ({rec['timings']['total']:.1f} s)")  # fmt: skip
+            per_image(stage_line(head, last_stage, rec["metrics"][last_stage], rec["timings"]["total"]))
     return {"done": done, "failed": failed, "busy": busy, "skipped": late}
 
 
