@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import check_one_of, from_mapping, to_dict
+from ..config import check_at_least, check_one_of, from_mapping, to_dict
 from .pivot import OFFSETS
 from .project import ProjectConfig
 from .refine import RefineConfig
@@ -61,10 +61,7 @@ class InversionConfig:
         if "tune" in stages and not any(s in PIVOT_STAGES for s in stages):
             raise ValueError("stage 'tune' needs a pivot: list encoder, refine or project before it")
         check_one_of(self, offsets=OFFSETS, tune_mode=TUNE_MODES)
-        for name in ("tune_batch", "tune_save_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
+        check_at_least(self, tune_batch=1, tune_save_every=1)  # their types: from_mapping (make_config)
         if self.tune_mode == "shared" and self.tune_batch > 1:
             raise ValueError("tune_batch does not apply to shared tuning (one generator for all images)")
         if not 0 <= self.delta_level <= 9:
