@@ -333,8 +333,7 @@ class Editor:
             at.update(stage=str(rec.get("stage", "")), step=int(rec.get("step", 0)) + 1)
             check()
             if progress is not None:
-                s = str(rec.get("stage", ""))
-                progress(InversionProgress(s, int(rec.get("step", 0)) + 1, int(totals.get(s, 0)), record=rec))
+                progress(InversionProgress(at["stage"], at["step"], int(totals.get(at["stage"], 0)), record=rec))
 
         def on_stage(stage: str, res: Any) -> None:
             check()
@@ -506,7 +505,7 @@ class Editor:
             "source": self.source,
             "strengths": chosen,
             "directions": [self.direction(k).describe() for k in chosen],
-            "generator": "tuned" if self.tuned is not None else "base",
+            "generator": which,
             "base_weights_sha256": self.base_sha256,
             "files": {k: p.name for k, p in paths.items()},
         }

@@ -61,7 +61,7 @@ class BoundaryResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        out = {
+        return {
             "method": self.method,
             "space": self.space,
             "positives": self.n_positive,
@@ -70,9 +70,8 @@ class BoundaryResult:
             "validation": self.n_val,
             "train_accuracy": round(self.train_accuracy, 4),
             "val_accuracy": None if self.val_accuracy is None else round(self.val_accuracy, 4),
+            **self.extra,
         }
-        out.update(self.extra)
-        return out
 
 
 def _as_numpy(x: Any, what: str) -> np.ndarray:
@@ -226,14 +225,13 @@ def read_labels_csv(path: str | Path, column: str | int | None = None) -> dict[s
     col = 1
     try:
         parse_label(rows[0][1] if len(rows[0]) > 1 else "")
-        has_header = False
-    except CycleEncodingError:
-        has_header = True
-    if has_header:
+    except CycleEncodingError:  # not a label: a header row
         header = [c.strip() for c in rows[0]]
         rows = rows[1:]
         if not rows:
-            raise CycleEncodingError(f"{p}: no label rows (the only row, {', '.join(header)}, is not file,label)")
+            raise CycleEncodingError(
+                f"{p}: no label rows (the only row, {', '.join(header)}, is not file,label)"
+            ) from None
     if column is not None:
         if isinstance(column, str) and not column.isdigit():
             if header is None:

@@ -310,16 +310,14 @@ def curves_report(paths: list[str | Path], out: str | Path | None = None, labels
     if labels is not None and len(labels) != len(paths):
         raise CycleEncodingError(f"{len(labels)} labels for {len(paths)} runs")
     runs = [read_run(p, None if labels is None else labels[i]) for i, p in enumerate(paths)]
-    kinds = {r.kind for r in runs}
-    if len(kinds) > 1:
+    if len({r.kind for r in runs}) > 1:
         raise CycleEncodingError("both generator and encoder runs given: draw them in separate figures")
     kind = runs[0].kind
-    seen: set[str] = set()
-    for r in runs:
-        if r.label in seen:
-            raise CycleEncodingError(f"two runs labelled {r.label!r}: give --labels")
-        seen.add(r.label)
-    chosen = list(measures) if measures else [m for m in DEFAULT_MEASURES[kind]]
+    names = [r.label for r in runs]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise CycleEncodingError(f"two runs labelled {twice!r}: give --labels")
+    chosen = list(measures or DEFAULT_MEASURES[kind])
     for m in chosen:
         if m not in CURVE_MEASURES[kind]:
             raise CycleEncodingError(f"measure {m!r} is not one of a {kind} run's: {', '.join(CURVE_MEASURES[kind])}")

@@ -136,12 +136,13 @@ class _Images:
         return img
 
 
+def _arrow(metric: str) -> str:
+    return "↓" if LOWER_IS_BETTER.get(metric) else "↑" if metric in LOWER_IS_BETTER else ""
+
+
 def _metrics_table(data: dict[str, Any]) -> str:
     keys = data["metric_keys"]
-    head = "".join(
-        f"<th>{esc(METRIC_LABELS.get(k, k))} {'↓' if LOWER_IS_BETTER.get(k) else '↑' if k in LOWER_IS_BETTER else ''}</th>"
-        for k in keys
-    )
+    head = "".join(f"<th>{esc(METRIC_LABELS.get(k, k))} {_arrow(k)}</th>" for k in keys)
     rows = []
     for e in data["table"]:
         cells = "".join(stat_cell(e.get(k)) for k in keys)
@@ -161,8 +162,7 @@ def _per_image_columns(data: dict[str, Any]) -> list[tuple[str, Any]]:
     for s in data["stages"]:
         for k in data["metric_keys"]:
             if any(k in (it.get("metrics") or {}).get(s, {}) for it in data["per_image"]):
-                arrow = "↓" if LOWER_IS_BETTER.get(k) else "↑" if k in LOWER_IS_BETTER else ""
-                cols.append((f"{s} {METRIC_LABELS.get(k, k)} {arrow}".strip(),
+                cols.append((f"{s} {METRIC_LABELS.get(k, k)} {_arrow(k)}".strip(),
                              lambda it, s=s, k=k: (it.get("metrics") or {}).get(s, {}).get(k)))  # fmt: skip
     if any(it.get("tune") for it in data["per_image"]):
         cols.append(("tuning steps", lambda it: (it.get("tune") or {}).get("updates")))
