@@ -6,14 +6,8 @@ background value -1, and flipped left-right with probability 1/2 when ``flip``),
 resolution: 28x28 padded with 2 pixels of background), one channel. Shuffling, augmentation and the initialization
 all come from ``seed``; with the same thread count on the same machine the weights come out bit-identical.
 
-The loop is the training skeleton's (:class:`~cycle_encoding.training.trainer.Trainer`) filled with this step. A run
-folder ``OUT/NNNNN-NAME`` receives ``config.json`` (the options), ``log.jsonl`` (the start record, one record per
-logged step, the end record, then the test metrics), ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the
-end: the model, Adam, the learning-rate schedule, the epoch's order and position, the random state; a run resumed
-from it ends with the weights of an uninterrupted one, bit for bit), ``classifier.safetensors`` (the project's
-format, kind ``classifier``; its provenance holds the command, data, epochs and steps, training time, machine, and
-the test accuracy) and ``metrics.json``. ``export`` also copies the file to a given path and writes its model card
-``NAME-card.md`` beside it (see :func:`write_model_card`).
+The loop is the training skeleton's (:class:`~cycle_encoding.training.trainer.Trainer`) filled with this step; the
+run folder ``OUT/NNNNN-NAME`` and its files: docs/TRAINING.md.
 """
 
 from __future__ import annotations

@@ -29,12 +29,7 @@ losses of fp32 and bf16 runs compare directly.
 The discriminator step of e4e comes before the encoder step and sees codes of the encoder before its update;
 here the encoder's forward is shared by both (same values, one forward less).
 
-A run lives in a numbered folder ``OUT/NNNNN-encoder-PRESET``: ``config.json`` (the resolved options),
-``schedule.json``, ``log.jsonl`` (losses, stage, weights, timings; validation records), ``tb/`` (TensorBoard),
-``images/`` (reconstruction grids of held-out images), ``checkpoint.pt`` (everything needed to continue
-exactly: networks, both optimizers, the pool, the sampler position, all random states), and at the end
-``encoder.safetensors`` (the project's format, with the stage the run ended in) with its Ranger state beside it,
-``encoder-optimizer.safetensors`` (which the refinement restores for every target).
+The run folder ``OUT/NNNNN-encoder-PRESET`` and its files: docs/TRAINING.md.
 """
 
 from __future__ import annotations

@@ -30,11 +30,7 @@ to the device, so CPU and GPU runs draw the same values. With several processes 
 GPU) each takes ``batch / world_size`` images of every global batch and its own latents; gradients are averaged by
 hand (no DDP: R1 and path length need double backward), so all processes hold identical G, D and g_ema.
 
-A run lives in ``OUT/NNNNN-generator-DATA-RES``: ``config.json`` (resolved options), ``log.jsonl``, ``tb/``
-(TensorBoard scalars and sample grids), ``images/`` (``reals.png``; ``fakes{step}.png``: g_ema on fixed latents,
-constant noise), ``checkpoint.pt`` (G, D, g_ema, both optimizers, the step, the sampler position, all random states:
-a resumed run repeats an uninterrupted one exactly), and ``generator.safetensors`` (g_ema in the project's format,
-rewritten at every checkpoint and at the end, with its provenance).
+The run folder ``OUT/NNNNN-generator-DATA-RES`` and its files: docs/TRAINING.md.
 
 Default architecture for Fashion-MNIST 32x32 (see :class:`GeneratorArch`): 128-d styles, 4 mapping layers, channels
 ``min(2048 / res, 128)``: 128 at 4, 8 and 16 px, 64 at 32 px (1.1 M parameters in G, 1.2 M in D), batch 32, R1 by
