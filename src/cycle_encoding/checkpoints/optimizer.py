@@ -229,7 +229,5 @@ def load_optimizer_state(path: str | Path, module: nn.Module) -> OptimizerState:
             entry[k] = torch.zeros_like(w) if t is None else t.float()  # none stored: slow weights = weights
         entry["slow_buffer"] = w + entry.pop("slow_minus_weight")
         state[name] = entry
-    settings = dict(nf.config.get("settings") or {})
-    if "betas" in settings:
-        settings["betas"] = tuple(settings["betas"])
+    settings = _settings_from_group(nf.config.get("settings") or {})
     return OptimizerState(state, settings, f"{Path(path).name} ({nf.config.get('dtype', '?')})")
