@@ -77,15 +77,11 @@ def average_gradients(params: Iterable[nn.Parameter], info: DistInfo) -> None:
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= info.world_size
-    offset = 0
-    for p in params:
-        n = p.numel()
-        g = flat[offset : offset + n].view_as(p)
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
         if p.grad is None:
-            p.grad = g.clone()
+            p.grad = g.view_as(p).clone()
         else:
-            p.grad.copy_(g)
-        offset += n
+            p.grad.copy_(g.view_as(p))
 
 
 def broadcast_buffers(module: nn.Module, info: DistInfo) -> None:
