@@ -63,6 +63,7 @@ from .sefa import sefa_directions
 
 RECON_TOLERANCE_LEVELS = 1  # of 255: how far a rendering with another CPU thread count may be from the saved one
 DEFAULT_STRENGTHS = (-3.0, -1.5, 0.0, 1.5, 3.0)
+GANSPACE_SAMPLES = 50_000  # mapping outputs of the GANSpace directions computed from a generator
 
 
 @dataclass
@@ -119,13 +120,19 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", s).strip("._") or "edit"
 
 
+def generator_directions(G: Generator, method: str, components: int) -> DirectionSet:
+    """``G``'s top ``components`` directions by ``method``: ``sefa`` (SeFa over all conv layers) or ``ganspace`` (PCA
+    of GANSPACE_SAMPLES mapping outputs, seed 0)."""
+    if method == "sefa":
+        return replace(sefa_directions(G, components=components), source=method)
+    return replace(ganspace_pca(G, n_samples=GANSPACE_SAMPLES, components=components), source=method)
+
+
 def named_directions(spec: str, G: Generator) -> DirectionSet:
-    """A direction file, or a name computed from the generator: ``sefa`` (SeFa over all conv layers) or
-    ``ganspace`` (PCA of 50k mapping outputs, seed 0; the first 16 directions of each)."""
-    if spec == "sefa":
-        return replace(sefa_directions(G, components=min(16, G.w_dim)), source=spec)
-    if spec == "ganspace":
-        return replace(ganspace_pca(G, n_samples=50_000, components=min(16, G.w_dim)), source=spec)
+    """A direction file, or a name computed from the generator: ``sefa`` or ``ganspace`` (``generator_directions``;
+    the first 16 directions of each)."""
+    if spec in ("sefa", "ganspace"):
+        return generator_directions(G, spec, min(16, G.w_dim))
     p = Path(spec)
     if not p.exists():
         raise CycleEncodingError(f"{spec}: no such direction file (or a name: sefa, ganspace)")

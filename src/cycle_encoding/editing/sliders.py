@@ -25,12 +25,10 @@ from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
 from ..paths import cache_dir
 from .directions import DirectionSet, load_directions, save_directions
-from .ganspace import ganspace_pca, sample_mapping
-from .render import DEFAULT_STRENGTHS
-from .sefa import sefa_directions
+from .ganspace import sample_mapping
+from .render import DEFAULT_STRENGTHS, GANSPACE_SAMPLES, generator_directions
 
 SLIDER_METHODS = ("sefa", "ganspace")  # the generator's own directions an editor can offer
-GANSPACE_SAMPLES = 50_000
 RANGE_SAMPLES = 2_000
 
 _DIRECTION_CACHE: dict[tuple[str, str, int], DirectionSet] = {}
@@ -71,10 +69,7 @@ def _cached_directions(G: Generator, method: str, k: int) -> DirectionSet:
             except CycleEncodingError:
                 ds = None  # a damaged cache file: computed again below
         if ds is None:
-            if method == "sefa":
-                ds = sefa_directions(G, components=k)
-            else:
-                ds = ganspace_pca(G, n_samples=GANSPACE_SAMPLES, components=k)
+            ds = generator_directions(G, method, k)
             try:
                 save_directions(ds, f)
             except OSError:
