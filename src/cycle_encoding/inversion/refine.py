@@ -71,14 +71,7 @@ from ..networks.stylegan2 import Generator
 from ..ops import autocast, check_precision, compile_pass, pool_to, resize
 from ..optim import Ranger, centralized_gradient
 from ..utils import resolve_device
-from .common import (
-    LossNetworks,
-    cpu_generator,
-    frozen,
-    reconstruction_terms,
-    synthesis_pass,
-    weighted_sum,
-)
+from .common import LossNetworks, cpu_generator, frozen, reconstruction_terms, synthesis_pass, weighted_sum
 
 PAPER_RANGER = {"lr": 1e-4, "betas": (0.95, 0.999), "eps": 1e-5}
 OPTIMIZER_CHOICES = ("auto", "restore", "substitute", "fresh")
@@ -378,10 +371,7 @@ class RegularizedRefiner:
         raise CycleEncodingError(f"{self.data.name}: fewer than {m} readable training images")
 
     def refine(
-        self,
-        target: torch.Tensor,
-        seed: int,
-        on_step: Callable[[dict[str, Any]], None] | None = None,
+        self, target: torch.Tensor, seed: int, on_step: Callable[[dict[str, Any]], None] | None = None
     ) -> RefineResult:
         """Refine the pivot of one target ``[1, C, H, W]`` (any size: resized to the loss size); resets afterwards."""
         c = self.config

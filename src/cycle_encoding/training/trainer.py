@@ -67,12 +67,7 @@ class Trainer:
         self._resumed_config: dict[str, Any] | None = None  # a resumed run's settings as its checkpoint saved them
         if resume is not None:
             self._load_checkpoint(self.run_dir / "checkpoint.pt")
-        self.log = RunLog(
-            self.run_dir,
-            self.dist.is_main,
-            tensorboard=self.tensorboard,
-            scalar_kinds=self.scalar_kinds,
-        )
+        self.log = RunLog(self.run_dir, self.dist.is_main, tensorboard=self.tensorboard, scalar_kinds=self.scalar_kinds)
 
     def run_label(self) -> str:
         raise NotImplementedError
