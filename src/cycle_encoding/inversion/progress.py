@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..progress import Progress, clock, resolve_progress
+from ..progress import Progress, clock
 
 
 class _Steps(Progress):
@@ -30,7 +30,7 @@ class StepBar:
     def __init__(
         self, enabled: bool | str, head: str, totals: Mapping[str, int] | None = None, every: float = 30.0
     ) -> None:
-        self.mode = resolve_progress(enabled)  # a --progress mode (bar, lines, none), or True / False: auto / none
+        self.mode = enabled  # a --progress mode (auto, bar, lines, none), or True / False: auto / none
         self.head, self.totals, self.every = head, dict(totals or {}), every
         self.stage: str | None = None
         self.progress: _Steps | None = None
@@ -41,8 +41,6 @@ class StepBar:
         self.started = time.perf_counter()
 
     def step(self, rec: dict[str, Any]) -> None:
-        if self.mode == "none":
-            return
         if self.progress is None or rec.get("stage") != self.stage:
             self.close()
             self.stage = rec.get("stage")
