@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import CycleEncodingError
+from .errors import CycleEncodingError, first_line
 
 T = TypeVar("T")
 
@@ -147,7 +147,7 @@ def read_data_file(
         text = p.read_text(encoding="utf-8")
         return json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise error(f"{p}: not a valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} file: {first}") from None
 
 

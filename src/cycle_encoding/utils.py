@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import CycleEncodingError
+from .errors import CycleEncodingError, first_line
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -143,7 +143,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             if isinstance(e, OSError) and e.filename is None and e.errno is not None:
                 raise OSError(e.errno, e.strerror, str(p)) from e
             if isinstance(e, RuntimeError) and "write" in str(e):
-                raise OSError(f"{p}: cannot write: {str(e).strip().splitlines()[0]}") from e
+                raise OSError(f"{p}: cannot write: {first_line(e)}") from e
             raise
         # mkstemp creates the file 0600; give it the permissions a plain open() would
         umask = os.umask(0)
@@ -202,8 +202,7 @@ def open_image(path: str | Path) -> Iterator[Image.Image]:
             f"{p}: image larger than the limit of {limit:,} pixels (raise it with --max-pixels)"
         ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CycleEncodingError(f"{p}: cannot read image: {first}") from None
+        raise CycleEncodingError(f"{p}: cannot read image: {first_line(e)}") from None
     with im:
         w, h = im.size
         if w * h > limit:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, CycleEncodingError, UnsafePickleError
+from ..errors import CheckpointError, CycleEncodingError, UnsafePickleError, first_line
 from ..utils import atomic_write
 
 # The pickle stream of a legacy (pre-1.6) torch.save file starts with this magic number.
@@ -110,8 +110,7 @@ def torch_load(path: str | Path, mmap: bool = False) -> Any:
                 p,
                 f"refused: the file asks to run code{what}; cycle-encoding will not load it (nothing from it was run)",
             ) from None
-        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
-        raise CheckpointError(p, f"cannot read torch file: {first}") from None
+        raise CheckpointError(p, f"cannot read torch file: {first_line(e)}") from None
 
 
 def check_shapes(
@@ -168,8 +167,7 @@ def check_declared_architecture(
         with torch.device("meta"):
             model = build()
     except (ValueError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # torch's run to 4 lines
-        raise CheckpointError(source, f"{what}: the declared architecture cannot be built: {first}") from None
+        raise CheckpointError(source, f"{what}: the declared architecture cannot be built: {first_line(e)}") from None
     full = dict(sd)
     for k, v in model.state_dict().items():
         if k not in full and derived(k):

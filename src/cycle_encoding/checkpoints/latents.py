@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CycleEncodingError
+from ..errors import CycleEncodingError, first_line
 from .common import atomic_torch_save, atomic_write, torch_load
 
 NPZ_KEY = "w"
@@ -139,8 +139,7 @@ def load_latents(
         else:
             raise CycleEncodingError(f"{p}: codes are read from {', '.join(LATENT_SUFFIXES)} files")
     except (OSError, ValueError, EOFError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CycleEncodingError(f"{p}: cannot read codes ({first})") from None
+        raise CycleEncodingError(f"{p}: cannot read codes ({first_line(e)})") from None
     _check_count(a.shape, p, max_count)
     if a.ndim == 2 and num_ws is not None:
         a = np.repeat(a[:, None, :], num_ws, axis=1)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, UnsafePickleError
+from ..errors import CheckpointError, UnsafePickleError, first_line
 from ..networks.stylegan2 import GeneratorConfig
 from .common import UNSUPPORTED_GLOBAL, WEIGHTS_ONLY_REFUSAL, sniff
 from .rosinality import _infer_channel_rule
@@ -178,7 +178,7 @@ def read_pickle(path: str | Path) -> Any:
     except CheckpointError:
         raise
     except Exception as e:  # anything the crafted stream provokes (wrong arguments, ...) is one line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         if isinstance(e, EOFError) or "truncated" in msg or "Ran out of input" in msg:
             raise CheckpointError(p, "truncated: the pickle ends early (incomplete download?)") from None
         if WEIGHTS_ONLY_REFUSAL in str(e):  # a tensor's storage bytes that ask for a class (torch's refusal)

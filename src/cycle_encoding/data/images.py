@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import CycleEncodingError
+from ..errors import CycleEncodingError, first_line
 from ..utils import open_image
 
 # images are reduced while decoded to no less than this shorter side: twice the largest generator's resolution
@@ -112,8 +112,7 @@ def read_image(path: str | Path, channels: int | None = None, min_side: int | No
         with open_image(p) as opened:
             return image_to_tensor(decode_reduced(opened, min_side), channels)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CycleEncodingError(f"{p}: cannot read image: {first}") from None
+        raise CycleEncodingError(f"{p}: cannot read image: {first_line(e)}") from None
 
 
 def from_pil(image: Image.Image, channels: int | None = None) -> torch.Tensor:
