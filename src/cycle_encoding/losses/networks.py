@@ -80,18 +80,13 @@ def build_loss_networks(
     """Build the networks named (``"none"`` or None: no network). Unneeded ones are not built (no file is read).
     Weight files not given are looked up (``checkpoints.locate``), first the one ``recorded`` for the same network
     (``recorded_networks``); ``domain`` picks the offline alternative a missing-file error suggests."""
-    recorded = recorded or {}
-
-    def rec_file(kind: str, name: str | None) -> str | None:
-        r = recorded.get(kind) or {}
-        return r.get("file") if r.get("name") == name else None
-
-    p = None
-    if need_perceptual and perceptual and perceptual != "none":
-        p = build_perceptual(perceptual, device, lpips_backbone, rec_file("perceptual", perceptual), domain)
-        p = p.requires_grad_(False).eval()
-    i = None
-    if need_identity and identity and identity != "none":
-        i = build_identity(identity, device, identity_weights, rec_file("identity", identity), domain)
-        i = i.requires_grad_(False).eval()
-    return LossNetworks(p, i)
+    nets = {}
+    for kind, name, weights, build, need in (
+        ("perceptual", perceptual, lpips_backbone, build_perceptual, need_perceptual),
+        ("identity", identity, identity_weights, build_identity, need_identity),
+    ):
+        if need and name and name != "none":
+            rec = (recorded or {}).get(kind) or {}
+            net = build(name, device, weights, rec.get("file") if rec.get("name") == name else None, domain)
+            nets[kind] = net.requires_grad_(False).eval()
+    return LossNetworks(**nets)
