@@ -35,7 +35,6 @@ The run folder ``OUT/NNNNN-encoder-PRESET`` and its files: docs/TRAINING.md.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -72,7 +71,7 @@ from ..networks.stylegan2 import Generator
 from ..ops import PRECISIONS, autocast, compile_pass, pool_to
 from ..optim import Ranger, zero_grad
 from ..utils import atomic_write, make_grid, save_image
-from .plateau import plateau_holds
+from .plateau import check_rule, plateau_holds
 from .schedule import Schedule, ScheduleState, get_schedule
 from .trainer import Trainer, read_run_config
 
@@ -141,9 +140,8 @@ class EncoderTrainConfig:
     compile: bool = False  # torch.compile G's synthesis and the encoder's body for the training steps
 
     def __post_init__(self) -> None:
-        check_at_least(self, batch_size=1, log_every=1, image_every=1, val_every=1, checkpoint_every=1, val_patience=0)
-        if not (math.isfinite(self.val_min_improvement) and self.val_min_improvement >= 0):
-            raise ValueError(f"val_min_improvement must be a finite number >= 0, got {self.val_min_improvement}")
+        check_at_least(self, batch_size=1, log_every=1, image_every=1, val_every=1, checkpoint_every=1)
+        check_rule(self.val_patience, self.val_min_improvement, "val_")
         check_one_of(self, precision=PRECISIONS, d_fake_codes=("absolute", "raw-offset"), zero_grad=("zero", "none"))
         check_one_of(self, noise_mode=("random", "const"))
 

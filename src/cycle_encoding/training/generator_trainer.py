@@ -62,7 +62,7 @@ from ..networks.discriminator import Discriminator, DiscriminatorConfig
 from ..networks.stylegan2 import Generator, GeneratorConfig
 from ..ops import PRECISIONS, autocast, compile_pass
 from ..utils import make_grid, save_image
-from .plateau import plateau_holds
+from .plateau import check_rule, plateau_holds
 from .runs import machine_info
 from .trainer import Trainer, read_run_config
 
@@ -132,16 +132,13 @@ class GeneratorTrainConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, batch_size=1, log_every=1, image_every=1, checkpoint_every=1, r1_every=1, pl_every=1)
-        check_at_least(
-            self, pl_batch_shrink=1, max_steps=0, ema_kimg=0, metric_every=0, metric_patience=0, metric_samples=2
-        )
+        check_at_least(self, pl_batch_shrink=1, max_steps=0, ema_kimg=0, metric_every=0, metric_samples=2)
         check_one_of(self, precision=PRECISIONS)
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {list(self.betas)}")
         if not 0 <= self.mixing_prob <= 1:
             raise ValueError(f"mixing_prob must be in [0, 1], got {self.mixing_prob}")
-        if not (math.isfinite(self.metric_min_improvement) and self.metric_min_improvement >= 0):
-            raise ValueError(f"metric_min_improvement must be a finite number >= 0, got {self.metric_min_improvement}")
+        check_rule(self.metric_patience, self.metric_min_improvement, "metric_")
         if self.metric_every and self.classifier_name is None:
             raise ValueError("metric_every needs metric_classifier (a classifier file of this domain)")
 

@@ -18,11 +18,12 @@ import math
 from collections.abc import Sequence
 
 
-def _check(patience: int, min_improvement: float) -> None:
+def check_rule(patience: int, min_improvement: float, prefix: str = "") -> None:
+    """One clear line for a bad patience or margin (``prefix``: the options' prefix, e.g. ``val_``)."""
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-        raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
+        raise ValueError(f"{prefix}patience must be an integer >= 0, got {patience!r}")
     if not (isinstance(min_improvement, (int, float)) and math.isfinite(min_improvement) and min_improvement >= 0):
-        raise ValueError(f"min_improvement must be a finite number >= 0, got {min_improvement!r}")
+        raise ValueError(f"{prefix}min_improvement must be a finite number >= 0, got {min_improvement!r}")
 
 
 def _improves(value: float, best: float | None, margin: float, higher_is_better: bool) -> bool:
@@ -39,7 +40,7 @@ def plateau_flags(
     values: Sequence[float], patience: int, min_improvement: float, higher_is_better: bool = False
 ) -> list[bool]:
     """The rule at every evaluation: ``flags[i]`` is True when it holds over ``values[:i + 1]``."""
-    _check(patience, min_improvement)
+    check_rule(patience, min_improvement)
     vals = [float(v) for v in values]
     flags = [False] * len(vals)
     if patience == 0:
