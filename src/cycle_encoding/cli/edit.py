@@ -134,8 +134,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         m = doc["measured_on"]
         lines.append(f"  measured on {len(m['images'])} image(s) of classes {' / '.join(m['classes'])}; "
                      f"{len(m['left_out'])} of other classes left out")  # fmt: skip
-    for f in doc.get("failed", []):
-        lines.append(f"  failed: {f['name']}: {f['reason']}")
+    lines += [f"  failed: {f['name']}: {f['reason']}" for f in doc.get("failed", [])]
     lines.append(f"details: {Path(out) / 'edit.json'}")
     print("\n".join(lines))
     return EXIT_SOME_FAILED if doc.get("failed") else 0

@@ -91,16 +91,10 @@ def report_text(rep: dict[str, Any], per_image: bool = True) -> list[str]:
     for key, label in (("pred_only", "unmatched, only in pred"), ("target_only", "unmatched, only in target")):
         if rep[key]:
             lines.append(f"{label}: {', '.join(rep[key])}")
-    for u in rep["unreadable"]:
-        lines.append(f"unreadable: {u['file']}: {u['reason']}")
-    for s in rep["skipped"]:
-        if s["reason"] != "unreadable file":
-            lines.append(f"skipped {s['name']}: {s['reason']}")
-    for a in rep["ambiguous"]:
-        lines.append(f"ambiguous: {a}")
-    for i in rep["ignored"]:
-        lines.append(f"ignored: {i}")
-    return lines
+    lines += [f"unreadable: {u['file']}: {u['reason']}" for u in rep["unreadable"]]
+    lines += [f"skipped {s['name']}: {s['reason']}" for s in rep["skipped"] if s["reason"] != "unreadable file"]
+    lines += [f"ambiguous: {a}" for a in rep["ambiguous"]]
+    return lines + [f"ignored: {i}" for i in rep["ignored"]]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

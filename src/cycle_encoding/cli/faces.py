@@ -102,11 +102,8 @@ def cmd_align(args: argparse.Namespace) -> int:
     bar.close()
     done = len(files) - len(rep.no_face) - len(rep.failed) - len(rep.skipped)
     parts = [f"aligned {len(rep.written)} face(s) from {done} image(s) into {args.out}"]
-    if rep.skipped:
-        parts.append(f"{len(rep.skipped)} already done")
-    if rep.no_face:
-        parts.append(f"{len(rep.no_face)} without a face")
-    if rep.failed:
-        parts.append(f"{len(rep.failed)} unreadable")
+    for some, what in ((rep.skipped, "already done"), (rep.no_face, "without a face"), (rep.failed, "unreadable")):
+        if some:
+            parts.append(f"{len(some)} {what}")
     print("; ".join(parts))
     return EXIT_SOME_FAILED if (rep.no_face or rep.failed) else 0

@@ -276,10 +276,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
         la = summary["latents"]
         lines.append(f"  final pivots: images/NAME/projected_w.npz (NVIDIA's layout) and stacked in "
                      f"{', '.join(la['files'])} {la['shape']}")  # fmt: skip
-    for f in summary["failed"]:
-        lines.append(f"  failed: {f['name']}: {f['reason']}")
-    for b in summary.get("busy", []):
-        lines.append(f"  left to another process inverting it into {args.out}: {b['name']}")
+    lines += [f"  failed: {f['name']}: {f['reason']}" for f in summary["failed"]]
+    lines += [f"  left to another process inverting it into {args.out}: {b['name']}" for b in summary.get("busy", [])]
     lines.append(f"summary: {Path(args.out) / 'summary.json'}")
     print("\n".join(lines))
     return EXIT_SOME_FAILED if summary["failed"] else 0

@@ -71,8 +71,7 @@ def cmd_video(args: argparse.Namespace) -> int:
              f"edited; {', '.join(doc['files']['edits'].values())}, {doc['files']['preview']}"]  # fmt: skip
     if doc["no_face"]:
         lines.append(f"  no face (passed through): frames {', '.join(map(str, doc['no_face']))}")
-    for f in doc["failed"]:
-        lines.append(f"  failed (passed through): frame {f['frame']}: {f['reason']}")
+    lines += [f"  failed (passed through): frame {f['frame']}: {f['reason']}" for f in doc["failed"]]
     secs = ", ".join(f"{k} {v:.2f}" for k, v in doc["seconds_per_frame"].items())
     lines.append(f"  seconds per frame: {secs}")
     lines.append(f"details: {Path(args.out) / 'video.json'}")
