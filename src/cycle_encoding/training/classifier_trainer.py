@@ -154,11 +154,8 @@ class ClassifierTrainer(Trainer):
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.x, self.y = load_tensors(cfg.data, "train", cfg.limit)
         self.xt, self.yt = load_tensors(cfg.data, "test", cfg.test_limit)
-        self.model = AttributeClassifier(
-            ClassifierConfig(
-                arch=cfg.arch, outputs=CLASSES, input_size=32, in_channels=1, widths=tuple(cfg.widths or ())
-            )
-        )
+        arch = ClassifierConfig(arch=cfg.arch, outputs=CLASSES, input_size=32, in_channels=1, widths=tuple(cfg.widths))
+        self.model = AttributeClassifier(arch)
         self.n_params = sum(p.numel() for p in self.model.parameters())  # BatchNorm statistics are buffers
         self.steps_per_epoch = (len(self.x) + cfg.batch_size - 1) // cfg.batch_size
         total = self.steps_per_epoch * cfg.epochs
@@ -177,7 +174,7 @@ class ClassifierTrainer(Trainer):
         self._open_run(resume)
         cfg = self.cfg
         again = f"resumed at step {self.step}; " if self.step else ""
-        self.say(f"{self.run_dir}: {again}{cfg.arch} {list(cfg.widths or ())}, {self.n_params:,} parameters; "
+        self.say(f"{self.run_dir}: {again}{cfg.arch} {list(cfg.widths)}, {self.n_params:,} parameters; "
                  f"{len(self.x):,} training images, {self.max_steps} steps ({cfg.epochs} epoch(s) of "
                  f"{self.steps_per_epoch}), {cfg.threads} thread(s)")  # fmt: skip
 
