@@ -267,19 +267,12 @@ def labelled_files(
         by_rel = {str(f.relative_to(root)): f for f in files}
         by_name = {f.name: f for f in files}
         by_stem = {f.stem: f for f in files}
-        chosen: list[Path] = []
-        values: list[float] = []
-        missing: list[str] = []
-        for key, v in table.items():
-            f = by_rel.get(key) or by_name.get(key) or by_stem.get(Path(key).stem if "." in key else key)
-            if f is None:
-                missing.append(key)
-                continue
-            chosen.append(f)
-            values.append(float(v))
+        found = {k: by_rel.get(k) or by_name.get(k) or by_stem.get(Path(k).stem if "." in k else k) for k in table}
+        missing = [k for k, f in found.items() if f is None]
         if missing:
             raise CycleEncodingError(f"{len(missing)} labelled file(s) not found in {root}, e.g. {missing[0]!r}")
-        return chosen, np.asarray(values), {"labels": str(labels) if isinstance(labels, (str, Path)) else "given"}
+        values = np.asarray([float(v) for v in table.values()])
+        return list(found.values()), values, {"labels": str(labels) if isinstance(labels, (str, Path)) else "given"}
     subs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     subs = [d for d in subs if any(is_image_file(f) for f in d.rglob("*"))]
     if len(subs) < 2:

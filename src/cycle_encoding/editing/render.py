@@ -378,13 +378,11 @@ def _render_image(job: _Job, im: RunImage, out: Path) -> dict[str, Any]:
     t_gen = time.perf_counter() - t0
     ds, mode = job.request.directions, job.request.mode
     pivot = im.pivot.to(job.dev)
-    rendered: list[torch.Tensor] = []
-    files: list[str] = []
     t0 = time.perf_counter()
-    for j, a in enumerate(job.strengths):
-        rendered.append(render_one(G, ds.apply(pivot, job.comp, a, job.layers, mode)))
-        files.append(f"{im.name}/{j:02d}_s{a:+.3g}.png")
-        save_image(rendered[-1][0], out / files[-1])
+    rendered = [render_one(G, ds.apply(pivot, job.comp, a, job.layers, mode)) for a in job.strengths]
+    files = [f"{im.name}/{j:02d}_s{a:+.3g}.png" for j, a in enumerate(job.strengths)]
+    for y, f in zip(rendered, files):
+        save_image(y[0], out / f)
     # recon_sha256: which inversion of the image was edited (``report`` leaves out edits of an earlier one)
     rec: dict[str, Any] = {"name": im.name, "generator": which, "pivot_stage": im.pivot_stage, "files": files,
                            "seconds": {"generator": t_gen, "render": time.perf_counter() - t0},
