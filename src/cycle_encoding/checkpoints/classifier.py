@@ -13,7 +13,7 @@ from ..assets import resolve_model
 from ..errors import CheckpointError
 from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig
 from .common import check_state_dict
-from .native import default_provenance, native_header_of_kind, native_info, read_config, read_native, save_native
+from .native import default_provenance, read_config, read_native, save_native
 
 CLASSIFIER_KIND = "classifier"
 
@@ -44,11 +44,3 @@ def load_small_classifier(path: str | Path, device: str | torch.device, what: st
             Path(path), f"{what} needs a {' or '.join(SMALL_ARCHS)} classifier, this one is {model.config.arch}"
         )
     return model
-
-
-def inspect_classifier(path: Path, container: str) -> dict[str, Any] | None:
-    """``cycle-encoding info`` for classifier files."""
-    h = native_header_of_kind(path, container, CLASSIFIER_KIND)
-    if h is None:
-        return None
-    return native_info(h, "attribute classifier")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from ..networks.dlib_resnet import (
 from ..paths import cache_dir
 from ..utils import resolve_device
 from .common import check_state_dict
-from .native import default_provenance, file_sha256, native_header_of_kind, native_info, read_native, save_native
+from .native import default_provenance, file_sha256, read_native, save_native
 
 FACE_EMBEDDER_KIND = "face_embedder"
 NPM_PACKAGE = "@vladmandic/face-api@1.7.15"
@@ -204,11 +203,3 @@ def load_dlib_face_embedder(
             raise CheckpointError(p, f"face embedder architecture {arch!r} is not {NAME!r}")
         model = build_from_state_dict(nf.tensors, p, layout)
     return model.requires_grad_(False).eval().to(dev)
-
-
-def inspect_face_embedder(path: Path, container: str) -> dict[str, Any] | None:
-    """``cycle-encoding info`` for a converted face embedder (kind ``face_embedder``); None for other files."""
-    h = native_header_of_kind(path, container, FACE_EMBEDDER_KIND)
-    if h is None:
-        return None
-    return native_info(h, f"{NAME}: dlib ResNet face embedder, 150x150 chips -> 128-d descriptors", path)

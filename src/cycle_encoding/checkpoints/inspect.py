@@ -11,10 +11,11 @@ from typing import Any
 
 from ..assets import resolve_model
 from ..errors import CheckpointError
-from .classifier import inspect_classifier
+from ..networks.dlib_resnet import NAME as DLIB_RESNET
+from .classifier import CLASSIFIER_KIND
 from .common import count_parameters, sniff
 from .encoder import inspect_encoder_file
-from .face_api import inspect_face_embedder
+from .face_api import FACE_EMBEDDER_KIND
 from .generator import read_generator_weights
 from .native import native_info, read_native_header
 from .perception import inspect_perception
@@ -51,21 +52,27 @@ def inspect_generator(path: Path, container: str) -> dict[str, Any] | None:
     }
 
 
+# own-format kinds that info names by their network, and whether it counts their parameters (others: the kind, counted)
+NAMED_KINDS = {
+    CLASSIFIER_KIND: ("attribute classifier", False),
+    FACE_EMBEDDER_KIND: (f"{DLIB_RESNET}: dlib ResNet face embedder, 150x150 chips -> 128-d descriptors", True),
+}
+
+
 def inspect_native(path: Path, container: str) -> dict[str, Any] | None:
     if container != "safetensors":
         return None
     h = read_native_header(path)
-    return native_info(h, h["kind"], path)
+    network, counted = NAMED_KINDS.get(h["kind"], (h["kind"], True))
+    return native_info(h, network, path if counted else None)
 
 
 # Tried in order: the specific readers first, inspect_native last among own-format files (it takes any of them).
 INSPECTORS: list[Inspector] = [
     inspect_encoder_file,  # e4e-family .pt and own-format encoders
-    inspect_classifier,  # attribute classifiers
-    inspect_face_embedder,  # the converted dlib face embedder
     # here: the readers registered from above (direction files, stored changes of tuned generators)
     inspect_generator,  # rosinality / NVIDIA / e4e decoder / own-format generators
-    inspect_native,  # any other own-format file
+    inspect_native,  # any other own-format file (NAMED_KINDS: attribute classifiers, the dlib face embedder)
     inspect_perception,  # torchvision backbones, LPIPS heads, ArcFace, MoCo
 ]
 _GENERAL = (inspect_generator, inspect_native, inspect_perception)
