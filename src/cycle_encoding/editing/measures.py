@@ -95,14 +95,16 @@ def success_summary(changes: torch.Tensor, strengths: Sequence[float]) -> dict[s
     strength's direction (strength 0: none asked, left out)."""
     if changes.ndim != 2 or changes.shape[1] != len(strengths):
         raise CycleEncodingError(f"changes must be [B, {len(strengths)}], got {list(changes.shape)}")
-    rows = []
-    for j, a in enumerate(strengths):
-        c = changes[:, j]
-        row: dict[str, Any] = {"strength": float(a), "score_change": summarize(c.tolist())}
-        if a != 0:
-            row["moved_as_asked"] = float((torch.sign(c) == (1.0 if a > 0 else -1.0)).double().mean())
-        rows.append(row)
+    rows = _per_strength(changes, strengths, "score_change")
+    for row, c in zip(rows, changes.t()):
+        if row["strength"] != 0:
+            row["moved_as_asked"] = float((torch.sign(c) == (1.0 if row["strength"] > 0 else -1.0)).double().mean())
     return {"per_strength": rows}
+
+
+def _per_strength(values: torch.Tensor, strengths: Sequence[float], key: str) -> list[dict[str, Any]]:
+    """Per strength (column of ``values [B, S]``): ``{"strength": a, key: mean +- std over the images}``."""
+    return [{"strength": float(a), key: summarize(values[:, j].tolist())} for j, a in enumerate(strengths)]
 
 
 @dataclass
@@ -143,16 +145,9 @@ def build_preservation(
 
 def preservation_summary(values: torch.Tensor, strengths: Sequence[float], measure: Preservation) -> dict[str, Any]:
     """Per strength: mean +- std over images of ``values [B, S]``."""
-    return {
-        "measure": measure.name,
-        "kind": measure.kind,
-        "per_strength": [
-            {"strength": float(a), "value": summarize(values[:, j].tolist())} for j, a in enumerate(strengths)
-        ],
-    }
+    return {"measure": measure.name, "kind": measure.kind, "per_strength": _per_strength(values, strengths, "value")}
 
 
 def lec_summary(values: torch.Tensor, strengths: Sequence[float]) -> dict[str, Any]:
     """Per strength: mean +- std over images of LEC values ``[B, S]``."""
-    return {"per_strength": [{"strength": float(a), "lec": summarize(values[:, j].tolist())}
-                             for j, a in enumerate(strengths)]}  # fmt: skip
+    return {"per_strength": _per_strength(values, strengths, "lec")}
