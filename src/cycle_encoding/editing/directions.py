@@ -506,11 +506,7 @@ def save_ganspace(ds: DirectionSet, path: str | Path) -> Path:
 
 def save_directions(ds: DirectionSet, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
     """Write any set in the project's format (``.safetensors``, kind ``directions``)."""
-    tensors = {"vectors": ds.vectors}
-    for name in ("scales", "mean", "values"):
-        t = getattr(ds, name)
-        if t is not None:
-            tensors[name] = t
+    tensors = {n: t for n in ("vectors", "scales", "mean", "values") if (t := getattr(ds, n)) is not None}
     config = {
         "method": ds.method,
         "count": len(ds),
