@@ -28,26 +28,8 @@ LPIPS_SCALE = (0.458, 0.448, 0.450)
 NORMALIZE_EPS = 1e-10
 MIN_SIZE = 32
 
-VGG16_CFG: tuple[int | str, ...] = (
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-)
+# torchvision VGG16's convolution widths, block by block (each block ends in a 2x2 max-pool)
+VGG16_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
 
 class AlexNetFeatures(nn.Module):
@@ -98,12 +80,11 @@ class VGG16Features(AlexNetFeatures):
         nn.Module.__init__(self)
         layers: list[nn.Module] = []
         in_c = 3
-        for v in VGG16_CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                layers += [nn.Conv2d(in_c, int(v), kernel_size=3, padding=1), nn.ReLU()]
-                in_c = int(v)
+        for block in VGG16_BLOCKS:
+            for width in block:
+                layers += [nn.Conv2d(in_c, width, kernel_size=3, padding=1), nn.ReLU()]
+                in_c = width
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         self.features = nn.Sequential(*layers)
 
 
