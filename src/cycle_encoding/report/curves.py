@@ -131,18 +131,16 @@ def read_run(path: str | Path, label: str | None = None) -> RunCurves:
     if not log.is_file():
         raise CycleEncodingError(f"{p}: no log.jsonl (give a training run folder or its log.jsonl)")
     recs = _read_records(log)
-    kinds = {r["kind"] for r in recs}
-    if "metric" in kinds and "val" in kinds:
+    logged = {r["kind"] for r in recs}
+    kinds = [kind for kind, record in RECORD_KIND.items() if record in logged]
+    if len(kinds) > 1:
         raise CycleEncodingError(f"{log}: has both 'metric' and 'val' records; cannot tell the kind of run")
-    if "metric" in kinds:
-        kind = "generator"
-    elif "val" in kinds:
-        kind = "encoder"
-    else:
+    if not kinds:
         raise CycleEncodingError(
             f"{log}: no 'metric' records (train-generator --metric-every) and no 'val' records (train-encoder): "
             "nothing to draw"
         )
+    kind = kinds[0]
     evals = _resumed(recs, RECORD_KIND[kind])
     series: dict[str, list[tuple[int, float, int | None]]] = {}
     for r in evals:
