@@ -33,20 +33,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     sched = get_schedule(args.preset, args.schedule, args.total_steps)
-    steps = parse_int_list(args.at) if args.at is not None else None
-    states = [sched.at(s, args.num_ws) for s in steps] if steps is not None else None
+    states = [sched.at(s, args.num_ws) for s in parse_int_list(args.at)] if args.at is not None else None
     if args.save is not None:
         save_schedule(sched, args.save)
     if states is not None:
-        if args.json:
-            for st in states:
-                print(json.dumps(st.to_dict()))
-        else:
-            for st in states:
-                print(
-                    f"step {st.step}: phase {st.phase!r}, stage {st.stage}/{st.num_offsets}, "
-                    f"delta weight {st.delta_weight:.6g}, adversarial weight {st.adversarial_weight:.6g}"
-                )
+        for st in states:
+            text = (f"step {st.step}: phase {st.phase!r}, stage {st.stage}/{st.num_offsets}, delta weight "
+                    f"{st.delta_weight:.6g}, adversarial weight {st.adversarial_weight:.6g}")  # fmt: skip
+            print(json.dumps(st.to_dict()) if args.json else text)
     elif args.json:
         for row in sched.table(args.num_ws):
             print(json.dumps(row))
