@@ -144,6 +144,20 @@ class FixedMeasure(nn.Module):
         return nn.Module.train(self, False)
 
 
+def convert_channels(x: torch.Tensor, channels: int | None, who: str = "images") -> torch.Tensor:
+    """Images ``[..., C, H, W]`` with ``channels`` channels (None: as they are): grey -> RGB repeats the channel (a
+    view), RGB -> grey is ITU-R 601-2 luma (PIL's 'L'); any other change is one clear error naming ``who``."""
+    c = x.shape[-3]
+    if channels is None or channels == c:
+        return x
+    if channels == 3 and c == 1:
+        return x.expand(*x.shape[:-3], 3, -1, -1)
+    if channels == 1 and c == 3:
+        luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return (x * luma).sum(-3, keepdim=True)
+    raise CycleEncodingError(f"{who}: cannot convert {c} channels to {channels}")
+
+
 def as_rgb(x: torch.Tensor, who: str = "images") -> torch.Tensor:
     """Images ``[B, 1 or 3, H, W]`` as three channels (a grey image repeated, as a view); else one clear error."""
     if x.dim() != 4 or x.shape[1] not in (1, 3):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import CycleEncodingError, first_line
+from ..ops import convert_channels
 from ..utils import open_image
 
 # images are reduced while decoded to no less than this shorter side: twice the largest generator's resolution
@@ -65,19 +66,7 @@ def image_to_tensor(image: Image.Image | np.ndarray, channels: int | None = None
     else:  # 8 bits: each value's float through a table, no float64 copy of the image
         arr = _LEVELS_8BIT[np.asarray(img.convert("L" if mode in _GREY_MODES else "RGB"))]
         x = torch.from_numpy(np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)))
-    return _convert_channels(x, channels)
-
-
-def _convert_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
-    """``[C, H, W]`` to ``channels``: grey -> RGB repeats the channel, RGB -> grey is ITU-R 601-2 luma (PIL's 'L')."""
-    if channels is None or channels == x.shape[0]:
-        return x
-    if channels == 3 and x.shape[0] == 1:
-        return x.expand(3, -1, -1).clone()
-    if channels == 1 and x.shape[0] == 3:
-        luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(3, 1, 1)
-        return (x * luma).sum(0, keepdim=True)
-    raise CycleEncodingError(f"cannot convert {x.shape[0]} channels to {channels}")
+    return convert_channels(x, channels).contiguous()
 
 
 def decode_reduced(im: Image.Image, min_side: int | None) -> Image.Image:
@@ -144,7 +133,7 @@ def image_tensor(image: object, channels: int | None = None) -> torch.Tensor:
         x = x.float()
         if not torch.isfinite(x).all():
             raise CycleEncodingError("the image tensor holds NaN or infinite values")
-        return _convert_channels(x, channels)
+        return convert_channels(x, channels).contiguous()
     raise CycleEncodingError(
         f"cannot read an image from a {type(image).__name__}: give a path, a PIL image, a numpy array or a tensor"
     )

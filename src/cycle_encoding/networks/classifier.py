@@ -29,7 +29,7 @@ from torch import nn
 from ..config import ConfigRecord, check_at_least, check_one_of
 from ..errors import CycleEncodingError
 from ..networks.resnet import ResNet50
-from ..ops import FixedMeasure, resize
+from ..ops import FixedMeasure, convert_channels, resize
 
 ARCHS = ("convnet", "vggbn", "resnet50")
 SMALL_ARCHS = ("convnet", "vggbn")
@@ -95,16 +95,7 @@ class AttributeClassifier(nn.Module):
         c = self.config
         if images.ndim != 4:
             raise CycleEncodingError(f"the classifier takes images [B, C, H, W], got {list(images.shape)}")
-        x = images.float()
-        if x.shape[1] != c.in_channels:
-            if x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)
-            elif x.shape[1] == 3 and c.in_channels == 1:
-                w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
-                x = (x * w).sum(1, keepdim=True)
-            else:
-                raise CycleEncodingError(f"the classifier takes {c.in_channels}-channel images, got {x.shape[1]}")
-        x = resize(x, c.input_size)
+        x = resize(convert_channels(images.float(), c.in_channels, "the classifier"), c.input_size)
         if c.normalize == "imagenet":
             mean = torch.tensor(_IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
             std = torch.tensor(_IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
