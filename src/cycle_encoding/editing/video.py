@@ -109,12 +109,10 @@ def prepare_frames(
            "size": size, "channels": channels, "align": how, "crop": None if crop is None else str(crop),
            "smooth_align": float(sigma)}  # fmt: skip
     doc_path = out / "align.json"
-    old: dict[str, Any] = {}
-    if doc_path.is_file():
-        try:
-            old = json.loads(doc_path.read_text())
-        except (OSError, ValueError):
-            old = {}
+    try:
+        old: dict[str, Any] = json.loads(doc_path.read_text()) if doc_path.is_file() else {}
+    except (OSError, ValueError):
+        old = {}
     reuse = bool(old) and {k: old.get(k) for k in key} == key
     if reuse:
         quads = [None if q is None else np.array(q, dtype=np.float64) for q in old["quads"]]

@@ -490,10 +490,7 @@ def write_report(
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     atomic_write(page, lambda t: t.write_text(doc, encoding="utf-8"))
-    png_path = None
-    if png:
-        png_path = page.with_suffix(".png")
-        save_png(build_grid(data), png_path)
+    png_path = save_png(build_grid(data), page.with_suffix(".png")) if png else None
     json_path = page.with_suffix(".json")
     data_out = {k: v for k, v in data.items() if k != "losses"}
     data_out["edits"] = [{k: v for k, v in d.items() if k != "_folder"} for d in data["edits"]]
