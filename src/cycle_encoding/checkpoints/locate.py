@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import CycleEncodingError
 from ..paths import cache_dir
 from .common import read_json
@@ -29,12 +31,8 @@ OFFLINE = {
 
 
 def torch_hub_checkpoints() -> Path:
-    """torch's download cache for model weights: ``$TORCH_HOME/hub/checkpoints`` (as ``torch.hub.get_dir()``)."""
-    home = os.environ.get("TORCH_HOME")
-    if not home:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        home = str(Path(xdg) / "torch") if xdg else str(Path.home() / ".cache" / "torch")
-    return Path(home).expanduser() / "hub" / "checkpoints"
+    """torch's download cache for model weights: ``$TORCH_HOME/hub/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 @lru_cache(maxsize=4)
