@@ -365,32 +365,29 @@ def align_files(
     out.mkdir(parents=True, exist_ok=True)
     rep = AlignReport()
 
-    def tell(kind: str, path: Path, detail: Any = None) -> None:
+    def record(kind: str, path: Path, entry: Any, detail: Any = None) -> None:
+        """``entry`` added to the report's list ``kind``, and ``on_event`` told."""
+        getattr(rep, kind).append(entry)
         if on_event is not None:
             on_event(kind, path, detail)
 
     for path in inputs:
         first = out / output_names(path.stem, 1, all_faces)[0]
         if first.exists() and not overwrite:
-            rep.skipped.append(path)
-            tell("skipped", path, first)
+            record("skipped", path, path, first)
             continue
         try:
             faces = align_image(read_rgb(path), detector, size=size, all_faces=all_faces, supersample=supersample)
         except CycleEncodingError as e:
-            rep.failed.append((path, str(e)))
-            tell("failed", path, str(e))
+            record("failed", path, (path, str(e)), str(e))
             continue
         if not faces:
-            rep.no_face.append(path)
-            tell("no_face", path)
+            record("no_face", path, path)
             continue
-        names = output_names(path.stem, len(faces), all_faces)
-        files = []
-        for face, name in zip(faces, names):
-            dst = out / name
+        files = [out / name for name in output_names(path.stem, len(faces), all_faces)]
+        for face, dst in zip(faces, files):
             atomic_write(dst, lambda tmp, im=face.image: im.save(tmp, format="PNG"))
-            files.append(dst)
         rep.written += files
-        tell("written", path, files)
+        if on_event is not None:
+            on_event("written", path, files)
     return rep
