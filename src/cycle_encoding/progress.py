@@ -61,14 +61,13 @@ class Progress:
     def update(self, n: int = 1, **postfix: Any) -> None:
         """``n`` more units done; ``postfix`` values follow the bar or the status line."""
         self.done += n
-        shown = {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in postfix.items()}
         if self.bar is not None:
-            if shown:
-                self.bar.set_postfix(shown, refresh=False)
+            if postfix:
+                self.bar.set_postfix(_shown(postfix), refresh=False)
             self.bar.update(n)
         elif self.heartbeat is not None and time.perf_counter() - self.last_line >= self.heartbeat:
             self.last_line = time.perf_counter()
-            self.say(self.status() + "".join(f", {k} {v}" for k, v in shown.items()))
+            self.say(self.status() + "".join(f", {k} {v}" for k, v in _shown(postfix).items()))
 
     def status(self) -> str:
         """``desc: done/total unit, M:SS elapsed, about M:SS left``."""
@@ -85,7 +84,7 @@ class Progress:
     def postfix(self, **values: Any) -> None:
         """Values shown after the bar (a drawn bar only)."""
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in values.items()})
+            self.bar.set_postfix(_shown(values))
 
     def say(self, line: str) -> None:
         """A line of output on the progress stream (above the bar when one is drawn)."""
@@ -104,6 +103,11 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shown(values: dict[str, Any]) -> dict[str, Any]:
+    """Values as a bar's postfix or a status line shows them: floats to 4 decimals."""
+    return {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in values.items()}
 
 
 def clock(seconds: float) -> str:
