@@ -119,20 +119,25 @@ def check_shapes(
     source: str | Path,
     what: str,
     optional: tuple[str, ...] = (),
-    hint: str = "",
+    shape_hint: str = "",
 ) -> None:
     """``sd`` holds exactly the ``expected`` keys (those ending in ``optional`` may be missing), each a tensor of that
-    shape (None: any size); else one CheckpointError naming the first key that differs, ``hint`` appended."""
+    shape (None: any size); else one CheckpointError naming the first key that differs (``shape_hint`` appended to a
+    shape that differs)."""
     for k, shape in expected.items():
         if k not in sd:
             if k.endswith(optional):
                 continue
-            raise CheckpointError(source, f"{what}: missing key {k} (expected shape {list(shape)}){hint}")
+            raise CheckpointError(
+                source, f"{what}: missing key {k} (expected shape {list(shape)}); the layout does not fit"
+            )
         got = sd[k]
         if not isinstance(got, torch.Tensor):
             raise CheckpointError(source, f"{what}: key {k} holds a {type(got).__name__}, not a tensor")
         if len(got.shape) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got.shape)):
-            raise CheckpointError(source, f"{what}: key {k} has shape {list(got.shape)}, expected {list(shape)}{hint}")
+            raise CheckpointError(
+                source, f"{what}: key {k} has shape {list(got.shape)}, expected {list(shape)}{shape_hint}"
+            )
     extra = [k for k in sd if k not in expected]
     if extra:
         raise CheckpointError(source, f"{what}: unexpected key {extra[0]} ({len(extra)} unexpected in all)")
@@ -142,7 +147,7 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: s
     """Compare ``sd`` with ``model``'s keys and shapes (``check_shapes``)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     hint = f" for the inferred architecture: the shapes fit no {what} configuration this reader knows"
-    check_shapes(sd, expected, source, what, hint=hint)
+    check_shapes(sd, expected, source, what, shape_hint=hint)
 
 
 def check_declared_architecture(
