@@ -162,7 +162,7 @@ def as_rgb(x: torch.Tensor, who: str = "images") -> torch.Tensor:
     """Images ``[B, 1 or 3, H, W]`` as three channels (a grey image repeated, as a view); else one clear error."""
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise CycleEncodingError(f"{who}: expected images [B, C, H, W] with 1 or 3 channels, got {list(x.shape)}")
-    return x.expand(-1, 3, -1, -1)
+    return convert_channels(x, 3, who)
 
 
 def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:

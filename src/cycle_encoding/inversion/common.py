@@ -20,7 +20,7 @@ from ..data.datasets import resize_square
 from ..errors import CycleEncodingError
 from ..losses.networks import LossNetworks
 from ..networks.stylegan2 import Generator
-from ..ops import compile_pass
+from ..ops import compile_pass, convert_channels
 
 STAGE_NUMBERS = {"encoder": 1, "refine": 2, "project": 3, "tune": 4}
 
@@ -98,14 +98,6 @@ def check_target(G: Generator, x: torch.Tensor) -> torch.Tensor:
         x = x[0]
     if x.ndim != 3:
         raise CycleEncodingError(f"a target image is [C, H, W] in [-1, 1], got shape {list(x.shape)}")
-    if x.shape[0] != G.img_channels:
-        if x.shape[0] == 1 and G.img_channels == 3:
-            x = x.expand(3, -1, -1)
-        elif x.shape[0] == 3 and G.img_channels == 1:
-            x = (x * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(3, 1, 1)).sum(0, True)
-        else:
-            raise CycleEncodingError(
-                f"the generator makes {G.img_channels}-channel images, the target has {x.shape[0]}"
-            )
+    x = convert_channels(x, G.img_channels, f"the target (the generator makes {G.img_channels}-channel images)")
     x = resize_square(x.float().cpu(), G.resolution)
     return x[None].to(G.w_avg.device)
