@@ -19,6 +19,8 @@ from ..editing.classifier import as_scorer, parse_pair
 from ..editing.directions import ganspace_named_edits, load_directions, parse_layers, save_any
 from ..editing.ganspace import ganspace_pca
 from ..editing.interfacegan import (
+    CLASSIFIER_METHODS,
+    SPACES,
     encode_labelled_folder,
     parse_label,
     read_labels_csv,
@@ -77,11 +79,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add_classifier_args(t, " to score the samples", "the samples of top class A against those of top class B")
     t.add_argument("--samples", type=int, default=10_000, help="generated samples to score (default 10000)")
     t.add_argument("--truncation", type=float, default=1.0, help="truncation of the generated samples (default 1)")
-    t.add_argument("--method", default="svm", choices=("svm", "svc", "logistic"),
+    t.add_argument("--method", default="svm", choices=CLASSIFIER_METHODS,
                    help="svm: LinearSVC (default); svc: SVC(kernel='linear') as InterFaceGAN; logistic")  # fmt: skip
-    t.add_argument(
-        "--space", default="w", choices=("w", "w+"), help="w: one [w_dim] direction (default); w+: per layer"
-    )
+    t.add_argument("--space", default="w", choices=SPACES, help="w: one [w_dim] direction (default); w+: per layer")
     t.add_argument("--C", type=float, default=1.0, help="the classifier's inverse regularization (default 1)")
     t.add_argument("--select-ratio", type=float, default=None,
                    help="with continuous scores: the fraction kept at each end (default 0.02, InterFaceGAN's)")  # fmt: skip

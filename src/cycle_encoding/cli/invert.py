@@ -10,7 +10,7 @@ from typing import Any
 
 from ..config import load_config_file, to_dict
 from ..errors import CycleEncodingError
-from ..inversion.config import make_config
+from ..inversion.config import TUNE_MODES, make_config
 from ..inversion.inverter import Inverter
 from ..inversion.targets import list_targets
 from ..utils import check_finite
@@ -145,7 +145,7 @@ def add_inversion_args(p: argparse.ArgumentParser) -> None:
                         "file records")  # fmt: skip
     p.add_argument("--config", default=None, help="YAML/JSON file of inversion options (command-line options win)")
     add_option_table(p, OPTIONS, metavars=True)
-    p.add_argument("--tune", choices=("each", "shared"), default=None,
+    p.add_argument("--tune", choices=TUNE_MODES, default=None,
                    help="each (default): every image its own tuned generator; shared: ONE generator tuned on all the "
                         "images (PTI's multi-ID mode: --tune-steps rounds of one step per image, no early stop), "
                         "stored once (RUN_DIR/generator_delta.safetensors); a finished shared run takes no new images")  # fmt: skip

@@ -8,7 +8,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from ..editing.directions import parse_layers
-from ..editing.video import edit_video
+from ..editing.video import ALIGN_MODES, edit_video
 from ..errors import CycleEncodingError
 from ..utils import check_finite
 from .common import EXIT_SOME_FAILED, add_command, add_device_arg, add_progress_arg, check_output_folder
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--out", required=True, type=Path, metavar="OUT", help="the output folder")
     add_inversion_args(p)
     add_direction_args(p)
-    p.add_argument("--align", dest="video_align", choices=("face", "frame"), default="face",
+    p.add_argument("--align", dest="video_align", choices=ALIGN_MODES, default="face",
                    help="face (default): the FFHQ square of each frame's largest face (dlib 68 landmarks); frame: "
                         "the whole frame, resized to a square")  # fmt: skip
     p.add_argument("--crop", default=None, metavar="X,Y,W,H", help="crop this rectangle of every frame instead")
