@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +124,11 @@ def generator_directions(G: Generator, method: str, components: int) -> Directio
     """``G``'s top ``components`` directions by ``method``: ``sefa`` (SeFa over all conv layers) or ``ganspace`` (PCA
     of GANSPACE_SAMPLES mapping outputs, seed 0)."""
     if method == "sefa":
-        return replace(sefa_directions(G, components=components), source=method)
-    return replace(ganspace_pca(G, n_samples=GANSPACE_SAMPLES, components=components), source=method)
+        ds = sefa_directions(G, components=components)
+    else:
+        ds = ganspace_pca(G, n_samples=GANSPACE_SAMPLES, components=components)
+    ds.source = method
+    return ds
 
 
 def named_directions(spec: str, G: Generator) -> DirectionSet:
