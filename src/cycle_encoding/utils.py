@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -9,6 +10,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -154,6 +156,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; one clear error for a file that cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CycleEncodingError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise CycleEncodingError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def write_json(path: str | Path, doc: Any) -> Path:
+    """``doc`` as indented JSON, atomically."""
+    return atomic_write(path, lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:

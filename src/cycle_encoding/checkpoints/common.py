@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, CycleEncodingError, UnsafePickleError, first_line
+from ..errors import CheckpointError, UnsafePickleError, first_line
 from ..utils import atomic_write
 
 # The pickle stream of a legacy (pre-1.6) torch.save file starts with this magic number.
@@ -178,16 +178,6 @@ def check_declared_architecture(
         if k not in full and derived(k):
             full[k] = v
     check_state_dict(model, full, source, what)
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file; one clear error for a file that cannot be read or parsed."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CycleEncodingError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise CycleEncodingError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CycleEncodingError
 from ..paths import cache_dir
-from .common import read_json
+from ..utils import read_json
 
 CONFIG_ENV = "CYCLE_ENCODING_NETWORKS"
 SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "assets" / "network_files.json"

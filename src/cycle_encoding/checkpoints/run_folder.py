@@ -54,8 +54,7 @@ from ..assets import resolve_model
 from ..data.images import read_image
 from ..errors import CycleEncodingError
 from ..networks.stylegan2 import Generator
-from ..utils import atomic_write
-from .common import read_json
+from ..utils import atomic_write, read_json, write_json
 from .delta import load_generator_delta, weights_sha256
 from .generator import load_generator
 from .native import default_provenance, read_native, save_native
@@ -93,11 +92,6 @@ def inside(path: str | Path, root: str | Path) -> bool:
     except (OSError, RuntimeError):
         return False
     return p == r or r in p.parents
-
-
-def write_json(path: Path, doc: Any) -> Path:
-    """``doc`` as indented JSON, atomically."""
-    return atomic_write(path, lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
 
 
 @contextmanager
