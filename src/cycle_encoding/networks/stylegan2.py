@@ -16,7 +16,7 @@ must be None or an empty tensor), ``G.img_resolution``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -402,14 +402,20 @@ class Generator(nn.Module):
             ws = self.style_mix(ws, self.mapping(z2.to(dev), truncation=truncation), cut.to(dev))
         return ws
 
+    def style_batches(
+        self, n: int, seed: int = 0, batch: int = 1000, truncation: float = 1.0
+    ) -> Iterator[torch.Tensor]:
+        """``n`` codes w = style(z) (truncated toward ``w_avg`` when ``truncation`` < 1), ``batch`` at a time
+        (``[b, w_dim]`` on the generator's device), z drawn from a CPU generator seeded with ``seed``."""
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        for done in range(0, n, batch):
+            w = self.style(torch.randn(min(batch, n - done), self.z_dim, generator=g).to(self.w_avg.device))
+            yield w if truncation == 1.0 else self.w_avg + truncation * (w - self.w_avg)
+
     @torch.no_grad()
     def compute_w_avg(self, n: int = 10_000, seed: int = 0, batch: int = 1000) -> torch.Tensor:
         """Mean of mapping(z) over ``n`` samples (for checkpoints that do not store it); sets ``w_avg``."""
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        total = torch.zeros(self.w_dim, dtype=torch.float64, device=self.w_avg.device)
-        for done in range(0, n, batch):
-            z = torch.randn(min(batch, n - done), self.z_dim, generator=g).to(self.w_avg.device)
-            total += self.style(z).double().sum(0)
+        total = sum(w.double().sum(0) for w in self.style_batches(n, seed, batch))
         self.w_avg.copy_((total / n).to(self.w_avg.dtype))
         return self.w_avg
 
