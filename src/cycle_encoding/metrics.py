@@ -30,7 +30,7 @@ import torch
 
 from .data.images import is_image_file, read_image
 from .errors import CycleEncodingError
-from .ops import resize
+from .ops import convert_channels, resize
 
 if TYPE_CHECKING:
     from .losses.identity import IdentitySimilarity
@@ -220,7 +220,7 @@ def _prepare(
         notes.append(
             f"channels differ: pred has {pred.shape[0]}, target {target.shape[0]}; the grey one was repeated to 3"
         )
-        pred, target = pred.expand(3, -1, -1), target.expand(3, -1, -1)
+        pred, target = convert_channels(pred, 3), convert_channels(target, 3)
     if size is not None:
         pred, target = resize(pred[None], size)[0], resize(target[None], size)[0]
     if pred.shape[-2:] != target.shape[-2:]:
@@ -401,10 +401,7 @@ def classifier_features(classifier: Any, images: torch.Tensor, batch_size: int =
         raise CycleEncodingError(f"{type(classifier).__name__} has no embed(x) method (penultimate features)")
     classifier.eval()
     dev = next((p.device for p in classifier.parameters()), torch.device("cpu"))
-    out = [
-        classifier.embed(images[i : i + batch_size].to(dev)).float().cpu() for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(out)
+    return torch.cat([classifier.embed(x.to(dev)).float().cpu() for x in images.split(batch_size)])
 
 
 def classifier_frechet_distance(
@@ -463,9 +460,7 @@ def generator_sample_metrics(
     fake = torch.cat(fakes)
     out = classifier_frechet_distance(fake, reference, classifier, batch_size)
     cdev = next((p.device for p in classifier.parameters()), torch.device("cpu"))
-    labels = torch.cat(
-        [classifier(fake[i : i + batch_size].to(cdev)).argmax(1).cpu() for i in range(0, samples, batch_size)]
-    )
+    labels = torch.cat([classifier(x.to(cdev)).argmax(1).cpu() for x in fake.split(batch_size)])
     names = list(getattr(classifier, "outputs", None) or [])
     k = max(len(names), int(labels.max()) + 1)
     counts = torch.bincount(labels, minlength=k).tolist()

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import CycleEncodingError
+from ..ops import convert_channels
 from .datasets import DATASETS, ImageDataset, resize_square
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -195,9 +196,7 @@ class FashionMNIST(ImageDataset):
             x = pad_to_32(x)
             if self.size != PADDED_SIZE:
                 x = resize_square(x, self.size)
-        if self.channels == 3:
-            x = x.expand(3, -1, -1).contiguous()
-        return x
+        return convert_channels(x, self.channels).contiguous()
 
     def label_name(self, index: int) -> str:
         return CLASSES[int(self.labels[index])]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigRecord
+from ..config import ConfigRecord, check_at_least, check_one_of
 from ..ops import resize
 from .irse import UNITS_PER_BLOCK, IRSEBody, irse_unit_specs, make_input_layer
 from .stylegan2 import EqualLinear
@@ -54,14 +54,12 @@ class EncoderConfig(ConfigRecord):
     style_mode: Literal["delta", "independent"] = "delta"
 
     def __post_init__(self) -> None:
-        if self.num_ws < 1:
-            raise ValueError(f"num_ws must be >= 1, got {self.num_ws}")
+        check_at_least(self, num_ws=1)
+        check_one_of(self, style_mode=("delta", "independent"))
         if len(self.widths) != 4 or len(self.units) != 4:
             raise ValueError("the encoder body has 4 blocks: give 4 widths and 4 unit counts")
         if self.input_size < 16 or self.input_size & (self.input_size - 1):
             raise ValueError(f"input_size must be a power of two >= 16, got {self.input_size}")
-        if self.style_mode not in ("delta", "independent"):
-            raise ValueError(f"style_mode must be 'delta' or 'independent', got {self.style_mode!r}")
         ms = self.num_ws - 1 if self.max_stage is None else self.max_stage
         if not 0 <= ms <= self.num_ws - 1:
             raise ValueError(f"max_stage must be in 0..{self.num_ws - 1}, got {self.max_stage}")

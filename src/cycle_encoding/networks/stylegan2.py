@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigRecord
+from ..config import ConfigRecord, check_at_least, check_one_of
 from ..ops import Blur, FusedLeakyReLU, Upsample, fused_leaky_relu
 
 NoiseMode = Literal["const", "random", "none"]
@@ -51,8 +51,7 @@ class WidthsConfig(ConfigRecord):
         r = self.resolution
         if not (8 <= r <= 1024) or r & (r - 1):
             raise ValueError(f"resolution must be a power of two from 8 to 1024, got {r}")
-        if self.img_channels not in (1, 3):
-            raise ValueError(f"img_channels must be 1 or 3, got {self.img_channels}")
+        check_one_of(self, img_channels=(1, 3))
 
     @property
     def log_size(self) -> int:
@@ -77,8 +76,7 @@ class GeneratorConfig(WidthsConfig):
 
     def __post_init__(self) -> None:
         self._check("resolution", "style_dim", "n_mlp", "channel_base", "channel_max", "img_channels")
-        if self.n_mlp < 1:
-            raise ValueError(f"n_mlp must be at least 1, got {self.n_mlp}")
+        check_at_least(self, n_mlp=1)
         if min(self.channels().values()) < 1:
             raise ValueError("channel_base is too small: some resolution would get 0 channels")
         object.__setattr__(self, "blur_kernel", tuple(float(v) for v in self.blur_kernel))
