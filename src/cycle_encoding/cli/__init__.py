@@ -39,20 +39,17 @@ EXIT_INTERNAL_ERROR = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # options of every command, before or after the command's name: the command's copies have no default, so they
-    # cannot reset a value given before it
-    pixels_help = f"refuse images of more pixels than N before decoding them (default {DEFAULT_MAX_PIXELS:,})"
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors"
-    )
-    common.add_argument("--max-pixels", type=int, metavar="N", default=argparse.SUPPRESS, help=pixels_help)
     parser = argparse.ArgumentParser(
         prog="cycle-encoding",
         description="Cycle Encoding of a StyleGAN encoder: train, invert, tune, edit and evaluate (CPU or GPU).",
     )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    parser.add_argument("--max-pixels", type=int, metavar="N", default=DEFAULT_MAX_PIXELS, help=pixels_help)
+    # options of every command, before or after the command's name: the command's copies (common) have no default,
+    # so they cannot reset a value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    for p, debug, pixels in ((parser, False, DEFAULT_MAX_PIXELS), (common, argparse.SUPPRESS, argparse.SUPPRESS)):
+        p.add_argument("--debug", action="store_true", default=debug, help="show the full traceback on errors")
+        p.add_argument("--max-pixels", type=int, metavar="N", default=pixels,
+                       help=f"refuse images of more pixels than N before decoding them (default {DEFAULT_MAX_PIXELS:,})")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"cycle-encoding {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -70,8 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         set_max_pixels(args.max_pixels)
-        rc = args.func(args)
-        return int(rc or 0)
+        return int(args.func(args) or 0)
     except CycleEncodingError as e:
         if args.debug:
             raise

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,8 +77,7 @@ def resolve_precision_option(value: Any, device: Any) -> tuple[str, str]:
 
 
 def print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
-    sys.stdout.write("\n")
+    print(json.dumps(obj, indent=2, default=str))
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:

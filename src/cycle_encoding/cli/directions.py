@@ -126,16 +126,15 @@ def _read_array(path: Path, what: str) -> np.ndarray:
             raise CycleEncodingError(f"{path}: cannot read {what} ({e})") from None
     if path.suffix.lower() == ".txt":
         return np.asarray([parse_label(s) for s in path.read_text().split() if s.strip()])
+    keys = ("codes", "latents", "labels", "scores")
     if sniff(path) == "safetensors":
         t = read_native(path).tensors
-        key = next((k for k in ("codes", "latents", "labels", "scores") if k in t), None) or next(iter(t))
-        return t[key].numpy()
+        return t[next((k for k in keys if k in t), next(iter(t)))].numpy()
     obj: Any = torch_load(path)
     if isinstance(obj, dict):
-        key = next((k for k in ("codes", "latents", "labels", "scores") if k in obj), None)
-        if key is None:
+        if not any(k in obj for k in keys):
             raise CycleEncodingError(f"{path}: a dict without codes/latents/labels/scores")
-        obj = obj[key]
+        obj = obj[next(k for k in keys if k in obj)]
     if not isinstance(obj, torch.Tensor):
         raise CycleEncodingError(f"{path}: {what} must be a tensor, found {type(obj).__name__}")
     return obj.detach().float().cpu().numpy()

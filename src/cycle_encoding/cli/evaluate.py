@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.common import atomic_write
-from ..checkpoints.run_folder import InversionRun
+from ..checkpoints.run_folder import InversionRun, write_json
 from ..errors import CycleEncodingError
 from ..losses import build_identity, build_perceptual
 from ..metrics import evaluate_folders, jsonable, pair_files, pair_folders
@@ -134,8 +132,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )  # fmt: skip
     print("\n".join(report_text(rep, per_image=not args.quiet)))
     if args.json is not None:
-        text = json.dumps(jsonable(rep), indent=2)
-        atomic_write(args.json, lambda tmp: tmp.write_text(text + "\n"))
+        write_json(args.json, jsonable(rep))
         print(f"wrote {args.json}")
     if rep["pairs"] == 0:
         raise CycleEncodingError(f"no image pairs could be measured between {args.pred} and {args.target}")

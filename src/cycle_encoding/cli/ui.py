@@ -66,7 +66,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.max_sessions < 1:
         raise CycleEncodingError("--max-sessions must be at least 1")
     methods = comma_list(args.methods)
-    stages = tuple(comma_list(args.stages))
     if not 0 < args.port < 65536:
         raise CycleEncodingError(f"--port must be 1-65535, got {args.port}")
     if args.max_upload_mb <= 0:
@@ -88,7 +87,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
     previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     try:
-        app = EditorApp(editor, max_upload_mb=args.max_upload_mb, stages=stages, tune_steps=args.tune_steps,
+        app = EditorApp(editor, max_upload_mb=args.max_upload_mb, stages=tuple(comma_list(args.stages)), tune_steps=args.tune_steps,
                         max_sessions=args.max_sessions)  # fmt: skip
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"editor: http://{host}:{args.port}/ ({len(editor.directions())} directions; Ctrl-C to stop)",

@@ -1,15 +1,5 @@
-"""The browser editor (``cycle-encoding ui``): a Gradio page over :class:`~cycle_encoding.editing.editor.Editor`
-(what it offers: docs/USAGE.md, The browser editor; the page: ``ui/page.py``; the sessions: ``ui/sessions.py``).
-
-An inversion runs in a thread that stops at its next step when the page is closed (Gradio closes the handler, which
-sets the inversion's cancel event) or Cancel is pressed; tuning takes at most ``MAX_TUNE_STEPS`` steps.
-
-Nothing here reaches the network: Gradio's analytics and version check are off (``GRADIO_ANALYTICS_ENABLED=False``
-is set before Gradio is imported), no share link is made, the page's fonts and scripts come from the local server.
-Uploads are checked before anything reads them: a file over the size limit, one that is not an image, or an image
-with too many pixels gets a message in the page and changes nothing else (Gradio itself refuses files over four times
-the limit plus 10 MB before they are sent).
-"""
+"""The browser editor (``cycle-encoding ui``): a Gradio page over :class:`~cycle_encoding.editing.editor.Editor`, its
+handlers and its server. Design notes: docs/INTERNALS.md, "cycle_encoding.ui.app"."""
 
 from __future__ import annotations
 
@@ -76,7 +66,7 @@ def _error(text: str) -> str:
 
 
 class EditorApp:
-    """The page's handlers and server (see the module doc). ``template``: the editor every session forks."""
+    """The page's handlers and server. ``template``: the editor every session forks."""
 
     def __init__(
         self,

@@ -1,14 +1,5 @@
 """The browser editor's sessions and its working folder.
-
-Each browser session, and each call of the page's API that comes without one, gets a :class:`Session`: its own editor
-(a fork of the app's: networks, directions and run images' tuned generators are shared; the image's pivot and tuned
-generator are its own) and a folder for the files it shows and offers. A :class:`SessionPool` holds at most
-``max_sessions`` of them: a new one releases the one used least recently but not inverting (its editor and folder go;
-its page says so and starts afresh). Gradio drops a closed page's session an hour later (``drop``).
-
-The server's folder is named for its process id (``cycle-encoding-ui-PID-XXXXXXXX``), so that a server starting
-removes the folders of servers whose process is gone (killed before their clean-up), and only those of its user.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.ui.sessions"."""
 
 from __future__ import annotations
 
@@ -48,7 +39,7 @@ class Session:
 
 
 class SessionPool:
-    """The sessions held, least recently used first (see the module doc)."""
+    """The sessions held, least recently used first."""
 
     def __init__(self, template: Editor, root: Path, max_sessions: int) -> None:
         if max_sessions < 1:
