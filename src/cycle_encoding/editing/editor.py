@@ -43,7 +43,8 @@ from ..inversion import Inverter, make_config
 from ..inversion.common import check_target
 from ..inversion.config import PIVOT_STAGES
 from ..networks.stylegan2 import Generator
-from ..utils import atomic_write, resolve_device, save_image, to_pil
+from ..ops import convert_channels
+from ..utils import atomic_write, resolve_device, save_image, to_pil, to_uint8
 from .directions import DirectionSet
 from .render import render_one
 from .sliders import SLIDER_METHODS, Direction, build_directions
@@ -269,12 +270,9 @@ class Editor:
         if align:
             if isinstance(image, (str, Path)):
                 rgb = read_rgb(image)
-            elif isinstance(image, torch.Tensor):
-                x = image[0] if image.ndim == 4 else image
-                rgb = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-                rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb
             else:
-                rgb = np.asarray(image_to_tensor(image, 3).add(1).mul(127.5).round().byte().permute(1, 2, 0))
+                x = image if isinstance(image, torch.Tensor) else image_to_tensor(image, 3)
+                rgb = to_uint8(convert_channels(x if x.ndim == 4 else x[None], 3))[0]
             faces = align_image(rgb, self._s.aligner(), size=G.resolution)
             if not faces:
                 raise CycleEncodingError("no face found in the image (turn face alignment off for other images)")

@@ -253,7 +253,6 @@ def render_run_edits(
     at the end, so a failed edit leaves an earlier one of the same name as it was. An image that cannot be edited
     (a folder or file that cannot be read) is listed in ``failed`` (name and reason) and the others go on; when none
     can be edited, nothing is swapped in and the error names the first reason."""
-    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     run = run if isinstance(run, InversionRun) else InversionRun(run)
     strengths = parse_strengths(list(request.strengths))
     finished = run.image_names()
@@ -295,8 +294,7 @@ def render_run_edits(
     remove_temporaries(out.parent, ".*.tmp" if out_dir is None else f".{glob.escape(out.name)}.*.tmp")
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     bar = Progress(len(names), f"edit {out.name}", "img", progress if progress is not None else "none")
-    if log is None:
-        say = bar.say  # lines above the bar, when one is drawn
+    say = log if log is not None else bar.say  # bar.say: stderr, above the bar when one is drawn
     try:
         with lock(stage):  # held while rendering: no other edit takes the folder for a killed one's
             t0 = time.perf_counter()

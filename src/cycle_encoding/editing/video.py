@@ -64,10 +64,6 @@ ALIGN_MODES = ("face", "frame")
 ALIGN_FORMAT = "cycle-encoding-video-align"
 
 
-def frame_name(i: int) -> str:
-    return f"frame_{i:06d}"
-
-
 def edit_label(a: float) -> str:
     return f"{a:g}"
 
@@ -118,7 +114,7 @@ def prepare_frames(
         quads = [None if q is None else np.array(q, dtype=np.float64) for q in old["quads"]]
     else:
         quads = _frame_quads(clip, how, crop, sigma, detector, progress)
-    names = [frame_name(i) if q is not None else None for i, q in enumerate(quads)]
+    names = [f"frame_{i:06d}" if q is not None else None for i, q in enumerate(quads)]
     folder = out / "frames"
     folder.mkdir(parents=True, exist_ok=True)
     keep = {f"{n}.png" for n in names if n}

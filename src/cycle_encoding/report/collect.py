@@ -134,8 +134,9 @@ def collect(run: InversionRun | str | Path, max_images: int | None = None) -> di
         rows = [r for r in records if s in (r.get("metrics") or {})]
         if not rows:
             continue
-        table.append({"stage": s, "images": len(rows), **{k: summarize([r["metrics"][s].get(k) for r in rows]) for k in keys},
-                      "seconds": summarize([(r.get("timings") or {}).get(s) for r in rows])})  # fmt: skip
+        metrics = {k: summarize([r["metrics"][s].get(k) for r in rows]) for k in keys}
+        seconds = summarize([(r.get("timings") or {}).get(s) for r in rows])
+        table.append({"stage": s, "images": len(rows), **metrics, "seconds": seconds})
     timing_keys = dict.fromkeys(k for r in records for k in r.get("timings") or {})  # in first-seen order
     timings = {k: summarize([(r.get("timings") or {}).get(k) for r in records]) for k in timing_keys}
     edits = read_edits(run, problems, images, len(shown))
