@@ -44,7 +44,7 @@ from ..inversion.common import check_target
 from ..inversion.config import PIVOT_STAGES
 from ..networks.stylegan2 import Generator
 from ..ops import convert_channels
-from ..utils import atomic_write, resolve_device, save_image, to_pil, to_uint8
+from ..utils import resolve_device, save_image, to_pil, to_uint8, write_json
 from .directions import DirectionSet
 from .render import render_one
 from .sliders import SLIDER_METHODS, Direction, build_directions
@@ -507,6 +507,5 @@ class Editor:
             "base_weights_sha256": self.base_sha256,
             "files": {k: p.name for k, p in paths.items()},
         }
-        paths["json"] = atomic_write(out / f"{stem or 'edit'}.json",
-                                     lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))  # fmt: skip
+        paths["json"] = write_json(out / f"{stem or 'edit'}.json", doc)
         return paths

@@ -11,7 +11,6 @@ An edit is (component k, layers first-last, strength a): ``w_i += a * std_k * co
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,20 +39,9 @@ def top_eigenvectors(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def mapping_batches(
-    G: Generator, n: int, seed: int = 0, batch: int = 4096, truncation: float = 1.0
-) -> Iterator[torch.Tensor]:
-    """``n`` codes w = G.style(z) (truncated toward ``w_avg`` when ``truncation`` < 1), ``batch`` at a time
-    (``[b, w_dim]`` on G's device), z drawn from a CPU generator seeded with ``seed``."""
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    for done in range(0, n, batch):
-        w = G.style(torch.randn(min(batch, n - done), G.z_dim, generator=g).to(G.w_avg.device))
-        yield w if truncation == 1.0 else G.w_avg + truncation * (w - G.w_avg)
-
-
 def sample_mapping(G: Generator, n: int, seed: int = 0, batch: int = 4096, truncation: float = 1.0) -> torch.Tensor:
-    """``n`` codes of :func:`mapping_batches` ``[n, w_dim]``, on the CPU."""
-    return torch.cat([w.float().cpu() for w in mapping_batches(G, n, seed, batch, truncation)])
+    """``n`` codes of ``G.style_batches`` ``[n, w_dim]``, on the CPU."""
+    return torch.cat([w.float().cpu() for w in G.style_batches(n, seed, batch, truncation)])
 
 
 @torch.no_grad()
@@ -74,7 +62,7 @@ def ganspace_pca(
     s1 = torch.zeros(d, dtype=torch.float64)
     s2 = torch.zeros(d, d, dtype=torch.float64)
     shift = None  # sums are taken around the first batch's mean, for accuracy
-    for w in mapping_batches(G, n_samples, seed, batch, truncation):
+    for w in G.style_batches(n_samples, seed, batch, truncation):
         w = w.double().cpu()
         if shift is None:
             shift = w.mean(0)

@@ -34,8 +34,8 @@ import torch
 from ..data.datasets import resize_square
 from ..data.images import is_image_file, list_images, read_image
 from ..errors import CycleEncodingError
+from ..networks.stylegan2 import Generator
 from .directions import DirectionSet
-from .ganspace import mapping_batches
 
 CLASSIFIER_METHODS = ("svm", "svc", "logistic")
 SPACES = ("w", "w+")
@@ -325,7 +325,7 @@ def encode_labelled_folder(
 
 @torch.no_grad()
 def sample_and_score(
-    G: torch.nn.Module,
+    G: Generator,
     scorer: Callable[[torch.Tensor], torch.Tensor],
     n: int,
     batch: int = 32,
@@ -337,7 +337,7 @@ def sample_and_score(
     noise) for the ``k <= n`` of ``n`` samples the scorer scores: a NaN score leaves a sample out (e.g. class labels of
     a pair attribute, where images of other classes have none). ``progress(b)`` is called after each batch of ``b``."""
     codes, scores = [], []
-    for w in mapping_batches(G, n, seed, batch, truncation):  # type: ignore[arg-type]
+    for w in G.style_batches(n, seed, batch, truncation):
         b = w.shape[0]
         img = G.synthesis(w[:, None, :].expand(-1, G.num_ws, -1), noise_mode="const")
         s = torch.as_tensor(scorer(img)).reshape(-1).float().cpu()

@@ -55,7 +55,7 @@ from ..grid import save_png, strip_image
 from ..inversion.pivot import encoder_pivot
 from ..networks.stylegan2 import Generator
 from ..progress import Progress
-from ..utils import atomic_write, resolve_device, save_image, to_pil, to_uint8
+from ..utils import atomic_write, resolve_device, save_image, to_pil, to_uint8, write_json
 from .directions import DirectionSet, GanspaceMode, load_directions, named_edit_for, parse_strengths
 from .ganspace import ganspace_pca
 from .measures import Preservation, attribute_changes, direction_lec, lec_summary, preservation_summary, success_summary
@@ -345,7 +345,7 @@ def _swap_in(stage: Path, out: Path, doc: dict[str, Any]) -> None:
             dst = out / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / rel, dst)
-    atomic_write(out / "edit.json", lambda t: t.write_text(json.dumps(doc, indent=2) + "\n"))
+    write_json(out / "edit.json", doc)
 
 
 def _render_into(

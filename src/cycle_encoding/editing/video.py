@@ -56,7 +56,7 @@ from ..errors import CycleEncodingError
 from ..inversion.config import TUNE_MODES
 from ..inversion.inverter import Inverter
 from ..progress import Progress
-from ..utils import atomic_write, format_int_list, to_uint8
+from ..utils import atomic_write, format_int_list, to_uint8, write_json
 from .directions import DirectionSet, parse_strengths
 from .render import named_directions, plan_edit, render_one
 
@@ -283,7 +283,7 @@ def edit_video(
                   "preview": Path(files["preview"]).name, "run": "run", "pivots": "pivots.pt" if pivots else None},
         "seconds": times, "seconds_per_frame": {k: v / len(clip.frames) for k, v in times.items()},
     }  # fmt: skip
-    atomic_write(out / "video.json", lambda p: p.write_text(json.dumps(doc, indent=2) + "\n"))
+    write_json(out / "video.json", doc)
     return doc
 
 
