@@ -85,8 +85,20 @@ SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_safe_globals()]
 
 # torch words its refusal in several ways ("Unsupported global: GLOBAL eval", "unsupported GLOBAL posix.system whose
 # module posix is blocked", ...); only the name is taken from it, never its advice (to turn the guard off)
-UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def weights_only_refusal(path: Path, e: Exception, where: str) -> UnsafePickleError | None:
+    """torch's refusal to load a class with ``weights_only`` as one line naming the class (``where``: what it is),
+    None when ``e`` is another error."""
+    msg = str(e)
+    m = _UNSUPPORTED_GLOBAL.search(msg)
+    if m is None and "Weights only load failed" not in msg:
+        return None
+    what = f"{m.group(1)}, {where}" if m else where
+    return UnsafePickleError(
+        path, f"refused: the file asks to run code ({what}); cycle-encoding will not load it (nothing from it was run)"
+    )
 
 
 def torch_load(path: str | Path, mmap: bool = False) -> Any:
@@ -103,13 +115,9 @@ def torch_load(path: str | Path, mmap: bool = False) -> Any:
         msg = str(e)
         if "central directory" in msg or "unexpected EOF" in msg or "Ran out of input" in msg:
             raise CheckpointError(p, "truncated: the archive ends early (incomplete download?)") from None
-        m = UNSUPPORTED_GLOBAL.search(msg)
-        if m or WEIGHTS_ONLY_REFUSAL in msg:
-            what = f" ({m.group(1)}, not a tensor or a plain container)" if m else ""
-            raise UnsafePickleError(
-                p,
-                f"refused: the file asks to run code{what}; cycle-encoding will not load it (nothing from it was run)",
-            ) from None
+        refusal = weights_only_refusal(p, e, "not a tensor or a plain container")
+        if refusal is not None:
+            raise refusal from None
         raise CheckpointError(p, f"cannot read torch file: {first_line(e)}") from None
 
 

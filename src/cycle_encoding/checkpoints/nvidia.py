@@ -27,7 +27,7 @@ import torch
 
 from ..errors import CheckpointError, UnsafePickleError, first_line
 from ..networks.stylegan2 import GeneratorConfig
-from .common import UNSUPPORTED_GLOBAL, WEIGHTS_ONLY_REFUSAL, sniff
+from .common import sniff, weights_only_refusal
 from .rosinality import _infer_channel_rule
 
 
@@ -181,13 +181,9 @@ def read_pickle(path: str | Path) -> Any:
         msg = first_line(e)
         if isinstance(e, EOFError) or "truncated" in msg or "Ran out of input" in msg:
             raise CheckpointError(p, "truncated: the pickle ends early (incomplete download?)") from None
-        if WEIGHTS_ONLY_REFUSAL in str(e):  # a tensor's storage bytes that ask for a class (torch's refusal)
-            m = UNSUPPORTED_GLOBAL.search(str(e))
-            what = f" ({m.group(1)}, inside a tensor's storage)" if m else " (inside a tensor's storage)"
-            raise UnsafePickleError(
-                p,
-                f"refused: the file asks to run code{what}; cycle-encoding will not load it (nothing from it was run)",
-            ) from None
+        refusal = weights_only_refusal(p, e, "inside a tensor's storage")
+        if refusal is not None:
+            raise refusal from None
         raise CheckpointError(p, f"cannot read pickle: {msg}") from None
 
 
