@@ -21,6 +21,12 @@ def is_e4e_checkpoint(obj: Any) -> bool:
     )
 
 
+def e4e_opts(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's training options (``opts``: a dict, or the argparse Namespace pSp saved) as a dict."""
+    opts = obj.get("opts") or {}
+    return dict(opts) if isinstance(opts, Mapping) else vars(opts)
+
+
 def split_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of ``sd`` under ``prefix.`` with the prefix removed."""
     p = prefix.rstrip(".") + "."

@@ -24,6 +24,7 @@ from ..networks.encoder import Encoder4Editing, EncoderConfig
 from ..utils import resolve_device
 from . import e4e
 from .common import check_declared_architecture, check_state_dict, count_parameters, sniff, torch_load
+from .generator import is_generator_buffer
 from .native import default_provenance, native_header_of_kind, read_config, read_native, read_native_header, save_native
 from .rosinality import infer_generator_config
 
@@ -162,8 +163,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
         sd = e4e.split_prefix(obj["state_dict"], "encoder")
         if not sd:
             raise CheckpointError(p, "an e4e/pSp checkpoint without encoder.* keys: it holds no encoder")
-        opts = obj.get("opts") or {}
-        opts = dict(opts) if isinstance(opts, Mapping) else vars(opts)
+        opts = e4e.e4e_opts(obj)
         config = infer_encoder_config(sd, p, opts)
         la = obj.get("latent_avg")
         E = build_encoder(config, sd, p, la if isinstance(la, torch.Tensor) else None)
@@ -241,8 +241,7 @@ def inspect_encoder_file(path: Path, container: str) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {"format": "e4e / pSp / Cycle Encoding checkpoint"}
     sd = obj["state_dict"]
-    opts = obj.get("opts") or {}
-    opts = dict(opts) if isinstance(opts, Mapping) else vars(opts)
+    opts = e4e.e4e_opts(obj)
     enc = e4e.split_prefix(sd, "encoder")
     if enc:
         cfg = infer_encoder_config(enc, path, opts)
@@ -256,7 +255,7 @@ def inspect_encoder_file(path: Path, container: str) -> dict[str, Any] | None:
         gcfg = infer_generator_config(dec, path)
         out["generator"] = {
             "architecture": {**gcfg.to_dict(), "num_ws": gcfg.num_ws},
-            "parameters": count_parameters(dec, lambda k: k.startswith("noises.") or k.endswith(".kernel")),
+            "parameters": count_parameters(dec, is_generator_buffer),
         }
     out["training_stage"] = "not stored in e4e-family files (inference turns all offsets on)"
     out["holds"] = [e4e.describe_state_dict(sd), *(k for k in obj if k != "state_dict")]

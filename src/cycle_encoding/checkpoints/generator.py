@@ -162,6 +162,11 @@ def open_generator_arg(generator: str | Path | Generator, device: torch.device) 
     return load_generator(generator, device=device), str(generator)
 
 
+def is_generator_buffer(key: str) -> bool:
+    """Whether a generator state-dict key is a fixed buffer (noise map, resampling kernel), not a parameter."""
+    return key.startswith("noises.") or key.endswith(".kernel")
+
+
 def generator_tensors(G: Generator) -> dict[str, torch.Tensor]:
     """Every tensor that defines G's output: its state dict (weights, noise maps, kernels) and ``w_avg``."""
     return {**G.state_dict(), "latent_avg": G.w_avg}

@@ -16,15 +16,11 @@ from .classifier import CLASSIFIER_KIND
 from .common import count_parameters, sniff
 from .encoder import inspect_encoder_file
 from .face_api import FACE_EMBEDDER_KIND
-from .generator import read_generator_weights
+from .generator import is_generator_buffer, read_generator_weights
 from .native import native_info, read_native_header
 from .perception import inspect_perception
 
 Inspector = Callable[[Path, str], "dict[str, Any] | None"]
-
-
-def _generator_buffer(key: str) -> bool:
-    return key.startswith("noises.") or key.endswith(".kernel")
 
 
 def inspect_generator(path: Path, container: str) -> dict[str, Any] | None:
@@ -45,7 +41,7 @@ def inspect_generator(path: Path, container: str) -> dict[str, Any] | None:
         "format": w.format,
         "network": "StyleGAN2 generator",
         "architecture": arch,
-        "parameters": count_parameters(w.state_dict, _generator_buffer),
+        "parameters": count_parameters(w.state_dict, is_generator_buffer),
         "w_avg": "stored in the file" if w.w_avg is not None else "not stored: computed from 10,000 mapped samples",
         "holds": w.holds,
         **({"provenance": w.provenance} if w.provenance else {}),

@@ -168,13 +168,20 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(self.source, f"refused: unexpected persistent id {str(pid)[:60]!r}")
 
 
-def read_pickle(path: str | Path) -> Any:
+@dataclass
+class NvidiaPickle:
+    networks: dict[str, PersistentObject]
+    other: dict[str, Any]
+
+
+def read_nvidia_pickle(path: str | Path) -> NvidiaPickle:
+    """NVIDIA's pickled dict, read with the restricted unpickler: its networks and its other entries."""
     p = Path(path)
     if sniff(p) != "pickle":
         raise CheckpointError(p, "not a pickle file")
     try:
         with open(p, "rb") as f:
-            return RestrictedUnpickler(f, p).load()
+            obj = RestrictedUnpickler(f, p).load()
     except CheckpointError:
         raise
     except Exception as e:  # anything the crafted stream provokes (wrong arguments, ...) is one line
@@ -185,6 +192,12 @@ def read_pickle(path: str | Path) -> Any:
         if refusal is not None:
             raise refusal from None
         raise CheckpointError(p, f"cannot read pickle: {msg}") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(p, f"unknown layout: the pickle holds a {type(obj).__name__}, not NVIDIA's dict")
+    nets = {k: v for k, v in obj.items() if isinstance(v, PersistentObject)}
+    if not nets:
+        raise CheckpointError(p, "unknown layout: a pickle without NVIDIA persistent networks (G, D, G_ema)")
+    return NvidiaPickle(networks=nets, other={k: v for k, v in obj.items() if k not in nets})
 
 
 def flatten_module(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -201,22 +214,6 @@ def flatten_module(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
         if m is not None:
             out.update(flatten_module(m, prefix + k + "."))
     return out
-
-
-@dataclass
-class NvidiaPickle:
-    networks: dict[str, PersistentObject]
-    other: dict[str, Any]
-
-
-def read_nvidia_pickle(path: str | Path) -> NvidiaPickle:
-    obj = read_pickle(path)
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(path, f"unknown layout: the pickle holds a {type(obj).__name__}, not NVIDIA's dict")
-    nets = {k: v for k, v in obj.items() if isinstance(v, PersistentObject)}
-    if not nets:
-        raise CheckpointError(path, "unknown layout: a pickle without NVIDIA persistent networks (G, D, G_ema)")
-    return NvidiaPickle(networks=nets, other={k: v for k, v in obj.items() if k not in nets})
 
 
 def _kw(state: Mapping[str, Any], key: str) -> dict[str, Any]:

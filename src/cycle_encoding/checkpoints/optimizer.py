@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from .e4e import e4e_opts
 from .native import default_provenance, read_native, save_native
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "slow_buffer")
@@ -130,8 +131,7 @@ def from_e4e_checkpoint(obj: Mapping[str, Any], path: str | Path) -> OptimizerSt
     names = parameter_names_e4e(sd)
     groups = opt["param_groups"]
     n_state = sum(len(g.get("params", [])) for g in groups)
-    opts = obj.get("opts") or {}
-    opts = dict(opts) if isinstance(opts, Mapping) else vars(opts)
+    opts = e4e_opts(obj)
     if n_state != len(names):
         extra = "" if n_state < len(names) else " (trained with train_decoder?)"
         if not (n_state > len(names) and opts.get("train_decoder")):
