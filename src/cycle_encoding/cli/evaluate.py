@@ -7,12 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.run_folder import InversionRun, write_json
+from ..checkpoints.run_folder import InversionRun
 from ..errors import CycleEncodingError
 from ..losses import build_identity, build_perceptual
 from ..metrics import evaluate_folders, jsonable, pair_files, pair_folders
 from ..progress import Progress
-from ..utils import resolve_device
+from ..utils import resolve_device, write_json
 from .common import EXIT_SOME_FAILED, add_command, add_device_arg, add_progress_arg, check_output_file
 
 

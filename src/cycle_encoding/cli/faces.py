@@ -30,12 +30,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = add_command(
         sub, common, "align", cmd_align,
         help="FFHQ-align the faces of photos (dlib 68 landmarks), one PNG per face",
-        description="Align faces as the FFHQ dataset was made: dlib's HOG detector and 68-point landmarks, an "
-        "eye/mouth-based square, crop, reflect-padding with blur, quad transform, resize. Writes OUT/<name>.png "
-        "(the largest face) or OUT/<name>_00.png, _01.png, ... (--all-faces, largest first). Images without a "
-        "face are reported by name and skipped; existing outputs are kept (a re-run resumes) unless --overwrite. Exit "
-        "status: 0 every image aligned, 3 some had no face or could not be read (listed; the others are written, as "
-        "invert and edit do), 2 bad input (nothing written).",
+        description="Align faces as the FFHQ dataset was made (dlib's 68 landmarks; docs/FACES.md). Writes "
+        "OUT/<name>.png (the largest face) or OUT/<name>_00.png, _01.png, ... (--all-faces, largest first). Images "
+        "without a face are reported by name and skipped; existing outputs are kept (a re-run resumes) unless "
+        "--overwrite. Exit status: 0 every image aligned, 3 some had no face or could not be read (listed; the others "
+        "are written, as invert and edit do), 2 bad input (nothing written).",
     )  # fmt: skip
     p.add_argument("input", type=Path, nargs="?", metavar="INPUT", help="an image file or a folder of images")
     p.add_argument("out", type=Path, nargs="?", metavar="OUT", help="output folder")

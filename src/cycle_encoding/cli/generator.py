@@ -178,8 +178,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def rosinality_warning(G) -> None:
-    """After writing rosinality's layout: when rosinality's own class cannot build ``G``, say so on stderr, with
-    what loads the file (the file records the same under ``cycle_encoding``)."""
+    """After writing rosinality's layout: on stderr, what loads the file when rosinality's own class cannot build G."""
     note = rosinality_note(G.config)
     if note:
         print(f"note: {note}", file=sys.stderr)

@@ -71,25 +71,20 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--locality-alpha", "tune.locality_alpha", float, "locality regularizer: distance from the pivot (default 30)"),
     ("--locality-weights", "_locality_weights", str, "locality regularizer: MSE,perceptual weights (default 0.1,0.1)"),
     ("--locality-every", "tune.locality_every", int,
-     "locality regularizer on every K-th tuning step only (default 1: every step, PTI's interval; docs/RESULTS.md "
-     "measures 4 against 1)"),
+     "locality regularizer on every K-th tuning step only (default 1: every step, PTI's; docs/PERFORMANCE.md)"),
     ("--precision", "_precision", str,
      "compute precision of refine and tune: auto (default: bf16 where the CPU or GPU computes bfloat16 natively, "
-     "else fp32), fp32 (the authors' loops exactly) or bf16 (bfloat16 autocast, fp32 weights, losses and optimizer; "
-     "equal results within noise in docs/RESULTS.md)"),
+     "else fp32), fp32 (the authors' loops exactly) or bf16 (bfloat16 autocast; docs/PERFORMANCE.md)"),
     ("--tune-batch", "tune_batch", int,
-     "tune this many images at once (each its own generator copy, one batched pass; the same results as one by one "
-     "within float rounding; default: chosen per run by invert, 1 (one by one, the authors' loop) by video)"),
+     "tune this many images at once, each its own generator copy, in one batched pass (default: chosen per run by "
+     "invert, 1 by video; docs/PERFORMANCE.md)"),
     ("--delta-level", "delta_level", int, "zlib level of the stored generator change, 0-9 (default 1)"),
     ("--no-locality", "tune.locality", "store_false", "pivotal tuning without the locality regularizer"),
     ("--batch-passes", "tune.batch_passes", "store_true",
-     "pivotal tuning: the pivot's and the locality regularizer's renders in one batched pass (same terms within "
-     "float rounding; faster up to 64 px, where invert chooses it by default)"),
+     "pivotal tuning: the pivot's and the locality regularizer's renders in one batched pass (docs/PERFORMANCE.md)"),
     ("--compile", "_compile", "store_true",
      "torch.compile the refinement's encoder body and generator and the tuning's generator passes (not "
-     "--tune-batch's); a C++ compiler is needed on a CPU; the first image pays a minute or two of compiling, torch "
-     "keeps it on disk for later runs; pays over a folder of images, where invert chooses it on a bf16 CPU; "
-     "docs/PERFORMANCE.md)"),
+     "--tune-batch's; needs a C++ compiler on a CPU; the first image pays a minute or two; docs/PERFORMANCE.md)"),
     ("--no-early-stop", "_no_early_stop", "store_true", "pivotal tuning always takes --tune-steps steps"),
 ]  # fmt: skip
 
@@ -131,8 +126,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def add_inversion_args(p: argparse.ArgumentParser) -> None:
-    """The networks and the inversion's options as ``invert`` takes them (also ``video``'s): --generator, --encoder,
-    --stages, --train-data, --config, the OPTIONS table (read by ``options_from_args``) and --tune."""
+    """The networks and the inversion's options as ``invert`` takes them (also ``video``'s; ``options_from_args``)."""
     p.add_argument("--generator", required=True, help="generator file (any supported format)")
     p.add_argument("--encoder", default=None,
                    help="encoder: a train-encoder checkpoint.pt (gives the optimizer state and the training images for "
@@ -243,20 +237,18 @@ def cmd_invert(args: argparse.Namespace) -> int:
     inv = Inverter(args.generator, args.encoder, config, device=args.device, progress=progress)
     try:
         if inv.dist.is_main:
-            nets = inv.network_names()
-            src = inv.networks_from
-            print(f"networks: perceptual {nets['perceptual']} [{src['perceptual']}]; identity {nets['identity']} "
-                  f"[{src['identity']}]", file=sys.stderr)  # fmt: skip
-            for line in inv.nets.file_lines():
-                print(f"  {line}", file=sys.stderr)
+            nets, src = inv.network_names(), inv.networks_from
+            notes = [f"networks: perceptual {nets['perceptual']} [{src['perceptual']}]; identity {nets['identity']} "
+                     f"[{src['identity']}]", *(f"  {line}" for line in inv.nets.file_lines())]  # fmt: skip
             if inv.identity_note.startswith("auto"):
-                print(f"identity: {inv.identity_note}", file=sys.stderr)
+                notes.append(f"identity: {inv.identity_note}")
             if inv.refiner is not None:
-                print(f"refine: optimizer state {inv.refiner.optimizer_note}", file=sys.stderr)
-            print(precision_line, file=sys.stderr)
+                notes.append(f"refine: optimizer state {inv.refiner.optimizer_note}")
+            notes.append(precision_line)
             if config.refine.compile or config.tune.compile:
-                print("--compile: the first image compiles the networks' passes (a minute or two; later runs reuse "
-                      "torch's on-disk cache)", file=sys.stderr)  # fmt: skip
+                notes.append("--compile: the first image compiles the networks' passes (a minute or two; later runs "
+                             "reuse torch's on-disk cache)")  # fmt: skip
+            print("\n".join(notes), file=sys.stderr)
         summary = inv.run(args.images, args.out, recursive=args.recursive,
                           verbose="images" if args.quiet else True, debug=args.debug, speed=speed)  # fmt: skip
     finally:

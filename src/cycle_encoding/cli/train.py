@@ -7,6 +7,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +241,7 @@ def _output_folder(args: argparse.Namespace, cfg: Any) -> None:
 def _run(
     args: argparse.Namespace, trainer_class: Callable, cfg: Any, notes: Callable[[Any], list[str]]
 ) -> tuple[Any, dict[str, Any]]:
-    """Train (one process of a torchrun job, or the only one); the main process prints ``notes(trainer)`` first.
-    Returns the trainer and its summary."""
+    """Train (one process of a torchrun job, or the only one), the main process printing ``notes(trainer)`` first."""
     _output_folder(args, cfg)
     trainer = trainer_class(cfg, resume=args.resume)
     trainer.progress = args.progress
@@ -297,9 +297,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    def load(data: dict[str, Any]) -> ClassifierTrainConfig:
-        return from_mapping(ClassifierTrainConfig, data, "train-classifier")
-
+    load = partial(from_mapping, ClassifierTrainConfig, where="train-classifier")
     cfg, _ = _train_config(args, load, resume_classifier_config)
     _output_folder(args, cfg)
     # a resumed run keeps the command that started it

@@ -19,11 +19,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = add_command(
         sub, common, "ui", cmd_ui,
         help="the browser editor: upload or open a run, invert, move sliders, download (needs the 'ui' extra)",
-        description="Serves an editor page on http://127.0.0.1:7860 (no network use, no share link): upload an "
-        "image, see the encoder's pivot and then the tuned reconstruction, move one slider per direction (the files "
-        "given, and the top SeFa and GANSpace directions of the generator), download the edited PNG, the codes "
-        "(.npz, NVIDIA's projected_w layout) and the generator. With RUN_DIR (a `cycle-encoding invert` run) it "
-        "opens that run, with its own generator and encoder. Defaults: the shipped Fashion-MNIST models.",
+        description="Serves an editor page on http://127.0.0.1:7860 (no network use, no share link; docs/USAGE.md, "
+        "The browser editor). With RUN_DIR (a `cycle-encoding invert` run) it opens that run, with its own generator "
+        "and encoder. Defaults: the shipped Fashion-MNIST models.",
     )  # fmt: skip
     p.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR", help="an inversion run folder to open")
     p.add_argument("--image", default=None, help="the run's image to open first (default: its first)")
