@@ -1,20 +1,6 @@
-"""Reconstruction metrics, per image, on images in [-1, 1]: MSE, PSNR, SSIM, MS-SSIM, a named perceptual distance
-(LPIPS or another, see ``losses.perceptual``), a named identity similarity (see ``losses.identity``); and
-``evaluate_folders``, which pairs two folders' images by name and reports per image and mean +- std per metric.
-
-Definitions (all per image, then averaged over the images):
-- MSE: mean over channels and pixels of (pred - target)^2 on the [-1, 1] scale (divide by 4 for [0, 1] units).
-- PSNR: 10 log10(2^2 / MSE) dB, the peak-to-peak range of [-1, 1] being 2 (the same number as on [0, 1] with peak 1);
-  infinite for identical images (such values are counted in the summary, not averaged).
-- SSIM: Wang et al. 2004 with an 11-px Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, on images mapped to [0, 1]
-  (data range 1), mean of the SSIM map over the valid (unpadded) window positions, then over channels;
-  computed by ``pytorch_msssim.ssim``. Needs both sides >= 11 px.
-- MS-SSIM: Wang et al. 2003, 5 scales with weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), same window, computed by
-  ``pytorch_msssim.ms_ssim``. Four 2x downsamplings leave an 11-px window room only when both sides are > 160 px:
-  for smaller images MS-SSIM is reported as n/a with that reason (no variant with fewer scales is substituted, so an
-  MS-SSIM figure from this project is always the standard one). Use SSIM for small images.
-- perceptual: the named distance's value (e.g. LPIPS); identity: cosine similarity of the named network's embeddings.
-"""
+"""Reconstruction metrics per image on images in [-1, 1] (MSE, PSNR, SSIM, MS-SSIM, a named perceptual distance, a
+named identity similarity), ``evaluate_folders``, and the classifier FD.
+Design notes: docs/INTERNALS.md, "cycle_encoding.metrics"."""
 
 from __future__ import annotations
 
@@ -101,7 +87,7 @@ def _pytorch_msssim(
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[B] SSIM of images in [-1, 1] (mapped to [0, 1], data range 1); see the module docstring."""
+    """[B] SSIM of images in [-1, 1] (mapped to [0, 1], data range 1); see the design notes."""
     return _pytorch_msssim("ssim", ssim_unavailable_reason, pred, target)
 
 

@@ -1,11 +1,5 @@
 """Faces: 68-point landmarks (dlib) and FFHQ-style alignment; dlib's face chips are in ``data/face_chips.py``.
-
-- Landmarks: dlib's HOG face detector and its 68-point shape predictor (``shape_predictor_68_face_landmarks.dat``:
-  Debian ``libdlib-data`` puts it in ``/usr/share/dlib/``), through the optional ``dlib`` module (PyPI ``dlib-bin``).
-- FFHQ alignment (:func:`align_face`), the recipe NVIDIA used to make FFHQ (``recreate_aligned_images`` of
-  ``ffhq-dataset``): an oriented square from the eye and mouth landmarks, a shrink, a crop with a border, a blurred
-  reflect-padding where the square leaves the photo, the supersampled quad transform and an antialiased resize.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.data.align"."""
 
 from __future__ import annotations
 

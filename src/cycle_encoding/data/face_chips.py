@@ -1,9 +1,5 @@
-"""dlib's face chips in PyTorch (:func:`face_chip_details`, :func:`extract_face_chips`): the 150x150 crops dlib's face
-recognition network was trained on (``get_face_chip_details(shape, 150, 0.25)`` + ``extract_image_chip``), computed in
-torch (differentiable with respect to the image): the similarity transform from dlib's mean face to the landmarks,
-dlib's 2x image pyramid (5x5 binomial filter) for chips much smaller than the face, then bilinear sampling, black
-outside the image.
-"""
+"""dlib's face chips in PyTorch (:func:`face_chip_details`, :func:`extract_face_chips`), differentiable with respect
+to the image. Design notes: docs/INTERNALS.md, "cycle_encoding.data.face_chips"."""
 
 from __future__ import annotations
 

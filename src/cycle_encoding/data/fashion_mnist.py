@@ -1,19 +1,5 @@
 """Fashion-MNIST (Zalando, MIT licence) read from its idx files: 60,000 training and 10,000 test images.
-
-The files are those of the Debian package ``dataset-fashion-mnist``
-(``/usr/share/datasets/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``) or the same files in any
-folder (gzipped or not). The idx layout is parsed here (numpy + gzip): a big-endian header ``0x00 0x00 TYPE NDIM``
-(TYPE 0x08 = unsigned byte), NDIM big-endian uint32 sizes, then the values row-major. Images are magic 2051
-(``[N, 28, 28]``), labels magic 2049 (``[N]``, values 0-9); magic numbers, counts and the file length are checked.
-
-Pixels: the files store 0 (black background) to 255; an image becomes ``v / 127.5 - 1`` in [-1, 1] (0 -> -1.0,
-255 -> 1.0, both exact in float32). For ``size == 32`` (the generator's resolution) each 28x28 image is padded with
-2 pixels of background on every side, value exactly -1.0; for ``size == 28`` it is returned as stored; any other
-size is the 32x32 padded image resized (antialiased bilinear, as image folders are). ``channels == 3`` repeats the
-grey image. The decoded uint8 arrays stay in memory (47 MB for the training split); items are converted on demand.
-
-The named dataset ``fashion-mnist:SPLIT[@FOLDER]`` (``data.datasets.open_dataset``): docs/TRAINING.md.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.data.fashion_mnist"."""
 
 from __future__ import annotations
 

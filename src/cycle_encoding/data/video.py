@@ -1,10 +1,5 @@
 """Video files and per-frame alignment: read and write clips, crop each frame for the generator, put edits back.
-
-Frames are RGB uint8 ``[H, W, 3]`` read and written through PyAV (FFmpeg with libx264; H.264 MP4). Each frame's crop
-is a quad in pixel-index coordinates (corners upper-left, lower-left, lower-right, upper-right, as
-``align.ffhq_quad``): the FFHQ square of the face, smoothed over time so it does not jitter, or a fixed rectangle.
-:func:`paste_back` warps an edited crop back into its frame with a feathered mask.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.data.video"."""
 
 from __future__ import annotations
 

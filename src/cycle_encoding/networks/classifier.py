@@ -1,20 +1,5 @@
-"""Attribute classifiers as networks: small image classifiers whose outputs score attributes and whose feature maps
-serve as perceptual / identity-like distances (``losses``), read and written by ``checkpoints.classifier`` and used by
-``editing`` (InterFaceGAN labels, edit success).
-
-Architectures (``ClassifierConfig.arch``):
-- ``convnet``: per entry of ``widths``, a 3x3 stride-2 convolution + LeakyReLU(0.2); global average pooling; a linear
-  layer to the K outputs. Small and fast: attribute scorers for small domains and tests.
-- ``vggbn``: VGG-style with BatchNorm: per entry of ``widths``, two 3x3 convolutions (stride 1) each followed by
-  BatchNorm and ReLU, then a 2x2 max-pool; global average pooling; a linear layer to the K outputs. A second small
-  architecture, different from ``convnet`` (e.g. the Fashion-MNIST evaluation network, independent of the feature
-  network used in training losses).
-- ``resnet50``: torchvision's ResNet-50 layout (``networks/resnet.py``) with a K-output ``fc``; its keys are
-  torchvision's, so an attribute classifier trained with torchvision converts by ``save_classifier``.
-Images are resized to ``input_size`` (antialiased bilinear), converted to ``in_channels`` and, for
-``normalize="imagenet"``, mapped to [0, 1] and standardized with ImageNet's mean and std. Outputs are logits; the
-score of attribute k is output k (higher = more of the attribute).
-"""
+"""Attribute classifiers (``convnet``, ``vggbn``, ``resnet50``): outputs score attributes, feature maps serve as
+distances. Design notes: docs/INTERNALS.md, "cycle_encoding.networks.classifier"."""
 
 from __future__ import annotations
 
@@ -39,7 +24,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ClassifierConfig(ConfigRecord):
-    """What is needed to build an attribute classifier (see the module doc)."""
+    """What is needed to build an attribute classifier (see the design notes)."""
 
     arch: str = "convnet"
     outputs: tuple[str, ...] = ("attribute",)

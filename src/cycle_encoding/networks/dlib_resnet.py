@@ -1,34 +1,5 @@
 """dlib's ResNet face embedder (``dlib_face_recognition_resnet_model_v1``) in PyTorch: the identity network that runs
-offline here, for identity losses, identity metrics and a perceptual distance on faces.
-
-Architecture (dlib's ``dnn_face_recognition_ex`` network; the same as ``src/faceRecognitionNet/`` of the npm package
-``@vladmandic/face-api``): input a 150x150 RGB "face chip" (dlib's ``extract_image_chip(img,
-get_face_chip_details(shape, 150, 0.25))``), each pixel ``(p - mean_rgb) / 256`` with mean_rgb = (122.782, 117.001,
-104.298); a 7x7 stride-2 convolution (no padding) to 32 channels, a per-channel affine (the batch norm folded at
-training's end), ReLU, 3x3 stride-2 max-pool; then residual units in five stages:
-
-====== ========================================== ==============
-stage  units                                      output (150 in)
-====== ========================================== ==============
-0      3 x res(32)                                32 x 35 x 35
-1      res_down(64) + 3 x res(64)                 64 x 17 x 17
-2      res_down(128) + 2 x res(128)               128 x 8 x 8
-3      res_down(256) + 2 x res(256)               256 x 4 x 4
-4      res_down(256)                              256 x 2 x 2
-====== ========================================== ==============
-
-``res``: conv3x3 -> affine -> ReLU -> conv3x3 -> affine, plus the input, ReLU. ``res_down``: the first convolution
-has stride 2 and no padding, the shortcut is a 2x2 stride-2 average pool; where the two differ in size (dlib's
-``add_prev``) the smaller is zero-padded at the bottom/right, and the missing channels of the shortcut are zeros.
-Then the spatial mean and a 256 -> 128 linear map without bias: the 128-d descriptor, not normalized (dlib's
-same-person threshold is a Euclidean distance of 0.6; cosines work as well).
-
-Weights: the npm package ``@vladmandic/face-api@1.7.15`` ships them as TF.js "layers" weights
-(``model/face_recognition_model-weights_manifest.json`` + ``face_recognition_model.bin``), most tensors
-uint8-quantized (value = q * scale + min, computed in float64 and rounded to float32 as TF.js does). They are
-converted once into the project's own format (kind ``face_embedder``) in the cache (``paths.cache_dir('models')``) by
-``checkpoints.face_api``; ``scripts/fetch_assets.sh`` fetches the npm package. Nothing is downloaded at run time.
-"""
+offline here. Design notes: docs/INTERNALS.md, "cycle_encoding.networks.dlib_resnet"."""
 
 from __future__ import annotations
 
@@ -100,7 +71,7 @@ def _add_prev(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class DlibResNet(nn.Module):
-    """The bare network: normalized 150x150 chips ``(p - mean) / 256`` -> 128-d descriptors (see the module doc)."""
+    """The bare network: normalized 150x150 chips ``(p - mean) / 256`` -> 128-d descriptors (see the design notes)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,24 +1,5 @@
 """The e4e encoder (``Encoder4Editing``) with its progressive stages, and its scaled-down variants.
-
-E(x) = (w0, w0 + D_1, ..., w0 + D_{N-1}) + w_avg, where w0 comes from the coarsest features and offset D_i
-from a per-layer "map2style" head; D_i takes part only while ``stage >= i`` (METHOD.md, step 1).
-
-Shape (e4e, FORMATS.md): an IR-SE body (``networks/irse.py``, shared with ArcFace) whose last three blocks
-give c1 (after the second block), c2 (third) and c3 (fourth); a feature pyramid p2 = up(c3) + 1x1(c2),
-p1 = up(p2) + 1x1(c1); head i reads c3 for i < 3, p2 for 3 <= i < 7 and p1 otherwise; each head is
-log2(spatial) x [3x3 stride-2 conv + LeakyReLU(0.01)] and an equalized linear layer.
-
-Scaled down (ours, for small generators and small images): input size, input channels, body widths and
-units per block, and the code width are configuration. What is kept: the four-block IR-SE body, the
-taps after the last three blocks, the pyramid, the split of heads by generator layer (layers 0-2, which
-drive 4-8 px, read the coarsest map; 3-6, 16-32 px, the middle; 7+, the finest), w0 + offsets, and the
-stage logic; the number of heads follows the generator (``num_ws``). Module names equal e4e's, so an
-e4e checkpoint's ``encoder.*`` part loads with strict key matching.
-
-``max_stage=0`` gives the W-only encoder (one code for all layers, only head 0 exists): the baseline
-the paper compares against. ``style_mode="independent"`` gives pSp's GradualStyleEncoder (each head
-predicts its layer's code on its own), so pSp checkpoints load too.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.networks.encoder"."""
 
 from __future__ import annotations
 

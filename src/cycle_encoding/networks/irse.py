@@ -1,18 +1,5 @@
 """IR-SE backbones: the ArcFace IR-SE-50 face-recognition network and the body it shares with the e4e encoder.
-
-Module names follow TreB1eN's ArcFace / pSp ``model_irse.py`` so that ``model_ir_se50.pth`` and the ``encoder.*``
-part of e4e checkpoints load as they are (layout in FORMATS.md):
-
-- input layer: ``input_layer.{0: conv3x3 in->w, 1: BN, 2: PReLU}``;
-- body: a flat sequence of bottleneck units ``body.{i}``, each ``res_layer = [BN(in), conv3x3(in->d), PReLU(d),
-  conv3x3(d->d, stride), BN(d), SE(d)]`` plus a shortcut: ``MaxPool2d(1, stride)`` when ``in == d`` (no parameters)
-  else ``shortcut_layer = [conv1x1(in->d, stride), BN(d)]``;
-- the units come in blocks (50 layers: 3, 4, 14, 3 units of 64, 128, 256, 512 channels); the first unit of each block
-  has stride 2.
-
-``IRSEBody`` is the body alone, built from a list of ``(in_channels, depth, stride)`` unit specs, so the encoder can
-use the full IR-SE-50 body or a scaled-down one (fewer units per block, narrower widths) with the same code.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.networks.irse"."""
 
 from __future__ import annotations
 

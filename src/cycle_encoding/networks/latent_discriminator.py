@@ -1,11 +1,5 @@
 """The latent discriminator of e4e / Cycle Encoding: an MLP that tells mapping-network codes from encoder codes.
-
-``LatentDiscriminator(w_dim=512)`` is e4e's ``LatentCodesDiscriminator(512, 4)``: four linear layers
-512 -> 512 -> 512 -> 512 -> 1 with LeakyReLU(0.2) between them, PyTorch's default ``nn.Linear`` initialization, and
-the same parameter names (``mlp.0``, ``mlp.2``, ``mlp.4``, ``mlp.6``), so the ``discriminator_state_dict`` of an
-e4e / Cycle Encoding training checkpoint loads as it is. For small generators the input width follows their
-``w_dim`` and the hidden width defaults to it.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.networks.latent_discriminator"."""
 
 from __future__ import annotations
 

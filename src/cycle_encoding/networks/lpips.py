@@ -1,17 +1,5 @@
 """LPIPS (Zhang et al. 2018, v0.1) with AlexNet or VGG16 features, in plain PyTorch (no torchvision).
-
-The feature stacks carry torchvision's parameter names (``features.0.weight``, ...), so torchvision's ImageNet state
-dicts (``alexnet-owt-7be5be79.pth``, ``vgg16-397923af.pth``) load as they are. The linear heads are the
-``lpips`` package's ``weights/v0.1/{alex,vgg}.pth`` (``lin{k}.model.1.weight [1, C_k, 1, 1]``).
-
-The distance between images x and y in [-1, 1]:
-    x' = (x - shift) / scale,   shift = (-.030, -.088, -.188), scale = (.458, .448, .450)
-    f_k = k-th tapped feature map (after the ReLU ending each stage), unit-normalized over channels:
-          f / (sqrt(sum_c f^2) + 1e-10)
-    d(x, y) = sum_k mean_{h,w} sum_c w_{k,c} (f_k(x) - f_k(y))^2
-One-channel images are repeated to three channels first. Readers that fill these modules from files are in
-``checkpoints/perception.py``.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.networks.lpips"."""
 
 from __future__ import annotations
 

@@ -1,17 +1,6 @@
-"""StyleGAN2 generator in plain PyTorch (its discriminator: ``discriminator.py``).
-
-Module and parameter names follow rosinality/stylegan2-pytorch, the layout most community checkpoints
-use, so a rosinality ``g_ema`` state dict loads with ``strict=True`` and no renaming (see
-``../shared/FORMATS.md``). Widths follow NVIDIA's rule ``min(channel_base // res, channel_max)``, which
-reproduces rosinality's table for ``channel_base = 16384 * channel_multiplier`` and
-``channel_max = 512``, and also describes the tiny generators used in tests and small domains.
-
-Public API of :class:`Generator`: ``mapping(z, truncation)`` -> ws ``[B, num_ws, w_dim]``;
-``synthesis(ws, noise_mode)`` -> images ``[B, C, H, W]`` in about [-1, 1]; ``w_avg``; ``num_ws``;
-``resolution``. NVIDIA stylegan2-ada-pytorch's calls work too: ``G(z, c, truncation_psi=0.7, noise_mode="const")``,
-``G.mapping(z, c, truncation_psi=...)``, ``G.synthesis(ws, noise_mode=...)``, ``G.c_dim`` (0: unconditional, so ``c``
-must be None or an empty tensor), ``G.img_resolution``.
-"""
+"""StyleGAN2 generator in plain PyTorch, in rosinality's module layout, NVIDIA's calls accepted too (its
+discriminator: ``discriminator.py``).
+Design notes: docs/INTERNALS.md, "cycle_encoding.networks.stylegan2"."""
 
 from __future__ import annotations
 
