@@ -1,10 +1,5 @@
 """Labelled image grids as PNG: the edit strips and the report's overview grid.
-
-``compose_grid(rows, col_labels, row_labels)`` lays images out in a table with a header row and a label column, on
-white (column labels wrap onto more lines rather than being cut), with every cell scaled to one size: small images are enlarged by a whole factor (nearest neighbour, so pixels
-stay visible) up to ``min_cell``, large ones reduced (antialiased) to at most ``max_cell``. A missing image (None)
-leaves its cell grey. Text uses PIL's built-in font, so nothing is read from the system.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.grid"."""
 
 from __future__ import annotations
 
@@ -88,7 +83,7 @@ def compose_grid(
     max_cell: int = 256,
     pad: int = 4,
 ) -> Image.Image:
-    """One RGB image laying out ``rows`` of images (see the module doc)."""
+    """One RGB image laying out ``rows`` of images (see the design notes)."""
     pils = [[as_pil(x) for x in row] for row in rows]
     sides = [max(p.size) for row in pils for p in row if p is not None]
     if not sides:

@@ -1,11 +1,6 @@
-"""Attribute classifiers the user gives: to label generated samples (InterFaceGAN training) and to measure whether an
-edit changed what it should (edit success).
-
-Two forms are accepted wherever a classifier is asked for:
-- a Python callable ``f(images [B, C, H, W] in [-1, 1]) -> scores [B]`` or ``[B, K]`` (any ``nn.Module`` too);
-- a file in the project's format (``.safetensors``, kind ``classifier``), read by ``checkpoints.classifier``; the
-  networks themselves are ``networks.classifier``.
-"""
+"""Attribute classifiers the user gives (a callable or a classifier file), as scorers: to label generated samples
+(InterFaceGAN training) and to measure edit success.
+Design notes: docs/INTERNALS.md, "cycle_encoding.editing.classifier"."""
 
 from __future__ import annotations
 

@@ -1,26 +1,5 @@
 """Editing directions: one type for InterFaceGAN, GANSpace and SeFa, the published file layouts, and edits of codes.
-
-A :class:`DirectionSet` holds K directions, each a ``[w_dim]`` vector (applied to every chosen layer) or a
-``[N, w_dim]`` code (a W+ direction). An edit (direction k, strength a, layers L) of codes ``ws [B, N, w_dim]`` is
-
-    ws'[:, i] = ws[:, i] + a * scale_k * v_k[i]    for i in L,   ws'[:, i] = ws[:, i] otherwise,
-
-with ``scale_k`` = 1 for InterFaceGAN and SeFa (unit vectors: a is a distance in W) and GANSpace's ``std[k]`` (a is in
-standard deviations of the k-th principal coordinate). Strength 0 returns the codes unchanged, bit for bit.
-GANSpace's ``mode="set"`` is e4e's use of its published named edits (component, start, end, strength): the
-coordinate of layer 0's code along the component is set to ``strength`` standard deviations, i.e.
-``delta = (a - <ws[0] - mean, v_k> / std_k) * std_k * v_k`` on the layers ``start..end-1``.
-
-Files read (``load_directions``), by what they hold, not by their name:
-- InterFaceGAN: a raw tensor ``[1, w_dim]``/``[w_dim]`` (W) or ``[1, N, w_dim]`` (W+) in a torch file (e4e's / PTI's
-  ``age.pt``, ``smile.pt``, ``rotation.pt``), or a ``.npy`` array of those shapes (InterFaceGAN's own boundaries,
-  ``*_boundary.npy``); several directions as ``[K, w_dim]`` are read as K directions;
-- GANSpace: a dict ``{'mean': [1, w_dim], 'comp': [K, 1, w_dim], 'std': [K]}`` (e4e's ``ffhq_pca.pt``);
-- rosinality's ``closed_form_factorization.py`` output ``{'ckpt': str, 'eigvec': [w_dim, K]}`` (SeFa, columns);
-- the project's own format: a ``.safetensors`` of kind ``directions`` (any method, with its layers and values).
-Writers: the published layouts (``save_interfacegan``, ``save_ganspace``) and the own format (``save_directions``).
-Nothing here executes code from a file. e4e's named GANSpace edits: ``ganspace_named_edits`` (docs/FORMATS.md).
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.editing.directions"."""
 
 from __future__ import annotations
 
@@ -51,7 +30,7 @@ _NPY_MAGIC = b"\x93NUMPY"
 
 @dataclass
 class DirectionSet:
-    """K editing directions and what is needed to apply them (see the module doc).
+    """K editing directions and what is needed to apply them (see the design notes).
 
     ``vectors``: ``[K, w_dim]`` or ``[K, N, w_dim]``; ``scales``: ``[K]`` strength units (GANSpace's std) or None (1);
     ``mean``: ``[w_dim]`` (GANSpace's mean code, for ``mode="set"``); ``values``: ``[K]`` what ranks the directions
@@ -430,7 +409,7 @@ def _from_native(path: Path) -> DirectionSet:
 
 
 def load_directions(path: str | Path) -> DirectionSet:
-    """Read a direction file of any layout in the module doc (see there); a one-line error for anything else."""
+    """Read a direction file of any layout of the design notes; a one-line error for anything else."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(p, "no such direction file")

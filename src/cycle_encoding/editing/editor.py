@@ -1,18 +1,5 @@
 """An interactive editor's engine: one image's pivot and tuned generator, directions as named sliders, renders, export.
-
-The browser editor (``cycle-encoding ui``) and scripts share it::
-
-    ed = Editor("fmnist-generator", "fmnist-encoder", directions=["coat-pullover.safetensors"])
-    ed.invert("shirt.png", stages=("encoder", "tune"), progress=print)      # or Editor.open_run("out/demo/run")
-    [d.key for d in ed.directions()]     # ['coat-pullover', 'sefa:0', ..., 'ganspace:0', ...]
-    ed.render({"coat-pullover": 3.0, "sefa:1": -2.0})                     # a PIL image
-    ed.export("edit1/")     # edited.png, codes.npz (NVIDIA's projected_w layout), generator.safetensors, edit.json
-
-Directions and their slider ranges: ``editing/sliders.py``. An edit of several directions applies them one after
-the other to the pivot, each with :meth:`DirectionSet.apply` on its own default layers, and renders with the image's
-tuned generator and its constant noise: for one direction this is exactly what ``cycle-encoding edit`` renders
-(``editing/render.py``).
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.editing.editor"."""
 
 from __future__ import annotations
 
@@ -152,7 +139,7 @@ class _Shared:
 
 
 class Editor:
-    """Edit one image at a time with a generator's directions (see the module doc).
+    """Edit one image at a time with a generator's directions (see the design notes).
 
     ``generator``: a Generator or any generator file (or shipped name); ``encoder``: a file (a ``train-encoder``
     checkpoint gives ``refine`` its training images) or None (then only ``project`` inverts, or a run is opened);

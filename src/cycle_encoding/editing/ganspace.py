@@ -1,13 +1,5 @@
 """GANSpace (Härkönen et al. 2020): principal components of the mapping network's outputs.
-
-``ganspace_pca(G)`` draws z ~ N(0, I), takes w = G.style(z) (the mapping MLP's output, one code per sample), and
-computes the mean and the sample covariance (float64 sums, denominator n - 1); the components are the covariance's
-eigenvectors ordered by decreasing eigenvalue, ``std`` the square roots of the eigenvalues (the standard deviation of
-the samples' coordinate along each component). Each component's sign is fixed so that its largest-magnitude entry is
-positive (PCA leaves it free; fixing it makes runs with the same seed agree). The result is a :class:`DirectionSet`
-that ``save_ganspace`` writes in the published layout ``{'mean': [1, w_dim], 'comp': [K, 1, w_dim], 'std': [K]}``.
-An edit is (component k, layers first-last, strength a): ``w_i += a * std_k * comp_k`` for the chosen layers i.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.editing.ganspace"."""
 
 from __future__ import annotations
 
@@ -53,7 +45,7 @@ def ganspace_pca(
     batch: int = 4096,
     truncation: float = 1.0,
 ) -> DirectionSet:
-    """The principal components of ``n_samples`` mapping outputs (see the module doc); ``components`` keeps the first
+    """The principal components of ``n_samples`` mapping outputs (see the design notes); ``components`` keeps the first
     K (default: all w_dim)."""
     if n_samples < 2:
         raise ValueError("GANSpace needs at least 2 samples")

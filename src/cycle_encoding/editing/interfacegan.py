@@ -1,22 +1,5 @@
-"""InterFaceGAN (Shen et al. 2020): an attribute's editing direction is the unit normal of a linear classifier that
-separates latent codes with the attribute from codes without it.
-
-``train_boundary(codes, labels)`` fits scikit-learn's linear classifier on the codes as they are (no
-standardization: the normal must live in the latent space itself), takes its weight vector, and divides it by its
-norm; it points toward the positive class. Labels are 0/1 (or booleans) or continuous scores; with scores, as
-InterFaceGAN does, only the ``select_ratio`` highest-scored codes (positives) and as many lowest-scored ones
-(negatives) are kept. A random ``val_fraction`` of the kept codes is held out to report the validation accuracy.
-Classifiers: ``svm`` (``sklearn.svm.LinearSVC``, fast), ``svc`` (``sklearn.svm.SVC(kernel='linear')``, what
-InterFaceGAN used; slow for many codes), ``logistic`` (``sklearn.linear_model.LogisticRegression``).
-Spaces: ``w`` (one ``[w_dim]`` code per sample; W+ codes ``[N, w_dim]`` are averaged over layers first) or ``w+``
-(codes flattened to ``N * w_dim``; the direction is ``[1, N, w_dim]``, unit norm over all layers).
-
-Where the codes come from:
-- given: ``train_boundary(codes, labels)``;
-- a labelled image folder encoded by an encoder: ``encode_labelled_folder`` (labels from a CSV or from sub-folders);
-- generated samples scored by a classifier the user gives: ``sample_and_score`` (codes from the mapping network,
-  images rendered by the generator, scores from the classifier, see ``classifier.py``).
-"""
+"""InterFaceGAN (Shen et al. 2020): an attribute's direction is the unit normal of a linear classifier separating codes
+with the attribute from codes without it. Design notes: docs/INTERNALS.md, "cycle_encoding.editing.interfacegan"."""
 
 from __future__ import annotations
 
@@ -102,7 +85,7 @@ def _features(codes: np.ndarray, space: str) -> tuple[np.ndarray, tuple[int, ...
 
 
 def make_classifier(method: str, C: float = 1.0, seed: int = 0, max_iter: int = 10_000) -> Any:
-    """The scikit-learn classifier named ``method`` (see the module doc)."""
+    """The scikit-learn classifier named ``method`` (see the design notes)."""
     from sklearn.linear_model import LogisticRegression  # lazy: scikit-learn takes seconds to import
     from sklearn.svm import SVC, LinearSVC
 
@@ -126,7 +109,7 @@ def train_boundary(
     seed: int = 0,
     name: str | None = None,
 ) -> BoundaryResult:
-    """The unit normal of a linear classifier separating ``codes`` by ``labels`` (see the module doc).
+    """The unit normal of a linear classifier separating ``codes`` by ``labels`` (see the design notes).
 
     ``select_ratio`` (continuous scores only; default 0.02, InterFaceGAN's): the fraction of codes kept at each end.
     """

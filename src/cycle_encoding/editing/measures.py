@@ -1,17 +1,5 @@
-"""Editability measures: does an edit stay consistent, does it change what it should, does it keep the rest?
-
-- Latent Editing Consistency (LEC; e4e, Tov et al. 2021): edit the code, render it, re-encode the rendering, undo the
-  edit, and compare with the code started from: ``LEC(w) = || w - f^-1(E(G(f(w)))) ||_F`` (the Frobenius norm over
-  layers and channels, as e4e's script computes it, per image). Here w is the inversion's pivot and G the generator
-  that renders the pivot (the tuned one after pivotal tuning). 0 means the encoder reads the edited image as exactly
-  the edited code. At strength 0 it measures the pivot's own consistency (how far E(G(w)) is from w), the floor
-  against which an edit's value is read. e4e also drops the batches outside the 1st-99th percentile before averaging;
-  the per-image values are kept here and summarized as mean +- std.
-- Edit success: the change of an attribute's score, by a classifier the user gives, between the reconstruction and
-  the edited image, per strength; and the fraction of edits whose score moved in the strength's direction.
-- Preservation: the distance between the edited image and the reconstruction by a named network (a perceptual
-  distance such as LPIPS: lower is better; an identity network: cosine similarity, higher is better) or plain MSE.
-"""
+"""Editability measures: Latent Editing Consistency (LEC), edit success, preservation.
+Design notes: docs/INTERNALS.md, "cycle_encoding.editing.measures"."""
 
 from __future__ import annotations
 

@@ -1,21 +1,5 @@
-"""Edits of an inversion run: render each edit of each inverted image with that image's generator.
-
-The run is read through ``checkpoints/run_folder.py``'s ``InversionRun``. ``render_run_edits`` renders, for every
-image, the pivot edited at every strength with the image's tuned generator (rebuilt from the base and its stored
-change; the base generator when the run did not tune), one code at a time with the generator's constant noise,
-exactly as the run rendered its reconstructions: an edit of strength 0 therefore gives the reconstruction bit for
-bit, which is checked against the hash the run stored and recorded. It writes::
-
-    RUN_DIR/edits/TAG/
-        NAME/NN_sSTRENGTH.png     each edit (NN: the strength's position)
-        NAME_strip.png           the input, then the edits in the order of the strengths, labelled
-        NAME_sweep.gif           the edits as an animation, from the lowest strength to the highest and back
-        edit.json                the direction, strengths, layers, the generator used per image, the measures asked
-                                 for (LEC, edit success, preservation) per image and per strength, timings
-
-Every file read from the run folder must lie inside it (no symbolic link out of it). How strength 0 is checked
-against the reconstruction: ``matches_reconstruction``; the measures: ``_measure``.
-"""
+"""Edits of an inversion run: render each edit of each inverted image with that image's generator, into
+``RUN_DIR/edits/TAG/``. Design notes: docs/INTERNALS.md, "cycle_encoding.editing.render"."""
 
 from __future__ import annotations
 
@@ -242,7 +226,7 @@ def render_run_edits(
     members_info: dict[str, Any] | None = None,
     gif: bool = True,
 ) -> dict[str, Any]:
-    """Render ``request`` for every finished image of ``run`` (see the module doc) and return what ``edit.json``
+    """Render ``request`` for every finished image of ``run`` (see the design notes) and return what ``edit.json``
     holds. ``encoder`` (an Encoder4Editing or a file; ``"run"`` for the run's own) turns on LEC; ``scorer`` (a
     function images -> [B]) edit success; ``preservation`` the distance to the reconstruction. ``log`` receives one
     line per image (default: stderr); ``progress`` (auto, bar, lines, none; default none) a bar over the images.

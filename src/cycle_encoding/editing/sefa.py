@@ -1,24 +1,5 @@
-"""SeFa (Shen & Zhou 2021, "Closed-Form Factorization of Latent Semantics in GANs"): editing directions from the
-generator's weights alone.
-
-Every style input i of the synthesis network is read by affine "modulation" layers (rosinality's
-``conv.modulation``, an equalized linear map w_dim -> channels): ws[0] by ``conv1``; ws[i], 1 <= i <= N-2, by
-``convs[i-1]``; the ToRGB layers read ws[1] (``to_rgb1``) and ws[3], ws[5], ... (``to_rgbs``). For the chosen layers,
-stack their modulation weights A (rows = output channels, at their run-time scale) and take the eigenvectors of
-A^T A with the largest eigenvalues: the unit directions n maximizing ||A n||, the largest change of the styles.
-As SeFa's official code does, each row of A is first scaled to unit norm (``normalize=True``; rosinality's
-``closed_form_factorization.py`` does not, and leaves out the ToRGB layers ``to_rgbs.*`` by key name, though not
-``to_rgb1``; ``include_torgb=False`` here leaves out all of them). Eigenvectors are ordered by decreasing eigenvalue (computed with a symmetric solver: SeFa's ``np.linalg.eig``
-does not promise an order) and signed so that the largest-magnitude entry is positive. The layers used are stored
-with the set and are where its edits apply unless other layers are asked for.
-
-Difference from e4e's SeFa editor (``editings/sefa.py``, which the Cycle Encoding authors' editing inherits): its
-``factorize_weight(G, layers)`` reads the right modulation layers (``conv1`` for style 0, ``convs[l - 1]`` for style
-l) but returns ``[l - 1 for l in layers if l != 0]`` as the layers, and its ``edit()`` adds the direction to those,
-i.e. to the styles one BELOW the ones it factorized (asked for styles 0-5 it factorizes 0-5 and edits 0-4). Here an
-edit moves exactly the styles the directions were factorized from (the correct pairing), so a SeFa edit of the same
-"layers" differs from e4e's by that shift; to replay e4e's, edit with ``--layers`` shifted down by one.
-"""
+"""SeFa (Shen & Zhou 2021): editing directions from the generator's modulation weights alone.
+Design notes (and the layer shift of e4e's SeFa editor): docs/INTERNALS.md, "cycle_encoding.editing.sefa"."""
 
 from __future__ import annotations
 
@@ -82,7 +63,7 @@ def sefa_directions(
     include_torgb: bool = False,
     normalize: bool = True,
 ) -> DirectionSet:
-    """The top ``components`` eigenvectors of A^T A for the chosen style layers (see the module doc)."""
+    """The top ``components`` eigenvectors of A^T A for the chosen style layers (see the design notes)."""
     A, names, used = modulation_matrix(G, layers, include_torgb, normalize)
     k = components_count(components, G.w_dim)
     evals, vectors = top_eigenvectors(A.t() @ A, k)

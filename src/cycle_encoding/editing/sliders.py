@@ -1,13 +1,5 @@
-"""The editor's sliders: the directions it offers, each with a range and a step by one rule (docs/USAGE.md, "The
-browser editor").
-
-Directions: the files given (every direction of each), then the top ``components`` SeFa directions and GANSpace
-components of the *base* generator (computed once per generator: kept in memory and in the project's cache folder,
-keyed by the generator's weights hash). A slider runs over ``-limit .. +limit``: the spread of 2,000 mapping-network
-codes (seed 0) along the direction in its strength units (GANSpace's standard deviations, else distance in W), at
-least the largest default strength of ``cycle-encoding edit`` (3), rounded up to a whole ``step`` (about 40 steps to
-``limit``).
-"""
+"""The editor's sliders: the directions it offers, each with a range and a step by one rule.
+Design notes: docs/INTERNALS.md, "cycle_encoding.editing.sliders"."""
 
 from __future__ import annotations
 
@@ -44,7 +36,7 @@ class Direction:
     kind: str  # "file", "sefa" or "ganspace"
     set: DirectionSet
     component: int
-    limit: float  # slider range: -limit .. +limit (see the module doc)
+    limit: float  # slider range: -limit .. +limit (see the design notes)
     step: float  # slider step; limit is a whole number of steps
 
     def describe(self) -> dict[str, Any]:
@@ -87,7 +79,7 @@ def slider_step(limit: float) -> float:
 
 
 def slider_range(ds: DirectionSet, k: int, codes: torch.Tensor) -> tuple[float, float]:
-    """(limit, step) of direction ``k`` by the module doc's rule; ``codes``: the mapping network's samples."""
+    """(limit, step) of direction ``k`` by the design notes' rule; ``codes``: the mapping network's samples."""
     v = ds.vectors[k]
     if v.ndim == 2:  # W+: the mean vector over its layers
         v = v.mean(0)

@@ -1,26 +1,5 @@
-"""Video editing on the inversion pipeline, as STIT ("Stitch it in Time", Tzaban et al. 2022) does it on e4e + PTI:
-each frame cropped (faces: the FFHQ square from dlib's landmarks, smoothed over time; other clips: the whole frame or a
-fixed rectangle), a pivot per frame (encoder, optionally refined), pivotal tuning, the same edit on every frame's
-pivot, the edited crop put back into its frame, and a video written at the input's frame rate.
-
-``edit_video(video, out, direction, generator, encoder)`` fills the folder ``out``::
-
-    align.json              the input (its sha256, frame rate, size), how the frames were cropped, each frame's quad
-                            (null: no face found; the frame is passed through unedited)
-    frames/frame_NNNNNN.png each cropped frame at the generator's resolution: the targets of the run
-    run/                    the inversion run of the crops (``inversion/run_folder.py``: per frame its pivots,
-                            reconstructions and tuned generator; resumable, finished frames are not redone)
-    pivots.pt, .npy, .txt   the pivots edited [frames, num_ws, w_dim] (smoothed over time with ``smooth_pivots``)
-                            and the frame names in the same order
-    edit_<strength>.mp4     the edited video at each strength (H.264, the input's frame rate)
-    preview.mp4             the input and the edit at each strength, side by side
-    video.json              the options, frames without a face or that failed, the files, the time of each stage
-
-Tuning: ``tune="each"`` tunes every frame's generator alone (the run folder's one-by-one tuning);
-``tune="shared"``, one generator tuned on all frames (PTI's multi-image tuning, ``inversion/tune_shared.py``), which
-the run folder stores once (``run/generator_delta.safetensors``) and renders every frame with. Pivot smoothing (``smooth_pivots``, a Gaussian over frames) acts on the pivots the run
-stored, when the edits are rendered: it changes no run, so a re-run with another sigma only renders again.
-"""
+"""Video editing on the inversion pipeline, as STIT (Tzaban et al. 2022) does it on e4e + PTI: crop, invert, tune, edit
+each frame, paste back, write the videos. Design notes: docs/INTERNALS.md, "cycle_encoding.editing.video"."""
 
 from __future__ import annotations
 
@@ -98,7 +77,7 @@ def prepare_frames(
     detector: Any = None,
     progress: Any = "none",
 ) -> tuple[list[np.ndarray | None], list[str | None], bool]:
-    """Crop every frame into ``out/frames`` (see the module doc) and record the quads in ``out/align.json``: per
+    """Crop every frame into ``out/frames`` (see the design notes) and record the quads in ``out/align.json``: per
     frame its quad and file name (None: no face), and whether an earlier alignment of the same input and options
     was reused (then only missing crops are written). Crops of frames no longer cropped are removed."""
     key = {"input_sha256": file_sha256(clip.source) if clip.source else None, "frames": len(clip.frames),
@@ -221,7 +200,7 @@ def edit_video(
     detector: Any = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Edit a video (see the module doc): returns what ``out/video.json`` holds.
+    """Edit a video (see the design notes): returns what ``out/video.json`` holds.
 
     ``direction``: a direction file, a name computed from the generator (``sefa``, ``ganspace``) or a DirectionSet;
     ``component``, ``strengths``, ``layers``, ``mode`` as ``edit`` takes them. ``config``: the inversion's options

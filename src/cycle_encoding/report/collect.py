@@ -1,11 +1,5 @@
 """What a report shows, gathered from a run folder into one JSON-able dict (written beside the page as ``report.json``).
-
-Numbers come from the files the run wrote, never recomputed: per image ``result.json`` (metrics and seconds per
-stage), ``losses.jsonl`` (the losses of each optimization step), ``config.json`` (the command, options, networks),
-and each ``edits/TAG/edit.json`` (edits and their measures). Summaries are mean +- sample standard deviation (n - 1)
-over the finished images (``metrics.summarize``: 0 for a single image; infinite values, e.g. the PSNR of a perfect
-reconstruction, are counted and left out).
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.report.collect"."""
 
 from __future__ import annotations
 
@@ -110,7 +104,7 @@ def read_edits(
 
 
 def collect(run: InversionRun | str | Path, max_images: int | None = None) -> dict[str, Any]:
-    """The report's content (see the module doc)."""
+    """The report's content (see the design notes)."""
     run = run if isinstance(run, InversionRun) else InversionRun(run)
     images, problems = run.load_images()
     files: dict[str, tuple[str | None, dict[str, str]]] = {}

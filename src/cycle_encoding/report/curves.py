@@ -1,14 +1,5 @@
-"""Training curves from runs' ``log.jsonl`` and a plateau verdict per curve (``cycle-encoding curves``; the curves,
-phases and verdicts: docs/TRAINING.md, "Curves and the plateau rule"; the rule: ``training/plateau.py``).
-
-Generator runs log ``metric`` records (``fd``, ``min_class_share``); encoder runs log ``val`` records (``stage`` and the
-held-out losses), judged per phase of constant stage. The stage changes come from the run's ``schedule.json`` and
-``config.json`` (exact), else from the ``train`` records (to within ``--log-every``); a change at step ``c`` (the first
-0-based step trained at the new stage) is drawn at ``x = c``, since a ``val`` record at step ``s`` measures the encoder
-after ``s`` steps. A log written by a resumed run repeats the steps after its last checkpoint: per record kind, a record
-whose step does not exceed the last kept one replaces the kept records from that step on. A last line cut short (a run
-writing it now) is skipped.
-"""
+"""Training curves from runs' ``log.jsonl`` and a plateau verdict per curve (``cycle-encoding curves``).
+Design notes: docs/INTERNALS.md, "cycle_encoding.report.curves"."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""The report of an inversion run (``cycle-encoding report``; the page is described in docs/USAGE.md).
-
-``write_report(run_dir)`` writes, by default into the run folder, ``report.html`` (no network, no script; images
-inlined as ``data:`` URIs of thumbnails of at most ``thumb`` px a side that link the full file, or with ``inline=False``
-linked by relative path, the plots then in ``report_files/``), ``report.png`` (a row per image: input,
-reconstructions, edits) and ``report.json`` (the numbers the page shows, ``collect.collect``). Every number in a table
-cell also sits in ``data-`` attributes at full precision (``data-mean``, ``data-std``, ``data-n``).
-"""
+"""The report of an inversion run (``cycle-encoding report``): ``report.html``, ``report.png`` and ``report.json``.
+Design notes: docs/INTERNALS.md, "cycle_encoding.report.html"."""
 
 from __future__ import annotations
 
@@ -440,7 +434,7 @@ def write_report(
     plots: bool = True,
     thumb: int = THUMB,
 ) -> ReportFiles:
-    """Write the report of a run (see the module doc); ``out`` is the HTML file (default ``RUN_DIR/report.html``)."""
+    """Write the report of a run (see the design notes); ``out`` is the HTML file (default ``RUN_DIR/report.html``)."""
     run = InversionRun(run_dir)
     page = Path(out) if out is not None else run.dir / "report.html"
     if page.suffix.lower() not in (".html", ".htm"):
