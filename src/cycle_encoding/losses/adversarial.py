@@ -60,8 +60,7 @@ def sample_real_codes(G: nn.Module, n: int, generator: torch.Generator | None = 
     """``n`` real codes ``mapping(z)``, ``z ~ N(0, I)``, no truncation: ``[n, w_dim]`` on G's device.
 
     ``generator`` (a CPU torch.Generator) makes the draw reproducible whatever the device."""
-    dev = G.w_avg.device
-    z = torch.randn(n, G.z_dim, generator=generator).to(dev)
+    z = torch.randn(n, G.z_dim, generator=generator).to(G.w_avg.device)
     return G.mapping(z)[:, 0]
 
 

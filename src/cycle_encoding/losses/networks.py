@@ -51,17 +51,12 @@ def recorded_networks(provenance: Mapping[str, Any] | None) -> dict[str, dict[st
     files = prov.get("network_files") if isinstance(prov.get("network_files"), Mapping) else {}
     out: dict[str, dict[str, str]] = {}
     for kind in ("perceptual", "identity"):
-        rec: dict[str, str] = {}
-        shown = str(names.get(kind) or "").strip()
-        if shown:
-            rec["name"] = shown.split()[0]
-        f = files.get(kind)
-        if isinstance(f, Mapping):
-            if f.get("name"):
-                rec["name"] = str(f["name"])
-            if f.get("file"):
-                rec["file"] = str(f["file"])
-        if rec.get("name"):
+        shown = str(names.get(kind) or "").split()
+        f = files.get(kind) if isinstance(files.get(kind), Mapping) else {}
+        rec = {"name": str(f.get("name") or (shown[0] if shown else ""))}
+        if f.get("file"):
+            rec["file"] = str(f["file"])
+        if rec["name"]:
             out[kind] = rec
     return out
 

@@ -69,10 +69,10 @@ from ..networks.encoder import Encoder4Editing, EncoderConfig
 from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscriminatorConfig
 from ..networks.stylegan2 import Generator
 from ..ops import PRECISIONS, autocast, compile_pass, pool_to
-from ..optim import Ranger, zero_grad
-from ..utils import atomic_write, make_grid, save_image
+from ..optim import Ranger
+from ..utils import make_grid, save_image
 from .plateau import check_rule, plateau_holds
-from .schedule import Schedule, ScheduleState, get_schedule
+from .schedule import Schedule, ScheduleState, get_schedule, save_schedule
 from .trainer import Trainer, read_run_config
 
 ENCODER_PRECISION_NOTES = {
@@ -185,7 +185,6 @@ class EncoderTrainer(Trainer):
 
     desc = "train-encoder"
     checkpoint_format = TRAINING_CHECKPOINT_FORMAT
-    checkpoint_kind = "cycle-encoding training"
     scalar_kinds = ("train", "val")
     checkpoint_attrs = ("val_history",)
 
@@ -292,9 +291,7 @@ class EncoderTrainer(Trainer):
         }
 
     def write_run_files(self, run: Path) -> None:
-        atomic_write(
-            run / "schedule.json", lambda t: t.write_text(json.dumps(self.schedule.to_dict(), indent=2) + "\n")
-        )
+        save_schedule(self.schedule, run / "schedule.json")
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def rank_state(self) -> dict[str, Any]:
@@ -337,14 +334,11 @@ class EncoderTrainer(Trainer):
         """Per-term losses (batch means, float32) between targets ``x`` and reconstructions ``y``; ``precision=
         "bf16"``: the loss networks under bfloat16 autocast (their per-sample distances and the means in float32)."""
         out = {"l2": F.mse_loss(y, x)}
-        if self.perceptual is not None:
-            with autocast(y.device, precision):
-                p = self.perceptual(y, x)
-            out["perceptual"] = p.float().mean()
-        if self.identity is not None:
-            with autocast(y.device, precision):
-                sim = self.identity(y, x)
-            out["identity"] = (1 - sim.float()).mean()
+        with autocast(y.device, precision):
+            if self.perceptual is not None:
+                out["perceptual"] = self.perceptual(y, x).float().mean()
+            if self.identity is not None:
+                out["identity"] = (1 - self.identity(y, x).float()).mean()
         return out
 
     def discriminate(self, codes: torch.Tensor) -> torch.Tensor:
@@ -396,10 +390,7 @@ class EncoderTrainer(Trainer):
             adv = encoder_adversarial_loss(self.discriminate, ws, E.stage)
             total = total + st.adversarial_weight * adv
             logs["adv"] = float(adv.detach())
-        zero_grad(self.opt_e, self.cfg.zero_grad)
-        total.backward()
-        dd.average_gradients(E.parameters(), self.dist)
-        self.opt_e.step()
+        self.optimizer_step(self.opt_e, total, E, self.cfg.zero_grad)
         dd.broadcast_buffers(E, self.dist)
         logs.update({k: float(v.detach()) for k, v in rec.items()})
         logs["delta"] = float(d_loss.detach())

@@ -79,12 +79,9 @@ class RunLog:
         self.scalar_kinds = scalar_kinds
         self.writer = None
         if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # lazy: 0.5 s to import, only when asked for
+            from torch.utils.tensorboard import SummaryWriter  # lazy: 0.5 s to import, only when asked for
 
-                self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
-            except ImportError:  # pragma: no cover - tensorboard is a pinned dependency
-                self.writer = None
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -67,26 +67,22 @@ class ScheduleError(CycleEncodingError):
 def _stage_number(value: StageValue, num_offsets: int) -> int:
     """A written stage as a number in ``[0, num_offsets]``: integers are clamped, ``"max"`` is ``num_offsets``,
     ``"max-n"`` is ``num_offsets - n`` (at least 0)."""
-    if isinstance(value, bool):
-        raise ScheduleError(f"stage {value!r}: expected an integer, 'max' or 'max-N'")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return min(max(value, 0), num_offsets)
-    m = _MAX_RE.match(str(value).strip())
+    m = _MAX_RE.match(str(value).strip())  # no match for True/False, floats, lists ...
     if m is None:
         raise ScheduleError(f"stage {value!r}: expected an integer, 'max' or 'max-N'")
     return max(num_offsets - int(m.group(1) or 0), 0)
 
 
 def _check_stage_value(value: Any, where: str) -> StageValue:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ScheduleError(f"{where}: stage {value!r}: expected an integer, 'max' or 'max-N'")
-    if isinstance(value, int):
-        if value < 0:
-            raise ScheduleError(f"{where}: stage {value} is negative")
-        return value
-    if _MAX_RE.match(value.strip()) is None:
-        raise ScheduleError(f"{where}: stage {value!r}: expected an integer, 'max' or 'max-N'")
-    return value.strip().replace(" ", "")
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise ScheduleError(f"{where}: stage {value} is negative")
+    try:
+        _stage_number(value, 0)
+    except ScheduleError as e:
+        raise ScheduleError(f"{where}: {e}") from None
+    return value.strip().replace(" ", "") if isinstance(value, str) else value
 
 
 def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -205,9 +201,7 @@ class WeightRule:
     @classmethod
     def from_data(cls, data: Any, where: str) -> WeightRule:
         """Parse a number or a dict with keys value, factor, every, offset, since, times."""
-        if isinstance(data, bool):
-            raise ScheduleError(f"{where}: expected a number or a rule (value, factor, every, ...), got {data!r}")
-        if isinstance(data, (int, float)):
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
             return cls(float(data))
         if not isinstance(data, Mapping):
             raise ScheduleError(f"{where}: expected a number or a rule (value, factor, every, ...), got {data!r}")

@@ -24,6 +24,7 @@ from .. import distributed as dd
 from ..checkpoints.common import atomic_torch_save, torch_load
 from ..config import to_dict
 from ..errors import CheckpointError, CycleEncodingError
+from ..optim import zero_grad
 from ..progress import Progress
 from ..utils import atomic_write, resolve_device
 from .runs import RunLog, next_run_dir, rng_state, set_rng_state
@@ -206,9 +207,11 @@ class Trainer:
     def on_end(self) -> None:
         """After the ``end`` record (e.g. the final export)."""
 
-    def optimizer_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, module: nn.Module) -> None:
-        """The gradients of ``loss`` from cleared ones, averaged over the ranks, then one step of ``opt``."""
-        opt.zero_grad(set_to_none=True)
+    def optimizer_step(
+        self, opt: torch.optim.Optimizer, loss: torch.Tensor, module: nn.Module, zero: str = "none"
+    ) -> None:
+        """Clear the gradients (``optim.zero_grad`` mode ``zero``), back-propagate ``loss``, average, step ``opt``."""
+        zero_grad(opt, zero)
         loss.backward()
         dd.average_gradients(module.parameters(), self.dist)
         opt.step()
