@@ -1,11 +1,5 @@
-"""A tuned generator stored as its change from the base generator: the own format's kind ``generator_delta``.
-
-Every tensor whose bits changed is stored as the XOR of the two tensors' bit patterns (unsigned integers of the
-element's width), byte-shuffled (all first bytes, then all second bytes, ...) and zlib-compressed, so that the rebuild
-is bit-exact (a float difference is not: docs/FORMATS.md, "Tuned generators"). The file (safetensors): one ``uint8``
-tensor per changed tensor; ``extra`` holds the encoding, each stored tensor's dtype, shape and sizes, the unchanged
-tensors' names, the base's ``weights_sha256`` and file, and the tuned generator's ``weights_sha256``; ``config`` is
-the base's architecture. Rebuilding refuses a base whose hash differs and checks the rebuilt hash.
+"""A tuned generator stored as its bit-exact change from the base generator (XOR of the bit patterns, byte-shuffled,
+zlib): the own format's kind ``generator_delta``. Design notes: docs/INTERNALS.md, "cycle_encoding.checkpoints.delta".
 """
 
 from __future__ import annotations
@@ -109,7 +103,7 @@ def save_generator_delta(
     level: int = 1,
     base_sha256: str | None = None,
 ) -> DeltaInfo:
-    """Write ``tuned`` as its change from ``base`` (see the module doc); ``base_file``: the name a wrong base is
+    """Write ``tuned`` as its change from ``base``; ``base_file``: the name a wrong base is
     refused with; ``base_sha256``: the base's hash when the caller knows it."""
     if base.config != tuned.config:
         raise ValueError("the tuned generator's architecture differs from the base's")

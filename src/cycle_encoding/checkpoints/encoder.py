@@ -1,10 +1,5 @@
-"""Loading and saving encoders: e4e / pSp / Cycle Encoding ``.pt`` checkpoints and the own format.
-
-An e4e-family checkpoint holds ``{'state_dict': {encoder.*, decoder.*}, 'opts': {...}, 'latent_avg': [N, 512]}``
-(FORMATS.md). The encoder's architecture is read off the tensors: input channels and body widths from the
-input layer and the units, IR or IR-SE from the SE weights, the code width from the heads, the input size
-from the number of convolutions of head 0 (c3 is input/16), the number of heads from ``styles.*``.
-The training stage is not stored in those files (the authors' inference turns all offsets on).
+"""Loading and saving encoders: e4e / pSp / Cycle Encoding ``.pt`` checkpoints (architecture read off the tensors)
+and the own format. Design notes: docs/INTERNALS.md, "cycle_encoding.checkpoints.encoder".
 """
 
 from __future__ import annotations

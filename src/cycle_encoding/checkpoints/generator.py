@@ -1,12 +1,5 @@
-"""Loading a StyleGAN2 generator from any file users bring, and writing it in the project's formats.
-
-Recognised (by content, not by file name):
-- the project's own ``.safetensors`` (kind ``generator``);
-- rosinality ``.pt``: ``{'g_ema', 'latent_avg'}`` from its converter, a training checkpoint
-  (``g``, ``d``, ``g_ema``, ... and no ``latent_avg``: w_avg is then the mean of 10,000 mapped samples),
-  or a bare ``g_ema`` state dict;
-- NVIDIA stylegan2-ada-pytorch ``.pkl`` (``G_ema``, else ``G``), read without NVIDIA's code;
-- e4e / pSp / ReStyle / Cycle Encoding ``.pt`` (the ``decoder.*`` part).
+"""Loading a StyleGAN2 generator from any file users bring (docs/FORMATS.md, "Generators"), and writing it in the
+project's formats. Design notes: docs/INTERNALS.md, "cycle_encoding.checkpoints.generator".
 """
 
 from __future__ import annotations

@@ -1,12 +1,5 @@
-"""Latent codes in the files other StyleGAN tools read and write: the one writer and reader of them in the project.
-
-- ``projected_w.npz``: NVIDIA stylegan2-ada-pytorch's projector output, ``np.savez(path, w=...)`` with one float32
-  array ``w`` of shape ``[n, num_ws, w_dim]`` (``n = 1`` for one image); its ``generate.py --projected-w`` renders
-  every row of it.
-- ``latents.pt``: e4e's inference output, one tensor ``[n, num_ws, w_dim]`` saved with ``torch.save``, in the order
-  of the image files; ``latents.npy``: the same array for numpy users. Beside them ``latents.txt`` names the images,
-  one per line, in that order (e4e's file has no names).
-- a ``.pt`` dict holding one tensor under ``w``, ``ws``, ``latents`` or ``codes``, as notebooks save them (read only).
+"""Latent codes in the files other StyleGAN tools read and write (NVIDIA's ``projected_w.npz``, e4e's ``latents.pt``):
+the one writer and reader of them in the project. Design notes: docs/INTERNALS.md, "cycle_encoding.checkpoints.latents".
 """
 
 from __future__ import annotations
@@ -120,7 +113,7 @@ def _read_npz(p: Path, max_count: int | None) -> np.ndarray:
 def load_latents(
     path: str | Path, num_ws: int | None = None, w_dim: int | None = None, max_count: int | None = None
 ) -> torch.Tensor:
-    """Codes ``[n, num_ws, w_dim]`` (float32) from any file of the module doc; ``num_ws`` / ``w_dim`` (a
+    """Codes ``[n, num_ws, w_dim]`` (float32) from any layout this module reads; ``num_ws`` / ``w_dim`` (a
     generator's) are checked when given, W codes ``[n, w_dim]`` repeated over the ``num_ws`` layers. A file of no
     codes, or of more than ``max_count`` (from the array's header where it has one), is a one-line error."""
     p = Path(path)

@@ -1,10 +1,6 @@
-"""Finding the perception networks' weight files (LPIPS' ImageNet backbones, ArcFace, MoCo) where users keep them.
-
-Order: the option (library: ``given``), the file the run or encoder recorded, the torch hub cache
-(``$TORCH_HOME/hub/checkpoints``), then the folders of ``assets/network_files.json`` (or of the file
-``$CYCLE_ENCODING_NETWORKS`` names); docs/TRAINING.md, "Network files". The file found and how (``Located``) are
-printed and recorded; a missing one is an error naming it, where it usually lives, the option and an offline network.
-"""
+"""Finding the perception networks' weight files (LPIPS' ImageNet backbones, ArcFace, MoCo) where users keep them, in
+the order docs/TRAINING.md, "Network files" gives; a missing one is an error naming it, where it usually lives, the
+option and an offline network."""
 
 from __future__ import annotations
 
@@ -119,7 +115,7 @@ def locate_network_file(
     recorded: str | Path | None = None,
     domain: str | None = None,
 ) -> Located:
-    """The weight file of ``network`` by the order of the module doc; a one-line error when none is found."""
+    """The weight file of ``network`` in the order docs/TRAINING.md, "Network files" gives; a one-line error when none is found."""
     if given is not None:
         p = Path(given).expanduser()
         if not p.is_file():

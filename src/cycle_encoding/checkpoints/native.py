@@ -1,14 +1,5 @@
-"""The project's own model format: one ``.safetensors`` file.
-
-The tensors are stored as safetensors (no pickle, nothing executes on load); the header's metadata
-holds one JSON document under the key ``cycle_encoding``::
-
-    {"format": "cycle-encoding", "format_version": 1, "kind": "generator",
-     "config": {...architecture...}, "provenance": {...where it came from...}, "extra": {...}}
-
-``kind`` says what the tensors are (``generator``, ``discriminator``, ``encoder``, ...); ``config`` is
-what is needed to build the network; ``provenance`` records the source file, its format and hash,
-the command or tool version that wrote it. Readers of other formats convert into this one.
+"""The project's own model format: one ``.safetensors`` file whose metadata holds the kind, architecture and
+provenance as JSON. Design notes: docs/INTERNALS.md, "cycle_encoding.checkpoints.native".
 """
 
 from __future__ import annotations

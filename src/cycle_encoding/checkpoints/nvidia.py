@@ -1,14 +1,5 @@
-"""NVIDIA stylegan2-ada-pytorch ``.pkl`` files, read without NVIDIA's code and without running any.
-
-NVIDIA's loader imports ``torch_utils``/``dnnlib`` and ``exec``s the source code stored in the pickle. Here a
-restricted unpickler admits only what the data needs: ``torch_utils.persistence._reconstruct_persistent_obj`` (mapped
-to a function that keeps the class name and ``meta['state']``, the module's ``__dict__``, and never looks at
-``meta['module_src']``), ``dnnlib.util.EasyDict`` (as ``dict``), torch's tensor rebuild functions, dtypes and
-``torch.Size`` (``torch.storage._load_from_bytes`` replaced by a ``weights_only=True`` loader), a few builtin
-containers, and numpy scalars (NVIDIA's layers keep ``np.sqrt(...)`` floats) through stand-ins that build only a
-plain number. Anything else is refused by name before it is called; TensorFlow-era pickles are refused saying what
-they are. The networks are flattened into NVIDIA's state-dict names and converted to rosinality's layout
-(FORMATS.md).
+"""NVIDIA stylegan2-ada-pytorch ``.pkl`` files, read without NVIDIA's code and without running any (a restricted
+unpickler), converted to rosinality's layout. Design notes: docs/INTERNALS.md, "cycle_encoding.checkpoints.nvidia".
 """
 
 from __future__ import annotations

@@ -1,20 +1,5 @@
-"""The encoder's Ranger state, read from the files that carry it, keyed by parameter NAME.
-
-The regularized refinement restores the encoder's optimizer state for every target, as the authors'
-``restart_training()`` does. Three sources:
-
-- e4e / pSp / Cycle Encoding ``.pt``: ``obj['optimizer']`` (saved with ``--keep_optimizer``), whose ``state`` is keyed
-  0..P-1 in the order of the ``encoder.*`` PARAMETER keys of ``obj['state_dict']`` (BatchNorm buffers left out);
-  index i is mapped to the i-th such name (this project's module names are e4e's). With ``opts.train_decoder`` the
-  decoder's parameters follow in the same optimizer; only the encoder's part is taken.
-- a ``train-encoder`` ``checkpoint.pt``: ``opt_e`` over this project's ``E.parameters()``;
-- the companion ``NAME-optimizer.safetensors`` of an encoder ``NAME.safetensors`` (kind ``encoder-optimizer``,
-  :func:`save_optimizer_state`): per parameter ``NAME.exp_avg``, ``NAME.exp_avg_sq`` and ``NAME.slow_minus_weight``
-  (Lookahead's slow weights minus the weights, so bf16 storage loses nothing that matters; absent where zero, right
-  after a Lookahead sync); the step counts and hyper-parameters in the header.
-
-Strict: a state whose count, names or shapes do not fit the encoder is an error naming the file and the first
-mismatch, never a partial load.
+"""The encoder's Ranger state, read from the files that carry it, keyed by parameter NAME (strict: never a partial
+load). Design notes: docs/INTERNALS.md, "cycle_encoding.checkpoints.optimizer".
 """
 
 from __future__ import annotations

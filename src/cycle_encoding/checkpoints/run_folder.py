@@ -1,37 +1,5 @@
-"""The run folder of ``cycle-encoding invert``: its layout, the primitives that write it and the one reader of it.
-
-A run folder ``RUN_DIR``::
-
-    config.json                 resolved options, generator / encoder files and weight hashes, loss networks' names
-    summary.json                what was done, skipped and failed; per stage: seconds per image, MSE, PSNR, perceptual
-    images/<name>/
-        target.png              the target as inverted (centre-cropped, resized to G's resolution)
-        pivots.safetensors      the [N, w_dim] code after each stage (own format, kind "pivots"; ``tune`` keeps
-                                the pivot of the stage before it)
-        recon_<stage>.png       G(pivot) after each stage (the tuned G after ``tune``)
-        losses.jsonl            one line per optimization step of every stage
-        timings.json            seconds per stage
-        generator_delta.safetensors   the tuned G as its change from the base (``delta.py``); with shared tuning
-                                none here: ``result.json``'s ``delta.file`` names the run's one change
-        projected_w.npz         the final pivot (the one tuning started from) in NVIDIA's projector layout: key ``w``,
-                                [1, N, w_dim] float32, for ``generate.py --projected-w`` and the like
-        result.json             metrics per stage, tuning steps, delta size, sha256 of each reconstruction's float32
-                                tensor (rebuild base + delta, render the pivot: the same hash, bit for bit)
-        done                    written last: the image is finished
-    latents.pt, latents.npy     the finished images' final pivots stacked [n, N, w_dim] (e4e's inference output) ...
-    latents.txt                 ... and their names, one per line, in the same order (written with summary.json)
-    edits/<tag>/                the edits of ``cycle-encoding edit`` (``editing/render.py``)
-    generator_delta.safetensors shared tuning (``tune_mode`` shared): the ONE generator tuned on all the images, as
-                                its change from the base; every image's ``result.json`` refers to it (``delta.file``,
-                                ``delta.file_sha256``)
-    shared.json                 shared tuning: the images (name:input sha256) the generator was tuned on, its rounds
-                                and steps, the stored change's size and sha256 (written before any image is done)
-    shared_tune.pt              shared tuning: its state every ``tune_save_every`` rounds (weights, Adam's moments,
-                                the images' random states, losses), removed once every image is done
-
-Every file is written atomically (temporary file, then rename; a killed run's temporaries are removed when the folder
-is next written). ``inversion/run_folder.py`` drives an inverter over the folder and writes through the functions
-here; every reader reads through ``InversionRun``, which refuses any file that leads outside the run folder.
+"""The run folder of ``cycle-encoding invert``: its layout, the primitives that write it (atomically) and the one
+reader of it (``InversionRun``). Design notes: docs/INTERNALS.md, "cycle_encoding.checkpoints.run_folder".
 """
 
 from __future__ import annotations
@@ -307,7 +275,7 @@ class RunImage:
 
 
 class InversionRun:
-    """A run folder of ``cycle-encoding invert`` (see the module doc). Only images with ``done`` are listed."""
+    """A run folder of ``cycle-encoding invert`` (layout: docs/INTERNALS.md). Only images with ``done`` are listed."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir)
