@@ -1,9 +1,5 @@
 """The ``cycle-encoding`` command line: argument parsing and printing only; the work is in the library.
-
-Each module named in COMMAND_MODULES defines ``register(subparsers, common)`` that adds its commands.
-Errors meant for the user (CycleEncodingError) print one line and exit non-zero; ``--debug`` shows the
-traceback instead.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.cli"."""
 
 from __future__ import annotations
 

@@ -22,11 +22,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="MSE, PSNR, SSIM, MS-SSIM, perceptual distance and identity similarity between two image folders",
         description="Pairs the images of --pred and --target by file name (without extension) and reports each "
         "metric per image and as mean +- std. --pred may be an inversion run folder (cycle-encoding invert): its "
-        "reconstructions after --stage are measured against the targets it inverted (or against --target's files of "
-        "the same names). Unmatched and unreadable files are listed, not fatal (unreadable ones make the exit "
-        "status 3). "
-        "The perceptual distance is LPIPS only with an ImageNet backbone file (--lpips-backbone); "
-        "otherwise name another one with --perceptual (e.g. dlib-face for faces).",
+        "reconstructions after --stage are measured against the targets it inverted (or --target's files of the "
+        "same names). Unmatched and unreadable files are listed, not fatal (unreadable ones make the exit status 3).",
     )  # fmt: skip
     p.add_argument("--pred", required=True, type=Path,
                    help="folder of reconstructed / predicted images, or an inversion run folder (RUN_DIR)")  # fmt: skip

@@ -25,8 +25,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="write an image's tuned generator (base + stored change) as a standalone file",
         description="Rebuilds the generator that pivotal tuning made for IMAGE of RUN_DIR (the run's base generator "
         "plus the image's stored change, checked bit for bit against the hash the run recorded) and writes it as a "
-        "standalone file: rosinality's layout ({'g_ema', 'latent_avg'} .pt, which this project loads, and "
-        "rosinality/stylegan2-pytorch, e4e and PTI where rosinality's class builds its widths: a note says otherwise) or the project's own .safetensors. The file is checked by rendering the image's "
+        "standalone file (--format; docs/FORMATS.md, Other StyleGAN tools). The file is checked by rendering the image's "
         "pivot with it: the result must be the run's tuned reconstruction, bit for bit.",
     )  # fmt: skip
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder (cycle-encoding invert)")

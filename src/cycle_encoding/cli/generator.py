@@ -79,12 +79,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = add_command(
         sub, common, "convert", cmd_convert,
         help="convert a generator to the own format or rosinality .pt",
-        description="Reads SRC (rosinality .pt, NVIDIA stylegan2-ada .pkl, e4e/pSp .pt, the project's .safetensors, "
-        "or a tuned generator's stored change rebuilt on its base) and writes DST: the project's .safetensors "
-        "(weights + a JSON of the architecture and where it came from) or rosinality's {'g_ema', 'latent_avg'} "
-        ".pt, which rosinality/stylegan2-pytorch, e4e and PTI load when its widths and 3 image channels are the ones "
-        "rosinality's Generator(size, style_dim, n_mlp, channel_multiplier) builds (otherwise a note, and the file, say "
-        "what to patch in that class; this project reads any).",
+        description="Reads SRC (any supported format, docs/FORMATS.md, or a tuned generator's stored change rebuilt "
+        "on its base) and writes DST: the project's .safetensors or rosinality's {'g_ema', 'latent_avg'} .pt, which "
+        "rosinality/stylegan2-pytorch, e4e and PTI load when rosinality's Generator builds its widths and 3 image "
+        "channels (otherwise a note, and the file, say what to patch in that class; this project reads any).",
     )  # fmt: skip
     p.add_argument("src", type=Path, metavar="SRC", help="the generator file to read (any supported format)")
     p.add_argument("dst", type=Path, metavar="DST", help="the file to write (.safetensors or .pt)")

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..editing.editor import Editor
 from ..errors import CycleEncodingError
+from ..ui.page import TUNE_BOUND_WHY
 from .common import add_command, add_device_arg, comma_list
 
 
@@ -34,8 +35,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--methods", default="sefa,ganspace", help="generator directions: sefa,ganspace (default both)")
     p.add_argument("--stages", default="encoder,tune", help="stages ticked at start (default encoder,tune)")
     p.add_argument("--tune-steps", type=int, default=100,
-                   help="tuning steps at most, at start (default 100); the page takes at most 3500, ten times the "
-                        "authors' 350, so that one visitor cannot hold the server for hours")  # fmt: skip
+                   help=f"tuning steps at most, at start (default 100); the page's are {TUNE_BOUND_WHY}")  # fmt: skip
     p.add_argument("--perceptual", default=None,
                    help="inversion's perceptual distance (default: fmnist-features for fmnist-generator, else "
                         "lpips-alex, which needs --lpips-backbone)")  # fmt: skip
