@@ -29,12 +29,6 @@ PRECISIONS = ("fp32", "bf16")
 ``bf16`` the networks' forward and backward under bfloat16 autocast, with float32 weights, loss and optimizer."""
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
-
-
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """The CPU's feature flags as Linux lists them (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
     if cpuinfo is None:
@@ -86,7 +80,8 @@ def autocast(device: torch.device | str, precision: str = "fp32") -> Iterator[No
     computation is exactly the one without this call); ``bf16`` runs them under ``torch.autocast`` in bfloat16
     (convolutions and matmuls in bf16, reductions and losses kept in float32 by autocast's rules) on the CPU or
     CUDA. Parameters stay float32; their gradients are float32."""
-    check_precision(precision)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         yield
         return
@@ -105,14 +100,18 @@ def compile_pass(fn: Callable[..., Any], device: torch.device) -> Callable[..., 
     """``fn`` (a network's forward pass) compiled by ``torch.compile`` for fixed shapes (the training steps, the
     refinement; the first calls take a minute or two: graph capture and code generation). On a CPU the generated
     code is C++: a missing compiler is a one-line error here rather than a long trace at the first step."""
-    if device.type == "cpu":
-        from torch._inductor import config as inductor_config  # lazy: heavy, only for torch.compile
-
-        cxx = inductor_config.cpp.cxx
-        names = [c for c in (cxx if isinstance(cxx, (tuple, list)) else (cxx,)) if c] or ["g++"]
-        if not any(shutil.which(str(c)) for c in names):
-            raise CycleEncodingError("--compile on a CPU needs a C++ compiler (g++); install it or leave --compile off")
+    if device.type == "cpu" and not has_compiler():
+        raise CycleEncodingError("--compile on a CPU needs a C++ compiler (g++); install it or leave --compile off")
     return torch.compile(fn, dynamic=False)
+
+
+def has_compiler() -> bool:
+    """Whether ``torch.compile`` can generate CPU code here (the C++ compiler torch's inductor uses, on the PATH)."""
+    from torch._inductor import config as inductor_config  # lazy: heavy, only for torch.compile
+
+    cxx = inductor_config.cpp.cxx
+    names = [c for c in (cxx if isinstance(cxx, (tuple, list)) else (cxx,)) if c] or ["g++"]
+    return any(shutil.which(str(c)) for c in names)
 
 
 def keep_freed_memory() -> bool:

@@ -7,8 +7,6 @@ whether or not the run was interrupted before it.
 
 from __future__ import annotations
 
-import functools
-import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,23 +23,21 @@ from ..ops import compile_pass, convert_channels
 STAGE_NUMBERS = {"encoder": 1, "refine": 2, "project": 3, "tune": 4}
 
 
-def reconstruction_terms(
-    y: torch.Tensor, x: torch.Tensor, nets: LossNetworks, with_identity: bool = True
-) -> dict[str, torch.Tensor]:
+def reconstruction_terms(y: torch.Tensor, x: torch.Tensor, nets: LossNetworks) -> dict[str, torch.Tensor]:
     """Per-sample terms between reconstructions ``y`` and targets ``x``: ``l2`` (MSE), ``perceptual`` (distance),
     ``identity`` (1 - cosine), each ``[B]``; a term whose network is None is absent."""
     out = {"l2": (y - x.to(y.dtype)).square().flatten(1).mean(dim=1)}
     if nets.perceptual is not None:
         out["perceptual"] = nets.perceptual(y, x).reshape(-1)
-    if with_identity and nets.identity is not None:
+    if nets.identity is not None:
         out["identity"] = 1 - nets.identity(y, x).reshape(-1)
     return out
 
 
 def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """``sum_k weights[k] * terms[k]`` over the terms present (same shape as each term)."""
-    parts = [w * v for k, v in terms.items() if (w := weights.get(k, 0.0))]
-    return functools.reduce(operator.add, parts) if parts else torch.zeros_like(next(iter(terms.values())))
+    zero = torch.zeros_like(next(iter(terms.values())))
+    return sum((w * v for k, v in terms.items() if (w := weights.get(k, 0.0))), zero)
 
 
 def stage_seed(seed: int, index: int, stage: str) -> int:

@@ -68,7 +68,7 @@ from ..data.datasets import ImageDataset, ImageFolderDataset, open_dataset
 from ..errors import CheckpointError, CycleEncodingError
 from ..networks.encoder import Encoder4Editing
 from ..networks.stylegan2 import Generator
-from ..ops import autocast, check_precision, compile_pass, pool_to, resize
+from ..ops import PRECISIONS, autocast, compile_pass, pool_to, resize
 from ..optim import Ranger, centralized_gradient
 from ..utils import resolve_device
 from .common import LossNetworks, cpu_generator, frozen, reconstruction_terms, synthesis_pass, weighted_sum
@@ -98,11 +98,11 @@ class RefineConfig:
     compile: bool = False  # torch.compile the encoder's body and G's synthesis (the first target pays the compile)
 
     def __post_init__(self) -> None:
-        check_one_of(self, "refine.", optimizer_state=OPTIMIZER_CHOICES, noise_mode=("random", "const"))
+        check_one_of(self, "refine.", optimizer_state=OPTIMIZER_CHOICES, noise_mode=("random", "const"),
+                     precision=PRECISIONS)  # fmt: skip
         check_at_least(self, "refine.", substitute_batches=1, steps=1, num_random=0, lambda_reg=0)
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"refine.lr must be positive, got {self.lr}")
-        check_precision(self.precision)
 
     @property
     def reg_weight(self) -> float:

@@ -425,7 +425,7 @@ def write_summary(
     for n in names:
         folder = rf.image_folder(out, n)
         if (folder / rf.DONE).is_file() and (folder / rf.RESULT).is_file():
-            records.append(json.loads((folder / rf.RESULT).read_text()))
+            records.append(rf.read_json(folder / rf.RESULT))
     per_stage: dict[str, dict[str, Any]] = {}
     for s in inverter.config.stages:
         rows = [r for r in records if s in r.get("metrics", {})]

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from ..ops import has_compiler
 
 SPEED_OPTIONS = ("batch_passes", "tune_batch", "compile", "workers", "threads")
 MAX_TUNE_BATCH = 8
@@ -105,11 +106,6 @@ def available_memory() -> int | None:
 def resident_memory() -> int | None:
     """Bytes this process holds in memory now (Linux's VmRSS), or None where unknown."""
     return _proc_bytes("/proc/self/status", "VmRSS")
-
-
-def has_compiler() -> bool:
-    """Whether ``torch.compile`` can generate CPU code here (a C++ compiler on the PATH)."""
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
 def _finish_estimate(images: int, workers: int, cores: int, resolution: int) -> float:

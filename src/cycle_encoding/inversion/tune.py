@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..config import check_at_least, check_one_of
 from ..networks.stylegan2 import NOISE_MODES, Generator
-from ..ops import autocast, check_precision
+from ..ops import PRECISIONS, autocast
 from .common import LossNetworks, cpu_generator, frozen, synthesis_pass
 
 
@@ -69,8 +69,7 @@ class TuneConfig:
         check_at_least(self, "tune.", steps=0, locality_every=1, locality_samples=1)
         if not self.lr > 0:
             raise ValueError(f"tune.lr must be positive, got {self.lr}")
-        check_one_of(self, "tune.", locality_noise_mode=NOISE_MODES)
-        check_precision(self.precision)
+        check_one_of(self, "tune.", locality_noise_mode=NOISE_MODES, precision=PRECISIONS)
 
 
 @dataclass
