@@ -1,11 +1,5 @@
 """Multi-process data parallel helpers: one code path for one process or many under ``torchrun``.
-
-Gradients are averaged by hand (one flattened all-reduce per network) instead of wrapping networks in
-DistributedDataParallel: the lazy R1 penalty differentiates through the discriminator's input gradient
-(double backward), which DDP does not support, and the per-image refinement later runs unwrapped networks.
-BatchNorm running statistics are broadcast from rank 0 after each step, as DDP would, so that all ranks
-hold identical networks.
-"""
+Design notes (why no DistributedDataParallel): docs/INTERNALS.md, "cycle_encoding.distributed"."""
 
 from __future__ import annotations
 

@@ -1,26 +1,5 @@
 """Ranger: RAdam + Lookahead + gradient centralization, the encoder optimizer of e4e and Cycle Encoding.
-
-Written here because the packaged versions do not fit: ``pytorch-ranger`` 0.1.1 (2020) and ``torch-optimizer`` 0.3.0
-(2021) are unmaintained, have no gradient centralization, and use tensor-method overloads that PyTorch 2.13 only
-accepts with deprecation warnings. The update below is the one of the Ranger that e4e ships
-(Ranger 2020, GC on every weight with more than one dimension, Lookahead k=6, alpha=0.5, threshold 5).
-
-For each parameter p with gradient g, at step t (1-based):
-
-1. gradient centralization (``use_gc``): if ``g.dim() > 1`` (``> 3`` with ``gc_conv_only``), subtract the mean of g
-   over all dimensions but the first (per output unit);
-2. moments: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``;
-3. RAdam rectification: ``rho_inf = 2 / (1 - b2) - 1``, ``rho_t = rho_inf - 2 t b2^t / (1 - b2^t)``;
-   if ``rho_t > threshold``:
-   ``p -= lr * sqrt((1 - b2^t) (rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t)) / (1 - b1^t)
-   * m / (sqrt(v) + eps)``, else ``p -= lr * m / (1 - b1^t)`` (momentum SGD while the variance estimate is poor);
-   weight decay, when non-zero, first does ``p -= weight_decay * lr * p``;
-4. Lookahead: the slow weights start as p before its first update; every k steps
-   ``slow += alpha (p - slow)`` and p is set to slow.
-
-All state (step count, moments, slow weights) lives in ``optimizer.state`` and the hyper-parameters in the param
-groups, so ``state_dict()`` / ``load_state_dict()`` resume bit-exactly.
-"""
+Design notes (the update, why not a packaged one): docs/INTERNALS.md, "cycle_encoding.optim"."""
 
 from __future__ import annotations
 
@@ -33,7 +12,7 @@ from torch.optim import Optimizer
 
 
 class Ranger(Optimizer):
-    """RAdam with Lookahead and gradient centralization (the update: the module doc); the defaults are e4e's."""
+    """RAdam with Lookahead and gradient centralization (the update: the design notes); the defaults are e4e's."""
 
     def __init__(
         self,
@@ -129,7 +108,7 @@ class Ranger(Optimizer):
 
 
 def centralized_gradient(grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-    """``grad`` in float32, centralized as the param group's ``use_gc`` and ``gc_conv_only`` ask (step 1 above)."""
+    """``grad`` in float32, centralized as the param group's ``use_gc`` and ``gc_conv_only`` ask (step 1 of the update)."""
     grad = grad.float()
     if group["use_gc"] and grad.dim() > (3 if group["gc_conv_only"] else 1):
         grad = grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
@@ -137,18 +116,9 @@ def centralized_gradient(grad: torch.Tensor, group: dict[str, Any]) -> torch.Ten
 
 
 def zero_grad(optimizer: Optimizer, mode: str = "zero") -> None:
-    """Clear the gradients of ``optimizer``'s parameters before a backward pass.
-
-    ``mode="none"``: gradients set to None (PyTorch >= 2.0's default): a parameter the next backward does not reach
-    has no gradient, and Ranger skips it (it freezes, its moments stay as they were).
-
-    ``mode="zero"``: PyTorch 1.6's ``zero_grad()`` (the authors' version): every gradient that exists is zeroed in
-    place, and a parameter keeps a (zero) gradient once it has received one. A parameter the next backward does not
-    reach (an offset head switched off in W+ -> W) still takes a Ranger step on a zero gradient: its moments decay
-    (``m *= b1``, ``v *= b2``) and it keeps moving by ``m / (sqrt(v) + eps)``, as in the authors' run. "Has received
-    one" is read off the optimizer state (Ranger creates it on a parameter's first gradient), so this also holds
-    after resuming from a checkpoint or restoring a saved state, where no gradient tensors exist yet.
-    """
+    """Clear the gradients before a backward pass: ``"none"`` sets them to None (Ranger skips a parameter the backward
+    does not reach); ``"zero"`` is PyTorch 1.6's (the authors'): zeroed in place, and a parameter with optimizer state
+    gets a zero gradient, so it still takes a Ranger step (design notes: docs/INTERNALS.md, "cycle_encoding.optim")."""
     if mode not in ("zero", "none"):
         raise ValueError(f"zero_grad mode must be 'zero' (PyTorch 1.6) or 'none', got {mode!r}")
     for group in optimizer.param_groups:

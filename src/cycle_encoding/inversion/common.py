@@ -1,9 +1,5 @@
 """Pieces the inversion stages share: the loss networks by name, per-sample reconstruction terms, seeds, rendering.
-
-Seeds: every random draw of a stage comes from a ``torch.Generator`` seeded by (run seed, image index, stage), never
-from the global generator, so an image gives the same result whichever process handles it, in whatever order, and
-whether or not the run was interrupted before it.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.common"."""
 
 from __future__ import annotations
 

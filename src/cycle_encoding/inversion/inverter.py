@@ -1,13 +1,6 @@
 """The ``Inverter``: its networks and loss networks set up once, then the inversion of one image by the configured
-stages, each optional, run in this order (the paper's steps):
-
-1. ``encoder``: the pivot w = E(x), eval mode (``pivot.py``);
-2. ``refine``: the regularized refinement of the encoder on this target, and the pivot it gives (``refine.py``);
-   ``project``: PTI's W projector instead, the baseline pivot (``project.py``); needs no encoder;
-3. ``tune``: pivotal tuning of G around the pivot of the last pivot stage before it (``tune.py``).
-
-After each stage: G(pivot) rendered, its metrics against the target, its time. Over a folder: ``run_folder.py``.
-"""
+stages (encoder, refine or project, tune), or of a folder into a run folder.
+Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.inverter"."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""Stage ``encoder``: the pivot straight from the encoder, E(x) in eval mode (the authors' "Method 1").
-
-Which offsets take part (``offsets``):
-- ``"all"`` (default): every offset D_1..D_{N-1}, as the authors' inference builds the encoder (stage "Inference"),
-  although a cycle-trained encoder ended its training in stage 0;
-- ``"trained"``: the stage the encoder's training ended in (recorded in the project's encoder files and training
-  checkpoints; e4e-family files do not record it, so asking for it there is an error).
-The default follows the authors' code; METHOD.md asks for both to be measured, which the benchmark can do.
-"""
+"""Stage ``encoder``: the pivot straight from the encoder, E(x) in eval mode, with all offsets or the trained stage's.
+Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.pivot"."""
 
 from __future__ import annotations
 

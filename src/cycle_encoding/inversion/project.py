@@ -1,22 +1,5 @@
 """Stage ``project``: the baseline pivot by optimization in W, as PTI's projector finds it (for comparisons).
-
-One 512-d code w (repeated over all N layers) and the generator's noise maps are optimized by Adam
-(betas 0.9, 0.999) for ``steps`` (450) steps; at step s of S, t = s / S:
-
-- learning rate ``lr * ramp``, ramp = min(1, (1 - t) / rampdown) -> 0.5 - 0.5 cos(pi ramp), times min(1, t / rampup)
-  (lr 0.01, rampdown 0.25, rampup 0.05);
-- the code is perturbed by Gaussian noise of scale ``w_std * noise_factor * max(0, 1 - t / noise_ramp)^2``
-  (0.05, 0.75), where w_avg / w_std are the mean and the root mean squared distance to it of ``w_avg_samples``
-  (PTI's 600) mapped codes; the code starts at that mean;
-- loss = perceptual distance between the synthesized and the target image, both area-downsampled to 256
-  when larger (PTI: VGG16 LPIPS; ``perceptual`` names this stage's network, e.g. ``lpips-vgg``, when it should differ
-  from the run's, which the other stages use), + ``l2_lambda`` MSE (0 as in PTI) + ``noise_reg_weight`` (1e5) * the noise regularization:
-  for each noise map, at each scale down to 8x8 (halving by 2x2 average pooling), the squared mean of its product
-  with itself shifted by one pixel, horizontally and vertically;
-- after each step each noise map is normalized to zero mean and unit mean square.
-The pivot is the final w repeated N times; the optimized noise is discarded (tuning uses G's constant noise, as PTI's
-coach does), so the projector works on its own noise maps and never changes G.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.project"."""
 
 from __future__ import annotations
 
@@ -66,7 +49,7 @@ def learning_rate(step: int, config: ProjectConfig) -> float:
 
 
 def noise_regularization(noises: list[torch.Tensor]) -> torch.Tensor:
-    """Sum over maps and scales of the squared mean correlation with the one-pixel shifts (see the module doc)."""
+    """Sum over maps and scales of the squared mean correlation with the one-pixel shifts (see the design notes)."""
     reg = noises[0].new_zeros(())
     for v in noises:
         n = v
@@ -93,7 +76,7 @@ def project_w(
     seed: int = 0,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> ProjectResult:
-    """Find a W code whose image matches ``target`` ``[1, C, R, R]`` (see the module doc). G is not changed."""
+    """Find a W code whose image matches ``target`` ``[1, C, R, R]`` (see the design notes). G is not changed."""
     c = config or ProjectConfig()
     nets = nets or LossNetworks()
     if nets.perceptual is None and c.l2_lambda <= 0:

@@ -1,45 +1,6 @@
-"""Stage ``refine``: the regularized pivot refinement of the paper (Eq. 5-6), as the authors run it ("Method 2").
-
-For each target x the ENCODER's weights are optimized (the code is a function of them):
-
-    L_S(x)      = l2 * MSE(x, G(E(x))) + perceptual * P(x, G(E(x))) + identity * (1 - cos ID(x, G(E(x))))
-    L_ref       = (L_S(x) + lambda_reg * mean_i L_S(x*_i)) / (1 + lambda_reg)
-
-with x*_1..x*_M real images of the encoder's training set. With the defaults (M = 7, lambda_reg = M) L_ref is the
-mean of L_S over the batch [x*_1..x*_7, x], which is what the authors' code minimizes (Eq. 6 times 1/8).
-
-How it runs (read off the authors' refinement script and coach):
-- start from the trained encoder and its Ranger state, restored for every target as the authors do (their
-  ``restart_training()`` reloads the state saved with ``--keep_optimizer``), read from the encoder's file or its
-  companion ``NAME-optimizer.safetensors`` (:mod:`cycle_encoding.checkpoints.optimizer`). ``optimizer_state`` chooses:
-  ``auto`` (default): restored when the file has a state, else the substitute; ``restore`` (an error without one);
-  ``substitute``; ``fresh``. Which one happened is in ``describe()``, the run's ``config.json`` and on the console.
-- the substitute, for files without a state: Ranger's moments estimated, before the first target, from
-  ``substitute_batches`` (K, default 20) batches of M + 1 random training images: each batch's gradient of the
-  refinement loss (mean L_S, all offsets, train mode, the run's noise), centralized as Ranger does, gives
-  ``exp_avg = mean_k g_k`` and ``exp_avg_sq = mean_k g_k^2``; the step count is set to 6000 (a multiple of
-  Lookahead's k = 6, where RAdam's bias corrections are ~1: the moments are already unbiased estimates), the slow
-  weights to the weights, and the BatchNorm statistics are put back (15 updates of a fresh Ranger move the encoder
-  10-30x less than restored ones, METHOD.md: that nearly switches the refinement off).
-- G renders with random noise (the authors' ``randomize_noise=True``), drawn from the image's seeded generator;
-  ``noise_mode="const"`` uses G's stored noise;
-- all offsets active, BatchNorm in train mode, no delta or adversarial term;
-- ``steps`` = K forward passes (default 16) on [M random training images + x], the target last; the encoder takes
-  an optimizer step after each of the first K - 1; the pivot is the target's code from the K-th forward, i.e. after
-  K - 1 = 15 updates, in train mode (batch statistics), as the authors save it. (Their loop also steps after the
-  K-th forward; that update cannot change the pivot, so it is skipped here.)
-- the M random images are drawn afresh for every step, as the authors' shuffled data loader does, by a generator
-  seeded from (run seed, image index): a run is reproducible and an image's result does not depend on which
-  process handles it (``resample_each_step=False`` keeps one draw for all K steps instead);
-- G's output is average-pooled to the training image size (256 for faces, ``min(G.resolution, 256)`` in general,
-  or the size the encoder was trained at when the checkpoint says), and the targets are resized to it;
-- after each target, encoder weights, BatchNorm statistics and optimizer state are reset to the saved copies
-  (deep copies made once, not reloaded from disk).
-
-``compile=True`` (``invert --compile``) passes the encoder's body and G's synthesis through ``torch.compile``: the
-shapes are fixed (batches of M + 1 at the loss size) and the weights are reset in place, so the first target's
-compile serves all later ones; the results equal the uncompiled loop's within float rounding.
-"""
+"""Stage ``refine``: the regularized pivot refinement of the paper (Eq. 5-6), as the authors run it ("Method 2"): the
+encoder's weights optimized on the target and M random training images, from its restored Ranger state.
+Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.refine"."""
 
 from __future__ import annotations
 
@@ -296,7 +257,7 @@ class RegularizedRefiner:
         return sd
 
     def _estimate_substitute(self, seed: int) -> None:
-        """Ranger's moments from K batches of training images (see the module doc); BatchNorm statistics restored."""
+        """Ranger's moments from K batches of training images (see the design notes); BatchNorm statistics restored."""
         c = self.config
         gen = cpu_generator(seed * 7_919 + 12_345)
         E = self.E

@@ -1,20 +1,6 @@
-"""An inversion over many images into a run folder (its layout and files: ``checkpoints/run_folder.py``):
-resumable, splittable by ``torchrun``.
-
-A re-run with the same options skips images that have ``done``, removes stray temporary files and redoes the rest.
-Finished images are known by content, not only by name: ``result.json`` records the sha256 of the input file
-(``input_sha256``), and an image whose input file changed since is inverted again (and said so).
-
-Two processes may fill one folder (two ``invert`` commands, or ``torchrun`` ranks): each image is inverted under a lock
-(``images/.<name>.lock``, an advisory ``flock`` that the system releases when its process ends, killed or not), and
-an image whose lock another process holds is left to it and listed as ``busy``. Each image's random draws are seeded
-by (seed, its index in the sorted list, stage) (``common.py``). A re-run with other options into the same folder is
-refused.
-
-Under ``torchrun`` (WORLD_SIZE > 1) rank 0 lists the images still to do, rank r takes every world_size-th of them from
-position r, and rank 0 gathers what each rank did into one ``summary.json``. Ranks share nothing else, so they may be
-on different machines with a shared ``RUN_DIR``.
-"""
+"""An inversion over many images into a run folder (its layout and files: ``checkpoints/run_folder.py``): resumable,
+shared by processes under per-image locks, splittable by ``torchrun``.
+Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.run_folder"."""
 
 from __future__ import annotations
 

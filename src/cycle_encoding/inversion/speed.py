@@ -1,15 +1,6 @@
-"""How a run of ``invert`` uses the machine: ``plan_speed`` chooses, per run, the batched pass, how many images share
-a tuning batch, whether to compile, and worker processes against threads, from the images' number, the generator's
-resolution, the device and the CPU; ``SpeedPlan`` is its choice with the reason for each part (printed by ``invert``
-and recorded in the run's ``config.json``). ``exact=True`` is the authors' loop: no batched pass, one image at a time,
-nothing compiled, one process with torch's default threads (precision is chosen apart: ``--exact`` also sets fp32).
-
-The rules and the tables below come from the measurements in docs/PERFORMANCE.md (``benchmarks/throughput.py``): the
-batched pass up to 64 px; a tuning batch at 32 px only, smaller when worker processes share the images (each process
-claims a whole batch); worker processes of one thread each (torch's threads share one image's small convolutions
-poorly, processes share nothing) in the number whose estimated finish is soonest (``_finish_estimate``) within the
-memory available; compiling only on a CPU with native bf16, from ``COMPILE_MIN_IMAGES`` images per process.
-"""
+"""How a run of ``invert`` uses the machine: ``plan_speed`` chooses the batched pass, the tuning batch, compiling,
+and worker processes against threads; ``SpeedPlan`` is its choice with the reason for each part.
+Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.speed"."""
 
 from __future__ import annotations
 

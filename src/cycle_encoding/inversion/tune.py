@@ -1,32 +1,6 @@
-"""Stage ``tune``: pivotal tuning of all the generator's weights with the pivot fixed (PTI), regularized.
-
-Starting from a copy of the pretrained G for each image, Adam (lr 3e-4, betas 0.9, 0.999) takes at most ``steps``
-(350) steps on
-
-    loss = l2 * MSE(G(w_p), x) + perceptual * P(G(w_p), x)                          (1.0, 1.0; full resolution,
-                                                                                       G's constant noise)
-         + [locality regularizer]   0.1 * MSE(G_orig(w_r), G(w_r)) + 0.1 * P(G_orig(w_r), G(w_r)),
-           w_r = w_p + alpha (w_z - w_p) / ||w_z - w_p||,  w_z = mapping(z) truncated at 0.5, z ~ N(0, I),
-           alpha = 30, ||.|| the Frobenius norm over the whole N x w_dim code, every step, one sample,
-           both images without noise (``noise_mode="none"``, as PTI's regularizer renders them; with
-           ``locality_noise_mode="random"`` both get the same noise, drawn from the tuning's seeded generator).
-
-Early stop as PTI's coach does it: at each step the current G renders the pivot; when P(G(w_p), x) <= threshold
-(0.07, the Cycle Encoding authors' value; upstream PTI 0.06) the loop ends before updating, so the returned G is one
-whose reconstruction is at or under the threshold. Without a perceptual distance there is no early stop.
-The regularizer was off in upstream PTI and switched on by the Cycle Encoding authors; ``locality=False`` turns it
-off. The mapping network never receives a gradient (the regularizer maps z through the frozen original), so it stays
-exactly as it was.
-
-``precision="bf16"`` (the faster option; ``fp32``, the default, is the authors' loop exactly): the generators' and the
-perceptual network's forward and backward run under bfloat16 autocast; weights, gradients, the losses as summed and
-the Adam state stay float32, and Adam is torch's fused kernel (it differs from the for-loop Adam by float rounding,
-~3e-5 relative, so the fp32 path keeps the for-loop one).
-``batch_passes=True``: the pivot and the regularizer's codes in one pass of the tuned G (the regularizer's rows with
-zero noise, i.e. none) and one perceptual call for both pairs; ``compile=True``: the renders through ``torch.compile``
-(``common.synthesis_pass``, once per process). Both equal the plain loop within float rounding. The batched tuning of
-several images (``tune_batch``) is not compiled: its batch shrinks as images stop, and each size would compile anew.
-"""
+"""Stage ``tune``: pivotal tuning of all the generator's weights with the pivot fixed (PTI), with the locality
+regularizer and PTI's early stop.
+Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.tune"."""
 
 from __future__ import annotations
 
@@ -61,9 +35,9 @@ class TuneConfig:
     locality_every: int = 1
     locality_samples: int = 1
     locality_noise_mode: str = "none"
-    precision: str = "fp32"  # "bf16": autocast networks, fp32 weights/loss/optimizer (see the module doc)
+    precision: str = "fp32"  # "bf16": autocast networks, fp32 weights/loss/optimizer (see the design notes)
     batch_passes: bool = False  # True: the pivot's and the regularizer's renders in one batched pass (see the doc)
-    compile: bool = False  # torch.compile the generators' passes (once per process; see the module doc)
+    compile: bool = False  # torch.compile the generators' passes (once per process; see the design notes)
 
     def __post_init__(self) -> None:
         check_at_least(self, "tune.", steps=0, locality_every=1, locality_samples=1)
@@ -125,7 +99,7 @@ def tuning_loss(
     rec: dict[str, Any],
     stop_threshold: float | None = None,
 ) -> torch.Tensor | None:
-    """One step's loss of the tuned copy ``tuned`` on the pivot ``pivot`` and its target ``x`` (see the module doc),
+    """One step's loss of the tuned copy ``tuned`` on the pivot ``pivot`` and its target ``x`` (see the design notes),
     the locality regularizer's codes drawn from ``gen`` when ``regularize``; the terms go into ``rec``. None (and
     ``rec["stopped"]``) when the perceptual distance is at or under ``stop_threshold``: the step is not taken, and
     the regularizer's codes are not drawn. ``G`` is the frozen original (gradients off)."""

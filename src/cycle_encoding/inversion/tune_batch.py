@@ -1,17 +1,5 @@
-"""Pivotal tuning of several images at once: ``pivotal_tune_many``.
-
-Every image keeps its own copy of the generator's synthesis weights, stacked along a leading image axis (``[n, ...]``
-per parameter). The forward is G's own ``synthesis`` run by ``torch.func.functional_call`` with image i's weights and
-vectorized over the images by ``torch.func.vmap`` (a convolution whose weights differ per image becomes one grouped
-convolution); the frozen original G of the locality regularizer renders every image's codes in one plain batch.
-
-Each image's loss is its own, each image draws its regularizer codes from its own seeded generator (``seeds[i]``), and
-Adam is elementwise with one step count for all, so one Adam over the stack takes each image's own step. An image
-that meets the stop threshold leaves the batch before the update, as in ``pivotal_tune``; the others' weights and Adam
-state carry over to a smaller stack. The result equals ``pivotal_tune`` on each image alone up to float rounding
-(batched sums run in another order, and Adam amplifies rounding where a gradient is near zero, so weights are compared
-with a bound of order lr * steps: ``tests/test_tune_batch.py``). fp32 keeps torch's for-loop Adam, bf16 its fused one.
-"""
+"""Pivotal tuning of several images at once (``pivotal_tune_many``): each its own stacked weights, one vmapped pass.
+Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.tune_batch"."""
 
 from __future__ import annotations
 
@@ -221,7 +209,7 @@ def pivotal_tune_many(
 ) -> list[TuneResult]:
     """``pivotal_tune`` for several images in one batched loop: image i (pivot ``[1, N, w_dim]``, target ``[1, C, R,
     R]``, seed ``seeds[i]``) gets what ``pivotal_tune(G, pivots[i], targets[i], nets, config, seeds[i])`` gives, up to
-    float rounding (see the module doc). ``on_step(i, record)`` sees image i's step records. ``G`` is not changed."""
+    float rounding (see the design notes). ``on_step(i, record)`` sees image i's step records. ``G`` is not changed."""
     c = config or TuneConfig()
     perceptual = (nets or LossNetworks()).perceptual
     device = G.w_avg.device

@@ -1,18 +1,5 @@
-"""One generator tuned on many images: PTI's multi-ID mode (``training/coaches/multi_id_coach.py`` in PTI and in the
-Cycle Encoding authors' tree).
-
-One trainable copy of G and one Adam (``tune.tuning_copy``) serve all images, whose pivots are given: for ``steps``
-rounds, for each image in order, one step of ``pivotal_tune``'s loss (``tune.tuning_loss``). The regularizer runs on
-the steps with ``g % locality_every == 0`` of the global counter ``g = round * images + position`` (PTI's flag lags one
-step: steps 0, 1, 1 + k, ...; with the default interval 1 both regularize every step). No early stop, as in PTI's
-multi-ID coach: a distance measured at an image's step goes stale as the shared generator moves for the others.
-
-Seeds: where PTI draws from one global random state, each image here draws from its own ``torch.Generator``
-(``seeds[i]``), so one image in this mode is ``pivotal_tune`` without early stop, bit for bit. A ``SharedTuneState``
-(weights, Adam's state, the generators' states, rounds, losses) goes to ``on_save`` every ``save_every`` rounds, and a
-tuning given it as ``resume`` goes on as if never stopped (bit for bit on the same machine). Into a run folder
-(``invert --tune shared``): ``invert_shared``.
-"""
+"""One generator tuned on many images: PTI's multi-ID mode, resumable from a saved state; into a run folder too.
+Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.tune_shared"."""
 
 from __future__ import annotations
 
@@ -77,7 +64,7 @@ def pivotal_tune_shared(
     save_every: int = 0,
     on_save: Callable[[SharedTuneState], None] | None = None,
 ) -> SharedTuneResult:
-    """Tune one copy of ``G`` on every ``(pivot [1, N, w_dim], target [1, C, R, R])`` pair (see the module doc).
+    """Tune one copy of ``G`` on every ``(pivot [1, N, w_dim], target [1, C, R, R])`` pair (see the design notes).
 
     ``seeds[i]``: the seed of image i's regularizer draws (default: i). ``on_step(i, record)`` sees each step's
     losses. ``keys``: what identifies the images (default: their positions), recorded in the saved states; a

@@ -1,11 +1,5 @@
-"""Worker processes that fill one run folder beside the process that started them (``Inverter.run`` with a speed
-plan of several workers on a CPU).
-
-Each worker is a fresh Python process (``python -c``), given its task as JSON on its standard input (``start_workers``;
-``worker_main`` reads it); it walks the same list of images as the parent and inverts each image whose lock it gets
-(``run_folder.fill_folder``), so none is done twice. Its last line on standard output is its record; its messages go
-to the parent's standard error. A worker that fails to start leaves its images to the others.
-"""
+"""Worker processes that fill one run folder beside the process that started them (a speed plan of several workers).
+Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.workers"."""
 
 from __future__ import annotations
 
