@@ -198,23 +198,17 @@ class EpochSampler:
     def next_batch(self) -> torch.Tensor:
         """This rank's share of the next global batch, ``[batch_size / world_size, C, S, S]``."""
         items: list[torch.Tensor] = []
-        flips: list[bool] = []
         while len(items) < self.batch_size:
             g_pos = (self.epoch, self.position)
             x = self._load(self._next_index())
             if x is None:
                 continue
-            items.append(x)
             if self.flip:
                 g = torch.Generator().manual_seed(hash((self.seed, *g_pos)) & 0x7FFFFFFF)
-                flips.append(bool(torch.rand((), generator=g) < 0.5))
-        mine = list(range(self.rank, self.batch_size, self.world_size))
-        out = torch.stack([items[i] for i in mine])
-        if self.flip:
-            for j, i in enumerate(mine):
-                if flips[i]:
-                    out[j] = out[j].flip(-1)
-        return out
+                if torch.rand((), generator=g) < 0.5:
+                    x = x.flip(-1)
+            items.append(x)
+        return torch.stack(items[self.rank :: self.world_size])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "tried": self.tried, "bad": dict(self.bad)}

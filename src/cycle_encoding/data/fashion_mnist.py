@@ -86,12 +86,6 @@ def read_idx(path: str | Path, magic: int | None = None) -> np.ndarray:
     return parse_idx(data, str(p))
 
 
-def default_root() -> Path:
-    """The folder of the idx files: ``$CYCLE_ENCODING_FASHION_MNIST`` if set, else the Debian package's folder."""
-    env = os.environ.get(ENV_VAR)
-    return Path(env) if env else DEFAULT_ROOT
-
-
 def _find(root: Path, stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
         if (root / name).is_file():
@@ -129,7 +123,8 @@ def load_split(split: str = "train", root: str | Path | None = None) -> tuple[np
     if split not in SPLITS:
         raise CycleEncodingError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}")
     prefix = SPLITS[split]
-    base = Path(root) if root is not None else default_root()
+    # no root: $CYCLE_ENCODING_FASHION_MNIST if set, else the Debian package's folder
+    base = Path(root if root is not None else os.environ.get(ENV_VAR) or DEFAULT_ROOT)
     if not base.is_dir():
         raise CycleEncodingError(f"{base}: no Fashion-MNIST folder (install it: {INSTALL_HINT})")
     ip = _find(base, f"{prefix}-images-idx3-ubyte")

@@ -63,10 +63,9 @@ class GradualStyleBlock(nn.Module):
 
     def __init__(self, in_c: int, out_c: int, spatial: int) -> None:
         super().__init__()
-        num_pools = max(1, int(math.log2(spatial)))
-        mods: list[nn.Module] = [nn.Conv2d(in_c, out_c, 3, stride=2, padding=1), nn.LeakyReLU()]
-        for _ in range(num_pools - 1):
-            mods += [nn.Conv2d(out_c, out_c, 3, stride=2, padding=1), nn.LeakyReLU()]
+        mods: list[nn.Module] = []
+        for i in range(max(1, int(math.log2(spatial)))):
+            mods += [nn.Conv2d(out_c if i else in_c, out_c, 3, stride=2, padding=1), nn.LeakyReLU()]
         self.convs = nn.Sequential(*mods)
         self.linear = EqualLinear(out_c, out_c, lr_mul=1)
 
@@ -104,7 +103,7 @@ class Encoder4Editing(nn.Module):
         specs = irse_unit_specs(widths=c.widths, units=c.units)
         self.body = IRSEBody(specs, c.mode)
         self.taps = self.body.block_last_units[1:]  # after blocks 2, 3, 4 (IR-SE-50: units 6, 20, 23)
-        ch1, ch2, ch3 = (self.body.channels_after(i) for i in self.taps)
+        ch1, ch2, ch3 = (self.body.specs[i][1] for i in self.taps)  # (in_channels, depth, stride)
         self.styles = nn.ModuleList([GradualStyleBlock(ch3, c.w_dim, c.head_spatial(i)) for i in range(c.num_heads)])
         if c.num_heads > COARSE_END:
             self.latlayer1 = nn.Conv2d(ch2, ch3, kernel_size=1)
@@ -146,8 +145,7 @@ class Encoder4Editing(nn.Module):
         return resize(images, self.input_size)
 
     def features(self, images: torch.Tensor) -> FeatureMaps:
-        x = self.input_layer(self.prepare(images))
-        c1, c2, c3 = self.body.forward_taps(x, self.taps)
+        c1, c2, c3 = self.body.forward_taps(self.input_layer(self.prepare(images)), self.taps)
         return c1, c2, c3
 
     def offsets(

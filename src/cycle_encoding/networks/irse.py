@@ -105,10 +105,6 @@ class IRSEBody(nn.Sequential):
         out = [i - 1 for i, (_, _, s) in enumerate(self.specs) if s != 1 and i > 0]
         return [*out, len(self.specs) - 1]
 
-    def channels_after(self, index: int) -> int:
-        """Channels of the feature map after unit ``index``."""
-        return self.specs[index][1]
-
     def forward_taps(self, x: torch.Tensor, taps: Sequence[int]) -> list[torch.Tensor]:
         """Run units up to ``max(taps)`` and return the feature maps after the units in ``taps`` (in that order)."""
         want = set(taps)
