@@ -61,7 +61,7 @@ def parse_int_list(
             continue
         try:
             if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0], "")
+                a, b = part.split("-", 1)  # a negative start ("-3-5") leaves a = "": a bad list, as it should be
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError

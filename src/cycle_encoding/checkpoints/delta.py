@@ -231,7 +231,7 @@ def recorded_base(path: str | Path) -> Path | None:
     p = Path(path).resolve()
     base = (read_native_header(p).get("extra") or {}).get("base") or {}
     names = [n for n in (base.get("file"), base.get("source")) if n]
-    folders = [p.parent, *list(p.parents)[1:4]]
+    folders = list(p.parents)[:4]
     for folder in folders:  # the run's own record first: it holds the path as given, not only the name
         cfg = folder / "config.json"
         if cfg.is_file():

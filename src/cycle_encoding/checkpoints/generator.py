@@ -140,10 +140,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     p = resolve_model(path)
     w = read_generator_weights(p)
     G = build_generator(w, p, device)
-    prov = dict(w.provenance) if w.format == "cycle-encoding" else {}
-    prov.setdefault("source_file", str(p))
-    prov.setdefault("source_format", w.format)
-    G.provenance = prov  # type: ignore[assignment]
+    G.provenance = {"source_file": str(p), "source_format": w.format, **w.provenance}  # type: ignore[assignment]
     return G
 
 

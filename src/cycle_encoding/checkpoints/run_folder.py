@@ -323,9 +323,8 @@ class InversionRun:
         if not isinstance(result, dict):
             raise CycleEncodingError(f"{folder / RESULT}: not a JSON object")
         nf = read_native(folder / PIVOTS, kind="pivots", what="the run's pivots")
-        pivots = {k: v.float() for k, v in nf.tensors.items()}
-        order = list(nf.config.get("stages") or pivots)
-        pivots = {k: pivots[k] for k in order if k in pivots}
+        order = nf.config.get("stages") or list(nf.tensors)
+        pivots = {k: nf.tensors[k].float() for k in order if k in nf.tensors}
         if not pivots:
             raise CycleEncodingError(f"{folder}: no pivots stored")
         return RunImage(name, folder, result, pivots)
