@@ -123,7 +123,6 @@ def compute_metrics(
     identity: IdentitySimilarity | None = None,
 ) -> tuple[dict[str, list[float | None]], list[str]]:
     """All metrics of a batch of pairs: ({metric: [value or None per image]}, notes on values left out)."""
-    _check_pair(pred, target)
     out: dict[str, list[float | None]] = {}
     notes: list[str] = []
     with torch.no_grad():

@@ -190,15 +190,9 @@ def extract_face_chip(image: torch.Tensor, details: ChipDetails, exact: bool = T
     while _area(r) > rows * cols:
         r = _rect_down(r)
         grow = grow * 2 + 2
-    cs = _corners(rect, angle)
-    xs, ys = [c[0] for c in cs.values()], [c[1] for c in cs.values()]
-    bb = (
-        max(min(xs) - grow, 0.0),
-        max(min(ys) - grow, 0.0),
-        min(max(xs) + grow, w - 1.0),
-        min(max(ys) + grow, h - 1.0),
-    )
-    bl, bt, br, bb_ = (math.floor(v + 0.5) for v in bb)  # dlib's drectangle -> rectangle rounding
+    corners = np.stack(list(_corners(rect, angle).values()))
+    lo, hi = np.maximum(corners.min(0) - grow, 0.0), np.minimum(corners.max(0) + grow, [w - 1.0, h - 1.0])
+    bl, bt, br, bb_ = (math.floor(v + 0.5) for v in (*lo, *hi))  # dlib's drectangle -> rectangle rounding
     if br < bl or bb_ < bt:
         return torch.full((x.shape[0], rows, cols), -1.0, dtype=image.dtype, device=image.device)
     src = x[:, bt : bb_ + 1, bl : br + 1]
