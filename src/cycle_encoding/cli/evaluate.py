@@ -52,13 +52,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
+    if isinstance(v, float) and math.isfinite(v):
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
-    return str(v)
+    return "n/a" if v is None else str(v)
 
 
 def report_text(rep: dict[str, Any], per_image: bool = True) -> list[str]:
@@ -71,13 +67,11 @@ def report_text(rep: dict[str, Any], per_image: bool = True) -> list[str]:
     lines.append(f"identity: {nets['identity'] or 'not computed (no --identity)'}")
     if per_image and rep["images"]:
         w = max(8, *(len(r["name"]) for r in rep["images"]))
-        lines.append("")
-        lines.append(f"{'image':<{w}}  " + "  ".join(f"{m:>10}" for m in metrics))
+        lines += ["", f"{'image':<{w}}  " + "  ".join(f"{m:>10}" for m in metrics)]
         for r in rep["images"]:
             lines.append(f"{r['name']:<{w}}  " + "  ".join(f"{_fmt(r[m]):>10}" for m in metrics))
             lines += [f"{'':<{w}}  note: {n}" for n in r.get("notes", [])]
-    lines.append("")
-    lines.append(f"{'metric':<11} {'mean':>10} {'std':>10} {'n':>5}")
+    lines += ["", f"{'metric':<11} {'mean':>10} {'std':>10} {'n':>5}"]
     for m in metrics:
         s = rep["summary"][m]
         lines.append(f"{m:<11} {_fmt(s['mean']):>10} {_fmt(s['std']):>10} {s['n']:>5}")

@@ -139,10 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # one image per code, named as the codes' latents.txt names them, else projNN.png as NVIDIA's generate.py does
     ws = load_latents(args.projected_w, G.num_ws, G.w_dim, max_count=args.max_codes)
     named = latent_names(args.projected_w, len(ws))
-    bs = args.batch_size
-    batches = (
-        G.synthesis(ws[i : i + bs].to(G.w_avg.device), noise_mode=args.noise).cpu() for i in range(0, len(ws), bs)
-    )
+    batches = (G.synthesis(w.to(G.w_avg.device), noise_mode=args.noise).cpu() for w in ws.split(args.batch_size))
     how = f"named as {args.projected_w.with_suffix('.txt').name} names them" if named else "proj00.png ..."
     write_images(batches, named or [f"proj{i:02d}" for i in range(len(ws))], args, f" ({how})")
     return 0

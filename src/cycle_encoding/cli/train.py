@@ -37,6 +37,9 @@ def _floats(s: str) -> tuple[float, ...]:
     return tuple(float(v) for v in s.split(",") if v.strip())
 
 
+PRECISION_HELP = ("auto (default: bf16 where the CPU or GPU computes bfloat16 natively, else fp32), fp32 (float32 "
+                  "throughout, the authors' computation) or bf16 (bfloat16 autocast of the networks' passes, float32 "
+                  "weights, losses and optimizers; docs/PERFORMANCE.md); a resumed run keeps its own")  # fmt: skip
 COMPILE_HELP = ("torch.compile {} for the training steps: faster after a minute or two of compiling (needs a C++ "
                 "compiler on a CPU); a resumed run keeps its own")  # fmt: skip
 
@@ -79,10 +82,7 @@ GENERATOR_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--image-every", "image_every", int, "sample grid every N steps (default 1000)"),
     ("--checkpoint-every", "checkpoint_every", int, "checkpoint and export g_ema every N steps (default 1000)"),
     ("--seed", "seed", int, "random seed (default 0)"),
-    ("--precision", "precision", str,
-     "auto (default: bf16 where the CPU or GPU computes bfloat16 natively, else fp32), fp32 (float32 throughout) "
-     "or bf16 (bfloat16 autocast for G and D, float32 weights, losses, Adam and regularizers); a resumed run keeps "
-     "its own"),
+    ("--precision", "precision", str, PRECISION_HELP),
     ("--flip", "flip", "store_true", "random horizontal flips of reals"),
     ("--compile", "compile", "store_true", COMPILE_HELP.format("G's synthesis and D")),
 ]  # fmt: skip
@@ -136,10 +136,7 @@ ENCODER_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--zero-grad", "zero_grad", str,
      "zero (default: PyTorch 1.6's zero_grad as the authors ran it; switched-off offset heads keep moving under "
      "Ranger's momentum) or none (gradients set to None; switched-off heads freeze)"),
-    ("--precision", "precision", str,
-     "auto (default: bf16 where the CPU or GPU computes bfloat16 natively, else fp32), fp32 (float32 throughout, "
-     "the authors' computation) or bf16 (bfloat16 autocast for the networks' passes, float32 weights, losses and "
-     "optimizers; equal validation loss in benchmarks/encoder_training.py); a resumed run keeps its own"),
+    ("--precision", "precision", str, PRECISION_HELP),
     ("--d-fake-codes", "d_fake_codes", str,
      "latent discriminator's fake codes: absolute (default, with w_avg) or raw-offset (the authors' input, without)"),
     ("--w-only", "encoder.w_only", "store_true", "the W-encoder baseline: one head, stage 0 throughout"),
