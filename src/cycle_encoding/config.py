@@ -1,8 +1,4 @@
-"""Configuration as typed data: dataclasses built from YAML/JSON or dicts, with checked keys and types.
-
-``from_mapping(cls, data)`` refuses unknown keys (naming them and the known ones), converts lists to tuples
-and ints to floats where the field says so, and checks the rest; ``to_dict`` gives plain JSON-able data.
-"""
+"""Configuration as typed data: dataclasses built from YAML/JSON or dicts, with checked keys and types."""
 
 from __future__ import annotations
 

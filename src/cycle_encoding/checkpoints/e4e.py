@@ -1,8 +1,5 @@
-"""e4e / pSp / ReStyle / Cycle Encoding checkpoints: ``{'state_dict', 'opts', 'latent_avg', ...}``.
-
-The state dict mixes networks by prefix (``encoder.*``, ``decoder.*``); this module splits them.
-The encoder part is read by the encoder reader; the ``decoder.*`` part is a rosinality generator.
-"""
+"""e4e / pSp / ReStyle / Cycle Encoding checkpoints ``{'state_dict', 'opts', 'latent_avg', ...}``: the state dict's
+networks split by prefix (``encoder.*`` for the encoder reader, ``decoder.*``: a rosinality generator)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""face-api's TF.js weights of dlib's ResNet face embedder (npm ``@vladmandic/face-api``), and the project's own file
-they are converted into (kind ``face_embedder``): reading, converting, loading, ``info``. The network is
-``networks.dlib_resnet``.
-"""
+"""face-api's TF.js weights of dlib's ResNet face embedder (npm ``@vladmandic/face-api``, network
+``networks.dlib_resnet``) and the own file they become (kind ``face_embedder``): reading, converting, loading."""
 
 from __future__ import annotations
 

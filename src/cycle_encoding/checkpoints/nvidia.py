@@ -63,10 +63,7 @@ _TORCH_FUNCS = {
 }
 
 
-# numpy scalars in NVIDIA's layers (``weight_gain = lr_multiplier / np.sqrt(in_features)``, ``act_gain``): pickled as
-# ``numpy.core.multiarray.scalar(numpy.dtype('f8', False, True) + BUILD state, raw bytes)`` (numpy 2 writes
-# ``numpy._core``). Neither numpy function is handed to the unpickler: stand-ins accept only a plain numeric type
-# code and its byte order, and build the value with ``numpy.frombuffer`` from exactly ``itemsize`` raw bytes.
+# numpy scalars: stand-ins for numpy.dtype and numpy's scalar (docs/INTERNALS.md, "cycle_encoding.checkpoints.nvidia")
 _PLAIN_DTYPE = re.compile(r"^(b1|[iu][1248]|f[248]|c(8|16))$")
 
 

@@ -1,10 +1,5 @@
-"""Readers for the files of the perception networks: torchvision AlexNet / VGG16 ImageNet backbones (for LPIPS),
-the ``lpips`` package's v0.1 linear heads, ArcFace IR-SE-50 (``model_ir_se50.pth``) and MoCo v2 ResNet-50.
-
-Every reader loads with ``weights_only=True`` (nothing in the file runs), checks keys and shapes strictly against the
-network defined in this project and raises a one-line ``CheckpointError`` naming the first key that does not fit.
-Layouts: FORMATS.md. ``inspect_perception`` lets ``cycle-encoding info`` describe these files.
-"""
+"""Readers of the perception networks' files (torchvision AlexNet / VGG16, LPIPS v0.1 heads, ArcFace IR-SE-50, MoCo v2
+ResNet-50): ``weights_only`` loads, strict key and shape checks, one-line errors naming the first key that differs."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""rosinality/stylegan2-pytorch generator layout: architecture inference and export.
-
-The layout is described in ``../shared/FORMATS.md``. The architecture (resolution, n_mlp, style_dim,
-widths, image channels, blur kernel) is read off the tensors' shapes, never asked for.
-"""
+"""rosinality/stylegan2-pytorch generator layout (docs/FORMATS.md): the architecture read off the tensors' shapes,
+never asked for, and export."""
 
 from __future__ import annotations
 
