@@ -16,6 +16,9 @@ LPIPS_SCALE = (0.458, 0.448, 0.450)
 NORMALIZE_EPS = 1e-10
 MIN_SIZE = 32
 
+# torchvision AlexNet's convolutions (in, out, kernel, stride, padding), each + ReLU; those in ALEXNET_POOLED + max-pool
+ALEXNET_CONVS = ((3, 64, 11, 4, 2), (64, 192, 5, 1, 2), (192, 384, 3, 1, 1), (384, 256, 3, 1, 1), (256, 256, 3, 1, 1))
+ALEXNET_POOLED = (0, 1, 4)
 # torchvision VGG16's convolution widths, block by block (each block ends in a 2x2 max-pool)
 VGG16_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
@@ -29,21 +32,12 @@ class AlexNetFeatures(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(64, 192, kernel_size=5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(192, 384, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(256, 256, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-        )
+        layers: list[nn.Module] = []
+        for i, (in_c, out_c, k, stride, padding) in enumerate(ALEXNET_CONVS):
+            layers += [nn.Conv2d(in_c, out_c, kernel_size=k, stride=stride, padding=padding), nn.ReLU()]
+            if i in ALEXNET_POOLED:
+                layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+        self.features = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature maps at the taps (the final max-pool is not run)."""
