@@ -130,8 +130,7 @@ def check_shapes(
     shape_hint: str = "",
 ) -> None:
     """``sd`` holds exactly the ``expected`` keys (those ending in ``optional`` may be missing), each a tensor of that
-    shape (None: any size); else one CheckpointError naming the first key that differs (``shape_hint`` appended to a
-    shape that differs)."""
+    shape (None: any size); else one CheckpointError naming the first key that differs."""
     for k, shape in expected.items():
         if k not in sd:
             if k.endswith(optional):
@@ -166,10 +165,8 @@ def check_declared_architecture(
     counts: Mapping[str, int] | None = None,
     derived: Callable[[str], bool] = lambda key: False,
 ) -> None:
-    """Check an architecture a file declares against the tensors it holds, before anything is allocated: no repeat
-    count in ``counts`` (layers, units, heads: each part holds a tensor) may exceed the number of tensors, then the
-    network built on the ``meta`` device (no memory) must match ``sd``'s keys and shapes, less the buffers
-    ``derived(key)`` that the loader fills in itself (e.g. fixed resampling kernels)."""
+    """A declared architecture checked against the tensors before anything is allocated: ``counts`` (each part holds a
+    tensor) at most the number of tensors, then the network built on ``meta`` vs ``sd`` less the ``derived`` buffers."""
     n = len(sd)
     for name, value in (counts or {}).items():
         if value > n:

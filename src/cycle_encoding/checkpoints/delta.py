@@ -44,8 +44,7 @@ def weights_sha256(G: Generator | dict[str, torch.Tensor]) -> str:
 
 
 def full_copy_bytes(G: Generator) -> int:
-    """Bytes of G's tensors as a full copy in safetensors would hold them (the project's generator file, less its
-    small JSON header)."""
+    """Bytes of G's tensors in a full copy (the project's generator file, less its small JSON header)."""
     return int(sum(v.numel() * v.element_size() for v in generator_tensors(G).values()))
 
 
@@ -261,8 +260,7 @@ def open_generator(
     path: str | Path, base: Generator | str | Path | None = None, device: str | torch.device = "cpu"
 ) -> Generator:
     """Any generator file ``load_generator`` reads, or a stored change rebuilt on its base: ``base`` when given,
-    else the base file the change records (``recorded_base``). A change whose base cannot be found is refused with
-    a message naming the base and ``--base``."""
+    else the base file the change records (``recorded_base``)."""
     if not is_generator_delta(path):
         if base is not None:
             raise CheckpointError(path, "a full generator, not a stored change: --base is only for changes")

@@ -260,9 +260,8 @@ def inspect_encoder_file(path: Path, container: str) -> dict[str, Any] | None:
 
 
 def encoder_provenance_unloaded(path: str | Path) -> dict[str, Any] | None:
-    """What an encoder file records (its provenance), read without its weights: the header of the project's
-    ``.safetensors``, nothing for e4e-family ``.pt`` files (they record none); None when only loading the file tells
-    (a ``train-encoder`` checkpoint, a legacy ``.pt``, a file that does not read)."""
+    """An encoder file's provenance read without its weights ({} for e4e-family ``.pt`` files, which record none);
+    None when only loading it tells (a ``train-encoder`` checkpoint, a legacy ``.pt``, a file that does not read)."""
     p = resolve_model(path)
     try:
         kind = sniff(p)

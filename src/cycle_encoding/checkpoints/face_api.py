@@ -105,10 +105,8 @@ def read_tfjs_weights(manifest: str | Path) -> dict[str, np.ndarray]:
 
 
 def tfjs_to_state_dict(weights: Mapping[str, np.ndarray], source: str | Path = "face-api weights") -> dict:
-    """Map face-api's TF.js names (``conv64_1/conv2/conv/filters`` ...) to :class:`DlibResNet` keys.
-
-    Filters ``[kh, kw, in, out]`` become ``[out, in, kh, kw]``; ``fc [256, 128]`` becomes ``fc.weight [128, 256]``.
-    """
+    """face-api's TF.js names (``conv64_1/conv2/conv/filters`` ...) as :class:`DlibResNet` keys: filters
+    ``[kh, kw, in, out]`` become ``[out, in, kh, kw]``; ``fc [256, 128]`` becomes ``fc.weight [128, 256]``."""
     sd: dict[str, torch.Tensor] = {}
 
     def take(name: str) -> np.ndarray:
@@ -155,8 +153,7 @@ CONFIG = {
 
 
 def convert_face_api_weights(manifest: str | Path, out: str | Path) -> Path:
-    """Convert face-api's TF.js face recognition weights (the manifest next to its ``.bin``) into the project's
-    own format (kind ``face_embedder``) at ``out``; returns ``out``."""
+    """face-api's TF.js face recognition weights (the manifest beside its ``.bin``) as the project's file ``out``."""
     mpath = Path(manifest)
     sd = tfjs_to_state_dict(read_tfjs_weights(mpath), mpath)
     build_from_state_dict(sd, mpath)  # checks keys and shapes

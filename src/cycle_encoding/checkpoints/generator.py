@@ -169,9 +169,8 @@ def save_generator(G: Generator, path: str | Path, provenance: dict[str, Any] | 
 
 
 def convert_generator(src: str | Path, dst: str | Path, to: str = "native", generator: Generator | None = None) -> Path:
-    """Convert a generator file to the project's format (``native``) or rosinality's ``.pt`` (``rosinality``).
-
-    ``generator``: ``src`` already read (e.g. a stored change rebuilt on its base); its provenance is kept."""
+    """Convert a generator file to the project's format (``native``) or rosinality's ``.pt`` (``rosinality``);
+    ``generator``: ``src`` already read (e.g. a stored change rebuilt on its base), its provenance kept."""
     G = load_generator(src) if generator is None else generator
     if to == "native":
         prov = default_provenance(

@@ -113,9 +113,8 @@ def _read_npz(p: Path, max_count: int | None) -> np.ndarray:
 def load_latents(
     path: str | Path, num_ws: int | None = None, w_dim: int | None = None, max_count: int | None = None
 ) -> torch.Tensor:
-    """Codes ``[n, num_ws, w_dim]`` (float32) from any layout this module reads; ``num_ws`` / ``w_dim`` (a
-    generator's) are checked when given, W codes ``[n, w_dim]`` repeated over the ``num_ws`` layers. A file of no
-    codes, or of more than ``max_count`` (from the array's header where it has one), is a one-line error."""
+    """Codes ``[n, num_ws, w_dim]`` (float32) from any layout this module reads, checked against a generator's
+    ``num_ws`` / ``w_dim`` when given (W codes ``[n, w_dim]`` repeated over the layers) and ``max_count``."""
     p = Path(path)
     if not p.is_file():
         raise CycleEncodingError(f"{p}: no such file" if not p.exists() else f"{p}: not a file")

@@ -84,8 +84,7 @@ class Located:
 
 
 def offline_alternative(kind: str, domain: str | None) -> str:
-    """The offline choice for ``kind`` ('perceptual' or 'identity') that fits ``domain`` ('faces',
-    'fashion-mnist' or None: both named)."""
+    """The offline choice for ``kind`` ('perceptual' or 'identity') in ``domain`` (None: both domains' named)."""
     opt = "--perceptual" if kind == "perceptual" else "--identity"
     if domain in OFFLINE:
         name = OFFLINE[domain][kind]

@@ -127,9 +127,8 @@ def read_config(cls: Any, data: Any, path: str | Path, what: str) -> Any:
 def native_info(
     header: dict[str, Any], network: str, counted: str | Path | None = None, **fields: Any
 ) -> dict[str, Any]:
-    """``cycle-encoding info``'s description of an own-format file from its header: ``network``, the architecture
-    (the header's config), the ``parameters`` of the file ``counted`` (from its header), ``fields``, the provenance
-    and what it holds (its kind)."""
+    """``cycle-encoding info``'s description of an own-format file from its header, with ``fields`` and, given the
+    file as ``counted``, its ``parameters``."""
     if counted is not None:
         with safe_open(str(counted), framework="pt") as f:
             fields = {"parameters": sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()), **fields}

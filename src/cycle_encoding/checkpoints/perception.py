@@ -63,9 +63,8 @@ def infer_backbone_arch(sd: Mapping[str, Any]) -> str | None:
 
 
 def read_torchvision_backbone(path: str | Path, arch: str | None = None) -> tuple[str, dict[str, torch.Tensor]]:
-    """(arch, the ``features.*`` part checked strictly) of a torchvision AlexNet or VGG16 state dict: the full model
-    (the classifier is checked, then dropped) or the features alone (``features.*`` keys, or the ``0.weight``... keys
-    of ``model.features.state_dict()``); ``arch`` ('alexnet' or 'vgg16'), when given, must match the file."""
+    """(arch, the ``features.*`` part checked strictly) of a torchvision AlexNet or VGG16 state dict, the full model's
+    (classifier checked, then dropped) or the features' alone; ``arch``, when given, must match the file."""
     p = Path(path)
     what = "torchvision backbone"
     sd = _as_state_dict(torch_load(p), p, what)
@@ -182,9 +181,8 @@ _MOCO_OTHER = ("module.encoder_k.", "encoder_k.", "module.queue", "queue")
 
 
 def read_moco(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ResNet-50 of a MoCo (v1/v2) checkpoint ``{'state_dict': {'module.encoder_q.*': ...}, ...}`` (the query
-    encoder; the key encoder and queue ignored) or of a torchvision-layout state dict, its ``fc.*`` head dropped,
-    checked strictly."""
+    """The ResNet-50 (query encoder) of a MoCo (v1/v2) checkpoint ``{'state_dict': {'module.encoder_q.*': ...}, ...}``
+    or of a torchvision-layout state dict, its ``fc.*`` head dropped, checked strictly."""
     p = Path(path)
     obj = torch_load(p)
     sd = obj["state_dict"] if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) else obj

@@ -89,10 +89,8 @@ def rosinality_table(size: int, channel_multiplier: int) -> dict[int, int]:
 
 
 def rosinality_fit(config: GeneratorConfig) -> dict[str, Any]:
-    """Whether rosinality's class builds this architecture: ``{'loads': True, 'call': "Generator(...)"}``, or
-    ``{'loads': False, 'call', 'channels', 'img_channels', 'reason', 'loaders', 'patch'}``: the widths and image
-    channels to patch into rosinality's class (and so e4e's and PTI's copies of it) for the file to load strictly,
-    what differs, and which code loads the file as it is."""
+    """Whether rosinality's class (and so e4e's and PTI's copies of it) builds this architecture, its call, and else
+    what differs, the widths and image channels to patch into it, and which code loads the file as it is."""
     chans, size = config.channels(), config.resolution
     cm = max(1, round(chans.get(64, 512) / 256)) if size >= 64 else 2  # below 64 px the multiplier changes nothing
     table = rosinality_table(size, cm)

@@ -108,9 +108,8 @@ def remove_temporaries(folder: Path, pattern: str = ".*.tmp") -> None:
 
 
 def check_output(path: str | Path, option: str, inputs: Iterable[Any] = (), allowed: Iterable[Path] = ()) -> None:
-    """Before any work: refuse to write the file ``path`` over one of the command's ``inputs`` or over what a run
-    owns (``RUN_OWNED``: its records, its images' folders, its edits); ``allowed``: files or folders of a run that
-    the command itself writes. One clear error naming ``option``."""
+    """Before any work: refuse to write ``path`` over one of the command's ``inputs`` or over what a run owns
+    (``RUN_OWNED``) but for what the command itself writes (``allowed``); one clear error naming ``option``."""
     p = Path(path).resolve()
     for f in inputs:
         if f is not None and Path(f).exists() and p.exists() and p.samefile(f):
@@ -375,8 +374,7 @@ class InversionRun:
 
     def generator_for(self, image: RunImage, base: Generator, allow_base: bool = False) -> tuple[Generator, str]:
         """(the generator that renders ``image``'s pivot, 'tuned' or 'base'): the base rebuilt with the change the
-        image's record names (``RunImage.delta_path``; a shared tuning's one change serves all images). The last
-        one rebuilt is kept: the images of a shared run rebuild it once."""
+        image's record names (``RunImage.delta_path``), the last one rebuilt kept for a shared run's next image."""
         if not image.tuned:
             return base, "base"
         delta = image.delta_path
