@@ -1,26 +1,5 @@
 """The latent adversarial losses of e4e / Cycle Encoding and the lazy R1 penalty.
-
-A latent discriminator D (:class:`~cycle_encoding.networks.latent_discriminator.LatentDiscriminator`) learns to tell
-real codes ``w = mapping(z)``, ``z ~ N(0, I)`` (no truncation) from the encoder's codes; the encoder is pushed to make
-each of its active codes look real:
-
-- encoder: ``L_adv = mean softplus(-D(w_i))`` over the batch and the active codes i = 0 .. stage
-  (the codes ``w_0`` and ``w_0 + D_i`` for the active offsets), non-saturating;
-- discriminator: ``L_D = mean softplus(-D(real)) + mean softplus(D(fake))``;
-- R1 on real codes: ``R1 = mean_b ||grad_w D(w_b)||^2``; lazy: every ``every`` steps (16) the discriminator takes an
-  extra step on ``gamma / 2 * R1 * every`` (gamma = 10), as StyleGAN2 and e4e do.
-
-Absolute codes on both sides. Here both the encoder's adversarial term and the fake codes given to D are the
-encoder's absolute codes (``w_avg`` included), the same space as ``mapping(z)``. The authors' code (inherited from an
-old e4e) gives D the encoder's raw output WITHOUT ``w_avg`` as fake codes, while the encoder's adversarial term uses
-the absolute codes; D then learns to separate real codes from codes shifted by ``-w_avg``, a task unrelated to what
-the encoder is asked to fool. We do not reproduce that.
-
-Fake codes for D (:func:`fake_codes_for_discriminator`): with a :class:`~cycle_encoding.losses.latent_pool.LatentPool`
-(pool size 50, p = 0.5), one active code picked at random per sample, then swapped for a past one with probability p
-(e4e's pool logic); without a pool, all active codes. Real codes are not pooled: mapping is frozen, so fresh samples
-have the same distribution as past ones (e4e also pools them, to no effect on the distribution).
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.losses.adversarial"."""
 
 from __future__ import annotations
 

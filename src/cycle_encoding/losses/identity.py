@@ -1,13 +1,5 @@
-"""Identity similarity chosen by name: ArcFace IR-SE-50 (the paper's ID loss, needs ``model_ir_se50.pth``), MoCo v2
-ResNet-50 (e4e's similarity for non-face domains, needs the MoCo file), the dlib face embedder (available offline);
-more can be registered.
-
-An ``IdentitySimilarity`` gives ``forward(x, y) -> Tensor[B]``, the cosine similarity of the two images'
-embeddings (the loss is ``1 - cos``), differentiable w.r.t. x, weights frozen, with a ``name`` for logs and reports.
-Embedders implement ``embed(x in [-1, 1]) -> Tensor[B, D]`` and have a ``name``. ``build_identity(name, device,
-weights)``: ``weights`` is the file the network needs (``arcface``: ``model_ir_se50.pth``; ``moco``: the MoCo v2
-checkpoint; ``dlib-face``: none), looked up when not given (``NetworkRegistry.build``).
-"""
+"""Identity similarities chosen by name: ArcFace IR-SE-50, MoCo v2 ResNet-50, the dlib face embedder; more can be
+registered. Design notes: docs/INTERNALS.md, "cycle_encoding.losses.identity"."""
 
 from __future__ import annotations
 

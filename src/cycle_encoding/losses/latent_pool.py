@@ -1,14 +1,5 @@
 """A pool of past fake latent codes for the latent discriminator (the image-pool logic of CycleGAN, as e4e uses it).
-
-The discriminator sees, for each fake code of the batch, either that code or, with probability ``p``, a code the
-encoder produced at an earlier step (which the new code then replaces in the pool). This keeps the discriminator from
-chasing only the encoder's latest output.
-
-Items are single codes ``[w_dim]``. Given ``[B, w_dim]`` the pool handles each row; given ``[B, n, w_dim]`` (the
-active codes of each sample) it first picks one of the ``n`` codes of each sample uniformly at random, as e4e's
-``LatentCodesPool`` does, so the output is always ``[B, w_dim]``. While the pool holds fewer than ``size`` codes,
-every incoming code is stored and returned unchanged. Random numbers come from the pool's own (seedable) generator.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.losses.latent_pool"."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
-"""Perceptual distances chosen by name: LPIPS (AlexNet / VGG16) when an ImageNet backbone file is given, otherwise a
-feature network that exists on the machine (the dlib face embedder for faces; others register themselves).
-
-Every distance is a ``PerceptualDistance``: ``forward(x, y) -> Tensor[B]`` (per-sample, differentiable w.r.t. x,
-weights frozen) with a ``name`` that logs and reports print, e.g. "lpips-alex (backbone alexnet-owt-7be5be79.pth)".
-Asking for LPIPS without a backbone is an error naming the file needed; nothing falls back silently.
-
-``build_perceptual(name, device, weights)``: ``weights`` is the file the distance needs (for ``lpips-alex`` /
-``lpips-vgg`` a torchvision AlexNet / VGG16 ImageNet state dict), looked up when not given (``NetworkRegistry.build``);
-``dlib-face`` takes none (its weights come from the cache).
-"""
+"""Perceptual distances chosen by name: LPIPS (AlexNet / VGG16) with an ImageNet backbone file, or a feature network.
+Design notes: docs/INTERNALS.md, "cycle_encoding.losses.perceptual"."""
 
 from __future__ import annotations
 

@@ -1,18 +1,8 @@
 """Train a small image classifier on Fashion-MNIST (the domain feature network and the evaluation network).
-
-The loop: Adam (betas 0.9, 0.999) with a cosine learning-rate decay to zero over all steps, cross-entropy, batch 128,
-light augmentation (each image shifted by up to ``shift`` pixels in x and y, the uncovered border filled with the
-background value -1, and flipped left-right with probability 1/2 when ``flip``), images 32x32 (the generator's
-resolution: 28x28 padded with 2 pixels of background), one channel. Shuffling, augmentation and the initialization
-all come from ``seed``; with the same thread count on the same machine the weights come out bit-identical.
-
-The loop is the training skeleton's (:class:`~cycle_encoding.training.trainer.Trainer`) filled with this step; the
-run folder ``OUT/NNNNN-NAME`` and its files: docs/TRAINING.md.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.training.classifier_trainer"."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -31,6 +21,7 @@ from ..config import check_at_least, check_one_of, from_mapping, to_dict
 from ..data.fashion_mnist import CLASSES, PAD_VALUE, load_split, pad_to_32, to_unit_range
 from ..errors import CycleEncodingError
 from ..networks.classifier import SMALL_ARCHS, AttributeClassifier, ClassifierConfig
+from ..utils import write_json
 from .runs import machine_info
 from .trainer import Trainer, read_run_config
 
@@ -40,7 +31,7 @@ SLICE = 2000  # the test slice whose accuracy the card also gives (the shipped-m
 
 @dataclass
 class ClassifierTrainConfig:
-    """Options of ``cycle-encoding train-classifier`` (see the module doc)."""
+    """Options of ``cycle-encoding train-classifier``."""
 
     data: str = "fashion-mnist"
     arch: str = "convnet"
@@ -294,7 +285,7 @@ class ClassifierTrainer(Trainer):
             **{f"test_accuracy_first_{SLICE}": metrics[f"accuracy_first_{SLICE}"]},
         )
         file = save_classifier(self.model, self.run_dir / "classifier.safetensors", provenance)
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        write_json(self.run_dir / "metrics.json", metrics)
         result = {"run_dir": self.run_dir, "file": file, "metrics": metrics, "provenance": provenance,
                   "model": self.model.eval()}  # fmt: skip
         if cfg.export:
@@ -314,7 +305,7 @@ def train_classifier(
     resume: str | Path | None = None,
     progress_mode: str = "none",
 ) -> dict[str, Any]:
-    """Train (or go on with the run in ``resume``), test, export (see the module doc); what
+    """Train (or go on with the run in ``resume``), test, export ; what
     :meth:`ClassifierTrainer.finish` returns. ``progress_mode``: the step bar, as ``--progress``."""
     trainer = ClassifierTrainer(cfg, resume=resume, command=command, progress=progress, progress_mode=progress_mode)
     try:

@@ -1,40 +1,8 @@
 """Training the e4e encoder by a schedule (the cycle W -> W+ -> W of Cycle Encoding, or e4e's, or W only).
-
-One training step at global step s (METHOD.md, step 1):
-
-1. the schedule gives the stage (active offsets) and the delta and adversarial weights at s;
-2. the encoder maps the batch to absolute codes ``ws`` (one forward, in train mode);
-3. the latent discriminator takes its step on real codes ``mapping(z)`` and the encoder's codes (detached,
-   through the pool of past codes), with the lazy R1 penalty every ``r1_every`` steps;
-4. the generator (frozen) renders ``ws`` with random noise (the authors' ``randomize_noise=True``; ``noise_mode
-   ="const"`` uses G's stored noise instead); its output is average-pooled to the training image size; the encoder's
-   loss is ``l2 * MSE + perceptual * P + identity * (1 - cos) + w_delta(s) * L_delta + w_adv(s) * softplus(-D(w_i))``
-   and Ranger takes a step.
-
-As the authors run it, by default: gradients are zeroed as PyTorch 1.6's ``zero_grad()`` does (``zero_grad="zero"``:
-an offset head switched off in W+ -> W keeps moving under Ranger's momentum while its moments decay; ``"none"`` sets
-gradients to None and freezes it, see :func:`~cycle_encoding.optim.zero_grad`); the identity network is
-the domain's (``identity="auto"``: ``fmnist-features`` for Fashion-MNIST, ArcFace when ``identity_weights`` is given,
-none otherwise, said on the console and in ``config.json``) with weight 0.1. ``d_fake_codes="raw-offset"`` replays
-the authors' latent discriminator input (fake codes without ``w_avg``); the default gives it absolute codes.
-
-``precision="bf16"``: the encoder, G, the loss networks and the latent discriminator run under bfloat16 autocast,
-their outputs turned to float32 at once (codes, images, every loss term and sum, weights, gradients, Ranger/Adam, the
-lazy R1 penalty and LPIPS-style normalisation: float32); ``fp32``, the default, is the computation above exactly, with
-no autocast context. ``compile=True``: the training steps' passes of G's synthesis and of the encoder's body (not its
-heads, whose number changes with the stage) go through ``torch.compile``; it rounds differently, so config.json
-records it and a resumed run keeps it. Validation and the grids are plain float32 in every case, so that validation
-losses of fp32 and bf16 runs compare directly.
-
-The discriminator step of e4e comes before the encoder step and sees codes of the encoder before its update;
-here the encoder's forward is shared by both (same values, one forward less).
-
-The run folder ``OUT/NNNNN-encoder-PRESET`` and its files: docs/TRAINING.md.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.training.encoder_trainer"."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +21,7 @@ from ..checkpoints.native import default_provenance, file_sha256
 from ..checkpoints.optimizer import companion_path, from_optimizer, save_optimizer_state
 from ..config import check_at_least, check_one_of, from_mapping
 from ..data.datasets import EpochSampler, SubsetDataset, open_dataset, split_holdout
+from ..errors import CycleEncodingError
 from ..losses.adversarial import (
     discriminator_loss,
     encoder_adversarial_loss,
@@ -70,7 +39,7 @@ from ..networks.latent_discriminator import LatentDiscriminator, LatentDiscrimin
 from ..networks.stylegan2 import Generator
 from ..ops import PRECISIONS, autocast, compile_pass, pool_to
 from ..optim import Ranger
-from ..utils import make_grid, save_image
+from ..utils import make_grid, read_json, save_image
 from .plateau import check_rule, plateau_holds
 from .schedule import Schedule, ScheduleState, get_schedule, save_schedule
 from .trainer import Trainer, read_run_config
@@ -136,7 +105,7 @@ class EncoderTrainConfig:
     checkpoint_every: int = 1000
     seed: int = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: networks under bfloat16 autocast (see the module doc)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: networks under bfloat16 autocast
     compile: bool = False  # torch.compile G's synthesis and the encoder's body for the training steps
 
     def __post_init__(self) -> None:
@@ -247,8 +216,8 @@ class EncoderTrainer(Trainer):
         recorded: dict[str, Any] = {}
         if resume is not None and (Path(resume) / "config.json").is_file():
             try:
-                recorded = json.loads((Path(resume) / "config.json").read_text())["_resolved"]["network_files"] or {}
-            except (OSError, json.JSONDecodeError, KeyError, TypeError):
+                recorded = read_json(Path(resume) / "config.json")["_resolved"]["network_files"] or {}
+            except (CycleEncodingError, KeyError, TypeError):
                 recorded = {}
         pname, self.perceptual_note = perceptual_choice(cfg, self.G.img_channels)
         name, self.identity_note = identity_choice(cfg)

@@ -1,41 +1,5 @@
 """Training a StyleGAN2 generator for a small domain (Fashion-MNIST at 32x32 first), on CPU or GPU.
-
-One iteration at global step s (StyleGAN2, rosinality's order):
-
-1. discriminator: a real batch x (the next of the resumable :class:`~cycle_encoding.data.datasets.EpochSampler`) and
-   a fake batch G(w) (style mixing, random noise, no gradient into G); loss
-   ``mean softplus(D(G(w))) + mean softplus(-D(x))`` (non-saturating logistic); Adam step;
-2. lazy R1, when ``s % r1_every == 0``: an extra D step on ``gamma / 2 * mean ||grad_x D(x)||^2 * r1_every``;
-3. generator: a new fake batch, loss ``mean softplus(-D(G(w)))``; Adam step;
-4. path-length regularization (optional, off by default), when ``s % pl_every == 0``: on a batch of
-   ``batch / pl_batch_shrink`` fakes, ``J_w^T y`` with ``y ~ N(0, I) / sqrt(H W)`` is differentiated with respect to
-   the codes (double backward through G), ``a = |J_w^T y|`` averaged over the code layers; an extra G step on
-   ``pl_weight * pl_every * mean (a - a_mean)^2``, where ``a_mean`` is a running mean (decay 0.01);
-5. ``g_ema``: every parameter ``p_ema <- beta p_ema + (1 - beta) p`` with ``beta = 0.5 ** (B / (ema_kimg * 1000))``
-   (B: the global batch), i.e. a half-life of ``ema_kimg`` thousand images (10k images: rosinality's
-   ``0.5 ** (32 / (10 * 1000))`` at batch 32); ``ema_rampup`` (NVIDIA's option) shortens it early in training.
-
-``precision="bf16"``: G's and D's forward passes (and so their backward) under bfloat16 autocast, the lazy R1 penalty's
-passes through D included (within 0.4% of float32's value and 2% of its gradient, measured, 1.5x faster), their
-outputs turned to float32 at once; weights, gradients, Adam, g_ema and the path-length regularizer float32; ``fp32``,
-the default, runs exactly as without the option. ``compile=True``: the D and G steps' passes of G's synthesis and of D
-go through ``torch.compile``; R1 and path length use the plain modules (a compiled graph has no double backward).
-Both options are recorded in config.json and a resumed run keeps them.
-
-Adam: lr 0.002, betas (0, 0.99); with lazy regularization every c steps the optimizer of that network uses
-``lr * r`` and ``beta ** r``, ``r = c / (c + 1)`` (StyleGAN2's correction; r = 1 when the regularizer is off).
-
-Random draws (latents, mixing crossovers, noise) come from one CPU ``torch.Generator`` per process and are moved
-to the device, so CPU and GPU runs draw the same values. With several processes (``torchrun``; gloo on CPU, NCCL on
-GPU) each takes ``batch / world_size`` images of every global batch and its own latents; gradients are averaged by
-hand (no DDP: R1 and path length need double backward), so all processes hold identical G, D and g_ema.
-
-The run folder ``OUT/NNNNN-generator-DATA-RES`` and its files: docs/TRAINING.md.
-
-Default architecture for Fashion-MNIST 32x32 (see :class:`GeneratorArch`): 128-d styles, 4 mapping layers, channels
-``min(2048 / res, 128)``: 128 at 4, 8 and 16 px, 64 at 32 px (1.1 M parameters in G, 1.2 M in D), batch 32, R1 by
-NVIDIA's heuristic ``0.0002 * res^2 / batch`` (0.0064 here), g_ema half-life 10k images; why: docs/TRAINING.md.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.training.generator_trainer"."""
 
 from __future__ import annotations
 
@@ -127,7 +91,7 @@ class GeneratorTrainConfig:
     checkpoint_every: int = 1000
     seed: int = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: G and D under bfloat16 autocast (see the module doc)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: G and D under bfloat16 autocast
     compile: bool = False  # torch.compile G's synthesis and D for the D and G steps (not the regularizers)
 
     def __post_init__(self) -> None:

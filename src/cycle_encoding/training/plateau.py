@@ -1,16 +1,5 @@
-"""The plateau rule: when a measured curve (a generator's classifier FD, an encoder's validation loss) has stopped
-improving. One rule, used by the generator trainer's early stop and by ``cycle-encoding curves``.
-
-At evaluation ``i`` (0-based) with patience ``K`` and margin ``m``, the rule holds when ``i >= K`` and none of the last
-``K`` values ``v[i-K+1..i]`` *improves* on the best value before them, ``b = best(v[0..i-K])``; a value improves on
-``b`` when it is at least ``m * |b|`` better (lower, or higher with ``higher_is_better``): ``v <= b - m |b|``. So a
-value that beats the best by less than the relative margin, or is worse, counts as no improvement; one that beats it
-by exactly the margin counts. With ``m = 0`` a repeat of the best value counts as keeping up (a constant curve never
-plateaus: give a small margin). A non-finite value (a diverged run) never improves and is left out of the best; when
-no earlier value is finite, any finite value improves.
-
-``K = 0`` means never. Pure Python, no tensors.
-"""
+"""The plateau rule: when a measured curve has stopped improving (the trainers' early stops, ``cycle-encoding curves``).
+Design notes: docs/INTERNALS.md, "cycle_encoding.training.plateau"."""
 
 from __future__ import annotations
 

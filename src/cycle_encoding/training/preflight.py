@@ -1,10 +1,5 @@
 """``train-encoder --dry-run``: open everything a training run will need, before any step, and say what was found.
-
-A configuration that names a missing LPIPS backbone, identity weights, an unreadable generator or data set, or a
-schedule that does not fit the generator would otherwise fail at the first step (or at the first validation); here
-each is opened as the run would open it (on the CPU), and the schedule is laid out for the generator's own number of
-codes. Any problem is the one-line error the run itself would give.
-"""
+Design notes: docs/INTERNALS.md, "cycle_encoding.training.preflight"."""
 
 from __future__ import annotations
 

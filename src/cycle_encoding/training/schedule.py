@@ -1,38 +1,6 @@
 """The cycle schedule W -> W+ -> W as data: phases that give, for a global step, the training stage and the
-weights of the offset (delta) and adversarial losses.
-
-A :class:`Schedule` is a list of contiguous :class:`Phase` s (``[start, end)`` in global steps). Each phase has
-
-- a stage rule: a constant stage, or a ramp that moves the stage by one at evenly spread steps;
-- a :class:`WeightRule` for the delta weight and one for the adversarial weight: a constant, or a value multiplied by
-  ``factor`` at the steps ``since + offset + k * every`` (k = 0, 1, ...; at most ``times`` times).
-
-The stage is the number of active offsets: stage 0 is W (one code for every layer), stage i means that the offsets
-D_1 .. D_i are active; the largest stage ``K = num_ws - 1`` is W+. Stages are written either as integers (clamped to
-``[0, K]``) or as ``"max"`` / ``"max-n"`` so that one schedule serves generators of any depth.
-
-Ramps: ``{"from": a, "to": b}`` holds stage ``a`` at the phase start and moves one stage toward ``b`` every
-``(end - start) / |b - a|`` steps (the j-th move at step ``start + ceil(j * (end - start) / |b - a|)``), so that
-``b`` is the stage of the step ``end`` (the next phase's first step). Fewer layers (a small generator) therefore keep
-the ramp's start and end steps and spread their layers over it (preset ``paper`` with 8 codes: one offset every
-5,333.3 steps in 20k..52k). The same rule applies to preset ``e4e`` (e4e's own code keeps 2,000 steps per offset
-whatever the depth; for 18 codes the two agree exactly).
-
-Presets (:func:`preset_schedule`, written out in ``_paper``, ``_e4e``, ``_w``): ``paper``, the authors' run of 750k
-steps (METHOD.md, step 1: the delta weight x1.2 and the adversarial weight /2 at every ``s % 10000 == 5`` from 500,005);
-``e4e``, its first three phases (e4e's progressive recipe, the baseline); ``w``, stage 0 throughout for 500k steps.
-
-:meth:`Schedule.rescaled` maps any schedule to another total number of steps with the same proportions: phase
-boundaries are scaled and rounded to whole steps (phases left empty are dropped; stage ramps follow their phase's
-bounds), and the anchors ``since``, the periods ``every`` and the offsets of the weight rules are scaled exactly
-(fractions of a step allowed: an event takes effect at the first whole step at or after it; ``times`` is kept, so
-the delta weight still grows 15 times). So the paper's ``s % 10000 == 5`` becomes, at 75,000 steps,
-``s = 50000.5 + 1000 k``, i.e. the steps 50001, 51001, ...
-
-A schedule can be written to and read from YAML or JSON (:func:`save_schedule`, :func:`load_schedule`); the file
-holds ``name`` and ``phases`` (and ``total_steps``, checked against the last phase's end), each phase ``name``,
-``end`` (``start`` optional: the previous phase's end), ``stage``, ``delta`` and ``adversarial``.
-"""
+weights of the offset (delta) and adversarial losses; presets, rescaling, schedule files.
+Design notes: docs/INTERNALS.md, "cycle_encoding.training.schedule"."""
 
 from __future__ import annotations
 
@@ -97,8 +65,7 @@ def _round_scaled(x: int, num: int, den: int) -> int:
 
 
 Step = int | float | Fraction
-"""A step count in a weight rule: whole in presets, fractional after rescaling (kept exact as a Fraction; files
-hold it as a number or, when no float is exact, as a string ``"num/den"``)."""
+"""A step count in a weight rule: whole in presets, fractional (an exact Fraction) after rescaling."""
 
 
 _FRACTION_RE = re.compile(r"^\s*\d+(\.\d*)?\s*(/\s*\d+)?\s*$")
@@ -131,13 +98,8 @@ def _plain(x: Fraction) -> int | float | str:
 
 @dataclass(frozen=True)
 class WeightRule:
-    """A loss weight as a function of the global step s:
-    ``value * factor ** n(s)``, where n(s) counts the event points ``since + offset + k * every`` (k = 0, 1, ...)
-    that are ``<= s``, at most ``times`` of them. ``every = None`` (or ``factor = 1``) is a constant ``value``.
-
-    ``since``, ``offset`` and ``every`` may be fractional (a rescaled schedule keeps them exact); an event point that is
-    not a whole step takes effect at the next whole step. Arithmetic is exact (Fractions), so a step never lands on the
-    wrong side of an event by rounding."""
+    """A loss weight ``value * factor ** n(s)``, n(s) the event points ``since + offset + k * every`` (at most ``times``)
+    at or before the global step s, in exact arithmetic (docs/INTERNALS.md)."""
 
     value: float
     factor: float = 1.0
@@ -410,7 +372,7 @@ class Schedule:
 
     def rescaled(self, total_steps: int) -> Schedule:
         """The same schedule over ``total_steps`` steps, all step counts scaled by ``total_steps / self.total_steps``
-        and rounded (see the module doc); phases that become empty are dropped."""
+        and rounded (docs/INTERNALS.md); phases that become empty are dropped."""
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ScheduleError(f"total steps must be a positive integer, got {total_steps!r}")
         num, den = total_steps, self.total_steps

@@ -1,18 +1,9 @@
 """The skeleton every resumable training loop fills: rank handling, the run folder, the checkpoint and its exact resume,
-the JSONL log and the progress bar. A trainer (``EncoderTrainer``, ``GeneratorTrainer``, ``ClassifierTrainer``) builds
-its networks, data and optimizers between :meth:`Trainer._start` and :meth:`Trainer._open_run`, overrides the methods
-below that raise ``NotImplementedError`` and the hooks it needs; its configuration holds ``log_every``,
-``checkpoint_every``, ``image_every`` (when it saves images) and ``device`` (unless it names its device to ``_start``).
-
-A run folder ``out/NNNNN-label/`` holds ``config.json`` (options + ``_resolved``), ``images/`` (when the trainer saves
-images), ``log.jsonl`` and ``checkpoint.pt`` (rank 0 writes it atomically; every rank's random state is gathered into
-it, so a resumed run with the same number of processes continues bit for bit).
-"""
+the JSONL log and the progress bar. Design notes: docs/INTERNALS.md, "cycle_encoding.training.trainer"."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,12 +17,12 @@ from ..config import to_dict
 from ..errors import CheckpointError, CycleEncodingError
 from ..optim import zero_grad
 from ..progress import Progress
-from ..utils import atomic_write, resolve_device
+from ..utils import read_json, resolve_device, write_json
 from .runs import RunLog, next_run_dir, rng_state, set_rng_state
 
 
 class Trainer:
-    """A resumable training loop over ``cfg.max_steps`` (see the module doc for what a subclass fills in)."""
+    """A resumable training loop over ``cfg.max_steps`` (what a subclass fills in: docs/INTERNALS.md)."""
 
     desc: ClassVar[str] = "train"  # the progress bar's label
     progress: str = "auto"  # --progress: auto, bar, lines (a status line a minute in a log) or none
@@ -94,7 +85,7 @@ class Trainer:
                 (run / "images").mkdir()
             cfg = to_dict(self.cfg)
             cfg["_resolved"] = self.resolved()
-            atomic_write(run / "config.json", lambda t: t.write_text(json.dumps(cfg, indent=2) + "\n"))
+            write_json(run / "config.json", cfg)
             self.write_run_files(run)
         run = dd.broadcast_object(run, self.dist)
         assert run is not None
@@ -311,7 +302,7 @@ def read_run_config(
                                  f"{run_dir}: a file, not a {command} run folder")  # fmt: skip
     if not p.is_file():
         raise CycleEncodingError(f"{run_dir}: not a {command} run folder (no config.json)")
-    data = json.loads(p.read_text())
+    data = read_json(p)
     data.pop("_resolved", None)
     for k, v in (overrides or {}).items():
         if k not in allowed:
