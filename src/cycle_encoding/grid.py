@@ -138,8 +138,6 @@ def strength_label(a: float) -> str:
 
 def strip_image(target: object, edits: Sequence[object], strengths: Sequence[float]) -> Image.Image:
     """One row: the input (when given), then the edits labelled by strength (0 marked as the reconstruction)."""
-    cells: list[object] = [target] if target is not None else []
-    labels = ["input"] if target is not None else []
-    cells += list(edits)
-    labels += [("0 (recon)" if a == 0 else strength_label(a)) for a in strengths]
-    return compose_grid([cells], col_labels=labels)
+    head: list[object] = [target] if target is not None else []
+    labels = ["input"] * len(head) + [("0 (recon)" if a == 0 else strength_label(a)) for a in strengths]
+    return compose_grid([[*head, *edits]], col_labels=labels)

@@ -4,6 +4,7 @@ Design notes: docs/INTERNALS.md, "cycle_encoding.editing.directions"."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -461,13 +462,9 @@ def save_interfacegan(direction: DirectionSet | torch.Tensor, path: str | Path, 
         v = v[None]
     p = Path(path)
     if p.suffix.lower() == ".npy":
-        arr = v.numpy()
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
-                np.save(f, arr)
-
-        return atomic_write(p, write)
+        buf = io.BytesIO()  # not np.save(tmp): it would add ".npy" to the temporary name
+        np.save(buf, v.numpy())
+        return atomic_write(p, lambda tmp: tmp.write_bytes(buf.getvalue()))
     return atomic_write(p, lambda tmp: torch.save(v.contiguous().clone(), tmp))
 
 

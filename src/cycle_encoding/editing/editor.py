@@ -166,10 +166,9 @@ class Editor:
     ) -> None:
         if _shared is None:
             loss = dict(SHIPPED_LOSS_NETWORKS.get(str(generator), {})) if isinstance(generator, (str, Path)) else {}
-            for k, v in (("perceptual", perceptual), ("identity", identity), ("train_data", train_data),
-                         ("lpips_backbone", lpips_backbone)):  # fmt: skip
-                if v is not None:
-                    loss[k] = v
+            given = {"perceptual": perceptual, "identity": identity, "train_data": train_data,
+                     "lpips_backbone": lpips_backbone}  # fmt: skip
+            loss.update({k: v for k, v in given.items() if v is not None})
             _shared = _Shared(generator, encoder, directions, components, methods, device, loss)
         self._s = _shared
         self.base: Generator = _shared.G  # the base generator, its weights' hash, whether an encoder is there
@@ -365,7 +364,6 @@ class Editor:
         G = self._s.run_generator(self.run, im)
         target = check_target(self._s.G, read_image(im.target_path)).cpu() if im.target_path.is_file() else None
         self._set(im.pivot, G, target, name, f"run image {name}")
-        self.result = None
         self.stages = im.stages
 
     def set_codes(
@@ -393,7 +391,6 @@ class Editor:
                 )
         x = self.load_image(target) if target is not None else None
         self._set(p, G, x, name, "codes")
-        self.result = None
 
     def _set(
         self, pivot: torch.Tensor, tuned: Generator | None, target: torch.Tensor | None, name: str, source: str
@@ -403,6 +400,7 @@ class Editor:
         self.target = target
         self.name = name
         self.source = source
+        self.result = None  # invert() sets it after this
         self._strengths = {}
         self._edited = None
         self._rendered = None

@@ -138,9 +138,7 @@ def remove_previous_edit(folder: Path) -> None:
         return
     root = folder.resolve()
     for rec in doc.get("images", []):
-        for rel in [*rec.get("files", []), rec.get("strip"), rec.get("gif")]:
-            if not rel:
-                continue
+        for rel in filter(None, [*rec.get("files", []), rec.get("strip"), rec.get("gif")]):
             p = (folder / rel).resolve()
             if root in p.parents and p.suffix in (".png", ".gif"):
                 p.unlink(missing_ok=True)
@@ -325,7 +323,7 @@ def _swap_in(stage: Path, out: Path, doc: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     remove_previous_edit(out)
     for rec in doc["images"]:
-        for rel in [*rec["files"], rec["strip"], *([rec["gif"]] if rec.get("gif") else [])]:
+        for rel in filter(None, [*rec["files"], rec["strip"], rec.get("gif")]):
             dst = out / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / rel, dst)

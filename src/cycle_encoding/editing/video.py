@@ -56,8 +56,7 @@ def _frame_quads(
         return [rect_quad(*parse_crop(crop, w, h))] * len(clip.frames)
     if how == "frame":
         return [rect_quad(0, 0, w, h)] * len(clip.frames)
-    if detector is None:
-        detector = LandmarkDetector()
+    detector = detector if detector is not None else LandmarkDetector()
     bar = Progress(len(clip.frames), "align: faces", "frame", progress, heartbeat=10.0)
     try:
         quads = face_quads(clip.frames, detector, lambda i, found: bar.update(1))

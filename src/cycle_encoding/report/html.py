@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from ..checkpoints.common import atomic_write
@@ -167,13 +168,9 @@ def _per_image_columns(data: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def _ranks(values: list[Any], descending: bool) -> list[int]:
     """Each row's position when sorted by ``values`` (missing values last, ties in name order)."""
-    present = [i for i, v in enumerate(values) if v is not None]
-    present.sort(key=lambda i: values[i], reverse=descending)
-    order = present + [i for i, v in enumerate(values) if v is None]
-    ranks = [0] * len(values)
-    for pos, i in enumerate(order):
-        ranks[i] = pos
-    return ranks
+    order = sorted((i for i, v in enumerate(values) if v is not None), key=lambda i: values[i], reverse=descending)
+    order += [i for i, v in enumerate(values) if v is None]
+    return np.argsort(order).tolist()  # the inverse permutation: each row's position
 
 
 def _per_image_table(data: dict[str, Any]) -> str:
