@@ -157,12 +157,8 @@ def _run_threads(im: RunImage) -> int | None:
 
 
 def matches_reconstruction(im: RunImage, y: torch.Tensor, device: torch.device) -> tuple[bool | None, str]:
-    """Whether the rendering ``y [1, C, H, W]`` of the image's pivot is the run's reconstruction, and how that was
-    decided. Bit for bit (the sha256 of the float32 tensor the run stored) when this process renders with the run's
-    device and CPU thread count; otherwise (the thread count changes how the CPU sums, so the last bits of a float
-    may differ; also runs that did not record it) within a stated tolerance of the reconstruction the run saved as
-    ``recon_STAGE.png``: every 8-bit pixel value equal up to RECON_TOLERANCE_LEVELS. None when there is nothing to
-    compare with."""
+    """Whether the rendering ``y [1, C, H, W]`` of the image's pivot is the run's reconstruction (None: nothing to
+    compare with), and how that was decided: bit for bit, or within RECON_TOLERANCE_LEVELS (the design notes)."""
     want = im.recon_sha256
     if want is not None and tensor_sha256(y) == want:
         return True, "bit for bit"
@@ -224,17 +220,12 @@ def render_run_edits(
     members_info: dict[str, Any] | None = None,
     gif: bool = True,
 ) -> dict[str, Any]:
-    """Render ``request`` for every finished image of ``run`` (see the design notes) and return what ``edit.json``
-    holds. ``encoder`` (an Encoder4Editing or a file; ``"run"`` for the run's own) turns on LEC; ``scorer`` (a
-    function images -> [B]) edit success; ``preservation`` the distance to the reconstruction. ``log`` receives one
-    line per image (default: stderr); ``progress`` (auto, bar, lines, none; default none) a bar over the images.
-
+    """Render ``request`` for every finished image of ``run`` and return what ``edit.json`` holds (failures and the
+    swap-in: the design notes). ``encoder`` (an Encoder4Editing or a file; ``"run"`` for the run's own) turns on LEC;
+    ``scorer`` (a function images -> [B]) edit success; ``preservation`` the distance to the reconstruction.
     ``members`` (images -> [B], NaN for an image to leave out) picks the images the summaries are over, described
-    by ``members_info`` (e.g. the classes); ``gif`` writes each image's sweep as a GIF.
-    Everything is checked before anything is written; the edit is rendered into a temporary folder and swapped in
-    at the end, so a failed edit leaves an earlier one of the same name as it was. An image that cannot be edited
-    (a folder or file that cannot be read) is listed in ``failed`` (name and reason) and the others go on; when none
-    can be edited, nothing is swapped in and the error names the first reason."""
+    by ``members_info`` (e.g. the classes). ``log`` receives one line per image (default: stderr); ``progress``
+    (auto, bar, lines, none; default none) a bar over the images; ``gif`` writes each image's sweep as a GIF."""
     run = run if isinstance(run, InversionRun) else InversionRun(run)
     strengths = parse_strengths(list(request.strengths))
     finished = run.image_names()
