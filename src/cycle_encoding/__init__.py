@@ -15,9 +15,8 @@ Public API (more arrives with each stage of the method):
 import os as _os
 import sys as _sys
 
-# Waiting OpenMP threads sleep unless the user chose otherwise: torch's CPU build uses GNU libgomp, whose threads spin
-# while they wait, which made one `invert` 2-6x slower in wall time on a machine whose cores other work kept busy (the
-# figures: issue 28.2). libgomp reads the variable when torch loads it, so it is set before torch's first import.
+# waiting OpenMP threads sleep unless the user chose otherwise; set before torch's first import, when libgomp reads it
+# (why: docs/INTERNALS.md, "cycle_encoding")
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -62,7 +61,6 @@ __all__ = [
     "to_pil",
 ]
 
-# Modules that register readers for `cycle-encoding info` (checkpoints.inspect.register_inspector) and that the
-# checkpoints package itself does not import: imported here, so the list is full for every user of the package.
+# modules that register readers for `cycle-encoding info` (checkpoints.inspect) that checkpoints does not import
 from .checkpoints import delta as _delta  # noqa: F401
 from .editing import directions as _directions  # noqa: F401

@@ -101,13 +101,11 @@ def text_lines(info: dict, indent: int = 0) -> list[str]:
             if all(not isinstance(x, (dict, list)) for x in v.values()) and len(v) > 6:
                 lines.append(f"{pad}{k}: " + json.dumps(v))
             else:
-                lines.append(f"{pad}{k}:")
-                lines += text_lines(v, indent + 1)
+                lines += [f"{pad}{k}:", *text_lines(v, indent + 1)]
         elif isinstance(v, list) and len(v) <= 8 and all(isinstance(x, (int, float)) for x in v):
             lines.append(f"{pad}{k}: {v}")
         elif isinstance(v, list):
-            lines.append(f"{pad}{k}:")
-            lines += [f"{pad}  - {x}" for x in v]
+            lines += [f"{pad}{k}:", *(f"{pad}  - {x}" for x in v)]
         else:
             lines.append(f"{pad}{k}: {v}")
     return lines

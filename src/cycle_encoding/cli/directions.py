@@ -151,8 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.codes is not None:
         if args.labels is None:
             raise CycleEncodingError("--codes needs --labels")
-        cpath = Path(args.codes)
-        lpath = Path(args.labels)
+        cpath, lpath = Path(args.codes), Path(args.labels)
         if cpath.is_dir():
             run = InversionRun(cpath)
             if lpath.suffix.lower() not in (".csv", ".tsv"):

@@ -101,8 +101,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     bar.close()
     done = len(files) - len(rep.no_face) - len(rep.failed) - len(rep.skipped)
     parts = [f"aligned {len(rep.written)} face(s) from {done} image(s) into {args.out}"]
-    for some, what in ((rep.skipped, "already done"), (rep.no_face, "without a face"), (rep.failed, "unreadable")):
-        if some:
-            parts.append(f"{len(some)} {what}")
+    counts = ((rep.skipped, "already done"), (rep.no_face, "without a face"), (rep.failed, "unreadable"))
+    parts += [f"{len(some)} {what}" for some, what in counts if some]
     print("; ".join(parts))
     return EXIT_SOME_FAILED if (rep.no_face or rep.failed) else 0

@@ -53,11 +53,9 @@ class SessionPool:
         the least recently used others beyond ``max_sessions`` are released."""
         with self._lock:
             if s is None or s.editor is None:
-                folder = Path(tempfile.mkdtemp(prefix="session-", dir=self.root))
                 if s is None:
-                    s = Session(self.template.fork(), folder)
-                else:
-                    s.editor, s.folder = self.template.fork(), folder
+                    s = Session(None, self.root)
+                s.editor, s.folder = self.template.fork(), Path(tempfile.mkdtemp(prefix="session-", dir=self.root))
             self._live[id(s)] = s
             self._live.move_to_end(id(s))
             for t in [t for t in self._live.values() if t is not s and not t.busy]:
