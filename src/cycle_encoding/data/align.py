@@ -359,29 +359,26 @@ def align_files(
     out.mkdir(parents=True, exist_ok=True)
     rep = AlignReport()
 
-    def record(kind: str, path: Path, entry: Any, detail: Any = None) -> None:
-        """``entry`` added to the report's list ``kind``, and ``on_event`` told."""
-        getattr(rep, kind).append(entry)
+    def record(kind: str, path: Path, entries: list[Any], detail: Any = None) -> None:
+        getattr(rep, kind).extend(entries)
         if on_event is not None:
             on_event(kind, path, detail)
 
     for path in inputs:
         first = out / output_names(path.stem, 1, all_faces)[0]
         if first.exists() and not overwrite:
-            record("skipped", path, path, first)
+            record("skipped", path, [path], first)
             continue
         try:
             faces = align_image(read_rgb(path), detector, size=size, all_faces=all_faces, supersample=supersample)
         except CycleEncodingError as e:
-            record("failed", path, (path, str(e)), str(e))
+            record("failed", path, [(path, str(e))], str(e))
             continue
         if not faces:
-            record("no_face", path, path)
+            record("no_face", path, [path])
             continue
         files = [out / name for name in output_names(path.stem, len(faces), all_faces)]
         for face, dst in zip(faces, files):
             atomic_write(dst, lambda tmp, im=face.image: im.save(tmp, format="PNG"))
-        rep.written += files
-        if on_event is not None:
-            on_event("written", path, files)
+        record("written", path, files, files)
     return rep

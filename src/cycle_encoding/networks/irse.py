@@ -31,8 +31,7 @@ class SEModule(nn.Module):
         self.sigmoid = nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
-        return x * s
+        return x * self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
 
 
 class BottleneckIR(nn.Module):

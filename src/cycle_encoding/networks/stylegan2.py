@@ -205,8 +205,7 @@ class ModulatedConv2d(nn.Module):
         if self.upsample:
             weight = weight.transpose(1, 2).reshape(batch * in_channel, self.out_channel, k, k)
             out = F.conv_transpose2d(x, weight, padding=0, stride=2, groups=batch)
-            out = self.blur(out.view(batch, self.out_channel, out.shape[-2], out.shape[-1]))
-            return out
+            return self.blur(out.view(batch, self.out_channel, out.shape[-2], out.shape[-1]))
         weight = weight.view(batch * self.out_channel, in_channel, k, k)
         out = F.conv2d(x, weight, padding=self.padding, groups=batch)
         return out.view(batch, self.out_channel, height, width)
@@ -373,7 +372,6 @@ class Generator(nn.Module):
         self,
         batch: int,
         mixing_prob: float = 0.0,
-        truncation: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Codes of ``z ~ N(0, I)`` with style mixing at probability ``mixing_prob`` (a random crossover layer per
@@ -384,9 +382,9 @@ class Generator(nn.Module):
         cut = torch.randint(1, self.num_ws, (batch,), generator=generator)
         cut = torch.where(u < mixing_prob, cut, torch.full_like(cut, self.num_ws))
         dev = self.w_avg.device
-        ws = self.mapping(z.to(dev), truncation=truncation)
+        ws = self.mapping(z.to(dev))
         if mixing_prob > 0:
-            ws = self.style_mix(ws, self.mapping(z2.to(dev), truncation=truncation), cut.to(dev))
+            ws = self.style_mix(ws, self.mapping(z2.to(dev)), cut.to(dev))
         return ws
 
     def style_batches(
