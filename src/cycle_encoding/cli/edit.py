@@ -34,9 +34,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "direction by each strength and renders it with the image's tuned generator (rebuilt from the base and the "
         "stored change; the base generator when the run did not tune). Strength 0 gives the reconstruction bit for "
         "bit (checked against the run's hash). Writes RUN_DIR/edits/TAG/NAME/*.png, a labelled strip per image and "
-        "edit.json; optional measures: LEC (--lec), the change of a classifier's score (--classifier) and the "
-        "distance to the reconstruction (--preservation). Exit status: 0 all edited, 3 some image folders could not be "
-        "read (listed; the others are edited), 2 bad input (nothing written; an earlier edit of the name is kept).",
+        "edit.json, with the measures asked for (--lec, --classifier, --preservation). Exit status: 0 all edited, 3 "
+        "some image folders could not be read (listed; the others are edited), 2 bad input (nothing written; an "
+        "earlier edit of the name is kept).",
     )  # fmt: skip
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder")
     add_direction_args(p)

@@ -37,11 +37,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = add_command(
         sub, common, "info", cmd_info,
         help="what a checkpoint file is and holds",
-        description="Reads FILE without running any code from it and prints its format (rosinality .pt, NVIDIA "
-        "stylegan2-ada .pkl, e4e/pSp .pt, the project's .safetensors: generator, encoder, classifier, a tuned "
-        "generator's stored change, directions), the architecture read from its tensors (resolution, number of codes "
-        "num_ws, style size, widths, image channels), the parameter count, whether w_avg is stored, what else the "
-        "file holds and, for the project's files, how each was made (provenance).",
+        description="Reads FILE without running any code from it and prints its format (docs/FORMATS.md), the "
+        "architecture read from its tensors (resolution, number of codes num_ws, style size, widths, image channels), "
+        "the parameter count, whether w_avg is stored, what else the file holds and, for the project's files "
+        "(generator, encoder, classifier, a tuned generator's stored change, directions), how each was made.",
     )  # fmt: skip
     p.add_argument("file", type=Path, metavar="FILE",
                    help="a checkpoint file of any supported format, or a shipped model's name (e.g. fmnist-generator)")  # fmt: skip
@@ -53,9 +52,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         sub, common, "generate", cmd_generate,
         help="render a generator's samples by seed, or codes from a file (--projected-w)",
         description="Renders images with a generator: by seed (z drawn as NVIDIA's generate.py does, so seed 42 here "
-        "is seed 42 there), or the codes of --projected-w (NVIDIA's projector .npz, key w [n, num_ws, w_dim]; e4e's "
-        "latents.pt; .npy), written as seedNNNN.png or projNN.png plus grid.png. A tuned generator stored as its "
-        "change (generator_delta.safetensors) is rebuilt on its base (--base, else the base it records).",
+        "is seed 42 there) or the codes of --projected-w, written as seedNNNN.png or projNN.png plus grid.png. A tuned "
+        "generator stored as its change (generator_delta.safetensors) is rebuilt on its base (--base, else the base "
+        "it records).",
     )  # fmt: skip
     p.add_argument("--generator", "-g", "--network", required=True, type=Path,
                    help="generator file (any supported format, a stored change, or a shipped name; --network as "

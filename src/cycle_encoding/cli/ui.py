@@ -8,7 +8,6 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 from ..editing.editor import Editor
 from ..errors import CycleEncodingError
@@ -51,10 +50,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add_device_arg(p)
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does: its folders are removed
-
-
 def cmd_ui(args: argparse.Namespace) -> int:
     # lazy: importing ui.app sets Gradio's and the Hugging Face hub's offline variables in os.environ (ui only)
     from ..ui.app import EditorApp, check_tune_steps, import_gradio, is_loopback
@@ -83,7 +78,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"warning: binding {args.host}: anyone who can reach this machine on port {args.port} can use the "
               "editor, upload files and open run folders it can read; the page has no login", file=sys.stderr)  # fmt: skip
     main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
-    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
+    # SIGTERM stops the server as Ctrl-C does (KeyboardInterrupt): its folders are removed
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
         app = EditorApp(editor, max_upload_mb=args.max_upload_mb, stages=tuple(comma_list(args.stages)), tune_steps=args.tune_steps,
                         max_sessions=args.max_sessions)  # fmt: skip
