@@ -66,7 +66,7 @@ def build_loss_networks(
     lpips_backbone: str | Path | None,
     identity: str | None,
     identity_weights: str | Path | None,
-    device: torch.device,
+    device: str | torch.device,
     need_perceptual: bool = True,
     need_identity: bool = True,
     recorded: Mapping[str, Mapping[str, str]] | None = None,

@@ -105,6 +105,8 @@ class GeneratorTrainConfig:
         check_rule(self.metric_patience, self.metric_min_improvement, "metric_")
         if self.metric_every and self.classifier_name is None:
             raise ValueError("metric_every needs metric_classifier (a classifier file of this domain)")
+        self.generator_config()  # the architectures, built once so that a bad width is reported before anything runs
+        self.discriminator_config()
 
     @property
     def classifier_name(self) -> str | None:
@@ -152,13 +154,7 @@ class GeneratorTrainConfig:
 
 def load_generator_train_config(data: dict[str, Any]) -> GeneratorTrainConfig:
     """A checked configuration from plain data (YAML/JSON options); unknown keys and bad types are one clear line."""
-    cfg = from_mapping(GeneratorTrainConfig, data, "train-generator options")
-    try:  # build the architectures once so that a bad width is reported before anything runs
-        cfg.generator_config()
-        cfg.discriminator_config()
-    except ValueError as e:
-        raise CycleEncodingError(f"train-generator options: {e}") from None
-    return cfg
+    return from_mapping(GeneratorTrainConfig, data, "train-generator options")
 
 
 def lazy_ratio(every: int, active: bool = True) -> float:

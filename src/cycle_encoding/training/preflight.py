@@ -10,8 +10,7 @@ from ..checkpoints import load_generator
 from ..checkpoints.encoder import init_encoder_weights
 from ..data.datasets import open_dataset
 from ..errors import CycleEncodingError
-from ..losses.identity import build_identity
-from ..losses.perceptual import build_perceptual
+from ..losses.networks import build_loss_networks
 from ..networks.encoder import Encoder4Editing
 from .encoder_trainer import EncoderTrainConfig, data_domain, encoder_config, identity_choice, perceptual_choice
 from .schedule import Schedule, get_schedule
@@ -51,22 +50,17 @@ def check_encoder_run(cfg: EncoderTrainConfig) -> Preflight:
         checked.append(f"validation data {cfg.val_data}: {len(val)} images")
     elif cfg.val_count >= len(data):
         raise CycleEncodingError(f"cannot hold out {cfg.val_count} of {len(data)} images for validation: too few")
-    pname, pnote = perceptual_choice(cfg, G.img_channels)  # as EncoderTrainer resolves it
-    if cfg.perceptual_lambda > 0 and pname != "none":
-        net = build_perceptual(pname, "cpu", cfg.lpips_backbone, domain=data_domain(cfg.data, G.img_channels))
-        checked.append(f"perceptual {getattr(net, 'name', pname)}"
-                       + (f" (backbone {cfg.lpips_backbone})" if cfg.lpips_backbone else "")
-                       + (f" ({pnote})" if pnote else ""))  # fmt: skip
-    else:
-        checked.append("perceptual: none")
-    name, note = identity_choice(cfg)
-    if cfg.identity_lambda > 0 and name != "none":  # as EncoderTrainer resolves it
-        net = build_identity(name, "cpu", cfg.identity_weights)
-        checked.append(f"identity {getattr(net, 'name', name)}"
-                       + (f" (weights {cfg.identity_weights})" if cfg.identity_weights else "")
-                       + (f" ({note})" if note else ""))  # fmt: skip
-    else:
-        checked.append("identity: none" + (f" ({note})" if note else ""))
+    pname, pnote = perceptual_choice(cfg, G.img_channels)  # as EncoderTrainer resolves and builds them
+    iname, inote = identity_choice(cfg)
+    nets = build_loss_networks(pname, cfg.lpips_backbone, iname, cfg.identity_weights, "cpu", cfg.perceptual_lambda > 0,
+                               cfg.identity_lambda > 0, domain=data_domain(cfg.data, G.img_channels))  # fmt: skip
+    for kind, net, what, file, note in (("perceptual", nets.perceptual, "backbone", cfg.lpips_backbone, pnote),
+                                        ("identity", nets.identity, "weights", cfg.identity_weights, inote)):  # fmt: skip
+        why = f" ({note})" if note else ""
+        if net is None:  # an auto perceptual choice switched off by its weight says nothing of what auto would take
+            checked.append(f"{kind}: none" + (why if kind == "identity" else ""))
+        else:
+            checked.append(f"{kind} {nets.names()[kind]}" + (f" ({what} {file})" if file else "") + why)
     if cfg.encoder_init:
         E = Encoder4Editing(encoder_config(cfg.encoder, G, size))
         checked.append(f"encoder initialisation: {init_encoder_weights(E, cfg.encoder_init)}")

@@ -179,10 +179,10 @@ class WeightRule:
                 try:
                     return _exact(v)
                 except ScheduleError as e:
-                    raise ScheduleError(f"{where}: '{key}': {e}") from None
+                    raise ScheduleError(f"'{key}': {e}") from None
             ok = isinstance(v, int) if integer else isinstance(v, (int, float))
             if isinstance(v, bool) or not ok or (isinstance(v, float) and not math.isfinite(v)):
-                raise ScheduleError(f"{where}: '{key}' must be {'an integer' if integer else 'a number'}, got {v!r}")
+                raise ScheduleError(f"'{key}' must be {'an integer' if integer else 'a number'}, got {v!r}")
             return v
 
         try:
@@ -427,26 +427,23 @@ class Schedule:
         raw = data.get("phases")
         if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)) or not raw:
             raise ScheduleError(f"{where}: 'phases' must be a non-empty list")
-        phases = []
-        prev_end = 0
+        phases: list[Phase] = []
         for i, ph in enumerate(raw):
-            pw = f"{where}: phase {i}"
             if not isinstance(ph, Mapping):
-                raise ScheduleError(f"{pw}: expected a mapping, got {ph!r}")
+                raise ScheduleError(f"{where}: phase {i}: expected a mapping, got {ph!r}")
             name = str(ph.get("name", f"phase {i}"))
             pw = f"{where}: phase {i} ({name!r})"
             _check_keys(ph, {"name", "start", "end", "stage", "delta", "adversarial"}, pw)
             for key in ("end", *(k for k, _ in RULE_KEYS)):
                 if key not in ph:
                     raise ScheduleError(f"{pw}: missing '{key}'")
-            start = ph.get("start", prev_end)
+            start = ph.get("start", phases[-1].end if phases else 0)
             end = ph["end"]
             for key, v in (("start", start), ("end", end)):
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise ScheduleError(f"{pw}: '{key}' must be an integer step, got {v!r}")
             rules = [rule.from_data(ph[k], f"{pw}: {k}") for k, rule in RULE_KEYS]
             phases.append(Phase(name, start, end, *rules))  # type: ignore[arg-type]
-            prev_end = end
         sched = cls(tuple(phases), name=str(data.get("name", "custom")), source=source)
         total = data.get("total_steps")
         if total is not None and total != sched.total_steps:
