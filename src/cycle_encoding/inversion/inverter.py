@@ -229,7 +229,7 @@ class Inverter:
             "networks_from": self.networks_from,
         }
         if self.speed is not None:
-            out["speed"] = self.speed.to_dict()
+            out["speed"] = to_dict(self.speed)
         if self.project_nets is not self.nets:
             out["project"] = {"perceptual": self.project_nets.names()["perceptual"]}
         if "tune" in self.config.stages:
@@ -483,7 +483,7 @@ class Inverter:
                 states = [image_state(out, n, f) for n, f in zip(names, files)]
                 pending = [i for i, s in enumerate(states) if s != "done"]
                 if speed is not None:
-                    plan["speed"] = self._plan_speed(speed, len(pending), out).to_dict()
+                    plan["speed"] = to_dict(self._plan_speed(speed, len(pending), out))
                     self._apply_speed(SpeedPlan(**plan["speed"]))
                 prepare_run_dir(self, out, images)
                 plan.update(pending=pending, changed=[names[i] for i, s in enumerate(states) if s == "changed"])

@@ -78,7 +78,7 @@ class EncoderSource:
     """An encoder as read from its file, with what the refinement needs besides the weights."""
 
     encoder: Encoder4Editing
-    optimizer_state: OptimizerState | dict[str, Any] | None = None
+    optimizer_state: OptimizerState | None = None
     optimizer_settings: dict[str, Any] = field(default_factory=lambda: dict(PAPER_RANGER))
     train_data: str | None = None  # the training images' folder or dataset name, when the file records it
     image_size: int | None = None  # the size the encoder was trained at, when the file records it
@@ -161,7 +161,7 @@ class RegularizedRefiner:
         train_images: ImageDataset,
         config: RefineConfig | None = None,
         nets: LossNetworks | None = None,
-        optimizer_state: OptimizerState | dict[str, Any] | None = None,
+        optimizer_state: OptimizerState | None = None,
         optimizer_settings: dict[str, Any] | None = None,
         image_size: int | None = None,
         seed: int = 0,
@@ -201,8 +201,7 @@ class RegularizedRefiner:
             )
         if optimizer_state is not None and choice in ("auto", "restore"):
             self.optimizer.load_state_dict(self._as_state_dict(optimizer_state, where))
-            label = optimizer_state.source if isinstance(optimizer_state, OptimizerState) else where
-            self.optimizer_source, self.optimizer_note = "restored", f"restored from {label or where}"
+            self.optimizer_source, self.optimizer_note = "restored", f"restored from {optimizer_state.source or where}"
         elif choice == "fresh":
             self.optimizer_source, self.optimizer_note = "fresh", "fresh Ranger (no state)"
         else:
@@ -220,7 +219,6 @@ class RegularizedRefiner:
             for g in self.optimizer.param_groups:
                 g["lr"] = c.lr
         self._opt_state = copy.deepcopy(self.optimizer.state_dict())
-        self.has_optimizer_state = self.optimizer_source != "fresh"
 
     def substitute_state(self) -> dict[str, Any] | None:
         """The substitute Ranger state this refiner estimated (None: it restored one or runs fresh), for another
@@ -236,21 +234,10 @@ class RegularizedRefiner:
         self._features = compile_pass(self.E.features, device) if on else None
         self._synthesis = synthesis_pass(on, device)
 
-    def _as_state_dict(self, st: OptimizerState | dict[str, Any], where: str) -> dict[str, Any]:
-        """A state for ``self.optimizer``: an OptimizerState mapped by name, or a Ranger state_dict over the
-        encoder's parameters; the Ranger settings the state does not give are the run's."""
+    def _as_state_dict(self, st: OptimizerState, where: str) -> dict[str, Any]:
+        """``st`` mapped by name onto the encoder's parameters; the Ranger settings it does not give are the run's."""
         defaults = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
-        if isinstance(st, OptimizerState):
-            sd = st.to_state_dict(self.E, where)
-        else:
-            sd = copy.deepcopy(st)
-            n_state = sum(len(g["params"]) for g in sd.get("param_groups", []))
-            n_params = len(list(self.E.parameters()))
-            if n_state != n_params:
-                raise CycleEncodingError(
-                    f"{where}: the encoder's optimizer state covers {n_state} tensors, the encoder has {n_params}: "
-                    "they do not belong together"
-                )
+        sd = st.to_state_dict(self.E, where)
         for g in sd["param_groups"]:
             for k, v in defaults.items():
                 g.setdefault(k, v)

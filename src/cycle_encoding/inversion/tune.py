@@ -101,16 +101,17 @@ def tuning_loss(
 ) -> torch.Tensor | None:
     """One step's loss of the tuned copy ``tuned`` on the pivot ``pivot`` and its target ``x`` (see the design notes),
     the locality regularizer's codes drawn from ``gen`` when ``regularize``; the terms go into ``rec``. None (and
-    ``rec["stopped"]``) when the perceptual distance is at or under ``stop_threshold``: the step is not taken, and
-    the regularizer's codes are not drawn. ``G`` is the frozen original (gradients off)."""
+    ``rec["stopped"]``) when the perceptual distance is at or under ``stop_threshold``: the step is not taken.
+    ``G`` is the frozen original (gradients off)."""
     device = pivot.device
     synthesis = synthesis_pass(c.compile, device)
-    wr = new = old = p_new = None
+    new = old = p_new = None
+    if regularize:  # drawn before the stop check: a stop ends the tuning, so no later draw is affected
+        wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
+        rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
     if regularize and c.batch_passes:
         # one pass of the tuned G on [pivot, w_r...] (the w_r rows without noise or with G's constant noise,
         # as the regularizer asks), one perceptual call on both pairs: the same terms as two passes
-        wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
-        rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
         noise = stacked_noise(tuned, rest, wr.shape[0])
         with autocast(device, c.precision):
             both = synthesis(tuned, torch.cat([pivot, wr]), noise=noise).float()
@@ -140,9 +141,7 @@ def tuning_loss(
             rec["stopped"] = True
             return None
     if regularize:
-        if wr is None:
-            wr = locality_codes(G, pivot, c.locality_samples, c.locality_alpha, c.locality_truncation, gen)
-            rest = locality_noise(G, c.locality_noise_mode, wr.shape[0], gen)
+        if new is None:
             with autocast(device, c.precision):
                 new = synthesis(tuned, wr, noise=rest)
                 with torch.no_grad():  # the frozen original: no gradient, no activations kept
