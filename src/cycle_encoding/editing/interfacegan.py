@@ -147,8 +147,7 @@ def train_boundary(
     n_pos, n_neg = int(y.sum()), int((1 - y).sum())
     if n_pos < 1 or n_neg < 1:
         raise CycleEncodingError(f"both classes are needed: {n_pos} positive and {n_neg} negative code(s)")
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(y))
+    perm = np.random.default_rng(seed).permutation(len(y))
     n_val = round(len(y) * val_fraction) if val_fraction > 0 else 0
     if n_val and (len(y) - n_val < 2 or len(np.unique(y[perm[n_val:]])) < 2):
         n_val = 0  # too few codes to hold some out
@@ -280,8 +279,16 @@ def labelled_files(
 
 
 @torch.no_grad()
-def encode_files(encoder: torch.nn.Module, files: Sequence[Path], batch: int = 16) -> torch.Tensor:
-    """Codes ``[n, N, w_dim]`` of image files by an encoder (images centre-cropped and resized to its input)."""
+def encode_labelled_folder(
+    encoder: torch.nn.Module,
+    folder: str | Path,
+    labels: str | Path | Mapping[str, float] | None = None,
+    positive: str | None = None,
+    batch: int = 16,
+) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
+    """(codes ``[n, N, w_dim]``, labels ``[n]``, notes) of a labelled folder's images (see ``labelled_files``), the
+    images centre-cropped and resized to the encoder's input."""
+    files, values, notes = labelled_files(folder, labels, positive)
     size = int(getattr(encoder, "input_size", 256))
     channels = int(getattr(getattr(encoder, "config", None), "in_channels", 3))
     dev = next(encoder.parameters()).device
@@ -291,19 +298,7 @@ def encode_files(encoder: torch.nn.Module, files: Sequence[Path], batch: int = 1
         out.append(encoder(torch.stack(xs).to(dev)).float().cpu())
     if not out:
         raise CycleEncodingError("no images to encode")
-    return torch.cat(out)
-
-
-def encode_labelled_folder(
-    encoder: torch.nn.Module,
-    folder: str | Path,
-    labels: str | Path | Mapping[str, float] | None = None,
-    positive: str | None = None,
-    batch: int = 16,
-) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
-    """(codes ``[n, N, w_dim]``, labels ``[n]``, notes) of a labelled folder's images (see ``labelled_files``)."""
-    files, values, notes = labelled_files(folder, labels, positive)
-    return encode_files(encoder, files, batch), values, {**notes, "images": len(files)}
+    return torch.cat(out), values, {**notes, "images": len(files)}
 
 
 @torch.no_grad()

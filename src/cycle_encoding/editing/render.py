@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -389,14 +390,9 @@ def _measure(
     recon_shown = recon.clamp(-1, 1)
     if job.members is not None:
         rec["measured"] = not bool(torch.isnan(job.members(recon_shown.to(dev))).any())
-    if job.E is not None:
-
-        def encode(x: torch.Tensor) -> torch.Tensor:
-            return encoder_pivot(job.E, x, job.offsets)
-
-        def render(ws: torch.Tensor) -> torch.Tensor:
-            return G.synthesis(ws.to(G.w_avg.device), noise_mode="const")
-
+    if job.E is not None:  # the pivot, its edits and G are on job.dev
+        encode = partial(encoder_pivot, job.E, offsets=job.offsets)
+        render = partial(G.synthesis, noise_mode="const")
         rec["lec"] = [float(direction_lec(ds, job.comp, a, pivot, encode, render, job.layers)[0])
                       if job.request.mode == "add" else float("nan") for a in job.strengths]  # fmt: skip
     if job.scorer is not None:

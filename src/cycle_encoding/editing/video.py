@@ -279,10 +279,9 @@ def _set_up(
     edit: dict[str, Any],
 ) -> tuple[Any, Any]:
     """Everything checked before any work: the modes, the crop, the networks (an Inverter) and the edit request."""
-    if tune not in TUNE_MODES:
-        raise CycleEncodingError(f"tune must be one of {', '.join(TUNE_MODES)}, not {tune!r}")
-    if align not in ALIGN_MODES:
-        raise CycleEncodingError(f"align must be one of {', '.join(ALIGN_MODES)}, not {align!r}")
+    for option, value, choices in (("tune", tune, TUNE_MODES), ("align", align, ALIGN_MODES)):
+        if value not in choices:
+            raise CycleEncodingError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
     if crop is not None:
         parse_crop(crop, *clip.size)
     inv = Inverter(generator, encoder, config, device=device, progress=progress, tune_mode=tune)

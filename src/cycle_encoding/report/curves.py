@@ -213,11 +213,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     head = ["run", "phase", "measure", "evals", "best", "at step", "last", "verdict"]
     body = []
     for r in rows:
-        phase = (
-            "all"
-            if r["phase"] is None
-            else f"{r['phase']}: stage {r['stage']}, steps {r['first_step']}-{r['last_step']}"
-        )
+        phase = "all"
+        if r["phase"] is not None:
+            phase = f"{r['phase']}: stage {r['stage']}, steps {r['first_step']}-{r['last_step']}"
         best, last = ("-" if v is None else f"{v:.4g}" for v in (r["best"], r["last"]))
         body.append([r["run"], phase, r["measure"], str(r["evaluations"]), best,
                      "-" if r["best_step"] is None else str(r["best_step"]), last, r["verdict"]])  # fmt: skip
