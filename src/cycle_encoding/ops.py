@@ -195,11 +195,8 @@ def upfirdn2d(
     down: int = 1,
     pad: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
-    """Upsample by zero insertion, pad, filter with ``kernel`` (true convolution), downsample.
-
-    ``x`` is [B, C, H, W]; ``kernel`` is [kh, kw]; ``pad`` is (before, after), applied to both axes
-    (negative values crop). The same semantics as the reference ``upfirdn2d`` of StyleGAN2.
-    """
+    """Upsample by zero insertion, pad, filter with ``kernel`` [kh, kw] (true convolution), downsample ``x`` [B, C,
+    H, W]; ``pad`` is (before, after) on both axes (negative values crop): StyleGAN2's reference ``upfirdn2d``."""
     pad0, pad1 = pad
     b, c, h, w = x.shape
     kh, kw = kernel.shape
@@ -236,10 +233,7 @@ class Upsample(nn.Module):
 class Blur(nn.Module):
     def __init__(self, kernel: Sequence[float], pad: tuple[int, int], upsample_factor: int = 1) -> None:
         super().__init__()
-        k = make_kernel(kernel)
-        if upsample_factor > 1:
-            k = k * (upsample_factor**2)
-        self.register_buffer("kernel", k)
+        self.register_buffer("kernel", make_kernel(kernel) * upsample_factor**2)
         self.pad = pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -296,12 +296,9 @@ class Inverter:
         on_step: Callable[[dict[str, Any]], None] | None = None,
         on_stage: Callable[[str, InversionResult], None] | None = None,
     ) -> InversionResult:
-        """Run the configured stages on one image: a path, a PIL image, a numpy array or a tensor (see
-        ``load_image``). ``index`` seeds the image's random draws (its position in a run). The result's ``to_pil(stage)``
-        gives each reconstruction as a PIL image, ``edit(direction, strength)`` an edit of it.
-
-        ``on_step(record)`` sees each optimization step's losses; ``on_stage(stage, result)`` each finished stage.
-        """
+        """Run the configured stages on one image: a path, a PIL image, a numpy array or a tensor (``load_image``).
+        ``index`` seeds the image's random draws (its position in a run); ``on_step(record)`` sees each step's losses,
+        ``on_stage(stage, result)`` each finished stage. The result's ``to_pil(stage)`` and ``edit(...)`` show it."""
         res = self.invert_many(
             [image], [index], [name], on_step=None if on_step is None else (lambda i, r: on_step(r)),
             on_stage=None if on_stage is None else (lambda i, s, r: on_stage(s, r)),

@@ -27,10 +27,8 @@ def resolve_stage(E: Encoder4Editing, offsets: str) -> int:
 
 @torch.no_grad()
 def encoder_pivot(E: Encoder4Editing, images: torch.Tensor, offsets: str = "all") -> torch.Tensor:
-    """E(x) in eval mode with the offsets asked for: images ``[B, C, H, W]`` in [-1, 1] -> codes ``[B, N, w_dim]``.
-
-    The encoder resizes the images to its input size itself; its mode and stage are restored afterwards.
-    """
+    """E(x) in eval mode with the offsets asked for: images ``[B, C, H, W]`` in [-1, 1] (any size: the encoder
+    resizes them) -> codes ``[B, N, w_dim]``; the encoder's mode and stage are restored afterwards."""
     stage, was_training = E.stage, E.training
     try:
         E.stage = resolve_stage(E, offsets)

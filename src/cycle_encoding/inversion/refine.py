@@ -148,11 +148,8 @@ class RefineResult:
 
 
 class RegularizedRefiner:
-    """Runs the refinement per target, resetting the encoder and its optimizer in between.
-
-    ``E`` is copied: the caller's encoder is never changed. ``train_images`` are the encoder's training images at the
-    loss image size.
-    """
+    """Runs the refinement per target, resetting the encoder and its optimizer in between. ``E`` is copied (the
+    caller's is never changed); ``train_images``: the encoder's training images at the loss image size."""
 
     def __init__(
         self,

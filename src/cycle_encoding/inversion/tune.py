@@ -182,10 +182,8 @@ def pivotal_tune(
     seed: int = 0,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> TuneResult:
-    """Tune a copy of ``G`` so that it renders ``target`` ``[1, C, R, R]`` from ``pivot`` ``[1, N, w_dim]``.
-
-    ``G`` itself is not changed (it is the frozen original of the locality regularizer).
-    """
+    """Tune a copy of ``G`` so that it renders ``target`` ``[1, C, R, R]`` from ``pivot`` ``[1, N, w_dim]``; ``G``
+    itself is not changed (it is the frozen original of the locality regularizer)."""
     c = config or TuneConfig()
     nets = nets or LossNetworks()
     device = G.w_avg.device

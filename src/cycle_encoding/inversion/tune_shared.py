@@ -167,14 +167,8 @@ def invert_shared(
     warn: Callable[[str], None],
     debug: bool = False,
 ) -> dict[str, Any]:
-    """Invert ``files`` into ``out`` with ONE generator tuned on all of them (``tune_mode`` shared, PTI's multi-ID
-    mode): (1) each image's stages before tuning, its folder written as usual and marked ``pivoted`` (a re-run skips
-    it); (2) the shared tuning of every pivoted image, its state saved every ``tune_save_every`` rounds to
-    ``shared_tune.pt``, from which a re-run goes on (bit for bit); (3) the generator stored once as its change from
-    the base (``generator_delta.safetensors``) with ``shared.json``; then each image's reconstruction by it, its
-    record referring to the one change, ``done`` last. A finished run takes no new or changed images: they would
-    change the generator that every finished image's edits use (each such image fails, saying what to do). Returns
-    the summary (``write_summary``)."""
+    """Invert ``files`` into ``out`` with ONE generator tuned on all of them, in three resumable steps (the design
+    notes); returns the summary (``write_summary``)."""
     if inverter.dist.world_size > 1:
         raise CycleEncodingError("shared tuning tunes one generator in one process: run it without torchrun")
 
