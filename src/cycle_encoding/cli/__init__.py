@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and os.environ.get("CYCLE_ENCODING_MALLOC", "keep") != "system":
-        # launched as the program: freed memory stays in the process (large activations are reused rather than
-        # page-faulted in again: the 1024-px generator forward ~2x faster); CYCLE_ENCODING_MALLOC=system opts out
+        # launched as the program: freed memory stays in the process (the 1024-px generator forward ~2x faster,
+        # docs/PERFORMANCE.md); CYCLE_ENCODING_MALLOC=system opts out
         keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -42,9 +42,8 @@ def add_progress_arg(p: argparse.ArgumentParser) -> None:
 def add_option_table(
     p: argparse.ArgumentParser, options: list[tuple[str, str, Any, str]], metavars: bool = False
 ) -> None:
-    """A table of ``(flag, dest, type, help)`` options, all None unless given: a dotted dest (``encoder.mode``) is
-    stored as ``encoder__mode`` (``option_overrides`` nests it back); the type ``store_true`` or ``store_false`` makes
-    a switch. ``metavars``: N for whole numbers, X for other numbers, VALUE for the rest."""
+    """A table of ``(flag, dest, type, help)`` options, all None unless given (a dotted dest: docs/INTERNALS.md,
+    "cycle_encoding.cli"); the type ``store_true`` / ``store_false`` makes a switch; ``metavars``: N, X or VALUE."""
     for flag, dest, kind, hlp in options:
         if kind in ("store_true", "store_false"):
             p.add_argument(flag, dest=dest.replace(".", "__"), action=kind, default=None, help=hlp)

@@ -15,10 +15,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="draw training runs' curves and say whether each one reached a plateau",
         description="Read training runs' log.jsonl (train-generator runs with --metric-every: the classifier FD and "
         "the smallest class share; train-encoder runs: the validation losses, per phase of constant stage), draw "
-        "one panel per measure with the runs overlaid (encoder stage changes as dashed lines), and print per "
-        "run (and phase) the best value, its step and the verdict of the plateau rule the generator trainer "
-        "stops by: K (--patience) evaluations in a row without a relative improvement of M (--min-improvement) "
-        "on the best before them.",
+        "one panel per measure with the runs overlaid (encoder stage changes as dashed lines), and print per run (and "
+        "phase) the best value, its step and the verdict of the trainers' plateau rule (--patience, "
+        "--min-improvement; docs/TRAINING.md).",
     )  # fmt: skip
     p.add_argument(
         "runs", nargs="+", type=Path, metavar="RUN", help="a run folder or its log.jsonl (several: overlaid)"

@@ -33,9 +33,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
      "perceptual distance: lpips-alex, lpips-vgg, dlib-face, fmnist-features, ... or none (default: the one the "
      "encoder was trained with, as its file records; else lpips-alex)"),
     ("--lpips-backbone", "lpips_backbone", str,
-     "torchvision ImageNet AlexNet/VGG16 state dict for LPIPS (default: the file the encoder recorded, else "
-     "$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth or vgg16-397923af.pth, else the folders of "
-     "assets/network_files.json)"),
+     "torchvision ImageNet AlexNet/VGG16 state dict for LPIPS (default: the file the encoder recorded, else looked "
+     "up as docs/TRAINING.md, Network files, says)"),
     ("--identity", "identity", str,
      "identity network of the refinement's ID term (weight 0.1): auto (default: the one the encoder file records, "
      "else the domain's, fmnist-features for Fashion-MNIST, arcface with --identity-weights, else none), arcface, "
@@ -67,7 +66,7 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--tune-lr", "tune.lr", float, "pivotal tuning Adam learning rate (default 3e-4)"),
     ("--stop-threshold", "tune.stop_threshold", float,
      "stop tuning once the perceptual distance is <= this (default 0.07, the authors' value for lpips-alex; for "
-     "dlib-face 0.05 stops at a similar closeness, see the README)"),
+     "dlib-face 0.05 stops at a similar closeness, docs/FACES.md)"),
     ("--locality-alpha", "tune.locality_alpha", float, "locality regularizer: distance from the pivot (default 30)"),
     ("--locality-weights", "_locality_weights", str, "locality regularizer: MSE,perceptual weights (default 0.1,0.1)"),
     ("--locality-every", "tune.locality_every", int,

@@ -82,8 +82,7 @@ class EditorApp:
         self.gr = import_gradio()
         self.template = template
         self.max_upload_bytes = int(max_upload_mb * 1e6)
-        # Gradio's own cap, a backstop against filling the disk: it refuses in the browser with a short-lived notice,
-        # so files between the two limits reach the handler, which says in the page what the limit is
+        # Gradio's own cap, a backstop against filling the disk (docs/INTERNALS.md, "cycle_encoding.ui.app")
         self.hard_upload_limit = 4 * self.max_upload_bytes + 10_000_000
         self.max_pixels = int(max_pixels)
         self.stages = tuple(stages)
@@ -96,8 +95,7 @@ class EditorApp:
 
     # -- files ---------------------------------------------------------------------------------------------------
     def _export(self, s: Session, strengths: dict[str, float], generator: bool) -> tuple[dict[str, Path], float]:
-        """Render and write the session's files (named for the image and the edit; the previous edit's go);
-        returns them and the render's seconds."""
+        """Render and write the session's files (the previous edit's go); returns them and the render's seconds."""
         assert s.editor is not None
         t0 = time.perf_counter()
         s.editor.render_tensor(strengths)

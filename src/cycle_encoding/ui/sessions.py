@@ -92,12 +92,11 @@ def make_root(work_dir: str | Path | None = None) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-", dir=base))
 
 
-def remove_stale_roots(base: Path) -> list[Path]:
+def remove_stale_roots(base: Path) -> None:
     """Remove the folders ``cycle-encoding-ui-PID-*`` in ``base`` that belong to this user and whose process PID
-    is not running; returns them. Anything else (other names, links, other users' folders) is left alone."""
+    is not running. Anything else (other names, links, other users' folders) is left alone."""
     if os.name != "posix":  # os.kill(pid, 0) only probes a process on POSIX
-        return []
-    gone = []
+        return
     for d in base.glob(f"{ROOT_PREFIX}*"):
         m = re.fullmatch(rf"{re.escape(ROOT_PREFIX)}(\d+)-\w+", d.name)
         try:
@@ -106,8 +105,6 @@ def remove_stale_roots(base: Path) -> list[Path]:
             continue
         if mine and m is not None and not _running(int(m.group(1))):
             shutil.rmtree(d, ignore_errors=True)
-            gone.append(d)
-    return gone
 
 
 def _running(pid: int) -> bool:
