@@ -36,9 +36,8 @@ def encoder_adversarial_loss(
 
 @torch.no_grad()
 def sample_real_codes(G: nn.Module, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` real codes ``mapping(z)``, ``z ~ N(0, I)``, no truncation: ``[n, w_dim]`` on G's device.
-
-    ``generator`` (a CPU torch.Generator) makes the draw reproducible whatever the device."""
+    """``n`` real codes ``mapping(z)``, ``z ~ N(0, I)``, no truncation: ``[n, w_dim]`` on G's device; ``generator`` (a
+    CPU torch.Generator) makes the draw reproducible whatever the device."""
     z = torch.randn(n, G.z_dim, generator=generator).to(G.w_avg.device)
     return G.mapping(z)[:, 0]
 

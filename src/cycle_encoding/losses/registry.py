@@ -49,10 +49,9 @@ class NetworkRegistry(Generic[N]):
         recorded: str | Path | None = None,
         domain: str | None = None,
     ) -> N:
-        """The network registered as ``name`` on ``device``. For a name the shipped network list knows, a ``weights``
-        file not given is looked up (``checkpoints.locate``: the file ``recorded`` by a run or encoder, the torch hub
-        cache, the shipped config's folders; not found: an error naming the file, where it usually lives, and an
-        offline network for ``domain``)."""
+        """The network registered as ``name`` on ``device``; for a name the shipped network list knows, a ``weights``
+        file not given is looked up (``checkpoints.locate``, the order in docs/TRAINING.md, "Network files"): first the one
+        ``recorded`` by a run or encoder; not found, the error names ``domain``'s offline network."""
         if name not in self.entries:
             raise CycleEncodingError(f"unknown {self.what} {name!r} (known: {', '.join(sorted(self.entries))})")
         dev = resolve_device(device)

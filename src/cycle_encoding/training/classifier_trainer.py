@@ -61,8 +61,7 @@ class ClassifierTrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.shift <= 8:
             raise ValueError(f"shift must be between 0 and 8 pixels, got {self.shift}")
-        name, _, _ = self.data.partition("@")
-        if name != "fashion-mnist":
+        if self.data.partition("@")[0] != "fashion-mnist":
             raise ValueError(f"data must be fashion-mnist (or fashion-mnist@FOLDER of idx files), got {self.data!r}")
 
 
@@ -328,9 +327,7 @@ def write_model_card(model_file: str | Path, metrics: dict[str, Any]) -> Path:
     data, epochs/steps, wall time and machine, parameter count, test accuracy, per-class accuracy, the confusion
     matrix and the file's sha256 (the line ``- sha256: `HEX``` that ``assets.card_sha256`` reads)."""
     p = Path(model_file)
-    if not p.is_file():
-        raise CycleEncodingError(f"{p}: no such model file")
-    h = read_native_header(p)
+    h = read_native_header(p)  # a missing or foreign file: its one-line CheckpointError
     pv, cfg = h.get("provenance", {}), h.get("config", {})
     m = pv.get("machine", {})
     classes = list(metrics["per_class_accuracy"])

@@ -361,9 +361,7 @@ class EncoderTrainer(Trainer):
             logs["adv"] = float(adv.detach())
         self.optimizer_step(self.opt_e, total, E, self.cfg.zero_grad)
         dd.broadcast_buffers(E, self.dist)
-        logs.update({k: float(v.detach()) for k, v in rec.items()})
-        logs["delta"] = float(d_loss.detach())
-        logs["loss"] = float(total.detach())
+        logs.update({k: float(v.detach()) for k, v in {**rec, "delta": d_loss, "loss": total}.items()})
         logs = dd.all_reduce_mean(logs, self.dist)
         logs.update(stage=E.stage, delta_weight=st.delta_weight, adversarial_weight=st.adversarial_weight)
         self.step += 1
