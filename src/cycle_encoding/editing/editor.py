@@ -32,7 +32,7 @@ from ..inversion.config import PIVOT_STAGES
 from ..networks.stylegan2 import Generator
 from ..ops import convert_channels
 from ..utils import resolve_device, save_image, to_pil, to_uint8, write_json
-from .directions import DirectionSet
+from .directions import DirectionSet, check_strength
 from .render import render_one
 from .sliders import SLIDER_METHODS, Direction, build_directions
 
@@ -416,9 +416,7 @@ class Editor:
         ws = self._need_image().to(self._s.device)
         for key, a in (strengths or {}).items():
             d = self.direction(key)
-            a = float(a)
-            if not np.isfinite(a):
-                raise CycleEncodingError(f"strength of {key!r} must be a finite number, got {a}")
+            a = check_strength(a, f"strength of {key!r}")
             if a != 0.0:
                 ws = d.set.apply(ws, d.component, a)
         return ws
