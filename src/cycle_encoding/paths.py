@@ -9,13 +9,9 @@ from pathlib import Path
 def cache_dir(*parts: str, create: bool = True) -> Path:
     """The project's cache folder: $CYCLE_ENCODING_CACHE, else $XDG_CACHE_HOME/cycle-encoding,
     else ~/.cache/cycle-encoding. Never inside the repository."""
-    root = os.environ.get("CYCLE_ENCODING_CACHE")
-    if root:
-        base = Path(root)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = (Path(xdg) if xdg else Path.home() / ".cache") / "cycle-encoding"
-    p = base.joinpath(*parts)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = os.environ.get("CYCLE_ENCODING_CACHE") or (Path(xdg) if xdg else Path.home() / ".cache") / "cycle-encoding"
+    p = Path(base).joinpath(*parts)
     if create:
         p.mkdir(parents=True, exist_ok=True)
     return p

@@ -88,17 +88,14 @@ SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_safe_globals()]
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def weights_only_refusal(path: Path, e: Exception, where: str) -> UnsafePickleError | None:
-    """torch's refusal to load a class with ``weights_only`` as one line naming the class (``where``: what it is),
-    None when ``e`` is another error."""
-    msg = str(e)
-    m = _UNSUPPORTED_GLOBAL.search(msg)
-    if m is None and "Weights only load failed" not in msg:
-        return None
-    what = f"{m.group(1)}, {where}" if m else where
-    return UnsafePickleError(
-        path, f"refused: the file asks to run code ({what}); cycle-encoding will not load it (nothing from it was run)"
-    )
+def raise_refusal(path: Path, e: Exception, where: str) -> None:
+    """Raise torch's refusal to load a class with ``weights_only`` as one UnsafePickleError naming the class
+    (``where``: what it is); nothing for any other error ``e``."""
+    m = _UNSUPPORTED_GLOBAL.search(str(e))
+    if m or "Weights only load failed" in str(e):
+        what = f"{m.group(1)}, {where}" if m else where
+        msg = f"refused: the file asks to run code ({what}); cycle-encoding will not load it (nothing from it was run)"
+        raise UnsafePickleError(path, msg) from None
 
 
 def torch_load(path: str | Path, mmap: bool = False) -> Any:
@@ -115,9 +112,7 @@ def torch_load(path: str | Path, mmap: bool = False) -> Any:
         msg = str(e)
         if "central directory" in msg or "unexpected EOF" in msg or "Ran out of input" in msg:
             raise CheckpointError(p, "truncated: the archive ends early (incomplete download?)") from None
-        refusal = weights_only_refusal(p, e, "not a tensor or a plain container")
-        if refusal is not None:
-            raise refusal from None
+        raise_refusal(p, e, "not a tensor or a plain container")
         raise CheckpointError(p, f"cannot read torch file: {first_line(e)}") from None
 
 
@@ -178,11 +173,7 @@ def check_declared_architecture(
             model = build()
     except (ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(source, f"{what}: the declared architecture cannot be built: {first_line(e)}") from None
-    full = dict(sd)
-    for k, v in model.state_dict().items():
-        if k not in full and derived(k):
-            full[k] = v
-    check_state_dict(model, full, source, what)
+    check_state_dict(model, {**{k: v for k, v in model.state_dict().items() if derived(k)}, **sd}, source, what)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

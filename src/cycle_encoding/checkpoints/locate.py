@@ -53,11 +53,11 @@ def network_entry(network: str) -> dict[str, Any]:
 
 
 def _folders(entry: dict[str, Any]) -> list[Path]:
-    out = []
-    for f in entry.get("folders") or []:
-        f = str(f).replace("{torch_hub}", str(torch_hub_checkpoints())).replace("{cache}", str(cache_dir(create=False)))
-        out.append(Path(f).expanduser())
-    return out
+    hub, cache = str(torch_hub_checkpoints()), str(cache_dir(create=False))
+    return [
+        Path(str(f).replace("{torch_hub}", hub).replace("{cache}", cache)).expanduser()
+        for f in entry.get("folders") or []
+    ]
 
 
 @dataclass

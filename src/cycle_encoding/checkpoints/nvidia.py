@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CheckpointError, UnsafePickleError, first_line
 from ..networks.stylegan2 import GeneratorConfig
-from .common import sniff, weights_only_refusal
+from .common import raise_refusal, sniff
 from .rosinality import _infer_channel_rule
 
 
@@ -176,9 +176,7 @@ def read_nvidia_pickle(path: str | Path) -> NvidiaPickle:
         msg = first_line(e)
         if isinstance(e, EOFError) or "truncated" in msg or "Ran out of input" in msg:
             raise CheckpointError(p, "truncated: the pickle ends early (incomplete download?)") from None
-        refusal = weights_only_refusal(p, e, "inside a tensor's storage")
-        if refusal is not None:
-            raise refusal from None
+        raise_refusal(p, e, "inside a tensor's storage")
         raise CheckpointError(p, f"cannot read pickle: {msg}") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(p, f"unknown layout: the pickle holds a {type(obj).__name__}, not NVIDIA's dict")
@@ -277,27 +275,24 @@ def nvidia_generator_to_rosinality(
     out["input.input"] = get("synthesis.b4.const").unsqueeze(0)
     noise_idx = 0
 
-    def layer(src: str, dst: str) -> None:
+    def layer(src: str, dst: str, torgb: bool = False) -> None:
         nonlocal noise_idx
         out[f"{dst}.conv.weight"] = get(f"{src}.weight").unsqueeze(0)
         out[f"{dst}.conv.modulation.weight"] = get(f"{src}.affine.weight")
         out[f"{dst}.conv.modulation.bias"] = get(f"{src}.affine.bias")
+        if torgb:  # no noise, no activation: a bias [1, C, 1, 1]
+            out[f"{dst}.bias"] = get(f"{src}.bias").reshape(1, -1, 1, 1)
+            return
         out[f"{dst}.activate.bias"] = get(f"{src}.bias")
         out[f"{dst}.noise.weight"] = get(f"{src}.noise_strength").reshape(1)
         nc = get(f"{src}.noise_const")
         out[f"noises.noise_{noise_idx}"] = nc.reshape(1, 1, *nc.shape[-2:])
         noise_idx += 1
 
-    def torgb(src: str, dst: str) -> None:
-        out[f"{dst}.conv.weight"] = get(f"{src}.weight").unsqueeze(0)
-        out[f"{dst}.conv.modulation.weight"] = get(f"{src}.affine.weight")
-        out[f"{dst}.conv.modulation.bias"] = get(f"{src}.affine.bias")
-        out[f"{dst}.bias"] = get(f"{src}.bias").reshape(1, -1, 1, 1)
-
     layer("synthesis.b4.conv1", "conv1")
-    torgb("synthesis.b4.torgb", "to_rgb1")
+    layer("synthesis.b4.torgb", "to_rgb1", torgb=True)
     for k, r in enumerate(resolutions[1:]):
         layer(f"synthesis.b{r}.conv0", f"convs.{2 * k}")
         layer(f"synthesis.b{r}.conv1", f"convs.{2 * k + 1}")
-        torgb(f"synthesis.b{r}.torgb", f"to_rgbs.{k}")
+        layer(f"synthesis.b{r}.torgb", f"to_rgbs.{k}", torgb=True)
     return config, out, get("mapping.w_avg").float()

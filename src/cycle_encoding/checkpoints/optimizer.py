@@ -66,12 +66,12 @@ def parameter_names_e4e(sd: Mapping[str, Any], prefix: str = "encoder") -> list[
 
 
 def _settings_from_group(group: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in group.items():
-        k = E4E_NAMES.get(k, k)
-        if k in SETTINGS:
-            out[k] = tuple(v) if k == "betas" else v
-    return out
+    named = {E4E_NAMES.get(k, k): v for k, v in group.items()}
+    return {k: tuple(v) if k == "betas" else v for k, v in named.items() if k in SETTINGS}
+
+
+def _entry(st: Mapping[str, Any]) -> dict[str, Any]:
+    return {"step": int(st["step"]), **{k: st[k] for k in STATE_KEYS if k in st}}
 
 
 def _check_entry(path: str | Path, idx: int, name: str, st: Any, shape: tuple[int, ...]) -> None:
@@ -101,7 +101,7 @@ def _state_by_name(
             raise CheckpointError(path, f"optimizer state entry {pid!r} belongs to no parameter group")
         if pos < len(names):
             _check_entry(path, pos, names[pos], st, shapes[pos])
-            state[names[pos]] = {"step": int(st["step"]), **{k: st[k] for k in STATE_KEYS if k in st}}
+            state[names[pos]] = _entry(st)
     return state
 
 
@@ -146,10 +146,7 @@ def from_training_checkpoint(obj: Mapping[str, Any], module: nn.Module, path: st
 def from_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, source: str = "") -> OptimizerState:
     """The state of a live optimizer built over ``module.parameters()``, by name."""
     names = {id(p): n for n, p in module.named_parameters()}
-    state: dict[str, dict[str, Any]] = {}
-    for p, st in optimizer.state.items():
-        if st:
-            state[names[id(p)]] = {"step": int(st["step"]), **{k: st[k] for k in STATE_KEYS if k in st}}
+    state = {names[id(p)]: _entry(st) for p, st in optimizer.state.items() if st}
     return OptimizerState(state, _settings_from_group(optimizer.param_groups[0]), source)
 
 

@@ -304,10 +304,7 @@ class InversionRun:
         return dict(self.config.get("networks") or {})
 
     def image_names(self) -> list[str]:
-        root = self.dir / IMAGES
-        if not root.is_dir():
-            return []
-        return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / DONE).is_file())
+        return sorted(p.parent.name for p in (self.dir / IMAGES).glob(f"*/{DONE}") if p.is_file())
 
     def image(self, name: str) -> RunImage:
         folder = image_folder(self.dir, name)
@@ -398,18 +395,9 @@ class InversionRun:
             stage = "tune" if "tune" in stages else (stages[-1] if stages else "tune")
         if stages and stage not in stages:
             raise CycleEncodingError(f"{self.dir}: the run has no stage {stage!r} (its stages: {', '.join(stages)})")
-        recons: dict[str, Path] = {}
-        targets: dict[str, Path] = {}
-        for name in self.image_names():
-            folder = image_folder(self.dir, name)
-            if (folder / recon_file(stage)).is_file():
-                recons[name] = folder / recon_file(stage)
-            if (folder / TARGET).is_file():
-                targets[name] = folder / TARGET
-        return stage, recons, targets
+        folders = {name: image_folder(self.dir, name) for name in self.image_names()}
+        recons = {n: f / recon_file(stage) for n, f in folders.items() if (f / recon_file(stage)).is_file()}
+        return stage, recons, {n: f / TARGET for n, f in folders.items() if (f / TARGET).is_file()}
 
     def edit_folders(self) -> list[Path]:
-        root = self.dir / EDITS
-        if not root.is_dir():
-            return []
-        return sorted(d for d in root.iterdir() if d.is_dir() and (d / "edit.json").is_file())
+        return sorted(p.parent for p in (self.dir / EDITS).glob("*/edit.json") if p.is_file())
