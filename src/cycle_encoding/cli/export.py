@@ -23,10 +23,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = add_command(
         sub, common, "export", cmd_export,
         help="write an image's tuned generator (base + stored change) as a standalone file",
-        description="Rebuilds the generator that pivotal tuning made for IMAGE of RUN_DIR (the run's base generator "
-        "plus the image's stored change, checked bit for bit against the hash the run recorded) and writes it as a "
-        "standalone file (--format; docs/FORMATS.md, Other StyleGAN tools). The file is checked by rendering the image's "
-        "pivot with it: the result must be the run's tuned reconstruction, bit for bit.",
+        description="Rebuilds the generator that pivotal tuning made for IMAGE of RUN_DIR (base + stored change, "
+        "checked against the run's hash) as a standalone file (--format; docs/FORMATS.md, Other StyleGAN tools) and "
+        "checks it by rendering the image's pivot: it must give the run's tuned reconstruction, bit for bit.",
     )  # fmt: skip
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder (cycle-encoding invert)")
     p.add_argument("image", metavar="IMAGE", help="the image's name in the run (a folder name under RUN_DIR/images)")

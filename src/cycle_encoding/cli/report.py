@@ -15,10 +15,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = add_command(
         sub, common, "report", cmd_report,
         help="write an HTML report and a PNG grid of an inversion run (images, edits, metrics, timings, losses)",
-        description="Writes RUN_DIR/report.html (one self-contained page: images inlined, no network, no script; "
-        "docs/USAGE.md, The report), RUN_DIR/report.png (a row per image: input, reconstruction after each stage, "
-        "edits) and RUN_DIR/report.json (the numbers shown). Image folders or edits that cannot be read, or that name "
-        "files outside the run folder, are left out and listed (exit status 3).",
+        description="Writes RUN_DIR/report.html (one self-contained page: images inlined, no network, no script), "
+        "RUN_DIR/report.png (a row per image: input, reconstruction after each stage, edits) and RUN_DIR/report.json "
+        "(the numbers shown). The page holds the metrics per stage and the networks behind them, the edits and their "
+        "measures, timings, loss plots and the run's command (docs/USAGE.md, The report). Image folders or edits that "
+        "cannot be read, or that name files outside the run folder, are left out and listed (exit status 3).",
     )  # fmt: skip
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an inversion run folder")
     p.add_argument("--out", type=Path, default=None, help="the HTML file to write (default RUN_DIR/report.html)")
