@@ -78,9 +78,8 @@ class SessionPool:
         self._live.pop(id(s), None)
         if s.editor is not None:
             s.editor, s.released = None, why
-        s.files.clear()
-        s.shown.clear()
-        s.strengths.clear()
+        for what in (s.files, s.shown, s.strengths):  # what its page showed and offered
+            what.clear()
         shutil.rmtree(s.folder, ignore_errors=True)
 
 
