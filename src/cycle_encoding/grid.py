@@ -7,7 +7,6 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -15,7 +14,7 @@ from .utils import atomic_write, open_image, to_pil
 
 
 def as_pil(image: object) -> Image.Image | None:
-    """A PIL RGB image from a PIL image, a uint8 array [H, W, C], a tensor [C, H, W] in [-1, 1] or a file."""
+    """A PIL RGB image from a PIL image, a tensor [C, H, W] in [-1, 1] or a file."""
     if image is None:
         return None
     if isinstance(image, (str, Path)):
@@ -23,9 +22,6 @@ def as_pil(image: object) -> Image.Image | None:
             return im.convert("RGB")
     if isinstance(image, torch.Tensor):
         return to_pil(image[0] if image.ndim == 4 else image).convert("RGB")
-    if isinstance(image, np.ndarray):
-        a = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
-        return Image.fromarray(a.astype(np.uint8)).convert("RGB")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     raise TypeError(f"not an image: {type(image).__name__}")
