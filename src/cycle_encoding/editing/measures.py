@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +51,8 @@ def direction_lec(
     undo: bool = True,
 ) -> torch.Tensor:
     """LEC of one added edit (component, strength, layers); ``undo=False`` leaves the edit in (for comparison)."""
-
-    def edit(w: Codes) -> Codes:
-        return directions.apply(w, component, strength, layers)
-
-    def inverse(w: Codes) -> Codes:
-        return directions.apply(w, component, -strength, layers)
-
+    edit = partial(directions.apply, component=component, strength=strength, layers=layers)
+    inverse = partial(directions.apply, component=component, strength=-strength, layers=layers)
     return latent_editing_consistency(pivots, edit, encode, render, inverse if undo else None)
 
 

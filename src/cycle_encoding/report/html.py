@@ -232,12 +232,10 @@ def _compare(item: dict[str, Any], imgs: _Images) -> str:
 
 
 def _networks_table(data: dict[str, Any]) -> str:
-    rows = [
-        f"<tr><th>{esc(METRIC_LABELS.get(k, k))}</th><td>{esc(v)}</td></tr>" for k, v in data["metric_networks"].items()
-    ]
-    for k, v in (data.get("networks") or {}).items():
-        rows.append(f"<tr><th>loss network: {esc(k)}</th><td>{esc(v)}</td></tr>")
-    return f'<table id="networks"><tbody>{"".join(rows)}</tbody></table>'
+    named = [(METRIC_LABELS.get(k, k), v) for k, v in data["metric_networks"].items()]
+    named += [(f"loss network: {k}", v) for k, v in (data.get("networks") or {}).items()]
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in named)
+    return f'<table id="networks"><tbody>{rows}</tbody></table>'
 
 
 def _timings_table(data: dict[str, Any]) -> str:
