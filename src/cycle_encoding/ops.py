@@ -115,11 +115,9 @@ def has_compiler() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory in the process instead of returning it to the system: large
-    activations are then reused rather than page-faulted in afresh on every pass (what ``MALLOC_MMAP_MAX_=0
-    MALLOC_TRIM_THRESHOLD_=<large>`` in the environment does, set from inside a running process). The peak
-    memory is unchanged; the memory a pass freed stays with the process until it ends. Returns False (and changes
-    nothing) where the C library is not glibc."""
+    """Ask glibc's malloc to keep freed memory in the process (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>``,
+    set from inside): large activations are reused, not page-faulted in afresh on every pass; the peak is unchanged.
+    False (nothing changed) where the C library is not glibc."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")

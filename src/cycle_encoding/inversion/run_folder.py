@@ -183,11 +183,10 @@ class FolderJob:
         if not self.target_written:
             save_image(res.target[0], folder / rf.TARGET)
             self.target_written = True
-        if stage in PIVOT_STAGES or stage == "tune":
-            piv = {s: p[0] for s, p in res.pivots.items()}
-            if stage == "tune" and res.tune is not None:  # tuning keeps its pivot: recorded for completeness
-                piv["tune"] = piv[res.tune["pivot_stage"]]
-            rf.write_pivots(folder, piv, inverter.G.num_ws, inverter.G.w_dim, self.name)
+        piv = {s: p[0] for s, p in res.pivots.items()}
+        if stage == "tune" and res.tune is not None:  # tuning keeps its pivot: recorded for completeness
+            piv["tune"] = piv[res.tune["pivot_stage"]]
+        rf.write_pivots(folder, piv, inverter.G.num_ws, inverter.G.w_dim, self.name)
         save_image(res.recons[stage][0], folder / rf.recon_file(stage))
         rf.write_losses(folder, res.losses)
         m = res.metrics[stage]
