@@ -71,6 +71,5 @@ class LatentPool:
         if codes.numel() and codes.shape[0] > size:
             raise CycleEncodingError(f"latent pool state: {codes.shape[0]} codes stored in a pool of size {size}")
         self.size, self.p = size, p
-        dev = torch.device(device) if device is not None else codes.device
-        self.codes = [c.to(dev, copy=True) for c in codes] if codes.numel() else []
+        self.codes = [c.to(device or codes.device, copy=True) for c in codes]  # none for the empty torch.zeros(0)
         self.generator.set_state(rng)

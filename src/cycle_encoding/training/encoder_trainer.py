@@ -441,19 +441,13 @@ class EncoderTrainer(Trainer):
             self._log({"kind": "val", "step": self.step, "time": time.time(), "stage": self.E.stage, **v})
             if "weighted" in v and not any(h["step"] == self.step for h in self.val_history):
                 self.val_history.append({"step": self.step, "stage": self.E.stage, "loss": v["weighted"]})
-            if not last and self.val_plateau_reached():
+            # the plateau rule over the validations of the schedule's last stage (after its first step)
+            final = [h["loss"] for h in self.val_history if h["step"] > self.final_stage_start]
+            if not last and plateau_holds(final, self.cfg.val_patience, self.cfg.val_min_improvement):
                 self.request_stop(
                     f"the validation loss of the final stage (from step {self.final_stage_start}) has not improved "
                     f"by {100 * self.cfg.val_min_improvement:g}% on its best for {self.cfg.val_patience} validations"
                 )
-
-    def val_plateau_reached(self) -> bool:
-        """The rule of :mod:`.plateau` over the weighted validation losses of the schedule's last stage (those after
-        step ``final_stage_start``, the first trained in that stage): False while ``val_patience`` is 0."""
-        if not self.cfg.val_patience:
-            return False
-        losses = [h["loss"] for h in self.val_history if h["step"] > self.final_stage_start]
-        return plateau_holds(losses, self.cfg.val_patience, self.cfg.val_min_improvement)
 
     def end_fields(self) -> dict[str, Any]:
         return {"trained_stage": self.E.stage}

@@ -162,10 +162,6 @@ class Trainer:
     def save_grid(self) -> Path | None:
         raise NotImplementedError
 
-    def end_step(self, until: int | None) -> int:
-        """The step the loop stops at, ``until`` or the configured end, whichever comes first."""
-        return min(self.max_steps if until is None else until, self.max_steps)
-
     def digest_modules(self) -> tuple[nn.Module, ...]:
         raise NotImplementedError
 
@@ -237,7 +233,7 @@ class Trainer:
     def run(self, until: int | None = None) -> dict[str, Any]:
         """Train from the current step to ``until`` (default: the configured end); checkpoints on the way."""
         cfg = self.cfg
-        end = self.end_step(until)
+        end = min(self.max_steps if until is None else until, self.max_steps)
         if self.step == 0 and self.dist.is_main:
             self.on_start()
         elif self.dist.is_main and self._resumed_config is not None:
