@@ -51,9 +51,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        for a in [a for a in args if a is not type(None)]:
             try:
                 return _convert(value, a, where)
             except CycleEncodingError as e:

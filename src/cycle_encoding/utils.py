@@ -9,6 +9,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def format_int_list(xs: Sequence[int], sep: str = ",") -> str:
     """[0, 1, 2, 3, 7, 9, 10] -> '0-3,7,9-10' (the form :func:`parse_int_list` reads); 'none' for no numbers."""
-    parts: list[list[int]] = []
-    for x in xs:
-        if parts and parts[-1][1] == x - 1:
-            parts[-1][1] = x
-        else:
-            parts.append([x, x])
-    return sep.join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts) or "none"
+    runs = [[x for _, x in g] for _, g in groupby(enumerate(xs), lambda t: t[1] - t[0])]  # a run: same x - index
+    return sep.join(f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs) or "none"
 
 
 def parse_int_list(

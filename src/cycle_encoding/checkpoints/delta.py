@@ -168,7 +168,7 @@ def load_generator_delta(path: str | Path, base: Generator | str | Path) -> Gene
             f"given has other weights ({have[:12]}...): give the generator the delta was made from",
         )
     out = copy.deepcopy(base)
-    new: dict[str, torch.Tensor] = {}
+    dst = generator_tensors(out)  # state-dict tensors share the parameters' storage: copy_ writes into ``out``
     declared = ex.get("tensors") or {}
     for k, blob in nf.tensors.items():
         if k not in bt:
@@ -180,13 +180,9 @@ def load_generator_delta(path: str | Path, base: Generator | str | Path) -> Gene
                 p, f"tensor {k}: the header declares {spec!r:.80}, the generator's is {bdt}{list(bt[k].shape)}"
             )
         try:
-            new[k] = decode_change(bt[k].detach().cpu(), blob.numpy().tobytes())
+            dst[k].copy_(decode_change(bt[k].detach().cpu(), blob.numpy().tobytes()))
         except (zlib.error, ValueError) as e:
             raise CheckpointError(p, f"tensor {k}: corrupt stored change ({e})") from None
-    with torch.no_grad():
-        dst = generator_tensors(out)
-        for k, v in new.items():
-            dst[k].copy_(v)
     if weights_sha256(out) != ex.get("tuned_weights_sha256"):
         raise CheckpointError(p, "the rebuilt generator's weights do not match the stored hash (corrupt file?)")
     out.provenance = {"source_file": str(p), "source_format": DELTA_KIND, "base": named}  # type: ignore[assignment]

@@ -114,7 +114,7 @@ def locate_network_file(
     recorded: str | Path | None = None,
     domain: str | None = None,
 ) -> Located:
-    """The weight file of ``network`` in the order docs/TRAINING.md, "Network files" gives; a one-line error when none is found."""
+    """The weight file of ``network`` (search order: docs/TRAINING.md, "Network files"), else a one-line error."""
     if given is not None:
         p = Path(given).expanduser()
         if not p.is_file():

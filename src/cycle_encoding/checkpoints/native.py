@@ -43,9 +43,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def default_provenance(**kw: Any) -> dict[str, Any]:
-    out = {"tool": f"cycle-encoding {__version__}", "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
-    out.update({k: v for k, v in kw.items() if v is not None})
-    return out
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    return {"tool": f"cycle-encoding {__version__}", "created": now, **{k: v for k, v in kw.items() if v is not None}}
 
 
 def save_native(

@@ -228,13 +228,12 @@ def inspect_perception(path: Path, container: str) -> dict[str, Any] | None:
     keys = [str(k) for k in inner]
     if any(k.startswith(MOCO_PREFIXES) for k in keys):
         sd = read_moco(path)
-        extra = [k for k in obj if k != "state_dict"]
         return {
             "format": "moco",
             "network": "MoCo ResNet-50 (query encoder; fc head dropped)",
             "architecture": {"arch": "resnet50", "features": 2048},
             "parameters": _count(sd),
-            "holds": ["state_dict: module.encoder_q.*", *[f"{k}" for k in extra]],
+            "holds": ["state_dict: module.encoder_q.*", *(str(k) for k in obj if k != "state_dict")],
         }
     if keys and all(re.match(r"^lin\d+\.model\.1\.weight$", k) for k in keys):
         channels = [
