@@ -83,8 +83,7 @@ class IdentitySimilarity(FixedMeasure):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] x 2 in [-1, 1] -> [B] cosine similarities (1 = same embedding direction)."""
         if x.shape == y.shape:
-            e = self.embed(torch.cat([x, y.to(x.dtype)]))
-            ex, ey = e[: x.shape[0]], e[x.shape[0] :]
+            ex, ey = self.embed(torch.cat([x, y.to(x.dtype)])).chunk(2)
         else:
             ex, ey = self.embed(x), self.embed(y)
         return F.cosine_similarity(ex, ey, dim=1)

@@ -63,8 +63,7 @@ class FeatureMapDistance(PerceptualDistance):
         total = x.new_zeros(b)
         for f in self.net.features(torch.cat([x, y.to(x.dtype)])):
             f = normalize_channels(f)
-            d = (f[:b] - f[b:]) ** 2
-            d = d.sum(dim=1)  # over channels; what is left is spatial (nothing for [B, C] vectors)
+            d = ((f[:b] - f[b:]) ** 2).sum(dim=1)  # over channels; what is left is spatial (nothing for [B, C] vectors)
             total = total + (d.flatten(1).mean(dim=1) if d.dim() > 1 else d)
         return total
 
