@@ -11,6 +11,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,6 @@ class _Shared:
         self._inverters: dict[str, Any] = {}
         self._run_generators: weakref.WeakValueDictionary[tuple[Any, ...], Generator] = weakref.WeakValueDictionary()
         self._run_lock = threading.Lock()
-        self._aligner: Any = None
         self._directions = build_directions(self.G, directions, components, methods)
 
     def inverter(self, stages: Sequence[str], options: Mapping[str, Any]) -> Any:
@@ -132,10 +132,9 @@ class _Shared:
                 self._run_generators[key] = G
         return G
 
-    def aligner(self) -> Any:
-        if self._aligner is None:
-            self._aligner = LandmarkDetector()
-        return self._aligner
+    @cached_property
+    def aligner(self) -> LandmarkDetector:
+        return LandmarkDetector()  # built on first use: dlib loads its model
 
 
 class Editor:
@@ -259,7 +258,7 @@ class Editor:
             else:
                 x = image if isinstance(image, torch.Tensor) else image_to_tensor(image, 3)
                 rgb = to_uint8(convert_channels(x if x.ndim == 4 else x[None], 3))[0]
-            faces = align_image(rgb, self._s.aligner(), size=G.resolution)
+            faces = align_image(rgb, self._s.aligner, size=G.resolution)
             if not faces:
                 raise CycleEncodingError("no face found in the image (turn face alignment off for other images)")
             x = image_to_tensor(faces[0].image)

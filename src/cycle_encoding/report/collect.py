@@ -19,10 +19,7 @@ LOWER_IS_BETTER = {"mse": True, "psnr": False, "ssim": False, "ms_ssim": False, 
 
 
 def _metric_keys(records: list[dict[str, Any]], stages: list[str]) -> list[str]:
-    seen: set[str] = set()
-    for r in records:
-        for s in stages:
-            seen.update((r.get("metrics") or {}).get(s, {}).keys())
+    seen = {k for r in records for s in stages for k in (r.get("metrics") or {}).get(s, {})}
     return [k for k in METRIC_ORDER if k in seen] + sorted(seen - set(METRIC_ORDER))
 
 
