@@ -71,13 +71,12 @@ INSPECTORS: list[Inspector] = [
     inspect_native,  # any other own-format file (NAMED_KINDS: attribute classifiers, the dlib face embedder)
     inspect_perception,  # torchvision backbones, LPIPS heads, ArcFace, MoCo
 ]
-_GENERAL = (inspect_generator, inspect_native, inspect_perception)
 
 
 def register_inspector(inspector: Inspector) -> Inspector:
-    """Add a reader of a specific kind of file, tried before the general ones (``_GENERAL``); once per function."""
+    """Add (once) a reader of a specific kind of file, tried before the general ones (``inspect_generator`` on)."""
     if inspector not in INSPECTORS:
-        INSPECTORS.insert(INSPECTORS.index(_GENERAL[0]), inspector)
+        INSPECTORS.insert(INSPECTORS.index(inspect_generator), inspector)
     return inspector
 
 

@@ -77,7 +77,6 @@ class _NumpyDtypeSpec:
         if not isinstance(code, str) or not _PLAIN_DTYPE.match(code):
             raise pickle.UnpicklingError(f"numpy dtype {str(code)[:20]!r} is not a plain numeric type")
         self.code = code
-        self.order = "<"
 
     def __setstate__(self, state: Any) -> None:
         # (version, byte order, subarray, names, fields, elsize, alignment, flags): plain types have no sub-parts

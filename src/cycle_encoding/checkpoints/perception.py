@@ -74,11 +74,10 @@ def read_torchvision_backbone(path: str | Path, arch: str | None = None) -> tupl
         raise CheckpointError(p, f"{what}: has BatchNorm statistics (a *_bn model?); LPIPS uses plain AlexNet / VGG16")
     found = infer_backbone_arch(sd)
     if found is None:
-        first = next(iter(sd))
         raise CheckpointError(
             p,
             f"{what}: not a torchvision AlexNet or VGG16 state dict (no features.10.weight / features.28.weight; "
-            f"first key {first})",
+            f"first key {next(iter(sd))})",
         )
     if arch is not None and arch != found:
         raise CheckpointError(p, f"{what}: this is a {found} state dict, but {arch} was asked for")
