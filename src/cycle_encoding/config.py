@@ -106,7 +106,7 @@ class ConfigRecord:
     tuples are written as lists and read back as tuples; an unknown key is refused (ValueError)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+        return to_dict(self)  # tuples as lists
 
     @classmethod
     def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
@@ -141,8 +141,8 @@ def read_data_file(
         text = p.read_text(encoding="utf-8")
         return json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
-        first = first_line(e)
-        raise error(f"{p}: not a valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} file: {first}") from None
+        kind = "JSON" if p.suffix.lower() == ".json" else "YAML"
+        raise error(f"{p}: not a valid {kind} file: {first_line(e)}") from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -174,7 +174,7 @@ def convert_generator(src: str | Path, dst: str | Path, to: str = "native", gene
     G = load_generator(src) if generator is None else generator
     if to == "native":
         prov = default_provenance(
-            **{k: v for k, v in (getattr(G, "provenance", None) or {}).items() if k == "base"},
+            base=(getattr(G, "provenance", None) or {}).get("base"),
             source_file=Path(src).name,
             source_format=G.provenance["source_format"],
             source_sha256=file_sha256(resolve_model(src)),
