@@ -96,7 +96,7 @@ class _Shared:
         loss_options: dict[str, Any],
     ) -> None:
         self.device = resolve_device(device)
-        self.G, self.generator_file = open_generator_arg(generator, self.device)
+        self.G, _ = open_generator_arg(generator, self.device)
         self.G_sha256 = weights_sha256(self.G)
         self.encoder = encoder
         self.loss_options = dict(loss_options)

@@ -309,8 +309,7 @@ def _image_section(item: dict[str, Any], data: dict[str, Any], imgs: _Images) ->
     parts = [f'<section class="image" id="img-{esc(name)}"><h3>{esc(label)}</h3>']
     parts.append(_compare(item, imgs))
     parts.append(f'<table class="images" style="display:inline-table"><tbody>{"".join(rows)}</tbody></table>')
-    m = item.get("metrics") or {}
-    if m:
+    if m := item.get("metrics"):
         line = "; ".join(
             f"{esc(s)}: " + ", ".join(f"{esc(METRIC_LABELS.get(k, k))} {fmt(v)}" for k, v in vals.items())
             for s, vals in m.items()
@@ -389,8 +388,7 @@ def _edits_section(data: dict[str, Any]) -> list[str]:
         body.append(
             f'<h3 data-edit="{esc(doc["tag"])}">{esc(doc["tag"])}</h3><p class="small">{_describe_edit(doc)}</p>'
         )
-        if doc.get("measured_on"):
-            m = doc["measured_on"]
+        if m := doc.get("measured_on"):
             body.append(f'<p class="small">measured on the {len(m["images"])} image(s) of classes '
                         f"{esc(', '.join(m['classes']))} (by {esc(m['classifier'])} on the reconstruction); "
                         f"{len(m['left_out'])} image(s) of other classes left out of the measures</p>")  # fmt: skip
@@ -453,8 +451,7 @@ def write_report(
     body += [_metrics_table(data), '<h3 id="networks-used">Networks used</h3>', _networks_table(data)]
     body += _edits_section(data)
     body += ['<h2 id="timings-section">Timings</h2>', _timings_table(data)]
-    if data.get("generator_delta"):
-        d = data["generator_delta"]
+    if d := data.get("generator_delta"):
         body.append(
             f'<p class="small">Tuned generators stored as their change from the base: {fmt(d["mean_bytes_per_image"] / 1e6)}'
             f" MB per image against {fmt(d['full_copy_bytes'] / 1e6)} MB for a full copy ({d['ratio']:.1%}).</p>"
