@@ -529,6 +529,8 @@ def test_report_never_embeds_files_outside_the_run(run64, tmp_path, capsys):
         (["--seeds", "4294967296"], "error: bad --seeds '4294967296': 4294967296 is outside 0..4294967295"),
         (["--seeds", "0-99999999"], "error: bad --seeds '0-99999999': more than 1,000,000 numbers"),
         (["--batch-size", "0"], "error: --batch-size must be 1 or more, got 0"),
+        (["--batch-size", "0", "--max-codes", "-5"], "error: --batch-size must be 1 or more, got 0"),
+        (["--max-codes", "0"], "error: --max-codes must be 1 or more, got 0"),
         (["--truncation", "nan"], "error: --truncation must be a finite number, got nan"),
         (["--truncation", "inf"], "error: --truncation must be a finite number, got inf"),
     ],

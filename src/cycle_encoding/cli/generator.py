@@ -121,9 +121,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # every value checked before the generator is read: one clear line, exit 2
     if args.projected_w is not None and (args.seeds is not None or args.truncation is not None):
         raise CycleEncodingError("--projected-w renders the file's codes: --seeds and --truncation do not apply")
-    if args.batch_size < 1 or args.max_codes < 1:
-        which = "--batch-size" if args.batch_size < 1 else "--max-codes"
-        raise CycleEncodingError(f"{which} must be 1 or more, got {min(args.batch_size, args.max_codes)}")
+    for option, value in (("--batch-size", args.batch_size), ("--max-codes", args.max_codes)):
+        if value < 1:
+            raise CycleEncodingError(f"{option} must be 1 or more, got {value}")
     check_output_folder(args.out, "--out")
     seeds: list[int] = []
     if args.projected_w is None:
