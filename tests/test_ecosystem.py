@@ -88,7 +88,7 @@ def test_export_safetensors_and_refusals(run, capsys):
         assert f32_sha256(G.synthesis(pivot, noise_mode="const")) == want
     capsys.readouterr()
     assert main(["export", str(run / "run"), "nope"]) == 2
-    assert "no finished image 'nope' (finished: img0, img1)" in capsys.readouterr().err
+    assert "no finished image named 'nope' (finished: img0, img1)" in capsys.readouterr().err
 
 
 # -- stored changes in convert / generate ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import cycle_encoding as ce
 from cycle_encoding.checkpoints.run_folder import NAME_BYTES, InversionRun, folder_name, lock
 from cycle_encoding.cli import main
 from cycle_encoding.editing import interfacegan_direction, save_interfacegan
+from cycle_encoding.errors import CycleEncodingError
 from cycle_encoding.inversion import Inverter
 from cycle_encoding.utils import save_image
 from tests import test_hostile_inputs as hostile
@@ -130,6 +131,10 @@ def test_names_too_long_or_with_a_line_break_get_safe_folders(tmp_path, capsys):
     assert invert(gen, tmp_path / "in", run)["skipped"] == [long, broken]  # a re-run finds them finished
     assert edit(run, direction) == 0
     assert edit(run, direction, "--images", long, "--name", "by-name") == 0  # the name as given finds its folder
+    found = InversionRun(run).find_images([long, folder_name(broken), long])  # a name or its folder's, once each
+    assert found == [folder_name(long), folder_name(broken)]
+    with pytest.raises(CycleEncodingError, match=r"no finished image named 'nope' \(finished: .*line_break-"):
+        InversionRun(run).find_images(["nope"])
     labels = {im.name: im.label for im in InversionRun(run).load_images()[0]}
     assert sorted(labels.values()) == sorted([long, "line\\nbreak"])  # shown as given, the line break escaped
     capsys.readouterr()

@@ -306,6 +306,21 @@ class InversionRun:
     def image_names(self) -> list[str]:
         return sorted(p.parent.name for p in (self.dir / IMAGES).glob(f"*/{DONE}") if p.is_file())
 
+    def find_images(self, given: Iterable[str] | None = None) -> list[str]:
+        """The folders of the finished images ``given`` (each an image's name or its folder's; None: all), in order
+        without repeats; an unknown one is refused, listing the finished images."""
+        finished = self.image_names()
+        if given is None:
+            return finished
+        names = []
+        for g in dict.fromkeys(given):
+            n = g if g in finished else folder_name(g)
+            if n not in finished:
+                shown = ", ".join(finished[:8]) + (", ..." if len(finished) > 8 else "")
+                raise CycleEncodingError(f"{self.dir}: no finished image named {g!r} (finished: {shown or 'none'})")
+            names.append(n)
+        return names
+
     def image(self, name: str) -> RunImage:
         folder = image_folder(self.dir, name)
         if Path(name).name != name or name in ("", ".", "..") or not inside(folder, self.dir / IMAGES):

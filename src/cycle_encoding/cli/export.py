@@ -10,7 +10,7 @@ from ..checkpoints.delta import weights_sha256
 from ..checkpoints.generator import load_generator, save_generator
 from ..checkpoints.native import default_provenance
 from ..checkpoints.rosinality import export_rosinality
-from ..checkpoints.run_folder import InversionRun, folder_name, tensor_sha256
+from ..checkpoints.run_folder import InversionRun, tensor_sha256
 from ..editing.render import render_one
 from ..errors import CycleEncodingError
 from .common import add_command, check_output_file
@@ -39,12 +39,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def cmd_export(args: argparse.Namespace) -> int:
     run = InversionRun(args.run_dir)
-    names = run.image_names()
-    name = args.image if args.image in names else folder_name(args.image)  # a name or its folder's
-    if name not in names:
-        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-        raise CycleEncodingError(f"{args.run_dir}: no finished image {args.image!r} (finished: {shown or 'none'})")
-    image = run.image(name)
+    image = run.image(run.find_images([args.image])[0])
     if not image.tuned:
         raise CycleEncodingError(
             f"{args.image} was not tuned (stages {', '.join(image.stages)}): its generator is the run's base "

@@ -28,7 +28,6 @@ from ..checkpoints.run_folder import (
     EDITS,
     InversionRun,
     RunImage,
-    folder_name,
     inside,
     lock,
     remove_temporaries,
@@ -229,15 +228,7 @@ def render_run_edits(
     (auto, bar, lines, none; default none) a bar over the images; ``gif`` writes each image's sweep as a GIF."""
     run = run if isinstance(run, InversionRun) else InversionRun(run)
     strengths = parse_strengths(list(request.strengths))
-    finished = run.image_names()
-    given = finished if images is None else list(dict.fromkeys(images))
-    names = [n if n in finished else folder_name(n) for n in given]  # a name or its folder's
-    unknown = [g for g, n in zip(given, names) if n not in finished]
-    if unknown:
-        raise CycleEncodingError(
-            f"{run.dir}: no finished image named {unknown[0]!r}"
-            + (f" (finished: {', '.join(finished[:8])}{', ...' if len(finished) > 8 else ''})" if finished else "")
-        )
+    names = run.find_images(images)
     if not names:
         raise CycleEncodingError(f"{run.dir}: no finished images to edit")
     dev = resolve_device(device)
