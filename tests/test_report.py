@@ -146,7 +146,7 @@ def test_edit_sections_and_measures(reported):
     assert len(per_image) == 2 + 1 + 3 + 3 + 3
 
 
-def test_the_page_is_self_contained(reported):
+def test_the_page_is_self_contained(reported, tmp_path):
     run = reported["run"]
     page = parse(run / "report.html")
     assert page.scripts == 0
@@ -159,6 +159,9 @@ def test_the_page_is_self_contained(reported):
     assert linked.imgs and not any(i["src"].startswith("data:") for i in linked.imgs)
     for i in linked.imgs:
         assert not i["src"].startswith("/") and (run / i["src"]).is_file(), i["src"]
+    # --out a folder: its report.html, the data beside it
+    assert main(["report", str(run), "--out", str(tmp_path / "pages"), "--link-images", "--no-png", "--no-plots"]) == 0
+    assert sorted(p.name for p in (tmp_path / "pages").iterdir()) == ["report.html", "report.json"]
 
 
 def test_png_grid_has_a_row_per_image(reported):

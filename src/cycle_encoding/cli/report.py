@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CycleEncodingError
-from ..report.html import write_report
+from ..report.html import report_page, write_report
 from .common import EXIT_SOME_FAILED, add_command, check_output_file
 
 
@@ -34,8 +34,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def cmd_report(args: argparse.Namespace) -> int:
     if args.max_images is not None and args.max_images < 1:
         raise CycleEncodingError(f"--max-images must be 1 or more, got {args.max_images}")
-    page = args.out if args.out is not None else args.run_dir / "report.html"
-    page = page if page.suffix.lower() in (".html", ".htm") else page / "report.html"
+    page = report_page(args.run_dir, args.out)
     for f in (page, page.with_suffix(".json"), *([] if args.no_png else [page.with_suffix(".png")])):
         check_output_file(f, "--out" if args.out is not None else "RUN_DIR")  # never over a run's own files
 

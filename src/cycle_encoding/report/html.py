@@ -418,6 +418,12 @@ def _loss_plots(data: dict[str, Any], page: Path, inline: bool) -> tuple[list[st
     return body, files
 
 
+def report_page(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """The report's HTML file: ``out`` when it ends in .html or .htm, else ``out`` (default the run folder)/report.html."""
+    page = Path(out) if out is not None else Path(run_dir) / "report.html"
+    return page if page.suffix.lower() in (".html", ".htm") else page / "report.html"
+
+
 def write_report(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -429,9 +435,7 @@ def write_report(
 ) -> ReportFiles:
     """Write the report of a run (see the design notes); ``out`` is the HTML file (default ``RUN_DIR/report.html``)."""
     run = InversionRun(run_dir)
-    page = Path(out) if out is not None else run.dir / "report.html"
-    if page.suffix.lower() not in (".html", ".htm"):
-        page = page / "report.html"
+    page = report_page(run.dir, out)
     data = collect(run, max_images)
     if not data["per_image"]:
         bad = data["unreadable"]
