@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..assets import MODELS_DIR
-from ..checkpoints.common import sniff, torch_load
+from ..checkpoints.common import atomic_torch_save, sniff, torch_load
 from ..checkpoints.inspect import register_inspector
 from ..checkpoints.native import default_provenance, native_header_of_kind, read_native, save_native
 from ..errors import CheckpointError, CycleEncodingError
@@ -465,7 +465,7 @@ def save_interfacegan(direction: DirectionSet | torch.Tensor, path: str | Path, 
         buf = io.BytesIO()  # not np.save(tmp): it would add ".npy" to the temporary name
         np.save(buf, v.numpy())
         return atomic_write(p, lambda tmp: tmp.write_bytes(buf.getvalue()))
-    return atomic_write(p, lambda tmp: torch.save(v.contiguous().clone(), tmp))
+    return atomic_torch_save(v.contiguous().clone(), p)
 
 
 def save_ganspace(ds: DirectionSet, path: str | Path) -> Path:
@@ -477,7 +477,7 @@ def save_ganspace(ds: DirectionSet, path: str | Path) -> Path:
         "comp": ds.vectors[:, None, :].clone(),
         "std": ds.scales.clone(),
     }
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_torch_save(obj, path)
 
 
 def save_directions(ds: DirectionSet, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
