@@ -312,14 +312,13 @@ class InversionRun:
         finished = self.image_names()
         if given is None:
             return finished
-        names = []
-        for g in dict.fromkeys(given):
-            n = g if g in finished else folder_name(g)
-            if n not in finished:
-                shown = ", ".join(finished[:8]) + (", ..." if len(finished) > 8 else "")
-                raise CycleEncodingError(f"{self.dir}: no finished image named {g!r} (finished: {shown or 'none'})")
-            names.append(n)
-        return names
+        names = {g: g if g in finished else folder_name(g) for g in given}  # in order, once each
+        if unknown := [g for g, n in names.items() if n not in finished]:
+            shown = ", ".join(finished[:8]) + (", ..." if len(finished) > 8 else "")
+            raise CycleEncodingError(
+                f"{self.dir}: no finished image named {unknown[0]!r} (finished: {shown or 'none'})"
+            )
+        return list(names.values())
 
     def image(self, name: str) -> RunImage:
         folder = image_folder(self.dir, name)

@@ -24,15 +24,7 @@ import torch
 from PIL import Image
 
 from ..checkpoints.encoder import load_encoder
-from ..checkpoints.run_folder import (
-    EDITS,
-    InversionRun,
-    RunImage,
-    inside,
-    lock,
-    remove_temporaries,
-    tensor_sha256,
-)
+from ..checkpoints.run_folder import EDITS, InversionRun, RunImage, inside, lock, remove_temporaries, tensor_sha256
 from ..data.images import read_image
 from ..errors import CycleEncodingError
 from ..grid import save_png, strip_image
