@@ -145,6 +145,20 @@ def stage_line(head: str, stage: str, m: dict[str, float], seconds: float, extra
     return f"{head}: {stage} mse {m['mse']:.4f}{perc}{extra} ({seconds:.1f} s)"
 
 
+def store_delta(
+    inverter: FolderInverter, tuned: Generator, path: Path, extra: dict[str, Any], provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """``tuned`` written to ``path`` as its change from ``inverter.G``; returns what a record says of the change."""
+    d = save_generator_delta(
+        inverter.G, tuned, path,
+        base_file=Path(inverter.generator_file).name if inverter.generator_file else None,
+        provenance=default_provenance(**provenance),
+        extra=extra, level=inverter.config.delta_level, base_sha256=inverter.g_sha256,
+    )  # fmt: skip
+    return {"file_bytes": d.file_bytes, "full_copy_bytes": d.full_copy_bytes, "ratio": round(d.ratio, 4),
+            "changed_tensors": d.changed, "tuned_weights_sha256": d.tuned_sha256}  # fmt: skip
+
+
 class FolderJob:
     """One image on its way into its folder ``images/<name>/``: the target loaded, the folder made ready, its progress
     bar and the files written after each stage (``on_stage``). A warning about the target (smaller than G's images)
@@ -233,17 +247,10 @@ class FolderJob:
             record["delta"] = shared
         elif res.generator is not None and cfg.save_delta:
             t0 = time.perf_counter()
-            d = save_generator_delta(
-                inverter.G, res.generator, folder / rf.DELTA,
-                base_file=Path(inverter.generator_file).name if inverter.generator_file else None,
-                provenance=default_provenance(made_by="cycle-encoding invert", image=name),
-                extra={"image": name, "pivot_stage": res.tune["pivot_stage"] if res.tune else None},
-                level=cfg.delta_level, base_sha256=inverter.g_sha256,
-            )  # fmt: skip
+            extra = {"image": name, "pivot_stage": res.tune["pivot_stage"] if res.tune else None}
+            prov = {"made_by": "cycle-encoding invert", "image": name}
+            record["delta"] = store_delta(inverter, res.generator, folder / rf.DELTA, extra, prov)
             res.timings["save_delta"] = time.perf_counter() - t0
-            record["delta"] = {"file_bytes": d.file_bytes, "full_copy_bytes": d.full_copy_bytes,
-                               "ratio": round(d.ratio, 4), "changed_tensors": d.changed,
-                               "tuned_weights_sha256": d.tuned_sha256}  # fmt: skip
         pivot_stage = list(res.pivots)[-1]
         save_projected_w(folder / rf.PROJECTED_W, res.pivot[0])
         record["projected_w"] = {"file": rf.PROJECTED_W, "stage": pivot_stage}

@@ -13,18 +13,24 @@ from typing import Any
 import torch
 
 from ..checkpoints import run_folder as rf
-from ..checkpoints.common import torch_load
-from ..checkpoints.delta import save_generator_delta
-from ..checkpoints.native import default_provenance, file_sha256, read_native
+from ..checkpoints.common import atomic_torch_save, torch_load
+from ..checkpoints.native import file_sha256, read_native
 from ..errors import CycleEncodingError
 from ..losses.networks import LossNetworks
 from ..networks.stylegan2 import Generator
-from ..utils import atomic_write
 from .common import cpu_generator, frozen
 from .config import PIVOT_STAGES
 from .progress import StepBar
 from .result import InversionResult
-from .run_folder import FolderInverter, FolderJob, image_state, prepare_run_dir, record_failure, write_summary
+from .run_folder import (
+    FolderInverter,
+    FolderJob,
+    image_state,
+    prepare_run_dir,
+    record_failure,
+    store_delta,
+    write_summary,
+)
 from .tune import TuneConfig, tuning_copy, tuning_loss
 
 STATE_FORMAT = "cycle-encoding-shared-tune-state"
@@ -144,7 +150,7 @@ def _restore(
 def save_state(path: str | Path, st: SharedTuneState) -> Path:
     """``st`` as a torch file (tensors and plain containers only: it loads with ``weights_only=True``), atomically."""
     doc = {"format": STATE_FORMAT, "version": 1, **{f.name: getattr(st, f.name) for f in fields(st)}}
-    return atomic_write(path, lambda t: torch.save(doc, t))
+    return atomic_torch_save(doc, path)
 
 
 def load_state(path: str | Path) -> SharedTuneState:
@@ -302,15 +308,10 @@ def _store_shared(inverter: FolderInverter, out: Path, res: InversionResult, key
     doc: dict[str, Any] = {"images": keys, "rounds": info.get("rounds"), "updates": info.get("updates")}
     rec = None
     if cfg.save_delta and res.generator is not None:
-        d = save_generator_delta(
-            inverter.G, res.generator, out / rf.DELTA,
-            base_file=Path(inverter.generator_file).name if inverter.generator_file else None,
-            provenance=default_provenance(made_by="cycle-encoding invert --tune shared"),
-            extra={"shared": doc}, level=cfg.delta_level, base_sha256=inverter.g_sha256,
-        )  # fmt: skip
-        rec = {"file": f"../../{rf.DELTA}", "shared": True, "images": len(keys), "file_sha256": file_sha256(d.path),
-               "file_bytes": d.file_bytes, "full_copy_bytes": d.full_copy_bytes, "ratio": round(d.ratio, 4),
-               "changed_tensors": d.changed, "tuned_weights_sha256": d.tuned_sha256}  # fmt: skip
+        prov = {"made_by": "cycle-encoding invert --tune shared"}
+        stored = store_delta(inverter, res.generator, out / rf.DELTA, {"shared": doc}, prov)
+        rec = {"file": f"../../{rf.DELTA}", "shared": True, "images": len(keys),
+               "file_sha256": file_sha256(out / rf.DELTA), **stored}  # fmt: skip
         doc["delta"] = {**rec, "file": rf.DELTA}
     rf.write_json(out / rf.SHARED, doc)
     return rec
