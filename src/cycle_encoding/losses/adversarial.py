@@ -54,12 +54,17 @@ def fake_codes_for_discriminator(ws: torch.Tensor, stage: int, pool: LatentPool 
 
 
 def discriminator_loss(
-    D: nn.Module | Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor
+    D: nn.Module | Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor, scores: bool = False
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``mean softplus(-D(real)) + mean softplus(D(fake))`` and its two parts (as floats, for logging)."""
-    real_loss = F.softplus(-D(real)).mean()
-    fake_loss = F.softplus(D(fake)).mean()
-    return real_loss + fake_loss, {"d_real": float(real_loss.detach()), "d_fake": float(fake_loss.detach())}
+    """``mean softplus(-D(real)) + mean softplus(D(fake))`` and its two parts (as floats, for logging); ``scores``:
+    D's mean scores of ``real`` and ``fake`` logged too."""
+    real_pred, fake_pred = D(real), D(fake)
+    real_loss = F.softplus(-real_pred).mean()
+    fake_loss = F.softplus(fake_pred).mean()
+    logs = {"d_real": float(real_loss.detach()), "d_fake": float(fake_loss.detach())}
+    if scores:
+        logs.update(real_score=float(real_pred.detach().mean()), fake_score=float(fake_pred.detach().mean()))
+    return real_loss + fake_loss, logs
 
 
 def r1_penalty(D: nn.Module | Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor) -> torch.Tensor:

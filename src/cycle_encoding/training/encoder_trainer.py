@@ -185,6 +185,7 @@ class EncoderTrainer(Trainer):
         self.E.set_w_avg(G.w_avg)
         self.D = LatentDiscriminator(LatentDiscriminatorConfig(w_dim=G.w_dim)).to(self.device)
         self.D.requires_grad_(False)
+        self._discriminator = self.D
         dd.broadcast_module(self.E, self.dist)
         dd.broadcast_module(self.D, self.dist)
         self.opt_e = Ranger(self.E.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)  # type: ignore[arg-type]
@@ -309,11 +310,6 @@ class EncoderTrainer(Trainer):
             if self.identity is not None:
                 out["identity"] = (1 - self.identity(y, x).float()).mean()
         return out
-
-    def discriminate(self, codes: torch.Tensor) -> torch.Tensor:
-        """The latent discriminator's scores of ``codes``, float32 (under bfloat16 autocast in ``bf16`` runs)."""
-        with autocast(codes.device, self.cfg.precision):
-            return self.D(codes).float()
 
     def weighted(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         c = self.cfg

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,6 +16,7 @@ from .. import distributed as dd
 from ..checkpoints.common import atomic_torch_save, torch_load
 from ..config import to_dict
 from ..errors import CheckpointError, CycleEncodingError
+from ..ops import autocast
 from ..optim import zero_grad
 from ..progress import Progress
 from ..utils import read_json, resolve_device, write_json
@@ -41,6 +43,7 @@ class Trainer:
     gen: torch.Generator  # the run's random draws: its state per rank is in the checkpoint
     log: RunLog
     run_dir: Path
+    _discriminator: Callable[[torch.Tensor], torch.Tensor]  # D's pass (compiled or as it is): ``discriminate``
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def _start(self, cfg: Any, quiet: bool, device: str | None = None, tensorboard: bool | None = None) -> None:
@@ -202,6 +205,11 @@ class Trainer:
         loss.backward()
         dd.average_gradients(module.parameters(), self.dist)
         opt.step()
+
+    def discriminate(self, x: torch.Tensor) -> torch.Tensor:
+        """The discriminator's scores of ``x``, float32 (under bfloat16 autocast in ``bf16`` runs)."""
+        with autocast(x.device, self.cfg.precision):
+            return self._discriminator(x).float()
 
     def _log(self, record: dict[str, Any]) -> None:
         self.log.write(record)
