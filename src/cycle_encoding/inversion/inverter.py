@@ -5,7 +5,6 @@ Design notes: docs/INTERNALS.md, "cycle_encoding.inversion.inverter"."""
 from __future__ import annotations
 
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +34,7 @@ from .pivot import encoder_pivot, resolve_stage
 from .project import project_w
 from .refine import EncoderSource, RegularizedRefiner, load_encoder_source, open_training_images
 from .result import InversionResult
-from .run_folder import fill_folder, image_state, prepare_run_dir, recorded_options, write_summary
+from .run_folder import fill_folder, image_state, line_sinks, prepare_run_dir, recorded_options, write_summary
 from .speed import SpeedPlan, plan_speed, resident_memory
 from .targets import list_targets
 from .tune import TuneResult, pivotal_tune
@@ -465,9 +464,7 @@ class Inverter:
         ``config.json``. Returns the summary (also in ``out_dir/summary.json``, by rank 0): ``done`` (this run),
         ``skipped`` (finished before), ``failed`` (name, file, reason), ``busy`` (left to another process inverting
         them into the same folder), per-stage means. ``tune_mode`` shared: ``tune_shared.invert_shared``."""
-        warn = log or (lambda s: print(s, file=sys.stderr, flush=True))
-        say = warn if verbose is True else (lambda s: None)
-        per_image = warn if verbose == "images" else (lambda s: None)
+        say, warn, per_image = line_sinks(verbose, log)
         out = Path(out_dir)
         files, names = list_targets(images, recursive)
         if self.config.tune_mode == "shared" and "tune" in self.config.stages:

@@ -348,6 +348,17 @@ def record_failure(
     warn(f"{head}: FAILED: {reason}")
 
 
+def line_sinks(verbose: bool | str, log: Callable[[str], None] | None = None) -> tuple[Callable[[str], None], ...]:
+    """Where an inversion's lines go, ``(say, warn, per_image)``: warnings and failures to ``log`` (default: stderr);
+    each image's stages to it too when ``verbose`` is True, each finished image's result when it is ``"images"``."""
+
+    def quiet(s: str) -> None:
+        pass
+
+    warn = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    return (warn if verbose is True else quiet), warn, (warn if verbose == "images" else quiet)
+
+
 def fill_folder(
     inverter: FolderInverter,
     out: Path,

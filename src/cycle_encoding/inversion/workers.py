@@ -14,7 +14,7 @@ import torch
 
 from ..ops import keep_freed_memory
 from ..utils import set_max_pixels
-from .run_folder import fill_folder
+from .run_folder import fill_folder, line_sinks
 
 RECORD_PREFIX = "cycle-encoding-worker-record: "
 # the inverter's class is handed in by the worker's code (this module cannot import the inverter, which imports it)
@@ -85,15 +85,8 @@ def worker_main(inverter_class: Any) -> None:
     substitute = torch.load(task["substitute"], weights_only=True) if task.get("substitute") else None
     inv = inverter_class(task["generator"], task["encoder"], task["options"], device=task["device"], progress="none",
                          refine_substitute=substitute)  # fmt: skip
-    verbose, files = task["verbose"], [Path(f) for f in task["images"]]
-
-    def warn(s: str) -> None:
-        print(s, file=sys.stderr, flush=True)
-
-    def quiet(s: str) -> None:
-        pass
-
-    rec = fill_folder(inv, Path(task["out"]), files, task["names"], task["todo"], f"[worker {task['worker']}] ",
-                      warn if verbose is True else quiet, warn, warn if verbose == "images" else quiet, task["debug"],
-                      siblings=True)  # fmt: skip
+    files, head = [Path(f) for f in task["images"]], f"[worker {task['worker']}] "
+    say, warn, per_image = line_sinks(task["verbose"])
+    rec = fill_folder(inv, Path(task["out"]), files, task["names"], task["todo"], head, say, warn, per_image,
+                      task["debug"], siblings=True)  # fmt: skip
     print(RECORD_PREFIX + json.dumps({"worker": task["worker"], **rec}), flush=True)
