@@ -56,8 +56,7 @@ def fake_codes_for_discriminator(ws: torch.Tensor, stage: int, pool: LatentPool 
 def discriminator_loss(
     D: nn.Module | Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor, scores: bool = False
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``mean softplus(-D(real)) + mean softplus(D(fake))`` and its two parts (as floats, for logging); ``scores``:
-    D's mean scores of ``real`` and ``fake`` logged too."""
+    """``mean softplus(-D(real)) + mean softplus(D(fake))``, its two parts and (``scores``) D's mean scores, as floats."""
     real_pred, fake_pred = D(real), D(fake)
     real_loss = F.softplus(-real_pred).mean()
     fake_loss = F.softplus(fake_pred).mean()
