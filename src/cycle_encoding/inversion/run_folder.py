@@ -351,12 +351,8 @@ def record_failure(
 def line_sinks(verbose: bool | str, log: Callable[[str], None] | None = None) -> tuple[Callable[[str], None], ...]:
     """Where an inversion's lines go, ``(say, warn, per_image)``: warnings and failures to ``log`` (default: stderr);
     each image's stages to it too when ``verbose`` is True, each finished image's result when it is ``"images"``."""
-
-    def quiet(s: str) -> None:
-        pass
-
     warn = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    return (warn if verbose is True else quiet), warn, (warn if verbose == "images" else quiet)
+    return (warn if verbose is True else (lambda s: None)), warn, (warn if verbose == "images" else (lambda s: None))
 
 
 def fill_folder(
@@ -424,18 +420,14 @@ def write_summary(
     failed = [f for r in ranks for f in r["failed"]]
     busy = [b for r in ranks for b in r.get("busy", [])]
     skipped = [*skipped, *(n for r in ranks for n in r.get("skipped", []))]
-    records = []
-    for n in names:
-        folder = rf.image_folder(out, n)
-        if (folder / rf.DONE).is_file() and (folder / rf.RESULT).is_file():
-            records.append(rf.read_json(folder / rf.RESULT))
+    folders = [rf.image_folder(out, n) for n in names]
+    records = [rf.read_json(f / rf.RESULT) for f in folders if (f / rf.DONE).is_file() and (f / rf.RESULT).is_file()]
     per_stage: dict[str, dict[str, Any]] = {}
     for s in inverter.config.stages:
         rows = [r for r in records if s in r.get("metrics", {})]
         if not rows:
             continue
-        entry: dict[str, Any] = {"images": len(rows)}
-        entry["seconds_per_image"] = sum(r["timings"][s] for r in rows) / len(rows)
+        entry = {"images": len(rows), "seconds_per_image": sum(r["timings"][s] for r in rows) / len(rows)}
         for m in ("mse", "psnr", "perceptual"):
             vals = [r["metrics"][s][m] for r in rows if m in r["metrics"][s]]
             if vals:

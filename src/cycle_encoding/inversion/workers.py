@@ -85,8 +85,7 @@ def worker_main(inverter_class: Any) -> None:
     substitute = torch.load(task["substitute"], weights_only=True) if task.get("substitute") else None
     inv = inverter_class(task["generator"], task["encoder"], task["options"], device=task["device"], progress="none",
                          refine_substitute=substitute)  # fmt: skip
-    files, head = [Path(f) for f in task["images"]], f"[worker {task['worker']}] "
     say, warn, per_image = line_sinks(task["verbose"])
-    rec = fill_folder(inv, Path(task["out"]), files, task["names"], task["todo"], head, say, warn, per_image,
-                      task["debug"], siblings=True)  # fmt: skip
+    rec = fill_folder(inv, Path(task["out"]), [Path(f) for f in task["images"]], task["names"], task["todo"],
+                      f"[worker {task['worker']}] ", say, warn, per_image, task["debug"], siblings=True)  # fmt: skip
     print(RECORD_PREFIX + json.dumps({"worker": task["worker"], **rec}), flush=True)
