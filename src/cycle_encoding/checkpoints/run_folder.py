@@ -312,13 +312,13 @@ class InversionRun:
         finished = self.image_names()
         if given is None:
             return finished
-        names = {g: g if g in finished else folder_name(g) for g in given}  # in order, once each
+        names = {g: g if g in finished else folder_name(g) for g in given}
         if unknown := [g for g, n in names.items() if n not in finished]:
             shown = ", ".join(finished[:8]) + (", ..." if len(finished) > 8 else "")
             raise CycleEncodingError(
                 f"{self.dir}: no finished image named {unknown[0]!r} (finished: {shown or 'none'})"
             )
-        return list(names.values())
+        return list(dict.fromkeys(names.values()))  # in order, each folder once (a name and its folder's name too)
 
     def image(self, name: str) -> RunImage:
         folder = image_folder(self.dir, name)
