@@ -208,8 +208,9 @@ def load_optimizer_state(path: str | Path, module: nn.Module) -> OptimizerState:
                 raise CheckpointError(path, f"no {k} for {name!r}")
             if t is not None and tuple(t.shape) != tuple(w.shape):
                 raise CheckpointError(path, f"{k} of {name!r} has shape {list(t.shape)}, the parameter {list(w.shape)}")
-            entry[k] = torch.zeros_like(w) if t is None else t.float()  # none stored: slow weights = weights
-        entry["slow_buffer"] = w + entry.pop("slow_minus_weight")
+            entry[k] = None if t is None else t.float()
+        diff = entry.pop("slow_minus_weight")
+        entry["slow_buffer"] = w.clone() if diff is None else w + diff  # none stored: the slow weights are the weights
         state[name] = entry
     settings = _settings_from_group(nf.config.get("settings") or {})
     return OptimizerState(state, settings, f"{Path(path).name} ({nf.config.get('dtype', '?')})")
