@@ -53,9 +53,12 @@ class SessionPool:
         the least recently used others beyond ``max_sessions`` are released."""
         with self._lock:
             if s is None or s.editor is None:
+                # both made before the session holds them: a session never points at the pool's own folder
+                editor, folder = self.template.fork(), Path(tempfile.mkdtemp(prefix="session-", dir=self.root))
                 if s is None:
-                    s = Session(None, self.root)
-                s.editor, s.folder = self.template.fork(), Path(tempfile.mkdtemp(prefix="session-", dir=self.root))
+                    s = Session(editor, folder)
+                else:
+                    s.editor, s.folder = editor, folder
             self._live[id(s)] = s
             self._live.move_to_end(id(s))
             for t in [t for t in self._live.values() if t is not s and not t.busy]:
