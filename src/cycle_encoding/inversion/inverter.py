@@ -8,6 +8,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +260,7 @@ class Inverter:
         upsampled with a warning (in ``notes["warning"]`` when a dict is given, which also receives the alignment)."""
         name = str(image) if isinstance(image, (str, Path)) else "the target"
         if isinstance(image, (str, Path)) and self.config.align:
-            face = align_file(image, self._face_detector(), self.G.resolution)
+            face = align_file(image, self._face_detector, self.G.resolution)
             if notes is not None:
                 notes["aligned"] = {"size": self.G.resolution, "box": list(face.box or ()),
                                     "quad": [[round(float(v), 2) for v in q] for q in face.quad]}  # fmt: skip
@@ -274,11 +275,10 @@ class Inverter:
                 warnings.warn(msg, stacklevel=2)
         return check_target(self.G, image)
 
-    def _face_detector(self) -> Any:
+    @cached_property
+    def _face_detector(self) -> LandmarkDetector:
         """dlib's face detector and 68-point predictor, loaded once (for ``align``)."""
-        if getattr(self, "_detector", None) is None:
-            self._detector = LandmarkDetector()
-        return self._detector
+        return LandmarkDetector()
 
     def _stage_metrics(self, y: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
         with torch.no_grad():
