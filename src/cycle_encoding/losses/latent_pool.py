@@ -13,14 +13,18 @@ from ..errors import CycleEncodingError
 class LatentPool:
     """History buffer of ``size`` codes; ``query`` swaps each incoming code for a stored one with probability ``p``."""
 
-    def __init__(self, size: int = 50, p: float = 0.5, seed: int = 0) -> None:
+    def __init__(self, size: int = 50, p: float = 0.5, seed: int | None = None) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise CycleEncodingError(f"latent pool size must be a non-negative integer, got {size!r}")
         if not 0.0 <= p <= 1.0:
             raise CycleEncodingError(f"latent pool probability must be in [0, 1], got {p!r}")
         self.size = size
         self.p = float(p)
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.generator = torch.Generator(device="cpu")
+        if seed is None:
+            self.generator.seed()  # a fresh random seed
+        else:
+            self.generator.manual_seed(seed)
         self.codes: list[torch.Tensor] = []
 
     def __len__(self) -> int:
