@@ -132,9 +132,10 @@ def _read_array(path: Path, what: str) -> np.ndarray:
         return t[next((k for k in keys if k in t), next(iter(t)))].numpy()
     obj: Any = torch_load(path)
     if isinstance(obj, dict):
-        if not any(k in obj for k in keys):
+        key = next((k for k in keys if k in obj), None)
+        if key is None:
             raise CycleEncodingError(f"{path}: a dict without codes/latents/labels/scores")
-        obj = obj[next(k for k in keys if k in obj)]
+        obj = obj[key]
     if not isinstance(obj, torch.Tensor):
         raise CycleEncodingError(f"{path}: {what} must be a tensor, found {type(obj).__name__}")
     return obj.detach().float().cpu().numpy()
