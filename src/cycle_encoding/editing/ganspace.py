@@ -66,11 +66,12 @@ def ganspace_pca(
     cov = (s2 - n_samples * torch.outer(mean_c, mean_c)) / (n_samples - 1)
     evals, comp = top_eigenvectors(cov, k)
     var = evals[:k].clamp_min(0)
+    # the total variance summed smallest eigenvalue first (eigh's order), so the ratios are those of a plain eigh
     meta: dict[str, Any] = {
         "samples": int(n_samples),
         "seed": int(seed),
         "truncation": float(truncation),
-        "explained_variance_ratio": [round(float(v), 6) for v in (var / evals.clamp_min(0).sum())[:10]],
+        "explained_variance_ratio": [round(float(v), 6) for v in (var / evals.flip(0).clamp_min(0).sum())[:10]],
         "of": "mapping outputs w = G.style(z)",
     }
     return DirectionSet(
