@@ -71,6 +71,12 @@ def wrap_label(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -
     return lines or [""]
 
 
+def cell_size(side: int, min_cell: int, max_cell: int) -> int:
+    """The side an image of ``side`` pixels is shown at: enlarged by a whole factor to at least ``min_cell``, or
+    reduced to at most ``max_cell``."""
+    return min(side, max_cell) if side >= min_cell else side * -(-min_cell // side)
+
+
 def compose_grid(
     rows: Sequence[Sequence[object]],
     col_labels: Sequence[str] | None = None,
@@ -84,8 +90,7 @@ def compose_grid(
     sides = [max(p.size) for row in pils for p in row if p is not None]
     if not sides:
         raise ValueError("no images to lay out")
-    side = max(sides)  # small images enlarged by a whole factor up to min_cell, large ones reduced to max_cell
-    cell = min(side, max_cell) if side >= min_cell else side * -(-min_cell // side)
+    cell = cell_size(max(sides), min_cell, max_cell)
     ncols = max(len(r) for r in pils)
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))

@@ -27,7 +27,7 @@ from ..checkpoints.encoder import load_encoder
 from ..checkpoints.run_folder import EDITS, InversionRun, RunImage, inside, lock, remove_temporaries, tensor_sha256
 from ..data.images import read_image
 from ..errors import CycleEncodingError
-from ..grid import save_png, strip_image
+from ..grid import cell_size, save_png, strip_image
 from ..inversion.pivot import encoder_pivot
 from ..networks.stylegan2 import Generator
 from ..progress import Progress
@@ -184,11 +184,12 @@ def save_sweep_gif(rendered: Sequence[torch.Tensor], strengths: Sequence[float],
     frames = []
     for j in order:
         im = to_pil(rendered[j][0].clamp(-1, 1)).convert("RGB")
-        k = max(1, -(-128 // max(im.size)))
-        if k > 1:
-            im = im.resize((im.width * k, im.height * k), Image.Resampling.NEAREST)
-        elif max(im.size) > 256:
-            im.thumbnail((256, 256), Image.Resampling.LANCZOS)
+        side = max(im.size)
+        cell = cell_size(side, 128, 256)
+        if cell > side:
+            im = im.resize((im.width * cell // side, im.height * cell // side), Image.Resampling.NEAREST)
+        elif cell < side:
+            im.thumbnail((cell, cell), Image.Resampling.LANCZOS)
         frames.append(im)
     return atomic_write(path, lambda t: frames[0].save(t, format="GIF", save_all=True, append_images=frames[1:],
                                                         duration=250, loop=0))  # fmt: skip
