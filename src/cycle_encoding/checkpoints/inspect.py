@@ -17,7 +17,7 @@ from .common import count_parameters, sniff
 from .encoder import inspect_encoder_file
 from .face_api import FACE_EMBEDDER_KIND
 from .generator import is_generator_buffer, read_generator_weights
-from .native import native_info, read_native_header
+from .native import native_info, read_native_header, stored_parameters
 from .perception import inspect_perception
 
 Inspector = Callable[[Path, str], "dict[str, Any] | None"]
@@ -60,7 +60,7 @@ def inspect_native(path: Path, container: str) -> dict[str, Any] | None:
         return None
     h = read_native_header(path)
     network, counted = NAMED_KINDS.get(h["kind"], (h["kind"], True))
-    return native_info(h, network, path if counted else None)
+    return native_info(h, network, **({"parameters": stored_parameters(path)} if counted else {}))
 
 
 # Tried in order: the specific readers first, inspect_native last among own-format files (it takes any of them).

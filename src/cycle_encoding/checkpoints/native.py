@@ -123,14 +123,14 @@ def read_config(cls: Any, data: Any, path: str | Path, what: str) -> Any:
         raise CheckpointError(path, f"bad {what} configuration in the file: {e}") from None
 
 
-def native_info(
-    header: dict[str, Any], network: str, counted: str | Path | None = None, **fields: Any
-) -> dict[str, Any]:
-    """``cycle-encoding info``'s description of an own-format file from its header, with ``fields`` and, given the
-    file as ``counted``, its ``parameters``."""
-    if counted is not None:
-        with safe_open(str(counted), framework="pt") as f:
-            fields = {"parameters": sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()), **fields}
+def stored_parameters(path: str | Path) -> int:
+    """How many numbers the tensors of a safetensors file hold, from its header (no tensor is read)."""
+    with safe_open(str(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def native_info(header: dict[str, Any], network: str, **fields: Any) -> dict[str, Any]:
+    """``cycle-encoding info``'s description of an own-format file from its header, with ``fields``."""
     return {
         "format": FORMAT_NAME,
         "network": network,
